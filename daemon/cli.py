@@ -1,0 +1,177 @@
+"""The `scanwatch` command line (contract.md): run, check-config, scan, status, quarantine."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from daemon import __version__
+from daemon.config import Config, find_config, load_config
+from daemon.engines import build_engines
+from daemon.errors import ConfigError, ScanwatchError
+from daemon.journal import open_journal
+from daemon.log import configure_logging
+from daemon.model import VerdictKind
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_INFECTED, EXIT_USAGE, EXIT_FAILED = 0, 1, 2, 3
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scanwatch", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"scanwatch {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="config file (default: $SCANWATCH_CONFIG, "
+                                         "then /etc/scanwatch/scanwatch.yaml)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", parents=[common], help="run the daemon in the foreground")
+    check = sub.add_parser("check-config", parents=[common], help="validate; print the plan")
+    check.add_argument("--probe", action="store_true", help="also contact every engine once")
+    scan = sub.add_parser("scan", parents=[common], help="scan files now")
+    scan.add_argument("--watch", help="apply this watch's policy")
+    scan.add_argument("--json", action="store_true", help="one JSON object per file")
+    scan.add_argument("--move", action="store_true", help="move files under the source as the daemon would")
+    scan.add_argument("paths", nargs="+", metavar="PATH")
+    status = sub.add_parser("status", parents=[common], help="counts, oldest pending, engine health")
+    status.add_argument("--json", action="store_true")
+    quarantine = sub.add_parser("quarantine", help="handle quarantined files")
+    qsub = quarantine.add_subparsers(dest="action", required=True)
+    qlist = qsub.add_parser("list", parents=[common])
+    qlist.add_argument("--watch")
+    qlist.add_argument("--since", help="ISO date or time, e.g. 2026-11-22")
+    qlist.add_argument("--threat", help="substring of a threat name")
+    qlist.add_argument("--json", action="store_true")
+    qshow = qsub.add_parser("show", parents=[common])
+    qshow.add_argument("id", type=int)
+    qrelease = qsub.add_parser("release", parents=[common])
+    qrelease.add_argument("id", type=int)
+    qrelease.add_argument("--to", help="directory to release to (default: the watch's clean)")
+    qrelease.add_argument("--reason", required=True, help="why (kept in the audit trail)")
+    qrelease.add_argument("--force", action="store_true", help="release although it was infected")
+    qdelete = qsub.add_parser("delete", parents=[common])
+    qdelete.add_argument("id", type=int)
+    qdelete.add_argument("--reason", required=True, help="why (kept in the audit trail)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script."""
+    args = _parser().parse_args(argv)
+    config_path = find_config(args.config)
+    try:
+        config = load_config(config_path)
+        configure_logging(config.log.format, config.log.level)
+        return int(_COMMANDS[args.command](args, config_path, config))
+    except ConfigError as exc:
+        print(f"scanwatch: {config_path} is not valid:", file=sys.stderr)
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_USAGE
+    except (ScanwatchError, KeyError) as exc:
+        print(f"scanwatch: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run(args: argparse.Namespace, config_path: str, config: Config) -> int:
+    from daemon.service import Service
+
+    return Service(config_path, config).run()
+
+
+def _check_config(args: argparse.Namespace, config_path: str, config: Config) -> int:
+    engines = build_engines(config)
+    print(f"{config_path}: valid")
+    print(f"state_dir: {config.state_dir}")
+    for name, engine_cfg in config.engines.items():
+        settings = engine_cfg.model_dump(mode="json", exclude={"type"})
+        print(f"engine {name}: {engine_cfg.type} {json.dumps(settings)}")
+    for watch in config.watches:
+        print(f"watch {watch.name}: {watch.source} -> engine {watch.engine}")
+        for key, dest in watch.destinations.items():
+            print(f"  {key:<10} {dest}")
+        print(f"  ignore     {', '.join(watch.ignore)}; settle {watch.settle_seconds:g}s; "
+              f"rescan every {watch.rescan_interval:g}s")
+    status = EXIT_OK
+    if args.probe:
+        for name, engine in engines.items():
+            try:
+                print(f"probe {name}: ok ({engine.probe()})")
+            except ScanwatchError as exc:
+                print(f"probe {name}: FAILED: {exc}")
+                status = EXIT_FAILED
+    return status
+
+
+def _scan(args: argparse.Namespace, config_path: str, config: Config) -> int:
+    from daemon.oneshot import scan_paths
+
+    engines = build_engines(config)
+    journal = open_journal(config.state_dir) if args.move else None
+    results = scan_paths(config, engines, args.paths, watch_name=args.watch, move=args.move,
+                         journal=journal)
+    for r in results:
+        if args.json:
+            print(json.dumps({"path": r.path, "verdict": r.verdict.value, "threats": list(r.threats),
+                              "reason": r.reason, "sha256": r.sha256,
+                              "external_reference_id": r.external_reference_id,
+                              "destination": r.destination}, ensure_ascii=False))
+        else:
+            detail = ", ".join(r.threats) if r.verdict is VerdictKind.INFECTED else r.reason
+            line = f"{r.path}: {r.verdict.value}" + (f" ({detail})" if detail else "")
+            print(line + (f" -> {r.destination}" if r.destination else ""))
+    verdicts = {r.verdict for r in results}
+    if VerdictKind.FAILED in verdicts:
+        return EXIT_FAILED
+    return EXIT_INFECTED if VerdictKind.INFECTED in verdicts else EXIT_OK
+
+
+def _status(args: argparse.Namespace, config_path: str, config: Config) -> int:
+    from daemon.status import collect, render
+
+    status = collect(config, open_journal(config.state_dir))
+    print(json.dumps(status, indent=2) if args.json else render(status))
+    return EXIT_OK
+
+
+def _quarantine(args: argparse.Namespace, config_path: str, config: Config) -> int:
+    from daemon import quarantine
+    from daemon.pipeline import iso
+
+    journal = open_journal(config.state_dir)
+    if args.action == "list":
+        since = datetime.fromisoformat(args.since).timestamp() if args.since else None
+        rows = quarantine.list_quarantined(journal, watch=args.watch, since=since, threat=args.threat)
+        for row in rows:
+            item: dict[str, Any] = {"id": row.id, "watch": row.watch, "rel_path": row.rel_path,
+                                    "threats": row.threats or [], "quarantined_at": iso(row.done_at),
+                                    "destination": row.destination,
+                                    "external_reference_id": row.ref_id}
+            if args.json:
+                print(json.dumps(item, ensure_ascii=False))
+            else:
+                print(f"{row.id:>6}  {iso(row.done_at)}  {row.watch}  {row.rel_path}  "
+                      f"[{', '.join(row.threats or [])}]")
+    elif args.action == "show":
+        print(json.dumps(quarantine.describe(journal, args.id), indent=2, ensure_ascii=False))
+    elif args.action == "release":
+        destination = quarantine.release(config, journal, args.id, reason=args.reason,
+                                         to=args.to, force=args.force)
+        print(f"released {args.id} to {destination}")
+    else:
+        quarantine.delete(journal, args.id, reason=args.reason)
+        print(f"deleted {args.id}")
+    return EXIT_OK
+
+
+_COMMANDS = {"run": _run, "check-config": _check_config, "scan": _scan, "status": _status,
+             "quarantine": _quarantine}
+
+if __name__ == "__main__":
+    sys.exit(main())

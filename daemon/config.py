@@ -1,0 +1,312 @@
+"""The one schema of scanwatch.yaml, and the loader that reports every problem at once."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from daemon.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_CONFIG_PATHS",
+    "DEFAULT_IGNORE",
+    "Config",
+    "EngineConfig",
+    "WatchConfig",
+    "YaraEngineConfig",
+    "find_config",
+    "load_config",
+    "parse_duration",
+    "parse_size",
+]
+
+DEFAULT_CONFIG_PATHS = ("/etc/scanwatch/scanwatch.yaml",)
+DEFAULT_IGNORE = (".*", "*.part", "*.tmp", "*.crdownload", "*.swp")
+# Engine types of later releases: named in the error instead of "unknown tag".
+_PLANNED_ENGINE_TYPES = ("clamav", "blazelock", "perception_point", "metadefender")
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from a number or a string such as `30s`, `5m`, `2h`, `1d`."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 30, 30s, 5m, 2h or 1d")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", value)):
+        seconds = float(m[1]) * _DURATION_UNITS[m[2] or "s"]
+    else:
+        raise ValueError("expected a duration such as 30, 30s, 5m, 2h or 1d")
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return seconds
+
+
+def parse_size(value: object) -> int:
+    """Bytes from a number or a string such as `10MB` (decimal) or `10MiB` (binary)."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 1048576, 10MB or 10MiB")
+    if isinstance(value, int) and value >= 0:
+        return value
+    if isinstance(value, str) and (m := re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", value)):
+        unit = m[2].upper()
+        if unit in _SIZE_UNITS:
+            return int(float(m[1]) * _SIZE_UNITS[unit])
+    raise ValueError("expected a size such as 1048576, 10MB or 10MiB")
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Size = Annotated[int, BeforeValidator(parse_size)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class LogConfig(_Model):
+    format: Literal["json", "console"] = Field(default="json", description="json or console lines")
+    level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="lowest level")
+
+
+class S3Config(_Model):
+    endpoint_url: str | None = Field(default=None, description="for S3-compatible stores",
+                                     examples=["http://127.0.0.1:8333"])
+    region: str | None = Field(default=None, examples=["us-east-1"])
+
+
+class MetricsConfig(_Model):
+    listen: str = Field(description="host:port of the Prometheus endpoint", examples=["127.0.0.1:9477"])
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("expected host:port, e.g. 127.0.0.1:9477")
+        return value
+
+
+class _EngineBase(_Model):
+    concurrency: int = Field(2, ge=1, le=256, description="files scanned at once by this engine")
+    timeout: Duration = Field(60.0, gt=0, description="per-file scan timeout")
+    max_attempts: int = Field(3, ge=1, le=100, description="tries before a file fails")
+    max_pending_age: Duration = Field(86400.0, gt=0,
+                                      description="how long files wait for an engine that is down")
+
+
+class YaraEngineConfig(_EngineBase):
+    type: Literal["yara"]
+    rules: tuple[Path, ...] = Field((), description="YARA rule files added to the bundled EICAR rule")
+
+
+EngineConfig = Annotated[YaraEngineConfig, Field(discriminator="type")]
+
+
+def _is_s3(location: str) -> bool:
+    return location.startswith("s3://")
+
+
+class WatchConfig(_Model):
+    name: str = Field(pattern=r"^[a-z0-9_-]+$", max_length=64, description="unique watch name")
+    source: str = Field(description="local directory (or s3://bucket/prefix/) to watch")
+    engine: str = Field(description="name of an entry under engines")
+    clean: str = Field(description="where clean files go")
+    quarantine: str = Field(description="where infected files go")
+    failed: str = Field(description="where files without a verdict go")
+    ignore: tuple[str, ...] = Field(DEFAULT_IGNORE,
+                                    description="basename globs left waiting; replaces the defaults")
+    settle_seconds: Duration = Field(2.0, description="size and times unchanged this long = complete")
+    rescan_interval: Duration = Field(60.0, gt=0, description="full rescan, the safety net for lost events")
+    poll_interval: Duration = Field(30.0, gt=0, description="S3 listing interval")
+    archivepwd: SecretStr | None = Field(None, description="password of encrypted archives, for the engine")
+
+    @field_validator("source", "clean", "quarantine", "failed")
+    @classmethod
+    def _location(cls, value: str) -> str:
+        if _is_s3(value):
+            raise ValueError("s3:// locations are not available in this version")
+        if not value.strip():
+            raise ValueError("must be a directory path")
+        return os.path.abspath(os.path.expanduser(value))
+
+    @property
+    def destinations(self) -> dict[str, str]:
+        """The three destinations by field name."""
+        return {"clean": self.clean, "quarantine": self.quarantine, "failed": self.failed}
+
+
+class Config(_Model):
+    state_dir: Path = Field(Path("/var/lib/scanwatch"),
+                            description="journal and work files; created if missing")
+    log: LogConfig = Field(default_factory=LogConfig)
+    metrics: MetricsConfig | None = None
+    s3: S3Config = Field(default_factory=S3Config)
+    shutdown_timeout: Duration = Field(10.0, description="how long SIGTERM waits for in-flight files")
+    engines: dict[str, EngineConfig] = Field(description="scan engines by name")
+    watches: tuple[WatchConfig, ...] = Field(description="what to watch and where files go")
+
+    @field_validator("state_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return Path(os.path.abspath(os.path.expanduser(value)))
+
+    @model_validator(mode="after")
+    def _cross_references(self) -> Config:
+        problems: list[str] = []
+        if not self.engines:
+            problems.append("engines: define at least one engine, e.g. {default: {type: yara}}")
+        if not self.watches:
+            problems.append("watches: define at least one watch")
+        seen_names: dict[str, int] = {}
+        for i, watch in enumerate(self.watches):
+            where = f"watches[{i}]"
+            if watch.name in seen_names:
+                first = seen_names[watch.name]
+                problems.append(f"{where}.name: {watch.name!r} is already used by watches[{first}]")
+            seen_names.setdefault(watch.name, i)
+            if watch.engine not in self.engines:
+                defined = ", ".join(sorted(self.engines))
+                problems.append(f"{where}.engine: no engine named {watch.engine!r} (defined: {defined})")
+            for key, dest in watch.destinations.items():
+                if _overlaps(watch.source, dest):
+                    problems.append(f"{where}.source: overlaps its own {key} destination {dest}; "
+                                    "a destination must lie outside the source")
+            for j, other in enumerate(self.watches[:i]):
+                if _overlaps(watch.source, other.source):
+                    problems.append(f"{where}.source: overlaps watches[{j}].source ({other.source}); "
+                                    "each file must belong to one watch")
+            if not os.path.isdir(watch.source):
+                problems.append(f"{where}.source: directory {watch.source} does not exist")
+        if problems:
+            raise ConfigError("config", problems)
+        return self
+
+    def watch(self, name: str) -> WatchConfig:
+        """The watch called `name` (KeyError if none)."""
+        for watch in self.watches:
+            if watch.name == name:
+                return watch
+        raise KeyError(name)
+
+
+def _overlaps(a: str, b: str) -> bool:
+    a, b = os.path.realpath(a), os.path.realpath(b)
+    return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
+
+
+_REF = re.compile(r"\$\{([^{}]*)\}")
+
+
+def _expand(value: str, loc: str, problems: list[str]) -> str:
+    """Resolve `${NAME}` from the environment, then `${file:/path}` from disk."""
+
+    def env(m: re.Match[str]) -> str:
+        name = m[1]
+        if name.startswith("file:"):
+            return m[0]
+        if name not in os.environ:
+            problems.append(f"{loc}: environment variable {name} is not set")
+            return ""
+        return os.environ[name]
+
+    def file(m: re.Match[str]) -> str:
+        path = m[1].removeprefix("file:")
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            problems.append(f"{loc}: cannot read {path}: {exc.strerror}")
+            return ""
+        return text.removesuffix("\n")
+
+    value = _REF.sub(env, value)
+    return re.sub(r"\$\{(file:[^{}]*)\}", file, value)
+
+
+def _expand_tree(node: object, loc: str, problems: list[str]) -> object:
+    if isinstance(node, str):
+        return _expand(node, loc, problems)
+    if isinstance(node, Mapping):
+        return {k: _expand_tree(v, _join(loc, k), problems) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_expand_tree(v, f"{loc}[{i}]", problems) for i, v in enumerate(node)]
+    return node
+
+
+def _join(loc: str, key: object) -> str:
+    if isinstance(key, int):
+        return f"{loc}[{key}]"
+    return f"{loc}.{key}" if loc else str(key)
+
+
+def _format_loc(loc: tuple[int | str, ...]) -> str:
+    path = ""
+    for i, part in enumerate(loc):
+        # pydantic puts the discriminator's tag into the location of a union member.
+        if i == 2 and loc[0] == "engines" and part in ("yara", *_PLANNED_ENGINE_TYPES):
+            continue
+        path = _join(path, part)
+    return path or "(top level)"
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    loc = _format_loc(tuple(error["loc"]))
+    if error["type"] == "union_tag_invalid":
+        tag = error.get("ctx", {}).get("tag")
+        if tag in _PLANNED_ENGINE_TYPES:
+            return f"{loc}.type: engine type {tag!r} is not available in this version (available: yara)"
+        return f"{loc}.type: unknown engine type {tag!r} (available: yara)"
+    if error["type"] == "extra_forbidden":
+        return f"{loc}: unknown key"
+    return f"{loc}: {str(error['msg']).removeprefix('Value error, ')}"
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Parse and validate the YAML at `path`; raise ConfigError listing every problem."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(source, [f"(file): cannot read: {exc}"]) from None
+    try:
+        raw = yaml.safe_load(text)
+    except (yaml.YAMLError, RecursionError, ValueError) as exc:
+        raise ConfigError(source, [f"(file): not valid YAML: {exc}".replace("\n", " ")]) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(source, ["(top level): expected a mapping of keys such as engines and watches"])
+    problems: list[str] = []
+    expanded = _expand_tree(raw, "", problems)
+    if problems:
+        raise ConfigError(source, problems)
+    try:
+        return Config.model_validate(expanded)
+    except ConfigError as exc:
+        raise ConfigError(source, exc.problems) from None
+    except ValidationError as exc:
+        raise ConfigError(source, [_describe(e) for e in exc.errors()]) from None
+
+
+def find_config(explicit: str | None) -> str:
+    """The config path: `--config`, else `$SCANWATCH_CONFIG`, else the system default."""
+    if explicit:
+        return explicit
+    if env := os.environ.get("SCANWATCH_CONFIG"):
+        return env
+    return DEFAULT_CONFIG_PATHS[0]

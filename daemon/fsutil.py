@@ -1,0 +1,153 @@
+"""Safe file-system primitives: walk beneath a root without following links, move without overwriting.
+
+Every path below a watched root is opened one component at a time with
+`O_NOFOLLOW`, so a directory swapped for a symlink mid-flight can never lead
+outside the root (a drop-folder user may create any name they like).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from daemon.errors import UnsafePathError
+from daemon.model import Reason
+
+__all__ = [
+    "Identity",
+    "classify",
+    "collision_name",
+    "open_dir",
+    "open_file",
+    "rel_parts",
+    "rename_noreplace",
+    "split_rel",
+]
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+_RENAME_NOREPLACE = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+_renameat2 = getattr(_libc, "renameat2", None)
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What must not change between a scan and a move: inode and every timestamp."""
+
+    dev: int
+    inode: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> Identity:
+        """The identity of a stat result."""
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def rel_parts(rel_path: str) -> list[str]:
+    """The components of a relative path; raise UnsafePathError for `..`, absolute or empty parts."""
+    parts = rel_path.split("/")
+    if not rel_path or any(p in ("", ".", "..") or "\0" in p for p in parts):
+        raise UnsafePathError(f"unsafe relative path {rel_path!r}")
+    return parts
+
+
+def split_rel(rel_path: str) -> tuple[list[str], str]:
+    """Directory components and basename of a safe relative path."""
+    parts = rel_parts(rel_path)
+    return parts[:-1], parts[-1]
+
+
+def classify(st: os.stat_result) -> Reason | None:
+    """Why a file must be left alone (symlink, hardlink, special file), or None."""
+    if stat.S_ISLNK(st.st_mode):
+        return Reason.SYMLINK
+    if not stat.S_ISREG(st.st_mode):
+        return Reason.SPECIAL_FILE
+    if st.st_nlink > 1:
+        return Reason.HARDLINK
+    return None
+
+
+def open_dir(root: str, dirs: list[str], *, create_mode: int | None = None) -> int:
+    """An fd of `root/dirs...`, never following a symlink below root; create missing dirs if asked."""
+    fd = os.open(root, _DIR_FLAGS)
+    try:
+        for name in dirs:
+            try:
+                child = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            except FileNotFoundError:
+                if create_mode is None:
+                    raise
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(name, create_mode, dir_fd=fd)
+                child = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise UnsafePathError(f"{name!r} below {root} is not a plain directory") from exc
+                raise
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+@contextmanager
+def open_file(dir_fd: int, name: str) -> Iterator[tuple[int, os.stat_result]]:
+    """Open a regular, singly-linked file in `dir_fd` for reading, with its fstat.
+
+    Raises UnsafePathError (with the Reason in `args[1]`) for a symlink, hardlink or
+    special file, checked on lstat before opening and on fstat after.
+    """
+    before = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    if reason := classify(before):
+        raise UnsafePathError(f"{name!r} is a {reason.value}", reason)
+    try:
+        fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafePathError(f"{name!r} is a symlink", Reason.SYMLINK) from exc
+        raise
+    try:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != (before.st_dev, before.st_ino):
+            raise UnsafePathError(f"{name!r} was replaced while opening", Reason.SPECIAL_FILE)
+        if reason := classify(st):
+            raise UnsafePathError(f"{name!r} is a {reason.value}", reason)
+        yield fd, st
+    finally:
+        os.close(fd)
+
+
+def collision_name(name: str, n: int) -> str:
+    """`a.tar.gz` → `a.tar.<n>.gz`, `README` → `README.<n>`; n = 0 keeps the name."""
+    if n == 0:
+        return name
+    stem, dot, ext = name.rpartition(".")
+    if not dot or not stem:
+        return f"{name}.{n}"
+    return f"{stem}.{n}.{ext}"
+
+
+def rename_noreplace(src_dir: int, src: str, dst_dir: int, dst: str) -> None:
+    """Rename without ever replacing `dst` (FileExistsError if it exists); EXDEV across filesystems."""
+    if _renameat2 is not None:
+        if _renameat2(src_dir, os.fsencode(src), dst_dir, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS):
+            raise OSError(err, os.strerror(err), dst)
+    # No renameat2 here (old kernel or a filesystem without it): link fails on an existing name.
+    os.link(src, dst, src_dir_fd=src_dir, dst_dir_fd=dst_dir, follow_symlinks=False)
+    os.unlink(src, dir_fd=src_dir)

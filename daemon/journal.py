@@ -1,0 +1,414 @@
+"""The journal: one SQLite file in WAL mode, the only shared state and the work queue.
+
+One row per arrival. Rows move forward (see `FileState`) in transactions; the
+intent of every side effect is written before it and the outcome after, so any
+step can be replayed after a crash. Each thread uses its own connection; other
+processes (`scan --move`, `status`, `quarantine`) open the same file beside the
+daemon. A claimed row carries its owner's token (`pid:start time`); rows of a
+dead owner are handed back by `reclaim`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from daemon.errors import JournalError
+from daemon.model import ACTIVE_STATES, FileState
+
+__all__ = ["AuditRow", "FileRow", "Journal", "open_journal", "owner_token"]
+
+_SCHEMA = [
+    """
+    CREATE TABLE files (
+        id INTEGER PRIMARY KEY,
+        watch TEXT NOT NULL,
+        rel_path BLOB NOT NULL,          -- os.fsencode: file names need not be UTF-8
+        state TEXT NOT NULL,
+        dev INTEGER, inode INTEGER, size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER,
+        sha256 TEXT, ref_id TEXT, engine TEXT, engine_scan_id TEXT,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        move_attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL NOT NULL,
+        verdict TEXT, reason TEXT, threats TEXT, raw_result TEXT,
+        destination BLOB, disposition TEXT,
+        owner TEXT, last_error TEXT,
+        discovered_at REAL NOT NULL, stable_at REAL, scanned_at REAL, done_at REAL,
+        updated_at REAL NOT NULL
+    );
+    CREATE UNIQUE INDEX files_active ON files(watch, rel_path)
+        WHERE state NOT IN ('done', 'gone');
+    CREATE INDEX files_due ON files(state, next_attempt_at) WHERE state NOT IN ('done', 'gone');
+    CREATE INDEX files_outcome ON files(verdict, done_at);
+    CREATE TABLE audit (
+        id INTEGER PRIMARY KEY,
+        file_id INTEGER NOT NULL REFERENCES files(id),
+        at REAL NOT NULL, action TEXT NOT NULL, actor TEXT NOT NULL,
+        reason TEXT NOT NULL, detail TEXT
+    );
+    CREATE TABLE engines (
+        name TEXT PRIMARY KEY, healthy INTEGER NOT NULL, detail TEXT, checked_at REAL NOT NULL
+    );
+    """,
+]
+
+_JSON_COLUMNS = ("threats", "raw_result")
+_PATH_COLUMNS = ("rel_path", "destination")
+_ACTIVE = "state NOT IN ('done', 'gone')"
+_CLAIMABLE = (
+    "(state IN ('stable', 'verdict') OR (state IN ('scanning', 'moving') AND owner IS NULL))"
+)
+
+
+@dataclass(frozen=True)
+class FileRow:
+    """One arrival as the journal has it."""
+
+    id: int
+    watch: str
+    rel_path: str
+    state: FileState
+    dev: int | None
+    inode: int | None
+    size: int | None
+    mtime_ns: int | None
+    ctime_ns: int | None
+    sha256: str | None
+    ref_id: str | None
+    engine: str | None
+    engine_scan_id: str | None
+    attempts: int
+    move_attempts: int
+    next_attempt_at: float
+    verdict: str | None
+    reason: str | None
+    threats: list[str] | None
+    raw_result: dict[str, Any] | None
+    destination: str | None
+    disposition: str | None
+    owner: str | None
+    last_error: str | None
+    discovered_at: float
+    stable_at: float | None
+    scanned_at: float | None
+    done_at: float | None
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class AuditRow:
+    """One audited quarantine action."""
+
+    file_id: int
+    at: float
+    action: str
+    actor: str
+    reason: str
+    detail: str | None
+
+
+def owner_token(pid: int | None = None) -> str:
+    """`pid:start time` of a process, unique across pid reuse."""
+    pid = os.getpid() if pid is None else pid
+    return f"{pid}:{_start_time(pid)}"
+
+
+def _start_time(pid: int) -> str:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return "dead"
+    # Field 22; the command name (field 2) may hold spaces, so split after its ')'.
+    return stat.rpartition(")")[2].split()[19]
+
+
+def _is_alive(token: str) -> bool:
+    pid, _, start = token.partition(":")
+    return pid.isdigit() and _start_time(int(pid)) == start
+
+
+def open_journal(state_dir: Path) -> Journal:
+    """The journal kept under `state_dir`."""
+    return Journal(state_dir / "journal.sqlite3")
+
+
+def _to_db(column: str, value: object) -> object:
+    if value is None:
+        return None
+    if column in _PATH_COLUMNS:
+        return os.fsencode(str(value))
+    if column in _JSON_COLUMNS:
+        return json.dumps(value, sort_keys=True)
+    if column == "state":
+        return str(value)
+    return value
+
+
+def _from_db(row: sqlite3.Row) -> FileRow:
+    values = dict(row)
+    for column in _PATH_COLUMNS:
+        if values[column] is not None:
+            values[column] = os.fsdecode(values[column])
+    for column in _JSON_COLUMNS:
+        if values[column] is not None:
+            values[column] = json.loads(values[column])
+    values["state"] = FileState(values["state"])
+    return FileRow(**values)
+
+
+class Journal:
+    """The SQLite journal under `state_dir`; safe to share between threads."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._connections: list[sqlite3.Connection] = []
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+            self._migrate()
+        except (OSError, sqlite3.Error) as exc:
+            raise JournalError(f"cannot open the journal {self.path}: {exc}; "
+                               "check that state_dir exists and is writable") from exc
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                   timeout=30.0)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            self._local.conn = conn
+            with self._lock:
+                self._connections.append(conn)
+        return conn
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        conn = self._conn()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise JournalError(f"journal {self.path} is not writable: {exc}") from exc
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            conn.execute("ROLLBACK")
+            raise JournalError(f"journal {self.path}: commit failed: {exc}") from exc
+
+    def _migrate(self) -> None:
+        with self._tx() as conn:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            for number, script in enumerate(_SCHEMA[version:], start=version + 1):
+                for statement in script.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {number}")
+
+    def close(self) -> None:
+        """Close every thread's connection."""
+        with self._lock:
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
+        self._local = threading.local()
+
+    # -- intake -----------------------------------------------------------------------------
+
+    def discover(self, watch: str, entries: Iterable[tuple[str, int]], now: float) -> int:
+        """Record `(rel_path, inode)` arrivals; known active paths are left as they are.
+
+        A path held back (a symlink, say) whose inode changed is a new arrival again.
+        Returns how many rows were added or revived. Idempotent.
+        """
+        added = 0
+        with self._tx() as conn:
+            for rel_path, inode in entries:
+                cursor = conn.execute(
+                    f"""INSERT INTO files (watch, rel_path, state, inode, next_attempt_at,
+                                          discovered_at, updated_at)
+                        VALUES (?, ?, 'discovered', ?, ?, ?, ?)
+                        ON CONFLICT (watch, rel_path) WHERE {_ACTIVE} DO UPDATE
+                        SET state = 'discovered', inode = excluded.inode, reason = NULL,
+                            next_attempt_at = excluded.next_attempt_at,
+                            discovered_at = excluded.discovered_at, updated_at = excluded.updated_at
+                        WHERE files.state = 'held' AND files.inode IS NOT excluded.inode""",
+                    (watch, os.fsencode(rel_path), inode, now, now, now),
+                )
+                added += cursor.rowcount
+        return added
+
+    def due(self, state: FileState, watch: str, now: float, limit: int) -> list[FileRow]:
+        """Rows of `watch` in `state` whose next attempt is due, oldest first."""
+        rows = self._conn().execute(
+            "SELECT * FROM files WHERE state = ? AND watch = ? AND next_attempt_at <= ? "
+            "ORDER BY next_attempt_at LIMIT ?", (str(state), watch, now, limit)).fetchall()
+        return [_from_db(r) for r in rows]
+
+    # -- work queue -----------------------------------------------------------------------
+
+    def claim(self, watches: Sequence[str], owner: str, now: float, limit: int) -> list[FileRow]:
+        """Take up to `limit` due rows of these watches for `owner`.
+
+        A stable row becomes scanning and spends an attempt; scanning rows waiting for
+        an engine, rows with a verdict, and half-done moves keep their state.
+        """
+        marks = ",".join("?" * len(watches))
+        with self._tx() as conn:
+            rows = conn.execute(
+                f"""UPDATE files SET owner = ?, updated_at = ?,
+                        attempts = attempts + (state = 'stable'),
+                        state = CASE state WHEN 'stable' THEN 'scanning' ELSE state END
+                    WHERE id IN (SELECT id FROM files WHERE {_CLAIMABLE} AND watch IN ({marks})
+                                 AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?)
+                    RETURNING *""",
+                (owner, now, *watches, now, limit),
+            ).fetchall()
+        return sorted((_from_db(r) for r in rows), key=lambda r: r.id)
+
+    def claim_id(self, file_id: int, owner: str, now: float) -> FileRow | None:
+        """Claim one row now whatever its due time, if nobody else holds it."""
+        with self._tx() as conn:
+            row = conn.execute(
+                f"""UPDATE files SET owner = ?, updated_at = ?,
+                        attempts = attempts + (state = 'stable'),
+                        state = CASE state WHEN 'stable' THEN 'scanning' ELSE state END
+                    WHERE id = ? AND {_CLAIMABLE} RETURNING *""",
+                (owner, now, file_id),
+            ).fetchone()
+        return _from_db(row) if row else None
+
+    def apply(self, changes: Iterable[tuple[int, Mapping[str, object]]]) -> None:
+        """Write several rows' changes in one transaction (columns by name)."""
+        with self._tx() as conn:
+            for file_id, fields in changes:
+                columns = ", ".join(f"{name} = ?" for name in fields)
+                values = [_to_db(name, value) for name, value in fields.items()]
+                conn.execute(f"UPDATE files SET {columns}, updated_at = ? WHERE id = ?",
+                             (*values, time.time(), file_id))
+
+    def reclaim(self) -> int:
+        """Hand back the rows of owners that are no longer running; returns how many."""
+        conn = self._conn()
+        owners = [r[0] for r in conn.execute(
+            "SELECT DISTINCT owner FROM files WHERE owner IS NOT NULL AND " + _ACTIVE)]
+        dead = [o for o in owners if not _is_alive(o)]
+        if not dead:
+            return 0
+        marks = ",".join("?" * len(dead))
+        with self._tx() as conn:
+            # A scan cut off before the engine took it starts over (the attempt stays spent,
+            # so a file that crashes the daemon cannot loop forever).
+            cursor = conn.execute(
+                f"""UPDATE files SET owner = NULL,
+                        state = CASE WHEN state = 'scanning' AND engine_scan_id IS NULL
+                                     THEN 'stable' ELSE state END
+                    WHERE owner IN ({marks}) AND {_ACTIVE}""", dead)
+            return cursor.rowcount
+
+    def release(self, owner: str, ids: Sequence[int] | None = None) -> None:
+        """Hand back the rows `owner` holds (all, or those of `ids`) that it did not finish."""
+        only = "" if ids is None else f" AND id IN ({','.join('?' * len(ids))})"
+        with self._tx() as conn:
+            conn.execute(
+                f"""UPDATE files SET owner = NULL,
+                        state = CASE WHEN state = 'scanning' AND engine_scan_id IS NULL
+                                     THEN 'stable' ELSE state END,
+                        attempts = attempts - (state = 'scanning' AND engine_scan_id IS NULL)
+                    WHERE owner = ? AND {_ACTIVE}{only}""", (owner, *(ids or ())))
+
+    def next_due_at(self, watches: Sequence[str]) -> float | None:
+        """When the earliest claimable row of these watches is due."""
+        marks = ",".join("?" * len(watches))
+        row = self._conn().execute(
+            f"SELECT min(next_attempt_at) FROM files WHERE {_CLAIMABLE} AND watch IN ({marks})",
+            tuple(watches)).fetchone()
+        return row[0] if row else None
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def get(self, file_id: int) -> FileRow | None:
+        """One row by id."""
+        row = self._conn().execute("SELECT * FROM files WHERE id = ?", (file_id,)).fetchone()
+        return _from_db(row) if row else None
+
+    def active(self, watch: str, rel_path: str) -> FileRow | None:
+        """The row of a path still being handled, if any."""
+        row = self._conn().execute(
+            f"SELECT * FROM files WHERE watch = ? AND rel_path = ? AND {_ACTIVE}",
+            (watch, os.fsencode(rel_path))).fetchone()
+        return _from_db(row) if row else None
+
+    def select(self, where: str = "1", params: Sequence[object] = (), *,
+               order: str = "id", limit: int = 1000) -> list[FileRow]:
+        """Rows matching a SQL condition (for status and quarantine commands)."""
+        rows = self._conn().execute(
+            f"SELECT * FROM files WHERE {where} ORDER BY {order} LIMIT ?", (*params, limit))
+        return [_from_db(r) for r in rows]
+
+    def counts(self) -> list[tuple[str, str, str | None, str | None, int]]:
+        """`(watch, state, verdict, reason, count)` for every group of rows."""
+        return [tuple(r) for r in self._conn().execute(
+            "SELECT watch, state, verdict, reason, count(*) FROM files "
+            "GROUP BY watch, state, verdict, reason ORDER BY watch, state")]
+
+    def oldest_pending(self) -> dict[str, float]:
+        """Per watch, the discovery time of the oldest row not yet done."""
+        rows = self._conn().execute(
+            "SELECT watch, min(discovered_at) FROM files WHERE state IN "
+            f"({','.join('?' * len(ACTIVE_STATES))}) AND state != 'held' GROUP BY watch",
+            ACTIVE_STATES)
+        return {r[0]: r[1] for r in rows}
+
+    def size_bytes(self) -> int:
+        """Bytes on disk of the journal and its WAL."""
+        return sum(p.stat().st_size for p in (self.path, Path(f"{self.path}-wal")) if p.exists())
+
+    # -- engines and audit --------------------------------------------------------------------
+
+    def set_engine_health(self, name: str, healthy: bool, detail: str | None, now: float) -> None:
+        """Record the last health probe of an engine."""
+        with self._tx() as conn:
+            conn.execute("INSERT OR REPLACE INTO engines VALUES (?, ?, ?, ?)",
+                         (name, int(healthy), detail, now))
+
+    def engine_health(self) -> dict[str, tuple[bool, str | None, float]]:
+        """`name → (healthy, detail, checked_at)` of every engine probed."""
+        rows = self._conn().execute("SELECT * FROM engines")
+        return {r[0]: (bool(r[1]), r[2], r[3]) for r in rows}
+
+    def audit(self, file_id: int, action: str, actor: str, reason: str,
+              detail: str | None, changes: Mapping[str, object], now: float) -> None:
+        """Record a quarantine action and its change to the row, atomically."""
+        with self._tx() as conn:
+            conn.execute("INSERT INTO audit (file_id, at, action, actor, reason, detail) "
+                         "VALUES (?, ?, ?, ?, ?, ?)", (file_id, now, action, actor, reason, detail))
+            if changes:
+                columns = ", ".join(f"{name} = ?" for name in changes)
+                values = [_to_db(name, value) for name, value in changes.items()]
+                conn.execute(f"UPDATE files SET {columns}, updated_at = ? WHERE id = ?",
+                             (*values, now, file_id))
+
+    def audit_trail(self, file_id: int) -> list[AuditRow]:
+        """The audited actions on one row, oldest first."""
+        rows = self._conn().execute(
+            "SELECT file_id, at, action, actor, reason, detail FROM audit "
+            "WHERE file_id = ? ORDER BY id", (file_id,))
+        return [AuditRow(*r) for r in rows]

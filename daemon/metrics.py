@@ -1,0 +1,84 @@
+"""Prometheus metrics: counters fed by the pipeline, gauges read from the journal at scrape time."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from daemon.journal import FileRow, Journal
+from daemon.model import FileState
+
+__all__ = ["Metrics"]
+
+
+class _JournalCollector(Collector):
+    """Queue depth by state, oldest pending age and journal size, straight from SQLite."""
+
+    def __init__(self, journal: Journal) -> None:
+        self._journal = journal
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        depth = GaugeMetricFamily("scanwatch_queue_depth", "Files by watch and state, not yet done",
+                                  labels=["watch", "state"])
+        totals: dict[tuple[str, str], int] = {}
+        for watch, state, _, _, count in self._journal.counts():
+            if state not in (FileState.DONE, FileState.GONE):
+                totals[(watch, state)] = totals.get((watch, state), 0) + count
+        for (watch, state), count in sorted(totals.items()):
+            depth.add_metric([watch, state], count)
+        yield depth
+        oldest = GaugeMetricFamily("scanwatch_oldest_pending_seconds",
+                                   "Age of the oldest file not yet done", labels=["watch"])
+        now = time.time()
+        for watch, since in self._journal.oldest_pending().items():
+            oldest.add_metric([watch], now - since)
+        yield oldest
+        size = GaugeMetricFamily("scanwatch_journal_bytes", "Size of the journal file")
+        size.add_metric([], self._journal.size_bytes())
+        yield size
+
+
+class Metrics:
+    """The daemon's metrics; `observe` is the pipeline's outcome hook."""
+
+    def __init__(self, journal: Journal) -> None:
+        self.registry = CollectorRegistry()
+        self.files = Counter("scanwatch_files_total", "Files done, by watch and outcome",
+                             ["watch", "outcome", "reason"], registry=self.registry)
+        self.scan_seconds = Histogram("scanwatch_scan_duration_seconds",
+                                      "From discovery to destination, by engine", ["engine"],
+                                      registry=self.registry,
+                                      buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300))
+        self.bytes_scanned = Counter("scanwatch_scanned_bytes_total", "Bytes given a verdict",
+                                     ["engine"], registry=self.registry)
+        self.retries = Counter("scanwatch_retries_total", "Scan retries scheduled, by reason",
+                               ["engine", "reason"], registry=self.registry)
+        self.moves_failed = Counter("scanwatch_moves_failed_total", "Moves that failed (retried)",
+                                    ["watch"], registry=self.registry)
+        self.registry.register(_JournalCollector(journal))
+
+    def serve(self, listen: str) -> None:
+        """Serve /metrics on `host:port` from a daemon thread."""
+        host, _, port = listen.rpartition(":")
+        start_http_server(int(port), addr=host.strip("[]"), registry=self.registry)
+
+    def observe(self, row: FileRow, engine: str, changes: Mapping[str, object],
+                fields: Mapping[str, Any]) -> None:
+        """Count one journal change of the pipeline."""
+        state = changes.get("state")
+        if state is FileState.DONE:
+            outcome = str(row.verdict)
+            self.files.labels(row.watch, outcome, str(row.reason or "")).inc()
+            self.scan_seconds.labels(engine).observe(max(0.0, time.time() - row.discovered_at))
+            self.bytes_scanned.labels(engine).inc(row.size or 0)
+        elif state is FileState.HELD:
+            self.files.labels(row.watch, "skipped", str(changes.get("reason") or "")).inc()
+        elif state is FileState.VERDICT and "move_attempts" in changes:
+            self.moves_failed.labels(row.watch).inc()
+        elif state is FileState.STABLE and "last_error" in changes:
+            self.retries.labels(engine, str(fields.get("reason", "engine_error"))).inc()

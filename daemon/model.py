@@ -1,0 +1,76 @@
+"""The vocabulary shared by the journal, the pipeline and the engines."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+__all__ = ["FileState", "Pending", "Reason", "Verdict", "VerdictKind"]
+
+
+class FileState(enum.StrEnum):
+    """Where a journal row stands; rows only move forward."""
+
+    DISCOVERED = "discovered"  # seen; waiting to settle
+    STABLE = "stable"  # settled; waiting for a scan slot
+    SCANNING = "scanning"  # claimed by a worker, or submitted and waiting for the engine
+    VERDICT = "verdict"  # verdict known; waiting to be moved (after a failed move)
+    MOVING = "moving"  # destination chosen; the move may be half done
+    DONE = "done"  # in exactly one destination
+    HELD = "held"  # left in place on purpose (symlink, hardlink, special file)
+    GONE = "gone"  # vanished from the source before it could be moved
+
+
+ACTIVE_STATES = tuple(s.value for s in FileState if s not in (FileState.DONE, FileState.GONE))
+
+
+class VerdictKind(enum.StrEnum):
+    """The three outcomes a file can have."""
+
+    CLEAN = "clean"
+    INFECTED = "infected"
+    FAILED = "failed"
+
+
+class Reason(enum.StrEnum):
+    """Reason codes: journal, sidecars, logs and metrics use these values."""
+
+    SYMLINK = "symlink"
+    HARDLINK = "hardlink"
+    SPECIAL_FILE = "special_file"
+    UNREADABLE = "unreadable"
+    TOO_LARGE = "too_large"
+    TIMEOUT = "timeout"
+    ENCRYPTED = "encrypted"
+    ENGINE_ERROR = "engine_error"
+    ENGINE_FAILED = "engine_failed"
+    ENGINE_UNAVAILABLE = "engine_unavailable"
+    AUTH = "auth"
+    BAD_REQUEST = "bad_request"
+    INTERNAL_ERROR = "internal_error"
+    UNSAFE_PATH = "unsafe_path"
+    UNSAFE_KEY = "unsafe_key"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What an engine concluded about one file's bytes."""
+
+    kind: VerdictKind
+    threats: tuple[str, ...] = ()
+    reason: str | None = None
+    engine_scan_id: str | None = None
+    raw: dict[str, object] = field(default_factory=dict)
+
+    @classmethod
+    def failed(cls, reason: str, **kw: object) -> Verdict:
+        """A failed verdict with a reason code."""
+        return cls(VerdictKind.FAILED, reason=reason, **kw)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Pending:
+    """The engine accepted the file and will answer later: poll `engine_scan_id`."""
+
+    engine_scan_id: str
+    poll_after_s: float = 1.0

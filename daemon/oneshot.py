@@ -1,0 +1,137 @@
+"""`scanwatch scan`: scan named files now, and with `--move` carry them through the pipeline."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+from daemon.config import Config, WatchConfig
+from daemon.engines import Engine
+from daemon.engines.base import ScanRequest
+from daemon.errors import EnginePermanentError, EngineRetryableError, UnsafePathError
+from daemon.fsutil import open_dir, open_file
+from daemon.journal import Journal, owner_token
+from daemon.model import FileState, Pending, Reason, Verdict, VerdictKind
+from daemon.pipeline import Pipeline, hash_fd
+from daemon.refid import build_ref_id
+from daemon.watchers.local import relative_path
+
+__all__ = ["ScanResult", "scan_paths"]
+
+_WAIT_FOR_DAEMON_S = 300.0
+_FINAL = (FileState.DONE, FileState.GONE, FileState.HELD)
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    """One line of `scan` output."""
+
+    path: str
+    verdict: VerdictKind
+    threats: tuple[str, ...] = ()
+    reason: str | None = None
+    sha256: str | None = None
+    external_reference_id: str | None = None
+    destination: str | None = None
+
+
+def pick_watch(config: Config, path: str, name: str | None) -> WatchConfig:
+    """The watch named, else the one whose source holds `path`, else the only one."""
+    if name is not None:
+        return config.watch(name)
+    for watch in config.watches:
+        if relative_path(watch.source, path) is not None:
+            return watch
+    if len(config.watches) == 1:
+        return config.watches[0]
+    raise KeyError(f"{path} is under no watch's source; name one with --watch")
+
+
+def scan_paths(config: Config, engines: dict[str, Engine], paths: list[str], *,
+               watch_name: str | None, move: bool, journal: Journal | None) -> list[ScanResult]:
+    """Scan each path (and move it as the daemon would, when `move` and under a source)."""
+    results = []
+    for given in paths:
+        path = os.path.abspath(given)
+        watch = pick_watch(config, path, watch_name)
+        rel = relative_path(watch.source, path)
+        if move and rel is not None and journal is not None:
+            results.append(_through_pipeline(config, engines, journal, watch, rel, path))
+        else:
+            results.append(_scan_only(engines[watch.engine], watch, path, rel))
+    return results
+
+
+def _scan_only(engine: Engine, watch: WatchConfig, path: str, rel: str | None) -> ScanResult:
+    try:
+        dir_fd = open_dir(os.path.dirname(path), [])
+    except OSError as exc:
+        return ScanResult(path, VerdictKind.FAILED, reason=_read_reason(exc))
+    try:
+        with open_file(dir_fd, os.path.basename(path)) as (fd, st):
+            sha256 = hash_fd(fd)
+            ref_id = build_ref_id(watch.name, rel or os.path.basename(path), sha256)
+            request = ScanRequest(watch.name, rel or os.path.basename(path), path, fd,
+                                  st.st_size, sha256, ref_id)
+            verdict = _verdict(engine, request)
+            return ScanResult(path, verdict.kind, verdict.threats, verdict.reason, sha256, ref_id)
+    except (OSError, UnsafePathError) as exc:
+        return ScanResult(path, VerdictKind.FAILED, reason=_read_reason(exc))
+    finally:
+        os.close(dir_fd)
+
+
+def _read_reason(exc: BaseException) -> str:
+    if isinstance(exc, UnsafePathError) and len(exc.args) > 1:
+        return str(exc.args[1])
+    return Reason.UNREADABLE.value
+
+
+def _verdict(engine: Engine, request: ScanRequest) -> Verdict:
+    """Ask the engine and wait for its answer, retrying passing failures a few times."""
+    answer: Verdict | Pending | None = None
+    for attempt in range(3):
+        try:
+            answer = engine.scan(request)
+            break
+        except EngineRetryableError as exc:
+            if attempt == 2:
+                return Verdict.failed(exc.reason)
+            time.sleep(min(exc.retry_after_s or 1.0, 10.0))
+        except EnginePermanentError as exc:
+            return Verdict.failed(exc.reason)
+    while isinstance(answer, Pending):
+        time.sleep(answer.poll_after_s)
+        answer = engine.poll(request, answer.engine_scan_id)
+    assert answer is not None
+    return answer
+
+
+def _through_pipeline(config: Config, engines: dict[str, Engine], journal: Journal,
+                      watch: WatchConfig, rel: str, path: str) -> ScanResult:
+    """Journal the file and carry it to its destination, or wait for the daemon that holds it."""
+    now = time.time()
+    try:
+        inode = os.lstat(path).st_ino
+    except OSError as exc:
+        return ScanResult(path, VerdictKind.FAILED, reason=_read_reason(exc))
+    journal.discover(watch.name, [(rel, inode)], now)
+    row = journal.active(watch.name, rel)
+    if row is not None and row.state is FileState.DISCOVERED:
+        journal.apply([(row.id, {"state": FileState.STABLE, "stable_at": now, "next_attempt_at": now})])
+    owner = owner_token()
+    deadline = time.monotonic() + _WAIT_FOR_DAEMON_S
+    while row is not None and row.state not in _FINAL and time.monotonic() < deadline:
+        # Claimable: ours to carry (retries included); otherwise the daemon holds it.
+        claimed = journal.claim_id(row.id, owner, time.time())
+        if claimed is not None:
+            Pipeline(config, journal, engines, owner=owner).process([claimed])
+        row = journal.get(row.id)
+        if row is not None and row.state not in _FINAL:
+            time.sleep(min(max(row.next_attempt_at - time.time(), 0.2), 10.0))
+    if row is None or row.state is not FileState.DONE or row.verdict is None:
+        reason = row.reason if row is not None and row.reason else "not_moved"
+        return ScanResult(path, VerdictKind.FAILED, reason=reason)
+    return ScanResult(path, VerdictKind(row.verdict), tuple(row.threats or ()), row.reason,
+                      row.sha256, row.ref_id, row.destination)

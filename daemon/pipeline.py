@@ -1,0 +1,440 @@
+"""The pipeline: claims due journal rows, asks the engine, hands the verdict to the mover.
+
+Each engine has `concurrency` worker threads. A worker claims a small batch of due
+rows and carries it one step per journal transaction: scanned (verdict and planned
+destination written before any move), then moved (done). Retries are schedules in
+the journal, never sleeps. Nothing here is lost with the process: the backlog is
+the journal, and `Journal.reclaim` hands a dead worker's rows to the next one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import hashlib
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import partial
+from typing import Any
+
+import structlog
+
+from daemon.config import Config, WatchConfig
+from daemon.engines.base import Engine, ScanRequest
+from daemon.errors import (
+    EnginePermanentError,
+    EngineRetryableError,
+    EngineUnavailableError,
+    LocationError,
+    UnsafePathError,
+)
+from daemon.fsutil import Identity, open_dir, open_file, split_rel
+from daemon.journal import FileRow, Journal
+from daemon.model import FileState, Pending, Reason, Verdict, VerdictKind
+from daemon.mover import ChangedError, MoveRequest, move, plan, reconcile, write_sidecar
+from daemon.refid import build_ref_id
+from daemon.retry import RetryPolicy
+
+__all__ = ["Pipeline", "hash_fd", "iso"]
+
+log = structlog.get_logger("scanwatch.pipeline")
+
+_BATCH = 16
+_IDLE_WAIT_S = 1.0
+_DEST_FOR = {VerdictKind.CLEAN: "clean", VerdictKind.INFECTED: "quarantine",
+             VerdictKind.FAILED: "failed"}
+Changes = dict[str, object]
+
+
+def iso(ts: float | None) -> str | None:
+    """ISO 8601 UTC with a Z, as sidecars and status print times."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def hash_fd(fd: int) -> str:
+    """sha256 of an open file's whole content, read with pread (the offset is untouched)."""
+    digest = hashlib.sha256()
+    offset = 0
+    while chunk := os.pread(fd, 1 << 20, offset):
+        digest.update(chunk)
+        offset += len(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """What one step did to a row: the journal change and the event to log."""
+
+    changes: Changes
+    event: str | None = None
+    fields: Mapping[str, Any] | None = None
+
+
+class Pipeline:
+    """Worker threads that carry claimed rows to their destination."""
+
+    def __init__(self, config: Config, journal: Journal, engines: Mapping[str, Engine], *,
+                 owner: str, wake: threading.Event | None = None,
+                 clock: Callable[[], float] = time.time,
+                 policy: RetryPolicy | None = None,
+                 on_outcome: Callable[[FileRow, str, Changes, Mapping[str, Any]], None]
+                 | None = None) -> None:
+        self.config = config
+        self.journal = journal
+        self.engines = engines
+        self.owner = owner
+        self.wake = wake or threading.Event()
+        self.clock = clock
+        self.policy = policy or RetryPolicy()
+        self._on_outcome = on_outcome
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.heartbeat_at = clock()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start `concurrency` workers per engine that has watches."""
+        for name, engine_cfg in self.config.engines.items():
+            watches = [w.name for w in self.config.watches if w.engine == name]
+            if not watches:
+                continue
+            for i in range(engine_cfg.concurrency):
+                thread = threading.Thread(target=self._work, args=(watches,),
+                                          name=f"scan-{name}-{i}", daemon=True)
+                thread.start()
+                self._threads.append(thread)
+
+    def stop(self, timeout_s: float) -> bool:
+        """Stop claiming, wait for in-flight batches; hand back what is unfinished."""
+        self._stopping.set()
+        self.wake.set()
+        deadline = time.monotonic() + timeout_s
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        drained = not any(t.is_alive() for t in self._threads)
+        if drained:
+            self.journal.release(self.owner)
+        return drained
+
+    def _work(self, watches: list[str]) -> None:
+        while not self._stopping.is_set():
+            self.heartbeat_at = self.clock()
+            try:
+                if self.run_once(watches):
+                    continue
+                next_due = self.journal.next_due_at(watches)
+            except Exception:
+                log.exception("worker.error", watches=watches)
+                next_due = None
+            wait_s = _IDLE_WAIT_S if next_due is None else next_due - self.clock()
+            if self.wake.wait(min(max(wait_s, 0.0), _IDLE_WAIT_S)):
+                self.wake.clear()
+
+    def run_once(self, watches: list[str]) -> int:
+        """Claim one batch of due rows and carry it as far as it goes; returns its size."""
+        rows = self.journal.claim(watches, self.owner, self.clock(), _BATCH)
+        if rows:
+            self.process(rows)
+        return len(rows)
+
+    # -- one batch ------------------------------------------------------------------------
+
+    def process(self, rows: list[FileRow]) -> None:
+        """Carry claimed rows one step per transaction: scanned, then moved."""
+        try:
+            self._process(rows)
+        finally:
+            # Whatever an unexpected error left claimed goes back to the queue.
+            self.journal.release(self.owner, [row.id for row in rows])
+
+    def _process(self, rows: list[FileRow]) -> None:
+        scanned: list[tuple[FileRow, _Outcome]] = []
+        for row in rows:
+            if row.state is FileState.SCANNING:
+                scanned.append((row, self._guard(row, self._scan)))
+            elif row.state is FileState.VERDICT:
+                scanned.append((row, self._plan_move(row, {"state": FileState.MOVING})))
+            else:
+                scanned.append((row, _Outcome({})))
+        self._commit(scanned)
+        moved: list[tuple[FileRow, _Outcome]] = []
+        for row, outcome in scanned:
+            if outcome.changes.get("state", row.state) is FileState.MOVING:
+                # A row claimed while moving was cut off by a crash: finish what it started.
+                resumed = row.state is FileState.MOVING
+                current = dataclasses.replace(row, **outcome.changes)  # type: ignore[arg-type]
+                moved.append((current, self._guard(current, partial(self._move, resumed=resumed))))
+        self._commit(moved)
+
+    def _commit(self, outcomes: list[tuple[FileRow, _Outcome]]) -> None:
+        self.journal.apply((row.id, o.changes) for row, o in outcomes if o.changes)
+        for row, outcome in outcomes:
+            if outcome.event:
+                logger = log.info
+                if outcome.event in ("retry.scheduled", "move.failed"):
+                    logger = log.warning
+                elif outcome.changes.get("verdict") == VerdictKind.FAILED and outcome.event == "file.moved":
+                    logger = log.error
+                logger(outcome.event, **{**self._context(row), **(outcome.fields or {})})
+            if self._on_outcome and outcome.changes:
+                engine = self.config.watch(row.watch).engine
+                self._on_outcome(row, engine, outcome.changes, outcome.fields or {})
+
+    def _context(self, row: FileRow) -> dict[str, Any]:
+        return {"watch": row.watch, "rel_path": row.rel_path, "file_id": row.id,
+                "engine": self.config.watch(row.watch).engine, "ref_id": row.ref_id}
+
+    def _guard(self, row: FileRow, step: Callable[[FileRow], _Outcome]) -> _Outcome:
+        """Run a step; an unexpected error fails the file instead of killing the worker."""
+        try:
+            return step(row)
+        except Exception as exc:
+            log.exception("file.internal_error", **self._context(row))
+            if row.state is FileState.MOVING and row.verdict is not None:
+                return self._move_failed(row, exc)
+            return self._plan_move(row, self._verdict_changes(
+                row, Verdict.failed(Reason.INTERNAL_ERROR), None, None))
+
+    # -- scanning -----------------------------------------------------------------------------
+
+    def _scan(self, row: FileRow) -> _Outcome:
+        watch = self.config.watch(row.watch)
+        engine = self.engines[watch.engine]
+        dirs, name = split_rel(row.rel_path)
+        try:
+            dir_fd = open_dir(watch.source, dirs)
+        except FileNotFoundError:
+            return self._gone(row)
+        except UnsafePathError as exc:
+            return self._held(row, Reason.SYMLINK, str(exc))
+        try:
+            with open_file(dir_fd, name) as (fd, st):
+                return self._scan_open(row, watch, engine, fd, st)
+        except FileNotFoundError:
+            return self._gone(row)
+        except UnsafePathError as exc:
+            return self._held(row, exc.args[1] if len(exc.args) > 1 else Reason.SPECIAL_FILE, str(exc))
+        except PermissionError as exc:
+            return self._fail(row, Reason.UNREADABLE, exc)
+        except OSError as exc:
+            if exc.errno in (errno.EIO, errno.EISDIR, errno.ENXIO):
+                return self._fail(row, Reason.UNREADABLE, exc)
+            raise
+        finally:
+            os.close(dir_fd)
+
+    def _scan_open(self, row: FileRow, watch: WatchConfig, engine: Engine, fd: int,
+                   st: os.stat_result) -> _Outcome:
+        identity = Identity.of(st)
+        if row.size is not None and identity != Identity(row.dev or 0, row.inode or 0, row.size,
+                                                         row.mtime_ns or 0, row.ctime_ns or 0):
+            return self._changed(row, "changed after it settled")
+        try:
+            sha256 = hash_fd(fd)
+        except OSError as exc:
+            return self._fail(row, Reason.UNREADABLE, exc)
+        ref_id = row.ref_id if row.sha256 == sha256 and row.ref_id else build_ref_id(
+            watch.name, row.rel_path, sha256)
+        if engine.remote and (row.sha256, row.ref_id) != (sha256, ref_id):
+            # A remote scan outlives us: its ID is journaled before the engine sees it.
+            self.journal.apply([(row.id, {"sha256": sha256, "ref_id": ref_id,
+                                          "engine": engine.name})])
+        request = ScanRequest(watch.name, row.rel_path, os.path.join(watch.source, row.rel_path),
+                              fd, st.st_size, sha256, ref_id)
+        started = time.monotonic()
+        try:
+            answer = (engine.poll(request, row.engine_scan_id) if row.engine_scan_id
+                      else engine.scan(request))
+        except EngineUnavailableError as exc:
+            return self._wait_for_engine(row, exc)
+        except EngineRetryableError as exc:
+            return self._retry(row, exc)
+        except EnginePermanentError as exc:
+            answer = Verdict.failed(exc.reason, raw={"error": str(exc)})
+        duration_s = time.monotonic() - started
+        if isinstance(answer, Pending):
+            return _Outcome(
+                {"engine_scan_id": answer.engine_scan_id, "owner": None,
+                 "next_attempt_at": self.clock() + answer.poll_after_s},
+                None if row.engine_scan_id else "scan.submitted",
+                {"engine_scan_id": answer.engine_scan_id})
+        changes = self._verdict_changes(row, answer, identity, sha256)
+        changes.update(ref_id=ref_id, engine=engine.name)
+        outcome = self._plan_move(row, changes)
+        return _Outcome(outcome.changes, outcome.event or "scan.verdict", {
+            "verdict": answer.kind.value, "threats": list(answer.threats), "reason": answer.reason,
+            "duration_s": round(duration_s, 4), "ref_id": ref_id, **(outcome.fields or {})})
+
+    def _verdict_changes(self, row: FileRow, verdict: Verdict, identity: Identity | None,
+                         sha256: str | None) -> Changes:
+        changes: Changes = {
+            "state": FileState.MOVING, "verdict": verdict.kind, "reason": verdict.reason,
+            "threats": list(verdict.threats), "raw_result": verdict.raw or None,
+            "engine_scan_id": verdict.engine_scan_id or row.engine_scan_id,
+            "scanned_at": self.clock()}
+        if identity is not None:
+            changes.update(dev=identity.dev, inode=identity.inode, size=identity.size,
+                           mtime_ns=identity.mtime_ns, ctime_ns=identity.ctime_ns, sha256=sha256)
+        return changes
+
+    def _plan_move(self, row: FileRow, changes: Changes) -> _Outcome:
+        """Choose the destination name now, so a crash mid-move can be finished."""
+        watch = self.config.watch(row.watch)
+        verdict = VerdictKind(str(changes.get("verdict", row.verdict)))
+        root = watch.destinations[_DEST_FOR[verdict]]
+        try:
+            dest_rel = plan(root, row.rel_path)
+        except (OSError, LocationError) as exc:
+            return self._move_failed(row, exc, {**changes, "state": FileState.VERDICT})
+        return _Outcome({**changes, "destination": os.path.join(root, dest_rel)})
+
+    def _fail(self, row: FileRow, reason: Reason, exc: BaseException) -> _Outcome:
+        return self._plan_move(row, self._verdict_changes(
+            row, Verdict.failed(reason, raw={"error": str(exc)}), None, None))
+
+    def _retry(self, row: FileRow, exc: EngineRetryableError) -> _Outcome:
+        max_attempts = self.config.engines[self.config.watch(row.watch).engine].max_attempts
+        if row.attempts >= max_attempts:
+            return self._fail(row, exc.reason, exc)
+        delay_s = self.policy.delay(row.attempts, exc.retry_after_s)
+        return _Outcome(
+            {"state": FileState.STABLE, "owner": None, "last_error": str(exc),
+             "next_attempt_at": self.clock() + delay_s},
+            "retry.scheduled", {"reason": exc.reason.value, "error": str(exc),
+                                "attempts": row.attempts, "delay_s": round(delay_s, 3)})
+
+    def _wait_for_engine(self, row: FileRow, exc: EngineUnavailableError) -> _Outcome:
+        engine_cfg = self.config.engines[self.config.watch(row.watch).engine]
+        if self.clock() - row.discovered_at > engine_cfg.max_pending_age:
+            return self._fail(row, Reason.ENGINE_UNAVAILABLE, exc)
+        delay_s = self.policy.delay(row.attempts, exc.retry_after_s)
+        # Waiting for a down engine spends no attempt.
+        return _Outcome(
+            {"state": FileState.STABLE, "owner": None, "last_error": str(exc),
+             "attempts": row.attempts - 1, "next_attempt_at": self.clock() + delay_s},
+            "retry.scheduled", {"reason": Reason.ENGINE_UNAVAILABLE.value, "error": str(exc),
+                                "delay_s": round(delay_s, 3)})
+
+    def _held(self, row: FileRow, reason: Reason, detail: str) -> _Outcome:
+        return _Outcome({"state": FileState.HELD, "reason": reason, "owner": None,
+                         "done_at": self.clock()}, "file.skipped",
+                        {"reason": reason.value, "detail": detail})
+
+    def _gone(self, row: FileRow) -> _Outcome:
+        return _Outcome({"state": FileState.GONE, "owner": None, "done_at": self.clock()},
+                        "file.vanished")
+
+    def _changed(self, row: FileRow, detail: str) -> _Outcome:
+        return _Outcome({"state": FileState.DISCOVERED, "owner": None, "verdict": None,
+                         "reason": None, "destination": None, "size": None,
+                         "next_attempt_at": self.clock()}, "file.changed", {"detail": detail})
+
+    # -- moving ---------------------------------------------------------------------------------
+
+    def _move(self, row: FileRow, resumed: bool = False) -> _Outcome:
+        watch = self.config.watch(row.watch)
+        verdict = VerdictKind(str(row.verdict))
+        root = watch.destinations[_DEST_FOR[verdict]]
+        assert row.destination is not None
+        request = MoveRequest(
+            file_id=row.id, src_root=watch.source, rel_path=row.rel_path, dest_root=root,
+            dest_rel=os.path.relpath(row.destination, root),
+            identity=Identity(row.dev or 0, row.inode or 0, row.size or 0, row.mtime_ns or 0,
+                              row.ctime_ns or 0),
+            sha256=row.sha256 if verdict is VerdictKind.CLEAN else None,
+            private=verdict is VerdictKind.INFECTED)
+        if row.size is None:  # failed before it could be read: move whatever is there
+            return self._move_unread(row, request, resumed)
+        try:
+            if not (resumed and reconcile(request)):
+                request = self._move_fresh(row, request)
+        except ChangedError as exc:
+            return self._changed(row, str(exc))
+        except FileNotFoundError:
+            return self._gone(row)
+        except (OSError, LocationError) as exc:
+            return self._move_failed(row, exc)
+        return self._placed(row, request, verdict)
+
+    def _move_fresh(self, row: FileRow, request: MoveRequest) -> MoveRequest:
+        """Move to the planned name; if it was taken meanwhile, journal a new plan and retry."""
+        for _ in range(100):
+            try:
+                move(request)
+                return request
+            except FileExistsError:
+                dest_rel = plan(request.dest_root, row.rel_path)
+                self.journal.apply([(row.id, {"destination": os.path.join(request.dest_root, dest_rel)})])
+                request = dataclasses.replace(request, dest_rel=dest_rel)
+        raise LocationError(f"{request.dest_root}: no free name for {row.rel_path}")
+
+    def _move_unread(self, row: FileRow, request: MoveRequest, resumed: bool) -> _Outcome:
+        """A file that could not be read still leaves the source, for `failed`."""
+        dirs, name = split_rel(row.rel_path)
+        try:
+            dir_fd = open_dir(request.src_root, dirs)
+            try:
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            finally:
+                os.close(dir_fd)
+            return self._move(dataclasses.replace(row, **_identity_fields(st)), resumed)
+        except FileNotFoundError:
+            return self._gone(row)
+        except (OSError, LocationError) as exc:
+            return self._move_failed(row, exc)
+
+    def _placed(self, row: FileRow, request: MoveRequest, verdict: VerdictKind) -> _Outcome:
+        destination = os.path.join(request.dest_root, request.dest_rel)
+        now = self.clock()
+        if verdict is not VerdictKind.CLEAN:
+            try:
+                write_sidecar(request.dest_root, request.dest_rel, self.sidecar(row, destination))
+            except OSError as exc:
+                return self._move_failed(row, exc)
+        return _Outcome(
+            {"state": FileState.DONE, "destination": destination, "owner": None, "done_at": now,
+             "last_error": None},
+            "file.moved",
+            {"outcome": verdict.value, "reason": row.reason, "threats": row.threats or [],
+             "destination": destination, "attempts": row.attempts, "sha256": row.sha256,
+             "size": row.size, "duration_s": round(now - row.discovered_at, 4)})
+
+    def _move_failed(self, row: FileRow, exc: BaseException, changes: Changes | None = None) -> _Outcome:
+        attempts = row.move_attempts + 1
+        delay_s = self.policy.delay(attempts)
+        return _Outcome(
+            {**(changes or {}), "state": FileState.VERDICT, "owner": None,
+             "move_attempts": attempts, "last_error": str(exc),
+             "next_attempt_at": self.clock() + delay_s},
+            "move.failed", {"error": str(exc), "move_attempts": attempts,
+                            "delay_s": round(delay_s, 3)})
+
+    def sidecar(self, row: FileRow, destination: str) -> dict[str, object]:
+        """The facts of contract.md for `<name>.scanwatch.json`."""
+        watch = self.config.watch(row.watch)
+        return {
+            "source": os.path.join(watch.source, row.rel_path),
+            "destination": destination,
+            "verdict": row.verdict,
+            "reason": row.reason,
+            "threats": row.threats or [],
+            "engine": watch.engine,
+            "engine_scan_id": row.engine_scan_id,
+            "external_reference_id": row.ref_id,
+            "sha256": row.sha256,
+            "size": row.size,
+            "detected_at": iso(row.discovered_at),
+            "scanned_at": iso(row.scanned_at),
+        }
+
+
+def _identity_fields(st: os.stat_result) -> dict[str, Any]:
+    return {"dev": st.st_dev, "inode": st.st_ino, "size": st.st_size,
+            "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}

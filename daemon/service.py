@@ -1,0 +1,156 @@
+"""`scanwatch run`: wire config, journal, engines, pipeline and watchers; handle signals."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from types import FrameType
+
+import structlog
+
+from daemon.config import Config, load_config
+from daemon.engines import Engine, build_engines
+from daemon.errors import ConfigError, ScanwatchError
+from daemon.journal import open_journal, owner_token
+from daemon.metrics import Metrics
+from daemon.pipeline import Pipeline
+from daemon.sdnotify import Notifier
+from daemon.watchers.local import LocalWatcher
+
+__all__ = ["Service"]
+
+log = structlog.get_logger("scanwatch.service")
+
+_TICK_S = 1.0
+_RECLAIM_EVERY_S = 30.0
+
+
+@dataclass
+class _Running:
+    """What one config runs: rebuilt as a whole on reload."""
+
+    config: Config
+    engines: dict[str, Engine]
+    pipeline: Pipeline
+    watchers: list[LocalWatcher]
+
+
+class Service:
+    """The daemon: runs until SIGTERM/SIGINT, reloads on SIGHUP."""
+
+    def __init__(self, config_path: str, config: Config) -> None:
+        self.config_path = config_path
+        self.journal = open_journal(config.state_dir)
+        self.owner = owner_token()
+        self.wake = threading.Event()
+        self.notifier = Notifier()
+        self.metrics = Metrics(self.journal)
+        self._signals: list[signal.Signals] = []
+        self._signalled = threading.Event()
+        self._running = self._build(config)
+
+    def _build(self, config: Config) -> _Running:
+        engines = build_engines(config)
+        pipeline = Pipeline(config, self.journal, engines, owner=self.owner, wake=self.wake,
+                            on_outcome=self.metrics.observe)
+        watchers = [LocalWatcher(w, self.journal, self.wake) for w in config.watches]
+        return _Running(config, engines, pipeline, watchers)
+
+    def _start(self, running: _Running) -> None:
+        for name, engine in running.engines.items():
+            self._probe(name, engine)
+        running.pipeline.start()
+        for watcher in running.watchers:
+            watcher.start()
+
+    def _stop(self, running: _Running) -> bool:
+        for watcher in running.watchers:
+            watcher.stop()
+        drained = running.pipeline.stop(running.config.shutdown_timeout)
+        for engine in running.engines.values():
+            engine.close()
+        return drained
+
+    def _probe(self, name: str, engine: Engine) -> None:
+        try:
+            detail = engine.probe()
+        except ScanwatchError as exc:
+            log.warning("engine.unhealthy", engine=name, error=str(exc))
+            self.journal.set_engine_health(name, False, str(exc), time.time())
+            return
+        log.info("engine.ready", engine=name, detail=detail)
+        self.journal.set_engine_health(name, True, detail, time.time())
+
+    def _on_signal(self, signum: int, _: FrameType | None) -> None:
+        self._signals.append(signal.Signals(signum))
+        self._signalled.set()
+
+    def run(self) -> int:
+        """Run until told to stop; returns the exit code."""
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self._on_signal)
+        reclaimed = self.journal.reclaim()
+        if reclaimed:
+            log.info("journal.resumed", rows=reclaimed)
+        if metrics := self._running.config.metrics:
+            self.metrics.serve(metrics.listen)
+        self._start(self._running)
+        log.info("daemon.started", config=self.config_path,
+                 watches=[w.name for w in self._running.config.watches])
+        self.notifier.ready(self._status())
+        next_reclaim_at = time.monotonic() + _RECLAIM_EVERY_S
+        while True:
+            self._signalled.wait(_TICK_S)
+            self._signalled.clear()
+            while self._signals:
+                signum = self._signals.pop(0)
+                if signum == signal.SIGHUP:
+                    self._reload()
+                else:
+                    return self._shutdown(signum)
+            if time.monotonic() >= next_reclaim_at:
+                # Rows of a crashed `scan --move` next to us.
+                self.journal.reclaim()
+                next_reclaim_at = time.monotonic() + _RECLAIM_EVERY_S
+            self._heartbeat()
+
+    def _heartbeat(self) -> None:
+        pipeline = self._running.pipeline
+        # Only a pipeline whose workers still turn over proves the daemon is alive.
+        if time.time() - pipeline.heartbeat_at < 3 * _TICK_S + 2:
+            self.notifier.watchdog()
+        self.notifier.status(self._status())
+
+    def _status(self) -> str:
+        pending = sum(c for _, state, _, _, c in self.journal.counts()
+                      if state not in ("done", "gone", "held"))
+        return f"{len(self._running.config.watches)} watches, {pending} files pending"
+
+    def _reload(self) -> None:
+        self.notifier.reloading()
+        log.info("config.reloading", config=self.config_path)
+        try:
+            config = load_config(self.config_path)
+            if config.state_dir != self._running.config.state_dir:
+                log.warning("config.state_dir_unchanged", reason="state_dir needs a restart")
+            fresh = self._build(config)
+        except ConfigError as exc:
+            log.error("config.reload_failed", config=self.config_path, problems=exc.problems)
+            self.notifier.ready(self._status())
+            return
+        self._stop(self._running)
+        self._running = fresh
+        self._start(fresh)
+        log.info("config.reloaded", config=self.config_path)
+        self.notifier.ready(self._status())
+
+    def _shutdown(self, signum: signal.Signals) -> int:
+        log.info("daemon.stopping", signal=signum.name)
+        self.notifier.stopping()
+        self.notifier.extend_timeout(self._running.config.shutdown_timeout + 5)
+        drained = self._stop(self._running)
+        log.info("daemon.stopped", drained=drained)
+        self.journal.close()
+        return 0

@@ -1,0 +1,67 @@
+"""`scanwatch status`: counts by watch, state and outcome, read straight from the journal."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from daemon.config import Config
+from daemon.journal import Journal
+from daemon.model import FileState
+
+__all__ = ["collect", "render"]
+
+
+def collect(config: Config, journal: Journal) -> dict[str, Any]:
+    """Status as a JSON-ready dict: per watch counts, oldest pending, last error; engine health."""
+    now = time.time()
+    watches: dict[str, dict[str, Any]] = {
+        w.name: {"engine": w.engine, "states": {}, "outcomes": {}, "skipped": {},
+                 "oldest_pending_s": None, "move_failures": 0, "last_error": None}
+        for w in config.watches}
+    for watch, state, verdict, reason, count in journal.counts():
+        entry = watches.setdefault(watch, {"engine": None, "states": {}, "outcomes": {},
+                                           "skipped": {}, "oldest_pending_s": None,
+                                           "move_failures": 0, "last_error": None})
+        entry["states"][state] = entry["states"].get(state, 0) + count
+        if state == FileState.DONE and verdict:
+            entry["outcomes"][verdict] = entry["outcomes"].get(verdict, 0) + count
+        if state == FileState.HELD and reason:
+            entry["skipped"][reason] = entry["skipped"].get(reason, 0) + count
+    for watch, since in journal.oldest_pending().items():
+        watches[watch]["oldest_pending_s"] = round(now - since, 1)
+    for row in journal.select("last_error IS NOT NULL AND state NOT IN ('done', 'gone')",
+                              order="updated_at DESC", limit=1000):
+        entry = watches[row.watch]
+        entry["last_error"] = entry["last_error"] or row.last_error
+        entry["move_failures"] += row.state is FileState.VERDICT
+    health = journal.engine_health()
+    engines = {name: {"type": cfg.type, "healthy": health.get(name, (None,))[0],
+                      "detail": health.get(name, (None, None))[1]}
+               for name, cfg in config.engines.items()}
+    return {"watches": watches, "engines": engines}
+
+
+def render(status: dict[str, Any]) -> str:
+    """A table for people."""
+    lines = [f"{'WATCH':<16} {'ENGINE':<10} {'PENDING':>8} {'CLEAN':>7} {'INFECTED':>8} "
+             f"{'FAILED':>7} {'SKIPPED':>7}  OLDEST PENDING"]
+    for name, w in status["watches"].items():
+        pending = sum(c for s, c in w["states"].items() if s not in ("done", "gone", "held"))
+        oldest = "-" if w["oldest_pending_s"] is None else f"{w['oldest_pending_s']:.0f}s"
+        lines.append(f"{name:<16} {w['engine'] or '-':<10} {pending:>8} "
+                     f"{w['outcomes'].get('clean', 0):>7} {w['outcomes'].get('infected', 0):>8} "
+                     f"{w['outcomes'].get('failed', 0):>7} {sum(w['skipped'].values()):>7}  {oldest}")
+        if w["move_failures"]:
+            lines.append(f"  {w['move_failures']} moves failing, will retry")
+        if w["last_error"]:
+            lines.append(f"  last error: {w['last_error']}")
+        if states := ", ".join(f"{s}={c}" for s, c in sorted(w["states"].items())):
+            lines.append(f"  states: {states}")
+    lines.append("")
+    lines.append(f"{'ENGINE':<16} {'TYPE':<18} HEALTH")
+    for name, e in status["engines"].items():
+        health = {True: "ok", False: "DOWN", None: "unknown"}[e["healthy"]]
+        detail = f" ({e['detail']})" if e["detail"] else ""
+        lines.append(f"{name:<16} {e['type']:<18} {health}{detail}")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Watchers: they only record arrivals in the journal."""

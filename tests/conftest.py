@@ -1,0 +1,142 @@
+"""Shared fixtures: real filesystems, the daemon as a real subprocess, real servers on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+EICAR = (ROOT / "samples" / "eicar.com").read_bytes()
+
+
+class Layout:
+    """A watch's folders under tmp_path and a config that points at them."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.inbox = base / "inbox"
+        self.clean = base / "clean"
+        self.quarantine = base / "quarantine"
+        self.failed = base / "failed"
+        self.state = base / "state"
+        self.config_path = base / "scanwatch.yaml"
+        self.inbox.mkdir(parents=True, exist_ok=True)
+
+    def config(self, *, watch: dict[str, Any] | None = None, engine: dict[str, Any] | None = None,
+               **top: Any) -> dict[str, Any]:
+        return {
+            "state_dir": str(self.state),
+            "log": {"format": "json", "level": "debug"},
+            "engines": {"default": {"type": "yara", **(engine or {})}},
+            "watches": [{
+                "name": "inbox", "source": str(self.inbox), "engine": "default",
+                "clean": str(self.clean), "quarantine": str(self.quarantine),
+                "failed": str(self.failed), "settle_seconds": 0.3, "rescan_interval": 2,
+                **(watch or {}),
+            }],
+            **top,
+        }
+
+    def write_config(self, **kw: Any) -> Path:
+        self.config_path.write_text(yaml.safe_dump(self.config(**kw), allow_unicode=True))
+        return self.config_path
+
+    def placed(self, where: str) -> list[str]:
+        """Relative paths of the files in clean/quarantine/failed (sidecars left out)."""
+        root = getattr(self, where)
+        if not root.exists():
+            return []
+        return sorted(str(p.relative_to(root)) for p in root.rglob("*")
+                      if p.is_file() and not p.name.endswith(".scanwatch.json"))
+
+
+@pytest.fixture
+def layout(tmp_path: Path) -> Layout:
+    return Layout(tmp_path)
+
+
+class Daemon:
+    """`scanwatch run` as a real subprocess; its JSON log lines are collected as dicts."""
+
+    def __init__(self, config_path: Path, env: dict[str, str] | None = None) -> None:
+        self.config_path = config_path
+        self.events: list[dict[str, Any]] = []
+        self.stderr = b""
+        self._lock = threading.Lock()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "daemon.cli", "run", "--config", str(config_path)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+            env={**os.environ, **(env or {})})
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                event = {"event": "raw", "line": line.decode(errors="replace")}
+            with self._lock:
+                self.events.append(event)
+
+    def named(self, name: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return [e for e in self.events if e.get("event") == name]
+
+    def wait_for(self, predicate: Callable[[], Any], timeout: float = 20.0, what: str = "") -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if result := predicate():
+                return result
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {what or predicate}; daemon rc="
+                             f"{self.proc.poll()} last events: {self.events[-5:]}")
+
+    def wait_started(self) -> None:
+        self.wait_for(lambda: self.named("daemon.started"), what="daemon.started")
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait()
+        assert self.proc.stderr is not None
+        self.stderr = self.proc.stderr.read()
+        self._reader.join(5)
+        return rc
+
+
+@pytest.fixture
+def daemon_factory() -> Iterator[Callable[..., Daemon]]:
+    started: list[Daemon] = []
+
+    def start(config_path: Path, env: dict[str, str] | None = None) -> Daemon:
+        daemon = Daemon(config_path, env)
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
+            daemon.proc.wait()

@@ -1,0 +1,131 @@
+"""The one-shot and operator commands: scan, status, quarantine."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import EICAR, ROOT, Layout
+
+from daemon.cli import main
+from daemon.journal import open_journal
+
+
+def _scan(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "daemon.cli", "scan", "--config", str(config), *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+
+
+def test_scan_exit_codes_clean_infected_failed(layout: Layout, tmp_path: Path) -> None:
+    config = layout.write_config()
+    clean = tmp_path / "clean.txt"
+    clean.write_bytes(b"fine")
+    infected = tmp_path / "eicar.com"
+    infected.write_bytes(EICAR)
+    link = tmp_path / "link"
+    link.symlink_to(clean)
+    assert _scan(config, str(clean)).returncode == 0
+    result = _scan(config, str(clean), str(infected))
+    assert result.returncode == 1
+    assert f"{infected}: infected (EICAR_Test_File)" in result.stdout
+    result = _scan(config, str(clean), str(infected), str(link), str(tmp_path / "missing"))
+    assert result.returncode == 3
+    assert f"{link}: failed (symlink)" in result.stdout
+    assert f"{tmp_path / 'missing'}: failed (unreadable)" in result.stdout
+    assert clean.exists() and infected.exists()  # scan alone moves nothing
+
+
+def test_scan_json_lines(layout: Layout, tmp_path: Path) -> None:
+    target = tmp_path / "eicar.com"
+    target.write_bytes(EICAR)
+    result = _scan(layout.write_config(), "--json", "--watch", "inbox", str(target))
+    [line] = result.stdout.splitlines()
+    record = json.loads(line)
+    assert record["verdict"] == "infected" and record["threats"] == ["EICAR_Test_File"]
+    assert record["external_reference_id"].startswith("inbox:eicar.com#")
+    assert record["destination"] is None
+
+
+def test_scan_move_handles_files_as_the_daemon_would(layout: Layout) -> None:
+    (layout.inbox / "sub").mkdir()
+    (layout.inbox / "sub" / "e.com").write_bytes(EICAR)
+    (layout.inbox / "ok.txt").write_bytes(b"ok")
+    result = _scan(layout.write_config(), "--move", str(layout.inbox / "sub" / "e.com"),
+                   str(layout.inbox / "ok.txt"))
+    assert result.returncode == 1, result.stderr
+    assert f"-> {layout.quarantine / 'sub' / 'e.com'}" in result.stdout
+    assert layout.placed("quarantine") == ["sub/e.com"] and layout.placed("clean") == ["ok.txt"]
+    assert (layout.quarantine / "sub" / "e.com.scanwatch.json").exists()
+    rows = open_journal(layout.state).select()
+    assert {(r.rel_path, r.state.value, r.verdict) for r in rows} == {
+        ("sub/e.com", "done", "infected"), ("ok.txt", "done", "clean")}
+
+
+def test_status_json_matches_the_journal(layout: Layout, capsys) -> None:
+    config = layout.write_config()
+    (layout.inbox / "a.txt").write_bytes(b"a")
+    (layout.inbox / "e.com").write_bytes(EICAR)
+    os.link(layout.inbox / "a.txt", layout.inbox / "b.txt")
+    assert main(["scan", "--config", str(config), "--move", str(layout.inbox / "e.com"),
+                 str(layout.inbox / "a.txt"), str(layout.inbox / "b.txt")]) == 3
+    capsys.readouterr()
+    assert main(["status", "--config", str(config), "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    watch = status["watches"]["inbox"]
+    assert watch["outcomes"] == {"infected": 1}
+    assert watch["skipped"] == {"hardlink": 2}
+    assert status["engines"]["default"]["type"] == "yara"
+    assert main(["status", "--config", str(config)]) == 0
+    assert "inbox" in capsys.readouterr().out
+
+
+@pytest.fixture
+def quarantined(layout: Layout) -> tuple[Path, int]:
+    config = layout.write_config()
+    (layout.inbox / "dir").mkdir()
+    (layout.inbox / "dir" / "e.com").write_bytes(EICAR)
+    assert main(["scan", "--config", str(config), "--move", str(layout.inbox / "dir" / "e.com")]) == 1
+    [row] = open_journal(layout.state).select()
+    return config, row.id
+
+
+def test_quarantine_list_and_show(layout: Layout, quarantined, capsys) -> None:
+    config, file_id = quarantined
+    capsys.readouterr()
+    assert main(["quarantine", "list", "--config", str(config), "--json", "--threat", "EICAR"]) == 0
+    [item] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert item["id"] == file_id and item["rel_path"] == "dir/e.com"
+    assert main(["quarantine", "list", "--config", str(config), "--threat", "nothing-like-it"]) == 0
+    assert capsys.readouterr().out == ""
+    assert main(["quarantine", "show", str(file_id), "--config", str(config)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["sidecar"]["verdict"] == "infected" and shown["audit"] == []
+
+
+def test_release_needs_force_then_moves_to_clean_with_audit(layout: Layout, quarantined, capsys) -> None:
+    config, file_id = quarantined
+    assert main(["quarantine", "release", str(file_id), "--config", str(config),
+                 "--reason", "false positive"]) == 2
+    assert "needs --force" in capsys.readouterr().err
+    assert layout.placed("quarantine") == ["dir/e.com"]
+    assert main(["quarantine", "release", str(file_id), "--config", str(config),
+                 "--reason", "false positive", "--force"]) == 0
+    assert layout.placed("quarantine") == [] and layout.placed("clean") == ["dir/e.com"]
+    assert not (layout.quarantine / "dir" / "e.com.scanwatch.json").exists()
+    [audit] = open_journal(layout.state).audit_trail(file_id)
+    assert (audit.action, audit.reason) == ("release", "false positive")
+    assert main(["quarantine", "release", str(file_id), "--config", str(config),
+                 "--reason", "again", "--force"]) == 2
+
+
+def test_delete_removes_file_and_sidecar_with_audit(layout: Layout, quarantined) -> None:
+    config, file_id = quarantined
+    assert main(["quarantine", "delete", str(file_id), "--config", str(config), "--reason", "malware"]) == 0
+    assert not any(layout.quarantine.rglob("*.*"))
+    journal = open_journal(layout.state)
+    assert journal.get(file_id).disposition == "deleted"
+    assert [a.action for a in journal.audit_trail(file_id)] == ["delete"]

@@ -1,0 +1,184 @@
+"""Config: every problem reported with its YAML path, exit 2; expansion; fuzzed YAML."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import ROOT, Layout
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from daemon.cli import main
+from daemon.config import load_config, parse_duration, parse_size
+from daemon.errors import ConfigError
+
+
+def _problems(path: Path) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    return info.value.problems
+
+
+def _write(layout: Layout, config: dict[str, Any]) -> Path:
+    layout.config_path.write_text(yaml.safe_dump(config))
+    return layout.config_path
+
+
+def test_quickstart_and_example_configs_are_valid(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "var" / "inbox").mkdir(parents=True)
+    assert load_config(ROOT / "config" / "quickstart.yaml").watches[0].name == "inbox"
+    example = yaml.safe_load((ROOT / "config" / "example.yaml").read_text())
+    example["watches"][0]["source"] = str(tmp_path / "var" / "inbox")
+    (tmp_path / "example.yaml").write_text(yaml.safe_dump(example))
+    config = load_config(tmp_path / "example.yaml")
+    assert config.metrics is not None and config.engines["default"].max_pending_age == 86400
+
+
+def test_unknown_key_names_its_path(layout: Layout) -> None:
+    config = layout.config(watch={"colour": "blue"})
+    assert _problems(_write(layout, config)) == ["watches[0].colour: unknown key"]
+
+
+def test_missing_engine_names_the_watch(layout: Layout) -> None:
+    problems = _problems(_write(layout, layout.config(watch={"engine": "nope"})))
+    assert problems == ["watches[0].engine: no engine named 'nope' (defined: default)"]
+
+
+@pytest.mark.parametrize("dest", ["clean", "quarantine", "failed"])
+def test_destination_inside_source_is_an_error(layout: Layout, dest: str) -> None:
+    config = layout.config(watch={dest: str(layout.inbox / "out")})
+    [problem] = _problems(_write(layout, config))
+    assert problem.startswith(f"watches[0].source: overlaps its own {dest} destination")
+
+
+def test_source_inside_destination_is_an_error(layout: Layout) -> None:
+    config = layout.config(watch={"clean": str(layout.base)})
+    assert _problems(_write(layout, config))[0].startswith("watches[0].source: overlaps")
+
+
+def test_two_watches_on_one_source(layout: Layout) -> None:
+    config = layout.config()
+    second = {**config["watches"][0], "name": "second", "source": str(layout.inbox) + "/"}
+    config["watches"].append(second)
+    assert _problems(_write(layout, config)) == [
+        f"watches[1].source: overlaps watches[0].source ({layout.inbox}); "
+        "each file must belong to one watch"]
+
+
+def test_missing_source_directory(layout: Layout) -> None:
+    config = layout.config(watch={"source": str(layout.base / "nowhere")})
+    assert _problems(_write(layout, config)) == [
+        f"watches[0].source: directory {layout.base / 'nowhere'} does not exist"]
+
+
+def test_engine_types_of_later_versions_are_named(layout: Layout) -> None:
+    config = layout.config()
+    config["engines"]["clam"] = {"type": "clamav", "socket": "/run/clamav/clamd.ctl"}
+    assert _problems(_write(layout, config)) == [
+        "engines.clam.type: engine type 'clamav' is not available in this version (available: yara)"]
+
+
+def test_every_problem_is_reported_at_once(layout: Layout) -> None:
+    config = layout.config(watch={"settle_seconds": "soon", "quarantine": "s3://q/x/"},
+                           engine={"concurrency": 0})
+    problems = _problems(_write(layout, config))
+    assert sorted(p.split(":")[0] for p in problems) == [
+        "engines.default.concurrency", "watches[0].quarantine", "watches[0].settle_seconds"]
+
+
+def test_env_and_file_references_are_expanded(layout: Layout, tmp_path: Path, monkeypatch) -> None:
+    secret_dir = tmp_path / "creds"
+    secret_dir.mkdir()
+    (secret_dir / "pwd").write_text("s3cr3t\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(secret_dir))
+    monkeypatch.setenv("INBOX", str(layout.inbox))
+    config = layout.config(watch={"source": "${INBOX}",
+                                  "archivepwd": "${file:${CREDENTIALS_DIRECTORY}/pwd}"})
+    loaded = load_config(_write(layout, config))
+    assert loaded.watches[0].source == str(layout.inbox)
+    assert loaded.watches[0].archivepwd is not None
+    assert loaded.watches[0].archivepwd.get_secret_value() == "s3cr3t"
+    assert "s3cr3t" not in repr(loaded)
+
+
+def test_missing_env_var_names_its_path_and_not_its_value(layout: Layout) -> None:
+    config = layout.config(watch={"archivepwd": "${NOT_SET_ANYWHERE}"})
+    assert _problems(_write(layout, config)) == [
+        "watches[0].archivepwd: environment variable NOT_SET_ANYWHERE is not set"]
+
+
+@pytest.mark.parametrize(("text", "seconds"), [(30, 30), ("30s", 30), ("5m", 300), ("2h", 7200),
+                                               ("1d", 86400), ("1.5", 1.5)])
+def test_durations(text: object, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize(("text", "size"), [(10, 10), ("10MB", 10_000_000),
+                                            ("10MiB", 10 * 2**20), ("1kb", 1000)])
+def test_sizes(text: object, size: int) -> None:
+    assert parse_size(text) == size
+
+
+def test_check_config_exits_2_with_one_line_per_problem(layout: Layout) -> None:
+    config = layout.config(watch={"engine": "nope", "colour": 1})
+    path = _write(layout, config)
+    result = subprocess.run([sys.executable, "-m", "daemon.cli", "check-config", "--config", str(path)],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[0] == f"scanwatch: {path} is not valid:"
+    assert lines[1:] == ["watches[0].colour: unknown key"]
+    assert "Traceback" not in result.stderr
+
+
+def test_check_config_prints_the_plan(layout: Layout, capsys) -> None:
+    assert main(["check-config", "--config", str(layout.write_config()), "--probe"]) == 0
+    out = capsys.readouterr().out
+    assert f"watch inbox: {layout.inbox} -> engine default" in out
+    assert "probe default: ok (yara" in out
+
+
+def test_run_with_a_bad_config_exits_2(layout: Layout) -> None:
+    path = _write(layout, layout.config(watch={"source": str(layout.base / "missing")}))
+    result = subprocess.run([sys.executable, "-m", "daemon.cli", "run", "--config", str(path)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert result.returncode == 2 and "watches[0].source" in result.stderr
+
+
+def test_bad_yara_rules_are_a_config_error(layout: Layout, tmp_path: Path, capsys) -> None:
+    rules = tmp_path / "bad.yar"
+    rules.write_text("rule broken {")
+    assert main(["check-config", "--config", str(layout.write_config(engine={"rules": [str(rules)]}))]) == 2
+    assert "engines.default.rules" in capsys.readouterr().err
+
+
+def test_config_search_order(layout: Layout, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("SCANWATCH_CONFIG", str(layout.write_config()))
+    assert main(["check-config"]) == 0
+    monkeypatch.delenv("SCANWATCH_CONFIG")
+    assert main(["check-config"]) == 2
+    assert "/etc/scanwatch/scanwatch.yaml" in capsys.readouterr().err
+
+
+yaml_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=3)
+    | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    max_leaves=20)
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.one_of(st.text(max_size=200), yaml_values.map(yaml.safe_dump)))
+def test_fuzzed_yaml_gives_config_errors_never_tracebacks(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "fuzz.yaml"
+    path.write_text(text)
+    try:
+        load_config(path)
+    except ConfigError as exc:
+        assert exc.problems and all(isinstance(p, str) and p for p in exc.problems)

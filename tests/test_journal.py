@@ -1,0 +1,89 @@
+"""The journal as a work queue: idempotent intake, claims, and hand-back of dead owners' rows."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from daemon.journal import Journal, owner_token
+from daemon.model import FileState
+
+
+def _journal(tmp_path: Path) -> Journal:
+    return Journal(tmp_path / "state" / "journal.sqlite3")
+
+
+def test_wal_mode_and_schema_version(tmp_path: Path) -> None:
+    journal = _journal(tmp_path)
+    conn = journal._conn()
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    journal.close()
+    assert _journal(tmp_path).discover("w", [("a", 1)], 1.0) == 1  # reopening migrates nothing
+
+
+def test_discover_is_idempotent_and_non_utf8_names_survive(tmp_path: Path) -> None:
+    journal = _journal(tmp_path)
+    odd = b"caf\xe9.txt".decode("utf-8", "surrogateescape")
+    assert journal.discover("w", [("a.txt", 1), (odd, 2)], 1.0) == 2
+    assert journal.discover("w", [("a.txt", 1), (odd, 2)], 2.0) == 0
+    assert {r.rel_path for r in journal.select()} == {"a.txt", odd}
+
+
+def test_a_path_done_before_is_a_new_arrival(tmp_path: Path) -> None:
+    journal = _journal(tmp_path)
+    journal.discover("w", [("a.txt", 1)], 1.0)
+    [row] = journal.select()
+    journal.apply([(row.id, {"state": FileState.DONE})])
+    assert journal.discover("w", [("a.txt", 1)], 2.0) == 1
+    assert len(journal.select()) == 2
+
+
+def test_held_path_is_revived_only_when_its_inode_changes(tmp_path: Path) -> None:
+    journal = _journal(tmp_path)
+    journal.discover("w", [("link", 7)], 1.0)
+    [row] = journal.select()
+    journal.apply([(row.id, {"state": FileState.HELD, "reason": "symlink"})])
+    assert journal.discover("w", [("link", 7)], 2.0) == 0
+    assert journal.discover("w", [("link", 8)], 3.0) == 1
+    assert journal.get(row.id).state is FileState.DISCOVERED
+
+
+def test_claims_are_exclusive_and_due_only(tmp_path: Path) -> None:
+    journal = _journal(tmp_path)
+    journal.discover("w", [(f"f{i}", i) for i in range(5)], 1.0)
+    rows = journal.select()
+    journal.apply([(r.id, {"state": FileState.STABLE, "next_attempt_at": 10.0 if r.rel_path == "f4" else 1.0})
+                   for r in rows])
+    first = journal.claim(["w"], "a:1", now=5.0, limit=3)
+    second = journal.claim(["w"], "b:1", now=5.0, limit=10)
+    assert len(first) == 3 and len(second) == 1
+    assert {r.id for r in first}.isdisjoint(r.id for r in second)
+    assert all(r.state is FileState.SCANNING and r.attempts == 1 for r in first + second)
+    assert journal.claim(["w"], "c:1", now=5.0, limit=10) == []
+    assert [r.rel_path for r in journal.claim(["w"], "c:1", now=11.0, limit=10)] == ["f4"]
+
+
+def test_rows_of_a_dead_owner_are_handed_back(tmp_path: Path) -> None:
+    journal = _journal(tmp_path)
+    journal.discover("w", [("scan", 1), ("poll", 2), ("move", 3)], 1.0)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    token = f"{dead}:0"
+    by_name = {r.rel_path: r for r in journal.select()}
+    journal.apply([
+        (by_name["scan"].id, {"state": FileState.SCANNING, "owner": token}),
+        (by_name["poll"].id, {"state": FileState.SCANNING, "owner": token, "engine_scan_id": "s-1"}),
+        (by_name["move"].id, {"state": FileState.MOVING, "owner": token, "verdict": "clean"}),
+    ])
+    live = owner_token()
+    journal.discover("w", [("mine", 4)], 1.0)
+    mine = journal.active("w", "mine")
+    journal.apply([(mine.id, {"state": FileState.SCANNING, "owner": live})])
+    assert journal.reclaim() == 3
+    states = {r.rel_path: (r.state, r.owner) for r in journal.select()}
+    assert states == {"scan": (FileState.STABLE, None), "poll": (FileState.SCANNING, None),
+                      "move": (FileState.MOVING, None), "mine": (FileState.SCANNING, live)}
+    claimed = journal.claim(["w"], live, now=2.0, limit=10)
+    assert {r.rel_path for r in claimed} == {"scan", "poll", "move"}

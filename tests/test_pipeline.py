@@ -1,0 +1,255 @@
+"""The pipeline through the in-tree fake engine: retries, waits, polls, changes, failed moves."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+from conftest import EICAR, Layout
+from fakes import FakeEngine, answers, raises
+from structlog.testing import capture_logs
+
+from daemon.config import Config
+from daemon.errors import EnginePermanentError, EngineRetryableError, EngineUnavailableError
+from daemon.journal import Journal, owner_token
+from daemon.model import FileState, Pending, Reason, Verdict, VerdictKind
+from daemon.pipeline import Pipeline
+from daemon.retry import RetryPolicy
+from daemon.watchers.local import LocalWatcher
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_900_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Harness:
+    """A watch, its journal, a fake engine and a pipeline, driven step by step."""
+
+    def __init__(self, layout: Layout, engine: FakeEngine, **watch: object) -> None:
+        self.layout = layout
+        self.config = Config.model_validate(layout.config(watch={"settle_seconds": 0, **watch}))
+        self.journal = Journal(layout.state / "journal.sqlite3")
+        self.engine = engine
+        self.clock = Clock()
+        self.watcher = LocalWatcher(self.config.watches[0], self.journal, threading.Event(),
+                                    clock=self.clock)
+        self.pipeline = Pipeline(self.config, self.journal, {"default": engine},
+                                 owner=owner_token(), clock=self.clock,
+                                 policy=RetryPolicy(base_s=10, max_s=10))
+
+    def drop(self, rel: str, data: bytes) -> Path:
+        path = self.layout.inbox / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        return path
+
+    def step(self, advance_s: float = 0.0) -> None:
+        self.clock.now += advance_s
+        self.watcher.step()
+        while self.pipeline.run_once(["inbox"]):
+            pass
+
+    def row(self, rel: str = "a.txt") -> object:
+        rows = self.journal.select("rel_path = ?", [os.fsencode(rel)], order="id DESC", limit=1)
+        return rows[0]
+
+
+@pytest.fixture
+def harness(layout: Layout) -> Harness:
+    return Harness(layout, FakeEngine())
+
+
+def test_clean_and_infected_go_to_their_places(harness: Harness) -> None:
+    harness.drop("a.txt", b"hello")
+    harness.drop("deep/er/e.com", EICAR)
+    harness.step()
+    assert harness.layout.placed("clean") == ["a.txt"]
+    assert harness.layout.placed("quarantine") == ["deep/er/e.com"]
+    assert not list(harness.layout.inbox.rglob("*.*"))
+    quarantined = harness.layout.quarantine / "deep/er/e.com"
+    assert quarantined.stat().st_mode & 0o777 == 0o600
+    assert (harness.layout.quarantine / "deep").stat().st_mode & 0o777 == 0o700
+
+
+def test_retryable_error_is_retried_after_backoff_then_succeeds(harness: Harness) -> None:
+    harness.engine.script = [raises(EngineRetryableError("503 busy"))]
+    harness.drop("a.txt", b"hello")
+    with capture_logs() as logs:
+        harness.step()
+    assert harness.row().state is FileState.STABLE
+    assert [e["event"] for e in logs if e["event"] == "retry.scheduled"]
+    harness.step(advance_s=1)  # not due yet unless the jittered delay was tiny
+    harness.step(advance_s=10)
+    assert harness.layout.placed("clean") == ["a.txt"]
+    assert harness.row().attempts == 2
+
+
+def test_file_fails_after_max_attempts_with_the_error_reason(harness: Harness) -> None:
+    error = EngineRetryableError("timed out", reason=Reason.TIMEOUT)
+    harness.engine.script = [raises(error)] * 3
+    harness.drop("a.txt", b"hello")
+    for _ in range(4):
+        harness.step(advance_s=11)
+    assert harness.layout.placed("failed") == ["a.txt"]
+    assert harness.row().reason == "timeout"
+    assert len(harness.engine.calls) == 3
+
+
+def test_permanent_error_fails_at_once_with_sidecar(harness: Harness) -> None:
+    harness.engine.script = [raises(EnginePermanentError("too big", reason=Reason.TOO_LARGE))]
+    harness.drop("a.txt", b"hello")
+    harness.step()
+    assert harness.layout.placed("failed") == ["a.txt"]
+    sidecar = (harness.layout.failed / "a.txt.scanwatch.json").read_text()
+    assert '"reason": "too_large"' in sidecar and '"verdict": "failed"' in sidecar
+
+
+def test_engine_down_makes_files_wait_without_spending_attempts(harness: Harness) -> None:
+    harness.engine.script = [raises(EngineUnavailableError("connection refused"))] * 5
+    harness.drop("a.txt", b"hello")
+    for _ in range(5):
+        harness.step(advance_s=11)
+        assert harness.layout.placed("failed") == []
+    assert harness.row().attempts == 0
+    harness.step(advance_s=11)
+    assert harness.layout.placed("clean") == ["a.txt"]
+
+
+def test_engine_down_past_max_pending_age_fails_engine_unavailable(layout: Layout) -> None:
+    engine = FakeEngine(script=[raises(EngineUnavailableError("down"))] * 10)
+    harness = Harness(layout, engine)
+    harness.config = Config.model_validate(layout.config(
+        watch={"settle_seconds": 0}, engine={"max_pending_age": 30}))
+    harness.pipeline.config = harness.config
+    harness.drop("a.txt", b"hello")
+    for _ in range(5):
+        harness.step(advance_s=11)
+    assert harness.layout.placed("failed") == ["a.txt"]
+    assert harness.row().reason == "engine_unavailable"
+
+
+def test_pending_scan_is_polled_without_resubmitting(harness: Harness) -> None:
+    harness.engine.remote = True
+    harness.engine.script = [answers(Pending("scan-1", poll_after_s=5))]
+    harness.engine.polls["scan-1"] = [Pending("scan-1", 5),
+                                      Verdict(VerdictKind.INFECTED, threats=("X",), engine_scan_id="scan-1")]
+    harness.drop("a.txt", b"hello")
+    harness.step()
+    row = harness.row()
+    assert row.state is FileState.SCANNING and row.owner is None and row.engine_scan_id == "scan-1"
+    assert row.ref_id and row.ref_id.startswith("inbox:a.txt#")  # journaled before submitting
+    harness.step(advance_s=6)
+    harness.step(advance_s=6)
+    assert harness.layout.placed("quarantine") == ["a.txt"]
+    assert [c[0] for c in harness.engine.calls] == ["scan", "poll", "poll"]
+
+
+def test_bytes_changed_between_scan_and_move_are_scanned_again(harness: Harness) -> None:
+    path = harness.drop("a.txt", b"hello")
+
+    def rewrite(request: object) -> Verdict:
+        path.write_bytes(EICAR)  # a writer sneaks in while the engine works
+        return Verdict(VerdictKind.CLEAN)
+
+    harness.engine.script = [rewrite]
+    with capture_logs() as logs:
+        harness.step()
+        harness.step(advance_s=1)
+    assert "file.changed" in [e["event"] for e in logs]
+    assert harness.layout.placed("clean") == []
+    assert harness.layout.placed("quarantine") == ["a.txt"]
+
+
+def test_failed_move_leaves_file_in_source_and_retries(harness: Harness) -> None:
+    harness.layout.clean.parent.mkdir(exist_ok=True)
+    harness.layout.clean.write_text("a file where the clean directory should be")
+    harness.drop("a.txt", b"hello")
+    with capture_logs() as logs:
+        harness.step()
+    assert (harness.layout.inbox / "a.txt").exists()
+    row = harness.row()
+    assert row.state is FileState.VERDICT and row.move_attempts == 1 and row.last_error
+    assert "move.failed" in [e["event"] for e in logs]
+    harness.layout.clean.unlink()
+    harness.step(advance_s=11)
+    assert harness.layout.placed("clean") == ["a.txt"]
+
+
+def test_collision_gets_numbered_suffix_before_last_extension(harness: Harness) -> None:
+    harness.layout.clean.mkdir()
+    (harness.layout.clean / "a.tar.gz").write_text("earlier")
+    (harness.layout.clean / "README").write_text("earlier")
+    harness.drop("a.tar.gz", b"new")
+    harness.drop("README", b"new")
+    harness.step()
+    assert (harness.layout.clean / "a.tar.gz").read_text() == "earlier"
+    assert (harness.layout.clean / "a.tar.1.gz").read_bytes() == b"new"
+    assert (harness.layout.clean / "README.1").read_bytes() == b"new"
+
+
+def test_unreadable_file_goes_to_failed(harness: Harness) -> None:
+    if os.geteuid() == 0:
+        pytest.skip("root reads every file")
+    path = harness.drop("a.txt", b"secret")
+    path.chmod(0)
+    harness.step()
+    assert harness.layout.placed("failed") == ["a.txt"]
+    assert harness.row().reason == "unreadable"
+
+
+def test_directory_swapped_for_symlink_is_never_followed(harness: Harness, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "a.txt").write_bytes(b"not yours")
+    harness.drop("sub/a.txt", b"hello")
+    harness.watcher.step()  # recorded and settled as sub/a.txt
+    (harness.layout.inbox / "sub").rename(tmp_path / "moved-away")
+    (harness.layout.inbox / "sub").symlink_to(outside)
+    harness.step()
+    assert (outside / "a.txt").read_bytes() == b"not yours"
+    assert harness.engine.seen == []
+    assert harness.row("sub/a.txt").state is FileState.HELD
+
+
+def test_cross_filesystem_move_copies_verifies_and_removes_source(layout: Layout) -> None:
+    shm = Path("/dev/shm") / f"scanwatch-test-{os.getpid()}"
+    try:
+        harness = Harness(layout, FakeEngine(), clean=str(shm / "clean"))
+        harness.drop("a.txt", b"hello" * 1000)
+        os.utime(layout.inbox / "a.txt", ns=(1, 2))
+        harness.step()
+        assert (shm / "clean" / "a.txt").read_bytes() == b"hello" * 1000
+        assert (shm / "clean" / "a.txt").stat().st_mtime_ns == 2
+        assert not (layout.inbox / "a.txt").exists()
+        assert [p.name for p in (shm / "clean").iterdir()] == ["a.txt"]
+    finally:
+        subprocess.run(["rm", "-rf", str(shm)], check=True)
+
+
+def test_disk_full_on_destination_keeps_file_and_recovers(layout: Layout, tmp_path: Path) -> None:
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        harness = Harness(layout, FakeEngine(), clean=str(small))
+        harness.drop("big.bin", os.urandom(256 * 1024))
+        harness.step()
+        assert (layout.inbox / "big.bin").exists()
+        assert harness.row("big.bin").state is FileState.VERDICT
+        assert "No space left" in (harness.row("big.bin").last_error or "")
+        assert [p.name for p in small.iterdir()] == []  # no half-written temp left behind
+        subprocess.run(["mount", "-o", "remount,size=1m", str(small)], check=True)
+        harness.step(advance_s=11)
+        assert (small / "big.bin").stat().st_size == 256 * 1024
+        assert not (layout.inbox / "big.bin").exists()
+    finally:
+        subprocess.run(["umount", "-l", str(small)])
