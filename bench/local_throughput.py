@@ -44,7 +44,8 @@ def _peak_rss_kb(pid: int) -> int:
     return 0
 
 
-def run_daemon(base: Path, files: list[tuple[str, bytes]], concurrency: int) -> dict[str, float]:
+def run_daemon(base: Path, files: list[tuple[str, bytes]], concurrency: int,
+               arrival: str) -> dict[str, float]:
     inbox = base / "inbox"
     inbox.mkdir(parents=True)
     config = {
@@ -65,11 +66,15 @@ def run_daemon(base: Path, files: list[tuple[str, bytes]], concurrency: int) -> 
     time.sleep(1.0)  # watchers armed
     staging = base / "staging"
     staging.mkdir()
-    for name, body in files:
-        (staging / name).write_bytes(body)
+    if arrival == "rename":
+        for name, body in files:
+            (staging / name).write_bytes(body)
     started = time.time()
-    for name, _ in files:  # the way SFTP servers finish uploads: rename into place
-        os.rename(staging / name, inbox / name)
+    for name, body in files:
+        if arrival == "rename":  # the way SFTP servers finish uploads: rename into place
+            os.rename(staging / name, inbox / name)
+        else:
+            (inbox / name).write_bytes(body)
     dropped = time.time()
     peak_kb = 0
     conn = sqlite3.connect(journal)
@@ -122,16 +127,18 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=5000)
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument("--arrival", choices=["write", "rename"], default="write",
+                        help="files written in place, or written elsewhere and renamed in")
     args = parser.parse_args()
     files = _payloads(args.files, args.size)
     base = Path(tempfile.mkdtemp(prefix="scanwatch-bench-"))
     try:
-        daemon = run_daemon(base / "daemon", files, args.concurrency)
+        daemon = run_daemon(base / "daemon", files, args.concurrency, args.arrival)
         floor = run_floor(base, files)
     finally:
         shutil.rmtree(base, ignore_errors=True)
     print(f"local_throughput: {args.files} files x {args.size} B, 1 % EICAR, YARA, "
-          f"concurrency {args.concurrency}, {os.cpu_count()} cores")
+          f"concurrency {args.concurrency}, arrival by {args.arrival}, {os.cpu_count()} cores")
     print(f"  scanwatch daemon : {daemon['files_per_s']:8.0f} files/s   "
           f"detect->verdict p50 {daemon['p50_ms']:.1f} ms  p99 {daemon['p99_ms']:.1f} ms   "
           f"peak RSS {daemon['peak_rss_mb']:.0f} MB   "

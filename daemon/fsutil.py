@@ -20,6 +20,7 @@ from daemon.errors import UnsafePathError
 from daemon.model import Reason
 
 __all__ = [
+    "DirCache",
     "Identity",
     "classify",
     "collision_name",
@@ -101,6 +102,35 @@ def open_dir(root: str, dirs: list[str], *, create_mode: int | None = None) -> i
         os.close(fd)
         raise
     return fd
+
+
+class DirCache:
+    """Directory fds opened beneath their roots, kept for one batch of work; not thread-safe."""
+
+    def __init__(self) -> None:
+        self._fds: dict[tuple[str, tuple[str, ...]], int] = {}
+
+    def open(self, root: str, dirs: list[str], *, create_mode: int | None = None) -> int:
+        """The fd of `root/dirs...` (see `open_dir`); owned by the cache, do not close it."""
+        key = (root, tuple(dirs))
+        fd = self._fds.get(key)
+        if fd is None:
+            if create_mode is not None:
+                os.makedirs(root, mode=create_mode, exist_ok=True)
+            fd = self._fds[key] = open_dir(root, dirs, create_mode=create_mode)
+        return fd
+
+    def close(self) -> None:
+        """Close every cached fd."""
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> DirCache:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
 
 
 @contextmanager

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from daemon.errors import LocationError, UnsafePathError
 from daemon.fsutil import (
+    DirCache,
     Identity,
     collision_name,
     open_dir,
@@ -49,15 +50,6 @@ class MoveRequest:
     private: bool  # quarantine: 0600 files, 0700 directories
 
 
-def _dirs_mode(private: bool) -> int:
-    return 0o700 if private else 0o777
-
-
-def _open_dest_dir(root: str, dirs: list[str], private: bool) -> int:
-    os.makedirs(root, mode=_dirs_mode(private), exist_ok=True)
-    return open_dir(root, dirs, create_mode=_dirs_mode(private))
-
-
 def plan(dest_root: str, rel_path: str) -> str:
     """The first free destination name for `rel_path`: itself, else `<stem>.<n><ext>`."""
     dirs, name = split_rel(rel_path)
@@ -78,8 +70,8 @@ def _sha256_fd(fd: int) -> str:
     return digest.hexdigest()
 
 
-def move(req: MoveRequest) -> str:
-    """Move the file; return the destination relative path it now has.
+def move(req: MoveRequest, dirs: DirCache) -> None:
+    """Move the file to `dest_rel`, opening directories through `dirs`.
 
     Raises ChangedError if the source changed since its scan (nothing moved),
     FileExistsError if the planned name was taken meanwhile (plan again), and
@@ -87,28 +79,21 @@ def move(req: MoveRequest) -> str:
     """
     src_dirs, src_name = split_rel(req.rel_path)
     dest_dirs, dest_name = split_rel(req.dest_rel)
-    src_dir = open_dir(req.src_root, src_dirs)
-    try:
-        with open_file(src_dir, src_name) as (fd, st):
-            if Identity.of(st) != req.identity:
-                raise ChangedError(f"{req.rel_path} changed since it was scanned")
-            if req.sha256 is not None and _sha256_fd(fd) != req.sha256:
-                raise ChangedError(f"{req.rel_path} has other bytes than were scanned")
-            if req.private:
-                os.fchmod(fd, 0o600)
-            dest_dir = _open_dest_dir(req.dest_root, dest_dirs, req.private)
-            try:
-                try:
-                    rename_noreplace(src_dir, src_name, dest_dir, dest_name)
-                except OSError as exc:
-                    if exc.errno != errno.EXDEV:
-                        raise
-                    _copy_across(req, fd, st, src_dir, src_name, dest_dir, dest_name)
-            finally:
-                os.close(dest_dir)
-    finally:
-        os.close(src_dir)
-    return req.dest_rel
+    src_dir = dirs.open(req.src_root, src_dirs)
+    with open_file(src_dir, src_name) as (fd, st):
+        if Identity.of(st) != req.identity:
+            raise ChangedError(f"{req.rel_path} changed since it was scanned")
+        if req.sha256 is not None and _sha256_fd(fd) != req.sha256:
+            raise ChangedError(f"{req.rel_path} has other bytes than were scanned")
+        if req.private:
+            os.fchmod(fd, 0o600)
+        dest_dir = dirs.open(req.dest_root, dest_dirs, create_mode=0o700 if req.private else 0o777)
+        try:
+            rename_noreplace(src_dir, src_name, dest_dir, dest_name)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            _copy_across(req, fd, st, src_dir, src_name, dest_dir, dest_name)
 
 
 def _temp_name(file_id: int) -> str:
@@ -208,24 +193,20 @@ def _sha256_path(path: str) -> str | None:
         os.close(fd)
 
 
-def write_sidecar(dest_root: str, dest_rel: str, facts: dict[str, object]) -> str:
+def write_sidecar(dest_root: str, dest_rel: str, facts: dict[str, object], dirs: DirCache) -> None:
     """Write `<name>.scanwatch.json` beside a placed file, atomically, mode 0600."""
-    dirs, name = split_rel(dest_rel)
-    dir_fd = open_dir(dest_root, dirs)
+    parents, name = split_rel(dest_rel)
+    dir_fd = dirs.open(dest_root, parents)
     sidecar = f"{name}.scanwatch.json"
     temp = f".{sidecar}.tmp"
+    out = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                  0o600, dir_fd=dir_fd)
     try:
-        out = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-                      0o600, dir_fd=dir_fd)
-        try:
-            os.write(out, _json_bytes(facts))
-            os.fsync(out)
-        finally:
-            os.close(out)
-        os.rename(temp, sidecar, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        os.write(out, _json_bytes(facts))
+        os.fsync(out)
     finally:
-        os.close(dir_fd)
-    return os.path.join(dest_root, *dirs, sidecar)
+        os.close(out)
+    os.rename(temp, sidecar, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
 
 
 def _json_bytes(facts: dict[str, object]) -> bytes:

@@ -32,7 +32,7 @@ from daemon.errors import (
     LocationError,
     UnsafePathError,
 )
-from daemon.fsutil import Identity, open_dir, open_file, split_rel
+from daemon.fsutil import DirCache, Identity, open_file, split_rel
 from daemon.journal import FileRow, Journal
 from daemon.model import FileState, Pending, Reason, Verdict, VerdictKind
 from daemon.mover import ChangedError, MoveRequest, move, plan, reconcile, write_sidecar
@@ -155,10 +155,14 @@ class Pipeline:
             self.journal.release(self.owner, [row.id for row in rows])
 
     def _process(self, rows: list[FileRow]) -> None:
+        with DirCache() as dirs:
+            self._process_in(rows, dirs)
+
+    def _process_in(self, rows: list[FileRow], dirs: DirCache) -> None:
         scanned: list[tuple[FileRow, _Outcome]] = []
         for row in rows:
             if row.state is FileState.SCANNING:
-                scanned.append((row, self._guard(row, self._scan)))
+                scanned.append((row, self._guard(row, partial(self._scan, dirs=dirs))))
             elif row.state is FileState.VERDICT:
                 scanned.append((row, self._plan_move(row, {"state": FileState.MOVING})))
             else:
@@ -170,7 +174,7 @@ class Pipeline:
                 # A row claimed while moving was cut off by a crash: finish what it started.
                 resumed = row.state is FileState.MOVING
                 current = dataclasses.replace(row, **outcome.changes)  # type: ignore[arg-type]
-                moved.append((current, self._guard(current, partial(self._move, resumed=resumed))))
+                moved.append((current, self._guard(current, partial(self._move, dirs=dirs, resumed=resumed))))
         self._commit(moved)
 
     def _commit(self, outcomes: list[tuple[FileRow, _Outcome]]) -> None:
@@ -204,12 +208,12 @@ class Pipeline:
 
     # -- scanning -----------------------------------------------------------------------------
 
-    def _scan(self, row: FileRow) -> _Outcome:
+    def _scan(self, row: FileRow, dirs: DirCache) -> _Outcome:
         watch = self.config.watch(row.watch)
         engine = self.engines[watch.engine]
-        dirs, name = split_rel(row.rel_path)
+        parents, name = split_rel(row.rel_path)
         try:
-            dir_fd = open_dir(watch.source, dirs)
+            dir_fd = dirs.open(watch.source, parents)
         except FileNotFoundError:
             return self._gone(row)
         except UnsafePathError as exc:
@@ -227,8 +231,6 @@ class Pipeline:
             if exc.errno in (errno.EIO, errno.EISDIR, errno.ENXIO):
                 return self._fail(row, Reason.UNREADABLE, exc)
             raise
-        finally:
-            os.close(dir_fd)
 
     def _scan_open(self, row: FileRow, watch: WatchConfig, engine: Engine, fd: int,
                    st: os.stat_result) -> _Outcome:
@@ -338,7 +340,7 @@ class Pipeline:
 
     # -- moving ---------------------------------------------------------------------------------
 
-    def _move(self, row: FileRow, resumed: bool = False) -> _Outcome:
+    def _move(self, row: FileRow, dirs: DirCache, resumed: bool = False) -> _Outcome:
         watch = self.config.watch(row.watch)
         verdict = VerdictKind(str(row.verdict))
         root = watch.destinations[_DEST_FOR[verdict]]
@@ -351,23 +353,23 @@ class Pipeline:
             sha256=row.sha256 if verdict is VerdictKind.CLEAN else None,
             private=verdict is VerdictKind.INFECTED)
         if row.size is None:  # failed before it could be read: move whatever is there
-            return self._move_unread(row, request, resumed)
+            return self._move_unread(row, request, dirs, resumed)
         try:
             if not (resumed and reconcile(request)):
-                request = self._move_fresh(row, request)
+                request = self._move_fresh(row, request, dirs)
         except ChangedError as exc:
             return self._changed(row, str(exc))
         except FileNotFoundError:
             return self._gone(row)
         except (OSError, LocationError) as exc:
             return self._move_failed(row, exc)
-        return self._placed(row, request, verdict)
+        return self._placed(row, request, verdict, dirs)
 
-    def _move_fresh(self, row: FileRow, request: MoveRequest) -> MoveRequest:
+    def _move_fresh(self, row: FileRow, request: MoveRequest, dirs: DirCache) -> MoveRequest:
         """Move to the planned name; if it was taken meanwhile, journal a new plan and retry."""
         for _ in range(100):
             try:
-                move(request)
+                move(request, dirs)
                 return request
             except FileExistsError:
                 dest_rel = plan(request.dest_root, row.rel_path)
@@ -375,27 +377,25 @@ class Pipeline:
                 request = dataclasses.replace(request, dest_rel=dest_rel)
         raise LocationError(f"{request.dest_root}: no free name for {row.rel_path}")
 
-    def _move_unread(self, row: FileRow, request: MoveRequest, resumed: bool) -> _Outcome:
+    def _move_unread(self, row: FileRow, request: MoveRequest, dirs: DirCache,
+                     resumed: bool) -> _Outcome:
         """A file that could not be read still leaves the source, for `failed`."""
-        dirs, name = split_rel(row.rel_path)
+        parents, name = split_rel(row.rel_path)
         try:
-            dir_fd = open_dir(request.src_root, dirs)
-            try:
-                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-            finally:
-                os.close(dir_fd)
-            return self._move(dataclasses.replace(row, **_identity_fields(st)), resumed)
+            st = os.stat(name, dir_fd=dirs.open(request.src_root, parents), follow_symlinks=False)
+            return self._move(dataclasses.replace(row, **_identity_fields(st)), dirs, resumed)
         except FileNotFoundError:
             return self._gone(row)
         except (OSError, LocationError) as exc:
             return self._move_failed(row, exc)
 
-    def _placed(self, row: FileRow, request: MoveRequest, verdict: VerdictKind) -> _Outcome:
+    def _placed(self, row: FileRow, request: MoveRequest, verdict: VerdictKind,
+                dirs: DirCache) -> _Outcome:
         destination = os.path.join(request.dest_root, request.dest_rel)
         now = self.clock()
         if verdict is not VerdictKind.CLEAN:
             try:
-                write_sidecar(request.dest_root, request.dest_rel, self.sidecar(row, destination))
+                write_sidecar(request.dest_root, request.dest_rel, self.sidecar(row, destination), dirs)
             except OSError as exc:
                 return self._move_failed(row, exc)
         return _Outcome(

@@ -13,7 +13,7 @@ import structlog
 
 from daemon.config import Config
 from daemon.errors import LocationError, ScanwatchError
-from daemon.fsutil import Identity, open_dir
+from daemon.fsutil import DirCache, Identity, open_dir
 from daemon.journal import FileRow, Journal
 from daemon.model import FileState, VerdictKind
 from daemon.mover import MoveRequest, move, plan
@@ -96,9 +96,10 @@ def release(config: Config, journal: Journal, file_id: int, *, reason: str,
     try:
         st = os.lstat(row.destination)
         dest_rel = plan(target_root, row.rel_path)
-        move(MoveRequest(file_id=row.id, src_root=src_root, rel_path=name, dest_root=target_root,
-                         dest_rel=dest_rel, identity=Identity.of(st), sha256=row.sha256,
-                         private=False))
+        with DirCache() as dirs:
+            move(MoveRequest(file_id=row.id, src_root=src_root, rel_path=name,
+                             dest_root=target_root, dest_rel=dest_rel, identity=Identity.of(st),
+                             sha256=row.sha256, private=False), dirs)
     except (OSError, LocationError) as exc:
         raise QuarantineError(f"cannot release file {file_id} from {row.destination}: {exc}") from exc
     destination = os.path.join(target_root, dest_rel)
