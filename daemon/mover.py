@@ -19,6 +19,7 @@ from daemon.errors import LocationError, UnsafePathError
 from daemon.fsutil import (
     DirCache,
     Identity,
+    classify,
     collision_name,
     open_dir,
     open_file,
@@ -80,20 +81,32 @@ def move(req: MoveRequest, dirs: DirCache) -> None:
     src_dirs, src_name = split_rel(req.rel_path)
     dest_dirs, dest_name = split_rel(req.dest_rel)
     src_dir = dirs.open(req.src_root, src_dirs)
-    with open_file(src_dir, src_name) as (fd, st):
-        if Identity.of(st) != req.identity:
-            raise ChangedError(f"{req.rel_path} changed since it was scanned")
-        if req.sha256 is not None and _sha256_fd(fd) != req.sha256:
-            raise ChangedError(f"{req.rel_path} has other bytes than were scanned")
-        if req.private:
-            os.fchmod(fd, 0o600)
-        dest_dir = dirs.open(req.dest_root, dest_dirs, create_mode=0o700 if req.private else 0o777)
-        try:
-            rename_noreplace(src_dir, src_name, dest_dir, dest_name)
-        except OSError as exc:
-            if exc.errno != errno.EXDEV:
-                raise
-            _copy_across(req, fd, st, src_dir, src_name, dest_dir, dest_name)
+    try:
+        with open_file(src_dir, src_name) as (fd, st):
+            if Identity.of(st) != req.identity:
+                raise ChangedError(f"{req.rel_path} changed since it was scanned")
+            if req.sha256 is not None and _sha256_fd(fd) != req.sha256:
+                raise ChangedError(f"{req.rel_path} has other bytes than were scanned")
+            if req.private:
+                os.fchmod(fd, 0o600)
+            dest_dir = dirs.open(req.dest_root, dest_dirs,
+                                 create_mode=0o700 if req.private else 0o777)
+            try:
+                rename_noreplace(src_dir, src_name, dest_dir, dest_name)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                _copy_across(req, fd, st, src_dir, src_name, dest_dir, dest_name)
+    except PermissionError:
+        if req.sha256 is not None or req.private:
+            raise
+        # A file we may not read still leaves the source for `failed`: a rename needs no
+        # read access (across filesystems it cannot be copied, and the error stands).
+        st = os.stat(src_name, dir_fd=src_dir, follow_symlinks=False)
+        if classify(st) is not None or Identity.of(st) != req.identity:
+            raise ChangedError(f"{req.rel_path} changed since it was scanned") from None
+        rename_noreplace(src_dir, src_name, dirs.open(req.dest_root, dest_dirs, create_mode=0o777),
+                         dest_name)
 
 
 def _temp_name(file_id: int) -> str:

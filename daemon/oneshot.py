@@ -20,6 +20,7 @@ from daemon.watchers.local import relative_path
 __all__ = ["ScanResult", "scan_paths"]
 
 _WAIT_FOR_DAEMON_S = 300.0
+_OWN_TRIES = 3
 _FINAL = (FileState.DONE, FileState.GONE, FileState.HELD)
 
 
@@ -122,16 +123,23 @@ def _through_pipeline(config: Config, engines: dict[str, Engine], journal: Journ
         journal.apply([(row.id, {"state": FileState.STABLE, "stable_at": now, "next_attempt_at": now})])
     owner = owner_token()
     deadline = time.monotonic() + _WAIT_FOR_DAEMON_S
+    tries = 0
     while row is not None and row.state not in _FINAL and time.monotonic() < deadline:
-        # Claimable: ours to carry (retries included); otherwise the daemon holds it.
+        # Claimable: ours to carry (a few retries); otherwise the daemon holds it: wait.
         claimed = journal.claim_id(row.id, owner, time.time())
         if claimed is not None:
+            if tries == _OWN_TRIES:
+                journal.release(owner, [row.id])  # the daemon takes it from here
+                break
+            tries += 1
             Pipeline(config, journal, engines, owner=owner).process([claimed])
         row = journal.get(row.id)
         if row is not None and row.state not in _FINAL:
             time.sleep(min(max(row.next_attempt_at - time.time(), 0.2), 10.0))
     if row is None or row.state is not FileState.DONE or row.verdict is None:
         reason = row.reason if row is not None and row.reason else "not_moved"
+        if row is not None and row.last_error:
+            reason = f"{reason}: {row.last_error}"
         return ScanResult(path, VerdictKind.FAILED, reason=reason)
     return ScanResult(path, VerdictKind(row.verdict), tuple(row.threats or ()), row.reason,
                       row.sha256, row.ref_id, row.destination)

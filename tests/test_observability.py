@@ -1,0 +1,94 @@
+"""Metrics over HTTP, secrets kept out of every output, and files the daemon cannot read."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import EICAR, ROOT, Layout
+
+from daemon.log import redact
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_metrics_count_outcomes_and_queue(layout: Layout, daemon_factory) -> None:
+    port = _free_port()
+    daemon = daemon_factory(layout.write_config(metrics={"listen": f"127.0.0.1:{port}"}))
+    daemon.wait_started()
+    (layout.inbox / "a.txt").write_bytes(b"a")
+    (layout.inbox / "b.txt").write_bytes(b"b")
+    (layout.inbox / "e.com").write_bytes(EICAR)
+    daemon.wait_for(lambda: len(daemon.named("file.moved")) >= 3, what="three files moved")
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert 'scanwatch_files_total{outcome="clean",reason="",watch="inbox"} 2.0' in body
+    assert 'scanwatch_files_total{outcome="infected",reason="",watch="inbox"} 1.0' in body
+    assert 'scanwatch_scan_duration_seconds_count{engine="default"} 3.0' in body
+    assert "scanwatch_journal_bytes" in body
+    assert daemon.stop() == 0
+
+
+def test_secrets_never_reach_logs_or_errors(layout: Layout, daemon_factory, tmp_path: Path) -> None:
+    secret = "hunter2-very-secret-value"
+    (tmp_path / "pwd").write_text(secret + "\n")
+    config = layout.write_config(watch={"archivepwd": f"${{file:{tmp_path / 'pwd'}}}"})
+    check = subprocess.run([sys.executable, "-m", "daemon.cli", "check-config", "--config", str(config)],
+                           capture_output=True, text=True, cwd=ROOT)
+    assert check.returncode == 0 and secret not in check.stdout + check.stderr
+    daemon = daemon_factory(config)
+    daemon.wait_started()
+    (layout.inbox / "e.com").write_bytes(EICAR)
+    daemon.wait_for(lambda: daemon.named("file.moved"), what="file moved")
+    assert daemon.stop() == 0
+    assert secret not in repr(daemon.events) and secret.encode() not in daemon.stderr
+    assert secret not in (layout.quarantine / "e.com.scanwatch.json").read_text()
+
+
+def test_redaction_is_the_backstop_for_sensitive_keys() -> None:
+    event = {"event": "x", "api_key": "k", "nested": {"Authorization": "Bearer t", "ok": 1}}
+    assert redact(None, "", event) == {"event": "x", "api_key": "***",
+                                       "nested": {"Authorization": "***", "ok": 1}}
+
+
+_AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+@pytest.fixture
+def world_writable_base() -> Iterator[Path]:
+    base = Path(tempfile.mkdtemp(prefix="scanwatch-nobody-"))
+    base.chmod(0o777)
+    yield base
+    shutil.rmtree(base)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv")
+def test_unreadable_file_goes_to_failed_never_clean(world_writable_base: Path) -> None:
+    if subprocess.run([*_AS_NOBODY, sys.executable, "-c", "import daemon"], cwd=ROOT).returncode:
+        pytest.skip("the user nobody cannot run this checkout's Python")
+    layout = Layout(world_writable_base)
+    layout.inbox.chmod(0o777)
+    (layout.inbox / "locked.txt").write_bytes(b"only root may read this")
+    (layout.inbox / "locked.txt").chmod(0o000)
+    layout.write_config()
+    result = subprocess.run(
+        [*_AS_NOBODY, sys.executable, "-m", "daemon.cli", "scan", "--config", str(layout.config_path),
+         "--move", "--json", str(layout.inbox / "locked.txt")],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "HOME": str(layout.base)})
+    assert result.returncode == 3, result.stderr
+    assert '"reason": "unreadable"' in result.stdout
+    assert layout.placed("failed") == ["locked.txt"] and layout.placed("clean") == []
+    sidecar = yaml.safe_load((layout.failed / "locked.txt.scanwatch.json").read_text())
+    assert sidecar["verdict"] == "failed" and sidecar["reason"] == "unreadable"
