@@ -181,12 +181,13 @@ class Pipeline:
         self.journal.apply((row.id, o.changes) for row, o in outcomes if o.changes)
         for row, outcome in outcomes:
             if outcome.event:
+                fields = outcome.fields or {}
                 logger = log.info
                 if outcome.event in ("retry.scheduled", "move.failed"):
                     logger = log.warning
-                elif outcome.changes.get("verdict") == VerdictKind.FAILED and outcome.event == "file.moved":
+                elif fields.get("outcome") == VerdictKind.FAILED:
                     logger = log.error
-                logger(outcome.event, **{**self._context(row), **(outcome.fields or {})})
+                logger(outcome.event, **{**self._context(row), **fields})
             if self._on_outcome and outcome.changes:
                 engine = self.config.watch(row.watch).engine
                 self._on_outcome(row, engine, outcome.changes, outcome.fields or {})

@@ -194,16 +194,6 @@ def test_collision_gets_numbered_suffix_before_last_extension(harness: Harness) 
     assert (harness.layout.clean / "README.1").read_bytes() == b"new"
 
 
-def test_unreadable_file_goes_to_failed(harness: Harness) -> None:
-    if os.geteuid() == 0:
-        pytest.skip("root reads every file")
-    path = harness.drop("a.txt", b"secret")
-    path.chmod(0)
-    harness.step()
-    assert harness.layout.placed("failed") == ["a.txt"]
-    assert harness.row().reason == "unreadable"
-
-
 def test_directory_swapped_for_symlink_is_never_followed(harness: Harness, tmp_path: Path) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()

@@ -30,7 +30,7 @@ from watchdog.observers.inotify_c import InotifyConstants, InotifyFD, Mask
 
 from daemon.config import WatchConfig
 from daemon.errors import UnsafePathError
-from daemon.fsutil import Identity, classify, open_dir, split_rel
+from daemon.fsutil import DirCache, Identity, classify, split_rel
 from daemon.journal import FileRow, Journal
 from daemon.model import FileState
 
@@ -218,26 +218,23 @@ class LocalWatcher:
         rows = self.journal.due(FileState.DISCOVERED, self.watch.name, self.clock(), _CHUNK)
         changes: list[tuple[int, dict[str, object]]] = []
         stable = 0
-        for row in rows:
-            change = self._settle_one(row)
-            changes.append((row.id, change))
-            stable += change.get("state") is FileState.STABLE
+        with DirCache() as dirs:
+            for row in rows:
+                change = self._settle_one(row, dirs)
+                changes.append((row.id, change))
+                stable += change.get("state") is FileState.STABLE
         if changes:
             self.journal.apply(changes)
         if stable:
             self.wake.set()
         return stable
 
-    def _settle_one(self, row: FileRow) -> dict[str, object]:
+    def _settle_one(self, row: FileRow, dirs: DirCache) -> dict[str, object]:
         now = self.clock()
         context = {"watch": row.watch, "rel_path": row.rel_path, "file_id": row.id}
-        dirs, name = split_rel(row.rel_path)
+        parents, name = split_rel(row.rel_path)
         try:
-            dir_fd = open_dir(self.watch.source, dirs)
-            try:
-                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-            finally:
-                os.close(dir_fd)
+            st = os.stat(name, dir_fd=dirs.open(self.watch.source, parents), follow_symlinks=False)
         except UnsafePathError as exc:
             log.warning("file.skipped", reason="symlink", detail=str(exc), **context)
             return {"state": FileState.HELD, "reason": "symlink", "done_at": now}
