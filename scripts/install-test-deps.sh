@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Install the system packages the test suite uses, if they are missing (Debian/Ubuntu).
+# Idempotent; runs apt-get only when something is missing; as root, or through sudo.
+set -euo pipefail
+
+declare -A package_of=(
+  [setpriv]=util-linux          # run a test as the user nobody
+  [mount]=mount                 # a small tmpfs for the disk-full test
+)
+missing=()
+for binary in "${!package_of[@]}"; do
+  command -v "$binary" >/dev/null 2>&1 || missing+=("${package_of[$binary]}")
+done
+python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+sudo=""
+if [ "$(id -u)" -ne 0 ]; then
+  command -v sudo >/dev/null 2>&1 || { echo "install-test-deps: need root or sudo for: ${missing[*]}" >&2; exit 1; }
+  sudo="sudo"
+fi
+echo "install-test-deps: installing ${missing[*]}"
+$sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
