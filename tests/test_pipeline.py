@@ -13,6 +13,8 @@ from fakes import FakeEngine, answers, raises
 from structlog.testing import capture_logs
 
 from daemon.config import Config
+from daemon.engines import Engine
+from daemon.engines.yara import YaraEngine
 from daemon.errors import EnginePermanentError, EngineRetryableError, EngineUnavailableError
 from daemon.journal import Journal, owner_token
 from daemon.model import FileState, Pending, Reason, Verdict, VerdictKind
@@ -32,9 +34,11 @@ class Clock:
 class Harness:
     """A watch, its journal, a fake engine and a pipeline, driven step by step."""
 
-    def __init__(self, layout: Layout, engine: FakeEngine, **watch: object) -> None:
+    def __init__(self, layout: Layout, engine: Engine, *, engine_cfg: dict[str, object] | None = None,
+                 **watch: object) -> None:
         self.layout = layout
-        self.config = Config.model_validate(layout.config(watch={"settle_seconds": 0, **watch}))
+        self.config = Config.model_validate(layout.config(watch={"settle_seconds": 0, **watch},
+                                                          engine=engine_cfg))
         self.journal = Journal(layout.state / "journal.sqlite3")
         self.engine = engine
         self.clock = Clock()
@@ -124,10 +128,7 @@ def test_engine_down_makes_files_wait_without_spending_attempts(harness: Harness
 
 def test_engine_down_past_max_pending_age_fails_engine_unavailable(layout: Layout) -> None:
     engine = FakeEngine(script=[raises(EngineUnavailableError("down"))] * 10)
-    harness = Harness(layout, engine)
-    harness.config = Config.model_validate(layout.config(
-        watch={"settle_seconds": 0}, engine={"max_pending_age": 30}))
-    harness.pipeline.config = harness.config
+    harness = Harness(layout, engine, engine_cfg={"max_pending_age": 30})
     harness.drop("a.txt", b"hello")
     for _ in range(5):
         harness.step(advance_s=11)
@@ -243,3 +244,20 @@ def test_disk_full_on_destination_keeps_file_and_recovers(layout: Layout, tmp_pa
         assert not (layout.inbox / "big.bin").exists()
     finally:
         subprocess.run(["umount", "-l", str(small)])
+
+
+def test_yara_timeout_is_retried_then_fails_with_reason_timeout(layout: Layout, tmp_path: Path) -> None:
+    rules = tmp_path / "slow.yar"
+    rules.write_text("rule slow { condition: for all i in (0..filesize-1) : (uint8(i) == 0x61) }")
+    engine_cfg = {"rules": [str(rules)], "timeout": 1, "max_attempts": 2}
+    config = Config.model_validate(layout.config(engine=engine_cfg))
+    harness = Harness(layout, YaraEngine("default", config.engines["default"]), engine_cfg=engine_cfg)
+    harness.drop("slow.bin", b"a" * (20 << 20))
+    harness.drop("quick.txt", b"b")
+    with capture_logs() as logs:
+        harness.step()
+        harness.step(advance_s=11)
+    assert harness.layout.placed("failed") == ["slow.bin"]
+    assert harness.layout.placed("clean") == ["quick.txt"]
+    assert harness.row("slow.bin").reason == "timeout" and harness.row("slow.bin").attempts == 2
+    assert [e["reason"] for e in logs if e["event"] == "retry.scheduled"] == ["timeout"]
