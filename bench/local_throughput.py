@@ -47,13 +47,16 @@ def _peak_rss_kb(pid: int) -> int:
 
 
 def run_daemon(base: Path, files: list[tuple[str, bytes]], concurrency: int,
-               arrival: str, rate: float | None = None) -> dict[str, float]:
+               arrival: str, rate: float | None = None,
+               engine: dict[str, object] | None = None) -> dict[str, float]:
     inbox = base / "inbox"
     inbox.mkdir(parents=True)
+    base.chmod(0o755)  # clamd, as another user, reads files by path
+    inbox.chmod(0o755)
     config = {
         "state_dir": str(base / "state"),
         "log": {"format": "json", "level": "warning"},
-        "engines": {"default": {"type": "yara", "concurrency": concurrency}},
+        "engines": {"default": {"type": "yara", **(engine or {}), "concurrency": concurrency}},
         "watches": [{"name": "bench", "source": str(inbox), "engine": "default",
                      "clean": str(base / "clean"), "quarantine": str(base / "quarantine"),
                      "failed": str(base / "failed"), "settle_seconds": 0, "rescan_interval": 300}],

@@ -25,6 +25,7 @@ from daemon.errors import ConfigError
 __all__ = [
     "DEFAULT_CONFIG_PATHS",
     "DEFAULT_IGNORE",
+    "ClamavEngineConfig",
     "Config",
     "EngineConfig",
     "WatchConfig",
@@ -38,7 +39,8 @@ __all__ = [
 DEFAULT_CONFIG_PATHS = ("/etc/scanwatch/scanwatch.yaml",)
 DEFAULT_IGNORE = (".*", "*.part", "*.tmp", "*.crdownload", "*.swp")
 # Engine types of later releases: named in the error instead of "unknown tag".
-_PLANNED_ENGINE_TYPES = ("clamav", "blazelock", "perception_point", "metadefender")
+_PLANNED_ENGINE_TYPES = ("blazelock", "perception_point", "metadefender")
+_ENGINE_TYPES = ("yara", "clamav")
 
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -117,7 +119,24 @@ class YaraEngineConfig(_EngineBase):
     rules: tuple[Path, ...] = Field((), description="YARA rule files added to the bundled EICAR rule")
 
 
-EngineConfig = Annotated[YaraEngineConfig, Field(discriminator="type")]
+class ClamavEngineConfig(_EngineBase):
+    type: Literal["clamav"]
+    socket: Path | None = Field(None, description="clamd's unix socket", examples=["/run/clamav/clamd.ctl"])
+    address: str | None = Field(None, description="clamd's TCP host:port", examples=["127.0.0.1:3310"])
+    mode: Literal["auto", "path", "stream"] = Field(
+        "auto", description="path: clamd reads the file (SCAN); stream: INSTREAM; auto: path, "
+                            "else stream when clamd cannot read it")
+
+    @model_validator(mode="after")
+    def _one_endpoint(self) -> ClamavEngineConfig:
+        if (self.socket is None) == (self.address is None):
+            raise ValueError("set exactly one of socket (a unix socket path) or address (host:port)")
+        if self.address is not None:
+            MetricsConfig(listen=self.address)  # the same host:port check
+        return self
+
+
+EngineConfig = Annotated[YaraEngineConfig | ClamavEngineConfig, Field(discriminator="type")]
 
 
 def _is_s3(location: str) -> bool:
@@ -260,7 +279,7 @@ def _format_loc(loc: tuple[int | str, ...]) -> str:
     path = ""
     for i, part in enumerate(loc):
         # pydantic puts the discriminator's tag into the location of a union member.
-        if i == 2 and loc[0] == "engines" and part in ("yara", *_PLANNED_ENGINE_TYPES):
+        if i == 2 and loc[0] == "engines" and part in (*_ENGINE_TYPES, *_PLANNED_ENGINE_TYPES):
             continue
         path = _join(path, part)
     return path or "(top level)"
@@ -271,8 +290,9 @@ def _describe(error: Mapping[str, Any]) -> str:
     if error["type"] == "union_tag_invalid":
         tag = error.get("ctx", {}).get("tag")
         if tag in _PLANNED_ENGINE_TYPES:
-            return f"{loc}.type: engine type {tag!r} is not available in this version (available: yara)"
-        return f"{loc}.type: unknown engine type {tag!r} (available: yara)"
+            return (f"{loc}.type: engine type {tag!r} is not available in this version "
+                    f"(available: {', '.join(_ENGINE_TYPES)})")
+        return f"{loc}.type: unknown engine type {tag!r} (available: {', '.join(_ENGINE_TYPES)})"
     if error["type"] == "extra_forbidden":
         return f"{loc}: unknown key"
     return f"{loc}: {str(error['msg']).removeprefix('Value error, ')}"

@@ -79,9 +79,10 @@ def test_missing_source_directory(layout: Layout) -> None:
 
 def test_engine_types_of_later_versions_are_named(layout: Layout) -> None:
     config = layout.config()
-    config["engines"]["clam"] = {"type": "clamav", "socket": "/run/clamav/clamd.ctl"}
+    config["engines"]["blz"] = {"type": "blazelock", "url": "https://blazelock.example"}
     assert _problems(_write(layout, config)) == [
-        "engines.clam.type: engine type 'clamav' is not available in this version (available: yara)"]
+        "engines.blz.type: engine type 'blazelock' is not available in this version "
+        "(available: yara, clamav)"]
 
 
 def test_every_problem_is_reported_at_once(layout: Layout) -> None:

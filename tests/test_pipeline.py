@@ -4,65 +4,17 @@ from __future__ import annotations
 
 import os
 import subprocess
-import threading
 from pathlib import Path
 
 import pytest
-from conftest import EICAR, Layout
+from conftest import EICAR, Harness, Layout
 from fakes import FakeEngine, answers, raises
 from structlog.testing import capture_logs
 
 from daemon.config import Config
-from daemon.engines import Engine
 from daemon.engines.yara import YaraEngine
 from daemon.errors import EnginePermanentError, EngineRetryableError, EngineUnavailableError
-from daemon.journal import Journal, owner_token
 from daemon.model import FileState, Pending, Reason, Verdict, VerdictKind
-from daemon.pipeline import Pipeline
-from daemon.retry import RetryPolicy
-from daemon.watchers.local import LocalWatcher
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_900_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class Harness:
-    """A watch, its journal, a fake engine and a pipeline, driven step by step."""
-
-    def __init__(self, layout: Layout, engine: Engine, *, engine_cfg: dict[str, object] | None = None,
-                 **watch: object) -> None:
-        self.layout = layout
-        self.config = Config.model_validate(layout.config(watch={"settle_seconds": 0, **watch},
-                                                          engine=engine_cfg))
-        self.journal = Journal(layout.state / "journal.sqlite3")
-        self.engine = engine
-        self.clock = Clock()
-        self.watcher = LocalWatcher(self.config.watches[0], self.journal, threading.Event(),
-                                    clock=self.clock)
-        self.pipeline = Pipeline(self.config, self.journal, {"default": engine},
-                                 owner=owner_token(), clock=self.clock,
-                                 policy=RetryPolicy(base_s=10, max_s=10))
-
-    def drop(self, rel: str, data: bytes) -> Path:
-        path = self.layout.inbox / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-        return path
-
-    def step(self, advance_s: float = 0.0) -> None:
-        self.clock.now += advance_s
-        self.watcher.step()
-        while self.pipeline.run_once(["inbox"]):
-            pass
-
-    def row(self, rel: str = "a.txt") -> object:
-        rows = self.journal.select("rel_path = ?", [os.fsencode(rel)], order="id DESC", limit=1)
-        return rows[0]
 
 
 @pytest.fixture

@@ -7,12 +7,14 @@ from typing import Any
 
 from daemon.config import Config
 from daemon.engines.base import Engine, ScanRequest
+from daemon.engines.clamav import ClamavEngine
 from daemon.engines.yara import YaraEngine
 
 __all__ = ["ENGINE_TYPES", "Engine", "ScanRequest", "build_engines"]
 
 ENGINE_TYPES: dict[str, Callable[[str, Any], Engine]] = {
     "yara": YaraEngine,
+    "clamav": ClamavEngine,
 }
 
 

@@ -1,0 +1,171 @@
+"""ClamAV's clamd over a unix socket or TCP: `SCAN` by path where clamd can read the file, else `INSTREAM`.
+
+Connections stay open in `IDSESSION` mode and are pooled, so a scan costs one
+round trip, not a connect. A session clamd closed (idle timeout) is reopened once;
+scanning is idempotent, so that retry is always safe.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+
+from daemon.config import ClamavEngineConfig
+from daemon.engines.base import ScanRequest
+from daemon.errors import EnginePermanentError, EngineRetryableError, EngineUnavailableError
+from daemon.model import Pending, Reason, Verdict, VerdictKind
+
+__all__ = ["ClamavEngine"]
+
+_CHUNK = 256 * 1024
+# clamd answers these when it cannot open the path itself: stream the bytes instead.
+_ACCESS_ERRORS = ("Access denied", "Permission denied", "lstat() failed", "Can't open file")
+
+
+class _Session:
+    """One clamd connection in IDSESSION mode: `z`-commands, replies `<id>: ...\\0`."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.is_open = True
+        self._buffer = b""
+        self.sock.sendall(b"zIDSESSION\0")
+
+    def command(self, line: bytes, body: Iterator[bytes]) -> str:
+        """Send one command (and INSTREAM chunks); return its reply without the id."""
+        self.sock.sendall(b"z" + line + b"\0")
+        try:
+            for chunk in body:
+                self.sock.sendall(struct.pack(">I", len(chunk)) + chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # clamd stops reading when it refuses a stream; its reply says why
+        while b"\0" not in self._buffer:
+            data = self.sock.recv(4096)
+            if not data:
+                raise ConnectionResetError("clamd closed the session")
+            self._buffer += data
+        reply, _, self._buffer = self._buffer.partition(b"\0")
+        text = reply.decode("utf-8", "surrogateescape")
+        self.is_open = not text.endswith(" ERROR")  # clamd ends a session after an error
+        return text.partition(": ")[2] if text[:1].isdigit() else text
+
+    def close(self) -> None:
+        with suppress(OSError):
+            self.sock.sendall(b"zEND\0")
+        self.sock.close()
+
+
+class ClamavEngine:
+    """clamd, reached by `socket:` or `address:`, with `mode: auto | path | stream`."""
+
+    remote = False
+
+    def __init__(self, name: str, config: ClamavEngineConfig) -> None:
+        self.name = name
+        self._config = config
+        self._where = str(config.socket) if config.socket else str(config.address)
+        self._idle: list[_Session] = []
+        self._lock = threading.Lock()
+
+    # -- connections ----------------------------------------------------------------------
+
+    def _connect(self) -> socket.socket:
+        timeout_s = self._config.timeout
+        try:
+            if self._config.socket is not None:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.settimeout(timeout_s)
+                sock.connect(str(self._config.socket))
+            else:
+                host, _, port = str(self._config.address).rpartition(":")
+                sock = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s)
+        except OSError as exc:
+            raise EngineUnavailableError(
+                f"engine {self.name!r} cannot reach clamd at {self._where} ({exc.strerror or exc}); "
+                f"check that clamd is running or set engines.{self.name}.socket/address") from exc
+        return sock
+
+    @contextmanager
+    def _session(self) -> Iterator[_Session]:
+        with self._lock:
+            session = self._idle.pop() if self._idle else None
+        if session is None:
+            session = _Session(self._connect())
+        try:
+            yield session
+        except BaseException:
+            session.close()
+            raise
+        if not session.is_open:
+            session.close()
+            return
+        with self._lock:
+            self._idle.append(session)
+
+    def _ask(self, line: bytes, body: Callable[[], Iterator[bytes]] = lambda: iter(())) -> str:
+        """One command through a pooled session; a session clamd dropped is reopened once."""
+        for attempt in (1, 2):
+            try:
+                with self._session() as session:
+                    return session.command(line, body())
+            except TimeoutError as exc:
+                raise EngineRetryableError(f"clamd at {self._where} did not answer within "
+                                           f"{self._config.timeout:g}s", reason=Reason.TIMEOUT) from exc
+            except ConnectionError as exc:
+                if attempt == 2:
+                    raise EngineRetryableError(f"clamd at {self._where}: {exc}") from exc
+        raise AssertionError("unreachable")
+
+    # -- Engine ------------------------------------------------------------------------------
+
+    def scan(self, request: ScanRequest) -> Verdict:
+        """SCAN by path (mode path/auto), INSTREAM when clamd cannot read it (auto) or always (stream)."""
+        if self._config.mode != "stream":
+            reply = self._ask(b"SCAN " + os.fsencode(request.path))
+            if not (self._config.mode == "auto" and reply.endswith(" ERROR")
+                    and any(e in reply for e in _ACCESS_ERRORS)):
+                return self._verdict(reply, "path")
+        return self._verdict(self._ask(b"INSTREAM", lambda: _chunks(request.fd)), "stream")
+
+    def _verdict(self, reply: str, how: str) -> Verdict:
+        raw: dict[str, object] = {"reply": reply, "mode": how}
+        if reply.endswith(" OK"):
+            return Verdict(VerdictKind.CLEAN, raw=raw)
+        if reply.endswith(" FOUND"):
+            threat = reply[: -len(" FOUND")].rpartition(": ")[2]
+            return Verdict(VerdictKind.INFECTED, threats=(threat,), raw=raw)
+        if "size limit exceeded" in reply:
+            raise EnginePermanentError(f"clamd: {reply}", reason=Reason.TOO_LARGE)
+        if any(e in reply for e in _ACCESS_ERRORS):
+            raise EnginePermanentError(f"clamd cannot read the file: {reply}", reason=Reason.UNREADABLE)
+        raise EnginePermanentError(f"clamd: {reply}", reason=Reason.ENGINE_FAILED)
+
+    def poll(self, request: ScanRequest, engine_scan_id: str) -> Verdict | Pending:
+        """clamd answers at once, so there is never a scan to poll."""
+        raise EnginePermanentError("clamd has no submitted scans to poll")
+
+    def probe(self) -> str:
+        """PING must answer PONG; returns clamd's VERSION."""
+        if (pong := self._ask(b"PING")) != "PONG":
+            raise EngineUnavailableError(f"clamd at {self._where} answered {pong!r} to PING")
+        return self._ask(b"VERSION")
+
+    def close(self) -> None:
+        """Close pooled sessions."""
+        with self._lock:
+            sessions, self._idle = self._idle, []
+        for session in sessions:
+            session.close()
+
+
+def _chunks(fd: int) -> Iterator[bytes]:
+    """The file's bytes for INSTREAM, read with pread (never the whole file in memory)."""
+    offset = 0
+    while chunk := os.pread(fd, _CHUNK, offset):
+        yield chunk
+        offset += len(chunk)
+    yield b""  # the zero-length chunk ends the stream
