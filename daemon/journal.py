@@ -373,6 +373,12 @@ class Journal:
             "SELECT watch, state, verdict, reason, count(*) FROM files "
             "GROUP BY watch, state, verdict, reason ORDER BY watch, state")]
 
+    def pending_count(self) -> int:
+        """Rows not yet done, gone or held (served by the partial index of active rows)."""
+        row = self._conn().execute(
+            f"SELECT count(*) FROM files WHERE {_ACTIVE} AND state != 'held'").fetchone()
+        return int(row[0])
+
     def oldest_pending(self) -> dict[str, float]:
         """Per watch, the discovery time of the oldest row not yet done."""
         rows = self._conn().execute(

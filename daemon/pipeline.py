@@ -196,8 +196,15 @@ class Pipeline:
         return {"watch": row.watch, "rel_path": row.rel_path, "file_id": row.id,
                 "engine": self.config.watch(row.watch).engine, "ref_id": row.ref_id}
 
+    def is_alive(self) -> bool:
+        """Workers run and turn over: each engine call is bounded by its timeout."""
+        stall_s = max(e.timeout for e in self.config.engines.values()) + 30
+        return (all(t.is_alive() for t in self._threads)
+                and self.clock() - self.heartbeat_at < stall_s)
+
     def _guard(self, row: FileRow, step: Callable[[FileRow], _Outcome]) -> _Outcome:
         """Run a step; an unexpected error fails the file instead of killing the worker."""
+        self.heartbeat_at = self.clock()
         try:
             return step(row)
         except Exception as exc:

@@ -117,15 +117,15 @@ class Service:
             self._heartbeat()
 
     def _heartbeat(self) -> None:
-        pipeline = self._running.pipeline
         # Only a pipeline whose workers still turn over proves the daemon is alive.
-        if time.time() - pipeline.heartbeat_at < 3 * _TICK_S + 2:
+        if self._running.pipeline.is_alive():
             self.notifier.watchdog()
+        else:
+            log.error("pipeline.stalled", since=self._running.pipeline.heartbeat_at)
         self.notifier.status(self._status())
 
     def _status(self) -> str:
-        pending = sum(c for _, state, _, _, c in self.journal.counts()
-                      if state not in ("done", "gone", "held"))
+        pending = self.journal.pending_count()
         return f"{len(self._running.config.watches)} watches, {pending} files pending"
 
     def _reload(self) -> None:
