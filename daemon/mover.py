@@ -87,16 +87,23 @@ def move(req: MoveRequest, dirs: DirCache) -> None:
                 raise ChangedError(f"{req.rel_path} changed since it was scanned")
             if req.sha256 is not None and _sha256_fd(fd) != req.sha256:
                 raise ChangedError(f"{req.rel_path} has other bytes than were scanned")
+            must_copy = False
             if req.private:
-                os.fchmod(fd, 0o600)
+                try:
+                    os.fchmod(fd, 0o600)
+                except PermissionError:
+                    # Another user's upload is not ours to chmod: a 0600 copy we own replaces it.
+                    must_copy = True
             dest_dir = dirs.open(req.dest_root, dest_dirs,
                                  create_mode=0o700 if req.private else 0o777)
-            try:
-                rename_noreplace(src_dir, src_name, dest_dir, dest_name)
-            except OSError as exc:
-                if exc.errno != errno.EXDEV:
-                    raise
-                _copy_across(req, fd, st, src_dir, src_name, dest_dir, dest_name)
+            if not must_copy:
+                try:
+                    rename_noreplace(src_dir, src_name, dest_dir, dest_name)
+                    return
+                except OSError as exc:
+                    if exc.errno != errno.EXDEV:
+                        raise
+            _copy_across(req, fd, st, src_dir, src_name, dest_dir, dest_name)
     except PermissionError:
         if req.sha256 is not None or req.private:
             raise
@@ -115,7 +122,10 @@ def _temp_name(file_id: int) -> str:
 
 def _copy_across(req: MoveRequest, fd: int, st: os.stat_result, src_dir: int, src_name: str,
                  dest_dir: int, dest_name: str) -> None:
-    """Copy to a temp name, fsync, rename without replacing, fsync, then unlink the source."""
+    """Copy to a temp name, fsync, rename without replacing, fsync, then unlink the source.
+
+    Used across filesystems, and for quarantine when the file is not ours to chmod.
+    """
     temp = _temp_name(req.file_id)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(temp, dir_fd=dest_dir)

@@ -9,6 +9,7 @@ declare -A package_of=(
   [clamd]=clamav-daemon         # a real clamd for the ClamAV engine (started by the tests)
   [sigtool]=clamav              # builds the tests' one-signature database
   [clamdscan]=clamdscan         # the peer in bench/clamav_throughput.py
+  [systemd-analyze]=systemd     # verifies the units and their exposure score
 )
 missing=()
 for binary in "${!package_of[@]}"; do

@@ -92,3 +92,23 @@ def test_unreadable_file_goes_to_failed_never_clean(world_writable_base: Path) -
     assert layout.placed("failed") == ["locked.txt"] and layout.placed("clean") == []
     sidecar = yaml.safe_load((layout.failed / "locked.txt.scanwatch.json").read_text())
     assert sidecar["verdict"] == "failed" and sidecar["reason"] == "unreadable"
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv")
+def test_quarantine_of_another_users_file_is_a_private_copy(world_writable_base: Path) -> None:
+    if subprocess.run([*_AS_NOBODY, sys.executable, "-c", "import daemon"], cwd=ROOT).returncode:
+        pytest.skip("the user nobody cannot run this checkout's Python")
+    layout = Layout(world_writable_base)
+    layout.inbox.chmod(0o777)
+    upload = layout.inbox / "upload.com"
+    upload.write_bytes(EICAR)  # owned by root: the daemon (nobody) may rename but not chmod it
+    upload.chmod(0o644)
+    layout.write_config()
+    result = subprocess.run(
+        [*_AS_NOBODY, sys.executable, "-m", "daemon.cli", "scan", "--config", str(layout.config_path),
+         "--move", str(upload)],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "HOME": str(layout.base)})
+    assert result.returncode == 1, result.stdout + result.stderr
+    quarantined = layout.quarantine / "upload.com"
+    assert quarantined.read_bytes() == EICAR and not upload.exists()
+    assert quarantined.stat().st_mode & 0o777 == 0o600 and quarantined.stat().st_uid == 65534
