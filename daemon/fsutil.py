@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import hashlib
 import os
 import stat
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from daemon.model import Reason
 __all__ = [
     "DirCache",
     "Identity",
+    "sha256_fd",
     "classify",
     "collision_name",
     "open_dir",
@@ -52,6 +54,16 @@ class Identity:
     def of(cls, st: os.stat_result) -> Identity:
         """The identity of a stat result."""
         return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def sha256_fd(fd: int) -> str:
+    """sha256 of an open file's whole content, read with pread (the offset is untouched)."""
+    digest = hashlib.sha256()
+    offset = 0
+    while chunk := os.pread(fd, 1 << 20, offset):
+        digest.update(chunk)
+        offset += len(chunk)
+    return digest.hexdigest()
 
 
 def rel_parts(rel_path: str) -> list[str]:

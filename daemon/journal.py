@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.errors import JournalError
+from daemon.fsutil import Identity
 from daemon.model import ACTIVE_STATES, FileState
 
 __all__ = ["AuditRow", "FileRow", "Journal", "open_journal", "owner_token"]
@@ -101,6 +102,14 @@ class FileRow:
     scanned_at: float | None
     done_at: float | None
     updated_at: float
+
+    @property
+    def identity(self) -> Identity | None:
+        """The file's identity when it settled or was scanned; None before."""
+        if self.size is None:
+            return None
+        return Identity(self.dev or 0, self.inode or 0, self.size, self.mtime_ns or 0,
+                        self.ctime_ns or 0)
 
 
 @dataclass(frozen=True)

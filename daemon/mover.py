@@ -24,6 +24,7 @@ from daemon.fsutil import (
     open_dir,
     open_file,
     rename_noreplace,
+    sha256_fd,
     split_rel,
 )
 
@@ -62,15 +63,6 @@ def plan(dest_root: str, rel_path: str) -> str:
     raise LocationError(f"{base}: more than {_MAX_COLLISIONS} files named like {name!r}")
 
 
-def _sha256_fd(fd: int) -> str:
-    digest = hashlib.sha256()
-    offset = 0
-    while chunk := os.pread(fd, _COPY_CHUNK, offset):
-        digest.update(chunk)
-        offset += len(chunk)
-    return digest.hexdigest()
-
-
 def move(req: MoveRequest, dirs: DirCache) -> None:
     """Move the file to `dest_rel`, opening directories through `dirs`.
 
@@ -85,7 +77,7 @@ def move(req: MoveRequest, dirs: DirCache) -> None:
         with open_file(src_dir, src_name) as (fd, st):
             if Identity.of(st) != req.identity:
                 raise ChangedError(f"{req.rel_path} changed since it was scanned")
-            if req.sha256 is not None and _sha256_fd(fd) != req.sha256:
+            if req.sha256 is not None and sha256_fd(fd) != req.sha256:
                 raise ChangedError(f"{req.rel_path} has other bytes than were scanned")
             must_copy = False
             if req.private:
@@ -211,7 +203,7 @@ def _sha256_path(path: str) -> str | None:
     except OSError:
         return None
     try:
-        return _sha256_fd(fd)
+        return sha256_fd(fd)
     finally:
         os.close(fd)
 

@@ -10,10 +10,10 @@ from daemon.config import Config, WatchConfig
 from daemon.engines import Engine
 from daemon.engines.base import ScanRequest
 from daemon.errors import EnginePermanentError, EngineRetryableError, UnsafePathError
-from daemon.fsutil import open_dir, open_file
+from daemon.fsutil import open_dir, open_file, sha256_fd
 from daemon.journal import Journal, owner_token
 from daemon.model import FileState, Pending, Reason, Verdict, VerdictKind
-from daemon.pipeline import Pipeline, hash_fd
+from daemon.pipeline import Pipeline
 from daemon.refid import build_ref_id
 from daemon.watchers.local import relative_path
 
@@ -71,7 +71,7 @@ def _scan_only(engine: Engine, watch: WatchConfig, path: str, rel: str | None) -
         return ScanResult(path, VerdictKind.FAILED, reason=_read_reason(exc))
     try:
         with open_file(dir_fd, os.path.basename(path)) as (fd, st):
-            sha256 = hash_fd(fd)
+            sha256 = sha256_fd(fd)
             ref_id = build_ref_id(watch.name, rel or os.path.basename(path), sha256)
             request = ScanRequest(watch.name, rel or os.path.basename(path), path, fd,
                                   st.st_size, sha256, ref_id)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import hashlib
 import os
 import threading
 import time
@@ -32,14 +31,14 @@ from daemon.errors import (
     LocationError,
     UnsafePathError,
 )
-from daemon.fsutil import DirCache, Identity, open_file, split_rel
+from daemon.fsutil import DirCache, Identity, open_file, sha256_fd, split_rel
 from daemon.journal import FileRow, Journal
 from daemon.model import FileState, Pending, Reason, Verdict, VerdictKind
 from daemon.mover import ChangedError, MoveRequest, move, plan, reconcile, write_sidecar
 from daemon.refid import build_ref_id
 from daemon.retry import RetryPolicy
 
-__all__ = ["Pipeline", "hash_fd", "iso"]
+__all__ = ["Pipeline", "iso"]
 
 log = structlog.get_logger("scanwatch.pipeline")
 
@@ -55,16 +54,6 @@ def iso(ts: float | None) -> str | None:
     if ts is None:
         return None
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def hash_fd(fd: int) -> str:
-    """sha256 of an open file's whole content, read with pread (the offset is untouched)."""
-    digest = hashlib.sha256()
-    offset = 0
-    while chunk := os.pread(fd, 1 << 20, offset):
-        digest.update(chunk)
-        offset += len(chunk)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -243,11 +232,10 @@ class Pipeline:
     def _scan_open(self, row: FileRow, watch: WatchConfig, engine: Engine, fd: int,
                    st: os.stat_result) -> _Outcome:
         identity = Identity.of(st)
-        if row.size is not None and identity != Identity(row.dev or 0, row.inode or 0, row.size,
-                                                         row.mtime_ns or 0, row.ctime_ns or 0):
+        if row.identity is not None and identity != row.identity:
             return self._changed(row, "changed after it settled")
         try:
-            sha256 = hash_fd(fd)
+            sha256 = sha256_fd(fd)
         except OSError as exc:
             return self._fail(row, Reason.UNREADABLE, exc)
         ref_id = row.ref_id if row.sha256 == sha256 and row.ref_id else build_ref_id(
@@ -350,18 +338,16 @@ class Pipeline:
 
     def _move(self, row: FileRow, dirs: DirCache, resumed: bool = False) -> _Outcome:
         watch = self.config.watch(row.watch)
+        if row.identity is None:  # failed before it could be read: move whatever is there
+            return self._move_unread(row, watch.source, dirs, resumed)
         verdict = VerdictKind(str(row.verdict))
         root = watch.destinations[_DEST_FOR[verdict]]
         assert row.destination is not None
         request = MoveRequest(
             file_id=row.id, src_root=watch.source, rel_path=row.rel_path, dest_root=root,
-            dest_rel=os.path.relpath(row.destination, root),
-            identity=Identity(row.dev or 0, row.inode or 0, row.size or 0, row.mtime_ns or 0,
-                              row.ctime_ns or 0),
+            dest_rel=os.path.relpath(row.destination, root), identity=row.identity,
             sha256=row.sha256 if verdict is VerdictKind.CLEAN else None,
             private=verdict is VerdictKind.INFECTED)
-        if row.size is None:  # failed before it could be read: move whatever is there
-            return self._move_unread(row, request, dirs, resumed)
         try:
             if not (resumed and reconcile(request)):
                 request = self._move_fresh(row, request, dirs)
@@ -385,12 +371,11 @@ class Pipeline:
                 request = dataclasses.replace(request, dest_rel=dest_rel)
         raise LocationError(f"{request.dest_root}: no free name for {row.rel_path}")
 
-    def _move_unread(self, row: FileRow, request: MoveRequest, dirs: DirCache,
-                     resumed: bool) -> _Outcome:
+    def _move_unread(self, row: FileRow, source: str, dirs: DirCache, resumed: bool) -> _Outcome:
         """A file that could not be read still leaves the source, for `failed`."""
         parents, name = split_rel(row.rel_path)
         try:
-            st = os.stat(name, dir_fd=dirs.open(request.src_root, parents), follow_symlinks=False)
+            st = os.stat(name, dir_fd=dirs.open(source, parents), follow_symlinks=False)
             return self._move(dataclasses.replace(row, **_identity_fields(st)), dirs, resumed)
         except FileNotFoundError:
             return self._gone(row)

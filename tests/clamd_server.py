@@ -33,7 +33,7 @@ class Clamd:
     pid: int
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -80,7 +80,7 @@ def running_clamd(max_threads: int = 4) -> Iterator[Clamd]:
     (db / "scanwatch.hdb").write_text(":".join([*signature.split(":")[:2], name]) + "\n")
     # As root, clamd runs as clamav: it then cannot read files private to root, like a real host.
     user = "clamav" if os.geteuid() == 0 and _has_user("clamav") else None
-    port = _free_port()
+    port = free_port()
     conf = base / "clamd.conf"
     conf.write_text("\n".join([
         "Foreground yes", f"LocalSocket {base / 'clamd.sock'}", "LocalSocketMode 666",

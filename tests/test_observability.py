@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,19 +13,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from clamd_server import free_port
 from conftest import EICAR, ROOT, Layout
 
 from daemon.log import redact
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_metrics_count_outcomes_and_queue(layout: Layout, daemon_factory) -> None:
-    port = _free_port()
+    port = free_port()
     daemon = daemon_factory(layout.write_config(metrics={"listen": f"127.0.0.1:{port}"}))
     daemon.wait_started()
     (layout.inbox / "a.txt").write_bytes(b"a")
@@ -74,19 +68,30 @@ def world_writable_base() -> Iterator[Path]:
     shutil.rmtree(base)
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv")
-def test_unreadable_file_goes_to_failed_never_clean(world_writable_base: Path) -> None:
+@pytest.fixture
+def nobody_layout(world_writable_base: Path) -> Layout:
+    """A watch whose folders the user nobody may write; `scan_as_nobody` runs scanwatch there."""
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv")
     if subprocess.run([*_AS_NOBODY, sys.executable, "-c", "import daemon"], cwd=ROOT).returncode:
         pytest.skip("the user nobody cannot run this checkout's Python")
     layout = Layout(world_writable_base)
     layout.inbox.chmod(0o777)
+    layout.write_config()
+    return layout
+
+
+def scan_as_nobody(layout: Layout, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*_AS_NOBODY, sys.executable, "-m", "daemon.cli", "scan", "--config", str(layout.config_path),
+         *args], capture_output=True, text=True, cwd=ROOT, env={**os.environ, "HOME": str(layout.base)})
+
+
+def test_unreadable_file_goes_to_failed_never_clean(nobody_layout: Layout) -> None:
+    layout = nobody_layout
     (layout.inbox / "locked.txt").write_bytes(b"only root may read this")
     (layout.inbox / "locked.txt").chmod(0o000)
-    layout.write_config()
-    result = subprocess.run(
-        [*_AS_NOBODY, sys.executable, "-m", "daemon.cli", "scan", "--config", str(layout.config_path),
-         "--move", "--json", str(layout.inbox / "locked.txt")],
-        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "HOME": str(layout.base)})
+    result = scan_as_nobody(layout, "--move", "--json", str(layout.inbox / "locked.txt"))
     assert result.returncode == 3, result.stderr
     assert '"reason": "unreadable"' in result.stdout
     assert layout.placed("failed") == ["locked.txt"] and layout.placed("clean") == []
@@ -94,20 +99,12 @@ def test_unreadable_file_goes_to_failed_never_clean(world_writable_base: Path) -
     assert sidecar["verdict"] == "failed" and sidecar["reason"] == "unreadable"
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv")
-def test_quarantine_of_another_users_file_is_a_private_copy(world_writable_base: Path) -> None:
-    if subprocess.run([*_AS_NOBODY, sys.executable, "-c", "import daemon"], cwd=ROOT).returncode:
-        pytest.skip("the user nobody cannot run this checkout's Python")
-    layout = Layout(world_writable_base)
-    layout.inbox.chmod(0o777)
+def test_quarantine_of_another_users_file_is_a_private_copy(nobody_layout: Layout) -> None:
+    layout = nobody_layout
     upload = layout.inbox / "upload.com"
     upload.write_bytes(EICAR)  # owned by root: the daemon (nobody) may rename but not chmod it
     upload.chmod(0o644)
-    layout.write_config()
-    result = subprocess.run(
-        [*_AS_NOBODY, sys.executable, "-m", "daemon.cli", "scan", "--config", str(layout.config_path),
-         "--move", str(upload)],
-        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "HOME": str(layout.base)})
+    result = scan_as_nobody(layout, "--move", str(upload))
     assert result.returncode == 1, result.stdout + result.stderr
     quarantined = layout.quarantine / "upload.com"
     assert quarantined.read_bytes() == EICAR and not upload.exists()

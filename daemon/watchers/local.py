@@ -246,8 +246,7 @@ class LocalWatcher:
             return {"state": FileState.HELD, "reason": reason, "inode": st.st_ino, "done_at": now}
         identity = Identity.of(st)
         quiet_since = max(st.st_mtime_ns, st.st_ctime_ns) / 1e9
-        unchanged = row.size is not None and identity == Identity(
-            row.dev or 0, row.inode or 0, row.size, row.mtime_ns or 0, row.ctime_ns or 0)
+        unchanged = identity == row.identity
         # A clock ahead of ours (network filesystems) must not hold a file for ever:
         # unchanged across a whole settle period is settled too.
         settled = (now - quiet_since >= self.watch.settle_seconds
