@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 from daemon.journal import FileRow, Journal
@@ -43,6 +47,13 @@ class _JournalCollector(Collector):
         yield size
 
 
+class _QuietHandler(WSGIRequestHandler):
+    """No access log on stderr: scrapes are not events."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
 class Metrics:
     """The daemon's metrics; `observe` is the pipeline's outcome hook."""
 
@@ -62,10 +73,27 @@ class Metrics:
                                     ["watch"], registry=self.registry)
         self.registry.register(_JournalCollector(journal))
 
-    def serve(self, listen: str) -> None:
-        """Serve /metrics on `host:port` from a daemon thread."""
+    def serve(self, listen: str, health: Callable[[], list[str]]) -> None:
+        """Serve /metrics and /healthz on `host:port` from a daemon thread.
+
+        `health` returns the reasons the daemon is not ready (none: ready).
+        """
+        metrics_app = make_wsgi_app(self.registry)
+
+        def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+            if environ.get("PATH_INFO") != "/healthz":
+                return metrics_app(environ, start_response)  # type: ignore[no-any-return]
+            problems = health()
+            body = json.dumps({"ready": not problems, "reasons": problems}).encode()
+            status = "200 OK" if not problems else "503 Service Unavailable"
+            start_response(status, [("Content-Type", "application/json"),
+                                    ("Content-Length", str(len(body)))])
+            return [body]
+
         host, _, port = listen.rpartition(":")
-        start_http_server(int(port), addr=host.strip("[]"), registry=self.registry)
+        server = make_server(host.strip("[]"), int(port), app, ThreadingWSGIServer,
+                             handler_class=_QuietHandler)
+        threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
 
     def observe(self, row: FileRow, engine: str, changes: Mapping[str, object],
                 fields: Mapping[str, Any]) -> None:

@@ -84,6 +84,7 @@ class Pipeline:
         self._on_outcome = on_outcome
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._engine_down: dict[str, bool] = {}
         self.heartbeat_at = clock()
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -251,11 +252,13 @@ class Pipeline:
             answer = (engine.poll(request, row.engine_scan_id) if row.engine_scan_id
                       else engine.scan(request))
         except EngineUnavailableError as exc:
+            self._set_engine_health(engine.name, str(exc))
             return self._wait_for_engine(row, exc)
         except EngineRetryableError as exc:
             return self._retry(row, exc)
         except EnginePermanentError as exc:
             answer = Verdict.failed(exc.reason, raw={"error": str(exc)})
+        self._set_engine_health(engine.name, None)
         duration_s = time.monotonic() - started
         if isinstance(answer, Pending):
             return _Outcome(
@@ -269,6 +272,18 @@ class Pipeline:
         return _Outcome(outcome.changes, outcome.event or "scan.verdict", {
             "verdict": answer.kind.value, "threats": list(answer.threats), "reason": answer.reason,
             "duration_s": round(duration_s, 4), "ref_id": ref_id, **(outcome.fields or {})})
+
+    def _set_engine_health(self, name: str, error: str | None) -> None:
+        """Journal an engine going down or coming back (only the changes)."""
+        is_down = error is not None
+        if self._engine_down.get(name, False) == is_down:
+            return
+        self._engine_down[name] = is_down
+        self.journal.set_engine_health(name, not is_down, error or "answering", self.clock())
+        if is_down:
+            log.warning("engine.unhealthy", engine=name, error=error)
+        else:
+            log.info("engine.recovered", engine=name)
 
     def _verdict_changes(self, row: FileRow, verdict: Verdict, identity: Identity | None,
                          sha256: str | None) -> Changes:

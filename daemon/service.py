@@ -95,7 +95,7 @@ class Service:
         if reclaimed:
             log.info("journal.resumed", rows=reclaimed)
         if metrics := self._running.config.metrics:
-            self.metrics.serve(metrics.listen)
+            self.metrics.serve(metrics.listen, self._unready_reasons)
         self._start(self._running)
         log.info("daemon.started", config=self.config_path,
                  watches=[w.name for w in self._running.config.watches])
@@ -123,6 +123,14 @@ class Service:
         else:
             log.error("pipeline.stalled", since=self._running.pipeline.heartbeat_at)
         self.notifier.status(self._status())
+
+    def _unready_reasons(self) -> list[str]:
+        """Why the daemon is not ready: a stalled pipeline, engines down."""
+        reasons = [] if self._running.pipeline.is_alive() else ["pipeline stalled"]
+        for name, (healthy, detail, _) in sorted(self.journal.engine_health().items()):
+            if not healthy and name in self._running.engines:
+                reasons.append(f"engine {name} down: {detail}")
+        return reasons
 
     def _status(self) -> str:
         pending = self.journal.pending_count()

@@ -101,9 +101,12 @@ def test_clamd_down_files_wait_then_finish(layout: Layout, clamd: Clamd, tmp_pat
         harness.step(advance_s=400)
     assert harness.layout.placed("failed") == [] and harness.row().state is FileState.STABLE
     assert harness.row().attempts == 0
+    healthy, detail, _ = harness.journal.engine_health()["default"]
+    assert not healthy and "cannot reach clamd" in detail  # what `status` and /healthz show
     missing.symlink_to(clamd.socket)  # clamd is back
     harness.step(advance_s=400)
     assert harness.layout.placed("clean") == ["a.txt"]
+    assert harness.journal.engine_health()["default"][0] is True
 
 
 def test_daemon_with_clamav_engine_end_to_end(world_readable: Layout, clamd: Clamd, daemon_factory) -> None:

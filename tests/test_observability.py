@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -109,3 +111,28 @@ def test_quarantine_of_another_users_file_is_a_private_copy(nobody_layout: Layou
     quarantined = layout.quarantine / "upload.com"
     assert quarantined.read_bytes() == EICAR and not upload.exists()
     assert quarantined.stat().st_mode & 0o777 == 0o600 and quarantined.stat().st_uid == 65534
+
+
+def test_healthz_is_ready_then_unready_while_the_engine_is_down(layout: Layout, daemon_factory,
+                                                                 tmp_path: Path) -> None:
+    port = free_port()
+    socket_path = tmp_path / "clamd.sock"  # nothing listens: the engine is down from the start
+    config = layout.write_config(metrics={"listen": f"127.0.0.1:{port}"})
+    config.write_text(config.read_text().replace("type: yara", f"type: clamav\n    socket: {socket_path}"))
+    daemon = daemon_factory(config)
+    daemon.wait_started()
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)
+    assert info.value.code == 503
+    health = json.loads(info.value.read())
+    assert health["ready"] is False and health["reasons"][0].startswith("engine default down")
+    assert daemon.stop() == 0
+
+
+def test_healthz_ready_with_a_working_engine(layout: Layout, daemon_factory) -> None:
+    port = free_port()
+    daemon = daemon_factory(layout.write_config(metrics={"listen": f"127.0.0.1:{port}"}))
+    daemon.wait_started()
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5).read()
+    assert json.loads(body) == {"ready": True, "reasons": []}
+    assert daemon.stop() == 0
