@@ -28,6 +28,7 @@ __all__ = [
     "ClamavEngineConfig",
     "Config",
     "EngineConfig",
+    "NotifyConfig",
     "WatchConfig",
     "YaraEngineConfig",
     "find_config",
@@ -106,6 +107,19 @@ class MetricsConfig(_Model):
         return value
 
 
+class NotifyConfig(_Model):
+    webhook: SecretStr = Field(description="URL that receives a JSON POST per infected or failed file")
+    timeout: Duration = Field(10.0, gt=0, description="per-request timeout")
+    max_attempts: int = Field(5, ge=1, le=50, description="tries per event before it is dropped")
+
+    @field_validator("webhook")
+    @classmethod
+    def _http_url(cls, value: SecretStr) -> SecretStr:
+        if not value.get_secret_value().startswith(("http://", "https://")):
+            raise ValueError("expected an http:// or https:// URL")
+        return value
+
+
 class _EngineBase(_Model):
     concurrency: int = Field(2, ge=1, le=256, description="files scanned at once by this engine")
     timeout: Duration = Field(60.0, gt=0, description="per-file scan timeout")
@@ -177,6 +191,7 @@ class Config(_Model):
                             description="journal and work files; created if missing")
     log: LogConfig = Field(default_factory=LogConfig)
     metrics: MetricsConfig | None = None
+    notify: NotifyConfig | None = None
     s3: S3Config = Field(default_factory=S3Config)
     shutdown_timeout: Duration = Field(10.0, description="how long SIGTERM waits for in-flight files")
     engines: dict[str, EngineConfig] = Field(description="scan engines by name")

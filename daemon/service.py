@@ -5,15 +5,18 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import FrameType
+from typing import Any
 
 import structlog
 
+from daemon.alerts import WebhookAlerts
 from daemon.config import Config, load_config
 from daemon.engines import Engine, build_engines
 from daemon.errors import ConfigError, ScanwatchError
-from daemon.journal import open_journal, owner_token
+from daemon.journal import FileRow, open_journal, owner_token
 from daemon.metrics import Metrics
 from daemon.pipeline import Pipeline
 from daemon.sdnotify import Notifier
@@ -35,6 +38,7 @@ class _Running:
     engines: dict[str, Engine]
     pipeline: Pipeline
     watchers: list[LocalWatcher]
+    alerts: WebhookAlerts | None
 
 
 class Service:
@@ -54,9 +58,16 @@ class Service:
     def _build(self, config: Config) -> _Running:
         engines = build_engines(config)
         pipeline = Pipeline(config, self.journal, engines, owner=self.owner, wake=self.wake,
-                            on_outcome=self.metrics.observe)
+                            on_outcome=self._on_outcome)
         watchers = [LocalWatcher(w, self.journal, self.wake) for w in config.watches]
-        return _Running(config, engines, pipeline, watchers)
+        alerts = WebhookAlerts(config.notify) if config.notify else None
+        return _Running(config, engines, pipeline, watchers, alerts)
+
+    def _on_outcome(self, row: FileRow, engine: str, changes: Mapping[str, object],
+                    fields: Mapping[str, Any]) -> None:
+        self.metrics.observe(row, engine, changes, fields)
+        if self._running.alerts is not None:
+            self._running.alerts.observe(self._running.config, row, changes)
 
     def _start(self, running: _Running) -> None:
         for name, engine in running.engines.items():
@@ -71,6 +82,8 @@ class Service:
         drained = running.pipeline.stop(running.config.shutdown_timeout)
         for engine in running.engines.values():
             engine.close()
+        if running.alerts is not None:
+            running.alerts.close()
         return drained
 
     def _probe(self, name: str, engine: Engine) -> None:

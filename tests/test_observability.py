@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -136,3 +139,50 @@ def test_healthz_ready_with_a_working_engine(layout: Layout, daemon_factory) -> 
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5).read()
     assert json.loads(body) == {"ready": True, "reasons": []}
     assert daemon.stop() == 0
+
+
+class _Receiver(http.server.BaseHTTPRequestHandler):
+    events: list[dict[str, object]] = []
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        _Receiver.events.append(json.loads(body))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_webhook_gets_infected_and_failed_events_not_clean(layout: Layout, daemon_factory) -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _Receiver.events = []
+    url = f"http://127.0.0.1:{server.server_address[1]}/hook?token=s3cret-token"
+    daemon = daemon_factory(layout.write_config(notify={"webhook": url}))
+    daemon.wait_started()
+    (layout.inbox / "ok.txt").write_bytes(b"ok")
+    (layout.inbox / "e.com").write_bytes(EICAR)
+    os.mkfifo(layout.inbox / "pipe")  # skipped, not failed: no event
+    daemon.wait_for(lambda: len(_Receiver.events) >= 1 and len(daemon.named("file.moved")) >= 2,
+                    what="one webhook event")
+    time.sleep(0.5)
+    server.shutdown()
+    [event] = _Receiver.events
+    assert event["event"] == "file.infected" and event["rel_path"] == "e.com"
+    assert event["threats"] == ["EICAR_Test_File"]
+    assert event["destination"] == str(layout.quarantine / "e.com")
+    assert daemon.stop() == 0
+    assert "s3cret-token" not in repr(daemon.events)
+
+
+def test_a_down_webhook_never_stalls_scanning(layout: Layout, daemon_factory) -> None:
+    url = f"http://127.0.0.1:{free_port()}/nobody-listens"
+    daemon = daemon_factory(layout.write_config(notify={"webhook": url, "max_attempts": 3}))
+    daemon.wait_started()
+    for i in range(20):
+        (layout.inbox / f"e{i}.com").write_bytes(EICAR)
+    daemon.wait_for(lambda: len(daemon.named("file.moved")) >= 20, timeout=10, what="20 files moved")
+    daemon.wait_for(lambda: daemon.named("alert.failed"), timeout=30, what="alert.failed")
+    assert daemon.stop() == 0
+    assert "nobody-listens" not in repr(daemon.events)
