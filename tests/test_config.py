@@ -36,8 +36,13 @@ def test_quickstart_and_example_configs_are_valid(tmp_path: Path, monkeypatch) -
     example = yaml.safe_load((ROOT / "config" / "example.yaml").read_text())
     example["watches"][0]["source"] = str(tmp_path / "var" / "inbox")
     (tmp_path / "example.yaml").write_text(yaml.safe_dump(example))
+    (tmp_path / "credentials").mkdir()  # as systemd's LoadCredential= provides them
+    (tmp_path / "credentials" / "alert_webhook_url").write_text("https://hooks.example/t\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path / "credentials"))
     config = load_config(tmp_path / "example.yaml")
     assert config.metrics is not None and config.engines["default"].max_pending_age == 86400
+    assert config.notify is not None
+    assert config.notify.webhook.get_secret_value() == "https://hooks.example/t"
 
 
 def test_unknown_key_names_its_path(layout: Layout) -> None:
