@@ -45,6 +45,13 @@ def test_quickstart_and_example_configs_are_valid(tmp_path: Path, monkeypatch) -
     assert config.notify.webhook.get_secret_value() == "https://hooks.example/t"
 
 
+def test_dropfolder_config_is_valid(tmp_path: Path) -> None:
+    config = yaml.safe_load((ROOT / "config" / "dropfolder.yaml").read_text())
+    config["watches"][0]["source"] = str(tmp_path)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    assert "*.filepart" in load_config(tmp_path / "c.yaml").watches[0].ignore
+
+
 def test_unknown_key_names_its_path(layout: Layout) -> None:
     config = layout.config(watch={"colour": "blue"})
     assert _problems(_write(layout, config)) == ["watches[0].colour: unknown key"]
