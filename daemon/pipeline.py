@@ -139,16 +139,14 @@ class Pipeline:
     def process(self, rows: list[FileRow]) -> None:
         """Carry claimed rows one step per transaction: scanned, then moved."""
         try:
-            self._process(rows)
-        finally:
+            with DirCache() as dirs:
+                self._process(rows, dirs)
+        except BaseException:
             # Whatever an unexpected error left claimed goes back to the queue.
             self.journal.release(self.owner, [row.id for row in rows])
+            raise
 
-    def _process(self, rows: list[FileRow]) -> None:
-        with DirCache() as dirs:
-            self._process_in(rows, dirs)
-
-    def _process_in(self, rows: list[FileRow], dirs: DirCache) -> None:
+    def _process(self, rows: list[FileRow], dirs: DirCache) -> None:
         scanned: list[tuple[FileRow, _Outcome]] = []
         for row in rows:
             if row.state is FileState.SCANNING:
@@ -164,7 +162,8 @@ class Pipeline:
                 # A row claimed while moving was cut off by a crash: finish what it started.
                 resumed = row.state is FileState.MOVING
                 current = dataclasses.replace(row, **outcome.changes)  # type: ignore[arg-type]
-                moved.append((current, self._guard(current, partial(self._move, dirs=dirs, resumed=resumed))))
+                step = partial(self._move, dirs=dirs, resumed=resumed)
+                moved.append((current, self._guard(current, step)))
         self._commit(moved)
 
     def _commit(self, outcomes: list[tuple[FileRow, _Outcome]]) -> None:
@@ -247,18 +246,23 @@ class Pipeline:
                                           "engine": engine.name})])
         request = ScanRequest(watch.name, row.rel_path, os.path.join(watch.source, row.rel_path),
                               fd, st.st_size, sha256, ref_id)
+        engine_cfg = self.config.engines[watch.engine]
         started = time.monotonic()
         try:
             answer = (engine.poll(request, row.engine_scan_id) if row.engine_scan_id
                       else engine.scan(request))
+            self._set_engine_health(engine.name, None)
         except EngineUnavailableError as exc:
             self._set_engine_health(engine.name, str(exc))
-            return self._wait_for_engine(row, exc)
+            if self.clock() - row.discovered_at <= engine_cfg.max_pending_age:
+                return self._wait_for_engine(row, exc)
+            answer = Verdict.failed(Reason.ENGINE_UNAVAILABLE, raw={"error": str(exc)})
         except EngineRetryableError as exc:
-            return self._retry(row, exc)
+            if row.attempts < engine_cfg.max_attempts:
+                return self._retry(row, exc)
+            answer = Verdict.failed(exc.reason, raw={"error": str(exc)})
         except EnginePermanentError as exc:
             answer = Verdict.failed(exc.reason, raw={"error": str(exc)})
-        self._set_engine_health(engine.name, None)
         duration_s = time.monotonic() - started
         if isinstance(answer, Pending):
             return _Outcome(
@@ -313,9 +317,6 @@ class Pipeline:
             row, Verdict.failed(reason, raw={"error": str(exc)}), None, None))
 
     def _retry(self, row: FileRow, exc: EngineRetryableError) -> _Outcome:
-        max_attempts = self.config.engines[self.config.watch(row.watch).engine].max_attempts
-        if row.attempts >= max_attempts:
-            return self._fail(row, exc.reason, exc)
         delay_s = self.policy.delay(row.attempts, exc.retry_after_s)
         return _Outcome(
             {"state": FileState.STABLE, "owner": None, "last_error": str(exc),
@@ -324,9 +325,6 @@ class Pipeline:
                                 "attempts": row.attempts, "delay_s": round(delay_s, 3)})
 
     def _wait_for_engine(self, row: FileRow, exc: EngineUnavailableError) -> _Outcome:
-        engine_cfg = self.config.engines[self.config.watch(row.watch).engine]
-        if self.clock() - row.discovered_at > engine_cfg.max_pending_age:
-            return self._fail(row, Reason.ENGINE_UNAVAILABLE, exc)
         delay_s = self.policy.delay(row.attempts, exc.retry_after_s)
         # Waiting for a down engine spends no attempt.
         return _Outcome(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -56,6 +58,9 @@ def test_file_fails_after_max_attempts_with_the_error_reason(harness: Harness) -
     assert harness.layout.placed("failed") == ["a.txt"]
     assert harness.row().reason == "timeout"
     assert len(harness.engine.calls) == 3
+    sidecar = json.loads((harness.layout.failed / "a.txt.scanwatch.json").read_text())
+    assert sidecar["sha256"] == hashlib.sha256(b"hello").hexdigest() and sidecar["size"] == 5
+    assert sidecar["external_reference_id"].startswith("inbox:a.txt#")
 
 
 def test_permanent_error_fails_at_once_with_sidecar(harness: Harness) -> None:
