@@ -25,6 +25,7 @@ from daemon.errors import ConfigError
 __all__ = [
     "DEFAULT_CONFIG_PATHS",
     "DEFAULT_IGNORE",
+    "BlazelockEngineConfig",
     "ClamavEngineConfig",
     "Config",
     "EngineConfig",
@@ -40,8 +41,8 @@ __all__ = [
 DEFAULT_CONFIG_PATHS = ("/etc/scanwatch/scanwatch.yaml",)
 DEFAULT_IGNORE = (".*", "*.part", "*.tmp", "*.crdownload", "*.swp")
 # Engine types of later releases: named in the error instead of "unknown tag".
-_PLANNED_ENGINE_TYPES = ("blazelock", "perception_point", "metadefender")
-_ENGINE_TYPES = ("yara", "clamav")
+_PLANNED_ENGINE_TYPES = ("perception_point", "metadefender")
+_ENGINE_TYPES = ("yara", "clamav", "blazelock")
 
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -150,7 +151,26 @@ class ClamavEngineConfig(_EngineBase):
         return self
 
 
-EngineConfig = Annotated[YaraEngineConfig | ClamavEngineConfig, Field(discriminator="type")]
+class BlazelockEngineConfig(_EngineBase):
+    type: Literal["blazelock"]
+    url: str = Field(description="API base URL", examples=["https://api.blazelock.example"])
+    api_key: SecretStr = Field(description="Bearer API key; use ${ENV} or ${file:...}")
+    mode: Literal["async", "sync"] = Field("async", description="sync: answer in the upload request "
+                                                               "(10 MB max; larger files go async)")
+    reuse_max_age: Duration = Field(86400.0, description="older scans of the same ID are redone")
+    rate_limit: float = Field(160.0, gt=0, description="requests per minute, client side")
+    poll_interval: Duration = Field(2.0, gt=0, description="between polls of a running scan")
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("expected an http:// or https:// URL")
+        return value
+
+
+EngineConfig = Annotated[YaraEngineConfig | ClamavEngineConfig | BlazelockEngineConfig,
+                         Field(discriminator="type")]
 
 
 def _is_s3(location: str) -> bool:

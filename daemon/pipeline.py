@@ -271,7 +271,8 @@ class Pipeline:
                 None if row.engine_scan_id else "scan.submitted",
                 {"engine_scan_id": answer.engine_scan_id})
         changes = self._verdict_changes(row, answer, identity, sha256)
-        changes.update(ref_id=ref_id, engine=engine.name)
+        # A re-submission (`<id>.2`) is the ID the engine knows the verdict by.
+        changes.update(ref_id=str(answer.raw.get("external_reference_id", ref_id)), engine=engine.name)
         outcome = self._plan_move(row, changes)
         return _Outcome(outcome.changes, outcome.event or "scan.verdict", {
             "verdict": answer.kind.value, "threats": list(answer.threats), "reason": answer.reason,

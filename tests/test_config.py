@@ -91,10 +91,10 @@ def test_missing_source_directory(layout: Layout) -> None:
 
 def test_engine_types_of_later_versions_are_named(layout: Layout) -> None:
     config = layout.config()
-    config["engines"]["blz"] = {"type": "blazelock", "url": "https://blazelock.example"}
+    config["engines"]["md"] = {"type": "metadefender", "url": "http://127.0.0.1:8008"}
     assert _problems(_write(layout, config)) == [
-        "engines.blz.type: engine type 'blazelock' is not available in this version "
-        "(available: yara, clamav)"]
+        "engines.md.type: engine type 'metadefender' is not available in this version "
+        "(available: yara, clamav, blazelock)"]
 
 
 def test_every_problem_is_reported_at_once(layout: Layout) -> None:

@@ -7,6 +7,7 @@ from typing import Any
 
 from daemon.config import Config
 from daemon.engines.base import Engine, ScanRequest
+from daemon.engines.blazelock import BlazelockEngine
 from daemon.engines.clamav import ClamavEngine
 from daemon.engines.yara import YaraEngine
 
@@ -15,6 +16,7 @@ __all__ = ["ENGINE_TYPES", "Engine", "ScanRequest", "build_engines"]
 ENGINE_TYPES: dict[str, Callable[[str, Any], Engine]] = {
     "yara": YaraEngine,
     "clamav": ClamavEngine,
+    "blazelock": BlazelockEngine,
 }
 
 

@@ -1,0 +1,182 @@
+"""Blazelock (vendors.md §1, seed 000): upload only, async or sync, resumed by external reference ID.
+
+A submission that may have happened (a lost answer, a crash before the scan id was
+journaled) is never repeated blindly: submitting the same external reference ID again
+answers 409, and the scan is looked up by that ID and followed. A found scan that
+failed, or is older than `reuse_max_age`, is submitted again as `<id>.2`, `.3`...
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from daemon import __version__
+from daemon.config import BlazelockEngineConfig
+from daemon.engines._http import RateLimiter, check_status, translate_errors
+from daemon.engines.base import ScanRequest
+from daemon.errors import EnginePermanentError
+from daemon.model import Pending, Reason, Verdict, VerdictKind
+from daemon.refid import build_ref_id
+
+__all__ = ["ASYNC_LIMIT_BYTES", "SYNC_LIMIT_BYTES", "BlazelockEngine"]
+
+ASYNC_LIMIT_BYTES = 100_000_000
+SYNC_LIMIT_BYTES = 10_000_000
+_MAX_GENERATIONS = 20
+
+
+class BlazelockEngine:
+    """Blazelock's file-scans API with `mode: async` (default) or `sync`."""
+
+    remote = True
+
+    def __init__(self, name: str, config: BlazelockEngineConfig) -> None:
+        self.name = name
+        self._config = config
+        self._url = config.url.rstrip("/")
+        self._limiter = RateLimiter(config.rate_limit)
+        self._client = httpx.Client(
+            base_url=self._url, timeout=config.timeout,
+            headers={"Authorization": f"Bearer {config.api_key.get_secret_value()}",
+                     "User-Agent": f"scanwatch/{__version__}"})
+
+    # -- Engine ------------------------------------------------------------------------------
+
+    def scan(self, request: ScanRequest) -> Verdict | Pending:
+        """Upload the file (streamed from its fd); follow an existing scan of its ID instead."""
+        if request.size > ASYNC_LIMIT_BYTES:
+            raise EnginePermanentError(f"{request.size} bytes is over Blazelock's 100 MB limit",
+                                       reason=Reason.TOO_LARGE)
+        sync = self._config.mode == "sync" and request.size <= SYNC_LIMIT_BYTES
+        ref_id = request.ref_id
+        for generation in range(2, _MAX_GENERATIONS + 2):
+            response = self._submit(request, ref_id, sync)
+            if response.status_code != 409:
+                return self._answer(response, ref_id)
+            found = self._lookup(ref_id)
+            if found is None:  # not visible yet: look again later, never resubmit blindly
+                return Pending(f"ref:{ref_id}", self._config.poll_interval)
+            if not self._is_stale(found):
+                return self._follow(found, ref_id)
+            ref_id = build_ref_id(request.watch, request.rel_path, request.sha256, generation)
+        raise EnginePermanentError(f"{_MAX_GENERATIONS} generations of {request.ref_id} all failed",
+                                   reason=Reason.ENGINE_FAILED)
+
+    def poll(self, request: ScanRequest, engine_scan_id: str) -> Verdict | Pending:
+        """Follow a submitted scan; a scan known only by reference is looked up again."""
+        if engine_scan_id.startswith("ref:"):
+            ref_id = engine_scan_id.removeprefix("ref:")
+            found = self._lookup(ref_id)
+            return (Pending(engine_scan_id, self._config.poll_interval) if found is None
+                    else self._follow(found, ref_id))
+        response = self._get(f"/file-scans/{quote(engine_scan_id, safe='')}")
+        if response.status_code == 404:  # the scan is gone: start over, by reference
+            return self.scan(request)
+        check_status(response, self.name)
+        return self._follow(_scan_object(response), request.ref_id)
+
+    def probe(self) -> str:
+        """An authenticated lookup of a reference that does not exist: 404 means all is well."""
+        response = self._get("/file-scans/external-reference/scanwatch-probe")
+        if response.status_code != 404:
+            check_status(response, self.name)
+        return f"blazelock at {self._url}"
+
+    def close(self) -> None:
+        """Close the HTTP connection pool."""
+        self._client.close()
+
+    # -- wire ---------------------------------------------------------------------------------
+
+    def _submit(self, request: ScanRequest, ref_id: str, sync: bool) -> httpx.Response:
+        attributes = json.dumps({"file_name": request.name, "external_reference_id": ref_id})
+        path = "/file-scans/sync" if sync else "/file-scans"
+        # A duplicate of the fd: httpx streams the body from it, never reading it whole.
+        with os.fdopen(os.dup(request.fd), "rb") as body:
+            body.seek(0)
+            self._limiter.acquire()
+            with translate_errors(self.name, self._url + path):
+                response = self._client.post(
+                    path, files={"file": (request.name, body, "application/octet-stream")},
+                    data={"attributes": attributes},
+                    timeout=self._config.timeout if not sync else max(self._config.timeout, 60.0))
+        self._limiter.observe(response)
+        return response
+
+    def _get(self, path: str) -> httpx.Response:
+        self._limiter.acquire()
+        with translate_errors(self.name, self._url + path):
+            response = self._client.get(path)
+        self._limiter.observe(response)
+        return response
+
+    def _lookup(self, ref_id: str) -> dict[str, Any] | None:
+        """The scan with this external reference ID, or None if the service has none (yet)."""
+        response = self._get(f"/file-scans/external-reference/{quote(ref_id, safe='')}")
+        if response.status_code == 404:
+            return None
+        check_status(response, self.name)
+        return _scan_object(response)
+
+    def _is_stale(self, scan: dict[str, Any]) -> bool:
+        if scan.get("status") == "failed":
+            return True
+        created = _timestamp(scan.get("created_at"))
+        return created is not None and datetime.now().timestamp() - created > self._config.reuse_max_age
+
+    def _answer(self, response: httpx.Response, ref_id: str) -> Verdict | Pending:
+        if response.status_code == 408:
+            body = _json(response)
+            if body.get("code") == "sync_scan_timeout" and body.get("file_scan_id"):
+                # The scan exists and goes on: poll it, never resubmit (vendors.md).
+                return Pending(str(body["file_scan_id"]), self._config.poll_interval)
+        check_status(response, self.name)
+        return self._follow(_scan_object(response), ref_id)
+
+    def _follow(self, scan: dict[str, Any], ref_id: str) -> Verdict | Pending:
+        scan_id = str(scan.get("id", ""))
+        status = scan.get("status")
+        if status == "processing" or status == "submitted":
+            return Pending(scan_id, self._config.poll_interval)
+        raw = {"status": status, "result": scan.get("result"), "external_reference_id": ref_id}
+        if status == "failed":
+            return Verdict(VerdictKind.FAILED, reason=Reason.ENGINE_FAILED, engine_scan_id=scan_id, raw=raw)
+        result = scan.get("result") or {}
+        if status != "completed" or not isinstance(result.get("safe"), bool):
+            raise EnginePermanentError(f"engine {self.name!r}: unexpected scan object {scan!r:.200}",
+                                       reason=Reason.ENGINE_FAILED)
+        if result["safe"]:
+            return Verdict(VerdictKind.CLEAN, engine_scan_id=scan_id, raw=raw)
+        threats = tuple(str(f.get("name")) for f in result.get("findings") or [] if f.get("name"))
+        return Verdict(VerdictKind.INFECTED, threats=threats or ("unnamed",), engine_scan_id=scan_id,
+                       raw=raw)
+
+
+def _json(response: httpx.Response) -> dict[str, Any]:
+    try:
+        body = response.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def _scan_object(response: httpx.Response) -> dict[str, Any]:
+    """The scan object, with or without its `data` envelope."""
+    body = _json(response)
+    inner = body.get("data", body)
+    return inner if isinstance(inner, dict) else {}
+
+
+def _timestamp(value: object) -> float | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None

@@ -1,0 +1,233 @@
+"""The Blazelock engine against a strict loopback emulator of its API (vendors.md §1)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import EICAR, Harness, Layout
+from emulators._server import Fault
+from emulators.blazelock import BlazelockEmulator
+
+from daemon.config import BlazelockEngineConfig
+from daemon.engines.blazelock import BlazelockEngine
+from daemon.model import FileState
+
+
+@pytest.fixture
+def emulator() -> Iterator[BlazelockEmulator]:
+    with BlazelockEmulator(scan_delay_s=0.2) as server:
+        yield server  # type: ignore[misc]
+
+
+def _harness(layout: Layout, emulator: BlazelockEmulator, **cfg: object) -> Harness:
+    engine_cfg = {"type": "blazelock", "url": emulator.url, "api_key": "test-key",
+                  "poll_interval": 0.1, "timeout": 5, **cfg}
+    config = BlazelockEngineConfig.model_validate(engine_cfg)
+    return Harness(layout, BlazelockEngine("default", config), engine_cfg=engine_cfg)
+
+
+def _run(harness: Harness, steps: int = 40) -> None:
+    """Step until every file is done (the first step rescans, the harness has no inotify)."""
+    harness.step(advance_s=3)
+    for _ in range(steps):
+        if all(r.state in (FileState.DONE, FileState.HELD) for r in harness.journal.select()):
+            return
+        time.sleep(0.05)
+        harness.step(advance_s=1)
+
+
+def test_async_upload_clean_infected_failed(layout: Layout, emulator: BlazelockEmulator) -> None:
+    harness = _harness(layout, emulator)
+    harness.drop("docs/ok.pdf", b"%PDF fine")
+    harness.drop("e.com", EICAR)
+    harness.drop("broken.bin", b"xx BLZ-FAIL xx")
+    _run(harness)
+    assert harness.layout.placed("clean") == ["docs/ok.pdf"]
+    assert harness.layout.placed("quarantine") == ["e.com"]
+    assert harness.layout.placed("failed") == ["broken.bin"]
+    assert harness.row("e.com").threats == ["EICAR-Test-File"]
+    assert harness.row("broken.bin").reason == "engine_failed"
+    sidecar = json.loads((layout.quarantine / "e.com.scanwatch.json").read_text())
+    assert sidecar["engine_scan_id"].startswith("fs_")
+    assert sidecar["external_reference_id"] == harness.row("e.com").ref_id
+    uploads = {e.fields["external_reference_id"]: e for e in emulator.submissions()}
+    assert set(uploads) == {harness.row(r).ref_id for r in ("docs/ok.pdf", "e.com", "broken.bin")}
+    assert uploads[harness.row("docs/ok.pdf").ref_id].fields["file_name"] == "ok.pdf"
+    assert all(e.path == "/file-scans" for e in emulator.submissions())
+
+
+def test_sync_mode_answers_in_the_upload_and_408_continues_by_polling(
+        layout: Layout, emulator: BlazelockEmulator) -> None:
+    harness = _harness(layout, emulator, mode="sync")
+    emulator.scan_delay_s = 0.0
+    harness.drop("quick.txt", b"quick")
+    _run(harness)
+    assert harness.layout.placed("clean") == ["quick.txt"]
+    emulator.scan_delay_s, emulator.sync_timeout_s = 1.0, 0.2
+    harness.drop("slow.com", EICAR)
+    _run(harness)
+    assert harness.layout.placed("quarantine") == ["slow.com"]
+    posts = [e for e in emulator.log if e.method == "POST"]
+    assert [(e.path, e.status) for e in posts] == [("/file-scans/sync", 200), ("/file-scans/sync", 408)]
+
+
+def test_sync_mode_sends_files_over_10mb_to_the_async_endpoint(layout: Layout,
+                                                             emulator: BlazelockEmulator) -> None:
+    harness = _harness(layout, emulator, mode="sync")
+    harness.drop("big.bin", b"\0" * 10_000_001)
+    _run(harness)
+    assert harness.layout.placed("clean") == ["big.bin"]
+    assert [e.path for e in emulator.submissions()] == ["/file-scans"]
+
+
+def test_over_100mb_fails_too_large_without_a_request(layout: Layout, emulator: BlazelockEmulator) -> None:
+    harness = _harness(layout, emulator)
+    path = harness.drop("huge.iso", b"")
+    os.truncate(path, 100_000_001)  # sparse: costs no disk
+    _run(harness)
+    assert harness.layout.placed("failed") == ["huge.iso"]
+    assert harness.row("huge.iso").reason == "too_large"
+    assert [e for e in emulator.log if e.method == "POST"] == []
+
+
+@pytest.mark.parametrize("forbidden", [False, True])
+def test_bad_or_revoked_key_fails_auth(layout: Layout, emulator: BlazelockEmulator, forbidden: bool) -> None:
+    if forbidden:
+        emulator.forbidden_keys.add("revoked")
+    harness = _harness(layout, emulator, api_key="revoked" if forbidden else "wrong")
+    harness.drop("a.txt", b"a")
+    _run(harness)
+    assert harness.layout.placed("failed") == ["a.txt"] and harness.row().reason == "auth"
+    assert len(emulator.log) == 1  # no retry storm
+
+
+def test_429_and_503_storm_ends_right_with_bounded_requests(layout: Layout,
+                                                           emulator: BlazelockEmulator) -> None:
+    harness = _harness(layout, emulator, max_attempts=10)
+    emulator.inject(Fault(503, {"code": "uncaught_error"}), count=4)
+    emulator.inject(Fault(429, {"code": "throttle_requests"}, {"Retry-After": "1"}), count=4)
+    for i in range(5):
+        harness.drop(f"f{i}.txt", b"x%d" % i)
+    harness.drop("e.com", EICAR)
+    _run(harness, steps=80)
+    assert len(harness.layout.placed("clean")) == 5 and harness.layout.placed("quarantine") == ["e.com"]
+    assert len(emulator.log) < 60
+    assert len(emulator.submissions()) == 6
+
+
+def test_lost_answer_to_an_upload_is_followed_by_reference_not_resubmitted(
+        layout: Layout, emulator: BlazelockEmulator) -> None:
+    harness = _harness(layout, emulator)
+    emulator.inject(Fault(reset=True, after=True), path_prefix="/file-scans")
+    harness.drop("e.com", EICAR)
+    _run(harness)
+    assert harness.layout.placed("quarantine") == ["e.com"]
+    assert len(emulator.scans) == 1  # the first upload created the scan; the retry found it
+    # The first upload was handled (its answer lost on the way); the retry got 409.
+    assert [e.status for e in emulator.log if e.method == "POST"] == [201, 409]
+
+
+def test_failed_scan_of_the_same_id_is_resubmitted_as_generation_2(
+        layout: Layout, emulator: BlazelockEmulator) -> None:
+    harness = _harness(layout, emulator)
+    emulator.scan_delay_s = 0
+    first = harness.drop("a.txt", b"xx BLZ-FAIL xx")
+    _run(harness)
+    assert harness.layout.placed("failed") == ["a.txt"]
+    ref = harness.row().ref_id
+    (layout.failed / "a.txt").rename(first)  # the same bytes dropped again
+    (layout.failed / "a.txt.scanwatch.json").unlink()
+    harness.step(advance_s=5)
+    _run(harness)
+    refs = [e.fields["external_reference_id"] for e in emulator.log if e.method == "POST"]
+    assert refs == [ref, ref, f"{ref}.2"]
+    assert harness.row().ref_id == f"{ref}.2"
+
+
+def test_envelope_is_optional(layout: Layout) -> None:
+    with BlazelockEmulator(envelope=False) as emulator:
+        harness = _harness(layout, emulator)  # type: ignore[arg-type]
+        harness.drop("e.com", EICAR)
+        _run(harness)
+    assert harness.layout.placed("quarantine") == ["e.com"]
+
+
+def test_probe_checks_reachability_and_key(emulator: BlazelockEmulator, tmp_path: Path) -> None:
+    def engine(key: str, url: str) -> BlazelockEngine:
+        return BlazelockEngine("blz", BlazelockEngineConfig.model_validate(
+            {"type": "blazelock", "url": url, "api_key": key}))
+
+    assert engine("test-key", emulator.url).probe().startswith("blazelock at")
+    from daemon.errors import EnginePermanentError, EngineUnavailableError
+
+    with pytest.raises(EnginePermanentError, match="credentials"):
+        engine("wrong", emulator.url).probe()
+    with pytest.raises(EngineUnavailableError, match="cannot reach"):
+        engine("test-key", "http://127.0.0.1:9").probe()
+
+
+def _daemon_config(layout: Layout, emulator: BlazelockEmulator, **cfg: object) -> Path:
+    config = layout.write_config()
+    text = config.read_text().replace(
+        "type: yara", f"type: blazelock\n    url: {emulator.url}\n    api_key: ${{BLZ_KEY}}\n"
+                      f"    poll_interval: 0.2")
+    for key, value in cfg.items():
+        text = text.replace("    poll_interval: 0.2", f"    poll_interval: 0.2\n    {key}: {value}")
+    config.write_text(text)
+    return config
+
+
+def test_kill_9_between_submit_and_verdict_resumes_the_same_scans(
+        layout: Layout, emulator: BlazelockEmulator, daemon_factory) -> None:
+    emulator.scan_delay_s = 4.0
+    config = _daemon_config(layout, emulator)
+    env = {"BLZ_KEY": "test-key"}
+    first = daemon_factory(config, env)
+    first.wait_started()
+    for i in range(5):
+        (layout.inbox / f"f{i}.txt").write_bytes(b"file %d" % i)
+    (layout.inbox / "e.com").write_bytes(EICAR)
+    first.wait_for(lambda: len(first.named("scan.submitted")) >= 6, what="six submissions")
+    first.proc.kill()
+    first.proc.wait()
+    second = daemon_factory(config, env)
+    second.wait_for(lambda: len(second.named("file.moved")) >= 6, timeout=30, what="six files moved")
+    assert second.stop() == 0
+    assert len(layout.placed("clean")) == 5 and layout.placed("quarantine") == ["e.com"]
+    assert len(emulator.submissions()) == 6 and len(emulator.scans) == 6  # one upload per file
+    assert second.named("scan.submitted") == []  # resumed by polling, not by uploading again
+
+
+def test_api_key_never_reaches_logs(layout: Layout, emulator: BlazelockEmulator, daemon_factory) -> None:
+    secret = "sk-live-0123456789-very-secret"
+    emulator.api_key = secret
+    daemon = daemon_factory(_daemon_config(layout, emulator), {"BLZ_KEY": secret})
+    daemon.wait_started()
+    (layout.inbox / "e.com").write_bytes(EICAR)
+    daemon.wait_for(lambda: daemon.named("file.moved"), what="moved")
+    assert daemon.stop() == 0
+    assert secret not in repr(daemon.events) and secret.encode() not in daemon.stderr
+    assert secret not in (layout.quarantine / "e.com.scanwatch.json").read_text()
+
+
+def test_100mb_upload_streams_with_small_rss(layout: Layout, emulator: BlazelockEmulator,
+                                             daemon_factory) -> None:
+    emulator.scan_delay_s = 0
+    daemon = daemon_factory(_daemon_config(layout, emulator), {"BLZ_KEY": "test-key"})
+    daemon.wait_started()
+    with open(layout.inbox / "big.bin", "wb") as f:
+        for _ in range(100):
+            f.write(os.urandom(1_000_000))
+    daemon.wait_for(lambda: daemon.named("file.moved"), timeout=60, what="big file moved")
+    peak_kb = next(int(line.split()[1]) for line in
+                   Path(f"/proc/{daemon.proc.pid}/status").read_text().splitlines()
+                   if line.startswith("VmHWM:"))
+    assert daemon.stop() == 0
+    assert layout.placed("clean") == ["big.bin"]
+    assert emulator.submissions()[0].body_bytes > 100_000_000
+    assert peak_kb < 100 * 1024, f"peak RSS {peak_kb} kB"
