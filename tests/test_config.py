@@ -39,6 +39,7 @@ def test_quickstart_and_example_configs_are_valid(tmp_path: Path, monkeypatch) -
     (tmp_path / "credentials").mkdir()  # as systemd's LoadCredential= provides them
     (tmp_path / "credentials" / "alert_webhook_url").write_text("https://hooks.example/t\n")
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path / "credentials"))
+    monkeypatch.setenv("BLAZELOCK_API_KEY", "example-key")
     config = load_config(tmp_path / "example.yaml")
     assert config.metrics is not None and config.engines["default"].max_pending_age == 86400
     assert config.notify is not None
