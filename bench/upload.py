@@ -60,7 +60,8 @@ def main() -> None:
     adapter_rate, curl_rate = size_mb / result["seconds"], size_mb / curl_s
     print(f"upload: one {size_mb:.0f} MB file to the Blazelock emulator on loopback")
     print(f"  scanwatch adapter: {adapter_rate:7.0f} MB/s   peak RSS {result['peak_rss_kb'] / 1024:.0f} MB")
-    print(f"  curl -F          : {curl_rate:7.0f} MB/s   -> adapter at {adapter_rate / curl_rate:.0%} of curl")
+    print(f"  curl -F          : {curl_rate:7.0f} MB/s   "
+          f"-> adapter at {adapter_rate / curl_rate:.0%} of curl")
 
 
 if __name__ == "__main__":
