@@ -23,6 +23,9 @@ from daemon.pipeline import Pipeline
 from daemon.retry import RetryPolicy
 from daemon.watchers.local import LocalWatcher
 
+# s3_server/s3_bucket (SeaweedFS), sqs_server/sqs_queue (moto), clamd_server/clamdscan_args.
+pytest_plugins = ["realservers"]
+
 ROOT = Path(__file__).resolve().parent.parent
 EICAR = (ROOT / "samples" / "eicar.com").read_bytes()
 
