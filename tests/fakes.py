@@ -21,6 +21,7 @@ class FakeEngine:
 
     name: str = "fake"
     remote: bool = False
+    reads_s3: bool = False
     script: list[Script] = field(default_factory=list)  # consumed one per scan call
     polls: dict[str, list[Verdict | Pending]] = field(default_factory=dict)
     calls: list[tuple[str, str]] = field(default_factory=list)  # (method, ref_id)
@@ -55,7 +56,7 @@ class FakeEngine:
 def _read(request: ScanRequest) -> bytes:
     import os
 
-    return os.pread(request.fd, request.size + 1, 0)
+    return os.pread(request.bytes_fd, request.size + 1, 0)
 
 
 def raises(exc: BaseException) -> Script:

@@ -7,20 +7,43 @@ from typing import Protocol
 
 from daemon.model import Pending, Verdict
 
-__all__ = ["Engine", "ScanRequest"]
+__all__ = ["Engine", "S3Object", "ScanRequest"]
+
+
+@dataclass(frozen=True)
+class S3Object:
+    """The exact S3 object version being scanned, for engines that read S3 themselves."""
+
+    bucket: str
+    key: str
+    etag: str
+    version_id: str | None
+    url: str  # a presigned GET URL of this object (Perception Point `download_link`)
 
 
 @dataclass(frozen=True)
 class ScanRequest:
-    """One file to scan: an open read-only fd of exactly the hashed bytes, and its names."""
+    """One file to scan: an open read-only fd of exactly the hashed bytes, and its names.
+
+    For an S3 source, `s3` names the object; `fd` is then a local copy of its bytes,
+    or None when the engine reads S3 itself (`Engine.reads_s3`) and nothing was downloaded.
+    """
 
     watch: str
     rel_path: str
-    path: str  # absolute local path, for engines that read the file themselves
-    fd: int
+    path: str  # absolute local path (or s3://bucket/key), for engines that read the file themselves
+    fd: int | None
     size: int
     sha256: str
     ref_id: str  # the external reference ID (contract.md)
+    s3: S3Object | None = None
+
+    @property
+    def bytes_fd(self) -> int:
+        """The fd of the bytes; always set for engines that do not read S3 themselves."""
+        if self.fd is None:
+            raise RuntimeError(f"{self.path}: no local copy was made for this engine")
+        return self.fd
 
     @property
     def name(self) -> str:
@@ -38,6 +61,7 @@ class Engine(Protocol):
 
     name: str
     remote: bool  # scans outlive this process: journal the reference ID before submitting
+    reads_s3: bool  # scans S3 sources by path or link itself: the pipeline does not download them
 
     def scan(self, request: ScanRequest) -> Verdict | Pending:
         """Scan the file, or submit it and return the scan to poll."""

@@ -35,6 +35,7 @@ class BlazelockEngine:
     """Blazelock's file-scans API with `mode: async` (default) or `sync`."""
 
     remote = True
+    reads_s3 = False
 
     def __init__(self, name: str, config: BlazelockEngineConfig) -> None:
         self.name = name
@@ -98,7 +99,7 @@ class BlazelockEngine:
         attributes = json.dumps({"file_name": request.name, "external_reference_id": ref_id})
         path = "/file-scans/sync" if sync else "/file-scans"
         # A duplicate of the fd: httpx streams the body from it, never reading it whole.
-        with os.fdopen(os.dup(request.fd), "rb") as body:
+        with os.fdopen(os.dup(request.bytes_fd), "rb") as body:
             body.seek(0)
             self._limiter.acquire()
             with translate_errors(self.name, self._url + path):

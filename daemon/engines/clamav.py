@@ -63,6 +63,7 @@ class ClamavEngine:
     """clamd, reached by `socket:` or `address:`, with `mode: auto | path | stream`."""
 
     remote = False
+    reads_s3 = False
 
     def __init__(self, name: str, config: ClamavEngineConfig) -> None:
         self.name = name
@@ -129,7 +130,7 @@ class ClamavEngine:
             if not (self._config.mode == "auto" and reply.endswith(" ERROR")
                     and any(e in reply for e in _ACCESS_ERRORS)):
                 return self._verdict(reply, "path")
-        return self._verdict(self._ask(b"INSTREAM", lambda: _chunks(request.fd)), "stream")
+        return self._verdict(self._ask(b"INSTREAM", lambda: _chunks(request.bytes_fd)), "stream")
 
     def _verdict(self, reply: str, how: str) -> Verdict:
         raw: dict[str, object] = {"reply": reply, "mode": how}

@@ -33,6 +33,7 @@ class YaraEngine:
     """Scans the file's bytes in process; a match is a threat named after its rule."""
 
     remote = False
+    reads_s3 = False
 
     def __init__(self, name: str, config: YaraEngineConfig) -> None:
         self.name = name
@@ -46,7 +47,7 @@ class YaraEngine:
             if request.size == 0:
                 matches = self._rules.match(data=b"", timeout=self._timeout_s)
             else:
-                with mmap.mmap(request.fd, 0, access=mmap.ACCESS_READ) as data:
+                with mmap.mmap(request.bytes_fd, 0, access=mmap.ACCESS_READ) as data:
                     matches = self._rules.match(data=data, timeout=self._timeout_s)
         except yara.TimeoutError as exc:
             raise EngineRetryableError(f"YARA scan timed out after {self._timeout_s}s",
