@@ -21,6 +21,7 @@ from functools import partial
 from typing import Any
 
 import structlog
+from pydantic import SecretStr
 
 from daemon.config import Config, WatchConfig
 from daemon.engines.base import Engine, ScanRequest
@@ -245,7 +246,7 @@ class Pipeline:
             self.journal.apply([(row.id, {"sha256": sha256, "ref_id": ref_id,
                                           "engine": engine.name})])
         request = ScanRequest(watch.name, row.rel_path, os.path.join(watch.source, row.rel_path),
-                              fd, st.st_size, sha256, ref_id)
+                              fd, st.st_size, sha256, ref_id, archive_password=_secret(watch.archivepwd))
         engine_cfg = self.config.engines[watch.engine]
         started = time.monotonic()
         try:
@@ -440,6 +441,10 @@ class Pipeline:
             "detected_at": iso(row.discovered_at),
             "scanned_at": iso(row.scanned_at),
         }
+
+
+def _secret(value: SecretStr | None) -> str | None:
+    return None if value is None else value.get_secret_value()
 
 
 def _identity_fields(st: os.stat_result) -> dict[str, Any]:

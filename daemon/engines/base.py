@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from daemon.model import Pending, Verdict
@@ -37,6 +37,7 @@ class ScanRequest:
     sha256: str
     ref_id: str  # the external reference ID (contract.md)
     s3: S3Object | None = None
+    archive_password: str | None = field(default=None, repr=False)  # the watch's `archivepwd`
 
     @property
     def bytes_fd(self) -> int:
