@@ -21,10 +21,12 @@ from pydantic import (
 )
 
 from daemon.errors import ConfigError
+from daemon.s3 import S3Url, is_s3
 
 __all__ = [
     "DEFAULT_CONFIG_PATHS",
     "DEFAULT_IGNORE",
+    "EventsConfig",
     "BlazelockEngineConfig",
     "ClamavEngineConfig",
     "Config",
@@ -94,6 +96,14 @@ class S3Config(_Model):
     endpoint_url: str | None = Field(default=None, description="for S3-compatible stores",
                                      examples=["http://127.0.0.1:8333"])
     region: str | None = Field(default=None, examples=["us-east-1"])
+    multipart_threshold: Size = Field(default=5 * 2**30, gt=0,
+                                      description="server-side copies above this use multipart copy")
+    multipart_chunksize: Size = Field(default=8 * 2**20, ge=5 * 2**20,
+                                      description="part size of multipart uploads and copies")
+
+
+class EventsConfig(_Model):
+    sqs_queue_url: str = Field(description="SQS queue that receives the bucket's S3 event notifications")
 
 
 class MetricsConfig(_Model):
@@ -173,10 +183,6 @@ EngineConfig = Annotated[YaraEngineConfig | ClamavEngineConfig | BlazelockEngine
                          Field(discriminator="type")]
 
 
-def _is_s3(location: str) -> bool:
-    return location.startswith("s3://")
-
-
 class WatchConfig(_Model):
     name: str = Field(pattern=r"^[a-z0-9_-]+$", max_length=64, description="unique watch name")
     source: str = Field(description="local directory (or s3://bucket/prefix/) to watch")
@@ -188,17 +194,25 @@ class WatchConfig(_Model):
                                     description="basename globs left waiting; replaces the defaults")
     settle_seconds: Duration = Field(2.0, description="size and times unchanged this long = complete")
     rescan_interval: Duration = Field(60.0, gt=0, description="full rescan, the safety net for lost events")
-    poll_interval: Duration = Field(30.0, gt=0, description="S3 listing interval")
+    poll_interval: Duration = Field(30.0, gt=0, description="S3 listing interval (with events: the "
+                                    "safety net's, at a tenth of the pace)")
+    events: EventsConfig | None = Field(None, description="S3 event notifications through SQS")
     archivepwd: SecretStr | None = Field(None, description="password of encrypted archives, for the engine")
 
     @field_validator("source", "clean", "quarantine", "failed")
     @classmethod
     def _location(cls, value: str) -> str:
-        if _is_s3(value):
-            raise ValueError("s3:// locations are not available in this version")
+        if is_s3(value):
+            return str(S3Url.parse(value))
         if not value.strip():
             raise ValueError("must be a directory path")
         return os.path.abspath(os.path.expanduser(value))
+
+    @model_validator(mode="after")
+    def _events_need_s3(self) -> WatchConfig:
+        if self.events is not None and not is_s3(self.source):
+            raise ValueError("events: only an s3:// source has S3 event notifications")
+        return self
 
     @property
     def destinations(self) -> dict[str, str]:
@@ -247,7 +261,7 @@ class Config(_Model):
                 if _overlaps(watch.source, other.source):
                     problems.append(f"{where}.source: overlaps watches[{j}].source ({other.source}); "
                                     "each file must belong to one watch")
-            if not os.path.isdir(watch.source):
+            if not is_s3(watch.source) and not os.path.isdir(watch.source):
                 problems.append(f"{where}.source: directory {watch.source} does not exist")
         if problems:
             raise ConfigError("config", problems)
@@ -262,6 +276,11 @@ class Config(_Model):
 
 
 def _overlaps(a: str, b: str) -> bool:
+    if is_s3(a) or is_s3(b):
+        if not (is_s3(a) and is_s3(b)):
+            return False
+        first, second = S3Url.parse(a), S3Url.parse(b)
+        return first.contains(second) or second.contains(first)
     a, b = os.path.realpath(a), os.path.realpath(b)
     return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
 

@@ -59,6 +59,12 @@ _SCHEMA = [
         name TEXT PRIMARY KEY, healthy INTEGER NOT NULL, detail TEXT, checked_at REAL NOT NULL
     );
     """,
+    # S3 sources: the object version a row stands for; rows of any state remember it.
+    """
+    ALTER TABLE files ADD COLUMN etag TEXT;
+    ALTER TABLE files ADD COLUMN version_id TEXT;
+    CREATE INDEX files_seen ON files(watch, rel_path, etag);
+    """,
 ]
 
 _JSON_COLUMNS = ("threats", "raw_result")
@@ -102,6 +108,8 @@ class FileRow:
     scanned_at: float | None
     done_at: float | None
     updated_at: float
+    etag: str | None = None  # S3 sources: the listed (then scanned) object version
+    version_id: str | None = None
 
     @property
     def identity(self) -> Identity | None:
@@ -267,6 +275,34 @@ class Journal:
                 )
                 added += cursor.rowcount
         return added
+
+    def discover_objects(self, watch: str, objects: Iterable[tuple[str, str, str | None, int]],
+                         now: float) -> int:
+        """Record S3 objects `(rel_path, etag, version_id, size)` as stable arrivals.
+
+        An object version any row already stands for (bar a vanished one) is not new,
+        so listing a prefix again, or a repeated event, adds nothing. A key replaced
+        before its scan started is updated in place; once scanning, the change is
+        found by the scan's or the move's ETag condition. Returns rows added or updated.
+        """
+        changed = 0
+        with self._tx() as conn:
+            for rel_path, etag, version_id, size in objects:
+                path = os.fsencode(rel_path)
+                cursor = conn.execute(
+                    f"""INSERT INTO files (watch, rel_path, state, size, etag, version_id,
+                                          next_attempt_at, discovered_at, stable_at, updated_at)
+                        SELECT ?, ?, 'stable', ?, ?, ?, ?, ?, ?, ?
+                        WHERE NOT EXISTS (SELECT 1 FROM files WHERE watch = ? AND rel_path = ?
+                                          AND etag = ? AND state != 'gone')
+                        ON CONFLICT (watch, rel_path) WHERE {_ACTIVE} DO UPDATE
+                        SET etag = excluded.etag, version_id = excluded.version_id,
+                            size = excluded.size, updated_at = excluded.updated_at
+                        WHERE files.state IN ('discovered', 'stable')""",
+                    (watch, path, size, etag, version_id, now, now, now, now, watch, path, etag),
+                )
+                changed += cursor.rowcount
+        return changed
 
     def due(self, state: FileState, watch: str, now: float, limit: int) -> list[FileRow]:
         """Rows of `watch` in `state` whose next attempt is due, oldest first."""

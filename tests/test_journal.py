@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
+from daemon import journal as journal_module
 from daemon.journal import Journal, owner_token
 from daemon.model import FileState
 
@@ -18,7 +20,7 @@ def test_wal_mode_and_schema_version(tmp_path: Path) -> None:
     journal = _journal(tmp_path)
     conn = journal._conn()
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
     journal.close()
     assert _journal(tmp_path).discover("w", [("a", 1)], 1.0) == 1  # reopening migrates nothing
 
@@ -87,3 +89,39 @@ def test_rows_of_a_dead_owner_are_handed_back(tmp_path: Path) -> None:
                       "move": (FileState.MOVING, None), "mine": (FileState.SCANNING, live)}
     claimed = journal.claim(["w"], live, now=2.0, limit=10)
     assert {r.rel_path for r in claimed} == {"scan", "poll", "move"}
+
+
+def test_a_version_1_journal_is_migrated_with_its_rows(tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite3"
+    conn = sqlite3.connect(path)
+    conn.executescript(journal_module._SCHEMA[0])
+    conn.execute("INSERT INTO files (watch, rel_path, state, next_attempt_at, discovered_at, updated_at) "
+                 "VALUES ('w', ?, 'stable', 1, 1, 1)", (b"old.txt",))
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+    journal = Journal(path)
+    (row,) = journal.select()
+    assert (row.rel_path, row.state, row.etag) == ("old.txt", FileState.STABLE, None)
+    assert journal.discover_objects("w", [("new.txt", "e1", None, 5)], 2.0) == 1
+
+
+def test_discover_objects_remembers_versions(tmp_path: Path) -> None:
+    journal = _journal(tmp_path)
+    assert journal.discover_objects("w", [("a", "e1", None, 3), ("b", "e2", "v2", 4)], 1.0) == 2
+    assert journal.discover_objects("w", [("a", "e1", None, 3)], 2.0) == 0  # listed again
+    # Replaced before its scan started: the row follows the new version.
+    assert journal.discover_objects("w", [("a", "e3", None, 9)], 3.0) == 1
+    row = journal.active("w", "a")
+    assert row is not None and (row.etag, row.size, row.state) == ("e3", 9, FileState.STABLE)
+    # Done rows remember their version: the same object listed again is not new...
+    journal.apply([(row.id, {"state": FileState.DONE})])
+    assert journal.discover_objects("w", [("a", "e3", None, 9)], 4.0) == 0
+    # ...but a new upload under that key is.
+    assert journal.discover_objects("w", [("a", "e4", None, 1)], 5.0) == 1
+    # Once scanning, a listing does not touch the row (the ETag conditions catch a change).
+    fresh = journal.active("w", "a")
+    assert fresh is not None
+    journal.apply([(fresh.id, {"state": FileState.SCANNING})])
+    assert journal.discover_objects("w", [("a", "e5", None, 2)], 6.0) == 0
+    assert journal.get(fresh.id).etag == "e4"  # type: ignore[union-attr]

@@ -1,0 +1,115 @@
+"""S3 plumbing shared by the S3 watcher and S3 locations: URLs, clients, keys, errors."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import boto3
+from botocore.config import Config as BotoConfig
+from botocore.exceptions import BotoCoreError, ClientError
+
+from daemon.errors import LocationError, UnsafePathError
+from daemon.fsutil import rel_parts
+
+if TYPE_CHECKING:  # config imports this module for S3Url
+    from daemon.config import S3Config
+
+__all__ = [
+    "S3Unavailable",
+    "S3Url",
+    "error_code",
+    "is_s3",
+    "local_rel",
+    "make_client",
+    "s3_errors",
+]
+
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_MAX_SEGMENT_BYTES = 255
+# Codes that say "this will not work until someone changes something": wait, don't fail.
+_UNAVAILABLE = {"NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+                "SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "503", "500"}
+
+
+def is_s3(location: str) -> bool:
+    """True for an `s3://bucket/prefix/` location."""
+    return location.startswith("s3://")
+
+
+@dataclass(frozen=True)
+class S3Url:
+    """`s3://bucket/prefix/`: a bucket and a key prefix that is empty or ends with `/`."""
+
+    bucket: str
+    prefix: str
+
+    @classmethod
+    def parse(cls, text: str) -> S3Url:
+        """Parse and check a location; ValueError says what is wrong."""
+        bucket, _, prefix = text.removeprefix("s3://").partition("/")
+        if not _BUCKET.fullmatch(bucket) or ".." in bucket:
+            raise ValueError(f"{bucket!r} is not a valid S3 bucket name (3-63 of a-z 0-9 . -)")
+        if prefix and not prefix.endswith("/"):
+            prefix += "/"
+        if "//" in prefix or prefix.startswith("/"):
+            raise ValueError("the key prefix has an empty segment")
+        return cls(bucket, prefix)
+
+    def key(self, rel_path: str) -> str:
+        """The object key of `rel_path` under this prefix."""
+        return self.prefix + rel_path
+
+    def contains(self, other: S3Url) -> bool:
+        """True when every key under `other` is also under this prefix."""
+        return self.bucket == other.bucket and other.prefix.startswith(self.prefix)
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+
+def local_rel(rel_path: str) -> str:
+    """The relative local path for a key's relative part, or UnsafePathError.
+
+    Keys are not paths: a leading `/`, empty and `.` segments are dropped, while `..`,
+    NUL and over-long segments cannot be made safe (reason `unsafe_key`).
+    """
+    parts = [p for p in rel_path.split("/") if p not in ("", ".")]
+    try:
+        rel_parts("/".join(parts))
+    except UnsafePathError:
+        raise UnsafePathError(f"S3 key part {rel_path!r} cannot be a local path") from None
+    if any(len(p.encode()) > _MAX_SEGMENT_BYTES for p in parts):
+        raise UnsafePathError(f"S3 key part {rel_path!r} has a segment over 255 bytes")
+    return "/".join(parts)
+
+
+def make_client(config: S3Config) -> Any:
+    """A thread-safe boto3 S3 client with the usual credential chain and `s3:` overrides."""
+    session = boto3.session.Session()
+    return session.client(
+        "s3", endpoint_url=config.endpoint_url, region_name=config.region,
+        config=BotoConfig(connect_timeout=5, read_timeout=60, max_pool_connections=64,
+                          retries={"mode": "standard", "max_attempts": 3},
+                          s3={"addressing_style": "path"} if config.endpoint_url else None))
+
+
+def error_code(exc: ClientError) -> str:
+    """The S3 error code of a ClientError (`NoSuchKey`, `PreconditionFailed`, ...)."""
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+class S3Unavailable(LocationError):  # noqa: N818 - reads as a state: "S3 unavailable"
+    """S3 cannot be used right now (down, throttling, missing bucket, denied): wait and retry."""
+
+
+def s3_errors(what: str, exc: Exception) -> LocationError:
+    """A LocationError for a failed S3 call; S3Unavailable when waiting may help."""
+    if isinstance(exc, ClientError):
+        code = error_code(exc)
+        message = f"{what}: {code} {exc.response.get('Error', {}).get('Message', '')}".strip()
+        return S3Unavailable(message) if code in _UNAVAILABLE else LocationError(message)
+    if isinstance(exc, BotoCoreError):
+        return S3Unavailable(f"{what}: {exc}")
+    return LocationError(f"{what}: {exc}")
