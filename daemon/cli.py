@@ -159,13 +159,13 @@ def _quarantine(args: argparse.Namespace, config_path: str, config: Config) -> i
                 print(f"{row.id:>6}  {iso(row.done_at)}  {row.watch}  {row.rel_path}  "
                       f"[{', '.join(row.threats or [])}]")
     elif args.action == "show":
-        print(json.dumps(quarantine.describe(journal, args.id), indent=2, ensure_ascii=False))
+        print(json.dumps(quarantine.describe(config, journal, args.id), indent=2, ensure_ascii=False))
     elif args.action == "release":
         destination = quarantine.release(config, journal, args.id, reason=args.reason,
                                          to=args.to, force=args.force)
         print(f"released {args.id} to {destination}")
     else:
-        quarantine.delete(journal, args.id, reason=args.reason)
+        quarantine.delete(config, journal, args.id, reason=args.reason)
         print(f"deleted {args.id}")
     return EXIT_OK
 

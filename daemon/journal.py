@@ -113,8 +113,8 @@ class FileRow:
 
     @property
     def identity(self) -> Identity | None:
-        """The file's identity when it settled or was scanned; None before."""
-        if self.size is None:
+        """A local file's identity when it settled or was scanned; None before (and for S3)."""
+        if self.size is None or self.inode is None:
             return None
         return Identity(self.dev or 0, self.inode or 0, self.size, self.mtime_ns or 0,
                         self.ctime_ns or 0)

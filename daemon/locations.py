@@ -376,7 +376,7 @@ class S3Location:
     def __init__(self, url: str, client: Any, config: S3Config) -> None:
         self.url = url
         self.where = S3Url.parse(url)
-        self._client = client
+        self.client = self._client = client
         self._copy_threshold = config.multipart_threshold
         self._part_size = config.multipart_chunksize
 
@@ -582,7 +582,7 @@ class Locations:
 
     def __init__(self, config: S3Config, dirs: DirCache, client: Any | None = None) -> None:
         self._config = config
-        self._dirs = dirs
+        self.dirs = dirs
         self._client = client
 
     @property
@@ -595,4 +595,4 @@ class Locations:
     def __call__(self, url: str) -> Location:
         if is_s3(url):
             return S3Location(url, self.client, self._config)
-        return LocalLocation(url, self._dirs)
+        return LocalLocation(url, self.dirs)

@@ -1,4 +1,4 @@
-"""The pipeline: claims due journal rows, asks the engine, hands the verdict to the mover.
+"""The pipeline: claims due journal rows, asks the engine, moves the file between its locations.
 
 Each engine has `concurrency` worker threads. A worker claims a small batch of due
 rows and carries it one step per journal transaction: scanned (verdict and planned
@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import hashlib
 import os
+import re
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -21,10 +25,11 @@ from functools import partial
 from typing import Any
 
 import structlog
+from botocore.exceptions import BotoCoreError
 from pydantic import SecretStr
 
 from daemon.config import Config, WatchConfig
-from daemon.engines.base import Engine, ScanRequest
+from daemon.engines.base import Engine, S3Object, ScanRequest
 from daemon.errors import (
     EnginePermanentError,
     EngineRetryableError,
@@ -34,16 +39,21 @@ from daemon.errors import (
 )
 from daemon.fsutil import DirCache, Identity, open_file, sha256_fd, split_rel
 from daemon.journal import FileRow, Journal
+from daemon.locations import ChangedError, Location, Locations, MoveRequest, S3Location, transfer
 from daemon.model import FileState, Pending, Reason, Verdict, VerdictKind
-from daemon.mover import ChangedError, MoveRequest, move, plan, reconcile, write_sidecar
 from daemon.refid import build_ref_id
 from daemon.retry import RetryPolicy
+from daemon.s3 import S3Unavailable, flat_name, is_s3, local_rel, make_client
 
 __all__ = ["Pipeline", "iso"]
 
 log = structlog.get_logger("scanwatch.pipeline")
 
 _BATCH = 16
+_COPY_CHUNK = 1 << 20
+_PRESIGN_S = 3600
+_FREE_SPACE_RESERVE = 64 * 2**20
+_TAG_VALUE = re.compile(r"[^\w .:/=+@-]")
 _IDLE_WAIT_S = 1.0
 _DEST_FOR = {VerdictKind.CLEAN: "clean", VerdictKind.INFECTED: "quarantine",
              VerdictKind.FAILED: "failed"}
@@ -87,6 +97,8 @@ class Pipeline:
         self._threads: list[threading.Thread] = []
         self._engine_down: dict[str, bool] = {}
         self.heartbeat_at = clock()
+        self.s3 = make_client(config.s3) if uses_s3(config) else None
+        self.work_dir = config.state_dir / "work"
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -141,17 +153,17 @@ class Pipeline:
         """Carry claimed rows one step per transaction: scanned, then moved."""
         try:
             with DirCache() as dirs:
-                self._process(rows, dirs)
+                self._process(rows, Locations(self.config.s3, dirs, self.s3))
         except BaseException:
             # Whatever an unexpected error left claimed goes back to the queue.
             self.journal.release(self.owner, [row.id for row in rows])
             raise
 
-    def _process(self, rows: list[FileRow], dirs: DirCache) -> None:
+    def _process(self, rows: list[FileRow], locations: Locations) -> None:
         scanned: list[tuple[FileRow, _Outcome]] = []
         for row in rows:
             if row.state is FileState.SCANNING:
-                scanned.append((row, self._guard(row, partial(self._scan, dirs=dirs))))
+                scanned.append((row, self._guard(row, partial(self._scan, locations=locations))))
             elif row.state is FileState.VERDICT:
                 scanned.append((row, self._plan_move(row, {"state": FileState.MOVING})))
             else:
@@ -163,7 +175,7 @@ class Pipeline:
                 # A row claimed while moving was cut off by a crash: finish what it started.
                 resumed = row.state is FileState.MOVING
                 current = dataclasses.replace(row, **outcome.changes)  # type: ignore[arg-type]
-                step = partial(self._move, dirs=dirs, resumed=resumed)
+                step = partial(self._move, locations=locations, resumed=resumed)
                 moved.append((current, self._guard(current, step)))
         self._commit(moved)
 
@@ -201,17 +213,18 @@ class Pipeline:
             log.exception("file.internal_error", **self._context(row))
             if row.state is FileState.MOVING and row.verdict is not None:
                 return self._move_failed(row, exc)
-            return self._plan_move(row, self._verdict_changes(
-                row, Verdict.failed(Reason.INTERNAL_ERROR), None, None))
+            return self._plan_move(row, self._verdict_changes(row, Verdict.failed(Reason.INTERNAL_ERROR)))
 
     # -- scanning -----------------------------------------------------------------------------
 
-    def _scan(self, row: FileRow, dirs: DirCache) -> _Outcome:
+    def _scan(self, row: FileRow, locations: Locations) -> _Outcome:
         watch = self.config.watch(row.watch)
         engine = self.engines[watch.engine]
+        if is_s3(watch.source):
+            return self._scan_s3(row, watch, engine, locations)
         parents, name = split_rel(row.rel_path)
         try:
-            dir_fd = dirs.open(watch.source, parents)
+            dir_fd = locations.dirs.open(watch.source, parents)
         except FileNotFoundError:
             return self._gone(row)
         except UnsafePathError as exc:
@@ -239,14 +252,71 @@ class Pipeline:
             sha256 = sha256_fd(fd)
         except OSError as exc:
             return self._fail(row, Reason.UNREADABLE, exc)
+        request = ScanRequest(watch.name, row.rel_path, os.path.join(watch.source, row.rel_path),
+                              fd, st.st_size, sha256, "", archive_password=_secret(watch.archivepwd))
+        return self._ask(row, watch, engine, request, {
+            "dev": identity.dev, "inode": identity.inode, "size": identity.size,
+            "mtime_ns": identity.mtime_ns, "ctime_ns": identity.ctime_ns})
+
+    def _scan_s3(self, row: FileRow, watch: WatchConfig, engine: Engine, locations: Locations) -> _Outcome:
+        """Scan the listed version of an object: downloaded to a private temp file, or
+        handed to an engine that reads S3 itself (then only hashed on the way past)."""
+        source = locations(watch.source)
+        assert isinstance(source, S3Location)
+        if any(not is_s3(root) for root in watch.destinations.values()):
+            try:
+                local_rel(row.rel_path)
+            except UnsafePathError as exc:
+                return self._fail(row, Reason.UNSAFE_KEY, exc)
+        try:
+            etag, version_id, size = row.etag, row.version_id, row.size
+            if etag is None:  # replaced since it was listed: take the version there now
+                head = source.head(row.rel_path)
+                if head is None:
+                    return self._gone(row)
+                etag, version_id = str(head["ETag"]), head.get("VersionId")
+                size = int(head["ContentLength"])
+            self._ensure_room(size or 0)
+            obj = S3Object(source.where.bucket, source.key(row.rel_path), etag, version_id,
+                           self._presign(source, row.rel_path, version_id) if engine.reads_s3 else "")
+            facts: Changes = {"etag": etag, "version_id": version_id}
+            body = source.get(row.rel_path, etag, version_id)
+            with body, tempfile.TemporaryFile(dir=self.work_dir) as temp:
+                out = None if engine.reads_s3 else temp.fileno()
+                sha256, size = _copy_hashing(body, out)
+                request = ScanRequest(watch.name, row.rel_path, source.name(row.rel_path), out, size,
+                                      sha256, "", s3=obj, archive_password=_secret(watch.archivepwd))
+                return self._ask(row, watch, engine, request, {**facts, "size": size})
+        except ChangedError as exc:
+            return self._changed(row, str(exc))
+        except FileNotFoundError:
+            return self._gone(row)
+        except S3Unavailable as exc:
+            return self._wait(row, "source.unavailable", exc)
+
+    def _ensure_room(self, size: int) -> None:
+        """Downloads for scanning never fill the disk of `state_dir`."""
+        self.work_dir.mkdir(mode=0o700, exist_ok=True)
+        if shutil.disk_usage(self.work_dir).free < size + _FREE_SPACE_RESERVE:
+            raise S3Unavailable(f"not enough free space in {self.work_dir} for {size} bytes")
+
+    def _presign(self, source: S3Location, rel_path: str, version_id: str | None) -> str:
+        params = {"Bucket": source.where.bucket, "Key": source.key(rel_path)}
+        if version_id:
+            params["VersionId"] = version_id
+        return str(source.client.generate_presigned_url("get_object", Params=params, ExpiresIn=_PRESIGN_S))
+
+    def _ask(self, row: FileRow, watch: WatchConfig, engine: Engine, request: ScanRequest,
+             facts: Changes) -> _Outcome:
+        """Ask the engine about the bytes of `request`; `facts` say which version they were."""
+        sha256 = request.sha256
         ref_id = row.ref_id if row.sha256 == sha256 and row.ref_id else build_ref_id(
             watch.name, row.rel_path, sha256)
         if engine.remote and (row.sha256, row.ref_id) != (sha256, ref_id):
             # A remote scan outlives us: its ID is journaled before the engine sees it.
             self.journal.apply([(row.id, {"sha256": sha256, "ref_id": ref_id,
                                           "engine": engine.name})])
-        request = ScanRequest(watch.name, row.rel_path, os.path.join(watch.source, row.rel_path),
-                              fd, st.st_size, sha256, ref_id, archive_password=_secret(watch.archivepwd))
+        request = dataclasses.replace(request, ref_id=ref_id)
         engine_cfg = self.config.engines[watch.engine]
         started = time.monotonic()
         try:
@@ -271,7 +341,7 @@ class Pipeline:
                  "next_attempt_at": self.clock() + answer.poll_after_s},
                 None if row.engine_scan_id else "scan.submitted",
                 {"engine_scan_id": answer.engine_scan_id})
-        changes = self._verdict_changes(row, answer, identity, sha256)
+        changes = {**self._verdict_changes(row, answer), **facts, "sha256": sha256}
         # A re-submission (`<id>.2`) is the ID the engine knows the verdict by.
         changes.update(ref_id=str(answer.raw.get("external_reference_id", ref_id)), engine=engine.name)
         outcome = self._plan_move(row, changes)
@@ -291,32 +361,32 @@ class Pipeline:
         else:
             log.info("engine.recovered", engine=name)
 
-    def _verdict_changes(self, row: FileRow, verdict: Verdict, identity: Identity | None,
-                         sha256: str | None) -> Changes:
-        changes: Changes = {
+    def _verdict_changes(self, row: FileRow, verdict: Verdict) -> Changes:
+        return {
             "state": FileState.MOVING, "verdict": verdict.kind, "reason": verdict.reason,
             "threats": list(verdict.threats), "raw_result": verdict.raw or None,
             "engine_scan_id": verdict.engine_scan_id or row.engine_scan_id,
             "scanned_at": self.clock()}
-        if identity is not None:
-            changes.update(dev=identity.dev, inode=identity.inode, size=identity.size,
-                           mtime_ns=identity.mtime_ns, ctime_ns=identity.ctime_ns, sha256=sha256)
-        return changes
 
-    def _plan_move(self, row: FileRow, changes: Changes) -> _Outcome:
+    def _plan_move(self, row: FileRow, changes: Changes, locations: Locations | None = None) -> _Outcome:
         """Choose the destination name now, so a crash mid-move can be finished."""
-        watch = self.config.watch(row.watch)
         verdict = VerdictKind(str(changes.get("verdict", row.verdict)))
-        root = watch.destinations[_DEST_FOR[verdict]]
+        # An S3 key that cannot be a local path goes to `failed` under one flat, safe name.
+        rel_path = (flat_name(row.rel_path) if changes.get("reason", row.reason) == Reason.UNSAFE_KEY
+                    else row.rel_path)
         try:
-            dest_rel = plan(root, row.rel_path)
+            with DirCache() as dirs:
+                dest = (locations or Locations(self.config.s3, dirs, self.s3))(self._root(row, verdict))
+                return _Outcome({**changes, "destination": dest.name(dest.plan(rel_path))})
         except (OSError, LocationError) as exc:
             return self._move_failed(row, exc, {**changes, "state": FileState.VERDICT})
-        return _Outcome({**changes, "destination": os.path.join(root, dest_rel)})
+
+    def _root(self, row: FileRow, verdict: VerdictKind) -> str:
+        return self.config.watch(row.watch).destinations[_DEST_FOR[verdict]]
 
     def _fail(self, row: FileRow, reason: Reason, exc: BaseException) -> _Outcome:
         return self._plan_move(row, self._verdict_changes(
-            row, Verdict.failed(reason, raw={"error": str(exc)}), None, None))
+            row, Verdict.failed(reason, raw={"error": str(exc)})))
 
     def _retry(self, row: FileRow, exc: EngineRetryableError) -> _Outcome:
         delay_s = self.policy.delay(row.attempts, exc.retry_after_s)
@@ -327,13 +397,16 @@ class Pipeline:
                                 "attempts": row.attempts, "delay_s": round(delay_s, 3)})
 
     def _wait_for_engine(self, row: FileRow, exc: EngineUnavailableError) -> _Outcome:
-        delay_s = self.policy.delay(row.attempts, exc.retry_after_s)
-        # Waiting for a down engine spends no attempt.
+        return self._wait(row, Reason.ENGINE_UNAVAILABLE, exc, exc.retry_after_s)
+
+    def _wait(self, row: FileRow, reason: str, exc: Exception, retry_after_s: float | None = None
+              ) -> _Outcome:
+        """Try again later without spending an attempt: what is missing is not the file's fault."""
+        delay_s = self.policy.delay(row.attempts, retry_after_s)
         return _Outcome(
             {"state": FileState.STABLE, "owner": None, "last_error": str(exc),
              "attempts": row.attempts - 1, "next_attempt_at": self.clock() + delay_s},
-            "retry.scheduled", {"reason": Reason.ENGINE_UNAVAILABLE.value, "error": str(exc),
-                                "delay_s": round(delay_s, 3)})
+            "retry.scheduled", {"reason": reason, "error": str(exc), "delay_s": round(delay_s, 3)})
 
     def _held(self, row: FileRow, reason: Reason, detail: str) -> _Outcome:
         return _Outcome({"state": FileState.HELD, "reason": reason, "owner": None,
@@ -345,67 +418,70 @@ class Pipeline:
                         "file.vanished")
 
     def _changed(self, row: FileRow, detail: str) -> _Outcome:
-        return _Outcome({"state": FileState.DISCOVERED, "owner": None, "verdict": None,
-                         "reason": None, "destination": None, "size": None,
-                         "next_attempt_at": self.clock()}, "file.changed", {"detail": detail})
+        # A local file settles again; an S3 object is complete: scan the version there now.
+        s3 = is_s3(self.config.watch(row.watch).source)
+        return _Outcome({"state": FileState.STABLE if s3 else FileState.DISCOVERED, "owner": None,
+                         "verdict": None, "reason": None, "destination": None, "size": None,
+                         "etag": None, "version_id": None, "next_attempt_at": self.clock()},
+                        "file.changed", {"detail": detail})
 
     # -- moving ---------------------------------------------------------------------------------
 
-    def _move(self, row: FileRow, dirs: DirCache, resumed: bool = False) -> _Outcome:
+    def _move(self, row: FileRow, locations: Locations, resumed: bool = False) -> _Outcome:
         watch = self.config.watch(row.watch)
-        if row.identity is None:  # failed before it could be read: move whatever is there
-            return self._move_unread(row, watch.source, dirs, resumed)
+        if not is_s3(watch.source) and row.identity is None:
+            # Failed before it could be read: move whatever is there.
+            return self._move_unread(row, watch.source, locations, resumed)
         verdict = VerdictKind(str(row.verdict))
-        root = watch.destinations[_DEST_FOR[verdict]]
+        source, dest = locations(watch.source), locations(self._root(row, verdict))
         assert row.destination is not None
         request = MoveRequest(
-            file_id=row.id, src_root=watch.source, rel_path=row.rel_path, dest_root=root,
-            dest_rel=os.path.relpath(row.destination, root), identity=row.identity,
-            sha256=row.sha256 if verdict is VerdictKind.CLEAN else None,
-            private=verdict is VerdictKind.INFECTED)
+            file_id=row.id, rel_path=row.rel_path, dest_rel=row.destination.removeprefix(dest.name("")),
+            size=row.size or 0, sha256=row.sha256, verify=verdict is VerdictKind.CLEAN,
+            private=verdict is VerdictKind.INFECTED, identity=row.identity, etag=row.etag,
+            version_id=row.version_id, tags={"scanwatch-verdict": verdict.value,
+                                             "scanwatch-reason": _TAG_VALUE.sub("_", row.reason or "")})
         try:
-            if not (resumed and reconcile(request)):
-                request = self._move_fresh(row, request, dirs)
+            request = self._transfer(row, request, source, dest, resumed)
+            if verdict is not VerdictKind.CLEAN:
+                dest.write_sidecar(request.dest_rel, self.sidecar(row, dest.name(request.dest_rel)))
         except ChangedError as exc:
             return self._changed(row, str(exc))
         except FileNotFoundError:
             return self._gone(row)
+        except S3Unavailable as exc:
+            return self._move_failed(row, exc, attempts=row.move_attempts)
         except (OSError, LocationError) as exc:
             return self._move_failed(row, exc)
-        return self._placed(row, request, verdict, dirs)
+        return self._placed(row, dest.name(request.dest_rel), verdict)
 
-    def _move_fresh(self, row: FileRow, request: MoveRequest, dirs: DirCache) -> MoveRequest:
+    def _transfer(self, row: FileRow, request: MoveRequest, source: Location, dest: Location,
+                  resumed: bool) -> MoveRequest:
         """Move to the planned name; if it was taken meanwhile, journal a new plan and retry."""
         for _ in range(100):
             try:
-                move(request, dirs)
+                transfer(request, source, dest, resumed=resumed)
                 return request
             except FileExistsError:
-                dest_rel = plan(request.dest_root, row.rel_path)
-                self.journal.apply([(row.id, {"destination": os.path.join(request.dest_root, dest_rel)})])
+                dest_rel = dest.plan(row.rel_path)
+                self.journal.apply([(row.id, {"destination": dest.name(dest_rel)})])
                 request = dataclasses.replace(request, dest_rel=dest_rel)
-        raise LocationError(f"{request.dest_root}: no free name for {row.rel_path}")
+                resumed = False
+        raise LocationError(f"{dest.url}: no free name for {row.rel_path}")
 
-    def _move_unread(self, row: FileRow, source: str, dirs: DirCache, resumed: bool) -> _Outcome:
+    def _move_unread(self, row: FileRow, source: str, locations: Locations, resumed: bool) -> _Outcome:
         """A file that could not be read still leaves the source, for `failed`."""
         parents, name = split_rel(row.rel_path)
         try:
-            st = os.stat(name, dir_fd=dirs.open(source, parents), follow_symlinks=False)
-            return self._move(dataclasses.replace(row, **_identity_fields(st)), dirs, resumed)
+            st = os.stat(name, dir_fd=locations.dirs.open(source, parents), follow_symlinks=False)
+            return self._move(dataclasses.replace(row, **_identity_fields(st)), locations, resumed)
         except FileNotFoundError:
             return self._gone(row)
         except (OSError, LocationError) as exc:
             return self._move_failed(row, exc)
 
-    def _placed(self, row: FileRow, request: MoveRequest, verdict: VerdictKind,
-                dirs: DirCache) -> _Outcome:
-        destination = os.path.join(request.dest_root, request.dest_rel)
+    def _placed(self, row: FileRow, destination: str, verdict: VerdictKind) -> _Outcome:
         now = self.clock()
-        if verdict is not VerdictKind.CLEAN:
-            try:
-                write_sidecar(request.dest_root, request.dest_rel, self.sidecar(row, destination), dirs)
-            except OSError as exc:
-                return self._move_failed(row, exc)
         return _Outcome(
             {"state": FileState.DONE, "destination": destination, "owner": None, "done_at": now,
              "last_error": None},
@@ -414,8 +490,10 @@ class Pipeline:
              "destination": destination, "attempts": row.attempts, "sha256": row.sha256,
              "size": row.size, "duration_s": round(now - row.discovered_at, 4)})
 
-    def _move_failed(self, row: FileRow, exc: BaseException, changes: Changes | None = None) -> _Outcome:
-        attempts = row.move_attempts + 1
+    def _move_failed(self, row: FileRow, exc: BaseException, changes: Changes | None = None,
+                     attempts: int | None = None) -> _Outcome:
+        """Leave the file where it is and try the move again later."""
+        attempts = row.move_attempts + 1 if attempts is None else attempts
         delay_s = self.policy.delay(attempts)
         return _Outcome(
             {**(changes or {}), "state": FileState.VERDICT, "owner": None,
@@ -428,7 +506,7 @@ class Pipeline:
         """The facts of contract.md for `<name>.scanwatch.json`."""
         watch = self.config.watch(row.watch)
         return {
-            "source": os.path.join(watch.source, row.rel_path),
+            "source": watch.source.rstrip("/") + "/" + row.rel_path,
             "destination": destination,
             "verdict": row.verdict,
             "reason": row.reason,
@@ -441,6 +519,27 @@ class Pipeline:
             "detected_at": iso(row.discovered_at),
             "scanned_at": iso(row.scanned_at),
         }
+
+
+def uses_s3(config: Config) -> bool:
+    """True when any watch reads from or writes to S3."""
+    return any(is_s3(loc) for w in config.watches for loc in (w.source, *w.destinations.values()))
+
+
+def _copy_hashing(body: Any, out_fd: int | None) -> tuple[str, int]:
+    """Read a download to its end, into `out_fd` if given; its sha256 and size."""
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        while chunk := body.read(_COPY_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+            view = memoryview(chunk)
+            while out_fd is not None and view:
+                view = view[os.write(out_fd, view):]
+    except (BotoCoreError, OSError) as exc:
+        raise S3Unavailable(f"download failed: {exc}") from exc
+    return digest.hexdigest(), size
 
 
 def _secret(value: SecretStr | None) -> str | None:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import getpass
-import json
 import os
 import time
 from typing import Any
@@ -13,11 +11,12 @@ import structlog
 
 from daemon.config import Config
 from daemon.errors import LocationError, ScanwatchError
-from daemon.fsutil import DirCache, Identity, open_dir
+from daemon.fsutil import DirCache, Identity
 from daemon.journal import FileRow, Journal
+from daemon.locations import Location, Locations, MoveRequest, S3Location, transfer
 from daemon.model import FileState, VerdictKind
-from daemon.mover import MoveRequest, move, plan
 from daemon.pipeline import iso
+from daemon.s3 import is_s3
 
 __all__ = ["QuarantineError", "delete", "describe", "list_quarantined", "release"]
 
@@ -58,7 +57,20 @@ def _quarantined(journal: Journal, file_id: int) -> FileRow:
     return row
 
 
-def describe(journal: Journal, file_id: int) -> dict[str, Any]:
+def _in_quarantine(config: Config, row: FileRow, dirs: DirCache) -> tuple[Location, str]:
+    """The quarantine location holding the row's file, and its name there."""
+    assert row.destination is not None
+    root = config.watch(row.watch).quarantine
+    locations = Locations(config.s3, dirs)
+    if row.destination.startswith(locations(root).name("")):
+        location = locations(root)
+    else:  # the watch's quarantine moved since: the file's own directory
+        parent = row.destination.rsplit("/", 1)[0] + "/"
+        location = locations(parent if is_s3(parent) else os.path.dirname(row.destination))
+    return location, row.destination.removeprefix(location.name(""))
+
+
+def describe(config: Config, journal: Journal, file_id: int) -> dict[str, Any]:
     """Journal facts, sidecar and audit trail of one quarantined (or once quarantined) file."""
     row = journal.get(file_id)
     if row is None or row.verdict != VerdictKind.INFECTED:
@@ -66,9 +78,10 @@ def describe(journal: Journal, file_id: int) -> dict[str, Any]:
     sidecar: Any = None
     if row.destination and row.disposition is None:
         try:
-            with open(f"{row.destination}.scanwatch.json", encoding="utf-8") as f:
-                sidecar = json.load(f)
-        except (OSError, ValueError) as exc:
+            with DirCache() as dirs:
+                location, name = _in_quarantine(config, row, dirs)
+                sidecar = location.read_sidecar(name)
+        except (OSError, ValueError, LocationError) as exc:
             sidecar = {"error": f"cannot read the sidecar: {exc}"}
     return {
         "id": row.id, "watch": row.watch, "rel_path": row.rel_path,
@@ -90,23 +103,25 @@ def release(config: Config, journal: Journal, file_id: int, *, reason: str,
     if not force:
         raise QuarantineError(f"file {file_id} was found infected ({', '.join(row.threats or [])}); "
                               "releasing it needs --force")
-    assert row.destination is not None
-    target_root = os.path.abspath(to) if to else config.watch(row.watch).clean
-    src_root, name = os.path.split(row.destination)
+    target_root = (to if is_s3(to) else os.path.abspath(to)) if to else config.watch(row.watch).clean
     try:
-        st = os.lstat(row.destination)
-        dest_rel = plan(target_root, row.rel_path)
         with DirCache() as dirs:
-            move(MoveRequest(file_id=row.id, src_root=src_root, rel_path=name,
-                             dest_root=target_root, dest_rel=dest_rel, identity=Identity.of(st),
-                             sha256=row.sha256, private=False), dirs)
+            source, name = _in_quarantine(config, row, dirs)
+            target = Locations(config.s3, dirs)(target_root)
+            request = MoveRequest(
+                file_id=row.id, rel_path=name, dest_rel=target.plan(row.rel_path), size=row.size or 0,
+                sha256=row.sha256, verify=True, private=False,
+                identity=_identity(source, name), etag=_etag(source, name),
+                tags={"scanwatch-verdict": "released"})
+            transfer(request, source, target)
+            destination = target.name(request.dest_rel)
+            if not is_s3(target_root):
+                umask = os.umask(0)
+                os.umask(umask)
+                os.chmod(destination, 0o666 & ~umask, follow_symlinks=False)
+            source.delete(name)  # the sidecar (the file has left)
     except (OSError, LocationError) as exc:
         raise QuarantineError(f"cannot release file {file_id} from {row.destination}: {exc}") from exc
-    destination = os.path.join(target_root, dest_rel)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(destination, 0o666 & ~umask, follow_symlinks=False)
-    _remove_sidecar(row.destination)
     actor = _actor()
     journal.audit(row.id, "release", actor, reason, f"to {destination}",
                   {"destination": destination, "disposition": "released"}, time.time())
@@ -115,25 +130,29 @@ def release(config: Config, journal: Journal, file_id: int, *, reason: str,
     return destination
 
 
-def delete(journal: Journal, file_id: int, *, reason: str) -> None:
+def delete(config: Config, journal: Journal, file_id: int, *, reason: str) -> None:
     """Delete a quarantined file and its sidecar for good."""
     row = _quarantined(journal, file_id)
-    assert row.destination is not None
-    directory, name = os.path.split(row.destination)
-    dir_fd = open_dir(directory, [])
     try:
-        os.unlink(name, dir_fd=dir_fd)
-    except FileNotFoundError:
-        pass
-    finally:
-        os.close(dir_fd)
-    _remove_sidecar(row.destination)
+        with DirCache() as dirs:
+            location, name = _in_quarantine(config, row, dirs)
+            location.delete(name)
+    except (OSError, LocationError) as exc:
+        raise QuarantineError(f"cannot delete file {file_id} at {row.destination}: {exc}") from exc
     actor = _actor()
     journal.audit(row.id, "delete", actor, reason, None, {"disposition": "deleted"}, time.time())
     log.warning("quarantine.deleted", file_id=row.id, watch=row.watch, rel_path=row.rel_path,
                 actor=actor, reason=reason)
 
 
-def _remove_sidecar(destination: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(f"{destination}.scanwatch.json")
+def _identity(location: Location, name: str) -> Identity | None:
+    """The identity of a local quarantined file as it is now (released as it is)."""
+    if is_s3(location.url):
+        return None
+    return Identity.of(os.lstat(location.name(name)))
+
+
+def _etag(location: Location, name: str) -> str | None:
+    """The ETag of a quarantined S3 object as it is now."""
+    head = location.head(name) if isinstance(location, S3Location) else None
+    return None if head is None else str(head["ETag"])

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 import boto3
 from botocore.config import Config as BotoConfig
@@ -20,6 +22,7 @@ __all__ = [
     "S3Unavailable",
     "S3Url",
     "error_code",
+    "flat_name",
     "is_s3",
     "local_rel",
     "make_client",
@@ -83,6 +86,15 @@ def local_rel(rel_path: str) -> str:
     if any(len(p.encode()) > _MAX_SEGMENT_BYTES for p in parts):
         raise UnsafePathError(f"S3 key part {rel_path!r} has a segment over 255 bytes")
     return "/".join(parts)
+
+
+def flat_name(rel_path: str) -> str:
+    """One safe file name standing for a whole key part: every `/`, `.` and odd byte %-escaped."""
+    name = quote(rel_path, safe="").replace(".", "%2E") or "%00"
+    if len(name) > _MAX_SEGMENT_BYTES:
+        digest = hashlib.sha256(rel_path.encode(errors="surrogateescape")).hexdigest()[:12]
+        name = f"{name[: _MAX_SEGMENT_BYTES - 13]}@{digest}"
+    return name
 
 
 def make_client(config: S3Config) -> Any:
