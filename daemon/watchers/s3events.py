@@ -1,0 +1,328 @@
+"""S3 event notifications from SQS: the event-mode input of an S3 watch.
+
+A message is deleted only after `on_events` has returned, which means its events are in the
+journal; a crash in between redelivers it, and the journal drops the duplicate (key + ETag).
+While `on_events` runs, a heartbeat keeps every message of the batch invisible, so a slow journal
+never lets SQS hand the same message to another consumer. Messages that are not S3 events are
+left on the queue untouched: SQS brings them back after the visibility timeout and the queue's
+redrive policy moves them to its dead-letter queue. Lost events are the polling safety net's job.
+
+Nothing above this module sees botocore: SQS failures become `QueueUnavailableError`.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+from urllib.parse import unquote_plus
+
+import structlog
+from botocore.exceptions import BotoCoreError, ClientError
+
+from daemon.errors import ScanwatchError
+from daemon.retry import RetryPolicy
+
+__all__ = ["MalformedMessageError", "QueueUnavailableError", "S3Event", "SqsEventSource", "parse_message"]
+
+log = structlog.get_logger("scanwatch.s3events")
+
+_MAX_MESSAGES = 10  # ReceiveMessage's and the batch calls' limit
+_MAX_WAIT_TIME_S = 20  # SQS long polling's limit
+_MAX_VISIBILITY_TIMEOUT_S = 43_200  # 12 h, SQS's limit
+_BODY_HEAD_CHARS = 120
+_CREATED_PREFIX = "ObjectCreated:"
+_DEFAULT_RETRY = RetryPolicy(base_s=1.0, max_s=60.0)
+
+
+@dataclass(frozen=True)
+class S3Event:
+    """One record of an S3 event notification, key decoded."""
+
+    bucket: str
+    key: str
+    etag: str | None
+    version_id: str | None
+    size: int | None
+    sequencer: str | None
+    event_name: str
+
+
+class MalformedMessageError(ValueError):
+    """An SQS message body is not an S3 event notification; the message says why, briefly."""
+
+
+class QueueUnavailableError(ScanwatchError):
+    """SQS refused or could not answer a call: queue missing, access denied, endpoint down."""
+
+    def __init__(self, message: str, *, action: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.action = action
+        self.code = code
+
+
+# -- parsing -----------------------------------------------------------------------------------
+
+def parse_message(body: str) -> list[S3Event]:
+    """The ObjectCreated events of every record of one SQS message body, in order.
+
+    Accepts an S3 notification as S3 sends it or wrapped by SNS (`Type: Notification`). An
+    `s3:TestEvent` gives `[]`, and so do removals and other event types. Raises
+    MalformedMessageError for anything else, including one bad record among good ones.
+    """
+    doc = _load_json(body, "body")
+    if isinstance(doc, dict) and doc.get("Type") == "Notification" and "Message" in doc:
+        if not isinstance(doc["Message"], str):
+            raise MalformedMessageError("SNS Message is not a string")
+        doc = _load_json(doc["Message"], "SNS Message")
+    if not isinstance(doc, dict):
+        raise MalformedMessageError("not a JSON object")
+    if doc.get("Event") == "s3:TestEvent":
+        return []
+    records = doc.get("Records")
+    if not isinstance(records, list):
+        raise MalformedMessageError("no Records list")
+    events = [_parse_record(record, f"Records[{index}]") for index, record in enumerate(records)]
+    return [event for event in events if event.event_name.startswith(_CREATED_PREFIX)]
+
+
+def _load_json(text: str, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as exc:  # JSONDecodeError; also lone surrogates and the like
+        raise MalformedMessageError(f"{what} is not JSON ({exc.__class__.__name__})") from None
+
+
+def _parse_record(record: Any, where: str) -> S3Event:
+    """One record; every record is checked, whatever its event type."""
+    if not isinstance(record, dict):
+        raise MalformedMessageError(f"{where} is not an object")
+    raw_key = _field(record, where, str, "s3", "object", "key", required=True)
+    if not raw_key:
+        raise MalformedMessageError(f"{where}.s3.object.key is empty")
+    try:
+        # S3 form-encodes keys in events: '+' is a space, anything else special is %xx of UTF-8.
+        key = unquote_plus(raw_key, encoding="utf-8", errors="strict")
+    except UnicodeDecodeError:
+        raise MalformedMessageError(f"{where}.s3.object.key is not percent-encoded UTF-8") from None
+    etag = _field(record, where, str, "s3", "object", "eTag")
+    return S3Event(
+        bucket=_field(record, where, str, "s3", "bucket", "name", required=True),
+        key=key,
+        etag=etag.strip('"') if etag is not None else None,
+        version_id=_field(record, where, str, "s3", "object", "versionId"),
+        size=_field(record, where, int, "s3", "object", "size"),
+        sequencer=_field(record, where, str, "s3", "object", "sequencer"),
+        event_name=_field(record, where, str, "eventName", required=True),
+    )
+
+
+def _field(record: dict[str, Any], where: str, kind: type, *path: str, required: bool = False) -> Any:
+    """The value at `path` if it is a `kind`; None if absent or null and not `required`."""
+    node: Any = record
+    for name in path:
+        node = node.get(name) if isinstance(node, dict) else None
+    dotted = ".".join(path)
+    if node is None:
+        if required:
+            raise MalformedMessageError(f"{where} has no {dotted}")
+        return None
+    if isinstance(node, bool) or not isinstance(node, kind):
+        raise MalformedMessageError(f"{where}.{dotted} is not a {kind.__name__}")
+    return node
+
+
+# -- the queue ---------------------------------------------------------------------------------
+
+@contextmanager
+def _translate_errors(action: str, queue: str) -> Iterator[None]:
+    """botocore errors become QueueUnavailableError: nothing above this module sees botocore."""
+    try:
+        yield
+    except ClientError as exc:
+        error = exc.response.get("Error", {})
+        code = error.get("Code")
+        raise QueueUnavailableError(
+            f"SQS {action} on queue {queue!r} failed: {code}: {error.get('Message', '')}; check "
+            f"events.sqs_queue_url and that the daemon may receive, delete and change the "
+            f"visibility of its messages", action=action, code=code) from exc
+    except BotoCoreError as exc:
+        raise QueueUnavailableError(f"SQS {action} on queue {queue!r} failed: {exc}",
+                                    action=action) from exc
+
+
+class SqsEventSource:
+    """Receives S3 events from one queue and hands each message's events to `on_events`.
+
+    `on_events` must have journaled the events when it returns; only then is the message
+    deleted. `client` is a boto3 SQS client whose read timeout exceeds `wait_time_s`; it is
+    used from this thread and from a heartbeat thread (boto3 clients are thread-safe).
+    """
+
+    def __init__(self, client: Any, queue_url: str, on_events: Callable[[list[S3Event]], None], *,
+                 bucket: str, prefix: str, wait_time_s: int = 20, visibility_timeout_s: int = 60,
+                 stop: threading.Event | None = None, retry: RetryPolicy = _DEFAULT_RETRY) -> None:
+        if not 1 <= wait_time_s <= _MAX_WAIT_TIME_S:
+            raise ValueError(f"wait_time_s must be 1..{_MAX_WAIT_TIME_S}, not {wait_time_s}")
+        if not 1 <= visibility_timeout_s <= _MAX_VISIBILITY_TIMEOUT_S:
+            raise ValueError(f"visibility_timeout_s must be 1..{_MAX_VISIBILITY_TIMEOUT_S}, "
+                             f"not {visibility_timeout_s}")
+        self._client = client
+        self._queue_url = queue_url
+        self._queue = queue_url.rstrip("/").rpartition("/")[2]
+        self._on_events = on_events
+        self._bucket = bucket
+        self._prefix = prefix
+        self._wait_time_s = wait_time_s
+        self._visibility_timeout_s = visibility_timeout_s
+        self._retry = retry
+        self.stop = stop if stop is not None else threading.Event()
+        self._log = log.bind(queue=self._queue)
+
+    def run(self) -> None:
+        """Poll until `stop` is set; any failure is logged and retried with backoff, never raised."""
+        failures = 0
+        while not self.stop.is_set():
+            try:
+                self.poll_once()
+            except Exception as exc:  # top of a worker loop: log, back off, go on
+                failures += 1
+                delay_s = self._retry.delay(failures)
+                is_sqs = isinstance(exc, QueueUnavailableError)
+                self._log.warning("sqs.error", action=getattr(exc, "action", None),
+                                  error_code=getattr(exc, "code", None), error=str(exc),
+                                  attempt=failures, retry_in_s=round(delay_s, 3), exc_info=not is_sqs)
+                self.stop.wait(delay_s)
+            else:
+                failures = 0
+
+    def poll_once(self) -> int:
+        """One ReceiveMessage round; returns how many messages it received (at most 10).
+
+        Each is deleted after `on_events` returned, or left on the queue (malformed, or
+        `on_events` raised) to come back after the visibility timeout. Raises
+        QueueUnavailableError if SQS fails the receive or the delete.
+        """
+        with _translate_errors("ReceiveMessage", self._queue):
+            response = self._client.receive_message(
+                QueueUrl=self._queue_url, MaxNumberOfMessages=_MAX_MESSAGES,
+                WaitTimeSeconds=self._wait_time_s, VisibilityTimeout=self._visibility_timeout_s,
+                MessageSystemAttributeNames=["ApproximateReceiveCount"])
+        messages: list[dict[str, Any]] = response.get("Messages", [])
+        if not messages:
+            return 0
+        with _Heartbeat(self._client, self._queue_url, self._queue, self._visibility_timeout_s,
+                        messages, self._log) as heartbeat:
+            done = []
+            for message in messages:
+                if self._handle(message):
+                    done.append(message)
+                else:
+                    heartbeat.release(message["ReceiptHandle"])
+            self._delete(done)
+        return len(messages)
+
+    def _handle(self, message: dict[str, Any]) -> bool:
+        """Hand on one message's events; True if the message may be deleted."""
+        message_id = message.get("MessageId")
+        body = message.get("Body", "")
+        try:
+            events = parse_message(body)
+        except MalformedMessageError as exc:
+            self._log.warning("sqs.malformed", message_id=message_id, reason=str(exc),
+                              size_bytes=len(body.encode("utf-8", "replace")),
+                              body_head=body[:_BODY_HEAD_CHARS],
+                              receive_count=message.get("Attributes", {}).get("ApproximateReceiveCount"))
+            return False
+        wanted = [event for event in events if self._is_wanted(event)]
+        self._log.debug("sqs.received", message_id=message_id, events=len(events),
+                        dropped=len(events) - len(wanted))
+        if not wanted:
+            return True
+        try:
+            self._on_events(wanted)
+        except Exception:  # the journal failed: the message comes back after the visibility timeout
+            self._log.error("sqs.handler_failed", message_id=message_id, events=len(wanted),
+                            exc_info=True)
+            return False
+        return True
+
+    def _is_wanted(self, event: S3Event) -> bool:
+        """In this watch's bucket and prefix, and not a folder marker."""
+        return (event.bucket == self._bucket and event.key.startswith(self._prefix)
+                and not event.key.endswith("/"))
+
+    def _delete(self, messages: list[dict[str, Any]]) -> None:
+        """DeleteMessageBatch; a message whose delete failed comes back and is deduplicated."""
+        if not messages:
+            return
+        with _translate_errors("DeleteMessageBatch", self._queue):
+            response = self._client.delete_message_batch(QueueUrl=self._queue_url, Entries=[
+                {"Id": str(index), "ReceiptHandle": message["ReceiptHandle"]}
+                for index, message in enumerate(messages)])
+        for entry in response.get("Successful", []):
+            self._log.debug("sqs.deleted", message_id=messages[int(entry["Id"])].get("MessageId"))
+        for entry in response.get("Failed", []):
+            self._log.warning("sqs.error", action="DeleteMessageBatch", error_code=entry.get("Code"),
+                              error=entry.get("Message"),
+                              message_id=messages[int(entry["Id"])].get("MessageId"))
+
+
+class _Heartbeat:
+    """Keeps a batch's messages invisible while they are handled: ChangeMessageVisibilityBatch
+    every half visibility timeout, from its own thread, until each is released or the batch ends.
+    """
+
+    def __init__(self, client: Any, queue_url: str, queue: str, visibility_timeout_s: int,
+                 messages: list[dict[str, Any]], logger: Any) -> None:
+        self._client = client
+        self._queue_url = queue_url
+        self._queue = queue
+        self._visibility_timeout_s = visibility_timeout_s
+        self._log = logger
+        self._pending = {message["ReceiptHandle"]: message.get("MessageId") for message in messages}
+        self._lock = threading.Lock()
+        self._finished = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sqs-heartbeat", daemon=True)
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._finished.set()
+        self._thread.join()
+
+    def release(self, receipt_handle: str) -> None:
+        """Stop extending this message: it becomes visible when its current timeout runs out."""
+        with self._lock:
+            self._pending.pop(receipt_handle, None)
+
+    def _run(self) -> None:
+        while not self._finished.wait(self._visibility_timeout_s / 2):
+            self._extend()
+
+    def _extend(self) -> None:
+        with self._lock:
+            pending = list(self._pending.items())
+        if not pending:
+            return
+        entries = [{"Id": str(index), "ReceiptHandle": handle,
+                    "VisibilityTimeout": self._visibility_timeout_s}
+                   for index, (handle, _) in enumerate(pending)]
+        try:
+            with _translate_errors("ChangeMessageVisibilityBatch", self._queue):
+                response = self._client.change_message_visibility_batch(
+                    QueueUrl=self._queue_url, Entries=entries)
+        except QueueUnavailableError as exc:
+            self._log.warning("sqs.error", action=exc.action, error_code=exc.code, error=str(exc))
+            return
+        for entry in response.get("Failed", []):
+            self._log.warning("sqs.error", action="ChangeMessageVisibilityBatch",
+                              error_code=entry.get("Code"), error=entry.get("Message"),
+                              message_id=pending[int(entry["Id"])][1])
