@@ -32,7 +32,9 @@ __all__ = [
     "Config",
     "EngineConfig",
     "NotifyConfig",
+    "PerceptionPointEngineConfig",
     "WatchConfig",
+    "WebhookConfig",
     "YaraEngineConfig",
     "find_config",
     "load_config",
@@ -43,8 +45,8 @@ __all__ = [
 DEFAULT_CONFIG_PATHS = ("/etc/scanwatch/scanwatch.yaml",)
 DEFAULT_IGNORE = (".*", "*.part", "*.tmp", "*.crdownload", "*.swp")
 # Engine types of later releases: named in the error instead of "unknown tag".
-_PLANNED_ENGINE_TYPES = ("perception_point", "metadefender")
-_ENGINE_TYPES = ("yara", "clamav", "blazelock")
+_PLANNED_ENGINE_TYPES = ("metadefender",)
+_ENGINE_TYPES = ("yara", "clamav", "blazelock", "perception_point")
 
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -161,6 +163,41 @@ class ClamavEngineConfig(_EngineBase):
         return self
 
 
+def _http_url(value: str) -> str:
+    if not value.startswith(("http://", "https://")):
+        raise ValueError("expected an http:// or https:// URL")
+    return value
+
+
+class WebhookConfig(_Model):
+    """A vendor's scan-finished notifications: they make a file's next poll due now."""
+
+    listen: str = Field(description="host:port the receiver binds (one server per address)",
+                        examples=["127.0.0.1:9480"])
+    secret: SecretStr = Field(description="shared secret: Blazelock's signing secret, or the header "
+                                          "value Perception Point sends back; use ${file:...}")
+    public_url: str | None = Field(None, description="where the vendor reaches the receiver (a "
+                                   "reverse proxy); default http://<listen>", examples=[
+                                       "https://scanwatch.example/hooks"])
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        return MetricsConfig._host_port(value)
+
+    @field_validator("secret")
+    @classmethod
+    def _not_empty(cls, value: SecretStr) -> SecretStr:
+        if not value.get_secret_value().strip():
+            raise ValueError("must not be empty")
+        return value
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str | None) -> str | None:
+        return None if value is None else _http_url(value)
+
+
 class BlazelockEngineConfig(_EngineBase):
     type: Literal["blazelock"]
     url: str = Field(description="API base URL", examples=["https://api.blazelock.example"])
@@ -170,6 +207,9 @@ class BlazelockEngineConfig(_EngineBase):
     reuse_max_age: Duration = Field(86400.0, description="older scans of the same ID are redone")
     rate_limit: float = Field(160.0, gt=0, description="requests per minute, client side")
     poll_interval: Duration = Field(2.0, gt=0, description="between polls of a running scan")
+    webhook: WebhookConfig | None = Field(None, description="receive signed file_scan events (set "
+                                          "<public_url>/webhooks/<engine> in Blazelock); polling slows "
+                                          "while they arrive")
 
     @field_validator("url")
     @classmethod
@@ -179,8 +219,35 @@ class BlazelockEngineConfig(_EngineBase):
         return value
 
 
-EngineConfig = Annotated[YaraEngineConfig | ClamavEngineConfig | BlazelockEngineConfig,
-                         Field(discriminator="type")]
+class PerceptionPointEngineConfig(_EngineBase):
+    type: Literal["perception_point"]
+    url: str = Field(description="API base URL", examples=["https://api.perception-point.io"])
+    token: SecretStr = Field(description="API token (Authorization: Token); use ${ENV} or ${file:...}")
+    storage: str | None = Field(None, description="the storage name Perception Point reads S3 from: "
+                                "s3:// sources are sent by path (bucket/key), not uploaded",
+                                examples=["s3"])
+    download_link: bool = Field(False, description="s3:// sources are sent as a presigned GET URL "
+                                                   "instead of uploaded")
+    suspicious: Literal["quarantine", "clean", "failed"] = Field(
+        "quarantine", description="where SUS and SPM verdicts go")
+    poll_interval: Duration = Field(5.0, gt=0, description="between polls of a running scan")
+    callback: WebhookConfig | None = Field(None, description="ask for a callback when a scan ends; "
+                                           "polling slows while they arrive")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return _http_url(value)
+
+    @model_validator(mode="after")
+    def _one_s3_mode(self) -> PerceptionPointEngineConfig:
+        if self.storage is not None and self.download_link:
+            raise ValueError("set storage (path mode) or download_link, not both")
+        return self
+
+
+EngineConfig = Annotated[YaraEngineConfig | ClamavEngineConfig | BlazelockEngineConfig
+                         | PerceptionPointEngineConfig, Field(discriminator="type")]
 
 
 class WatchConfig(_Model):

@@ -95,7 +95,7 @@ def test_engine_types_of_later_versions_are_named(layout: Layout) -> None:
     config["engines"]["md"] = {"type": "metadefender", "url": "http://127.0.0.1:8008"}
     assert _problems(_write(layout, config)) == [
         "engines.md.type: engine type 'metadefender' is not available in this version "
-        "(available: yara, clamav, blazelock)"]
+        "(available: yara, clamav, blazelock, perception_point)"]
 
 
 def test_every_problem_is_reported_at_once(layout: Layout) -> None:
