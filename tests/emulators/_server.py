@@ -47,9 +47,13 @@ class _Discard:
 
 
 class Emulator:
-    """Base of the emulators: `start()`/`stop()`, `url`, `log`, `inject()`."""
+    """Base of the emulators: `start()`/`stop()`, `url`, `log`, `inject()`.
 
-    def __init__(self) -> None:
+    `port` 0 takes a free one; a given port lets a test start the server where an
+    engine already failed to connect (down, then back).
+    """
+
+    def __init__(self, port: int = 0) -> None:
         self.log: list[Logged] = []
         self.faults: list[tuple[str, Fault]] = []
         self.lock = threading.RLock()
@@ -66,7 +70,7 @@ class Emulator:
 
             do_GET = do_POST = do_PUT = do_DELETE = _handle  # noqa: N815
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self._server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
