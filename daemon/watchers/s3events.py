@@ -70,7 +70,7 @@ class QueueUnavailableError(ScanwatchError):
 def parse_message(body: str) -> list[S3Event]:
     """The ObjectCreated events of every record of one SQS message body, in order.
 
-    Accepts an S3 notification as S3 sends it or wrapped by SNS (`Type: Notification`). An
+    Accepts an S3 notification as S3 sends it, or wrapped by SNS (`Type: Notification`). An
     `s3:TestEvent` gives `[]`, and so do removals and other event types. Raises
     MalformedMessageError for anything else, including one bad record among good ones.
     """
@@ -87,7 +87,8 @@ def parse_message(body: str) -> list[S3Event]:
     if not isinstance(records, list):
         raise MalformedMessageError("no Records list")
     events = [_parse_record(record, f"Records[{index}]") for index, record in enumerate(records)]
-    return [event for event in events if event.event_name.startswith(_CREATED_PREFIX)]
+    # MinIO and some other S3-compatible stores write `s3:ObjectCreated:Put`.
+    return [event for event in events if event.event_name.removeprefix("s3:").startswith(_CREATED_PREFIX)]
 
 
 def _load_json(text: str, what: str) -> Any:
@@ -132,7 +133,7 @@ def _field(record: dict[str, Any], where: str, kind: type, *path: str, required:
             raise MalformedMessageError(f"{where} has no {dotted}")
         return None
     if isinstance(node, bool) or not isinstance(node, kind):
-        raise MalformedMessageError(f"{where}.{dotted} is not a {kind.__name__}")
+        raise MalformedMessageError(f"{where}.{dotted} is {type(node).__name__}, not {kind.__name__}")
     return node
 
 
