@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
@@ -15,16 +15,23 @@ from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 from daemon.journal import FileRow, Journal
-from daemon.model import FileState
+from daemon.model import FileState, Reason, VerdictKind
 
 __all__ = ["Metrics"]
 
+# A failed verdict for one of these reasons is an engine that could not scan; other reasons
+# are about the file (unreadable, unsafe path) or a verdict (suspicious), not engine errors.
+_ENGINE_ERROR_REASONS = frozenset({Reason.TOO_LARGE, Reason.TIMEOUT, Reason.ENCRYPTED, Reason.ENGINE_ERROR,
+                                   Reason.ENGINE_FAILED, Reason.ENGINE_UNAVAILABLE, Reason.AUTH,
+                                   Reason.BAD_REQUEST})
+
 
 class _JournalCollector(Collector):
-    """Queue depth by state, oldest pending age and journal size, straight from SQLite."""
+    """Queue depth, oldest pending age, journal size and engine health, straight from SQLite."""
 
-    def __init__(self, journal: Journal) -> None:
+    def __init__(self, journal: Journal, engines: Callable[[], Collection[str]] | None) -> None:
         self._journal = journal
+        self._engines = engines
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         depth = GaugeMetricFamily("scanwatch_queue_depth", "Files by watch and state, not yet done",
@@ -45,6 +52,18 @@ class _JournalCollector(Collector):
         size = GaugeMetricFamily("scanwatch_journal_bytes", "Size of the journal file")
         size.add_metric([], self._journal.size_bytes())
         yield size
+        yield self._engine_up()
+
+    def _engine_up(self) -> GaugeMetricFamily:
+        # The journal remembers engines a reload removed: only the running ones count.
+        running = None if self._engines is None else set(self._engines())
+        up = GaugeMetricFamily("scanwatch_engine_up",
+                               "1 when the engine answered its last probe or scan, 0 when it is down",
+                               labels=["engine"])
+        for name, (is_healthy, _, _) in sorted(self._journal.engine_health().items()):
+            if running is None or name in running:
+                up.add_metric([name], 1.0 if is_healthy else 0.0)
+        return up
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -57,7 +76,8 @@ class _QuietHandler(WSGIRequestHandler):
 class Metrics:
     """The daemon's metrics; `observe` is the pipeline's outcome hook."""
 
-    def __init__(self, journal: Journal) -> None:
+    def __init__(self, journal: Journal, engines: Callable[[], Collection[str]] | None = None) -> None:
+        """`engines` names the engines in use now (default: every engine the journal knows)."""
         self.registry = CollectorRegistry()
         self.files = Counter("scanwatch_files_total", "Files done, by watch and outcome",
                              ["watch", "outcome", "reason"], registry=self.registry)
@@ -69,9 +89,12 @@ class Metrics:
                                      ["engine"], registry=self.registry)
         self.retries = Counter("scanwatch_retries_total", "Scan retries scheduled, by reason",
                                ["engine", "reason"], registry=self.registry)
+        self.engine_errors = Counter("scanwatch_engine_errors_total",
+                                     "Scans without a verdict, retried or final, by reason",
+                                     ["engine", "reason"], registry=self.registry)
         self.moves_failed = Counter("scanwatch_moves_failed_total", "Moves that failed (retried)",
                                     ["watch"], registry=self.registry)
-        self.registry.register(_JournalCollector(journal))
+        self.registry.register(_JournalCollector(journal, engines))
 
     def serve(self, listen: str, health: Callable[[], list[str]]) -> None:
         """Serve /metrics and /healthz on `host:port` from a daemon thread.
@@ -99,6 +122,9 @@ class Metrics:
                 fields: Mapping[str, Any]) -> None:
         """Count one journal change of the pipeline."""
         state = changes.get("state")
+        reason = str(changes.get("reason") or "")
+        if changes.get("verdict") == VerdictKind.FAILED and reason in _ENGINE_ERROR_REASONS:
+            self.engine_errors.labels(engine, reason).inc()
         if state is FileState.DONE:
             outcome = str(row.verdict)
             self.files.labels(row.watch, outcome, str(row.reason or "")).inc()
@@ -109,4 +135,6 @@ class Metrics:
         elif state is FileState.VERDICT and "move_attempts" in changes:
             self.moves_failed.labels(row.watch).inc()
         elif state is FileState.STABLE and "last_error" in changes:
-            self.retries.labels(engine, str(fields.get("reason", "engine_error"))).inc()
+            retry_reason = str(fields.get("reason", Reason.ENGINE_ERROR))
+            self.retries.labels(engine, retry_reason).inc()
+            self.engine_errors.labels(engine, retry_reason).inc()

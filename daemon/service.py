@@ -50,7 +50,7 @@ class Service:
         self.owner = owner_token()
         self.wake = threading.Event()
         self.notifier = Notifier()
-        self.metrics = Metrics(self.journal)
+        self.metrics = Metrics(self.journal, engines=lambda: self._running.engines)
         self._signals: list[signal.Signals] = []
         self._signalled = threading.Event()
         self._running = self._build(config)

@@ -18,10 +18,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from clamd_server import free_port
+from clamd_server import Clamd, free_port
 from conftest import EICAR, ROOT, Layout
+from prometheus_client.parser import text_string_to_metric_families
 
+from daemon.journal import Journal
 from daemon.log import redact
+from daemon.metrics import Metrics
+from daemon.model import FileState, Reason, VerdictKind
 
 
 def test_metrics_count_outcomes_and_queue(layout: Layout, daemon_factory) -> None:
@@ -38,6 +42,78 @@ def test_metrics_count_outcomes_and_queue(layout: Layout, daemon_factory) -> Non
     assert 'scanwatch_scan_duration_seconds_count{engine="default"} 3.0' in body
     assert "scanwatch_journal_bytes" in body
     assert daemon.stop() == 0
+
+
+def _scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(body) for s in family.samples}
+
+
+def _key(name: str, **labels: str) -> tuple[str, frozenset[tuple[str, str]]]:
+    return name, frozenset(labels.items())
+
+
+def test_metrics_follow_an_engine_down_then_back(layout: Layout, daemon_factory, clamd: Clamd,
+                                                 tmp_path: Path) -> None:
+    port = free_port()
+    socket_path = tmp_path / "clamd.sock"  # nothing there yet: the engine is down
+    config = layout.write_config(metrics={"listen": f"127.0.0.1:{port}"})
+    config.write_text(config.read_text().replace(
+        "type: yara", f"type: clamav\n    socket: {socket_path}\n    mode: stream"))
+    daemon = daemon_factory(config)
+    daemon.wait_started()
+    (layout.inbox / "a.txt").write_bytes(b"waits for clamd")
+    daemon.wait_for(lambda: daemon.named("retry.scheduled"), what="a retry while clamd is down")
+    down = _scrape(port)
+    assert down[_key("scanwatch_engine_up", engine="default")] == 0
+    assert down[_key("scanwatch_engine_errors_total", engine="default", reason="engine_unavailable")] >= 1
+    assert down[_key("scanwatch_retries_total", engine="default", reason="engine_unavailable")] >= 1
+    assert down[_key("scanwatch_queue_depth", watch="inbox", state="stable")] == 1
+    assert down[_key("scanwatch_oldest_pending_seconds", watch="inbox")] > 0
+    socket_path.symlink_to(clamd.socket)  # clamd is back
+    daemon.wait_for(lambda: daemon.named("file.moved"), what="the file moved once clamd answered")
+    back = _scrape(port)
+    assert back[_key("scanwatch_engine_up", engine="default")] == 1
+    assert back[_key("scanwatch_files_total", watch="inbox", outcome="clean", reason="")] == 1
+    assert back[_key("scanwatch_scanned_bytes_total", engine="default")] == len(b"waits for clamd")
+    pending = ("scanwatch_queue_depth", "scanwatch_oldest_pending_seconds")
+    assert not [key for key in back if key[0] in pending]
+    assert daemon.stop() == 0
+
+
+def test_engine_errors_count_engines_that_could_not_scan_not_unreadable_files(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "journal.sqlite3")
+    journal.discover("inbox", [("a.txt", 1)], time.time())
+    [row] = journal.select()
+    metrics = Metrics(journal, engines=lambda: ["default"])
+
+    def failed(reason: Reason) -> dict[str, object]:
+        return {"state": FileState.MOVING, "verdict": VerdictKind.FAILED, "reason": reason}
+
+    metrics.observe(row, "default", failed(Reason.TOO_LARGE), {})
+    metrics.observe(row, "default", failed(Reason.UNREADABLE), {})
+    clean = {"state": FileState.MOVING, "verdict": VerdictKind.CLEAN, "reason": None}
+    metrics.observe(row, "default", clean, {})
+    metrics.observe(row, "default", {"state": FileState.STABLE, "last_error": "HTTP 503"},
+                    {"reason": "engine_error"})
+    value = metrics.registry.get_sample_value
+    assert value("scanwatch_engine_errors_total", {"engine": "default", "reason": "too_large"}) == 1
+    assert value("scanwatch_engine_errors_total", {"engine": "default", "reason": "engine_error"}) == 1
+    assert value("scanwatch_engine_errors_total", {"engine": "default", "reason": "unreadable"}) is None
+    assert value("scanwatch_retries_total", {"engine": "default", "reason": "engine_error"}) == 1
+    assert value("scanwatch_retries_total", {"engine": "default", "reason": "too_large"}) is None
+
+
+def test_engine_up_reports_only_the_engines_in_use(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "journal.sqlite3")
+    journal.set_engine_health("default", True, "PONG", time.time())
+    journal.set_engine_health("removed", False, "down before a reload removed it", time.time())
+    in_use = Metrics(journal, engines=lambda: ["default"]).registry.get_sample_value
+    assert in_use("scanwatch_engine_up", {"engine": "default"}) == 1
+    assert in_use("scanwatch_engine_up", {"engine": "removed"}) is None
+    known = Metrics(journal).registry.get_sample_value
+    assert known("scanwatch_engine_up", {"engine": "removed"}) == 0
 
 
 def test_secrets_never_reach_logs_or_errors(layout: Layout, daemon_factory, tmp_path: Path) -> None:
