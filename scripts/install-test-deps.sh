@@ -10,6 +10,7 @@ declare -A package_of=(
   [sigtool]=clamav              # builds the tests' one-signature database
   [clamdscan]=clamdscan         # the peer in bench/clamav_throughput.py
   [systemd-analyze]=systemd     # verifies the units and their exposure score
+  [promtool]=prometheus         # checks the alert rules and the dashboard's PromQL
 )
 missing=()
 for binary in "${!package_of[@]}"; do
