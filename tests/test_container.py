@@ -174,6 +174,12 @@ def test_compose_mounts_what_the_image_and_config_expect() -> None:
     assert raw["engines"]["clam"]["mode"] == "stream"  # clamd cannot see our files by path
 
 
+def test_docker_stops_scanwatch_only_after_it_could_drain(tmp_path: Path) -> None:
+    grace = _compose()["services"]["scanwatch"]["stop_grace_period"]
+    assert grace.endswith("s")
+    assert int(grace[:-1]) >= load_config(_mapped_config(tmp_path)).shutdown_timeout + 10
+
+
 def test_metrics_port_is_exposed_and_published_on_loopback_only() -> None:
     raw = yaml.safe_load(DOCKER_CONFIG.read_text())
     port = raw["metrics"]["listen"].rpartition(":")[2]

@@ -1,4 +1,4 @@
-"""The Grafana dashboard: it imports cleanly and every query asks for metrics the daemon exports."""
+"""The Grafana dashboard imports cleanly and asks only for metrics the daemon exports; the docs list them."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from conftest import ROOT
+from prometheus_client.parser import text_string_to_metric_families
 from promql import check_syntax, exported, grafana_to_promql, parse, problems, promtool
 
 DASHBOARD = ROOT / "config" / "grafana" / "scanwatch.json"
@@ -115,3 +116,12 @@ def test_every_query_parses_as_promql(dashboard: dict[str, Any], tmp_path: Path)
     assert f"SUCCESS: {len(exprs)} rules found" in result.stdout
     broken = check_syntax({"broken": "sum by (watch (rate(scanwatch_files_total[1m]))"}, tmp_path)
     assert broken.returncode != 0
+
+
+def test_operations_doc_lists_every_exported_metric() -> None:
+    families = [f for f in text_string_to_metric_families(exported().text) if f.name.startswith("scanwatch_")]
+    bases = {f.name for f in families}
+    names = {f.name + "_total" if f.type == "counter" else f.name for f in families
+             if not (f.name.endswith("_created") and f.name.removesuffix("_created") in bases)}
+    table = (ROOT / "docs" / "operations.md").read_text().split("## Metrics", 1)[1].split("\n## ", 1)[0]
+    assert set(re.findall(r"^\| `(scanwatch_\w+)`", table, re.MULTILINE)) == names
