@@ -526,6 +526,7 @@ def test_run_survives_a_deleted_queue_and_recovers_when_it_exists_again(
         running(make_source(sqs_queue, received))
         sqs.send_message(QueueUrl=sqs_queue, MessageBody=body(record("incoming/before.txt")))
         wait_until(lambda: received.keys() == ["incoming/before.txt"], what="the first event")
+        wait_until(lambda: counts(sqs, sqs_queue) == (0, 0), what="the first message deleted")
 
         sqs.delete_queue(QueueUrl=sqs_queue)
         wait_until(lambda: named(logs, "sqs.error"), what="the first retry while the queue is gone")
@@ -615,6 +616,7 @@ def test_run_survives_the_endpoint_going_down_and_coming_back(
             running(make_source(sqs_queue, received, client=client))
             sqs.send_message(QueueUrl=sqs_queue, MessageBody=body(record("incoming/before.txt")))
             wait_until(lambda: received.keys() == ["incoming/before.txt"], what="the first event")
+            wait_until(lambda: counts(sqs, sqs_queue) == (0, 0), what="the first message deleted")
 
             proxy.stop()
             sqs.send_message(QueueUrl=sqs_queue, MessageBody=body(record("incoming/during.txt")))
@@ -623,9 +625,9 @@ def test_run_survives_the_endpoint_going_down_and_coming_back(
             proxy.start()
             wait_until(lambda: received.keys() == ["incoming/before.txt", "incoming/during.txt"],
                        what="the event sent while the endpoint was down")
+            wait_until(lambda: counts(sqs, sqs_queue) == (0, 0), what="the message deleted")
     finally:
         proxy.stop()
     errors = named(logs, "sqs.error")
     assert all(e["action"] == "ReceiveMessage" and e["error_code"] is None for e in errors)
     assert all("Could not connect" in e["error"] or "Connection was closed" in e["error"] for e in errors)
-    assert counts(sqs, sqs_queue) == (0, 0)
