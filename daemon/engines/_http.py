@@ -8,13 +8,14 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import httpx
 
 from daemon.errors import EnginePermanentError, EngineRetryableError, EngineUnavailableError
 from daemon.model import Reason
 
-__all__ = ["RateLimiter", "check_status", "parse_retry_after", "translate_errors"]
+__all__ = ["RateLimiter", "check_status", "json_object", "parse_retry_after", "translate_errors"]
 
 _RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
 
@@ -49,14 +50,21 @@ def translate_errors(engine: str, url: str) -> Iterator[None]:
         raise EngineRetryableError(f"engine {engine!r}: {url}: {type(exc).__name__}: {exc}") from exc
 
 
-def check_status(response: httpx.Response, engine: str, body: str = "") -> None:
-    """Raise the engine error a non-2xx answer means (vendors.md's common rules)."""
+def check_status(response: httpx.Response, engine: str, body: str = "", *,
+                 retryable: bool = False, reason: Reason | None = None) -> None:
+    """Raise the engine error a non-2xx answer means (vendors.md's common rules).
+
+    A vendor's documented exceptions override the status's usual meaning: a permanent
+    `reason` (MetaDefender's 500 "license expired"), or `retryable` (its 403 "scan limit").
+    """
     status = response.status_code
     if status < 300:
         return
     detail = f"engine {engine!r}: HTTP {status} from {response.request.method} " \
              f"{response.request.url.path}: {body or response.text[:200]}"
-    if status in _RETRYABLE_STATUS:
+    if reason is not None:
+        raise EnginePermanentError(detail, reason=reason)
+    if retryable or status in _RETRYABLE_STATUS:
         retry_after_s = parse_retry_after(response.headers.get("Retry-After"))
         raise EngineRetryableError(detail, retry_after_s=retry_after_s)
     if status in (401, 403):
@@ -64,6 +72,15 @@ def check_status(response: httpx.Response, engine: str, body: str = "") -> None:
     if status == 413:
         raise EnginePermanentError(detail, reason=Reason.TOO_LARGE)
     raise EnginePermanentError(detail, reason=Reason.BAD_REQUEST)
+
+
+def json_object(response: httpx.Response) -> dict[str, Any]:
+    """The answer's JSON object, or {} when it is not one."""
+    try:
+        body = response.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
 
 
 class RateLimiter:
