@@ -391,6 +391,24 @@ class Journal:
             tuple(watches)).fetchone()
         return row[0] if row else None
 
+    def mark_scan_due(self, engine: str, engine_scan_ids: Sequence[str], now: float) -> int:
+        """Make the unclaimed row waiting for one of these scans of `engine` due now.
+
+        A webhook said the scan finished; the worker then polls it once. Rows already
+        due, claimed or finished are left alone, so repeated deliveries change nothing.
+        Returns how many rows were made due.
+        """
+        if not engine_scan_ids:
+            return 0
+        marks = ",".join("?" * len(engine_scan_ids))
+        with self._tx() as conn:
+            cursor = conn.execute(
+                f"""UPDATE files SET next_attempt_at = ?, updated_at = ?
+                    WHERE state = 'scanning' AND owner IS NULL AND engine = ?
+                      AND engine_scan_id IN ({marks}) AND next_attempt_at > ?""",
+                (now, now, engine, *engine_scan_ids, now))
+            return cursor.rowcount
+
     # -- reading ----------------------------------------------------------------------------
 
     def get(self, file_id: int) -> FileRow | None:

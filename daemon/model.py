@@ -44,6 +44,7 @@ class Reason(enum.StrEnum):
     ENCRYPTED = "encrypted"
     ENGINE_ERROR = "engine_error"
     ENGINE_FAILED = "engine_failed"
+    SUSPICIOUS = "suspicious"  # the engine's verdict was only suspicious (Perception Point SUS/SPM)
     ENGINE_UNAVAILABLE = "engine_unavailable"
     AUTH = "auth"
     BAD_REQUEST = "bad_request"

@@ -21,6 +21,7 @@ from daemon.metrics import Metrics
 from daemon.pipeline import Pipeline
 from daemon.sdnotify import Notifier
 from daemon.watchers.local import LocalWatcher
+from daemon.webhooks import WebhookReceivers
 
 __all__ = ["Service"]
 
@@ -39,6 +40,7 @@ class _Running:
     pipeline: Pipeline
     watchers: list[LocalWatcher]
     alerts: WebhookAlerts | None
+    webhooks: WebhookReceivers  # bound in `_start`, so a reload can rebind the same address
 
 
 class Service:
@@ -61,7 +63,8 @@ class Service:
                             on_outcome=self._on_outcome)
         watchers = [LocalWatcher(w, self.journal, self.wake) for w in config.watches]
         alerts = WebhookAlerts(config.notify) if config.notify else None
-        return _Running(config, engines, pipeline, watchers, alerts)
+        webhooks = WebhookReceivers(config, engines, self.journal, self.wake)
+        return _Running(config, engines, pipeline, watchers, alerts, webhooks)
 
     def _on_outcome(self, row: FileRow, engine: str, changes: Mapping[str, object],
                     fields: Mapping[str, Any]) -> None:
@@ -75,8 +78,10 @@ class Service:
         running.pipeline.start()
         for watcher in running.watchers:
             watcher.start()
+        running.webhooks.start()
 
     def _stop(self, running: _Running) -> bool:
+        running.webhooks.stop()
         for watcher in running.watchers:
             watcher.stop()
         drained = running.pipeline.stop(running.config.shutdown_timeout)

@@ -4,6 +4,8 @@ A submission that may have happened (a lost answer, a crash before the scan id w
 journaled) is never repeated blindly: submitting the same external reference ID again
 answers 409, and the scan is looked up by that ID and followed. A found scan that
 failed, or is older than `reuse_max_age`, is submitted again as `<id>.2`, `.3`...
+With `webhook:` configured, running scans are polled slower while events arrive
+(`daemon.webhooks`); an event makes the next poll due at once.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from daemon.engines.base import ScanRequest
 from daemon.errors import EnginePermanentError
 from daemon.model import Pending, Reason, Verdict, VerdictKind
 from daemon.refid import build_ref_id
+from daemon.webhooks import WebhookHealth
 
 __all__ = ["ASYNC_LIMIT_BYTES", "SYNC_LIMIT_BYTES", "BlazelockEngine"]
 
@@ -42,6 +45,7 @@ class BlazelockEngine:
         self._config = config
         self._url = config.url.rstrip("/")
         self._limiter = RateLimiter(config.rate_limit)
+        self.webhook_health = WebhookHealth()
         self._client = httpx.Client(
             base_url=self._url, timeout=config.timeout,
             headers={"Authorization": f"Bearer {config.api_key.get_secret_value()}",
@@ -62,7 +66,7 @@ class BlazelockEngine:
                 return self._answer(response, ref_id)
             found = self._lookup(ref_id)
             if found is None:  # not visible yet: look again later, never resubmit blindly
-                return Pending(f"ref:{ref_id}", self._config.poll_interval)
+                return self._pending(f"ref:{ref_id}")
             if not self._is_stale(found):
                 return self._follow(found, ref_id)
             ref_id = build_ref_id(request.watch, request.rel_path, request.sha256, generation)
@@ -74,7 +78,7 @@ class BlazelockEngine:
         if engine_scan_id.startswith("ref:"):
             ref_id = engine_scan_id.removeprefix("ref:")
             found = self._lookup(ref_id)
-            return (Pending(engine_scan_id, self._config.poll_interval) if found is None
+            return (self._pending(engine_scan_id) if found is None
                     else self._follow(found, ref_id))
         response = self._get(f"/file-scans/{quote(engine_scan_id, safe='')}")
         if response.status_code == 404:  # the scan is gone: start over, by reference
@@ -136,15 +140,18 @@ class BlazelockEngine:
             body = _json(response)
             if body.get("code") == "sync_scan_timeout" and body.get("file_scan_id"):
                 # The scan exists and goes on: poll it, never resubmit (vendors.md).
-                return Pending(str(body["file_scan_id"]), self._config.poll_interval)
+                return self._pending(str(body["file_scan_id"]))
         check_status(response, self.name)
         return self._follow(_scan_object(response), ref_id)
+
+    def _pending(self, scan_id: str) -> Pending:
+        return Pending(scan_id, self.webhook_health.poll_after_s(self._config.poll_interval))
 
     def _follow(self, scan: dict[str, Any], ref_id: str) -> Verdict | Pending:
         scan_id = str(scan.get("id", ""))
         status = scan.get("status")
         if status == "processing" or status == "submitted":
-            return Pending(scan_id, self._config.poll_interval)
+            return self._pending(scan_id)
         raw = {"status": status, "result": scan.get("result"), "external_reference_id": ref_id}
         if status == "failed":
             return Verdict(VerdictKind.FAILED, reason=Reason.ENGINE_FAILED, engine_scan_id=scan_id, raw=raw)

@@ -7,9 +7,11 @@ import json
 import socket
 import threading
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Self
 
 
 @dataclass
@@ -75,7 +77,7 @@ class Emulator:
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
-    def start(self) -> Emulator:
+    def start(self) -> Self:
         self._thread.start()
         return self
 
@@ -83,7 +85,7 @@ class Emulator:
         self._server.shutdown()
         self._server.server_close()
 
-    def __enter__(self) -> Emulator:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *_: object) -> None:
@@ -144,3 +146,16 @@ class Emulator:
             handler.send_header(key, value)
         handler.end_headers()
         handler.wfile.write(data)
+
+
+def post_json(url: str, body: bytes, headers: dict[str, str], timeout_s: float = 5.0) -> int:
+    """POST a vendor's notification (webhook, callback); the status, or 0 when unreachable."""
+    request = urllib.request.Request(url, data=body, method="POST",
+                                     headers={"Content-Type": "application/json", **headers})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 0

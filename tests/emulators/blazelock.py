@@ -1,10 +1,17 @@
-"""A strict Blazelock file-scans API on 127.0.0.1 (vendors.md §1)."""
+"""A strict Blazelock file-scans API on 127.0.0.1 (vendors.md §1).
+
+Given a `webhook_url` and `webhook_secret`, it also posts signed `file_scan.*` events:
+`submitted` at once, `completed`/`failed` when the scan finishes.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import itertools
 import json
 import re
+import threading
 import time
 from datetime import UTC, datetime
 from email.parser import BytesParser
@@ -13,7 +20,7 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import unquote
 
-from ._server import Emulator, Logged
+from ._server import Emulator, Logged, post_json
 
 EICAR_MARK = b"EICAR-STANDARD-ANTIVIRUS-TEST-FILE"
 FAIL_MARK = b"BLZ-FAIL"
@@ -22,11 +29,17 @@ SYNC_LIMIT = 10_000_000
 _REF = re.compile(r"[A-Za-z0-9._:/#@-]{1,255}")
 
 
+def sign(secret: str, timestamp: str, body: bytes) -> str:
+    """`X-Blazelock-Webhook-Signature`: hex HMAC-SHA256 of `"{timestamp}.{raw_body}"`."""
+    return hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+
+
 class BlazelockEmulator(Emulator):
     """Scans finish `scan_delay_s` after submission; sync requests wait up to `sync_timeout_s`."""
 
     def __init__(self, api_key: str = "test-key", *, scan_delay_s: float = 0.0,
-                 sync_timeout_s: float = 1.0, rate_limit: int = 10_000, envelope: bool = True) -> None:
+                 sync_timeout_s: float = 1.0, rate_limit: int = 10_000, envelope: bool = True,
+                 webhook_url: str | None = None, webhook_secret: str = "") -> None:
         super().__init__()
         self.api_key = api_key
         self.forbidden_keys: set[str] = set()
@@ -38,6 +51,17 @@ class BlazelockEmulator(Emulator):
         self.by_ref: dict[str, str] = {}
         self._ids = itertools.count(1)
         self._window: list[float] = []
+        self.webhook_url = webhook_url
+        self.webhook_secret = webhook_secret
+        self.webhook_repeats = 1  # deliveries of each event (Blazelock repeats them)
+        self.webhook_bad_signature = False  # sign with another secret
+        self.deliveries: list[tuple[str, str, int]] = []  # (event, scan id, status answered)
+        self._timers: list[threading.Timer] = []
+
+    def stop(self) -> None:
+        for timer in self._timers:
+            timer.cancel()
+        super().stop()
 
     def submissions(self) -> list[Logged]:
         """Accepted uploads (POSTs answered 200/201)."""
@@ -127,6 +151,10 @@ class BlazelockEmulator(Emulator):
                 "_ready_at": time.monotonic() + self.scan_delay_s,
                 "_failed": FAIL_MARK in data, "_safe": EICAR_MARK not in data,
             }
+        if self.webhook_url:
+            self._schedule(0.0, "file_scan.submitted", scan_id)
+            self._schedule(self.scan_delay_s, "file_scan.failed" if FAIL_MARK in data
+                           else "file_scan.completed", scan_id)
         if sync:
             if self.scan_delay_s > self.sync_timeout_s:
                 time.sleep(self.sync_timeout_s)
@@ -155,3 +183,27 @@ class BlazelockEmulator(Emulator):
             view["result"] = {"safe": scan["_safe"], "detailed": "", "findings": findings}
             view["scan_duration_ms"] = int(self.scan_delay_s * 1000)
         return {"data": view} if self.envelope else view
+
+    # -- webhooks -----------------------------------------------------------------------------
+
+    def _schedule(self, delay_s: float, event: str, scan_id: str) -> None:
+        timer = threading.Timer(delay_s, self._deliver, (event, scan_id))
+        timer.daemon = True
+        self._timers.append(timer)
+        timer.start()
+
+    def _deliver(self, event: str, scan_id: str) -> None:
+        assert self.webhook_url is not None
+        with self.lock:
+            scan = self._view(scan_id)
+        body = json.dumps({"event": event, "integration_id": "int_emulator",
+                           "occurred_at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+                           "data": scan.get("data", scan)}).encode()
+        for _ in range(self.webhook_repeats):
+            timestamp = str(int(time.time()))
+            secret = "not-the-secret" if self.webhook_bad_signature else self.webhook_secret
+            status = post_json(self.webhook_url, body, {"X-Blazelock-Webhook-Timestamp": timestamp,
+                                                        "X-Blazelock-Webhook-Signature": sign(
+                                                            secret, timestamp, body)})
+            with self.lock:
+                self.deliveries.append((event, scan_id, status))

@@ -1,0 +1,173 @@
+"""Perception Point X-Ray (vendors.md §2, seed 001): upload, or S3 by path or presigned link.
+
+One multipart `POST /api/v1/files/` carries exactly one of `data` (the bytes, streamed
+from the fd), `path` (`bucket/key` as plain text) with `storage`, or `download_link`;
+the answer's `scan_id` is journaled and polled at `GET /api/v1/scans/{scan_id}/`
+(**assumed** by vendors.md: the public docs name no result endpoint).
+
+The files API has no external reference: a scan is known only by its `scan_id`. Once
+journaled, a restart polls it and never submits again. A submission whose answer was
+lost cannot be looked up, so it is submitted again: the vendor then holds one extra
+scan of the same bytes, and the verdict comes from the scan we know.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, BinaryIO
+from urllib.parse import quote
+
+import httpx
+
+from daemon import __version__
+from daemon.config import PerceptionPointEngineConfig
+from daemon.engines._http import RateLimiter, check_status, translate_errors
+from daemon.engines.base import ScanRequest
+from daemon.errors import EnginePermanentError
+from daemon.model import Pending, Reason, Verdict, VerdictKind
+from daemon.webhooks import CALLBACK_SECRET_HEADER, WebhookHealth, webhook_path
+
+__all__ = ["LIMIT_BYTES", "PerceptionPointEngine"]
+
+LIMIT_BYTES = 500_000_000
+_SUBMIT = "/api/v1/files/"
+# No documented request limit: a courtesy ceiling, so that Retry-After holds every thread.
+_REQUESTS_PER_MINUTE = 1200.0
+_INFECTED = frozenset({"MAL", "BLK"})
+_SUSPICIOUS = frozenset({"SUS", "SPM"})
+_SUSPICIOUS_KIND = {"quarantine": VerdictKind.INFECTED, "clean": VerdictKind.CLEAN,
+                    "failed": VerdictKind.FAILED}
+# A multipart part: (filename, value) for a plain field, (filename, file, type) for the upload.
+_Part = tuple[str, tuple[str | None, str] | tuple[str, BinaryIO, str]]
+
+
+class PerceptionPointEngine:
+    """The X-Ray files API; S3 sources by path (`storage`) or presigned link (`download_link`)."""
+
+    remote = True
+
+    def __init__(self, name: str, config: PerceptionPointEngineConfig) -> None:
+        self.name = name
+        self.reads_s3 = config.storage is not None or config.download_link
+        self.webhook_health = WebhookHealth()
+        self._config = config
+        self._url = config.url.rstrip("/")
+        self._limiter = RateLimiter(_REQUESTS_PER_MINUTE)
+        self._client = httpx.Client(
+            base_url=self._url, timeout=config.timeout,
+            headers={"Authorization": f"Token {config.token.get_secret_value()}",
+                     "User-Agent": f"scanwatch/{__version__}"})
+
+    # -- Engine ------------------------------------------------------------------------------
+
+    def scan(self, request: ScanRequest) -> Verdict | Pending:
+        """Submit the file (by path, by link, or uploaded) and return its scan to poll."""
+        if request.size > LIMIT_BYTES:
+            raise EnginePermanentError(f"{request.size} bytes is over Perception Point's 500 MB limit",
+                                       reason=Reason.TOO_LARGE)
+        with self._source_parts(request) as source:
+            response = self._request("POST", _SUBMIT, files=[*self._fields(request), *source])
+        check_status(response, self.name)
+        scan_id = _json(response).get("scan_id")
+        if not isinstance(scan_id, int | str) or not str(scan_id):
+            raise EnginePermanentError(f"engine {self.name!r}: no scan_id in {response.text[:200]!r}",
+                                       reason=Reason.ENGINE_FAILED)
+        return self._pending(str(scan_id))
+
+    def poll(self, request: ScanRequest, engine_scan_id: str) -> Verdict | Pending:
+        """The scan's verdict, or Pending while it runs; a scan the service lost is submitted again."""
+        response = self._request("GET", f"/api/v1/scans/{quote(engine_scan_id, safe='')}/")
+        if response.status_code == 404:
+            return self.scan(request)
+        check_status(response, self.name)
+        return self._verdict(engine_scan_id, _json(response))
+
+    def probe(self) -> str:
+        """An authenticated look at scan 0, which never exists: 404 means the token works.
+
+        **Assumed**: vendors.md names no health endpoint; the result endpoint answers
+        401/403 to a bad token before it looks for the scan.
+        """
+        response = self._request("GET", "/api/v1/scans/0/")
+        if response.status_code != 404:
+            check_status(response, self.name)
+        return f"perception_point at {self._url}"
+
+    def close(self) -> None:
+        """Close the HTTP connection pool."""
+        self._client.close()
+
+    # -- wire ---------------------------------------------------------------------------------
+
+    def _fields(self, request: ScanRequest) -> list[_Part]:
+        """The plain fields of a submission: name, password, callback."""
+        fields: dict[str, str] = {"name": request.name}
+        if request.archive_password is not None:
+            fields["file_password"] = request.archive_password
+        if (callback := self._config.callback) is not None:
+            base = callback.public_url or f"http://{callback.listen}"
+            fields["callback_url"] = base.rstrip("/") + webhook_path(self.name)
+            fields["callback_params"] = json.dumps({"engine": self.name})
+            fields["callback_headers"] = json.dumps(
+                {CALLBACK_SECRET_HEADER: callback.secret.get_secret_value()})
+        # Plain fields as parts without a file name keep the body multipart in every mode.
+        return [(key, (None, value)) for key, value in fields.items()]
+
+    @contextmanager
+    def _source_parts(self, request: ScanRequest) -> Iterator[list[_Part]]:
+        """What names the bytes: `path` and `storage`, `download_link`, or the streamed `data`."""
+        if request.s3 is not None and self.reads_s3:
+            if self._config.storage is not None:
+                # Plain `bucket/key`, not percent-encoded (vendors.md §2).
+                yield [("path", (None, f"{request.s3.bucket}/{request.s3.key}")),
+                       ("storage", (None, self._config.storage))]
+            else:
+                yield [("download_link", (None, request.s3.url))]
+            return
+        # A duplicate of the fd: httpx streams the part from it, never reading it whole.
+        with os.fdopen(os.dup(request.bytes_fd), "rb") as body:
+            body.seek(0)
+            yield [("data", (request.name, body, "application/octet-stream"))]
+
+    def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        self._limiter.acquire()
+        with translate_errors(self.name, self._url + path):
+            response = self._client.request(method, path, **kw)
+        self._limiter.observe(response)
+        return response
+
+    def _pending(self, scan_id: str) -> Pending:
+        return Pending(scan_id, self.webhook_health.poll_after_s(self._config.poll_interval))
+
+    def _verdict(self, scan_id: str, result: dict[str, Any]) -> Verdict | Pending:
+        """Map a scan result: CLN clean, MAL/BLK infected, SUS/SPM per `suspicious`, error failed."""
+        status, verdict = result.get("status"), result.get("verdict")
+        if status == "pending":
+            return self._pending(scan_id)
+        threats = tuple(str(t) for t in result.get("threats") or [] if t)
+        raw = {"scan_id": scan_id, "status": status, "verdict": verdict, "threats": list(threats)}
+        if status == "error":
+            return Verdict.failed(Reason.ENGINE_FAILED, engine_scan_id=scan_id, raw=raw)
+        if status == "done" and verdict == "CLN":
+            return Verdict(VerdictKind.CLEAN, engine_scan_id=scan_id, raw=raw)
+        if status == "done" and verdict in _INFECTED:
+            return Verdict(VerdictKind.INFECTED, threats=threats or (verdict,), engine_scan_id=scan_id,
+                           raw=raw)
+        if status == "done" and verdict in _SUSPICIOUS:
+            kind = _SUSPICIOUS_KIND[self._config.suspicious]
+            return Verdict(kind, threats=(threats or (verdict,)) if kind is VerdictKind.INFECTED else (),
+                           reason=None if kind is VerdictKind.CLEAN else Reason.SUSPICIOUS,
+                           engine_scan_id=scan_id, raw=raw)
+        raise EnginePermanentError(f"engine {self.name!r}: unexpected scan result {result!r:.200}",
+                                   reason=Reason.ENGINE_FAILED)
+
+
+def _json(response: httpx.Response) -> dict[str, Any]:
+    try:
+        body = response.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
