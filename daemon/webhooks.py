@@ -229,7 +229,6 @@ class WebhookReceivers:
                 log.error("webhook.listen_failed", listen=listen, engines=_engines(routes),
                           error=str(exc))
                 continue
-            server.daemon_threads = True
             self._servers.append(server)
             self._spawn(functools.partial(server.serve_forever, _SHUTDOWN_POLL_S), f"webhooks-{port}")
             for route in routes.values():
