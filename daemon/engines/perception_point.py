@@ -24,7 +24,7 @@ import httpx
 
 from daemon import __version__
 from daemon.config import PerceptionPointEngineConfig
-from daemon.engines._http import RateLimiter, check_status, translate_errors
+from daemon.engines._http import RateLimiter, check_status, json_object, translate_errors
 from daemon.engines.base import ScanRequest
 from daemon.errors import EnginePermanentError
 from daemon.model import Pending, Reason, Verdict, VerdictKind
@@ -71,7 +71,7 @@ class PerceptionPointEngine:
         with self._source_parts(request) as source:
             response = self._request("POST", _SUBMIT, files=[*self._fields(request), *source])
         check_status(response, self.name)
-        scan_id = _json(response).get("scan_id")
+        scan_id = json_object(response).get("scan_id")
         if not isinstance(scan_id, int | str) or not str(scan_id):
             raise EnginePermanentError(f"engine {self.name!r}: no scan_id in {response.text[:200]!r}",
                                        reason=Reason.ENGINE_FAILED)
@@ -83,7 +83,7 @@ class PerceptionPointEngine:
         if response.status_code == 404:
             return self.scan(request)
         check_status(response, self.name)
-        return self._verdict(engine_scan_id, _json(response))
+        return self._verdict(engine_scan_id, json_object(response))
 
     def probe(self) -> str:
         """An authenticated look at scan 0, which never exists: 404 means the token works.
@@ -163,11 +163,3 @@ class PerceptionPointEngine:
                            engine_scan_id=scan_id, raw=raw)
         raise EnginePermanentError(f"engine {self.name!r}: unexpected scan result {result!r:.200}",
                                    reason=Reason.ENGINE_FAILED)
-
-
-def _json(response: httpx.Response) -> dict[str, Any]:
-    try:
-        body = response.json()
-    except ValueError:
-        return {}
-    return body if isinstance(body, dict) else {}
