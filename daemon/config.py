@@ -31,6 +31,7 @@ __all__ = [
     "ClamavEngineConfig",
     "Config",
     "EngineConfig",
+    "MetadefenderEngineConfig",
     "NotifyConfig",
     "PerceptionPointEngineConfig",
     "WatchConfig",
@@ -45,8 +46,8 @@ __all__ = [
 DEFAULT_CONFIG_PATHS = ("/etc/scanwatch/scanwatch.yaml",)
 DEFAULT_IGNORE = (".*", "*.part", "*.tmp", "*.crdownload", "*.swp")
 # Engine types of later releases: named in the error instead of "unknown tag".
-_PLANNED_ENGINE_TYPES = ("metadefender",)
-_ENGINE_TYPES = ("yara", "clamav", "blazelock", "perception_point")
+_PLANNED_ENGINE_TYPES: tuple[str, ...] = ()
+_ENGINE_TYPES = ("yara", "clamav", "blazelock", "perception_point", "metadefender")
 
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -246,8 +247,45 @@ class PerceptionPointEngineConfig(_EngineBase):
         return self
 
 
+class MetadefenderEngineConfig(_EngineBase):
+    type: Literal["metadefender"]
+    url: str = Field(description="Core's REST API base URL", examples=["http://127.0.0.1:8008"])
+    apikey: SecretStr | None = Field(None, description="the apikey header; omit for a Core without "
+                                                       "keys; use ${ENV} or ${file:...}")
+    rule: str | None = Field(None, pattern=r"^\S(.*\S)?$", description="workflow (rule) name; "
+                             "sent instead of user_agent", examples=["multiscan"])
+    filepath_map: dict[str, str] = Field(
+        default_factory=dict, description="local directory: the same directory as Core sees it; files "
+        "under one are sent by path (filepath header), not uploaded", examples=[{"/srv/drop": "/mnt/drop"}])
+    max_request_bytes: Size | None = Field(None, gt=0, description="Core's maximum request size: larger "
+                                           "files are uploaded in chunks; unset: one request per file",
+                                           examples=["100MB"])
+    hash_lookup: bool = Field(False, description="ask GET /hash/{sha256} first; a finished clean or "
+                                                 "infected result is used without a submission")
+    poll_interval: Duration = Field(2.0, gt=0, description="between polls of a running scan")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return _http_url(value)
+
+    @field_validator("filepath_map")
+    @classmethod
+    def _absolute_prefixes(cls, value: dict[str, str]) -> dict[str, str]:
+        mapped = {}
+        for local, core in value.items():
+            path = os.path.expanduser(local)
+            if not os.path.isabs(path):
+                raise ValueError(f"{local!r}: expected an absolute local directory")
+            if not core.strip():
+                raise ValueError(f"{local!r}: expected the path Core sees it as")
+            mapped[os.path.normpath(path)] = core
+        return mapped
+
+
 EngineConfig = Annotated[YaraEngineConfig | ClamavEngineConfig | BlazelockEngineConfig
-                         | PerceptionPointEngineConfig, Field(discriminator="type")]
+                         | PerceptionPointEngineConfig | MetadefenderEngineConfig,
+                         Field(discriminator="type")]
 
 
 class WatchConfig(_Model):

@@ -90,12 +90,12 @@ def test_missing_source_directory(layout: Layout) -> None:
         f"watches[0].source: directory {layout.base / 'nowhere'} does not exist"]
 
 
-def test_engine_types_of_later_versions_are_named(layout: Layout) -> None:
+def test_unknown_engine_type_names_the_available_ones(layout: Layout) -> None:
     config = layout.config()
-    config["engines"]["md"] = {"type": "metadefender", "url": "http://127.0.0.1:8008"}
+    config["engines"]["vt"] = {"type": "virustotal", "url": "http://127.0.0.1:8008"}
     assert _problems(_write(layout, config)) == [
-        "engines.md.type: engine type 'metadefender' is not available in this version "
-        "(available: yara, clamav, blazelock, perception_point)"]
+        "engines.vt.type: unknown engine type 'virustotal' "
+        "(available: yara, clamav, blazelock, perception_point, metadefender)"]
 
 
 def test_every_problem_is_reported_at_once(layout: Layout) -> None:

@@ -9,6 +9,7 @@ from daemon.config import Config
 from daemon.engines.base import Engine, ScanRequest
 from daemon.engines.blazelock import BlazelockEngine
 from daemon.engines.clamav import ClamavEngine
+from daemon.engines.metadefender import MetadefenderEngine
 from daemon.engines.perception_point import PerceptionPointEngine
 from daemon.engines.yara import YaraEngine
 
@@ -19,6 +20,7 @@ ENGINE_TYPES: dict[str, Callable[[str, Any], Engine]] = {
     "clamav": ClamavEngine,
     "blazelock": BlazelockEngine,
     "perception_point": PerceptionPointEngine,
+    "metadefender": MetadefenderEngine,
 }
 
 
