@@ -19,6 +19,7 @@ import yaml
 from daemon.config import Config
 from daemon.engines import Engine
 from daemon.journal import Journal, owner_token
+from daemon.model import FileState
 from daemon.pipeline import Pipeline
 from daemon.retry import RetryPolicy
 from daemon.watchers.local import LocalWatcher
@@ -108,6 +109,15 @@ class Harness:
         while self.pipeline.run_once(["inbox"]):
             pass
 
+    def run(self, steps: int = 40) -> None:
+        """Step until every file is done or held (the first step rescans: the harness has no inotify)."""
+        self.step(advance_s=3)
+        for _ in range(steps):
+            if all(r.state in (FileState.DONE, FileState.HELD) for r in self.journal.select()):
+                return
+            time.sleep(0.05)
+            self.step(advance_s=1)
+
     def row(self, rel: str = "a.txt") -> object:
         rows = self.journal.select("rel_path = ?", [os.fsencode(rel)], order="id DESC", limit=1)
         return rows[0]
@@ -160,6 +170,11 @@ class Daemon:
 
     def wait_started(self) -> None:
         self.wait_for(lambda: self.named("daemon.started"), what="daemon.started")
+
+    def peak_rss_kb(self) -> int:
+        """The daemon's peak resident memory so far (VmHWM)."""
+        status = Path(f"/proc/{self.proc.pid}/status").read_text().splitlines()
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
 
     def signal(self, signum: int) -> None:
         self.proc.send_signal(signum)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +14,6 @@ from emulators.blazelock import BlazelockEmulator
 
 from daemon.config import BlazelockEngineConfig
 from daemon.engines.blazelock import BlazelockEngine
-from daemon.model import FileState
 
 
 @pytest.fixture
@@ -31,22 +29,12 @@ def _harness(layout: Layout, emulator: BlazelockEmulator, **cfg: object) -> Harn
     return Harness(layout, BlazelockEngine("default", config), engine_cfg=engine_cfg)
 
 
-def _run(harness: Harness, steps: int = 40) -> None:
-    """Step until every file is done (the first step rescans, the harness has no inotify)."""
-    harness.step(advance_s=3)
-    for _ in range(steps):
-        if all(r.state in (FileState.DONE, FileState.HELD) for r in harness.journal.select()):
-            return
-        time.sleep(0.05)
-        harness.step(advance_s=1)
-
-
 def test_async_upload_clean_infected_failed(layout: Layout, emulator: BlazelockEmulator) -> None:
     harness = _harness(layout, emulator)
     harness.drop("docs/ok.pdf", b"%PDF fine")
     harness.drop("e.com", EICAR)
     harness.drop("broken.bin", b"xx BLZ-FAIL xx")
-    _run(harness)
+    harness.run()
     assert harness.layout.placed("clean") == ["docs/ok.pdf"]
     assert harness.layout.placed("quarantine") == ["e.com"]
     assert harness.layout.placed("failed") == ["broken.bin"]
@@ -66,11 +54,11 @@ def test_sync_mode_answers_in_the_upload_and_408_continues_by_polling(
     harness = _harness(layout, emulator, mode="sync")
     emulator.scan_delay_s = 0.0
     harness.drop("quick.txt", b"quick")
-    _run(harness)
+    harness.run()
     assert harness.layout.placed("clean") == ["quick.txt"]
     emulator.scan_delay_s, emulator.sync_timeout_s = 1.0, 0.2
     harness.drop("slow.com", EICAR)
-    _run(harness)
+    harness.run()
     assert harness.layout.placed("quarantine") == ["slow.com"]
     posts = [e for e in emulator.log if e.method == "POST"]
     assert [(e.path, e.status) for e in posts] == [("/file-scans/sync", 200), ("/file-scans/sync", 408)]
@@ -80,7 +68,7 @@ def test_sync_mode_sends_files_over_10mb_to_the_async_endpoint(layout: Layout,
                                                              emulator: BlazelockEmulator) -> None:
     harness = _harness(layout, emulator, mode="sync")
     harness.drop("big.bin", b"\0" * 10_000_001)
-    _run(harness)
+    harness.run()
     assert harness.layout.placed("clean") == ["big.bin"]
     assert [e.path for e in emulator.submissions()] == ["/file-scans"]
 
@@ -89,7 +77,7 @@ def test_over_100mb_fails_too_large_without_a_request(layout: Layout, emulator: 
     harness = _harness(layout, emulator)
     path = harness.drop("huge.iso", b"")
     os.truncate(path, 100_000_001)  # sparse: costs no disk
-    _run(harness)
+    harness.run()
     assert harness.layout.placed("failed") == ["huge.iso"]
     assert harness.row("huge.iso").reason == "too_large"
     assert [e for e in emulator.log if e.method == "POST"] == []
@@ -101,7 +89,7 @@ def test_bad_or_revoked_key_fails_auth(layout: Layout, emulator: BlazelockEmulat
         emulator.forbidden_keys.add("revoked")
     harness = _harness(layout, emulator, api_key="revoked" if forbidden else "wrong")
     harness.drop("a.txt", b"a")
-    _run(harness)
+    harness.run()
     assert harness.layout.placed("failed") == ["a.txt"] and harness.row().reason == "auth"
     assert len(emulator.log) == 1  # no retry storm
 
@@ -114,7 +102,7 @@ def test_429_and_503_storm_ends_right_with_bounded_requests(layout: Layout,
     for i in range(5):
         harness.drop(f"f{i}.txt", b"x%d" % i)
     harness.drop("e.com", EICAR)
-    _run(harness, steps=80)
+    harness.run(steps=80)
     assert len(harness.layout.placed("clean")) == 5 and harness.layout.placed("quarantine") == ["e.com"]
     assert len(emulator.log) < 60
     assert len(emulator.submissions()) == 6
@@ -125,7 +113,7 @@ def test_lost_answer_to_an_upload_is_followed_by_reference_not_resubmitted(
     harness = _harness(layout, emulator)
     emulator.inject(Fault(reset=True, after=True), path_prefix="/file-scans")
     harness.drop("e.com", EICAR)
-    _run(harness)
+    harness.run()
     assert harness.layout.placed("quarantine") == ["e.com"]
     assert len(emulator.scans) == 1  # the first upload created the scan; the retry found it
     # The first upload was handled (its answer lost on the way); the retry got 409.
@@ -137,13 +125,13 @@ def test_failed_scan_of_the_same_id_is_resubmitted_as_generation_2(
     harness = _harness(layout, emulator)
     emulator.scan_delay_s = 0
     first = harness.drop("a.txt", b"xx BLZ-FAIL xx")
-    _run(harness)
+    harness.run()
     assert harness.layout.placed("failed") == ["a.txt"]
     ref = harness.row().ref_id
     (layout.failed / "a.txt").rename(first)  # the same bytes dropped again
     (layout.failed / "a.txt.scanwatch.json").unlink()
     harness.step(advance_s=5)
-    _run(harness)
+    harness.run()
     refs = [e.fields["external_reference_id"] for e in emulator.log if e.method == "POST"]
     assert refs == [ref, ref, f"{ref}.2"]
     assert harness.row().ref_id == f"{ref}.2"
@@ -153,7 +141,7 @@ def test_envelope_is_optional(layout: Layout) -> None:
     with BlazelockEmulator(envelope=False) as emulator:
         harness = _harness(layout, emulator)  # type: ignore[arg-type]
         harness.drop("e.com", EICAR)
-        _run(harness)
+        harness.run()
     assert harness.layout.placed("quarantine") == ["e.com"]
 
 
@@ -224,9 +212,7 @@ def test_100mb_upload_streams_with_small_rss(layout: Layout, emulator: Blazelock
         for _ in range(100):
             f.write(os.urandom(1_000_000))
     daemon.wait_for(lambda: daemon.named("file.moved"), timeout=60, what="big file moved")
-    peak_kb = next(int(line.split()[1]) for line in
-                   Path(f"/proc/{daemon.proc.pid}/status").read_text().splitlines()
-                   if line.startswith("VmHWM:"))
+    peak_kb = daemon.peak_rss_kb()
     assert daemon.stop() == 0
     assert layout.placed("clean") == ["big.bin"]
     assert emulator.submissions()[0].body_bytes > 100_000_000

@@ -6,7 +6,6 @@ import json
 import os
 import re
 import socket
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,16 +42,6 @@ def _harness(layout: Layout, emulator: MetadefenderEmulator, **cfg: object) -> H
     return Harness(layout, MetadefenderEngine("default", config), engine_cfg=engine_cfg)
 
 
-def _run(harness: Harness, steps: int = 40) -> None:
-    """Step until every file is done (the first step rescans, the harness has no inotify)."""
-    harness.step(advance_s=3)
-    for _ in range(steps):
-        if all(r.state in (FileState.DONE, FileState.HELD) for r in harness.journal.select()):
-            return
-        time.sleep(0.02)
-        harness.step(advance_s=1)
-
-
 def _posts(emulator: MetadefenderEmulator) -> list[Logged]:
     return [e for e in emulator.log if e.method == "POST"]
 
@@ -69,7 +58,7 @@ def test_clean_infected_blocked_and_encrypted_end_in_their_places(
     harness.drop("e.com", EICAR)
     harness.drop("macro.doc", b"xx MD-BLOCKED xx")
     harness.drop("secret.zip", b"PK MD-ENCRYPTED")
-    _run(harness)
+    harness.run()
     assert layout.placed("clean") == ["docs/ok.pdf"]
     assert layout.placed("quarantine") == ["e.com", "macro.doc"]
     assert layout.placed("failed") == ["secret.zip"]
@@ -92,7 +81,7 @@ def test_result_codes_map_to_verdicts_and_reasons(layout: Layout, emulator: Meta
              17: "failed", 23: "failed"}
     for code in codes:
         harness.drop(f"code{code}.bin", b"MD-RESULT:%d" % code)
-    _run(harness)
+    harness.run()
     for code, where in codes.items():
         assert f"code{code}.bin" in layout.placed(where), code
     reasons = {code: harness.row(f"code{code}.bin").reason for code in codes}
@@ -111,7 +100,7 @@ def test_path_mode_under_filepath_map_and_upload_elsewhere(layout: Layout, tmp_p
         harness.drop("mapped/x<y>.txt", b"a name Core would change")
         harness.drop("mappedx/c.txt", b"a sibling, not under the prefix")
         harness.drop("other/d.txt", b"unmapped")
-        _run(harness)
+        harness.run()
     assert layout.placed("clean") == ["mapped/a b ü.txt", "mapped/x<y>.txt", "mappedx/c.txt", "other/d.txt"]
     assert layout.placed("quarantine") == ["mapped/deep/e.com"]
     by_path = _post_of(emulator, "a%20b%20%C3%BC.txt")
@@ -131,7 +120,7 @@ def test_path_mode_verdict_about_other_bytes_is_not_used(layout: Layout, tmp_pat
         harness = _harness(layout, emulator, filepath_map={str(layout.inbox): CORE_VIEW})
         harness.drop("e.com", EICAR)
         with capture_logs() as events:
-            _run(harness)
+            harness.run()
     assert layout.placed("quarantine") == ["e.com"] and layout.placed("clean") == []
     first, second = _posts(emulator)
     assert "filepath" in first.headers and second.body_bytes == len(EICAR)
@@ -145,9 +134,9 @@ def test_chunked_upload_above_max_request_bytes(layout: Layout) -> None:
         harness = _harness(layout, emulator, max_request_bytes="1kB")
         harness.drop("big.com", data)
         harness.drop("exact.bin", b"x" * 1000)
-        _run(harness)
+        harness.run()
         harness.drop("copy/again.com", data)  # the same bytes: Core answers its older data_id
-        _run(harness)
+        harness.run()
     assert layout.placed("quarantine") == ["big.com", "copy/again.com"]
     assert layout.placed("clean") == ["exact.bin"]
     first = _post_of(emulator, "big.com")
@@ -166,10 +155,10 @@ def test_hash_lookup_uses_a_known_result_without_a_submission(
     harness = _harness(layout, emulator, hash_lookup=True)
     harness.drop("e.com", EICAR)
     harness.drop("locked.zip", b"MD-ENCRYPTED")
-    _run(harness)
+    harness.run()
     harness.drop("again/e.com", EICAR)
     harness.drop("again/locked.zip", b"MD-ENCRYPTED")  # a failed result is no answer: scanned again
-    _run(harness)
+    harness.run()
     assert layout.placed("quarantine") == ["again/e.com", "e.com"]
     assert layout.placed("failed") == ["again/locked.zip", "locked.zip"]
     assert sorted(e.headers["filename"] for e in _posts(emulator)) == ["e.com", "locked.zip", "locked.zip"]
@@ -183,7 +172,7 @@ def test_progress_is_polled_at_rest_ip(layout: Layout) -> None:
     with MetadefenderEmulator(polls=2, rest_ip=True) as emulator:
         harness = _harness(layout, emulator)
         harness.drop("a.txt", b"fine")
-        _run(harness)
+        harness.run()
         assert emulator.node is not None
         node_host = emulator.node.url.removeprefix("http://")
     assert layout.placed("clean") == ["a.txt"]
@@ -198,7 +187,7 @@ def test_bad_or_missing_apikey_fails_auth_without_a_retry_storm(
         layout: Layout, emulator: MetadefenderEmulator, apikey: str | None) -> None:
     harness = _harness(layout, emulator, apikey=apikey)
     harness.drop("a.txt", b"a")
-    _run(harness)
+    harness.run()
     assert layout.placed("failed") == ["a.txt"] and harness.row().reason == "auth"
     assert len(emulator.log) == 1
 
@@ -207,7 +196,7 @@ def test_core_without_keys_is_sent_none(layout: Layout) -> None:
     with MetadefenderEmulator(apikey=None, polls=0) as emulator:
         harness = _harness(layout, emulator, apikey=None, rule="multiscan")
         harness.drop("a.txt", b"a")
-        _run(harness)
+        harness.run()
     assert layout.placed("clean") == ["a.txt"]
     assert not any("apikey" in e.headers for e in emulator.log)
     post = _post_of(emulator, "a.txt")
@@ -229,7 +218,7 @@ def test_error_answers_fail_or_retry_as_documented(layout: Layout, emulator: Met
     harness = _harness(layout, emulator)
     emulator.inject(Fault(status, {"err": err}, {"Retry-After": "2"}), path_prefix="/file")
     harness.drop("a.txt", b"a")
-    _run(harness)
+    harness.run()
     assert layout.placed(where) == ["a.txt"] and harness.row().reason == reason
     assert len(_posts(emulator)) == (1 if where == "failed" else 2)
 
@@ -243,7 +232,7 @@ def test_503_storm_ends_right_with_bounded_requests(layout: Layout, emulator: Me
     for i in range(5):
         harness.drop(f"f{i}.txt", b"x%d" % i)
     harness.drop("e.com", EICAR)
-    _run(harness, steps=80)
+    harness.run(steps=80)
     assert len(layout.placed("clean")) == 5 and layout.placed("quarantine") == ["e.com"]
     assert len(emulator.submissions()) == 6 and len(emulator.scans) == 6  # each file submitted once
     assert len(emulator.log) < 40
@@ -253,7 +242,7 @@ def test_slow_answer_times_out_and_is_retried(layout: Layout, emulator: Metadefe
     harness = _harness(layout, emulator, timeout=0.3)
     emulator.inject(Fault(status=0, delay_s=1.0), path_prefix="/file/")
     harness.drop("a.txt", b"a")
-    _run(harness)
+    harness.run()
     assert layout.placed("clean") == ["a.txt"]
     assert len(emulator.submissions()) == 1  # the poll timed out, not the submission: nothing resent
 
@@ -272,7 +261,7 @@ def test_engine_down_at_start_then_back(layout: Layout) -> None:
     assert row.state is FileState.STABLE and row.attempts == 0  # waiting spends no attempt
     assert harness.journal.engine_health()["default"][0] is False
     with MetadefenderEmulator(polls=0, port=port):
-        _run(harness)
+        harness.run()
     assert layout.placed("clean") == ["a.txt"]
     assert harness.journal.engine_health()["default"][0] is True
 
@@ -280,7 +269,7 @@ def test_engine_down_at_start_then_back(layout: Layout) -> None:
 def test_empty_file_fails_without_an_upload(layout: Layout, emulator: MetadefenderEmulator) -> None:
     harness = _harness(layout, emulator)
     harness.drop("empty.txt", b"")
-    _run(harness)
+    harness.run()
     assert layout.placed("failed") == ["empty.txt"] and harness.row("empty.txt").reason == "bad_request"
     assert _posts(emulator) == []
 
@@ -347,11 +336,6 @@ def _daemon_config(layout: Layout, emulator: MetadefenderEmulator, **cfg: object
     return layout.write_config(engine=engine)
 
 
-def _peak_rss_kb(pid: int) -> int:
-    status = Path(f"/proc/{pid}/status").read_text().splitlines()
-    return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
-
-
 def test_daemon_scans_by_path_and_upload_and_keeps_secrets_out_of_logs(
         layout: Layout, daemon_factory) -> None:
     apikey, password = "md-live-0123456789-very-secret", "zip-pass-9876-very-secret"
@@ -412,12 +396,12 @@ def test_large_upload_streams_with_small_rss(layout: Layout, emulator: Metadefen
     daemon.wait_started()
     (layout.inbox / "small.txt").write_bytes(b"warm-up: every code path loaded")
     daemon.wait_for(lambda: daemon.named("file.moved"), what="small file moved")
-    before_kb = _peak_rss_kb(daemon.proc.pid)
+    before_kb = daemon.peak_rss_kb()
     with open(layout.inbox / "big.bin", "wb") as f:
         for _ in range(size_mb):
             f.write(os.urandom(1_000_000))
     daemon.wait_for(lambda: len(daemon.named("file.moved")) == 2, timeout=60, what="big file moved")
-    growth_kb = _peak_rss_kb(daemon.proc.pid) - before_kb
+    growth_kb = daemon.peak_rss_kb() - before_kb
     assert daemon.stop() == 0
     assert layout.placed("clean") == ["big.bin", "small.txt"]
     assert _post_of(emulator, "big.bin").body_bytes == size_mb * 1_000_000

@@ -9,7 +9,6 @@ import os
 import re
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -48,16 +47,6 @@ def _harness(layout: Layout, url: str, watch: dict[str, object] | None = None, *
     return Harness(layout, engine, engine_cfg=engine_cfg, **(watch or {}))
 
 
-def _run(harness: Harness, steps: int = 40) -> None:
-    """Step until every file is done (the first step rescans, the harness has no inotify)."""
-    harness.step(advance_s=3)
-    for _ in range(steps):
-        if all(r.state in (FileState.DONE, FileState.HELD) for r in harness.journal.select()):
-            return
-        time.sleep(0.05)
-        harness.step(advance_s=1)
-
-
 def _finish(engine: PerceptionPointEngine, request: ScanRequest) -> Verdict:
     """Submit and poll until the verdict, as the pipeline would."""
     answer = engine.scan(request)
@@ -83,7 +72,7 @@ def test_upload_maps_clean_infected_blocked_and_error(layout: Layout,
     harness.drop("e.com", EICAR)
     harness.drop("policy.doc", b"xx PP-BLK xx")
     harness.drop("broken.bin", b"xx PP-ERROR xx")
-    _run(harness)
+    harness.run()
     assert layout.placed("clean") == ["docs/ok.pdf"]
     assert layout.placed("quarantine") == ["e.com", "policy.doc"]
     assert layout.placed("failed") == ["broken.bin"]
@@ -109,7 +98,7 @@ def test_suspicious_and_spam_follow_the_suspicious_setting(
     harness = _harness(layout, emulator.url, suspicious=setting)
     harness.drop("sus.bin", b"xx PP-SUS xx")
     harness.drop("spam.eml", b"xx PP-SPM xx")
-    _run(harness)
+    harness.run()
     assert layout.placed(where) == ["spam.eml", "sus.bin"]
     assert harness.row("sus.bin").reason == reason
     expected_threats = ["SUS"] if where == "quarantine" else []
@@ -121,7 +110,7 @@ def test_archive_password_is_sent_as_file_password(layout: Layout,
                                                    emulator: PerceptionPointEmulator) -> None:
     harness = _harness(layout, emulator.url, watch={"archivepwd": "infected"})
     harness.drop("a.zip", b"PK zip")
-    _run(harness)
+    harness.run()
     assert layout.placed("clean") == ["a.zip"]
     assert emulator.submissions()[0].fields["file_password"] == "infected"
 
@@ -148,7 +137,7 @@ def test_413_from_the_service_fails_too_large(layout: Layout) -> None:
     with PerceptionPointEmulator(max_bytes=1000) as emulator:
         harness = _harness(layout, emulator.url)
         harness.drop("big.bin", b"x" * 5000)
-        _run(harness)
+        harness.run()
         assert [(e.method, e.status) for e in emulator.log] == [("POST", 413)]
     assert layout.placed("failed") == ["big.bin"] and harness.row("big.bin").reason == "too_large"
 
@@ -160,7 +149,7 @@ def test_bad_or_revoked_token_fails_auth_without_retries(
         emulator.forbidden_tokens.add("revoked")
     harness = _harness(layout, emulator.url, token="revoked" if forbidden else "wrong")
     harness.drop("a.txt", b"a")
-    _run(harness)
+    harness.run()
     assert layout.placed("failed") == ["a.txt"] and harness.row().reason == "auth"
     assert [e.status for e in emulator.log] == [403 if forbidden else 401]  # no retry storm
 
@@ -173,7 +162,7 @@ def test_429_and_503_storm_ends_right_with_bounded_requests(layout: Layout,
     for i in range(5):
         harness.drop(f"f{i}.txt", b"x%d" % i)
     harness.drop("e.com", EICAR)
-    _run(harness, steps=80)
+    harness.run(steps=80)
     assert len(layout.placed("clean")) == 5 and layout.placed("quarantine") == ["e.com"]
     assert len(emulator.submissions()) == 6 and len(emulator.scans) == 6
     assert len(emulator.log) <= 8 + 6 + 2 * 6 + 6  # faults, submissions, polls, slack for retries
@@ -192,7 +181,7 @@ def test_engine_down_at_start_then_back(layout: Layout) -> None:
     assert row.last_error.startswith("engine 'default' cannot reach")
     assert harness.journal.engine_health()["default"][0] is False
     with PerceptionPointEmulator(port=port) as emulator:
-        _run(harness)
+        harness.run()
         assert len(emulator.submissions()) == 1
     assert layout.placed("clean") == ["a.txt"]
     assert harness.journal.engine_health()["default"][0] is True
@@ -349,9 +338,7 @@ def test_100mb_upload_streams_with_small_rss(layout: Layout, emulator: Perceptio
         for _ in range(100):
             f.write(os.urandom(1_000_000))
     daemon.wait_for(lambda: daemon.named("file.moved"), timeout=60, what="big file moved")
-    peak_kb = next(int(line.split()[1]) for line in
-                   Path(f"/proc/{daemon.proc.pid}/status").read_text().splitlines()
-                   if line.startswith("VmHWM:"))
+    peak_kb = daemon.peak_rss_kb()
     assert daemon.stop() == 0
     assert layout.placed("clean") == ["big.bin"]
     assert emulator.submissions()[0].fields["data_bytes"] == "100000000"
