@@ -28,7 +28,7 @@ CORE_VIEW = "/core view/drop"  # the inbox as the Core server sees it: a space, 
 @pytest.fixture
 def emulator() -> Iterator[MetadefenderEmulator]:
     with MetadefenderEmulator(polls=1) as server:
-        yield server  # type: ignore[misc]
+        yield server
 
 
 def _engine_cfg(url: str, **cfg: object) -> dict[str, object]:
@@ -73,6 +73,22 @@ def test_clean_infected_blocked_and_encrypted_end_in_their_places(
     assert upload.headers["apikey"] == "test-key" and upload.headers["user_agent"].startswith("scanwatch/")
     assert upload.headers["original_file_path"] == str(layout.inbox / "e.com")
     assert upload.headers["source"] == socket.gethostname() and "filepath" not in upload.headers
+
+
+def test_archive_password_is_sent_as_utf8_and_an_unsendable_one_fails_the_file(layout: Layout) -> None:
+    with MetadefenderEmulator(polls=0, archive_password="pässwörd") as emulator:
+        engine_cfg = _engine_cfg(emulator.url)
+        engine = MetadefenderEngine("default", MetadefenderEngineConfig.model_validate(engine_cfg))
+        harness = Harness(layout, engine, engine_cfg=engine_cfg, archivepwd="pässwörd")
+        harness.drop("a.zip", b"PK MD-ENCRYPTED")
+        harness.run()
+        assert layout.placed("clean") == ["a.zip"]  # Core opened it with the password
+        bad = Harness(layout, engine, engine_cfg=engine_cfg, archivepwd=" padded-secret")
+        bad.drop("b.zip", b"PK MD-ENCRYPTED")
+        bad.run()
+    assert layout.placed("failed") == ["b.zip"] and bad.row("b.zip").reason == "bad_request"
+    assert len(_posts(emulator)) == 1  # nothing was sent for b.zip
+    assert "padded-secret" not in repr(bad.row("b.zip"))
 
 
 def test_result_codes_map_to_verdicts_and_reasons(layout: Layout, emulator: MetadefenderEmulator) -> None:

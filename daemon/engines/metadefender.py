@@ -4,9 +4,11 @@ Path mode sends the path as Core sees it (`filepath_map`) and no body; upload mo
 streams the bytes from the request's fd, in chunks of `max_request_bytes` above that
 size. Core has no idempotency key: its `data_id` is the only handle on a scan, so the
 pipeline journals it as soon as `scan` returns Pending, and `poll` follows it (at
-`rest_ip` while Core says so) without ever submitting again. Core reports the sha256
-of what it scanned: a verdict about other bytes (a file that changed after it was
-hashed, a `filepath_map` that points at another tree) is never used.
+`rest_ip` while Core says so) without ever submitting again. A submission whose answer
+was lost is repeated (Core cannot be asked by reference); with `hash_lookup` a finished
+scan of the same bytes is found instead. Core reports the sha256 of what it scanned: a
+verdict about other bytes (a file that changed after it was hashed, a `filepath_map`
+that points at another tree) is never used.
 """
 
 from __future__ import annotations
@@ -210,7 +212,8 @@ class MetadefenderEngine:
         return None if verdict.kind is VerdictKind.FAILED else verdict
 
     def _other_bytes(self, request: ScanRequest, ref: _ScanRef, body: dict[str, Any]) -> Pending:
-        """Core scanned bytes other than those hashed: upload ours, once; a second time is an error."""
+        """Core scanned other bytes than those hashed: a scan by path is redone by upload; an
+        upload's mismatch is an error (retried until the file's attempts run out)."""
         scanned = _section(body, "file_info").get("sha256")
         if not ref.by_path:
             raise EngineRetryableError(f"engine {self.name!r}: Core scanned bytes with sha256 {scanned}, "

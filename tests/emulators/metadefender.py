@@ -285,13 +285,15 @@ class MetadefenderEmulator(Emulator):
         return {"data_id": data_id, "rest_ip": self.node.url.removeprefix("http://")}
 
     def _add_scan(self, data_id: str, digest: _Digest, headers: dict[str, str]) -> None:
-        code, result, blocked_reason, threat = self._outcome(digest, headers.get("archivepwd"))
+        # http.server reads header bytes as latin-1; the password was sent as UTF-8.
+        password = headers.get("archivepwd", "").encode("latin-1").decode("utf-8")
+        code, result, blocked_reason, threat = self._outcome(digest, password)
         scan = _Scan(data_id, digest.sha256.hexdigest(), digest.size, unquote(headers.get("filename", "")),
                      code, result, blocked_reason, threat, self.polls, node=self.node is not None)
         with self.lock:
             self.scans[data_id] = scan
 
-    def _outcome(self, digest: _Digest, archivepwd: str | None) -> tuple[int, str, str, str | None]:
+    def _outcome(self, digest: _Digest, archivepwd: str) -> tuple[int, str, str, str | None]:
         """(scan_all_result_i, Allowed|Blocked, blocked_reason, threat) of these bytes."""
         if EICAR_MARK in digest.marks:
             return 1, "Blocked", "Infected", "Eicar-Test-Signature"
