@@ -107,6 +107,8 @@ class S3Config(_Model):
 
 class EventsConfig(_Model):
     sqs_queue_url: str = Field(description="SQS queue that receives the bucket's S3 event notifications")
+    endpoint_url: str | None = Field(None, description="for SQS-compatible services")
+    region: str | None = Field(None, description="default: s3.region, else the queue URL's")
 
 
 class MetricsConfig(_Model):

@@ -23,6 +23,7 @@ import hashlib
 import io
 import json
 import os
+import threading
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
@@ -85,7 +86,7 @@ class MoveRequest:
     @property
     def marker(self) -> str:
         """Tells our copy at the destination from any other object (S3 tag value)."""
-        return f"{self.file_id}.{(self.sha256 or self.etag or '')[:16]}"
+        return f"{self.file_id}.{(self.sha256 or (self.etag or '').strip(chr(34)))[:16]}"
 
 
 class Location(Protocol):
@@ -334,8 +335,8 @@ class LocalLocation:
     def write_sidecar(self, rel_path: str, facts: Mapping[str, object]) -> None:
         """Atomically, mode 0600."""
         dir_fd, base = self._dir(rel_path)
-        sidecar = base + SIDECAR_SUFFIX
-        temp = f".{sidecar}.tmp"
+        sidecar = _sidecar_name(base)
+        temp = f".scanwatch-sidecar-{os.getpid()}-{threading.get_ident()}.tmp"
         out = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
                       0o600, dir_fd=dir_fd)
         try:
@@ -347,14 +348,23 @@ class LocalLocation:
 
     def read_sidecar(self, rel_path: str) -> Any:
         dir_fd, base = self._dir(rel_path)
-        with open_file(dir_fd, base + SIDECAR_SUFFIX) as (fd, _):
+        with open_file(dir_fd, _sidecar_name(base)) as (fd, _):
             return json.loads(os.pread(fd, 1 << 20, 0))
 
     def delete(self, rel_path: str) -> None:
         dir_fd, base = self._dir(rel_path)
-        for name in (base, base + SIDECAR_SUFFIX):
+        for name in (base, _sidecar_name(base)):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(name, dir_fd=dir_fd)
+
+
+def _sidecar_name(base: str) -> str:
+    """`<name>.scanwatch.json`; a name too long for that keeps its head and gets a hash."""
+    if len(os.fsencode(base + SIDECAR_SUFFIX)) <= 255:
+        return base + SIDECAR_SUFFIX
+    digest = hashlib.sha256(os.fsencode(base)).hexdigest()[:12]
+    head = os.fsencode(base)[: 255 - len(SIDECAR_SUFFIX) - 13].decode(errors="ignore")
+    return f"{head}@{digest}{SIDECAR_SUFFIX}"
 
 
 def _temp_name(file_id: int) -> str:

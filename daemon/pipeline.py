@@ -443,8 +443,6 @@ class Pipeline:
                                              "scanwatch-reason": _TAG_VALUE.sub("_", row.reason or "")})
         try:
             request = self._transfer(row, request, source, dest, resumed)
-            if verdict is not VerdictKind.CLEAN:
-                dest.write_sidecar(request.dest_rel, self.sidecar(row, dest.name(request.dest_rel)))
         except ChangedError as exc:
             return self._changed(row, str(exc))
         except FileNotFoundError:
@@ -453,6 +451,12 @@ class Pipeline:
             return self._move_failed(row, exc, attempts=row.move_attempts)
         except (OSError, LocationError) as exc:
             return self._move_failed(row, exc)
+        if verdict is not VerdictKind.CLEAN:
+            try:
+                dest.write_sidecar(request.dest_rel, self.sidecar(row, dest.name(request.dest_rel)))
+            except (OSError, LocationError) as exc:
+                # The file is in place: stay `moving`, so the retry finishes this move.
+                return self._move_failed(row, exc, {"state": FileState.MOVING})
         return self._placed(row, dest.name(request.dest_rel), verdict)
 
     def _transfer(self, row: FileRow, request: MoveRequest, source: Location, dest: Location,
@@ -496,7 +500,7 @@ class Pipeline:
         attempts = row.move_attempts + 1 if attempts is None else attempts
         delay_s = self.policy.delay(attempts)
         return _Outcome(
-            {**(changes or {}), "state": FileState.VERDICT, "owner": None,
+            {"state": FileState.VERDICT, **(changes or {}), "owner": None,
              "move_attempts": attempts, "last_error": str(exc),
              "next_attempt_at": self.clock() + delay_s},
             "move.failed", {"error": str(exc), "move_attempts": attempts,

@@ -31,6 +31,7 @@ __all__ = [
 
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _MAX_SEGMENT_BYTES = 255
+_FLAT_NAME_BYTES = 200
 # Codes that say "this will not work until someone changes something": wait, don't fail.
 _UNAVAILABLE = {"NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
                 "SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "503", "500"}
@@ -91,9 +92,11 @@ def local_rel(rel_path: str) -> str:
 def flat_name(rel_path: str) -> str:
     """One safe file name standing for a whole key part: every `/`, `.` and odd byte %-escaped."""
     name = quote(rel_path, safe="").replace(".", "%2E") or "%00"
-    if len(name) > _MAX_SEGMENT_BYTES:
+    if len(name) > _FLAT_NAME_BYTES:  # room left for a collision suffix and the sidecar's
         digest = hashlib.sha256(rel_path.encode(errors="surrogateescape")).hexdigest()[:12]
-        name = f"{name[: _MAX_SEGMENT_BYTES - 13]}@{digest}"
+        head = name[: _FLAT_NAME_BYTES - 13]
+        cut = head.rfind("%", len(head) - 2)  # keep %-escapes whole
+        name = f"{head if cut < 0 else head[:cut]}@{digest}"
     return name
 
 

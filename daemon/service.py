@@ -19,8 +19,10 @@ from daemon.errors import ConfigError, ScanwatchError
 from daemon.journal import FileRow, open_journal, owner_token
 from daemon.metrics import Metrics
 from daemon.pipeline import Pipeline
+from daemon.s3 import is_s3
 from daemon.sdnotify import Notifier
 from daemon.watchers.local import LocalWatcher
+from daemon.watchers.s3 import S3Watcher
 from daemon.webhooks import WebhookReceivers
 
 __all__ = ["Service"]
@@ -38,7 +40,7 @@ class _Running:
     config: Config
     engines: dict[str, Engine]
     pipeline: Pipeline
-    watchers: list[LocalWatcher]
+    watchers: list[LocalWatcher | S3Watcher]
     alerts: WebhookAlerts | None
     webhooks: WebhookReceivers  # bound in `_start`, so a reload can rebind the same address
 
@@ -61,7 +63,9 @@ class Service:
         engines = build_engines(config)
         pipeline = Pipeline(config, self.journal, engines, owner=self.owner, wake=self.wake,
                             on_outcome=self._on_outcome)
-        watchers = [LocalWatcher(w, self.journal, self.wake) for w in config.watches]
+        watchers: list[LocalWatcher | S3Watcher] = [
+            S3Watcher(w, self.journal, self.wake, pipeline.s3, config.s3) if is_s3(w.source)
+            else LocalWatcher(w, self.journal, self.wake) for w in config.watches]
         alerts = WebhookAlerts(config.notify) if config.notify else None
         webhooks = WebhookReceivers(config, engines, self.journal, self.wake)
         return _Running(config, engines, pipeline, watchers, alerts, webhooks)

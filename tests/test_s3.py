@@ -1,0 +1,374 @@
+"""S3 sources and destinations against a real S3 server (SeaweedFS from tests/realservers.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import EICAR, Daemon
+from fakes import FakeEngine, answers, raises
+from hypothesis import given
+from hypothesis import strategies as st
+from realservers import S3Server, SqsServer
+
+from daemon.config import Config, YaraEngineConfig
+from daemon.engines.base import Engine, ScanRequest
+from daemon.engines.yara import YaraEngine
+from daemon.errors import EngineUnavailableError, UnsafePathError
+from daemon.journal import Journal, owner_token
+from daemon.model import FileState, Verdict, VerdictKind
+from daemon.pipeline import Pipeline
+from daemon.retry import RetryPolicy
+from daemon.s3 import flat_name, is_s3, local_rel
+from daemon.watchers.local import LocalWatcher
+from daemon.watchers.s3 import S3Watcher
+
+
+@pytest.fixture
+def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """boto3's credential chain pointed at the test server (the daemon's way to get them)."""
+    env = {"AWS_ACCESS_KEY_ID": s3_server.access_key, "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
+           "AWS_DEFAULT_REGION": s3_server.region}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return env
+
+
+class S3Harness:
+    """One watch with S3 (or local) locations, its journal, an engine and a pipeline, stepped by hand."""
+
+    def __init__(self, server: S3Server, bucket: str, tmp_path: Path, engine: Engine,
+                 s3: dict[str, Any] | None = None, **watch: Any) -> None:
+        self.bucket = bucket
+        self.client = server.client()
+        self.tmp_path = tmp_path
+        where = {"source": f"s3://{bucket}/in/", "clean": f"s3://{bucket}/clean/",
+                 "quarantine": f"s3://{bucket}/quarantine/", "failed": f"s3://{bucket}/failed/",
+                 **watch}
+        self.config = Config.model_validate({
+            "state_dir": str(tmp_path / "state"),
+            "s3": {"endpoint_url": server.endpoint_url, "region": server.region, **(s3 or {})},
+            "engines": {"default": {"type": "yara"}},
+            "watches": [{"name": "w", "engine": "default", "settle_seconds": 0, **where}],
+        })
+        self.journal = Journal(tmp_path / "state" / "journal.sqlite3")
+        self.pipeline = Pipeline(self.config, self.journal, {"default": engine}, owner=owner_token(),
+                                 policy=RetryPolicy(base_s=60, max_s=60))
+        watch_cfg = self.config.watches[0]
+        wake = threading.Event()
+        self.watcher = (S3Watcher(watch_cfg, self.journal, wake, self.pipeline.s3, self.config.s3)
+                        if is_s3(watch_cfg.source) else LocalWatcher(watch_cfg, self.journal, wake))
+
+    def put(self, key: str, data: bytes) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=key, Body=data)
+
+    def step(self) -> None:
+        self.watcher.poll_once() if isinstance(self.watcher, S3Watcher) else self.watcher.step()
+        while self.pipeline.run_once(["w"]):
+            pass
+
+    def keys(self, prefix: str) -> list[str]:
+        """Keys under `prefix` (relative to it), sidecars left out."""
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+        return sorted(o["Key"].removeprefix(prefix) for page in pages for o in page.get("Contents", ())
+                      if not o["Key"].endswith(".scanwatch.json"))
+
+    def get(self, key: str) -> bytes:
+        return bytes(self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read())
+
+    def tags(self, key: str) -> dict[str, str]:
+        tag_set = self.client.get_object_tagging(Bucket=self.bucket, Key=key)["TagSet"]
+        return {t["Key"]: t["Value"] for t in tag_set}
+
+    def rows(self) -> list[Any]:
+        return self.journal.select(order="id")
+
+
+@pytest.fixture
+def harness(s3_server: S3Server, s3_bucket: str, tmp_path: Path, s3_env: dict[str, str]
+            ) -> Callable[..., S3Harness]:
+    def make(engine: Engine | None = None, **kw: Any) -> S3Harness:
+        return S3Harness(s3_server, s3_bucket, tmp_path, engine or YaraEngine("default", _yara()), **kw)
+    return make
+
+
+def _yara() -> YaraEngineConfig:
+    return YaraEngineConfig(type="yara")
+
+
+# -- S3 → S3 ----------------------------------------------------------------------------------------
+
+
+def test_s3_to_s3_clean_infected_and_failed(harness: Callable[..., S3Harness]) -> None:
+    engine = FakeEngine()
+    h = harness(engine)
+    h.put("in/a.txt", b"hello")
+    h.put("in/deep/er/e.com", EICAR)
+    h.step()
+    assert h.keys("clean/") == ["a.txt"]
+    assert h.get("clean/a.txt") == b"hello"
+    assert h.keys("quarantine/") == ["deep/er/e.com"]
+    assert h.keys("in/") == []
+    sidecar = json.loads(h.get("quarantine/deep/er/e.com.scanwatch.json"))
+    assert sidecar["verdict"] == "infected"
+    assert sidecar["source"] == f"s3://{h.bucket}/in/deep/er/e.com"
+    assert sidecar["destination"] == f"s3://{h.bucket}/quarantine/deep/er/e.com"
+    assert sidecar["external_reference_id"].startswith("w:deep/er/e.com#")
+    assert h.tags("quarantine/deep/er/e.com")["scanwatch-verdict"] == "infected"
+    assert h.tags("clean/a.txt")["scanwatch-verdict"] == "clean"
+
+    engine.script.append(answers(Verdict.failed("encrypted")))
+    h.put("in/locked.zip", b"PK...")
+    h.step()
+    assert h.keys("failed/") == ["locked.zip"]
+    assert h.tags("failed/locked.zip")["scanwatch-reason"] == "encrypted"
+    assert json.loads(h.get("failed/locked.zip.scanwatch.json"))["reason"] == "encrypted"
+
+
+def test_keys_with_spaces_unicode_plus_and_percent(harness: Callable[..., S3Harness]) -> None:
+    h = harness()
+    names = ["a b.txt", "ünï cödé/ß.txt", "1+1=2.txt", "100%/x%20y.txt", "d/e/f/g/h/i/j/k.txt"]
+    for name in names:
+        h.put(f"in/{name}", name.encode())
+    h.step()
+    assert h.keys("clean/") == sorted(names)
+    assert all(h.get(f"clean/{name}") == name.encode() for name in names)
+
+
+def test_collision_gets_a_suffix_and_nothing_is_overwritten(harness: Callable[..., S3Harness]) -> None:
+    h = harness()
+    h.put("clean/same.txt", b"already there")
+    h.put("in/same.txt", b"new")
+    h.step()
+    assert h.get("clean/same.txt") == b"already there"
+    assert h.get("clean/same.1.txt") == b"new"
+
+
+def test_object_replaced_between_scan_and_move_is_scanned_again(harness: Callable[..., S3Harness]) -> None:
+    h = harness()
+    replaced = threading.Event()
+
+    def swap(request: ScanRequest) -> Verdict:
+        if not replaced.is_set():
+            replaced.set()
+            h.put("in/a.txt", EICAR)  # the bytes change after they were scanned clean
+        return Verdict(VerdictKind.CLEAN)
+
+    engine = FakeEngine(script=[swap])
+    h.pipeline.engines = {"default": engine}
+    h.put("in/a.txt", b"harmless")
+    h.step()
+    assert h.keys("clean/") == []  # never promoted: the copy was pinned to the scanned ETag
+    assert h.keys("quarantine/") == ["a.txt"]
+    assert h.get("quarantine/a.txt") == EICAR
+    assert len(engine.calls) == 2
+
+
+def test_multipart_copy_above_a_lowered_threshold(harness: Callable[..., S3Harness]) -> None:
+    h = harness(s3={"multipart_threshold": 1024, "multipart_chunksize": "5MiB"})
+    data = os.urandom(5 * 2**20 + 12345)  # two parts
+    h.put("in/big.bin", data)
+    h.step()
+    assert h.get("clean/big.bin") == data
+    assert h.tags("clean/big.bin")["scanwatch-verdict"] == "clean"
+
+
+def test_a_listing_again_adds_nothing_and_a_new_version_is_a_new_arrival(
+        harness: Callable[..., S3Harness]) -> None:
+    h = harness()
+    h.put("in/a.txt", b"one")
+    assert h.watcher.poll_once() == 1
+    assert h.watcher.poll_once() == 0
+    h.put("in/.hidden", b"x")
+    h.put("in/folder/", b"")
+    h.put("in/b.part", b"x")
+    assert h.watcher.poll_once() == 0  # ignored names and folder markers
+    h.put("in/a.txt", b"two")
+    assert h.watcher.poll_once() == 1  # replaced before its scan: the row follows it
+    h.step()
+    assert h.keys("clean/") == ["a.txt"] and h.get("clean/a.txt") == b"two"
+
+
+def test_engine_reading_s3_itself_gets_the_object_not_a_download(harness: Callable[..., S3Harness]) -> None:
+    seen: list[ScanRequest] = []
+
+    def record(request: ScanRequest) -> Verdict:
+        seen.append(request)
+        return Verdict(VerdictKind.CLEAN)
+
+    h = harness(FakeEngine(reads_s3=True, script=[record]))
+    h.put("in/x/a.txt", b"hello")
+    h.step()
+    (request,) = seen
+    assert request.fd is None and request.s3 is not None
+    assert (request.s3.bucket, request.s3.key) == (h.bucket, "in/x/a.txt")
+    assert request.sha256 == "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
+    assert "Signature=" in request.s3.url
+    assert h.keys("clean/") == ["x/a.txt"]
+
+
+# -- S3 ↔ local ----------------------------------------------------------------------------------
+
+
+def test_s3_to_local_and_unsafe_keys(harness: Callable[..., S3Harness], tmp_path: Path) -> None:
+    local = {k: str(tmp_path / k) for k in ("clean", "quarantine", "failed")}
+    h = harness(**local)
+    h.put("in/dir/a.txt", b"hello")
+    h.put("in/e.com", EICAR)
+    long_segment = "é" * 200  # 400 bytes: no local file system takes that name
+    h.put(f"in/{long_segment}/x", b"unsafe")
+    h.step()
+    assert (tmp_path / "clean/dir/a.txt").read_bytes() == b"hello"
+    quarantined = tmp_path / "quarantine/e.com"
+    assert quarantined.read_bytes() == EICAR and quarantined.stat().st_mode & 0o777 == 0o600
+    (failed,) = [p.name for p in (tmp_path / "failed").iterdir() if not p.name.endswith(".json")]
+    assert failed.startswith("%C3%A9%C3%A9") and len(failed.encode()) <= 200
+    sidecar = json.loads((tmp_path / "failed" / f"{failed}.scanwatch.json").read_text())
+    assert sidecar["reason"] == "unsafe_key"
+    (row,) = [r for r in h.rows() if r.rel_path.startswith(long_segment)]
+    assert (row.reason, row.sha256) == ("unsafe_key", None)  # failed before anything was read
+    assert h.keys("in/") == []
+
+
+def test_local_to_s3(harness: Callable[..., S3Harness], tmp_path: Path) -> None:
+    inbox = tmp_path / "inbox"
+    (inbox / "sub").mkdir(parents=True)
+    h = harness(source=str(inbox), s3={"multipart_chunksize": "5MiB"})
+    big = os.urandom(6 * 2**20)  # a multipart upload
+    (inbox / "sub" / "big.bin").write_bytes(big)
+    (inbox / "e.com").write_bytes(EICAR)
+    h.step()
+    assert h.get("clean/sub/big.bin") == big
+    assert h.get("quarantine/e.com") == EICAR
+    assert h.tags("quarantine/e.com")["scanwatch-verdict"] == "infected"
+    assert [p.name for p in inbox.rglob("*")] == ["sub"]
+
+
+@given(st.text(st.characters(codec="utf-8"), max_size=300))
+def test_keys_become_local_paths_only_when_safe(rel: str) -> None:
+    try:
+        path = local_rel(rel)
+    except UnsafePathError:
+        assert any(p == ".." or "\0" in p or len(p.encode()) > 255 for p in rel.split("/")) or not \
+            rel.strip("/.")
+        return
+    parts = path.split("/")
+    assert all(p not in ("", ".", "..") and "\0" not in p for p in parts)
+    assert os.path.normpath(os.path.join("/root", path)).startswith("/root/")
+
+
+@given(st.text(st.characters(codec="utf-8"), max_size=400),
+       st.text(st.characters(codec="utf-8"), max_size=400))
+def test_flat_names_are_one_safe_segment_and_distinct(a: str, b: str) -> None:
+    for rel in (a, b):
+        name = flat_name(rel)
+        assert "/" not in name and "\0" not in name and name not in (".", "..")
+        assert 0 < len(name.encode()) <= 200
+        assert re.fullmatch(r"([^%@]|%[0-9A-F]{2})*(@[0-9a-f]{12})?", name)  # no escape cut in half
+    assert (flat_name(a) == flat_name(b)) == (a == b)
+
+
+# -- failures ---------------------------------------------------------------------------------------
+
+
+def test_missing_bucket_waits_without_failing(harness: Callable[..., S3Harness]) -> None:
+    h = harness(clean="s3://no-such-bucket-here/clean/")
+    h.put("in/a.txt", b"hello")
+    h.step()
+    (row,) = h.rows()
+    assert row.state is FileState.VERDICT and "no-such-bucket-here" in (row.last_error or "")
+    assert h.keys("in/") == ["a.txt"]  # left where it was
+
+
+def test_an_internal_error_fails_the_object_once(harness: Callable[..., S3Harness]) -> None:
+    h = harness(FakeEngine(script=[raises(RuntimeError("bug"))]))
+    h.put("in/a.txt", b"x")
+    h.step()
+    assert h.keys("failed/") == ["a.txt"]
+    (row,) = h.rows()
+    assert (row.state, row.reason) == (FileState.DONE, "internal_error")
+
+
+def test_engine_down_leaves_objects_in_place(harness: Callable[..., S3Harness]) -> None:
+    h = harness(FakeEngine(script=[raises(EngineUnavailableError("down"))]))
+    h.put("in/a.txt", b"x")
+    h.step()
+    (row,) = h.rows()
+    assert row.state is FileState.STABLE and h.keys("in/") == ["a.txt"]
+
+
+# -- the daemon --------------------------------------------------------------------------------------
+
+
+def _daemon_config(tmp_path: Path, server: S3Server, bucket: str, **watch: Any) -> Path:
+    path = tmp_path / "scanwatch.yaml"
+    path.write_text(yaml.safe_dump({
+        "state_dir": str(tmp_path / "state"),
+        "log": {"format": "json", "level": "info"},
+        "s3": {"endpoint_url": server.endpoint_url, "region": server.region},
+        "engines": {"default": {"type": "yara", "concurrency": 4}},
+        "watches": [{"name": "w", "engine": "default", "source": f"s3://{bucket}/in/",
+                     "clean": f"s3://{bucket}/clean/", "quarantine": f"s3://{bucket}/quarantine/",
+                     "failed": f"s3://{bucket}/failed/", "poll_interval": 1, **watch}],
+    }))
+    return path
+
+
+def _put_many(h: S3Harness, count: int) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda i: h.put(f"in/{i % 10}/f{i}.txt", b"x" * (i % 50) if i % 100 else EICAR),
+                      range(count)))
+
+
+def test_daemon_backfills_1000_objects_and_survives_kill_9(
+        harness: Callable[..., S3Harness], s3_server: S3Server, tmp_path: Path,
+        s3_env: dict[str, str], daemon_factory: Callable[..., Daemon]) -> None:
+    h = harness()
+    _put_many(h, 1000)
+    config = _daemon_config(tmp_path, s3_server, h.bucket)
+    first = daemon_factory(config, env=s3_env)
+    first.wait_for(lambda: len(first.named("file.moved")) >= 200, timeout=60, what="200 moved")
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait()
+    second = daemon_factory(config, env=s3_env)
+    second.wait_for(lambda: not h.keys("in/"), timeout=120, what="source drained")
+    second.wait_for(lambda: len(h.keys("clean/")) + len(h.keys("quarantine/")) >= 1000, timeout=30,
+                    what="all placed")
+    assert second.stop() == 0
+    clean, quarantined = h.keys("clean/"), h.keys("quarantine/")
+    assert len(clean) == 990 and len(quarantined) == 10
+    assert not set(clean) & set(quarantined)
+    assert all(".1." not in k for k in clean)  # nothing placed twice
+    done = h.journal.select("state = 'done'")
+    assert len(done) == 1000
+
+
+def test_daemon_takes_sqs_events(harness: Callable[..., S3Harness], s3_server: S3Server,
+                                 sqs_server: SqsServer, sqs_queue: str, tmp_path: Path,
+                                 s3_env: dict[str, str], daemon_factory: Callable[..., Daemon]) -> None:
+    h = harness()
+    config = _daemon_config(tmp_path, s3_server, h.bucket, poll_interval=3600,
+                            events={"sqs_queue_url": sqs_queue, "endpoint_url": sqs_server.endpoint_url,
+                                    "region": sqs_server.region})
+    daemon = daemon_factory(config, env=s3_env)
+    daemon.wait_started()
+    h.put("in/by event.txt", b"hello")
+    etag = h.client.head_object(Bucket=h.bucket, Key="in/by event.txt")["ETag"].strip('"')
+    record = {"eventName": "ObjectCreated:Put", "eventSource": "aws:s3", "s3": {
+        "bucket": {"name": h.bucket}, "object": {"key": "in/by+event.txt", "size": 5, "eTag": etag}}}
+    sqs = sqs_server.client()
+    sqs.send_message(QueueUrl=sqs_queue, MessageBody=json.dumps({"Records": [record, record]}))
+    sqs.send_message(QueueUrl=sqs_queue, MessageBody=json.dumps({"Event": "s3:TestEvent"}))
+    daemon.wait_for(lambda: h.keys("clean/") == ["by event.txt"], timeout=30, what="moved by event")
+    assert daemon.stop() == 0
+    assert len(h.journal.select()) == 1
