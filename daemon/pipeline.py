@@ -104,6 +104,9 @@ class Pipeline:
 
     def start(self) -> None:
         """Start `concurrency` workers per engine that has watches."""
+        # Health changes are journaled against what the journal says (the start-up probe's view).
+        health = self.journal.engine_health()
+        self._engine_down = {name: not healthy for name, (healthy, _, _) in health.items()}
         for name, engine_cfg in self.config.engines.items():
             watches = [w.name for w in self.config.watches if w.engine == name]
             if not watches:

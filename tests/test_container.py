@@ -266,9 +266,6 @@ def test_healthcheck_fails_while_clamd_is_down(tmp_path: Path, daemon_factory) -
     assert "cannot reach clamd" in down.stdout
 
 
-@pytest.mark.xfail(strict=True, reason="the pipeline journals engine health only on a change of its own "
-                                       "in-memory view, which starts as 'up': a failed startup probe "
-                                       "is never cleared by later successful scans")
 def test_an_engine_down_at_startup_is_ready_once_it_scans(tmp_path: Path, clamd: Clamd,
                                                           daemon_factory) -> None:
     config = _mapped_config(tmp_path, listen=f"127.0.0.1:{free_port()}")
