@@ -425,7 +425,9 @@ class Pipeline:
         s3 = is_s3(self.config.watch(row.watch).source)
         return _Outcome({"state": FileState.STABLE if s3 else FileState.DISCOVERED, "owner": None,
                          "verdict": None, "reason": None, "destination": None, "size": None,
-                         "etag": None, "version_id": None, "next_attempt_at": self.clock()},
+                         "etag": None, "version_id": None, "next_attempt_at": self.clock(),
+                         # A pending remote scan was of the old bytes: never follow it.
+                         "engine_scan_id": None, "sha256": None, "ref_id": None},
                         "file.changed", {"detail": detail})
 
     # -- moving ---------------------------------------------------------------------------------

@@ -109,6 +109,21 @@ def test_pending_scan_is_polled_without_resubmitting(harness: Harness) -> None:
     assert [c[0] for c in harness.engine.calls] == ["scan", "poll", "poll"]
 
 
+def test_a_file_rewritten_while_its_remote_scan_runs_is_submitted_again(harness: Harness) -> None:
+    harness.engine.remote = True
+    harness.engine.script = [answers(Pending("old-scan", poll_after_s=5))]
+    harness.engine.polls["old-scan"] = [Verdict(VerdictKind.CLEAN, engine_scan_id="old-scan")]
+    path = harness.drop("a.txt", b"hello")
+    harness.step()
+    path.write_bytes(EICAR)  # rewritten while the engine scans the old bytes
+    for _ in range(3):
+        harness.step(advance_s=6)
+    # The old scan's clean verdict is never applied to the new bytes: they are scanned anew.
+    assert harness.layout.placed("clean") == []
+    assert harness.layout.placed("quarantine") == ["a.txt"]
+    assert [c[0] for c in harness.engine.calls] == ["scan", "scan"]
+
+
 def test_bytes_changed_between_scan_and_move_are_scanned_again(harness: Harness) -> None:
     path = harness.drop("a.txt", b"hello")
 
