@@ -196,3 +196,25 @@ def test_fuzzed_yaml_gives_config_errors_never_tracebacks(tmp_path: Path, text: 
         load_config(path)
     except ConfigError as exc:
         assert exc.problems and all(isinstance(p, str) and p for p in exc.problems)
+
+
+@pytest.mark.parametrize(("watch", "expected"), [
+    ({"source": "s3://in-bucket/new/", "clean": "s3://in-bucket/new/clean/"},
+     "watches[0].source: overlaps its own clean destination s3://in-bucket/new/clean/"),
+    ({"source": "s3://in-bucket/new", "quarantine": "s3://in-bucket/"},
+     "watches[0].source: overlaps its own quarantine destination s3://in-bucket/"),
+    ({"source": "s3://IN_bucket/x/"}, "watches[0].source: 'IN_bucket' is not a valid S3 bucket name"),
+    ({"clean": "s3://ok-bucket//x/"}, "watches[0].clean: the key prefix has an empty segment"),
+    ({"events": {"sqs_queue_url": "https://sqs.x/1/q"}},
+     "watches[0]: events: only an s3:// source has S3 event notifications"),
+])
+def test_s3_locations_are_checked(layout: Layout, watch: dict[str, Any], expected: str) -> None:
+    problems = _problems(_write(layout, layout.config(watch=watch)))
+    assert any(p.startswith(expected) for p in problems), problems
+
+
+def test_s3_source_needs_no_local_directory_and_prefixes_end_with_a_slash(layout: Layout) -> None:
+    config = load_config(_write(layout, layout.config(watch={
+        "source": "s3://in-bucket/new", "clean": "s3://out-bucket", "events": {"sqs_queue_url": "q"}})))
+    watch = config.watches[0]
+    assert (watch.source, watch.clean) == ("s3://in-bucket/new/", "s3://out-bucket/")
