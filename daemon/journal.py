@@ -189,7 +189,7 @@ class Journal:
         self._local = threading.local()
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()
-        self._connections: list[sqlite3.Connection] = []
+        self._connections: dict[threading.Thread, sqlite3.Connection] = {}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
             self._migrate()
@@ -210,7 +210,10 @@ class Journal:
             conn.execute("PRAGMA foreign_keys=ON")
             self._local.conn = conn
             with self._lock:
-                self._connections.append(conn)
+                # Short-lived threads (one per metrics scrape) must not leave connections behind.
+                for thread in [t for t in self._connections if not t.is_alive()]:
+                    self._connections.pop(thread).close()
+                self._connections[threading.current_thread()] = conn
         return conn
 
     @contextmanager
@@ -246,7 +249,7 @@ class Journal:
     def close(self) -> None:
         """Close every thread's connection."""
         with self._lock:
-            for conn in self._connections:
+            for conn in self._connections.values():
                 conn.close()
             self._connections.clear()
         self._local = threading.local()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from daemon import journal as journal_module
@@ -125,3 +126,14 @@ def test_discover_objects_remembers_versions(tmp_path: Path) -> None:
     journal.apply([(fresh.id, {"state": FileState.SCANNING})])
     assert journal.discover_objects("w", [("a", "e5", None, 2)], 6.0) == 0
     assert journal.get(fresh.id).etag == "e4"  # type: ignore[union-attr]
+
+
+def test_connections_of_finished_threads_are_closed(tmp_path: Path) -> None:
+    journal = _journal(tmp_path)
+    for _ in range(20):  # as the metrics server does: a thread per scrape
+        thread = threading.Thread(target=journal.counts)
+        thread.start()
+        thread.join()
+    journal.counts()
+    assert len(journal._connections) <= 2
+    journal.close()
