@@ -336,6 +336,8 @@ class Pipeline:
                 return self._retry(row, exc)
             answer = Verdict.failed(exc.reason, raw={"error": str(exc)})
         except EnginePermanentError as exc:
+            if exc.reason == Reason.AUTH:  # every file will fail alike: raise the alarm
+                self._set_engine_health(engine.name, str(exc))
             answer = Verdict.failed(exc.reason, raw={"error": str(exc)})
         duration_s = time.monotonic() - started
         if isinstance(answer, Pending):

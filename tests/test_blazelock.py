@@ -92,6 +92,8 @@ def test_bad_or_revoked_key_fails_auth(layout: Layout, emulator: BlazelockEmulat
     harness.run()
     assert harness.layout.placed("failed") == ["a.txt"] and harness.row().reason == "auth"
     assert len(emulator.log) == 1  # no retry storm
+    healthy, detail, _ = harness.journal.engine_health()["default"]
+    assert not healthy and f"HTTP {403 if forbidden else 401}" in (detail or "")  # the alarm
 
 
 def test_429_and_503_storm_ends_right_with_bounded_requests(layout: Layout,
