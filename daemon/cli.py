@@ -36,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     scan.add_argument("--watch", help="apply this watch's policy")
     scan.add_argument("--json", action="store_true", help="one JSON object per file")
     scan.add_argument("--move", action="store_true", help="move files under the source as the daemon would")
-    scan.add_argument("paths", nargs="+", metavar="PATH")
+    scan.add_argument("paths", nargs="+", metavar="PATH_OR_URL")
     status = sub.add_parser("status", parents=[common], help="counts, oldest pending, engine health")
     status.add_argument("--json", action="store_true")
     quarantine = sub.add_parser("quarantine", help="handle quarantined files")

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 
 from daemon.config import Config, WatchConfig
 from daemon.engines import Engine
 from daemon.engines.base import ScanRequest
-from daemon.errors import EnginePermanentError, EngineRetryableError, UnsafePathError
+from daemon.errors import EnginePermanentError, EngineRetryableError, LocationError, UnsafePathError
 from daemon.fsutil import open_dir, open_file, sha256_fd
 from daemon.journal import Journal, owner_token
+from daemon.locations import S3Location
 from daemon.model import FileState, Pending, Reason, Verdict, VerdictKind
 from daemon.pipeline import Pipeline
 from daemon.refid import build_ref_id
+from daemon.s3 import S3Url, is_s3, make_client
 from daemon.watchers.local import relative_path
 
 __all__ = ["ScanResult", "scan_paths"]
@@ -37,12 +42,20 @@ class ScanResult:
     destination: str | None = None
 
 
+def _relative(source: str, path: str) -> str | None:
+    """`path` relative to a watch's source (a directory or an S3 prefix), or None."""
+    if is_s3(source) or is_s3(path):
+        rel = path.removeprefix(source)
+        return rel if is_s3(source) and rel != path and rel else None
+    return relative_path(source, path)
+
+
 def pick_watch(config: Config, path: str, name: str | None) -> WatchConfig:
     """The watch named, else the one whose source holds `path`, else the only one."""
     if name is not None:
         return config.watch(name)
     for watch in config.watches:
-        if relative_path(watch.source, path) is not None:
+        if _relative(watch.source, path) is not None:
             return watch
     if len(config.watches) == 1:
         return config.watches[0]
@@ -54,14 +67,37 @@ def scan_paths(config: Config, engines: dict[str, Engine], paths: list[str], *,
     """Scan each path (and move it as the daemon would, when `move` and under a source)."""
     results = []
     for given in paths:
-        path = os.path.abspath(given)
+        path = given if is_s3(given) else os.path.abspath(given)
         watch = pick_watch(config, path, watch_name)
-        rel = relative_path(watch.source, path)
+        rel = _relative(watch.source, path)
         if move and rel is not None and journal is not None:
             results.append(_through_pipeline(config, engines, journal, watch, rel, path))
+        elif is_s3(path):
+            results.append(_scan_object(config, engines[watch.engine], watch, path, rel))
         else:
             results.append(_scan_only(engines[watch.engine], watch, path, rel))
     return results
+
+
+def _scan_object(config: Config, engine: Engine, watch: WatchConfig, url: str, rel: str | None) -> ScanResult:
+    """Scan an S3 object (a private temp copy of it) without moving it."""
+    where = S3Url.parse(url.rsplit("/", 1)[0] + "/")
+    name = url.rsplit("/", 1)[1]
+    location = S3Location(str(where), make_client(config.s3), config.s3)
+    try:
+        with contextlib.closing(location.get(name, None, None)) as body, tempfile.TemporaryFile() as temp:
+            digest = hashlib.sha256()
+            while chunk := body.read(1 << 20):
+                digest.update(chunk)
+                temp.write(chunk)
+            temp.flush()
+            sha256 = digest.hexdigest()
+            ref_id = build_ref_id(watch.name, rel or name, sha256)
+            request = ScanRequest(watch.name, rel or name, url, temp.fileno(), temp.tell(), sha256, ref_id)
+            verdict = _verdict(engine, request)
+            return ScanResult(url, verdict.kind, verdict.threats, verdict.reason, sha256, ref_id)
+    except (OSError, LocationError) as exc:
+        return ScanResult(url, VerdictKind.FAILED, reason=f"{Reason.UNREADABLE.value}: {exc}")
 
 
 def _scan_only(engine: Engine, watch: WatchConfig, path: str, rel: str | None) -> ScanResult:
@@ -91,22 +127,24 @@ def _read_reason(exc: BaseException) -> str:
 
 def _verdict(engine: Engine, request: ScanRequest) -> Verdict:
     """Ask the engine and wait for its answer, retrying passing failures a few times."""
-    answer: Verdict | Pending | None = None
-    for attempt in range(3):
+    pending: Pending | None = None
+    failures = 0
+    while True:
         try:
-            answer = engine.scan(request)
-            break
+            answer = (engine.poll(request, pending.engine_scan_id) if pending is not None
+                      else engine.scan(request))
         except EngineRetryableError as exc:
-            if attempt == 2:
+            failures += 1
+            if failures == _OWN_TRIES:
                 return Verdict.failed(exc.reason)
             time.sleep(min(exc.retry_after_s or 1.0, 10.0))
+            continue
         except EnginePermanentError as exc:
             return Verdict.failed(exc.reason)
-    while isinstance(answer, Pending):
+        if isinstance(answer, Verdict):
+            return answer
+        pending = answer
         time.sleep(answer.poll_after_s)
-        answer = engine.poll(request, answer.engine_scan_id)
-    assert answer is not None
-    return answer
 
 
 def _through_pipeline(config: Config, engines: dict[str, Engine], journal: Journal,
@@ -114,10 +152,16 @@ def _through_pipeline(config: Config, engines: dict[str, Engine], journal: Journ
     """Journal the file and carry it to its destination, or wait for the daemon that holds it."""
     now = time.time()
     try:
-        inode = os.lstat(path).st_ino
-    except OSError as exc:
+        if is_s3(path):
+            head = S3Location(watch.source, make_client(config.s3), config.s3).head(rel)
+            if head is None:
+                raise FileNotFoundError(path)
+            journal.discover_objects(watch.name, [(rel, str(head["ETag"]), head.get("VersionId"),
+                                                   int(head["ContentLength"]))], now)
+        else:
+            journal.discover(watch.name, [(rel, os.lstat(path).st_ino)], now)
+    except (OSError, LocationError) as exc:
         return ScanResult(path, VerdictKind.FAILED, reason=_read_reason(exc))
-    journal.discover(watch.name, [(rel, inode)], now)
     row = journal.active(watch.name, rel)
     if row is not None and row.state is FileState.DISCOVERED:
         journal.apply([(row.id, {"state": FileState.STABLE, "stable_at": now, "next_attempt_at": now})])

@@ -19,6 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from realservers import S3Server, SqsServer
 
+from daemon.cli import main
 from daemon.config import Config, YaraEngineConfig
 from daemon.engines.base import Engine, ScanRequest
 from daemon.engines.yara import YaraEngine
@@ -372,3 +373,23 @@ def test_daemon_takes_sqs_events(harness: Callable[..., S3Harness], s3_server: S
     daemon.wait_for(lambda: h.keys("clean/") == ["by event.txt"], timeout=30, what="moved by event")
     assert daemon.stop() == 0
     assert len(h.journal.select()) == 1
+
+
+def test_scan_command_takes_s3_urls(harness: Callable[..., S3Harness], tmp_path: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    h = harness()
+    h.put("in/a.txt", b"hello")
+    h.put("in/e.com", EICAR)
+    config = tmp_path / "scanwatch.yaml"
+    config.write_text(yaml.safe_dump(json.loads(h.config.model_dump_json())))
+    urls = [f"s3://{h.bucket}/in/a.txt", f"s3://{h.bucket}/in/e.com"]
+    assert main(["scan", "--config", str(config), "--json", urls[0]]) == 0
+    assert main(["scan", "--config", str(config), *urls]) == 1
+    assert h.keys("in/") == ["a.txt", "e.com"]  # scanning moves nothing
+    assert main(["scan", "--config", str(config), f"s3://{h.bucket}/in/missing"]) == 3
+    capsys.readouterr()
+    assert main(["scan", "--config", str(config), "--move", "--json", *urls]) == 1
+    lines = [r for r in map(json.loads, capsys.readouterr().out.splitlines()) if "path" in r]  # not logs
+    assert [r["destination"] for r in lines] == [f"s3://{h.bucket}/clean/a.txt",
+                                                 f"s3://{h.bucket}/quarantine/e.com"]
+    assert h.keys("in/") == [] and h.keys("quarantine/") == ["e.com"]
