@@ -393,3 +393,30 @@ def test_scan_command_takes_s3_urls(harness: Callable[..., S3Harness], tmp_path:
     assert [r["destination"] for r in lines] == [f"s3://{h.bucket}/clean/a.txt",
                                                  f"s3://{h.bucket}/quarantine/e.com"]
     assert h.keys("in/") == [] and h.keys("quarantine/") == ["e.com"]
+
+
+def test_quarantine_release_and_delete_on_s3(harness: Callable[..., S3Harness], tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    h = harness()
+    h.put("in/one/e.com", EICAR)
+    h.put("in/two.com", EICAR + b" ")
+    h.step()
+    config = tmp_path / "scanwatch.yaml"
+    config.write_text(yaml.safe_dump(json.loads(h.config.model_dump_json())))
+    ids = {r.rel_path: r.id for r in h.rows()}
+    capsys.readouterr()
+    assert main(["quarantine", "show", "--config", str(config), str(ids["one/e.com"])]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["sidecar"]["destination"] == f"s3://{h.bucket}/quarantine/one/e.com"
+
+    assert main(["quarantine", "release", "--config", str(config), str(ids["one/e.com"]),
+                 "--reason", "false positive"]) != 0  # infected: needs --force
+    assert main(["quarantine", "release", "--config", str(config), str(ids["one/e.com"]),
+                 "--reason", "false positive", "--force"]) == 0
+    assert h.keys("clean/") == ["one/e.com"] and h.get("clean/one/e.com") == EICAR
+    assert main(["quarantine", "delete", "--config", str(config), str(ids["two.com"]),
+                 "--reason", "malware"]) == 0
+    listing = h.client.list_objects_v2(Bucket=h.bucket, Prefix="quarantine/").get("Contents", [])
+    assert listing == []  # files and sidecars gone
+    trail = {a.action: a for i in ids.values() for a in h.journal.audit_trail(i)}
+    assert trail["release"].reason == "false positive" and trail["delete"].reason == "malware"
