@@ -50,7 +50,8 @@ class S3Watcher:
         self.clock = clock
         self._s3_config = s3_config
         self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
+        self._lister: threading.Thread | None = None
+        self._consumer: threading.Thread | None = None
         self._interval_s = watch.poll_interval * (_EVENTS_SLOWDOWN if watch.events else 1)
         self.events: SqsEventSource | None = None
         if watch.events is not None:
@@ -60,19 +61,24 @@ class S3Watcher:
 
     def start(self) -> None:
         """List once now (the backfill), then every interval; consume events if configured."""
-        targets: list[Callable[[], None]] = [self._run]
+        self._lister = threading.Thread(target=self._run, name=f"s3-{self.watch.name}", daemon=True)
+        self._lister.start()
         if self.events is not None:
-            targets.append(self.events.run)
-        for target in targets:
-            thread = threading.Thread(target=target, name=f"s3-{self.watch.name}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
+            self._consumer = threading.Thread(target=self.events.run, name=f"sqs-{self.watch.name}",
+                                              daemon=True)
+            self._consumer.start()
 
     def stop(self) -> None:
-        """Stop listing and consuming; returns once the threads are done."""
+        """Stop listing (between pages) and consuming events.
+
+        An SQS long poll in flight is not waited for: what it brings is journaled or,
+        failing that, left on the queue to come back.
+        """
         self._stop.set()
-        for thread in self._threads:
-            thread.join(30)
+        if self._lister is not None:
+            self._lister.join(30)
+        if self._consumer is not None:
+            self._consumer.join(1)
 
     def _run(self) -> None:
         failures = 0
@@ -93,6 +99,8 @@ class S3Watcher:
         added = 0
         for page in self._pages():
             added += self._record(page, "listing")
+            if self._stop.is_set():
+                break
         return added
 
     def _pages(self) -> Iterator[list[ObjectEntry]]:
