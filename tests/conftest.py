@@ -193,6 +193,29 @@ class Daemon:
         return rc
 
 
+def kill_9_between_submit_and_verdict(layout: Layout, start: Callable[..., Daemon], config: Path,
+                                      env: dict[str, str], before_restart: Callable[[], None] = lambda: None
+                                      ) -> None:
+    """Five clean files and EICAR submitted to a remote engine, kill -9, restart: all placed once.
+
+    The caller asserts from its emulator's log that nothing was submitted twice.
+    """
+    first = start(config, env)
+    first.wait_started()
+    for i in range(5):
+        (layout.inbox / f"f{i}.txt").write_bytes(b"file %d" % i)
+    (layout.inbox / "e.com").write_bytes(EICAR)
+    first.wait_for(lambda: len(first.named("scan.submitted")) >= 6, what="six submissions")
+    first.proc.kill()
+    first.proc.wait()
+    before_restart()
+    second = start(config, env)
+    second.wait_for(lambda: len(second.named("file.moved")) >= 6, timeout=30, what="six files moved")
+    assert second.stop() == 0
+    assert len(layout.placed("clean")) == 5 and layout.placed("quarantine") == ["e.com"]
+    assert second.named("scan.submitted") == []  # resumed by polling, not by submitting again
+
+
 @pytest.fixture
 def daemon_factory() -> Iterator[Callable[..., Daemon]]:
     started: list[Daemon] = []

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import EICAR, Harness, Layout
+from conftest import EICAR, Harness, Layout, kill_9_between_submit_and_verdict
 from emulators._server import Fault
 from emulators.blazelock import BlazelockEmulator
 
@@ -175,22 +175,9 @@ def _daemon_config(layout: Layout, emulator: BlazelockEmulator, **cfg: object) -
 def test_kill_9_between_submit_and_verdict_resumes_the_same_scans(
         layout: Layout, emulator: BlazelockEmulator, daemon_factory) -> None:
     emulator.scan_delay_s = 4.0
-    config = _daemon_config(layout, emulator)
-    env = {"BLZ_KEY": "test-key"}
-    first = daemon_factory(config, env)
-    first.wait_started()
-    for i in range(5):
-        (layout.inbox / f"f{i}.txt").write_bytes(b"file %d" % i)
-    (layout.inbox / "e.com").write_bytes(EICAR)
-    first.wait_for(lambda: len(first.named("scan.submitted")) >= 6, what="six submissions")
-    first.proc.kill()
-    first.proc.wait()
-    second = daemon_factory(config, env)
-    second.wait_for(lambda: len(second.named("file.moved")) >= 6, timeout=30, what="six files moved")
-    assert second.stop() == 0
-    assert len(layout.placed("clean")) == 5 and layout.placed("quarantine") == ["e.com"]
+    kill_9_between_submit_and_verdict(layout, daemon_factory, _daemon_config(layout, emulator),
+                                      {"BLZ_KEY": "test-key"})
     assert len(emulator.submissions()) == 6 and len(emulator.scans) == 6  # one upload per file
-    assert second.named("scan.submitted") == []  # resumed by polling, not by uploading again
 
 
 def test_api_key_never_reaches_logs(layout: Layout, emulator: BlazelockEmulator, daemon_factory) -> None:

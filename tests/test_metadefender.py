@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import EICAR, ROOT, Harness, Layout
+from conftest import EICAR, ROOT, Harness, Layout, kill_9_between_submit_and_verdict
 from emulators._server import Fault, Logged
 from emulators.metadefender import MetadefenderEmulator
 from structlog.testing import capture_logs
@@ -386,23 +386,13 @@ def test_daemon_scans_by_path_and_upload_and_keeps_secrets_out_of_logs(
 def test_kill_9_between_submit_and_verdict_resumes_by_polling(
         layout: Layout, emulator: MetadefenderEmulator, daemon_factory) -> None:
     emulator.hold = True  # scans stay in progress until the first daemon is gone
-    config = _daemon_config(layout, emulator)
-    env = {"MD_KEY": "test-key"}
-    first = daemon_factory(config, env)
-    first.wait_started()
-    for i in range(5):
-        (layout.inbox / f"f{i}.txt").write_bytes(b"file %d" % i)
-    (layout.inbox / "e.com").write_bytes(EICAR)
-    first.wait_for(lambda: len(first.named("scan.submitted")) >= 6, what="six submissions")
-    first.proc.kill()
-    first.proc.wait()
-    emulator.hold = False
-    second = daemon_factory(config, env)
-    second.wait_for(lambda: len(second.named("file.moved")) >= 6, timeout=30, what="six files moved")
-    assert second.stop() == 0
-    assert len(layout.placed("clean")) == 5 and layout.placed("quarantine") == ["e.com"]
+
+    def release() -> None:
+        emulator.hold = False
+
+    kill_9_between_submit_and_verdict(layout, daemon_factory, _daemon_config(layout, emulator),
+                                      {"MD_KEY": "test-key"}, before_restart=release)
     assert len(emulator.submissions()) == 6 and len(emulator.scans) == 6  # one submission per file
-    assert second.named("scan.submitted") == []  # resumed by polling its data_id
 
 
 def test_large_upload_streams_with_small_rss(layout: Layout, emulator: MetadefenderEmulator,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import EICAR, Harness, Layout
+from conftest import EICAR, Harness, Layout, kill_9_between_submit_and_verdict
 from emulators._server import Fault
 from emulators.perception_point import PerceptionPointEmulator
 
@@ -296,22 +296,9 @@ def _daemon_config(layout: Layout, emulator: PerceptionPointEmulator, **cfg: obj
 def test_kill_9_between_submit_and_verdict_resumes_by_polling(
         layout: Layout, emulator: PerceptionPointEmulator, daemon_factory) -> None:
     emulator.polls_to_done, emulator.scan_delay_s = 0, 1.5
-    config = _daemon_config(layout, emulator)
-    env = {"PP_TOKEN": "test-token"}
-    first = daemon_factory(config, env)
-    first.wait_started()
-    for i in range(5):
-        (layout.inbox / f"f{i}.txt").write_bytes(b"file %d" % i)
-    (layout.inbox / "e.com").write_bytes(EICAR)
-    first.wait_for(lambda: len(first.named("scan.submitted")) >= 6, what="six submissions")
-    first.proc.kill()
-    first.proc.wait()
-    second = daemon_factory(config, env)
-    second.wait_for(lambda: len(second.named("file.moved")) >= 6, timeout=30, what="six files moved")
-    assert second.stop() == 0
-    assert len(layout.placed("clean")) == 5 and layout.placed("quarantine") == ["e.com"]
+    kill_9_between_submit_and_verdict(layout, daemon_factory, _daemon_config(layout, emulator),
+                                      {"PP_TOKEN": "test-token"})
     assert len(emulator.submissions()) == 6 and len(emulator.scans) == 6  # one submission per file
-    assert second.named("scan.submitted") == []  # resumed by polling, not by submitting again
 
 
 def test_token_never_reaches_logs(layout: Layout, emulator: PerceptionPointEmulator,
