@@ -98,8 +98,12 @@ class Location(Protocol):
         """The full name of `rel_path` here (a path, or an s3:// URL)."""
         ...
 
-    def plan(self, rel_path: str) -> str:
-        """The first free name for `rel_path` here: itself, else `<stem>.<n><ext>`."""
+    def plan(self, rel_path: str, *, taken: bool = False) -> str:
+        """The first free name for `rel_path` here: itself, else `<stem>.<n><ext>`.
+
+        `taken`: a `receive` found the name taken, so look again. Where `receive` never
+        overwrites and looking costs a request (S3), the first plan is the name itself.
+        """
         ...
 
     def receive(self, req: MoveRequest, source: Location) -> None:
@@ -204,7 +208,7 @@ class LocalLocation:
     def name(self, rel_path: str) -> str:
         return os.path.join(self.url, rel_path)
 
-    def plan(self, rel_path: str) -> str:
+    def plan(self, rel_path: str, *, taken: bool = False) -> str:
         dirs, base = split_rel(local_rel(rel_path))
         parent = os.path.join(self.url, *dirs)
         for n in range(_MAX_COLLISIONS):
@@ -414,7 +418,9 @@ class S3Location:
             raise s3_errors(f"HEAD {self.name(key)}", exc) from exc
         return True
 
-    def plan(self, rel_path: str) -> str:
+    def plan(self, rel_path: str, *, taken: bool = False) -> str:
+        if not taken:
+            return rel_path  # `receive` writes with IfNoneMatch: a collision is found then
         dirs, base = rel_path.rpartition("/")[::2]
         for n in range(_MAX_COLLISIONS):
             candidate = f"{dirs}/{collision_name(base, n)}" if dirs else collision_name(base, n)

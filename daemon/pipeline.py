@@ -474,7 +474,7 @@ class Pipeline:
                 transfer(request, source, dest, resumed=resumed)
                 return request
             except FileExistsError:
-                dest_rel = dest.plan(row.rel_path)
+                dest_rel = dest.plan(row.rel_path, taken=True)
                 self.journal.apply([(row.id, {"destination": dest.name(dest_rel)})])
                 request = dataclasses.replace(request, dest_rel=dest_rel)
                 resumed = False

@@ -109,8 +109,8 @@ def release(config: Config, journal: Journal, file_id: int, *, reason: str,
             source, name = _in_quarantine(config, row, dirs)
             target = Locations(config.s3, dirs)(target_root)
             request = MoveRequest(
-                file_id=row.id, rel_path=name, dest_rel=target.plan(row.rel_path), size=row.size or 0,
-                sha256=row.sha256, verify=True, private=False,
+                file_id=row.id, rel_path=name, dest_rel=target.plan(row.rel_path, taken=True),
+                size=row.size or 0, sha256=row.sha256, verify=True, private=False,
                 identity=_identity(source, name), etag=_etag(source, name),
                 tags={"scanwatch-verdict": "released"})
             transfer(request, source, target)

@@ -91,8 +91,8 @@ def local_rel(rel_path: str) -> str:
 
 def flat_name(rel_path: str) -> str:
     """One safe file name standing for a whole key part: every `/`, `.` and odd byte %-escaped."""
-    name = quote(rel_path, safe="").replace(".", "%2E") or "%00"
-    if len(name) > _FLAT_NAME_BYTES:  # room left for a collision suffix and the sidecar's
+    name = quote(rel_path, safe="").replace(".", "%2E")
+    if not name or len(name) > _FLAT_NAME_BYTES:  # room left for a collision suffix and the sidecar's
         digest = hashlib.sha256(rel_path.encode(errors="surrogateescape")).hexdigest()[:12]
         head = name[: _FLAT_NAME_BYTES - 13]
         cut = head.rfind("%", len(head) - 2)  # keep %-escapes whole
