@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 import yaml
 
 from daemon.config import Config
@@ -121,6 +122,14 @@ class Harness:
     def row(self, rel: str = "a.txt") -> object:
         rows = self.journal.select("rel_path = ?", [os.fsencode(rel)], order="id DESC", limit=1)
         return rows[0]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_structlog() -> Iterator[None]:
+    """Undo `configure_logging` by in-process CLI calls, whose level filter would hide
+    debug events from a later test's `capture_logs`."""
+    yield
+    structlog.reset_defaults()
 
 
 @pytest.fixture
