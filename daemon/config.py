@@ -99,6 +99,17 @@ class S3Config(_Model):
     endpoint_url: str | None = Field(default=None, description="for S3-compatible stores",
                                      examples=["http://127.0.0.1:8333"])
     region: str | None = Field(default=None, examples=["us-east-1"])
+    profile: str | None = Field(default=None, description="a named profile of the AWS config files",
+                                examples=["drop-account"])
+
+    @field_validator("profile")
+    @classmethod
+    def _known_profile(cls, value: str | None) -> str | None:
+        import boto3  # only here: most configs never need it
+
+        if value is not None and value not in boto3.session.Session().available_profiles:
+            raise ValueError(f"no profile {value!r} in the AWS config files")
+        return value
     multipart_threshold: Size = Field(default=5 * 2**30, gt=0,
                                       description="server-side copies above this use multipart copy")
     multipart_chunksize: Size = Field(default=8 * 2**20, ge=5 * 2**20,
@@ -305,6 +316,8 @@ class WatchConfig(_Model):
                                     "safety net's, at a tenth of the pace)")
     events: EventsConfig | None = Field(None, description="S3 event notifications through SQS")
     archivepwd: SecretStr | None = Field(None, description="password of encrypted archives, for the engine")
+    s3: S3Config | None = Field(None, description="this watch's S3 settings: the keys given here "
+                                "replace those of the top-level s3:")
 
     @field_validator("source", "clean", "quarantine", "failed")
     @classmethod
@@ -319,6 +332,8 @@ class WatchConfig(_Model):
     def _events_need_s3(self) -> WatchConfig:
         if self.events is not None and not is_s3(self.source):
             raise ValueError("events: only an s3:// source has S3 event notifications")
+        if self.s3 is not None and not any(map(is_s3, (self.source, *self.destinations.values()))):
+            raise ValueError("s3: this watch has no s3:// location")
         return self
 
     @property
@@ -380,6 +395,12 @@ class Config(_Model):
             if watch.name == name:
                 return watch
         raise KeyError(name)
+
+    def s3_for(self, watch: WatchConfig) -> S3Config:
+        """The S3 settings of `watch`: the top-level ones with the watch's own on top."""
+        if watch.s3 is None:
+            return self.s3
+        return self.s3.model_copy(update=watch.s3.model_dump(exclude_unset=True))
 
 
 def _overlaps(a: str, b: str) -> bool:

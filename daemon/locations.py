@@ -32,7 +32,7 @@ from urllib.parse import urlencode
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from daemon.config import S3Config
+from daemon.config import Config, S3Config, WatchConfig
 from daemon.errors import LocationError, UnsafePathError
 from daemon.fsutil import (
     DirCache,
@@ -44,7 +44,7 @@ from daemon.fsutil import (
     sha256_fd,
     split_rel,
 )
-from daemon.s3 import S3Url, error_code, is_s3, local_rel, make_client, s3_errors
+from daemon.s3 import S3Clients, S3Url, error_code, is_s3, local_rel, s3_errors
 
 __all__ = [
     "ChangedError",
@@ -594,21 +594,16 @@ class _Body:
 
 
 class Locations:
-    """Location objects by configured URL for one batch of work (local ones share `dirs`)."""
+    """Location objects by configured URL for one batch of work: local ones share `dirs`,
+    S3 ones use the client for their watch's S3 settings."""
 
-    def __init__(self, config: S3Config, dirs: DirCache, client: Any | None = None) -> None:
+    def __init__(self, config: Config, dirs: DirCache, clients: S3Clients | None = None) -> None:
         self._config = config
         self.dirs = dirs
-        self._client = client
+        self._clients = clients or S3Clients()
 
-    @property
-    def client(self) -> Any:
-        """The S3 client, made on first use."""
-        if self._client is None:
-            self._client = make_client(self._config)
-        return self._client
-
-    def __call__(self, url: str) -> Location:
+    def __call__(self, url: str, watch: WatchConfig) -> Location:
         if is_s3(url):
-            return S3Location(url, self.client, self._config)
+            s3 = self._config.s3_for(watch)
+            return S3Location(url, self._clients(s3), s3)
         return LocalLocation(url, self.dirs)

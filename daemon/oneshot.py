@@ -83,7 +83,7 @@ def _scan_object(config: Config, engine: Engine, watch: WatchConfig, url: str, r
     """Scan an S3 object (a private temp copy of it) without moving it."""
     where = S3Url.parse(url.rsplit("/", 1)[0] + "/")
     name = url.rsplit("/", 1)[1]
-    location = S3Location(str(where), make_client(config.s3), config.s3)
+    location = _s3_location(config, watch, str(where))
     try:
         with contextlib.closing(location.get(name, None, None)) as body, tempfile.TemporaryFile() as temp:
             digest = hashlib.sha256()
@@ -147,13 +147,18 @@ def _verdict(engine: Engine, request: ScanRequest) -> Verdict:
         time.sleep(answer.poll_after_s)
 
 
+def _s3_location(config: Config, watch: WatchConfig, url: str) -> S3Location:
+    s3 = config.s3_for(watch)
+    return S3Location(url, make_client(s3), s3)
+
+
 def _through_pipeline(config: Config, engines: dict[str, Engine], journal: Journal,
                       watch: WatchConfig, rel: str, path: str) -> ScanResult:
     """Journal the file and carry it to its destination, or wait for the daemon that holds it."""
     now = time.time()
     try:
         if is_s3(path):
-            head = S3Location(watch.source, make_client(config.s3), config.s3).head(rel)
+            head = _s3_location(config, watch, watch.source).head(rel)
             if head is None:
                 raise FileNotFoundError(path)
             journal.discover_objects(watch.name, [(rel, str(head["ETag"]), head.get("VersionId"),

@@ -43,7 +43,7 @@ from daemon.locations import ChangedError, Location, Locations, MoveRequest, S3L
 from daemon.model import FileState, Pending, Reason, Verdict, VerdictKind
 from daemon.refid import build_ref_id
 from daemon.retry import RetryPolicy
-from daemon.s3 import S3Unavailable, flat_name, is_s3, local_rel, make_client
+from daemon.s3 import S3Clients, S3Unavailable, flat_name, is_s3, local_rel
 
 __all__ = ["Pipeline", "iso"]
 
@@ -97,7 +97,11 @@ class Pipeline:
         self._threads: list[threading.Thread] = []
         self._engine_down: dict[str, bool] = {}
         self.heartbeat_at = clock()
-        self.s3 = make_client(config.s3) if uses_s3(config) else None
+        # Made now, so that a watch's S3 settings that boto3 cannot use stop the start.
+        self.s3 = S3Clients()
+        for watch in config.watches:
+            if uses_s3(watch):
+                self.s3(config.s3_for(watch))
         self.work_dir = config.state_dir / "work"
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -156,7 +160,7 @@ class Pipeline:
         """Carry claimed rows one step per transaction: scanned, then moved."""
         try:
             with DirCache() as dirs:
-                self._process(rows, Locations(self.config.s3, dirs, self.s3))
+                self._process(rows, Locations(self.config, dirs, self.s3))
         except BaseException:
             # Whatever an unexpected error left claimed goes back to the queue.
             self.journal.release(self.owner, [row.id for row in rows])
@@ -264,7 +268,7 @@ class Pipeline:
     def _scan_s3(self, row: FileRow, watch: WatchConfig, engine: Engine, locations: Locations) -> _Outcome:
         """Scan the listed version of an object: downloaded to a private temp file, or
         handed to an engine that reads S3 itself (then only hashed on the way past)."""
-        source = locations(watch.source)
+        source = locations(watch.source, watch)
         assert isinstance(source, S3Location)
         if any(not is_s3(root) for root in watch.destinations.values()):
             try:
@@ -381,13 +385,14 @@ class Pipeline:
                     else row.rel_path)
         try:
             with DirCache() as dirs:
-                dest = (locations or Locations(self.config.s3, dirs, self.s3))(self._root(row, verdict))
+                dest = self._destination(locations or Locations(self.config, dirs, self.s3), row, verdict)
                 return _Outcome({**changes, "destination": dest.name(dest.plan(rel_path))})
         except (OSError, LocationError) as exc:
             return self._move_failed(row, exc, {**changes, "state": FileState.VERDICT})
 
-    def _root(self, row: FileRow, verdict: VerdictKind) -> str:
-        return self.config.watch(row.watch).destinations[_DEST_FOR[verdict]]
+    def _destination(self, locations: Locations, row: FileRow, verdict: VerdictKind) -> Location:
+        watch = self.config.watch(row.watch)
+        return locations(watch.destinations[_DEST_FOR[verdict]], watch)
 
     def _fail(self, row: FileRow, reason: Reason, exc: BaseException) -> _Outcome:
         return self._plan_move(row, self._verdict_changes(
@@ -440,7 +445,7 @@ class Pipeline:
             # Failed before it could be read: move whatever is there.
             return self._move_unread(row, watch.source, locations, resumed)
         verdict = VerdictKind(str(row.verdict))
-        source, dest = locations(watch.source), locations(self._root(row, verdict))
+        source, dest = locations(watch.source, watch), self._destination(locations, row, verdict)
         assert row.destination is not None
         request = MoveRequest(
             file_id=row.id, rel_path=row.rel_path, dest_rel=row.destination.removeprefix(dest.name("")),
@@ -532,9 +537,9 @@ class Pipeline:
         }
 
 
-def uses_s3(config: Config) -> bool:
-    """True when any watch reads from or writes to S3."""
-    return any(is_s3(loc) for w in config.watches for loc in (w.source, *w.destinations.values()))
+def uses_s3(watch: WatchConfig) -> bool:
+    """True when the watch reads from or writes to S3."""
+    return any(is_s3(loc) for loc in (watch.source, *watch.destinations.values()))
 
 
 def _copy_hashing(body: Any, out_fd: int | None) -> tuple[str, int]:

@@ -60,13 +60,13 @@ def _quarantined(journal: Journal, file_id: int) -> FileRow:
 def _in_quarantine(config: Config, row: FileRow, dirs: DirCache) -> tuple[Location, str]:
     """The quarantine location holding the row's file, and its name there."""
     assert row.destination is not None
-    root = config.watch(row.watch).quarantine
-    locations = Locations(config.s3, dirs)
-    if row.destination.startswith(locations(root).name("")):
-        location = locations(root)
-    else:  # the watch's quarantine moved since: the file's own directory
+    watch = config.watch(row.watch)
+    locations = Locations(config, dirs)
+    location = locations(watch.quarantine, watch)
+    if not row.destination.startswith(location.name("")):
+        # The watch's quarantine moved since: the file's own directory.
         parent = row.destination.rsplit("/", 1)[0] + "/"
-        location = locations(parent if is_s3(parent) else os.path.dirname(row.destination))
+        location = locations(parent if is_s3(parent) else os.path.dirname(row.destination), watch)
     return location, row.destination.removeprefix(location.name(""))
 
 
@@ -107,7 +107,7 @@ def release(config: Config, journal: Journal, file_id: int, *, reason: str,
     try:
         with DirCache() as dirs:
             source, name = _in_quarantine(config, row, dirs)
-            target = Locations(config.s3, dirs)(target_root)
+            target = Locations(config, dirs)(target_root, config.watch(row.watch))
             request = MoveRequest(
                 file_id=row.id, rel_path=name, dest_rel=target.plan(row.rel_path, taken=True),
                 size=row.size or 0, sha256=row.sha256, verify=True, private=False,

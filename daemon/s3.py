@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -19,6 +20,7 @@ if TYPE_CHECKING:  # config imports this module for S3Url
     from daemon.config import S3Config
 
 __all__ = [
+    "S3Clients",
     "S3Unavailable",
     "S3Url",
     "error_code",
@@ -102,12 +104,26 @@ def flat_name(rel_path: str) -> str:
 
 def make_client(config: S3Config) -> Any:
     """A thread-safe boto3 S3 client with the usual credential chain and `s3:` overrides."""
-    session = boto3.session.Session()
-    return session.client(
+    return boto3.session.Session(profile_name=config.profile).client(
         "s3", endpoint_url=config.endpoint_url, region_name=config.region,
         config=BotoConfig(connect_timeout=5, read_timeout=60, max_pool_connections=64,
                           retries={"mode": "standard", "max_attempts": 3},
                           s3={"addressing_style": "path"} if config.endpoint_url else None))
+
+
+class S3Clients:
+    """One S3 client per distinct endpoint, region and profile (watches may override them)."""
+
+    def __init__(self) -> None:
+        self._clients: dict[tuple[str | None, ...], Any] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, config: S3Config) -> Any:
+        key = (config.endpoint_url, config.region, config.profile)
+        with self._lock:
+            if key not in self._clients:
+                self._clients[key] = make_client(config)
+            return self._clients[key]
 
 
 def error_code(exc: ClientError) -> str:

@@ -64,7 +64,8 @@ class Service:
         pipeline = Pipeline(config, self.journal, engines, owner=self.owner, wake=self.wake,
                             on_outcome=self._on_outcome)
         watchers: list[LocalWatcher | S3Watcher] = [
-            S3Watcher(w, self.journal, self.wake, pipeline.s3, config.s3) if is_s3(w.source)
+            S3Watcher(w, self.journal, self.wake, pipeline.s3(config.s3_for(w)), config.s3_for(w))
+            if is_s3(w.source)
             else LocalWatcher(w, self.journal, self.wake) for w in config.watches]
         alerts = WebhookAlerts(config.notify) if config.notify else None
         webhooks = WebhookReceivers(config, engines, self.journal, self.wake)

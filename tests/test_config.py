@@ -207,6 +207,9 @@ def test_fuzzed_yaml_gives_config_errors_never_tracebacks(tmp_path: Path, text: 
     ({"clean": "s3://ok-bucket//x/"}, "watches[0].clean: the key prefix has an empty segment"),
     ({"events": {"sqs_queue_url": "https://sqs.x/1/q"}},
      "watches[0]: events: only an s3:// source has S3 event notifications"),
+    ({"s3": {"region": "eu-west-1"}}, "watches[0]: s3: this watch has no s3:// location"),
+    ({"clean": "s3://ok-bucket/x/", "s3": {"profile": "nobody"}},
+     "watches[0].s3.profile: no profile 'nobody' in the AWS config files"),
 ])
 def test_s3_locations_are_checked(layout: Layout, watch: dict[str, Any], expected: str) -> None:
     problems = _problems(_write(layout, layout.config(watch=watch)))
@@ -218,3 +221,21 @@ def test_s3_source_needs_no_local_directory_and_prefixes_end_with_a_slash(layout
         "source": "s3://in-bucket/new", "clean": "s3://out-bucket", "events": {"sqs_queue_url": "q"}})))
     watch = config.watches[0]
     assert (watch.source, watch.clean) == ("s3://in-bucket/new/", "s3://out-bucket/")
+
+
+def test_a_watch_s3_block_replaces_only_the_keys_it_gives(layout: Layout, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    aws_config = tmp_path / "aws-config"
+    aws_config.write_text("[profile drop]\nregion = eu-west-1\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(aws_config))
+    raw = layout.config(watch={"clean": "s3://out-bucket/", "s3": {"endpoint_url": "http://10.0.0.1:8333",
+                                                                   "profile": "drop"}},
+                        s3={"region": "us-east-1", "multipart_chunksize": "16MiB"})
+    (tmp_path / "other").mkdir()
+    raw["watches"].append({**raw["watches"][0], "name": "other", "source": str(tmp_path / "other"),
+                           "s3": None})
+    config = load_config(_write(layout, raw))
+    own, other = (config.s3_for(w) for w in config.watches)
+    assert (own.endpoint_url, own.profile, own.region, own.multipart_chunksize) == (
+        "http://10.0.0.1:8333", "drop", "us-east-1", 16 * 2**20)
+    assert other == config.s3

@@ -48,7 +48,7 @@ class S3Harness:
     """One watch with S3 (or local) locations, its journal, an engine and a pipeline, stepped by hand."""
 
     def __init__(self, server: S3Server, bucket: str, tmp_path: Path, engine: Engine,
-                 s3: dict[str, Any] | None = None, **watch: Any) -> None:
+                 top_s3: dict[str, Any] | None = None, **watch: Any) -> None:
         self.bucket = bucket
         self.client = server.client()
         self.tmp_path = tmp_path
@@ -57,7 +57,7 @@ class S3Harness:
                  **watch}
         self.config = Config.model_validate({
             "state_dir": str(tmp_path / "state"),
-            "s3": {"endpoint_url": server.endpoint_url, "region": server.region, **(s3 or {})},
+            "s3": {"endpoint_url": server.endpoint_url, "region": server.region, **(top_s3 or {})},
             "engines": {"default": {"type": "yara"}},
             "watches": [{"name": "w", "engine": "default", "settle_seconds": 0, **where}],
         })
@@ -66,7 +66,8 @@ class S3Harness:
                                  policy=RetryPolicy(base_s=60, max_s=60))
         watch_cfg = self.config.watches[0]
         wake = threading.Event()
-        self.watcher = (S3Watcher(watch_cfg, self.journal, wake, self.pipeline.s3, self.config.s3)
+        s3 = self.config.s3_for(watch_cfg)
+        self.watcher = (S3Watcher(watch_cfg, self.journal, wake, self.pipeline.s3(s3), s3)
                         if is_s3(watch_cfg.source) else LocalWatcher(watch_cfg, self.journal, wake))
 
     def put(self, key: str, data: bytes) -> None:
@@ -175,7 +176,7 @@ def test_object_replaced_between_scan_and_move_is_scanned_again(harness: Callabl
 
 
 def test_multipart_copy_above_a_lowered_threshold(harness: Callable[..., S3Harness]) -> None:
-    h = harness(s3={"multipart_threshold": 1024, "multipart_chunksize": "5MiB"})
+    h = harness(top_s3={"multipart_threshold": 1024, "multipart_chunksize": "5MiB"})
     data = os.urandom(5 * 2**20 + 12345)  # two parts
     h.put("in/big.bin", data)
     h.step()
@@ -243,7 +244,7 @@ def test_s3_to_local_and_unsafe_keys(harness: Callable[..., S3Harness], tmp_path
 def test_local_to_s3(harness: Callable[..., S3Harness], tmp_path: Path) -> None:
     inbox = tmp_path / "inbox"
     (inbox / "sub").mkdir(parents=True)
-    h = harness(source=str(inbox), s3={"multipart_chunksize": "5MiB"})
+    h = harness(source=str(inbox), top_s3={"multipart_chunksize": "5MiB"})
     big = os.urandom(6 * 2**20)  # a multipart upload
     (inbox / "sub" / "big.bin").write_bytes(big)
     (inbox / "e.com").write_bytes(EICAR)
@@ -276,6 +277,25 @@ def test_flat_names_are_one_safe_segment_and_distinct(a: str, b: str) -> None:
         assert 0 < len(name.encode()) <= 200
         assert re.fullmatch(r"([^%@]|%[0-9A-F]{2})*(@[0-9a-f]{12})?", name)  # no escape cut in half
     assert (flat_name(a) == flat_name(b)) == (a == b)
+
+
+def test_a_watch_own_s3_settings_are_used_for_listing_scanning_and_moving(
+        harness: Callable[..., S3Harness], s3_server: S3Server, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The top level points at nothing and the environment's keys are wrong: only the
+    # watch's endpoint and profile can reach the bucket.
+    aws_config = tmp_path / "aws-config"
+    aws_config.write_text(f"[profile drop]\naws_access_key_id = {s3_server.access_key}\n"
+                          f"aws_secret_access_key = {s3_server.secret_key}\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(aws_config))
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "wrong")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    h = harness(top_s3={"endpoint_url": "http://127.0.0.1:9"},
+                s3={"endpoint_url": s3_server.endpoint_url, "profile": "drop"})
+    h.put("in/a.txt", b"hello")
+    h.put("in/e.com", EICAR)
+    h.step()
+    assert (h.keys("clean/"), h.keys("quarantine/"), h.keys("in/")) == (["a.txt"], ["e.com"], [])
 
 
 # -- failures ---------------------------------------------------------------------------------------

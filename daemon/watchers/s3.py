@@ -146,7 +146,7 @@ def _quoted(etag: str) -> str:
 
 def _sqs_client(watch: WatchConfig, s3_config: S3Config) -> Any:
     assert watch.events is not None
-    return boto3.session.Session().client(
+    return boto3.session.Session(profile_name=s3_config.profile).client(
         "sqs", endpoint_url=watch.events.endpoint_url,
         region_name=watch.events.region or s3_config.region or _queue_region(watch.events.sqs_queue_url),
         config=BotoConfig(connect_timeout=5, read_timeout=40,
