@@ -101,6 +101,10 @@ class S3Config(_Model):
     region: str | None = Field(default=None, examples=["us-east-1"])
     profile: str | None = Field(default=None, description="a named profile of the AWS config files",
                                 examples=["drop-account"])
+    multipart_threshold: Size = Field(default=5 * 2**30, gt=0,
+                                      description="server-side copies above this use multipart copy")
+    multipart_chunksize: Size = Field(default=8 * 2**20, ge=5 * 2**20,
+                                      description="part size of multipart uploads and copies")
 
     @field_validator("profile")
     @classmethod
@@ -110,10 +114,6 @@ class S3Config(_Model):
         if value is not None and value not in boto3.session.Session().available_profiles:
             raise ValueError(f"no profile {value!r} in the AWS config files")
         return value
-    multipart_threshold: Size = Field(default=5 * 2**30, gt=0,
-                                      description="server-side copies above this use multipart copy")
-    multipart_chunksize: Size = Field(default=8 * 2**20, ge=5 * 2**20,
-                                      description="part size of multipart uploads and copies")
 
 
 class EventsConfig(_Model):
