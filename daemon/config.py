@@ -274,7 +274,8 @@ class MetadefenderEngineConfig(_EngineBase):
                                            "files are uploaded in chunks; unset: one request per file",
                                            examples=["100MB"])
     hash_lookup: bool = Field(False, description="ask GET /hash/{sha256} first; a finished clean or "
-                                                 "infected result is used without a submission")
+                                                 "infected result (of `rule`, when set) is used without a "
+                                                 "submission")
     poll_interval: Duration = Field(2.0, gt=0, description="between polls of a running scan")
 
     @field_validator("url")

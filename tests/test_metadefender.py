@@ -184,6 +184,21 @@ def test_hash_lookup_uses_a_known_result_without_a_submission(
     assert again.engine_scan_id == harness.row("e.com").engine_scan_id
 
 
+def test_hash_lookup_ignores_a_result_of_another_workflow(
+        layout: Layout, emulator: MetadefenderEmulator) -> None:
+    light = _harness(layout, emulator, rule="light")
+    light.drop("a.txt", b"fine")
+    light.run()
+    strict = _harness(layout, emulator, rule="strict", hash_lookup=True)
+    for rel in ("again/a.txt", "more/a.txt"):
+        strict.drop(rel, b"fine")
+        strict.run()
+    assert layout.placed("clean") == ["a.txt", "again/a.txt", "more/a.txt"]
+    # Scanned again under `strict` once; after that, its own earlier result is used.
+    assert [e.headers.get("rule") for e in _posts(emulator)] == ["light", "strict"]
+    assert strict.row("more/a.txt").raw_result["hash_lookup"] is True
+
+
 def test_progress_is_polled_at_rest_ip(layout: Layout) -> None:
     with MetadefenderEmulator(polls=2, rest_ip=True) as emulator:
         harness = _harness(layout, emulator)

@@ -6,7 +6,8 @@ size. Core has no idempotency key: its `data_id` is the only handle on a scan, s
 pipeline journals it as soon as `scan` returns Pending, and `poll` follows it (at
 `rest_ip` while Core says so) without ever submitting again. A submission whose answer
 was lost is repeated (Core cannot be asked by reference); with `hash_lookup` a finished
-scan of the same bytes is found instead. Core reports the sha256 of what it scanned: a
+scan of the same bytes is found instead, unless Core says it ran another workflow than
+the configured `rule`. Core reports the sha256 of what it scanned: a
 verdict about other bytes (a file that changed after it was hashed, a `filepath_map`
 that points at another tree) is never used.
 """
@@ -208,6 +209,9 @@ class MetadefenderEngine:
         body = json_object(response)
         if not _is_about(body, request) or not _is_finished(body):
             return None
+        workflow = _section(body, "process_info").get("profile")
+        if self._config.rule is not None and workflow is not None and workflow != self._config.rule:
+            return None  # judged by another workflow (one that skips archives, say): not ours
         verdict = _verdict(body, str(body.get("data_id", "")), hash_lookup=True)
         return None if verdict.kind is VerdictKind.FAILED else verdict
 

@@ -65,6 +65,7 @@ class _Scan:
     polls_left: int = 0
     node: bool = False  # polled at rest_ip while it runs
     finished_at: float | None = None
+    workflow: str = "File process"  # Core's default workflow when no `rule` is sent
 
 
 @dataclass
@@ -289,7 +290,8 @@ class MetadefenderEmulator(Emulator):
         password = headers.get("archivepwd", "").encode("latin-1").decode("utf-8")
         code, result, blocked_reason, threat = self._outcome(digest, password)
         scan = _Scan(data_id, digest.sha256.hexdigest(), digest.size, unquote(headers.get("filename", "")),
-                     code, result, blocked_reason, threat, self.polls, node=self.node is not None)
+                     code, result, blocked_reason, threat, self.polls, node=self.node is not None,
+                     workflow=headers.get("rule") or "File process")
         with self.lock:
             self.scans[data_id] = scan
 
@@ -335,7 +337,7 @@ def _view(scan: _Scan) -> dict[str, Any]:
         "data_id": scan.data_id,
         "file_info": {"sha256": scan.sha256.upper(), "display_name": scan.display_name,
                       "file_size": scan.size},
-        "process_info": {"progress_percentage": 100 if done else 50,
+        "process_info": {"progress_percentage": 100 if done else 50, "profile": scan.workflow,
                          "result": scan.result if done else "Processing",
                          "blocked_reason": scan.blocked_reason if done else ""},
         "scan_results": {"progress_percentage": 100 if done else 50,
