@@ -386,6 +386,12 @@ class Config(_Model):
                                     "each file must belong to one watch")
             if not is_s3(watch.source) and not os.path.isdir(watch.source):
                 problems.append(f"{where}.source: directory {watch.source} does not exist")
+        for name, engine in self.engines.items():
+            for key in ("webhook", "callback"):
+                receiver = getattr(engine, key, None)
+                if self.metrics and receiver and _same_socket(receiver.listen, self.metrics.listen):
+                    problems.append(f"engines.{name}.{key}.listen: {receiver.listen} is taken by "
+                                    f"metrics.listen ({self.metrics.listen}); give each its own port")
         if problems:
             raise ConfigError("config", problems)
         return self
@@ -402,6 +408,13 @@ class Config(_Model):
         if watch.s3 is None:
             return self.s3
         return self.s3.model_copy(update=watch.s3.model_dump(exclude_unset=True))
+
+
+def _same_socket(a: str, b: str) -> bool:
+    """Whether two host:port listen addresses cannot both be bound."""
+    (host_a, _, port_a), (host_b, _, port_b) = a.rpartition(":"), b.rpartition(":")
+    wildcard = {"0.0.0.0", "::", "[::]", "*"}
+    return port_a == port_b and (host_a == host_b or host_a in wildcard or host_b in wildcard)
 
 
 def _overlaps(a: str, b: str) -> bool:

@@ -239,3 +239,23 @@ def test_a_watch_s3_block_replaces_only_the_keys_it_gives(layout: Layout, tmp_pa
     assert (own.endpoint_url, own.profile, own.region, own.multipart_chunksize) == (
         "http://10.0.0.1:8333", "drop", "us-east-1", 16 * 2**20)
     assert other == config.s3
+
+
+@pytest.mark.parametrize(("receiver", "metrics", "clash"), [
+    ("127.0.0.1:9480", "127.0.0.1:9480", True),
+    ("0.0.0.0:9480", "127.0.0.1:9480", True),
+    ("127.0.0.1:9480", "[::]:9480", True),
+    ("127.0.0.1:9480", "127.0.0.1:9477", False),
+    ("127.0.0.1:9480", "127.0.0.2:9480", False),
+])
+def test_a_webhook_receiver_may_not_take_the_metrics_address(layout: Layout, receiver: str, metrics: str,
+                                                             clash: bool) -> None:
+    config = layout.config(engine={"type": "blazelock", "url": "http://127.0.0.1:9", "api_key": "k",
+                                   "webhook": {"listen": receiver, "secret": "s"}},
+                           metrics={"listen": metrics})
+    path = _write(layout, config)
+    if clash:
+        assert _problems(path) == [f"engines.default.webhook.listen: {receiver} is taken by metrics.listen "
+                                   f"({metrics}); give each its own port"]
+    else:
+        assert load_config(path).metrics is not None
