@@ -12,10 +12,14 @@ from typing import Any
 
 import httpx
 
+from daemon import __version__
 from daemon.errors import EnginePermanentError, EngineRetryableError, EngineUnavailableError
 from daemon.model import Reason
 
-__all__ = ["RateLimiter", "check_status", "json_object", "parse_retry_after", "translate_errors"]
+__all__ = ["USER_AGENT", "RateLimiter", "api_client", "check_status", "json_object", "parse_retry_after",
+           "translate_errors"]
+
+USER_AGENT = f"scanwatch/{__version__}"
 
 _RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
 
@@ -72,6 +76,11 @@ def check_status(response: httpx.Response, engine: str, body: str = "", *,
     if status == 413:
         raise EnginePermanentError(detail, reason=Reason.TOO_LARGE)
     raise EnginePermanentError(detail, reason=Reason.BAD_REQUEST)
+
+
+def api_client(url: str, timeout: float, credentials: dict[str, str]) -> httpx.Client:
+    """The client of one engine's API: base URL, timeout, credential headers, our User-Agent."""
+    return httpx.Client(base_url=url, timeout=timeout, headers={**credentials, "User-Agent": USER_AGENT})
 
 
 def json_object(response: httpx.Response) -> dict[str, Any]:

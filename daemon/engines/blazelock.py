@@ -18,9 +18,8 @@ from urllib.parse import quote
 
 import httpx
 
-from daemon import __version__
 from daemon.config import BlazelockEngineConfig
-from daemon.engines._http import RateLimiter, check_status, translate_errors
+from daemon.engines._http import RateLimiter, api_client, check_status, json_object, translate_errors
 from daemon.engines.base import ScanRequest
 from daemon.errors import EnginePermanentError
 from daemon.model import Pending, Reason, Verdict, VerdictKind
@@ -46,10 +45,8 @@ class BlazelockEngine:
         self._url = config.url.rstrip("/")
         self._limiter = RateLimiter(config.rate_limit)
         self.webhook_health = WebhookHealth()
-        self._client = httpx.Client(
-            base_url=self._url, timeout=config.timeout,
-            headers={"Authorization": f"Bearer {config.api_key.get_secret_value()}",
-                     "User-Agent": f"scanwatch/{__version__}"})
+        self._client = api_client(self._url, config.timeout,
+                                  {"Authorization": f"Bearer {config.api_key.get_secret_value()}"})
 
     # -- Engine ------------------------------------------------------------------------------
 
@@ -137,7 +134,7 @@ class BlazelockEngine:
 
     def _answer(self, response: httpx.Response, ref_id: str) -> Verdict | Pending:
         if response.status_code == 408:
-            body = _json(response)
+            body = json_object(response)
             if body.get("code") == "sync_scan_timeout" and body.get("file_scan_id"):
                 # The scan exists and goes on: poll it, never resubmit (vendors.md).
                 return self._pending(str(body["file_scan_id"]))
@@ -166,17 +163,9 @@ class BlazelockEngine:
                        raw=raw)
 
 
-def _json(response: httpx.Response) -> dict[str, Any]:
-    try:
-        body = response.json()
-    except ValueError:
-        return {}
-    return body if isinstance(body, dict) else {}
-
-
 def _scan_object(response: httpx.Response) -> dict[str, Any]:
     """The scan object, with or without its `data` envelope."""
-    body = _json(response)
+    body = json_object(response)
     inner = body.get("data", body)
     return inner if isinstance(inner, dict) else {}
 

@@ -25,9 +25,8 @@ from urllib.parse import quote
 import httpx
 import structlog
 
-from daemon import __version__
 from daemon.config import MetadefenderEngineConfig
-from daemon.engines._http import check_status, json_object, translate_errors
+from daemon.engines._http import USER_AGENT, api_client, check_status, json_object, translate_errors
 from daemon.engines.base import ScanRequest
 from daemon.errors import EnginePermanentError, EngineRetryableError
 from daemon.model import Pending, Reason, Verdict, VerdictKind
@@ -77,10 +76,8 @@ class MetadefenderEngine:
         self._scheme = httpx.URL(self._url).scheme
         self._path_map = sorted(config.filepath_map.items(), key=lambda item: len(item[0]), reverse=True)
         self._source = socket.gethostname()
-        headers = {"User-Agent": f"scanwatch/{__version__}"}
-        if config.apikey is not None:
-            headers["apikey"] = config.apikey.get_secret_value()
-        self._client = httpx.Client(base_url=self._url, timeout=config.timeout, headers=headers)
+        credentials = {} if config.apikey is None else {"apikey": config.apikey.get_secret_value()}
+        self._client = api_client(self._url, config.timeout, credentials)
 
     # -- Engine ------------------------------------------------------------------------------
 
@@ -170,7 +167,7 @@ class MetadefenderEngine:
         if self._config.rule is not None:
             headers["rule"] = self._config.rule
         else:
-            headers["user_agent"] = f"scanwatch/{__version__}"
+            headers["user_agent"] = USER_AGENT
         if request.archive_password:
             headers["archivepwd"] = self._password(request)
         return headers

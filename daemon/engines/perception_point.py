@@ -22,9 +22,8 @@ from urllib.parse import quote
 
 import httpx
 
-from daemon import __version__
 from daemon.config import PerceptionPointEngineConfig
-from daemon.engines._http import RateLimiter, check_status, json_object, translate_errors
+from daemon.engines._http import RateLimiter, api_client, check_status, json_object, translate_errors
 from daemon.engines.base import ScanRequest
 from daemon.errors import EnginePermanentError
 from daemon.model import Pending, Reason, Verdict, VerdictKind
@@ -56,10 +55,8 @@ class PerceptionPointEngine:
         self._config = config
         self._url = config.url.rstrip("/")
         self._limiter = RateLimiter(_REQUESTS_PER_MINUTE)
-        self._client = httpx.Client(
-            base_url=self._url, timeout=config.timeout,
-            headers={"Authorization": f"Token {config.token.get_secret_value()}",
-                     "User-Agent": f"scanwatch/{__version__}"})
+        self._client = api_client(self._url, config.timeout,
+                                  {"Authorization": f"Token {config.token.get_secret_value()}"})
 
     # -- Engine ------------------------------------------------------------------------------
 
