@@ -9,6 +9,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Self
@@ -59,6 +60,7 @@ class Emulator:
         self.log: list[Logged] = []
         self.faults: list[tuple[str, Fault]] = []
         self.lock = threading.RLock()
+        self._timers: list[threading.Timer] = []
         emulator = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -82,8 +84,17 @@ class Emulator:
         return self
 
     def stop(self) -> None:
+        for timer in self._timers:
+            timer.cancel()
         self._server.shutdown()
         self._server.server_close()
+
+    def later(self, delay_s: float, action: Callable[..., None], *args: Any) -> None:
+        """Run `action(*args)` after `delay_s` (a webhook, say); cancelled by `stop()`."""
+        timer = threading.Timer(delay_s, action, args)
+        timer.daemon = True
+        self._timers.append(timer)
+        timer.start()
 
     def __enter__(self) -> Self:
         return self.start()

@@ -11,7 +11,6 @@ import hmac
 import itertools
 import json
 import re
-import threading
 import time
 from datetime import UTC, datetime
 from email.parser import BytesParser
@@ -56,12 +55,6 @@ class BlazelockEmulator(Emulator):
         self.webhook_repeats = 1  # deliveries of each event (Blazelock repeats them)
         self.webhook_bad_signature = False  # sign with another secret
         self.deliveries: list[tuple[str, str, int]] = []  # (event, scan id, status answered)
-        self._timers: list[threading.Timer] = []
-
-    def stop(self) -> None:
-        for timer in self._timers:
-            timer.cancel()
-        super().stop()
 
     def submissions(self) -> list[Logged]:
         """Accepted uploads (POSTs answered 200/201)."""
@@ -152,9 +145,9 @@ class BlazelockEmulator(Emulator):
                 "_failed": FAIL_MARK in data, "_safe": EICAR_MARK not in data,
             }
         if self.webhook_url:
-            self._schedule(0.0, "file_scan.submitted", scan_id)
-            self._schedule(self.scan_delay_s, "file_scan.failed" if FAIL_MARK in data
-                           else "file_scan.completed", scan_id)
+            self.later(0.0, self._deliver, "file_scan.submitted", scan_id)
+            self.later(self.scan_delay_s, self._deliver,
+                       "file_scan.failed" if FAIL_MARK in data else "file_scan.completed", scan_id)
         if sync:
             if self.scan_delay_s > self.sync_timeout_s:
                 time.sleep(self.sync_timeout_s)
@@ -185,12 +178,6 @@ class BlazelockEmulator(Emulator):
         return {"data": view} if self.envelope else view
 
     # -- webhooks -----------------------------------------------------------------------------
-
-    def _schedule(self, delay_s: float, event: str, scan_id: str) -> None:
-        timer = threading.Timer(delay_s, self._deliver, (event, scan_id))
-        timer.daemon = True
-        self._timers.append(timer)
-        timer.start()
 
     def _deliver(self, event: str, scan_id: str) -> None:
         assert self.webhook_url is not None

@@ -12,7 +12,6 @@ from __future__ import annotations
 import itertools
 import json
 import re
-import threading
 import time
 import urllib.request
 from http.server import BaseHTTPRequestHandler
@@ -59,12 +58,6 @@ class PerceptionPointEmulator(Emulator):
         self.scans: dict[int, dict[str, Any]] = {}
         self.callbacks: list[tuple[int, int]] = []  # (scan_id, status answered)
         self._ids = itertools.count(123456)
-        self._timers: list[threading.Timer] = []
-
-    def stop(self) -> None:
-        for timer in self._timers:
-            timer.cancel()
-        super().stop()
 
     def submissions(self) -> list[Logged]:
         """Accepted submissions (POSTs answered 201)."""
@@ -166,11 +159,7 @@ class PerceptionPointEmulator(Emulator):
                                    "polls": 0, "done": False,
                                    "ready_at": time.monotonic() + self.scan_delay_s}
         if callback_url:
-            timer = threading.Timer(self.scan_delay_s, self._call_back,
-                                    (scan_id, callback_url, callback))
-            timer.daemon = True
-            self._timers.append(timer)
-            timer.start()
+            self.later(self.scan_delay_s, self._call_back, scan_id, callback_url, callback)
         return scan_id
 
     def _show(self, handler: BaseHTTPRequestHandler, entry: Logged, scan_id: str) -> None:
