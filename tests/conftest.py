@@ -32,6 +32,16 @@ ROOT = Path(__file__).resolve().parent.parent
 EICAR = (ROOT / "samples" / "eicar.com").read_bytes()
 
 
+def wait_until(predicate: Callable[[], Any], timeout_s: float = 10.0, what: str = "") -> Any:
+    """Poll `predicate` until it returns something true (returned), or fail after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if result := predicate():
+            return result
+        time.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what or predicate}")
+
+
 class Layout:
     """A watch's folders under tmp_path and a config that points at them."""
 
@@ -223,6 +233,23 @@ def kill_9_between_submit_and_verdict(layout: Layout, start: Callable[..., Daemo
     assert second.stop() == 0
     assert len(layout.placed("clean")) == 5 and layout.placed("quarantine") == ["e.com"]
     assert second.named("scan.submitted") == []  # resumed by polling, not by submitting again
+
+
+def write_random(path: Path, megabytes: int) -> None:
+    """`megabytes` MB of random bytes, written one MB at a time."""
+    with open(path, "wb") as f:
+        for _ in range(megabytes):
+            f.write(os.urandom(1_000_000))
+
+
+def big_upload_peak_rss_kb(layout: Layout, daemon: Daemon) -> int:
+    """Drop 100 MB into a started daemon's inbox, stop once it is in clean: the peak RSS in kB."""
+    write_random(layout.inbox / "big.bin", 100)
+    daemon.wait_for(lambda: daemon.named("file.moved"), timeout=60, what="big file moved")
+    peak_kb = daemon.peak_rss_kb()
+    assert daemon.stop() == 0
+    assert layout.placed("clean") == ["big.bin"]
+    return peak_kb
 
 
 @pytest.fixture

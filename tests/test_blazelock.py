@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import EICAR, Harness, Layout, kill_9_between_submit_and_verdict
+from conftest import EICAR, Harness, Layout, big_upload_peak_rss_kb, kill_9_between_submit_and_verdict
 from emulators._server import Fault
 from emulators.blazelock import BlazelockEmulator
 
@@ -197,12 +197,6 @@ def test_100mb_upload_streams_with_small_rss(layout: Layout, emulator: Blazelock
     emulator.scan_delay_s = 0
     daemon = daemon_factory(_daemon_config(layout, emulator), {"BLZ_KEY": "test-key"})
     daemon.wait_started()
-    with open(layout.inbox / "big.bin", "wb") as f:
-        for _ in range(100):
-            f.write(os.urandom(1_000_000))
-    daemon.wait_for(lambda: daemon.named("file.moved"), timeout=60, what="big file moved")
-    peak_kb = daemon.peak_rss_kb()
-    assert daemon.stop() == 0
-    assert layout.placed("clean") == ["big.bin"]
+    peak_kb = big_upload_peak_rss_kb(layout, daemon)
     assert emulator.submissions()[0].body_bytes > 100_000_000
     assert peak_kb < 100 * 1024, f"peak RSS {peak_kb} kB"

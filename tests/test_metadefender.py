@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import EICAR, ROOT, Harness, Layout, kill_9_between_submit_and_verdict
+from conftest import EICAR, ROOT, Harness, Layout, kill_9_between_submit_and_verdict, write_random
 from emulators._server import Fault, Logged
 from emulators.metadefender import MetadefenderEmulator
 from structlog.testing import capture_logs
@@ -418,9 +418,7 @@ def test_large_upload_streams_with_small_rss(layout: Layout, emulator: Metadefen
     (layout.inbox / "small.txt").write_bytes(b"warm-up: every code path loaded")
     daemon.wait_for(lambda: daemon.named("file.moved"), what="small file moved")
     before_kb = daemon.peak_rss_kb()
-    with open(layout.inbox / "big.bin", "wb") as f:
-        for _ in range(size_mb):
-            f.write(os.urandom(1_000_000))
+    write_random(layout.inbox / "big.bin", size_mb)
     daemon.wait_for(lambda: len(daemon.named("file.moved")) == 2, timeout=60, what="big file moved")
     growth_kb = daemon.peak_rss_kb() - before_kb
     assert daemon.stop() == 0

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import EICAR, Harness, Layout, kill_9_between_submit_and_verdict
+from conftest import EICAR, Harness, Layout, big_upload_peak_rss_kb, kill_9_between_submit_and_verdict
 from emulators._server import Fault
 from emulators.perception_point import PerceptionPointEmulator
 
@@ -321,13 +321,7 @@ def test_100mb_upload_streams_with_small_rss(layout: Layout, emulator: Perceptio
     emulator.polls_to_done = 1
     daemon = daemon_factory(_daemon_config(layout, emulator), {"PP_TOKEN": "test-token"})
     daemon.wait_started()
-    with open(layout.inbox / "big.bin", "wb") as f:
-        for _ in range(100):
-            f.write(os.urandom(1_000_000))
-    daemon.wait_for(lambda: daemon.named("file.moved"), timeout=60, what="big file moved")
-    peak_kb = daemon.peak_rss_kb()
-    assert daemon.stop() == 0
-    assert layout.placed("clean") == ["big.bin"]
+    peak_kb = big_upload_peak_rss_kb(layout, daemon)
     assert emulator.submissions()[0].fields["data_bytes"] == "100000000"
     assert peak_kb < 100 * 1024, f"peak RSS {peak_kb} kB"
 

@@ -12,6 +12,7 @@ from urllib.parse import quote_plus
 import boto3
 import pytest
 from botocore.config import Config as BotoConfig
+from conftest import wait_until
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from realservers import SqsServer, TcpProxy
@@ -260,15 +261,6 @@ def counts(sqs: Any, url: str) -> tuple[int, int]:
 
 def named(logs: list[dict[str, Any]], event: str) -> list[dict[str, Any]]:
     return [entry for entry in list(logs) if entry["event"] == event]
-
-
-def wait_until(predicate: Callable[[], Any], timeout_s: float = 10.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if result := predicate():
-            return result
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what or predicate}")
 
 
 def poll_until(source: SqsEventSource, messages: int, max_rounds: int = 5) -> list[int]:

@@ -7,7 +7,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from conftest import EICAR, Layout
+from conftest import EICAR, Layout, wait_until
 from emulators.blazelock import BlazelockEmulator, sign
 from emulators.perception_point import PerceptionPointEmulator
 from structlog.testing import capture_logs
@@ -35,15 +35,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _wait(predicate: Callable[[], Any], timeout_s: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if result := predicate():
-            return result
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {predicate}")
 
 
 @dataclass
@@ -135,7 +126,7 @@ def test_signed_completion_makes_the_waiting_scan_due_and_wakes_the_pipeline(rec
     file_id = receiving.waiting_row("a.txt", "blz", "fs_000001")
     other = receiving.waiting_row("b.txt", "blz", "fs_000002")
     assert receiving.blazelock("file_scan.completed", "fs_000001").status_code == 204
-    _wait(lambda: receiving.is_due(file_id))
+    wait_until(lambda: receiving.is_due(file_id))
     assert receiving.wake.is_set()
     assert not receiving.is_due(other)
     assert receiving.journal.get(file_id).state is FileState.SCANNING  # the verdict comes from a poll
@@ -144,7 +135,7 @@ def test_signed_completion_makes_the_waiting_scan_due_and_wakes_the_pipeline(rec
 def test_a_scan_known_only_by_reference_is_found_by_its_reference(receiving: Receiving) -> None:
     file_id = receiving.waiting_row("a.txt", "blz", "ref:w:a.txt#abc")
     assert receiving.blazelock("file_scan.failed", "fs_000009", ref="w:a.txt#abc").status_code == 204
-    _wait(lambda: receiving.is_due(file_id))
+    wait_until(lambda: receiving.is_due(file_id))
 
 
 @pytest.mark.parametrize(("tamper", "status", "reason"), [
@@ -174,7 +165,7 @@ def test_forged_stale_or_unsigned_events_are_refused(receiving: Receiving, tampe
         assert receiving.blazelock("file_scan.completed", "fs_000001", **kwargs).status_code == status
         # Deliveries are journaled in order: once a later good one is, the refused one was not.
         assert receiving.blazelock("file_scan.completed", "fs_000002").status_code == 204
-        _wait(lambda: receiving.is_due(accepted))
+        wait_until(lambda: receiving.is_due(accepted))
     assert not receiving.is_due(refused)
     rejected = [e for e in logs if e["event"] == "webhook.rejected"]
     assert [(e["engine"], e["reason"], e["log_level"]) for e in rejected] == [("blz", reason, "warning")]
@@ -185,7 +176,7 @@ def test_a_fresh_timestamp_within_five_minutes_is_accepted(receiving: Receiving)
     file_id = receiving.waiting_row("a.txt", "blz", "fs_000001")
     assert receiving.blazelock("file_scan.completed", "fs_000001",
                                timestamp=int(time.time()) - 280).status_code == 204
-    _wait(lambda: receiving.is_due(file_id))
+    wait_until(lambda: receiving.is_due(file_id))
 
 
 def test_repeated_deliveries_are_no_ops(receiving: Receiving) -> None:
@@ -193,7 +184,7 @@ def test_repeated_deliveries_are_no_ops(receiving: Receiving) -> None:
     with capture_logs() as logs:
         for _ in range(3):
             assert receiving.blazelock("file_scan.completed", "fs_000001").status_code == 204
-        _wait(lambda: len([e for e in logs if e["event"].startswith("webhook.")
+        wait_until(lambda: len([e for e in logs if e["event"].startswith("webhook.")
                            and e["event"] != "webhook.received"]) == 3)
     row = receiving.journal.get(file_id)
     assert [e["event"] for e in logs if e["event"] in ("webhook.scan_due", "webhook.unmatched")] == [
@@ -206,7 +197,7 @@ def test_submitted_events_are_acknowledged_and_ignored(receiving: Receiving) -> 
     with capture_logs() as logs:
         assert receiving.blazelock("file_scan.submitted", "fs_000001").status_code == 204
         assert receiving.blazelock("file_scan.completed", "fs_000002").status_code == 204  # unknown
-        _wait(lambda: any(e["event"] == "webhook.unmatched" for e in logs))
+        wait_until(lambda: any(e["event"] == "webhook.unmatched" for e in logs))
     assert not receiving.is_due(file_id)
     assert [e["engine_scan_ids"] for e in logs if e["event"] == "webhook.unmatched"] == [
         ["fs_000002", "ref:w:a#1"]]
@@ -217,10 +208,10 @@ def test_a_scan_announced_before_its_id_was_journaled_is_made_due_once_it_is(rec
     assert _health(receiving, "blz").is_healthy  # the receiver has just started
     with capture_logs() as logs:
         receiving.blazelock("file_scan.completed", "fs_000007")
-        _wait(lambda: any(e["event"] == "webhook.unmatched" for e in logs))
+        wait_until(lambda: any(e["event"] == "webhook.unmatched" for e in logs))
         # The pipeline journals the scan id after the event came (a batch commits late).
         file_id = receiving.waiting_row("a.txt", "blz", "fs_000007")
-        _wait(lambda: receiving.is_due(file_id))
+        wait_until(lambda: receiving.is_due(file_id))
     assert [e["event"] for e in logs if e["event"].startswith("webhook.")] == [
         "webhook.received", "webhook.unmatched", "webhook.scan_due"]
 
@@ -235,7 +226,7 @@ def test_callback_with_the_secret_header_makes_the_scan_due(receiving: Receiving
         assert receiving.callback(123456, secret=None).status_code == 401
         assert not receiving.is_due(file_id)
         assert receiving.callback(123456).status_code == 204
-        _wait(lambda: receiving.is_due(file_id))
+        wait_until(lambda: receiving.is_due(file_id))
     assert not receiving.is_due(blz_row)
     assert [e["reason"] for e in logs if e["event"] == "webhook.rejected"] == [
         "bad_secret", "missing_headers"]
