@@ -1,0 +1,52 @@
+"""Locations: where files come from and go to (a local directory or an S3 prefix).
+
+The pipeline moves a file with `transfer(request, source, dest)` without knowing
+which kinds the two are. Every move is "place a verified copy, then remove the
+source if it is still the scanned file", with the planned name journaled first,
+so a move cut off at any point is finished by `transfer(..., resumed=True)`:
+
+- local → local: an atomic rename that never overwrites (a copy across filesystems);
+- S3 → S3: a server-side copy of exactly the scanned version (`CopySourceIfMatch`);
+- S3 → local: a download to a temp name, fsync, a no-overwrite rename;
+- local → S3: an upload (multipart above one part) that completes only when the bytes
+  are the scanned ones, never overwriting (`IfNoneMatch`).
+
+A copy meant for `clean` is checked against the scanned sha256 before it becomes
+visible; anything else (the source changed) raises ChangedError: scan it again.
+"""
+
+from __future__ import annotations
+
+from daemon.config import Config, WatchConfig
+from daemon.fsutil import DirCache
+from daemon.locations.base import SIDECAR_SUFFIX, ChangedError, Location, MoveRequest, transfer
+from daemon.locations.local import LocalLocation
+from daemon.locations.s3 import S3Location
+from daemon.s3 import S3Clients, is_s3
+
+__all__ = [
+    "ChangedError",
+    "LocalLocation",
+    "Location",
+    "Locations",
+    "MoveRequest",
+    "S3Location",
+    "SIDECAR_SUFFIX",
+    "transfer",
+]
+
+
+class Locations:
+    """Location objects by configured URL for one batch of work: local ones share `dirs`,
+    S3 ones use the client for their watch's S3 settings."""
+
+    def __init__(self, config: Config, dirs: DirCache, clients: S3Clients | None = None) -> None:
+        self._config = config
+        self.dirs = dirs
+        self._clients = clients or S3Clients()
+
+    def __call__(self, url: str, watch: WatchConfig) -> Location:
+        if is_s3(url):
+            s3 = self._config.s3_for(watch)
+            return S3Location(url, self._clients(s3), s3)
+        return LocalLocation(url, self.dirs)

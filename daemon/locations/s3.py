@@ -1,0 +1,243 @@
+"""An S3 prefix as a Location: conditional copies and uploads that never overwrite."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import io
+import json
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any, BinaryIO
+from urllib.parse import urlencode
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from daemon.config import S3Config
+from daemon.errors import LocationError
+from daemon.fsutil import collision_name
+from daemon.locations.base import (
+    CHUNK,
+    MAX_COLLISIONS,
+    SIDECAR_SUFFIX,
+    ChangedError,
+    Location,
+    MoveRequest,
+    Verified,
+    json_bytes,
+    read_full,
+)
+from daemon.s3 import S3Url, error_code, s3_errors
+
+__all__ = ["S3Location"]
+
+_MAX_PARTS = 10_000
+
+
+class S3Location:
+    """An S3 prefix. Writes never overwrite (`IfNoneMatch`); reads pin the scanned ETag."""
+
+    def __init__(self, url: str, client: Any, config: S3Config) -> None:
+        self.url = url
+        self.where = S3Url.parse(url)
+        self.client = self._client = client
+        self._copy_threshold = config.multipart_threshold
+        self._part_size = config.multipart_chunksize
+
+    def name(self, rel_path: str) -> str:
+        return str(self.where) + rel_path
+
+    def key(self, rel_path: str) -> str:
+        """The object key of `rel_path`."""
+        return self.where.key(rel_path)
+
+    def _call(self, what: str, method: str, **kwargs: Any) -> Any:
+        try:
+            return getattr(self._client, method)(Bucket=self.where.bucket, **kwargs)
+        except (ClientError, BotoCoreError) as exc:
+            raise s3_errors(f"{what} {self.name(kwargs.get('Key', ''))}", exc) from exc
+
+    def _exists(self, key: str, **conditions: Any) -> bool:
+        try:
+            self._client.head_object(Bucket=self.where.bucket, Key=key, **conditions)
+        except ClientError as exc:
+            if error_code(exc) in ("404", "NoSuchKey", "NotFound", "412", "PreconditionFailed"):
+                return False
+            raise s3_errors(f"HEAD {self.name(key)}", exc) from exc
+        except BotoCoreError as exc:
+            raise s3_errors(f"HEAD {self.name(key)}", exc) from exc
+        return True
+
+    def plan(self, rel_path: str, *, taken: bool = False) -> str:
+        if not taken:
+            return rel_path  # `receive` writes with IfNoneMatch: a collision is found then
+        dirs, base = rel_path.rpartition("/")[::2]
+        for n in range(MAX_COLLISIONS):
+            candidate = f"{dirs}/{collision_name(base, n)}" if dirs else collision_name(base, n)
+            if not self._exists(self.key(candidate)):
+                return candidate
+        raise LocationError(f"{self.name(rel_path)}: more than {MAX_COLLISIONS} objects named like it")
+
+    def _version(self, req: MoveRequest) -> dict[str, str]:
+        """The conditions that pin the scanned version of the source object."""
+        return {"VersionId": req.version_id} if req.version_id else {"IfMatch": req.etag or "*"}
+
+    def present(self, req: MoveRequest) -> bool:
+        return self._exists(self.key(req.rel_path), **self._version(req))
+
+    def remove(self, req: MoveRequest) -> None:
+        key = self.key(req.rel_path)
+        try:
+            self._client.delete_object(Bucket=self.where.bucket, Key=key, **self._version(req))
+        except ClientError as exc:
+            if error_code(exc) in ("404", "NoSuchKey", "412", "PreconditionFailed"):
+                return  # replaced by a new upload meanwhile: that one is a new arrival
+            raise s3_errors(f"DELETE {self.name(key)}", exc) from exc
+        except BotoCoreError as exc:
+            raise s3_errors(f"DELETE {self.name(key)}", exc) from exc
+
+    def holds(self, req: MoveRequest) -> bool:
+        try:
+            tags = self._client.get_object_tagging(Bucket=self.where.bucket, Key=self.key(req.dest_rel))
+        except ClientError as exc:
+            if error_code(exc) in ("404", "NoSuchKey"):
+                return False
+            raise s3_errors(f"GET tagging {self.name(req.dest_rel)}", exc) from exc
+        except BotoCoreError as exc:
+            raise s3_errors(f"GET tagging {self.name(req.dest_rel)}", exc) from exc
+        return {"Key": "scanwatch-file", "Value": req.marker} in tags.get("TagSet", [])
+
+    @contextmanager
+    def open_bytes(self, req: MoveRequest) -> Iterator[BinaryIO]:
+        body = self.get(req.rel_path, req.etag, req.version_id)
+        try:
+            yield io.BufferedReader(Verified(_Body(body, self.name(req.rel_path)), req,
+                                              self.name(req.rel_path)), CHUNK)
+        finally:
+            body.close()
+
+    def get(self, rel_path: str, etag: str | None, version_id: str | None) -> Any:
+        """The streaming body of that version; ChangedError/FileNotFoundError if it is not there."""
+        conditions = {"VersionId": version_id} if version_id else {"IfMatch": etag} if etag else {}
+        try:
+            return self._client.get_object(Bucket=self.where.bucket, Key=self.key(rel_path),
+                                           **conditions)["Body"]
+        except ClientError as exc:
+            code = error_code(exc)
+            if code in ("412", "PreconditionFailed"):
+                raise ChangedError(f"{self.name(rel_path)} was replaced since it was listed") from exc
+            if code in ("404", "NoSuchKey", "NoSuchVersion"):
+                raise FileNotFoundError(errno.ENOENT, "no such object", self.name(rel_path)) from exc
+            raise s3_errors(f"GET {self.name(rel_path)}", exc) from exc
+        except BotoCoreError as exc:
+            raise s3_errors(f"GET {self.name(rel_path)}", exc) from exc
+
+    def head(self, rel_path: str) -> dict[str, Any] | None:
+        """HeadObject of `rel_path`, or None if there is no such object."""
+        try:
+            return dict(self._client.head_object(Bucket=self.where.bucket, Key=self.key(rel_path)))
+        except ClientError as exc:
+            if error_code(exc) in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise s3_errors(f"HEAD {self.name(rel_path)}", exc) from exc
+        except BotoCoreError as exc:
+            raise s3_errors(f"HEAD {self.name(rel_path)}", exc) from exc
+
+    def receive(self, req: MoveRequest, source: Location) -> None:
+        tags = urlencode({**req.tags, "scanwatch-file": req.marker})
+        try:
+            if isinstance(source, S3Location):
+                self._copy(req, source, tags)
+            else:
+                with source.open_bytes(req) as reader:
+                    self._upload(req, reader, tags)
+        except ClientError as exc:
+            if error_code(exc) in ("412", "PreconditionFailed"):
+                if self._exists(self.key(req.dest_rel)):
+                    raise FileExistsError(errno.EEXIST, "taken", self.name(req.dest_rel)) from exc
+                raise ChangedError(f"{source.name(req.rel_path)} was replaced since it was scanned") from exc
+            raise s3_errors(f"PUT {self.name(req.dest_rel)}", exc) from exc
+        except BotoCoreError as exc:
+            raise s3_errors(f"PUT {self.name(req.dest_rel)}", exc) from exc
+
+    def _copy(self, req: MoveRequest, source: S3Location, tags: str) -> None:
+        """Server-side copy of the scanned version; multipart above the copy threshold."""
+        copy_source = {"Bucket": source.where.bucket, "Key": source.key(req.rel_path)}
+        if req.version_id:
+            copy_source["VersionId"] = req.version_id
+        pinned = {"CopySourceIfMatch": req.etag} if req.etag and not req.version_id else {}
+        key = self.key(req.dest_rel)
+        if req.size <= self._copy_threshold:
+            self._client.copy_object(Bucket=self.where.bucket, Key=key, CopySource=copy_source,
+                                     IfNoneMatch="*", TaggingDirective="REPLACE", Tagging=tags, **pinned)
+            return
+        head = source.head(req.rel_path) or {}
+        extra = {k: head[k] for k in ("ContentType", "Metadata") if head.get(k)}
+        part = max(self._part_size, -(-req.size // _MAX_PARTS))
+        with self._multipart(key, tags, extra) as (upload_id, parts):
+            for number, start in enumerate(range(0, req.size, part), start=1):
+                end = min(start + part, req.size) - 1
+                answer = self._client.upload_part_copy(
+                    Bucket=self.where.bucket, Key=key, UploadId=upload_id, PartNumber=number,
+                    CopySource=copy_source, CopySourceRange=f"bytes={start}-{end}", **pinned)
+                parts.append({"PartNumber": number, "ETag": answer["CopyPartResult"]["ETag"]})
+
+    def _upload(self, req: MoveRequest, reader: BinaryIO, tags: str) -> None:
+        """One PUT up to a part's size, else a multipart upload completed only once verified."""
+        key = self.key(req.dest_rel)
+        first = read_full(reader, self._part_size)
+        if len(first) < self._part_size:  # the whole file, verified at its end by the reader
+            self._client.put_object(Bucket=self.where.bucket, Key=key, Body=first, IfNoneMatch="*",
+                                    Tagging=tags)
+            return
+        with self._multipart(key, tags, {}) as (upload_id, parts):
+            chunk, number = first, 1
+            while chunk:
+                answer = self._client.upload_part(Bucket=self.where.bucket, Key=key, UploadId=upload_id,
+                                                  PartNumber=number, Body=chunk)
+                parts.append({"PartNumber": number, "ETag": answer["ETag"]})
+                chunk, number = read_full(reader, self._part_size), number + 1
+
+    @contextmanager
+    def _multipart(self, key: str, tags: str, extra: Mapping[str, Any]
+                   ) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+        """A multipart upload, completed without overwriting, or aborted on any error."""
+        upload_id = self._client.create_multipart_upload(
+            Bucket=self.where.bucket, Key=key, Tagging=tags, **extra)["UploadId"]
+        parts: list[dict[str, Any]] = []
+        try:
+            yield upload_id, parts
+            self._client.complete_multipart_upload(
+                Bucket=self.where.bucket, Key=key, UploadId=upload_id, IfNoneMatch="*",
+                MultipartUpload={"Parts": parts})
+        except BaseException:
+            with contextlib.suppress(ClientError, BotoCoreError):
+                self._client.abort_multipart_upload(Bucket=self.where.bucket, Key=key, UploadId=upload_id)
+            raise
+
+    def write_sidecar(self, rel_path: str, facts: Mapping[str, object]) -> None:
+        self._call("PUT", "put_object", Key=self.key(rel_path) + SIDECAR_SUFFIX, Body=json_bytes(facts),
+                   ContentType="application/json")
+
+    def read_sidecar(self, rel_path: str) -> Any:
+        body = self._call("GET", "get_object", Key=self.key(rel_path) + SIDECAR_SUFFIX)["Body"]
+        with contextlib.closing(body):
+            return json.loads(body.read(1 << 20))
+
+    def delete(self, rel_path: str) -> None:
+        for key in (self.key(rel_path), self.key(rel_path) + SIDECAR_SUFFIX):
+            self._call("DELETE", "delete_object", Key=key)
+
+
+class _Body:
+    """A botocore streaming body whose network errors are LocationErrors."""
+
+    def __init__(self, body: Any, what: str) -> None:
+        self._body = body
+        self._what = what
+
+    def read(self, size: int) -> bytes:
+        try:
+            return bytes(self._body.read(size))
+        except (BotoCoreError, OSError) as exc:
+            raise s3_errors(f"GET {self._what}", exc) from exc
