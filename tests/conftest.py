@@ -187,6 +187,10 @@ class Daemon:
         raise AssertionError(f"timed out waiting for {what or predicate}; daemon rc="
                              f"{self.proc.poll()} last events: {self.events[-5:]}")
 
+    def leaked(self, secret: str) -> bool:
+        """Whether `secret` is in anything the stopped daemon wrote: its events or stderr."""
+        return secret in repr(self.events) or secret.encode() in self.stderr
+
     def wait_started(self) -> None:
         self.wait_for(lambda: self.named("daemon.started"), what="daemon.started")
 
