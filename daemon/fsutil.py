@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import hashlib
 import os
+import signal
 import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,14 +30,18 @@ __all__ = [
     "collision_name",
     "open_dir",
     "open_file",
+    "put_back",
     "rel_parts",
     "rename_noreplace",
     "split_rel",
+    "write_lease",
 ]
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 _RENAME_NOREPLACE = 1
+_F_SETSIG = getattr(fcntl, "F_SETSIG", 10)
+_F_SETLEASE = getattr(fcntl, "F_SETLEASE", 1024)
 _libc = ctypes.CDLL(None, use_errno=True)
 _renameat2 = getattr(_libc, "renameat2", None)
 
@@ -128,7 +134,10 @@ class DirCache:
         fd = self._fds.get(key)
         if fd is None:
             if create_mode is not None:
-                os.makedirs(root, mode=create_mode, exist_ok=True)
+                try:
+                    os.makedirs(root, mode=create_mode, exist_ok=True)
+                except FileExistsError:  # makedirs says so when the root is a file
+                    raise NotADirectoryError(errno.ENOTDIR, "not a directory", root) from None
             fd = self._fds[key] = open_dir(root, dirs, create_mode=create_mode)
         return fd
 
@@ -146,14 +155,15 @@ class DirCache:
 
 
 @contextmanager
-def open_file(dir_fd: int, name: str) -> Iterator[tuple[int, os.stat_result]]:
+def open_file(dir_fd: int, name: str, *, links_ok: bool = False) -> Iterator[tuple[int, os.stat_result]]:
     """Open a regular, singly-linked file in `dir_fd` for reading, with its fstat.
 
     Raises UnsafePathError (with the Reason in `args[1]`) for a symlink, hardlink or
-    special file, checked on lstat before opening and on fstat after.
+    special file, checked on lstat before opening and on fstat after. `links_ok`: a
+    file with other names is opened too (its bytes are copied, never moved).
     """
     before = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    if reason := classify(before):
+    if (reason := classify(before)) and not (links_ok and reason is Reason.HARDLINK):
         raise UnsafePathError(f"{name!r} is a {reason.value}", reason)
     try:
         fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
@@ -165,7 +175,7 @@ def open_file(dir_fd: int, name: str) -> Iterator[tuple[int, os.stat_result]]:
         st = os.fstat(fd)
         if (st.st_dev, st.st_ino) != (before.st_dev, before.st_ino):
             raise UnsafePathError(f"{name!r} was replaced while opening", Reason.SPECIAL_FILE)
-        if reason := classify(st):
+        if (reason := classify(st)) and not (links_ok and reason is Reason.HARDLINK):
             raise UnsafePathError(f"{name!r} is a {reason.value}", reason)
         yield fd, st
     finally:
@@ -193,3 +203,40 @@ def rename_noreplace(src_dir: int, src: str, dst_dir: int, dst: str) -> None:
     # No renameat2 here (old kernel or a filesystem without it): link fails on an existing name.
     os.link(src, dst, src_dir_fd=src_dir, dst_dir_fd=dst_dir, follow_symlinks=False)
     os.unlink(src, dir_fd=src_dir)
+
+
+def put_back(dir_fd: int, name: str, to_dir: int, to_name: str) -> str:
+    """Rename `name` back to `to_name`, or to its first free collision name; returns the name used."""
+    for n in range(10_000):
+        candidate = collision_name(to_name, n)
+        try:
+            rename_noreplace(dir_fd, name, to_dir, candidate)
+            return candidate
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free name to put the file back", to_name)
+
+
+@contextmanager
+def write_lease(fd: int) -> Iterator[bool]:
+    """Hold a write lease on `fd`'s file if the kernel grants one; yields whether it did.
+
+    Linux grants it only while no other descriptor (and no shared mapping) of the file
+    is open anywhere, so holding it proves that nobody else can write through an
+    existing descriptor. It needs the file's owner or CAP_LEASE. A lease break (someone
+    opening the file) is signalled with SIGURG, whose default action is to ignore it.
+    """
+    try:
+        fcntl.fcntl(fd, _F_SETSIG, signal.SIGURG)
+        fcntl.fcntl(fd, _F_SETLEASE, fcntl.F_WRLCK)
+    except OSError as exc:
+        if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EPERM, errno.EINVAL, errno.EBUSY):
+            raise
+        granted = False
+    else:
+        granted = True
+    try:
+        yield granted
+    finally:
+        if granted:
+            fcntl.fcntl(fd, _F_SETLEASE, fcntl.F_UNLCK)

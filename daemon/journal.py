@@ -70,9 +70,9 @@ _SCHEMA = [
 _JSON_COLUMNS = ("threats", "raw_result")
 _PATH_COLUMNS = ("rel_path", "destination")
 _ACTIVE = "state NOT IN ('done', 'gone')"
-_CLAIMABLE = (
-    "(state IN ('stable', 'verdict') OR (state IN ('scanning', 'moving') AND owner IS NULL))"
-)
+# A claimed row, in any state, is its owner's until it commits it with `owner = NULL`
+# (or `reclaim` finds the owner dead): never two workers on one file.
+_CLAIMABLE = "(state IN ('stable', 'verdict', 'scanning', 'moving') AND owner IS NULL)"
 
 
 @dataclass(frozen=True)

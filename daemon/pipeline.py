@@ -37,6 +37,7 @@ from daemon.errors import (
     LocationError,
     UnsafePathError,
 )
+from daemon.faults import pause
 from daemon.fsutil import DirCache, Identity, open_file, sha256_fd, split_rel
 from daemon.journal import FileRow, Journal
 from daemon.locations import ChangedError, Location, Locations, MoveRequest, S3Location, transfer
@@ -259,6 +260,7 @@ class Pipeline:
             sha256 = sha256_fd(fd)
         except OSError as exc:
             return self._fail(row, Reason.UNREADABLE, exc)
+        pause("scan.hashed")
         request = ScanRequest(watch.name, row.rel_path, os.path.join(watch.source, row.rel_path),
                               fd, st.st_size, sha256, "", archive_password=_secret(watch.archivepwd))
         return self._ask(row, watch, engine, request, {
@@ -440,6 +442,7 @@ class Pipeline:
     # -- moving ---------------------------------------------------------------------------------
 
     def _move(self, row: FileRow, locations: Locations, resumed: bool = False) -> _Outcome:
+        pause("move.start")
         watch = self.config.watch(row.watch)
         if not is_s3(watch.source) and row.identity is None:
             # Failed before it could be read: move whatever is there.

@@ -65,15 +65,12 @@ class Location(Protocol):
         ...
 
     def receive(self, req: MoveRequest, source: Location) -> None:
-        """Place the scanned bytes at `req.dest_rel`; FileExistsError if the name is taken."""
+        """Place the scanned bytes at `req.dest_rel`; FileExistsError if the name is taken,
+        FileNotFoundError if the source no longer has them (a half-done move is finished)."""
         ...
 
     def holds(self, req: MoveRequest) -> bool:
         """True when `req.dest_rel` holds the copy this request placed."""
-        ...
-
-    def present(self, req: MoveRequest) -> bool:
-        """True when the scanned version of `req.rel_path` is still here."""
         ...
 
     def remove(self, req: MoveRequest) -> None:
@@ -104,12 +101,9 @@ def transfer(req: MoveRequest, source: Location, dest: Location, *, resumed: boo
     FileNotFoundError when the file is in neither place, ChangedError when the source
     is not the scanned file, FileExistsError when `dest_rel` was taken (plan again).
     """
-    if resumed:
-        if dest.holds(req):
-            source.remove(req)
-            return
-        if not source.present(req):
-            raise FileNotFoundError(f"{source.name(req.rel_path)} is gone")
+    if resumed and dest.holds(req):
+        source.remove(req)
+        return
     dest.receive(req, source)
     source.remove(req)
 

@@ -13,16 +13,21 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, BinaryIO
 
+import structlog
+
 from daemon.errors import LocationError, UnsafePathError
+from daemon.faults import pause
 from daemon.fsutil import (
     DirCache,
     Identity,
     classify,
     collision_name,
     open_file,
+    put_back,
     rename_noreplace,
     sha256_fd,
     split_rel,
+    write_lease,
 )
 from daemon.locations.base import (
     CHUNK,
@@ -37,6 +42,10 @@ from daemon.locations.base import (
 from daemon.s3 import local_rel
 
 __all__ = ["LocalLocation"]
+
+log = structlog.get_logger("scanwatch.locations")
+
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 class LocalLocation:
@@ -64,93 +73,169 @@ class LocalLocation:
         mode = None if private is None else 0o700 if private else 0o777
         return self._dirs.open(self.url, parents, create_mode=mode), base
 
-    def _lstat(self, rel_path: str) -> os.stat_result | None:
-        try:
-            dir_fd, base = self._dir(rel_path)
-            return os.stat(base, dir_fd=dir_fd, follow_symlinks=False)
-        except (FileNotFoundError, UnsafePathError):
-            return None
-
-    def present(self, req: MoveRequest) -> bool:
-        st = self._lstat(req.rel_path)
-        return st is not None and req.identity is not None and _same_file(st, req.identity)
-
     def remove(self, req: MoveRequest) -> None:
-        st = self._lstat(req.rel_path)
+        """Remove the scanned inode from `req.rel_path`, never another file put at its name.
+
+        There is no "unlink if this inode" call, so the name is first renamed to a private
+        name (`.scanwatch-<id>.del`) and what it held is checked there: our inode is
+        unlinked, anything else is put back as the new arrival it is.
+        """
+        try:
+            dir_fd, base = self._dir(req.rel_path)
+        except (FileNotFoundError, UnsafePathError):
+            return
+        trash = f".scanwatch-{req.file_id}.del"
+        if _is_inode(dir_fd, trash, req.identity):  # cut off after the rename last time
+            os.unlink(trash, dir_fd=dir_fd)
+        st = _lstat(dir_fd, base)
         if st is None or req.identity is None or not _same_file(st, req.identity):
             return  # moved by a rename, or a new file by that name: not ours to remove
-        dir_fd, base = self._dir(req.rel_path)
-        os.unlink(base, dir_fd=dir_fd)
+        try:
+            rename_noreplace(dir_fd, base, dir_fd, trash)
+        except FileNotFoundError:
+            return
+        if _is_inode(dir_fd, trash, req.identity):
+            os.unlink(trash, dir_fd=dir_fd)
+        else:
+            put_back(dir_fd, trash, dir_fd, base)
         os.fsync(dir_fd)
 
     def holds(self, req: MoveRequest) -> bool:
-        st = self._lstat(req.dest_rel)
+        try:
+            dir_fd, base = self._dir(req.dest_rel)
+        except (FileNotFoundError, UnsafePathError):
+            return False
+        st = _lstat(dir_fd, base)
         if st is None:
-            with contextlib.suppress(OSError, UnsafePathError):
-                dir_fd, _ = self._dir(req.dest_rel)
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(_temp_name(req.file_id), dir_fd=dir_fd)
             return False
         if req.identity is not None and (st.st_dev, st.st_ino) == (req.identity.dev, req.identity.inode):
             return True  # renamed here
         if st.st_size != req.size or req.sha256 is None or classify(st) is not None:
             return False
-        dir_fd, base = self._dir(req.dest_rel)
         with open_file(dir_fd, base) as (fd, _):
-            return sha256_fd(fd) == req.sha256  # copied here
+            if sha256_fd(fd) != req.sha256:
+                return False
+        # Copied here: the captured original, if a crash left it, is ours to drop.
+        if _is_inode(dir_fd, _capture_name(req.file_id), req.identity):
+            os.unlink(_capture_name(req.file_id), dir_fd=dir_fd)
+        return True
+
+    @contextmanager
+    def open_scanned(self, req: MoveRequest) -> Iterator[tuple[int, os.stat_result]]:
+        """A descriptor of the scanned file and its fstat (ChangedError if it is another)."""
+        dir_fd, base = self._dir(req.rel_path)
+        # Another name for the file (a hardlink made after the scan) does not matter here:
+        # the bytes are copied from this descriptor, and checked against the scanned hash.
+        with open_file(dir_fd, base, links_ok=True) as (fd, st):
+            if req.identity is None or not _same_file(st, req.identity):
+                raise ChangedError(f"{self.name(req.rel_path)} changed since it was scanned")
+            yield fd, st
 
     @contextmanager
     def open_bytes(self, req: MoveRequest) -> Iterator[BinaryIO]:
-        dir_fd, base = self._dir(req.rel_path)
-        with open_file(dir_fd, base) as (fd, st):
-            if req.identity is None or not _same_file(st, req.identity):
-                raise ChangedError(f"{self.name(req.rel_path)} changed since it was scanned")
-            with os.fdopen(os.dup(fd), "rb", buffering=0) as raw:
-                yield io.BufferedReader(Verified(raw, req, self.name(req.rel_path)), CHUNK)
+        with self.open_scanned(req) as (fd, _), os.fdopen(os.dup(fd), "rb", buffering=0) as raw:
+            yield io.BufferedReader(Verified(raw, req, self.name(req.rel_path)), CHUNK)
 
     def receive(self, req: MoveRequest, source: Location) -> None:
         dest_dir, dest_name = self._dir(req.dest_rel, private=req.private)
-        if isinstance(source, LocalLocation):
-            self._move_local(req, source, dest_dir, dest_name)
+        if not isinstance(source, LocalLocation):
+            with source.open_bytes(req) as reader:
+                self._write_new(req, reader, dest_dir, dest_name, 0o600 if req.private else 0o666, None)
             return
-        with source.open_bytes(req) as reader:
-            self._write_new(req, reader, dest_dir, dest_name, 0o600 if req.private else 0o666, None)
+        try:
+            self._move_local(req, source, dest_dir, dest_name)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            # Across filesystems: a verified copy from the descriptor; `transfer` removes the source.
+            with source.open_scanned(req) as (fd, st):
+                self._promote_copy(req, fd, st, dest_dir, dest_name)
 
     def _move_local(self, req: MoveRequest, source: LocalLocation, dest_dir: int, dest_name: str) -> None:
-        """Rename (same filesystem) or copy across; chmod 0600 first for quarantine."""
-        src_dir, src_name = source._dir(req.rel_path)
+        """Move the scanned inode, never whatever its name points to by now (docs/integrity.md).
+
+        The source name is renamed to `.scanwatch-<id>.move` beside the destination first
+        (the capture); only if that is the scanned inode does it go on, else it is put back
+        into the source as a new arrival. EXDEV: across filesystems, the caller copies.
+        """
+        captured = _capture_name(req.file_id)
+        if not _is_inode(dest_dir, captured, req.identity):  # else captured before a crash
+            source.capture(req, dest_dir, captured)
+            pause("move.captured")
         try:
-            with open_file(src_dir, src_name) as (fd, st):
-                if req.identity is None or Identity.of(st) != req.identity:
-                    raise ChangedError(f"{req.rel_path} changed since it was scanned")
-                if req.verify and sha256_fd(fd) != req.sha256:
-                    raise ChangedError(f"{req.rel_path} has other bytes than were scanned")
-                must_copy = False
-                if req.private:
-                    try:
-                        os.fchmod(fd, 0o600)
-                    except PermissionError:
-                        # Another user's upload is not ours to chmod: a 0600 copy we own replaces it.
-                        must_copy = True
-                if not must_copy:
-                    try:
-                        rename_noreplace(src_dir, src_name, dest_dir, dest_name)
-                        return
-                    except OSError as exc:
-                        if exc.errno != errno.EXDEV:
-                            raise
-                with os.fdopen(os.dup(fd), "rb", buffering=0) as raw:
-                    reader = io.BufferedReader(Verified(raw, req, req.rel_path), CHUNK)
-                    mode = 0o600 if req.private else st.st_mode & 0o777
-                    self._write_new(req, reader, dest_dir, dest_name, mode, st)
-        except PermissionError:
-            if req.verify or req.private:
-                raise
-            # A file we may not read still leaves the source for `failed`: a rename needs no
-            # read access (across filesystems it cannot be copied, and the error stands).
-            st = os.stat(src_name, dir_fd=src_dir, follow_symlinks=False)
-            if classify(st) is not None or req.identity is None or Identity.of(st) != req.identity:
-                raise ChangedError(f"{req.rel_path} changed since it was scanned") from None
-            rename_noreplace(src_dir, src_name, dest_dir, dest_name)
+            self._promote(req, dest_dir, captured, dest_name)
+        except ChangedError:
+            source.restore(req, dest_dir, captured)
+            raise
+
+    def capture(self, req: MoveRequest, to_dir: int, to_name: str) -> None:
+        """Rename the scanned file to `to_dir/to_name` (same filesystem), checking it is that inode.
+
+        FileNotFoundError: no file, or no plain path, at `req.rel_path` any more. ChangedError:
+        another file was there (it was put back, nothing moved).
+        """
+        identity = req.identity
+        try:
+            dir_fd, base = self._dir(req.rel_path)
+        except UnsafePathError as exc:  # a directory on the way was swapped for a link
+            raise FileNotFoundError(errno.ENOENT, str(exc), self.name(req.rel_path)) from exc
+        st = os.stat(base, dir_fd=dir_fd, follow_symlinks=False)
+        if identity is None or not _same_file(st, identity):
+            raise ChangedError(f"{self.name(req.rel_path)} changed since it was scanned")
+        pause("move.before_capture")
+        rename_noreplace(dir_fd, base, to_dir, to_name)
+        if not _is_inode(to_dir, to_name, identity):
+            put_back(to_dir, to_name, dir_fd, base)
+            raise ChangedError(f"{self.name(req.rel_path)} was replaced before it could be moved")
+        os.fsync(dir_fd)
+
+    def restore(self, req: MoveRequest, from_dir: int, name: str) -> None:
+        """Put a captured file back at `req.rel_path` (or a collision name): a new arrival."""
+        dir_fd, base = self._dir(req.rel_path)
+        put_back(from_dir, name, dir_fd, base)
+
+    def _promote(self, req: MoveRequest, dest_dir: int, captured: str, dest_name: str) -> None:
+        """Give the captured file its final name, checked; `clean` only if nobody else holds it."""
+        st = os.stat(captured, dir_fd=dest_dir, follow_symlinks=False)
+        if req.identity is None or not _same_file(st, req.identity):
+            raise ChangedError(f"{self.name(req.dest_rel)}: the source changed since it was scanned")
+        if req.private:
+            with contextlib.suppress(PermissionError):  # another user's upload: copied below
+                os.chmod(captured, 0o600, dir_fd=dest_dir)
+        if not req.verify and not (req.private and os.stat(captured, dir_fd=dest_dir).st_mode & 0o077):
+            rename_noreplace(dest_dir, captured, dest_dir, dest_name)
+            os.fsync(dest_dir)
+            return
+        try:
+            fd = os.open(captured, _READ_FLAGS, dir_fd=dest_dir)
+        except PermissionError as exc:  # made unreadable since the scan, through a descriptor
+            raise ChangedError(f"{req.rel_path} cannot be read again: {exc}") from exc
+        try:
+            with write_lease(fd) as leased:
+                # Under the lease no other descriptor is open; with one link, no other name.
+                alone = leased and os.fstat(fd).st_nlink == 1 and not req.private
+                if alone:
+                    if sha256_fd(fd) != req.sha256:
+                        raise ChangedError(f"{req.rel_path} has other bytes than were scanned")
+                    rename_noreplace(dest_dir, captured, dest_dir, dest_name)
+            if not alone:
+                log.info("file.copied", file_id=req.file_id, rel_path=req.rel_path,
+                         why="private" if req.private else "held_elsewhere")
+                self._promote_copy(req, fd, st, dest_dir, dest_name)
+                os.unlink(captured, dir_fd=dest_dir)
+            os.fsync(dest_dir)
+        finally:
+            os.close(fd)
+
+    def _promote_copy(self, req: MoveRequest, fd: int, st: os.stat_result, dest_dir: int,
+                      dest_name: str) -> None:
+        """Place a fresh copy of the held bytes: an inode only we have ever opened."""
+        with os.fdopen(os.dup(fd), "rb", buffering=0) as raw:
+            reader = io.BufferedReader(Verified(raw, req, req.rel_path), CHUNK)
+            mode = 0o600 if req.private else st.st_mode & 0o777
+            self._write_new(req, reader, dest_dir, dest_name, mode, st)
 
     def _write_new(self, req: MoveRequest, reader: BinaryIO, dest_dir: int, dest_name: str,
                    mode: int, st: os.stat_result | None) -> None:
@@ -161,19 +246,20 @@ class LocalLocation:
         out = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                       mode, dir_fd=dest_dir)
         try:
-            while chunk := reader.read(CHUNK):
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(out, view):]
-            if st is not None:
-                os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
-            os.fsync(out)
-            os.close(out)
+            try:
+                while chunk := reader.read(CHUNK):
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(out, view):]
+                if st is not None:
+                    os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
+                os.fsync(out)
+            finally:
+                os.close(out)  # exactly once: a second close could hit another thread's new fd
             rename_noreplace(dest_dir, temp, dest_dir, dest_name)
         except BaseException:
-            with contextlib.suppress(OSError):
-                os.close(out)
-            os.unlink(temp, dir_fd=dest_dir)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp, dir_fd=dest_dir)
             raise
         os.fsync(dest_dir)
 
@@ -214,6 +300,24 @@ def _sidecar_name(base: str) -> str:
 
 def _temp_name(file_id: int) -> str:
     return f".scanwatch-{file_id}.tmp"
+
+
+def _capture_name(file_id: int) -> str:
+    return f".scanwatch-{file_id}.move"
+
+
+def _lstat(dir_fd: int, name: str) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def _is_inode(dir_fd: int, name: str, identity: Identity | None) -> bool:
+    """True when `name` in `dir_fd` is the inode of `identity`."""
+    st = _lstat(dir_fd, name)
+    return (st is not None and identity is not None
+            and (st.st_dev, st.st_ino) == (identity.dev, identity.inode))
 
 
 def _same_file(st: os.stat_result, identity: Identity) -> bool:

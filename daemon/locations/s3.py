@@ -82,9 +82,6 @@ class S3Location:
         """The conditions that pin the scanned version of the source object."""
         return {"VersionId": req.version_id} if req.version_id else {"IfMatch": req.etag or "*"}
 
-    def present(self, req: MoveRequest) -> bool:
-        return self._exists(self.key(req.rel_path), **self._version(req))
-
     def remove(self, req: MoveRequest) -> None:
         key = self.key(req.rel_path)
         try:
@@ -156,6 +153,8 @@ class S3Location:
                 if self._exists(self.key(req.dest_rel)):
                     raise FileExistsError(errno.EEXIST, "taken", self.name(req.dest_rel)) from exc
                 raise ChangedError(f"{source.name(req.rel_path)} was replaced since it was scanned") from exc
+            if error_code(exc) in ("404", "NoSuchKey", "NoSuchVersion"):
+                raise FileNotFoundError(errno.ENOENT, "no such object", source.name(req.rel_path)) from exc
             raise s3_errors(f"PUT {self.name(req.dest_rel)}", exc) from exc
         except BotoCoreError as exc:
             raise s3_errors(f"PUT {self.name(req.dest_rel)}", exc) from exc
