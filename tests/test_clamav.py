@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -116,6 +117,22 @@ def test_fildes_needs_no_name_clamd_can_open(tmp_path: Path, clamd: Clamd) -> No
         verdict = _engine(socket=str(clamd.socket)).scan(request)
     assert verdict.kind is VerdictKind.INFECTED and verdict.threats == (clamd.signature,)
     assert verdict.raw["mode"] == "fd"
+
+
+def test_concurrent_scans_share_the_pool_and_match_their_replies(layout: Layout, clamd: Clamd) -> None:
+    engine = _engine(socket=str(clamd.socket))
+    names = [_public(layout.inbox / f"{i}.com", EICAR if i % 3 == 0 else b"clean %d" % i)
+             for i in range(12)]
+
+    def scan(name: Path) -> VerdictKind:
+        with _held(name) as request:
+            return engine.scan(request).kind
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        kinds = list(pool.map(scan, names * 5))
+    engine.close()
+    assert kinds == [VerdictKind.INFECTED if i % 3 == 0 else VerdictKind.CLEAN
+                     for i in range(12)] * 5
 
 
 def test_path_mode_lets_clamd_open_the_name(world_readable: Layout, clamd: Clamd) -> None:

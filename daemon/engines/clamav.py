@@ -8,7 +8,10 @@ the same descriptor's bytes (`INSTREAM`); only `mode: path` lets clamd open the 
 
 Connections stay open in `IDSESSION` mode and are pooled, so a scan costs one
 round trip, not a connect. A session clamd closed (idle timeout) is reopened once;
-scanning is idempotent, so that retry is always safe.
+scanning is idempotent, so that retry is always safe. Each session carries one command
+at a time, on purpose: clamd has as many scans in flight as there are scanning threads
+whether or not commands are pipelined, a pipelined prototype measured no gain, and an
+`ERROR` (which ends the session) would drop every other command in flight on it.
 """
 
 from __future__ import annotations
