@@ -59,7 +59,7 @@ def main() -> None:
         shutil.rmtree(base, ignore_errors=True)
     print(f"clamav_throughput: {args.files} files x {args.size} B, 1 % EICAR, one clamd, "
           f"{os.cpu_count()} cores")
-    print(f"  scanwatch (clamav, SCAN by path, concurrency {args.concurrency}): "
+    print(f"  scanwatch (clamav, mode auto: FILDES, concurrency {args.concurrency}): "
           f"{daemon['files_per_s']:7.0f} files/s  peak RSS {daemon['peak_rss_mb']:.0f} MB  "
           f"({daemon['infected']:.0f} infected, scanned and moved)")
     print(f"  clamdscan per file ({args.loop_files} files): {loop_rate:7.0f} files/s  "

@@ -165,8 +165,9 @@ class ClamavEngineConfig(_EngineBase):
     socket: Path | None = Field(None, description="clamd's unix socket", examples=["/run/clamav/clamd.ctl"])
     address: str | None = Field(None, description="clamd's TCP host:port", examples=["127.0.0.1:3310"])
     mode: Literal["auto", "path", "stream"] = Field(
-        "auto", description="path: clamd reads the file (SCAN); stream: INSTREAM; auto: path, "
-                            "else stream when clamd cannot read it")
+        "auto", description="auto: clamd scans the descriptor scanwatch hashed (FILDES) on a unix "
+                            "socket, else the bytes are streamed (INSTREAM); stream: INSTREAM; "
+                            "path: clamd opens the file by name (SCAN)")
 
     @model_validator(mode="after")
     def _one_endpoint(self) -> ClamavEngineConfig:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import os
 import pwd
+import selectors
 import shutil
 import socket
+import socketserver
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,3 +122,47 @@ def _has_user(name: str) -> bool:
     except KeyError:
         return False
     return True
+
+
+class _Relay(socketserver.BaseRequestHandler):
+    """Copies bytes between a unix client and clamd's TCP port: passed fds are dropped on the way."""
+
+    server: _RelayServer
+
+    def handle(self) -> None:
+        upstream = socket.create_connection(self.server.target)
+        with upstream, selectors.DefaultSelector() as sel, suppress(OSError):
+            sel.register(self.request, selectors.EVENT_READ, upstream)
+            sel.register(upstream, selectors.EVENT_READ, self.request)
+            while True:
+                for key, _ in sel.select():
+                    data = key.fileobj.recv(65536)  # type: ignore[union-attr]
+                    if not data:
+                        return
+                    if key.fileobj is self.request:
+                        self.server.received.append(data)
+                    key.data.sendall(data)
+
+
+class _RelayServer(socketserver.ThreadingUnixStreamServer):
+    daemon_threads = True
+
+    def __init__(self, path: Path, target: tuple[str, int]) -> None:
+        self.target = target
+        self.received: list[bytes] = []
+        super().__init__(str(path), _Relay)
+
+
+@contextmanager
+def unix_relay(path: Path, address: str) -> Iterator[list[bytes]]:
+    """A unix socket at `path` in front of clamd's TCP `address`, as an old clamd that cannot
+    take descriptors; yields what clients sent through it."""
+    host, _, port = address.rpartition(":")
+    server = _RelayServer(path, (host, int(port)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.received
+    finally:
+        server.shutdown()
+        server.server_close()

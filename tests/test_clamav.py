@@ -1,19 +1,26 @@
-"""The ClamAV engine against a real clamd: path mode, stream fallback, limits, outages."""
+"""The ClamAV engine against a real clamd: the held descriptor (FILDES), path and stream modes,
+the stream fallback, limits, outages."""
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from clamd_server import STREAM_MAX_BYTES, Clamd
+from clamd_server import STREAM_MAX_BYTES, Clamd, unix_relay
 from conftest import EICAR, Harness, Layout
+from structlog.testing import capture_logs
 
 from daemon.config import ClamavEngineConfig
+from daemon.engines.base import ScanRequest
 from daemon.engines.clamav import ClamavEngine
 from daemon.errors import EngineUnavailableError
-from daemon.model import FileState
+from daemon.fsutil import sha256_fd
+from daemon.model import FileState, VerdictKind
 
 
 def _engine(**cfg: object) -> ClamavEngine:
@@ -29,6 +36,25 @@ def world_readable(layout: Layout) -> Layout:
     layout.base.chmod(0o755)
     layout.inbox.chmod(0o755)
     return layout
+
+
+@contextmanager
+def _held(path: Path) -> Iterator[ScanRequest]:
+    """What the pipeline hands an engine: `path` opened read-only and hashed, the fd held."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.lseek(fd, 0, os.SEEK_END)  # clamd must read from 0 whatever our offset
+        yield ScanRequest(watch="inbox", rel_path=path.name, path=str(path), fd=fd,
+                          size=os.fstat(fd).st_size, sha256=sha256_fd(fd), ref_id="r")
+    finally:
+        os.close(fd)
+
+
+def _public(path: Path, data: bytes) -> Path:
+    """A file clamd's user can open by name, so a SCAN by path would read it."""
+    path.write_bytes(data)
+    path.chmod(0o644)
+    return path
 
 
 def _harness(layout: Layout, clamd: Clamd, **cfg: object) -> Harness:
@@ -56,15 +82,92 @@ def test_path_mode_scans_by_path_clean_and_infected(world_readable: Layout, clam
     assert sidecar["threats"] == [clamd.signature] and sidecar["engine"] == "default"
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs clamd running as another user than the files' owner")
-def test_auto_mode_streams_what_clamd_cannot_read(world_readable: Layout, clamd: Clamd) -> None:
-    harness = _harness(world_readable, clamd, mode="auto")
-    harness.drop("private.com", EICAR).chmod(0o600)  # clamd (user clamav) may not open it
-    harness.drop("public.com", EICAR).chmod(0o644)
+def test_auto_mode_scans_the_held_descriptor(layout: Layout, clamd: Clamd) -> None:
+    harness = _harness(layout, clamd)  # mode auto: the default
+    harness.drop("ok.txt", b"fine").chmod(0o600)
+    harness.drop("e.com", EICAR).chmod(0o600)
     harness.step()
-    assert harness.layout.placed("quarantine") == ["private.com", "public.com"]
-    assert harness.row("private.com").raw_result["mode"] == "stream"
-    assert harness.row("public.com").raw_result["mode"] == "path"
+    assert harness.layout.placed("clean") == ["ok.txt"]
+    assert harness.layout.placed("quarantine") == ["e.com"]
+    row = harness.row("e.com")
+    assert row.threats == [clamd.signature] and row.raw_result["mode"] == "fd"
+    assert harness.row("ok.txt").raw_result["mode"] == "fd"
+
+
+@pytest.mark.parametrize(("held", "then_named", "kind"), [
+    (b"clean bytes", EICAR, VerdictKind.CLEAN),
+    (EICAR, b"clean bytes", VerdictKind.INFECTED),
+], ids=["held-clean", "held-eicar"])
+def test_fildes_judges_the_held_bytes_not_the_name(world_readable: Layout, clamd: Clamd,
+                                                    held: bytes, then_named: bytes,
+                                                    kind: VerdictKind) -> None:
+    name = _public(world_readable.inbox / "a.com", held)
+    with _held(name) as request:
+        os.replace(_public(world_readable.inbox / "swap.com", then_named), name)  # after the hash
+        verdict = _engine(socket=str(clamd.socket)).scan(request)
+    assert verdict.kind is kind and verdict.raw["mode"] == "fd"
+
+
+def test_fildes_needs_no_name_clamd_can_open(tmp_path: Path, clamd: Clamd) -> None:
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    with _held(_public(private / "e.com", EICAR)) as request:
+        (private / "e.com").chmod(0)
+        (private / "e.com").unlink()  # no name at all: only the descriptor is left
+        verdict = _engine(socket=str(clamd.socket)).scan(request)
+    assert verdict.kind is VerdictKind.INFECTED and verdict.threats == (clamd.signature,)
+    assert verdict.raw["mode"] == "fd"
+
+
+def test_concurrent_scans_share_the_pool_and_match_their_replies(layout: Layout, clamd: Clamd) -> None:
+    engine = _engine(socket=str(clamd.socket))
+    names = [_public(layout.inbox / f"{i}.com", EICAR if i % 3 == 0 else b"clean %d" % i)
+             for i in range(12)]
+
+    def scan(name: Path) -> VerdictKind:
+        with _held(name) as request:
+            return engine.scan(request).kind
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        kinds = list(pool.map(scan, names * 5))
+    engine.close()
+    assert kinds == [VerdictKind.INFECTED if i % 3 == 0 else VerdictKind.CLEAN
+                     for i in range(12)] * 5
+
+
+def test_path_mode_lets_clamd_open_the_name(world_readable: Layout, clamd: Clamd) -> None:
+    name = _public(world_readable.inbox / "a.com", b"clean bytes")
+    with _held(name) as request:
+        os.replace(_public(world_readable.inbox / "swap.com", EICAR), name)
+        verdict = _engine(socket=str(clamd.socket), mode="path").scan(request)
+    assert verdict.kind is VerdictKind.INFECTED and verdict.raw["mode"] == "path"
+
+
+def test_auto_over_tcp_streams_the_held_bytes(world_readable: Layout, clamd: Clamd) -> None:
+    name = _public(world_readable.inbox / "a.com", EICAR)
+    with _held(name) as request:
+        os.replace(_public(world_readable.inbox / "swap.com", b"clean bytes"), name)
+        verdict = _engine(address=clamd.address).scan(request)
+    assert verdict.kind is VerdictKind.INFECTED and verdict.raw["mode"] == "stream"
+
+
+def test_refused_fildes_falls_back_to_stream_never_to_path(world_readable: Layout, clamd: Clamd,
+                                                           tmp_path: Path) -> None:
+    with unix_relay(tmp_path / "old-clamd.sock", clamd.address) as sent:
+        engine = _engine(socket=str(tmp_path / "old-clamd.sock"))
+        verdicts = []
+        with capture_logs() as logs:
+            for data in (EICAR, b"clean bytes"):
+                name = _public(world_readable.inbox / "a.com", data)
+                with _held(name) as request:
+                    os.replace(_public(world_readable.inbox / "swap.com", EICAR), name)
+                    verdicts.append(engine.scan(request))
+        engine.close()
+    assert [(v.kind, v.raw["mode"]) for v in verdicts] == [
+        (VerdictKind.INFECTED, "stream"), (VerdictKind.CLEAN, "stream")]
+    wire = b"".join(sent)
+    assert wire.count(b"zFILDES\0") == 1 and b"zSCAN" not in wire  # refused once, then remembered
+    assert [e["event"] for e in logs] == ["engine.fildes_refused"]
 
 
 def test_stream_mode_over_tcp(layout: Layout, clamd: Clamd) -> None:

@@ -1,8 +1,17 @@
-"""ClamAV's clamd over a unix socket or TCP: `SCAN` by path where clamd can read the file, else `INSTREAM`.
+"""ClamAV's clamd over a unix socket or TCP: `FILDES` (the held descriptor), `INSTREAM` or `SCAN`.
+
+`mode: auto` hands clamd the descriptor the pipeline opened and hashed (`FILDES`, the
+fd passed with SCM_RIGHTS), so clamd judges exactly the hashed bytes: a rename or a
+swapped symlink after the hash cannot change what it reads, and clamd needs no right
+to the path (docs/systemd.md, "clamd"). Over TCP, or if clamd refuses `FILDES`, auto streams
+the same descriptor's bytes (`INSTREAM`); only `mode: path` lets clamd open the name.
 
 Connections stay open in `IDSESSION` mode and are pooled, so a scan costs one
 round trip, not a connect. A session clamd closed (idle timeout) is reopened once;
-scanning is idempotent, so that retry is always safe.
+scanning is idempotent, so that retry is always safe. Each session carries one command
+at a time, on purpose: clamd has as many scans in flight as there are scanning threads
+whether or not commands are pipelined, a pipelined prototype measured no gain, and an
+`ERROR` (which ends the session) would drop every other command in flight on it.
 """
 
 from __future__ import annotations
@@ -14,6 +23,8 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 
+import structlog
+
 from daemon.config import ClamavEngineConfig
 from daemon.engines.base import ScanRequest
 from daemon.errors import EnginePermanentError, EngineRetryableError, EngineUnavailableError
@@ -21,9 +32,14 @@ from daemon.model import Pending, Reason, Verdict, VerdictKind
 
 __all__ = ["ClamavEngine"]
 
+log = structlog.get_logger("scanwatch.engines.clamav")
+
 _CHUNK = 256 * 1024
-# clamd answers these when it cannot open the path itself: stream the bytes instead.
+# clamd answers these when it cannot open the path itself (`mode: path`).
 _ACCESS_ERRORS = ("Access denied", "Permission denied", "lstat() failed", "Can't open file")
+# clamd's answers when it cannot take a descriptor: a clamd without FILDES (inside a
+# session or not), or a socket that lost the fd on the way (a relay, TCP).
+_FILDES_REFUSED = ("UNKNOWN COMMAND", "Command invalid inside IDSESSION", "No file descriptor received")
 
 
 class _Session:
@@ -35,9 +51,11 @@ class _Session:
         self._buffer = b""
         self.sock.sendall(b"zIDSESSION\0")
 
-    def command(self, line: bytes, body: Iterator[bytes]) -> str:
-        """Send one command (and INSTREAM chunks); return its reply without the id."""
+    def command(self, line: bytes, body: Iterator[bytes], fd: int | None = None) -> str:
+        """Send one command (and INSTREAM chunks, or FILDES's fd); return its reply without the id."""
         self.sock.sendall(b"z" + line + b"\0")
+        if fd is not None:  # FILDES: one dummy byte carrying the fd as SCM_RIGHTS, as clamdscan --fdpass
+            socket.send_fds(self.sock, [b"\0"], [fd])
         try:
             for chunk in body:
                 self.sock.sendall(struct.pack(">I", len(chunk)) + chunk)
@@ -71,6 +89,7 @@ class ClamavEngine:
         self._where = str(config.socket) if config.socket else str(config.address)
         self._idle: list[_Session] = []
         self._lock = threading.Lock()
+        self._can_pass_fd = config.socket is not None  # until clamd refuses a FILDES
 
     # -- connections ----------------------------------------------------------------------
 
@@ -107,12 +126,13 @@ class ClamavEngine:
         with self._lock:
             self._idle.append(session)
 
-    def _ask(self, line: bytes, body: Callable[[], Iterator[bytes]] = lambda: iter(())) -> str:
+    def _ask(self, line: bytes, body: Callable[[], Iterator[bytes]] = lambda: iter(()),
+             fd: int | None = None) -> str:
         """One command through a pooled session; a session clamd dropped is reopened once."""
         for attempt in (1, 2):
             try:
                 with self._session() as session:
-                    return session.command(line, body())
+                    return session.command(line, body(), fd)
             except TimeoutError as exc:
                 raise EngineRetryableError(f"clamd at {self._where} did not answer within "
                                            f"{self._config.timeout:g}s", reason=Reason.TIMEOUT) from exc
@@ -124,12 +144,15 @@ class ClamavEngine:
     # -- Engine ------------------------------------------------------------------------------
 
     def scan(self, request: ScanRequest) -> Verdict:
-        """SCAN by path (mode path/auto), INSTREAM when clamd cannot read it (auto) or always (stream)."""
-        if self._config.mode != "stream":
-            reply = self._ask(b"SCAN " + os.fsencode(request.path))
-            if not (self._config.mode == "auto" and reply.endswith(" ERROR")
-                    and any(e in reply for e in _ACCESS_ERRORS)):
-                return self._verdict(reply, "path")
+        """FILDES (auto on a unix socket), INSTREAM (auto over TCP or refused, stream) or SCAN (path)."""
+        if self._config.mode == "path":
+            return self._verdict(self._ask(b"SCAN " + os.fsencode(request.path)), "path")
+        if self._config.mode == "auto" and self._can_pass_fd:
+            reply = self._ask(b"FILDES", fd=request.bytes_fd)
+            if not (reply.endswith(" ERROR") and any(e in reply for e in _FILDES_REFUSED)):
+                return self._verdict(reply, "fd")
+            self._can_pass_fd = False  # never SCAN by name instead: stream the held bytes
+            log.warning("engine.fildes_refused", engine=self.name, clamd=self._where, reply=reply)
         return self._verdict(self._ask(b"INSTREAM", lambda: _chunks(request.bytes_fd)), "stream")
 
     def _verdict(self, reply: str, how: str) -> Verdict:
