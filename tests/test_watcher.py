@@ -14,6 +14,7 @@ import pytest
 from conftest import Daemon, Layout
 
 from daemon.fsutil import open_dir, split_rel
+from daemon.watchers.local import RepeatFilter
 
 # Root without the capabilities that let it read any directory, so mode 000 really blocks.
 _WITHOUT_DAC = ("setpriv", "--bounding-set=-dac_override,-dac_read_search")
@@ -148,3 +149,15 @@ def test_source_replaced_by_a_symlink_is_never_followed(layout: Layout, daemon_f
     assert [e["reason"] for e in daemon.named("watch.root_unsafe")] == ["symlink"]
     assert len(daemon.named("watch.root_restored")) == 1
     assert daemon.named("watch.error") == []
+
+
+def test_repeated_errors_pass_once_per_interval_with_the_count_held_back() -> None:
+    now = [0.0]
+    errors = RepeatFilter(60.0, clock=lambda: now[0])
+    assert errors.admit("ENAMETOOLONG") == 0
+    assert errors.admit("EACCES") == 0  # another error is not held back by the first
+    held = [errors.admit("ENAMETOOLONG") for _ in range(500)]
+    assert held == [None] * 500
+    now[0] = 61.0
+    assert errors.admit("ENAMETOOLONG") == 500
+    assert errors.admit("ENAMETOOLONG") is None
