@@ -150,13 +150,14 @@ def layout(tmp_path: Path) -> Layout:
 class Daemon:
     """`scanwatch run` as a real subprocess; its JSON log lines are collected as dicts."""
 
-    def __init__(self, config_path: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, config_path: Path, env: dict[str, str] | None = None,
+                 wrapper: tuple[str, ...] = ()) -> None:
         self.config_path = config_path
         self.events: list[dict[str, Any]] = []
         self.stderr = b""
         self._lock = threading.Lock()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "daemon.cli", "run", "--config", str(config_path)],
+            [*wrapper, sys.executable, "-m", "daemon.cli", "run", "--config", str(config_path)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
             env={**os.environ, **(env or {})})
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -260,8 +261,9 @@ def big_upload_peak_rss_kb(layout: Layout, daemon: Daemon) -> int:
 def daemon_factory() -> Iterator[Callable[..., Daemon]]:
     started: list[Daemon] = []
 
-    def start(config_path: Path, env: dict[str, str] | None = None) -> Daemon:
-        daemon = Daemon(config_path, env)
+    def start(config_path: Path, env: dict[str, str] | None = None,
+              wrapper: tuple[str, ...] = ()) -> Daemon:
+        daemon = Daemon(config_path, env, wrapper)
         started.append(daemon)
         return daemon
 

@@ -6,10 +6,19 @@ what events missed (arrivals while stopped, inotify overflow, network filesystem
 so losing the in-memory set loses nothing. A file is stable when its mtime and
 ctime are `settle_seconds` old: ctime moves on every write and cannot be set by
 the writer, so a writer that pauses shorter than that is waited for.
+
+The root is opened with `O_NOFOLLOW | O_DIRECTORY` at every step and the tree is
+walked through descriptors (daemon/watchers/tree.py), so paths deeper than PATH_MAX
+are found too. inotify watches are added by full path, so a subdirectory whose path
+exceeds PATH_MAX gets none: files there are found by the periodic sweep. A root that
+vanishes or turns into a symlink (or anything but a directory) is reported once and
+not watched; it is polled every second, and a real directory back in its place is
+watched again and swept at once (docs/operations.md, "Watched folders that move").
 """
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import os
 import threading
@@ -18,28 +27,36 @@ from collections.abc import Callable, Iterator
 
 import structlog
 from watchdog.events import (
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
     FileClosedEvent,
     FileCreatedEvent,
     FileMovedEvent,
     FileSystemEvent,
     FileSystemEventHandler,
 )
-from watchdog.observers.api import BaseObserver
+from watchdog.observers.api import BaseObserver, ObservedWatch
 from watchdog.observers.inotify import InotifyEmitter
 from watchdog.observers.inotify_c import InotifyConstants, InotifyFD, Mask
+from watchdog.observers.inotify_move_event_grouper import GroupedInotifyEvent, PathedInotifyEvent
 
 from daemon.config import WatchConfig
 from daemon.errors import UnsafePathError
 from daemon.fsutil import DirCache, Identity, classify, split_rel
 from daemon.journal import FileRow, Journal
 from daemon.model import FileState
+from daemon.watchers.tree import stat_below, walk
 
-__all__ = ["LocalWatcher", "relative_path", "walk"]
+__all__ = ["LocalWatcher", "RepeatFilter", "is_ignored", "relative_path"]
 
 log = structlog.get_logger("scanwatch.watcher")
 
 _FLUSH_S = 0.02
 _CHUNK = 1000
+_ROOT_POLL_S = 1.0  # how soon a missing or unsafe root is looked at again
+_RETRY_S = 5.0  # a file whose stat failed for another reason than vanishing
+_ROOT_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def relative_path(root: str, path: str) -> str | None:
@@ -56,37 +73,54 @@ def is_ignored(rel_path: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def walk(root: str, patterns: tuple[str, ...]) -> Iterator[tuple[str, int]]:
-    """`(rel_path, inode)` of every non-directory below root; symlinked dirs are not entered."""
-    stack = [""]
-    while stack:
-        rel_dir = stack.pop()
-        try:
-            with os.scandir(os.path.join(root, rel_dir)) as entries:
-                for entry in entries:
-                    rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
-                    try:
-                        if entry.is_dir(follow_symlinks=False):
-                            stack.append(rel)
-                        elif not is_ignored(rel, patterns):
-                            yield rel, entry.inode()
-                    except OSError:
-                        continue
-        except (FileNotFoundError, NotADirectoryError, PermissionError) as exc:
-            log.warning("watch.unreadable_dir", root=root, rel_dir=rel_dir, error=str(exc))
+def _reason(exc: OSError) -> str:
+    return errno.errorcode.get(exc.errno or 0, "unknown").lower()
+
+
+class RepeatFilter:
+    """Lets the first of a run of identical events through at once, then one per interval.
+
+    `admit(key)` returns None to hold an event back, or how many were held back
+    since the last one let through. Not thread-safe.
+    """
+
+    def __init__(self, interval_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._interval_s = interval_s
+        self._clock = clock
+        self._seen: dict[str, tuple[float, int]] = {}
+
+    def admit(self, key: str) -> int | None:
+        """None to hold this occurrence back, else the count held back before it."""
+        now = self._clock()
+        last = self._seen.get(key)
+        if last is not None and now - last[0] < self._interval_s:
+            self._seen[key] = (last[0], last[1] + 1)
+            return None
+        self._seen[key] = (now, 0)
+        return 0 if last is None else last[1]
 
 
 class _ArrivalsEmitter(InotifyEmitter):
-    """Asks inotify for arrivals only.
+    """Asks inotify for arrivals only, plus the root's own deletion or move.
 
     Without IN_MOVED_FROM, a rename into the tree arrives as a created event for its
     new name, and watchdog holds no half-moves to pair: its pairing scans them all per
     event, which made every file we move out of the source cost O(backlog) (profiled).
+    watchdog 7 reports IN_DELETE_SELF of the root (and stops the emitter) but drops
+    IN_MOVE_SELF; a root renamed away would go on reporting under its old name.
     """
 
     def get_event_mask_from_filter(self) -> Mask:
         c = InotifyConstants
-        return Mask(c.IN_CREATE | c.IN_CLOSE_WRITE | c.IN_MOVED_TO | c.IN_DELETE_SELF)
+        return Mask(c.IN_CREATE | c.IN_CLOSE_WRITE | c.IN_MOVED_TO | c.IN_DELETE_SELF
+                    | c.IN_MOVE_SELF | c.IN_ONLYDIR)
+
+    def build_and_queue_event(self, event: GroupedInotifyEvent, *, full_events: bool = False) -> None:
+        if (isinstance(event, PathedInotifyEvent) and event.ev.is_move_self
+                and event.path == os.fsencode(self.watch.path)):
+            self.queue_event(DirMovedEvent(self.watch.path, ""))
+            return
+        super().build_and_queue_event(event, full_events=full_events)
 
 
 class _ArrivalsObserver(BaseObserver):
@@ -104,13 +138,18 @@ class _ArrivalsObserver(BaseObserver):
 class _Handler(FileSystemEventHandler):
     """Collects paths from watchdog's thread; does nothing slow."""
 
-    def __init__(self, on_path: Callable[[str], None]) -> None:
+    def __init__(self, root: str, on_path: Callable[[str], None], on_root: Callable[[], None]) -> None:
+        self._root = root
         self._on_path = on_path
+        self._on_root = on_root
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.is_directory:
+            if (isinstance(event, DirDeletedEvent | DirMovedEvent)
+                    and os.fsdecode(event.src_path) == self._root):
+                self._on_root()
             # A directory moved in brings files no event will name: sweep it.
-            if isinstance(event, FileMovedEvent | FileCreatedEvent):
+            elif isinstance(event, DirMovedEvent | DirCreatedEvent):
                 self._on_path(os.fsdecode(event.dest_path or event.src_path) + "/")
             return
         if isinstance(event, FileMovedEvent):
@@ -133,18 +172,26 @@ class LocalWatcher:
         self._event = threading.Event()
         self._stopping = threading.Event()
         self._observer = _ArrivalsObserver()
+        self._observed: ObservedWatch | None = None
+        self._arm_lock = threading.Lock()  # _arm() against stop(); the handler never takes it
         self._thread = threading.Thread(target=self._run, name=f"watch-{watch.name}", daemon=True)
         self._next_rescan_at = 0.0
+        self._root_id: tuple[int, int] | None = None  # (dev, inode) of the root being watched
+        self._root_stale = False  # inotify said the root was deleted or moved
+        self._root_problem: str | None = None
+        self._skipped: dict[str, str] = {}  # subtrees reported as skipped: rel_dir -> reason
+        self._errors = RepeatFilter(60.0, clock)
 
     def start(self) -> None:
-        """Arm inotify, then sweep what is already there (in the watcher's thread)."""
-        self._observer.schedule(_Handler(self._add), self.watch.source, recursive=True)
+        """Arm inotify on the root, then sweep what is already there (in the watcher's thread)."""
+        self._check_root(self.clock())
         self._observer.start()
         self._thread.start()
 
     def stop(self) -> None:
         """Stop watching; arrivals from now on are found by the next start's sweep."""
-        self._stopping.set()
+        with self._arm_lock:
+            self._stopping.set()
         self._event.set()
         self._observer.stop()
         self._observer.join(5)
@@ -155,12 +202,17 @@ class LocalWatcher:
             self._pending.add(path)
         self._event.set()
 
+    def _root_event(self) -> None:
+        self._root_stale = True  # look again at once, and re-arm whatever is there now
+        self._event.set()
+
     def _run(self) -> None:
         while not self._stopping.is_set():
             try:
                 self.step()
-            except Exception:
-                log.exception("watch.error", watch=self.watch.name)
+            except Exception as exc:
+                if (held := self._errors.admit(f"{type(exc).__name__}: {exc}")) is not None:
+                    log.exception("watch.error", watch=self.watch.name, repeated=held)
             self._event.wait(self._idle_wait_s())
             self._event.clear()
             if not self._stopping.is_set():
@@ -171,34 +223,114 @@ class LocalWatcher:
         row = self.journal.due(FileState.DISCOVERED, self.watch.name, float("inf"), 1)
         if row:
             due.append(row[0].next_attempt_at)
-        return min(max(min(due) - self.clock(), 0.0), 5.0)
+        return min(max(min(due) - self.clock(), 0.0), _ROOT_POLL_S)
 
     def step(self) -> None:
-        """Record pending events, sweep when due, then settle what is due."""
+        """Check the root, record pending events, sweep when due, then settle what is due."""
         with self._lock:
             paths, self._pending = self._pending, set()
         now = self.clock()
-        if now >= self._next_rescan_at:
-            self._record(walk(self.watch.source, self.watch.ignore), now, "sweep")
-            self._next_rescan_at = now + self.watch.rescan_interval
-        elif paths:
-            self._record(self._entries(paths), now, "event")
-        self.settle()
+        root_fd = self._check_root(now)
+        if root_fd is None:
+            return  # nothing to record or settle until a real directory is back
+        try:
+            if now >= self._next_rescan_at:
+                self._sweep(root_fd, now)
+            elif paths:
+                self._record(self._entries(root_fd, paths), now, "event")
+        finally:
+            os.close(root_fd)
+            self.settle()
 
-    def _entries(self, paths: set[str]) -> Iterator[tuple[str, int]]:
+    def _check_root(self, now: float) -> int | None:
+        """An fd of the root if it is a real directory (re-armed if it changed), else None."""
+        try:
+            fd = os.open(self.watch.source, _ROOT_FLAGS)
+        except OSError as exc:
+            self._root_lost(exc)
+            return None
+        st = os.fstat(fd)
+        root_id, self._root_id = self._root_id, (st.st_dev, st.st_ino)
+        if root_id != self._root_id or self._root_stale:
+            self._root_stale = False
+            self._arm()
+            if self._root_problem is not None:
+                log.info("watch.root_restored", watch=self.watch.name, source=self.watch.source)
+            elif root_id not in (None, self._root_id):
+                log.info("watch.root_replaced", watch=self.watch.name, source=self.watch.source)
+            self._root_problem = None
+            self._next_rescan_at = now  # what arrived while it was not watched
+        return fd
+
+    def _root_lost(self, exc: OSError) -> None:
+        self._root_id = None
+        self._disarm()
+        unsafe = exc.errno in (errno.ELOOP, errno.ENOTDIR)
+        problem = ("symlink" if os.path.islink(self.watch.source) else "not_a_directory"
+                   ) if unsafe else _reason(exc)
+        if problem == self._root_problem:
+            return
+        self._root_problem = problem
+        log.warning("watch.root_unsafe" if unsafe else "watch.root_missing", watch=self.watch.name,
+                    source=self.watch.source, reason=problem, error=exc.strerror)
+
+    def _arm(self) -> None:
+        """Watch the root (again) with inotify; a failure leaves it to the sweeps and the root poll."""
+        self._disarm()
+        handler = _Handler(self.watch.source, self._add, self._root_event)
+        with self._arm_lock:
+            if self._stopping.is_set():
+                return
+            try:
+                self._observed = self._observer.schedule(handler, self.watch.source, recursive=True)
+            except OSError as exc:
+                log.warning("watch.events_unavailable", watch=self.watch.name,
+                            reason=_reason(exc), error=exc.strerror)
+
+    def _disarm(self) -> None:
+        with self._arm_lock:
+            observed, self._observed = self._observed, None
+            if observed is not None and not self._stopping.is_set():
+                self._observer.unschedule(observed)
+
+    def _sweep(self, root_fd: int, now: float) -> None:
+        """Record every file in the tree; the next sweep is scheduled even if this one fails."""
+        started = time.monotonic()
+        skipped: dict[str, str] = {}
+        try:
+            self._record(walk(root_fd, self._keep, lambda rel, exc: self._skip(rel, exc, skipped)),
+                         now, "sweep")
+            self._skipped = skipped
+        finally:
+            self._next_rescan_at = now + self.watch.rescan_interval
+        log.debug("watch.swept", watch=self.watch.name, skipped=len(skipped),
+                  duration_s=round(time.monotonic() - started, 3))
+
+    def _keep(self, rel_path: str) -> bool:
+        return not is_ignored(rel_path, self.watch.ignore)
+
+    def _skip(self, rel_dir: str, exc: OSError, seen: dict[str, str]) -> None:
+        """Report a subtree that cannot be walked, once for as long as it keeps failing."""
+        reason = _reason(exc)
+        seen[rel_dir] = reason
+        if self._skipped.get(rel_dir) != reason:
+            self._skipped[rel_dir] = reason
+            log.warning("watch.subtree_skipped", watch=self.watch.name, rel_dir=rel_dir or ".",
+                        reason=reason, error=exc.strerror)
+
+    def _entries(self, root_fd: int, paths: set[str]) -> Iterator[tuple[str, int]]:
         for path in sorted(paths):
             rel = relative_path(self.watch.source, path.rstrip("/"))
+            if rel is None:
+                continue
             if path.endswith("/"):
-                if rel is not None:
-                    prefix = rel + "/"
-                    yield from ((prefix + r, i) for r, i in walk(path, self.watch.ignore))
-                continue
-            if rel is None or is_ignored(rel, self.watch.ignore):
-                continue
-            try:
-                yield rel, os.lstat(path).st_ino
-            except OSError:
-                continue
+                yield from walk(root_fd, self._keep,
+                                lambda r, exc: self._skip(r, exc, self._skipped), rel)
+            elif self._keep(rel):
+                try:
+                    yield rel, stat_below(root_fd, rel).st_ino
+                except OSError:
+                    continue
 
     def _record(self, entries: Iterator[tuple[str, int]], now: float, how: str) -> None:
         added = 0
@@ -241,6 +373,11 @@ class LocalWatcher:
         except FileNotFoundError:
             log.info("file.vanished", **context)
             return {"state": FileState.GONE, "done_at": now}
+        except OSError as exc:  # a parent we may not enter, the root swapped meanwhile...
+            if (held := self._errors.admit(f"settle {_reason(exc)}")) is not None:
+                log.warning("file.settle_failed", reason=_reason(exc), error=exc.strerror,
+                            repeated=held, **context)
+            return {"next_attempt_at": now + _RETRY_S}
         if reason := classify(st):
             log.warning("file.skipped", reason=reason.value, **context)
             return {"state": FileState.HELD, "reason": reason, "inode": st.st_ino, "done_at": now}

@@ -1,0 +1,163 @@
+"""The local watcher against awkward trees: deeper than PATH_MAX, unwalkable subtrees, and
+roots that vanish, come back or turn into symlinks. The daemon runs as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Daemon, Layout
+
+from daemon.fsutil import open_dir, split_rel
+from daemon.watchers.local import RepeatFilter
+
+# Root without the capabilities that let it read any directory, so mode 000 really blocks.
+_WITHOUT_DAC = ("setpriv", "--bounding-set=-dac_override,-dac_read_search")
+
+
+def _moved(daemon: Daemon) -> set[str]:
+    return {e["rel_path"] for e in daemon.named("file.moved")}
+
+
+def _noisy(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in events if e.get("level") in ("warning", "error", "critical")]
+
+
+def _write_below(root: Path, rel: str, data: bytes) -> None:
+    """Create `rel` below root one directory at a time (its full path may exceed PATH_MAX)."""
+    parents, name = split_rel(rel)
+    fd = open_dir(str(root), parents, create_mode=0o755)
+    try:
+        out = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=fd)
+        os.write(out, data)
+        os.close(out)
+    finally:
+        os.close(fd)
+
+
+def _read_below(root: Path, rel: str) -> bytes | None:
+    parents, name = split_rel(rel)
+    try:
+        fd = open_dir(str(root), parents)
+    except FileNotFoundError:
+        return None
+    try:
+        file_fd = os.open(name, os.O_RDONLY, dir_fd=fd)
+    except FileNotFoundError:
+        return None
+    finally:
+        os.close(fd)
+    try:
+        return os.read(file_fd, 1 << 16)
+    finally:
+        os.close(file_fd)
+
+
+def test_tree_deeper_than_path_max_is_walked_and_the_rest_still_watched(
+        layout: Layout, daemon_factory) -> None:
+    deep = "/".join(f"{i:02d}" + "d" * 78 for i in range(60)) + "/deep.txt"  # 60 x 80 bytes
+    assert len(str(layout.inbox / deep)) > os.pathconf("/", "PC_PATH_MAX")
+    _write_below(layout.inbox, deep, b"at the bottom")
+    # The next sweep is a minute away: the file at the top is found by inotify or not at all.
+    daemon = daemon_factory(layout.write_config(watch={"rescan_interval": 60}))
+    daemon.wait_started()
+    daemon.wait_for(lambda: deep in _moved(daemon), what="the deep file moved")
+    assert _read_below(layout.clean, deep) == b"at the bottom"
+    assert _read_below(layout.inbox, deep) is None
+    (layout.inbox / "top.txt").write_bytes(b"at the top")
+    daemon.wait_for(lambda: "top.txt" in _moved(daemon), timeout=15, what="top.txt moved")
+    assert daemon.stop() == 0
+    assert (layout.clean / "top.txt").read_bytes() == b"at the top"
+    assert len(_noisy(daemon.events)) <= 3, _noisy(daemon.events)[:3]
+    assert len(daemon.stderr) < 10_000
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                    reason="needs root and setpriv to drop the capability to read any directory")
+def test_unwalkable_subtree_is_reported_once_and_the_rest_processed(
+        layout: Layout, daemon_factory) -> None:
+    locked = layout.inbox / "locked"
+    (locked / "inner").mkdir(parents=True)
+    (locked / "inner" / "kept.txt").write_bytes(b"kept")
+    (layout.inbox / "open").mkdir()
+    (layout.inbox / "open" / "a.txt").write_bytes(b"a")
+    locked.chmod(0)
+    try:
+        daemon = daemon_factory(layout.write_config(watch={"rescan_interval": 0.3}),
+                                wrapper=_WITHOUT_DAC)
+        daemon.wait_started()
+        daemon.wait_for(lambda: "open/a.txt" in _moved(daemon), what="open/a.txt moved")
+        daemon.wait_for(lambda: len(daemon.named("watch.swept")) >= 5, what="five sweeps")
+        (layout.inbox / "open" / "b.txt").write_bytes(b"b")
+        daemon.wait_for(lambda: "open/b.txt" in _moved(daemon), what="open/b.txt moved")
+        assert daemon.stop() == 0
+    finally:
+        locked.chmod(0o755)
+    skipped = daemon.named("watch.subtree_skipped")
+    assert [(e["rel_dir"], e["reason"]) for e in skipped] == [("locked", "eacces")]
+    assert (locked / "inner" / "kept.txt").read_bytes() == b"kept"
+    assert layout.placed("clean") == ["open/a.txt", "open/b.txt"]
+    assert daemon.named("watch.error") == []
+
+
+def test_deleted_and_recreated_source_is_watched_again(layout: Layout, daemon_factory) -> None:
+    daemon = daemon_factory(layout.write_config(watch={"rescan_interval": 60}))
+    daemon.wait_started()
+    (layout.inbox / "before.txt").write_bytes(b"before")
+    daemon.wait_for(lambda: "before.txt" in _moved(daemon), what="before.txt moved")
+    shutil.rmtree(layout.inbox)
+    daemon.wait_for(lambda: daemon.named("watch.root_missing"), timeout=10, what="root_missing")
+    layout.inbox.mkdir()
+    (layout.inbox / "during.txt").write_bytes(b"during")  # before it is watched again
+    daemon.wait_for(lambda: "during.txt" in _moved(daemon), timeout=10, what="during.txt moved")
+    (layout.inbox / "after.txt").write_bytes(b"after")  # by inotify on the new directory
+    daemon.wait_for(lambda: "after.txt" in _moved(daemon), timeout=10, what="after.txt moved")
+    assert daemon.stop() == 0
+    assert len(daemon.named("watch.root_missing")) == 1
+    assert len(daemon.named("watch.root_restored")) == 1
+    assert layout.placed("clean") == ["after.txt", "before.txt", "during.txt"]
+    assert daemon.named("watch.error") == []
+
+
+def test_source_replaced_by_a_symlink_is_never_followed(layout: Layout, daemon_factory) -> None:
+    other = layout.base / "other"
+    other.mkdir()
+    (other / "bait.txt").write_bytes(b"not ours")
+    daemon = daemon_factory(layout.write_config(watch={"rescan_interval": 0.3}))
+    daemon.wait_started()
+    layout.inbox.rename(layout.base / "inbox.old")
+    layout.inbox.symlink_to(other, target_is_directory=True)
+    daemon.wait_for(lambda: daemon.named("watch.root_unsafe"), timeout=10, what="root_unsafe")
+    before = len(daemon.events)
+    time.sleep(3)  # sweeps every 0.3 s: the old code listed the link and logged ~37 tracebacks/s
+    quiet = daemon.events[before:]
+    (other / "late.txt").write_bytes(b"not ours either")
+    layout.inbox.unlink()
+    layout.inbox.mkdir()
+    (layout.inbox / "back.txt").write_bytes(b"back")
+    daemon.wait_for(lambda: "back.txt" in _moved(daemon), timeout=10, what="back.txt moved")
+    assert daemon.stop() == 0
+    assert len(quiet) <= 3, quiet[:3]
+    assert sorted(p.name for p in other.iterdir()) == ["bait.txt", "late.txt"]
+    assert layout.placed("clean") == ["back.txt"]
+    assert not [e for e in daemon.events if "bait" in json.dumps(e) or "late" in json.dumps(e)]
+    assert [e["reason"] for e in daemon.named("watch.root_unsafe")] == ["symlink"]
+    assert len(daemon.named("watch.root_restored")) == 1
+    assert daemon.named("watch.error") == []
+
+
+def test_repeated_errors_pass_once_per_interval_with_the_count_held_back() -> None:
+    now = [0.0]
+    errors = RepeatFilter(60.0, clock=lambda: now[0])
+    assert errors.admit("ENAMETOOLONG") == 0
+    assert errors.admit("EACCES") == 0  # another error is not held back by the first
+    held = [errors.admit("ENAMETOOLONG") for _ in range(500)]
+    assert held == [None] * 500
+    now[0] = 61.0
+    assert errors.admit("ENAMETOOLONG") == 500
+    assert errors.admit("ENAMETOOLONG") is None
