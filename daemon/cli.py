@@ -175,7 +175,7 @@ def _quarantine(args: argparse.Namespace, config_path: str, config: Config) -> i
 
 def _json(value: Any, indent: int | None = None) -> str:
     """JSON with names exact: a byte that is not UTF-8 (`os.fsdecode` makes it U+DC80-U+DCFF)
-    is written as that escape, `\\udcff`, so the output stays UTF-8 (docs/operations.md)."""
+    is written as that escape, `\\udcff`, so the output stays UTF-8 (README.md, "What happens to a file")."""
     text = json.dumps(value, indent=indent, ensure_ascii=False)
     return _SURROGATE.sub(lambda m: f"\\u{ord(m[0]):04x}", text)
 

@@ -44,7 +44,7 @@ def _printable(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMappi
 def configure_logging(fmt: str = "json", level: str = "info") -> None:
     """Route structlog events to stdout as JSON lines (or a console layout)."""
     # JSON lines are ASCII: a name's byte that is not UTF-8 (U+DC80-U+DCFF after
-    # `os.fsdecode`) is the escape `\\udcff`, as in `--json` output (docs/operations.md).
+    # `os.fsdecode`) is the escape `\\udcff`, as in `--json` output (README.md, "What happens to a file").
     renderer: Any = (structlog.processors.JSONRenderer(ensure_ascii=True) if fmt == "json"
                      else structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty()))
     structlog.configure(
