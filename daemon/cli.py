@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Sequence
 from datetime import datetime
@@ -13,6 +14,7 @@ from daemon import __version__
 from daemon.config import Config, find_config, load_config
 from daemon.engines import build_engines
 from daemon.errors import ConfigError, ScanwatchError
+from daemon.fsutil import printable
 from daemon.journal import open_journal
 from daemon.log import configure_logging
 from daemon.model import VerdictKind
@@ -20,6 +22,7 @@ from daemon.model import VerdictKind
 __all__ = ["main"]
 
 EXIT_OK, EXIT_INFECTED, EXIT_USAGE, EXIT_FAILED = 0, 1, 2, 3
+_SURROGATE = re.compile("[\udc80-\udcff]")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -118,14 +121,14 @@ def _scan(args: argparse.Namespace, config_path: str, config: Config) -> int:
                          journal=journal)
     for r in results:
         if args.json:
-            print(json.dumps({"path": r.path, "verdict": r.verdict.value, "threats": list(r.threats),
-                              "reason": r.reason, "sha256": r.sha256,
-                              "external_reference_id": r.external_reference_id,
-                              "destination": r.destination}, ensure_ascii=False))
+            print(_json({"path": r.path, "verdict": r.verdict.value, "threats": list(r.threats),
+                         "reason": r.reason, "sha256": r.sha256,
+                         "external_reference_id": r.external_reference_id,
+                         "destination": r.destination}))
         else:
             detail = ", ".join(r.threats) if r.verdict is VerdictKind.INFECTED else r.reason
-            line = f"{r.path}: {r.verdict.value}" + (f" ({detail})" if detail else "")
-            print(line + (f" -> {r.destination}" if r.destination else ""))
+            line = f"{printable(r.path)}: {r.verdict.value}" + (f" ({detail})" if detail else "")
+            print(line + (f" -> {printable(r.destination)}" if r.destination else ""))
     verdicts = {r.verdict for r in results}
     if VerdictKind.FAILED in verdicts:
         return EXIT_FAILED
@@ -136,7 +139,7 @@ def _status(args: argparse.Namespace, config_path: str, config: Config) -> int:
     from daemon.status import collect, render
 
     status = collect(config, open_journal(config.state_dir))
-    print(json.dumps(status, indent=2) if args.json else render(status))
+    print(_json(status, indent=2) if args.json else render(status))
     return EXIT_OK
 
 
@@ -154,20 +157,27 @@ def _quarantine(args: argparse.Namespace, config_path: str, config: Config) -> i
                                     "destination": row.destination,
                                     "external_reference_id": row.ref_id}
             if args.json:
-                print(json.dumps(item, ensure_ascii=False))
+                print(_json(item))
             else:
-                print(f"{row.id:>6}  {iso(row.done_at)}  {row.watch}  {row.rel_path}  "
+                print(f"{row.id:>6}  {iso(row.done_at)}  {row.watch}  {printable(row.rel_path)}  "
                       f"[{', '.join(row.threats or [])}]")
     elif args.action == "show":
-        print(json.dumps(quarantine.describe(config, journal, args.id), indent=2, ensure_ascii=False))
+        print(_json(quarantine.describe(config, journal, args.id), indent=2))
     elif args.action == "release":
         destination = quarantine.release(config, journal, args.id, reason=args.reason,
                                          to=args.to, force=args.force)
-        print(f"released {args.id} to {destination}")
+        print(f"released {args.id} to {printable(destination)}")
     else:
         quarantine.delete(config, journal, args.id, reason=args.reason)
         print(f"deleted {args.id}")
     return EXIT_OK
+
+
+def _json(value: Any, indent: int | None = None) -> str:
+    """JSON with names exact: a byte that is not UTF-8 (`os.fsdecode` makes it U+DC80-U+DCFF)
+    is written as that escape, `\\udcff`, so the output stays UTF-8 (README.md, "What happens to a file")."""
+    text = json.dumps(value, indent=indent, ensure_ascii=False)
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m[0]):04x}", text)
 
 
 _COMMANDS = {"run": _run, "check-config": _check_config, "scan": _scan, "status": _status,

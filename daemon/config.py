@@ -158,6 +158,9 @@ class _EngineBase(_Model):
 class YaraEngineConfig(_EngineBase):
     type: Literal["yara"]
     rules: tuple[Path, ...] = Field((), description="YARA rule files added to the bundled EICAR rule")
+    max_size: Size = Field(512 * 2**20, gt=0, examples=["512MiB"],
+                           description="larger files fail as too_large unscanned; matching maps "
+                                       "the file, so this bounds the memory a scan takes")
 
 
 class ClamavEngineConfig(_EngineBase):

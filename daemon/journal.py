@@ -166,7 +166,14 @@ def _to_db(column: str, value: object) -> object:
         return json.dumps(value, sort_keys=True)
     if column == "state":
         return str(value)
+    if isinstance(value, str):
+        return _text(value)
     return value
+
+
+def _text(value: str) -> str:
+    """A message for a TEXT column: a name's non-UTF-8 byte becomes `\\udcff` (SQLite takes UTF-8 only)."""
+    return value.encode("utf-8", "backslashreplace").decode()
 
 
 def _from_db(row: sqlite3.Row) -> FileRow:
@@ -475,7 +482,8 @@ class Journal:
         """Record a quarantine action and its change to the row, atomically."""
         with self._tx() as conn:
             conn.execute("INSERT INTO audit (file_id, at, action, actor, reason, detail) "
-                         "VALUES (?, ?, ?, ?, ?, ?)", (file_id, now, action, actor, reason, detail))
+                         "VALUES (?, ?, ?, ?, ?, ?)",
+                         (file_id, now, action, _text(actor), _text(reason), _to_db("detail", detail)))
             if changes:
                 columns = ", ".join(f"{name} = ?" for name in changes)
                 values = [_to_db(name, value) for name, value in changes.items()]

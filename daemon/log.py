@@ -9,6 +9,8 @@ from typing import Any
 
 import structlog
 
+from daemon.fsutil import printable
+
 __all__ = ["SENSITIVE_KEYS", "configure_logging", "redact"]
 
 SENSITIVE_KEYS = frozenset({
@@ -30,9 +32,20 @@ def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[s
     return event
 
 
+def _printable(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Console lines: names with control characters or bytes that are not UTF-8, escaped."""
+    for key, value in event.items():
+        if isinstance(value, str) and not value.isprintable():
+            event[key] = (value.encode("utf-8", "backslashreplace").decode() if key == "exception"
+                          else printable(value))
+    return event
+
+
 def configure_logging(fmt: str = "json", level: str = "info") -> None:
     """Route structlog events to stdout as JSON lines (or a console layout)."""
-    renderer: Any = (structlog.processors.JSONRenderer() if fmt == "json"
+    # JSON lines are ASCII: a name's byte that is not UTF-8 (U+DC80-U+DCFF after
+    # `os.fsdecode`) is the escape `\\udcff`, as in `--json` output (README.md, "What happens to a file").
+    renderer: Any = (structlog.processors.JSONRenderer(ensure_ascii=True) if fmt == "json"
                      else structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty()))
     structlog.configure(
         processors=[
@@ -41,6 +54,7 @@ def configure_logging(fmt: str = "json", level: str = "info") -> None:
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             redact,
             structlog.processors.format_exc_info,
+            *([] if fmt == "json" else [_printable]),
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),

@@ -51,6 +51,7 @@ class Reason(enum.StrEnum):
     INTERNAL_ERROR = "internal_error"
     UNSAFE_PATH = "unsafe_path"
     UNSAFE_KEY = "unsafe_key"
+    UNSAFE_NAME = "unsafe_name"  # a file name its destination cannot hold (e.g. not UTF-8, for S3)
 
 
 @dataclass(frozen=True)

@@ -173,7 +173,8 @@ class Pipeline:
             if row.state is FileState.SCANNING:
                 scanned.append((row, self._guard(row, partial(self._scan, locations=locations))))
             elif row.state is FileState.VERDICT:
-                scanned.append((row, self._plan_move(row, {"state": FileState.MOVING})))
+                replan = partial(self._plan_move, changes={"state": FileState.MOVING})
+                scanned.append((row, self._guard(row, replan)))
             else:
                 scanned.append((row, _Outcome({})))
         self._commit(scanned)
@@ -221,7 +222,12 @@ class Pipeline:
             log.exception("file.internal_error", **self._context(row))
             if row.state is FileState.MOVING and row.verdict is not None:
                 return self._move_failed(row, exc)
-            return self._plan_move(row, self._verdict_changes(row, Verdict.failed(Reason.INTERNAL_ERROR)))
+            changes = self._verdict_changes(row, Verdict.failed(Reason.INTERNAL_ERROR))
+            try:
+                return self._plan_move(row, changes)
+            except Exception as again:  # never hand the batch back: this row waits its turn
+                log.exception("file.internal_error", **self._context(row))
+                return self._move_failed(row, again, {**changes, "state": FileState.VERDICT})
 
     # -- scanning -----------------------------------------------------------------------------
 
@@ -382,13 +388,21 @@ class Pipeline:
     def _plan_move(self, row: FileRow, changes: Changes, locations: Locations | None = None) -> _Outcome:
         """Choose the destination name now, so a crash mid-move can be finished."""
         verdict = VerdictKind(str(changes.get("verdict", row.verdict)))
-        # An S3 key that cannot be a local path goes to `failed` under one flat, safe name.
-        rel_path = (flat_name(row.rel_path) if changes.get("reason", row.reason) == Reason.UNSAFE_KEY
-                    else row.rel_path)
+        # A key or name that cannot be a path or key there goes to `failed` under one flat, safe name.
+        is_flat = changes.get("reason", row.reason) in (Reason.UNSAFE_KEY, Reason.UNSAFE_NAME)
+        rel_path = flat_name(row.rel_path) if is_flat else row.rel_path
         try:
             with DirCache() as dirs:
                 dest = self._destination(locations or Locations(self.config, dirs, self.s3), row, verdict)
                 return _Outcome({**changes, "destination": dest.name(dest.plan(rel_path))})
+        except UnsafePathError as exc:
+            if is_flat:
+                return self._move_failed(row, exc, {**changes, "state": FileState.VERDICT})
+            # Kept: the facts, and the threats of an infected file its quarantine cannot name.
+            threats = changes.get("threats", row.threats)
+            failed = Verdict.failed(Reason.UNSAFE_NAME, raw={"error": str(exc)},
+                                    threats=tuple(map(str, threats)) if isinstance(threats, list) else ())
+            return self._plan_move(row, {**changes, **self._verdict_changes(row, failed)}, locations)
         except (OSError, LocationError) as exc:
             return self._move_failed(row, exc, {**changes, "state": FileState.VERDICT})
 

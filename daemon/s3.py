@@ -87,14 +87,15 @@ def local_rel(rel_path: str) -> str:
         rel_parts("/".join(parts))
     except UnsafePathError:
         raise UnsafePathError(f"S3 key part {rel_path!r} cannot be a local path") from None
-    if any(len(p.encode()) > _MAX_SEGMENT_BYTES for p in parts):
+    if any(len(p.encode("utf-8", "surrogateescape")) > _MAX_SEGMENT_BYTES for p in parts):
         raise UnsafePathError(f"S3 key part {rel_path!r} has a segment over 255 bytes")
     return "/".join(parts)
 
 
 def flat_name(rel_path: str) -> str:
-    """One safe file name standing for a whole key part: every `/`, `.` and odd byte %-escaped."""
-    name = quote(rel_path, safe="").replace(".", "%2E")
+    """One safe file name standing for a whole key part or local path: every `/`, `.` and odd
+    byte %-escaped (a byte that is not UTF-8, kept by `surrogateescape`, as itself)."""
+    name = quote(rel_path.encode("utf-8", "surrogateescape"), safe="").replace(".", "%2E")
     if not name or len(name) > _FLAT_NAME_BYTES:  # room left for a collision suffix and the sidecar's
         digest = hashlib.sha256(rel_path.encode(errors="surrogateescape")).hexdigest()[:12]
         head = name[: _FLAT_NAME_BYTES - 13]

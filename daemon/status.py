@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from daemon.config import Config
+from daemon.fsutil import printable
 from daemon.journal import Journal
 from daemon.model import FileState
 
@@ -55,7 +56,7 @@ def render(status: dict[str, Any]) -> str:
         if w["move_failures"]:
             lines.append(f"  {w['move_failures']} moves failing, will retry")
         if w["last_error"]:
-            lines.append(f"  last error: {w['last_error']}")
+            lines.append(f"  last error: {printable(w['last_error'])}")
         if states := ", ".join(f"{s}={c}" for s, c in sorted(w["states"].items())):
             lines.append(f"  states: {states}")
     lines.append("")

@@ -17,8 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
 from conftest import EICAR, Daemon, Layout
+
 from daemon.journal import Journal
 from daemon.model import FileState
 

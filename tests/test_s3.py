@@ -255,6 +255,21 @@ def test_local_to_s3(harness: Callable[..., S3Harness], tmp_path: Path) -> None:
     assert [p.name for p in inbox.rglob("*")] == ["sub"]
 
 
+def test_local_names_that_are_not_utf8_fail_to_s3_as_unsafe_name(harness: Callable[..., S3Harness],
+                                                                  tmp_path: Path) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    h = harness(source=str(inbox))
+    for name, data in ((b"bad\xff.txt", b"fine"), (b"evil\xfe.com", EICAR)):
+        with open(os.fsencode(inbox) + b"/" + name, "wb") as f:
+            f.write(data)
+    h.step()
+    assert h.keys("failed/") == ["bad%FF%2Etxt", "evil%FE%2Ecom"] and os.listdir(inbox) == []
+    sidecar = json.loads(h.get("failed/evil%FE%2Ecom.scanwatch.json"))
+    assert sidecar["reason"] == "unsafe_name" and sidecar["threats"] == ["EICAR_Test_File"]
+    assert {r.reason for r in h.rows()} == {"unsafe_name"}
+
+
 @given(st.text(st.characters(codec="utf-8"), max_size=300))
 def test_keys_become_local_paths_only_when_safe(rel: str) -> None:
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mmap
+import os
 from importlib import resources
 
 import yara
@@ -38,16 +39,25 @@ class YaraEngine:
     def __init__(self, name: str, config: YaraEngineConfig) -> None:
         self.name = name
         self._timeout_s = max(1, round(config.timeout))
+        self._max_size = config.max_size
         self._rules = _compile(name, config)
         self._rule_count = sum(1 for _ in self._rules)
 
     def scan(self, request: ScanRequest) -> Verdict:
-        """Match the rules against the file's bytes (mapped, not read into memory)."""
+        """Match the rules against the file's bytes (mapped, not read into memory).
+
+        The mapped pages count as the daemon's resident memory while they are matched,
+        so a file over `max_size` fails as `too_large` without being mapped.
+        """
         try:
-            if request.size == 0:
+            size = os.fstat(request.bytes_fd).st_size
+            if max(size, request.size) > self._max_size:
+                return Verdict.failed(Reason.TOO_LARGE, raw={
+                    "error": f"{size} bytes is over engines.{self.name}.max_size ({self._max_size})"})
+            if size == 0:
                 matches = self._rules.match(data=b"", timeout=self._timeout_s)
             else:
-                with mmap.mmap(request.bytes_fd, 0, access=mmap.ACCESS_READ) as data:
+                with mmap.mmap(request.bytes_fd, size, access=mmap.ACCESS_READ) as data:
                     matches = self._rules.match(data=data, timeout=self._timeout_s)
         except yara.TimeoutError as exc:
             raise EngineRetryableError(f"YARA scan timed out after {self._timeout_s}s",

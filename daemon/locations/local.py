@@ -60,12 +60,15 @@ class LocalLocation:
 
     def plan(self, rel_path: str, *, taken: bool = False) -> str:
         dirs, base = split_rel(local_rel(rel_path))
-        parent = os.path.join(self.url, *dirs)
+        try:
+            dir_fd = self._dirs.open(self.url, dirs)
+        except FileNotFoundError:
+            return "/".join([*dirs, base])  # a new directory: every name is free
         for n in range(MAX_COLLISIONS):
             candidate = collision_name(base, n)
-            if not os.path.lexists(os.path.join(parent, candidate)):
+            if not _exists(dir_fd, candidate):
                 return "/".join([*dirs, candidate])
-        raise LocationError(f"{parent}: more than {MAX_COLLISIONS} files named like {base!r}")
+        raise LocationError(f"{self.name(rel_path)}: more than {MAX_COLLISIONS} files named like it")
 
     def _dir(self, rel_path: str, private: bool | None = None) -> tuple[int, str]:
         """The fd of `rel_path`'s directory (created when `private` is given) and its basename."""
@@ -296,6 +299,15 @@ def _sidecar_name(base: str) -> str:
     digest = hashlib.sha256(os.fsencode(base)).hexdigest()[:12]
     head = os.fsencode(base)[: 255 - len(SIDECAR_SUFFIX) - 13].decode(errors="ignore")
     return f"{head}@{digest}{SIDECAR_SUFFIX}"
+
+
+def _exists(dir_fd: int, name: str) -> bool:
+    """Whether `name` is taken in `dir_fd`; any error but "no such file" is raised, never "free"."""
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _temp_name(file_id: int) -> str:

@@ -14,7 +14,7 @@ from urllib.parse import urlencode
 from botocore.exceptions import BotoCoreError, ClientError
 
 from daemon.config import S3Config
-from daemon.errors import LocationError
+from daemon.errors import LocationError, UnsafePathError
 from daemon.fsutil import collision_name
 from daemon.locations.base import (
     CHUNK,
@@ -32,6 +32,17 @@ from daemon.s3 import S3Url, error_code, s3_errors
 __all__ = ["S3Location"]
 
 _MAX_PARTS = 10_000
+_MAX_KEY_BYTES = 1024
+
+
+def _check_key(key: str) -> None:
+    """UnsafePathError for a name no object can have: not UTF-8 (a local file's), or too long."""
+    try:
+        size = len(key.encode())
+    except UnicodeEncodeError:
+        raise UnsafePathError(f"{key!r} is not UTF-8: it cannot be an S3 key") from None
+    if size > _MAX_KEY_BYTES:
+        raise UnsafePathError(f"{key[:64]!r}... is over {_MAX_KEY_BYTES} bytes: too long for an S3 key")
 
 
 class S3Location:
@@ -69,6 +80,7 @@ class S3Location:
         return True
 
     def plan(self, rel_path: str, *, taken: bool = False) -> str:
+        _check_key(self.key(rel_path))
         if not taken:
             return rel_path  # `receive` writes with IfNoneMatch: a collision is found then
         dirs, base = rel_path.rpartition("/")[::2]

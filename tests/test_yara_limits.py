@@ -1,0 +1,68 @@
+"""YARA's `max_size`: larger files fail as too_large unmapped, so a scan's memory stays bounded."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import EICAR, ROOT, Layout
+
+from daemon.config import YaraEngineConfig
+from daemon.engines.base import ScanRequest
+from daemon.engines.yara import YaraEngine
+from daemon.model import Reason, VerdictKind
+
+
+def _scan(engine: YaraEngine, path: Path) -> object:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        return engine.scan(ScanRequest("w", path.name, str(path), fd, size,
+                                       hashlib.sha256(path.read_bytes()).hexdigest(), "w:x#0"))
+    finally:
+        os.close(fd)
+
+
+def test_max_size_parses_sizes_and_defaults_to_512_mib() -> None:
+    assert YaraEngineConfig(type="yara").max_size == 512 * 2**20
+    assert YaraEngineConfig.model_validate({"type": "yara", "max_size": "2MB"}).max_size == 2_000_000
+
+
+def test_a_file_over_max_size_fails_unscanned_and_one_at_it_is_scanned(tmp_path: Path) -> None:
+    engine = YaraEngine("y", YaraEngineConfig(type="yara", max_size=len(EICAR)))
+    at_limit, over = tmp_path / "at.com", tmp_path / "over.com"
+    at_limit.write_bytes(EICAR)
+    over.write_bytes(EICAR + b" ")
+    assert _scan(engine, at_limit).kind is VerdictKind.INFECTED  # type: ignore[attr-defined]
+    verdict = _scan(engine, over)
+    assert verdict.kind is VerdictKind.FAILED and verdict.reason == Reason.TOO_LARGE  # type: ignore[attr-defined]
+    assert "engines.y.max_size" in verdict.raw["error"]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("value", ["lots", -1, "12 parsecs"])
+def test_a_bad_max_size_is_a_config_error_naming_its_path(layout: Layout, value: object) -> None:
+    layout.config_path.write_text(yaml.safe_dump(layout.config(engine={"max_size": value})))
+    result = subprocess.run([sys.executable, "-m", "daemon.cli", "check-config", "--config",
+                             str(layout.config_path)], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert result.returncode == 2
+    assert "engines.default.max_size: " in result.stderr and "Traceback" not in result.stderr
+    assert "expected a size" in result.stderr  # not "unknown key": the key exists
+
+
+@pytest.mark.slow
+def test_a_2gb_sparse_file_fails_too_large_without_the_memory(layout: Layout, daemon_factory) -> None:
+    daemon = daemon_factory(layout.write_config())
+    daemon.wait_started()
+    with open(layout.inbox / "sparse.bin", "wb") as f:
+        f.truncate(2 * 2**30)
+    moved = daemon.wait_for(lambda: daemon.named("file.moved"), timeout=120, what="the sparse file moved")
+    peak_mb = daemon.peak_rss_kb() / 1024
+    assert daemon.stop() == 0
+    assert moved[0]["outcome"] == "failed" and moved[0]["reason"] == "too_large"
+    assert layout.placed("failed") == ["sparse.bin"]
+    assert peak_mb < 400, f"peak RSS {peak_mb:.0f} MB"  # max_size (512 MiB) was never mapped
