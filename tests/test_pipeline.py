@@ -220,11 +220,13 @@ def test_disk_full_on_destination_keeps_file_and_recovers(layout: Layout, tmp_pa
 
 def test_yara_timeout_is_retried_then_fails_with_reason_timeout(layout: Layout, tmp_path: Path) -> None:
     rules = tmp_path / "slow.yar"
-    rules.write_text("rule slow { condition: for all i in (0..filesize-1) : (uint8(i) == 0x61) }")
+    # About 4 s of matching for 8 MB here: far past the 1 s timeout even on a fast machine.
+    rules.write_text("rule slow { condition: for all i in (0..filesize-1) : "
+                     "(for all j in (0..7) : ((uint8(i) | j) == (0x61 | j))) }")
     engine_cfg = {"rules": [str(rules)], "timeout": 1, "max_attempts": 2}
     config = Config.model_validate(layout.config(engine=engine_cfg))
     harness = Harness(layout, YaraEngine("default", config.engines["default"]), engine_cfg=engine_cfg)
-    harness.drop("slow.bin", b"a" * (20 << 20))
+    harness.drop("slow.bin", b"a" * (8 << 20))
     harness.drop("quick.txt", b"b")
     with capture_logs() as logs:
         harness.step()
