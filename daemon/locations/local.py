@@ -79,28 +79,20 @@ class LocalLocation:
     def remove(self, req: MoveRequest) -> None:
         """Remove the scanned inode from `req.rel_path`, never another file put at its name.
 
-        There is no "unlink if this inode" call, so the name is first renamed to a private
-        name (`.scanwatch-<id>.del`) and what it held is checked there: our inode is
-        unlinked, anything else is put back as the new arrival it is.
+        There is no "unlink if this inode" call: the name is captured (renamed to a private
+        `.scanwatch-<id>.del` and checked) and only the scanned inode is unlinked.
         """
         try:
-            dir_fd, base = self._dir(req.rel_path)
+            dir_fd, _ = self._dir(req.rel_path)
         except (FileNotFoundError, UnsafePathError):
             return
         trash = f".scanwatch-{req.file_id}.del"
-        if _is_inode(dir_fd, trash, req.identity):  # cut off after the rename last time
-            os.unlink(trash, dir_fd=dir_fd)
-        st = _lstat(dir_fd, base)
-        if st is None or req.identity is None or not _same_file(st, req.identity):
-            return  # moved by a rename, or a new file by that name: not ours to remove
-        try:
-            rename_noreplace(dir_fd, base, dir_fd, trash)
-        except FileNotFoundError:
-            return
-        if _is_inode(dir_fd, trash, req.identity):
-            os.unlink(trash, dir_fd=dir_fd)
-        else:
-            put_back(dir_fd, trash, dir_fd, base)
+        if not _is_inode(dir_fd, trash, req.identity):  # else captured before a crash
+            try:
+                self.capture(req, dir_fd, trash)
+            except (FileNotFoundError, ChangedError):
+                return  # moved by a rename, or a new file by that name: not ours to remove
+        os.unlink(trash, dir_fd=dir_fd)
         os.fsync(dir_fd)
 
     def holds(self, req: MoveRequest) -> bool:
