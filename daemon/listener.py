@@ -4,8 +4,9 @@ One selector thread accepts connections and collects each request's head without
 thread of its own; only a complete head goes to one of a few worker threads. So a
 client that connects and says nothing, or sends its headers a byte at a time
 (slowloris), costs a socket, not a thread, and is cut off after `idle_timeout_s` of
-silence or `header_timeout_s` in all. Connections past `max_connections`, and heads
-that find every worker busy and the queue full, are answered 503 and closed at once.
+silence or `header_timeout_s` in all. Past `max_connections` the longest-waiting
+connection is answered 503 and closed to make room, as is a head that finds every worker
+busy and the queue full.
 Every response closes its connection (HTTP/1.0, no keep-alive), so nothing idles in a
 worker either.
 """
@@ -118,6 +119,8 @@ class _OneRequest(BaseHTTPRequestHandler):
     """Serves exactly one request from a `_Request` whose head is already read."""
 
     request: _Request
+    raw_requestline: bytes
+    default_request_version = "HTTP/1.0"  # so that even a garbled request line gets a status line
 
     def setup(self) -> None:
         self.connection = self.request.sock
@@ -127,6 +130,13 @@ class _OneRequest(BaseHTTPRequestHandler):
     def handle(self) -> None:
         self.close_connection = True
         self.handle_one_request()
+
+    def parse_request(self) -> bool:
+        if not self.raw_requestline.strip():  # the base class would close without an answer
+            self.command, self.requestline, self.request_version = "", "", "HTTP/1.0"
+            self.send_error(400, "Empty request line")
+            return False
+        return super().parse_request()
 
     def finish(self) -> None:
         with contextlib.suppress(OSError):  # the client left; nothing to tell it
@@ -233,8 +243,11 @@ class HTTPListener:
                 log.warning("listener.accept_failed", listener=self._name, error=str(exc))
                 return
             if len(pending) >= self._limits.max_connections:
-                _answer_and_close(sock, 503, "Service Unavailable")
-                continue
+                # The one that has held its place longest makes room: a client that sends
+                # its request at once still gets in under a flood of silent connections.
+                oldest = next(iter(pending.values()))
+                self._drop(selector, pending, oldest)
+                _answer_and_close(oldest.sock, 503, "Service Unavailable")
             sock.setblocking(False)
             now = time.monotonic()
             conn = _Pending(sock, address, now, now)

@@ -68,7 +68,7 @@ class _JournalCollector(Collector):
         return up
 
 
-_LIMITS = ListenerLimits(workers=2, max_connections=64, queue_size=16)
+_LIMITS = ListenerLimits(workers=2, queue_size=16)
 
 
 def _handler(registry: CollectorRegistry, health: Callable[[], list[str]]) -> type[MetricsHandler]:
