@@ -33,6 +33,7 @@ log = structlog.get_logger("scanwatch.listener")
 
 _TICK_S = 0.1  # how often silent and slow connections are looked at (and `stop()` noticed)
 _RECV_BYTES = 4096
+_ACCEPT_PAUSE_S = 1.0
 _END_OF_HEAD = re.compile(rb"\r?\n\r?\n")
 
 
@@ -187,6 +188,7 @@ class HTTPListener:
         self._ready: queue.Queue[_Request | None] = queue.Queue(limits.queue_size)
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._accept_paused_until = 0.0
 
     def start(self) -> None:
         """Start the selector thread and the workers."""
@@ -223,6 +225,9 @@ class HTTPListener:
         with selectors.DefaultSelector() as selector:
             selector.register(self._sock, selectors.EVENT_READ)
             while not self._stopping.is_set():
+                if self._accept_paused_until and time.monotonic() >= self._accept_paused_until:
+                    self._accept_paused_until = 0.0
+                    selector.register(self._sock, selectors.EVENT_READ)
                 for key, _ in selector.select(_TICK_S):
                     if key.fileobj is self._sock:
                         self._accept(selector, pending)
@@ -239,20 +244,29 @@ class HTTPListener:
                 sock, address = self._sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:  # EMFILE and the like: the client waits in the backlog
-                log.warning("listener.accept_failed", listener=self._name, error=str(exc))
+            except OSError as exc:  # EMFILE and the like: free a descriptor, or wait a while
+                if pending:
+                    self._evict_oldest(selector, pending)
+                    continue
+                log.warning("listener.accept_failed", listener=self._name, error=str(exc),
+                            paused_s=_ACCEPT_PAUSE_S)
+                selector.unregister(self._sock)  # no busy loop; the clients wait in the backlog
+                self._accept_paused_until = time.monotonic() + _ACCEPT_PAUSE_S
                 return
             if len(pending) >= self._limits.max_connections:
-                # The one that has held its place longest makes room: a client that sends
-                # its request at once still gets in under a flood of silent connections.
-                oldest = next(iter(pending.values()))
-                self._drop(selector, pending, oldest)
-                _answer_and_close(oldest.sock, 503, "Service Unavailable")
+                self._evict_oldest(selector, pending)
             sock.setblocking(False)
             now = time.monotonic()
             conn = _Pending(sock, address, now, now)
             pending[sock] = conn
             selector.register(sock, selectors.EVENT_READ, conn)
+
+    def _evict_oldest(self, selector: selectors.BaseSelector, pending: dict[socket.socket, _Pending]) -> None:
+        """The connection that has waited longest makes room (503): a client that sends its
+        request at once still gets in under a flood of silent connections."""
+        oldest = next(iter(pending.values()))  # dicts keep the order of accepts
+        self._drop(selector, pending, oldest)
+        _answer_and_close(oldest.sock, 503, "Service Unavailable")
 
     def _receive(self, selector: selectors.BaseSelector, pending: dict[socket.socket, _Pending],
                  conn: _Pending) -> None:
@@ -303,6 +317,8 @@ class HTTPListener:
         while (request := self._ready.get()) is not None:
             try:
                 self._handler(request, request.address, self)
+            except ConnectionError:
+                pass  # the client left mid-request: nothing to answer, nothing to log
             except Exception:  # one bad request never takes a worker down
                 log.exception("listener.request_failed", listener=self._name)
             finally:
