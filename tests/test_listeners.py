@@ -27,7 +27,7 @@ from daemon.webhooks import WebhookReceivers
 
 SECRET = "cb-secret-0123456789"
 # Short timeouts keep the tests quick; the defaults are the same code with larger numbers.
-QUICK = ListenerLimits(workers=2, idle_timeout_s=0.6, header_timeout_s=1.5, body_timeout_s=1.5)
+QUICK = ListenerLimits(workers=2, idle_timeout_s=1.0, header_timeout_s=2.0, body_timeout_s=2.0)
 
 
 def _free_port() -> int:
@@ -71,7 +71,8 @@ def _slowloris(port: int, count: int, served: Callable[[], object]) -> None:
         time.sleep(0.2)
     elapsed_s = time.monotonic() - started_at
     assert all(_is_cut_off(sock) for sock in slow)
-    assert QUICK.header_timeout_s <= elapsed_s < QUICK.header_timeout_s + 3
+    # Not cut off by the idle timeout (a byte every 0.2 s), but by the header timeout.
+    assert QUICK.header_timeout_s - 0.5 <= elapsed_s < QUICK.header_timeout_s + 3
     assert threading.active_count() <= threads_before
     for sock in slow:
         sock.close()
@@ -126,13 +127,30 @@ def test_slowloris_on_metrics_is_cut_off_without_a_thread_each(tmp_path: Path) -
         journal.close()
 
 
+def test_a_stalled_body_frees_its_worker_after_the_body_timeout(
+        receivers: tuple[int, WebhookReceivers]) -> None:
+    port, _ = receivers
+    stalled = _connect(port, QUICK.workers)  # every worker waits for a body that never comes
+    for sock in stalled:
+        sock.sendall(b"POST /webhooks/pp HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+    started_at = time.monotonic()
+    wait_until(lambda: all(_is_cut_off(sock) for sock in stalled), timeout_s=QUICK.body_timeout_s + 5,
+               what="stalled bodies cut off")
+    assert time.monotonic() - started_at >= QUICK.body_timeout_s - 0.5
+    response = httpx.post(f"http://127.0.0.1:{port}/webhooks/pp", json={}, timeout=5,
+                          headers={"X-Scanwatch-Callback-Secret": "forged"})
+    assert response.status_code == 401  # the workers serve again
+    for sock in stalled:
+        sock.close()
+
+
 def test_silent_connections_are_closed_after_the_idle_timeout(
         receivers: tuple[int, WebhookReceivers]) -> None:
     port, _ = receivers
     silent = _connect(port, 10)
     started_at = time.monotonic()
     wait_until(lambda: all(_is_cut_off(sock) for sock in silent), timeout_s=5, what="silent clients cut off")
-    assert time.monotonic() - started_at >= QUICK.idle_timeout_s - 0.1
+    assert time.monotonic() - started_at >= QUICK.idle_timeout_s - 0.3
     for sock in silent:
         sock.close()
 
