@@ -2,6 +2,7 @@
 
     ScanwatchError
     ├── ConfigError                  the YAML is invalid (carries one line per problem)
+    ├── ListenError                  a listen address from the config cannot be bound
     ├── JournalError                 SQLite could not be opened or written
     ├── LocationError                a move, copy or sidecar write failed (retried)
     │   └── UnsafePathError          a path component is a symlink or escapes its root
@@ -16,6 +17,8 @@ reason code (`daemon.model.Reason`) that ends up in the journal and the sidecar.
 
 from __future__ import annotations
 
+import errno
+
 from daemon.model import Reason
 
 __all__ = [
@@ -25,6 +28,7 @@ __all__ = [
     "EngineRetryableError",
     "EngineUnavailableError",
     "JournalError",
+    "ListenError",
     "LocationError",
     "ScanwatchError",
     "UnsafePathError",
@@ -42,6 +46,18 @@ class ConfigError(ScanwatchError):
         super().__init__(f"{source}: " + "; ".join(problems))
         self.source = source
         self.problems = problems
+
+
+class ListenError(ScanwatchError):
+    """A `listen` address of the config cannot be bound (in use, not ours, no such host)."""
+
+    def __init__(self, key: str, listen: str, exc: OSError) -> None:
+        in_use = exc.errno == errno.EADDRINUSE
+        why = "address already in use" if in_use else (exc.strerror or str(exc)).lower()
+        super().__init__(f"{key}: cannot listen on {listen}: {why}; "
+                         "choose another address or port, or stop the other process")
+        self.key = key
+        self.listen = listen
 
 
 class JournalError(ScanwatchError):

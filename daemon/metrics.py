@@ -1,20 +1,22 @@
-"""Prometheus metrics: counters fed by the pipeline, gauges read from the journal at scrape time."""
+"""Prometheus metrics: counters fed by the pipeline, gauges read from the journal at scrape time.
+
+Served by a bounded `HTTPListener` (daemon/listener.py): two workers, and clients that
+hold a connection without sending a request are cut off.
+"""
 
 from __future__ import annotations
 
 import json
-import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
+from prometheus_client import CollectorRegistry, Counter, Histogram, MetricsHandler
 from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 from daemon.journal import FileRow, Journal
+from daemon.listener import HTTPListener, ListenerLimits
 from daemon.model import FileState, Reason, VerdictKind
 
 __all__ = ["Metrics"]
@@ -66,11 +68,30 @@ class _JournalCollector(Collector):
         return up
 
 
-class _QuietHandler(WSGIRequestHandler):
-    """No access log on stderr: scrapes are not events."""
+_LIMITS = ListenerLimits(workers=2, queue_size=16)
 
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
+
+def _handler(registry: CollectorRegistry, health: Callable[[], list[str]]) -> type[MetricsHandler]:
+    """/healthz answers from `health`; every other path is prometheus_client's /metrics."""
+
+    class Handler(MetricsHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            if self.path.partition("?")[0] != "/healthz":
+                return super().do_GET()
+            problems = health()
+            body = json.dumps({"ready": not problems, "reasons": problems}).encode()
+            self.send_response(200 if not problems else 503)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return None
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # scrapes are not events
+
+    Handler.registry = registry
+    return Handler
 
 
 class Metrics:
@@ -96,27 +117,17 @@ class Metrics:
                                     ["watch"], registry=self.registry)
         self.registry.register(_JournalCollector(journal, engines))
 
-    def serve(self, listen: str, health: Callable[[], list[str]]) -> None:
-        """Serve /metrics and /healthz on `host:port` from a daemon thread.
+    def serve(self, listen: str, health: Callable[[], list[str]],
+              limits: ListenerLimits = _LIMITS) -> HTTPListener:
+        """Serve /metrics and /healthz on `host:port` from daemon threads; returns the listener.
 
-        `health` returns the reasons the daemon is not ready (none: ready).
+        `health` returns the reasons the daemon is not ready (none: ready). Raises
+        `ListenError` (naming `metrics.listen`) when the address cannot be bound.
         """
-        metrics_app = make_wsgi_app(self.registry)
-
-        def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-            if environ.get("PATH_INFO") != "/healthz":
-                return metrics_app(environ, start_response)  # type: ignore[no-any-return]
-            problems = health()
-            body = json.dumps({"ready": not problems, "reasons": problems}).encode()
-            status = "200 OK" if not problems else "503 Service Unavailable"
-            start_response(status, [("Content-Type", "application/json"),
-                                    ("Content-Length", str(len(body)))])
-            return [body]
-
-        host, _, port = listen.rpartition(":")
-        server = make_server(host.strip("[]"), int(port), app, ThreadingWSGIServer,
-                             handler_class=_QuietHandler)
-        threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+        listener = HTTPListener("metrics.listen", listen, _handler(self.registry, health),
+                                name="metrics", limits=limits)
+        listener.start()
+        return listener
 
     def observe(self, row: FileRow, engine: str, changes: Mapping[str, object],
                 fields: Mapping[str, Any]) -> None:

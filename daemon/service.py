@@ -77,13 +77,15 @@ class Service:
         if self._running.alerts is not None:
             self._running.alerts.observe(self._running.config, row, changes)
 
-    def _start(self, running: _Running) -> None:
+    def _start(self, running: _Running, *, is_first: bool = False) -> None:
+        # Bound first, so an address in use stops the first start before anything runs;
+        # on a reload it is logged and the engines poll (daemon/webhooks.py).
+        running.webhooks.start(must_bind=is_first)
         for name, engine in running.engines.items():
             self._probe(name, engine)
         running.pipeline.start()
         for watcher in running.watchers:
             watcher.start()
-        running.webhooks.start()
 
     def _stop(self, running: _Running) -> bool:
         running.webhooks.stop()
@@ -119,7 +121,7 @@ class Service:
             log.info("journal.resumed", rows=reclaimed)
         if metrics := self._running.config.metrics:
             self.metrics.serve(metrics.listen, self._unready_reasons)
-        self._start(self._running)
+        self._start(self._running, is_first=True)
         log.info("daemon.started", config=self.config_path,
                  watches=[w.name for w in self._running.config.watches])
         self.notifier.ready(self._status())

@@ -13,6 +13,9 @@ One threaded HTTP server per distinct `listen` address routes `POST /webhooks/<e
 - Perception Point (vendors.md §2): the engine asks for a callback carrying our secret
   in `X-Scanwatch-Callback-Secret`; the callback's `scan_id` is marked due.
 
+Each address is one bounded `HTTPListener` (daemon/listener.py: a few threads, header
+and body timeouts); a request's length must be a plain `Content-Length`. Refusals are
+logged once per engine and reason, then counted in one line per `log_rejections_every_s`.
 Requests are answered at once; journal writes happen on one marker thread (so the
 journal sees one connection, and a busy journal never delays an answer). An event can
 beat the journaling of its own scan id (the pipeline commits a batch of submissions
@@ -21,27 +24,28 @@ at once), so an announcement no row waits for is tried again for a few minutes.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import heapq
 import hmac
 import itertools
 import json
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from email.message import Message
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any, Protocol, runtime_checkable
 
 import structlog
 from pydantic import SecretStr
 
 from daemon.config import BlazelockEngineConfig, Config, PerceptionPointEngineConfig, WebhookConfig
-from daemon.errors import JournalError
+from daemon.errors import JournalError, ListenError
 from daemon.journal import Journal
+from daemon.listener import HTTPListener, ListenerLimits
 
 __all__ = ["CALLBACK_SECRET_HEADER", "WebhookHealth", "WebhookReceivers", "webhook_path"]
 
@@ -50,7 +54,9 @@ log = structlog.get_logger("scanwatch.webhooks")
 CALLBACK_SECRET_HEADER = "X-Scanwatch-Callback-Secret"
 _MAX_SKEW_S = 300.0  # vendors.md §1: refuse timestamps older than 5 minutes (and as far ahead)
 _MAX_BODY_BYTES = 1 << 20
-_SHUTDOWN_POLL_S = 0.1  # how soon `stop()` (a reload, a shutdown) is noticed
+_CONTENT_LENGTH = re.compile(r"[0-9]{1,16}")  # ASCII digits only: str.isdigit() takes "²" too
+_LOG_REJECTIONS_EVERY_S = 60.0
+_LIMITS = ListenerLimits()
 _QUEUE_SIZE = 10_000
 _HEALTHY_FOR_S = 600.0  # deliveries count as flowing this long after the last one
 _SLOW_FACTOR = 10.0
@@ -166,9 +172,60 @@ def _callback_scan_ids(result: dict[str, Any]) -> list[str]:
     return [str(scan_id)] if isinstance(scan_id, int | str) and str(scan_id) else []
 
 
+def _body_length(headers: Message) -> int | _Rejection:
+    """The body's length from one plain `Content-Length`, or why the request is refused."""
+    lengths = {value.strip() for value in headers.get_all("Content-Length") or []}
+    if headers.get("Transfer-Encoding") is not None:  # no chunked bodies; both at once smell of smuggling
+        return _Rejection(400 if lengths else 411, "transfer_encoding")
+    if not lengths:
+        return _Rejection(411, "no_length")
+    value = lengths.pop()
+    if lengths or not _CONTENT_LENGTH.fullmatch(value):
+        return _Rejection(400, "bad_length")
+    if int(value) > _MAX_BODY_BYTES:
+        return _Rejection(413, "too_large")
+    return int(value)
+
+
+class _RejectionLog:
+    """Logs the first refusal of each engine and reason, then one line with a `count` per
+    interval; thread-safe."""
+
+    def __init__(self, every_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.every_s = every_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._logged_at: dict[tuple[str, str], float] = {}
+        self._unlogged: dict[tuple[str, str], int] = {}
+
+    def rejected(self, engine: str, reason: str, client: str) -> None:
+        """One refusal: logged now unless its kind was logged less than `every_s` ago."""
+        key, now = (engine, reason), self._clock()
+        with self._lock:
+            count = self._unlogged.pop(key, 0) + 1
+            if now - self._logged_at.get(key, -self.every_s) < self.every_s:
+                self._unlogged[key] = count
+                return
+            self._logged_at[key] = now
+        log.warning("webhook.rejected", engine=engine, reason=reason, client=client, count=count)
+
+    def flush(self, *, everything: bool = False) -> None:
+        """Log the counts whose interval has passed (all of them with `everything`)."""
+        now = self._clock()
+        with self._lock:
+            due = {key: count for key, count in self._unlogged.items()
+                   if everything or now - self._logged_at[key] >= self.every_s}
+            for key in due:
+                del self._unlogged[key]
+                self._logged_at[key] = now
+        for (engine, reason), count in sorted(due.items()):
+            log.warning("webhook.rejected", engine=engine, reason=reason, count=count)
+
+
 @dataclass(frozen=True)
 class _Route:
     engine: str
+    listen_key: str
     secret: SecretStr
     health: WebhookHealth
     verify: _Verifier
@@ -189,12 +246,15 @@ def _routes(config: Config, engines: Mapping[str, object]) -> dict[str, dict[str
     routes: dict[str, dict[str, _Route]] = {}
     for name, engine_cfg in config.engines.items():
         webhook: WebhookConfig | None
+        key: str
         verify: _Verifier
         scan_ids: Callable[[dict[str, Any]], list[str]]
         if isinstance(engine_cfg, BlazelockEngineConfig):
-            webhook, verify, scan_ids = engine_cfg.webhook, _verify_blazelock, _blazelock_scan_ids
+            webhook, key = engine_cfg.webhook, f"engines.{name}.webhook.listen"
+            verify, scan_ids = _verify_blazelock, _blazelock_scan_ids
         elif isinstance(engine_cfg, PerceptionPointEngineConfig):
-            webhook, verify, scan_ids = engine_cfg.callback, _verify_callback, _callback_scan_ids
+            webhook, key = engine_cfg.callback, f"engines.{name}.callback.listen"
+            verify, scan_ids = _verify_callback, _callback_scan_ids
         else:
             continue
         if webhook is None:
@@ -202,7 +262,7 @@ def _routes(config: Config, engines: Mapping[str, object]) -> dict[str, dict[str
         engine = engines.get(name)
         health = engine.webhook_health if isinstance(engine, _HasWebhookHealth) else WebhookHealth()
         routes.setdefault(webhook.listen, {})[webhook_path(name)] = _Route(
-            name, webhook.secret, health, verify, scan_ids)
+            name, key, webhook.secret, health, verify, scan_ids)
     return routes
 
 
@@ -210,27 +270,39 @@ class WebhookReceivers:
     """The webhook servers of one config; `start()` binds them, `stop()` closes them."""
 
     def __init__(self, config: Config, engines: Mapping[str, object], journal: Journal,
-                 wake: threading.Event, *, clock: Callable[[], float] = time.time) -> None:
+                 wake: threading.Event, *, clock: Callable[[], float] = time.time,
+                 limits: ListenerLimits = _LIMITS,
+                 log_rejections_every_s: float = _LOG_REJECTIONS_EVERY_S) -> None:
         self._routes = _routes(config, engines)
+        self._limits = limits
+        self._rejections = _RejectionLog(log_rejections_every_s)
         self._journal = journal
         self._wake = wake
         self._clock = clock
         self._queue: queue.Queue[_Announcement | None] = queue.Queue(_QUEUE_SIZE)
-        self._servers: list[ThreadingHTTPServer] = []
+        self._servers: list[HTTPListener] = []
         self._threads: list[threading.Thread] = []
 
-    def start(self) -> None:
-        """Bind every listen address; one that cannot be bound is logged and left to polling."""
+    def start(self, *, must_bind: bool = False) -> None:
+        """Bind every listen address and serve.
+
+        An address that cannot be bound raises `ListenError` with `must_bind` (the daemon's
+        start: the config needs fixing), else it is logged and left to polling (a reload).
+        """
         for listen, routes in self._routes.items():
-            host, _, port = listen.rpartition(":")
             try:
-                server = ThreadingHTTPServer((host.strip("[]"), int(port)), self._handler(routes))
-            except OSError as exc:
+                server = HTTPListener(next(iter(routes.values())).listen_key, listen,
+                                      self._handler(routes), name=f"webhooks-{listen.rpartition(':')[2]}",
+                                      limits=self._limits)
+            except ListenError as exc:
+                if must_bind:
+                    self.stop()
+                    raise
                 log.error("webhook.listen_failed", listen=listen, engines=_engines(routes),
-                          error=str(exc))
+                          error=str(exc.__cause__))
                 continue
             self._servers.append(server)
-            self._spawn(functools.partial(server.serve_forever, _SHUTDOWN_POLL_S), f"webhooks-{port}")
+            server.start()
             for route in routes.values():
                 route.health.receiving()
             log.info("webhook.listening", listen=listen, engines=_engines(routes))
@@ -240,17 +312,17 @@ class WebhookReceivers:
     def stop(self) -> None:
         """Close the servers; announcements not yet journaled are dropped (polling remains)."""
         for server in self._servers:
-            server.shutdown()
-            server.server_close()
+            server.stop()
         for routes in self._routes.values():
             for route in routes.values():
                 route.health.stopped()
-        if self._servers:
+        if self._threads:
             self._queue.put(None)
         for thread in self._threads:
             thread.join(5)
         self._servers.clear()
         self._threads.clear()
+        self._rejections.flush(everything=True)
 
     def _spawn(self, target: Callable[[], None], name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -262,17 +334,20 @@ class WebhookReceivers:
         later: list[tuple[float, int, _Announcement]] = []  # a heap by due time
         order = itertools.count()
         while True:
-            wait_s = max(0.0, later[0][0] - time.monotonic()) if later else None
+            self._rejections.flush()  # this thread also times the refusal counts
+            wait_s = self._rejections.every_s
+            if later:
+                wait_s = min(wait_s, max(0.0, later[0][0] - time.monotonic()))
             try:
-                item = self._queue.get(timeout=wait_s)
-            except queue.Empty:  # only with a timeout, so `later` has a due announcement
-                item = heapq.heappop(later)[2]
-            if item is None:
+                due = [self._queue.get(timeout=wait_s)]
+            except queue.Empty:
+                due = []
+            if due and due[0] is None:
                 return
-            due = [item]
             while later and later[0][0] <= time.monotonic():
                 due.append(heapq.heappop(later)[2])
             for announcement in due:
+                assert announcement is not None
                 missed = self._mark(announcement)
                 if missed is not None and len(later) < _QUEUE_SIZE:
                     retry_at = time.monotonic() + _RETRY_DELAYS_S[announcement.misses]
@@ -323,8 +398,6 @@ class WebhookReceivers:
         receivers = self
 
         class Handler(BaseHTTPRequestHandler):
-            timeout = 10.0  # a client that stalls loses its connection, not a thread forever
-
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
@@ -332,17 +405,16 @@ class WebhookReceivers:
                 route = routes.get(self.path)
                 if route is None:
                     return self._answer(404)
-                length = self.headers.get("Content-Length", "")
-                if not length.isdigit():
-                    return self._answer(411)
-                if int(length) > _MAX_BODY_BYTES:
-                    return self._answer(413)
-                body = self.rfile.read(int(length))
+                length = _body_length(self.headers)
+                if isinstance(length, _Rejection):
+                    return self._answer(length.status)
+                body = self.rfile.read(length)
+                if len(body) < length:
+                    return None  # the client left mid-body
                 rejection = receivers._accept(route, self.headers, body)
                 if rejection is None:
                     return self._answer(204)
-                log.warning("webhook.rejected", engine=route.engine, reason=rejection.reason,
-                            client=self.client_address[0])
+                receivers._rejections.rejected(route.engine, rejection.reason, self.client_address[0])
                 self._answer(rejection.status)
 
             def do_GET(self) -> None:  # noqa: N802

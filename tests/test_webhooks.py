@@ -246,15 +246,77 @@ def test_other_requests_are_refused(receiving: Receiving, method: str, path: str
     assert response.status_code == status
 
 
+def _raw(receiving: Receiving, request: bytes) -> bytes:
+    """Send `request` as it is; the answer up to the server's close."""
+    port = int(receiving.url.rpartition(":")[2])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+        conn.sendall(request)
+        answer = b""
+        while chunk := conn.recv(4096):
+            answer += chunk
+    return answer
+
+
 @pytest.mark.parametrize(("length", "status"), [(None, 411), (str((1 << 20) + 1), 413)])
 def test_bodies_without_length_or_too_long_are_refused_unread(receiving: Receiving, length: str | None,
                                                               status: int) -> None:
-    port = int(receiving.url.rpartition(":")[2])
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
-        header = "" if length is None else f"Content-Length: {length}\r\n"
-        conn.sendall(f"POST /webhooks/pp HTTP/1.1\r\nHost: x\r\n{header}\r\n".encode())
-        answer = conn.recv(1024).decode()
-    assert answer.startswith(f"HTTP/1.0 {status} ")
+    header = "" if length is None else f"Content-Length: {length}\r\n"
+    answer = _raw(receiving, f"POST /webhooks/pp HTTP/1.1\r\nHost: x\r\n{header}\r\n".encode())
+    assert answer.startswith(f"HTTP/1.0 {status} ".encode())
+
+
+@pytest.mark.parametrize(("head", "status"), [
+    ("Content-Length: \u00b2", 400),  # a digit to str.isdigit(), not to int()
+    ("Content-Length: \u0663", 400),  # Arabic-Indic three: int() would take it
+    ("Content-Length: -1", 400),
+    ("Content-Length: +2", 400),
+    ("Content-Length: 0x10", 400),
+    ("Content-Length: 99999999999999999999999999", 400),
+    ("Content-Length: 2\r\nContent-Length: 3", 400),
+    ("Transfer-Encoding: chunked", 411),
+    ("Transfer-Encoding: chunked\r\nContent-Length: 2", 400),
+])
+def test_malformed_lengths_are_refused_and_the_receiver_goes_on(receiving: Receiving, head: str,
+                                                                status: int) -> None:
+    request = f"POST /webhooks/pp HTTP/1.1\r\nHost: x\r\n{head}\r\n\r\n{{}}".encode()
+    assert _raw(receiving, request).startswith(f"HTTP/1.0 {status} ".encode())
+    assert receiving.callback(1, secret="wrong").status_code == 401  # still serving
+
+
+@pytest.mark.parametrize("request_line", [b"GARBAGE", b"", b"POST /webhooks/pp HTTP/9", b"\xff\xfe \x00 x"])
+def test_a_garbled_request_line_is_answered_400(receiving: Receiving, request_line: bytes) -> None:
+    assert _raw(receiving, request_line + b"\r\nHost: x\r\n\r\n").startswith(b"HTTP/1.0 400 ")
+    assert receiving.callback(1, secret="wrong").status_code == 401
+
+
+def test_a_flood_of_forged_deliveries_is_logged_once_with_a_count(receiving: Receiving) -> None:
+    with capture_logs() as logs, httpx.Client() as client:
+        for i in range(300):
+            response = client.post(f"{receiving.url}/webhooks/pp", json={"scan_id": i},
+                                   headers={"X-Scanwatch-Callback-Secret": "forged"})
+            assert response.status_code == 401
+        receiving.receivers.stop()  # logs what the interval (a minute) has not yet
+    rejected = [e for e in logs if e["event"] == "webhook.rejected"]
+    assert [(e["reason"], e["count"]) for e in rejected] == [("bad_secret", 1), ("bad_secret", 299)]
+    assert {e["log_level"] for e in rejected} == {"warning"}
+
+
+def test_refusal_counts_are_logged_each_interval_without_a_stop(tmp_path: Path) -> None:
+    config = _config(tmp_path, _free_port())
+    journal = Journal(tmp_path / "journal.sqlite3")
+    receivers = WebhookReceivers(config, build_engines(config), journal, threading.Event(),
+                                 log_rejections_every_s=0.2)
+    receivers.start()
+    try:
+        url = f"http://127.0.0.1:{config.engines['pp'].callback.listen.rpartition(':')[2]}"
+        with capture_logs() as logs:
+            for _ in range(20):
+                httpx.post(f"{url}/webhooks/pp", json={}, headers={"X-Scanwatch-Callback-Secret": "x"})
+            wait_until(lambda: sum(e.get("count", 0) for e in logs if e["event"] == "webhook.rejected") == 20,
+                       what="every refusal counted in a log line")
+    finally:
+        receivers.stop()
+        journal.close()
 
 
 # -- health and lifecycle ---------------------------------------------------------------------
