@@ -15,7 +15,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import EICAR, Harness, Layout, big_upload_peak_rss_kb, kill_9_between_submit_and_verdict
+from conftest import (
+    EICAR,
+    Harness,
+    Layout,
+    big_upload_peak_rss_kb,
+    kill_9_between_submit_and_verdict,
+    kill_9_inside_submission,
+)
 from emulators._server import Fault
 from emulators.perception_point import PerceptionPointEmulator
 
@@ -308,6 +315,15 @@ def test_kill_9_between_submit_and_verdict_resumes_by_polling(
     kill_9_between_submit_and_verdict(layout, daemon_factory, _daemon_config(layout, emulator),
                                       {"PP_TOKEN": "test-token"})
     assert len(emulator.submissions()) == 6 and len(emulator.scans) == 6  # one submission per file
+
+
+def test_kill_9_inside_the_submission_submits_once_more_and_counts_it(
+        layout: Layout, emulator: PerceptionPointEmulator, daemon_factory) -> None:
+    metrics = kill_9_inside_submission(layout, daemon_factory, _daemon_config(layout, emulator),
+                                       {"PP_TOKEN": "test-token"}, emulator, "/api/v1/files/")
+    # The files API cannot be asked by reference: the in-doubt submission is repeated once.
+    assert len(emulator.submissions()) == 2
+    assert 'scanwatch_resubmissions_total{engine="default",watch="inbox"} 1.0' in metrics
 
 
 def test_token_never_reaches_logs(layout: Layout, emulator: PerceptionPointEmulator,
