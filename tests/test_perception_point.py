@@ -30,7 +30,7 @@ from daemon.config import BlazelockEngineConfig, PerceptionPointEngineConfig
 from daemon.engines.base import S3Object, ScanHandle, ScanRequest
 from daemon.engines.perception_point import PerceptionPointEngine
 from daemon.errors import EnginePermanentError, EngineResubmitError, EngineUnavailableError
-from daemon.model import FileState, Pending, Verdict, VerdictKind
+from daemon.model import FileState, Verdict, VerdictKind
 
 
 @pytest.fixture

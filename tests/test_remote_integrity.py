@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import pytest
 from conftest import EICAR
 from emulators.blazelock import BlazelockEmulator
 from emulators.perception_point import PerceptionPointEmulator
@@ -26,8 +27,9 @@ def _due_now(h: S3Harness) -> None:
         pass
 
 
+@pytest.mark.usefixtures("s3_env")
 def test_polls_of_a_pending_s3_scan_download_nothing(s3_server: S3Server, s3_bucket: str,
-                                                      tmp_path: Path, s3_env: dict[str, str]) -> None:
+                                                      tmp_path: Path) -> None:
     proxy = TcpProxy(int(s3_server.endpoint_url.rsplit(":", 1)[1]))
     proxy.start()
     through_proxy = dataclasses.replace(s3_server, endpoint_url=f"http://127.0.0.1:{proxy.port}")
@@ -52,8 +54,9 @@ def test_polls_of_a_pending_s3_scan_download_nothing(s3_server: S3Server, s3_buc
     assert 50 * _MB <= downloaded < 51 * _MB, f"{downloaded} bytes from S3 for 11 polls"
 
 
+@pytest.mark.usefixtures("s3_env")
 def test_pp_storage_mode_scans_a_replaced_object_by_its_version(
-        s3_server: S3Server, s3_bucket: str, tmp_path: Path, s3_env: dict[str, str]) -> None:
+        s3_server: S3Server, s3_bucket: str, tmp_path: Path) -> None:
     with PerceptionPointEmulator(polls_to_done=1) as emulator:
         engine = PerceptionPointEngine("default", PerceptionPointEngineConfig.model_validate(
             {"type": "perception_point", "url": emulator.url, "token": "test-token", "storage": "s3",
