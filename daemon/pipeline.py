@@ -296,6 +296,8 @@ class Pipeline:
                     return self._gone(row)
                 etag, version_id = str(head["ETag"]), head.get("VersionId")
                 size = int(head["ContentLength"])
+            elif engine.reads_s3 and version_id is None and not by_upload:
+                version_id = self._version_of(source, row.rel_path, etag)
             self._ensure_room(size or 0)
             # An engine reads S3 itself only where a VersionId pins what it reads
             # (docs/integrity.md, "Remote engines"); otherwise it gets the hashed copy.
@@ -317,6 +319,11 @@ class Pipeline:
             return self._gone(row)
         except S3Unavailable as exc:
             return self._wait(row, "source.unavailable", exc)
+
+    def _version_of(self, source: S3Location, rel_path: str, etag: str) -> str | None:
+        """The VersionId of the listed version (a listing names none), if it is still current."""
+        head = source.head(rel_path)
+        return head.get("VersionId") if head is not None and str(head["ETag"]) == etag else None
 
     def _ensure_room(self, size: int) -> None:
         """Downloads for scanning never fill the disk of `state_dir`."""
