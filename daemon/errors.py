@@ -9,7 +9,8 @@
     └── EngineError                  an engine gave no verdict
         ├── EngineRetryableError     unreachable, timed out, 5xx, 429: try again later
         │   └── EngineUnavailableError  the engine is down: files wait, attempts not spent
-        └── EnginePermanentError     rejected, too large, encrypted: fail the file now
+        ├── EnginePermanentError     rejected, too large, encrypted: fail the file now
+        └── EngineResubmitError      a poll cannot go on: submit the bytes again
 
 Retryability comes from the class, never from message text. Engine errors carry a
 reason code (`daemon.model.Reason`) that ends up in the journal and the sidecar.
@@ -25,6 +26,7 @@ __all__ = [
     "ConfigError",
     "EngineError",
     "EnginePermanentError",
+    "EngineResubmitError",
     "EngineRetryableError",
     "EngineUnavailableError",
     "JournalError",
@@ -101,3 +103,17 @@ class EngineUnavailableError(EngineRetryableError):
 
 class EnginePermanentError(EngineError):
     """A definite refusal: the file fails now with this reason."""
+
+
+class EngineResubmitError(EngineError):
+    """A poll found no scan to follow (lost, in doubt, about other bytes): submit again.
+
+    `may_duplicate`: the engine may already hold a scan of this submission (an in-doubt
+    submission it cannot look up), so the repeat is counted. `by_upload`: send the bytes
+    themselves, not a path or link.
+    """
+
+    def __init__(self, message: str, *, may_duplicate: bool = False, by_upload: bool = False) -> None:
+        super().__init__(message)
+        self.may_duplicate = may_duplicate
+        self.by_upload = by_upload

@@ -65,6 +65,10 @@ _SCHEMA = [
     ALTER TABLE files ADD COLUMN version_id TEXT;
     CREATE INDEX files_seen ON files(watch, rel_path, etag);
     """,
+    # Remote engines: a submission sent (or about to be) whose answer is not journaled yet.
+    """
+    ALTER TABLE files ADD COLUMN submitting_at REAL;
+    """,
 ]
 
 _JSON_COLUMNS = ("threats", "raw_result")
@@ -110,6 +114,7 @@ class FileRow:
     updated_at: float
     etag: str | None = None  # S3 sources: the listed (then scanned) object version
     version_id: str | None = None
+    submitting_at: float | None = None  # a remote submission may have happened: in doubt until answered
 
     @property
     def identity(self) -> Identity | None:

@@ -113,6 +113,9 @@ class Metrics:
         self.engine_errors = Counter("scanwatch_engine_errors_total",
                                      "Scans without a verdict, retried or final, by reason",
                                      ["engine", "reason"], registry=self.registry)
+        self.resubmissions = Counter("scanwatch_resubmissions_total",
+                                     "In-doubt submissions submitted again (the engine may hold a "
+                                     "duplicate scan)", ["watch", "engine"], registry=self.registry)
         self.moves_failed = Counter("scanwatch_moves_failed_total", "Moves that failed (retried)",
                                     ["watch"], registry=self.registry)
         self.registry.register(_JournalCollector(journal, engines))
@@ -134,6 +137,8 @@ class Metrics:
         """Count one journal change of the pipeline."""
         state = changes.get("state")
         reason = str(changes.get("reason") or "")
+        if fields.get("resubmitted"):
+            self.resubmissions.labels(row.watch, engine).inc()
         if changes.get("verdict") == VerdictKind.FAILED and reason in _ENGINE_ERROR_REASONS:
             self.engine_errors.labels(engine, reason).inc()
         if state is FileState.DONE:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import tempfile
@@ -12,7 +13,13 @@ from dataclasses import dataclass
 from daemon.config import Config, WatchConfig
 from daemon.engines import Engine
 from daemon.engines.base import ScanRequest
-from daemon.errors import EnginePermanentError, EngineRetryableError, LocationError, UnsafePathError
+from daemon.errors import (
+    EnginePermanentError,
+    EngineResubmitError,
+    EngineRetryableError,
+    LocationError,
+    UnsafePathError,
+)
 from daemon.fsutil import open_dir, open_file, sha256_fd
 from daemon.journal import Journal, owner_token
 from daemon.locations import S3Location
@@ -131,8 +138,14 @@ def _verdict(engine: Engine, request: ScanRequest) -> Verdict:
     failures = 0
     while True:
         try:
-            answer = (engine.poll(request, pending.engine_scan_id) if pending is not None
+            answer = (engine.poll(request.handle(pending.engine_scan_id)) if pending is not None
                       else engine.scan(request))
+        except EngineResubmitError as exc:  # the scan is lost: this process still holds the bytes
+            failures += 1
+            if failures == _OWN_TRIES:
+                return Verdict.failed(Reason.ENGINE_FAILED)
+            pending, request = None, dataclasses.replace(request, by_upload=exc.by_upload)
+            continue
         except EngineRetryableError as exc:
             failures += 1
             if failures == _OWN_TRIES:

@@ -29,9 +29,10 @@ from botocore.exceptions import BotoCoreError
 from pydantic import SecretStr
 
 from daemon.config import Config, WatchConfig
-from daemon.engines.base import Engine, S3Object, ScanRequest
+from daemon.engines.base import Engine, S3Object, ScanHandle, ScanRequest
 from daemon.errors import (
     EnginePermanentError,
+    EngineResubmitError,
     EngineRetryableError,
     EngineUnavailableError,
     LocationError,
@@ -262,16 +263,23 @@ class Pipeline:
         identity = Identity.of(st)
         if row.identity is not None and identity != row.identity:
             return self._changed(row, "changed after it settled")
+        facts: Changes = {"dev": identity.dev, "inode": identity.inode, "size": identity.size,
+                          "mtime_ns": identity.mtime_ns, "ctime_ns": identity.ctime_ns}
+        path = os.path.join(watch.source, row.rel_path)
+        # A submitted scan is followed on the identity of the open file alone: the bytes are
+        # hashed again only to be submitted again, and the mover verifies a clean file's hash.
+        followed = self._follow(row, watch, engine, path, facts)
+        if isinstance(followed, _Outcome):
+            return followed
         try:
             sha256 = sha256_fd(fd)
         except OSError as exc:
             return self._fail(row, Reason.UNREADABLE, exc)
         pause("scan.hashed")
-        request = ScanRequest(watch.name, row.rel_path, os.path.join(watch.source, row.rel_path),
-                              fd, st.st_size, sha256, "", archive_password=_secret(watch.archivepwd))
-        return self._ask(row, watch, engine, request, {
-            "dev": identity.dev, "inode": identity.inode, "size": identity.size,
-            "mtime_ns": identity.mtime_ns, "ctime_ns": identity.ctime_ns})
+        request = ScanRequest(watch.name, row.rel_path, path, fd, st.st_size, sha256, "",
+                              archive_password=_secret(watch.archivepwd),
+                              by_upload=followed is not None and followed.by_upload)
+        return self._ask(row, watch, engine, request, facts, followed)
 
     def _scan_s3(self, row: FileRow, watch: WatchConfig, engine: Engine, locations: Locations) -> _Outcome:
         """Scan the listed version of an object: downloaded to a private temp file, or
@@ -283,6 +291,11 @@ class Pipeline:
                 local_rel(row.rel_path)
             except UnsafePathError as exc:
                 return self._fail(row, Reason.UNSAFE_KEY, exc)
+        # A submitted scan is of the version journaled with it: polls neither look nor download.
+        followed = self._follow(row, watch, engine, source.name(row.rel_path), {}) if row.etag else None
+        if isinstance(followed, _Outcome):
+            return followed
+        by_upload = followed is not None and followed.by_upload
         try:
             etag, version_id, size = row.etag, row.version_id, row.size
             if etag is None:  # replaced since it was listed: take the version there now
@@ -291,23 +304,34 @@ class Pipeline:
                     return self._gone(row)
                 etag, version_id = str(head["ETag"]), head.get("VersionId")
                 size = int(head["ContentLength"])
+            elif engine.reads_s3 and version_id is None and not by_upload:
+                version_id = self._version_of(source, row.rel_path, etag)
             self._ensure_room(size or 0)
+            # An engine reads S3 itself only where a VersionId pins what it reads
+            # (docs/integrity.md, "Remote engines"); otherwise it gets the hashed copy.
+            by_engine = engine.reads_s3 and version_id is not None and not by_upload
             obj = S3Object(source.where.bucket, source.key(row.rel_path), etag, version_id,
-                           self._presign(source, row.rel_path, version_id) if engine.reads_s3 else "")
+                           self._presign(source, row.rel_path, version_id) if by_engine else "")
             facts: Changes = {"etag": etag, "version_id": version_id}
             body = source.get(row.rel_path, etag, version_id)
             with body, tempfile.TemporaryFile(dir=self.work_dir) as temp:
-                out = None if engine.reads_s3 else temp.fileno()
+                out = None if by_engine else temp.fileno()
                 sha256, size = _copy_hashing(body, out)
                 request = ScanRequest(watch.name, row.rel_path, source.name(row.rel_path), out, size,
-                                      sha256, "", s3=obj, archive_password=_secret(watch.archivepwd))
-                return self._ask(row, watch, engine, request, {**facts, "size": size})
+                                      sha256, "", s3=obj, archive_password=_secret(watch.archivepwd),
+                                      by_upload=by_upload)
+                return self._ask(row, watch, engine, request, {**facts, "size": size}, followed)
         except ChangedError as exc:
             return self._changed(row, str(exc))
         except FileNotFoundError:
             return self._gone(row)
         except S3Unavailable as exc:
             return self._wait(row, "source.unavailable", exc)
+
+    def _version_of(self, source: S3Location, rel_path: str, etag: str) -> str | None:
+        """The VersionId of the listed version (a listing names none), if it is still current."""
+        head = source.head(rel_path)
+        return head.get("VersionId") if head is not None and str(head["ETag"]) == etag else None
 
     def _ensure_room(self, size: int) -> None:
         """Downloads for scanning never fill the disk of `state_dir`."""
@@ -321,50 +345,97 @@ class Pipeline:
             params["VersionId"] = version_id
         return str(source.client.generate_presigned_url("get_object", Params=params, ExpiresIn=_PRESIGN_S))
 
+    def _follow(self, row: FileRow, watch: WatchConfig, engine: Engine, path: str,
+                facts: Changes) -> _Outcome | EngineResubmitError | None:
+        """Poll the row's submitted (or in-doubt) remote scan without its bytes.
+
+        None: nothing was submitted; an `EngineResubmitError`: submit the bytes again.
+        """
+        if row.sha256 is None or row.ref_id is None:
+            return None
+        if row.engine_scan_id is None and (row.submitting_at is None or not engine.remote):
+            return None
+        handle = ScanHandle(watch.name, row.rel_path, path, row.sha256, row.ref_id, row.engine_scan_id)
+        started = time.monotonic()
+        try:
+            answer = self._call(row, watch, engine, partial(engine.poll, handle))
+        except EngineResubmitError as exc:
+            log.info("scan.resubmitting", **self._context(row), error=str(exc),
+                     in_doubt=row.engine_scan_id is None, may_duplicate=exc.may_duplicate)
+            return exc
+        if isinstance(answer, _Outcome):
+            return answer
+        event = "scan.found" if row.engine_scan_id is None else None
+        return self._answered(row, answer, facts, row.sha256, row.ref_id, time.monotonic() - started,
+                              event, {})
+
     def _ask(self, row: FileRow, watch: WatchConfig, engine: Engine, request: ScanRequest,
-             facts: Changes) -> _Outcome:
+             facts: Changes, resubmit: EngineResubmitError | None = None) -> _Outcome:
         """Ask the engine about the bytes of `request`; `facts` say which version they were."""
         sha256 = request.sha256
         ref_id = row.ref_id if row.sha256 == sha256 and row.ref_id else build_ref_id(
             watch.name, row.rel_path, sha256)
-        if engine.remote and (row.sha256, row.ref_id) != (sha256, ref_id):
-            # A remote scan outlives us: its ID is journaled before the engine sees it.
-            self.journal.apply([(row.id, {"sha256": sha256, "ref_id": ref_id,
-                                          "engine": engine.name})])
+        if engine.remote:
+            # A remote scan outlives us: the submission is journaled as in doubt, in its own
+            # transaction, before the engine sees it (docs/integrity.md, "Remote engines").
+            self.journal.apply([(row.id, {"sha256": sha256, "ref_id": ref_id, "engine": engine.name,
+                                          "submitting_at": self.clock(), **facts})])
         request = dataclasses.replace(request, ref_id=ref_id)
-        engine_cfg = self.config.engines[watch.engine]
         started = time.monotonic()
+        answer = self._call(row, watch, engine, partial(engine.scan, request))
+        if isinstance(answer, _Outcome):
+            return answer
+        if engine.remote and isinstance(answer, Pending):
+            # ...and the scan's ID right after the answer, before anything else of the batch.
+            self.journal.apply([(row.id, {"engine_scan_id": answer.engine_scan_id,
+                                          "submitting_at": None})])
+        repeated = {"resubmitted": True} if resubmit is not None and resubmit.may_duplicate else {}
+        return self._answered(row, answer, facts, sha256, ref_id, time.monotonic() - started,
+                              "scan.submitted", repeated)
+
+    def _call(self, row: FileRow, watch: WatchConfig, engine: Engine,
+              ask: Callable[[], Verdict | Pending]) -> Verdict | Pending | _Outcome:
+        """The engine's answer, or what its error means for the row (retry, wait, failed)."""
+        engine_cfg = self.config.engines[watch.engine]
         try:
-            answer = (engine.poll(request, row.engine_scan_id) if row.engine_scan_id
-                      else engine.scan(request))
+            answer = ask()
             self._set_engine_health(engine.name, None)
+            return answer
         except EngineUnavailableError as exc:
             self._set_engine_health(engine.name, str(exc))
             if self.clock() - row.discovered_at <= engine_cfg.max_pending_age:
-                return self._wait_for_engine(row, exc)
-            answer = Verdict.failed(Reason.ENGINE_UNAVAILABLE, raw={"error": str(exc)})
+                # Not reached: nothing can have been submitted.
+                outcome = self._wait_for_engine(row, exc)
+                return dataclasses.replace(outcome, changes={**outcome.changes, "submitting_at": None})
+            return Verdict.failed(Reason.ENGINE_UNAVAILABLE, raw={"error": str(exc)})
         except EngineRetryableError as exc:
+            # A timeout or a 5xx may hide a submission: it stays in doubt.
             if row.attempts < engine_cfg.max_attempts:
                 return self._retry(row, exc)
-            answer = Verdict.failed(exc.reason, raw={"error": str(exc)})
+            return Verdict.failed(exc.reason, raw={"error": str(exc)})
         except EnginePermanentError as exc:
             if exc.reason == Reason.AUTH:  # every file will fail alike: raise the alarm
                 self._set_engine_health(engine.name, str(exc))
-            answer = Verdict.failed(exc.reason, raw={"error": str(exc)})
-        duration_s = time.monotonic() - started
+            return Verdict.failed(exc.reason, raw={"error": str(exc)})
+
+    def _answered(self, row: FileRow, answer: Verdict | Pending, facts: Changes, sha256: str,
+                  ref_id: str, duration_s: float, event: str | None, fields: Mapping[str, Any]
+                  ) -> _Outcome:
+        """What the engine's answer changes: a scan to poll, or a verdict and its destination."""
         if isinstance(answer, Pending):
             return _Outcome(
-                {"engine_scan_id": answer.engine_scan_id, "owner": None,
+                {"engine_scan_id": answer.engine_scan_id, "owner": None, "submitting_at": None,
+                 "sha256": sha256, "ref_id": ref_id, **facts,
                  "next_attempt_at": self.clock() + answer.poll_after_s},
-                None if row.engine_scan_id else "scan.submitted",
-                {"engine_scan_id": answer.engine_scan_id})
+                event, {"engine_scan_id": answer.engine_scan_id, **fields})
         changes = {**self._verdict_changes(row, answer), **facts, "sha256": sha256}
         # A re-submission (`<id>.2`) is the ID the engine knows the verdict by.
-        changes.update(ref_id=str(answer.raw.get("external_reference_id", ref_id)), engine=engine.name)
+        changes.update(ref_id=str(answer.raw.get("external_reference_id", ref_id)),
+                       engine=self.config.watch(row.watch).engine)
         outcome = self._plan_move(row, changes)
         return _Outcome(outcome.changes, outcome.event or "scan.verdict", {
             "verdict": answer.kind.value, "threats": list(answer.threats), "reason": answer.reason,
-            "duration_s": round(duration_s, 4), "ref_id": ref_id, **(outcome.fields or {})})
+            "duration_s": round(duration_s, 4), "ref_id": ref_id, **fields, **(outcome.fields or {})})
 
     def _set_engine_health(self, name: str, error: str | None) -> None:
         """Journal an engine going down or coming back (only the changes)."""
@@ -383,7 +454,7 @@ class Pipeline:
             "state": FileState.MOVING, "verdict": verdict.kind, "reason": verdict.reason,
             "threats": list(verdict.threats), "raw_result": verdict.raw or None,
             "engine_scan_id": verdict.engine_scan_id or row.engine_scan_id,
-            "scanned_at": self.clock()}
+            "submitting_at": None, "scanned_at": self.clock()}
 
     def _plan_move(self, row: FileRow, changes: Changes, locations: Locations | None = None) -> _Outcome:
         """Choose the destination name now, so a crash mid-move can be finished."""
@@ -450,7 +521,8 @@ class Pipeline:
                          "verdict": None, "reason": None, "destination": None, "size": None,
                          "etag": None, "version_id": None, "next_attempt_at": self.clock(),
                          # A pending remote scan was of the old bytes: never follow it.
-                         "engine_scan_id": None, "sha256": None, "ref_id": None},
+                         "engine_scan_id": None, "sha256": None, "ref_id": None,
+                         "submitting_at": None},
                         "file.changed", {"detail": detail})
 
     # -- moving ---------------------------------------------------------------------------------

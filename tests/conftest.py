@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -238,6 +239,35 @@ def kill_9_between_submit_and_verdict(layout: Layout, start: Callable[..., Daemo
     assert second.stop() == 0
     assert len(layout.placed("clean")) == 5 and layout.placed("quarantine") == ["e.com"]
     assert second.named("scan.submitted") == []  # resumed by polling, not by submitting again
+
+
+def kill_9_inside_submission(layout: Layout, start: Callable[..., Daemon], config: Path,
+                             env: dict[str, str], emulator: Any, submit_prefix: str) -> str:
+    """kill -9 while the engine holds the answer to an accepted submission, restart: the
+    file is placed once. Returns the second daemon's /metrics; the caller counts submissions.
+    """
+    from clamd_server import free_port
+    from emulators._server import Fault
+
+    port = free_port()
+    text = yaml.safe_load(config.read_text())
+    config.write_text(yaml.safe_dump({**text, "metrics": {"listen": f"127.0.0.1:{port}"}}))
+    held = threading.Event()
+    first = start(config, env)
+    first.wait_started()  # probed: the next request under `submit_prefix` is the submission
+    emulator.inject(Fault(hold=held), path_prefix=submit_prefix)
+    (layout.inbox / "a.txt").write_bytes(b"submitted, answer in flight")
+    first.wait_for(lambda: len(emulator.submissions()) == 1, what="the submission")
+    first.proc.kill()  # the engine took the file; its answer never reached the journal
+    first.proc.wait()
+    held.set()
+    assert not first.named("scan.submitted")
+    second = start(config, env)
+    second.wait_for(lambda: second.named("file.moved"), timeout=30, what="the file moved")
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert second.stop() == 0
+    assert layout.placed("clean") == ["a.txt"]
+    return body
 
 
 def write_random(path: Path, megabytes: int) -> None:

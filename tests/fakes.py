@@ -8,7 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from daemon.engines.base import ScanRequest
+from daemon.engines.base import ScanHandle, ScanRequest
+from daemon.errors import EngineResubmitError
 from daemon.model import Pending, Verdict, VerdictKind
 
 EICAR = (Path(__file__).resolve().parent.parent / "samples" / "eicar.com").read_bytes()
@@ -42,10 +43,13 @@ class FakeEngine:
             return Verdict(VerdictKind.INFECTED, threats=("Eicar-Test-Signature",))
         return Verdict(VerdictKind.CLEAN)
 
-    def poll(self, request: ScanRequest, engine_scan_id: str) -> Verdict | Pending:
+    def poll(self, scan: ScanHandle) -> Verdict | Pending:
         with self._lock:
-            self.calls.append(("poll", request.ref_id))
-            return self.polls[engine_scan_id].pop(0)
+            self.calls.append(("poll", scan.ref_id))
+            answers = self.polls.get(scan.engine_scan_id or "")
+            if not answers:
+                raise EngineResubmitError("no such scan", may_duplicate=scan.engine_scan_id is None)
+            return answers.pop(0)
 
     def probe(self) -> str:
         return "fake engine"

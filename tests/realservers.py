@@ -295,6 +295,7 @@ class TcpProxy:
         self.listener: socket.socket | None = None
         self.connections: list[socket.socket] = []
         self.lock = threading.Lock()
+        self.bytes_from_server = 0  # what the server sent its clients through us
         probe = socket.socket()
         probe.bind(("127.0.0.1", 0))
         self.port = probe.getsockname()[1]
@@ -326,13 +327,15 @@ class TcpProxy:
             upstream = socket.create_connection(("127.0.0.1", self.target_port))
             with self.lock:
                 self.connections += [client, upstream]
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+            for src, dst, counted in ((client, upstream, False), (upstream, client, True)):
+                threading.Thread(target=self._pump, args=(src, dst, counted), daemon=True).start()
 
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, counted: bool) -> None:
         try:
             while data := src.recv(65536):
+                if counted:
+                    with self.lock:
+                        self.bytes_from_server += len(data)
                 dst.sendall(data)
         except OSError:
             pass

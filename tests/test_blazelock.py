@@ -8,7 +8,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import EICAR, Harness, Layout, big_upload_peak_rss_kb, kill_9_between_submit_and_verdict
+from conftest import (
+    EICAR,
+    Harness,
+    Layout,
+    big_upload_peak_rss_kb,
+    kill_9_between_submit_and_verdict,
+    kill_9_inside_submission,
+)
 from emulators._server import Fault
 from emulators.blazelock import BlazelockEmulator
 
@@ -118,8 +125,11 @@ def test_lost_answer_to_an_upload_is_followed_by_reference_not_resubmitted(
     harness.run()
     assert harness.layout.placed("quarantine") == ["e.com"]
     assert len(emulator.scans) == 1  # the first upload created the scan; the retry found it
-    # The first upload was handled (its answer lost on the way); the retry got 409.
-    assert [e.status for e in emulator.log if e.method == "POST"] == [201, 409]
+    # The first upload was handled (its answer lost on the way): the submission stayed in
+    # doubt, and the retry looked it up by reference instead of posting it again.
+    assert [e.status for e in emulator.log if e.method == "POST"] == [201]
+    assert any(e.path.startswith("/file-scans/external-reference/") and e.status == 200
+               for e in emulator.log)
 
 
 def test_failed_scan_of_the_same_id_is_resubmitted_as_generation_2(
@@ -170,6 +180,14 @@ def _daemon_config(layout: Layout, emulator: BlazelockEmulator, **cfg: object) -
         text = text.replace("    poll_interval: 0.2", f"    poll_interval: 0.2\n    {key}: {value}")
     config.write_text(text)
     return config
+
+
+def test_kill_9_inside_the_submission_follows_the_scan_by_reference(
+        layout: Layout, emulator: BlazelockEmulator, daemon_factory) -> None:
+    metrics = kill_9_inside_submission(layout, daemon_factory, _daemon_config(layout, emulator),
+                                       {"BLZ_KEY": "test-key"}, emulator, "/file-scans")
+    assert len(emulator.submissions()) == 1 and len(emulator.scans) == 1
+    assert "scanwatch_resubmissions_total{" not in metrics
 
 
 def test_kill_9_between_submit_and_verdict_resumes_the_same_scans(

@@ -12,7 +12,15 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import EICAR, ROOT, Harness, Layout, kill_9_between_submit_and_verdict, write_random
+from conftest import (
+    EICAR,
+    ROOT,
+    Harness,
+    Layout,
+    kill_9_between_submit_and_verdict,
+    kill_9_inside_submission,
+    write_random,
+)
 from emulators._server import Fault, Logged
 from emulators.metadefender import MetadefenderEmulator
 from structlog.testing import capture_logs
@@ -408,6 +416,23 @@ def test_kill_9_between_submit_and_verdict_resumes_by_polling(
     kill_9_between_submit_and_verdict(layout, daemon_factory, _daemon_config(layout, emulator),
                                       {"MD_KEY": "test-key"}, before_restart=release)
     assert len(emulator.submissions()) == 6 and len(emulator.scans) == 6  # one submission per file
+
+
+def test_kill_9_inside_the_submission_finds_the_scan_by_hash(
+        layout: Layout, emulator: MetadefenderEmulator, daemon_factory) -> None:
+    config = _daemon_config(layout, emulator, hash_lookup=True)
+    metrics = kill_9_inside_submission(layout, daemon_factory, config, {"MD_KEY": "test-key"},
+                                       emulator, "/file")
+    assert len(emulator.submissions()) == 1  # the in-doubt submission was found, not repeated
+    assert "scanwatch_resubmissions_total{" not in metrics
+
+
+def test_kill_9_inside_the_submission_without_hash_lookup_submits_again(
+        layout: Layout, emulator: MetadefenderEmulator, daemon_factory) -> None:
+    metrics = kill_9_inside_submission(layout, daemon_factory, _daemon_config(layout, emulator),
+                                       {"MD_KEY": "test-key"}, emulator, "/file")
+    assert len(emulator.submissions()) == 2
+    assert 'scanwatch_resubmissions_total{engine="default",watch="inbox"} 1.0' in metrics
 
 
 def test_large_upload_streams_with_small_rss(layout: Layout, emulator: MetadefenderEmulator,

@@ -15,15 +15,22 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import EICAR, Harness, Layout, big_upload_peak_rss_kb, kill_9_between_submit_and_verdict
+from conftest import (
+    EICAR,
+    Harness,
+    Layout,
+    big_upload_peak_rss_kb,
+    kill_9_between_submit_and_verdict,
+    kill_9_inside_submission,
+)
 from emulators._server import Fault
 from emulators.perception_point import PerceptionPointEmulator
 
 from daemon.config import BlazelockEngineConfig, PerceptionPointEngineConfig
-from daemon.engines.base import S3Object, ScanRequest
+from daemon.engines.base import S3Object, ScanHandle, ScanRequest
 from daemon.engines.perception_point import PerceptionPointEngine
-from daemon.errors import EnginePermanentError, EngineUnavailableError
-from daemon.model import FileState, Pending, Verdict, VerdictKind
+from daemon.errors import EnginePermanentError, EngineResubmitError, EngineUnavailableError
+from daemon.model import FileState, Verdict, VerdictKind
 
 
 @pytest.fixture
@@ -53,13 +60,14 @@ def _finish(engine: PerceptionPointEngine, request: ScanRequest) -> Verdict:
     for _ in range(20):
         if isinstance(answer, Verdict):
             return answer
-        answer = engine.poll(request, answer.engine_scan_id)
+        answer = engine.poll(request.handle(answer.engine_scan_id))
     raise AssertionError("no verdict after 20 polls")
 
 
-def _s3_request(bucket: str, key: str, content: bytes, url: str = "") -> ScanRequest:
-    obj = S3Object(bucket, key, etag='"e1"', version_id=None, url=url)
-    return ScanRequest("s3w", key, f"s3://{bucket}/{key}", None, len(content),
+def _s3_request(bucket: str, key: str, content: bytes, url: str = "", version_id: str | None = "v1",
+                fd: int | None = None) -> ScanRequest:
+    obj = S3Object(bucket, key, etag='"e1"', version_id=version_id, url=url)
+    return ScanRequest("s3w", key, f"s3://{bucket}/{key}", fd, len(content),
                        hashlib.sha256(content).hexdigest(), f"s3w:{key}#x", s3=obj)
 
 
@@ -187,35 +195,43 @@ def test_engine_down_at_start_then_back(layout: Layout) -> None:
     assert harness.journal.engine_health()["default"][0] is True
 
 
-def test_poll_of_a_scan_the_service_lost_submits_again(emulator: PerceptionPointEmulator,
-                                                       tmp_path: Path) -> None:
-    path = tmp_path / "a.txt"
-    path.write_bytes(b"a")
-    with open(path, "rb") as f:
-        request = ScanRequest("w", "a.txt", str(path), f.fileno(), 1, "0" * 64, "w:a.txt#0")
-        answer = _engine(emulator.url).poll(request, "999")
-    assert isinstance(answer, Pending) and answer.engine_scan_id == "123456"
-    assert [(e.method, e.status) for e in emulator.log] == [("GET", 404), ("POST", 201)]
+def test_poll_of_a_scan_the_service_lost_submits_again(layout: Layout,
+                                                       emulator: PerceptionPointEmulator) -> None:
+    handle = ScanHandle("w", "a.txt", "/in/a.txt", "0" * 64, "w:a.txt#0", "999")
+    with pytest.raises(EngineResubmitError) as lost:
+        _engine(emulator.url).poll(handle)
+    assert not lost.value.may_duplicate  # the scan is gone: the repeat is not a duplicate
+    assert [(e.method, e.status) for e in emulator.log] == [("GET", 404)]
+    emulator.log.clear()
+    harness = _harness(layout, emulator.url)
+    harness.drop("a.txt", b"a")
+    harness.step(advance_s=3)
+    emulator.scans.clear()  # the service lost the scan
+    harness.run()
+    assert layout.placed("clean") == ["a.txt"]
+    assert len(emulator.submissions()) == 2 and emulator.submissions()[1].fields["data_bytes"] == "1"
 
 
 # -- S3 sources: by path and by presigned link --------------------------------------------
 
-def test_s3_path_mode_sends_plain_bucket_and_key_with_storage(tmp_path: Path) -> None:
-    key = "in/2026/a b#1 ü.com"  # sent as is: not percent-encoded
-    (tmp_path / "s3" / "drop" / "in" / "2026").mkdir(parents=True)
-    (tmp_path / "s3" / "drop" / key).write_bytes(EICAR)
-    with PerceptionPointEmulator(storages={"s3": tmp_path / "s3"}) as emulator:
+def test_s3_storage_mode_never_sends_an_unpinned_path(tmp_path: Path) -> None:
+    """`path` names no version: a versioned object goes by its version's link, an
+    unversioned one is uploaded from the copy that was hashed (docs/integrity.md)."""
+    key = "in/2026/a b#1 ü.com"
+    copy = tmp_path / "copy"
+    copy.write_bytes(EICAR)
+    link = "http://127.0.0.1:9/drop/obj?versionId=v1&X-Amz-Signature=0"
+    with PerceptionPointEmulator(storages={"s3": tmp_path / "s3"}) as emulator, open(copy, "rb") as f:
         engine = _engine(emulator.url, storage="s3")
         assert engine.reads_s3
-        verdict = _finish(engine, _s3_request("drop", key, EICAR))
-        fields = emulator.submissions()[0].fields
-        wrong = _engine(emulator.url, storage="s4")
-        with pytest.raises(EnginePermanentError) as refused:
-            wrong.scan(_s3_request("drop", key, EICAR))
+        verdict = _finish(engine, _s3_request("drop", key, EICAR, version_id=None, fd=f.fileno()))
+        with pytest.raises(EnginePermanentError):  # the emulator cannot fetch this link
+            engine.scan(_s3_request("drop", key, EICAR, link))
+        uploaded, linked = (e.fields for e in emulator.log if e.method == "POST")
     assert verdict.kind is VerdictKind.INFECTED and verdict.threats == ("EICAR-Test-File",)
-    assert (fields["path"], fields["storage"], fields["name"]) == (f"drop/{key}", "s3", "a b#1 ü.com")
-    assert "data_bytes" not in fields and "download_link" not in fields
-    assert refused.value.reason == "bad_request"  # an unknown storage is a 422
+    assert (uploaded["data_bytes"], uploaded["name"]) == (str(len(EICAR)), "a b#1 ü.com")
+    assert linked["download_link"] == link
+    assert not {"path", "storage"} & (set(uploaded) | set(linked))
 
 
 def test_s3_download_link_mode_sends_the_presigned_url(tmp_path: Path) -> None:
@@ -299,6 +315,15 @@ def test_kill_9_between_submit_and_verdict_resumes_by_polling(
     kill_9_between_submit_and_verdict(layout, daemon_factory, _daemon_config(layout, emulator),
                                       {"PP_TOKEN": "test-token"})
     assert len(emulator.submissions()) == 6 and len(emulator.scans) == 6  # one submission per file
+
+
+def test_kill_9_inside_the_submission_submits_once_more_and_counts_it(
+        layout: Layout, emulator: PerceptionPointEmulator, daemon_factory) -> None:
+    metrics = kill_9_inside_submission(layout, daemon_factory, _daemon_config(layout, emulator),
+                                       {"PP_TOKEN": "test-token"}, emulator, "/api/v1/files/")
+    # The files API cannot be asked by reference: the in-doubt submission is repeated once.
+    assert len(emulator.submissions()) == 2
+    assert 'scanwatch_resubmissions_total{engine="default",watch="inbox"} 1.0' in metrics
 
 
 def test_token_never_reaches_logs(layout: Layout, emulator: PerceptionPointEmulator,

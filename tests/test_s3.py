@@ -207,15 +207,20 @@ def test_engine_reading_s3_itself_gets_the_object_not_a_download(harness: Callab
         seen.append(request)
         return Verdict(VerdictKind.CLEAN)
 
-    h = harness(FakeEngine(reads_s3=True, script=[record]))
+    h = harness(FakeEngine(reads_s3=True, script=[record, record]))
+    h.put("in/old.txt", b"unversioned")
+    h.step()
+    h.client.put_bucket_versioning(Bucket=h.bucket, VersioningConfiguration={"Status": "Enabled"})
     h.put("in/x/a.txt", b"hello")
     h.step()
-    (request,) = seen
-    assert request.fd is None and request.s3 is not None
+    unversioned, request = seen
+    # Only a VersionId pins what the engine reads: else it gets the hashed copy (docs/integrity.md).
+    assert unversioned.fd is not None and unversioned.s3 is not None and unversioned.s3.url == ""
+    assert request.fd is None and request.s3 is not None and request.s3.version_id
     assert (request.s3.bucket, request.s3.key) == (h.bucket, "in/x/a.txt")
     assert request.sha256 == "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
-    assert "Signature=" in request.s3.url
-    assert h.keys("clean/") == ["x/a.txt"]
+    assert "Signature=" in request.s3.url and f"versionId={request.s3.version_id}" in request.s3.url
+    assert h.keys("clean/") == ["old.txt", "x/a.txt"]
 
 
 # -- S3 ↔ local ----------------------------------------------------------------------------------

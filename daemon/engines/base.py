@@ -7,7 +7,7 @@ from typing import Protocol
 
 from daemon.model import Pending, Verdict
 
-__all__ = ["Engine", "S3Object", "ScanRequest"]
+__all__ = ["Engine", "S3Object", "ScanHandle", "ScanRequest"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,11 @@ class ScanRequest:
     ref_id: str  # the external reference ID (contract.md)
     s3: S3Object | None = None
     archive_password: str | None = field(default=None, repr=False)  # the watch's `archivepwd`
+    by_upload: bool = False  # send the bytes themselves: a scan by path or link saw other bytes
+
+    def handle(self, engine_scan_id: str | None) -> ScanHandle:
+        """The handle to poll a submission of these bytes by."""
+        return ScanHandle(self.watch, self.rel_path, self.path, self.sha256, self.ref_id, engine_scan_id)
 
     @property
     def bytes_fd(self) -> int:
@@ -52,12 +57,30 @@ class ScanRequest:
         return self.rel_path.rpartition("/")[2]
 
 
+@dataclass(frozen=True)
+class ScanHandle:
+    """A submitted scan, as `poll` follows it: names and hashes only, never the bytes.
+
+    `engine_scan_id` None is a submission in doubt (journaled as submitting, no answer
+    journaled): `poll` finds it by reference or hash where the engine can, else raises
+    `EngineResubmitError`. See docs/integrity.md, "Remote engines".
+    """
+
+    watch: str
+    rel_path: str
+    path: str
+    sha256: str
+    ref_id: str
+    engine_scan_id: str | None
+
+
 class Engine(Protocol):
     """A scan engine: gives a verdict now, or a Pending to poll later.
 
     `scan` and `poll` raise `EngineRetryableError` (try again later),
     `EngineUnavailableError` (engine down: wait) or `EnginePermanentError` (fail the
-    file). They must be thread-safe: the pipeline calls them from `concurrency` threads.
+    file); `poll` raises `EngineResubmitError` when only a new submission of the bytes
+    can give a verdict. They must be thread-safe: the pipeline calls them from `concurrency` threads.
     """
 
     name: str
@@ -68,8 +91,8 @@ class Engine(Protocol):
         """Scan the file, or submit it and return the scan to poll."""
         ...
 
-    def poll(self, request: ScanRequest, engine_scan_id: str) -> Verdict | Pending:
-        """The verdict of a submitted scan, or Pending while it runs."""
+    def poll(self, scan: ScanHandle) -> Verdict | Pending:
+        """The verdict of a submitted scan, or Pending while it runs; reads no bytes."""
         ...
 
     def probe(self) -> str:

@@ -20,8 +20,8 @@ import httpx
 
 from daemon.config import BlazelockEngineConfig
 from daemon.engines._http import RateLimiter, api_client, check_status, json_object, translate_errors
-from daemon.engines.base import ScanRequest
-from daemon.errors import EnginePermanentError
+from daemon.engines.base import ScanHandle, ScanRequest
+from daemon.errors import EnginePermanentError, EngineResubmitError
 from daemon.model import Pending, Reason, Verdict, VerdictKind
 from daemon.refid import build_ref_id
 from daemon.webhooks import WebhookHealth
@@ -70,18 +70,29 @@ class BlazelockEngine:
         raise EnginePermanentError(f"{_MAX_GENERATIONS} generations of {request.ref_id} all failed",
                                    reason=Reason.ENGINE_FAILED)
 
-    def poll(self, request: ScanRequest, engine_scan_id: str) -> Verdict | Pending:
-        """Follow a submitted scan; a scan known only by reference is looked up again."""
-        if engine_scan_id.startswith("ref:"):
-            ref_id = engine_scan_id.removeprefix("ref:")
+    def poll(self, scan: ScanHandle) -> Verdict | Pending:
+        """Follow a submitted scan; a scan known only by reference (or in doubt) is looked up.
+
+        A scan the service lost, or an in-doubt submission it never saw, raises
+        `EngineResubmitError`: submitting the same reference again answers 409 if it
+        did arrive, so the repeat is a lookup, never a second scan.
+        """
+        scan_id = scan.engine_scan_id
+        if scan_id is None or scan_id.startswith("ref:"):
+            ref_id = scan.ref_id if scan_id is None else scan_id.removeprefix("ref:")
             found = self._lookup(ref_id)
-            return (self._pending(engine_scan_id) if found is None
-                    else self._follow(found, ref_id))
-        response = self._get(f"/file-scans/{quote(engine_scan_id, safe='')}")
+            if found is not None and (scan_id is not None or not self._is_stale(found)):
+                return self._follow(found, ref_id)
+            if scan_id is not None:
+                return self._pending(scan_id)
+            raise EngineResubmitError(f"engine {self.name!r}: no usable scan of {ref_id}: submitting "
+                                      "again by the same reference")
+        response = self._get(f"/file-scans/{quote(scan_id, safe='')}")
         if response.status_code == 404:  # the scan is gone: start over, by reference
-            return self.scan(request)
+            raise EngineResubmitError(f"engine {self.name!r}: scan {scan_id} is gone: submitting "
+                                      f"{scan.ref_id} again")
         check_status(response, self.name)
-        return self._follow(_scan_object(response), request.ref_id)
+        return self._follow(_scan_object(response), scan.ref_id)
 
     def probe(self) -> str:
         """An authenticated lookup of a reference that does not exist: 404 means all is well."""

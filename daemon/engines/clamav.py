@@ -26,7 +26,7 @@ from contextlib import contextmanager, suppress
 import structlog
 
 from daemon.config import ClamavEngineConfig
-from daemon.engines.base import ScanRequest
+from daemon.engines.base import ScanHandle, ScanRequest
 from daemon.errors import EnginePermanentError, EngineRetryableError, EngineUnavailableError
 from daemon.model import Pending, Reason, Verdict, VerdictKind
 
@@ -168,7 +168,7 @@ class ClamavEngine:
             raise EnginePermanentError(f"clamd cannot read the file: {reply}", reason=Reason.UNREADABLE)
         raise EnginePermanentError(f"clamd: {reply}", reason=Reason.ENGINE_FAILED)
 
-    def poll(self, request: ScanRequest, engine_scan_id: str) -> Verdict | Pending:
+    def poll(self, scan: ScanHandle) -> Verdict | Pending:
         """clamd answers at once, so there is never a scan to poll."""
         raise EnginePermanentError("clamd has no submitted scans to poll")
 

@@ -27,8 +27,8 @@ import structlog
 
 from daemon.config import MetadefenderEngineConfig
 from daemon.engines._http import USER_AGENT, api_client, check_status, json_object, translate_errors
-from daemon.engines.base import ScanRequest
-from daemon.errors import EnginePermanentError, EngineRetryableError
+from daemon.engines.base import ScanHandle, ScanRequest
+from daemon.errors import EnginePermanentError, EngineResubmitError, EngineRetryableError
 from daemon.model import Pending, Reason, Verdict, VerdictKind
 
 __all__ = ["MetadefenderEngine"]
@@ -85,26 +85,30 @@ class MetadefenderEngine:
         """A known result of these bytes (`hash_lookup`), else submit by path or upload."""
         if self._config.hash_lookup and (known := self._known(request)) is not None:
             return known
-        core_path = self._core_path(request)
+        core_path = None if request.by_upload else self._core_path(request)
         return self._upload(request) if core_path is None else self._submit_path(request, core_path)
 
-    def poll(self, request: ScanRequest, engine_scan_id: str) -> Verdict | Pending:
+    def poll(self, scan: ScanHandle) -> Verdict | Pending:
         """Follow a submitted scan, never submitting it again.
 
         A data_id Core does not know (not yet visible on its node, purged, lost with its
         node) is asked again later: attempts are spent, so it ends in failed, not in a loop.
+        An in-doubt submission is found by `hash_lookup` where enabled, else it raises
+        `EngineResubmitError`; so does a scan by path that saw other bytes (then uploaded).
         """
-        ref = _ScanRef.parse(engine_scan_id)
+        if scan.engine_scan_id is None:
+            return self._in_doubt(scan)
+        ref = _ScanRef.parse(scan.engine_scan_id)
         response = self._get(f"/file/{quote(ref.data_id, safe='')}", ref.rest_ip)
         if response.status_code == 404:
             raise EngineRetryableError(f"engine {self.name!r}: Core does not know data_id {ref.data_id} "
-                                       f"of {request.path}")
+                                       f"of {scan.path}")
         self._check(response)
         body = json_object(response)
-        if not _is_about(body, request):
-            return self._other_bytes(request, ref, body)
+        if not _is_about(body, scan.sha256):
+            return self._other_bytes(scan, ref, body)
         if not _is_finished(body):
-            return Pending(engine_scan_id, self._config.poll_interval)
+            return Pending(scan.engine_scan_id, self._config.poll_interval)
         return _verdict(body, ref.data_id)
 
     def probe(self) -> str:
@@ -197,32 +201,48 @@ class MetadefenderEngine:
 
     # -- results ------------------------------------------------------------------------------
 
-    def _known(self, request: ScanRequest) -> Verdict | None:
-        """Core's last finished clean or infected result of these bytes, if it has one."""
+    def _known(self, request: ScanRequest | ScanHandle, *, running: bool = False) -> Verdict | Pending | None:
+        """Core's last finished clean or infected result of these bytes, if it has one
+        (`running`: or its scan of them still running, followed by its data_id)."""
         response = self._get(f"/hash/{request.sha256}")
         if response.status_code == 404:
             return None
         self._check(response)
         body = json_object(response)
-        if not _is_about(body, request) or not _is_finished(body):
+        if not _is_about(body, request.sha256):
             return None
         workflow = _section(body, "process_info").get("profile")
         if self._config.rule is not None and workflow is not None and workflow != self._config.rule:
             return None  # judged by another workflow (one that skips archives, say): not ours
+        if not _is_finished(body):
+            data_id = body.get("data_id")
+            if running and isinstance(data_id, str) and data_id and "@" not in data_id:
+                return Pending(data_id, self._config.poll_interval)
+            return None
         verdict = _verdict(body, str(body.get("data_id", "")), hash_lookup=True)
         return None if verdict.kind is VerdictKind.FAILED else verdict
 
-    def _other_bytes(self, request: ScanRequest, ref: _ScanRef, body: dict[str, Any]) -> Pending:
+    def _in_doubt(self, scan: ScanHandle) -> Verdict | Pending:
+        """A submission that may have happened: Core's scan of these bytes, found by hash."""
+        found = self._known(scan, running=True) if self._config.hash_lookup else None
+        if found is None:
+            raise EngineResubmitError(f"engine {self.name!r}: a submission of {scan.path} may have "
+                                      "happened and Core cannot be asked by reference: submitting again",
+                                      may_duplicate=True)
+        return found
+
+    def _other_bytes(self, scan: ScanHandle, ref: _ScanRef, body: dict[str, Any]) -> Pending:
         """Core scanned other bytes than those hashed: a scan by path is redone by upload; an
         upload's mismatch is an error (retried until the file's attempts run out)."""
         scanned = _section(body, "file_info").get("sha256")
         if not ref.by_path:
             raise EngineRetryableError(f"engine {self.name!r}: Core scanned bytes with sha256 {scanned}, "
-                                       f"not {request.sha256} of {request.path}")
-        log.warning("scan.path_mismatch", engine=self.name, path=request.path, data_id=ref.data_id,
-                    sha256=request.sha256, core_sha256=scanned,
+                                       f"not {scan.sha256} of {scan.path}")
+        log.warning("scan.path_mismatch", engine=self.name, path=scan.path, data_id=ref.data_id,
+                    sha256=scan.sha256, core_sha256=scanned,
                     hint=f"check engines.{self.name}.filepath_map; uploading the file instead")
-        return self._upload(request)
+        raise EngineResubmitError(f"engine {self.name!r}: Core read other bytes at the path of "
+                                  f"{scan.path}: uploading it", by_upload=True)
 
     # -- wire ---------------------------------------------------------------------------------
 
@@ -282,10 +302,10 @@ def _section(body: dict[str, Any], key: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _is_about(body: dict[str, Any], request: ScanRequest) -> bool:
+def _is_about(body: dict[str, Any], sha256: str) -> bool:
     """False when Core says it scanned other bytes than these (no sha256 given: assume these)."""
     scanned = _section(body, "file_info").get("sha256")
-    return not isinstance(scanned, str) or scanned.lower() == request.sha256.lower()
+    return not isinstance(scanned, str) or scanned.lower() == sha256.lower()
 
 
 def _is_finished(body: dict[str, Any]) -> bool:

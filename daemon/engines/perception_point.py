@@ -1,14 +1,16 @@
-"""Perception Point X-Ray (vendors.md §2, seed 001): upload, or S3 by path or presigned link.
+"""Perception Point X-Ray (vendors.md §2, seed 001): upload, or a versioned S3 object by presigned link.
 
 One multipart `POST /api/v1/files/` carries exactly one of `data` (the bytes, streamed
-from the fd), `path` (`bucket/key` as plain text) with `storage`, or `download_link`;
-the answer's `scan_id` is journaled and polled at `GET /api/v1/scans/{scan_id}/`
-(**assumed** by vendors.md: the public docs name no result endpoint).
+from the fd) or `download_link`; `path` with `storage` is never sent, since it names
+no object version (docs/integrity.md, "Remote engines"). The answer's `scan_id` is
+journaled and polled at `GET /api/v1/scans/{scan_id}/` (**assumed** by vendors.md:
+the public docs name no result endpoint).
 
 The files API has no external reference: a scan is known only by its `scan_id`. Once
 journaled, a restart polls it and never submits again. A submission whose answer was
-lost cannot be looked up, so it is submitted again: the vendor then holds one extra
-scan of the same bytes, and the verdict comes from the scan we know.
+lost cannot be looked up, so it is submitted again (counted in
+`scanwatch_resubmissions_total`): the vendor then holds one extra scan of the same
+bytes, and the verdict comes from the scan we know.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ import httpx
 
 from daemon.config import PerceptionPointEngineConfig
 from daemon.engines._http import RateLimiter, api_client, check_status, json_object, translate_errors
-from daemon.engines.base import ScanRequest
-from daemon.errors import EnginePermanentError
+from daemon.engines.base import ScanHandle, ScanRequest
+from daemon.errors import EnginePermanentError, EngineResubmitError
 from daemon.model import Pending, Reason, Verdict, VerdictKind
 from daemon.webhooks import CALLBACK_SECRET_HEADER, WebhookHealth, webhook_path
 
@@ -44,7 +46,7 @@ _Part = tuple[str, tuple[str | None, str] | tuple[str, BinaryIO, str]]
 
 
 class PerceptionPointEngine:
-    """The X-Ray files API; S3 sources by path (`storage`) or presigned link (`download_link`)."""
+    """The X-Ray files API; versioned S3 sources by presigned link (`storage` or `download_link`)."""
 
     remote = True
 
@@ -74,13 +76,22 @@ class PerceptionPointEngine:
                                        reason=Reason.ENGINE_FAILED)
         return self._pending(str(scan_id))
 
-    def poll(self, request: ScanRequest, engine_scan_id: str) -> Verdict | Pending:
-        """The scan's verdict, or Pending while it runs; a scan the service lost is submitted again."""
-        response = self._request("GET", f"/api/v1/scans/{quote(engine_scan_id, safe='')}/")
+    def poll(self, scan: ScanHandle) -> Verdict | Pending:
+        """The scan's verdict, or Pending while it runs.
+
+        A scan the service lost, and an in-doubt submission (the files API cannot be
+        asked by reference), raise `EngineResubmitError`: the bytes are submitted again.
+        """
+        if scan.engine_scan_id is None:
+            raise EngineResubmitError(f"engine {self.name!r}: a submission of {scan.path} may have "
+                                      "happened and cannot be looked up: submitting again",
+                                      may_duplicate=True)
+        response = self._request("GET", f"/api/v1/scans/{quote(scan.engine_scan_id, safe='')}/")
         if response.status_code == 404:
-            return self.scan(request)
+            raise EngineResubmitError(f"engine {self.name!r}: scan {scan.engine_scan_id} is gone: "
+                                      f"submitting {scan.path} again")
         check_status(response, self.name)
-        return self._verdict(engine_scan_id, json_object(response))
+        return self._verdict(scan.engine_scan_id, json_object(response))
 
     def probe(self) -> str:
         """An authenticated look at scan 0, which never exists: 404 means the token works.
@@ -115,14 +126,13 @@ class PerceptionPointEngine:
 
     @contextmanager
     def _source_parts(self, request: ScanRequest) -> Iterator[list[_Part]]:
-        """What names the bytes: `path` and `storage`, `download_link`, or the streamed `data`."""
-        if request.s3 is not None and self.reads_s3:
-            if self._config.storage is not None:
-                # Plain `bucket/key`, not percent-encoded (vendors.md §2).
-                yield [("path", (None, f"{request.s3.bucket}/{request.s3.key}")),
-                       ("storage", (None, self._config.storage))]
-            else:
-                yield [("download_link", (None, request.s3.url))]
+        """What names the bytes: a `download_link` pinned to the version, or the streamed `data`."""
+        s3 = request.s3
+        if s3 is not None and s3.version_id is not None and self.reads_s3 and not request.by_upload:
+            # Only a version pins what the service reads (docs/integrity.md, "Remote engines"):
+            # `path` names no version, and a link to an unversioned object can change under
+            # it. So the link presigned with the VersionId, or else the hashed copy uploaded.
+            yield [("download_link", (None, s3.url))]
             return
         # A duplicate of the fd: httpx streams the part from it, never reading it whole.
         with os.fdopen(os.dup(request.bytes_fd), "rb") as body:

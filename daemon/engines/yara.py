@@ -9,7 +9,7 @@ from importlib import resources
 import yara
 
 from daemon.config import YaraEngineConfig
-from daemon.engines.base import ScanRequest
+from daemon.engines.base import ScanHandle, ScanRequest
 from daemon.errors import ConfigError, EnginePermanentError, EngineRetryableError
 from daemon.model import Pending, Reason, Verdict, VerdictKind
 
@@ -70,7 +70,7 @@ class YaraEngine:
             return Verdict(VerdictKind.INFECTED, threats=tuple(m.rule for m in matches))
         return Verdict(VerdictKind.CLEAN)
 
-    def poll(self, request: ScanRequest, engine_scan_id: str) -> Verdict | Pending:
+    def poll(self, scan: ScanHandle) -> Verdict | Pending:
         """YARA answers at once, so there is never a scan to poll."""
         raise EnginePermanentError("YARA has no submitted scans to poll")
 

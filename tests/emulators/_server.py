@@ -3,6 +3,7 @@ and fault injection (queued answers, connection resets, a down switch)."""
 
 from __future__ import annotations
 
+import io
 import json
 import socket
 import threading
@@ -37,6 +38,9 @@ class Fault:
     reset: bool = False  # close the connection without an answer
     after: bool = False  # ...after the request was handled (the answer is lost, the work done)
     delay_s: float = 0.0
+    # Handle the request (the work is done), then hold its answer until this is set: a test
+    # kills the client while the submission is in flight.
+    hold: threading.Event | None = None
 
 
 class _Discard:
@@ -125,6 +129,9 @@ class Emulator:
             handler.connection.shutdown(socket.SHUT_RDWR)
             handler.close_connection = True
             return
+        if fault is not None and fault.hold is not None:
+            self._held(handler, entry, fault.hold)
+            return
         if fault is not None:
             time.sleep(fault.delay_s)
             if fault.reset:
@@ -136,6 +143,18 @@ class Emulator:
                 self.reply(handler, entry, fault.status, fault.body, fault.headers)
                 return
         self.handle(handler, entry)
+
+    def _held(self, handler: BaseHTTPRequestHandler, entry: Logged, hold: threading.Event) -> None:
+        real, answer = handler.wfile, io.BytesIO()
+        handler.wfile = answer  # type: ignore[assignment]
+        self.handle(handler, entry)
+        hold.wait(60)
+        handler.wfile = real
+        try:
+            real.write(answer.getvalue())
+            real.flush()
+        except OSError:  # the client is gone
+            handler.close_connection = True
 
     def handle(self, handler: BaseHTTPRequestHandler, entry: Logged) -> None:
         raise NotImplementedError

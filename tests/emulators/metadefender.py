@@ -311,7 +311,10 @@ class MetadefenderEmulator(Emulator):
     def _latest(self, sha256: str) -> _Scan | None:
         with self.lock:
             done = [s for s in self.scans.values() if s.sha256 == sha256 and s.finished_at is not None]
-        return max(done, key=lambda s: s.finished_at or 0.0, default=None)
+            running = [s for s in self.scans.values() if s.sha256 == sha256 and s.finished_at is None]
+        # A finished result first; else a running scan's progress (**assumed** of Core, whose
+        # lookup answers with the latest processing result of the hash).
+        return max(done, key=lambda s: s.finished_at or 0.0, default=running[-1] if running else None)
 
 
 def _header_problem(headers: dict[str, str]) -> str | None:
