@@ -85,7 +85,7 @@ def test_metrics_follow_an_engine_down_then_back(layout: Layout, daemon_factory,
 def test_engine_errors_count_engines_that_could_not_scan_not_unreadable_files(tmp_path: Path) -> None:
     journal = Journal(tmp_path / "journal.sqlite3")
     journal.discover("inbox", [("a.txt", 1)], time.time())
-    [row] = journal.select()
+    [row] = journal.rows()
     metrics = Metrics(journal, engines=lambda: ["default"])
 
     def failed(reason: Reason) -> dict[str, object]:
