@@ -24,9 +24,10 @@ from structlog.testing import capture_logs
 from daemon import cli
 from daemon.config import Config
 from daemon.engines import Engine, build_engines
+from daemon.engines._webhook import WebhookHealth
 from daemon.journal import Journal
 from daemon.model import FileState
-from daemon.webhooks import WebhookHealth, WebhookReceivers
+from daemon.webhooks import WebhookReceivers
 
 BLZ_SECRET = "whsec_blazelock-0123456789"
 PP_SECRET = "cb-secret-0123456789"
@@ -100,7 +101,7 @@ def receiving(tmp_path: Path) -> Iterator[Receiving]:
     journal = Journal(tmp_path / "journal.sqlite3")
     engines = build_engines(config)
     wake = threading.Event()
-    receivers = WebhookReceivers(config, engines, journal, wake)
+    receivers = WebhookReceivers(engines, journal, wake)
     receivers.start()
     yield Receiving(f"http://127.0.0.1:{port}", journal, wake, engines, receivers)
     receivers.stop()
@@ -304,7 +305,7 @@ def test_a_flood_of_forged_deliveries_is_logged_once_with_a_count(receiving: Rec
 def test_refusal_counts_are_logged_each_interval_without_a_stop(tmp_path: Path) -> None:
     config = _config(tmp_path, _free_port())
     journal = Journal(tmp_path / "journal.sqlite3")
-    receivers = WebhookReceivers(config, build_engines(config), journal, threading.Event(),
+    receivers = WebhookReceivers(build_engines(config), journal, threading.Event(),
                                  log_rejections_every_s=0.2)
     receivers.start()
     try:
@@ -343,7 +344,7 @@ def test_an_address_in_use_is_logged_and_left_to_polling(tmp_path: Path) -> None
         taken.listen()
         config = _config(tmp_path, taken.getsockname()[1])
         engines = build_engines(config)
-        receivers = WebhookReceivers(config, engines, Journal(tmp_path / "j.sqlite3"), threading.Event())
+        receivers = WebhookReceivers(engines, Journal(tmp_path / "j.sqlite3"), threading.Event())
         with capture_logs() as logs:
             receivers.start()
         receivers.stop()
