@@ -6,6 +6,8 @@ import json
 import math
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -336,6 +338,14 @@ def test_health_slows_polls_while_deliveries_arrive() -> None:
     health.receiving()
     health.stopped()
     assert health.poll_after_s(2.0) == 2.0
+
+
+def test_engines_take_webhooks_without_importing_the_receiver_or_the_journal() -> None:
+    # Data flows one way: the vendors' wire formats live in the engines, which the receiver uses.
+    code = "import sys, daemon.engines; print(sorted(m for m in sys.modules if m.startswith('daemon.')))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "daemon.engines.blazelock" in loaded and "daemon.engines.perception_point" in loaded
+    assert "daemon.webhooks" not in loaded and "daemon.journal" not in loaded
 
 
 def test_an_address_in_use_is_logged_and_left_to_polling(tmp_path: Path) -> None:
