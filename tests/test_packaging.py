@@ -34,10 +34,11 @@ def _why_not() -> str | None:
     for tool in ("dpkg-deb", "dpkg", "dpkg-query"):
         if shutil.which(tool) is None:
             return f"{tool} is absent (not a Debian machine)"
-    if subprocess.run(["/usr/bin/python3", "-c", "import sys, venv, ensurepip; assert sys.version_info >= (3, 11)"],
-                      capture_output=True).returncode != 0:
+    probe = "import sys, venv, ensurepip; assert sys.version_info >= (3, 11)"
+    if subprocess.run(["/usr/bin/python3", "-c", probe], capture_output=True).returncode != 0:
         return "needs /usr/bin/python3 >= 3.11 with venv (scripts/install-test-deps.sh installs python3-venv)"
-    if _installed() or any(Path(p).exists() for p in ("/opt/scanwatch", "/etc/scanwatch", "/usr/bin/scanwatch")):
+    ours = ("/opt/scanwatch", "/etc/scanwatch", "/usr/bin/scanwatch")
+    if _installed() or any(Path(p).exists() for p in ours):
         return "scanwatch is already on this machine: the test would change it"
     return None
 
