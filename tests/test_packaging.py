@@ -151,11 +151,14 @@ def test_service_is_enabled_but_not_started(installed: Path) -> None:
         assert _run("systemctl", "is-active", "scanwatch.service", check=False).stdout.strip() != "active"
 
 
-def test_remove_disables_and_purge_cleans_up(installed: Path) -> None:
+def test_remove_disables_reinstall_enables_and_purge_cleans_up(installed: Path) -> None:
     _run("dpkg", "-r", "scanwatch")
     assert not Path("/usr/bin/scanwatch").exists() and not Path("/opt/scanwatch/bin").exists()
     assert not WANTS.is_symlink()
     assert Path(CONFIG).exists()  # a conffile outlives `remove`
+    _run("dpkg", "-i", str(installed))  # installed again: enabled again, as a first install is
+    assert WANTS.is_symlink()
+    _run("dpkg", "-r", "scanwatch")
     _run("dpkg", "--purge", "scanwatch")
     assert not _installed()
     assert not Path("/etc/scanwatch").exists() and not Path("/var/lib/scanwatch").exists()
