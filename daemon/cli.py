@@ -1,4 +1,7 @@
-"""The `scanwatch` command line (contract.md): run, check-config, scan, status, quarantine."""
+"""The `scanwatch` command line: run, check-config, scan, status, quarantine.
+
+docs/contract.md#command-line is what it promises.
+"""
 
 from __future__ import annotations
 

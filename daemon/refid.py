@@ -1,4 +1,7 @@
-"""External reference IDs: `<watch>:<relative path>#<12 hex of sha256>` (contract.md)."""
+"""External reference IDs: `<watch>:<relative path>#<12 hex of sha256>`.
+
+docs/contract.md#external-reference-ids is the rule.
+"""
 
 from __future__ import annotations
 

@@ -56,7 +56,7 @@ def translate_errors(engine: str, url: str) -> Iterator[None]:
 
 def check_status(response: httpx.Response, engine: str, body: str = "", *,
                  retryable: bool = False, reason: Reason | None = None) -> None:
-    """Raise the engine error a non-2xx answer means (vendors.md's common rules).
+    """Raise the engine error a non-2xx answer means (docs/engines.md#retries).
 
     A vendor's documented exceptions override the status's usual meaning: a permanent
     `reason` (MetaDefender's 500 "license expired"), or `retryable` (its 403 "scan limit").

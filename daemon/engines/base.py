@@ -37,7 +37,7 @@ class ScanRequest:
     fd: int | None
     size: int
     sha256: str
-    ref_id: str  # the external reference ID (contract.md)
+    ref_id: str  # the external reference ID (docs/contract.md#external-reference-ids)
     s3: S3Object | None = None
     archive_password: str | None = field(default=None, repr=False)  # the watch's `archivepwd`
     by_upload: bool = False  # send the bytes themselves: a scan by path or link saw other bytes

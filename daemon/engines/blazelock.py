@@ -1,4 +1,4 @@
-"""Blazelock (vendors.md §1, seed 000): upload only, async or sync, resumed by external reference ID.
+"""Blazelock (docs/engines.md#blazelock): upload only, async or sync, resumed by external reference ID.
 
 A submission that may have happened (a lost answer, a crash before the scan id was
 journaled) is never repeated blindly: submitting the same external reference ID again
@@ -6,7 +6,7 @@ answers 409, and the scan is looked up by that ID and followed. A found scan tha
 failed, or is older than `reuse_max_age`, is submitted again as `<id>.2`, `.3`...
 With `webhook:` configured, running scans are polled slower while events arrive, and
 an event makes the next poll due at once (daemon/webhooks.py receives them). Events
-(vendors.md §1): `X-Blazelock-Webhook-Signature` is the hex HMAC-SHA256 of
+(docs/engines.md#blazelock-webhooks): `X-Blazelock-Webhook-Signature` is the hex HMAC-SHA256 of
 `"{X-Blazelock-Webhook-Timestamp}.{raw body}"` with the secret; stale timestamps are
 refused. `file_scan.completed|failed` name their scan; `submitted` is only acknowledged.
 """
@@ -37,7 +37,8 @@ __all__ = ["ASYNC_LIMIT_BYTES", "SYNC_LIMIT_BYTES", "BlazelockEngine"]
 ASYNC_LIMIT_BYTES = 100_000_000
 SYNC_LIMIT_BYTES = 10_000_000
 _MAX_GENERATIONS = 20
-_MAX_SKEW_S = 300.0  # vendors.md §1: refuse timestamps older than 5 minutes (and as far ahead)
+# docs/engines.md#blazelock-webhooks: refuse timestamps older than 5 minutes (and as far ahead).
+_MAX_SKEW_S = 300.0
 _FINISHED_EVENTS = ("file_scan.completed", "file_scan.failed")
 
 
@@ -138,7 +139,7 @@ class BlazelockEngine:
             return []
         scan = event.get("data")
         if isinstance(scan, dict) and isinstance(scan.get("data"), dict):
-            scan = scan["data"]  # the scan object's own envelope is optional (vendors.md §1)
+            scan = scan["data"]  # the scan object's own envelope is optional (docs/engines.md#blazelock)
         if not isinstance(scan, dict):
             return []
         ids = [str(scan["id"])] if scan.get("id") else []
@@ -190,7 +191,7 @@ class BlazelockEngine:
         if response.status_code == 408:
             body = json_object(response)
             if body.get("code") == "sync_scan_timeout" and body.get("file_scan_id"):
-                # The scan exists and goes on: poll it, never resubmit (vendors.md).
+                # The scan exists and goes on: poll it, never resubmit (docs/engines.md#blazelock).
                 return self._pending(str(body["file_scan_id"]))
         check_status(response, self.name)
         return self._follow(_scan_object(response), ref_id)

@@ -1,4 +1,6 @@
-"""OPSWAT MetaDefender Core (vendors.md §3, seed 002): by path where Core can read the file, else uploaded.
+"""OPSWAT MetaDefender Core: by path where Core can read the file, else uploaded.
+
+The wire protocol: docs/engines.md#opswat-metadefender-core.
 
 Path mode sends the path as Core sees it (`filepath_map`) and no body; upload mode
 streams the bytes from the request's fd, in chunks of `max_request_bytes` above that
@@ -36,8 +38,8 @@ __all__ = ["MetadefenderEngine"]
 log = structlog.get_logger("scanwatch.engines.metadefender")
 
 _READ_BYTES = 256 * 1024
-# scan_all_result_i (vendors.md §3). Every other code (3, 9-16, 19, 23, or one this table
-# does not know), and a 0/7 that is neither Allowed nor Blocked, is no verdict: failed.
+# scan_all_result_i (docs/engines.md#metadefender-results). Every other code (3, 9-16, 19,
+# 23, or one this table does not know), and a 0/7 that is neither Allowed nor Blocked, is no verdict: failed.
 _INFECTED = frozenset({1, 2, 4, 6, 8, 20, 21, 22})
 _CLEAN = frozenset({0, 7})
 _FAILED_REASONS = {12: Reason.ENCRYPTED, 13: Reason.TOO_LARGE, 15: Reason.TOO_LARGE}
@@ -158,7 +160,8 @@ class MetadefenderEngine:
         for offset in range(chunk, size, chunk):
             length = min(chunk, size - offset)
             answer = self._post({"X-File-ID": data_id}, _read_range(fd, offset, length), length)
-        # The last chunk may name an older data_id: Core knew these bytes (seed 002).
+        # The last chunk may name an older data_id: Core knew these bytes
+        # (docs/engines.md#opswat-metadefender-core).
         return self._pending({"data_id": data_id, **answer})
 
     def _headers(self, request: ScanRequest) -> dict[str, str]:
@@ -167,7 +170,8 @@ class MetadefenderEngine:
             "original_file_path": _encoded(request.path, safe="/"),
             "source": self._source,
         }
-        # `rule` supersedes `user_agent`; Core wants only one of them (seed 002).
+        # `rule` supersedes `user_agent`; Core wants only one of them
+        # (docs/engines.md#opswat-metadefender-core).
         if self._config.rule is not None:
             headers["rule"] = self._config.rule
         else:
@@ -254,13 +258,13 @@ class MetadefenderEngine:
             return self._client.get(url)
 
     def _check(self, response: httpx.Response, hint: str = "") -> None:
-        """vendors.md §3's error table on top of the common rules; `hint` explains a 400."""
+        """docs/engines.md#metadefender-errors on top of the common rules; `hint` explains a 400."""
         status = response.status_code
         if status < 300:
             return
         error = str(json_object(response).get("err") or response.text[:200])
         lowered = error.lower()
-        # Core tells its 403s and 500s apart only by their text (seed 002).
+        # Core tells its 403s and 500s apart only by their text (docs/engines.md#metadefender-errors).
         is_busy = status == 403 and ("limit" in lowered or "clients" in lowered)
         is_broken = (status == 403 and "license" in lowered) or (
             status == 500 and any(word in lowered for word in ("license", "disk", "space")))
@@ -315,7 +319,10 @@ def _is_finished(body: dict[str, Any]) -> bool:
 
 
 def _verdict(body: dict[str, Any], data_id: str, hash_lookup: bool = False) -> Verdict:
-    """vendors.md §3: `scan_all_result_i` first, then the workflow's Allowed/Blocked."""
+    """`scan_all_result_i` first, then the workflow's Allowed/Blocked.
+
+    docs/engines.md#metadefender-results has the table.
+    """
     scan, process = _section(body, "scan_results"), _section(body, "process_info")
     given = scan.get("scan_all_result_i")
     code = given if isinstance(given, int) and not isinstance(given, bool) else -1

@@ -1,9 +1,11 @@
-"""Perception Point X-Ray (vendors.md §2, seed 001): upload, or a versioned S3 object by presigned link.
+"""Perception Point X-Ray: upload, or a versioned S3 object by presigned link.
+
+The wire protocol: docs/engines.md#perception-point-x-ray.
 
 One multipart `POST /api/v1/files/` carries exactly one of `data` (the bytes, streamed
 from the fd) or `download_link`; `path` with `storage` is never sent, since it names
 no object version (docs/integrity.md, "Remote engines"). The answer's `scan_id` is
-journaled and polled at `GET /api/v1/scans/{scan_id}/` (**assumed** by vendors.md:
+journaled and polled at `GET /api/v1/scans/{scan_id}/` (**assumed** in docs/engines.md#perception-point-x-ray:
 the public docs name no result endpoint).
 
 The files API has no external reference: a scan is known only by its `scan_id`. Once
@@ -105,8 +107,8 @@ class PerceptionPointEngine:
     def probe(self) -> str:
         """An authenticated look at scan 0, which never exists: 404 means the token works.
 
-        **Assumed**: vendors.md names no health endpoint; the result endpoint answers
-        401/403 to a bad token before it looks for the scan.
+        **Assumed** (docs/engines.md#perception-point-x-ray): no health endpoint is documented;
+        the result endpoint answers 401/403 to a bad token before it looks for the scan.
         """
         response = self._request("GET", "/api/v1/scans/0/")
         if response.status_code != 404:
