@@ -36,6 +36,7 @@ _MAX_WAIT_TIME_S = 20  # SQS long polling's limit
 _MAX_VISIBILITY_TIMEOUT_S = 43_200  # 12 h, SQS's limit
 _BODY_HEAD_CHARS = 120
 _CREATED_PREFIX = "ObjectCreated:"
+_EVENTBRIDGE_CREATED = "Object Created"
 _DEFAULT_RETRY = RetryPolicy(base_s=1.0, max_s=60.0)
 
 
@@ -70,9 +71,10 @@ class QueueUnavailableError(ScanwatchError):
 def parse_message(body: str) -> list[S3Event]:
     """The ObjectCreated events of every record of one SQS message body, in order.
 
-    Accepts an S3 notification as S3 sends it, or wrapped by SNS (`Type: Notification`). An
-    `s3:TestEvent` gives `[]`, and so do removals and other event types. Raises
-    MalformedMessageError for anything else, including one bad record among good ones.
+    Accepts an S3 notification as S3 sends it, wrapped by SNS (`Type: Notification`), or an
+    EventBridge event (`detail-type`). An `s3:TestEvent` gives `[]`, and so do removals and
+    other event types. Raises MalformedMessageError for anything else, including one bad
+    record among good ones.
     """
     doc = _load_json(body, "body")
     if isinstance(doc, dict) and doc.get("Type") == "Notification" and "Message" in doc:
@@ -83,6 +85,8 @@ def parse_message(body: str) -> list[S3Event]:
         raise MalformedMessageError("not a JSON object")
     if doc.get("Event") == "s3:TestEvent":
         return []
+    if "detail-type" in doc:
+        return _parse_eventbridge(doc)
     records = doc.get("Records")
     if not isinstance(records, list):
         raise MalformedMessageError("no Records list")
@@ -102,14 +106,8 @@ def _parse_record(record: Any, where: str) -> S3Event:
     """One record; every record is checked, whatever its event type."""
     if not isinstance(record, dict):
         raise MalformedMessageError(f"{where} is not an object")
-    raw_key = _field(record, where, str, "s3", "object", "key", required=True)
-    if not raw_key:
-        raise MalformedMessageError(f"{where}.s3.object.key is empty")
-    try:
-        # S3 form-encodes keys in events: '+' is a space, anything else special is %xx of UTF-8.
-        key = unquote_plus(raw_key, encoding="utf-8", errors="strict")
-    except UnicodeDecodeError:
-        raise MalformedMessageError(f"{where}.s3.object.key is not percent-encoded UTF-8") from None
+    key = _decoded_key(_field(record, where, str, "s3", "object", "key", required=True),
+                       f"{where}.s3.object.key")
     etag = _field(record, where, str, "s3", "object", "eTag")
     return S3Event(
         bucket=_field(record, where, str, "s3", "bucket", "name", required=True),
@@ -120,6 +118,42 @@ def _parse_record(record: Any, where: str) -> S3Event:
         sequencer=_field(record, where, str, "s3", "object", "sequencer"),
         event_name=_field(record, where, str, "eventName", required=True),
     )
+
+
+def _parse_eventbridge(doc: dict[str, Any]) -> list[S3Event]:
+    """The event of an EventBridge `Object Created` event; `[]` for its other S3 events."""
+    detail_type = doc["detail-type"]
+    if not isinstance(detail_type, str):
+        raise MalformedMessageError(f"detail-type is {type(detail_type).__name__}, not str")
+    where, detail = "event", "detail"
+    if not isinstance(doc.get(detail), dict):
+        raise MalformedMessageError("EventBridge event has no detail object")
+    key = _decoded_key(_field(doc, where, str, detail, "object", "key", required=True),
+                       "detail.object.key")
+    bucket = _field(doc, where, str, detail, "bucket", "name", required=True)
+    etag = _field(doc, where, str, detail, "object", "etag")
+    event = S3Event(
+        bucket=bucket, key=key, etag=etag.strip('"') if etag is not None else None,
+        version_id=_field(doc, where, str, detail, "object", "version-id"),
+        size=_field(doc, where, int, detail, "object", "size"),
+        sequencer=_field(doc, where, str, detail, "object", "sequencer"),
+        event_name=f"{_CREATED_PREFIX}{_field(doc, where, str, detail, 'reason') or 'PutObject'}")
+    return [event] if detail_type == _EVENTBRIDGE_CREATED else []
+
+
+def _decoded_key(raw_key: str, where: str) -> str:
+    """A key as S3 writes it in events, decoded; see docs/fleet.md "Event shapes".
+
+    Notifications form-encode keys ('+' is a space, anything else special is %xx of UTF-8).
+    EventBridge keys are decoded the same way: AWS documents no difference, and AWS's own
+    Lambda Powertools decodes `detail.object.key` with `unquote_plus` too.
+    """
+    if not raw_key:
+        raise MalformedMessageError(f"{where} is empty")
+    try:
+        return unquote_plus(raw_key, encoding="utf-8", errors="strict")
+    except UnicodeDecodeError:
+        raise MalformedMessageError(f"{where} is not percent-encoded UTF-8") from None
 
 
 def _field(record: dict[str, Any], where: str, kind: type, *path: str, required: bool = False) -> Any:
