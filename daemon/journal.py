@@ -438,6 +438,13 @@ class Journal:
             (watch, os.fsencode(rel_path))).fetchone()
         return _from_db(row) if row else None
 
+    def is_settled(self, watch: str, rel_path: str, etag: str) -> bool:
+        """Whether no row of this object version is still being handled (done, gone or held)."""
+        row = self._conn().execute(
+            f"SELECT 1 FROM files WHERE watch = ? AND rel_path = ? AND etag = ? AND {_ACTIVE} "
+            "AND state != 'held' LIMIT 1", (watch, os.fsencode(rel_path), etag)).fetchone()
+        return row is None
+
     def latest(self, watch: str, rel_path: str) -> FileRow | None:
         """The newest row of a path, in any state."""
         row = self._conn().execute(

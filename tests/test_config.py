@@ -210,6 +210,8 @@ def test_fuzzed_yaml_gives_config_errors_never_tracebacks(tmp_path: Path, text: 
     ({"events": {"sqs_queue_url": "https://sqs.x/1/q"}},
      "watches[0]: events: only an s3:// source has S3 event notifications"),
     ({"s3": {"region": "eu-west-1"}}, "watches[0]: s3: this watch has no s3:// location"),
+    ({"fleet": True}, "watches[0]: fleet: only an s3:// source can be shared by several daemons"),
+    ({"source": "s3://in-bucket/new/", "fleet": True}, "watches[0]: fleet: needs events:"),
     ({"clean": "s3://ok-bucket/x/", "s3": {"profile": "nobody"}},
      "watches[0].s3.profile: no profile 'nobody' in the AWS config files"),
 ])
@@ -223,6 +225,12 @@ def test_s3_source_needs_no_local_directory_and_prefixes_end_with_a_slash(layout
         "source": "s3://in-bucket/new", "clean": "s3://out-bucket", "events": {"sqs_queue_url": "q"}})))
     watch = config.watches[0]
     assert (watch.source, watch.clean) == ("s3://in-bucket/new/", "s3://out-bucket/")
+
+
+def test_a_fleet_watch_loads_and_fleet_is_off_by_default(layout: Layout) -> None:
+    watch = {"source": "s3://in-bucket/new", "clean": "s3://out-bucket", "events": {"sqs_queue_url": "q"}}
+    assert not load_config(_write(layout, layout.config(watch=watch))).watches[0].fleet
+    assert load_config(_write(layout, layout.config(watch={**watch, "fleet": True}))).watches[0].fleet
 
 
 def test_a_watch_s3_block_replaces_only_the_keys_it_gives(layout: Layout, tmp_path: Path,

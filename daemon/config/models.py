@@ -261,8 +261,10 @@ class WatchConfig(_Model):
     rescan_interval: Duration = Field(60.0, gt=0, description="full rescan, the safety net for lost events")
     poll_interval: Duration = Field(30.0, gt=0, description="S3 listing interval (with events: the "
                                     "safety net's, at a tenth of the pace)")
-    events: EventsConfig | None = Field(None, description="S3 event notifications through SQS (direct or "
-                                        "via SNS); only for an s3:// source")
+    events: EventsConfig | None = Field(None, description="S3 event notifications through SQS (direct, "
+                                        "via SNS or EventBridge); only for an s3:// source")
+    fleet: bool = Field(False, description="any number of daemons may run this watch at once, "
+                        "sharing its events queue (docs/fleet.md); needs an s3:// source and events")
     archivepwd: SecretStr | None = Field(None, description="password of encrypted archives, sent to "
                                          f"engines that open them; {_SECRET}",
                                          examples=["${ARCHIVE_PASSWORD}"])
@@ -284,6 +286,16 @@ class WatchConfig(_Model):
             raise ValueError("events: only an s3:// source has S3 event notifications")
         if self.s3 is not None and not any(map(is_s3, (self.source, *self.destinations.values()))):
             raise ValueError("s3: this watch has no s3:// location")
+        return self
+
+    @model_validator(mode="after")
+    def _fleet_needs_events(self) -> WatchConfig:
+        if self.fleet and not is_s3(self.source):
+            raise ValueError("fleet: only an s3:// source can be shared by several daemons; "
+                             "a local folder is watched by one daemon")
+        if self.fleet and self.events is None:
+            raise ValueError("fleet: needs events: {sqs_queue_url: ...}: the queue is what the "
+                             "daemons share")
         return self
 
     @property

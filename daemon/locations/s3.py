@@ -6,11 +6,13 @@ import contextlib
 import errno
 import io
 import json
+import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, BinaryIO
 from urllib.parse import urlencode
 
+import structlog
 from botocore.exceptions import BotoCoreError, ClientError
 
 from daemon.config import S3Config
@@ -29,10 +31,27 @@ from daemon.locations.base import (
 )
 from daemon.s3 import S3Url, error_code, s3_errors
 
-__all__ = ["S3Location"]
+__all__ = ["SHA256_TAG", "SOURCE_VERSION_TAG", "S3Location", "source_tags"]
 
 _MAX_PARTS = 10_000
 _MAX_KEY_BYTES = 1024
+# What a placed copy says about its source, the same whichever daemon placed it (docs/fleet.md).
+SOURCE_VERSION_TAG = "scanwatch-source-version"
+SHA256_TAG = "scanwatch-sha256"
+_TAG_UNSAFE = re.compile(r"[^A-Za-z0-9 +\-=._:/@]")
+
+log = structlog.get_logger("scanwatch.locations.s3")
+
+
+def source_tags(req: MoveRequest) -> dict[str, str]:
+    """The node-independent identity of the scanned source version, as destination tags."""
+    tags = {}
+    version = req.version_id or (req.etag or "").strip('"')
+    if version:
+        tags[SOURCE_VERSION_TAG] = _TAG_UNSAFE.sub("_", version)[:256]
+    if req.sha256:
+        tags[SHA256_TAG] = req.sha256
+    return tags
 
 
 def _check_key(key: str) -> None:
@@ -106,15 +125,31 @@ class S3Location:
             raise s3_errors(f"DELETE {self.name(key)}", exc) from exc
 
     def holds(self, req: MoveRequest) -> bool:
+        return {"Key": "scanwatch-file", "Value": req.marker} in self._tags(req.dest_rel)
+
+    def _tags(self, rel_path: str) -> list[dict[str, str]]:
+        """The TagSet of `rel_path`; [] if there is no such object."""
         try:
-            tags = self._client.get_object_tagging(Bucket=self.where.bucket, Key=self.key(req.dest_rel))
+            answer = self._client.get_object_tagging(Bucket=self.where.bucket, Key=self.key(rel_path))
         except ClientError as exc:
             if error_code(exc) in ("404", "NoSuchKey"):
-                return False
-            raise s3_errors(f"GET tagging {self.name(req.dest_rel)}", exc) from exc
+                return []
+            raise s3_errors(f"GET tagging {self.name(rel_path)}", exc) from exc
         except BotoCoreError as exc:
-            raise s3_errors(f"GET tagging {self.name(req.dest_rel)}", exc) from exc
-        return {"Key": "scanwatch-file", "Value": req.marker} in tags.get("TagSet", [])
+            raise s3_errors(f"GET tagging {self.name(rel_path)}", exc) from exc
+        return list(answer.get("TagSet", []))
+
+    def holds_source(self, req: MoveRequest) -> bool:
+        """True when `req.dest_rel` is a copy of this very source version, whoever placed it.
+
+        Needs both the source version (VersionId, else ETag) and the sha256 of the scanned bytes
+        to match: a copy placed by another daemon of the fleet counts; any other object does not.
+        """
+        wanted = source_tags(req)
+        if SOURCE_VERSION_TAG not in wanted or SHA256_TAG not in wanted:
+            return False
+        found = {tag["Key"]: tag["Value"] for tag in self._tags(req.dest_rel)}
+        return all(found.get(key) == value for key, value in wanted.items())
 
     @contextmanager
     def open_bytes(self, req: MoveRequest) -> Iterator[BinaryIO]:
@@ -153,7 +188,7 @@ class S3Location:
             raise s3_errors(f"HEAD {self.name(rel_path)}", exc) from exc
 
     def receive(self, req: MoveRequest, source: Location) -> None:
-        tags = urlencode({**req.tags, "scanwatch-file": req.marker})
+        tags = urlencode({**req.tags, **source_tags(req), "scanwatch-file": req.marker})
         try:
             if isinstance(source, S3Location):
                 self._copy(req, source, tags)
@@ -161,11 +196,18 @@ class S3Location:
                 with source.open_bytes(req) as reader:
                     self._upload(req, reader, tags)
         except ClientError as exc:
-            if error_code(exc) in ("412", "PreconditionFailed"):
+            code = error_code(exc)
+            failed = code in ("412", "PreconditionFailed", "404", "NoSuchKey", "NoSuchVersion")
+            if failed and self.holds_source(req):
+                # Another daemon of a fleet placed this very version (and may have deleted the
+                # source): it is placed, with no `.1` twin.
+                log.info("move.already_placed", destination=self.name(req.dest_rel), rel_path=req.rel_path)
+                return
+            if code in ("412", "PreconditionFailed"):
                 if self._exists(self.key(req.dest_rel)):
                     raise FileExistsError(errno.EEXIST, "taken", self.name(req.dest_rel)) from exc
                 raise ChangedError(f"{source.name(req.rel_path)} was replaced since it was scanned") from exc
-            if error_code(exc) in ("404", "NoSuchKey", "NoSuchVersion"):
+            if code in ("404", "NoSuchKey", "NoSuchVersion"):
                 raise FileNotFoundError(errno.ENOENT, "no such object", source.name(req.rel_path)) from exc
             raise s3_errors(f"PUT {self.name(req.dest_rel)}", exc) from exc
         except BotoCoreError as exc:

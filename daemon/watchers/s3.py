@@ -10,6 +10,8 @@ tenth of the pace, as the safety net for lost events.
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -21,6 +23,7 @@ from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
 from daemon.config import S3Config, WatchConfig
+from daemon.fleet import ListingLease, SafetyNet
 from daemon.journal import Journal
 from daemon.retry import RetryPolicy
 from daemon.s3 import S3Url, s3_errors
@@ -54,10 +57,19 @@ class S3Watcher:
         self._consumer: threading.Thread | None = None
         self._interval_s = watch.poll_interval * (_EVENTS_SLOWDOWN if watch.events else 1)
         self.events: SqsEventSource | None = None
+        self.safety_net: SafetyNet | None = None
         if watch.events is not None:
+            sqs = _sqs_client(watch, s3_config)
             self.events = SqsEventSource(
-                _sqs_client(watch, s3_config), watch.events.sqs_queue_url, self._on_events,
-                bucket=self.where.bucket, prefix=self.where.prefix, stop=self._stop)
+                sqs, watch.events.sqs_queue_url, self._on_events,
+                bucket=self.where.bucket, prefix=self.where.prefix, stop=self._stop,
+                is_settled=self._is_settled if watch.fleet else None)
+            if watch.fleet:  # list only while holding the lease, and only into the queue
+                lease = ListingLease(client, self.where, f"{socket.gethostname()}:{os.getpid()}",
+                                     ttl_s=max(60.0, 3 * self._interval_s), clock=clock)
+                self.safety_net = SafetyNet(client, sqs, watch.events.sqs_queue_url, self.where, lease,
+                                            grace_s=max(60.0, self._interval_s),
+                                            is_ignored=lambda rel: is_ignored(rel, watch.ignore), clock=clock)
 
     def start(self) -> None:
         """List once now (the backfill), then every interval; consume events if configured."""
@@ -95,7 +107,12 @@ class S3Watcher:
             self._stop.wait(wait_s)
 
     def poll_once(self) -> int:
-        """List the whole prefix page by page into the journal; returns the new arrivals."""
+        """List the whole prefix page by page into the journal; returns the new arrivals.
+
+        A fleet member lists only while it holds the lease, and sends into the queue instead.
+        """
+        if self.safety_net is not None:
+            return self.safety_net.run_once()
         added = 0
         for page in self._pages():
             added += self._record(page, "listing")
@@ -128,6 +145,14 @@ class S3Watcher:
         """SQS arrivals: journaled before the message is deleted (we return only then)."""
         self._record(list(self._entries((e.key, e.etag or "", e.version_id, e.size or 0)
                                         for e in events if e.etag)), "event")
+
+    def _is_settled(self, events: list[S3Event]) -> bool:
+        """Fleet: every object of these events is done, gone or held in this daemon's journal."""
+        for rel_path, etag, _, _ in self._entries((e.key, e.etag or "", e.version_id, e.size or 0)
+                                                  for e in events if e.etag):
+            if not self.journal.is_settled(self.watch.name, rel_path, etag):
+                return False
+        return True
 
     def _record(self, entries: list[ObjectEntry], how: str) -> int:
         if not entries:

@@ -25,6 +25,7 @@ import structlog
 from botocore.exceptions import BotoCoreError, ClientError
 
 from daemon.errors import ScanwatchError
+from daemon.fleet import is_fleet_key
 from daemon.retry import RetryPolicy
 
 __all__ = ["MalformedMessageError", "QueueUnavailableError", "S3Event", "SqsEventSource", "parse_message"]
@@ -36,6 +37,7 @@ _MAX_WAIT_TIME_S = 20  # SQS long polling's limit
 _MAX_VISIBILITY_TIMEOUT_S = 43_200  # 12 h, SQS's limit
 _BODY_HEAD_CHARS = 120
 _CREATED_PREFIX = "ObjectCreated:"
+_EVENTBRIDGE_CREATED = "Object Created"
 _DEFAULT_RETRY = RetryPolicy(base_s=1.0, max_s=60.0)
 
 
@@ -70,9 +72,10 @@ class QueueUnavailableError(ScanwatchError):
 def parse_message(body: str) -> list[S3Event]:
     """The ObjectCreated events of every record of one SQS message body, in order.
 
-    Accepts an S3 notification as S3 sends it, or wrapped by SNS (`Type: Notification`). An
-    `s3:TestEvent` gives `[]`, and so do removals and other event types. Raises
-    MalformedMessageError for anything else, including one bad record among good ones.
+    Accepts an S3 notification as S3 sends it, wrapped by SNS (`Type: Notification`), or an
+    EventBridge event (`detail-type`). An `s3:TestEvent` gives `[]`, and so do removals and
+    other event types. Raises MalformedMessageError for anything else, including one bad
+    record among good ones.
     """
     doc = _load_json(body, "body")
     if isinstance(doc, dict) and doc.get("Type") == "Notification" and "Message" in doc:
@@ -83,12 +86,22 @@ def parse_message(body: str) -> list[S3Event]:
         raise MalformedMessageError("not a JSON object")
     if doc.get("Event") == "s3:TestEvent":
         return []
+    if "detail-type" in doc:
+        return _parse_eventbridge(doc)
     records = doc.get("Records")
     if not isinstance(records, list):
         raise MalformedMessageError("no Records list")
     events = [_parse_record(record, f"Records[{index}]") for index, record in enumerate(records)]
     # MinIO and some other S3-compatible stores write `s3:ObjectCreated:Put`.
     return [event for event in events if event.event_name.removeprefix("s3:").startswith(_CREATED_PREFIX)]
+
+
+def _events_of(message: dict[str, Any]) -> list[S3Event]:
+    """The events of a message already parsed once without error."""
+    try:
+        return parse_message(message.get("Body", ""))
+    except MalformedMessageError:
+        return []
 
 
 def _load_json(text: str, what: str) -> Any:
@@ -102,14 +115,8 @@ def _parse_record(record: Any, where: str) -> S3Event:
     """One record; every record is checked, whatever its event type."""
     if not isinstance(record, dict):
         raise MalformedMessageError(f"{where} is not an object")
-    raw_key = _field(record, where, str, "s3", "object", "key", required=True)
-    if not raw_key:
-        raise MalformedMessageError(f"{where}.s3.object.key is empty")
-    try:
-        # S3 form-encodes keys in events: '+' is a space, anything else special is %xx of UTF-8.
-        key = unquote_plus(raw_key, encoding="utf-8", errors="strict")
-    except UnicodeDecodeError:
-        raise MalformedMessageError(f"{where}.s3.object.key is not percent-encoded UTF-8") from None
+    key = _decoded_key(_field(record, where, str, "s3", "object", "key", required=True),
+                       f"{where}.s3.object.key")
     etag = _field(record, where, str, "s3", "object", "eTag")
     return S3Event(
         bucket=_field(record, where, str, "s3", "bucket", "name", required=True),
@@ -120,6 +127,42 @@ def _parse_record(record: Any, where: str) -> S3Event:
         sequencer=_field(record, where, str, "s3", "object", "sequencer"),
         event_name=_field(record, where, str, "eventName", required=True),
     )
+
+
+def _parse_eventbridge(doc: dict[str, Any]) -> list[S3Event]:
+    """The event of an EventBridge `Object Created` event; `[]` for its other S3 events."""
+    detail_type = doc["detail-type"]
+    if not isinstance(detail_type, str):
+        raise MalformedMessageError(f"detail-type is {type(detail_type).__name__}, not str")
+    where, detail = "event", "detail"
+    if not isinstance(doc.get(detail), dict):
+        raise MalformedMessageError("EventBridge event has no detail object")
+    key = _decoded_key(_field(doc, where, str, detail, "object", "key", required=True),
+                       "detail.object.key")
+    bucket = _field(doc, where, str, detail, "bucket", "name", required=True)
+    etag = _field(doc, where, str, detail, "object", "etag")
+    event = S3Event(
+        bucket=bucket, key=key, etag=etag.strip('"') if etag is not None else None,
+        version_id=_field(doc, where, str, detail, "object", "version-id"),
+        size=_field(doc, where, int, detail, "object", "size"),
+        sequencer=_field(doc, where, str, detail, "object", "sequencer"),
+        event_name=f"{_CREATED_PREFIX}{_field(doc, where, str, detail, 'reason') or 'PutObject'}")
+    return [event] if detail_type == _EVENTBRIDGE_CREATED else []
+
+
+def _decoded_key(raw_key: str, where: str) -> str:
+    """A key as S3 writes it in events, decoded; see docs/fleet.md "Event shapes".
+
+    Notifications form-encode keys ('+' is a space, anything else special is %xx of UTF-8).
+    EventBridge keys are decoded the same way: AWS documents no difference, and AWS's own
+    Lambda Powertools decodes `detail.object.key` with `unquote_plus` too.
+    """
+    if not raw_key:
+        raise MalformedMessageError(f"{where} is empty")
+    try:
+        return unquote_plus(raw_key, encoding="utf-8", errors="strict")
+    except UnicodeDecodeError:
+        raise MalformedMessageError(f"{where} is not percent-encoded UTF-8") from None
 
 
 def _field(record: dict[str, Any], where: str, kind: type, *path: str, required: bool = False) -> Any:
@@ -166,7 +209,8 @@ class SqsEventSource:
 
     def __init__(self, client: Any, queue_url: str, on_events: Callable[[list[S3Event]], None], *,
                  bucket: str, prefix: str, wait_time_s: int = 20, visibility_timeout_s: int = 60,
-                 stop: threading.Event | None = None, retry: RetryPolicy = _DEFAULT_RETRY) -> None:
+                 stop: threading.Event | None = None, retry: RetryPolicy = _DEFAULT_RETRY,
+                 is_settled: Callable[[list[S3Event]], bool] | None = None, max_held: int = 20) -> None:
         if not 1 <= wait_time_s <= _MAX_WAIT_TIME_S:
             raise ValueError(f"wait_time_s must be 1..{_MAX_WAIT_TIME_S}, not {wait_time_s}")
         if not 1 <= visibility_timeout_s <= _MAX_VISIBILITY_TIMEOUT_S:
@@ -183,9 +227,28 @@ class SqsEventSource:
         self._retry = retry
         self.stop = stop if stop is not None else threading.Event()
         self._log = log.bind(queue=self._queue)
+        # Fleet mode (docs/fleet.md): a message is the lease on its objects. It is kept invisible
+        # after on_events until `is_settled` says all its objects reached a destination, and only
+        # then deleted; a daemon that dies leaves it to reappear for another.
+        self._is_settled = is_settled
+        self._max_held = max_held
+        self._held: dict[str, tuple[dict[str, Any], list[S3Event]]] = {}
+        self._keeper: _Heartbeat | None = None
+
+    @property
+    def held_count(self) -> int:
+        """Messages received and not yet deleted because their objects are in flight (fleet)."""
+        return len(self._held)
 
     def run(self) -> None:
         """Poll until `stop` is set; any failure is logged and retried with backoff, never raised."""
+        try:
+            self._run()
+        finally:
+            if self._keeper is not None:  # held messages come back to the fleet when they expire
+                self._keeper.__exit__(None, None, None)
+
+    def _run(self) -> None:
         failures = 0
         while not self.stop.is_set():
             try:
@@ -208,9 +271,16 @@ class SqsEventSource:
         `on_events` raised) to come back after the visibility timeout. Raises
         QueueUnavailableError if SQS fails the receive or the delete.
         """
+        room = _MAX_MESSAGES
+        if self._is_settled is not None:
+            self._settle_held()
+            room = min(_MAX_MESSAGES, self._max_held - len(self._held))
+            if room <= 0:  # leave the rest of the queue to the other daemons
+                self.stop.wait(1.0)
+                return 0
         with _translate_errors("ReceiveMessage", self._queue):
             response = self._client.receive_message(
-                QueueUrl=self._queue_url, MaxNumberOfMessages=_MAX_MESSAGES,
+                QueueUrl=self._queue_url, MaxNumberOfMessages=room,
                 WaitTimeSeconds=self._wait_time_s, VisibilityTimeout=self._visibility_timeout_s,
                 MessageSystemAttributeNames=["ApproximateReceiveCount"])
         messages: list[dict[str, Any]] = response.get("Messages", [])
@@ -224,8 +294,38 @@ class SqsEventSource:
                     done.append(message)
                 else:
                     heartbeat.release(message["ReceiptHandle"])
+            if self._is_settled is not None:
+                done = self._hold(done)
             self._delete(done)
         return len(messages)
+
+    def _hold(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Fleet: keep the messages whose objects are not settled; the others may be deleted."""
+        assert self._is_settled is not None
+        free = []
+        for message in messages:
+            events = [e for e in _events_of(message) if self._is_wanted(e)]
+            if not events or self._is_settled(events):
+                free.append(message)
+                continue
+            if self._keeper is None:
+                self._keeper = _Heartbeat(self._client, self._queue_url, self._queue,
+                                          self._visibility_timeout_s, [], self._log).__enter__()
+            self._keeper.add(message)
+            self._held[message["ReceiptHandle"]] = (message, events)
+        return free
+
+    def _settle_held(self) -> None:
+        """Fleet: delete the held messages whose objects all reached a destination."""
+        assert self._is_settled is not None
+        settled = [message for message, events in list(self._held.values()) if self._is_settled(events)]
+        for start in range(0, len(settled), _MAX_MESSAGES):
+            batch = settled[start:start + _MAX_MESSAGES]
+            self._delete(batch)
+            for message in batch:
+                self._held.pop(message["ReceiptHandle"], None)
+                if self._keeper is not None:
+                    self._keeper.release(message["ReceiptHandle"])
 
     def _handle(self, message: dict[str, Any]) -> bool:
         """Hand on one message's events; True if the message may be deleted."""
@@ -253,9 +353,11 @@ class SqsEventSource:
         return True
 
     def _is_wanted(self, event: S3Event) -> bool:
-        """In this watch's bucket and prefix, and not a folder marker."""
+        """In this watch's bucket and prefix, not a folder marker, not a fleet's own object."""
         return (event.bucket == self._bucket and event.key.startswith(self._prefix)
-                and not event.key.endswith("/"))
+                and not event.key.endswith("/")
+                and not (self._is_settled is not None
+                         and is_fleet_key(event.key.removeprefix(self._prefix))))
 
     def _delete(self, messages: list[dict[str, Any]]) -> None:
         """DeleteMessageBatch; a message whose delete failed comes back and is deduplicated."""
@@ -298,6 +400,11 @@ class _Heartbeat:
                  tb: TracebackType | None) -> None:
         self._finished.set()
         self._thread.join()
+
+    def add(self, message: dict[str, Any]) -> None:
+        """Extend this message too, from the next beat on."""
+        with self._lock:
+            self._pending[message["ReceiptHandle"]] = message.get("MessageId")
 
     def release(self, receipt_handle: str) -> None:
         """Stop extending this message: it becomes visible when its current timeout runs out."""
