@@ -127,8 +127,8 @@ def _scan_only(engine: Engine, watch: WatchConfig, path: str, rel: str | None) -
 
 
 def _read_reason(exc: BaseException) -> str:
-    if isinstance(exc, UnsafePathError) and len(exc.args) > 1:
-        return str(exc.args[1])
+    if isinstance(exc, UnsafePathError):
+        return exc.reason.value
     return Reason.UNREADABLE.value
 
 

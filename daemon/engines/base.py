@@ -5,20 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from daemon.model import Pending, Verdict
+from daemon.model import Pending, S3Object, Verdict
 
 __all__ = ["Engine", "S3Object", "ScanHandle", "ScanRequest"]
-
-
-@dataclass(frozen=True)
-class S3Object:
-    """The exact S3 object version being scanned, for engines that read S3 themselves."""
-
-    bucket: str
-    key: str
-    etag: str
-    version_id: str | None
-    url: str  # a presigned GET URL of this object (Perception Point `download_link`)
 
 
 @dataclass(frozen=True)
