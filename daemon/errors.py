@@ -3,6 +3,7 @@
     ScanwatchError
     ├── ConfigError                  the YAML is invalid (carries one line per problem)
     ├── ListenError                  a listen address from the config cannot be bound
+    ├── WebhookRejectedError         a webhook delivery is refused (answered, logged, never journaled)
     ├── JournalError                 SQLite could not be opened or written
     ├── LocationError                a move, copy or sidecar write failed (retried)
     │   └── UnsafePathError          a path component is a symlink or escapes its root
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import errno
 
-from daemon.model import Reason
+from daemon.model import Reason, RejectReason
 
 __all__ = [
     "ConfigError",
@@ -34,6 +35,7 @@ __all__ = [
     "LocationError",
     "ScanwatchError",
     "UnsafePathError",
+    "WebhookRejectedError",
 ]
 
 
@@ -60,6 +62,15 @@ class ListenError(ScanwatchError):
                          "choose another address or port, or stop the other process")
         self.key = key
         self.listen = listen
+
+
+class WebhookRejectedError(ScanwatchError):
+    """A webhook delivery is refused: `status` is the HTTP answer, `reason` the logged code."""
+
+    def __init__(self, status: int, reason: RejectReason) -> None:
+        super().__init__(f"webhook delivery refused with {status}: {reason}")
+        self.status = status
+        self.reason = reason
 
 
 class JournalError(ScanwatchError):

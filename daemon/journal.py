@@ -16,17 +16,17 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from daemon.errors import JournalError
 from daemon.fsutil import Identity
-from daemon.model import ACTIVE_STATES, FileState, RowChanges
+from daemon.model import ACTIVE_STATES, FileState, RowChanges, VerdictKind
 
-__all__ = ["AuditRow", "FileRow", "Journal", "RowChanges", "open_journal", "owner_token"]
+__all__ = ["AuditRow", "FileRow", "Journal", "RowChanges", "RowOrder", "open_journal", "owner_token"]
 
 _SCHEMA = [
     """
@@ -455,11 +455,42 @@ class Journal:
             (watch, os.fsencode(rel_path))).fetchone()
         return _from_db(row) if row else None
 
-    def select(self, where: str = "1", params: Sequence[object] = (), *,
-               order: str = "id", limit: int = 1000) -> list[FileRow]:
-        """Rows matching a SQL condition (for status and quarantine commands)."""
+    def latest(self, watch: str, rel_path: str) -> FileRow | None:
+        """The newest row of a path, in any state."""
+        row = self._conn().execute(
+            "SELECT * FROM files WHERE watch = ? AND rel_path = ? ORDER BY id DESC LIMIT 1",
+            (watch, os.fsencode(rel_path))).fetchone()
+        return _from_db(row) if row else None
+
+    def rows(self, *, watch: str | None = None, states: Collection[FileState] | None = None,
+             verdict: VerdictKind | None = None, done_since: float | None = None,
+             threat: str | None = None, has_error: bool | None = None,
+             has_disposition: bool | None = None, order: RowOrder = "id",
+             newest_first: bool = False, limit: int = 1000) -> list[FileRow]:
+        """Rows passing every filter given (None: not filtered), by `order` then id.
+
+        `threat` is a substring of one of the row's threat names, case-insensitive for
+        ASCII (SQL LIKE) and literal: `%`, `_` and `\\` in it are not patterns.
+        """
+        filters = [
+            (watch is not None, "watch = ?", (watch,)),
+            (states is not None, f"state IN ({','.join('?' * len(states or ()))})",
+             tuple(str(s) for s in states or ())),
+            (verdict is not None, "verdict = ?", (str(verdict),)),
+            (done_since is not None, "done_at >= ?", (done_since,)),
+            (threat is not None, _THREAT_LIKE, (_like_substring(threat or ""),)),
+            (has_error is not None,
+             "last_error IS NOT NULL" if has_error else "last_error IS NULL", ()),
+            (has_disposition is not None,
+             "disposition IS NOT NULL" if has_disposition else "disposition IS NULL", ()),
+        ]
+        where = " AND ".join(["1", *(sql for used, sql, _ in filters if used)])
+        params = [value for used, _, values in filters if used for value in values]
+        direction = "DESC" if newest_first else "ASC"
         rows = self._conn().execute(
-            f"SELECT * FROM files WHERE {where} ORDER BY {order} LIMIT ?", (*params, limit))
+            f"SELECT * FROM files WHERE {where} "
+            f"ORDER BY {_ORDER_COLUMNS[order]} {direction}, id {direction} LIMIT ?",
+            (*params, limit))
         return [_from_db(r) for r in rows]
 
     def counts(self) -> list[tuple[str, str, str | None, str | None, int]]:
@@ -518,3 +549,15 @@ class Journal:
             "SELECT file_id, at, action, actor, reason, detail FROM audit "
             "WHERE file_id = ? ORDER BY id", (file_id,))
         return [AuditRow(*r) for r in rows]
+
+
+# Reading: `Journal.rows` orders by one of these columns and matches threat names one by one.
+RowOrder = Literal["id", "done_at", "updated_at"]
+_ORDER_COLUMNS: Mapping[str, str] = {"id": "id", "done_at": "done_at", "updated_at": "updated_at"}
+_THREAT_LIKE = "EXISTS (SELECT 1 FROM json_each(threats) WHERE value LIKE ? ESCAPE '\\')"
+
+
+def _like_substring(text: str) -> str:
+    """A LIKE pattern (with `ESCAPE '\\'`) matching `text` literally anywhere."""
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"

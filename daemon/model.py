@@ -6,7 +6,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import TypedDict
 
-__all__ = ["FileState", "Pending", "Reason", "RowChanges", "S3Object", "Verdict", "VerdictKind"]
+__all__ = ["FileState", "Pending", "Reason", "RejectReason", "RowChanges", "S3Object", "Verdict",
+           "VerdictKind"]
 
 
 class FileState(enum.StrEnum):
@@ -53,6 +54,22 @@ class Reason(enum.StrEnum):
     UNSAFE_PATH = "unsafe_path"
     UNSAFE_KEY = "unsafe_key"
     UNSAFE_NAME = "unsafe_name"  # a file name its destination cannot hold (e.g. not UTF-8, for S3)
+
+
+class RejectReason(enum.StrEnum):
+    """Why a webhook delivery was refused: the `reason` of `webhook.rejected` log lines."""
+
+    MISSING_HEADERS = "missing_headers"
+    BAD_TIMESTAMP = "bad_timestamp"
+    BAD_SIGNATURE = "bad_signature"
+    STALE_TIMESTAMP = "stale_timestamp"
+    BAD_SECRET = "bad_secret"
+    TRANSFER_ENCODING = "transfer_encoding"
+    NO_LENGTH = "no_length"
+    BAD_LENGTH = "bad_length"
+    TOO_LARGE = "too_large"
+    BAD_JSON = "bad_json"
+    BUSY = "busy"
 
 
 @dataclass(frozen=True)

@@ -33,19 +33,13 @@ def _actor() -> str:
 
 def list_quarantined(journal: Journal, *, watch: str | None = None, since: float | None = None,
                      threat: str | None = None) -> list[FileRow]:
-    """Files in quarantine now (not released or deleted), newest last."""
-    where = ["state = 'done'", "verdict = 'infected'", "disposition IS NULL"]
-    params: list[object] = []
-    if watch:
-        where.append("watch = ?")
-        params.append(watch)
-    if since is not None:
-        where.append("done_at >= ?")
-        params.append(since)
-    if threat:
-        where.append("threats LIKE ?")
-        params.append(f"%{threat}%")
-    return journal.select(" AND ".join(where), params, order="done_at", limit=100_000)
+    """Files in quarantine now (not released or deleted), newest last.
+
+    `threat` is a substring of a threat name (ASCII case-insensitive), taken literally.
+    """
+    return journal.rows(watch=watch or None, states=[FileState.DONE], verdict=VerdictKind.INFECTED,
+                        has_disposition=False, done_since=since, threat=threat or None,
+                        order="done_at", limit=100_000)
 
 
 def _quarantined(journal: Journal, file_id: int) -> FileRow:

@@ -71,7 +71,7 @@ class Service:
             if is_s3(w.source)
             else LocalWatcher(w, self.journal, self.wake) for w in config.watches]
         alerts = WebhookAlerts(config.notify) if config.notify else None
-        webhooks = WebhookReceivers(config, engines, self.journal, self.wake)
+        webhooks = WebhookReceivers(engines, self.journal, self.wake)
         return _Running(config, engines, pipeline, watchers, alerts, webhooks)
 
     def _on_outcome(self, row: FileRow, engine: str, outcome: Outcome) -> None:

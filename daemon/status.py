@@ -31,8 +31,9 @@ def collect(config: Config, journal: Journal) -> dict[str, Any]:
             entry["skipped"][reason] = entry["skipped"].get(reason, 0) + count
     for watch, since in journal.oldest_pending().items():
         watches[watch]["oldest_pending_s"] = round(now - since, 1)
-    for row in journal.select("last_error IS NOT NULL AND state NOT IN ('done', 'gone')",
-                              order="updated_at DESC", limit=1000):
+    active = [s for s in FileState if s not in (FileState.DONE, FileState.GONE)]
+    for row in journal.rows(has_error=True, states=active, order="updated_at", newest_first=True,
+                            limit=1000):
         entry = watches[row.watch]
         entry["last_error"] = entry["last_error"] or row.last_error
         entry["move_failures"] += row.state is FileState.VERDICT

@@ -11,12 +11,15 @@ declare -A package_of=(
   [clamdscan]=clamdscan         # the peer in bench/clamav_throughput.py
   [systemd-analyze]=systemd     # verifies the units and their exposure score
   [promtool]=prometheus         # checks the alert rules and the dashboard's PromQL
+  [deb-systemd-helper]=init-system-helpers   # the .deb's postinst enables the unit with it
 )
 missing=()
 for binary in "${!package_of[@]}"; do
   command -v "$binary" >/dev/null 2>&1 || [ -x "/usr/sbin/$binary" ] || missing+=("${package_of[$binary]}")
 done
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+# packaging/build-deb.sh builds the package's venv with the system's interpreter.
+[ ! -x /usr/bin/python3 ] || /usr/bin/python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 sudo=""

@@ -20,7 +20,7 @@ import yaml
 
 from daemon.config import Config
 from daemon.engines import Engine
-from daemon.journal import Journal, owner_token
+from daemon.journal import FileRow, Journal, owner_token
 from daemon.model import FileState
 from daemon.pipeline import Pipeline
 from daemon.retry import RetryPolicy
@@ -125,14 +125,15 @@ class Harness:
         """Step until every file is done or held (the first step rescans: the harness has no inotify)."""
         self.step(advance_s=3)
         for _ in range(steps):
-            if all(r.state in (FileState.DONE, FileState.HELD) for r in self.journal.select()):
+            if all(r.state in (FileState.DONE, FileState.HELD) for r in self.journal.rows()):
                 return
             time.sleep(0.05)
             self.step(advance_s=1)
 
-    def row(self, rel: str = "a.txt") -> object:
-        rows = self.journal.select("rel_path = ?", [os.fsencode(rel)], order="id DESC", limit=1)
-        return rows[0]
+    def row(self, rel: str = "a.txt") -> FileRow:
+        row = self.journal.latest(self.config.watches[0].name, rel)
+        assert row is not None, rel
+        return row
 
 
 @pytest.fixture(autouse=True)

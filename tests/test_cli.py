@@ -60,7 +60,7 @@ def test_scan_move_handles_files_as_the_daemon_would(layout: Layout) -> None:
     assert f"-> {layout.quarantine / 'sub' / 'e.com'}" in result.stdout
     assert layout.placed("quarantine") == ["sub/e.com"] and layout.placed("clean") == ["ok.txt"]
     assert (layout.quarantine / "sub" / "e.com.scanwatch.json").exists()
-    rows = open_journal(layout.state).select()
+    rows = open_journal(layout.state).rows()
     assert {(r.rel_path, r.state.value, r.verdict) for r in rows} == {
         ("sub/e.com", "done", "infected"), ("ok.txt", "done", "clean")}
 
@@ -89,7 +89,7 @@ def quarantined(layout: Layout) -> tuple[Path, int]:
     (layout.inbox / "dir").mkdir()
     (layout.inbox / "dir" / "e.com").write_bytes(EICAR)
     assert main(["scan", "--config", str(config), "--move", str(layout.inbox / "dir" / "e.com")]) == 1
-    [row] = open_journal(layout.state).select()
+    [row] = open_journal(layout.state).rows()
     return config, row.id
 
 

@@ -14,7 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from daemon.cli import main
-from daemon.config import load_config, parse_duration, parse_size
+from daemon.config import ENGINE_MODELS, format_loc, load_config, parse_duration, parse_size
+from daemon.config.example import render_example, uncommented
+from daemon.engines import ENGINE_CLASSES, ENGINE_TYPES
 from daemon.errors import ConfigError
 
 
@@ -259,3 +261,68 @@ def test_a_webhook_receiver_may_not_take_the_metrics_address(layout: Layout, rec
                                    f"({metrics}); give each its own port"]
     else:
         assert load_config(path).metrics is not None
+
+
+def test_committed_example_yaml_is_generated_from_the_models() -> None:
+    committed = (ROOT / "config" / "example.yaml").read_text()
+    assert committed == render_example(), (
+        "config/example.yaml is stale: run `python -m daemon.config.example > config/example.yaml`")
+
+
+def test_generated_example_passes_check_config(tmp_path: Path, monkeypatch, capsys) -> None:
+    (tmp_path / "inbox").mkdir()
+    (tmp_path / "credentials").mkdir()
+    (tmp_path / "credentials" / "alert_webhook_url").write_text("https://hooks.example/t\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path / "credentials"))
+    monkeypatch.setenv("BLAZELOCK_API_KEY", "example-key")
+    text = render_example().replace("/srv/scanwatch/drop/invoices", str(tmp_path / "inbox"))
+    (tmp_path / "example.yaml").write_text(text)
+    assert main(["check-config", "--config", str(tmp_path / "example.yaml")]) == 0
+    out = capsys.readouterr().out
+    for line in ("engine default: yara", "engine blz: blazelock", "engine clam: clamav",
+                 f"watch invoices: {tmp_path / 'inbox'} -> engine default"):
+        assert line in out
+
+
+def test_example_shows_one_engine_of_each_type() -> None:
+    example = render_example()
+    for name in ("pp", "md"):
+        example = uncommented(example, name)
+    types = sorted(engine["type"] for engine in yaml.safe_load(example)["engines"].values())
+    assert types == sorted(ENGINE_MODELS)
+
+
+def test_every_engine_model_has_an_engine_class_and_back() -> None:
+    assert set(ENGINE_CLASSES) == set(ENGINE_MODELS.values())
+    assert list(ENGINE_TYPES) == list(ENGINE_MODELS)
+
+
+@pytest.mark.parametrize("key", ["engines.default.url", "engines.default.webhook.public_url",
+                                 "notify.webhook"])
+def test_every_http_url_key_rejects_other_schemes(layout: Layout, key: str) -> None:
+    config = layout.config(engine={"type": "blazelock", "url": "https://blz.example", "api_key": "k",
+                                   "webhook": {"listen": "127.0.0.1:9480", "secret": "s"}})
+    config["notify"] = {"webhook": "https://hooks.example/t"}
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+        node = node[part]
+    node[leaf] = "ftp://files.example/"
+    assert _problems(_write(layout, config)) == [f"{key}: expected an http:// or https:// URL"]
+
+
+@pytest.mark.parametrize("engine", ["perception_point", "metadefender"])
+def test_the_other_engines_urls_are_checked_alike(layout: Layout, engine: str) -> None:
+    secret = {"perception_point": {"token": "t"}, "metadefender": {}}[engine]
+    config = layout.config(engine={"type": engine, "url": "file:///etc/passwd", **secret})
+    assert _problems(_write(layout, config)) == ["engines.default.url: expected an http:// or https:// URL"]
+
+
+@pytest.mark.parametrize(("loc", "path"), [
+    (("watches", 1, "quarantine"), "watches[1].quarantine"),
+    (("engines", "clam", "clamav", "socket"), "engines.clam.socket"),
+    (("engines", "pp", "perception_point", "callback", "listen"), "engines.pp.callback.listen"),
+    ((), "(top level)"),
+])
+def test_pydantic_locations_become_yaml_paths(loc: tuple[int | str, ...], path: str) -> None:
+    assert format_loc(loc) == path

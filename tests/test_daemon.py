@@ -216,7 +216,7 @@ def test_kill_9_mid_run_then_restart_loses_and_duplicates_nothing(layout: Layout
     assert quarantined == sorted(n for n in names if n.endswith(".com"))
     for name in clean:
         assert (layout.clean / name).read_bytes() == name.encode()
-    rows = Journal(layout.state / "journal.sqlite3").select(limit=10_000)
+    rows = Journal(layout.state / "journal.sqlite3").rows(limit=10_000)
     done = [r.rel_path for r in rows if r.state is FileState.DONE]
     assert sorted(done) == sorted(names)  # one done row per file
     # A late event for a file already moved may leave a `gone` row, never anything else.

@@ -199,6 +199,6 @@ def test_kill_9_between_capture_and_promotion_finishes_the_move_once(
     leftovers = [p for root in (layout.clean, layout.quarantine) for p in root.rglob(".scanwatch-*")
                  if not p.name.endswith(".scanwatch.json")]
     assert leftovers == []
-    rows = Journal(layout.state / "journal.sqlite3").select()
+    rows = Journal(layout.state / "journal.sqlite3").rows()
     assert sorted(r.state for r in rows) == [FileState.DONE, FileState.DONE]
     _assert_clean_was_scanned(layout, first, second)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from daemon import journal as journal_module
 from daemon.journal import Journal, owner_token
-from daemon.model import FileState
+from daemon.model import FileState, VerdictKind
 
 
 def _journal(tmp_path: Path) -> Journal:
@@ -31,22 +31,22 @@ def test_discover_is_idempotent_and_non_utf8_names_survive(tmp_path: Path) -> No
     odd = b"caf\xe9.txt".decode("utf-8", "surrogateescape")
     assert journal.discover("w", [("a.txt", 1), (odd, 2)], 1.0) == 2
     assert journal.discover("w", [("a.txt", 1), (odd, 2)], 2.0) == 0
-    assert {r.rel_path for r in journal.select()} == {"a.txt", odd}
+    assert {r.rel_path for r in journal.rows()} == {"a.txt", odd}
 
 
 def test_a_path_done_before_is_a_new_arrival(tmp_path: Path) -> None:
     journal = _journal(tmp_path)
     journal.discover("w", [("a.txt", 1)], 1.0)
-    [row] = journal.select()
+    [row] = journal.rows()
     journal.apply([(row.id, {"state": FileState.DONE})])
     assert journal.discover("w", [("a.txt", 1)], 2.0) == 1
-    assert len(journal.select()) == 2
+    assert len(journal.rows()) == 2
 
 
 def test_held_path_is_revived_only_when_its_inode_changes(tmp_path: Path) -> None:
     journal = _journal(tmp_path)
     journal.discover("w", [("link", 7)], 1.0)
-    [row] = journal.select()
+    [row] = journal.rows()
     journal.apply([(row.id, {"state": FileState.HELD, "reason": "symlink"})])
     assert journal.discover("w", [("link", 7)], 2.0) == 0
     assert journal.discover("w", [("link", 8)], 3.0) == 1
@@ -56,7 +56,7 @@ def test_held_path_is_revived_only_when_its_inode_changes(tmp_path: Path) -> Non
 def test_claims_are_exclusive_and_due_only(tmp_path: Path) -> None:
     journal = _journal(tmp_path)
     journal.discover("w", [(f"f{i}", i) for i in range(5)], 1.0)
-    rows = journal.select()
+    rows = journal.rows()
     journal.apply([(r.id, {"state": FileState.STABLE, "next_attempt_at": 10.0 if r.rel_path == "f4" else 1.0})
                    for r in rows])
     first = journal.claim(["w"], "a:1", now=5.0, limit=3)
@@ -74,7 +74,7 @@ def test_rows_of_a_dead_owner_are_handed_back(tmp_path: Path) -> None:
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True).stdout.strip()
     token = f"{dead}:0"
-    by_name = {r.rel_path: r for r in journal.select()}
+    by_name = {r.rel_path: r for r in journal.rows()}
     journal.apply([
         (by_name["scan"].id, {"state": FileState.SCANNING, "owner": token}),
         (by_name["poll"].id, {"state": FileState.SCANNING, "owner": token, "engine_scan_id": "s-1"}),
@@ -85,7 +85,7 @@ def test_rows_of_a_dead_owner_are_handed_back(tmp_path: Path) -> None:
     mine = journal.active("w", "mine")
     journal.apply([(mine.id, {"state": FileState.SCANNING, "owner": live})])
     assert journal.reclaim() == 3
-    states = {r.rel_path: (r.state, r.owner) for r in journal.select()}
+    states = {r.rel_path: (r.state, r.owner) for r in journal.rows()}
     assert states == {"scan": (FileState.STABLE, None), "poll": (FileState.SCANNING, None),
                       "move": (FileState.MOVING, None), "mine": (FileState.SCANNING, live)}
     claimed = journal.claim(["w"], live, now=2.0, limit=10)
@@ -102,7 +102,7 @@ def test_a_version_1_journal_is_migrated_with_its_rows(tmp_path: Path) -> None:
     conn.commit()
     conn.close()
     journal = Journal(path)
-    (row,) = journal.select()
+    (row,) = journal.rows()
     assert (row.rel_path, row.state, row.etag) == ("old.txt", FileState.STABLE, None)
     assert journal.discover_objects("w", [("new.txt", "e1", None, 5)], 2.0) == 1
 
@@ -137,3 +137,52 @@ def test_connections_of_finished_threads_are_closed(tmp_path: Path) -> None:
     journal.counts()
     assert len(journal._connections) <= 2
     journal.close()
+
+
+def test_rows_filters_combine_order_and_limit_and_take_names_literally(tmp_path: Path) -> None:
+    journal = _journal(tmp_path)
+    done = {"state": FileState.DONE, "verdict": VerdictKind.INFECTED}
+    rows = {
+        "a": ("w", {**done, "threats": ["Eicar-Test"], "done_at": 30.0}),
+        "b": ("w", {**done, "threats": ["Win.Trojan_x"], "done_at": 10.0}),
+        "c": ("w", {**done, "threats": ["100%_it's"], "done_at": 20.0, "disposition": "released"}),
+        "d": ("w", {"state": FileState.DONE, "verdict": VerdictKind.CLEAN, "done_at": 40.0}),
+        "e": ("w%", {**done, "threats": ["EICAR"], "done_at": 50.0}),
+        "f": ("w", {"state": FileState.SCANNING, "last_error": "engine down"}),
+        "g": ("w'", {**done, "threats": ['say "hi"', "back\\slash"], "done_at": 60.0}),
+    }
+    for name, (watch, fields) in rows.items():
+        journal.discover(watch, [(name, 1)], 1.0)
+        journal.apply([(journal.active(watch, name).id, fields)])
+
+    def names(**filters) -> list[str]:
+        return [r.rel_path for r in journal.rows(**filters)]
+
+    infected = {"states": [FileState.DONE], "verdict": VerdictKind.INFECTED}
+    assert names(watch="w", **infected, order="done_at") == ["b", "c", "a"]
+    assert names(watch="w", **infected, has_disposition=False, order="done_at") == ["b", "a"]
+    assert names(**infected, order="done_at", newest_first=True, limit=2) == ["g", "e"]
+    assert names(**infected, done_since=30.0, order="done_at") == ["a", "e", "g"]
+    assert names(has_error=True) == ["f"] and "f" not in names(has_error=False)
+    assert names(states=[FileState.SCANNING, FileState.DISCOVERED]) == ["f"]
+    assert names(verdict=VerdictKind.CLEAN) == ["d"]
+    # Names are matched literally: `%`, `_`, quotes and backslashes are no patterns.
+    assert names(watch="w%") == ["e"] and names(watch="w_") == [] and names(watch="w'") == ["g"]
+    assert names(threat="eicar") == ["a", "e"]  # a substring, ASCII case-insensitive
+    assert names(threat="_") == ["b", "c"]
+    assert names(threat="%") == ["c"] and names(threat="%_it's") == ["c"]
+    assert names(threat="Trojan%") == [] and names(threat="1_0") == []
+    assert names(threat='"hi"') == ["g"] and names(threat="k\\s") == ["g"]
+    assert names(threat='Test", "') == []  # never across two threat names
+
+
+def test_latest_is_the_newest_row_of_a_path(tmp_path: Path) -> None:
+    journal = _journal(tmp_path)
+    assert journal.latest("w", "a.txt") is None
+    journal.discover("w", [("a.txt", 1)], 1.0)
+    first = journal.active("w", "a.txt")
+    journal.apply([(first.id, {"state": FileState.DONE})])
+    journal.discover("w", [("a.txt", 2)], 2.0)
+    journal.discover("v", [("a.txt", 3)], 3.0)
+    latest = journal.latest("w", "a.txt")
+    assert latest is not None and latest.id != first.id and latest.inode == 2

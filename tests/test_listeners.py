@@ -91,7 +91,7 @@ def receivers(tmp_path: Path) -> Iterator[tuple[int, WebhookReceivers]]:
                      "failed": str(tmp_path / "failed")}]})
     journal = Journal(tmp_path / "journal.sqlite3")
     engines = build_engines(config)
-    receivers = WebhookReceivers(config, engines, journal, threading.Event(), limits=QUICK)
+    receivers = WebhookReceivers(engines, journal, threading.Event(), limits=QUICK)
     receivers.start()
     yield port, receivers
     receivers.stop()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +25,7 @@ from emulators.metadefender import MetadefenderEmulator
 from structlog.testing import capture_logs
 
 from daemon.config import MetadefenderEngineConfig, load_config
+from daemon.config.example import uncommented
 from daemon.engines.metadefender import MetadefenderEngine
 from daemon.errors import ConfigError, EnginePermanentError, EngineUnavailableError
 from daemon.model import FileState
@@ -360,12 +360,8 @@ def test_config_normalizes_filepath_map_and_names_bad_keys(layout: Layout) -> No
 
 
 def test_the_commented_example_in_example_yaml_is_valid() -> None:
-    lines = (ROOT / "config" / "example.yaml").read_text().splitlines()
-    start = lines.index("  # md:")
-    end = next(i for i in range(start, len(lines)) if not lines[i].startswith("  #"))
-    # Uncomment it: `  #   key:` becomes `    key:`.
-    text = "\n".join(re.sub(r"^(\s*)# ?", r"\1", line) for line in lines[start:end])
-    md = MetadefenderEngineConfig.model_validate(yaml.safe_load(text)["md"])
+    text = uncommented((ROOT / "config" / "example.yaml").read_text(), "md")
+    md = MetadefenderEngineConfig.model_validate(yaml.safe_load(text)["engines"]["md"])
     assert md.filepath_map == {"/srv/scanwatch/drop": "/mnt/drop"} and md.max_request_bytes == 100_000_000
     assert md.rule == "multiscan" and md.apikey is not None
 

@@ -6,7 +6,6 @@ import functools
 import hashlib
 import json
 import os
-import re
 import socket
 import threading
 from collections.abc import Iterator
@@ -27,6 +26,7 @@ from emulators._server import Fault
 from emulators.perception_point import PerceptionPointEmulator
 
 from daemon.config import BlazelockEngineConfig, PerceptionPointEngineConfig
+from daemon.config.example import uncommented
 from daemon.engines.base import S3Object, ScanHandle, ScanRequest
 from daemon.engines.perception_point import PerceptionPointEngine
 from daemon.errors import EnginePermanentError, EngineResubmitError, EngineUnavailableError
@@ -352,11 +352,8 @@ def test_100mb_upload_streams_with_small_rss(layout: Layout, emulator: Perceptio
 
 
 def test_the_commented_examples_in_example_yaml_are_valid() -> None:
-    lines = (Path(__file__).parent.parent / "config" / "example.yaml").read_text().splitlines()
-    start, end = lines.index("  blz:"), lines.index("  clam:")
-    # Uncomment the optional keys: `  #   key:` becomes `    key:`.
-    text = "\n".join(re.sub(r"^(\s*)# ?", r"\1", line) for line in lines[start:end])
-    engines = yaml.safe_load(text)
+    text = (Path(__file__).parent.parent / "config" / "example.yaml").read_text()
+    engines = yaml.safe_load(uncommented(uncommented(text, "webhook"), "pp"))["engines"]
     assert engines["blz"]["webhook"]["listen"] == engines["pp"]["callback"]["listen"]
     assert BlazelockEngineConfig.model_validate(engines["blz"]).webhook is not None
     pp = PerceptionPointEngineConfig.model_validate(engines["pp"])

@@ -92,7 +92,7 @@ class S3Harness:
         return {t["Key"]: t["Value"] for t in tag_set}
 
     def rows(self) -> list[Any]:
-        return self.journal.select(order="id")
+        return self.journal.rows()
 
 
 @pytest.fixture
@@ -413,7 +413,7 @@ def test_daemon_backfills_1000_objects_and_survives_kill_9(
     assert len(clean) == 990 and len(quarantined) == 10
     assert not set(clean) & set(quarantined)
     assert all(".1." not in k for k in clean)  # nothing placed twice
-    done = h.journal.select("state = 'done'")
+    done = h.journal.rows(states=[FileState.DONE])
     assert len(done) == 1000
 
 
@@ -435,7 +435,7 @@ def test_daemon_takes_sqs_events(harness: Callable[..., S3Harness], s3_server: S
     sqs.send_message(QueueUrl=sqs_queue, MessageBody=json.dumps({"Event": "s3:TestEvent"}))
     daemon.wait_for(lambda: h.keys("clean/") == ["by event.txt"], timeout=30, what="moved by event")
     assert daemon.stop() == 0
-    assert len(h.journal.select()) == 1
+    assert len(h.journal.rows()) == 1
 
 
 def test_scan_command_takes_s3_urls(harness: Callable[..., S3Harness], tmp_path: Path,

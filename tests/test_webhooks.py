@@ -6,6 +6,8 @@ import json
 import math
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -24,9 +26,10 @@ from structlog.testing import capture_logs
 from daemon import cli
 from daemon.config import Config
 from daemon.engines import Engine, build_engines
+from daemon.engines._webhook import WebhookHealth
 from daemon.journal import Journal
 from daemon.model import FileState
-from daemon.webhooks import WebhookHealth, WebhookReceivers
+from daemon.webhooks import WebhookReceivers
 
 BLZ_SECRET = "whsec_blazelock-0123456789"
 PP_SECRET = "cb-secret-0123456789"
@@ -100,7 +103,7 @@ def receiving(tmp_path: Path) -> Iterator[Receiving]:
     journal = Journal(tmp_path / "journal.sqlite3")
     engines = build_engines(config)
     wake = threading.Event()
-    receivers = WebhookReceivers(config, engines, journal, wake)
+    receivers = WebhookReceivers(engines, journal, wake)
     receivers.start()
     yield Receiving(f"http://127.0.0.1:{port}", journal, wake, engines, receivers)
     receivers.stop()
@@ -304,7 +307,7 @@ def test_a_flood_of_forged_deliveries_is_logged_once_with_a_count(receiving: Rec
 def test_refusal_counts_are_logged_each_interval_without_a_stop(tmp_path: Path) -> None:
     config = _config(tmp_path, _free_port())
     journal = Journal(tmp_path / "journal.sqlite3")
-    receivers = WebhookReceivers(config, build_engines(config), journal, threading.Event(),
+    receivers = WebhookReceivers(build_engines(config), journal, threading.Event(),
                                  log_rejections_every_s=0.2)
     receivers.start()
     try:
@@ -337,13 +340,21 @@ def test_health_slows_polls_while_deliveries_arrive() -> None:
     assert health.poll_after_s(2.0) == 2.0
 
 
+def test_engines_take_webhooks_without_importing_the_receiver_or_the_journal() -> None:
+    # Data flows one way: the vendors' wire formats live in the engines, which the receiver uses.
+    code = "import sys, daemon.engines; print(sorted(m for m in sys.modules if m.startswith('daemon.')))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "daemon.engines.blazelock" in loaded and "daemon.engines.perception_point" in loaded
+    assert "daemon.webhooks" not in loaded and "daemon.journal" not in loaded
+
+
 def test_an_address_in_use_is_logged_and_left_to_polling(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         config = _config(tmp_path, taken.getsockname()[1])
         engines = build_engines(config)
-        receivers = WebhookReceivers(config, engines, Journal(tmp_path / "j.sqlite3"), threading.Event())
+        receivers = WebhookReceivers(engines, Journal(tmp_path / "j.sqlite3"), threading.Event())
         with capture_logs() as logs:
             receivers.start()
         receivers.stop()

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from email.message import Message
+from typing import Protocol, runtime_checkable
 
+from daemon.engines._webhook import WebhookAddress, WebhookHealth
 from daemon.model import Pending, S3Object, Verdict
 
-__all__ = ["Engine", "S3Object", "ScanHandle", "ScanRequest"]
+__all__ = ["Engine", "S3Object", "ScanHandle", "ScanRequest", "WebhookSource"]
 
 
 @dataclass(frozen=True)
@@ -90,4 +92,29 @@ class Engine(Protocol):
 
     def close(self) -> None:
         """Release connections and threads."""
+        ...
+
+
+@runtime_checkable
+class WebhookSource(Protocol):
+    """An engine whose vendor announces finished scans to the receiver (daemon/webhooks.py).
+
+    The vendor's wire format (signature, event shape, which scan ids an event names)
+    lives here, in the engine; the receiver routes, refuses and makes scans due. Both
+    methods are called from the receiver's threads and must be thread-safe.
+    """
+
+    name: str
+    webhook_address: WebhookAddress | None  # None: the config asks for no deliveries
+    webhook_health: WebhookHealth  # polls slow down while verified deliveries arrive
+
+    def verify_webhook(self, headers: Message, body: bytes, now: float) -> None:
+        """Check a delivery is the vendor's (and fresh); raises `WebhookRejectedError` if not."""
+        ...
+
+    def webhook_scan_ids(self, body: bytes) -> list[str]:
+        """The engine scan ids a verified delivery says are finished (often none).
+
+        Raises `WebhookRejectedError` for a body that is not the vendor's shape at all.
+        """
         ...

@@ -4,15 +4,21 @@ A submission that may have happened (a lost answer, a crash before the scan id w
 journaled) is never repeated blindly: submitting the same external reference ID again
 answers 409, and the scan is looked up by that ID and followed. A found scan that
 failed, or is older than `reuse_max_age`, is submitted again as `<id>.2`, `.3`...
-With `webhook:` configured, running scans are polled slower while events arrive
-(`daemon.webhooks`); an event makes the next poll due at once.
+With `webhook:` configured, running scans are polled slower while events arrive, and
+an event makes the next poll due at once (daemon/webhooks.py receives them). Events
+(vendors.md §1): `X-Blazelock-Webhook-Signature` is the hex HMAC-SHA256 of
+`"{X-Blazelock-Webhook-Timestamp}.{raw body}"` with the secret; stale timestamps are
+refused. `file_scan.completed|failed` name their scan; `submitted` is only acknowledged.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 from datetime import datetime
+from email.message import Message
 from typing import Any
 from urllib.parse import quote
 
@@ -20,17 +26,19 @@ import httpx
 
 from daemon.config import BlazelockEngineConfig
 from daemon.engines._http import RateLimiter, api_client, check_status, json_object, translate_errors
+from daemon.engines._webhook import WebhookHealth, json_body, secret_bytes, webhook_address
 from daemon.engines.base import ScanHandle, ScanRequest
-from daemon.errors import EnginePermanentError, EngineResubmitError
-from daemon.model import Pending, Reason, Verdict, VerdictKind
+from daemon.errors import EnginePermanentError, EngineResubmitError, WebhookRejectedError
+from daemon.model import Pending, Reason, RejectReason, Verdict, VerdictKind
 from daemon.refid import build_ref_id
-from daemon.webhooks import WebhookHealth
 
 __all__ = ["ASYNC_LIMIT_BYTES", "SYNC_LIMIT_BYTES", "BlazelockEngine"]
 
 ASYNC_LIMIT_BYTES = 100_000_000
 SYNC_LIMIT_BYTES = 10_000_000
 _MAX_GENERATIONS = 20
+_MAX_SKEW_S = 300.0  # vendors.md §1: refuse timestamps older than 5 minutes (and as far ahead)
+_FINISHED_EVENTS = ("file_scan.completed", "file_scan.failed")
 
 
 class BlazelockEngine:
@@ -44,6 +52,7 @@ class BlazelockEngine:
         self._config = config
         self._url = config.url.rstrip("/")
         self._limiter = RateLimiter(config.rate_limit)
+        self.webhook_address = webhook_address(name, "webhook", config.webhook)
         self.webhook_health = WebhookHealth()
         self._client = api_client(self._url, config.timeout,
                                   {"Authorization": f"Bearer {config.api_key.get_secret_value()}"})
@@ -104,6 +113,40 @@ class BlazelockEngine:
     def close(self) -> None:
         """Close the HTTP connection pool."""
         self._client.close()
+
+    # -- WebhookSource -------------------------------------------------------------------------
+
+    def verify_webhook(self, headers: Message, body: bytes, now: float) -> None:
+        """Accept an event signed with our secret at a fresh timestamp; raise `WebhookRejectedError`."""
+        timestamp = headers.get("X-Blazelock-Webhook-Timestamp")
+        signature = headers.get("X-Blazelock-Webhook-Signature")
+        if not timestamp or not signature:
+            raise WebhookRejectedError(401, RejectReason.MISSING_HEADERS)
+        if not timestamp.isdigit():
+            raise WebhookRejectedError(400, RejectReason.BAD_TIMESTAMP)
+        secret = secret_bytes(self._config.webhook)
+        expected = hmac.new(secret, timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(expected.encode(), signature.strip().lower().encode()):
+            raise WebhookRejectedError(401, RejectReason.BAD_SIGNATURE)
+        if abs(now - int(timestamp)) > _MAX_SKEW_S:
+            raise WebhookRejectedError(401, RejectReason.STALE_TIMESTAMP)
+
+    def webhook_scan_ids(self, body: bytes) -> list[str]:
+        """The journal's ids of the scan a finished-scan event names (none for other events)."""
+        event = json_body(body)
+        if event.get("event") not in _FINISHED_EVENTS:
+            return []
+        scan = event.get("data")
+        if isinstance(scan, dict) and isinstance(scan.get("data"), dict):
+            scan = scan["data"]  # the scan object's own envelope is optional (vendors.md §1)
+        if not isinstance(scan, dict):
+            return []
+        ids = [str(scan["id"])] if scan.get("id") else []
+        attributes = scan.get("attributes")
+        if isinstance(attributes, dict) and attributes.get("external_reference_id"):
+            # A scan the engine could not see yet is journaled by reference (`scan`, `_pending`).
+            ids.append(f"ref:{attributes['external_reference_id']}")
+        return ids
 
     # -- wire ---------------------------------------------------------------------------------
 

@@ -11,14 +11,20 @@ journaled, a restart polls it and never submits again. A submission whose answer
 lost cannot be looked up, so it is submitted again (counted in
 `scanwatch_resubmissions_total`): the vendor then holds one extra scan of the same
 bytes, and the verdict comes from the scan we know.
+
+With `callback:` configured, each submission asks for a callback that carries our
+secret in `X-Scanwatch-Callback-Secret`; the callback's `scan_id` makes the next poll
+due at once (daemon/webhooks.py receives them), and polls slow down while they arrive.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from email.message import Message
 from typing import Any, BinaryIO
 from urllib.parse import quote
 
@@ -26,12 +32,14 @@ import httpx
 
 from daemon.config import PerceptionPointEngineConfig
 from daemon.engines._http import RateLimiter, api_client, check_status, json_object, translate_errors
+from daemon.engines._webhook import WebhookHealth, json_body, secret_bytes, webhook_address, webhook_path
 from daemon.engines.base import ScanHandle, ScanRequest
-from daemon.errors import EnginePermanentError, EngineResubmitError
-from daemon.model import Pending, Reason, Verdict, VerdictKind
-from daemon.webhooks import CALLBACK_SECRET_HEADER, WebhookHealth, webhook_path
+from daemon.errors import EnginePermanentError, EngineResubmitError, WebhookRejectedError
+from daemon.model import Pending, Reason, RejectReason, Verdict, VerdictKind
 
-__all__ = ["LIMIT_BYTES", "PerceptionPointEngine"]
+__all__ = ["CALLBACK_SECRET_HEADER", "LIMIT_BYTES", "PerceptionPointEngine"]
+
+CALLBACK_SECRET_HEADER = "X-Scanwatch-Callback-Secret"
 
 LIMIT_BYTES = 500_000_000
 _SUBMIT = "/api/v1/files/"
@@ -53,6 +61,7 @@ class PerceptionPointEngine:
     def __init__(self, name: str, config: PerceptionPointEngineConfig) -> None:
         self.name = name
         self.reads_s3 = config.storage is not None or config.download_link
+        self.webhook_address = webhook_address(name, "callback", config.callback)
         self.webhook_health = WebhookHealth()
         self._config = config
         self._url = config.url.rstrip("/")
@@ -107,6 +116,21 @@ class PerceptionPointEngine:
     def close(self) -> None:
         """Close the HTTP connection pool."""
         self._client.close()
+
+    # -- WebhookSource -------------------------------------------------------------------------
+
+    def verify_webhook(self, headers: Message, body: bytes, now: float) -> None:
+        """Accept a callback that carries the secret we asked for; raise `WebhookRejectedError`."""
+        given = headers.get(CALLBACK_SECRET_HEADER)
+        if not given:
+            raise WebhookRejectedError(401, RejectReason.MISSING_HEADERS)
+        if not hmac.compare_digest(secret_bytes(self._config.callback), given.encode()):
+            raise WebhookRejectedError(401, RejectReason.BAD_SECRET)
+
+    def webhook_scan_ids(self, body: bytes) -> list[str]:
+        """The scan id of a callback."""
+        scan_id = json_body(body).get("scan_id")
+        return [str(scan_id)] if isinstance(scan_id, int | str) and str(scan_id) else []
 
     # -- wire ---------------------------------------------------------------------------------
 

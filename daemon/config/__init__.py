@@ -1,0 +1,51 @@
+"""The config: schema (models), units, `${...}` expansion, the loader and the generated example."""
+
+from daemon.config.loader import DEFAULT_CONFIG_PATHS, find_config, format_loc, load_config
+from daemon.config.models import (
+    DEFAULT_IGNORE,
+    ENGINE_MODELS,
+    BlazelockEngineConfig,
+    ClamavEngineConfig,
+    Config,
+    EngineConfig,
+    EventsConfig,
+    LogConfig,
+    MetadefenderEngineConfig,
+    MetricsConfig,
+    NotifyConfig,
+    PerceptionPointEngineConfig,
+    S3Config,
+    WatchConfig,
+    WebhookConfig,
+    YaraEngineConfig,
+)
+from daemon.config.units import Duration, HttpUrl, SecretHttpUrl, Size, parse_duration, parse_size
+
+__all__ = [
+    "DEFAULT_CONFIG_PATHS",
+    "DEFAULT_IGNORE",
+    "ENGINE_MODELS",
+    "BlazelockEngineConfig",
+    "ClamavEngineConfig",
+    "Config",
+    "Duration",
+    "EngineConfig",
+    "EventsConfig",
+    "HttpUrl",
+    "LogConfig",
+    "MetadefenderEngineConfig",
+    "MetricsConfig",
+    "NotifyConfig",
+    "PerceptionPointEngineConfig",
+    "S3Config",
+    "SecretHttpUrl",
+    "Size",
+    "WatchConfig",
+    "WebhookConfig",
+    "YaraEngineConfig",
+    "find_config",
+    "format_loc",
+    "load_config",
+    "parse_duration",
+    "parse_size",
+]
