@@ -142,7 +142,8 @@ class Pipeline:
         for row, outcome in scanned:
             if (outcome.state or row.state) is FileState.MOVING:
                 step = self._resume if row.state is FileState.MOVING else self.mover.move
-                moved.append((row, self._guard(row.updated(outcome.changes), locations, step)))
+                current = row.updated(outcome.changes)
+                moved.append((current, self._guard(current, locations, step)))
         self._commit(moved)
 
     def _replan(self, row: FileRow, locations: Locations) -> Outcome:

@@ -157,7 +157,7 @@ class Scanner:
     def _call(self, row: FileRow, engine: Engine, ask: Callable[[], Verdict | Pending]
               ) -> Verdict | Pending | Outcome:
         """The engine's answer, or what its error means for the row (retry, wait, failed)."""
-        engine_cfg = self.config.engines[engine.name]
+        engine_cfg = self.config.engines[self.config.watch(row.watch).engine]
         try:
             answer = ask()
             self._set_engine_health(engine.name, None)
