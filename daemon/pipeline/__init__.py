@@ -49,7 +49,6 @@ class Pipeline:
                  s3: S3Clients | None = None) -> None:
         self.config = config
         self.journal = journal
-        self.engines = engines
         self.owner = owner
         self.wake = wake or threading.Event()
         self.clock = clock
@@ -61,6 +60,15 @@ class Pipeline:
         outcomes = Outcomes(clock, policy or RetryPolicy())
         self.mover = Mover(config, journal, outcomes)
         self.scanner = Scanner(config, journal, engines, self.mover, outcomes)
+
+    @property
+    def engines(self) -> Mapping[str, Engine]:
+        """The engines by configured name (the scanner's)."""
+        return self.scanner.engines
+
+    @engines.setter
+    def engines(self, engines: Mapping[str, Engine]) -> None:
+        self.scanner.engines = engines
 
     # -- lifecycle ----------------------------------------------------------------------------
 
