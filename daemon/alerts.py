@@ -7,18 +7,21 @@ webhook; the sender retries with backoff and drops (and logs) what it cannot del
 from __future__ import annotations
 
 import contextlib
+import heapq
+import itertools
 import queue
 import threading
 import time
-from collections.abc import Mapping
 from typing import Any
 
 import httpx
 import structlog
 
-from daemon.config import Config, NotifyConfig
+from daemon.config import NotifyConfig, WatchConfig
+from daemon.facts import outcome_facts
 from daemon.journal import FileRow
-from daemon.model import FileState, VerdictKind
+from daemon.model import VerdictKind
+from daemon.pipeline.outcome import Outcome
 from daemon.retry import RetryPolicy
 
 __all__ = ["WebhookAlerts"]
@@ -38,19 +41,13 @@ class WebhookAlerts:
         self._thread = threading.Thread(target=self._send_all, name="alerts", daemon=True)
         self._thread.start()
 
-    def observe(self, config: Config, row: FileRow, changes: Mapping[str, object]) -> None:
+    def observe(self, watch: WatchConfig, row: FileRow, outcome: Outcome) -> None:
         """Queue an event for a file that just reached quarantine or failed; never blocks."""
-        if changes.get("state") is not FileState.DONE or row.verdict == VerdictKind.CLEAN:
+        if outcome.event != "file.moved" or row.verdict == VerdictKind.CLEAN:
             return
-        watch = config.watch(row.watch)
-        event = {
-            "event": f"file.{row.verdict}", "watch": row.watch, "rel_path": row.rel_path,
-            "source": f"{watch.source}/{row.rel_path}", "destination": changes.get("destination"),
-            "verdict": row.verdict, "reason": row.reason, "threats": row.threats or [],
-            "engine": watch.engine, "engine_scan_id": row.engine_scan_id,
-            "external_reference_id": row.ref_id, "sha256": row.sha256, "size": row.size,
-            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
+        event = {"event": f"file.{row.verdict}", "watch": row.watch, "rel_path": row.rel_path,
+                 **outcome_facts(watch, row, str(outcome.fields["destination"])),
+                 "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         try:
             self._queue.put_nowait(event)
         except queue.Full:
@@ -63,21 +60,38 @@ class WebhookAlerts:
         self._thread.join(timeout_s)
 
     def _send_all(self) -> None:
+        """Send events as they come; a failed one is tried again on its schedule while others go on."""
         url = self._config.webhook.get_secret_value()
+        retries: list[tuple[float, int, int, dict[str, Any]]] = []  # (due, seq, attempt, event)
+        seq = itertools.count()
         with httpx.Client(timeout=self._config.timeout) as client:
-            while (event := self._queue.get()) is not None:
-                self._send(client, url, event)
+            while True:
+                wait_s = max(0.0, retries[0][0] - time.monotonic()) if retries else None
+                try:
+                    event = self._queue.get(timeout=wait_s)
+                except queue.Empty:
+                    _, _, attempt, event = heapq.heappop(retries)
+                else:
+                    if event is None:  # closing: what waits for a retry gets one last try
+                        for _, _, _, waiting in retries:
+                            self._send(client, url, waiting, self._config.max_attempts)
+                        return
+                    attempt = 1
+                if not self._send(client, url, event, attempt):
+                    due = time.monotonic() + self._policy.delay(attempt)
+                    heapq.heappush(retries, (due, next(seq), attempt + 1, event))
 
-    def _send(self, client: httpx.Client, url: str, event: dict[str, Any]) -> None:
-        for attempt in range(1, self._config.max_attempts + 1):
-            try:
-                response = client.post(url, json=event)
-                if response.status_code < 300:
-                    return
-                error = f"HTTP {response.status_code}"
-            except httpx.HTTPError as exc:
-                error = type(exc).__name__  # the URL may carry a token: never log it
-            if attempt < self._config.max_attempts:
-                time.sleep(self._policy.delay(attempt))
+    def _send(self, client: httpx.Client, url: str, event: dict[str, Any], attempt: int) -> bool:
+        """One delivery attempt; False when another one is due."""
+        try:
+            response = client.post(url, json=event)
+            if response.status_code < 300:
+                return True
+            error = f"HTTP {response.status_code}"
+        except httpx.HTTPError as exc:
+            error = type(exc).__name__  # the URL may carry a token: never log it
+        if attempt < self._config.max_attempts:
+            return False
         log.warning("alert.failed", error=error, attempts=self._config.max_attempts,
                     watch=event["watch"], rel_path=event["rel_path"])
+        return True

@@ -148,7 +148,7 @@ def _status(args: argparse.Namespace, config_path: str, config: Config) -> int:
 
 def _quarantine(args: argparse.Namespace, config_path: str, config: Config) -> int:
     from daemon import quarantine
-    from daemon.pipeline import iso
+    from daemon.facts import iso
 
     journal = open_journal(config.state_dir)
     if args.action == "list":

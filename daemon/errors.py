@@ -82,7 +82,11 @@ class LocationError(ScanwatchError):
 
 
 class UnsafePathError(LocationError):
-    """A path component is a symlink, a special file, or leaves its root."""
+    """A path component is a symlink, a special file, or leaves its root; `reason` says which."""
+
+    def __init__(self, message: str, reason: Reason = Reason.SYMLINK) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class EngineError(ScanwatchError):

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from daemon.errors import UnsafePathError
-from daemon.model import Reason
+from daemon.model import Reason, RowChanges
 
 __all__ = [
     "NAME_MAX",
@@ -65,6 +65,11 @@ class Identity:
         """The identity of a stat result."""
         return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
+    def columns(self) -> RowChanges:
+        """As the journal's columns."""
+        return {"dev": self.dev, "inode": self.inode, "size": self.size,
+                "mtime_ns": self.mtime_ns, "ctime_ns": self.ctime_ns}
+
 
 def sha256_fd(fd: int) -> str:
     """sha256 of an open file's whole content, read with pread (the offset is untouched)."""
@@ -80,7 +85,7 @@ def rel_parts(rel_path: str) -> list[str]:
     """The components of a relative path; raise UnsafePathError for `..`, absolute or empty parts."""
     parts = rel_path.split("/")
     if not rel_path or any(p in ("", ".", "..") or "\0" in p for p in parts):
-        raise UnsafePathError(f"unsafe relative path {rel_path!r}")
+        raise UnsafePathError(f"unsafe relative path {rel_path!r}", Reason.UNSAFE_PATH)
     return parts
 
 
@@ -162,7 +167,7 @@ class DirCache:
 def open_file(dir_fd: int, name: str, *, links_ok: bool = False) -> Iterator[tuple[int, os.stat_result]]:
     """Open a regular, singly-linked file in `dir_fd` for reading, with its fstat.
 
-    Raises UnsafePathError (with the Reason in `args[1]`) for a symlink, hardlink or
+    Raises UnsafePathError (its `reason` says which) for a symlink, hardlink or
     special file, checked on lstat before opening and on fstat after. `links_ok`: a
     file with other names is opened too (its bytes are copied, never moved).
     """

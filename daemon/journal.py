@@ -10,6 +10,7 @@ dead owner are handed back by `reclaim`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sqlite3
@@ -23,9 +24,9 @@ from typing import Any, Literal
 
 from daemon.errors import JournalError
 from daemon.fsutil import Identity
-from daemon.model import ACTIVE_STATES, FileState, VerdictKind
+from daemon.model import ACTIVE_STATES, FileState, RowChanges, VerdictKind
 
-__all__ = ["AuditRow", "FileRow", "Journal", "RowOrder", "open_journal", "owner_token"]
+__all__ = ["AuditRow", "FileRow", "Journal", "RowChanges", "RowOrder", "open_journal", "owner_token"]
 
 _SCHEMA = [
     """
@@ -69,14 +70,22 @@ _SCHEMA = [
     """
     ALTER TABLE files ADD COLUMN submitting_at REAL;
     """,
+    # The move plan as the mover executes it: the destination root and the name below it.
+    """
+    ALTER TABLE files ADD COLUMN dest_root TEXT;
+    ALTER TABLE files ADD COLUMN dest_rel BLOB;
+    """,
 ]
 
 _JSON_COLUMNS = ("threats", "raw_result")
-_PATH_COLUMNS = ("rel_path", "destination")
+_PATH_COLUMNS = ("rel_path", "destination", "dest_rel")
 _ACTIVE = "state NOT IN ('done', 'gone')"
 # A claimed row, in any state, is its owner's until it commits it with `owner = NULL`
 # (or `reclaim` finds the owner dead): never two workers on one file.
 _CLAIMABLE = "(state IN ('stable', 'verdict', 'scanning', 'moving') AND owner IS NULL)"
+
+
+_WRITABLE = frozenset(RowChanges.__annotations__)
 
 
 @dataclass(frozen=True)
@@ -115,6 +124,12 @@ class FileRow:
     etag: str | None = None  # S3 sources: the listed (then scanned) object version
     version_id: str | None = None
     submitting_at: float | None = None  # a remote submission may have happened: in doubt until answered
+    dest_root: str | None = None  # the planned destination: its root (as configured)...
+    dest_rel: str | None = None  # ...and the name below it
+
+    def updated(self, changes: RowChanges) -> FileRow:
+        """This row with `changes` applied (as the journal will have it once they commit)."""
+        return dataclasses.replace(self, **changes)
 
     @property
     def identity(self) -> Identity | None:
@@ -359,10 +374,12 @@ class Journal:
             ).fetchone()
         return _from_db(row) if row else None
 
-    def apply(self, changes: Iterable[tuple[int, Mapping[str, object]]]) -> None:
+    def apply(self, changes: Iterable[tuple[int, RowChanges]]) -> None:
         """Write several rows' changes in one transaction (columns by name)."""
         with self._tx() as conn:
             for file_id, fields in changes:
+                if unknown := fields.keys() - _WRITABLE:
+                    raise ValueError(f"not journal columns: {sorted(unknown)}")
                 columns = ", ".join(f"{name} = ?" for name in fields)
                 values = [_to_db(name, value) for name, value in fields.items()]
                 conn.execute(f"UPDATE files SET {columns}, updated_at = ? WHERE id = ?",

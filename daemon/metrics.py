@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, MetricsHandler
@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector
 from daemon.journal import FileRow, Journal
 from daemon.listener import HTTPListener, ListenerLimits
 from daemon.model import FileState, Reason, VerdictKind
+from daemon.pipeline.outcome import Outcome
 
 __all__ = ["Metrics"]
 
@@ -132,25 +133,22 @@ class Metrics:
         listener.start()
         return listener
 
-    def observe(self, row: FileRow, engine: str, changes: Mapping[str, object],
-                fields: Mapping[str, Any]) -> None:
-        """Count one journal change of the pipeline."""
-        state = changes.get("state")
-        reason = str(changes.get("reason") or "")
+    def observe(self, row: FileRow, engine: str, outcome: Outcome) -> None:
+        """Count one step of the pipeline by the event it logged (`row`: as it was before)."""
+        fields = outcome.fields
         if fields.get("resubmitted"):
             self.resubmissions.labels(row.watch, engine).inc()
-        if changes.get("verdict") == VerdictKind.FAILED and reason in _ENGINE_ERROR_REASONS:
+        reason = str(fields.get("reason") or "")
+        if fields.get("verdict") == VerdictKind.FAILED and reason in _ENGINE_ERROR_REASONS:
             self.engine_errors.labels(engine, reason).inc()
-        if state is FileState.DONE:
-            outcome = str(row.verdict)
-            self.files.labels(row.watch, outcome, str(row.reason or "")).inc()
+        if outcome.event == "file.moved":
+            self.files.labels(row.watch, str(fields["outcome"]), reason).inc()
             self.scan_seconds.labels(engine).observe(max(0.0, time.time() - row.discovered_at))
             self.bytes_scanned.labels(engine).inc(row.size or 0)
-        elif state is FileState.HELD:
-            self.files.labels(row.watch, "skipped", str(changes.get("reason") or "")).inc()
-        elif state is FileState.VERDICT and "move_attempts" in changes:
+        elif outcome.event == "file.skipped":
+            self.files.labels(row.watch, "skipped", reason).inc()
+        elif outcome.event == "move.failed":
             self.moves_failed.labels(row.watch).inc()
-        elif state is FileState.STABLE and "last_error" in changes:
-            retry_reason = str(fields.get("reason", Reason.ENGINE_ERROR))
-            self.retries.labels(engine, retry_reason).inc()
-            self.engine_errors.labels(engine, retry_reason).inc()
+        elif outcome.event == "retry.scheduled":
+            self.retries.labels(engine, reason or Reason.ENGINE_ERROR).inc()
+            self.engine_errors.labels(engine, reason or Reason.ENGINE_ERROR).inc()

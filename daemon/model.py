@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TypedDict
 
-__all__ = ["FileState", "Pending", "Reason", "RejectReason", "Verdict", "VerdictKind"]
+__all__ = ["FileState", "Pending", "Reason", "RejectReason", "RowChanges", "S3Object", "Verdict",
+           "VerdictKind"]
 
 
 class FileState(enum.StrEnum):
@@ -92,3 +94,48 @@ class Pending:
 
     engine_scan_id: str
     poll_after_s: float = 1.0
+
+
+@dataclass(frozen=True)
+class S3Object:
+    """The exact S3 object version being scanned, for engines that read S3 themselves."""
+
+    bucket: str
+    key: str
+    etag: str
+    version_id: str | None
+    url: str  # a presigned GET URL of this object (Perception Point `download_link`)
+
+
+class RowChanges(TypedDict, total=False):
+    """The columns a step may change, with their types: what `Journal.apply` writes."""
+
+    state: FileState
+    dev: int
+    inode: int
+    size: int | None
+    mtime_ns: int
+    ctime_ns: int
+    sha256: str | None
+    ref_id: str | None
+    engine: str
+    engine_scan_id: str | None
+    attempts: int
+    move_attempts: int
+    next_attempt_at: float
+    verdict: VerdictKind | None
+    reason: str | None
+    threats: list[str]
+    raw_result: dict[str, object] | None
+    destination: str | None
+    dest_root: str | None
+    dest_rel: str | None
+    disposition: str
+    owner: str | None
+    last_error: str | None
+    stable_at: float
+    scanned_at: float
+    done_at: float
+    etag: str | None
+    version_id: str | None
+    submitting_at: float | None

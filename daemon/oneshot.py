@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import hashlib
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 
@@ -20,13 +17,13 @@ from daemon.errors import (
     LocationError,
     UnsafePathError,
 )
-from daemon.fsutil import open_dir, open_file, sha256_fd
+from daemon.fsutil import DirCache
 from daemon.journal import Journal, owner_token
-from daemon.locations import S3Location
+from daemon.locations import Listed, LocalLocation, Location, S3Location
 from daemon.model import FileState, Pending, Reason, Verdict, VerdictKind
 from daemon.pipeline import Pipeline
 from daemon.refid import build_ref_id
-from daemon.s3 import S3Url, is_s3, make_client
+from daemon.s3 import is_s3, make_client
 from daemon.watchers.local import relative_path
 
 __all__ = ["ScanResult", "scan_paths"]
@@ -79,56 +76,38 @@ def scan_paths(config: Config, engines: dict[str, Engine], paths: list[str], *,
         rel = _relative(watch.source, path)
         if move and rel is not None and journal is not None:
             results.append(_through_pipeline(config, engines, journal, watch, rel, path))
-        elif is_s3(path):
-            results.append(_scan_object(config, engines[watch.engine], watch, path, rel))
         else:
-            results.append(_scan_only(engines[watch.engine], watch, path, rel))
+            results.append(_scan_only(config, engines[watch.engine], watch, path, rel))
     return results
 
 
-def _scan_object(config: Config, engine: Engine, watch: WatchConfig, url: str, rel: str | None) -> ScanResult:
-    """Scan an S3 object (a private temp copy of it) without moving it."""
-    where = S3Url.parse(url.rsplit("/", 1)[0] + "/")
-    name = url.rsplit("/", 1)[1]
-    location = _s3_location(config, watch, str(where))
+def _scan_only(config: Config, engine: Engine, watch: WatchConfig, path: str,
+               rel: str | None) -> ScanResult:
+    """Scan a file or an S3 object (a private temp copy of it) without moving it."""
+    folder, _, name = path.rpartition("/")
     try:
-        with contextlib.closing(location.get(name, None, None)) as body, tempfile.TemporaryFile() as temp:
-            digest = hashlib.sha256()
-            while chunk := body.read(1 << 20):
-                digest.update(chunk)
-                temp.write(chunk)
-            temp.flush()
-            sha256 = digest.hexdigest()
-            ref_id = build_ref_id(watch.name, rel or name, sha256)
-            request = ScanRequest(watch.name, rel or name, url, temp.fileno(), temp.tell(), sha256, ref_id)
+        with DirCache() as dirs, _location(config, watch, folder, dirs).open_for_scan(Listed(name)) as opened:
+            content = opened.content(engine_reads_s3=False)
+            ref_id = build_ref_id(watch.name, rel or name, content.sha256)
+            request = ScanRequest(watch.name, rel or name, path, content.fd, content.size,
+                                  content.sha256, ref_id)
             verdict = _verdict(engine, request)
-            return ScanResult(url, verdict.kind, verdict.threats, verdict.reason, sha256, ref_id)
+            return ScanResult(path, verdict.kind, verdict.threats, verdict.reason, content.sha256, ref_id)
     except (OSError, LocationError) as exc:
-        return ScanResult(url, VerdictKind.FAILED, reason=f"{Reason.UNREADABLE.value}: {exc}")
+        return ScanResult(path, VerdictKind.FAILED, reason=_read_reason(exc))
 
 
-def _scan_only(engine: Engine, watch: WatchConfig, path: str, rel: str | None) -> ScanResult:
-    try:
-        dir_fd = open_dir(os.path.dirname(path), [])
-    except OSError as exc:
-        return ScanResult(path, VerdictKind.FAILED, reason=_read_reason(exc))
-    try:
-        with open_file(dir_fd, os.path.basename(path)) as (fd, st):
-            sha256 = sha256_fd(fd)
-            ref_id = build_ref_id(watch.name, rel or os.path.basename(path), sha256)
-            request = ScanRequest(watch.name, rel or os.path.basename(path), path, fd,
-                                  st.st_size, sha256, ref_id)
-            verdict = _verdict(engine, request)
-            return ScanResult(path, verdict.kind, verdict.threats, verdict.reason, sha256, ref_id)
-    except (OSError, UnsafePathError) as exc:
-        return ScanResult(path, VerdictKind.FAILED, reason=_read_reason(exc))
-    finally:
-        os.close(dir_fd)
+def _location(config: Config, watch: WatchConfig, folder: str, dirs: DirCache) -> Location:
+    """The folder or S3 prefix holding a file named on the command line."""
+    if not is_s3(folder):
+        return LocalLocation(folder, dirs)
+    s3 = config.s3_for(watch)
+    return S3Location(folder + "/", make_client(s3), s3)
 
 
 def _read_reason(exc: BaseException) -> str:
-    if isinstance(exc, UnsafePathError) and len(exc.args) > 1:
-        return str(exc.args[1])
+    if isinstance(exc, UnsafePathError):
+        return exc.reason.value
     return Reason.UNREADABLE.value
 
 
@@ -160,18 +139,14 @@ def _verdict(engine: Engine, request: ScanRequest) -> Verdict:
         time.sleep(answer.poll_after_s)
 
 
-def _s3_location(config: Config, watch: WatchConfig, url: str) -> S3Location:
-    s3 = config.s3_for(watch)
-    return S3Location(url, make_client(s3), s3)
-
-
 def _through_pipeline(config: Config, engines: dict[str, Engine], journal: Journal,
                       watch: WatchConfig, rel: str, path: str) -> ScanResult:
     """Journal the file and carry it to its destination, or wait for the daemon that holds it."""
     now = time.time()
     try:
         if is_s3(path):
-            head = _s3_location(config, watch, watch.source).head(rel)
+            s3 = config.s3_for(watch)
+            head = S3Location(watch.source, make_client(s3), s3).head(rel)
             if head is None:
                 raise FileNotFoundError(path)
             journal.discover_objects(watch.name, [(rel, str(head["ETag"]), head.get("VersionId"),

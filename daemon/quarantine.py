@@ -11,11 +11,11 @@ import structlog
 
 from daemon.config import Config
 from daemon.errors import LocationError, ScanwatchError
+from daemon.facts import iso
 from daemon.fsutil import DirCache, Identity
 from daemon.journal import FileRow, Journal
 from daemon.locations import Location, Locations, MoveRequest, S3Location, transfer
 from daemon.model import FileState, VerdictKind
-from daemon.pipeline import iso
 from daemon.s3 import is_s3
 
 __all__ = ["QuarantineError", "delete", "describe", "list_quarantined", "release"]

@@ -5,10 +5,8 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any
 
 import structlog
 
@@ -18,8 +16,8 @@ from daemon.engines import Engine, build_engines
 from daemon.errors import ConfigError, ScanwatchError
 from daemon.journal import FileRow, open_journal, owner_token
 from daemon.metrics import Metrics
-from daemon.pipeline import Pipeline
-from daemon.s3 import is_s3
+from daemon.pipeline import Outcome, Pipeline, uses_s3
+from daemon.s3 import S3Clients, is_s3
 from daemon.sdnotify import Notifier
 from daemon.watchers.local import LocalWatcher
 from daemon.watchers.s3 import S3Watcher
@@ -61,21 +59,25 @@ class Service:
 
     def _build(self, config: Config) -> _Running:
         engines = build_engines(config)
+        # Made now, so that a watch's S3 settings that boto3 cannot use stop the start.
+        s3 = S3Clients()
+        for watch in config.watches:
+            if uses_s3(watch):
+                s3(config.s3_for(watch))
         pipeline = Pipeline(config, self.journal, engines, owner=self.owner, wake=self.wake,
-                            on_outcome=self._on_outcome)
+                            on_outcome=self._on_outcome, s3=s3)
         watchers: list[LocalWatcher | S3Watcher] = [
-            S3Watcher(w, self.journal, self.wake, pipeline.s3(config.s3_for(w)), config.s3_for(w))
+            S3Watcher(w, self.journal, self.wake, s3(config.s3_for(w)), config.s3_for(w))
             if is_s3(w.source)
             else LocalWatcher(w, self.journal, self.wake) for w in config.watches]
         alerts = WebhookAlerts(config.notify) if config.notify else None
         webhooks = WebhookReceivers(engines, self.journal, self.wake)
         return _Running(config, engines, pipeline, watchers, alerts, webhooks)
 
-    def _on_outcome(self, row: FileRow, engine: str, changes: Mapping[str, object],
-                    fields: Mapping[str, Any]) -> None:
-        self.metrics.observe(row, engine, changes, fields)
+    def _on_outcome(self, row: FileRow, engine: str, outcome: Outcome) -> None:
+        self.metrics.observe(row, engine, outcome)
         if self._running.alerts is not None:
-            self._running.alerts.observe(self._running.config, row, changes)
+            self._running.alerts.observe(self._running.config.watch(row.watch), row, outcome)
 
     def _start(self, running: _Running, *, is_first: bool = False) -> None:
         # Bound first, so an address in use stops the first start before anything runs;

@@ -26,6 +26,7 @@ from daemon.journal import Journal
 from daemon.log import redact
 from daemon.metrics import Metrics
 from daemon.model import FileState, Reason, VerdictKind
+from daemon.pipeline import Outcome
 
 
 def test_metrics_count_outcomes_and_queue(layout: Layout, daemon_factory) -> None:
@@ -88,15 +89,15 @@ def test_engine_errors_count_engines_that_could_not_scan_not_unreadable_files(tm
     [row] = journal.rows()
     metrics = Metrics(journal, engines=lambda: ["default"])
 
-    def failed(reason: Reason) -> dict[str, object]:
-        return {"state": FileState.MOVING, "verdict": VerdictKind.FAILED, "reason": reason}
+    def verdict(kind: VerdictKind, reason: Reason | None) -> Outcome:
+        return Outcome({"state": FileState.MOVING, "verdict": kind, "reason": reason}, "scan.verdict",
+                       {"verdict": kind.value, "reason": reason})
 
-    metrics.observe(row, "default", failed(Reason.TOO_LARGE), {})
-    metrics.observe(row, "default", failed(Reason.UNREADABLE), {})
-    clean = {"state": FileState.MOVING, "verdict": VerdictKind.CLEAN, "reason": None}
-    metrics.observe(row, "default", clean, {})
-    metrics.observe(row, "default", {"state": FileState.STABLE, "last_error": "HTTP 503"},
-                    {"reason": "engine_error"})
+    metrics.observe(row, "default", verdict(VerdictKind.FAILED, Reason.TOO_LARGE))
+    metrics.observe(row, "default", verdict(VerdictKind.FAILED, Reason.UNREADABLE))
+    metrics.observe(row, "default", verdict(VerdictKind.CLEAN, None))
+    metrics.observe(row, "default", Outcome({"state": FileState.STABLE, "last_error": "HTTP 503"},
+                                            "retry.scheduled", {"reason": "engine_error"}))
     value = metrics.registry.get_sample_value
     assert value("scanwatch_engine_errors_total", {"engine": "default", "reason": "too_large"}) == 1
     assert value("scanwatch_engine_errors_total", {"engine": "default", "reason": "engine_error"}) == 1

@@ -7,20 +7,9 @@ from email.message import Message
 from typing import Protocol, runtime_checkable
 
 from daemon.engines._webhook import WebhookAddress, WebhookHealth
-from daemon.model import Pending, Verdict
+from daemon.model import Pending, S3Object, Verdict
 
 __all__ = ["Engine", "S3Object", "ScanHandle", "ScanRequest", "WebhookSource"]
-
-
-@dataclass(frozen=True)
-class S3Object:
-    """The exact S3 object version being scanned, for engines that read S3 themselves."""
-
-    bucket: str
-    key: str
-    etag: str
-    version_id: str | None
-    url: str  # a presigned GET URL of this object (Perception Point `download_link`)
 
 
 @dataclass(frozen=True)

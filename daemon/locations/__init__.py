@@ -19,17 +19,29 @@ from __future__ import annotations
 
 from daemon.config import Config, WatchConfig
 from daemon.fsutil import DirCache
-from daemon.locations.base import SIDECAR_SUFFIX, ChangedError, Location, MoveRequest, transfer
+from daemon.locations.base import (
+    SIDECAR_SUFFIX,
+    ChangedError,
+    Content,
+    Listed,
+    Location,
+    MoveRequest,
+    Opened,
+    transfer,
+)
 from daemon.locations.local import LocalLocation
 from daemon.locations.s3 import S3Location
 from daemon.s3 import S3Clients, is_s3
 
 __all__ = [
     "ChangedError",
+    "Content",
+    "Listed",
     "LocalLocation",
     "Location",
     "Locations",
     "MoveRequest",
+    "Opened",
     "S3Location",
     "SIDECAR_SUFFIX",
     "transfer",
@@ -48,5 +60,5 @@ class Locations:
     def __call__(self, url: str, watch: WatchConfig) -> Location:
         if is_s3(url):
             s3 = self._config.s3_for(watch)
-            return S3Location(url, self._clients(s3), s3)
+            return S3Location(url, self._clients(s3), s3, self._config.state_dir / "work")
         return LocalLocation(url, self.dirs)

@@ -12,9 +12,11 @@ from typing import Any, BinaryIO, Protocol
 
 from daemon.errors import LocationError
 from daemon.fsutil import Identity
+from daemon.journal import RowChanges
+from daemon.model import S3Object
 
-__all__ = ["CHUNK", "MAX_COLLISIONS", "SIDECAR_SUFFIX", "ChangedError", "Location", "MoveRequest", "Verified",
-           "json_bytes", "read_full", "transfer"]
+__all__ = ["CHUNK", "MAX_COLLISIONS", "SIDECAR_SUFFIX", "ChangedError", "Content", "Listed", "Location",
+           "MoveRequest", "Opened", "Verified", "json_bytes", "read_full", "transfer"]
 
 SIDECAR_SUFFIX = ".scanwatch.json"
 CHUNK = 1 << 20
@@ -47,10 +49,52 @@ class MoveRequest:
         return f"{self.file_id}.{(self.sha256 or (self.etag or '').strip(chr(34)))[:16]}"
 
 
+@dataclass(frozen=True)
+class Listed:
+    """What the journal knows of the version to scan: an S3 object's listed ETag, VersionId
+    and size (None for a local file, or an object replaced since it was listed)."""
+
+    rel_path: str
+    etag: str | None = None
+    version_id: str | None = None
+    size: int | None = None
+
+
+@dataclass(frozen=True)
+class Content:
+    """The bytes to scan, hashed: `fd` holds them (None when the engine reads the S3 object
+    itself, `s3` naming that exact version)."""
+
+    fd: int | None
+    sha256: str
+    size: int
+    s3: S3Object | None = None
+
+
+class Opened(Protocol):
+    """A source file or object held for scanning."""
+
+    path: str  # its full name: a local path or an s3:// URL
+
+    @property
+    def facts(self) -> RowChanges:
+        """Which version this is, as journal columns: an inode's identity, or ETag and VersionId."""
+        ...
+
+    def changed_from(self, identity: Identity | None) -> str | None:
+        """Why this is not the version journaled as `identity` (None: it is, or nothing was)."""
+        ...
+
+    def content(self, *, engine_reads_s3: bool) -> Content:
+        """Hash the bytes (an S3 object is downloaded, unless the engine may read it itself)."""
+        ...
+
+
 class Location(Protocol):
     """A local directory or an S3 prefix, as one side of a move."""
 
     url: str  # as configured
+    settles: bool  # its files may still be written to when they appear (local), or appear whole (S3)
 
     def name(self, rel_path: str) -> str:
         """The full name of `rel_path` here (a path, or an s3:// URL)."""
@@ -62,6 +106,18 @@ class Location(Protocol):
         `taken`: a `receive` found the name taken, so look again. Where `receive` never
         overwrites and looking costs a request (S3), the first plan is the name itself.
         """
+        ...
+
+    def open_for_scan(self, listed: Listed) -> AbstractContextManager[Opened]:
+        """Hold the file or object version for scanning (FileNotFoundError: gone)."""
+        ...
+
+    def refuses(self, rel_path: str) -> str | None:
+        """Why a name from another source cannot be placed here, before it is scanned."""
+        ...
+
+    def identity_now(self, rel_path: str) -> Identity | None:
+        """The identity of what `rel_path` is now (a file that could not be read, to move it)."""
         ...
 
     def receive(self, req: MoveRequest, source: Location) -> None:

@@ -29,13 +29,17 @@ from daemon.fsutil import (
     split_rel,
     write_lease,
 )
+from daemon.journal import RowChanges
 from daemon.locations.base import (
     CHUNK,
     MAX_COLLISIONS,
     SIDECAR_SUFFIX,
     ChangedError,
+    Content,
+    Listed,
     Location,
     MoveRequest,
+    Opened,
     Verified,
     json_bytes,
 )
@@ -50,6 +54,8 @@ _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 class LocalLocation:
     """A local directory; every path below it is opened without following symlinks."""
+
+    settles = True
 
     def __init__(self, root: str, dirs: DirCache) -> None:
         self.url = root
@@ -75,6 +81,23 @@ class LocalLocation:
         parents, base = split_rel(rel_path)
         mode = None if private is None else 0o700 if private else 0o777
         return self._dirs.open(self.url, parents, create_mode=mode), base
+
+    @contextmanager
+    def open_for_scan(self, listed: Listed) -> Iterator[Opened]:
+        dir_fd, base = self._dir(listed.rel_path)
+        with open_file(dir_fd, base) as (fd, st):
+            yield _OpenedFile(self.name(listed.rel_path), fd, st)
+
+    def refuses(self, rel_path: str) -> str | None:
+        try:
+            local_rel(rel_path)
+        except UnsafePathError as exc:
+            return str(exc)
+        return None
+
+    def identity_now(self, rel_path: str) -> Identity | None:
+        dir_fd, base = self._dir(rel_path)
+        return Identity.of(os.stat(base, dir_fd=dir_fd, follow_symlinks=False))
 
     def remove(self, req: MoveRequest) -> None:
         """Remove the scanned inode from `req.rel_path`, never another file put at its name.
@@ -282,6 +305,25 @@ class LocalLocation:
         for name in (base, _sidecar_name(base)):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(name, dir_fd=dir_fd)
+
+
+class _OpenedFile:
+    """A local file held open for scanning: the descriptor is what gets hashed and scanned."""
+
+    def __init__(self, path: str, fd: int, st: os.stat_result) -> None:
+        self.path = path
+        self._fd = fd
+        self._identity = Identity.of(st)
+
+    @property
+    def facts(self) -> RowChanges:
+        return self._identity.columns()
+
+    def changed_from(self, identity: Identity | None) -> str | None:
+        return None if identity is None or identity == self._identity else "changed after it settled"
+
+    def content(self, *, engine_reads_s3: bool) -> Content:
+        return Content(self._fd, sha256_fd(self._fd), self._identity.size)
 
 
 def _sidecar_name(base: str) -> str:

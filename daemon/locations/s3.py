@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import io
 import json
+import os
 import re
+import shutil
+import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import urlencode
 
@@ -17,23 +22,30 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from daemon.config import S3Config
 from daemon.errors import LocationError, UnsafePathError
-from daemon.fsutil import collision_name
+from daemon.fsutil import Identity, collision_name
+from daemon.journal import RowChanges
 from daemon.locations.base import (
     CHUNK,
     MAX_COLLISIONS,
     SIDECAR_SUFFIX,
     ChangedError,
+    Content,
+    Listed,
     Location,
     MoveRequest,
+    Opened,
     Verified,
     json_bytes,
     read_full,
 )
-from daemon.s3 import S3Url, error_code, s3_errors
+from daemon.model import S3Object
+from daemon.s3 import S3Unavailable, S3Url, error_code, s3_errors
 
-__all__ = ["SHA256_TAG", "SOURCE_VERSION_TAG", "S3Location", "source_tags"]
+__all__ = ["SHA256_TAG", "SOURCE_VERSION_TAG", "S3Location", "copy_hashing", "source_tags"]
 
 _MAX_PARTS = 10_000
+_PRESIGN_S = 3600
+_FREE_SPACE_RESERVE = 64 * 2**20  # downloads for scanning never fill the disk of state_dir
 _MAX_KEY_BYTES = 1024
 # What a placed copy says about its source, the same whichever daemon placed it (docs/fleet.md).
 SOURCE_VERSION_TAG = "scanwatch-source-version"
@@ -54,6 +66,58 @@ def source_tags(req: MoveRequest) -> dict[str, str]:
     return tags
 
 
+class _OpenedObject:
+    """One object version held for scanning: downloaded and hashed when its content is asked for."""
+
+    def __init__(self, location: S3Location, rel_path: str, etag: str, version_id: str | None,
+                 size: int, held: contextlib.ExitStack) -> None:
+        self.path = location.name(rel_path)
+        self._location = location
+        self._rel_path = rel_path
+        self._facts: RowChanges = {"etag": etag, "version_id": version_id}
+        self._size = size
+        self._held = held
+
+    @property
+    def facts(self) -> RowChanges:
+        return {**self._facts}
+
+    def changed_from(self, identity: Identity | None) -> str | None:
+        return None  # pinned by ETag: a replaced object fails the download with ChangedError
+
+    def content(self, *, engine_reads_s3: bool) -> Content:
+        """The object's bytes, hashed on the way; an engine reads the object itself only where a
+        VersionId pins what it reads (docs/integrity.md, "Remote engines")."""
+        where, rel_path = self._location, self._rel_path
+        etag, version_id = self._facts["etag"] or "", self._facts["version_id"]
+        if engine_reads_s3 and version_id is None:
+            version_id = where.version_of(rel_path, etag)
+        by_engine = engine_reads_s3 and version_id is not None
+        copy = None if by_engine else self._held.enter_context(where.private_copy(self._size))
+        obj = S3Object(where.where.bucket, where.key(rel_path), etag, version_id,
+                       where.presign(rel_path, version_id) if by_engine else "")
+        with contextlib.closing(where.get(rel_path, etag, version_id)) as body:
+            sha256, size = copy_hashing(body, None if copy is None else copy.fileno())
+        self._facts["version_id"], self._facts["size"] = version_id, size
+        return Content(None if copy is None else copy.fileno(), sha256, size, obj)
+
+
+def copy_hashing(body: Any, out_fd: int | None) -> tuple[str, int]:
+    """Read a download to its end, into `out_fd` if given; its sha256 and size."""
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        while chunk := body.read(CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+            view = memoryview(chunk)
+            while out_fd is not None and view:
+                view = view[os.write(out_fd, view):]
+    except (BotoCoreError, OSError) as exc:
+        raise S3Unavailable(f"download failed: {exc}") from exc
+    return digest.hexdigest(), size
+
+
 def _check_key(key: str) -> None:
     """UnsafePathError for a name no object can have: not UTF-8 (a local file's), or too long."""
     try:
@@ -67,12 +131,55 @@ def _check_key(key: str) -> None:
 class S3Location:
     """An S3 prefix. Writes never overwrite (`IfNoneMatch`); reads pin the scanned ETag."""
 
-    def __init__(self, url: str, client: Any, config: S3Config) -> None:
+    settles = False
+
+    def __init__(self, url: str, client: Any, config: S3Config, work_dir: Path | None = None) -> None:
         self.url = url
         self.where = S3Url.parse(url)
-        self.client = self._client = client
+        self._client = client
         self._copy_threshold = config.multipart_threshold
         self._part_size = config.multipart_chunksize
+        self._work_dir = work_dir  # private copies of objects being scanned
+
+    # -- as a source being scanned -------------------------------------------------------
+
+    @contextmanager
+    def open_for_scan(self, listed: Listed) -> Iterator[Opened]:
+        etag, version_id, size = listed.etag, listed.version_id, listed.size
+        if etag is None:  # replaced since it was listed: take the version there now
+            head = self.head(listed.rel_path)
+            if head is None:
+                raise FileNotFoundError(errno.ENOENT, "no such object", self.name(listed.rel_path))
+            etag, version_id, size = str(head["ETag"]), head.get("VersionId"), int(head["ContentLength"])
+        with contextlib.ExitStack() as held:
+            yield _OpenedObject(self, listed.rel_path, etag, version_id, size or 0, held)
+
+    def refuses(self, rel_path: str) -> str | None:
+        return None  # an S3 key takes any name; one that is not UTF-8 fails when it is planned
+
+    def identity_now(self, rel_path: str) -> Identity | None:
+        return None  # objects are pinned by ETag and VersionId, not by an identity
+
+    def presign(self, rel_path: str, version_id: str | None) -> str:
+        """A GET URL of exactly that version, for an engine that reads the object itself."""
+        params = {"Bucket": self.where.bucket, "Key": self.key(rel_path)}
+        if version_id:
+            params["VersionId"] = version_id
+        return str(self._client.generate_presigned_url("get_object", Params=params, ExpiresIn=_PRESIGN_S))
+
+    def version_of(self, rel_path: str, etag: str) -> str | None:
+        """The VersionId of the listed version (a listing names none), if it is still current."""
+        head = self.head(rel_path)
+        return head.get("VersionId") if head is not None and str(head["ETag"]) == etag else None
+
+    def private_copy(self, size: int) -> BinaryIO:
+        """A temp file for an object's bytes; S3Unavailable when the disk lacks room for them."""
+        if self._work_dir is None:
+            return tempfile.TemporaryFile()
+        self._work_dir.mkdir(mode=0o700, exist_ok=True)
+        if shutil.disk_usage(self._work_dir).free < size + _FREE_SPACE_RESERVE:
+            raise S3Unavailable(f"not enough free space in {self._work_dir} for {size} bytes")
+        return tempfile.TemporaryFile(dir=self._work_dir)
 
     def name(self, rel_path: str) -> str:
         return str(self.where) + rel_path

@@ -44,7 +44,7 @@ from watchdog.observers.inotify_move_event_grouper import GroupedInotifyEvent, P
 from daemon.config import WatchConfig
 from daemon.errors import UnsafePathError
 from daemon.fsutil import DirCache, Identity, classify, split_rel
-from daemon.journal import FileRow, Journal
+from daemon.journal import FileRow, Journal, RowChanges
 from daemon.model import FileState
 from daemon.watchers.tree import stat_below, walk
 
@@ -348,7 +348,7 @@ class LocalWatcher:
     def settle(self) -> int:
         """Mark due discovered rows stable, held or gone; returns how many became stable."""
         rows = self.journal.due(FileState.DISCOVERED, self.watch.name, self.clock(), _CHUNK)
-        changes: list[tuple[int, dict[str, object]]] = []
+        changes: list[tuple[int, RowChanges]] = []
         stable = 0
         with DirCache() as dirs:
             for row in rows:
@@ -361,7 +361,7 @@ class LocalWatcher:
             self.wake.set()
         return stable
 
-    def _settle_one(self, row: FileRow, dirs: DirCache) -> dict[str, object]:
+    def _settle_one(self, row: FileRow, dirs: DirCache) -> RowChanges:
         now = self.clock()
         context = {"watch": row.watch, "rel_path": row.rel_path, "file_id": row.id}
         parents, name = split_rel(row.rel_path)
@@ -388,11 +388,8 @@ class LocalWatcher:
         # unchanged across a whole settle period is settled too.
         settled = (now - quiet_since >= self.watch.settle_seconds
                    or (unchanged and now - row.updated_at >= self.watch.settle_seconds))
-        fields: dict[str, object] = {
-            "dev": identity.dev, "inode": identity.inode, "size": identity.size,
-            "mtime_ns": identity.mtime_ns, "ctime_ns": identity.ctime_ns}
         if settled:
-            return {**fields, "state": FileState.STABLE, "stable_at": now, "next_attempt_at": now}
+            return {**identity.columns(), "state": FileState.STABLE, "stable_at": now, "next_attempt_at": now}
         wait_s = min(max(quiet_since + self.watch.settle_seconds - now, 0.05),
                      self.watch.settle_seconds)
-        return {**fields, "next_attempt_at": now + wait_s}
+        return {**identity.columns(), "next_attempt_at": now + wait_s}

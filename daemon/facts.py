@@ -1,0 +1,38 @@
+"""The facts of a file's outcome, as sidecars, `quarantine show` and notifications give them.
+
+docs/contract.md#sidecars lists them; every place that reports an outcome builds them here.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from daemon.config import WatchConfig
+from daemon.journal import FileRow
+
+__all__ = ["iso", "outcome_facts"]
+
+
+def iso(ts: float | None) -> str | None:
+    """ISO 8601 UTC with a Z, as sidecars and status print times."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def outcome_facts(watch: WatchConfig, row: FileRow, destination: str | None) -> dict[str, object]:
+    """Where the file came from and went, and what the engine said about its bytes."""
+    return {
+        "source": watch.source.rstrip("/") + "/" + row.rel_path,
+        "destination": destination,
+        "verdict": row.verdict,
+        "reason": row.reason,
+        "threats": row.threats or [],
+        "engine": watch.engine,
+        "engine_scan_id": row.engine_scan_id,
+        "external_reference_id": row.ref_id,
+        "sha256": row.sha256,
+        "size": row.size,
+        "detected_at": iso(row.discovered_at),
+        "scanned_at": iso(row.scanned_at),
+    }

@@ -1,0 +1,203 @@
+"""The pipeline: claims due journal rows, has them scanned, then moved.
+
+Each engine has `concurrency` worker threads. A worker claims a small batch of due rows
+and carries it one step per journal transaction: scanned (`scanning.Scanner`: the verdict
+and the planned destination written before any move), then moved (`moving.Mover`: done).
+Retries are schedules in the journal, never sleeps. Nothing here is lost with the
+process: the backlog is the journal, and `Journal.reclaim` hands a dead worker's rows to
+the next one.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import structlog
+
+from daemon.config import Config, WatchConfig
+from daemon.engines.base import Engine
+from daemon.fsutil import DirCache
+from daemon.journal import FileRow, Journal
+from daemon.locations import Locations
+from daemon.model import FileState, Reason, Verdict, VerdictKind
+from daemon.pipeline.moving import Mover
+from daemon.pipeline.outcome import Outcome, Outcomes
+from daemon.pipeline.scanning import Scanner
+from daemon.retry import RetryPolicy
+from daemon.s3 import S3Clients, is_s3
+
+__all__ = ["Outcome", "Pipeline", "uses_s3"]
+
+log = structlog.get_logger("scanwatch.pipeline")
+
+_BATCH = 16
+_IDLE_WAIT_S = 1.0
+_WARNINGS = ("retry.scheduled", "move.failed")
+
+
+class Pipeline:
+    """Worker threads that carry claimed rows to their destination."""
+
+    def __init__(self, config: Config, journal: Journal, engines: Mapping[str, Engine], *,
+                 owner: str, wake: threading.Event | None = None,
+                 clock: Callable[[], float] = time.time,
+                 policy: RetryPolicy | None = None,
+                 on_outcome: Callable[[FileRow, str, Outcome], None] | None = None,
+                 s3: S3Clients | None = None) -> None:
+        self.config = config
+        self.journal = journal
+        self.owner = owner
+        self.wake = wake or threading.Event()
+        self.clock = clock
+        self._on_outcome = on_outcome
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.heartbeat_at = clock()
+        self.s3 = s3 or S3Clients()
+        outcomes = Outcomes(clock, policy or RetryPolicy())
+        self.mover = Mover(config, journal, outcomes)
+        self.scanner = Scanner(config, journal, engines, self.mover, outcomes)
+
+    @property
+    def engines(self) -> Mapping[str, Engine]:
+        """The engines by configured name (the scanner's)."""
+        return self.scanner.engines
+
+    @engines.setter
+    def engines(self, engines: Mapping[str, Engine]) -> None:
+        self.scanner.engines = engines
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start `concurrency` workers per engine that has watches."""
+        self.scanner.start()
+        for name, engine_cfg in self.config.engines.items():
+            watches = [w.name for w in self.config.watches if w.engine == name]
+            if not watches:
+                continue
+            for i in range(engine_cfg.concurrency):
+                thread = threading.Thread(target=self._work, args=(watches,),
+                                          name=f"scan-{name}-{i}", daemon=True)
+                thread.start()
+                self._threads.append(thread)
+
+    def stop(self, timeout_s: float) -> bool:
+        """Stop claiming, wait for in-flight batches; hand back what is unfinished."""
+        self._stopping.set()
+        self.wake.set()
+        deadline = time.monotonic() + timeout_s
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        drained = not any(t.is_alive() for t in self._threads)
+        if drained:
+            self.journal.release(self.owner)
+        return drained
+
+    def is_alive(self) -> bool:
+        """Workers run and turn over: each engine call is bounded by its timeout."""
+        stall_s = max(e.timeout for e in self.config.engines.values()) + 30
+        return (all(t.is_alive() for t in self._threads)
+                and self.clock() - self.heartbeat_at < stall_s)
+
+    def _work(self, watches: list[str]) -> None:
+        while not self._stopping.is_set():
+            self.heartbeat_at = self.clock()
+            try:
+                if self.run_once(watches):
+                    continue
+                next_due = self.journal.next_due_at(watches)
+            except Exception:
+                log.exception("worker.error", watches=watches)
+                next_due = None
+            wait_s = _IDLE_WAIT_S if next_due is None else next_due - self.clock()
+            if self.wake.wait(min(max(wait_s, 0.0), _IDLE_WAIT_S)):
+                self.wake.clear()
+
+    def run_once(self, watches: list[str]) -> int:
+        """Claim one batch of due rows and carry it as far as it goes; returns its size."""
+        rows = self.journal.claim(watches, self.owner, self.clock(), _BATCH)
+        if rows:
+            self.process(rows)
+        return len(rows)
+
+    # -- one batch ------------------------------------------------------------------------------
+
+    def process(self, rows: list[FileRow]) -> None:
+        """Carry claimed rows one step per transaction: scanned, then moved."""
+        try:
+            with DirCache() as dirs:
+                self._process(rows, Locations(self.config, dirs, self.s3))
+        except BaseException:
+            # Whatever an unexpected error left claimed goes back to the queue.
+            self.journal.release(self.owner, [row.id for row in rows])
+            raise
+
+    def _process(self, rows: list[FileRow], locations: Locations) -> None:
+        scanned: list[tuple[FileRow, Outcome]] = []
+        for row in rows:
+            if row.state is FileState.SCANNING:
+                scanned.append((row, self._guard(row, locations, self.scanner.scan)))
+            elif row.state is FileState.VERDICT:  # a failed move: plan it again
+                scanned.append((row, self._guard(row, locations, self._replan)))
+            else:  # moving: a move cut off by a crash, finished below
+                scanned.append((row, Outcome({})))
+        self._commit(scanned)
+        moved: list[tuple[FileRow, Outcome]] = []
+        for row, outcome in scanned:
+            if (outcome.state or row.state) is FileState.MOVING:
+                step = self._resume if row.state is FileState.MOVING else self.mover.move
+                current = row.updated(outcome.changes)
+                moved.append((current, self._guard(current, locations, step)))
+        self._commit(moved)
+
+    def _replan(self, row: FileRow, locations: Locations) -> Outcome:
+        return self.mover.plan(row, {"state": FileState.MOVING}, locations)
+
+    def _resume(self, row: FileRow, locations: Locations) -> Outcome:
+        return self.mover.move(row, locations, resumed=True)
+
+    def _guard(self, row: FileRow, locations: Locations,
+               step: Callable[[FileRow, Locations], Outcome]) -> Outcome:
+        """Run a step; an unexpected error fails the file instead of killing the worker."""
+        self.heartbeat_at = self.clock()
+        try:
+            with structlog.contextvars.bound_contextvars(**self._context(row)):
+                return step(row, locations)
+        except Exception as exc:
+            log.exception("file.internal_error", **self._context(row))
+            outcomes = self.mover.outcomes
+            if row.state is FileState.MOVING and row.verdict is not None:
+                return outcomes.move_failed(row, exc)
+            changes = outcomes.verdict(row, Verdict.failed(Reason.INTERNAL_ERROR))
+            try:
+                return self.mover.plan(row, changes, locations)
+            except Exception as again:  # never hand the batch back: this row waits its turn
+                log.exception("file.internal_error", **self._context(row))
+                return outcomes.move_failed(row, again, {**changes, "state": FileState.VERDICT})
+
+    def _commit(self, outcomes: list[tuple[FileRow, Outcome]]) -> None:
+        self.journal.apply((row.id, o.changes) for row, o in outcomes if o.changes)
+        for row, outcome in outcomes:
+            if outcome.event:
+                logger = log.info
+                if outcome.event in _WARNINGS:
+                    logger = log.warning
+                elif outcome.fields.get("outcome") == VerdictKind.FAILED:
+                    logger = log.error
+                logger(outcome.event, **{**self._context(row), **outcome.fields})
+            if self._on_outcome and outcome.changes:
+                self._on_outcome(row, self.config.watch(row.watch).engine, outcome)
+
+    def _context(self, row: FileRow) -> dict[str, Any]:
+        """The per-file fields every event of the row carries."""
+        return {"watch": row.watch, "rel_path": row.rel_path, "file_id": row.id,
+                "engine": self.config.watch(row.watch).engine, "ref_id": row.ref_id}
+
+
+def uses_s3(watch: WatchConfig) -> bool:
+    """True when the watch reads from or writes to S3."""
+    return any(is_s3(loc) for loc in (watch.source, *watch.destinations.values()))

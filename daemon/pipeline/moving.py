@@ -1,0 +1,132 @@
+"""The moving step: plan the destination when the verdict is known, then carry out that plan.
+
+The plan (destination root and the name below it) is journaled with the verdict, before
+anything moves, so a move cut off at any point is finished by the next worker exactly as
+planned; a name taken meanwhile is planned again and journaled before it is used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from daemon.config import Config, WatchConfig
+from daemon.errors import LocationError, UnsafePathError
+from daemon.facts import outcome_facts
+from daemon.faults import pause
+from daemon.journal import FileRow, Journal, RowChanges
+from daemon.locations import ChangedError, Location, Locations, MoveRequest, transfer
+from daemon.model import FileState, Reason, Verdict, VerdictKind
+from daemon.pipeline.outcome import Outcome, Outcomes
+from daemon.s3 import S3Unavailable, flat_name
+
+__all__ = ["DESTINATION_FOR", "Mover"]
+
+DESTINATION_FOR = {VerdictKind.CLEAN: "clean", VerdictKind.INFECTED: "quarantine",
+                   VerdictKind.FAILED: "failed"}
+_TAG_VALUE = re.compile(r"[^\w .:/=+@-]")
+_MAX_REPLANS = 100
+
+
+class Mover:
+    """Plans where a file goes for its verdict, and moves it there."""
+
+    def __init__(self, config: Config, journal: Journal, outcomes: Outcomes) -> None:
+        self.config = config
+        self.journal = journal
+        self.outcomes = outcomes
+
+    # -- planning ---------------------------------------------------------------------------
+
+    def plan(self, row: FileRow, changes: RowChanges, locations: Locations) -> Outcome:
+        """`changes` (a verdict) plus the destination chosen now, so a crash mid-move can be finished."""
+        verdict = VerdictKind(str(changes.get("verdict", row.verdict)))
+        # A key or name that cannot be a path or key there goes to `failed` under one flat, safe name.
+        is_flat = changes.get("reason", row.reason) in (Reason.UNSAFE_KEY, Reason.UNSAFE_NAME)
+        rel_path = flat_name(row.rel_path) if is_flat else row.rel_path
+        watch = self.config.watch(row.watch)
+        root = watch.destinations[DESTINATION_FOR[verdict]]
+        try:
+            dest = locations(root, watch)
+            dest_rel = dest.plan(rel_path)
+        except UnsafePathError as exc:
+            if is_flat:
+                return self.outcomes.move_failed(row, exc, {**changes, "state": FileState.VERDICT})
+            # Kept: the facts, and the threats of an infected file its quarantine cannot name.
+            threats = changes.get("threats", row.threats) or []
+            failed = Verdict.failed(Reason.UNSAFE_NAME, raw={"error": str(exc)}, threats=tuple(threats))
+            return self.plan(row, {**changes, **self.outcomes.verdict(row, failed)}, locations)
+        except (OSError, LocationError) as exc:
+            return self.outcomes.move_failed(row, exc, {**changes, "state": FileState.VERDICT})
+        return Outcome({**changes, "destination": dest.name(dest_rel), "dest_root": root,
+                        "dest_rel": dest_rel})
+
+    def fail(self, row: FileRow, reason: Reason, error: str, locations: Locations) -> Outcome:
+        """A failed verdict without asking the engine (unreadable, an unsafe name...), planned."""
+        return self.plan(row, self.outcomes.verdict(row, Verdict.failed(reason, raw={"error": error})),
+                         locations)
+
+    # -- moving -----------------------------------------------------------------------------
+
+    def move(self, row: FileRow, locations: Locations, *, resumed: bool = False) -> Outcome:
+        """Carry out the row's plan; `resumed`: a move of it may have been cut off, finish it."""
+        pause("move.start")
+        watch = self.config.watch(row.watch)
+        source = locations(watch.source, watch)
+        try:
+            identity = row.identity or (source.identity_now(row.rel_path) if row.etag is None else None)
+        except FileNotFoundError:
+            return self.outcomes.gone()
+        except (OSError, LocationError) as exc:
+            return self.outcomes.move_failed(row, exc)
+        verdict = VerdictKind(str(row.verdict))
+        dest, dest_rel = self._planned(row, watch, locations, verdict)
+        request = MoveRequest(
+            file_id=row.id, rel_path=row.rel_path, dest_rel=dest_rel,
+            size=row.size if row.size is not None else identity.size if identity else 0,
+            sha256=row.sha256, verify=verdict is VerdictKind.CLEAN, private=verdict is VerdictKind.INFECTED,
+            identity=identity, etag=row.etag, version_id=row.version_id,
+            tags={"scanwatch-verdict": verdict.value,
+                  "scanwatch-reason": _TAG_VALUE.sub("_", row.reason or "")})
+        try:
+            request = self._transfer(row, request, source, dest, resumed)
+        except ChangedError as exc:
+            return self.outcomes.changed(str(exc), settles=source.settles)
+        except FileNotFoundError:
+            return self.outcomes.gone()
+        except S3Unavailable as exc:
+            return self.outcomes.move_failed(row, exc, attempts=row.move_attempts)
+        except (OSError, LocationError) as exc:
+            return self.outcomes.move_failed(row, exc)
+        destination = dest.name(request.dest_rel)
+        if verdict is not VerdictKind.CLEAN:
+            try:
+                dest.write_sidecar(request.dest_rel, outcome_facts(watch, row, destination))
+            except (OSError, LocationError) as exc:
+                # The file is in place: stay `moving`, so the retry finishes this move.
+                return self.outcomes.move_failed(row, exc, {"state": FileState.MOVING})
+        return self.outcomes.placed(row, destination, verdict)
+
+    def _planned(self, row: FileRow, watch: WatchConfig, locations: Locations, verdict: VerdictKind
+                 ) -> tuple[Location, str]:
+        """The planned destination and name (rows planned before plans were journaled whole:
+        the verdict's destination, and the name recorded under it)."""
+        if row.dest_root is not None and row.dest_rel is not None:
+            return locations(row.dest_root, watch), row.dest_rel
+        dest = locations(watch.destinations[DESTINATION_FOR[verdict]], watch)
+        assert row.destination is not None
+        return dest, row.destination.removeprefix(dest.name(""))
+
+    def _transfer(self, row: FileRow, request: MoveRequest, source: Location, dest: Location,
+                  resumed: bool) -> MoveRequest:
+        """Move to the planned name; if it was taken meanwhile, journal a new plan and retry."""
+        for _ in range(_MAX_REPLANS):
+            try:
+                transfer(request, source, dest, resumed=resumed)
+                return request
+            except FileExistsError:
+                dest_rel = dest.plan(row.rel_path, taken=True)
+                self.journal.apply([(row.id, {"destination": dest.name(dest_rel), "dest_rel": dest_rel})])
+                request = dataclasses.replace(request, dest_rel=dest_rel)
+                resumed = False
+        raise LocationError(f"{dest.url}: no free name for {row.rel_path}")

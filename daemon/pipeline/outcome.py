@@ -1,0 +1,114 @@
+"""What one step did to a row: the typed journal change, and the event that says so.
+
+Every way a step can end (retry, wait, held, gone, changed, a verdict, placed, a failed
+move) is built here once, so the journal, the log and the metrics read the same facts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from daemon.errors import EngineRetryableError
+from daemon.journal import FileRow, RowChanges
+from daemon.model import FileState, Verdict, VerdictKind
+from daemon.retry import RetryPolicy
+
+__all__ = ["Outcome", "Outcomes"]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The journal change of one step, and the event to log (with its fields), if any."""
+
+    changes: RowChanges
+    event: str | None = None
+    fields: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def state(self) -> FileState | None:
+        """The state the step moves the row to (None: unchanged)."""
+        return self.changes.get("state")
+
+
+class Outcomes:
+    """Builds the outcomes of steps on the pipeline's clock and retry policy."""
+
+    def __init__(self, clock: Callable[[], float], policy: RetryPolicy) -> None:
+        self.clock = clock
+        self.policy = policy
+
+    def retry(self, row: FileRow, exc: EngineRetryableError) -> Outcome:
+        """Scan again later, spending an attempt."""
+        delay_s = self.policy.delay(row.attempts, exc.retry_after_s)
+        return Outcome(
+            {"state": FileState.STABLE, "owner": None, "last_error": str(exc),
+             "next_attempt_at": self.clock() + delay_s},
+            "retry.scheduled", {"reason": exc.reason.value, "error": str(exc),
+                                "attempts": row.attempts, "delay_s": round(delay_s, 3)})
+
+    def wait(self, row: FileRow, reason: str, exc: Exception, retry_after_s: float | None = None,
+             *, unsent: bool = False) -> Outcome:
+        """Try again later without spending an attempt: what is missing is not the file's fault.
+
+        `unsent`: the engine was not reached, so a submission marked in doubt did not happen.
+        """
+        delay_s = self.policy.delay(row.attempts, retry_after_s)
+        changes: RowChanges = {"state": FileState.STABLE, "owner": None, "last_error": str(exc),
+                               "attempts": row.attempts - 1, "next_attempt_at": self.clock() + delay_s}
+        if unsent:
+            changes["submitting_at"] = None
+        return Outcome(changes, "retry.scheduled",
+                       {"reason": reason, "error": str(exc), "delay_s": round(delay_s, 3)})
+
+    def held(self, reason: str, detail: str) -> Outcome:
+        """Left where it is on purpose (a symlink, a hardlink, a special file)."""
+        return Outcome({"state": FileState.HELD, "reason": reason, "owner": None,
+                        "done_at": self.clock()}, "file.skipped", {"reason": reason, "detail": detail})
+
+    def gone(self) -> Outcome:
+        """Vanished from the source before it could be moved."""
+        return Outcome({"state": FileState.GONE, "owner": None, "done_at": self.clock()},
+                       "file.vanished")
+
+    def changed(self, detail: str, *, settles: bool) -> Outcome:
+        """Not the bytes that were scanned: scan it anew (`settles`: wait for it to settle first)."""
+        return Outcome({"state": FileState.DISCOVERED if settles else FileState.STABLE, "owner": None,
+                        "verdict": None, "reason": None, "destination": None, "size": None,
+                        "etag": None, "version_id": None, "next_attempt_at": self.clock(),
+                        # A pending remote scan was of the old bytes: never follow it.
+                        "engine_scan_id": None, "sha256": None, "ref_id": None,
+                        "submitting_at": None, "dest_root": None, "dest_rel": None},
+                       "file.changed", {"detail": detail})
+
+    def verdict(self, row: FileRow, verdict: Verdict) -> RowChanges:
+        """The change a verdict makes (the destination is planned on top of it)."""
+        return {
+            "state": FileState.MOVING, "verdict": verdict.kind, "reason": verdict.reason,
+            "threats": list(verdict.threats), "raw_result": verdict.raw or None,
+            "engine_scan_id": verdict.engine_scan_id or row.engine_scan_id,
+            "submitting_at": None, "scanned_at": self.clock()}
+
+    def placed(self, row: FileRow, destination: str, verdict: VerdictKind) -> Outcome:
+        """In its destination: done."""
+        now = self.clock()
+        return Outcome(
+            {"state": FileState.DONE, "destination": destination, "owner": None, "done_at": now,
+             "last_error": None},
+            "file.moved",
+            {"outcome": verdict.value, "reason": row.reason, "threats": row.threats or [],
+             "destination": destination, "attempts": row.attempts, "sha256": row.sha256,
+             "size": row.size, "duration_s": round(now - row.discovered_at, 4)})
+
+    def move_failed(self, row: FileRow, exc: BaseException, changes: RowChanges | None = None,
+                    attempts: int | None = None) -> Outcome:
+        """Leave the file where it is and try the move again later."""
+        attempts = row.move_attempts + 1 if attempts is None else attempts
+        delay_s = self.policy.delay(attempts)
+        return Outcome(
+            {"state": FileState.VERDICT, **(changes or {}), "owner": None,
+             "move_attempts": attempts, "last_error": str(exc),
+             "next_attempt_at": self.clock() + delay_s},
+            "move.failed", {"error": str(exc), "move_attempts": attempts,
+                            "delay_s": round(delay_s, 3)})

@@ -1,0 +1,215 @@
+"""The scanning step: hold the file or object version, follow or ask its engine, plan the move.
+
+A submitted remote scan is followed without its bytes (docs/integrity.md, "Remote
+engines"); otherwise the source's bytes are hashed and exactly those are scanned.
+A remote submission is journaled as in doubt, in its own transaction, before the
+engine sees it, and its scan ID right after the answer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import time
+from collections.abc import Callable, Mapping
+from functools import partial
+from typing import Any
+
+import structlog
+from pydantic import SecretStr
+
+from daemon.config import Config, WatchConfig
+from daemon.engines.base import Engine, ScanHandle, ScanRequest
+from daemon.errors import (
+    EnginePermanentError,
+    EngineResubmitError,
+    EngineRetryableError,
+    EngineUnavailableError,
+    UnsafePathError,
+)
+from daemon.faults import pause
+from daemon.journal import FileRow, Journal, RowChanges
+from daemon.locations import ChangedError, Listed, Locations, Opened
+from daemon.model import Pending, Reason, Verdict
+from daemon.pipeline.moving import Mover
+from daemon.pipeline.outcome import Outcome, Outcomes
+from daemon.refid import build_ref_id
+from daemon.s3 import S3Unavailable
+
+__all__ = ["Scanner"]
+
+log = structlog.get_logger("scanwatch.pipeline")
+
+_UNREADABLE_ERRNOS = (errno.EIO, errno.EISDIR, errno.ENXIO)
+
+
+class Scanner:
+    """Turns a claimed `scanning` row into a scan to poll, a retry, or a verdict with its plan."""
+
+    def __init__(self, config: Config, journal: Journal, engines: Mapping[str, Engine],
+                 mover: Mover, outcomes: Outcomes) -> None:
+        self.config = config
+        self.journal = journal
+        self.engines = engines
+        self.mover = mover
+        self.outcomes = outcomes
+        self.clock = outcomes.clock
+        self._engine_down: dict[str, bool] = {}
+
+    def start(self) -> None:
+        """Take the engines' health as the journal has it (the start-up probe's view)."""
+        health = self.journal.engine_health()
+        self._engine_down = {name: not healthy for name, (healthy, _, _) in health.items()}
+
+    def scan(self, row: FileRow, locations: Locations) -> Outcome:
+        """One scanning step of `row`: what happened, as a journal change and an event."""
+        watch = self.config.watch(row.watch)
+        engine = self.engines[watch.engine]
+        source = locations(watch.source, watch)
+        for root in watch.destinations.values():
+            if (why := locations(root, watch).refuses(row.rel_path)) is not None:
+                return self.mover.fail(row, Reason.UNSAFE_KEY, why, locations)
+        try:
+            with source.open_for_scan(Listed(row.rel_path, row.etag, row.version_id, row.size)) as opened:
+                return self._scan_opened(row, watch, engine, opened, locations)
+        except FileNotFoundError:
+            return self.outcomes.gone()
+        except UnsafePathError as exc:
+            return self.outcomes.held(exc.reason, str(exc))
+        except ChangedError as exc:
+            return self.outcomes.changed(str(exc), settles=source.settles)
+        except S3Unavailable as exc:
+            return self.outcomes.wait(row, "source.unavailable", exc)
+        except OSError as exc:
+            if isinstance(exc, PermissionError) or exc.errno in _UNREADABLE_ERRNOS:
+                return self.mover.fail(row, Reason.UNREADABLE, str(exc), locations)
+            raise
+
+    def _scan_opened(self, row: FileRow, watch: WatchConfig, engine: Engine, opened: Opened,
+                     locations: Locations) -> Outcome:
+        if detail := opened.changed_from(row.identity):
+            return self.outcomes.changed(detail, settles=True)
+        # A submitted scan is followed on what identifies the version alone: the bytes are
+        # read again only to be submitted again, and the mover verifies a clean file's hash.
+        followed = self._follow(row, engine, opened, locations)
+        if isinstance(followed, Outcome):
+            return followed
+        by_upload = followed is not None and followed.by_upload
+        try:
+            content = opened.content(engine_reads_s3=engine.reads_s3 and not by_upload)
+        except OSError as exc:
+            return self.mover.fail(row, Reason.UNREADABLE, str(exc), locations)
+        pause("scan.hashed")
+        request = ScanRequest(watch.name, row.rel_path, opened.path, content.fd, content.size,
+                              content.sha256, "", s3=content.s3,
+                              archive_password=_secret(watch.archivepwd), by_upload=by_upload)
+        return self._ask(row, watch, engine, request, opened.facts, followed, locations)
+
+    def _follow(self, row: FileRow, engine: Engine, opened: Opened, locations: Locations
+                ) -> Outcome | EngineResubmitError | None:
+        """Poll the row's submitted (or in-doubt) remote scan without its bytes.
+
+        None: nothing was submitted; an `EngineResubmitError`: submit the bytes again.
+        """
+        if row.sha256 is None or row.ref_id is None:
+            return None
+        if row.engine_scan_id is None and (row.submitting_at is None or not engine.remote):
+            return None
+        handle = ScanHandle(row.watch, row.rel_path, opened.path, row.sha256, row.ref_id, row.engine_scan_id)
+        facts = opened.facts
+        started = time.monotonic()
+        try:
+            answer = self._call(row, engine, partial(engine.poll, handle))
+        except EngineResubmitError as exc:
+            log.info("scan.resubmitting", watch=row.watch, rel_path=row.rel_path, file_id=row.id,
+                     error=str(exc), in_doubt=row.engine_scan_id is None, may_duplicate=exc.may_duplicate)
+            return exc
+        if isinstance(answer, Outcome):
+            return answer
+        event = "scan.found" if row.engine_scan_id is None else None
+        return self._answered(row, answer, facts, row.sha256, row.ref_id, time.monotonic() - started,
+                              event, {}, locations)
+
+    def _ask(self, row: FileRow, watch: WatchConfig, engine: Engine, request: ScanRequest,
+             facts: RowChanges, resubmit: EngineResubmitError | None, locations: Locations) -> Outcome:
+        """Ask the engine about the bytes of `request`; `facts` say which version they were."""
+        sha256 = request.sha256
+        ref_id = row.ref_id if row.sha256 == sha256 and row.ref_id else build_ref_id(
+            watch.name, row.rel_path, sha256)
+        if engine.remote:
+            # A remote scan outlives us: the submission is journaled as in doubt, in its own
+            # transaction, before the engine sees it (docs/integrity.md, "Remote engines").
+            self.journal.apply([(row.id, {"sha256": sha256, "ref_id": ref_id, "engine": engine.name,
+                                          "submitting_at": self.clock(), **facts})])
+        request = dataclasses.replace(request, ref_id=ref_id)
+        started = time.monotonic()
+        answer = self._call(row, engine, partial(engine.scan, request))
+        if isinstance(answer, Outcome):
+            return answer
+        if engine.remote and isinstance(answer, Pending):
+            # ...and the scan's ID right after the answer, before anything else of the batch.
+            self.journal.apply([(row.id, {"engine_scan_id": answer.engine_scan_id,
+                                          "submitting_at": None})])
+        repeated = {"resubmitted": True} if resubmit is not None and resubmit.may_duplicate else {}
+        return self._answered(row, answer, facts, sha256, ref_id, time.monotonic() - started,
+                              "scan.submitted", repeated, locations)
+
+    def _call(self, row: FileRow, engine: Engine, ask: Callable[[], Verdict | Pending]
+              ) -> Verdict | Pending | Outcome:
+        """The engine's answer, or what its error means for the row (retry, wait, failed)."""
+        engine_cfg = self.config.engines[self.config.watch(row.watch).engine]
+        try:
+            answer = ask()
+            self._set_engine_health(engine.name, None)
+            return answer
+        except EngineUnavailableError as exc:
+            self._set_engine_health(engine.name, str(exc))
+            if self.clock() - row.discovered_at <= engine_cfg.max_pending_age:
+                # Not reached: nothing can have been submitted.
+                return self.outcomes.wait(row, Reason.ENGINE_UNAVAILABLE, exc, exc.retry_after_s,
+                                          unsent=True)
+            return Verdict.failed(Reason.ENGINE_UNAVAILABLE, raw={"error": str(exc)})
+        except EngineRetryableError as exc:
+            # A timeout or a 5xx may hide a submission: it stays in doubt.
+            if row.attempts < engine_cfg.max_attempts:
+                return self.outcomes.retry(row, exc)
+            return Verdict.failed(exc.reason, raw={"error": str(exc)})
+        except EnginePermanentError as exc:
+            if exc.reason == Reason.AUTH:  # every file will fail alike: raise the alarm
+                self._set_engine_health(engine.name, str(exc))
+            return Verdict.failed(exc.reason, raw={"error": str(exc)})
+
+    def _answered(self, row: FileRow, answer: Verdict | Pending, facts: RowChanges, sha256: str,
+                  ref_id: str, duration_s: float, event: str | None, fields: Mapping[str, Any],
+                  locations: Locations) -> Outcome:
+        """What the engine's answer changes: a scan to poll, or a verdict and its destination."""
+        if isinstance(answer, Pending):
+            return Outcome(
+                {"engine_scan_id": answer.engine_scan_id, "owner": None, "submitting_at": None,
+                 "sha256": sha256, "ref_id": ref_id, **facts,
+                 "next_attempt_at": self.clock() + answer.poll_after_s},
+                event, {"engine_scan_id": answer.engine_scan_id, **fields})
+        changes: RowChanges = {**self.outcomes.verdict(row, answer), **facts, "sha256": sha256,
+                               # A re-submission (`<id>.2`) is the ID the engine knows the verdict by.
+                               "ref_id": str(answer.raw.get("external_reference_id", ref_id)),
+                               "engine": self.config.watch(row.watch).engine}
+        planned = self.mover.plan(row, changes, locations)
+        return Outcome(planned.changes, planned.event or "scan.verdict", {
+            "verdict": answer.kind.value, "threats": list(answer.threats), "reason": answer.reason,
+            "duration_s": round(duration_s, 4), "ref_id": ref_id, **fields, **planned.fields})
+
+    def _set_engine_health(self, name: str, error: str | None) -> None:
+        """Journal an engine going down or coming back (only the changes)."""
+        is_down = error is not None
+        if self._engine_down.get(name, False) == is_down:
+            return
+        self._engine_down[name] = is_down
+        self.journal.set_engine_health(name, not is_down, error or "answering", self.clock())
+        if is_down:
+            log.warning("engine.unhealthy", engine=name, error=error)
+        else:
+            log.info("engine.recovered", engine=name)
+
+
+def _secret(value: SecretStr | None) -> str | None:
+    return None if value is None else value.get_secret_value()
