@@ -24,7 +24,7 @@ from daemon.model import FileState, Pending, Reason, Verdict, VerdictKind
 from daemon.pipeline import Pipeline
 from daemon.refid import build_ref_id
 from daemon.s3 import is_s3, make_client
-from daemon.watchers.local import relative_path
+from daemon.watchers.base import relative_path
 
 __all__ = ["ScanResult", "scan_paths"]
 

@@ -19,6 +19,7 @@ from daemon.metrics import Metrics
 from daemon.pipeline import Outcome, Pipeline, uses_s3
 from daemon.s3 import S3Clients, is_s3
 from daemon.sdnotify import Notifier
+from daemon.watchers.base import Watcher
 from daemon.watchers.local import LocalWatcher
 from daemon.watchers.s3 import S3Watcher
 from daemon.webhooks import WebhookReceivers
@@ -38,7 +39,7 @@ class _Running:
     config: Config
     engines: dict[str, Engine]
     pipeline: Pipeline
-    watchers: list[LocalWatcher | S3Watcher]
+    watchers: list[Watcher]
     alerts: WebhookAlerts | None
     webhooks: WebhookReceivers  # bound in `_start`, so a reload can rebind the same address
 
@@ -66,7 +67,7 @@ class Service:
                 s3(config.s3_for(watch))
         pipeline = Pipeline(config, self.journal, engines, owner=self.owner, wake=self.wake,
                             on_outcome=self._on_outcome, s3=s3)
-        watchers: list[LocalWatcher | S3Watcher] = [
+        watchers: list[Watcher] = [
             S3Watcher(w, self.journal, self.wake, s3(config.s3_for(w)), config.s3_for(w))
             if is_s3(w.source)
             else LocalWatcher(w, self.journal, self.wake) for w in config.watches]

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from daemon.errors import UnsafePathError
 from daemon.fsutil import collision_name, open_dir, rel_parts, rename_noreplace
-from daemon.watchers.local import relative_path
+from daemon.watchers.base import relative_path
 
 segments = st.text(st.characters(blacklist_characters="/\0", blacklist_categories=("Cs",)),
                    min_size=1, max_size=40).filter(lambda s: s not in (".", ".."))

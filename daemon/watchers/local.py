@@ -19,7 +19,6 @@ watched again and swept at once (docs/operations.md, "Watched folders that move"
 from __future__ import annotations
 
 import errno
-import fnmatch
 import os
 import threading
 import time
@@ -46,9 +45,10 @@ from daemon.errors import UnsafePathError
 from daemon.fsutil import DirCache, Identity, classify, split_rel
 from daemon.journal import FileRow, Journal, RowChanges
 from daemon.model import FileState
+from daemon.watchers.base import is_ignored, relative_path
 from daemon.watchers.tree import stat_below, walk
 
-__all__ = ["LocalWatcher", "RepeatFilter", "is_ignored", "relative_path"]
+__all__ = ["LocalWatcher", "RepeatFilter"]
 
 log = structlog.get_logger("scanwatch.watcher")
 
@@ -57,20 +57,6 @@ _CHUNK = 1000
 _ROOT_POLL_S = 1.0  # how soon a missing or unsafe root is looked at again
 _RETRY_S = 5.0  # a file whose stat failed for another reason than vanishing
 _ROOT_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-def relative_path(root: str, path: str) -> str | None:
-    """`path` relative to `root` with `/` separators, or None if it is not strictly below it."""
-    rel = os.path.relpath(path, root)
-    if rel == "." or rel == ".." or rel.startswith("../") or os.path.isabs(rel):
-        return None
-    return rel
-
-
-def is_ignored(rel_path: str, patterns: tuple[str, ...]) -> bool:
-    """Whether the basename matches one of the `ignore` globs."""
-    name = rel_path.rpartition("/")[2]
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
 def _reason(exc: OSError) -> str:

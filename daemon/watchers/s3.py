@@ -27,7 +27,7 @@ from daemon.fleet import ListingLease, SafetyNet
 from daemon.journal import Journal
 from daemon.retry import RetryPolicy
 from daemon.s3 import S3Url, s3_errors
-from daemon.watchers.local import is_ignored
+from daemon.watchers.base import is_ignored
 from daemon.watchers.s3events import S3Event, SqsEventSource
 
 __all__ = ["S3Watcher"]
