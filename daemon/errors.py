@@ -5,8 +5,13 @@
     ├── ListenError                  a listen address from the config cannot be bound
     ├── WebhookRejectedError         a webhook delivery is refused (answered, logged, never journaled)
     ├── JournalError                 SQLite could not be opened or written
+    ├── QuarantineError              a quarantine command cannot be carried out
+    ├── QueueUnavailableError        SQS refused or could not answer a call
+    ├── MalformedMessageError        an SQS message is not an event we can read (left for redrive)
     ├── LocationError                a move, copy or sidecar write failed (retried)
-    │   └── UnsafePathError          a path component is a symlink or escapes its root
+    │   ├── UnsafePathError          a path component is a symlink or escapes its root
+    │   ├── ChangedError             the source is not the scanned file any more: scan it again
+    │   └── S3UnavailableError       S3 cannot be used now (down, throttled, denied): wait
     └── EngineError                  an engine gave no verdict
         ├── EngineRetryableError     unreachable, timed out, 5xx, 429: try again later
         │   └── EngineUnavailableError  the engine is down: files wait, attempts not spent
@@ -79,6 +84,31 @@ class JournalError(ScanwatchError):
 
 class LocationError(ScanwatchError):
     """A file could not be moved, copied or described at its destination."""
+
+
+class ChangedError(LocationError):
+    """The source is not the file that was scanned any more: scan it again."""
+
+
+class S3UnavailableError(LocationError):
+    """S3 cannot be used right now (down, throttling, missing bucket, denied): wait and retry."""
+
+
+class QuarantineError(ScanwatchError):
+    """A quarantine command cannot be carried out."""
+
+
+class QueueUnavailableError(ScanwatchError):
+    """SQS refused or could not answer a call: queue missing, access denied, endpoint down."""
+
+    def __init__(self, message: str, *, action: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.action = action
+        self.code = code
+
+
+class MalformedMessageError(ScanwatchError):
+    """An SQS message body is not an S3 event notification; the message says why, briefly."""
 
 
 class UnsafePathError(LocationError):

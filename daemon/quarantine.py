@@ -10,7 +10,7 @@ from typing import Any
 import structlog
 
 from daemon.config import Config
-from daemon.errors import LocationError, ScanwatchError
+from daemon.errors import LocationError, QuarantineError
 from daemon.facts import iso
 from daemon.fsutil import DirCache, Identity
 from daemon.journal import FileRow, Journal
@@ -18,13 +18,9 @@ from daemon.locations import Location, Locations, MoveRequest, S3Location, trans
 from daemon.model import FileState, VerdictKind
 from daemon.s3 import is_s3
 
-__all__ = ["QuarantineError", "delete", "describe", "list_quarantined", "release"]
+__all__ = ["delete", "describe", "list_quarantined", "release"]
 
 log = structlog.get_logger("scanwatch.quarantine")
-
-
-class QuarantineError(ScanwatchError):
-    """A quarantine command cannot be carried out."""
 
 
 def _actor() -> str:

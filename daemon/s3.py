@@ -14,23 +14,13 @@ import botocore.session
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
-from daemon.errors import LocationError, UnsafePathError
+from daemon.errors import LocationError, S3UnavailableError, UnsafePathError
 from daemon.fsutil import rel_parts
 
 if TYPE_CHECKING:  # config imports this module for S3Url
     from daemon.config import S3Config
 
-__all__ = [
-    "S3Clients",
-    "S3Unavailable",
-    "S3Url",
-    "error_code",
-    "flat_name",
-    "is_s3",
-    "local_rel",
-    "make_client",
-    "s3_errors",
-]
+__all__ = ["S3Clients", "S3Url", "error_code", "flat_name", "is_s3", "local_rel", "make_client", "s3_errors"]
 
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _MAX_SEGMENT_BYTES = 255
@@ -137,16 +127,12 @@ def error_code(exc: ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
 
 
-class S3Unavailable(LocationError):  # noqa: N818 - reads as a state: "S3 unavailable"
-    """S3 cannot be used right now (down, throttling, missing bucket, denied): wait and retry."""
-
-
 def s3_errors(what: str, exc: Exception) -> LocationError:
-    """A LocationError for a failed S3 call; S3Unavailable when waiting may help."""
+    """A LocationError for a failed S3 call; S3UnavailableError when waiting may help."""
     if isinstance(exc, ClientError):
         code = error_code(exc)
         message = f"{what}: {code} {exc.response.get('Error', {}).get('Message', '')}".strip()
-        return S3Unavailable(message) if code in _UNAVAILABLE else LocationError(message)
+        return S3UnavailableError(message) if code in _UNAVAILABLE else LocationError(message)
     if isinstance(exc, BotoCoreError):
-        return S3Unavailable(f"{what}: {exc}")
+        return S3UnavailableError(f"{what}: {exc}")
     return LocationError(f"{what}: {exc}")

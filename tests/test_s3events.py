@@ -18,14 +18,9 @@ from hypothesis import strategies as st
 from realservers import SqsServer, TcpProxy
 from structlog.testing import capture_logs
 
+from daemon.errors import MalformedMessageError, QueueUnavailableError
 from daemon.retry import RetryPolicy
-from daemon.watchers.s3events import (
-    MalformedMessageError,
-    QueueUnavailableError,
-    S3Event,
-    SqsEventSource,
-    parse_message,
-)
+from daemon.watchers.s3events import S3Event, SqsEventSource, parse_message
 
 BUCKET = "drop-bucket"
 PREFIX = "incoming/"

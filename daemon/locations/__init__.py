@@ -17,18 +17,12 @@ visible; anything else (the source changed) raises ChangedError: scan it again.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from daemon.config import Config, WatchConfig
+from daemon.errors import ChangedError
 from daemon.fsutil import DirCache
-from daemon.locations.base import (
-    SIDECAR_SUFFIX,
-    ChangedError,
-    Content,
-    Listed,
-    Location,
-    MoveRequest,
-    Opened,
-    transfer,
-)
+from daemon.locations.base import SIDECAR_SUFFIX, Content, Listed, Location, MoveRequest, Opened, transfer
 from daemon.locations.local import LocalLocation
 from daemon.locations.s3 import S3Location
 from daemon.s3 import S3Clients, is_s3
@@ -52,12 +46,16 @@ class Locations:
     """Location objects by configured URL for one batch of work: local ones share `dirs`,
     S3 ones use the client for their watch's S3 settings."""
 
-    def __init__(self, config: Config, dirs: DirCache, clients: S3Clients | None = None) -> None:
+    def __init__(self, config: Config, dirs: DirCache, clients: S3Clients | None = None,
+                 places: Mapping[str, Location] | None = None) -> None:
         self._config = config
         self.dirs = dirs
         self._clients = clients or S3Clients()
+        self._places = places or {}  # URL → a Location given from outside (tests' fakes)
 
     def __call__(self, url: str, watch: WatchConfig) -> Location:
+        if (place := self._places.get(url)) is not None:
+            return place
         if is_s3(url):
             s3 = self._config.s3_for(watch)
             return S3Location(url, self._clients(s3), s3, self._config.state_dir / "work")

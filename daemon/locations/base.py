@@ -10,21 +10,17 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Protocol
 
-from daemon.errors import LocationError
+from daemon.errors import ChangedError
 from daemon.fsutil import Identity
 from daemon.journal import RowChanges
 from daemon.model import S3Object
 
-__all__ = ["CHUNK", "MAX_COLLISIONS", "SIDECAR_SUFFIX", "ChangedError", "Content", "Listed", "Location",
+__all__ = ["CHUNK", "MAX_COLLISIONS", "SIDECAR_SUFFIX", "Content", "Listed", "Location",
            "MoveRequest", "Opened", "Verified", "json_bytes", "read_full", "transfer"]
 
 SIDECAR_SUFFIX = ".scanwatch.json"
 CHUNK = 1 << 20
 MAX_COLLISIONS = 10_000
-
-
-class ChangedError(LocationError):
-    """The source is not the file that was scanned any more: scan it again."""
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import Any, BinaryIO
 
 import structlog
 
-from daemon.errors import LocationError, UnsafePathError
+from daemon.errors import ChangedError, LocationError, UnsafePathError
 from daemon.faults import pause
 from daemon.fsutil import (
     DirCache,
@@ -34,7 +34,6 @@ from daemon.locations.base import (
     CHUNK,
     MAX_COLLISIONS,
     SIDECAR_SUFFIX,
-    ChangedError,
     Content,
     Listed,
     Location,

@@ -21,14 +21,13 @@ import structlog
 from botocore.exceptions import BotoCoreError, ClientError
 
 from daemon.config import S3Config
-from daemon.errors import LocationError, UnsafePathError
+from daemon.errors import ChangedError, LocationError, S3UnavailableError, UnsafePathError
 from daemon.fsutil import Identity, collision_name
 from daemon.journal import RowChanges
 from daemon.locations.base import (
     CHUNK,
     MAX_COLLISIONS,
     SIDECAR_SUFFIX,
-    ChangedError,
     Content,
     Listed,
     Location,
@@ -39,7 +38,7 @@ from daemon.locations.base import (
     read_full,
 )
 from daemon.model import S3Object
-from daemon.s3 import S3Unavailable, S3Url, error_code, s3_errors
+from daemon.s3 import S3Url, error_code, s3_errors
 
 __all__ = ["SHA256_TAG", "SOURCE_VERSION_TAG", "S3Location", "copy_hashing", "source_tags"]
 
@@ -114,7 +113,7 @@ def copy_hashing(body: Any, out_fd: int | None) -> tuple[str, int]:
             while out_fd is not None and view:
                 view = view[os.write(out_fd, view):]
     except (BotoCoreError, OSError) as exc:
-        raise S3Unavailable(f"download failed: {exc}") from exc
+        raise S3UnavailableError(f"download failed: {exc}") from exc
     return digest.hexdigest(), size
 
 
@@ -173,12 +172,12 @@ class S3Location:
         return head.get("VersionId") if head is not None and str(head["ETag"]) == etag else None
 
     def private_copy(self, size: int) -> BinaryIO:
-        """A temp file for an object's bytes; S3Unavailable when the disk lacks room for them."""
+        """A temp file for an object's bytes; S3UnavailableError when the disk lacks room for them."""
         if self._work_dir is None:
             return tempfile.TemporaryFile()
         self._work_dir.mkdir(mode=0o700, exist_ok=True)
         if shutil.disk_usage(self._work_dir).free < size + _FREE_SPACE_RESERVE:
-            raise S3Unavailable(f"not enough free space in {self._work_dir} for {size} bytes")
+            raise S3UnavailableError(f"not enough free space in {self._work_dir} for {size} bytes")
         return tempfile.TemporaryFile(dir=self._work_dir)
 
     def name(self, rel_path: str) -> str:

@@ -21,7 +21,7 @@ from daemon.config import Config, WatchConfig
 from daemon.engines.base import Engine
 from daemon.fsutil import DirCache
 from daemon.journal import FileRow, Journal
-from daemon.locations import Locations
+from daemon.locations import Location, Locations
 from daemon.model import FileState, Reason, Verdict, VerdictKind
 from daemon.pipeline.moving import Mover
 from daemon.pipeline.outcome import Outcome, Outcomes
@@ -46,7 +46,7 @@ class Pipeline:
                  clock: Callable[[], float] = time.time,
                  policy: RetryPolicy | None = None,
                  on_outcome: Callable[[FileRow, str, Outcome], None] | None = None,
-                 s3: S3Clients | None = None) -> None:
+                 s3: S3Clients | None = None, places: Mapping[str, Location] | None = None) -> None:
         self.config = config
         self.journal = journal
         self.owner = owner
@@ -57,6 +57,7 @@ class Pipeline:
         self._threads: list[threading.Thread] = []
         self.heartbeat_at = clock()
         self.s3 = s3 or S3Clients()
+        self._places = places  # Locations given from outside by URL (tests' fakes)
         outcomes = Outcomes(clock, policy or RetryPolicy())
         self.mover = Mover(config, journal, outcomes)
         self.scanner = Scanner(config, journal, engines, self.mover, outcomes)
@@ -130,7 +131,7 @@ class Pipeline:
         """Carry claimed rows one step per transaction: scanned, then moved."""
         try:
             with DirCache() as dirs:
-                self._process(rows, Locations(self.config, dirs, self.s3))
+                self._process(rows, Locations(self.config, dirs, self.s3, self._places))
         except BaseException:
             # Whatever an unexpected error left claimed goes back to the queue.
             self.journal.release(self.owner, [row.id for row in rows])

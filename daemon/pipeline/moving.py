@@ -11,14 +11,14 @@ import dataclasses
 import re
 
 from daemon.config import Config, WatchConfig
-from daemon.errors import LocationError, UnsafePathError
+from daemon.errors import ChangedError, LocationError, S3UnavailableError, UnsafePathError
 from daemon.facts import outcome_facts
 from daemon.faults import pause
 from daemon.journal import FileRow, Journal, RowChanges
-from daemon.locations import ChangedError, Location, Locations, MoveRequest, transfer
+from daemon.locations import Location, Locations, MoveRequest, transfer
 from daemon.model import FileState, Reason, Verdict, VerdictKind
 from daemon.pipeline.outcome import Outcome, Outcomes
-from daemon.s3 import S3Unavailable, flat_name
+from daemon.s3 import flat_name
 
 __all__ = ["DESTINATION_FOR", "Mover"]
 
@@ -94,7 +94,7 @@ class Mover:
             return self.outcomes.changed(str(exc), settles=source.settles)
         except FileNotFoundError:
             return self.outcomes.gone()
-        except S3Unavailable as exc:
+        except S3UnavailableError as exc:
             return self.outcomes.move_failed(row, exc, attempts=row.move_attempts)
         except (OSError, LocationError) as exc:
             return self.outcomes.move_failed(row, exc)

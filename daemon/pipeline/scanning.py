@@ -21,20 +21,21 @@ from pydantic import SecretStr
 from daemon.config import Config, WatchConfig
 from daemon.engines.base import Engine, ScanHandle, ScanRequest
 from daemon.errors import (
+    ChangedError,
     EnginePermanentError,
     EngineResubmitError,
     EngineRetryableError,
     EngineUnavailableError,
+    S3UnavailableError,
     UnsafePathError,
 )
 from daemon.faults import pause
 from daemon.journal import FileRow, Journal, RowChanges
-from daemon.locations import ChangedError, Listed, Locations, Opened
+from daemon.locations import Listed, Locations, Opened
 from daemon.model import Pending, Reason, Verdict
 from daemon.pipeline.moving import Mover
 from daemon.pipeline.outcome import Outcome, Outcomes
 from daemon.refid import build_ref_id
-from daemon.s3 import S3Unavailable
 
 __all__ = ["Scanner"]
 
@@ -78,7 +79,7 @@ class Scanner:
             return self.outcomes.held(exc.reason, str(exc))
         except ChangedError as exc:
             return self.outcomes.changed(str(exc), settles=source.settles)
-        except S3Unavailable as exc:
+        except S3UnavailableError as exc:
             return self.outcomes.wait(row, "source.unavailable", exc)
         except OSError as exc:
             if isinstance(exc, PermissionError) or exc.errno in _UNREADABLE_ERRNOS:

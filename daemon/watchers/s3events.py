@@ -24,11 +24,11 @@ from urllib.parse import unquote_plus
 import structlog
 from botocore.exceptions import BotoCoreError, ClientError
 
-from daemon.errors import ScanwatchError
+from daemon.errors import MalformedMessageError, QueueUnavailableError
 from daemon.fleet import is_fleet_key
 from daemon.retry import RetryPolicy
 
-__all__ = ["MalformedMessageError", "QueueUnavailableError", "S3Event", "SqsEventSource", "parse_message"]
+__all__ = ["S3Event", "SqsEventSource", "parse_message"]
 
 log = structlog.get_logger("scanwatch.s3events")
 
@@ -52,19 +52,6 @@ class S3Event:
     size: int | None
     sequencer: str | None
     event_name: str
-
-
-class MalformedMessageError(ValueError):
-    """An SQS message body is not an S3 event notification; the message says why, briefly."""
-
-
-class QueueUnavailableError(ScanwatchError):
-    """SQS refused or could not answer a call: queue missing, access denied, endpoint down."""
-
-    def __init__(self, message: str, *, action: str, code: str | None = None) -> None:
-        super().__init__(message)
-        self.action = action
-        self.code = code
 
 
 # -- parsing -----------------------------------------------------------------------------------
