@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from fakes import EICAR, FakeEngine, FakeLocation, FakeWatcher, answers
 
 from daemon.config import Config
 from daemon.journal import Journal, owner_token
 from daemon.model import FileState, Pending, Verdict, VerdictKind
 from daemon.pipeline import Pipeline
 from daemon.retry import RetryPolicy
-from fakes import EICAR, FakeEngine, FakeLocation, FakeWatcher, answers
 
 _ROOTS = {name: f"s3://fake/{name}/" for name in ("in", "clean", "quarantine", "failed")}
 
