@@ -175,6 +175,32 @@ def test_object_replaced_between_scan_and_move_is_scanned_again(harness: Callabl
     assert len(engine.calls) == 2
 
 
+def test_versioned_object_replaced_between_scan_and_move_is_scanned_again_and_kept(
+        harness: Callable[..., S3Harness]) -> None:
+    h = harness()
+    h.client.put_bucket_versioning(Bucket=h.bucket, VersioningConfiguration={"Status": "Enabled"})
+
+    def swap(request: ScanRequest) -> Verdict:
+        if len(engine.calls) == 1:
+            h.put("in/a.txt", EICAR)  # a new version lands while the listed one is judged
+        if EICAR in os.pread(request.bytes_fd, 1 << 16, 0):
+            return Verdict(VerdictKind.INFECTED, threats=("EICAR",))
+        return Verdict(VerdictKind.CLEAN)
+
+    engine = FakeEngine(script=[swap, swap])
+    h.pipeline.engines = {"default": engine}
+    h.put("in/a.txt", b"harmless")
+    h.step()
+    # The move is pinned to the listed ETag: the current version is another one, scanned anew.
+    assert h.keys("clean/") == []
+    assert h.keys("quarantine/") == ["a.txt"] and h.get("quarantine/a.txt") == EICAR
+    # The scanned bytes are not lost: they stay the key's earlier version in the bucket.
+    versions = h.client.list_object_versions(Bucket=h.bucket, Prefix="in/a.txt").get("Versions", [])
+    kept = [h.client.get_object(Bucket=h.bucket, Key="in/a.txt", VersionId=v["VersionId"])["Body"].read()
+            for v in versions]
+    assert b"harmless" in kept and EICAR not in kept  # the infected version moved, pinned by its own version
+
+
 def test_multipart_copy_above_a_lowered_threshold(harness: Callable[..., S3Harness]) -> None:
     h = harness(top_s3={"multipart_threshold": 1024, "multipart_chunksize": "5MiB"})
     data = os.urandom(5 * 2**20 + 12345)  # two parts
