@@ -17,7 +17,7 @@ from daemon.engines.base import ScanHandle, ScanRequest
 from daemon.errors import ChangedError, EngineResubmitError
 from daemon.fsutil import Identity, collision_name
 from daemon.journal import Journal
-from daemon.locations import Content, Listed, Location, MoveRequest, Opened
+from daemon.locations import Content, Listed, MoveRequest, Opened, Source
 from daemon.locations.base import MAX_COLLISIONS
 from daemon.model import Pending, RowChanges, Verdict, VerdictKind
 
@@ -133,7 +133,7 @@ class FakeLocation:
     def identity_now(self, rel_path: str) -> Identity | None:
         return None
 
-    def receive(self, req: MoveRequest, source: Location) -> None:
+    def receive(self, req: MoveRequest, source: Source) -> None:
         if req.dest_rel in self.objects:
             raise FileExistsError(req.dest_rel)
         with source.open_bytes(req) as reader:

@@ -20,16 +20,25 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from daemon.config import Config, WatchConfig
-from daemon.errors import ChangedError
 from daemon.fsutil import DirCache
-from daemon.locations.base import SIDECAR_SUFFIX, Content, Listed, Location, MoveRequest, Opened, transfer
+from daemon.locations.base import (
+    SIDECAR_SUFFIX,
+    Content,
+    Destination,
+    Listed,
+    Location,
+    MoveRequest,
+    Opened,
+    Source,
+    transfer,
+)
 from daemon.locations.local import LocalLocation
 from daemon.locations.s3 import S3Location
 from daemon.s3 import S3Clients, is_s3
 
 __all__ = [
-    "ChangedError",
     "Content",
+    "Destination",
     "Listed",
     "LocalLocation",
     "Location",
@@ -37,6 +46,7 @@ __all__ = [
     "MoveRequest",
     "Opened",
     "S3Location",
+    "Source",
     "SIDECAR_SUFFIX",
     "transfer",
 ]

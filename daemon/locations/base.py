@@ -15,8 +15,8 @@ from daemon.fsutil import Identity
 from daemon.journal import RowChanges
 from daemon.model import S3Object
 
-__all__ = ["CHUNK", "MAX_COLLISIONS", "SIDECAR_SUFFIX", "Content", "Listed", "Location",
-           "MoveRequest", "Opened", "Verified", "json_bytes", "read_full", "transfer"]
+__all__ = ["CHUNK", "MAX_COLLISIONS", "SIDECAR_SUFFIX", "Content", "Destination", "Listed", "Location",
+           "MoveRequest", "Opened", "Source", "Verified", "json_bytes", "read_full", "transfer"]
 
 SIDECAR_SUFFIX = ".scanwatch.json"
 CHUNK = 1 << 20
@@ -86,14 +86,44 @@ class Opened(Protocol):
         ...
 
 
-class Location(Protocol):
-    """A local directory or an S3 prefix, as one side of a move."""
+class Source(Protocol):
+    """Where files come from: held for scanning, read for copies, removed once placed."""
 
     url: str  # as configured
     settles: bool  # its files may still be written to when they appear (local), or appear whole (S3)
 
     def name(self, rel_path: str) -> str:
         """The full name of `rel_path` here (a path, or an s3:// URL)."""
+        ...
+
+    def open_for_scan(self, listed: Listed) -> AbstractContextManager[Opened]:
+        """Hold the file or object version for scanning (FileNotFoundError: gone)."""
+        ...
+
+    def identity_now(self, rel_path: str) -> Identity | None:
+        """The identity of what `rel_path` is now (a file that could not be read, to move it)."""
+        ...
+
+    def open_bytes(self, req: MoveRequest) -> AbstractContextManager[BinaryIO]:
+        """A reader of the scanned bytes of `req.rel_path` (ChangedError if they changed)."""
+        ...
+
+    def remove(self, req: MoveRequest) -> None:
+        """Remove `req.rel_path` if it is still the scanned version (else leave it)."""
+        ...
+
+
+class Destination(Protocol):
+    """Where files go: a name planned, the scanned bytes received, a sidecar beside them."""
+
+    url: str  # as configured
+
+    def name(self, rel_path: str) -> str:
+        """The full name of `rel_path` here (a path, or an s3:// URL)."""
+        ...
+
+    def refuses(self, rel_path: str) -> str | None:
+        """Why a name from another source cannot be placed here, before it is scanned."""
         ...
 
     def plan(self, rel_path: str, *, taken: bool = False) -> str:
@@ -104,33 +134,13 @@ class Location(Protocol):
         """
         ...
 
-    def open_for_scan(self, listed: Listed) -> AbstractContextManager[Opened]:
-        """Hold the file or object version for scanning (FileNotFoundError: gone)."""
-        ...
-
-    def refuses(self, rel_path: str) -> str | None:
-        """Why a name from another source cannot be placed here, before it is scanned."""
-        ...
-
-    def identity_now(self, rel_path: str) -> Identity | None:
-        """The identity of what `rel_path` is now (a file that could not be read, to move it)."""
-        ...
-
-    def receive(self, req: MoveRequest, source: Location) -> None:
+    def receive(self, req: MoveRequest, source: Source) -> None:
         """Place the scanned bytes at `req.dest_rel`; FileExistsError if the name is taken,
         FileNotFoundError if the source no longer has them (a half-done move is finished)."""
         ...
 
     def holds(self, req: MoveRequest) -> bool:
         """True when `req.dest_rel` holds the copy this request placed."""
-        ...
-
-    def remove(self, req: MoveRequest) -> None:
-        """Remove `req.rel_path` if it is still the scanned version (else leave it)."""
-        ...
-
-    def open_bytes(self, req: MoveRequest) -> AbstractContextManager[BinaryIO]:
-        """A reader of the scanned bytes of `req.rel_path` (ChangedError if they changed)."""
         ...
 
     def write_sidecar(self, rel_path: str, facts: Mapping[str, object]) -> None:
@@ -146,7 +156,11 @@ class Location(Protocol):
         ...
 
 
-def transfer(req: MoveRequest, source: Location, dest: Location, *, resumed: bool = False) -> None:
+class Location(Source, Destination, Protocol):
+    """A local directory or an S3 prefix: any of a watch's places can be either side."""
+
+
+def transfer(req: MoveRequest, source: Source, dest: Destination, *, resumed: bool = False) -> None:
     """Move the scanned file from `source` to `dest` at `req.dest_rel`.
 
     `resumed`: a move of this request may have been cut off; finish it. Raises

@@ -36,9 +36,9 @@ from daemon.locations.base import (
     SIDECAR_SUFFIX,
     Content,
     Listed,
-    Location,
     MoveRequest,
     Opened,
+    Source,
     Verified,
     json_bytes,
 )
@@ -155,7 +155,7 @@ class LocalLocation:
         with self.open_scanned(req) as (fd, _), os.fdopen(os.dup(fd), "rb", buffering=0) as raw:
             yield io.BufferedReader(Verified(raw, req, self.name(req.rel_path)), CHUNK)
 
-    def receive(self, req: MoveRequest, source: Location) -> None:
+    def receive(self, req: MoveRequest, source: Source) -> None:
         dest_dir, dest_name = self._dir(req.dest_rel, private=req.private)
         if not isinstance(source, LocalLocation):
             with source.open_bytes(req) as reader:

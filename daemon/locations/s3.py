@@ -30,9 +30,9 @@ from daemon.locations.base import (
     SIDECAR_SUFFIX,
     Content,
     Listed,
-    Location,
     MoveRequest,
     Opened,
+    Source,
     Verified,
     json_bytes,
     read_full,
@@ -293,7 +293,7 @@ class S3Location:
         except BotoCoreError as exc:
             raise s3_errors(f"HEAD {self.name(rel_path)}", exc) from exc
 
-    def receive(self, req: MoveRequest, source: Location) -> None:
+    def receive(self, req: MoveRequest, source: Source) -> None:
         tags = urlencode({**req.tags, **source_tags(req), "scanwatch-file": req.marker})
         try:
             if isinstance(source, S3Location):

@@ -15,7 +15,7 @@ from daemon.errors import ChangedError, LocationError, S3UnavailableError, Unsaf
 from daemon.facts import outcome_facts
 from daemon.faults import pause
 from daemon.journal import FileRow, Journal, RowChanges
-from daemon.locations import Location, Locations, MoveRequest, transfer
+from daemon.locations import Destination, Locations, MoveRequest, Source, transfer
 from daemon.model import FileState, Reason, Verdict, VerdictKind
 from daemon.pipeline.outcome import Outcome, Outcomes
 from daemon.s3 import flat_name
@@ -108,7 +108,7 @@ class Mover:
         return self.outcomes.placed(row, destination, verdict)
 
     def _planned(self, row: FileRow, watch: WatchConfig, locations: Locations, verdict: VerdictKind
-                 ) -> tuple[Location, str]:
+                 ) -> tuple[Destination, str]:
         """The planned destination and name (rows planned before plans were journaled whole:
         the verdict's destination, and the name recorded under it)."""
         if row.dest_root is not None and row.dest_rel is not None:
@@ -117,7 +117,7 @@ class Mover:
         assert row.destination is not None
         return dest, row.destination.removeprefix(dest.name(""))
 
-    def _transfer(self, row: FileRow, request: MoveRequest, source: Location, dest: Location,
+    def _transfer(self, row: FileRow, request: MoveRequest, source: Source, dest: Destination,
                   resumed: bool) -> MoveRequest:
         """Move to the planned name; if it was taken meanwhile, journal a new plan and retry."""
         for _ in range(_MAX_REPLANS):
