@@ -11,7 +11,7 @@ import structlog
 
 from daemon.config import Config
 from daemon.errors import LocationError, QuarantineError
-from daemon.facts import iso
+from daemon.facts import iso, outcome_facts
 from daemon.fsutil import DirCache, Identity
 from daemon.journal import FileRow, Journal
 from daemon.locations import Location, Locations, MoveRequest, S3Location, transfer
@@ -75,12 +75,8 @@ def describe(config: Config, journal: Journal, file_id: int) -> dict[str, Any]:
             sidecar = {"error": f"cannot read the sidecar: {exc}"}
     return {
         "id": row.id, "watch": row.watch, "rel_path": row.rel_path,
-        "destination": row.destination, "disposition": row.disposition,
-        "threats": row.threats or [], "reason": row.reason, "sha256": row.sha256,
-        "size": row.size, "external_reference_id": row.ref_id, "engine": row.engine,
-        "engine_scan_id": row.engine_scan_id, "detected_at": iso(row.discovered_at),
-        "scanned_at": iso(row.scanned_at), "quarantined_at": iso(row.done_at),
-        "sidecar": sidecar,
+        **outcome_facts(config.watch(row.watch), row, row.destination),
+        "disposition": row.disposition, "quarantined_at": iso(row.done_at), "sidecar": sidecar,
         "audit": [{"at": iso(a.at), "action": a.action, "actor": a.actor, "reason": a.reason,
                    "detail": a.detail} for a in journal.audit_trail(row.id)],
     }
