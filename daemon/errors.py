@@ -11,6 +11,7 @@
     ├── LocationError                a move, copy or sidecar write failed (retried)
     │   ├── UnsafePathError          a path component is a symlink or escapes its root
     │   ├── ChangedError             the source is not the scanned file any more: scan it again
+    │   ├── S3ConditionError         an S3 write or read condition (If-Match, If-None-Match) failed
     │   └── S3UnavailableError       S3 cannot be used now (down, throttled, denied): wait
     └── EngineError                  an engine gave no verdict
         ├── EngineRetryableError     unreachable, timed out, 5xx, 429: try again later
@@ -88,6 +89,10 @@ class LocationError(ScanwatchError):
 
 class ChangedError(LocationError):
     """The source is not the file that was scanned any more: scan it again."""
+
+
+class S3ConditionError(LocationError):
+    """A conditional S3 request found the object other than it required (HTTP 412)."""
 
 
 class S3UnavailableError(LocationError):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import re
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -14,18 +17,21 @@ import botocore.session
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
-from daemon.errors import LocationError, S3UnavailableError, UnsafePathError
+from daemon.errors import LocationError, S3ConditionError, S3UnavailableError, UnsafePathError
 from daemon.fsutil import rel_parts
 
 if TYPE_CHECKING:  # config imports this module for S3Url
     from daemon.config import S3Config
 
-__all__ = ["S3Clients", "S3Url", "error_code", "flat_name", "is_s3", "local_rel", "make_client", "s3_errors"]
+__all__ = ["S3Clients", "S3Url", "error_code", "flat_name", "is_s3", "local_rel", "make_client",
+           "s3_boundary", "s3_errors"]
 
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _MAX_SEGMENT_BYTES = 255
 _FLAT_NAME_BYTES = 200
 # Codes that say "this will not work until someone changes something": wait, don't fail.
+_MISSING = frozenset({"404", "NoSuchKey", "NoSuchVersion", "NotFound"})
+_CONDITION = frozenset({"412", "PreconditionFailed"})
 _UNAVAILABLE = {"NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
                 "SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "503", "500"}
 
@@ -125,6 +131,29 @@ class S3Clients:
 def error_code(exc: ClientError) -> str:
     """The S3 error code of a ClientError (`NoSuchKey`, `PreconditionFailed`, ...)."""
     return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+@contextmanager
+def s3_boundary(what: str) -> Iterator[None]:
+    """Translate what boto3 raises inside into scanwatch's errors; `what` names the call and object.
+
+    A missing key or version is FileNotFoundError, a failed condition S3ConditionError,
+    S3 down, throttling or denying S3UnavailableError (wait), anything else LocationError.
+    Nothing above this module (and the watchers' listing) catches a botocore error.
+    """
+    try:
+        yield
+    except ClientError as exc:
+        code = error_code(exc)
+        if code in _MISSING:
+            raise FileNotFoundError(errno.ENOENT, f"no such object ({code})", what) from exc
+        if code in _CONDITION:
+            raise S3ConditionError(f"{what}: {code}") from exc
+        raise s3_errors(what, exc) from exc
+    except (BotoCoreError, OSError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise S3UnavailableError(f"{what}: {exc}") from exc
 
 
 def s3_errors(what: str, exc: Exception) -> LocationError:

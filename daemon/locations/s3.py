@@ -18,10 +18,9 @@ from typing import Any, BinaryIO
 from urllib.parse import urlencode
 
 import structlog
-from botocore.exceptions import BotoCoreError, ClientError
 
 from daemon.config import S3Config
-from daemon.errors import ChangedError, LocationError, S3UnavailableError, UnsafePathError
+from daemon.errors import ChangedError, LocationError, S3ConditionError, S3UnavailableError, UnsafePathError
 from daemon.fsutil import Identity, collision_name
 from daemon.journal import RowChanges
 from daemon.locations.base import (
@@ -38,7 +37,7 @@ from daemon.locations.base import (
     read_full,
 )
 from daemon.model import S3Object
-from daemon.s3 import S3Url, error_code, s3_errors
+from daemon.s3 import S3Url, s3_boundary
 
 __all__ = ["SHA256_TAG", "SOURCE_VERSION_TAG", "S3Location", "copy_hashing", "source_tags"]
 
@@ -105,15 +104,13 @@ def copy_hashing(body: Any, out_fd: int | None) -> tuple[str, int]:
     """Read a download to its end, into `out_fd` if given; its sha256 and size."""
     digest = hashlib.sha256()
     size = 0
-    try:
+    with s3_boundary("download"):
         while chunk := body.read(CHUNK):
             digest.update(chunk)
             size += len(chunk)
             view = memoryview(chunk)
             while out_fd is not None and view:
                 view = view[os.write(out_fd, view):]
-    except (BotoCoreError, OSError) as exc:
-        raise S3UnavailableError(f"download failed: {exc}") from exc
     return digest.hexdigest(), size
 
 
@@ -188,20 +185,15 @@ class S3Location:
         return self.where.key(rel_path)
 
     def _call(self, what: str, method: str, **kwargs: Any) -> Any:
-        try:
+        """One S3 call on this bucket, through the error boundary."""
+        with s3_boundary(f"{what} s3://{self.where.bucket}/{kwargs.get('Key', self.where.prefix)}"):
             return getattr(self._client, method)(Bucket=self.where.bucket, **kwargs)
-        except (ClientError, BotoCoreError) as exc:
-            raise s3_errors(f"{what} {self.name(kwargs.get('Key', ''))}", exc) from exc
 
     def _exists(self, key: str, **conditions: Any) -> bool:
         try:
-            self._client.head_object(Bucket=self.where.bucket, Key=key, **conditions)
-        except ClientError as exc:
-            if error_code(exc) in ("404", "NoSuchKey", "NotFound", "412", "PreconditionFailed"):
-                return False
-            raise s3_errors(f"HEAD {self.name(key)}", exc) from exc
-        except BotoCoreError as exc:
-            raise s3_errors(f"HEAD {self.name(key)}", exc) from exc
+            self._call("HEAD", "head_object", Key=key, **conditions)
+        except (FileNotFoundError, S3ConditionError):
+            return False
         return True
 
     def plan(self, rel_path: str, *, taken: bool = False) -> str:
@@ -220,15 +212,9 @@ class S3Location:
         return {"VersionId": req.version_id} if req.version_id else {"IfMatch": req.etag or "*"}
 
     def remove(self, req: MoveRequest) -> None:
-        key = self.key(req.rel_path)
-        try:
-            self._client.delete_object(Bucket=self.where.bucket, Key=key, **self._version(req))
-        except ClientError as exc:
-            if error_code(exc) in ("404", "NoSuchKey", "412", "PreconditionFailed"):
-                return  # replaced by a new upload meanwhile: that one is a new arrival
-            raise s3_errors(f"DELETE {self.name(key)}", exc) from exc
-        except BotoCoreError as exc:
-            raise s3_errors(f"DELETE {self.name(key)}", exc) from exc
+        with contextlib.suppress(FileNotFoundError, S3ConditionError):
+            # Gone, or replaced by a new upload meanwhile: that one is a new arrival.
+            self._call("DELETE", "delete_object", Key=self.key(req.rel_path), **self._version(req))
 
     def holds(self, req: MoveRequest) -> bool:
         return {"Key": "scanwatch-file", "Value": req.marker} in self._tags(req.dest_rel)
@@ -236,13 +222,9 @@ class S3Location:
     def _tags(self, rel_path: str) -> list[dict[str, str]]:
         """The TagSet of `rel_path`; [] if there is no such object."""
         try:
-            answer = self._client.get_object_tagging(Bucket=self.where.bucket, Key=self.key(rel_path))
-        except ClientError as exc:
-            if error_code(exc) in ("404", "NoSuchKey"):
-                return []
-            raise s3_errors(f"GET tagging {self.name(rel_path)}", exc) from exc
-        except BotoCoreError as exc:
-            raise s3_errors(f"GET tagging {self.name(rel_path)}", exc) from exc
+            answer = self._call("GET tagging", "get_object_tagging", Key=self.key(rel_path))
+        except FileNotFoundError:
+            return []
         return list(answer.get("TagSet", []))
 
     def holds_source(self, req: MoveRequest) -> bool:
@@ -270,54 +252,37 @@ class S3Location:
         """The streaming body of that version; ChangedError/FileNotFoundError if it is not there."""
         conditions = {"VersionId": version_id} if version_id else {"IfMatch": etag} if etag else {}
         try:
-            return self._client.get_object(Bucket=self.where.bucket, Key=self.key(rel_path),
-                                           **conditions)["Body"]
-        except ClientError as exc:
-            code = error_code(exc)
-            if code in ("412", "PreconditionFailed"):
-                raise ChangedError(f"{self.name(rel_path)} was replaced since it was listed") from exc
-            if code in ("404", "NoSuchKey", "NoSuchVersion"):
-                raise FileNotFoundError(errno.ENOENT, "no such object", self.name(rel_path)) from exc
-            raise s3_errors(f"GET {self.name(rel_path)}", exc) from exc
-        except BotoCoreError as exc:
-            raise s3_errors(f"GET {self.name(rel_path)}", exc) from exc
+            return self._call("GET", "get_object", Key=self.key(rel_path), **conditions)["Body"]
+        except S3ConditionError as exc:
+            raise ChangedError(f"{self.name(rel_path)} was replaced since it was listed") from exc
 
     def head(self, rel_path: str) -> dict[str, Any] | None:
         """HeadObject of `rel_path`, or None if there is no such object."""
         try:
-            return dict(self._client.head_object(Bucket=self.where.bucket, Key=self.key(rel_path)))
-        except ClientError as exc:
-            if error_code(exc) in ("404", "NoSuchKey", "NotFound"):
-                return None
-            raise s3_errors(f"HEAD {self.name(rel_path)}", exc) from exc
-        except BotoCoreError as exc:
-            raise s3_errors(f"HEAD {self.name(rel_path)}", exc) from exc
+            return dict(self._call("HEAD", "head_object", Key=self.key(rel_path)))
+        except FileNotFoundError:
+            return None
 
     def receive(self, req: MoveRequest, source: Source) -> None:
         tags = urlencode({**req.tags, **source_tags(req), "scanwatch-file": req.marker})
         try:
-            if isinstance(source, S3Location):
-                self._copy(req, source, tags)
-            else:
-                with source.open_bytes(req) as reader:
-                    self._upload(req, reader, tags)
-        except ClientError as exc:
-            code = error_code(exc)
-            failed = code in ("412", "PreconditionFailed", "404", "NoSuchKey", "NoSuchVersion")
-            if failed and self.holds_source(req):
+            with s3_boundary(f"PUT {self.name(req.dest_rel)}"):
+                if isinstance(source, S3Location):
+                    self._copy(req, source, tags)
+                else:
+                    with source.open_bytes(req) as reader:
+                        self._upload(req, reader, tags)
+        except (S3ConditionError, FileNotFoundError) as exc:
+            if self.holds_source(req):
                 # Another daemon of a fleet placed this very version (and may have deleted the
                 # source): it is placed, with no `.1` twin.
                 log.info("move.already_placed", destination=self.name(req.dest_rel), rel_path=req.rel_path)
                 return
-            if code in ("412", "PreconditionFailed"):
-                if self._exists(self.key(req.dest_rel)):
-                    raise FileExistsError(errno.EEXIST, "taken", self.name(req.dest_rel)) from exc
-                raise ChangedError(f"{source.name(req.rel_path)} was replaced since it was scanned") from exc
-            if code in ("404", "NoSuchKey", "NoSuchVersion"):
+            if isinstance(exc, FileNotFoundError):
                 raise FileNotFoundError(errno.ENOENT, "no such object", source.name(req.rel_path)) from exc
-            raise s3_errors(f"PUT {self.name(req.dest_rel)}", exc) from exc
-        except BotoCoreError as exc:
-            raise s3_errors(f"PUT {self.name(req.dest_rel)}", exc) from exc
+            if self._exists(self.key(req.dest_rel)):
+                raise FileExistsError(errno.EEXIST, "taken", self.name(req.dest_rel)) from exc
+            raise ChangedError(f"{source.name(req.rel_path)} was replaced since it was scanned") from exc
 
     def _copy(self, req: MoveRequest, source: S3Location, tags: str) -> None:
         """Server-side copy of the scanned version; multipart above the copy threshold."""
@@ -370,8 +335,8 @@ class S3Location:
                 Bucket=self.where.bucket, Key=key, UploadId=upload_id, IfNoneMatch="*",
                 MultipartUpload={"Parts": parts})
         except BaseException:
-            with contextlib.suppress(ClientError, BotoCoreError):
-                self._client.abort_multipart_upload(Bucket=self.where.bucket, Key=key, UploadId=upload_id)
+            with contextlib.suppress(LocationError, OSError):
+                self._call("ABORT", "abort_multipart_upload", Key=key, UploadId=upload_id)
             raise
 
     def write_sidecar(self, rel_path: str, facts: Mapping[str, object]) -> None:
@@ -396,7 +361,5 @@ class _Body:
         self._what = what
 
     def read(self, size: int) -> bytes:
-        try:
+        with s3_boundary(f"GET {self._what}"):
             return bytes(self._body.read(size))
-        except (BotoCoreError, OSError) as exc:
-            raise s3_errors(f"GET {self._what}", exc) from exc

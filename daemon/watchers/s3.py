@@ -20,13 +20,12 @@ from typing import Any
 import boto3
 import structlog
 from botocore.config import Config as BotoConfig
-from botocore.exceptions import BotoCoreError, ClientError
 
 from daemon.config import S3Config, WatchConfig
 from daemon.fleet import ListingLease, SafetyNet
 from daemon.journal import Journal
 from daemon.retry import RetryPolicy
-from daemon.s3 import S3Url, s3_errors
+from daemon.s3 import S3Url, s3_boundary
 from daemon.watchers.base import is_ignored
 from daemon.watchers.s3events import S3Event, SqsEventSource
 
@@ -124,12 +123,10 @@ class S3Watcher:
         paginator = self.client.get_paginator("list_objects_v2")
         pages = paginator.paginate(Bucket=self.where.bucket, Prefix=self.where.prefix,
                                    PaginationConfig={"PageSize": _PAGE_SIZE})
-        try:
+        with s3_boundary(f"LIST {self.where}"):
             for page in pages:
                 yield list(self._entries(
                     (o["Key"], o["ETag"], None, o["Size"]) for o in page.get("Contents", ())))
-        except (ClientError, BotoCoreError) as exc:
-            raise s3_errors(f"LIST {self.where}", exc) from exc
 
     def _entries(self, objects: Iterable[tuple[str, str, str | None, int]]) -> Iterator[ObjectEntry]:
         """Objects as journal entries: keys made relative; folder markers and ignored names dropped."""
