@@ -247,7 +247,10 @@ class WatchConfig(_Model):
                       description="unique watch name, [a-z0-9_-]; part of every external reference ID")
     source: str = Field(description="the local directory (it must exist) or s3://bucket/prefix/ to watch",
                         examples=["/srv/scanwatch/drop/invoices"])
-    engine: str = Field(description="name of an entry under engines", examples=["default"])
+    engine: str | tuple[str, ...] = Field(
+        description="name of an entry under engines, or a list of them: every one scans the same "
+        "bytes; infected if any says so, clean only if all do (docs/contract.md)",
+        examples=["default", ["clam", "md"]])
     clean: str = Field(description="where clean files go; any location may be s3://bucket/prefix/",
                        examples=["/srv/scanwatch/clean/invoices"])
     quarantine: str = Field(description="where infected files go: files 0600 in directories 0700; "
@@ -298,6 +301,26 @@ class WatchConfig(_Model):
                              "daemons share")
         return self
 
+    @field_validator("engine")
+    @classmethod
+    def _engine_names(cls, value: str | tuple[str, ...]) -> str | tuple[str, ...]:
+        if isinstance(value, tuple):
+            if not value:
+                raise ValueError("name at least one engine")
+            if len(set(value)) != len(value):
+                raise ValueError("an engine is listed twice")
+        return value
+
+    @property
+    def engines(self) -> tuple[str, ...]:
+        """The names of the engines that scan this watch's files, in the order given."""
+        return (self.engine,) if isinstance(self.engine, str) else self.engine
+
+    @property
+    def engine_label(self) -> str:
+        """The engines as logs, metrics' file timings and sidecars name them: `clam+md`."""
+        return "+".join(self.engines)
+
     @property
     def destinations(self) -> dict[str, str]:
         """The three destinations by field name."""
@@ -337,9 +360,10 @@ class Config(_Model):
                 first = seen_names[watch.name]
                 problems.append(f"{where}.name: {watch.name!r} is already used by watches[{first}]")
             seen_names.setdefault(watch.name, i)
-            if watch.engine not in self.engines:
-                defined = ", ".join(sorted(self.engines))
-                problems.append(f"{where}.engine: no engine named {watch.engine!r} (defined: {defined})")
+            for name in watch.engines:
+                if name not in self.engines:
+                    defined = ", ".join(sorted(self.engines))
+                    problems.append(f"{where}.engine: no engine named {name!r} (defined: {defined})")
             for key, dest in watch.destinations.items():
                 if _overlaps(watch.source, dest):
                     problems.append(f"{where}.source: overlaps its own {key} destination {dest}; "
