@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -163,3 +162,37 @@ def test_an_in_doubt_submission_is_looked_up_not_resent(multi: Multi) -> None:
     assert multi.layout.placed("clean") == ["a.txt"]
     assert [c[0] for c in multi.b.calls] == ["scan", "poll"]
     assert [c[0] for c in multi.a.calls] == ["scan"]
+
+
+def test_metrics_count_each_engine_under_its_own_name(layout: Layout) -> None:
+    from daemon.metrics import Metrics
+
+    multi = Multi(layout)
+    metrics = Metrics(multi.journal)
+    multi.pipeline = Pipeline(multi.config, multi.journal, {"a": multi.a, "b": multi.b},
+                              owner=owner_token(), clock=multi.clock, on_outcome=metrics.observe,
+                              policy=RetryPolicy(base_s=10, max_s=10))
+    multi.b.script = [raises(EngineRetryableError("503 busy"))]
+    multi.drop("a.txt", b"hello")
+    multi.step(advance_s=3)
+    multi.step(advance_s=11)
+    assert multi.layout.placed("clean") == ["a.txt"]
+    sample = metrics.registry.get_sample_value
+    assert sample("scanwatch_retries_total", {"engine": "b", "reason": "engine_error"}) == 1
+    assert sample("scanwatch_retries_total", {"engine": "a", "reason": "engine_error"}) is None
+    assert sample("scanwatch_files_total", {"watch": "inbox", "outcome": "clean", "reason": ""}) == 1
+
+
+def test_one_shot_scan_asks_every_engine(multi: Multi) -> None:
+    from daemon.oneshot import scan_paths
+
+    multi.b.script = [answers(Verdict(VerdictKind.INFECTED, ("B-Only",)))]
+    multi.drop("a.txt", b"hello")
+    multi.drop("b.txt", b"hello again")
+    engines: dict[str, Any] = {"a": multi.a, "b": multi.b}
+    first, second = scan_paths(multi.config, engines, [str(multi.layout.inbox / "a.txt"),
+                                                        str(multi.layout.inbox / "b.txt")],
+                               watch_name=None, move=False, journal=None)
+    assert (first.verdict, first.threats) == (VerdictKind.INFECTED, ("B-Only",))
+    assert second.verdict is VerdictKind.CLEAN
+    assert len(multi.a.calls) == 2 and len(multi.b.calls) == 2

@@ -191,6 +191,9 @@ class Pipeline:
                 logger(outcome.event, **{**self._context(row), **outcome.fields})
             if self._on_outcome and outcome.changes:
                 self._on_outcome(row, self.config.watch(row.watch).engine_label, outcome)
+            if self._on_outcome:
+                for engine, step in outcome.engine_events:  # several engines: each one's metrics
+                    self._on_outcome(row, engine, step)
 
     def _context(self, row: FileRow) -> dict[str, Any]:
         """The per-file fields every event of the row carries."""

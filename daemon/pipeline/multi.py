@@ -76,6 +76,12 @@ class MultiScanner:
     def scan(self, row: FileRow, watch: WatchConfig, opened: Opened, secret: str | None,
              locations: Locations) -> Outcome:
         """Follow the pending scans, submit the bytes to engines without one, decide when possible."""
+        events: list[tuple[str, Outcome]] = []  # appended to from the engines' threads
+        outcome = self._step(row, watch, opened, secret, locations, events)
+        return dataclasses.replace(outcome, engine_events=tuple(events))
+
+    def _step(self, row: FileRow, watch: WatchConfig, opened: Opened, secret: str | None,
+              locations: Locations, events: list[tuple[str, Outcome]]) -> Outcome:
         sha256 = row.sha256
         if (decided := self._decided(row, watch, sha256, opened.facts, locations)) is not None:
             return decided
@@ -86,7 +92,7 @@ class MultiScanner:
         engines = self.engines()
         follow = [e for e in due if e in records and _follows(records[e], engines[e])]
         resubmit = {e: exc for e, exc in self._parallel(
-            follow, lambda e: self._poll(row, engines[e], records[e], opened.path)).items() if exc}
+            follow, lambda e: self._poll(row, engines[e], records[e], opened.path, events)).items() if exc}
         if (decided := self._decided(row, watch, sha256, opened.facts, locations)) is not None:
             return decided
         submit = [e for e in due if e not in follow or e in resubmit]
@@ -101,7 +107,7 @@ class MultiScanner:
                 watch.name, row.rel_path, sha256)
             request = ScanRequest(watch.name, row.rel_path, opened.path, content.fd, content.size,
                                   sha256, ref_id, s3=content.s3, archive_password=secret)
-            self._submit(row, watch, request, opened.facts, submit, resubmit)
+            self._submit(row, watch, request, opened.facts, submit, resubmit, events)
         if (decided := self._decided(row, watch, sha256, opened.facts, locations)) is not None:
             return decided
         return self._waiting(row, watch, sha256, opened.facts)
@@ -121,14 +127,16 @@ class MultiScanner:
             futures = {name: pool.submit(limited, name) for name in names}
             return {name: future.result() for name, future in futures.items()}
 
-    def _poll(self, row: FileRow, engine: Engine, record: ScanRecord, path: str
-              ) -> EngineResubmitError | None:
+    def _poll(self, row: FileRow, engine: Engine, record: ScanRecord, path: str,
+              events: list[tuple[str, Outcome]]) -> EngineResubmitError | None:
         """Follow one engine's submitted (or in-doubt) scan; its answer is journaled here."""
         handle = ScanHandle(row.watch, row.rel_path, path, record.sha256, record.ref_id or "",
                             record.engine_scan_id)
         try:
-            changes = self._call(row, record, partial(engine.poll, handle), spent=False)
+            changes = self._call(row, record, partial(engine.poll, handle), events, spent=False)
         except EngineResubmitError as exc:
+            if exc.may_duplicate:
+                events.append((record.engine, Outcome({}, "scan.resubmitting", {"resubmitted": True})))
             log.info("scan.resubmitting", watch=row.watch, rel_path=row.rel_path, file_id=row.id,
                      engine=record.engine, error=str(exc), in_doubt=record.engine_scan_id is None)
             return exc
@@ -136,7 +144,8 @@ class MultiScanner:
         return None
 
     def _submit(self, row: FileRow, watch: WatchConfig, request: ScanRequest, facts: RowChanges,
-                names: list[str], resubmit: Mapping[str, EngineResubmitError]) -> None:
+                names: list[str], resubmit: Mapping[str, EngineResubmitError],
+                events: list[tuple[str, Outcome]]) -> None:
         """Journal the bytes' hash and the submissions in doubt, then ask each engine at once."""
         engines, records = self.engines(), self._records(row, request.sha256)
         intents: dict[str, ScanChanges] = {}
@@ -158,20 +167,34 @@ class MultiScanner:
                 one = dataclasses.replace(request, fd=fd, by_upload=by_upload)
                 record = ScanRecord(row.id, name, request.sha256, request.ref_id,
                                     attempts=intents[name].get("attempts", 1))
-                changes = self._call(row, record, partial(engines[name].scan, one), spent=True)
+                changes = self._call(row, record, partial(engines[name].scan, one), events, spent=True)
             finally:
                 if own_fds and fd is not None:
                     os.close(fd)
             self.journal.apply_scans(row.id, {}, {name: changes})
+            if "verdict" not in changes and not changes.get("engine_scan_id"):
+                return  # not answered: a wait or a retry, already logged
             log.info("scan.submitted", watch=row.watch, rel_path=row.rel_path, file_id=row.id,
                      engine=name, ref_id=request.ref_id, engine_scan_id=changes.get("engine_scan_id"),
                      verdict=changes.get("verdict"))
 
         self._parallel(names, ask)
 
-    def _call(self, row: FileRow, record: ScanRecord, ask: Callable[[], Verdict | Pending], *,
-              spent: bool) -> ScanChanges:
+    def _call(self, row: FileRow, record: ScanRecord, ask: Callable[[], Verdict | Pending],
+              events: list[tuple[str, Outcome]], *, spent: bool) -> ScanChanges:
         """One engine's answer as its record's change (a verdict, a scan to poll, a retry)."""
+        name = record.engine
+        changes = self._answer(row, record, ask, spent=spent)
+        reason = changes.get("reason") or Reason.ENGINE_ERROR
+        if changes.get("verdict") is VerdictKind.FAILED:
+            events.append((name, Outcome({}, "scan.verdict", {"verdict": VerdictKind.FAILED,
+                                                              "reason": reason})))
+        elif "verdict" not in changes and "last_error" in changes:
+            events.append((name, Outcome({}, "retry.scheduled", {"reason": _retry_reason(changes)})))
+        return changes
+
+    def _answer(self, row: FileRow, record: ScanRecord, ask: Callable[[], Verdict | Pending], *,
+                spent: bool) -> ScanChanges:
         name = record.engine
         cfg = self.config.engines[name]
         now = self.clock()
@@ -183,8 +206,12 @@ class MultiScanner:
             if now - row.discovered_at > cfg.max_pending_age:
                 return _verdict(Verdict.failed(Reason.ENGINE_UNAVAILABLE), record, now)
             # Not reached: nothing was submitted, and no attempt is spent.
+            delay_s = policy.delay(record.attempts, exc.retry_after_s)
+            log.warning("retry.scheduled", watch=row.watch, rel_path=row.rel_path, file_id=row.id,
+                        engine=name, reason=Reason.ENGINE_UNAVAILABLE.value, error=str(exc),
+                        delay_s=round(delay_s, 3))
             return {"attempts": record.attempts - spent, "submitting_at": None, "last_error": str(exc),
-                    "next_attempt_at": now + policy.delay(record.attempts, exc.retry_after_s)}
+                    "next_attempt_at": now + delay_s}
         except EngineRetryableError as exc:
             # A timeout or a 5xx may hide a submission: it stays in doubt.
             attempts = record.attempts + (not spent)
@@ -267,6 +294,11 @@ def decide(engines: tuple[str, ...], records: Mapping[str, ScanRecord]) -> Verdi
         "scans": [{"engine": r.engine, "verdict": str(r.verdict), "reason": r.reason,
                    "threats": r.threats or [], "engine_scan_id": r.engine_scan_id,
                    "external_reference_id": r.ref_id} for r in answered]})
+
+
+def _retry_reason(changes: ScanChanges) -> str:
+    """A wait spends no attempt and clears the in-doubt mark: the engine was not reached."""
+    return Reason.ENGINE_UNAVAILABLE if "submitting_at" in changes else Reason.ENGINE_ERROR
 
 
 def _follows(record: ScanRecord, engine: Engine) -> bool:
