@@ -34,6 +34,7 @@ __all__ = [
     "ListenError",
     "LocationError",
     "ScanwatchError",
+    "TooManyTagsError",
     "UnsafePathError",
     "WebhookRejectedError",
 ]
@@ -79,6 +80,10 @@ class JournalError(ScanwatchError):
 
 class LocationError(ScanwatchError):
     """A file could not be moved, copied or described at its destination."""
+
+
+class TooManyTagsError(LocationError):
+    """An object judged in place has too many tags of its own for scanwatch's (S3 allows 10)."""
 
 
 class UnsafePathError(LocationError):

@@ -53,6 +53,7 @@ class Reason(enum.StrEnum):
     INTERNAL_ERROR = "internal_error"
     UNSAFE_PATH = "unsafe_path"
     UNSAFE_KEY = "unsafe_key"
+    TOO_MANY_TAGS = "too_many_tags"  # an object judged in place has no room for the verdict's tags
     UNSAFE_NAME = "unsafe_name"  # a file name its destination cannot hold (e.g. not UTF-8, for S3)
 
 

@@ -20,6 +20,7 @@ __all__ = [
     "Config",
     "EngineConfig",
     "EventsConfig",
+    "IN_PLACE",
     "LogConfig",
     "MetadefenderEngineConfig",
     "MetricsConfig",
@@ -31,6 +32,7 @@ __all__ = [
     "YaraEngineConfig",
 ]
 
+IN_PLACE = "in_place"  # an S3 source's destination: the object stays at its key, tagged (docs/contract.md)
 DEFAULT_IGNORE = (".*", "*.part", "*.tmp", "*.crdownload", "*.swp")
 _SECRET = "a secret: never logged; use ${ENV} or ${file:...}"
 
@@ -251,7 +253,9 @@ class WatchConfig(_Model):
         description="name of an entry under engines, or a list of them: every one scans the same "
         "bytes; infected if any says so, clean only if all do (docs/contract.md)",
         examples=["default", ["clam", "md"]])
-    clean: str = Field(description="where clean files go; any location may be s3://bucket/prefix/",
+    clean: str = Field(description="where clean files go; any location may be s3://bucket/prefix/; "
+                       "for an s3:// source, any of clean/quarantine/failed may be in_place: "
+                       "the object stays at its key, tagged with its verdict",
                        examples=["/srv/scanwatch/clean/invoices"])
     quarantine: str = Field(description="where infected files go: files 0600 in directories 0700; "
                             "objects tagged scanwatch-verdict/-reason, with sidecars",
@@ -277,6 +281,8 @@ class WatchConfig(_Model):
     @field_validator("source", "clean", "quarantine", "failed")
     @classmethod
     def _location(cls, value: str) -> str:
+        if value == IN_PLACE:
+            return value
         if is_s3(value):
             return str(S3Url.parse(value))
         if not value.strip():
@@ -289,6 +295,16 @@ class WatchConfig(_Model):
             raise ValueError("events: only an s3:// source has S3 event notifications")
         if self.s3 is not None and not any(map(is_s3, (self.source, *self.destinations.values()))):
             raise ValueError("s3: this watch has no s3:// location")
+        return self
+
+    @model_validator(mode="after")
+    def _in_place_needs_s3(self) -> WatchConfig:
+        if self.source == IN_PLACE:
+            raise ValueError("source: in_place is a destination, not a source")
+        for key, dest in self.destinations.items():
+            if dest == IN_PLACE and not is_s3(self.source):
+                raise ValueError(f"{key}: in_place needs an s3:// source (objects are tagged where "
+                                 "they are); a local file is moved")
         return self
 
     @model_validator(mode="after")
@@ -365,7 +381,7 @@ class Config(_Model):
                     defined = ", ".join(sorted(self.engines))
                     problems.append(f"{where}.engine: no engine named {name!r} (defined: {defined})")
             for key, dest in watch.destinations.items():
-                if _overlaps(watch.source, dest):
+                if dest != IN_PLACE and _overlaps(watch.source, dest):
                     problems.append(f"{where}.source: overlaps its own {key} destination {dest}; "
                                     "a destination must lie outside the source")
             for j, other in enumerate(self.watches[:i]):

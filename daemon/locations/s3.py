@@ -96,8 +96,12 @@ class _OpenedObject:
         copy = None if by_engine else self._held.enter_context(where.private_copy(self._size))
         obj = S3Object(where.where.bucket, where.key(rel_path), etag, version_id,
                        where.presign(rel_path, version_id) if by_engine else "")
-        with contextlib.closing(where.get(rel_path, etag, version_id)) as body:
+        answer = where.get_answer(rel_path, etag, version_id)
+        with contextlib.closing(answer["Body"]) as body:
             sha256, size = copy_hashing(body, None if copy is None else copy.fileno())
+        # The version these bytes are (a listing names none): what an in-place tag is put on.
+        served = answer.get("VersionId")
+        version_id = version_id or (None if served in (None, "", "null") else str(served))
         self._facts["version_id"], self._facts["size"] = version_id, size
         return Content(None if copy is None else copy.fileno(), sha256, size, obj)
 
@@ -184,6 +188,11 @@ class S3Location:
     def name(self, rel_path: str) -> str:
         return str(self.where) + rel_path
 
+    @property
+    def client(self) -> Any:
+        """The boto3 client (daemon/locations/inplace.py tags objects through it)."""
+        return self._client
+
     def key(self, rel_path: str) -> str:
         """The object key of `rel_path`."""
         return self.where.key(rel_path)
@@ -269,10 +278,14 @@ class S3Location:
 
     def get(self, rel_path: str, etag: str | None, version_id: str | None) -> Any:
         """The streaming body of that version; ChangedError/FileNotFoundError if it is not there."""
+        return self.get_answer(rel_path, etag, version_id)["Body"]
+
+    def get_answer(self, rel_path: str, etag: str | None, version_id: str | None) -> dict[str, Any]:
+        """GetObject of that version (its `Body` and `VersionId`), as `get`."""
         conditions = {"VersionId": version_id} if version_id else {"IfMatch": etag} if etag else {}
         try:
-            return self._client.get_object(Bucket=self.where.bucket, Key=self.key(rel_path),
-                                           **conditions)["Body"]
+            return dict(self._client.get_object(Bucket=self.where.bucket, Key=self.key(rel_path),
+                                                **conditions))
         except ClientError as exc:
             code = error_code(exc)
             if code in ("412", "PreconditionFailed"):

@@ -18,7 +18,7 @@ from typing import Any
 import structlog
 from pydantic import SecretStr
 
-from daemon.config import Config, WatchConfig
+from daemon.config import IN_PLACE, Config, WatchConfig
 from daemon.engines.base import Engine, ScanHandle, ScanRequest
 from daemon.errors import (
     EnginePermanentError,
@@ -69,7 +69,7 @@ class Scanner:
         watch = self.config.watch(row.watch)
         source = locations(watch.source, watch)
         for root in watch.destinations.values():
-            if (why := locations(root, watch).refuses(row.rel_path)) is not None:
+            if root != IN_PLACE and (why := locations(root, watch).refuses(row.rel_path)) is not None:
                 return self.mover.fail(row, Reason.UNSAFE_KEY, why, locations)
         try:
             with source.open_for_scan(Listed(row.rel_path, row.etag, row.version_id, row.size)) as opened:
