@@ -196,3 +196,16 @@ def test_one_shot_scan_asks_every_engine(multi: Multi) -> None:
     assert (first.verdict, first.threats) == (VerdictKind.INFECTED, ("B-Only",))
     assert second.verdict is VerdictKind.CLEAN
     assert len(multi.a.calls) == 2 and len(multi.b.calls) == 2
+
+
+def test_status_names_the_watch_engines_and_each_engine_health(multi: Multi) -> None:
+    from daemon.status import collect
+
+    multi.b.script = [raises(EngineUnavailableError("connection refused"))]
+    multi.pipeline.scanner.start()  # takes the journal's health view
+    multi.drop("a.txt", b"hello")
+    multi.step(advance_s=3)
+    status = collect(multi.config, multi.journal)
+    assert status["watches"]["inbox"]["engine"] == "a+b"
+    assert status["watches"]["inbox"]["engines"] == ["a", "b"]
+    assert status["engines"]["b"]["healthy"] is False
