@@ -99,7 +99,7 @@ def _check_config(args: argparse.Namespace, config_path: str, config: Config) ->
         settings = engine_cfg.model_dump(mode="json", exclude={"type"})
         print(f"engine {name}: {engine_cfg.type} {json.dumps(settings)}")
     for watch in config.watches:
-        print(f"watch {watch.name}: {watch.source} -> engine {watch.engine}")
+        print(f"watch {watch.name}: {watch.source} -> engine {watch.engine_label}")
         for key, dest in watch.destinations.items():
             print(f"  {key:<10} {dest}")
         print(f"  ignore     {', '.join(watch.ignore)}; settle {watch.settle_seconds:g}s; "

@@ -40,6 +40,7 @@ __all__ = [
     "ListenError",
     "LocationError",
     "ScanwatchError",
+    "TooManyTagsError",
     "UnsafePathError",
     "WebhookRejectedError",
 ]
@@ -114,6 +115,10 @@ class QueueUnavailableError(ScanwatchError):
 
 class MalformedMessageError(ScanwatchError):
     """An SQS message body is not an S3 event notification; the message says why, briefly."""
+
+
+class TooManyTagsError(LocationError):
+    """An object judged in place has too many tags of its own for scanwatch's (S3 allows 10)."""
 
 
 class UnsafePathError(LocationError):

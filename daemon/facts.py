@@ -22,13 +22,13 @@ def iso(ts: float | None) -> str | None:
 
 def outcome_facts(watch: WatchConfig, row: FileRow, destination: str | None) -> dict[str, object]:
     """Where the file came from and went, and what the engine said about its bytes."""
-    return {
+    facts: dict[str, object] = {
         "source": watch.source.rstrip("/") + "/" + row.rel_path,
         "destination": destination,
         "verdict": row.verdict,
         "reason": row.reason,
         "threats": row.threats or [],
-        "engine": watch.engine,
+        "engine": watch.engine_label,
         "engine_scan_id": row.engine_scan_id,
         "external_reference_id": row.ref_id,
         "sha256": row.sha256,
@@ -36,3 +36,6 @@ def outcome_facts(watch: WatchConfig, row: FileRow, destination: str | None) -> 
         "detected_at": iso(row.discovered_at),
         "scanned_at": iso(row.scanned_at),
     }
+    if len(watch.engines) > 1:  # one object per engine that answered (docs/contract.md)
+        facts["scans"] = (row.raw_result or {}).get("scans", [])
+    return facts

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from daemon.errors import JournalError
 from daemon.fsutil import Identity
-from daemon.model import ACTIVE_STATES, FileState, RowChanges, VerdictKind
+from daemon.model import ACTIVE_STATES, FileState, RowChanges, ScanChanges, ScanRecord, VerdictKind
 
 __all__ = ["AuditRow", "FileRow", "Journal", "RowChanges", "RowOrder", "open_journal", "owner_token"]
 
@@ -75,6 +75,20 @@ _SCHEMA = [
     ALTER TABLE files ADD COLUMN dest_root TEXT;
     ALTER TABLE files ADD COLUMN dest_rel BLOB;
     """,
+    # Several engines on one watch: one scan record per (file, engine) (daemon/pipeline/multi.py).
+    """
+    CREATE TABLE scans (
+        file_id INTEGER NOT NULL REFERENCES files(id),
+        engine TEXT NOT NULL,
+        sha256 TEXT NOT NULL, ref_id TEXT, engine_scan_id TEXT,
+        verdict TEXT, reason TEXT, threats TEXT,
+        attempts INTEGER NOT NULL DEFAULT 0, submitting_at REAL,
+        next_attempt_at REAL NOT NULL DEFAULT 0, last_error TEXT, scanned_at REAL,
+        abandoned INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (file_id, engine)
+    );
+    CREATE INDEX scans_engine_scan ON scans(engine, engine_scan_id);
+    """,
 ]
 
 _JSON_COLUMNS = ("threats", "raw_result")
@@ -86,6 +100,7 @@ _CLAIMABLE = "(state IN ('stable', 'verdict', 'scanning', 'moving') AND owner IS
 
 
 _WRITABLE = frozenset(RowChanges.__annotations__)
+_SCAN_WRITABLE = frozenset(ScanChanges.__annotations__)
 
 
 @dataclass(frozen=True)
@@ -194,6 +209,15 @@ def _to_db(column: str, value: object) -> object:
 def _text(value: str) -> str:
     """A message for a TEXT column: a name's non-UTF-8 byte becomes `\\udcff` (SQLite takes UTF-8 only)."""
     return value.encode("utf-8", "backslashreplace").decode()
+
+
+def _update_file(conn: sqlite3.Connection, file_id: int, fields: RowChanges) -> None:
+    if unknown := fields.keys() - _WRITABLE:
+        raise ValueError(f"not journal columns: {sorted(unknown)}")
+    columns = ", ".join(f"{name} = ?" for name in fields)
+    values = [_to_db(name, value) for name, value in fields.items()]
+    conn.execute(f"UPDATE files SET {columns}, updated_at = ? WHERE id = ?",
+                 (*values, time.time(), file_id))
 
 
 def _from_db(row: sqlite3.Row) -> FileRow:
@@ -378,12 +402,41 @@ class Journal:
         """Write several rows' changes in one transaction (columns by name)."""
         with self._tx() as conn:
             for file_id, fields in changes:
-                if unknown := fields.keys() - _WRITABLE:
-                    raise ValueError(f"not journal columns: {sorted(unknown)}")
+                _update_file(conn, file_id, fields)
+
+    def apply_scans(self, file_id: int, changes: RowChanges,
+                    scans: Mapping[str, ScanChanges]) -> None:
+        """Write a file row's changes and its engines' scan records in one transaction.
+
+        A record given a `sha256` other than its own is of new bytes: it starts afresh.
+        """
+        with self._tx() as conn:
+            if changes:
+                _update_file(conn, file_id, changes)
+            for engine, fields in scans.items():
+                if unknown := fields.keys() - _SCAN_WRITABLE:
+                    raise ValueError(f"not scan record columns: {sorted(unknown)}")
+                if "sha256" in fields:
+                    conn.execute("DELETE FROM scans WHERE file_id = ? AND engine = ? AND sha256 != ?",
+                                 (file_id, engine, fields["sha256"]))
+                    conn.execute("INSERT OR IGNORE INTO scans (file_id, engine, sha256) VALUES (?, ?, ?)",
+                                 (file_id, engine, fields["sha256"]))
                 columns = ", ".join(f"{name} = ?" for name in fields)
                 values = [_to_db(name, value) for name, value in fields.items()]
-                conn.execute(f"UPDATE files SET {columns}, updated_at = ? WHERE id = ?",
-                             (*values, time.time(), file_id))
+                conn.execute(f"UPDATE scans SET {columns} WHERE file_id = ? AND engine = ?",
+                             (*values, file_id, engine))
+
+    def scans(self, file_id: int) -> dict[str, ScanRecord]:
+        """A file's scan records by engine (watches with several engines)."""
+        rows = self._conn().execute("SELECT * FROM scans WHERE file_id = ?", (file_id,)).fetchall()
+        records = {}
+        for row in rows:
+            values = dict(row)
+            values["threats"] = json.loads(values["threats"]) if values["threats"] else None
+            values["verdict"] = VerdictKind(values["verdict"]) if values["verdict"] else None
+            values["abandoned"] = bool(values["abandoned"])
+            records[values["engine"]] = ScanRecord(**values)
+        return records
 
     def reclaim(self) -> int:
         """Hand back the rows of owners that are no longer running; returns how many."""
@@ -436,9 +489,14 @@ class Journal:
         with self._tx() as conn:
             cursor = conn.execute(
                 f"""UPDATE files SET next_attempt_at = ?, updated_at = ?
-                    WHERE state = 'scanning' AND owner IS NULL AND engine = ?
-                      AND engine_scan_id IN ({marks}) AND next_attempt_at > ?""",
-                (now, now, engine, *engine_scan_ids, now))
+                    WHERE state = 'scanning' AND owner IS NULL AND next_attempt_at > ?
+                      AND ((engine = ? AND engine_scan_id IN ({marks}))
+                           OR id IN (SELECT file_id FROM scans WHERE engine = ?
+                                     AND engine_scan_id IN ({marks})))""",
+                (now, now, now, engine, *engine_scan_ids, engine, *engine_scan_ids))
+            conn.execute(f"UPDATE scans SET next_attempt_at = ? WHERE engine = ? AND verdict IS NULL "
+                         f"AND engine_scan_id IN ({marks}) AND next_attempt_at > ?",
+                         (now, engine, *engine_scan_ids, now))
             return cursor.rowcount
 
     # -- reading ----------------------------------------------------------------------------

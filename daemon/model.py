@@ -6,8 +6,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import TypedDict
 
-__all__ = ["FileState", "Pending", "Reason", "RejectReason", "RowChanges", "S3Object", "Verdict",
-           "VerdictKind"]
+__all__ = ["FileState", "Pending", "Reason", "RejectReason", "RowChanges", "S3Object", "ScanChanges",
+           "ScanRecord", "Verdict", "VerdictKind"]
 
 
 class FileState(enum.StrEnum):
@@ -53,6 +53,7 @@ class Reason(enum.StrEnum):
     INTERNAL_ERROR = "internal_error"
     UNSAFE_PATH = "unsafe_path"
     UNSAFE_KEY = "unsafe_key"
+    TOO_MANY_TAGS = "too_many_tags"  # an object judged in place has no room for the verdict's tags
     UNSAFE_NAME = "unsafe_name"  # a file name its destination cannot hold (e.g. not UTF-8, for S3)
 
 
@@ -139,3 +140,45 @@ class RowChanges(TypedDict, total=False):
     etag: str | None
     version_id: str | None
     submitting_at: float | None
+
+
+@dataclass(frozen=True)
+class ScanRecord:
+    """One engine's scan of one file's bytes, on a watch with several engines (journal `scans`)."""
+
+    file_id: int
+    engine: str
+    sha256: str  # the bytes this record is about: a record of other bytes does not count
+    ref_id: str | None = None
+    engine_scan_id: str | None = None
+    verdict: VerdictKind | None = None
+    reason: str | None = None
+    threats: list[str] | None = None
+    attempts: int = 0
+    submitting_at: float | None = None  # a remote submission may have happened: in doubt
+    next_attempt_at: float = 0.0
+    last_error: str | None = None
+    scanned_at: float | None = None
+    abandoned: bool = False  # another engine decided the file first: not followed any more
+
+    @property
+    def is_final(self) -> bool:
+        """Answered (or given up on): nothing more is asked of this engine for these bytes."""
+        return self.verdict is not None or self.abandoned
+
+
+class ScanChanges(TypedDict, total=False):
+    """The columns of a scan record a step may change."""
+
+    sha256: str
+    ref_id: str | None
+    engine_scan_id: str | None
+    verdict: VerdictKind | None
+    reason: str | None
+    threats: list[str]
+    attempts: int
+    submitting_at: float | None
+    next_attempt_at: float
+    last_error: str | None
+    scanned_at: float
+    abandoned: bool

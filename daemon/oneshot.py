@@ -20,8 +20,9 @@ from daemon.errors import (
 from daemon.fsutil import DirCache
 from daemon.journal import Journal, owner_token
 from daemon.locations import Listed, LocalLocation, Location, S3Location
-from daemon.model import FileState, Pending, Reason, Verdict, VerdictKind
+from daemon.model import FileState, Pending, Reason, ScanRecord, Verdict, VerdictKind
 from daemon.pipeline import Pipeline
+from daemon.pipeline.multi import decide
 from daemon.refid import build_ref_id
 from daemon.s3 import is_s3, make_client
 from daemon.watchers.base import relative_path
@@ -77,13 +78,14 @@ def scan_paths(config: Config, engines: dict[str, Engine], paths: list[str], *,
         if move and rel is not None and journal is not None:
             results.append(_through_pipeline(config, engines, journal, watch, rel, path))
         else:
-            results.append(_scan_only(config, engines[watch.engine], watch, path, rel))
+            results.append(_scan_only(config, engines, watch, path, rel))
     return results
 
 
-def _scan_only(config: Config, engine: Engine, watch: WatchConfig, path: str,
+def _scan_only(config: Config, engines: dict[str, Engine], watch: WatchConfig, path: str,
                rel: str | None) -> ScanResult:
-    """Scan a file or an S3 object (a private temp copy of it) without moving it."""
+    """Scan a file or an S3 object (a private temp copy of it) with the watch's engines, without
+    moving it; several engines are asked one after the other until one finds it infected."""
     folder, _, name = path.rpartition("/")
     try:
         with DirCache() as dirs, _location(config, watch, folder, dirs).open_for_scan(Listed(name)) as opened:
@@ -91,7 +93,7 @@ def _scan_only(config: Config, engine: Engine, watch: WatchConfig, path: str,
             ref_id = build_ref_id(watch.name, rel or name, content.sha256)
             request = ScanRequest(watch.name, rel or name, path, content.fd, content.size,
                                   content.sha256, ref_id)
-            verdict = _verdict(engine, request)
+            verdict = _verdicts(engines, watch, request)
             return ScanResult(path, verdict.kind, verdict.threats, verdict.reason, content.sha256, ref_id)
     except (OSError, LocationError) as exc:
         return ScanResult(path, VerdictKind.FAILED, reason=_read_reason(exc))
@@ -109,6 +111,22 @@ def _read_reason(exc: BaseException) -> str:
     if isinstance(exc, UnsafePathError):
         return exc.reason.value
     return Reason.UNREADABLE.value
+
+
+def _verdicts(engines: dict[str, Engine], watch: WatchConfig, request: ScanRequest) -> Verdict:
+    """The watch's verdict on the bytes: its one engine's, or as several engines decide."""
+    if len(watch.engines) == 1:
+        return _verdict(engines[watch.engines[0]], request)
+    records: dict[str, ScanRecord] = {}
+    for name in watch.engines:
+        answer = _verdict(engines[name], request)
+        records[name] = ScanRecord(0, name, request.sha256, request.ref_id, answer.engine_scan_id,
+                                   answer.kind, answer.reason, list(answer.threats))
+        if answer.kind is VerdictKind.INFECTED:
+            break
+    decided = decide(watch.engines, records)
+    assert decided is not None
+    return decided
 
 
 def _verdict(engine: Engine, request: ScanRequest) -> Verdict:

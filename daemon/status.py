@@ -17,8 +17,8 @@ def collect(config: Config, journal: Journal) -> dict[str, Any]:
     """Status as a JSON-ready dict: per watch counts, oldest pending, last error; engine health."""
     now = time.time()
     watches: dict[str, dict[str, Any]] = {
-        w.name: {"engine": w.engine, "states": {}, "outcomes": {}, "skipped": {},
-                 "oldest_pending_s": None, "move_failures": 0, "last_error": None}
+        w.name: {"engine": w.engine_label, "engines": list(w.engines), "states": {}, "outcomes": {},
+                 "skipped": {}, "oldest_pending_s": None, "move_failures": 0, "last_error": None}
         for w in config.watches}
     for watch, state, verdict, reason, count in journal.counts():
         entry = watches.setdefault(watch, {"engine": None, "states": {}, "outcomes": {},

@@ -20,6 +20,7 @@ __all__ = [
     "Config",
     "EngineConfig",
     "EventsConfig",
+    "IN_PLACE",
     "LogConfig",
     "MetadefenderEngineConfig",
     "MetricsConfig",
@@ -31,6 +32,7 @@ __all__ = [
     "YaraEngineConfig",
 ]
 
+IN_PLACE = "in_place"  # an S3 source's destination: the object stays at its key, tagged (docs/contract.md)
 DEFAULT_IGNORE = (".*", "*.part", "*.tmp", "*.crdownload", "*.swp")
 _SECRET = "a secret: never logged; use ${ENV} or ${file:...}"
 
@@ -247,8 +249,13 @@ class WatchConfig(_Model):
                       description="unique watch name, [a-z0-9_-]; part of every external reference ID")
     source: str = Field(description="the local directory (it must exist) or s3://bucket/prefix/ to watch",
                         examples=["/srv/scanwatch/drop/invoices"])
-    engine: str = Field(description="name of an entry under engines", examples=["default"])
-    clean: str = Field(description="where clean files go; any location may be s3://bucket/prefix/",
+    engine: str | tuple[str, ...] = Field(
+        description="name of an entry under engines, or a list of them: every one scans the same "
+        "bytes; infected if any says so, clean only if all do (docs/contract.md)",
+        examples=["default", ["clam", "md"]])
+    clean: str = Field(description="where clean files go; any location may be s3://bucket/prefix/; "
+                       "for an s3:// source, any of clean/quarantine/failed may be in_place: "
+                       "the object stays at its key, tagged with its verdict",
                        examples=["/srv/scanwatch/clean/invoices"])
     quarantine: str = Field(description="where infected files go: files 0600 in directories 0700; "
                             "objects tagged scanwatch-verdict/-reason, with sidecars",
@@ -274,6 +281,8 @@ class WatchConfig(_Model):
     @field_validator("source", "clean", "quarantine", "failed")
     @classmethod
     def _location(cls, value: str) -> str:
+        if value == IN_PLACE:
+            return value
         if is_s3(value):
             return str(S3Url.parse(value))
         if not value.strip():
@@ -289,6 +298,16 @@ class WatchConfig(_Model):
         return self
 
     @model_validator(mode="after")
+    def _in_place_needs_s3(self) -> WatchConfig:
+        if self.source == IN_PLACE:
+            raise ValueError("source: in_place is a destination, not a source")
+        for key, dest in self.destinations.items():
+            if dest == IN_PLACE and not is_s3(self.source):
+                raise ValueError(f"{key}: in_place needs an s3:// source (objects are tagged where "
+                                 "they are); a local file is moved")
+        return self
+
+    @model_validator(mode="after")
     def _fleet_needs_events(self) -> WatchConfig:
         if self.fleet and not is_s3(self.source):
             raise ValueError("fleet: only an s3:// source can be shared by several daemons; "
@@ -297,6 +316,26 @@ class WatchConfig(_Model):
             raise ValueError("fleet: needs events: {sqs_queue_url: ...}: the queue is what the "
                              "daemons share")
         return self
+
+    @field_validator("engine")
+    @classmethod
+    def _engine_names(cls, value: str | tuple[str, ...]) -> str | tuple[str, ...]:
+        if isinstance(value, tuple):
+            if not value:
+                raise ValueError("name at least one engine")
+            if len(set(value)) != len(value):
+                raise ValueError("an engine is listed twice")
+        return value
+
+    @property
+    def engines(self) -> tuple[str, ...]:
+        """The names of the engines that scan this watch's files, in the order given."""
+        return (self.engine,) if isinstance(self.engine, str) else self.engine
+
+    @property
+    def engine_label(self) -> str:
+        """The engines as logs, metrics' file timings and sidecars name them: `clam+md`."""
+        return "+".join(self.engines)
 
     @property
     def destinations(self) -> dict[str, str]:
@@ -337,11 +376,12 @@ class Config(_Model):
                 first = seen_names[watch.name]
                 problems.append(f"{where}.name: {watch.name!r} is already used by watches[{first}]")
             seen_names.setdefault(watch.name, i)
-            if watch.engine not in self.engines:
-                defined = ", ".join(sorted(self.engines))
-                problems.append(f"{where}.engine: no engine named {watch.engine!r} (defined: {defined})")
+            for name in watch.engines:
+                if name not in self.engines:
+                    defined = ", ".join(sorted(self.engines))
+                    problems.append(f"{where}.engine: no engine named {name!r} (defined: {defined})")
             for key, dest in watch.destinations.items():
-                if _overlaps(watch.source, dest):
+                if dest != IN_PLACE and _overlaps(watch.source, dest):
                     problems.append(f"{where}.source: overlaps its own {key} destination {dest}; "
                                     "a destination must lie outside the source")
             for j, other in enumerate(self.watches[:i]):

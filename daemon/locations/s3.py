@@ -94,8 +94,12 @@ class _OpenedObject:
         copy = None if by_engine else self._held.enter_context(where.private_copy(self._size))
         obj = S3Object(where.where.bucket, where.key(rel_path), etag, version_id,
                        where.presign(rel_path, version_id) if by_engine else "")
-        with contextlib.closing(where.get(rel_path, etag, version_id)) as body:
+        answer = where.get_answer(rel_path, etag, version_id)
+        with contextlib.closing(answer["Body"]) as body:
             sha256, size = copy_hashing(body, None if copy is None else copy.fileno())
+        # The version these bytes are (a listing names none): what an in-place tag is put on.
+        served = answer.get("VersionId")
+        version_id = version_id or (None if served in (None, "", "null") else str(served))
         self._facts["version_id"], self._facts["size"] = version_id, size
         return Content(None if copy is None else copy.fileno(), sha256, size, obj)
 
@@ -180,18 +184,23 @@ class S3Location:
     def name(self, rel_path: str) -> str:
         return str(self.where) + rel_path
 
+    @property
+    def client(self) -> Any:
+        """The boto3 client (daemon/locations/inplace.py tags objects through it)."""
+        return self._client
+
     def key(self, rel_path: str) -> str:
         """The object key of `rel_path`."""
         return self.where.key(rel_path)
 
-    def _call(self, what: str, method: str, **kwargs: Any) -> Any:
+    def call(self, what: str, method: str, **kwargs: Any) -> Any:
         """One S3 call on this bucket, through the error boundary."""
         with s3_boundary(f"{what} s3://{self.where.bucket}/{kwargs.get('Key', self.where.prefix)}"):
             return getattr(self._client, method)(Bucket=self.where.bucket, **kwargs)
 
     def _exists(self, key: str, **conditions: Any) -> bool:
         try:
-            self._call("HEAD", "head_object", Key=key, **conditions)
+            self.call("HEAD", "head_object", Key=key, **conditions)
         except (FileNotFoundError, S3ConditionError):
             return False
         return True
@@ -214,7 +223,7 @@ class S3Location:
     def remove(self, req: MoveRequest) -> None:
         with contextlib.suppress(FileNotFoundError, S3ConditionError):
             # Gone, or replaced by a new upload meanwhile: that one is a new arrival.
-            self._call("DELETE", "delete_object", Key=self.key(req.rel_path), **self._version(req))
+            self.call("DELETE", "delete_object", Key=self.key(req.rel_path), **self._version(req))
 
     def holds(self, req: MoveRequest) -> bool:
         return {"Key": "scanwatch-file", "Value": req.marker} in self._tags(req.dest_rel)
@@ -222,7 +231,7 @@ class S3Location:
     def _tags(self, rel_path: str) -> list[dict[str, str]]:
         """The TagSet of `rel_path`; [] if there is no such object."""
         try:
-            answer = self._call("GET tagging", "get_object_tagging", Key=self.key(rel_path))
+            answer = self.call("GET tagging", "get_object_tagging", Key=self.key(rel_path))
         except FileNotFoundError:
             return []
         return list(answer.get("TagSet", []))
@@ -250,16 +259,20 @@ class S3Location:
 
     def get(self, rel_path: str, etag: str | None, version_id: str | None) -> Any:
         """The streaming body of that version; ChangedError/FileNotFoundError if it is not there."""
+        return self.get_answer(rel_path, etag, version_id)["Body"]
+
+    def get_answer(self, rel_path: str, etag: str | None, version_id: str | None) -> dict[str, Any]:
+        """GetObject of that version (its `Body` and `VersionId`), as `get`."""
         conditions = {"VersionId": version_id} if version_id else {"IfMatch": etag} if etag else {}
         try:
-            return self._call("GET", "get_object", Key=self.key(rel_path), **conditions)["Body"]
+            return dict(self.call("GET", "get_object", Key=self.key(rel_path), **conditions))
         except S3ConditionError as exc:
             raise ChangedError(f"{self.name(rel_path)} was replaced since it was listed") from exc
 
     def head(self, rel_path: str) -> dict[str, Any] | None:
         """HeadObject of `rel_path`, or None if there is no such object."""
         try:
-            return dict(self._call("HEAD", "head_object", Key=self.key(rel_path)))
+            return dict(self.call("HEAD", "head_object", Key=self.key(rel_path)))
         except FileNotFoundError:
             return None
 
@@ -336,21 +349,21 @@ class S3Location:
                 MultipartUpload={"Parts": parts})
         except BaseException:
             with contextlib.suppress(LocationError, OSError):
-                self._call("ABORT", "abort_multipart_upload", Key=key, UploadId=upload_id)
+                self.call("ABORT", "abort_multipart_upload", Key=key, UploadId=upload_id)
             raise
 
     def write_sidecar(self, rel_path: str, facts: Mapping[str, object]) -> None:
-        self._call("PUT", "put_object", Key=self.key(rel_path) + SIDECAR_SUFFIX, Body=json_bytes(facts),
+        self.call("PUT", "put_object", Key=self.key(rel_path) + SIDECAR_SUFFIX, Body=json_bytes(facts),
                    ContentType="application/json")
 
     def read_sidecar(self, rel_path: str) -> Any:
-        body = self._call("GET", "get_object", Key=self.key(rel_path) + SIDECAR_SUFFIX)["Body"]
+        body = self.call("GET", "get_object", Key=self.key(rel_path) + SIDECAR_SUFFIX)["Body"]
         with contextlib.closing(body):
             return json.loads(body.read(1 << 20))
 
     def delete(self, rel_path: str) -> None:
         for key in (self.key(rel_path), self.key(rel_path) + SIDECAR_SUFFIX):
-            self._call("DELETE", "delete_object", Key=key)
+            self.call("DELETE", "delete_object", Key=key)
 
 
 class _Body:

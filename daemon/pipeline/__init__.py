@@ -77,7 +77,7 @@ class Pipeline:
         """Start `concurrency` workers per engine that has watches."""
         self.scanner.start()
         for name, engine_cfg in self.config.engines.items():
-            watches = [w.name for w in self.config.watches if w.engine == name]
+            watches = [w.name for w in self.config.watches if name in w.engines]
             if not watches:
                 continue
             for i in range(engine_cfg.concurrency):
@@ -191,12 +191,15 @@ class Pipeline:
                     logger = log.error
                 logger(outcome.event, **{**self._context(row), **outcome.fields})
             if self._on_outcome and outcome.changes:
-                self._on_outcome(row, self.config.watch(row.watch).engine, outcome)
+                self._on_outcome(row, self.config.watch(row.watch).engine_label, outcome)
+            if self._on_outcome:
+                for engine, step in outcome.engine_events:  # several engines: each one's metrics
+                    self._on_outcome(row, engine, step)
 
     def _context(self, row: FileRow) -> dict[str, Any]:
         """The per-file fields every event of the row carries."""
         return {"watch": row.watch, "rel_path": row.rel_path, "file_id": row.id,
-                "engine": self.config.watch(row.watch).engine, "ref_id": row.ref_id}
+                "engine": self.config.watch(row.watch).engine_label, "ref_id": row.ref_id}
 
 
 def uses_s3(watch: WatchConfig) -> bool:

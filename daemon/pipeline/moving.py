@@ -10,12 +10,13 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from daemon.config import Config, WatchConfig
-from daemon.errors import ChangedError, LocationError, S3UnavailableError, UnsafePathError
-from daemon.facts import outcome_facts
+from daemon.config import IN_PLACE, Config, WatchConfig
+from daemon.errors import ChangedError, LocationError, S3UnavailableError, TooManyTagsError, UnsafePathError
+from daemon.facts import iso, outcome_facts
 from daemon.faults import pause
 from daemon.journal import FileRow, Journal, RowChanges
-from daemon.locations import Destination, Locations, MoveRequest, Source, transfer
+from daemon.locations import Destination, Locations, MoveRequest, S3Location, Source, transfer
+from daemon.locations.inplace import tag_in_place, verdict_tags
 from daemon.model import FileState, Reason, Verdict, VerdictKind
 from daemon.pipeline.outcome import Outcome, Outcomes
 from daemon.s3 import flat_name
@@ -46,6 +47,9 @@ class Mover:
         rel_path = flat_name(row.rel_path) if is_flat else row.rel_path
         watch = self.config.watch(row.watch)
         root = watch.destinations[DESTINATION_FOR[verdict]]
+        if root == IN_PLACE:  # the object stays at its key: no name to choose, none to escape
+            return Outcome({**changes, "destination": locations(watch.source, watch).name(row.rel_path),
+                            "dest_root": IN_PLACE, "dest_rel": row.rel_path})
         try:
             dest = locations(root, watch)
             dest_rel = dest.plan(rel_path)
@@ -73,6 +77,8 @@ class Mover:
         pause("move.start")
         watch = self.config.watch(row.watch)
         source = locations(watch.source, watch)
+        if row.dest_root == IN_PLACE and isinstance(source, S3Location):
+            return self._in_place(row, watch, source, locations)
         try:
             identity = row.identity or (source.identity_now(row.rel_path) if row.etag is None else None)
         except FileNotFoundError:
@@ -106,6 +112,36 @@ class Mover:
                 # The file is in place: stay `moving`, so the retry finishes this move.
                 return self.outcomes.move_failed(row, exc, {"state": FileState.MOVING})
         return self.outcomes.placed(row, destination, verdict)
+
+    def _in_place(self, row: FileRow, watch: WatchConfig, source: S3Location,
+                  locations: Locations) -> Outcome:
+        """Tag exactly the scanned version where it is (docs/contract.md, "S3 in place")."""
+        verdict = VerdictKind(str(row.verdict))
+        threat = row.threats[0] if verdict is VerdictKind.INFECTED and row.threats else None
+        tags = verdict_tags(verdict.value, row.reason, iso(row.scanned_at) or "", threat)
+        try:
+            etag = tag_in_place(source, row.rel_path, row.etag, row.version_id, tags)
+        except ChangedError as exc:
+            return self.outcomes.changed(str(exc), settles=source.settles)
+        except FileNotFoundError:
+            return self.outcomes.gone()
+        except TooManyTagsError as exc:
+            if watch.failed == IN_PLACE:  # nowhere else to put it: reported and held
+                return self.outcomes.held(Reason.TOO_MANY_TAGS, str(exc))
+            failed = Verdict.failed(Reason.TOO_MANY_TAGS, raw={"error": str(exc)},
+                                    threats=tuple(row.threats or ()))
+            # Planned and journaled now; the next claim moves it there (`moving`).
+            replanned = self.plan(row, {**self.outcomes.verdict(row, failed), "owner": None}, locations)
+            return Outcome(replanned.changes, "scan.verdict", {"verdict": VerdictKind.FAILED.value,
+                                                               "reason": Reason.TOO_MANY_TAGS.value})
+        except S3UnavailableError as exc:
+            return self.outcomes.move_failed(row, exc, attempts=row.move_attempts)
+        except (OSError, LocationError) as exc:
+            return self.outcomes.move_failed(row, exc)
+        placed = self.outcomes.placed(row, source.name(row.rel_path), verdict)
+        # A self-copy may give the object a new ETag: the journal knows it as the one judged.
+        changes: RowChanges = {**placed.changes, "etag": etag} if etag else placed.changes
+        return Outcome(changes, placed.event, placed.fields)
 
     def _planned(self, row: FileRow, watch: WatchConfig, locations: Locations, verdict: VerdictKind
                  ) -> tuple[Destination, str]:

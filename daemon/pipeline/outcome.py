@@ -25,6 +25,8 @@ class Outcome:
     changes: RowChanges
     event: str | None = None
     fields: Mapping[str, Any] = field(default_factory=dict)
+    # Several engines on one watch: what each engine's call came to (for its metrics).
+    engine_events: tuple[tuple[str, Outcome], ...] = ()
 
     @property
     def state(self) -> FileState | None:

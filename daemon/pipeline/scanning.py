@@ -18,7 +18,7 @@ from typing import Any
 import structlog
 from pydantic import SecretStr
 
-from daemon.config import Config, WatchConfig
+from daemon.config import IN_PLACE, Config, WatchConfig
 from daemon.engines.base import Engine, ScanHandle, ScanRequest
 from daemon.errors import (
     ChangedError,
@@ -34,6 +34,7 @@ from daemon.journal import FileRow, Journal, RowChanges
 from daemon.locations import Listed, Locations, Opened
 from daemon.model import Pending, Reason, Verdict
 from daemon.pipeline.moving import Mover
+from daemon.pipeline.multi import MultiScanner
 from daemon.pipeline.outcome import Outcome, Outcomes
 from daemon.refid import build_ref_id
 
@@ -56,6 +57,8 @@ class Scanner:
         self.outcomes = outcomes
         self.clock = outcomes.clock
         self._engine_down: dict[str, bool] = {}
+        self.multi = MultiScanner(config, journal, lambda: self.engines, mover, outcomes,
+                                  self._set_engine_health)
 
     def start(self) -> None:
         """Take the engines' health as the journal has it (the start-up probe's view)."""
@@ -65,14 +68,13 @@ class Scanner:
     def scan(self, row: FileRow, locations: Locations) -> Outcome:
         """One scanning step of `row`: what happened, as a journal change and an event."""
         watch = self.config.watch(row.watch)
-        engine = self.engines[watch.engine]
         source = locations(watch.source, watch)
         for root in watch.destinations.values():
-            if (why := locations(root, watch).refuses(row.rel_path)) is not None:
+            if root != IN_PLACE and (why := locations(root, watch).refuses(row.rel_path)) is not None:
                 return self.mover.fail(row, Reason.UNSAFE_KEY, why, locations)
         try:
             with source.open_for_scan(Listed(row.rel_path, row.etag, row.version_id, row.size)) as opened:
-                return self._scan_opened(row, watch, engine, opened, locations)
+                return self._scan_opened(row, watch, opened, locations)
         except FileNotFoundError:
             return self.outcomes.gone()
         except UnsafePathError as exc:
@@ -86,10 +88,16 @@ class Scanner:
                 return self.mover.fail(row, Reason.UNREADABLE, str(exc), locations)
             raise
 
-    def _scan_opened(self, row: FileRow, watch: WatchConfig, engine: Engine, opened: Opened,
+    def _scan_opened(self, row: FileRow, watch: WatchConfig, opened: Opened,
                      locations: Locations) -> Outcome:
         if detail := opened.changed_from(row.identity):
             return self.outcomes.changed(detail, settles=True)
+        if len(watch.engines) > 1:
+            try:
+                return self.multi.scan(row, watch, opened, _secret(watch.archivepwd), locations)
+            except OSError as exc:
+                return self.mover.fail(row, Reason.UNREADABLE, str(exc), locations)
+        engine = self.engines[watch.engines[0]]
         # A submitted scan is followed on what identifies the version alone: the bytes are
         # read again only to be submitted again, and the mover verifies a clean file's hash.
         followed = self._follow(row, engine, opened, locations)
@@ -158,7 +166,7 @@ class Scanner:
     def _call(self, row: FileRow, engine: Engine, ask: Callable[[], Verdict | Pending]
               ) -> Verdict | Pending | Outcome:
         """The engine's answer, or what its error means for the row (retry, wait, failed)."""
-        engine_cfg = self.config.engines[self.config.watch(row.watch).engine]
+        engine_cfg = self.config.engines[self.config.watch(row.watch).engines[0]]
         try:
             answer = ask()
             self._set_engine_health(engine.name, None)
@@ -193,7 +201,7 @@ class Scanner:
         changes: RowChanges = {**self.outcomes.verdict(row, answer), **facts, "sha256": sha256,
                                # A re-submission (`<id>.2`) is the ID the engine knows the verdict by.
                                "ref_id": str(answer.raw.get("external_reference_id", ref_id)),
-                               "engine": self.config.watch(row.watch).engine}
+                               "engine": self.config.watch(row.watch).engine_label}
         planned = self.mover.plan(row, changes, locations)
         return Outcome(planned.changes, planned.event or "scan.verdict", {
             "verdict": answer.kind.value, "threats": list(answer.threats), "reason": answer.reason,

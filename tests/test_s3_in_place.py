@@ -1,0 +1,152 @@
+"""S3 objects judged in place (tags on exactly the scanned version), on a real SeaweedFS."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import EICAR
+from fakes import FakeEngine
+from realservers import S3Server
+from test_s3 import S3Harness, s3_env  # noqa: F401  (a fixture)
+
+from daemon.config import Config, YaraEngineConfig
+from daemon.engines.base import Engine, ScanRequest
+from daemon.engines.yara import YaraEngine
+from daemon.journal import Journal, owner_token
+from daemon.model import FileState, Verdict, VerdictKind
+from daemon.pipeline import Pipeline
+
+IN_PLACE = {"clean": "in_place", "quarantine": "in_place"}
+
+
+@pytest.fixture
+def harness(s3_server: S3Server, s3_bucket: str, tmp_path: Path, s3_env: dict[str, str]  # noqa: F811
+            ) -> Callable[..., S3Harness]:
+    def make(engine: Engine | None = None, **kw: Any) -> S3Harness:
+        yara = YaraEngine("default", YaraEngineConfig(type="yara"))
+        return S3Harness(s3_server, s3_bucket, tmp_path, engine or yara, **kw)
+    return make
+
+
+def _tags(h: S3Harness, key: str, version_id: str | None = None) -> dict[str, str]:
+    pinned = {"VersionId": version_id} if version_id else {}
+    tag_set = h.client.get_object_tagging(Bucket=h.bucket, Key=key, **pinned)["TagSet"]
+    return {t["Key"]: t["Value"] for t in tag_set}
+
+
+def _swap_during_scan(h: S3Harness, data: bytes) -> FakeEngine:
+    """An engine that replaces the object while it scans the old bytes (and calls them clean)."""
+    replaced = threading.Event()
+
+    def swap(request: ScanRequest) -> Verdict:
+        if not replaced.is_set():
+            replaced.set()
+            h.put("in/a.txt", data)
+        return Verdict(VerdictKind.CLEAN)
+
+    return FakeEngine(script=[swap])
+
+
+def test_in_place_needs_an_s3_source(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    raw = {"state_dir": str(tmp_path / "state"), "engines": {"d": {"type": "yara"}},
+           "watches": [{"name": "w", "source": str(tmp_path / "in"), "engine": "d",
+                        "clean": "in_place", "quarantine": str(tmp_path / "q"),
+                        "failed": str(tmp_path / "f")}]}
+    with pytest.raises(Exception, match="clean: in_place needs an s3:// source"):
+        Config.model_validate(raw)
+
+
+def test_tags_on_the_object_where_it_is_never_rescanned_and_new_bytes_are_new(
+        harness: Callable[..., S3Harness]) -> None:
+    h = harness(FakeEngine(), **IN_PLACE)
+    h.client.put_object(Bucket=h.bucket, Key="in/a.txt", Body=b"hello", Tagging="owner=alice")
+    h.put("in/e.com", EICAR)
+    h.step()
+    clean, infected = _tags(h, "in/a.txt"), _tags(h, "in/e.com")
+    assert clean["scanwatch-verdict"] == "clean" and clean["scanwatch-reason"] == ""
+    assert clean["owner"] == "alice"  # the object's own tags are kept
+    assert clean["scanwatch-scanned-at"].endswith("Z")
+    assert infected["scanwatch-verdict"] == "infected"
+    assert infected["scanwatch-threat"] == "Eicar-Test-Signature"
+    assert h.keys("") == ["in/a.txt", "in/e.com"]  # nothing moved, no sidecar written
+    assert {r.state for r in h.rows()} == {FileState.DONE}
+    assert h.watcher.poll_once() == 0
+    # A restart: a new journal handle and pipeline see the same objects as judged.
+    h.journal = Journal(h.tmp_path / "state" / "journal.sqlite3")
+    h.pipeline = Pipeline(h.config, h.journal, {"default": FakeEngine()}, owner=owner_token())
+    assert h.watcher.poll_once() == 0
+    h.put("in/a.txt", EICAR)  # new bytes at the key: a new arrival
+    assert h.watcher.poll_once() == 1
+    h.step()
+    assert _tags(h, "in/a.txt")["scanwatch-verdict"] == "infected"
+
+
+def test_unversioned_object_replaced_before_its_tagging_is_never_tagged_clean(
+        harness: Callable[..., S3Harness]) -> None:
+    h = harness(**IN_PLACE)
+    engine = _swap_during_scan(h, EICAR)
+    h.pipeline.engines = {"default": engine}
+    h.put("in/a.txt", b"harmless")
+    h.step()
+    h.step()
+    assert _tags(h, "in/a.txt")["scanwatch-verdict"] == "infected"
+    assert len(engine.calls) == 2  # the self-copy was conditional on the scanned ETag: refused
+
+
+def test_versioned_object_replaced_before_its_tagging_tags_only_the_scanned_version(
+        harness: Callable[..., S3Harness]) -> None:
+    h = harness(**IN_PLACE)
+    h.client.put_bucket_versioning(Bucket=h.bucket, VersioningConfiguration={"Status": "Enabled"})
+    engine = _swap_during_scan(h, EICAR)
+    h.pipeline.engines = {"default": engine}
+    first = h.client.put_object(Bucket=h.bucket, Key="in/a.txt", Body=b"harmless")["VersionId"]
+    h.step()
+    assert _tags(h, "in/a.txt", first)["scanwatch-verdict"] == "clean"  # the bytes scanned
+    assert _tags(h, "in/a.txt").get("scanwatch-verdict") != "clean"  # never the replacement
+    h.step()  # the new version is a new arrival
+    assert _tags(h, "in/a.txt")["scanwatch-verdict"] == "infected"
+    assert _tags(h, "in/a.txt", first)["scanwatch-verdict"] == "clean"
+
+
+def test_ten_tags_of_its_own_send_the_object_to_failed(harness: Callable[..., S3Harness]) -> None:
+    h = harness(FakeEngine(), **IN_PLACE)
+    own = "&".join(f"t{i}={i}" for i in range(10))
+    h.client.put_object(Bucket=h.bucket, Key="in/a.txt", Body=b"hello", Tagging=own)
+    h.step()
+    h.step()
+    assert h.keys("failed/") == ["a.txt"]
+    assert h.rows()[0].reason == "too_many_tags"
+
+
+def test_ten_tags_and_failed_in_place_too_holds_the_object(harness: Callable[..., S3Harness]) -> None:
+    h = harness(FakeEngine(), **IN_PLACE, failed="in_place")
+    own = "&".join(f"t{i}={i}" for i in range(10))
+    h.client.put_object(Bucket=h.bucket, Key="in/a.txt", Body=b"hello", Tagging=own)
+    h.step()
+    [row] = h.rows()
+    assert (row.state, row.reason) == (FileState.HELD, "too_many_tags")
+    assert "scanwatch-verdict" not in _tags(h, "in/a.txt")
+    assert h.watcher.poll_once() == 0
+
+
+def test_a_multipart_object_keeps_being_known_after_its_self_copy(
+        harness: Callable[..., S3Harness]) -> None:
+    h = harness(FakeEngine(), **IN_PLACE)
+    data = os.urandom(5 * 2**20 + 1)
+    upload = h.client.create_multipart_upload(Bucket=h.bucket, Key="in/big.bin")["UploadId"]
+    parts = [h.client.upload_part(Bucket=h.bucket, Key="in/big.bin", UploadId=upload, PartNumber=n,
+                                  Body=chunk)["ETag"]
+             for n, chunk in ((1, data[:5 * 2**20]), (2, data[5 * 2**20:]))]
+    h.client.complete_multipart_upload(Bucket=h.bucket, Key="in/big.bin", UploadId=upload, MultipartUpload={
+        "Parts": [{"PartNumber": n, "ETag": etag} for n, etag in enumerate(parts, 1)]})
+    h.step()
+    head: dict[str, Any] = h.client.head_object(Bucket=h.bucket, Key="in/big.bin")
+    assert h.rows()[0].etag == head["ETag"]  # the ETag after the self-copy is the one journaled
+    assert _tags(h, "in/big.bin")["scanwatch-verdict"] == "clean"
+    assert h.watcher.poll_once() == 0
