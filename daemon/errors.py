@@ -3,6 +3,7 @@
     ScanwatchError
     ├── ConfigError                  the YAML is invalid (carries one line per problem)
     ├── JournalError                 SQLite could not be opened or written
+    │   └── JournalDamagedError      the journal file is corrupt or lost its WAL: rebuild it
     ├── LocationError                a move, copy or sidecar write failed (retried)
     │   └── UnsafePathError          a path component is a symlink or escapes its root
     └── EngineError                  an engine gave no verdict
@@ -24,6 +25,7 @@ __all__ = [
     "EnginePermanentError",
     "EngineRetryableError",
     "EngineUnavailableError",
+    "JournalDamagedError",
     "JournalError",
     "LocationError",
     "ScanwatchError",
@@ -46,6 +48,10 @@ class ConfigError(ScanwatchError):
 
 class JournalError(ScanwatchError):
     """The journal could not be opened or written."""
+
+
+class JournalDamagedError(JournalError):
+    """The journal is corrupt, unreadable or lost committed history; see docs/operations.md."""
 
 
 class LocationError(ScanwatchError):
