@@ -10,10 +10,11 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import EICAR, ROOT, Daemon, Layout, wait_until
+from conftest import EICAR, ROOT, Daemon, Layout
 from test_sdnotify import Listener, listener  # noqa: F401  (a fixture)
 
 from daemon.config import load_config
@@ -108,12 +109,37 @@ def test_rebuild_restores_quarantine_and_lets_the_sources_be_scanned(layout: Lay
     assert status["watches"]["inbox"]["outcomes"] == {"clean": 2, "infected": 1}
     daemon = daemon_factory(config)
     daemon.wait_for(lambda: len(daemon.named("file.moved")) >= 2, what="waiting files moved")
+    refused = _cli(config, "journal", "rebuild")  # never under a running daemon
+    assert refused.returncode == 1 and "stop it first" in _one_line(refused.stderr)
     assert daemon.stop() == 0
     assert layout.placed("clean") == ["new.txt", "ok.txt", "sub/f.txt"]
     assert layout.placed("quarantine") == ["e.com", "e2.com"]
     released = _cli(config, "quarantine", "release", str(row["id"]), "--reason", "test", "--force")
     assert released.returncode == 0, released.stderr
     assert (layout.clean / "e.com").exists()
+
+
+@contextmanager
+def _draining(notify: Listener) -> Iterator[None]:
+    """Read the notify socket all along: a full datagram queue would block the daemon's sends."""
+    done = threading.Event()
+
+    def drain() -> None:
+        while not done.is_set():
+            notify.drain()
+
+    drainer = threading.Thread(target=drain, daemon=True)
+    drainer.start()
+    try:
+        yield
+    finally:
+        done.set()
+        drainer.join(5)
+
+
+def _watchdog_after_stopping(messages: list[str]) -> bool:
+    stopping = [m.startswith("STOPPING=1") for m in messages].index(True)
+    return "WATCHDOG=1" in messages[stopping:]
 
 
 def _chattr(path: Path, flag: str) -> bool:
@@ -152,21 +178,22 @@ def test_corruption_while_running_stops_the_daemon(layout: Layout, daemon_factor
     daemon.wait_started()
     listener.wait_for("WATCHDOG=1")
     page = 4096
-    with open(path, "r+b") as f:  # every page but the first (the schema) becomes garbage
-        f.seek(page)
-        f.write(os.urandom(path.stat().st_size - page))
-        f.flush()
-        os.fsync(f.fileno())
-    for i in range(5):
-        (layout.inbox / f"n{i}.txt").write_bytes(b"new %d" % i)
-    assert daemon.proc.wait(60) != 0
+    with _draining(listener):
+        with open(path, "r+b") as f:  # every page but the first (the schema) becomes garbage
+            f.seek(page)
+            f.write(os.urandom(path.stat().st_size - page))
+            f.flush()
+            os.fsync(f.fileno())
+        for i in range(5):
+            (layout.inbox / f"n{i}.txt").write_bytes(b"new %d" % i)
+        assert daemon.proc.wait(60) != 0
     daemon.stop()
     line = _one_line(daemon.stderr)
     assert "damaged" in line and "journal rebuild" in line, line
     assert daemon.named("daemon.failed")
-    listener.wait_for("STOPPING=1\nSTATUS=failed:")
-    assert not [m for m in listener.drain()[listener.messages.index(
-        next(m for m in listener.messages if m.startswith("STOPPING=1"))):] if m == "WATCHDOG=1"]
+    listener.drain()
+    assert any(m.startswith("STOPPING=1\nSTATUS=failed: the journal") for m in listener.messages)
+    assert not _watchdog_after_stopping(listener.messages)
 
 
 def test_wal_removed_after_a_kill_refuses_to_start(layout: Layout, daemon_factory) -> None:
@@ -204,14 +231,20 @@ def test_a_thread_that_dies_stops_the_daemon_and_its_watchdog(layout: Layout,
         listener.wait_for("WATCHDOG=1")
         raise RuntimeError("injected")
 
+    # A daemon that went on regardless would run for ever: SIGTERM it after a deadline.
+    deadline = threading.Timer(30, os.kill, (os.getpid(), signal.SIGTERM))
     try:
-        threading.Thread(target=die, name="watch-inbox", daemon=True).start()
-        with pytest.raises(ScanwatchError, match="thread watch-inbox died: RuntimeError: injected"):
-            service.run()
+        with _draining(listener):
+            threading.Thread(target=die, name="watch-inbox", daemon=True).start()
+            deadline.start()
+            with pytest.raises(ScanwatchError, match="thread watch-inbox died: RuntimeError: injected"):
+                service.run()
     finally:
+        deadline.cancel()
         threading.excepthook = hook
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
-    wait_until(lambda: any(m.startswith("STOPPING=1\nSTATUS=failed") for m in listener.drain()))
-    after = listener.messages[[m.startswith("STOPPING=1") for m in listener.messages].index(True):]
-    assert "WATCHDOG=1" not in after
+    listener.drain()
+    assert any(m.startswith("STOPPING=1\nSTATUS=failed: thread watch-inbox died")
+               for m in listener.messages)
+    assert not _watchdog_after_stopping(listener.messages)
