@@ -1,4 +1,4 @@
-"""The `scanwatch` command line: run, check-config, scan, status, quarantine.
+"""The `scanwatch` command line: run, check-config, scan, status, quarantine, journal.
 
 docs/contract.md#command-line is what it promises.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sqlite3
 import sys
 from collections.abc import Sequence
 from datetime import datetime
@@ -16,9 +17,9 @@ from typing import Any
 from daemon import __version__
 from daemon.config import Config, find_config, load_config
 from daemon.engines import build_engines
-from daemon.errors import ConfigError, ScanwatchError
+from daemon.errors import ConfigError, JournalDamagedError, JournalError, ScanwatchError
 from daemon.fsutil import printable
-from daemon.journal import open_journal
+from daemon.journal import is_damage, open_journal
 from daemon.log import configure_logging
 from daemon.model import VerdictKind
 
@@ -26,6 +27,7 @@ __all__ = ["main"]
 
 EXIT_OK, EXIT_INFECTED, EXIT_USAGE, EXIT_FAILED = 0, 1, 2, 3
 _SURROGATE = re.compile("[\udc80-\udcff]")
+EXIT_JOURNAL = 1  # the journal or state_dir cannot be used (docs/operations.md)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -62,6 +64,11 @@ def _parser() -> argparse.ArgumentParser:
     qdelete = qsub.add_parser("delete", parents=[common])
     qdelete.add_argument("id", type=int)
     qdelete.add_argument("--reason", required=True, help="why (kept in the audit trail)")
+    journal = sub.add_parser("journal", help="check the journal, or rebuild it from the destinations")
+    jsub = journal.add_subparsers(dest="action", required=True)
+    jsub.add_parser("check", parents=[common], help="exit 0 when sound, 1 when damaged")
+    jsub.add_parser("rebuild", parents=[common],
+                    help="move the journal aside; rebuild history from clean/quarantine/failed")
     return parser
 
 
@@ -78,6 +85,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return EXIT_USAGE
+    except JournalDamagedError as exc:
+        print(f"scanwatch: {exc}; {_REBUILD_HINT.format(config_path)}", file=sys.stderr)
+        return EXIT_JOURNAL
+    except JournalError as exc:
+        print(f"scanwatch: {exc}", file=sys.stderr)
+        return EXIT_JOURNAL
+    except sqlite3.DatabaseError as exc:
+        if not is_damage(exc):
+            raise
+        print(f"scanwatch: the journal in {config.state_dir} is damaged: {exc}; "
+              f"{_REBUILD_HINT.format(config_path)}", file=sys.stderr)
+        return EXIT_JOURNAL
     except (ScanwatchError, KeyError) as exc:
         print(f"scanwatch: {exc.args[0] if exc.args else exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -181,10 +200,33 @@ def _json(value: Any, indent: int | None = None) -> str:
     is written as that escape, `\\udcff`, so the output stays UTF-8 (README.md, "What happens to a file")."""
     text = json.dumps(value, indent=indent, ensure_ascii=False)
     return _SURROGATE.sub(lambda m: f"\\u{ord(m[0]):04x}", text)
+_REBUILD_HINT = ("stop the daemon and run `scanwatch journal rebuild --config {}` "
+                 "(docs/operations.md, \"When things go wrong\")")
+
+
+def _journal(args: argparse.Namespace, config_path: str, config: Config) -> int:
+    from daemon import journal_repair
+
+    if args.action == "check":
+        problem = journal_repair.check(config.state_dir)
+        if problem:
+            print(f"scanwatch: {problem}; {_REBUILD_HINT.format(config_path)}")
+            return EXIT_JOURNAL
+        print(f"{config.state_dir / 'journal.sqlite3'}: ok")
+        return EXIT_OK
+    done = journal_repair.rebuild(config)
+    for path in done.aside:
+        print(f"moved aside: {path}")
+    for where, count in done.rows.items():
+        print(f"{where}: {count} files")
+    for url in done.skipped:
+        print(f"not rebuilt (S3): {url}")
+    print(f"{done.journal}: rebuilt; files still in the sources are scanned when the daemon starts")
+    return EXIT_OK
 
 
 _COMMANDS = {"run": _run, "check-config": _check_config, "scan": _scan, "status": _status,
-             "quarantine": _quarantine}
+             "quarantine": _quarantine, "journal": _journal}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -5,6 +5,7 @@
     ├── ListenError                  a listen address from the config cannot be bound
     ├── WebhookRejectedError         a webhook delivery is refused (answered, logged, never journaled)
     ├── JournalError                 SQLite could not be opened or written
+    │   └── JournalDamagedError      the journal file is corrupt or lost its WAL: rebuild it
     ├── QuarantineError              a quarantine command cannot be carried out
     ├── QueueUnavailableError        SQS refused or could not answer a call
     ├── MalformedMessageError        an SQS message is not an event we can read (left for redrive)
@@ -36,6 +37,7 @@ __all__ = [
     "EngineResubmitError",
     "EngineRetryableError",
     "EngineUnavailableError",
+    "JournalDamagedError",
     "JournalError",
     "ListenError",
     "LocationError",
@@ -82,6 +84,10 @@ class WebhookRejectedError(ScanwatchError):
 
 class JournalError(ScanwatchError):
     """The journal could not be opened or written."""
+
+
+class JournalDamagedError(JournalError):
+    """The journal is corrupt, unreadable or lost committed history; see docs/operations.md."""
 
 
 class LocationError(ScanwatchError):

@@ -16,17 +16,18 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from daemon.errors import JournalError
+from daemon.errors import JournalDamagedError, JournalError
 from daemon.fsutil import Identity
 from daemon.model import ACTIVE_STATES, FileState, RowChanges, ScanChanges, ScanRecord, VerdictKind
 
-__all__ = ["AuditRow", "FileRow", "Journal", "RowChanges", "RowOrder", "open_journal", "owner_token"]
+__all__ = ["AuditRow", "FileRow", "Journal", "RowChanges", "RowOrder", "is_damage", "open_journal",
+           "owner_token", "state_dir_error"]
 
 _SCHEMA = [
     """
@@ -90,6 +91,10 @@ _SCHEMA = [
     CREATE INDEX scans_engine_scan ON scans(engine, engine_scan_id);
     """,
 ]
+
+# Errors that mean the file itself is broken or unreadable, not a busy or full database.
+_DAMAGE_CODES = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_IOERR})
+_QUICK_CHECK_ERRORS = 5
 
 _JSON_COLUMNS = ("threats", "raw_result")
 _PATH_COLUMNS = ("rel_path", "destination", "dest_rel")
@@ -182,9 +187,86 @@ def _start_time(pid: int) -> str:
     return stat.rpartition(")")[2].split()[19]
 
 
+def _is_io_of_dir(path: Path, exc: BaseException) -> bool:
+    """An I/O error creating files beside the journal (a read-only state_dir), not a bad file."""
+    code = getattr(exc, "sqlite_errorcode", 0) or 0
+    return code & 0xFF == sqlite3.SQLITE_IOERR and not os.access(path.parent, os.W_OK)
+
+
 def _is_alive(token: str) -> bool:
     pid, _, start = token.partition(":")
     return pid.isdigit() and _start_time(int(pid)) == start
+
+
+def is_damage(exc: BaseException) -> bool:
+    """Whether an SQLite error means a corrupt or unreadable journal file."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(exc, sqlite3.DatabaseError) and code is not None and code & 0xFF in _DAMAGE_CODES
+
+
+class _Connection(sqlite3.Connection):
+    """A connection whose statements report a damaged file to `on_damage`, from any thread."""
+
+    on_damage: Callable[[sqlite3.DatabaseError], None] | None = None
+
+    def execute(self, *args: Any, **kwargs: Any) -> sqlite3.Cursor:
+        return self.cursor(_Cursor).execute(*args, **kwargs)
+
+
+class _Cursor(sqlite3.Cursor):
+    """Rows are read step by step: a damaged page can surface at any fetch, not only at execute."""
+
+    def _watch(self, exc: sqlite3.DatabaseError) -> None:
+        connection = self.connection
+        if is_damage(exc) and isinstance(connection, _Connection) and connection.on_damage:
+            connection.on_damage(exc)
+
+    def execute(self, *args: Any, **kwargs: Any) -> _Cursor:
+        try:
+            return super().execute(*args, **kwargs)
+        except sqlite3.DatabaseError as exc:
+            self._watch(exc)
+            raise
+
+    def fetchone(self) -> Any:
+        try:
+            return super().fetchone()
+        except sqlite3.DatabaseError as exc:
+            self._watch(exc)
+            raise
+
+    def fetchall(self) -> list[Any]:
+        try:
+            return super().fetchall()
+        except sqlite3.DatabaseError as exc:
+            self._watch(exc)
+            raise
+
+    def __next__(self) -> Any:
+        try:
+            return super().__next__()
+        except sqlite3.DatabaseError as exc:
+            self._watch(exc)
+            raise
+
+
+def _lost_wal(path: Path) -> str | None:
+    """Why the journal lost committed history, if its WAL was removed after an unclean stop.
+
+    SQLite deletes `-wal` and then `-shm` when the last connection closes cleanly; after
+    a crash both stay. A `-shm` without its `-wal` means the WAL, and the transactions
+    not yet copied into the main file, were removed (docs/operations.md: its limits).
+    """
+    if Path(f"{path}-shm").exists() and not Path(f"{path}-wal").exists():
+        return (f"{path.name}-shm is there but {path.name}-wal is missing: the write-ahead log of an "
+                "unclean stop was removed and the history it held is lost")
+    return None
+
+
+def state_dir_error(state_dir: Path, cause: BaseException) -> JournalError:
+    """The one-line error for a state_dir the daemon cannot create or write in."""
+    return JournalError(f"state_dir {state_dir} is not usable ({cause}); make it a writable "
+                        "directory of the user scanwatch runs as (docs/operations.md)")
 
 
 def open_journal(state_dir: Path) -> Journal:
@@ -241,12 +323,17 @@ class Journal:
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._connections: dict[threading.Thread, sqlite3.Connection] = {}
+        self.damage: str | None = None  # set by the first statement, in any thread, that finds it
+        if lost := _lost_wal(self.path):
+            raise JournalDamagedError(f"the journal {self.path} is damaged: {lost}")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
             self._migrate()
-        except (OSError, sqlite3.Error) as exc:
-            raise JournalError(f"cannot open the journal {self.path}: {exc}; "
-                               "check that state_dir exists and is writable") from exc
+        except (OSError, sqlite3.Error, JournalError) as exc:
+            cause = exc.__cause__ if isinstance(exc, JournalError) else exc
+            if cause is not None and is_damage(cause) and not _is_io_of_dir(self.path, cause):
+                raise JournalDamagedError(f"the journal {self.path} is damaged: {cause}") from exc
+            raise state_dir_error(self.path.parent, cause or exc) from exc
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -254,7 +341,8 @@ class Journal:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                                   timeout=30.0)
+                                   timeout=30.0, factory=_Connection)
+            conn.on_damage = self._on_damage
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
@@ -296,6 +384,34 @@ class Journal:
                     if statement.strip():
                         conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {number}")
+
+    def _on_damage(self, exc: sqlite3.DatabaseError) -> None:
+        if self.damage is None:
+            self.damage = str(exc)
+
+    def quick_check(self) -> str | None:
+        """What `PRAGMA quick_check` finds wrong (its first few findings), or None if sound.
+
+        It reads every page once without checking indexes against tables: linear in the
+        file's size (docs/operations.md gives its time on a large journal).
+        """
+        try:
+            rows = self._conn().execute(f"PRAGMA quick_check({_QUICK_CHECK_ERRORS})").fetchall()
+        except sqlite3.DatabaseError as exc:
+            return str(exc)
+        findings = [str(r[0]) for r in rows]
+        return None if findings == ["ok"] else "; ".join(findings)
+
+    def restore(self, rows: Iterable[Mapping[str, object]]) -> int:
+        """Insert finished rows (column → value) rebuilt from elsewhere; returns how many."""
+        count = 0
+        with self._tx() as conn:
+            for row in rows:
+                columns = ", ".join(row)
+                conn.execute(f"INSERT INTO files ({columns}) VALUES ({','.join('?' * len(row))})",
+                             [_to_db(name, value) for name, value in row.items()])
+                count += 1
+        return count
 
     def close(self) -> None:
         """Close every thread's connection."""

@@ -43,5 +43,9 @@ class Notifier:
     def stopping(self) -> bool:
         return self.send("STOPPING=1")
 
+    def failing(self, reason: str) -> bool:
+        """Stopping because of a fault: `systemctl status` shows why until the restart."""
+        return self.send("STOPPING=1", f"STATUS=failed: {reason}")
+
     def extend_timeout(self, seconds: float) -> bool:
         return self.send(f"EXTEND_TIMEOUT_USEC={int(seconds * 1_000_000)}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass
@@ -13,8 +14,9 @@ import structlog
 from daemon.alerts import WebhookAlerts
 from daemon.config import Config, load_config
 from daemon.engines import Engine, build_engines
-from daemon.errors import ConfigError, ScanwatchError
-from daemon.journal import FileRow, open_journal, owner_token
+from daemon.errors import ConfigError, JournalDamagedError, ScanwatchError
+from daemon.journal import FileRow, is_damage, open_journal, owner_token
+from daemon.journal_repair import hold_daemon_lock
 from daemon.metrics import Metrics
 from daemon.pipeline import Outcome, Pipeline, uses_s3
 from daemon.s3 import S3Clients, is_s3
@@ -49,13 +51,17 @@ class Service:
 
     def __init__(self, config_path: str, config: Config) -> None:
         self.config_path = config_path
+        self._lock_fd = hold_daemon_lock(config.state_dir)
         self.journal = open_journal(config.state_dir)
+        if problem := self.journal.quick_check():
+            raise JournalDamagedError(f"the journal {self.journal.path} is damaged: {problem}")
         self.owner = owner_token()
         self.wake = threading.Event()
         self.notifier = Notifier()
         self.metrics = Metrics(self.journal, engines=lambda: self._running.engines)
         self._signals: list[signal.Signals] = []
         self._signalled = threading.Event()
+        self._died: list[str] = []  # threads ended by an exception: the daemon must not go on
         self._running = self._build(config)
 
     def _build(self, config: Config) -> _Running:
@@ -90,11 +96,12 @@ class Service:
         for watcher in running.watchers:
             watcher.start()
 
-    def _stop(self, running: _Running) -> bool:
+    def _stop(self, running: _Running, timeout_s: float | None = None) -> bool:
         running.webhooks.stop()
         for watcher in running.watchers:
             watcher.stop()
-        drained = running.pipeline.stop(running.config.shutdown_timeout)
+        drained = running.pipeline.stop(
+            running.config.shutdown_timeout if timeout_s is None else timeout_s)
         for engine in running.engines.values():
             engine.close()
         if running.alerts is not None:
@@ -115,8 +122,46 @@ class Service:
         self._signals.append(signal.Signals(signum))
         self._signalled.set()
 
+    def _on_thread_death(self, args: threading.ExceptHookArgs) -> None:
+        """A thread ended by an exception: log its traceback (not to stderr), stop the daemon."""
+        name = args.thread.name if args.thread else "?"
+        if args.exc_type is SystemExit:
+            return
+        log.error("thread.died", thread=name, error=str(args.exc_value),
+                  exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+        if args.exc_value is not None and is_damage(args.exc_value):
+            self.journal.damage = self.journal.damage or str(args.exc_value)
+        self._died.append(f"thread {name} died: {args.exc_type.__name__}: {args.exc_value}")
+        self._signalled.set()
+
+    def _fault(self) -> ScanwatchError | None:
+        """Why the daemon cannot go on: a damaged journal, a dead thread."""
+        if self.journal.damage:
+            return JournalDamagedError(f"the journal {self.journal.path} is damaged: "
+                                       f"{self.journal.damage}")
+        if self._died:
+            return ScanwatchError(f"{self._died[0]}; its traceback is in the log")
+        return None
+
     def run(self) -> int:
-        """Run until told to stop; returns the exit code."""
+        """Run until told to stop; returns the exit code.
+
+        Raises `ScanwatchError` when the journal turns out damaged or a thread died: then
+        the watchdog is no longer fed and the process exits non-zero, so systemd acts.
+        """
+        threading.excepthook = self._on_thread_death
+        try:
+            return self._run()
+        except sqlite3.DatabaseError as exc:
+            if not is_damage(exc):
+                raise
+            self.journal.damage = self.journal.damage or str(exc)
+        fault = self._fault()
+        assert fault is not None
+        self._fail(fault)
+        raise fault
+
+    def _run(self) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, self._on_signal)
         reclaimed = self.journal.reclaim()
@@ -138,6 +183,9 @@ class Service:
                     self._reload()
                 else:
                     return self._shutdown(signum)
+            if fault := self._fault():
+                self._fail(fault)
+                raise fault
             if time.monotonic() >= next_reclaim_at:
                 # Rows of a crashed `scan --move` next to us.
                 self.journal.reclaim()
@@ -181,6 +229,16 @@ class Service:
         self._start(fresh)
         log.info("config.reloaded", config=self.config_path)
         self.notifier.ready(self._status())
+
+    def _fail(self, fault: ScanwatchError) -> None:
+        """Stop what still runs, without waiting on a journal that cannot be written."""
+        log.error("daemon.failed", error=str(fault))
+        self.notifier.failing(str(fault))
+        try:
+            self._stop(self._running, timeout_s=min(self._running.config.shutdown_timeout, 5.0))
+        except (ScanwatchError, sqlite3.Error) as exc:
+            log.warning("daemon.stop_incomplete", error=str(exc))
+        self.journal.close()
 
     def _shutdown(self, signum: signal.Signals) -> int:
         log.info("daemon.stopping", signal=signum.name)
