@@ -22,7 +22,8 @@ class Notifier:
             return False
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-                sock.sendto("\n".join(fields).encode(), self._address)
+                # Never wait on a reader that is behind: the main loop sends these every tick.
+                sock.sendto("\n".join(fields).encode(), socket.MSG_DONTWAIT, self._address)
         except OSError:
             return False
         return True

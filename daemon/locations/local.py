@@ -8,7 +8,6 @@ import hashlib
 import io
 import json
 import os
-import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, BinaryIO
@@ -284,7 +283,8 @@ class LocalLocation:
         """Atomically, mode 0600."""
         dir_fd, base = self._dir(rel_path)
         sidecar = _sidecar_name(base)
-        temp = f".scanwatch-sidecar-{os.getpid()}-{threading.get_ident()}.tmp"
+        # Named after the sidecar, so a write cut off by a crash is overwritten by the retry.
+        temp = f".scanwatch-sidecar-{hashlib.sha256(os.fsencode(sidecar)).hexdigest()[:16]}.tmp"
         out = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
                       0o600, dir_fd=dir_fd)
         try:
