@@ -60,6 +60,12 @@ def test_unknown_key_names_its_path(layout: Layout) -> None:
     assert _problems(_write(layout, config)) == ["watches[0].colour: unknown key"]
 
 
+def test_a_clamd_address_that_is_not_host_port_names_its_own_key(layout: Layout) -> None:
+    config = layout.config(engine={"type": "clamav", "address": "no-port"})
+    assert _problems(_write(layout, config)) == [
+        "engines.default.address: expected host:port, e.g. 127.0.0.1:9477"]
+
+
 def test_missing_engine_names_the_watch(layout: Layout) -> None:
     problems = _problems(_write(layout, layout.config(watch={"engine": "nope"})))
     assert problems == ["watches[0].engine: no engine named 'nope' (defined: default)"]

@@ -1,24 +1,26 @@
 """The config: schema (models), units, `${...}` expansion, the loader and the generated example."""
 
+from daemon.config.engines import (
+    ENGINE_MODELS,
+    BlazelockEngineConfig,
+    ClamavEngineConfig,
+    EngineConfig,
+    MetadefenderEngineConfig,
+    PerceptionPointEngineConfig,
+    WebhookConfig,
+    YaraEngineConfig,
+)
 from daemon.config.loader import DEFAULT_CONFIG_PATHS, find_config, format_loc, load_config
 from daemon.config.models import (
     DEFAULT_IGNORE,
-    ENGINE_MODELS,
     IN_PLACE,
-    BlazelockEngineConfig,
-    ClamavEngineConfig,
     Config,
-    EngineConfig,
     EventsConfig,
     LogConfig,
-    MetadefenderEngineConfig,
     MetricsConfig,
     NotifyConfig,
-    PerceptionPointEngineConfig,
     S3Config,
     WatchConfig,
-    WebhookConfig,
-    YaraEngineConfig,
 )
 from daemon.config.units import Duration, HttpUrl, SecretHttpUrl, Size, parse_duration, parse_size
 

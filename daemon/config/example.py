@@ -18,8 +18,9 @@ import yaml
 from pydantic import BaseModel, BeforeValidator
 from pydantic.fields import FieldInfo
 
+from daemon.config.engines import ENGINE_MODELS
 from daemon.config.expansion import join_path
-from daemon.config.models import ENGINE_MODELS, Config, WatchConfig
+from daemon.config.models import Config, WatchConfig
 from daemon.config.units import format_duration, format_size, parse_duration, parse_size
 
 __all__ = ["render_example", "uncommented"]

@@ -10,8 +10,9 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from daemon.config.engines import ENGINE_MODELS
 from daemon.config.expansion import expand_tree, join_path
-from daemon.config.models import ENGINE_MODELS, Config
+from daemon.config.models import Config
 from daemon.errors import ConfigError
 
 __all__ = ["DEFAULT_CONFIG_PATHS", "find_config", "format_loc", "load_config"]
