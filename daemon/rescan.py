@@ -114,11 +114,13 @@ class _Rescanner:
         counts = {o.value: 0 for o in RescanOutcome if o is not RescanOutcome.MOVING}
         for outcome, _, _ in done.values():
             counts[outcome] = counts.get(outcome, 0) + 1
+        # Files done and gone since (moved to quarantine) count as done.
+        count = len(done.keys() - {listed.rel_path for listed in names})
+        total = len(names) + count
         progress = Progress(stream, "rescan.progress", {"watch": self.watch.name, "rescan_id": rescan_id},
-                            len(names))
-        log.info("rescan.started", watch=self.watch.name, rescan_id=rescan_id, files=len(names),
+                            total)
+        log.info("rescan.started", watch=self.watch.name, rescan_id=rescan_id, files=total,
                  resumed=len(done))
-        count = 0
         for listed in names:
             count += 1
             if listed.rel_path not in done:
@@ -128,7 +130,7 @@ class _Rescanner:
             progress.update(count, counts)
         progress.finish(count, counts)
         log.info("rescan.finished", watch=self.watch.name, rescan_id=rescan_id, **counts)
-        return RescanSummary(rescan_id, len(names), counts, self.moved)
+        return RescanSummary(rescan_id, total, counts, self.moved)
 
     # -- listing ------------------------------------------------------------------------------
 
