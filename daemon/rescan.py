@@ -89,7 +89,8 @@ def rescan_clean(config: Config, engines: dict[str, Engine], journal: Journal, w
             journal.rescan_finish(rescan_id, time.time())
             rescan_id, done = journal.rescan(watch.name, time.time())
         summary = rescanner.run(rescan_id, done, stream)
-    journal.rescan_finish(rescan_id, time.time())
+    if not rescanner.unfinished_moves:  # else the next run finishes them, in this rescan
+        journal.rescan_finish(rescan_id, time.time())
     return summary
 
 
@@ -105,6 +106,7 @@ class _Rescanner:
         self.clean = locations(watch.source if watch.clean == IN_PLACE else watch.clean, watch)
         self.quarantine = None if self.in_place else locations(watch.quarantine, watch)
         self.moved: list[Moved] = []
+        self.unfinished_moves = 0  # journaled, cut off by an error that may pass (S3 down...)
 
     def run(self, rescan_id: int, done: dict[str, tuple[str, int | None, Any]], stream: TextIO
             ) -> RescanSummary:
@@ -161,6 +163,9 @@ class _Rescanner:
                 outcome = RescanOutcome.SKIPPED
             else:
                 outcome = self._scan(rescan_id, listed)
+        except _MoveCutOffError as exc:
+            log.error("rescan.failed", watch=self.watch.name, rel_path=rel, error=str(exc.__cause__))
+            return RescanOutcome.FAILED  # the plan stays journaled: the next run finishes the move
         except (OSError, ScanwatchError) as exc:
             log.error("rescan.failed", watch=self.watch.name, rel_path=rel, error=str(exc))
             outcome = RescanOutcome.FAILED
@@ -201,7 +206,7 @@ class _Rescanner:
             plan = self._plan(row, rel, verdict, changes, facts, content.size)
             # The intent first: a crash from here on is finished as planned by the next run.
             self.journal.rescan_record(rescan_id, rel, RescanOutcome.MOVING, row.id, plan)
-            return self.carry_out(rescan_id, rel, row.id, plan)
+            return self._carry_out_or_keep(rescan_id, rel, row.id, plan)
 
     def _row(self, rel: str, path: str, facts: Mapping[str, Any], sha256: str, size: int) -> FileRow:
         """The journal row of the file placed at `path` (one is added for a file placed by hand)."""
@@ -239,11 +244,26 @@ class _Rescanner:
         for rel, (outcome, file_id, plan) in list(done.items()):
             if outcome == RescanOutcome.MOVING and file_id is not None and plan is not None:
                 try:
-                    done[rel] = (self.carry_out(rescan_id, rel, file_id, plan, resumed=True), file_id, None)
+                    outcome = self._carry_out_or_keep(rescan_id, rel, file_id, plan, resumed=True)
+                except _MoveCutOffError as exc:
+                    log.error("rescan.failed", watch=self.watch.name, rel_path=rel, error=str(exc.__cause__))
+                    outcome = RescanOutcome.FAILED
                 except (OSError, ScanwatchError) as exc:
                     log.error("rescan.failed", watch=self.watch.name, rel_path=rel, error=str(exc))
                     self.journal.rescan_record(rescan_id, rel, RescanOutcome.FAILED, file_id)
-                    done[rel] = (RescanOutcome.FAILED, file_id, None)
+                    outcome = RescanOutcome.FAILED
+                done[rel] = (outcome, file_id, None)
+
+    def _carry_out_or_keep(self, rescan_id: int, rel: str, file_id: int, plan: dict[str, Any], *,
+                           resumed: bool = False) -> RescanOutcome:
+        """`carry_out`; a move cut off by an error that may pass keeps its plan (_MoveCutOffError)."""
+        try:
+            return self.carry_out(rescan_id, rel, file_id, plan, resumed=resumed)
+        except (ChangedError, FileNotFoundError):
+            raise  # nothing moved: the file is not the scanned one, or gone
+        except (OSError, ScanwatchError) as exc:
+            self.unfinished_moves += 1
+            raise _MoveCutOffError(rel) from exc
 
     def carry_out(self, rescan_id: int, rel: str, file_id: int, plan: dict[str, Any], *,
                   resumed: bool = False) -> RescanOutcome:
@@ -299,6 +319,10 @@ class _Rescanner:
         found = self.clean.call("GET tagging", "get_object_tagging", Key=self.clean.key(rel))
         have = {t["Key"]: t["Value"] for t in found.get("TagSet", [])}
         return all(have.get(k) == v for k, v in tags.items())
+
+
+class _MoveCutOffError(Exception):
+    """A journaled move failed part-way for a reason that may pass; the next run finishes it."""
 
 
 def _is_ours_to_scan(rel_path: str) -> bool:
