@@ -44,7 +44,11 @@ def _parser() -> argparse.ArgumentParser:
     scan.add_argument("--watch", help="apply this watch's policy")
     scan.add_argument("--json", action="store_true", help="one JSON object per file")
     scan.add_argument("--move", action="store_true", help="move files under the source as the daemon would")
-    scan.add_argument("paths", nargs="+", metavar="PATH_OR_URL")
+    scan.add_argument("--rescan-clean", metavar="WATCH",
+                      help="scan the watch's clean files again; quarantine the newly infected")
+    scan.add_argument("--fresh", action="store_true",
+                      help="with --rescan-clean: start over instead of resuming an interrupted rescan")
+    scan.add_argument("paths", nargs="*", metavar="PATH_OR_URL")
     status = sub.add_parser("status", parents=[common], help="counts, oldest pending, engine health")
     status.add_argument("--json", action="store_true")
     quarantine = sub.add_parser("quarantine", help="handle quarantined files")
@@ -74,7 +78,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "scan" and bool(args.paths) == bool(args.rescan_clean):
+        parser.error("scan needs either paths or --rescan-clean WATCH (not both)")
     config_path = find_config(args.config)
     try:
         config = load_config(config_path)
@@ -138,6 +145,8 @@ def _scan(args: argparse.Namespace, config_path: str, config: Config) -> int:
     from daemon.oneshot import scan_paths
 
     engines = build_engines(config)
+    if args.rescan_clean:
+        return _rescan(args, config, engines)
     journal = open_journal(config.state_dir) if args.move else None
     results = scan_paths(config, engines, args.paths, watch_name=args.watch, move=args.move,
                          journal=journal)
@@ -155,6 +164,23 @@ def _scan(args: argparse.Namespace, config_path: str, config: Config) -> int:
     if VerdictKind.FAILED in verdicts:
         return EXIT_FAILED
     return EXIT_INFECTED if VerdictKind.INFECTED in verdicts else EXIT_OK
+
+
+def _rescan(args: argparse.Namespace, config: Config, engines: dict[str, Any]) -> int:
+    from daemon.rescan import RescanOutcome, rescan_clean
+
+    summary = rescan_clean(config, engines, open_journal(config.state_dir), args.rescan_clean,
+                           stream=sys.stderr, fresh=args.fresh)
+    for moved in summary.moved:
+        if args.json:
+            print(_json({"path": moved.path, "verdict": VerdictKind.INFECTED.value,
+                         "threats": list(moved.threats), "destination": moved.destination}))
+        else:
+            print(f"{printable(moved.path)}: infected ({', '.join(moved.threats)}) "
+                  f"-> {printable(moved.destination)}")
+    if summary.counts.get(RescanOutcome.FAILED, 0):
+        return EXIT_FAILED
+    return EXIT_INFECTED if summary.counts.get(RescanOutcome.INFECTED, 0) else EXIT_OK
 
 
 def _status(args: argparse.Namespace, config_path: str, config: Config) -> int:

@@ -90,6 +90,19 @@ _SCHEMA = [
     );
     CREATE INDEX scans_engine_scan ON scans(engine, engine_scan_id);
     """,
+    # `scan --rescan-clean`: each rescan of a watch's clean files, and what it did to each one
+    # (daemon/rescan.py); `plan` holds a quarantine move journaled before it is made.
+    """
+    CREATE TABLE rescans (
+        id INTEGER PRIMARY KEY, watch TEXT NOT NULL, started_at REAL NOT NULL, finished_at REAL
+    );
+    CREATE TABLE rescan_files (
+        rescan_id INTEGER NOT NULL REFERENCES rescans(id),
+        rel_path BLOB NOT NULL, outcome TEXT NOT NULL,
+        file_id INTEGER REFERENCES files(id), plan TEXT,
+        PRIMARY KEY (rescan_id, rel_path)
+    );
+    """,
 ]
 
 # Errors that mean the file itself is broken or unreadable, not a busy or full database.
@@ -715,14 +728,7 @@ class Journal:
               detail: str | None, changes: Mapping[str, object], now: float) -> None:
         """Record a quarantine action and its change to the row, atomically."""
         with self._tx() as conn:
-            conn.execute("INSERT INTO audit (file_id, at, action, actor, reason, detail) "
-                         "VALUES (?, ?, ?, ?, ?, ?)",
-                         (file_id, now, action, _text(actor), _text(reason), _to_db("detail", detail)))
-            if changes:
-                columns = ", ".join(f"{name} = ?" for name in changes)
-                values = [_to_db(name, value) for name, value in changes.items()]
-                conn.execute(f"UPDATE files SET {columns}, updated_at = ? WHERE id = ?",
-                             (*values, now, file_id))
+            _audit(conn, file_id, action, actor, reason, detail, changes, now)
 
     def audit_trail(self, file_id: int) -> list[AuditRow]:
         """The audited actions on one row, oldest first."""
@@ -730,6 +736,71 @@ class Journal:
             "SELECT file_id, at, action, actor, reason, detail FROM audit "
             "WHERE file_id = ? ORDER BY id", (file_id,))
         return [AuditRow(*r) for r in rows]
+
+    # -- rescans of clean destinations (daemon/rescan.py) ---------------------------------------
+
+    def rescan(self, watch: str, now: float) -> tuple[int, dict[str, tuple[str, int | None, Any]]]:
+        """The unfinished rescan of `watch` (a new one if none) and what it did so far:
+        `rel_path → (outcome, file_id, plan)`."""
+        with self._tx() as conn:
+            found = conn.execute("SELECT id FROM rescans WHERE watch = ? AND finished_at IS NULL "
+                                 "ORDER BY id DESC LIMIT 1", (watch,)).fetchone()
+            rescan_id = int(found[0]) if found else int(conn.execute(
+                "INSERT INTO rescans (watch, started_at) VALUES (?, ?)", (watch, now)).lastrowid or 0)
+            rows = conn.execute("SELECT rel_path, outcome, file_id, plan FROM rescan_files "
+                                "WHERE rescan_id = ?", (rescan_id,)).fetchall()
+        return rescan_id, {os.fsdecode(r[0]): (r[1], r[2], json.loads(r[3]) if r[3] else None)
+                           for r in rows}
+
+    def rescan_record(self, rescan_id: int, rel_path: str, outcome: str, file_id: int | None = None,
+                      plan: Mapping[str, Any] | None = None) -> None:
+        """Record what the rescan did to `rel_path` (or, `plan`, is about to do)."""
+        with self._tx() as conn:
+            _rescan_record(conn, rescan_id, rel_path, outcome, file_id, plan)
+
+    def rescan_audited(self, rescan_id: int, rel_path: str, outcome: str, file_id: int,
+                       audit: tuple[str, str, str, str | None], changes: Mapping[str, object],
+                       now: float) -> None:
+        """The rescan's move of `rel_path` done: its audit row, row change and outcome, atomically."""
+        with self._tx() as conn:
+            _audit(conn, file_id, *audit, changes, now)
+            _rescan_record(conn, rescan_id, rel_path, outcome, file_id, None)
+
+    def rescan_finish(self, rescan_id: int, now: float) -> None:
+        """Mark a rescan finished: the next one starts afresh."""
+        with self._tx() as conn:
+            conn.execute("UPDATE rescans SET finished_at = ? WHERE id = ?", (now, rescan_id))
+
+    def placed_row(self, watch: str, destination: str) -> FileRow | None:
+        """The newest finished row of a file placed at `destination`."""
+        row = self._conn().execute(
+            "SELECT * FROM files WHERE watch = ? AND destination = ? AND state = 'done' "
+            "ORDER BY id DESC LIMIT 1", (watch, os.fsencode(destination))).fetchone()
+        return _from_db(row) if row else None
+
+    def add_done(self, row: Mapping[str, object]) -> int:
+        """Insert one finished row (column → value); its id."""
+        with self._tx() as conn:
+            cursor = conn.execute(f"INSERT INTO files ({', '.join(row)}) VALUES ({','.join('?' * len(row))})",
+                                  [_to_db(name, value) for name, value in row.items()])
+        return int(cursor.lastrowid or 0)
+
+
+def _audit(conn: sqlite3.Connection, file_id: int, action: str, actor: str, reason: str,
+           detail: str | None, changes: Mapping[str, object], now: float) -> None:
+    conn.execute("INSERT INTO audit (file_id, at, action, actor, reason, detail) VALUES (?, ?, ?, ?, ?, ?)",
+                 (file_id, now, action, _text(actor), _text(reason), _to_db("detail", detail)))
+    if changes:
+        columns = ", ".join(f"{name} = ?" for name in changes)
+        values = [_to_db(name, value) for name, value in changes.items()]
+        conn.execute(f"UPDATE files SET {columns}, updated_at = ? WHERE id = ?", (*values, now, file_id))
+
+
+def _rescan_record(conn: sqlite3.Connection, rescan_id: int, rel_path: str, outcome: str,
+                   file_id: int | None, plan: Mapping[str, Any] | None) -> None:
+    conn.execute("INSERT OR REPLACE INTO rescan_files VALUES (?, ?, ?, ?, ?)",
+                 (rescan_id, os.fsencode(rel_path), outcome, file_id,
+                  json.dumps(plan) if plan is not None else None))
 
 
 # Reading: `Journal.rows` orders by one of these columns and matches threat names one by one.

@@ -27,7 +27,7 @@ from daemon.refid import build_ref_id
 from daemon.s3 import is_s3, make_client
 from daemon.watchers.base import relative_path
 
-__all__ = ["ScanResult", "scan_paths"]
+__all__ = ["ScanResult", "scan_paths", "watch_verdict"]
 
 _WAIT_FOR_DAEMON_S = 300.0
 _OWN_TRIES = 3
@@ -93,7 +93,7 @@ def _scan_only(config: Config, engines: dict[str, Engine], watch: WatchConfig, p
             ref_id = build_ref_id(watch.name, rel or name, content.sha256)
             request = ScanRequest(watch.name, rel or name, path, content.fd, content.size,
                                   content.sha256, ref_id)
-            verdict = _verdicts(engines, watch, request)
+            verdict = watch_verdict(engines, watch, request)
             return ScanResult(path, verdict.kind, verdict.threats, verdict.reason, content.sha256, ref_id)
     except (OSError, LocationError) as exc:
         return ScanResult(path, VerdictKind.FAILED, reason=_read_reason(exc))
@@ -113,7 +113,7 @@ def _read_reason(exc: BaseException) -> str:
     return Reason.UNREADABLE.value
 
 
-def _verdicts(engines: dict[str, Engine], watch: WatchConfig, request: ScanRequest) -> Verdict:
+def watch_verdict(engines: dict[str, Engine], watch: WatchConfig, request: ScanRequest) -> Verdict:
     """The watch's verdict on the bytes: its one engine's, or as several engines decide."""
     if len(watch.engines) == 1:
         return _verdict(engines[watch.engines[0]], request)

@@ -18,12 +18,13 @@ from daemon.locations import Location, Locations, MoveRequest, S3Location, trans
 from daemon.model import FileState, VerdictKind
 from daemon.s3 import is_s3
 
-__all__ = ["delete", "describe", "list_quarantined", "release"]
+__all__ = ["actor", "delete", "describe", "list_quarantined", "release"]
 
 log = structlog.get_logger("scanwatch.quarantine")
 
 
-def _actor() -> str:
+def actor() -> str:
+    """Who runs this command (the user behind sudo), for the audit trail."""
     return os.environ.get("SUDO_USER") or getpass.getuser()
 
 
@@ -108,11 +109,11 @@ def release(config: Config, journal: Journal, file_id: int, *, reason: str,
             source.delete(name)  # the sidecar (the file has left)
     except (OSError, LocationError) as exc:
         raise QuarantineError(f"cannot release file {file_id} from {row.destination}: {exc}") from exc
-    actor = _actor()
-    journal.audit(row.id, "release", actor, reason, f"to {destination}",
+    actor_name = actor()
+    journal.audit(row.id, "release", actor_name, reason, f"to {destination}",
                   {"destination": destination, "disposition": "released"}, time.time())
     log.warning("quarantine.released", file_id=row.id, watch=row.watch, rel_path=row.rel_path,
-                destination=destination, actor=actor, reason=reason)
+                destination=destination, actor=actor_name, reason=reason)
     return destination
 
 
@@ -125,10 +126,10 @@ def delete(config: Config, journal: Journal, file_id: int, *, reason: str) -> No
             location.delete(name)
     except (OSError, LocationError) as exc:
         raise QuarantineError(f"cannot delete file {file_id} at {row.destination}: {exc}") from exc
-    actor = _actor()
-    journal.audit(row.id, "delete", actor, reason, None, {"disposition": "deleted"}, time.time())
+    actor_name = actor()
+    journal.audit(row.id, "delete", actor_name, reason, None, {"disposition": "deleted"}, time.time())
     log.warning("quarantine.deleted", file_id=row.id, watch=row.watch, rel_path=row.rel_path,
-                actor=actor, reason=reason)
+                actor=actor_name, reason=reason)
 
 
 def _identity(location: Location, name: str) -> Identity | None:
