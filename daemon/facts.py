@@ -5,19 +5,11 @@ docs/contract.md#sidecars lists them; every place that reports an outcome builds
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 from daemon.config import WatchConfig
 from daemon.journal import FileRow
+from daemon.timefmt import iso
 
 __all__ = ["iso", "outcome_facts"]
-
-
-def iso(ts: float | None) -> str | None:
-    """ISO 8601 UTC with a Z, as sidecars and status print times."""
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def outcome_facts(watch: WatchConfig, row: FileRow, destination: str | None) -> dict[str, object]:

@@ -31,6 +31,7 @@ from daemon.journal import open_journal, state_dir_error
 from daemon.locations import SIDECAR_SUFFIX, LocalLocation
 from daemon.model import FileState, VerdictKind
 from daemon.s3 import is_s3
+from daemon.timefmt import parse_iso
 from daemon.watchers.tree import walk
 
 __all__ = ["Rebuilt", "check", "hold_daemon_lock", "rebuild"]
@@ -183,18 +184,8 @@ def _row(watch: WatchConfig, verdict: VerdictKind, path: str, rel: str, st: os.s
         "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "destination": path,
         "raw_result": {"rebuilt_at": now, **({"sidecar_error": facts["sidecar_error"]}
                                              if "sidecar_error" in facts else {})},
-        "discovered_at": _timestamp(facts.get("detected_at")) or st.st_ctime,
-        "scanned_at": _timestamp(facts.get("scanned_at")),
+        "discovered_at": parse_iso(facts.get("detected_at")) or st.st_ctime,
+        "scanned_at": parse_iso(facts.get("scanned_at")),
         "done_at": st.st_ctime,  # the rename into the destination set it
         "next_attempt_at": now, "updated_at": now,
     }
-
-
-def _timestamp(value: object) -> float | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
-

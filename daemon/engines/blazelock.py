@@ -31,6 +31,7 @@ from daemon.engines.base import ScanHandle, ScanRequest
 from daemon.errors import EnginePermanentError, EngineResubmitError, WebhookRejectedError
 from daemon.model import Pending, Reason, RejectReason, Verdict, VerdictKind
 from daemon.refid import build_ref_id
+from daemon.timefmt import parse_iso
 
 __all__ = ["ASYNC_LIMIT_BYTES", "SYNC_LIMIT_BYTES", "BlazelockEngine"]
 
@@ -184,7 +185,7 @@ class BlazelockEngine:
     def _is_stale(self, scan: dict[str, Any]) -> bool:
         if scan.get("status") == "failed":
             return True
-        created = _timestamp(scan.get("created_at"))
+        created = parse_iso(scan.get("created_at"))
         return created is not None and datetime.now().timestamp() - created > self._config.reuse_max_age
 
     def _answer(self, response: httpx.Response, ref_id: str) -> Verdict | Pending:
@@ -223,12 +224,3 @@ def _scan_object(response: httpx.Response) -> dict[str, Any]:
     body = json_object(response)
     inner = body.get("data", body)
     return inner if isinstance(inner, dict) else {}
-
-
-def _timestamp(value: object) -> float | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
