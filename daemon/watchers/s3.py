@@ -63,6 +63,7 @@ class S3Watcher:
             self.events = SqsEventSource(
                 sqs, watch.events.sqs_queue_url, self._on_events,
                 bucket=self.where.bucket, prefix=self.where.prefix, stop=self._stop,
+                visibility_timeout_s=max(1, round(watch.events.visibility_timeout)),
                 is_settled=self._is_settled if watch.fleet else None)
             if watch.fleet:  # list only while holding the lease, and only into the queue
                 lease = ListingLease(client, self.where, f"{socket.gethostname()}:{os.getpid()}",

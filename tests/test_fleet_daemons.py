@@ -1,0 +1,99 @@
+"""Fleets end to end: real `scanwatch run` daemons sharing one S3 watch (SeaweedFS) and queue (moto)."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from conftest import Daemon, wait_until
+from fleetkit import EICAR, GARBAGE, Fleet
+from realservers import S3Server, SqsServer
+
+OBJECTS = 1000  # about 45 s with three daemons on two cores
+KILLED_OBJECTS = 300
+
+
+@pytest.fixture
+def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    env = {"AWS_ACCESS_KEY_ID": s3_server.access_key, "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
+           "AWS_DEFAULT_REGION": s3_server.region}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return env
+
+
+@pytest.fixture
+def fleet(s3_server: S3Server, s3_bucket: str, sqs_server: SqsServer, sqs_queue: str,
+          tmp_path: Path, s3_env: dict[str, str]) -> Iterator[Fleet]:
+    yield Fleet(s3_server.client(), sqs_server.client(), s3_bucket, sqs_queue, tmp_path,
+                s3_server.endpoint_url, sqs_server.endpoint_url, s3_server.region)
+
+
+def _body(name: str) -> bytes:
+    return EICAR if name.endswith(".com") else f"object {name}".encode()
+
+
+def _names(count: int) -> list[str]:
+    return [f"{i % 7}/f {i}{'.com' if i % 50 == 0 else '.txt'}" for i in range(count)]
+
+
+def _assert_each_placed_once(fleet: Fleet, names: list[str]) -> None:
+    infected = {n for n in names if n.endswith(".com")}
+    assert fleet.keys("quarantine/") == sorted(infected)
+    assert fleet.keys("clean/") == sorted(set(names) - infected)  # so no `.1` twin either
+    assert fleet.keys("failed/") == []
+    assert fleet.keys("in/") == []
+
+
+def _drained(fleet: Fleet, names: list[str]) -> Callable[[], bool]:
+    return lambda: len(fleet.placed()) >= len(names) and not fleet.keys("in/")
+
+
+def _moved(daemon: Daemon) -> int:
+    return len(daemon.named("file.moved")) + len(daemon.named("move.already_placed"))
+
+
+def _start(fleet: Fleet, daemon_factory: Callable[..., Daemon], env: dict[str, str], node: int) -> Daemon:
+    daemon = daemon_factory(fleet.config(node), env=env)
+    daemon.wait_started()
+    return daemon
+
+
+def test_three_daemons_share_one_watch(fleet: Fleet, daemon_factory: Callable[..., Daemon],
+                                       s3_env: dict[str, str]) -> None:
+    names = _names(OBJECTS)
+    fleet.put(names, _body)
+    nodes = [_start(fleet, daemon_factory, s3_env, n) for n in range(3)]
+    fleet.send_events(names, duplicates=0.1, garbage=len(GARBAGE), per_message=2)
+    nodes[0].wait_for(_drained(fleet, names), timeout=120, what="every object placed")
+    nodes[0].wait_for(lambda: sum(fleet.queue_counts()) == len(GARBAGE), timeout=30,
+                      what="the queue drained but for the garbage")
+    assert [node.stop() for node in nodes] == [0, 0, 0]
+    _assert_each_placed_once(fleet, names)
+    wait_until(lambda: fleet.queue_counts() == (len(GARBAGE), 0), timeout_s=15, what="garbage visible")
+    assert sorted(fleet.queue_bodies()) == sorted(GARBAGE)  # left for the redrive policy
+    assert all(node.named("file.moved") for node in nodes), [_moved(n) for n in nodes]
+
+
+@pytest.mark.parametrize("restarted", [False, True], ids=["never-restarted", "restarted"])
+def test_a_node_killed_mid_way_loses_and_doubles_nothing(
+        fleet: Fleet, daemon_factory: Callable[..., Daemon], s3_env: dict[str, str], restarted: bool) -> None:
+    names = _names(KILLED_OBJECTS)
+    fleet.put(names, _body)
+    nodes = [_start(fleet, daemon_factory, s3_env, n) for n in range(3)]
+    fleet.send_events(names, duplicates=0.1, per_message=2)
+    victim = nodes[2]
+    victim.wait_for(lambda: len(fleet.placed()) >= len(names) // 3 and victim.named("file.moved"),
+                    timeout=60, what="a third placed, some by the victim")
+    victim.signal(signal.SIGKILL)
+    victim.proc.wait()
+    if restarted:
+        nodes[2] = _start(fleet, daemon_factory, s3_env, 2)
+    nodes[0].wait_for(_drained(fleet, names), timeout=120, what="every object placed")
+    nodes[0].wait_for(lambda: fleet.queue_counts() == (0, 0), timeout=30, what="the queue drained")
+    assert [node.stop() for node in (nodes[0], nodes[1])] == [0, 0]
+    if restarted:
+        assert nodes[2].stop() == 0
+    _assert_each_placed_once(fleet, names)
