@@ -5,11 +5,12 @@ from __future__ import annotations
 import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from conftest import Daemon, wait_until
 from fleetkit import EICAR, GARBAGE, Fleet
-from realservers import S3Server, SqsServer
+from realservers import HttpProxy, S3Server, SqsServer
 
 OBJECTS = 1000  # about 45 s with three daemons on two cores
 KILLED_OBJECTS = 300
@@ -97,3 +98,49 @@ def test_a_node_killed_mid_way_loses_and_doubles_nothing(
     if restarted:
         assert nodes[2].stop() == 0
     _assert_each_placed_once(fleet, names)
+
+
+@pytest.fixture
+def counted(s3_server: S3Server) -> Iterator[HttpProxy]:
+    """The S3 server behind a proxy that records every request."""
+    proxy = HttpProxy(int(s3_server.endpoint_url.rsplit(":", 1)[1]))
+    proxy.start()
+    yield proxy
+    proxy.stop()
+
+
+def test_two_nodes_given_the_same_message_place_once(
+        fleet: Fleet, counted: HttpProxy, sqs_server: SqsServer, request: pytest.FixtureRequest,
+        daemon_factory: Callable[..., Daemon], s3_env: dict[str, str]) -> None:
+    sqs = fleet.sqs
+    second_queue = sqs.create_queue(QueueName=f"{fleet.queue_url.rsplit('/', 1)[1][:70]}-b")["QueueUrl"]
+    request.addfinalizer(lambda: sqs.delete_queue(QueueUrl=second_queue))
+    fleet.s3_endpoint = counted.endpoint_url
+    names = [f"race {n}.txt" for n in range(20)]
+    fleet.put(names)
+    # The same message delivered to both nodes at once: SQS does that when a visibility timeout
+    # runs out under a slow node; two queues with one copy each make it certain.
+    configs = [fleet.config(0), fleet.config(1, events={
+        "sqs_queue_url": second_queue, "endpoint_url": fleet.sqs_endpoint, "region": fleet.region})]
+    nodes = [daemon_factory(config, env=s3_env) for config in configs]
+    for node in nodes:
+        node.wait_started()
+    for queue in (fleet.queue_url, second_queue):
+        Fleet(fleet.s3, sqs, fleet.bucket, queue, fleet.base, "", "", "", fleet.etags).send_events(names)
+    nodes[0].wait_for(_drained(fleet, names), timeout=60, what="every object placed")
+    for queue in (fleet.queue_url, second_queue):
+        nodes[0].wait_for(lambda queue=queue: sum(Fleet(fleet.s3, sqs, fleet.bucket, queue, fleet.base, "",
+                                                        "", "", {}).queue_counts()) == 0,
+                          timeout=30, what="both copies of each message deleted")
+    assert [node.stop() for node in nodes] == [0, 0]
+    assert fleet.keys("clean/") == sorted(names) and fleet.keys("in/") == []
+    copies = [counted.count("PUT", f"/clean/{quote(n)}") for n in names]
+    deleted = [counted.count("DELETE", f"/in/{quote(n)}", 204) for n in names]
+    raced = sum(1 for c in copies if c == 2)
+    print(f"copies attempted twice: {raced}/{len(names)}; source deletes answered 204: {deleted}")
+    assert all(c >= 1 for c in copies) and raced, "the two nodes never raced"
+    assert deleted == [1] * len(names)  # the loser's delete, pinned to the ETag, deleted nothing:
+    for n in names:  # the others were answered 412 or 404, which count as success
+        path = f"/in/{quote(n)}"
+        assert counted.count("DELETE", path) - 1 == sum(counted.count("DELETE", path, s) for s in (404, 412))
+    assert sum(len(n.named("move.already_placed")) for n in nodes) >= raced
