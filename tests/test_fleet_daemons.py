@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import signal
+import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 from conftest import Daemon, wait_until
+from emulators.blazelock import BlazelockEmulator
 from fleetkit import EICAR, GARBAGE, Fleet
 from realservers import HttpProxy, S3Server, SqsServer
+
+from daemon.journal import open_journal
 
 OBJECTS = 1000  # about 45 s with three daemons on two cores
 KILLED_OBJECTS = 300
@@ -144,3 +149,52 @@ def test_two_nodes_given_the_same_message_place_once(
         path = f"/in/{quote(n)}"
         assert counted.count("DELETE", path) - 1 == sum(counted.count("DELETE", path, s) for s in (404, 412))
     assert sum(len(n.named("move.already_placed")) for n in nodes) >= raced
+
+
+def _lease_takers(nodes: list[Daemon]) -> list[int]:
+    return [n for n, node in enumerate(nodes) if node.named("fleet.lease_taken")]
+
+
+def test_one_node_lists_under_the_lease_and_another_takes_over_when_it_dies(
+        fleet: Fleet, daemon_factory: Callable[..., Daemon], s3_env: dict[str, str]) -> None:
+    # Listing every 2 s (poll_interval x 10 with events): the lease lives 6 s, the grace is 2 s.
+    nodes = [daemon_factory(fleet.config(n, poll_interval=0.2), env=s3_env) for n in range(2)]
+    nodes[0].wait_for(lambda: _lease_takers(nodes), timeout=30, what="a lease holder")
+    fleet.put(["no event.txt"])  # found by the holder's listing only
+    nodes[0].wait_for(lambda: fleet.keys("clean/") == ["no event.txt"], timeout=30, what="placed")
+    time.sleep(7)  # longer than the lease's 6 s: its holder renews it, the other never takes it
+    (holder,) = _lease_takers(nodes)
+    other = 1 - holder
+    assert nodes[holder].named("fleet.safety_net_sent")
+    nodes[holder].signal(signal.SIGKILL)
+    nodes[holder].proc.wait()
+    nodes[other].wait_for(lambda: nodes[other].named("fleet.lease_taken"), timeout=30,
+                          what="the lease taken over after its expiry")
+    fleet.put(["after the takeover.txt"])
+    nodes[other].wait_for(lambda: fleet.keys("clean/") == ["after the takeover.txt", "no event.txt"],
+                          timeout=30, what="placed by the new holder")
+    assert nodes[other].stop() == 0
+    assert fleet.keys("in/") == [] and fleet.keys("quarantine/") == []
+    lease = fleet.s3.list_objects_v2(Bucket=fleet.bucket, Prefix="in/.scanwatch/").get("KeyCount")
+    assert lease == 0  # released at shutdown, for the next member to list at once
+
+
+def test_blazelock_across_nodes_accepts_one_submission_per_object(
+        fleet: Fleet, daemon_factory: Callable[..., Daemon], s3_env: dict[str, str]) -> None:
+    names = [f"b{n}.txt" for n in range(30)] + ["e.com"]
+    fleet.put(names, _body)
+    with BlazelockEmulator(scan_delay_s=1.0) as emulator:
+        engine = {"type": "blazelock", "url": emulator.url, "api_key": "${BLZ_KEY}", "poll_interval": 0.2}
+        nodes = [daemon_factory(fleet.config(n, engine=engine), env={**s3_env, "BLZ_KEY": "test-key"})
+                 for n in range(3)]
+        for node in nodes:
+            node.wait_started()
+        fleet.send_events(names, duplicates=1.0)  # every event twice: nodes race on each object
+        nodes[0].wait_for(_drained(fleet, names), timeout=90, what="every object placed")
+        assert [node.stop() for node in nodes] == [0, 0, 0]
+        accepted = Counter(e.fields["external_reference_id"] for e in emulator.submissions())
+    assert fleet.keys("quarantine/") == ["e.com"] and len(fleet.keys("clean/")) == len(names) - 1
+    assert set(accepted.values()) == {1} and len(accepted) == len(names)
+    scanned_by = Counter(row.rel_path for n in range(3)
+                         for row in open_journal(fleet.base / f"node{n}" / "state").rows() if row.ref_id)
+    assert any(count > 1 for count in scanned_by.values()), "no object was scanned by two nodes"

@@ -58,6 +58,7 @@ class S3Watcher:
         self._interval_s = watch.poll_interval * (_EVENTS_SLOWDOWN if watch.events else 1)
         self.events: SqsEventSource | None = None
         self.safety_net: SafetyNet | None = None
+        self.lease: ListingLease | None = None
         if watch.events is not None:
             sqs = _sqs_client(watch, s3_config)
             self.events = SqsEventSource(
@@ -66,10 +67,11 @@ class S3Watcher:
                 visibility_timeout_s=max(1, round(watch.events.visibility_timeout)),
                 is_settled=self._is_settled if watch.fleet else None)
             if watch.fleet:  # list only while holding the lease, and only into the queue
-                lease = ListingLease(client, self.where, f"{socket.gethostname()}:{os.getpid()}",
-                                     ttl_s=max(60.0, 3 * self._interval_s), clock=clock)
-                self.safety_net = SafetyNet(client, sqs, watch.events.sqs_queue_url, self.where, lease,
-                                            grace_s=max(60.0, self._interval_s),
+                # Renewed every listing interval, it outlives two missed renewals (docs/fleet.md).
+                self.lease = ListingLease(client, self.where, f"{socket.gethostname()}:{os.getpid()}",
+                                          ttl_s=3 * self._interval_s, clock=clock)
+                self.safety_net = SafetyNet(client, sqs, watch.events.sqs_queue_url, self.where, self.lease,
+                                            grace_s=self._interval_s,
                                             is_ignored=lambda rel: is_ignored(rel, watch.ignore), clock=clock)
 
     def start(self) -> None:
@@ -90,6 +92,8 @@ class S3Watcher:
         self._stop.set()
         if self._lister is not None:
             self._lister.join(30)
+        if self.lease is not None:  # another member may list at once, not after the expiry
+            self.lease.release()
         if self._consumer is not None:
             self._consumer.join(1)
 
