@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import signal
+import subprocess
+import sys
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import pytest
+from clamd_server import free_port
 from conftest import Daemon, wait_until
 from emulators.blazelock import BlazelockEmulator
 from fleetkit import EICAR, GARBAGE, Fleet
@@ -125,7 +131,8 @@ def test_two_nodes_given_the_same_message_place_once(
     fleet.put(names)
     # The same message delivered to both nodes at once: SQS does that when a visibility timeout
     # runs out under a slow node; two queues with one copy each make it certain.
-    configs = [fleet.config(0), fleet.config(1, events={
+    ports = [free_port(), free_port()]
+    configs = [fleet.config(0, metrics_port=ports[0]), fleet.config(1, metrics_port=ports[1], events={
         "sqs_queue_url": second_queue, "endpoint_url": fleet.sqs_endpoint, "region": fleet.region})]
     nodes = [daemon_factory(config, env=s3_env) for config in configs]
     for node in nodes:
@@ -137,6 +144,7 @@ def test_two_nodes_given_the_same_message_place_once(
         nodes[0].wait_for(lambda queue=queue: sum(Fleet(fleet.s3, sqs, fleet.bucket, queue, fleet.base, "",
                                                         "", "", {}).queue_counts()) == 0,
                           timeout=30, what="both copies of each message deleted")
+    found_placed = [_metric(port, "scanwatch_fleet_already_placed_total", 'watch="w"') for port in ports]
     assert [node.stop() for node in nodes] == [0, 0]
     assert fleet.keys("clean/") == sorted(names) and fleet.keys("in/") == []
     copies = [counted.count("PUT", f"/clean/{quote(n)}") for n in names]
@@ -149,6 +157,26 @@ def test_two_nodes_given_the_same_message_place_once(
         path = f"/in/{quote(n)}"
         assert counted.count("DELETE", path) - 1 == sum(counted.count("DELETE", path, s) for s in (404, 412))
     assert sum(len(n.named("move.already_placed")) for n in nodes) >= raced
+    assert sum(found_placed) == sum(len(n.named("move.already_placed")) for n in nodes)
+
+
+def _metric(port: int, name: str, labels: str) -> float:
+    """One sample of the daemon's /metrics (0 when absent)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    prefix = f"{name}{{{labels}}} "
+    return next((float(line.removeprefix(prefix)) for line in text.splitlines()
+                 if line.startswith(prefix)), 0.0)
+
+
+def _run_status(config: Path, *extra: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "daemon.cli", "status", "--config", str(config), *extra],
+                          capture_output=True, text=True, check=True, timeout=60)
+    return done.stdout
+
+
+def _status(config: Path) -> dict[str, Any]:
+    fleet: dict[str, Any] = json.loads(_run_status(config, "--json"))["watches"]["w"]["fleet"]
+    return fleet
 
 
 def _lease_takers(nodes: list[Daemon]) -> list[int]:
@@ -158,7 +186,9 @@ def _lease_takers(nodes: list[Daemon]) -> list[int]:
 def test_one_node_lists_under_the_lease_and_another_takes_over_when_it_dies(
         fleet: Fleet, daemon_factory: Callable[..., Daemon], s3_env: dict[str, str]) -> None:
     # Listing every 2 s (poll_interval x 10 with events): the lease lives 6 s, the grace is 2 s.
-    nodes = [daemon_factory(fleet.config(n, poll_interval=0.2), env=s3_env) for n in range(2)]
+    ports = [free_port(), free_port()]
+    configs = [fleet.config(n, poll_interval=0.2, metrics_port=ports[n]) for n in range(2)]
+    nodes = [daemon_factory(config, env=s3_env) for config in configs]
     nodes[0].wait_for(lambda: _lease_takers(nodes), timeout=30, what="a lease holder")
     fleet.put(["no event.txt"])  # found by the holder's listing only
     nodes[0].wait_for(lambda: fleet.keys("clean/") == ["no event.txt"], timeout=30, what="placed")
@@ -166,6 +196,9 @@ def test_one_node_lists_under_the_lease_and_another_takes_over_when_it_dies(
     (holder,) = _lease_takers(nodes)
     other = 1 - holder
     assert nodes[holder].named("fleet.safety_net_sent")
+    lease_metric = [_metric(port, "scanwatch_fleet_lease_held", 'watch="w"') for port in ports]
+    assert lease_metric[holder] == 1 and lease_metric[other] == 0
+    assert [_status(config)["holds_lease"] for config in configs] == [n == holder for n in range(2)]
     nodes[holder].signal(signal.SIGKILL)
     nodes[holder].proc.wait()
     nodes[other].wait_for(lambda: nodes[other].named("fleet.lease_taken"), timeout=30,
@@ -177,6 +210,10 @@ def test_one_node_lists_under_the_lease_and_another_takes_over_when_it_dies(
     assert fleet.keys("in/") == [] and fleet.keys("quarantine/") == []
     lease = fleet.s3.list_objects_v2(Bucket=fleet.bucket, Prefix="in/.scanwatch/").get("KeyCount")
     assert lease == 0  # released at shutdown, for the next member to list at once
+    assert _status(configs[other]) | {"holder": "", "recorded_s_ago": 0} == {
+        "member": True, "holder": "", "holds_lease": False, "lease_until": None, "messages_held": 0,
+        "recorded_s_ago": 0}
+    assert "fleet member: another member holds the listing lease" in _run_status(configs[other])
 
 
 def test_blazelock_across_nodes_accepts_one_submission_per_object(
@@ -190,6 +227,9 @@ def test_blazelock_across_nodes_accepts_one_submission_per_object(
         for node in nodes:
             node.wait_started()
         fleet.send_events(names, duplicates=1.0)  # every event twice: nodes race on each object
+        journals = [open_journal(fleet.base / f"node{n}" / "state") for n in range(3)]
+        nodes[0].wait_for(lambda: any(m.messages_held for j in journals for m in j.fleet().values()),
+                          timeout=30, what="messages held while their objects are scanned")
         nodes[0].wait_for(_drained(fleet, names), timeout=90, what="every object placed")
         assert [node.stop() for node in nodes] == [0, 0, 0]
         accepted = Counter(e.fields["external_reference_id"] for e in emulator.submissions())

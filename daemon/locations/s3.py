@@ -294,7 +294,7 @@ class S3Location:
         except BotoCoreError as exc:
             raise s3_errors(f"HEAD {self.name(rel_path)}", exc) from exc
 
-    def receive(self, req: MoveRequest, source: Location) -> None:
+    def receive(self, req: MoveRequest, source: Location) -> bool:
         tags = urlencode({**req.tags, **source_tags(req), "scanwatch-file": req.marker})
         try:
             if isinstance(source, S3Location):
@@ -309,7 +309,7 @@ class S3Location:
                 # Another daemon of a fleet placed this very version (and may have deleted the
                 # source): it is placed, with no `.1` twin.
                 log.info("move.already_placed", destination=self.name(req.dest_rel), rel_path=req.rel_path)
-                return
+                return True
             if code in ("412", "PreconditionFailed"):
                 if self._exists(self.key(req.dest_rel)):
                     raise FileExistsError(errno.EEXIST, "taken", self.name(req.dest_rel)) from exc
@@ -319,6 +319,7 @@ class S3Location:
             raise s3_errors(f"PUT {self.name(req.dest_rel)}", exc) from exc
         except BotoCoreError as exc:
             raise s3_errors(f"PUT {self.name(req.dest_rel)}", exc) from exc
+        return False
 
     def _copy(self, req: MoveRequest, source: S3Location, tags: str) -> None:
         """Server-side copy of the scanned version; multipart above the copy threshold."""

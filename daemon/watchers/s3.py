@@ -24,7 +24,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from daemon.config import S3Config, WatchConfig
 from daemon.fleet import ListingLease, SafetyNet
-from daemon.journal import Journal
+from daemon.journal import FleetMember, Journal
 from daemon.retry import RetryPolicy
 from daemon.s3 import S3Url, s3_errors
 from daemon.watchers.local import is_ignored
@@ -59,13 +59,15 @@ class S3Watcher:
         self.events: SqsEventSource | None = None
         self.safety_net: SafetyNet | None = None
         self.lease: ListingLease | None = None
+        self._fleet_lock = threading.Lock()
+        self._fleet_noted: tuple[float | None, int] | None = None
         if watch.events is not None:
             sqs = _sqs_client(watch, s3_config)
             self.events = SqsEventSource(
                 sqs, watch.events.sqs_queue_url, self._on_events,
                 bucket=self.where.bucket, prefix=self.where.prefix, stop=self._stop,
                 visibility_timeout_s=max(1, round(watch.events.visibility_timeout)),
-                is_settled=self._is_settled if watch.fleet else None)
+                is_settled=self._is_settled if watch.fleet else None, on_poll=self._note_fleet)
             if watch.fleet:  # list only while holding the lease, and only into the queue
                 # Renewed every listing interval, it outlives two missed renewals (docs/fleet.md).
                 self.lease = ListingLease(client, self.where, f"{socket.gethostname()}:{os.getpid()}",
@@ -94,6 +96,7 @@ class S3Watcher:
             self._lister.join(30)
         if self.lease is not None:  # another member may list at once, not after the expiry
             self.lease.release()
+            self._note_fleet(stopped=True)
         if self._consumer is not None:
             self._consumer.join(1)
 
@@ -103,6 +106,7 @@ class S3Watcher:
         while not self._stop.is_set():
             try:
                 self.poll_once()
+                self._note_fleet()
                 failures, wait_s = 0, self._interval_s
             except Exception as exc:
                 failures += 1
@@ -158,6 +162,17 @@ class S3Watcher:
             if not self.journal.is_settled(self.watch.name, rel_path, etag):
                 return False
         return True
+
+    def _note_fleet(self, *, stopped: bool = False) -> None:
+        """Fleet: record this daemon's lease and held messages in the journal when they change."""
+        if self.lease is None or self.events is None:
+            return
+        with self._fleet_lock:
+            noted = (self.lease.held_until, 0 if stopped else self.events.held_count)
+            if noted == self._fleet_noted:
+                return
+            self._fleet_noted = noted
+            self.journal.set_fleet(self.watch.name, FleetMember(self.lease.holder, *noted, self.clock()))
 
     def _record(self, entries: list[ObjectEntry], how: str) -> int:
         if not entries:

@@ -210,7 +210,8 @@ class SqsEventSource:
     def __init__(self, client: Any, queue_url: str, on_events: Callable[[list[S3Event]], None], *,
                  bucket: str, prefix: str, wait_time_s: int = 20, visibility_timeout_s: int = 60,
                  stop: threading.Event | None = None, retry: RetryPolicy = _DEFAULT_RETRY,
-                 is_settled: Callable[[list[S3Event]], bool] | None = None, max_held: int = 20) -> None:
+                 is_settled: Callable[[list[S3Event]], bool] | None = None, max_held: int = 20,
+                 on_poll: Callable[[], None] = lambda: None) -> None:
         if not 1 <= wait_time_s <= _MAX_WAIT_TIME_S:
             raise ValueError(f"wait_time_s must be 1..{_MAX_WAIT_TIME_S}, not {wait_time_s}")
         if not 1 <= visibility_timeout_s <= _MAX_VISIBILITY_TIMEOUT_S:
@@ -232,6 +233,7 @@ class SqsEventSource:
         # then deleted; a daemon that dies leaves it to reappear for another.
         self._is_settled = is_settled
         self._max_held = max_held
+        self._on_poll = on_poll  # after each round (fleet: the watcher records held_count)
         self._held: dict[str, tuple[dict[str, Any], list[S3Event]]] = {}
         self._keeper: _Heartbeat | None = None
 
@@ -253,6 +255,7 @@ class SqsEventSource:
         while not self.stop.is_set():
             try:
                 self.poll_once()
+                self._on_poll()
             except Exception as exc:  # top of a worker loop: log, back off, go on
                 failures += 1
                 delay_s = self._retry.delay(failures)
