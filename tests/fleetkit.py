@@ -36,11 +36,12 @@ class Fleet:
     etags: dict[str, str] = field(default_factory=dict)
 
     def config(self, node: int, *, engine: dict[str, Any] | None = None, metrics_port: int | None = None,
-               poll_interval: float = 3600, visibility_timeout: float = 4, **watch: Any) -> Path:
+               poll_interval: float = 3600, visibility_timeout: float = 4, log_level: str = "debug",
+               **watch: Any) -> Path:
         """The node's config file: the fleet's, with its own state_dir (and metrics port)."""
         doc: dict[str, Any] = {
             "state_dir": str(self.base / f"node{node}" / "state"),
-            "log": {"format": "json", "level": "debug"},
+            "log": {"format": "json", "level": log_level},
             "s3": {"endpoint_url": self.s3_endpoint, "region": self.region},
             "engines": {"default": engine or {"type": "yara", "concurrency": 4}},
             "watches": [{
