@@ -38,6 +38,7 @@ _EVENTS_SLOWDOWN = 10
 _PAGE_SIZE = 1000
 
 ObjectEntry = tuple[str, str, str | None, int]  # rel_path, etag, version_id, size
+_STOPPED = (None, -1)  # what a stopped fleet member noted last
 
 
 class S3Watcher:
@@ -169,9 +170,9 @@ class S3Watcher:
             return
         with self._fleet_lock:
             noted = (self.lease.held_until, 0 if stopped else self.events.held_count)
-            if noted == self._fleet_noted:
-                return
-            self._fleet_noted = noted
+            if noted == self._fleet_noted or self._fleet_noted == _STOPPED:
+                return  # unchanged, or the consumer's last round after stop(): held no more
+            self._fleet_noted = _STOPPED if stopped else noted
             self.journal.set_fleet(self.watch.name, FleetMember(self.lease.holder, *noted, self.clock()))
 
     def _record(self, entries: list[ObjectEntry], how: str) -> int:
