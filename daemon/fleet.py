@@ -71,6 +71,11 @@ class ListingLease:
         """True while our last write stands and its expiry has not passed."""
         return self._etag is not None and self._clock() < self._held_until
 
+    @property
+    def held_until(self) -> float | None:
+        """The expiry of our lease while we hold it, else None."""
+        return self._held_until if self.is_held else None
+
     def acquire(self) -> bool:
         """Take, renew or take over the lease; True if we hold it now. Raises LocationError."""
         if self._etag is not None and self._write(self._etag):

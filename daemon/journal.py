@@ -26,8 +26,8 @@ from daemon.errors import JournalDamagedError, JournalError
 from daemon.fsutil import Identity
 from daemon.model import ACTIVE_STATES, FileState, RowChanges, ScanChanges, ScanRecord, VerdictKind
 
-__all__ = ["AuditRow", "FileRow", "Journal", "RowChanges", "RowOrder", "is_damage", "open_journal",
-           "owner_token", "state_dir_error"]
+__all__ = ["AuditRow", "FileRow", "FleetMember", "Journal", "RowChanges", "RowOrder", "is_damage",
+           "open_journal", "owner_token", "state_dir_error"]
 
 _SCHEMA = [
     """
@@ -103,6 +103,13 @@ _SCHEMA = [
         PRIMARY KEY (rescan_id, rel_path)
     );
     """,
+    # Fleet watches (docs/fleet.md): this daemon's part, for `status` and the metrics.
+    """
+    CREATE TABLE fleet (
+        watch TEXT PRIMARY KEY, holder TEXT NOT NULL, lease_until REAL,
+        messages_held INTEGER NOT NULL, updated_at REAL NOT NULL
+    );
+    """,
 ]
 
 # Errors that mean the file itself is broken or unreadable, not a busy or full database.
@@ -171,6 +178,20 @@ class FileRow:
             return None
         return Identity(self.dev or 0, self.inode or 0, self.size, self.mtime_ns or 0,
                         self.ctime_ns or 0)
+
+
+@dataclass(frozen=True)
+class FleetMember:
+    """This daemon in one fleet watch: its lease holder name, the lease's expiry while it holds
+    the listing lease (else None), and the SQS messages it holds (objects in flight)."""
+
+    holder: str
+    lease_until: float | None
+    messages_held: int
+    updated_at: float
+
+    def holds_lease(self, now: float) -> bool:
+        return self.lease_until is not None and now < self.lease_until
 
 
 @dataclass(frozen=True)
@@ -723,6 +744,18 @@ class Journal:
         """`name → (healthy, detail, checked_at)` of every engine probed."""
         rows = self._conn().execute("SELECT * FROM engines")
         return {r[0]: (bool(r[1]), r[2], r[3]) for r in rows}
+
+    def set_fleet(self, watch: str, member: FleetMember) -> None:
+        """Record this daemon's part in a fleet watch: its lease, the messages it holds."""
+        with self._tx() as conn:
+            conn.execute("INSERT OR REPLACE INTO fleet VALUES (?, ?, ?, ?, ?)",
+                         (watch, member.holder, member.lease_until, member.messages_held,
+                          member.updated_at))
+
+    def fleet(self) -> dict[str, FleetMember]:
+        """`watch → FleetMember` of the fleet watches this daemon ran."""
+        rows = self._conn().execute("SELECT * FROM fleet")
+        return {r[0]: FleetMember(r[1], r[2], r[3], r[4]) for r in rows}
 
     def audit(self, file_id: int, action: str, actor: str, reason: str,
               detail: str | None, changes: Mapping[str, object], now: float) -> None:

@@ -56,6 +56,20 @@ class _JournalCollector(Collector):
         size.add_metric([], self._journal.size_bytes())
         yield size
         yield self._engine_up()
+        yield from self._fleet(now)
+
+    def _fleet(self, now: float) -> Iterator[GaugeMetricFamily]:
+        """This daemon's part in its fleet watches (docs/fleet.md), as the watcher recorded it."""
+        lease = GaugeMetricFamily("scanwatch_fleet_lease_held",
+                                  "1 while this daemon holds the watch's listing lease", labels=["watch"])
+        held = GaugeMetricFamily("scanwatch_fleet_messages_held",
+                                 "SQS messages this daemon holds (visibility extended) while their "
+                                 "objects are in flight", labels=["watch"])
+        for watch, member in sorted(self._journal.fleet().items()):
+            lease.add_metric([watch], 1.0 if member.holds_lease(now) else 0.0)
+            held.add_metric([watch], member.messages_held)
+        yield lease
+        yield held
 
     def _engine_up(self) -> GaugeMetricFamily:
         # The journal remembers engines a reload removed: only the running ones count.
@@ -119,6 +133,9 @@ class Metrics:
                                      "duplicate scan)", ["watch", "engine"], registry=self.registry)
         self.moves_failed = Counter("scanwatch_moves_failed_total", "Moves that failed (retried)",
                                     ["watch"], registry=self.registry)
+        self.already_placed = Counter("scanwatch_fleet_already_placed_total",
+                                      "Placements found already done by another daemon of the fleet",
+                                      ["watch"], registry=self.registry)
         self.registry.register(_JournalCollector(journal, engines))
 
     def serve(self, listen: str, health: Callable[[], list[str]],
@@ -142,6 +159,8 @@ class Metrics:
         if fields.get("verdict") == VerdictKind.FAILED and reason in _ENGINE_ERROR_REASONS:
             self.engine_errors.labels(engine, reason).inc()
         if outcome.event == "file.moved":
+            if fields.get("already_placed"):
+                self.already_placed.labels(row.watch).inc()
             self.files.labels(row.watch, str(fields["outcome"]), reason).inc()
             self.scan_seconds.labels(engine).observe(max(0.0, time.time() - row.discovered_at))
             self.bytes_scanned.labels(engine).inc(row.size or 0)

@@ -7,7 +7,7 @@ from typing import Any
 
 from daemon.config import Config
 from daemon.fsutil import printable
-from daemon.journal import Journal
+from daemon.journal import FleetMember, Journal
 from daemon.model import FileState
 
 __all__ = ["collect", "render"]
@@ -37,11 +37,24 @@ def collect(config: Config, journal: Journal) -> dict[str, Any]:
         entry = watches[row.watch]
         entry["last_error"] = entry["last_error"] or row.last_error
         entry["move_failures"] += row.state is FileState.VERDICT
+    fleet = journal.fleet()
+    for w in config.watches:
+        if w.fleet:
+            watches[w.name]["fleet"] = _fleet_status(fleet.get(w.name), now)
     health = journal.engine_health()
     engines = {name: {"type": cfg.type, "healthy": health.get(name, (None,))[0],
                       "detail": health.get(name, (None, None))[1]}
                for name, cfg in config.engines.items()}
     return {"watches": watches, "engines": engines}
+
+
+def _fleet_status(member: FleetMember | None, now: float) -> dict[str, Any]:
+    """A fleet watch as this daemon last recorded it (docs/fleet.md)."""
+    if member is None:  # not run since it became a fleet watch
+        return {"member": True, "holds_lease": False, "messages_held": 0, "recorded_s_ago": None}
+    return {"member": True, "holder": member.holder, "holds_lease": member.holds_lease(now),
+            "lease_until": member.lease_until if member.holds_lease(now) else None,
+            "messages_held": member.messages_held, "recorded_s_ago": round(now - member.updated_at, 1)}
 
 
 def render(status: dict[str, Any]) -> str:
@@ -54,6 +67,10 @@ def render(status: dict[str, Any]) -> str:
         lines.append(f"{name:<16} {w['engine'] or '-':<10} {pending:>8} "
                      f"{w['outcomes'].get('clean', 0):>7} {w['outcomes'].get('infected', 0):>8} "
                      f"{w['outcomes'].get('failed', 0):>7} {sum(w['skipped'].values()):>7}  {oldest}")
+        if fleet := w.get("fleet"):
+            lease = ("holds the listing lease" if fleet["holds_lease"]
+                     else "another member holds the listing lease (or none yet)")
+            lines.append(f"  fleet member: {lease}; {fleet['messages_held']} messages held")
         if w["move_failures"]:
             lines.append(f"  {w['move_failures']} moves failing, will retry")
         if w["last_error"]:

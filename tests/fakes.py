@@ -133,12 +133,13 @@ class FakeLocation:
     def identity_now(self, rel_path: str) -> Identity | None:
         return None
 
-    def receive(self, req: MoveRequest, source: Source) -> None:
+    def receive(self, req: MoveRequest, source: Source) -> bool:
         if req.dest_rel in self.objects:
             raise FileExistsError(req.dest_rel)
         with source.open_bytes(req) as reader:
             self.objects[req.dest_rel] = reader.read()
         self.tags[req.dest_rel] = {**req.tags, "scanwatch-file": req.marker}
+        return False
 
     def holds(self, req: MoveRequest) -> bool:
         return self.tags.get(req.dest_rel, {}).get("scanwatch-file") == req.marker

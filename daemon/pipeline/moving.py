@@ -95,7 +95,7 @@ class Mover:
             tags={"scanwatch-verdict": verdict.value,
                   "scanwatch-reason": _TAG_VALUE.sub("_", row.reason or "")})
         try:
-            request = self._transfer(row, request, source, dest, resumed)
+            request, already_placed = self._transfer(row, request, source, dest, resumed)
         except ChangedError as exc:
             return self.outcomes.changed(str(exc), settles=source.settles)
         except FileNotFoundError:
@@ -111,7 +111,7 @@ class Mover:
             except (OSError, LocationError) as exc:
                 # The file is in place: stay `moving`, so the retry finishes this move.
                 return self.outcomes.move_failed(row, exc, {"state": FileState.MOVING})
-        return self.outcomes.placed(row, destination, verdict)
+        return self.outcomes.placed(row, destination, verdict, already_placed=already_placed)
 
     def _in_place(self, row: FileRow, watch: WatchConfig, source: S3Location,
                   locations: Locations) -> Outcome:
@@ -154,12 +154,11 @@ class Mover:
         return dest, row.destination.removeprefix(dest.name(""))
 
     def _transfer(self, row: FileRow, request: MoveRequest, source: Source, dest: Destination,
-                  resumed: bool) -> MoveRequest:
+                  resumed: bool) -> tuple[MoveRequest, bool]:
         """Move to the planned name; if it was taken meanwhile, journal a new plan and retry."""
         for _ in range(_MAX_REPLANS):
             try:
-                transfer(request, source, dest, resumed=resumed)
-                return request
+                return request, transfer(request, source, dest, resumed=resumed)
             except FileExistsError:
                 dest_rel = dest.plan(row.rel_path, taken=True)
                 self.journal.apply([(row.id, {"destination": dest.name(dest_rel), "dest_rel": dest_rel})])

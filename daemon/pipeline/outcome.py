@@ -92,16 +92,17 @@ class Outcomes:
             "engine_scan_id": verdict.engine_scan_id or row.engine_scan_id,
             "submitting_at": None, "scanned_at": self.clock()}
 
-    def placed(self, row: FileRow, destination: str, verdict: VerdictKind) -> Outcome:
-        """In its destination: done."""
+    def placed(self, row: FileRow, destination: str, verdict: VerdictKind, *,
+               already_placed: bool = False) -> Outcome:
+        """In its destination: done (`already_placed`: by another daemon of a fleet)."""
         now = self.clock()
+        fields = {"outcome": verdict.value, "reason": row.reason, "threats": row.threats or [],
+                  "destination": destination, "attempts": row.attempts, "sha256": row.sha256,
+                  "size": row.size, "duration_s": round(now - row.discovered_at, 4)}
         return Outcome(
             {"state": FileState.DONE, "destination": destination, "owner": None, "done_at": now,
              "last_error": None},
-            "file.moved",
-            {"outcome": verdict.value, "reason": row.reason, "threats": row.threats or [],
-             "destination": destination, "attempts": row.attempts, "sha256": row.sha256,
-             "size": row.size, "duration_s": round(now - row.discovered_at, 4)})
+            "file.moved", {**fields, "already_placed": True} if already_placed else fields)
 
     def move_failed(self, row: FileRow, exc: BaseException, changes: RowChanges | None = None,
                     attempts: int | None = None) -> Outcome:

