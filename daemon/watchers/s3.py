@@ -27,7 +27,8 @@ from daemon.journal import FleetMember, Journal
 from daemon.retry import RetryPolicy
 from daemon.s3 import S3Url, s3_boundary
 from daemon.watchers.base import is_ignored
-from daemon.watchers.s3events import S3Event, SqsEventSource
+from daemon.watchers.s3events import SqsEventSource
+from daemon.watchers.s3notify import S3Event
 
 __all__ = ["S3Watcher"]
 
