@@ -75,6 +75,14 @@ _SCHEMA = [
     ALTER TABLE files ADD COLUMN dest_root TEXT;
     ALTER TABLE files ADD COLUMN dest_rel BLOB;
     """,
+    # The work queue in due order: `claim` and `next_due_at` read a batch off its head
+    # instead of every row of the watch, so their cost does not grow with the backlog.
+    """
+    CREATE INDEX files_claimable ON files(next_attempt_at)
+        WHERE state IN ('stable', 'verdict', 'scanning', 'moving') AND owner IS NULL;
+    -- `counts` (status, metrics) reads this index alone, already in group order.
+    CREATE INDEX files_counts ON files(watch, state, verdict, reason);
+    """,
 ]
 
 _JSON_COLUMNS = ("threats", "raw_result")
@@ -82,6 +90,8 @@ _PATH_COLUMNS = ("rel_path", "destination", "dest_rel")
 _ACTIVE = "state NOT IN ('done', 'gone')"
 # A claimed row, in any state, is its owner's until it commits it with `owner = NULL`
 # (or `reclaim` finds the owner dead): never two workers on one file.
+# Queries of the work queue write `+watch`: the unary plus keeps SQLite from picking the
+# watch index (every row of the watch, done ones too) over the due-ordered partial ones.
 _CLAIMABLE = "(state IN ('stable', 'verdict', 'scanning', 'moving') AND owner IS NULL)"
 
 
@@ -265,6 +275,9 @@ class Journal:
                 raise JournalError(f"journal {self.path}: commit failed: {exc}") from exc
 
     def _migrate(self) -> None:
+        # Read first: a write transaction here would queue every `status` behind a drain.
+        if self._conn().execute("PRAGMA user_version").fetchone()[0] == len(_SCHEMA):
+            return
         with self._tx() as conn:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             for number, script in enumerate(_SCHEMA[version:], start=version + 1):
@@ -337,8 +350,9 @@ class Journal:
     def due(self, state: FileState, watch: str, now: float, limit: int) -> list[FileRow]:
         """Rows of `watch` in `state` whose next attempt is due, oldest first."""
         rows = self._conn().execute(
-            "SELECT * FROM files WHERE state = ? AND watch = ? AND next_attempt_at <= ? "
-            "ORDER BY next_attempt_at LIMIT ?", (str(state), watch, now, limit)).fetchall()
+            f"SELECT * FROM files WHERE state = ? AND {_ACTIVE} AND +watch = ? "
+            "AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?",
+            (str(state), watch, now, limit)).fetchall()
         return [_from_db(r) for r in rows]
 
     # -- work queue -----------------------------------------------------------------------
@@ -355,7 +369,7 @@ class Journal:
                 f"""UPDATE files SET owner = ?, updated_at = ?,
                         attempts = attempts + (state = 'stable'),
                         state = CASE state WHEN 'stable' THEN 'scanning' ELSE state END
-                    WHERE id IN (SELECT id FROM files WHERE {_CLAIMABLE} AND watch IN ({marks})
+                    WHERE id IN (SELECT id FROM files WHERE {_CLAIMABLE} AND +watch IN ({marks})
                                  AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?)
                     RETURNING *""",
                 (owner, now, *watches, now, limit),
@@ -419,7 +433,7 @@ class Journal:
         """When the earliest claimable row of these watches is due."""
         marks = ",".join("?" * len(watches))
         row = self._conn().execute(
-            f"SELECT min(next_attempt_at) FROM files WHERE {_CLAIMABLE} AND watch IN ({marks})",
+            f"SELECT min(next_attempt_at) FROM files WHERE {_CLAIMABLE} AND +watch IN ({marks})",
             tuple(watches)).fetchone()
         return row[0] if row else None
 
