@@ -46,9 +46,16 @@ def _peak_rss_kb(pid: int) -> int:
     return 0
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_daemon(base: Path, files: list[tuple[str, bytes]], concurrency: int,
                arrival: str, rate: float | None = None,
-               engine: dict[str, object] | None = None) -> dict[str, float]:
+               engine: dict[str, object] | None = None, code: Path = ROOT) -> dict[str, float]:
+    """Run `scanwatch run` (from the checkout `code`) on `files`; figures of the run."""
     inbox = base / "inbox"
     inbox.mkdir(parents=True)
     base.chmod(0o755)  # clamd, as another user, reads files by path
@@ -63,12 +70,14 @@ def run_daemon(base: Path, files: list[tuple[str, bytes]], concurrency: int,
     }
     (base / "scanwatch.yaml").write_text(yaml.safe_dump(config))
     proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", "run", "--config",
-                             str(base / "scanwatch.yaml")], cwd=ROOT, stdout=subprocess.DEVNULL)
+                             str(base / "scanwatch.yaml")], cwd=code, stdout=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONPATH": str(code)})
     journal = base / "state" / "journal.sqlite3"
     deadline = time.monotonic() + 30
     while not journal.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(1.0)  # watchers armed
+    cpu_at_start = cpu_seconds(proc.pid)  # start-up (imports, config) is not per file
     staging = base / "staging"
     staging.mkdir()
     if arrival == "rename":
@@ -97,6 +106,7 @@ def run_daemon(base: Path, files: list[tuple[str, bytes]], concurrency: int,
     latencies = sorted(r[0] for r in conn.execute(
         "SELECT scanned_at - discovered_at FROM files WHERE state = 'done'"))
     outcomes = dict(conn.execute("SELECT verdict, count(*) FROM files GROUP BY verdict").fetchall())
+    cpu_s = cpu_seconds(proc.pid) - cpu_at_start
     proc.send_signal(signal.SIGTERM)
     proc.wait(30)
     return {
@@ -105,6 +115,7 @@ def run_daemon(base: Path, files: list[tuple[str, bytes]], concurrency: int,
         "p50_ms": 1000 * statistics.median(latencies),
         "p99_ms": 1000 * latencies[int(len(latencies) * 0.99) - 1],
         "peak_rss_mb": peak_kb / 1024,
+        "cpu_ms_per_file": 1000 * cpu_s / len(files),
         "clean": outcomes.get("clean", 0),
         "infected": outcomes.get("infected", 0),
     }
