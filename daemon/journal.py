@@ -296,25 +296,36 @@ class Journal:
 
     # -- intake -----------------------------------------------------------------------------
 
-    def discover(self, watch: str, entries: Iterable[tuple[str, int]], now: float) -> int:
+    def discover(self, watch: str, entries: Iterable[tuple[str, int]], now: float,
+                 settled: Mapping[str, Identity] | None = None) -> int:
         """Record `(rel_path, inode)` arrivals; known active paths are left as they are.
 
         A path held back (a symlink, say) whose inode changed is a new arrival again.
+        A path in `settled` (a watch with `settle_seconds: 0`, its file just lstat'ed)
+        is recorded stable at once with that identity: the settle step has nothing to add.
         Returns how many rows were added or revived. Idempotent.
         """
         added = 0
         with self._tx() as conn:
             for rel_path, inode in entries:
+                identity = settled.get(rel_path) if settled else None
+                state, stable_at = ("stable", now) if identity else ("discovered", None)
+                dev, size, mtime_ns, ctime_ns = ((identity.dev, identity.size, identity.mtime_ns,
+                                                  identity.ctime_ns) if identity else (None,) * 4)
                 cursor = conn.execute(
-                    f"""INSERT INTO files (watch, rel_path, state, inode, next_attempt_at,
-                                          discovered_at, updated_at)
-                        VALUES (?, ?, 'discovered', ?, ?, ?, ?)
+                    f"""INSERT INTO files (watch, rel_path, state, inode, dev, size, mtime_ns,
+                                          ctime_ns, stable_at, next_attempt_at, discovered_at,
+                                          updated_at)
+                        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                         ON CONFLICT (watch, rel_path) WHERE {_ACTIVE} DO UPDATE
-                        SET state = 'discovered', inode = excluded.inode, reason = NULL,
+                        SET state = excluded.state, inode = excluded.inode, reason = NULL,
+                            dev = excluded.dev, size = excluded.size, mtime_ns = excluded.mtime_ns,
+                            ctime_ns = excluded.ctime_ns, stable_at = excluded.stable_at,
                             next_attempt_at = excluded.next_attempt_at,
                             discovered_at = excluded.discovered_at, updated_at = excluded.updated_at
                         WHERE files.state = 'held' AND files.inode IS NOT excluded.inode""",
-                    (watch, os.fsencode(rel_path), inode, now, now, now),
+                    (watch, os.fsencode(rel_path), state, inode, dev, size, mtime_ns, ctime_ns,
+                     stable_at, now, now, now),
                 )
                 added += cursor.rowcount
         return added
