@@ -207,15 +207,32 @@ def _text(value: str) -> str:
 
 
 def _from_db(row: sqlite3.Row) -> FileRow:
-    values = dict(row)
-    for column in _PATH_COLUMNS:
-        if values[column] is not None:
-            values[column] = os.fsdecode(values[column])
-    for column in _JSON_COLUMNS:
-        if values[column] is not None:
-            values[column] = json.loads(values[column])
-    values["state"] = FileState(values["state"])
-    return FileRow(**values)
+    keys = row.keys()
+    decoders = _DECODERS.get(tuple(keys)) or _decoders(tuple(keys))
+    values = list(row)
+    for index, decode in decoders:
+        if values[index] is not None:
+            values[index] = decode(values[index])
+    if len(values) == len(_FIELDS) and decoders is _DECODERS.get(_FIELDS):
+        # Every column a field, in order: fill the frozen row directly, skipping
+        # the dataclass __init__ (its 34 `object.__setattr__` were most of this cost).
+        decoded = object.__new__(FileRow)
+        decoded.__dict__.update(zip(_FIELDS, values, strict=True))
+        return decoded
+    return FileRow(**dict(zip(keys, values, strict=True)))
+
+
+_FIELDS = tuple(field.name for field in dataclasses.fields(FileRow))
+_COLUMN_DECODERS: dict[str, Any] = {**dict.fromkeys(_PATH_COLUMNS, os.fsdecode),
+                                    **dict.fromkeys(_JSON_COLUMNS, json.loads), "state": FileState}
+_DECODERS: dict[tuple[str, ...], list[tuple[int, Any]]] = {}
+
+
+def _decoders(keys: tuple[str, ...]) -> list[tuple[int, Any]]:
+    """Which positions of a row with these columns need decoding, and how (cached)."""
+    decoders = [(i, _COLUMN_DECODERS[k]) for i, k in enumerate(keys) if k in _COLUMN_DECODERS]
+    _DECODERS[keys] = decoders
+    return decoders
 
 
 class Journal:

@@ -91,3 +91,21 @@ def test_status_opens_a_journal_while_another_process_holds_a_write(tmp_path: Pa
         assert journal.pending_count() == 0
     finally:
         holder.communicate("")
+
+
+def test_rows_decoded_on_the_fast_path_are_the_rows_init_would_make(tmp_path: Path) -> None:
+    import dataclasses
+
+    journal = Journal(tmp_path / "journal.sqlite3")
+    odd = b"caf\xe9.txt".decode("utf-8", "surrogateescape")
+    journal.discover("w", [(odd, 1), ("b", 2)], 1.0)
+    [first, _] = journal.rows()
+    journal.apply([(first.id, {"threats": ["EICAR"], "raw_result": {"a": [1]},
+                               "destination": "/q/" + odd, "state": FileState.DONE})])
+    for row in journal.rows():
+        rebuilt = type(row)(**{f.name: getattr(row, f.name) for f in dataclasses.fields(row)})
+        assert row == rebuilt
+        assert isinstance(row.state, FileState)
+    done = journal.get(first.id)
+    assert done is not None and done.rel_path == odd and done.destination == "/q/" + odd
+    assert done.threats == ["EICAR"] and done.raw_result == {"a": [1]} and done.state is FileState.DONE
