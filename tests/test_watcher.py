@@ -202,7 +202,7 @@ def test_with_settle_0_a_file_an_event_names_is_recorded_stable_with_its_identit
     assert rows["a.bin"].identity == Identity.of(os.lstat(tmp_path / "in" / "a.bin"))
     assert rows["link"].state is FileState.DISCOVERED  # the settle step holds it back
     assert wake.is_set()
-    watcher._observer.stop()
+    watcher._disarm()
 
 
 def test_with_a_settle_period_an_event_only_records_the_arrival(tmp_path: Path) -> None:
@@ -215,4 +215,4 @@ def test_with_a_settle_period_an_event_only_records_the_arrival(tmp_path: Path) 
     [row] = journal.rows()
     assert row.state is FileState.DISCOVERED and row.identity is None
     assert not wake.is_set()
-    watcher._observer.stop()
+    watcher._disarm()

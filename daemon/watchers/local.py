@@ -49,6 +49,7 @@ from daemon.errors import UnsafePathError
 from daemon.fsutil import DirCache, Identity, classify, split_rel
 from daemon.journal import FileRow, Journal, RowChanges
 from daemon.model import FileState
+from daemon.watchers import inotify
 from daemon.watchers.tree import stat_below, walk
 
 __all__ = ["LocalWatcher", "RepeatFilter", "is_ignored", "relative_path"]
@@ -127,6 +128,8 @@ class _ArrivalsEmitter(InotifyEmitter):
 
 
 class _ArrivalsObserver(BaseObserver):
+    """watchdog's observer, where inotify cannot be read directly (daemon/watchers/inotify.py)."""
+
     def __init__(self) -> None:
         self._inotify_fd = InotifyFD()
         self._inotify_fd.start()
@@ -174,8 +177,8 @@ class LocalWatcher:
         self._lock = threading.Lock()
         self._event = threading.Event()
         self._stopping = threading.Event()
-        self._observer = _ArrivalsObserver()
-        self._observed: ObservedWatch | None = None
+        self._observer = None if inotify.available() else _ArrivalsObserver()
+        self._observed: ObservedWatch | inotify.InotifyReader | None = None
         self._arm_lock = threading.Lock()  # _arm() against stop(); the handler never takes it
         self._thread = threading.Thread(target=self._run, name=f"watch-{watch.name}", daemon=True)
         self._next_rescan_at = 0.0
@@ -188,7 +191,8 @@ class LocalWatcher:
     def start(self) -> None:
         """Arm inotify on the root, then sweep what is already there (in the watcher's thread)."""
         self._check_root(self.clock())
-        self._observer.start()
+        if self._observer is not None:
+            self._observer.start()
         self._thread.start()
 
     def stop(self) -> None:
@@ -196,8 +200,11 @@ class LocalWatcher:
         with self._arm_lock:
             self._stopping.set()
         self._event.set()
-        self._observer.stop()
-        self._observer.join(5)
+        if isinstance(self._observed, inotify.InotifyReader):
+            self._observed.stop()
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(5)
         self._thread.join(5)
 
     def _add(self, path: str) -> None:
@@ -286,7 +293,12 @@ class LocalWatcher:
             if self._stopping.is_set():
                 return
             try:
-                self._observed = self._observer.schedule(handler, self.watch.source, recursive=True)
+                if self._observer is None:
+                    reader = inotify.InotifyReader(self.watch.source, self._add, self._root_event)
+                    reader.start()
+                    self._observed = reader
+                else:
+                    self._observed = self._observer.schedule(handler, self.watch.source, recursive=True)
             except OSError as exc:
                 log.warning("watch.events_unavailable", watch=self.watch.name,
                             reason=_reason(exc), error=exc.strerror)
@@ -294,7 +306,9 @@ class LocalWatcher:
     def _disarm(self) -> None:
         with self._arm_lock:
             observed, self._observed = self._observed, None
-            if observed is not None and not self._stopping.is_set():
+            if isinstance(observed, inotify.InotifyReader):
+                observed.stop()
+            elif observed is not None and self._observer is not None and not self._stopping.is_set():
                 self._observer.unschedule(observed)
 
     def _sweep(self, root_fd: int, now: float) -> None:
