@@ -46,9 +46,16 @@ def _peak_rss_kb(pid: int) -> int:
     return 0
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_daemon(base: Path, files: list[tuple[str, bytes]], concurrency: int,
                arrival: str, rate: float | None = None,
-               engine: dict[str, object] | None = None) -> dict[str, float]:
+               engine: dict[str, object] | None = None, code: Path = ROOT) -> dict[str, float]:
+    """Run `scanwatch run` (from the checkout `code`) on `files`; figures of the run."""
     inbox = base / "inbox"
     inbox.mkdir(parents=True)
     base.chmod(0o755)  # clamd, as another user, reads files by path
@@ -62,20 +69,26 @@ def run_daemon(base: Path, files: list[tuple[str, bytes]], concurrency: int,
                      "failed": str(base / "failed"), "settle_seconds": 0, "rescan_interval": 300}],
     }
     (base / "scanwatch.yaml").write_text(yaml.safe_dump(config))
+    if arrival == "backlog":  # all present before the daemon starts; timed from its start
+        for name, body in files:
+            (inbox / name).write_bytes(body)
+    before_start = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", "run", "--config",
-                             str(base / "scanwatch.yaml")], cwd=ROOT, stdout=subprocess.DEVNULL)
+                             str(base / "scanwatch.yaml")], cwd=code, stdout=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONPATH": str(code)})
     journal = base / "state" / "journal.sqlite3"
     deadline = time.monotonic() + 30
     while not journal.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(1.0)  # watchers armed
+    cpu_at_start = 0.0 if arrival == "backlog" else cpu_seconds(proc.pid)  # start-up is not per file
     staging = base / "staging"
     staging.mkdir()
     if arrival == "rename":
         for name, body in files:
             (staging / name).write_bytes(body)
-    started = time.time()
-    for index, (name, body) in enumerate(files):
+    started = before_start if arrival == "backlog" else time.time()
+    for index, (name, body) in enumerate(files if arrival != "backlog" else ()):
         if arrival == "rename":  # the way SFTP servers finish uploads: rename into place
             os.rename(staging / name, inbox / name)
         else:
@@ -84,10 +97,13 @@ def run_daemon(base: Path, files: list[tuple[str, bytes]], concurrency: int,
             time.sleep(max(0.0, started + (index + 1) / rate - time.time()))
     dropped = time.time()
     peak_kb = 0
+    status_s = 0.0
     conn = sqlite3.connect(journal)
     while True:
         peak_kb = max(peak_kb, _peak_rss_kb(proc.pid))
         done = conn.execute("SELECT count(*), max(done_at) FROM files WHERE state = 'done'").fetchone()
+        if arrival == "backlog" and not status_s and done[0] > len(files) // 4:
+            status_s = _status_seconds(base / "scanwatch.yaml", code)
         if done[0] >= len(files):
             break
         if time.time() - started > 600:
@@ -97,6 +113,8 @@ def run_daemon(base: Path, files: list[tuple[str, bytes]], concurrency: int,
     latencies = sorted(r[0] for r in conn.execute(
         "SELECT scanned_at - discovered_at FROM files WHERE state = 'done'"))
     outcomes = dict(conn.execute("SELECT verdict, count(*) FROM files GROUP BY verdict").fetchall())
+    first_done = conn.execute("SELECT min(done_at) FROM files").fetchone()[0]
+    cpu_s = cpu_seconds(proc.pid) - cpu_at_start
     proc.send_signal(signal.SIGTERM)
     proc.wait(30)
     return {
@@ -105,9 +123,23 @@ def run_daemon(base: Path, files: list[tuple[str, bytes]], concurrency: int,
         "p50_ms": 1000 * statistics.median(latencies),
         "p99_ms": 1000 * latencies[int(len(latencies) * 0.99) - 1],
         "peak_rss_mb": peak_kb / 1024,
+        "cpu_ms_per_file": 1000 * cpu_s / len(files),
+        "first_move_s": first_done - started,
+        "status_s": status_s,
         "clean": outcomes.get("clean", 0),
         "infected": outcomes.get("infected", 0),
     }
+
+
+def _status_seconds(config: Path, code: Path) -> float:
+    """How long `scanwatch status` (of the checkout `code`) takes to collect, imports left out."""
+    script = ("import sys, time; from daemon.config import load_config; "
+              "from daemon.journal import open_journal; from daemon.status import collect; "
+              "config = load_config(sys.argv[1]); started = time.perf_counter(); "
+              "collect(config, open_journal(config.state_dir)); print(time.perf_counter() - started)")
+    done = subprocess.run([sys.executable, "-c", script, str(config)], capture_output=True, text=True,
+                          cwd=code, env={**os.environ, "PYTHONPATH": str(code)}, check=True)
+    return float(done.stdout)
 
 
 def run_floor(base: Path, files: list[tuple[str, bytes]]) -> dict[str, float]:
@@ -129,6 +161,62 @@ def run_floor(base: Path, files: list[tuple[str, bytes]]) -> dict[str, float]:
     return {"files_per_s": len(files) / (time.time() - started)}
 
 
+def _one_run(base: Path, files: list[tuple[str, bytes]], args: argparse.Namespace
+             ) -> dict[str, dict[str, float]]:
+    figures: dict[str, dict[str, float]] = {}
+    codes = {"ours": ROOT, **({"compare": args.compare} if args.compare else {})}
+    for who, code in codes.items():
+        figures[f"burst {who}"] = run_daemon(base / f"burst-{who}", files, args.concurrency,
+                                             args.arrival, code=code)
+        figures[f"trickle {who}"] = run_daemon(base / f"trickle-{who}", files[:args.trickle_files],
+                                               args.concurrency, args.arrival,
+                                               rate=args.trickle_rate, code=code)
+        if args.backlog:
+            backlog = _payloads(args.backlog, 100)
+            figures[f"backlog {who}"] = run_daemon(base / f"backlog-{who}", backlog,
+                                                   args.concurrency, "backlog", code=code)
+    figures["floor"] = run_floor(base, files)
+    return figures
+
+
+def _spread(runs: list[dict[str, dict[str, float]]], what: str, key: str, digits: int = 0) -> str:
+    values = [r[what][key] for r in runs]
+    return (f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f} - "
+            f"{max(values):.{digits}f})")
+
+
+def _report(runs: list[dict[str, dict[str, float]]], args: argparse.Namespace) -> None:
+    print(f"local_throughput: {args.files} files x {args.size} B, 1 % EICAR, YARA, "
+          f"concurrency {args.concurrency}, arrival by {args.arrival}, {os.cpu_count()} cores, "
+          f"{len(runs)} runs, median (min - max)")
+    for who in ("ours", "compare") if args.compare else ("ours",):
+        name = "scanwatch" if who == "ours" else str(args.compare)
+        print(f"  {name}, burst: {_spread(runs, f'burst {who}', 'files_per_s')} files/s, CPU "
+              f"{_spread(runs, f'burst {who}', 'cpu_ms_per_file', 3)} ms/file, peak RSS "
+              f"{_spread(runs, f'burst {who}', 'peak_rss_mb')} MB")
+        print(f"  {name}, trickle {args.trickle_rate:.0f} files/s: detect->verdict p50 "
+              f"{_spread(runs, f'trickle {who}', 'p50_ms', 1)} ms, p99 "
+              f"{_spread(runs, f'trickle {who}', 'p99_ms', 1)} ms")
+        if args.backlog:
+            print(f"  {name}, backlog of {args.backlog} x 100 B present at start: "
+                  f"{_spread(runs, f'backlog {who}', 'files_per_s')} files/s, first move "
+                  f"{_spread(runs, f'backlog {who}', 'first_move_s', 2)} s, status during the drain "
+                  f"{_spread(runs, f'backlog {who}', 'status_s', 3)} s, CPU "
+                  f"{_spread(runs, f'backlog {who}', 'cpu_ms_per_file', 3)} ms/file (start-up included), "
+                  f"peak RSS {_spread(runs, f'backlog {who}', 'peak_rss_mb')} MB")
+    if args.compare:
+        ratios = [{"r": {"burst": r["burst ours"]["files_per_s"] / r["burst compare"]["files_per_s"],
+                         "cpu": r["burst ours"]["cpu_ms_per_file"] / r["burst compare"]["cpu_ms_per_file"],
+                         **({"backlog": r["backlog ours"]["files_per_s"]
+                             / r["backlog compare"]["files_per_s"]} if args.backlog else {})}}
+                  for r in runs]
+        print(f"  scanwatch / {args.compare}: burst {_spread(ratios, 'r', 'burst', 2)}x, CPU per file "
+              f"{_spread(ratios, 'r', 'cpu', 2)}x"
+              + (f", backlog {_spread(ratios, 'r', 'backlog', 2)}x" if args.backlog else ""))
+    print(f"  bare python loop: {_spread(runs, 'floor', 'files_per_s')} files/s "
+          "(read+sha256+yara+rename, no daemon)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--files", type=int, default=5000)
@@ -138,26 +226,20 @@ def main() -> None:
                         help="files written in place, or written elsewhere and renamed in")
     parser.add_argument("--trickle-rate", type=float, default=200.0, help="files/s of the trickle")
     parser.add_argument("--trickle-files", type=int, default=1000)
+    parser.add_argument("--backlog", type=int, default=0,
+                        help="also drain this many 100-byte files present at start (0: skip)")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--compare", type=Path, help="another checkout's daemon as a peer")
     args = parser.parse_args()
     files = _payloads(args.files, args.size)
-    base = Path(tempfile.mkdtemp(prefix="scanwatch-bench-"))
-    try:
-        daemon = run_daemon(base / "daemon", files, args.concurrency, args.arrival)
-        trickle = run_daemon(base / "trickle", files[:args.trickle_files], args.concurrency,
-                             args.arrival, rate=args.trickle_rate)
-        floor = run_floor(base, files)
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
-    print(f"local_throughput: {args.files} files x {args.size} B, 1 % EICAR, YARA, "
-          f"concurrency {args.concurrency}, arrival by {args.arrival}, {os.cpu_count()} cores")
-    print(f"  scanwatch, burst : {daemon['files_per_s']:8.0f} files/s   "
-          f"peak RSS {daemon['peak_rss_mb']:.0f} MB   "
-          f"({daemon['clean']:.0f} clean, {daemon['infected']:.0f} infected; "
-          f"queueing p50 {daemon['p50_ms']:.0f} ms)")
-    print(f"  scanwatch, trickle {args.trickle_rate:.0f} files/s: detect->verdict "
-          f"p50 {trickle['p50_ms']:.1f} ms  p99 {trickle['p99_ms']:.1f} ms   "
-          f"peak RSS {trickle['peak_rss_mb']:.0f} MB")
-    print(f"  bare python loop : {floor['files_per_s']:8.0f} files/s   (read+sha256+yara+rename, no daemon)")
+    runs = []
+    for _ in range(args.runs):
+        base = Path(tempfile.mkdtemp(prefix="scanwatch-bench-"))
+        try:
+            runs.append(_one_run(base, files, args))
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+    _report(runs, args)
 
 
 if __name__ == "__main__":

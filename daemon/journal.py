@@ -110,6 +110,14 @@ _SCHEMA = [
         messages_held INTEGER NOT NULL, updated_at REAL NOT NULL
     );
     """,
+    # The work queue in due order: `claim` and `next_due_at` read a batch off its head
+    # instead of every row of the watch, so their cost does not grow with the backlog.
+    """
+    CREATE INDEX files_claimable ON files(next_attempt_at)
+        WHERE state IN ('stable', 'verdict', 'scanning', 'moving') AND owner IS NULL;
+    -- `counts` (status, metrics) reads this index alone, already in group order.
+    CREATE INDEX files_counts ON files(watch, state, verdict, reason);
+    """,
 ]
 
 # Errors that mean the file itself is broken or unreadable, not a busy or full database.
@@ -121,6 +129,8 @@ _PATH_COLUMNS = ("rel_path", "destination", "dest_rel")
 _ACTIVE = "state NOT IN ('done', 'gone')"
 # A claimed row, in any state, is its owner's until it commits it with `owner = NULL`
 # (or `reclaim` finds the owner dead): never two workers on one file.
+# Queries of the work queue write `+watch`: the unary plus keeps SQLite from picking the
+# watch index (every row of the watch, done ones too) over the due-ordered partial ones.
 _CLAIMABLE = "(state IN ('stable', 'verdict', 'scanning', 'moving') AND owner IS NULL)"
 
 
@@ -337,15 +347,32 @@ def _update_file(conn: sqlite3.Connection, file_id: int, fields: RowChanges) -> 
 
 
 def _from_db(row: sqlite3.Row) -> FileRow:
-    values = dict(row)
-    for column in _PATH_COLUMNS:
-        if values[column] is not None:
-            values[column] = os.fsdecode(values[column])
-    for column in _JSON_COLUMNS:
-        if values[column] is not None:
-            values[column] = json.loads(values[column])
-    values["state"] = FileState(values["state"])
-    return FileRow(**values)
+    keys = row.keys()
+    decoders = _DECODERS.get(tuple(keys)) or _decoders(tuple(keys))
+    values = list(row)
+    for index, decode in decoders:
+        if values[index] is not None:
+            values[index] = decode(values[index])
+    if len(values) == len(_FIELDS) and decoders is _DECODERS.get(_FIELDS):
+        # Every column a field, in order: fill the frozen row directly, skipping
+        # the dataclass __init__ (its 34 `object.__setattr__` were most of this cost).
+        decoded = object.__new__(FileRow)
+        decoded.__dict__.update(zip(_FIELDS, values, strict=True))
+        return decoded
+    return FileRow(**dict(zip(keys, values, strict=True)))
+
+
+_FIELDS = tuple(field.name for field in dataclasses.fields(FileRow))
+_COLUMN_DECODERS: dict[str, Any] = {**dict.fromkeys(_PATH_COLUMNS, os.fsdecode),
+                                    **dict.fromkeys(_JSON_COLUMNS, json.loads), "state": FileState}
+_DECODERS: dict[tuple[str, ...], list[tuple[int, Any]]] = {}
+
+
+def _decoders(keys: tuple[str, ...]) -> list[tuple[int, Any]]:
+    """Which positions of a row with these columns need decoding, and how (cached)."""
+    decoders = [(i, _COLUMN_DECODERS[k]) for i, k in enumerate(keys) if k in _COLUMN_DECODERS]
+    _DECODERS[keys] = decoders
+    return decoders
 
 
 class Journal:
@@ -411,6 +438,9 @@ class Journal:
                 raise JournalError(f"journal {self.path}: commit failed: {exc}") from exc
 
     def _migrate(self) -> None:
+        # Read first: a write transaction here would queue every `status` behind a drain.
+        if self._conn().execute("PRAGMA user_version").fetchone()[0] == len(_SCHEMA):
+            return
         with self._tx() as conn:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             for number, script in enumerate(_SCHEMA[version:], start=version + 1):
@@ -457,25 +487,36 @@ class Journal:
 
     # -- intake -----------------------------------------------------------------------------
 
-    def discover(self, watch: str, entries: Iterable[tuple[str, int]], now: float) -> int:
+    def discover(self, watch: str, entries: Iterable[tuple[str, int]], now: float,
+                 settled: Mapping[str, Identity] | None = None) -> int:
         """Record `(rel_path, inode)` arrivals; known active paths are left as they are.
 
         A path held back (a symlink, say) whose inode changed is a new arrival again.
+        A path in `settled` (a watch with `settle_seconds: 0`, its file just lstat'ed)
+        is recorded stable at once with that identity: the settle step has nothing to add.
         Returns how many rows were added or revived. Idempotent.
         """
         added = 0
         with self._tx() as conn:
             for rel_path, inode in entries:
+                identity = settled.get(rel_path) if settled else None
+                state, stable_at = ("stable", now) if identity else ("discovered", None)
+                dev, size, mtime_ns, ctime_ns = ((identity.dev, identity.size, identity.mtime_ns,
+                                                  identity.ctime_ns) if identity else (None,) * 4)
                 cursor = conn.execute(
-                    f"""INSERT INTO files (watch, rel_path, state, inode, next_attempt_at,
-                                          discovered_at, updated_at)
-                        VALUES (?, ?, 'discovered', ?, ?, ?, ?)
+                    f"""INSERT INTO files (watch, rel_path, state, inode, dev, size, mtime_ns,
+                                          ctime_ns, stable_at, next_attempt_at, discovered_at,
+                                          updated_at)
+                        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                         ON CONFLICT (watch, rel_path) WHERE {_ACTIVE} DO UPDATE
-                        SET state = 'discovered', inode = excluded.inode, reason = NULL,
+                        SET state = excluded.state, inode = excluded.inode, reason = NULL,
+                            dev = excluded.dev, size = excluded.size, mtime_ns = excluded.mtime_ns,
+                            ctime_ns = excluded.ctime_ns, stable_at = excluded.stable_at,
                             next_attempt_at = excluded.next_attempt_at,
                             discovered_at = excluded.discovered_at, updated_at = excluded.updated_at
                         WHERE files.state = 'held' AND files.inode IS NOT excluded.inode""",
-                    (watch, os.fsencode(rel_path), inode, now, now, now),
+                    (watch, os.fsencode(rel_path), state, inode, dev, size, mtime_ns, ctime_ns,
+                     stable_at, now, now, now),
                 )
                 added += cursor.rowcount
         return added
@@ -511,8 +552,9 @@ class Journal:
     def due(self, state: FileState, watch: str, now: float, limit: int) -> list[FileRow]:
         """Rows of `watch` in `state` whose next attempt is due, oldest first."""
         rows = self._conn().execute(
-            "SELECT * FROM files WHERE state = ? AND watch = ? AND next_attempt_at <= ? "
-            "ORDER BY next_attempt_at LIMIT ?", (str(state), watch, now, limit)).fetchall()
+            f"SELECT * FROM files WHERE state = ? AND {_ACTIVE} AND +watch = ? "
+            "AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?",
+            (str(state), watch, now, limit)).fetchall()
         return [_from_db(r) for r in rows]
 
     # -- work queue -----------------------------------------------------------------------
@@ -529,7 +571,7 @@ class Journal:
                 f"""UPDATE files SET owner = ?, updated_at = ?,
                         attempts = attempts + (state = 'stable'),
                         state = CASE state WHEN 'stable' THEN 'scanning' ELSE state END
-                    WHERE id IN (SELECT id FROM files WHERE {_CLAIMABLE} AND watch IN ({marks})
+                    WHERE id IN (SELECT id FROM files WHERE {_CLAIMABLE} AND +watch IN ({marks})
                                  AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?)
                     RETURNING *""",
                 (owner, now, *watches, now, limit),
@@ -622,7 +664,7 @@ class Journal:
         """When the earliest claimable row of these watches is due."""
         marks = ",".join("?" * len(watches))
         row = self._conn().execute(
-            f"SELECT min(next_attempt_at) FROM files WHERE {_CLAIMABLE} AND watch IN ({marks})",
+            f"SELECT min(next_attempt_at) FROM files WHERE {_CLAIMABLE} AND +watch IN ({marks})",
             tuple(watches)).fetchone()
         return row[0] if row else None
 

@@ -12,7 +12,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,8 +67,12 @@ class ClamdError(Exception):
 
 
 @contextmanager
-def running_clamd(max_threads: int = 4) -> Iterator[Clamd]:
-    """Start clamd with its own config and a one-signature database; stop it after."""
+def running_clamd(max_threads: int = 4, populate: Callable[[Path], None] | None = None,
+                  start_timeout_s: float = 60) -> Iterator[Clamd]:
+    """Start clamd with its own config and a one-signature database; stop it after.
+
+    `populate`, if given, writes more signature files into the database directory first.
+    """
     binary = shutil.which("clamd") or "/usr/sbin/clamd"
     if not os.path.exists(binary) or not shutil.which("sigtool"):
         raise ClamdError("clamd and sigtool are not installed: run scripts/install-test-deps.sh")
@@ -81,6 +85,8 @@ def running_clamd(max_threads: int = 4) -> Iterator[Clamd]:
                                text=True, check=True).stdout.strip()
     name = "Scanwatch-Test-EICAR"
     (db / "scanwatch.hdb").write_text(":".join([*signature.split(":")[:2], name]) + "\n")
+    if populate is not None:
+        populate(db)
     # As root, clamd runs as clamav: it then cannot read files private to root, like a real host.
     user = "clamav" if os.geteuid() == 0 and _has_user("clamav") else None
     port = free_port()
@@ -95,7 +101,7 @@ def running_clamd(max_threads: int = 4) -> Iterator[Clamd]:
         shutil.chown(base, user)
     proc = subprocess.Popen([binary, "--config-file", str(conf)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + start_timeout_s
     while not _ping(base / "clamd.sock"):
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()

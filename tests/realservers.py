@@ -29,6 +29,7 @@ import http.client
 import http.server
 import json
 import os
+import queue
 import re
 import secrets
 import shutil
@@ -290,10 +291,16 @@ def _sqs_answers(client: Any) -> bool:
 
 
 class TcpProxy:
-    """A loopback TCP forwarder to a real server that can be switched off (refusing) and on."""
+    """A loopback TCP forwarder to a real server that can be switched off (refusing) and on.
 
-    def __init__(self, target_port: int) -> None:
+    `latency_s` delays every byte sent to the server by that long (a one-way network
+    latency: chunks are not serialised behind each other's delay), so each request
+    costs at least that much more, as across a WAN.
+    """
+
+    def __init__(self, target_port: int, latency_s: float = 0.0) -> None:
         self.target_port = target_port
+        self.latency_s = latency_s
         self.listener: socket.socket | None = None
         self.connections: list[socket.socket] = []
         self.lock = threading.Lock()
@@ -333,18 +340,36 @@ class TcpProxy:
                 threading.Thread(target=self._pump, args=(src, dst, counted), daemon=True).start()
 
     def _pump(self, src: socket.socket, dst: socket.socket, counted: bool) -> None:
+        delayed: queue.SimpleQueue[tuple[float, bytes]] | None = None
+        if self.latency_s and not counted:
+            delayed = queue.SimpleQueue()
+            threading.Thread(target=self._deliver, args=(delayed, dst), daemon=True).start()
         try:
             while data := src.recv(65536):
                 if counted:
                     with self.lock:
                         self.bytes_from_server += len(data)
-                dst.sendall(data)
+                if delayed is not None:
+                    delayed.put((time.monotonic() + self.latency_s, data))
+                else:
+                    dst.sendall(data)
         except OSError:
             pass
         finally:
-            for sock in (src, dst):
+            if delayed is not None:
+                delayed.put((0.0, b""))  # the deliverer shuts `dst` down once it is through
+            for sock in (src,) if delayed is not None else (src, dst):
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
+
+    @staticmethod
+    def _deliver(delayed: queue.SimpleQueue[tuple[float, bytes]], dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while (item := delayed.get())[1]:
+                time.sleep(max(0.0, item[0] - time.monotonic()))  # the emulated wire's latency
+                dst.sendall(item[1])
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_RDWR)
 
 
 class HttpProxy:

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import EICAR, Daemon
+from conftest import EICAR, Daemon, wait_until
 from fakes import FakeEngine, answers, raises
 from hypothesis import given
 from hypothesis import strategies as st
@@ -505,3 +505,33 @@ def test_quarantine_release_and_delete_on_s3(harness: Callable[..., S3Harness], 
     assert listing == []  # files and sidecars gone
     trail = {a.action: a for i in ids.values() for a in h.journal.audit_trail(i)}
     assert trail["release"].reason == "false positive" and trail["delete"].reason == "malware"
+
+
+def test_s3_watch_workers_are_sized_for_io_and_engine_calls_held_to_its_concurrency(
+        harness: Callable[..., S3Harness]) -> None:
+    in_flight, most = [0], [0]
+    lock = threading.Lock()
+
+    def counted(request: ScanRequest) -> Verdict:
+        with lock:
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+        threading.Event().wait(0.02)  # an engine taking its time: others pile up at its door
+        with lock:
+            in_flight[0] -= 1
+        return Verdict(VerdictKind.CLEAN)
+
+    engine = FakeEngine(script=[counted] * 40)
+    h = harness(engine)
+    assert h.config.engines["default"].concurrency == 2
+    for i in range(40):
+        h.put(f"in/{i:02d}.txt", b"x")
+    h.watcher.poll_once()
+    h.pipeline.start()
+    try:
+        wait_until(lambda: len(h.keys("clean/")) == 40, 60, "all 40 objects moved")
+    finally:
+        assert h.pipeline.stop(30)
+    assert len(h.pipeline._threads) == 32
+    assert most[0] <= 2  # the engine's concurrency holds across all the workers
+    assert h.pipeline.engines == {"default": engine}

@@ -161,3 +161,58 @@ def test_repeated_errors_pass_once_per_interval_with_the_count_held_back() -> No
     now[0] = 61.0
     assert errors.admit("ENAMETOOLONG") == 500
     assert errors.admit("ENAMETOOLONG") is None
+
+
+def _watcher(tmp_path: Path, settle_seconds: float) -> tuple[Any, Any, Any]:
+    import threading
+
+    from daemon.config import load_config
+    from daemon.journal import Journal
+    from daemon.watchers.local import LocalWatcher
+
+    for sub in ("in", "clean", "quarantine", "failed"):
+        (tmp_path / sub).mkdir(exist_ok=True)
+    (tmp_path / "scanwatch.yaml").write_text(json.dumps({
+        "state_dir": str(tmp_path / "state"), "engines": {"default": {"type": "yara"}},
+        "watches": [{"name": "w", "engine": "default", "source": str(tmp_path / "in"),
+                     "clean": str(tmp_path / "clean"), "quarantine": str(tmp_path / "quarantine"),
+                     "failed": str(tmp_path / "failed"), "settle_seconds": settle_seconds}]}))
+    config = load_config(tmp_path / "scanwatch.yaml")
+    journal = Journal(tmp_path / "state" / "journal.sqlite3")
+    wake = threading.Event()
+    watcher = LocalWatcher(config.watches[0], journal, wake)
+    watcher.settle = lambda: 0  # type: ignore[method-assign]  # what discovery alone records
+    watcher.step()  # the first look at the root sweeps it (empty); events only from here on
+    return watcher, journal, wake
+
+
+def test_with_settle_0_a_file_an_event_names_is_recorded_stable_with_its_identity(
+        tmp_path: Path) -> None:
+    from daemon.fsutil import Identity
+    from daemon.model import FileState
+
+    watcher, journal, wake = _watcher(tmp_path, 0)
+    (tmp_path / "in" / "a.bin").write_bytes(b"a")
+    (tmp_path / "in" / "link").symlink_to(tmp_path / "in" / "a.bin")
+    watcher._add(str(tmp_path / "in" / "a.bin"))
+    watcher._add(str(tmp_path / "in" / "link"))
+    watcher.step()
+    rows = {r.rel_path: r for r in journal.rows()}
+    assert rows["a.bin"].state is FileState.STABLE
+    assert rows["a.bin"].identity == Identity.of(os.lstat(tmp_path / "in" / "a.bin"))
+    assert rows["link"].state is FileState.DISCOVERED  # the settle step holds it back
+    assert wake.is_set()
+    watcher._disarm()
+
+
+def test_with_a_settle_period_an_event_only_records_the_arrival(tmp_path: Path) -> None:
+    from daemon.model import FileState
+
+    watcher, journal, wake = _watcher(tmp_path, 5)
+    (tmp_path / "in" / "a.bin").write_bytes(b"a")
+    watcher._add(str(tmp_path / "in" / "a.bin"))
+    watcher.step()
+    [row] = journal.rows()
+    assert row.state is FileState.DISCOVERED and row.identity is None
+    assert not wake.is_set()
+    watcher._disarm()

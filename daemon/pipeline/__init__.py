@@ -1,6 +1,8 @@
 """The pipeline: claims due journal rows, has them scanned, then moved.
 
-Each engine has `concurrency` worker threads. A worker claims a small batch of due rows
+Each engine has `concurrency` worker threads (at least `_S3_WORKERS` when its watches
+read or write S3, with its calls still held to `concurrency` at once: those threads
+mostly wait on S3 requests, not on the engine). A worker claims a small batch of due rows
 and carries it one step per journal transaction: scanned (`scanning.Scanner`: the verdict
 and the planned destination written before any move), then moved (`moving.Mover`: done).
 Retries are schedules in the journal, never sleeps. Nothing here is lost with the
@@ -18,11 +20,11 @@ from typing import Any
 import structlog
 
 from daemon.config import Config, WatchConfig
-from daemon.engines.base import Engine
+from daemon.engines.base import Engine, ScanHandle, ScanRequest
 from daemon.fsutil import DirCache
 from daemon.journal import FileRow, Journal
 from daemon.locations import Location, Locations
-from daemon.model import FileState, Reason, Verdict, VerdictKind
+from daemon.model import FileState, Pending, Reason, Verdict, VerdictKind
 from daemon.pipeline.moving import Mover
 from daemon.pipeline.outcome import Outcome, Outcomes
 from daemon.pipeline.scanning import Scanner
@@ -34,6 +36,10 @@ __all__ = ["Outcome", "Pipeline", "uses_s3"]
 log = structlog.get_logger("scanwatch.pipeline")
 
 _BATCH = 16
+# Workers per engine whose watches touch S3: an object costs 3-4 requests of a network
+# round trip each (docs/operations.md, "Throughput"), so I/O, not CPU, sets the pace.
+# daemon/s3.py pools 64 connections per client: two such engines on one endpoint fit.
+_S3_WORKERS = 32
 _IDLE_WAIT_S = 1.0
 _WARNINGS = ("retry.scheduled", "move.failed")
 
@@ -60,27 +66,43 @@ class Pipeline:
         self._places = places  # Locations given from outside by URL (tests' fakes)
         outcomes = Outcomes(clock, policy or RetryPolicy())
         self.mover = Mover(config, journal, outcomes)
-        self.scanner = Scanner(config, journal, engines, self.mover, outcomes)
+        self._engines = engines
+        self.scanner = Scanner(config, journal, self._bounded(engines), self.mover, outcomes)
 
     @property
     def engines(self) -> Mapping[str, Engine]:
-        """The engines by configured name (the scanner's)."""
-        return self.scanner.engines
+        """The engines by configured name."""
+        return self._engines
 
     @engines.setter
     def engines(self, engines: Mapping[str, Engine]) -> None:
-        self.scanner.engines = engines
+        self._engines = engines
+        self.scanner.engines = self._bounded(engines)
+
+    def _workers(self, engine: str) -> int:
+        """Worker threads of an engine: its `concurrency`, more for S3 I/O."""
+        concurrency = self.config.engines[engine].concurrency
+        if any(uses_s3(w) for w in self.config.watches if engine in w.engines):
+            return max(concurrency, _S3_WORKERS)
+        return concurrency
+
+    def _bounded(self, engines: Mapping[str, Engine]) -> Mapping[str, Engine]:
+        """The engines, held to their `concurrency` where they have more workers than that."""
+        return {name: _Bounded(engine, self.config.engines[name].concurrency)
+                if name in self.config.engines
+                and self._workers(name) > self.config.engines[name].concurrency else engine
+                for name, engine in engines.items()}
 
     # -- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> None:
         """Start `concurrency` workers per engine that has watches."""
         self.scanner.start()
-        for name, engine_cfg in self.config.engines.items():
+        for name in self.config.engines:
             watches = [w.name for w in self.config.watches if name in w.engines]
             if not watches:
                 continue
-            for i in range(engine_cfg.concurrency):
+            for i in range(self._workers(name)):
                 thread = threading.Thread(target=self._work, args=(watches,),
                                           name=f"scan-{name}-{i}", daemon=True)
                 thread.start()
@@ -200,6 +222,29 @@ class Pipeline:
         """The per-file fields every event of the row carries."""
         return {"watch": row.watch, "rel_path": row.rel_path, "file_id": row.id,
                 "engine": self.config.watch(row.watch).engine_label, "ref_id": row.ref_id}
+
+
+class _Bounded:
+    """An engine whose scans and polls run at most `limit` at once, from any number of workers."""
+
+    def __init__(self, engine: Engine, limit: int) -> None:
+        self.engine = engine
+        self.name, self.remote, self.reads_s3 = engine.name, engine.remote, engine.reads_s3
+        self._slots = threading.BoundedSemaphore(limit)
+
+    def scan(self, request: ScanRequest) -> Verdict | Pending:
+        with self._slots:
+            return self.engine.scan(request)
+
+    def poll(self, scan: ScanHandle) -> Verdict | Pending:
+        with self._slots:
+            return self.engine.poll(scan)
+
+    def probe(self) -> str:
+        return self.engine.probe()
+
+    def close(self) -> None:
+        self.engine.close()
 
 
 def uses_s3(watch: WatchConfig) -> bool:

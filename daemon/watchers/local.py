@@ -5,7 +5,10 @@ the set into journal rows in batches. A start-up sweep and a periodic rescan cat
 what events missed (arrivals while stopped, inotify overflow, network filesystems),
 so losing the in-memory set loses nothing. A file is stable when its mtime and
 ctime are `settle_seconds` old: ctime moves on every write and cannot be set by
-the writer, so a writer that pauses shorter than that is waited for.
+the writer, so a writer that pauses shorter than that is waited for. With
+`settle_seconds: 0` there is nothing to wait for: a plain file an event names is
+recorded stable, with the identity of the `lstat` that found it, in the discovery
+transaction itself (one transaction, one query and one `lstat` less per file).
 
 The root is opened with `O_NOFOLLOW | O_DIRECTORY` at every step and the tree is
 walked through descriptors (daemon/watchers/tree.py), so paths deeper than PATH_MAX
@@ -45,6 +48,7 @@ from daemon.errors import UnsafePathError
 from daemon.fsutil import DirCache, Identity, classify, split_rel
 from daemon.journal import FileRow, Journal, RowChanges
 from daemon.model import FileState
+from daemon.watchers import inotify
 from daemon.watchers.base import is_ignored, relative_path
 from daemon.watchers.tree import stat_below, walk
 
@@ -110,6 +114,8 @@ class _ArrivalsEmitter(InotifyEmitter):
 
 
 class _ArrivalsObserver(BaseObserver):
+    """watchdog's observer, where inotify cannot be read directly (daemon/watchers/inotify.py)."""
+
     def __init__(self) -> None:
         self._inotify_fd = InotifyFD()
         self._inotify_fd.start()
@@ -157,8 +163,8 @@ class LocalWatcher:
         self._lock = threading.Lock()
         self._event = threading.Event()
         self._stopping = threading.Event()
-        self._observer = _ArrivalsObserver()
-        self._observed: ObservedWatch | None = None
+        self._observer = None if inotify.available() else _ArrivalsObserver()
+        self._observed: ObservedWatch | inotify.InotifyReader | None = None
         self._arm_lock = threading.Lock()  # _arm() against stop(); the handler never takes it
         self._thread = threading.Thread(target=self._run, name=f"watch-{watch.name}", daemon=True)
         self._next_rescan_at = 0.0
@@ -171,7 +177,8 @@ class LocalWatcher:
     def start(self) -> None:
         """Arm inotify on the root, then sweep what is already there (in the watcher's thread)."""
         self._check_root(self.clock())
-        self._observer.start()
+        if self._observer is not None:
+            self._observer.start()
         self._thread.start()
 
     def stop(self) -> None:
@@ -179,8 +186,11 @@ class LocalWatcher:
         with self._arm_lock:
             self._stopping.set()
         self._event.set()
-        self._observer.stop()
-        self._observer.join(5)
+        if isinstance(self._observed, inotify.InotifyReader):
+            self._observed.stop()
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(5)
         self._thread.join(5)
 
     def _add(self, path: str) -> None:
@@ -223,7 +233,8 @@ class LocalWatcher:
             if now >= self._next_rescan_at:
                 self._sweep(root_fd, now)
             elif paths:
-                self._record(self._entries(root_fd, paths), now, "event")
+                settled: dict[str, Identity] = {}
+                self._record(self._entries(root_fd, paths, settled), now, "event", settled)
         finally:
             os.close(root_fd)
             self.settle()
@@ -268,7 +279,12 @@ class LocalWatcher:
             if self._stopping.is_set():
                 return
             try:
-                self._observed = self._observer.schedule(handler, self.watch.source, recursive=True)
+                if self._observer is None:
+                    reader = inotify.InotifyReader(self.watch.source, self._add, self._root_event)
+                    reader.start()
+                    self._observed = reader
+                else:
+                    self._observed = self._observer.schedule(handler, self.watch.source, recursive=True)
             except OSError as exc:
                 log.warning("watch.events_unavailable", watch=self.watch.name,
                             reason=_reason(exc), error=exc.strerror)
@@ -276,7 +292,9 @@ class LocalWatcher:
     def _disarm(self) -> None:
         with self._arm_lock:
             observed, self._observed = self._observed, None
-            if observed is not None and not self._stopping.is_set():
+            if isinstance(observed, inotify.InotifyReader):
+                observed.stop()
+            elif observed is not None and self._observer is not None and not self._stopping.is_set():
                 self._observer.unschedule(observed)
 
     def _sweep(self, root_fd: int, now: float) -> None:
@@ -304,7 +322,10 @@ class LocalWatcher:
             log.warning("watch.subtree_skipped", watch=self.watch.name, rel_dir=rel_dir or ".",
                         reason=reason, error=exc.strerror)
 
-    def _entries(self, root_fd: int, paths: set[str]) -> Iterator[tuple[str, int]]:
+    def _entries(self, root_fd: int, paths: set[str], settled: dict[str, Identity]
+                 ) -> Iterator[tuple[str, int]]:
+        """`(rel_path, inode)` of the paths events named; with `settle_seconds: 0`, the
+        identities of plain files seen here fill `settled`: they are stable already."""
         for path in sorted(paths):
             rel = relative_path(self.watch.source, path.rstrip("/"))
             if rel is None:
@@ -314,22 +335,28 @@ class LocalWatcher:
                                 lambda r, exc: self._skip(r, exc, self._skipped), rel)
             elif self._keep(rel):
                 try:
-                    yield rel, stat_below(root_fd, rel).st_ino
+                    st = stat_below(root_fd, rel)
                 except OSError:
                     continue
+                if self.watch.settle_seconds == 0 and classify(st) is None:
+                    settled[rel] = Identity.of(st)
+                yield rel, st.st_ino
 
-    def _record(self, entries: Iterator[tuple[str, int]], now: float, how: str) -> None:
+    def _record(self, entries: Iterator[tuple[str, int]], now: float, how: str,
+                settled: dict[str, Identity] | None = None) -> None:
         added = 0
         batch: list[tuple[str, int]] = []
         for entry in entries:
             batch.append(entry)
             if len(batch) >= _CHUNK:
-                added += self.journal.discover(self.watch.name, batch, now)
+                added += self.journal.discover(self.watch.name, batch, now, settled)
                 batch.clear()
         if batch:
-            added += self.journal.discover(self.watch.name, batch, now)
+            added += self.journal.discover(self.watch.name, batch, now, settled)
         if added:
             log.info("file.discovered", watch=self.watch.name, count=added, by=how)
+            if settled:
+                self.wake.set()  # stable already: the workers need not wait for `settle`
 
     def settle(self) -> int:
         """Mark due discovered rows stable, held or gone; returns how many became stable."""

@@ -15,7 +15,8 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import boto3
 import structlog
@@ -39,6 +40,23 @@ _PAGE_SIZE = 1000
 
 ObjectEntry = tuple[str, str, str | None, int]  # rel_path, etag, version_id, size
 _STOPPED = (None, -1)  # what a stopped fleet member noted last
+
+
+_T = TypeVar("_T")
+_END: Any = object()
+
+
+def one_ahead(items: Iterator[_T]) -> Iterator[_T]:
+    """`items`, the next one fetched in a thread while the caller handles this one.
+
+    A listing page is journaled (and its objects claimed by the workers) while the
+    next page is on the wire; errors of the fetch surface here, in order.
+    """
+    with ThreadPoolExecutor(1, thread_name_prefix="s3-list") as pool:
+        ahead = pool.submit(next, items, _END)
+        while (item := ahead.result()) is not _END:
+            ahead = pool.submit(next, items, _END)
+            yield item
 
 
 class S3Watcher:
@@ -124,7 +142,7 @@ class S3Watcher:
         if self.safety_net is not None:
             return self.safety_net.run_once()
         added = 0
-        for page in self._pages():
+        for page in one_ahead(self._pages()):
             added += self._record(page, "listing")
             if self._stop.is_set():
                 break

@@ -1,0 +1,84 @@
+"""The direct inotify reader against a real directory tree (Linux)."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import wait_until
+
+from daemon.watchers import inotify
+
+pytestmark = pytest.mark.skipif(not inotify.available(), reason="no inotify here")
+
+
+class Seen:
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+        self.root_events = 0
+        self.lock = threading.Lock()
+
+    def path(self, path: str) -> None:
+        with self.lock:
+            self.paths.append(path)
+
+    def root(self) -> None:
+        with self.lock:
+            self.root_events += 1
+
+
+@pytest.fixture
+def watched(tmp_path: Path) -> Iterator[tuple[Path, Seen]]:
+    root = tmp_path / "root"
+    (root / "old" / "deeper").mkdir(parents=True)
+    seen = Seen()
+    reader = inotify.InotifyReader(str(root), seen.path, seen.root)
+    reader.start()
+    try:
+        yield root, seen
+    finally:
+        reader.stop()
+
+
+def test_files_written_and_renamed_in_are_reported_once_closed(watched: tuple[Path, Seen],
+                                                               tmp_path: Path) -> None:
+    root, seen = watched
+    (root / "a.txt").write_bytes(b"a")
+    (tmp_path / "b.txt").write_bytes(b"b")
+    os.rename(tmp_path / "b.txt", root / "old" / "deeper" / "b.txt")  # a directory there at start
+    wait_until(lambda: str(root / "old" / "deeper" / "b.txt") in seen.paths, what="the rename")
+    assert str(root / "a.txt") in seen.paths  # created, then closed after writing
+    assert seen.root_events == 0
+
+
+def test_a_new_directory_is_swept_and_then_watched(watched: tuple[Path, Seen]) -> None:
+    root, seen = watched
+    (root / "new").mkdir()
+    wait_until(lambda: str(root / "new") + "/" in seen.paths, what="the directory")
+    (root / "new" / "c.txt").write_bytes(b"c")
+    wait_until(lambda: str(root / "new" / "c.txt") in seen.paths, what="the file in it")
+
+
+def test_a_directory_renamed_within_the_tree_reports_its_new_names(watched: tuple[Path, Seen]) -> None:
+    root, seen = watched
+    os.rename(root / "old", root / "renamed")
+    wait_until(lambda: str(root / "renamed") + "/" in seen.paths, what="the renamed directory")
+    (root / "renamed" / "deeper" / "d.txt").write_bytes(b"d")
+    wait_until(lambda: str(root / "renamed" / "deeper" / "d.txt") in seen.paths, what="d.txt")
+
+
+def test_the_root_deleted_or_moved_away_is_reported(watched: tuple[Path, Seen], tmp_path: Path) -> None:
+    root, seen = watched
+    os.rename(root, tmp_path / "elsewhere")
+    wait_until(lambda: seen.root_events >= 1, what="the root moved away")
+
+
+def test_a_root_that_is_not_a_directory_cannot_be_watched(tmp_path: Path) -> None:
+    (tmp_path / "file").write_bytes(b"")
+    reader = inotify.InotifyReader(str(tmp_path / "file"), lambda _: None, lambda: None)
+    with pytest.raises(OSError):
+        reader.start()
+    reader.stop()

@@ -1,0 +1,111 @@
+"""The journal's per-batch work does not grow with the history or the backlog behind it.
+
+Measured in SQLite virtual-machine steps (a progress handler called every 100 steps),
+not in seconds: the same count on any machine, however loaded.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from daemon.journal import Journal
+from daemon.model import FileState
+
+
+def _journal(tmp_path: Path, backlog: int) -> Journal:
+    """`backlog` stable rows of watch `w`, as many done ones, and 100 of another watch."""
+    journal = Journal(tmp_path / f"journal-{backlog}.sqlite3")
+    journal.discover("w", ((f"f{i}", i) for i in range(backlog)), 1.0)
+    journal.discover("other", ((f"o{i}", i) for i in range(100)), 1.0)
+    conn = journal._conn()
+    conn.execute("UPDATE files SET state = 'stable'")
+    conn.execute("""INSERT INTO files (watch, rel_path, state, next_attempt_at, discovered_at,
+                                       updated_at, done_at, verdict)
+                    SELECT watch, rel_path || '.old', 'done', 0.5, 0.5, 0.5, 0.5, 'clean'
+                    FROM files""")
+    return journal
+
+
+def _steps(journal: Journal, call: Callable[[], object]) -> int:
+    conn: sqlite3.Connection = journal._conn()
+    counted = [0]
+
+    def tick() -> int:
+        counted[0] += 1
+        return 0
+
+    conn.set_progress_handler(tick, 100)
+    try:
+        call()
+    finally:
+        conn.set_progress_handler(None, 100)
+    return counted[0] * 100
+
+
+def _batch_steps(tmp_path: Path, backlog: int) -> dict[str, int]:
+    journal = _journal(tmp_path, backlog)
+    claimed: list[object] = []
+    steps = {
+        "claim": _steps(journal, lambda: claimed.extend(journal.claim(["w"], "1:1", 2.0, 16))),
+        "next_due_at": _steps(journal, lambda: journal.next_due_at(["w"])),
+        "due": _steps(journal, lambda: journal.due(FileState.DISCOVERED, "w", 2.0, 16)),
+    }
+    assert len(claimed) == 16
+    return steps
+
+
+def test_claim_due_and_next_due_cost_the_same_at_1_000_and_20_000_rows(tmp_path: Path) -> None:
+    small = _batch_steps(tmp_path, 1000)
+    large = _batch_steps(tmp_path, 20_000)
+    for query, steps in large.items():
+        assert steps <= 2 * small[query] + 1000, (query, small, large)
+
+
+def test_claim_takes_the_most_overdue_rows_of_its_watches_only(tmp_path: Path) -> None:
+    journal = _journal(tmp_path, 50)
+    journal._conn().execute("UPDATE files SET next_attempt_at = 100 - id WHERE state = 'stable'")
+    claimed = journal.claim(["w"], "1:1", 200.0, 5)
+    assert {r.watch for r in claimed} == {"w"}
+    stable = [r for r in journal.rows(watch="w", states=[FileState.STABLE], limit=100)]
+    assert max(r.next_attempt_at for r in claimed) <= min(r.next_attempt_at for r in stable)
+    others = journal.rows(watch="other", states=[FileState.STABLE], limit=200)
+    assert journal.next_due_at(["other"]) == min(r.next_attempt_at for r in others)
+
+
+def test_status_opens_a_journal_while_another_process_holds_a_write(tmp_path: Path) -> None:
+    """Opening an up-to-date journal writes nothing: `status` does not queue behind a drain."""
+    path = tmp_path / "journal.sqlite3"
+    Journal(path).close()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sqlite3, sys; c = sqlite3.connect(sys.argv[1], "
+         "isolation_level=None); c.execute('BEGIN IMMEDIATE'); print('held', flush=True); "
+         "sys.stdin.read()", str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        journal = Journal(path)
+        journal._conn().execute("PRAGMA busy_timeout = 0")  # a write would fail at once
+        assert journal.pending_count() == 0
+    finally:
+        holder.communicate("")
+
+
+def test_rows_decoded_on_the_fast_path_are_the_rows_init_would_make(tmp_path: Path) -> None:
+    import dataclasses
+
+    journal = Journal(tmp_path / "journal.sqlite3")
+    odd = b"caf\xe9.txt".decode("utf-8", "surrogateescape")
+    journal.discover("w", [(odd, 1), ("b", 2)], 1.0)
+    [first, _] = journal.rows()
+    journal.apply([(first.id, {"threats": ["EICAR"], "raw_result": {"a": [1]},
+                               "destination": "/q/" + odd, "state": FileState.DONE})])
+    for row in journal.rows():
+        rebuilt = type(row)(**{f.name: getattr(row, f.name) for f in dataclasses.fields(row)})
+        assert row == rebuilt
+        assert isinstance(row.state, FileState)
+    done = journal.get(first.id)
+    assert done is not None and done.rel_path == odd and done.destination == "/q/" + odd
+    assert done.threats == ["EICAR"] and done.raw_result == {"a": [1]} and done.state is FileState.DONE
