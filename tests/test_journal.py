@@ -8,8 +8,8 @@ import sys
 import threading
 from pathlib import Path
 
-from daemon import journal as journal_module
 from daemon.journal import Journal, owner_token
+from daemon.journal.schema import SCHEMA
 from daemon.model import FileState, VerdictKind
 
 
@@ -95,7 +95,7 @@ def test_rows_of_a_dead_owner_are_handed_back(tmp_path: Path) -> None:
 def test_a_version_1_journal_is_migrated_with_its_rows(tmp_path: Path) -> None:
     path = tmp_path / "journal.sqlite3"
     conn = sqlite3.connect(path)
-    conn.executescript(journal_module._SCHEMA[0])
+    conn.executescript(SCHEMA[0])
     conn.execute("INSERT INTO files (watch, rel_path, state, next_attempt_at, discovered_at, updated_at) "
                  "VALUES ('w', ?, 'stable', 1, 1, 1)", (b"old.txt",))
     conn.execute("PRAGMA user_version = 1")

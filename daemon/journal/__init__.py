@@ -1,0 +1,385 @@
+"""The journal: one SQLite file in WAL mode, the only shared state and the work queue.
+
+One row per arrival. Rows move forward (see `FileState`) in transactions; the
+intent of every side effect is written before it and the outcome after, so any
+step can be replayed after a crash. Each thread uses its own connection; other
+processes (`scan --move`, `status`, `quarantine`) open the same file beside the
+daemon. A claimed row carries its owner's token (`pid:start time`); rows of a
+dead owner are handed back by `reclaim`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from pathlib import Path
+
+from daemon.fsutil import Identity
+from daemon.journal.database import Database, _is_alive, is_damage, owner_token, state_dir_error
+from daemon.journal.rescans import RescanRecords
+from daemon.journal.schema import (
+    _ACTIVE,
+    _CLAIMABLE,
+    _ORDER_COLUMNS,
+    _SCAN_WRITABLE,
+    _THREAT_LIKE,
+    AuditRow,
+    FileRow,
+    FleetMember,
+    RowOrder,
+    _audit,
+    _from_db,
+    _insert_file,
+    _like_substring,
+    _to_db,
+    _update_file,
+)
+from daemon.model import ACTIVE_STATES, FileState, RowChanges, ScanChanges, ScanRecord, VerdictKind
+
+__all__ = ["AuditRow", "Database", "FileRow", "FleetMember", "Journal", "RowChanges", "RowOrder", "is_damage",
+           "open_journal", "owner_token", "state_dir_error"]
+
+
+class Journal(RescanRecords):
+    """The SQLite journal under `state_dir`: arrivals, the work queue, what happened to each file."""
+
+    # -- intake -----------------------------------------------------------------------------
+
+    def restore(self, rows: Iterable[Mapping[str, object]]) -> int:
+        """Insert finished rows (column → value) rebuilt from elsewhere; returns how many."""
+        with self._tx() as conn:
+            return sum(1 for row in rows if _insert_file(conn, row))
+
+    def discover(self, watch: str, entries: Iterable[tuple[str, int]], now: float,
+                 settled: Mapping[str, Identity] | None = None) -> int:
+        """Record `(rel_path, inode)` arrivals; known active paths are left as they are.
+
+        A path held back (a symlink, say) whose inode changed is a new arrival again.
+        A path in `settled` (a watch with `settle_seconds: 0`, its file just lstat'ed)
+        is recorded stable at once with that identity: the settle step has nothing to add.
+        Returns how many rows were added or revived. Idempotent.
+        """
+        added = 0
+        with self._tx() as conn:
+            for rel_path, inode in entries:
+                identity = settled.get(rel_path) if settled else None
+                state, stable_at = ("stable", now) if identity else ("discovered", None)
+                dev, size, mtime_ns, ctime_ns = ((identity.dev, identity.size, identity.mtime_ns,
+                                                  identity.ctime_ns) if identity else (None,) * 4)
+                cursor = conn.execute(
+                    f"""INSERT INTO files (watch, rel_path, state, inode, dev, size, mtime_ns,
+                                          ctime_ns, stable_at, next_attempt_at, discovered_at,
+                                          updated_at)
+                        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                        ON CONFLICT (watch, rel_path) WHERE {_ACTIVE} DO UPDATE
+                        SET state = excluded.state, inode = excluded.inode, reason = NULL,
+                            dev = excluded.dev, size = excluded.size, mtime_ns = excluded.mtime_ns,
+                            ctime_ns = excluded.ctime_ns, stable_at = excluded.stable_at,
+                            next_attempt_at = excluded.next_attempt_at,
+                            discovered_at = excluded.discovered_at, updated_at = excluded.updated_at
+                        WHERE files.state = 'held' AND files.inode IS NOT excluded.inode""",
+                    (watch, os.fsencode(rel_path), state, inode, dev, size, mtime_ns, ctime_ns,
+                     stable_at, now, now, now),
+                )
+                added += cursor.rowcount
+        return added
+
+    def discover_objects(self, watch: str, objects: Iterable[tuple[str, str, str | None, int]],
+                         now: float) -> int:
+        """Record S3 objects `(rel_path, etag, version_id, size)` as stable arrivals.
+
+        An object version any row already stands for (bar a vanished one) is not new,
+        so listing a prefix again, or a repeated event, adds nothing. A key replaced
+        before its scan started is updated in place; once scanning, the change is
+        found by the scan's or the move's ETag condition. Returns rows added or updated.
+        """
+        changed = 0
+        with self._tx() as conn:
+            for rel_path, etag, version_id, size in objects:
+                path = os.fsencode(rel_path)
+                cursor = conn.execute(
+                    f"""INSERT INTO files (watch, rel_path, state, size, etag, version_id,
+                                          next_attempt_at, discovered_at, stable_at, updated_at)
+                        SELECT ?, ?, 'stable', ?, ?, ?, ?, ?, ?, ?
+                        WHERE NOT EXISTS (SELECT 1 FROM files WHERE watch = ? AND rel_path = ?
+                                          AND etag = ? AND state != 'gone')
+                        ON CONFLICT (watch, rel_path) WHERE {_ACTIVE} DO UPDATE
+                        SET etag = excluded.etag, version_id = excluded.version_id,
+                            size = excluded.size, updated_at = excluded.updated_at
+                        WHERE files.state IN ('discovered', 'stable')""",
+                    (watch, path, size, etag, version_id, now, now, now, now, watch, path, etag),
+                )
+                changed += cursor.rowcount
+        return changed
+
+    def due(self, state: FileState, watch: str, now: float, limit: int) -> list[FileRow]:
+        """Rows of `watch` in `state` whose next attempt is due, oldest first."""
+        rows = self._conn().execute(
+            f"SELECT * FROM files WHERE state = ? AND {_ACTIVE} AND +watch = ? "
+            "AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?",
+            (str(state), watch, now, limit)).fetchall()
+        return [_from_db(r) for r in rows]
+
+    # -- work queue -----------------------------------------------------------------------
+
+    def claim(self, watches: Sequence[str], owner: str, now: float, limit: int) -> list[FileRow]:
+        """Take up to `limit` due rows of these watches for `owner`.
+
+        A stable row becomes scanning and spends an attempt; scanning rows waiting for
+        an engine, rows with a verdict, and half-done moves keep their state.
+        """
+        marks = ",".join("?" * len(watches))
+        with self._tx() as conn:
+            rows = conn.execute(
+                f"""UPDATE files SET owner = ?, updated_at = ?,
+                        attempts = attempts + (state = 'stable'),
+                        state = CASE state WHEN 'stable' THEN 'scanning' ELSE state END
+                    WHERE id IN (SELECT id FROM files WHERE {_CLAIMABLE} AND +watch IN ({marks})
+                                 AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?)
+                    RETURNING *""",
+                (owner, now, *watches, now, limit),
+            ).fetchall()
+        return sorted((_from_db(r) for r in rows), key=lambda r: r.id)
+
+    def claim_id(self, file_id: int, owner: str, now: float) -> FileRow | None:
+        """Claim one row now whatever its due time, if nobody else holds it."""
+        with self._tx() as conn:
+            row = conn.execute(
+                f"""UPDATE files SET owner = ?, updated_at = ?,
+                        attempts = attempts + (state = 'stable'),
+                        state = CASE state WHEN 'stable' THEN 'scanning' ELSE state END
+                    WHERE id = ? AND {_CLAIMABLE} RETURNING *""",
+                (owner, now, file_id),
+            ).fetchone()
+        return _from_db(row) if row else None
+
+    def apply(self, changes: Iterable[tuple[int, RowChanges]]) -> None:
+        """Write several rows' changes in one transaction (columns by name)."""
+        with self._tx() as conn:
+            for file_id, fields in changes:
+                _update_file(conn, file_id, fields)
+
+    def apply_scans(self, file_id: int, changes: RowChanges,
+                    scans: Mapping[str, ScanChanges]) -> None:
+        """Write a file row's changes and its engines' scan records in one transaction.
+
+        A record given a `sha256` other than its own is of new bytes: it starts afresh.
+        """
+        with self._tx() as conn:
+            if changes:
+                _update_file(conn, file_id, changes)
+            for engine, fields in scans.items():
+                if unknown := fields.keys() - _SCAN_WRITABLE:
+                    raise ValueError(f"not scan record columns: {sorted(unknown)}")
+                if "sha256" in fields:
+                    conn.execute("DELETE FROM scans WHERE file_id = ? AND engine = ? AND sha256 != ?",
+                                 (file_id, engine, fields["sha256"]))
+                    conn.execute("INSERT OR IGNORE INTO scans (file_id, engine, sha256) VALUES (?, ?, ?)",
+                                 (file_id, engine, fields["sha256"]))
+                columns = ", ".join(f"{name} = ?" for name in fields)
+                values = [_to_db(name, value) for name, value in fields.items()]
+                conn.execute(f"UPDATE scans SET {columns} WHERE file_id = ? AND engine = ?",
+                             (*values, file_id, engine))
+
+    def scans(self, file_id: int) -> dict[str, ScanRecord]:
+        """A file's scan records by engine (watches with several engines)."""
+        rows = self._conn().execute("SELECT * FROM scans WHERE file_id = ?", (file_id,)).fetchall()
+        records = {}
+        for row in rows:
+            values = dict(row)
+            values["threats"] = json.loads(values["threats"]) if values["threats"] else None
+            values["verdict"] = VerdictKind(values["verdict"]) if values["verdict"] else None
+            values["abandoned"] = bool(values["abandoned"])
+            records[values["engine"]] = ScanRecord(**values)
+        return records
+
+    def reclaim(self) -> int:
+        """Hand back the rows of owners that are no longer running; returns how many."""
+        conn = self._conn()
+        owners = [r[0] for r in conn.execute(
+            "SELECT DISTINCT owner FROM files WHERE owner IS NOT NULL AND " + _ACTIVE)]
+        dead = [o for o in owners if not _is_alive(o)]
+        if not dead:
+            return 0
+        marks = ",".join("?" * len(dead))
+        with self._tx() as conn:
+            # A scan cut off before the engine took it starts over (the attempt stays spent,
+            # so a file that crashes the daemon cannot loop forever).
+            cursor = conn.execute(
+                f"""UPDATE files SET owner = NULL,
+                        state = CASE WHEN state = 'scanning' AND engine_scan_id IS NULL
+                                     THEN 'stable' ELSE state END
+                    WHERE owner IN ({marks}) AND {_ACTIVE}""", dead)
+            return cursor.rowcount
+
+    def release(self, owner: str, ids: Sequence[int] | None = None) -> None:
+        """Hand back the rows `owner` holds (all, or those of `ids`) that it did not finish."""
+        only = "" if ids is None else f" AND id IN ({','.join('?' * len(ids))})"
+        with self._tx() as conn:
+            conn.execute(
+                f"""UPDATE files SET owner = NULL,
+                        state = CASE WHEN state = 'scanning' AND engine_scan_id IS NULL
+                                     THEN 'stable' ELSE state END,
+                        attempts = attempts - (state = 'scanning' AND engine_scan_id IS NULL)
+                    WHERE owner = ? AND {_ACTIVE}{only}""", (owner, *(ids or ())))
+
+    def next_due_at(self, watches: Sequence[str]) -> float | None:
+        """When the earliest claimable row of these watches is due."""
+        marks = ",".join("?" * len(watches))
+        row = self._conn().execute(
+            f"SELECT min(next_attempt_at) FROM files WHERE {_CLAIMABLE} AND +watch IN ({marks})",
+            tuple(watches)).fetchone()
+        return row[0] if row else None
+
+    def mark_scan_due(self, engine: str, engine_scan_ids: Sequence[str], now: float) -> int:
+        """Make the unclaimed row waiting for one of these scans of `engine` due now.
+
+        A webhook said the scan finished; the worker then polls it once. Rows already
+        due, claimed or finished are left alone, so repeated deliveries change nothing.
+        Returns how many rows were made due.
+        """
+        if not engine_scan_ids:
+            return 0
+        marks = ",".join("?" * len(engine_scan_ids))
+        with self._tx() as conn:
+            cursor = conn.execute(
+                f"""UPDATE files SET next_attempt_at = ?, updated_at = ?
+                    WHERE state = 'scanning' AND owner IS NULL AND next_attempt_at > ?
+                      AND ((engine = ? AND engine_scan_id IN ({marks}))
+                           OR id IN (SELECT file_id FROM scans WHERE engine = ?
+                                     AND engine_scan_id IN ({marks})))""",
+                (now, now, now, engine, *engine_scan_ids, engine, *engine_scan_ids))
+            conn.execute(f"UPDATE scans SET next_attempt_at = ? WHERE engine = ? AND verdict IS NULL "
+                         f"AND engine_scan_id IN ({marks}) AND next_attempt_at > ?",
+                         (now, engine, *engine_scan_ids, now))
+            return cursor.rowcount
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def get(self, file_id: int) -> FileRow | None:
+        """One row by id."""
+        row = self._conn().execute("SELECT * FROM files WHERE id = ?", (file_id,)).fetchone()
+        return _from_db(row) if row else None
+
+    def active(self, watch: str, rel_path: str) -> FileRow | None:
+        """The row of a path still being handled, if any."""
+        row = self._conn().execute(
+            f"SELECT * FROM files WHERE watch = ? AND rel_path = ? AND {_ACTIVE}",
+            (watch, os.fsencode(rel_path))).fetchone()
+        return _from_db(row) if row else None
+
+    def is_settled(self, watch: str, rel_path: str, etag: str) -> bool:
+        """Whether no row of this object version is still being handled (done, gone or held)."""
+        row = self._conn().execute(
+            f"SELECT 1 FROM files WHERE watch = ? AND rel_path = ? AND etag = ? AND {_ACTIVE} "
+            "AND state != 'held' LIMIT 1", (watch, os.fsencode(rel_path), etag)).fetchone()
+        return row is None
+
+    def latest(self, watch: str, rel_path: str) -> FileRow | None:
+        """The newest row of a path, in any state."""
+        row = self._conn().execute(
+            "SELECT * FROM files WHERE watch = ? AND rel_path = ? ORDER BY id DESC LIMIT 1",
+            (watch, os.fsencode(rel_path))).fetchone()
+        return _from_db(row) if row else None
+
+    def rows(self, *, watch: str | None = None, states: Collection[FileState] | None = None,
+             verdict: VerdictKind | None = None, done_since: float | None = None,
+             threat: str | None = None, has_error: bool | None = None,
+             has_disposition: bool | None = None, order: RowOrder = "id",
+             newest_first: bool = False, limit: int = 1000) -> list[FileRow]:
+        """Rows passing every filter given (None: not filtered), by `order` then id.
+
+        `threat` is a substring of one of the row's threat names, case-insensitive for
+        ASCII (SQL LIKE) and literal: `%`, `_` and `\\` in it are not patterns.
+        """
+        filters = [
+            (watch is not None, "watch = ?", (watch,)),
+            (states is not None, f"state IN ({','.join('?' * len(states or ()))})",
+             tuple(str(s) for s in states or ())),
+            (verdict is not None, "verdict = ?", (str(verdict),)),
+            (done_since is not None, "done_at >= ?", (done_since,)),
+            (threat is not None, _THREAT_LIKE, (_like_substring(threat or ""),)),
+            (has_error is not None,
+             "last_error IS NOT NULL" if has_error else "last_error IS NULL", ()),
+            (has_disposition is not None,
+             "disposition IS NOT NULL" if has_disposition else "disposition IS NULL", ()),
+        ]
+        where = " AND ".join(["1", *(sql for used, sql, _ in filters if used)])
+        params = [value for used, _, values in filters if used for value in values]
+        direction = "DESC" if newest_first else "ASC"
+        rows = self._conn().execute(
+            f"SELECT * FROM files WHERE {where} "
+            f"ORDER BY {_ORDER_COLUMNS[order]} {direction}, id {direction} LIMIT ?",
+            (*params, limit))
+        return [_from_db(r) for r in rows]
+
+    def counts(self) -> list[tuple[str, str, str | None, str | None, int]]:
+        """`(watch, state, verdict, reason, count)` for every group of rows."""
+        return [tuple(r) for r in self._conn().execute(
+            "SELECT watch, state, verdict, reason, count(*) FROM files "
+            "GROUP BY watch, state, verdict, reason ORDER BY watch, state")]
+
+    def pending_count(self) -> int:
+        """Rows not yet done, gone or held (served by the partial index of active rows)."""
+        row = self._conn().execute(
+            f"SELECT count(*) FROM files WHERE {_ACTIVE} AND state != 'held'").fetchone()
+        return int(row[0])
+
+    def oldest_pending(self) -> dict[str, float]:
+        """Per watch, the discovery time of the oldest row not yet done."""
+        rows = self._conn().execute(
+            "SELECT watch, min(discovered_at) FROM files WHERE state IN "
+            f"({','.join('?' * len(ACTIVE_STATES))}) AND state != 'held' GROUP BY watch",
+            ACTIVE_STATES)
+        return {r[0]: r[1] for r in rows}
+
+    def size_bytes(self) -> int:
+        """Bytes on disk of the journal and its WAL."""
+        return sum(p.stat().st_size for p in (self.path, Path(f"{self.path}-wal")) if p.exists())
+
+    # -- engines and audit --------------------------------------------------------------------
+
+    def set_engine_health(self, name: str, healthy: bool, detail: str | None, now: float) -> None:
+        """Record the last health probe of an engine."""
+        with self._tx() as conn:
+            conn.execute("INSERT OR REPLACE INTO engines VALUES (?, ?, ?, ?)",
+                         (name, int(healthy), detail, now))
+
+    def engine_health(self) -> dict[str, tuple[bool, str | None, float]]:
+        """`name → (healthy, detail, checked_at)` of every engine probed."""
+        rows = self._conn().execute("SELECT * FROM engines")
+        return {r[0]: (bool(r[1]), r[2], r[3]) for r in rows}
+
+    def set_fleet(self, watch: str, member: FleetMember) -> None:
+        """Record this daemon's part in a fleet watch: its lease, the messages it holds."""
+        with self._tx() as conn:
+            conn.execute("INSERT OR REPLACE INTO fleet VALUES (?, ?, ?, ?, ?)",
+                         (watch, member.holder, member.lease_until, member.messages_held,
+                          member.updated_at))
+
+    def fleet(self) -> dict[str, FleetMember]:
+        """`watch → FleetMember` of the fleet watches this daemon ran."""
+        rows = self._conn().execute("SELECT * FROM fleet")
+        return {r[0]: FleetMember(r[1], r[2], r[3], r[4]) for r in rows}
+
+    def audit(self, file_id: int, action: str, actor: str, reason: str,
+              detail: str | None, changes: Mapping[str, object], now: float) -> None:
+        """Record a quarantine action and its change to the row, atomically."""
+        with self._tx() as conn:
+            _audit(conn, file_id, action, actor, reason, detail, changes, now)
+
+    def audit_trail(self, file_id: int) -> list[AuditRow]:
+        """The audited actions on one row, oldest first."""
+        rows = self._conn().execute(
+            "SELECT file_id, at, action, actor, reason, detail FROM audit "
+            "WHERE file_id = ? ORDER BY id", (file_id,))
+        return [AuditRow(*r) for r in rows]
+
+
+
+def open_journal(state_dir: Path) -> Journal:
+    """The journal kept under `state_dir`."""
+    return Journal(state_dir / "journal.sqlite3")
+
+
