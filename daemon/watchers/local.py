@@ -28,20 +28,6 @@ import time
 from collections.abc import Callable, Iterator
 
 import structlog
-from watchdog.events import (
-    DirCreatedEvent,
-    DirDeletedEvent,
-    DirMovedEvent,
-    FileClosedEvent,
-    FileCreatedEvent,
-    FileMovedEvent,
-    FileSystemEvent,
-    FileSystemEventHandler,
-)
-from watchdog.observers.api import BaseObserver, ObservedWatch
-from watchdog.observers.inotify import InotifyEmitter
-from watchdog.observers.inotify_c import InotifyConstants, InotifyFD, Mask
-from watchdog.observers.inotify_move_event_grouper import GroupedInotifyEvent, PathedInotifyEvent
 
 from daemon.config import WatchConfig
 from daemon.errors import UnsafePathError
@@ -50,6 +36,7 @@ from daemon.journal import FileRow, Journal, RowChanges
 from daemon.model import FileState
 from daemon.watchers import inotify
 from daemon.watchers.base import is_ignored, relative_path
+from daemon.watchers.fallback import ArrivalsHandler, ArrivalsObserver, ObservedWatch
 from daemon.watchers.tree import stat_below, walk
 
 __all__ = ["LocalWatcher", "RepeatFilter"]
@@ -90,66 +77,6 @@ class RepeatFilter:
         return 0 if last is None else last[1]
 
 
-class _ArrivalsEmitter(InotifyEmitter):
-    """Asks inotify for arrivals only, plus the root's own deletion or move.
-
-    Without IN_MOVED_FROM, a rename into the tree arrives as a created event for its
-    new name, and watchdog holds no half-moves to pair: its pairing scans them all per
-    event, which made every file we move out of the source cost O(backlog) (profiled).
-    watchdog 7 reports IN_DELETE_SELF of the root (and stops the emitter) but drops
-    IN_MOVE_SELF; a root renamed away would go on reporting under its old name.
-    """
-
-    def get_event_mask_from_filter(self) -> Mask:
-        c = InotifyConstants
-        return Mask(c.IN_CREATE | c.IN_CLOSE_WRITE | c.IN_MOVED_TO | c.IN_DELETE_SELF
-                    | c.IN_MOVE_SELF | c.IN_ONLYDIR)
-
-    def build_and_queue_event(self, event: GroupedInotifyEvent, *, full_events: bool = False) -> None:
-        if (isinstance(event, PathedInotifyEvent) and event.ev.is_move_self
-                and event.path == os.fsencode(self.watch.path)):
-            self.queue_event(DirMovedEvent(self.watch.path, ""))
-            return
-        super().build_and_queue_event(event, full_events=full_events)
-
-
-class _ArrivalsObserver(BaseObserver):
-    """watchdog's observer, where inotify cannot be read directly (daemon/watchers/inotify.py)."""
-
-    def __init__(self) -> None:
-        self._inotify_fd = InotifyFD()
-        self._inotify_fd.start()
-        super().__init__(_ArrivalsEmitter, inotify_fd=self._inotify_fd)
-
-    def on_thread_stop(self) -> None:
-        super().on_thread_stop()
-        self._inotify_fd.stop()
-        self._inotify_fd.join()
-
-
-class _Handler(FileSystemEventHandler):
-    """Collects paths from watchdog's thread; does nothing slow."""
-
-    def __init__(self, root: str, on_path: Callable[[str], None], on_root: Callable[[], None]) -> None:
-        self._root = root
-        self._on_path = on_path
-        self._on_root = on_root
-
-    def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.is_directory:
-            if (isinstance(event, DirDeletedEvent | DirMovedEvent)
-                    and os.fsdecode(event.src_path) == self._root):
-                self._on_root()
-            # A directory moved in brings files no event will name: sweep it.
-            elif isinstance(event, DirMovedEvent | DirCreatedEvent):
-                self._on_path(os.fsdecode(event.dest_path or event.src_path) + "/")
-            return
-        if isinstance(event, FileMovedEvent):
-            self._on_path(os.fsdecode(event.dest_path))
-        elif isinstance(event, FileClosedEvent | FileCreatedEvent):
-            self._on_path(os.fsdecode(event.src_path))
-
-
 class LocalWatcher:
     """Watches one local source tree for one watch."""
 
@@ -163,7 +90,7 @@ class LocalWatcher:
         self._lock = threading.Lock()
         self._event = threading.Event()
         self._stopping = threading.Event()
-        self._observer = None if inotify.available() else _ArrivalsObserver()
+        self._observer = None if inotify.available() else ArrivalsObserver()
         self._observed: ObservedWatch | inotify.InotifyReader | None = None
         self._arm_lock = threading.Lock()  # _arm() against stop(); the handler never takes it
         self._thread = threading.Thread(target=self._run, name=f"watch-{watch.name}", daemon=True)
@@ -274,7 +201,7 @@ class LocalWatcher:
     def _arm(self) -> None:
         """Watch the root (again) with inotify; a failure leaves it to the sweeps and the root poll."""
         self._disarm()
-        handler = _Handler(self.watch.source, self._add, self._root_event)
+        handler = ArrivalsHandler(self.watch.source, self._add, self._root_event)
         with self._arm_lock:
             if self._stopping.is_set():
                 return
