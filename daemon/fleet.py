@@ -18,15 +18,14 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 from urllib.parse import quote_plus
 
 import structlog
-from botocore.exceptions import BotoCoreError, ClientError
 
-from daemon.s3 import S3Url, error_code, s3_errors
+from daemon.errors import LocationError, QueueUnavailableError, S3ConditionError
+from daemon.s3 import S3Url, s3_boundary, sqs_boundary
 
 __all__ = ["LEASE_DIR", "ListingLease", "SafetyNet", "is_fleet_key", "synthetic_event"]
 
@@ -34,22 +33,12 @@ log = structlog.get_logger("scanwatch.fleet")
 
 LEASE_DIR = ".scanwatch/"
 _LEASE_NAME = LEASE_DIR + "lease"
-_PRECONDITION = ("412", "PreconditionFailed")
-_MISSING = ("404", "NoSuchKey", "NotFound")
 _SQS_BATCH = 10
 
 
 def is_fleet_key(rel_path: str) -> bool:
     """True for our own objects under the source prefix: never scanned."""
     return rel_path.startswith(LEASE_DIR)
-
-
-@contextmanager
-def _s3_call(what: str) -> Iterator[None]:
-    try:
-        yield
-    except BotoCoreError as exc:
-        raise s3_errors(what, exc) from exc
 
 
 class ListingLease:
@@ -95,20 +84,19 @@ class ListingLease:
             return
         etag, self._etag = self._etag, None
         try:
-            self._client.delete_object(Bucket=self._bucket, Key=self.key, IfMatch=etag)
-        except (ClientError, BotoCoreError):  # someone took it, or S3 is away: it expires anyway
+            with s3_boundary(f"DELETE s3://{self._bucket}/{self.key}"):
+                self._client.delete_object(Bucket=self._bucket, Key=self.key, IfMatch=etag)
+        except (LocationError, OSError):  # someone took it, or S3 is away: it expires anyway
             log.debug("fleet.lease_release_failed", key=self.key)
 
     def _read(self) -> tuple[str, str | None, float] | None:
         """(ETag, holder, expires_at) of the lease object, or None if there is none."""
         try:
-            with _s3_call(f"GET s3://{self._bucket}/{self.key}"):
+            with s3_boundary(f"GET s3://{self._bucket}/{self.key}"):
                 answer = self._client.get_object(Bucket=self._bucket, Key=self.key)
                 raw = answer["Body"].read(4096)
-        except ClientError as exc:
-            if error_code(exc) in _MISSING:
-                return None
-            raise s3_errors(f"GET s3://{self._bucket}/{self.key}", exc) from exc
+        except FileNotFoundError:
+            return None
         try:
             doc = json.loads(raw)
             return str(answer["ETag"]), str(doc["holder"]), float(doc["expires_at"])
@@ -121,16 +109,14 @@ class ListingLease:
         body = json.dumps({"holder": self.holder, "acquired_at": now, "expires_at": now + self._ttl_s})
         condition = {"IfMatch": if_match} if if_match else {"IfNoneMatch": "*"}
         try:
-            with _s3_call(f"PUT s3://{self._bucket}/{self.key}"):
+            with s3_boundary(f"PUT s3://{self._bucket}/{self.key}"):
                 answer = self._client.put_object(Bucket=self._bucket, Key=self.key, Body=body.encode(),
                                                  ContentType="application/json", **condition)
-        except ClientError as exc:
-            if error_code(exc) in (*_PRECONDITION, *_MISSING):
-                if self._etag is not None:
-                    log.warning("fleet.lease_lost", key=self.key, holder=self.holder)
-                self._etag = None
-                return False
-            raise s3_errors(f"PUT s3://{self._bucket}/{self.key}", exc) from exc
+        except (S3ConditionError, FileNotFoundError):
+            if self._etag is not None:
+                log.warning("fleet.lease_lost", key=self.key, holder=self.holder)
+            self._etag = None
+            return False
         was_held = self._etag is not None
         self._etag, self._held_until = str(answer["ETag"]), now + self._ttl_s
         if not was_held:
@@ -170,14 +156,12 @@ class SafetyNet:
             return 0
         sent = 0
         paginator = self._s3.get_paginator("list_objects_v2")
-        try:
+        with s3_boundary(f"LIST {self._where}"):
             for page in paginator.paginate(Bucket=self._where.bucket, Prefix=self._where.prefix):
                 if not self._lease.is_held and not self._lease.acquire():
                     log.info("fleet.listing_stopped", reason="lease_lost")
                     break
                 sent += self._send(list(self._due(page.get("Contents", ()))))
-        except (ClientError, BotoCoreError) as exc:
-            raise s3_errors(f"LIST {self._where}", exc) from exc
         if sent:
             log.info("fleet.safety_net_sent", count=sent, prefix=str(self._where))
         return sent
@@ -199,11 +183,13 @@ class SafetyNet:
         for start in range(0, len(due), _SQS_BATCH):
             batch = due[start:start + _SQS_BATCH]
             try:
-                self._sqs.send_message_batch(QueueUrl=self._queue_url, Entries=[
-                    {"Id": str(index), "MessageBody": synthetic_event(self._where.bucket, key, etag, size)}
-                    for index, (key, etag, size) in enumerate(batch)])
-            except (ClientError, BotoCoreError) as exc:
-                log.warning("sqs.error", action="SendMessageBatch", error=str(exc))
+                bucket = self._where.bucket
+                entries = [{"Id": str(index), "MessageBody": synthetic_event(bucket, key, etag, size)}
+                           for index, (key, etag, size) in enumerate(batch)]
+                with sqs_boundary("SendMessageBatch", self._queue_url):
+                    self._sqs.send_message_batch(QueueUrl=self._queue_url, Entries=entries)
+            except QueueUnavailableError as exc:
+                log.warning("sqs.error", action="SendMessageBatch", error_code=exc.code, error=str(exc))
                 return start
             now = self._clock()
             self._sent.update({(key, etag): now for key, etag, _ in batch})

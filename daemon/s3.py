@@ -17,14 +17,20 @@ import botocore.session
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
-from daemon.errors import LocationError, S3ConditionError, S3UnavailableError, UnsafePathError
+from daemon.errors import (
+    LocationError,
+    QueueUnavailableError,
+    S3ConditionError,
+    S3UnavailableError,
+    UnsafePathError,
+)
 from daemon.fsutil import rel_parts
 
 if TYPE_CHECKING:  # config imports this module for S3Url
     from daemon.config import S3Config
 
 __all__ = ["S3Clients", "S3Url", "error_code", "flat_name", "is_s3", "local_rel", "make_client",
-           "s3_boundary", "s3_errors"]
+           "s3_boundary", "s3_errors", "sqs_boundary"]
 
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _MAX_SEGMENT_BYTES = 255
@@ -154,6 +160,23 @@ def s3_boundary(what: str) -> Iterator[None]:
         if isinstance(exc, FileNotFoundError):
             raise
         raise S3UnavailableError(f"{what}: {exc}") from exc
+
+
+@contextmanager
+def sqs_boundary(action: str, queue: str) -> Iterator[None]:
+    """What boto3 raises for an SQS call becomes QueueUnavailableError, naming `action` and `queue`."""
+    try:
+        yield
+    except ClientError as exc:
+        error = exc.response.get("Error", {})
+        code = error.get("Code")
+        raise QueueUnavailableError(
+            f"SQS {action} on queue {queue!r} failed: {code}: {error.get('Message', '')}; check "
+            f"events.sqs_queue_url and that the daemon may receive, delete and change the "
+            f"visibility of its messages", action=action, code=code) from exc
+    except BotoCoreError as exc:
+        raise QueueUnavailableError(f"SQS {action} on queue {queue!r} failed: {exc}",
+                                    action=action) from exc
 
 
 def s3_errors(what: str, exc: Exception) -> LocationError:

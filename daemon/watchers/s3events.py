@@ -13,17 +13,16 @@ Nothing above this module sees botocore: SQS failures become `QueueUnavailableEr
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
 import structlog
-from botocore.exceptions import BotoCoreError, ClientError
 
 from daemon.errors import MalformedMessageError, QueueUnavailableError
 from daemon.fleet import is_fleet_key
 from daemon.retry import RetryPolicy
+from daemon.s3 import sqs_boundary
 from daemon.watchers.s3notify import S3Event, events_of, parse_message
 
 __all__ = ["SqsEventSource"]
@@ -41,23 +40,6 @@ _HELD_WAIT_TIME_S = 1  # the long poll while holding messages: settled ones are 
 
 
 # -- the queue ---------------------------------------------------------------------------------
-
-@contextmanager
-def _translate_errors(action: str, queue: str) -> Iterator[None]:
-    """botocore errors become QueueUnavailableError: nothing above this module sees botocore."""
-    try:
-        yield
-    except ClientError as exc:
-        error = exc.response.get("Error", {})
-        code = error.get("Code")
-        raise QueueUnavailableError(
-            f"SQS {action} on queue {queue!r} failed: {code}: {error.get('Message', '')}; check "
-            f"events.sqs_queue_url and that the daemon may receive, delete and change the "
-            f"visibility of its messages", action=action, code=code) from exc
-    except BotoCoreError as exc:
-        raise QueueUnavailableError(f"SQS {action} on queue {queue!r} failed: {exc}",
-                                    action=action) from exc
-
 
 class SqsEventSource:
     """Receives S3 events from one queue and hands each message's events to `on_events`.
@@ -146,7 +128,7 @@ class SqsEventSource:
                 return 0
             if self._held:  # a long poll would keep settled messages from being deleted
                 wait_time_s = min(wait_time_s, _HELD_WAIT_TIME_S)
-        with _translate_errors("ReceiveMessage", self._queue):
+        with sqs_boundary("ReceiveMessage", self._queue):
             response = self._client.receive_message(
                 QueueUrl=self._queue_url, MaxNumberOfMessages=room,
                 WaitTimeSeconds=wait_time_s, VisibilityTimeout=self._visibility_timeout_s,
@@ -232,7 +214,7 @@ class SqsEventSource:
         """DeleteMessageBatch; a message whose delete failed comes back and is deduplicated."""
         if not messages:
             return
-        with _translate_errors("DeleteMessageBatch", self._queue):
+        with sqs_boundary("DeleteMessageBatch", self._queue):
             response = self._client.delete_message_batch(QueueUrl=self._queue_url, Entries=[
                 {"Id": str(index), "ReceiptHandle": message["ReceiptHandle"]}
                 for index, message in enumerate(messages)])
@@ -293,7 +275,7 @@ class _Heartbeat:
                     "VisibilityTimeout": self._visibility_timeout_s}
                    for index, (handle, _) in enumerate(pending)]
         try:
-            with _translate_errors("ChangeMessageVisibilityBatch", self._queue):
+            with sqs_boundary("ChangeMessageVisibilityBatch", self._queue):
                 response = self._client.change_message_visibility_batch(
                     QueueUrl=self._queue_url, Entries=entries)
         except QueueUnavailableError as exc:
