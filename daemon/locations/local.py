@@ -206,7 +206,9 @@ class LocalLocation:
         if not _is_inode(to_dir, to_name, identity):
             put_back(to_dir, to_name, dir_fd, base)
             raise ChangedError(f"{self.name(req.rel_path)} was replaced before it could be moved")
-        os.fsync(dir_fd)
+        # No fsync here: the caller's fsync after its last rename or unlink makes this rename
+        # durable too (a journaling filesystem commits them in order); a crash before it finds
+        # the file at its name or captured, and either is finished.
 
     def restore(self, req: MoveRequest, from_dir: int, name: str) -> None:
         """Put a captured file back at `req.rel_path` (or a collision name): a new arrival."""
