@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,7 +30,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import synthetic_db  # noqa: E402
 from clamd_server import Clamd, running_clamd  # noqa: E402
-from local_throughput import _payloads, run_daemon  # noqa: E402
+from local_throughput import _payloads, run_daemon, spread  # noqa: E402
 
 _DATABASES: dict[str, Callable[[Path], None] | None] = {"one": None, "synthetic": synthetic_db.write}
 
@@ -69,9 +68,7 @@ def _one_run(clamd: Clamd, base: Path, files: list[tuple[str, bytes]], args: arg
 
 
 def _spread(runs: list[dict[str, float]], key: str, digits: int = 0) -> str:
-    values = [r[key] for r in runs]
-    return (f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f} - "
-            f"{max(values):.{digits}f})")
+    return spread([r[key] for r in runs], digits)
 
 
 def _report(db: str, runs: list[dict[str, float]], args: argparse.Namespace) -> None:

@@ -179,10 +179,14 @@ def _one_run(base: Path, files: list[tuple[str, bytes]], args: argparse.Namespac
     return figures
 
 
-def _spread(runs: list[dict[str, dict[str, float]]], what: str, key: str, digits: int = 0) -> str:
-    values = [r[what][key] for r in runs]
+def spread(values: list[float], digits: int = 0) -> str:
+    """`median (min - max)` of one figure over the runs."""
     return (f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f} - "
             f"{max(values):.{digits}f})")
+
+
+def _spread(runs: list[dict[str, dict[str, float]]], what: str, key: str, digits: int = 0) -> str:
+    return spread([r[what][key] for r in runs], digits)
 
 
 def _report(runs: list[dict[str, dict[str, float]]], args: argparse.Namespace) -> None:

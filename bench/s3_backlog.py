@@ -22,7 +22,6 @@ import dataclasses
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,7 +33,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from local_throughput import cpu_seconds  # noqa: E402
+from local_throughput import cpu_seconds, spread  # noqa: E402
 from realservers import S3Server, TcpProxy, running_seaweedfs  # noqa: E402
 
 EICAR = (ROOT / "samples" / "eicar.com").read_bytes()
@@ -171,9 +170,7 @@ def _one_run(server: S3Server, bucket: str, base: Path, args: argparse.Namespace
 
 
 def _spread(runs: list[dict[str, float]], key: str, digits: int = 0) -> str:
-    values = [r[key] for r in runs]
-    return (f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f} - "
-            f"{max(values):.{digits}f})")
+    return spread([r[key] for r in runs], digits)
 
 
 def _report(latency_ms: float, runs: list[dict[str, float]], args: argparse.Namespace) -> None:

@@ -464,6 +464,16 @@ def s3_server(request: pytest.FixtureRequest) -> Iterator[S3Server]:
 
 
 @pytest.fixture
+def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """boto3's credential chain pointed at the test server (the daemon's way to get them)."""
+    env = {"AWS_ACCESS_KEY_ID": s3_server.access_key, "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
+           "AWS_DEFAULT_REGION": s3_server.region}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return env
+
+
+@pytest.fixture
 def s3_bucket(s3_server: S3Server, request: pytest.FixtureRequest) -> Iterator[str]:
     """A new empty bucket named after the test; deleted with its contents afterwards."""
     name = _unique_name(request, max_len=63)

@@ -28,15 +28,6 @@ KILLED_OBJECTS = 300
 
 
 @pytest.fixture
-def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    env = {"AWS_ACCESS_KEY_ID": s3_server.access_key, "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
-           "AWS_DEFAULT_REGION": s3_server.region}
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    return env
-
-
-@pytest.fixture
 def fleet(s3_server: S3Server, s3_bucket: str, sqs_server: SqsServer, sqs_queue: str,
           tmp_path: Path, s3_env: dict[str, str]) -> Iterator[Fleet]:
     yield Fleet(s3_server.client(), sqs_server.client(), s3_bucket, sqs_queue, tmp_path,

@@ -11,7 +11,7 @@ from conftest import EICAR
 from emulators.blazelock import BlazelockEmulator
 from emulators.perception_point import PerceptionPointEmulator
 from realservers import S3Server, TcpProxy
-from test_s3 import S3Harness, s3_env  # noqa: F401  (a fixture)
+from test_s3 import S3Harness
 
 from daemon.config import BlazelockEngineConfig, PerceptionPointEngineConfig
 from daemon.engines.blazelock import BlazelockEngine

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from conftest import Layout, wait_until
 from realservers import S3Server
-from test_s3 import S3Harness, s3_env  # noqa: F401  (a fixture)
+from test_s3 import S3Harness
 
 from daemon.config import Config, YaraEngineConfig
 from daemon.engines import build_engines
@@ -151,7 +151,7 @@ def test_rescan_clean_needs_a_watch_or_paths(layout: Layout) -> None:
 # -- in place, on a real S3 server ------------------------------------------------------------------
 
 @pytest.fixture
-def harness(s3_server: S3Server, s3_bucket: str, tmp_path: Path, s3_env: dict[str, str]  # noqa: F811
+def harness(s3_server: S3Server, s3_bucket: str, tmp_path: Path, s3_env: dict[str, str]
             ) -> Callable[..., S3Harness]:
     def make(**kw: Any) -> S3Harness:
         return S3Harness(s3_server, s3_bucket, tmp_path, YaraEngine("default", YaraEngineConfig(type="yara")),

@@ -34,16 +34,6 @@ from daemon.watchers.local import LocalWatcher
 from daemon.watchers.s3 import S3Watcher
 
 
-@pytest.fixture
-def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    """boto3's credential chain pointed at the test server (the daemon's way to get them)."""
-    env = {"AWS_ACCESS_KEY_ID": s3_server.access_key, "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
-           "AWS_DEFAULT_REGION": s3_server.region}
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    return env
-
-
 class S3Harness:
     """One watch with S3 (or local) locations, its journal, an engine and a pipeline, stepped by hand."""
 
