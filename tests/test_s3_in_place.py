@@ -12,7 +12,7 @@ import pytest
 from conftest import EICAR
 from fakes import FakeEngine
 from realservers import S3Server
-from test_s3 import S3Harness, s3_env  # noqa: F401  (a fixture)
+from test_s3 import S3Harness
 
 from daemon.config import Config, YaraEngineConfig
 from daemon.engines.base import Engine, ScanRequest
@@ -25,7 +25,7 @@ IN_PLACE = {"clean": "in_place", "quarantine": "in_place"}
 
 
 @pytest.fixture
-def harness(s3_server: S3Server, s3_bucket: str, tmp_path: Path, s3_env: dict[str, str]  # noqa: F811
+def harness(s3_server: S3Server, s3_bucket: str, tmp_path: Path, s3_env: dict[str, str]
             ) -> Callable[..., S3Harness]:
     def make(engine: Engine | None = None, **kw: Any) -> S3Harness:
         yara = YaraEngine("default", YaraEngineConfig(type="yara"))
