@@ -197,6 +197,9 @@ class Config(_Model):
     s3: S3Config = Field(default_factory=S3Config, description="settings of every s3:// location; "
                          "boto3's usual credential chain applies")
     shutdown_timeout: Duration = Field(10.0, description="how long SIGTERM waits for in-flight files")
+    workers: int = Field(default_factory=lambda: min(os.cpu_count() or 1, 8), ge=1, le=64,
+                         description="scanning/moving processes; default: the number of CPUs, "
+                         "at most 8; 1 scans in the daemon's own process")
     engines: dict[str, EngineConfig] = Field(description="scan engines by name; `type` picks the engine")
     watches: tuple[WatchConfig, ...] = Field(description="what to watch and where files go")
 
