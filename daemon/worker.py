@@ -4,7 +4,7 @@ Started by the daemon (daemon/workers.py) as `python -m daemon.worker --parent P
 --events-fd FD`. Its stdin carries the config (one frame, so a reload that the parent
 refused never reaches a worker), then one byte per wake-up; FD carries each outcome back
 to the parent for the metrics and alerts. It dies with the parent (`PR_SET_PDEATHSIG`),
-drains on SIGTERM and ignores SIGHUP: the parent reloads by starting new workers.
+drains at the end of its stdin or on SIGTERM, ignores SIGHUP: the parent reloads by starting new workers.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ class _Events:
 def _read_wakes(stream: IO[bytes], wake: threading.Event, stop: threading.Event) -> None:
     while stream.read(1):
         wake.set()
-    stop.set()  # the parent closed our stdin: it is gone or stops us
+    stop.set()  # the parent closed our stdin: it stops us (daemon/workers.py)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -113,7 +112,8 @@ class WorkerPool:
             if code is None:
                 continue
             log.error("worker.died", worker=worker.index, pid=worker.proc.pid, code=code)
-            self._close(worker)
+            self._close_pipe(worker)
+            worker.reader.join(timeout=5.0)
             self.journal.reclaim()
             self._workers[i] = self._spawn(worker.index)
             self.wake.set()
@@ -123,12 +123,12 @@ class WorkerPool:
         return all(w.proc.poll() is None for w in self._workers)
 
     def stop(self, timeout_s: float) -> bool:
-        """SIGTERM: each worker drains; what is still running at the deadline is killed."""
+        """Each worker drains, told by the end of its stdin (a SIGTERM could come before it
+        handles one); what is still running at the deadline is killed, its rows handed back."""
         self._stopping.set()
         deadline = time.monotonic() + timeout_s
         for worker in self._workers:
-            if worker.proc.poll() is None:
-                worker.proc.send_signal(signal.SIGTERM)
+            self._close_pipe(worker)
         drained = True
         for worker in self._workers:
             try:
@@ -139,16 +139,15 @@ class WorkerPool:
             if code != 0:
                 log.warning("worker.undrained", worker=worker.index, pid=worker.proc.pid, code=code)
             drained = drained and code == 0
-            self._close(worker)
+            worker.reader.join(timeout=5.0)
         if self._waker.is_alive():
             self._waker.join()
         self.journal.reclaim()  # rows of workers killed at the deadline
         return drained
 
-    def _close(self, worker: _Worker) -> None:
+    def _close_pipe(self, worker: _Worker) -> None:
         assert worker.proc.stdin is not None
         with self._pipes:
             worker.wake_fd = -1
             with contextlib.suppress(OSError):
                 worker.proc.stdin.close()
-        worker.reader.join(timeout=5.0)
