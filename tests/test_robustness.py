@@ -8,7 +8,6 @@ import sys
 from collections.abc import Callable
 
 import pytest
-
 from conftest import ROOT, Daemon, Layout
 
 
