@@ -73,7 +73,7 @@ class Service:
             if uses_s3(watch):
                 s3(config.s3_for(watch))
         pipeline: Pipeline | WorkerPool = (
-            WorkerPool(config, self.journal, self.wake, self._on_outcome) if config.workers > 1
+            WorkerPool(config, self.journal, self.wake, self._on_outcome) if config.worker_count() > 1
             else Pipeline(config, self.journal, engines, owner=self.owner, wake=self.wake,
                           on_outcome=self._on_outcome, s3=s3))
         watchers: list[Watcher] = [

@@ -59,7 +59,7 @@ class WorkerPool:
 
     def start(self) -> None:
         """Start the workers (from the main thread) and the thread that wakes them."""
-        self._workers = [self._spawn(i) for i in range(self.config.workers)]
+        self._workers = [self._spawn(i) for i in range(self.config.worker_count())]
         self._waker.start()
 
     def _spawn(self, index: int) -> _Worker:

@@ -94,7 +94,7 @@ class Pipeline:
         With several worker processes (`workers` > 1) always, by slot files under
         state_dir that every process shares (daemon/slots.py).
         """
-        shared = self.config.workers > 1
+        shared = self.config.worker_count() > 1
         return {name: _Bounded(engine, self.config.engines[name].concurrency,
                                self._slots_of(name) if shared else None)
                 if name in self.config.engines
