@@ -47,14 +47,18 @@ def _peak_rss_kb(pid: int) -> int:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used so far."""
+    """User + system CPU time a process and its running children (`workers: N`) have used so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
+                for c in (task / "children").read_text().split()]
+    return own + sum(cpu_seconds(c) for c in children)
 
 
 def run_daemon(base: Path, files: list[tuple[str, bytes]], concurrency: int,
                arrival: str, rate: float | None = None,
-               engine: dict[str, object] | None = None, code: Path = ROOT) -> dict[str, float]:
+               engine: dict[str, object] | None = None, code: Path = ROOT,
+               workers: int = 1) -> dict[str, float]:
     """Run `scanwatch run` (from the checkout `code`) on `files`; figures of the run."""
     inbox = base / "inbox"
     inbox.mkdir(parents=True)
@@ -63,6 +67,7 @@ def run_daemon(base: Path, files: list[tuple[str, bytes]], concurrency: int,
     config = {
         "state_dir": str(base / "state"),
         "log": {"format": "json", "level": "warning"},
+        **({"workers": workers} if workers != 1 else {}),  # a checkout from before `workers` too
         "engines": {"default": {"type": "yara", **(engine or {}), "concurrency": concurrency}},
         "watches": [{"name": "bench", "source": str(inbox), "engine": "default",
                      "clean": str(base / "clean"), "quarantine": str(base / "quarantine"),
@@ -164,17 +169,20 @@ def run_floor(base: Path, files: list[tuple[str, bytes]]) -> dict[str, float]:
 def _one_run(base: Path, files: list[tuple[str, bytes]], args: argparse.Namespace
              ) -> dict[str, dict[str, float]]:
     figures: dict[str, dict[str, float]] = {}
-    codes = {"ours": ROOT, **({"compare": args.compare} if args.compare else {})}
-    for who, code in codes.items():
+    codes = {"ours": (ROOT, args.workers)}
+    if args.compare or args.compare_workers:
+        codes["compare"] = (args.compare or ROOT, args.compare_workers or args.workers)
+    for who, (code, workers) in codes.items():
         figures[f"burst {who}"] = run_daemon(base / f"burst-{who}", files, args.concurrency,
-                                             args.arrival, code=code)
+                                             args.arrival, code=code, workers=workers)
         figures[f"trickle {who}"] = run_daemon(base / f"trickle-{who}", files[:args.trickle_files],
                                                args.concurrency, args.arrival,
-                                               rate=args.trickle_rate, code=code)
+                                               rate=args.trickle_rate, code=code, workers=workers)
         if args.backlog:
             backlog = _payloads(args.backlog, 100)
             figures[f"backlog {who}"] = run_daemon(base / f"backlog-{who}", backlog,
-                                                   args.concurrency, "backlog", code=code)
+                                                   args.concurrency, "backlog", code=code,
+                                                   workers=workers)
     figures["floor"] = run_floor(base, files)
     return figures
 
@@ -193,8 +201,10 @@ def _report(runs: list[dict[str, dict[str, float]]], args: argparse.Namespace) -
     print(f"local_throughput: {args.files} files x {args.size} B, 1 % EICAR, YARA, "
           f"concurrency {args.concurrency}, arrival by {args.arrival}, {os.cpu_count()} cores, "
           f"{len(runs)} runs, median (min - max)")
-    for who in ("ours", "compare") if args.compare else ("ours",):
-        name = "scanwatch" if who == "ours" else str(args.compare)
+    peer = args.compare or args.compare_workers
+    for who in ("ours", "compare") if peer else ("ours",):
+        name = f"scanwatch (workers {args.workers})" if who == "ours" else (
+            f"{args.compare or 'scanwatch'} (workers {args.compare_workers or args.workers})")
         print(f"  {name}, burst: {_spread(runs, f'burst {who}', 'files_per_s')} files/s, CPU "
               f"{_spread(runs, f'burst {who}', 'cpu_ms_per_file', 3)} ms/file, peak RSS "
               f"{_spread(runs, f'burst {who}', 'peak_rss_mb')} MB")
@@ -208,13 +218,13 @@ def _report(runs: list[dict[str, dict[str, float]]], args: argparse.Namespace) -
                   f"{_spread(runs, f'backlog {who}', 'status_s', 3)} s, CPU "
                   f"{_spread(runs, f'backlog {who}', 'cpu_ms_per_file', 3)} ms/file (start-up included), "
                   f"peak RSS {_spread(runs, f'backlog {who}', 'peak_rss_mb')} MB")
-    if args.compare:
+    if peer:
         ratios = [{"r": {"burst": r["burst ours"]["files_per_s"] / r["burst compare"]["files_per_s"],
                          "cpu": r["burst ours"]["cpu_ms_per_file"] / r["burst compare"]["cpu_ms_per_file"],
                          **({"backlog": r["backlog ours"]["files_per_s"]
                              / r["backlog compare"]["files_per_s"]} if args.backlog else {})}}
                   for r in runs]
-        print(f"  scanwatch / {args.compare}: burst {_spread(ratios, 'r', 'burst', 2)}x, CPU per file "
+        print(f"  scanwatch / peer: burst {_spread(ratios, 'r', 'burst', 2)}x, CPU per file "
               f"{_spread(ratios, 'r', 'cpu', 2)}x"
               + (f", backlog {_spread(ratios, 'r', 'backlog', 2)}x" if args.backlog else ""))
     print(f"  bare python loop: {_spread(runs, 'floor', 'files_per_s')} files/s "
@@ -234,6 +244,9 @@ def main() -> None:
                         help="also drain this many 100-byte files present at start (0: skip)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--compare", type=Path, help="another checkout's daemon as a peer")
+    parser.add_argument("--workers", type=int, default=1, help="`workers:` of our daemon")
+    parser.add_argument("--compare-workers", type=int,
+                        help="`workers:` of the peer (our own checkout unless --compare)")
     args = parser.parse_args()
     files = _payloads(args.files, args.size)
     runs = []

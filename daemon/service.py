@@ -25,6 +25,7 @@ from daemon.watchers.base import Watcher
 from daemon.watchers.local import LocalWatcher
 from daemon.watchers.s3 import S3Watcher
 from daemon.webhooks import WebhookReceivers
+from daemon.workers import WorkerPool
 
 __all__ = ["Service"]
 
@@ -40,7 +41,7 @@ class _Running:
 
     config: Config
     engines: dict[str, Engine]
-    pipeline: Pipeline
+    pipeline: Pipeline | WorkerPool  # `workers: N` > 1: processes (daemon/workers.py)
     watchers: list[Watcher]
     alerts: WebhookAlerts | None
     webhooks: WebhookReceivers  # bound in `_start`, so a reload can rebind the same address
@@ -71,8 +72,10 @@ class Service:
         for watch in config.watches:
             if uses_s3(watch):
                 s3(config.s3_for(watch))
-        pipeline = Pipeline(config, self.journal, engines, owner=self.owner, wake=self.wake,
-                            on_outcome=self._on_outcome, s3=s3)
+        pipeline: Pipeline | WorkerPool = (
+            WorkerPool(config, self.journal, self.wake, self._on_outcome) if config.worker_count() > 1
+            else Pipeline(config, self.journal, engines, owner=self.owner, wake=self.wake,
+                          on_outcome=self._on_outcome, s3=s3))
         watchers: list[Watcher] = [
             S3Watcher(w, self.journal, self.wake, s3(config.s3_for(w)), config.s3_for(w))
             if is_s3(w.source)
@@ -186,6 +189,8 @@ class Service:
             if fault := self._fault():
                 self._fail(fault)
                 raise fault
+            if isinstance(self._running.pipeline, WorkerPool):
+                self._running.pipeline.tick()
             if time.monotonic() >= next_reclaim_at:
                 # Rows of a crashed `scan --move` next to us.
                 self.journal.reclaim()

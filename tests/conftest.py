@@ -68,6 +68,7 @@ class Layout:
                 "failed": str(self.failed), "settle_seconds": 0.3, "rescan_interval": 2,
                 **(watch or {}),
             }],
+            "workers": 1,  # tests of N > 1 ask for it
             **top,
         }
 

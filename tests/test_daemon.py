@@ -153,8 +153,9 @@ def test_hardlinks_and_fifos_are_refused_and_left_in_place(layout: Layout, daemo
     assert ("inbox", "held", None, "hardlink", 1) in status
 
 
-def test_sigterm_exits_zero_promptly(layout: Layout, daemon_factory) -> None:
-    daemon = daemon_factory(layout.write_config())
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_exits_zero_promptly(layout: Layout, daemon_factory, workers: int) -> None:
+    daemon = daemon_factory(layout.write_config(workers=workers))
     daemon.wait_started()
     started = time.monotonic()
     assert daemon.stop() == 0
@@ -162,8 +163,10 @@ def test_sigterm_exits_zero_promptly(layout: Layout, daemon_factory) -> None:
     assert daemon.named("daemon.stopped")
 
 
-def test_sighup_with_broken_config_keeps_running_the_old_one(layout: Layout, daemon_factory) -> None:
-    config = layout.write_config()
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sighup_with_broken_config_keeps_running_the_old_one(layout: Layout, daemon_factory,
+                                                             workers: int) -> None:
+    config = layout.write_config(workers=workers)
     daemon = daemon_factory(config)
     daemon.wait_started()
     config.write_text("engines: [this is: not valid")
@@ -175,13 +178,15 @@ def test_sighup_with_broken_config_keeps_running_the_old_one(layout: Layout, dae
     assert daemon.stop() == 0
 
 
-def test_sighup_with_new_config_applies_it(layout: Layout, daemon_factory, tmp_path: Path) -> None:
-    config = layout.write_config()
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sighup_with_new_config_applies_it(layout: Layout, daemon_factory, tmp_path: Path,
+                                           workers: int) -> None:
+    config = layout.write_config(workers=workers)
     daemon = daemon_factory(config)
     daemon.wait_started()
     rules = tmp_path / "extra.yar"
     rules.write_text('rule Custom_Marker { strings: $a = "CUSTOM-MARKER" condition: $a }')
-    layout.write_config(engine={"rules": [str(rules)]})
+    layout.write_config(engine={"rules": [str(rules)]}, workers=workers)
     daemon.signal(signal.SIGHUP)
     daemon.wait_for(lambda: daemon.named("config.reloaded"), what="reloaded")
     (layout.inbox / "marked.txt").write_bytes(b"xx CUSTOM-MARKER xx")
@@ -191,9 +196,11 @@ def test_sighup_with_new_config_applies_it(layout: Layout, daemon_factory, tmp_p
 
 
 @pytest.mark.slow
-def test_kill_9_mid_run_then_restart_loses_and_duplicates_nothing(layout: Layout, daemon_factory) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_kill_9_mid_run_then_restart_loses_and_duplicates_nothing(layout: Layout, daemon_factory,
+                                                                  workers: int) -> None:
     names = [f"f{i:03d}.{'com' if i % 50 == 0 else 'txt'}" for i in range(500)]
-    config = layout.write_config(watch={"settle_seconds": 0})
+    config = layout.write_config(watch={"settle_seconds": 0}, workers=workers)
     first = daemon_factory(config)
     first.wait_started()
 

@@ -45,8 +45,9 @@ def pauses(tmp_path: Path) -> Pauses:
     return Pauses(tmp_path / "pauses")
 
 
-def _start(layout: Layout, daemon_factory: Callable[..., Daemon], env: dict[str, str]) -> Daemon:
-    daemon = daemon_factory(layout.write_config(), env)
+def _start(layout: Layout, daemon_factory: Callable[..., Daemon], env: dict[str, str],
+           workers: int = 1) -> Daemon:
+    daemon = daemon_factory(layout.write_config(workers=workers), env)
     daemon.wait_started()
     return daemon
 
@@ -183,15 +184,16 @@ def test_truncation_through_a_held_descriptor_before_promotion_is_scanned_again(
     _assert_clean_was_scanned(layout, daemon)
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_kill_9_between_capture_and_promotion_finishes_the_move_once(
-        layout: Layout, daemon_factory: Callable[..., Daemon], pauses: Pauses) -> None:
-    first = _start(layout, daemon_factory, pauses.env("move.captured"))
+        layout: Layout, daemon_factory: Callable[..., Daemon], pauses: Pauses, workers: int) -> None:
+    first = _start(layout, daemon_factory, pauses.env("move.captured"), workers)
     (layout.inbox / "a.txt").write_bytes(b"harmless")
     (layout.inbox / "e.com").write_bytes(EICAR)
     pauses.reached(first, "move.captured")
     first.proc.send_signal(signal.SIGKILL)
     first.proc.wait()
-    second = _start(layout, daemon_factory, {})
+    second = _start(layout, daemon_factory, {}, workers)
     second.wait_for(lambda: layout.placed("clean") == ["a.txt"] and layout.placed("quarantine") == ["e.com"],
                     what="both placed")
     assert second.stop() == 0

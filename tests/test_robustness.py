@@ -7,14 +7,16 @@ import subprocess
 import sys
 from collections.abc import Callable
 
+import pytest
 from conftest import ROOT, Daemon, Layout
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_destination_failing_then_recovering_under_concurrency_4(
-        layout: Layout, daemon_factory: Callable[..., Daemon]) -> None:
+        layout: Layout, daemon_factory: Callable[..., Daemon], workers: int) -> None:
     layout.clean.parent.mkdir(parents=True, exist_ok=True)
     layout.clean.write_bytes(b"a file where the clean directory should be")
-    config = layout.write_config(engine={"concurrency": 4})
+    config = layout.write_config(engine={"concurrency": 4}, workers=workers)
     daemon = daemon_factory(config)
     daemon.wait_started()
     names = [f"file{i:02d}.bin" for i in range(60)]

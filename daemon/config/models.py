@@ -197,6 +197,9 @@ class Config(_Model):
     s3: S3Config = Field(default_factory=S3Config, description="settings of every s3:// location; "
                          "boto3's usual credential chain applies")
     shutdown_timeout: Duration = Field(10.0, description="how long SIGTERM waits for in-flight files")
+    workers: int | None = Field(None, ge=1, le=64, examples=[4],
+                                description="scanning/moving processes; omitted: the number of "
+                                "CPUs, at most 8; 1 scans in the daemon's own process")
     engines: dict[str, EngineConfig] = Field(description="scan engines by name; `type` picks the engine")
     watches: tuple[WatchConfig, ...] = Field(description="what to watch and where files go")
 
@@ -242,6 +245,10 @@ class Config(_Model):
         if problems:
             raise ConfigError("config", problems)
         return self
+
+    def worker_count(self) -> int:
+        """How many worker processes scan and move (`workers`, docs/operations.md "Throughput")."""
+        return self.workers or min(os.cpu_count() or 1, 8)
 
     def watch(self, name: str) -> WatchConfig:
         """The watch called `name` (KeyError if none)."""

@@ -6,6 +6,7 @@ Any statement, in any thread, that finds the file corrupt or unreadable records 
 
 from __future__ import annotations
 
+import fcntl
 import os
 import sqlite3
 import threading
@@ -46,7 +47,15 @@ def _is_io_of_dir(path: Path, exc: BaseException) -> bool:
 
 def _is_alive(token: str) -> bool:
     pid, _, start = token.partition(":")
-    return pid.isdigit() and _start_time(int(pid)) == start
+    return pid.isdigit() and _start_time(int(pid)) == start and not _is_zombie(int(pid))
+
+
+def _is_zombie(pid: int) -> bool:
+    """Exited, not yet reaped (a killed worker whose parent died too): it holds nothing."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
+    except OSError:
+        return False
 
 
 def is_damage(exc: BaseException) -> bool:
@@ -128,6 +137,7 @@ class Database:
         self._local = threading.local()
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()
+        self._writers_fd: int | None = None  # opened by the first write (`_tx`)
         self._connections: dict[threading.Thread, sqlite3.Connection] = {}
         self.damage: str | None = None  # set by the first statement, in any thread, that finds it
         if lost := _lost_wal(self.path):
@@ -165,22 +175,44 @@ class Database:
     def _tx(self) -> Iterator[sqlite3.Connection]:
         # Our own threads queue on a lock: SQLite's busy handler would sleep for
         # milliseconds each time; it is left to settle contention with other processes.
+        # Other processes (`workers: N`, docs/operations.md "Throughput") queue on a flock
+        # of a file beside the journal, which the kernel frees if its holder dies.
         conn = self._conn()
         with self._write_lock:
+            fd = self._writers()
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
             try:
-                conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as exc:
-                raise JournalError(f"journal {self.path} is not writable: {exc}") from exc
+                yield from self._in_tx(conn)
+            finally:
+                if fd is not None:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def _in_tx(self, conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise JournalError(f"journal {self.path} is not writable: {exc}") from exc
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            conn.execute("ROLLBACK")
+            raise JournalError(f"journal {self.path}: commit failed: {exc}") from exc
+
+    def _writers(self) -> int | None:
+        """The descriptor of the writers' lock file (None where it cannot be created)."""
+        if self._writers_fd is None:
             try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            try:
-                conn.execute("COMMIT")
-            except sqlite3.Error as exc:
-                conn.execute("ROLLBACK")
-                raise JournalError(f"journal {self.path}: commit failed: {exc}") from exc
+                self._writers_fd = os.open(f"{self.path}.writers", os.O_RDWR | os.O_CREAT
+                                           | os.O_CLOEXEC, 0o640)
+            except OSError:
+                return None
+        return self._writers_fd
 
     def _migrate(self) -> None:
         # Read first: a write transaction here would queue every `status` behind a drain.
@@ -218,4 +250,7 @@ class Database:
                 conn.close()
             self._connections.clear()
         self._local = threading.local()
+        if self._writers_fd is not None:
+            os.close(self._writers_fd)
+            self._writers_fd = None
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from typing import Any
 
 import structlog
@@ -30,6 +31,7 @@ from daemon.pipeline.outcome import Outcome, Outcomes
 from daemon.pipeline.scanning import Scanner
 from daemon.retry import RetryPolicy
 from daemon.s3 import S3Clients, is_s3
+from daemon.slots import EngineSlots
 
 __all__ = ["Outcome", "Pipeline", "uses_s3"]
 
@@ -87,11 +89,20 @@ class Pipeline:
         return concurrency
 
     def _bounded(self, engines: Mapping[str, Engine]) -> Mapping[str, Engine]:
-        """The engines, held to their `concurrency` where they have more workers than that."""
-        return {name: _Bounded(engine, self.config.engines[name].concurrency)
+        """The engines, held to their `concurrency` where they have more workers than that.
+
+        With several worker processes (`workers` > 1) always, by slot files under
+        state_dir that every process shares (daemon/slots.py).
+        """
+        shared = self.config.worker_count() > 1
+        return {name: _Bounded(engine, self.config.engines[name].concurrency,
+                               self._slots_of(name) if shared else None)
                 if name in self.config.engines
-                and self._workers(name) > self.config.engines[name].concurrency else engine
-                for name, engine in engines.items()}
+                and (shared or self._workers(name) > self.config.engines[name].concurrency)
+                else engine for name, engine in engines.items()}
+
+    def _slots_of(self, name: str) -> EngineSlots:
+        return EngineSlots(self.config.state_dir / "slots", name, self.config.engines[name].concurrency)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -227,10 +238,12 @@ class Pipeline:
 class _Bounded:
     """An engine whose scans and polls run at most `limit` at once, from any number of workers."""
 
-    def __init__(self, engine: Engine, limit: int) -> None:
+    def __init__(self, engine: Engine, limit: int, shared: EngineSlots | None = None) -> None:
         self.engine = engine
         self.name, self.remote, self.reads_s3 = engine.name, engine.remote, engine.reads_s3
-        self._slots = threading.BoundedSemaphore(limit)
+        self._shared = shared
+        self._slots: AbstractContextManager[object] = (
+            self._shared or threading.BoundedSemaphore(limit))
 
     def scan(self, request: ScanRequest) -> Verdict | Pending:
         with self._slots:
@@ -245,6 +258,8 @@ class _Bounded:
 
     def close(self) -> None:
         self.engine.close()
+        if self._shared is not None:
+            self._shared.close()
 
 
 def uses_s3(watch: WatchConfig) -> bool:

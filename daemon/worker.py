@@ -1,0 +1,136 @@
+"""One worker process of `workers: N`: a `Pipeline` with its own owner token and engines.
+
+Started by the daemon (daemon/workers.py) as `python -m daemon.worker --parent PID
+--events-fd FD`. Its stdin carries the config (one frame, so a reload that the parent
+refused never reaches a worker), then one byte per wake-up; FD carries each outcome back
+to the parent for the metrics and alerts. It dies with the parent (`PR_SET_PDEATHSIG`),
+drains at the end of its stdin or on SIGTERM, ignores SIGHUP: the parent reloads by starting new workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import pickle
+import signal
+import struct
+import sys
+import threading
+from typing import IO, Any
+
+import structlog
+
+from daemon.config import Config
+from daemon.engines import build_engines
+from daemon.journal import FileRow, open_journal, owner_token
+from daemon.log import configure_logging
+from daemon.pipeline import Outcome, Pipeline
+from daemon.s3 import S3Clients
+
+__all__ = ["main", "read_frame", "write_frame"]
+
+log = structlog.get_logger("scanwatch.worker")
+
+_PR_SET_PDEATHSIG = 1
+_HEADER = struct.Struct("!I")
+_TICK_S = 1.0
+_DRAIN_SHARE = 0.8  # of shutdown_timeout: the parent waits all of it
+
+
+def write_frame(stream: IO[bytes], value: Any) -> None:
+    """Write one length-prefixed pickle."""
+    data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(_HEADER.pack(len(data)) + data)
+    stream.flush()
+
+
+def read_frame(stream: IO[bytes]) -> Any:
+    """Read one length-prefixed pickle (EOFError at the end of the stream)."""
+    header = _read_exactly(stream, _HEADER.size)
+    return pickle.loads(_read_exactly(stream, _HEADER.unpack(header)[0]))
+
+
+def _read_exactly(stream: IO[bytes], size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = stream.read(size - len(data))
+        if not chunk:
+            raise EOFError
+        data += chunk
+    return data
+
+
+def _die_with_parent(parent: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+    if os.getppid() != parent:  # the parent died before the line above
+        os._exit(1)
+
+
+class _Events:
+    """Outcomes to the parent, one frame each, from any pipeline thread."""
+
+    def __init__(self, fd: int) -> None:
+        self._stream = os.fdopen(fd, "wb", buffering=0)
+        self._lock = threading.Lock()
+
+    def send(self, row: FileRow, engine: str, outcome: Outcome) -> None:
+        try:
+            with self._lock:
+                write_frame(self._stream, (row, engine, outcome))
+        except (OSError, pickle.PicklingError) as exc:
+            log.warning("worker.event_lost", event=outcome.event, error=str(exc))
+
+
+def _read_wakes(stream: IO[bytes], wake: threading.Event, stop: threading.Event) -> None:
+    while stream.read(1):
+        wake.set()
+    stop.set()  # the parent closed our stdin: it stops us (daemon/workers.py)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m daemon.worker")
+    parser.add_argument("--parent", type=int, required=True)
+    parser.add_argument("--events-fd", type=int, required=True)
+    parser.add_argument("--index", type=int, default=0)
+    args = parser.parse_args(argv)
+    _die_with_parent(args.parent)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    stdin = os.fdopen(0, "rb", buffering=0, closefd=False)
+    config: Config = read_frame(stdin)
+    configure_logging(config.log.format, config.log.level)
+    structlog.contextvars.bind_contextvars(worker=args.index)
+    return _run(config, stdin, args.events_fd, stop)
+
+
+def _run(config: Config, stdin: IO[bytes], events_fd: int, stop: threading.Event) -> int:
+    journal = open_journal(config.state_dir)
+    engines = build_engines(config)
+    wake = threading.Event()
+    pipeline = Pipeline(config, journal, engines, owner=owner_token(), wake=wake,
+                        on_outcome=_Events(events_fd).send, s3=S3Clients())
+    threading.Thread(target=_read_wakes, args=(stdin, wake, stop), name="wakes",
+                     daemon=True).start()
+    pipeline.start()
+    log.info("worker.started", pid=os.getpid())
+    code = 0
+    while not stop.wait(_TICK_S):
+        if journal.damage or not pipeline.is_alive():
+            log.error("worker.stalled", damage=journal.damage, since=pipeline.heartbeat_at)
+            code = 1
+            break
+    drained = pipeline.stop(config.shutdown_timeout * _DRAIN_SHARE if code == 0 else 0.0)
+    for engine in engines.values():
+        engine.close()
+    journal.close()
+    log.info("worker.stopped", drained=drained)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""`workers: N`: the daemon's worker processes (daemon/worker.py), seen by the service as its pipeline.
+
+The parent keeps the watchers, listeners, metrics, alerts and systemd's watchdog; each
+worker claims batches from the journal under its own owner token. Outcomes come back
+over a pipe per worker, so the metrics and alerts count exactly what they count with
+one process (a journal-derived count would miss retries and engine errors, which leave
+no row behind). A worker that dies is reaped, its rows are handed back
+(`Journal.reclaim`) and it is started again on the service's next tick: from the main
+thread, because `PR_SET_PDEATHSIG` fires when the thread that started a child ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+
+from daemon.config import Config
+from daemon.journal import FileRow, Journal
+from daemon.pipeline import Outcome
+from daemon.worker import read_frame, write_frame
+
+__all__ = ["WorkerPool"]
+
+log = structlog.get_logger("scanwatch.workers")
+
+_WAKE_WAIT_S = 1.0
+
+
+@dataclass
+class _Worker:
+    index: int
+    proc: subprocess.Popen[bytes]
+    wake_fd: int
+    reader: threading.Thread
+
+
+class WorkerPool:
+    """`config.workers` worker processes, started again when one dies."""
+
+    def __init__(self, config: Config, journal: Journal, wake: threading.Event,
+                 on_outcome: Callable[[FileRow, str, Outcome], None]) -> None:
+        self.config = config
+        self.journal = journal
+        self.wake = wake
+        self._on_outcome = on_outcome
+        self._workers: list[_Worker] = []
+        self._stopping = threading.Event()
+        self._pipes = threading.Lock()  # a wake pipe is not written while it is closed
+        self._waker = threading.Thread(target=self._wake_all, name="workers-wake", daemon=True)
+        self.heartbeat_at = time.time()
+
+    def start(self) -> None:
+        """Start the workers (from the main thread) and the thread that wakes them."""
+        self._workers = [self._spawn(i) for i in range(self.config.worker_count())]
+        self._waker.start()
+
+    def _spawn(self, index: int) -> _Worker:
+        events_r, events_w = os.pipe()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "daemon.worker", "--parent", str(os.getpid()),
+             "--events-fd", str(events_w), "--index", str(index)],
+            stdin=subprocess.PIPE, pass_fds=(events_w,))
+        os.close(events_w)
+        assert proc.stdin is not None
+        write_frame(proc.stdin, self.config)
+        wake_fd = proc.stdin.fileno()
+        os.set_blocking(wake_fd, False)
+        reader = threading.Thread(target=self._read_events, args=(events_r,),
+                                  name=f"worker-{index}-events", daemon=True)
+        reader.start()
+        log.info("worker.spawned", worker=index, pid=proc.pid)
+        return _Worker(index, proc, wake_fd, reader)
+
+    def _read_events(self, fd: int) -> None:
+        with os.fdopen(fd, "rb") as stream:
+            while True:
+                try:
+                    row, engine, outcome = read_frame(stream)
+                except EOFError:
+                    return
+                try:
+                    self._on_outcome(row, engine, outcome)
+                except Exception:
+                    log.exception("worker.event_failed", event=outcome.event)
+
+    def _wake_all(self) -> None:
+        while not self._stopping.is_set():
+            if not self.wake.wait(_WAKE_WAIT_S):
+                continue
+            self.wake.clear()
+            with self._pipes:
+                for worker in self._workers:
+                    # A full pipe already wakes it; a dead one is started again.
+                    with contextlib.suppress(OSError):
+                        os.write(worker.wake_fd, b".")
+
+    def tick(self) -> None:
+        """Start again each worker that died, once its rows are handed back."""
+        self.heartbeat_at = time.time()
+        if self._stopping.is_set():
+            return
+        for i, worker in enumerate(self._workers):
+            code = worker.proc.poll()
+            if code is None:
+                continue
+            log.error("worker.died", worker=worker.index, pid=worker.proc.pid, code=code)
+            self._close_pipe(worker)
+            worker.reader.join(timeout=5.0)
+            self.journal.reclaim()
+            self._workers[i] = self._spawn(worker.index)
+            self.wake.set()
+
+    def is_alive(self) -> bool:
+        """Every worker process runs (each one exits when its own pipeline stalls)."""
+        return all(w.proc.poll() is None for w in self._workers)
+
+    def stop(self, timeout_s: float) -> bool:
+        """Each worker drains, told by the end of its stdin (a SIGTERM could come before it
+        handles one); what is still running at the deadline is killed, its rows handed back."""
+        self._stopping.set()
+        deadline = time.monotonic() + timeout_s
+        for worker in self._workers:
+            self._close_pipe(worker)
+        drained = True
+        for worker in self._workers:
+            try:
+                code = worker.proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                worker.proc.kill()
+                code = worker.proc.wait()
+            if code != 0:
+                log.warning("worker.undrained", worker=worker.index, pid=worker.proc.pid, code=code)
+            drained = drained and code == 0
+            worker.reader.join(timeout=5.0)
+        if self._waker.is_alive():
+            self._waker.join()
+        self.journal.reclaim()  # rows of workers killed at the deadline
+        return drained
+
+    def _close_pipe(self, worker: _Worker) -> None:
+        assert worker.proc.stdin is not None
+        with self._pipes:
+            worker.wake_fd = -1
+            with contextlib.suppress(OSError):
+                worker.proc.stdin.close()

@@ -1,0 +1,96 @@
+"""`workers: N`: worker processes share the journal and the engines' concurrency; a dead one is replaced."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from conftest import EICAR, ROOT, Daemon, Layout
+
+from daemon.journal import Journal
+from daemon.model import FileState
+from daemon.slots import EngineSlots
+
+# One process of the test below: `threads` holders, each logging "+" and "-" inside its slot.
+_HOLDERS = """
+import os, sys, threading, time
+from pathlib import Path
+from daemon.slots import EngineSlots
+slots = EngineSlots(Path(sys.argv[1]), "default", int(sys.argv[2]))
+log = os.open(sys.argv[3], os.O_WRONLY | os.O_APPEND)
+def hold():
+    for _ in range(5):
+        with slots:
+            os.write(log, b"+")
+            time.sleep(0.02)  # the engine at work
+            os.write(log, b"-")
+threads = [threading.Thread(target=hold) for _ in range(int(sys.argv[4]))]
+for t in threads: t.start()
+for t in threads: t.join()
+"""
+
+
+def test_engine_slots_hold_the_limit_across_processes(tmp_path: Path) -> None:
+    log = tmp_path / "holders.log"
+    log.write_bytes(b"")
+    procs = [subprocess.Popen([sys.executable, "-c", _HOLDERS, str(tmp_path / "slots"), "3",
+                               str(log), "4"], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+             for _ in range(3)]
+    assert [p.wait(timeout=60) for p in procs] == [0, 0, 0]
+    running, most = 0, 0
+    for mark in log.read_bytes():
+        running += 1 if mark == ord("+") else -1
+        most = max(most, running)
+    assert log.read_bytes().count(b"+") == 3 * 4 * 5
+    assert most == 3  # never more than the limit, and all of it used
+
+
+def test_a_killed_holder_frees_its_slot(tmp_path: Path) -> None:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
+         "from daemon.slots import EngineSlots; s = EngineSlots(Path(sys.argv[1]), 'e', 1); "
+         "s.__enter__(); print('held', flush=True); time.sleep(60)", str(tmp_path)],
+        cwd=ROOT, stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+    slots = EngineSlots(tmp_path, "e", 1)
+    taken = threading.Event()
+
+    def take() -> None:
+        with slots:
+            taken.set()
+
+    waiter = threading.Thread(target=take, daemon=True)
+    waiter.start()
+    assert not taken.wait(0.2)  # held by the other process
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    assert taken.wait(30)
+    slots.close()
+
+
+def test_a_killed_worker_is_replaced_and_nothing_is_lost_or_doubled(
+        layout: Layout, daemon_factory: Callable[..., Daemon]) -> None:
+    names = [f"f{i:03d}.{'com' if i % 50 == 0 else 'txt'}" for i in range(300)]
+    daemon = daemon_factory(layout.write_config(watch={"settle_seconds": 0}, workers=2))
+    daemon.wait_started()
+    pids = [e["pid"] for e in daemon.wait_for(lambda: len(daemon.named("worker.spawned")) == 2
+                                              and daemon.named("worker.spawned"))]
+    for name in names:
+        (layout.inbox / name).write_bytes(EICAR if name.endswith(".com") else name.encode())
+    daemon.wait_for(lambda: len(daemon.named("file.moved")) >= 60, what="some files moved")
+    os.kill(pids[0], signal.SIGKILL)
+    daemon.wait_for(lambda: daemon.named("worker.died"), what="the worker's death noticed")
+    daemon.wait_for(lambda: len(daemon.named("worker.spawned")) == 3, what="a new worker")
+    daemon.wait_for(lambda: not any(layout.inbox.iterdir()), timeout=60, what="inbox emptied")
+    assert daemon.stop() == 0
+    clean, quarantined = layout.placed("clean"), layout.placed("quarantine")
+    assert sorted(clean + quarantined) == sorted(names)  # each exactly once, none renamed .1
+    assert quarantined == sorted(n for n in names if n.endswith(".com"))
+    rows = Journal(layout.state / "journal.sqlite3").rows(limit=10_000)
+    assert sorted(r.rel_path for r in rows if r.state is FileState.DONE) == sorted(names)
+    assert daemon.named("daemon.stopped")[0]["drained"] is True, daemon.named("worker.undrained")
