@@ -28,6 +28,10 @@ def outcome_facts(watch: WatchConfig, row: FileRow, destination: str | None) -> 
         "detected_at": iso(row.discovered_at),
         "scanned_at": iso(row.scanned_at),
     }
+    raw = row.raw_result or {}
+    if "cached_from" in raw:  # the verdict cache's: the scan whose verdict this reuses
+        facts["cached"] = True
+        facts["cached_from"] = raw["cached_from"]
     if len(watch.engines) > 1:  # one object per engine that answered (docs/contract.md)
-        facts["scans"] = (row.raw_result or {}).get("scans", [])
+        facts["scans"] = raw.get("scans", [])
     return facts

@@ -136,6 +136,9 @@ class Metrics:
         self.already_placed = Counter("scanwatch_fleet_already_placed_total",
                                       "Placements found already done by another daemon of the fleet",
                                       ["watch"], registry=self.registry)
+        self.cache = Counter("scanwatch_cache_lookups_total",
+                             "Verdict cache lookups: hit (no request made) or miss (the engine was "
+                             "asked)", ["engine", "result"], registry=self.registry)
         self.registry.register(_JournalCollector(journal, engines))
 
     def serve(self, listen: str, health: Callable[[], list[str]],
@@ -153,6 +156,8 @@ class Metrics:
     def observe(self, row: FileRow, engine: str, outcome: Outcome) -> None:
         """Count one step of the pipeline by the event it logged (`row`: as it was before)."""
         fields = outcome.fields
+        if (cache := fields.get("cache")) in ("hit", "miss"):
+            self.cache.labels(engine, str(cache)).inc()
         if fields.get("resubmitted"):
             self.resubmissions.labels(row.watch, engine).inc()
         reason = str(fields.get("reason") or "")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import TypedDict
+from typing import Any, TypedDict
 
 __all__ = ["FileState", "Pending", "Reason", "RejectReason", "RowChanges", "S3Object", "ScanChanges",
            "ScanRecord", "Verdict", "VerdictKind"]
@@ -160,6 +160,7 @@ class ScanRecord:
     last_error: str | None = None
     scanned_at: float | None = None
     abandoned: bool = False  # another engine decided the file first: not followed any more
+    cached_from: dict[str, Any] | None = None  # the verdict cache's: the scan it reuses
 
     @property
     def is_final(self) -> bool:
@@ -182,3 +183,4 @@ class ScanChanges(TypedDict, total=False):
     last_error: str | None
     scanned_at: float
     abandoned: bool
+    cached_from: dict[str, Any] | None

@@ -42,9 +42,14 @@ def collect(config: Config, journal: Journal) -> dict[str, Any]:
         if w.fleet:
             watches[w.name]["fleet"] = _fleet_status(fleet.get(w.name), now)
     health = journal.engine_health()
-    engines = {name: {"type": cfg.type, "healthy": health.get(name, (None,))[0],
-                      "detail": health.get(name, (None, None))[1]}
-               for name, cfg in config.engines.items()}
+    engines: dict[str, dict[str, Any]] = {
+        name: {"type": cfg.type, "healthy": health.get(name, (None,))[0],
+               "detail": health.get(name, (None, None))[1]} for name, cfg in config.engines.items()}
+    cache = journal.cache_stats()
+    for name, cfg in config.engines.items():
+        hits, misses = cache.get(name, (0, 0))
+        engines[name]["cache"] = {"enabled": cfg.cache.enabled, "hits": hits, "misses": misses,
+                                  "hit_rate": round(hits / (hits + misses), 4) if hits + misses else None}
     return {"watches": watches, "engines": engines}
 
 
@@ -78,9 +83,18 @@ def render(status: dict[str, Any]) -> str:
         if states := ", ".join(f"{s}={c}" for s, c in sorted(w["states"].items())):
             lines.append(f"  states: {states}")
     lines.append("")
-    lines.append(f"{'ENGINE':<16} {'TYPE':<18} HEALTH")
+    lines.append(f"{'ENGINE':<16} {'TYPE':<18} {'CACHE HITS':<22} HEALTH")
     for name, e in status["engines"].items():
         health = {True: "ok", False: "DOWN", None: "unknown"}[e["healthy"]]
         detail = f" ({e['detail']})" if e["detail"] else ""
-        lines.append(f"{name:<16} {e['type']:<18} {health}{detail}")
+        lines.append(f"{name:<16} {e['type']:<18} {_hit_rate(e['cache']):<22} {health}{detail}")
     return "\n".join(lines)
+
+
+def _hit_rate(cache: dict[str, Any]) -> str:
+    """`42% (420 of 1000)`, `off`, or `-` before any lookup."""
+    if not cache["enabled"]:
+        return "off"
+    if cache["hit_rate"] is None:
+        return "-"
+    return f"{cache['hit_rate']:.0%} ({cache['hits']} of {cache['hits'] + cache['misses']})"

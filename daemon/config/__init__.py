@@ -3,6 +3,7 @@
 from daemon.config.engines import (
     ENGINE_MODELS,
     BlazelockEngineConfig,
+    CacheConfig,
     ClamavEngineConfig,
     EngineConfig,
     MetadefenderEngineConfig,
@@ -29,6 +30,7 @@ __all__ = [
     "DEFAULT_IGNORE",
     "ENGINE_MODELS",
     "BlazelockEngineConfig",
+    "CacheConfig",
     "ClamavEngineConfig",
     "Config",
     "Duration",

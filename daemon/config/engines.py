@@ -15,6 +15,7 @@ from daemon.config.units import Duration, HttpUrl, Size, check_host_port
 __all__ = [
     "ENGINE_MODELS",
     "BlazelockEngineConfig",
+    "CacheConfig",
     "ClamavEngineConfig",
     "EngineConfig",
     "MetadefenderEngineConfig",
@@ -24,12 +25,30 @@ __all__ = [
 ]
 
 
+class CacheConfig(_Model):
+    """The engine's verdict cache by content (docs/engines.md, "Verdict cache")."""
+
+    enabled: bool = Field(default=True, description="reuse this engine's verdict on bytes (same sha256) it "
+                                            "already judged with the same signatures")
+    clean_ttl: Duration = Field(default=86400.0, ge=0, description="engines that report no signature "
+                                "version (the HTTP vendors, a clamd without an official database): "
+                                "a clean verdict older than this is not reused")
+    max_entries: int = Field(default=100_000, ge=1, description="verdicts kept in the journal for this "
+                                                       "engine; the oldest are dropped first")
+    shared: bool = Field(default=False, description="fleet watches (docs/fleet.md): share verdicts with the "
+                                            "other members through .scanwatch/cache/ in the source "
+                                            "bucket; only when the bucket policy lets no one else "
+                                            "write there")
+
+
 class _EngineBase(_Model):
     concurrency: int = Field(2, ge=1, le=256, description="files scanned at once by this engine")
     timeout: Duration = Field(60.0, gt=0, description="per-file scan timeout")
     max_attempts: int = Field(3, ge=1, le=100, description="tries before a file goes to failed")
     max_pending_age: Duration = Field(86400.0, gt=0,
                                       description="how long files wait for an engine that is down")
+    cache: CacheConfig = Field(default_factory=CacheConfig, description="the verdict cache: "
+                               "identical bytes are scanned once")
 
 
 class YaraEngineConfig(_EngineBase):

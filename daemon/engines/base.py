@@ -9,7 +9,8 @@ from typing import Protocol, runtime_checkable
 from daemon.engines._webhook import WebhookAddress, WebhookHealth
 from daemon.model import Pending, S3Object, Verdict
 
-__all__ = ["Engine", "S3Object", "ScanHandle", "ScanRequest", "WebhookSource"]
+__all__ = ["Engine", "S3Object", "ScanHandle", "ScanRequest", "SignatureSource", "Signatures",
+           "WebhookSource", "signatures_of"]
 
 
 @dataclass(frozen=True)
@@ -118,3 +119,32 @@ class WebhookSource(Protocol):
         Raises `WebhookRejectedError` for a body that is not the vendor's shape at all.
         """
         ...
+
+
+@dataclass(frozen=True)
+class Signatures:
+    """What an engine's verdicts depend on, for the verdict cache (docs/engines.md, "Verdict cache").
+
+    `fingerprint` changes when the verdict on the same bytes may change (a database version, a
+    rules hash, verdict-changing settings). `is_versioned` False: the engine cannot tell when its
+    signatures are updated (the HTTP vendors), so a clean verdict is reused for `cache.clean_ttl` only.
+    """
+
+    fingerprint: str
+    is_versioned: bool
+
+
+@runtime_checkable
+class SignatureSource(Protocol):
+    """An engine that can say which signatures it judges with (not every engine can)."""
+
+    def signatures(self) -> Signatures:
+        """The current signatures; may ask the engine (raises its errors, like `scan`)."""
+        ...
+
+
+def signatures_of(engine: object) -> Signatures:
+    """The engine's signatures; one that cannot tell is unversioned, named by its class."""
+    if isinstance(engine, SignatureSource):
+        return engine.signatures()
+    return Signatures(type(engine).__name__, is_versioned=False)

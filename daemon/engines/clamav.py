@@ -20,13 +20,14 @@ import os
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 
 import structlog
 
 from daemon.config import ClamavEngineConfig
-from daemon.engines.base import ScanHandle, ScanRequest
+from daemon.engines.base import ScanHandle, ScanRequest, Signatures
 from daemon.errors import EnginePermanentError, EngineRetryableError, EngineUnavailableError
 from daemon.model import Pending, Reason, Verdict, VerdictKind
 
@@ -40,6 +41,9 @@ _ACCESS_ERRORS = ("Access denied", "Permission denied", "lstat() failed", "Can't
 # clamd's answers when it cannot take a descriptor: a clamd without FILDES (inside a
 # session or not), or a socket that lost the fd on the way (a relay, TCP).
 _FILDES_REFUSED = ("UNKNOWN COMMAND", "Command invalid inside IDSESSION", "No file descriptor received")
+# How long a `VERSION` answer stands for clamd's database (docs/engines.md, "Verdict cache"):
+# a reload of clamd's database is seen within this, a SIGHUP of scanwatch at once.
+_VERSION_MAX_AGE_S = 60.0
 
 
 class _Session:
@@ -83,8 +87,11 @@ class ClamavEngine:
     remote = False
     reads_s3 = False
 
-    def __init__(self, name: str, config: ClamavEngineConfig) -> None:
+    def __init__(self, name: str, config: ClamavEngineConfig, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.name = name
+        self._clock = clock
+        self._version: tuple[float, Signatures] | None = None  # (asked at, what clamd said)
         self._config = config
         self._where = str(config.socket) if config.socket else str(config.address)
         self._idle: list[_Session] = []
@@ -171,6 +178,18 @@ class ClamavEngine:
     def poll(self, scan: ScanHandle) -> Verdict | Pending:
         """clamd answers at once, so there is never a scan to poll."""
         raise EnginePermanentError("clamd has no submitted scans to poll")
+
+    def signatures(self) -> Signatures:
+        """clamd's `VERSION`: `ClamAV <version>/<database version>/<database date>`, asked again
+        after `_VERSION_MAX_AGE_S`. Without an official (daily) database clamd names no database
+        version: the verdicts are then unversioned."""
+        now = self._clock()
+        known = self._version
+        if known is None or now - known[0] >= _VERSION_MAX_AGE_S:
+            reply = self._ask(b"VERSION")
+            known = (now, Signatures(f"clamav:{reply}", is_versioned="/" in reply))
+            self._version = known
+        return known[1]
 
     def probe(self) -> str:
         """PING must answer PONG; returns clamd's VERSION."""

@@ -29,7 +29,7 @@ import structlog
 
 from daemon.config import MetadefenderEngineConfig
 from daemon.engines._http import USER_AGENT, api_client, check_status, json_object, translate_errors
-from daemon.engines.base import ScanHandle, ScanRequest
+from daemon.engines.base import ScanHandle, ScanRequest, Signatures
 from daemon.errors import EnginePermanentError, EngineResubmitError, EngineRetryableError
 from daemon.model import Pending, Reason, Verdict, VerdictKind
 
@@ -112,6 +112,10 @@ class MetadefenderEngine:
         if not _is_finished(body):
             return Pending(scan.engine_scan_id, self._config.poll_interval)
         return _verdict(body, ref.data_id)
+
+    def signatures(self) -> Signatures:
+        """No signature version is reported; the workflow `rule` changes what a verdict is."""
+        return Signatures(f"metadefender:rule={self._config.rule or ''}", is_versioned=False)
 
     def probe(self) -> str:
         """`GET /version` with the apikey: proves Core answers and takes the key."""

@@ -35,7 +35,7 @@ import httpx
 from daemon.config import PerceptionPointEngineConfig
 from daemon.engines._http import RateLimiter, api_client, check_status, json_object, translate_errors
 from daemon.engines._webhook import WebhookHealth, json_body, secret_bytes, webhook_address, webhook_path
-from daemon.engines.base import ScanHandle, ScanRequest
+from daemon.engines.base import ScanHandle, ScanRequest, Signatures
 from daemon.errors import EnginePermanentError, EngineResubmitError, WebhookRejectedError
 from daemon.model import Pending, Reason, RejectReason, Verdict, VerdictKind
 
@@ -103,6 +103,10 @@ class PerceptionPointEngine:
                                       f"submitting {scan.path} again")
         check_status(response, self.name)
         return self._verdict(scan.engine_scan_id, json_object(response))
+
+    def signatures(self) -> Signatures:
+        """No signature version is reported; `suspicious` changes what a verdict is."""
+        return Signatures(f"perception_point:suspicious={self._config.suspicious}", is_versioned=False)
 
     def probe(self) -> str:
         """An authenticated look at scan 0, which never exists: 404 means the token works.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import mmap
 import os
 from importlib import resources
@@ -9,7 +11,7 @@ from importlib import resources
 import yara
 
 from daemon.config import YaraEngineConfig
-from daemon.engines.base import ScanHandle, ScanRequest
+from daemon.engines.base import ScanHandle, ScanRequest, Signatures
 from daemon.errors import ConfigError, EnginePermanentError, EngineRetryableError
 from daemon.model import Pending, Reason, Verdict, VerdictKind
 
@@ -42,6 +44,11 @@ class YaraEngine:
         self._max_size = config.max_size
         self._rules = _compile(name, config)
         self._rule_count = sum(1 for _ in self._rules)
+        compiled = io.BytesIO()
+        self._rules.save(file=compiled)
+        # The compiled rules, not their files: a reload (SIGHUP) with other rules changes it.
+        self._signatures = Signatures(f"yara:{hashlib.sha256(compiled.getvalue()).hexdigest()}",
+                                      is_versioned=True)
 
     def scan(self, request: ScanRequest) -> Verdict:
         """Match the rules against the file's bytes (mapped, not read into memory).
@@ -73,6 +80,10 @@ class YaraEngine:
     def poll(self, scan: ScanHandle) -> Verdict | Pending:
         """YARA answers at once, so there is never a scan to poll."""
         raise EnginePermanentError("YARA has no submitted scans to poll")
+
+    def signatures(self) -> Signatures:
+        """The hash of the compiled rules (docs/engines.md, "Verdict cache")."""
+        return self._signatures
 
     def probe(self) -> str:
         """YARA is always available."""

@@ -16,6 +16,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from daemon.fsutil import Identity
+from daemon.journal.cache import CachedVerdict, VerdictCacheRecords
 from daemon.journal.database import Database, _is_alive, is_damage, owner_token, state_dir_error
 from daemon.journal.rescans import RescanRecords
 from daemon.journal.schema import (
@@ -37,11 +38,11 @@ from daemon.journal.schema import (
 )
 from daemon.model import ACTIVE_STATES, FileState, RowChanges, ScanChanges, ScanRecord, VerdictKind
 
-__all__ = ["AuditRow", "Database", "FileRow", "FleetMember", "Journal", "RowChanges", "RowOrder", "is_damage",
-           "open_journal", "owner_token", "state_dir_error"]
+__all__ = ["AuditRow", "CachedVerdict", "Database", "FileRow", "FleetMember", "Journal", "RowChanges",
+           "RowOrder", "is_damage", "open_journal", "owner_token", "state_dir_error"]
 
 
-class Journal(RescanRecords):
+class Journal(RescanRecords, VerdictCacheRecords):
     """The SQLite journal under `state_dir`: arrivals, the work queue, what happened to each file."""
 
     # -- intake -----------------------------------------------------------------------------
@@ -191,6 +192,7 @@ class Journal(RescanRecords):
             values["threats"] = json.loads(values["threats"]) if values["threats"] else None
             values["verdict"] = VerdictKind(values["verdict"]) if values["verdict"] else None
             values["abandoned"] = bool(values["abandoned"])
+            values["cached_from"] = json.loads(values["cached_from"]) if values["cached_from"] else None
             records[values["engine"]] = ScanRecord(**values)
         return records
 

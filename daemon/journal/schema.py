@@ -105,9 +105,32 @@ SCHEMA = [
     -- `counts` (status, metrics) reads this index alone, already in group order.
     CREATE INDEX files_counts ON files(watch, state, verdict, reason);
     """,
+    # The verdict cache by content (docs/engines.md, "Verdict cache", daemon/journal/cache.py):
+    # each engine's verdicts by signatures and sha256, kept newest first (rowid order); the
+    # scans in flight that identical bytes wait for; hits and misses for `status`.
+    """
+    CREATE TABLE verdict_cache (
+        engine TEXT NOT NULL, fingerprint TEXT NOT NULL, sha256 TEXT NOT NULL,
+        verdict TEXT NOT NULL, reason TEXT, threats TEXT,
+        ref_id TEXT, engine_scan_id TEXT, scanned_at REAL NOT NULL,
+        PRIMARY KEY (engine, fingerprint, sha256)
+    );
+    CREATE INDEX verdict_cache_order ON verdict_cache(engine);
+    CREATE TABLE cache_flights (
+        engine TEXT NOT NULL, sha256 TEXT NOT NULL, file_id INTEGER NOT NULL REFERENCES files(id),
+        started_at REAL NOT NULL,
+        PRIMARY KEY (engine, sha256)
+    );
+    CREATE TABLE cache_stats (
+        engine TEXT PRIMARY KEY, hits INTEGER NOT NULL DEFAULT 0, misses INTEGER NOT NULL DEFAULT 0,
+        stored INTEGER NOT NULL DEFAULT 0
+    );
+    ALTER TABLE scans ADD COLUMN cached_from TEXT;
+    CREATE INDEX scans_waiting ON scans(sha256) WHERE verdict IS NULL;
+    """,
 ]
 
-_JSON_COLUMNS = ("threats", "raw_result")
+_JSON_COLUMNS = ("threats", "raw_result", "cached_from")
 _PATH_COLUMNS = ("rel_path", "destination", "dest_rel")
 _ACTIVE = "state NOT IN ('done', 'gone')"
 # A claimed row, in any state, is its owner's until it commits it with `owner = NULL`

@@ -21,7 +21,7 @@ from typing import Any
 import structlog
 
 from daemon.config import Config, WatchConfig
-from daemon.engines.base import Engine, ScanHandle, ScanRequest
+from daemon.engines.base import Engine, ScanHandle, ScanRequest, Signatures, signatures_of
 from daemon.fsutil import DirCache
 from daemon.journal import FileRow, Journal
 from daemon.locations import Location, Locations
@@ -255,6 +255,9 @@ class _Bounded:
 
     def probe(self) -> str:
         return self.engine.probe()
+
+    def signatures(self) -> Signatures:
+        return signatures_of(self.engine)
 
     def close(self) -> None:
         self.engine.close()

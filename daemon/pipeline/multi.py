@@ -47,6 +47,7 @@ from daemon.model import (
     Verdict,
     VerdictKind,
 )
+from daemon.pipeline.caching import CacheKey, VerdictCache
 from daemon.pipeline.moving import Mover
 from daemon.pipeline.outcome import Outcome, Outcomes
 from daemon.refid import build_ref_id
@@ -70,6 +71,7 @@ class MultiScanner:
         self.outcomes = outcomes
         self.clock = outcomes.clock
         self._health = health
+        self.cache = VerdictCache(config, journal, self.clock)
         self._slots = {name: threading.BoundedSemaphore(cfg.concurrency)
                        for name, cfg in config.engines.items()}
 
@@ -92,7 +94,8 @@ class MultiScanner:
         engines = self.engines()
         follow = [e for e in due if e in records and _follows(records[e], engines[e])]
         resubmit = {e: exc for e, exc in self._parallel(
-            follow, lambda e: self._poll(row, engines[e], records[e], opened.path, events)).items() if exc}
+            follow, lambda e: self._poll(row, engines[e], records[e], opened.path, events,
+                                                    locations)).items() if exc}
         if (decided := self._decided(row, watch, sha256, opened.facts, locations)) is not None:
             return decided
         submit = [e for e in due if e not in follow or e in resubmit]
@@ -107,7 +110,18 @@ class MultiScanner:
                 watch.name, row.rel_path, sha256)
             request = ScanRequest(watch.name, row.rel_path, opened.path, content.fd, content.size,
                                   sha256, ref_id, s3=content.s3, archive_password=secret)
-            self._submit(row, watch, request, opened.facts, submit, resubmit, events)
+            keys, cached, cache_events = self.cache.several(
+                row, watch, {e: engines[e] for e in submit}, sha256, locations)
+            events += cache_events
+            if cached:
+                self.journal.apply_scans(row.id, {"sha256": sha256, "ref_id": ref_id,
+                                                  "engine": watch.engine_label, **opened.facts},
+                                         {e: {"sha256": sha256, "ref_id": ref_id, **changes}
+                                          for e, changes in cached.items()})
+            submit = [e for e in submit if e not in cached]
+            if submit:
+                self._submit(row, watch, request, opened.facts, submit, resubmit, events,
+                             _Cached(keys, watch, locations))
         if (decided := self._decided(row, watch, sha256, opened.facts, locations)) is not None:
             return decided
         return self._waiting(row, watch, sha256, opened.facts)
@@ -128,7 +142,7 @@ class MultiScanner:
             return {name: future.result() for name, future in futures.items()}
 
     def _poll(self, row: FileRow, engine: Engine, record: ScanRecord, path: str,
-              events: list[tuple[str, Outcome]]) -> EngineResubmitError | None:
+              events: list[tuple[str, Outcome]], locations: Locations) -> EngineResubmitError | None:
         """Follow one engine's submitted (or in-doubt) scan; its answer is journaled here."""
         handle = ScanHandle(row.watch, row.rel_path, path, record.sha256, record.ref_id or "",
                             record.engine_scan_id)
@@ -141,11 +155,15 @@ class MultiScanner:
                      engine=record.engine, error=str(exc), in_doubt=record.engine_scan_id is None)
             return exc
         self.journal.apply_scans(row.id, {}, {record.engine: changes})
+        watch = self.config.watch(row.watch)
+        key = self.cache.key(watch, record.engine, engine, record.sha256)
+        self._store(_Cached({record.engine: key}, watch, locations), row, record.engine, changes,
+                    record.ref_id)
         return None
 
     def _submit(self, row: FileRow, watch: WatchConfig, request: ScanRequest, facts: RowChanges,
                 names: list[str], resubmit: Mapping[str, EngineResubmitError],
-                events: list[tuple[str, Outcome]]) -> None:
+                events: list[tuple[str, Outcome]], cache: _Cached) -> None:
         """Journal the bytes' hash and the submissions in doubt, then ask each engine at once."""
         engines, records = self.engines(), self._records(row, request.sha256)
         intents: dict[str, ScanChanges] = {}
@@ -172,13 +190,30 @@ class MultiScanner:
                 if own_fds and fd is not None:
                     os.close(fd)
             self.journal.apply_scans(row.id, {}, {name: changes})
+            self._store(cache, row, name, changes, request.ref_id)
             if "verdict" not in changes and not changes.get("engine_scan_id"):
                 return  # not answered: a wait or a retry, already logged
+            if cache.keys.get(name) is not None:
+                events.append((name, Outcome({}, "cache.miss", {"cache": "miss"})))
             log.info("scan.submitted", watch=row.watch, rel_path=row.rel_path, file_id=row.id,
                      engine=name, ref_id=request.ref_id, engine_scan_id=changes.get("engine_scan_id"),
                      verdict=changes.get("verdict"))
 
         self._parallel(names, ask)
+
+    def _store(self, cache: _Cached, row: FileRow, name: str, changes: ScanChanges,
+               ref_id: str | None) -> None:
+        """An engine's answer into the verdict cache; no answer (a retry) ends its flight."""
+        key = cache.keys.get(name)
+        verdict = changes.get("verdict")
+        if verdict is None:
+            if not changes.get("engine_scan_id"):
+                self.cache.release(key, row.id)
+            return
+        answer = Verdict(verdict, tuple(changes.get("threats", ())), changes.get("reason"),
+                         changes.get("engine_scan_id"))
+        self.cache.store(key, row.id, answer, changes.get("ref_id") or ref_id, cache.watch,
+                         cache.locations)
 
     def _call(self, row: FileRow, record: ScanRecord, ask: Callable[[], Verdict | Pending],
               events: list[tuple[str, Outcome]], *, spent: bool) -> ScanChanges:
@@ -271,6 +306,15 @@ class MultiScanner:
                         "last_error": errors[0] if errors else None, **facts})
 
 
+@dataclasses.dataclass(frozen=True)
+class _Cached:
+    """The verdict cache keys of the engines asked (none: the cache is off for that engine)."""
+
+    keys: Mapping[str, CacheKey | None]
+    watch: WatchConfig
+    locations: Locations
+
+
 def decide(engines: tuple[str, ...], records: Mapping[str, ScanRecord]) -> Verdict | None:
     """The file's verdict from its engines' records, or None while one is still owed.
 
@@ -293,7 +337,10 @@ def decide(engines: tuple[str, ...], records: Mapping[str, ScanRecord]) -> Verdi
         "deciding_engine": decider.engine,
         "scans": [{"engine": r.engine, "verdict": str(r.verdict), "reason": r.reason,
                    "threats": r.threats or [], "engine_scan_id": r.engine_scan_id,
-                   "external_reference_id": r.ref_id} for r in answered]})
+                   "external_reference_id": r.ref_id,
+                   **({"cached": True, "cached_from": r.cached_from} if r.cached_from else {})}
+                  for r in answered],
+        **({"cached_from": decider.cached_from} if decider.cached_from else {})})
 
 
 def _retry_reason(changes: ScanChanges) -> str:

@@ -33,6 +33,7 @@ from daemon.faults import pause
 from daemon.journal import FileRow, Journal, RowChanges
 from daemon.locations import Listed, Locations, Opened
 from daemon.model import Pending, Reason, Verdict
+from daemon.pipeline.caching import CacheKey, VerdictCache, cached_fields
 from daemon.pipeline.moving import Mover
 from daemon.pipeline.multi import MultiScanner
 from daemon.pipeline.outcome import Outcome, Outcomes
@@ -57,6 +58,7 @@ class Scanner:
         self.outcomes = outcomes
         self.clock = outcomes.clock
         self._engine_down: dict[str, bool] = {}
+        self.cache = VerdictCache(config, journal, self.clock)
         self.multi = MultiScanner(config, journal, lambda: self.engines, mover, outcomes,
                                   self._set_engine_health)
 
@@ -112,7 +114,19 @@ class Scanner:
         request = ScanRequest(watch.name, row.rel_path, opened.path, content.fd, content.size,
                               content.sha256, "", s3=content.s3,
                               archive_password=_secret(watch.archivepwd), by_upload=by_upload)
-        return self._ask(row, watch, engine, request, opened.facts, followed, locations)
+        # The verdict cache (docs/engines.md, "Verdict cache"): a verdict kept for these bytes,
+        # or another row's scan of them in flight, spares the engine a request.
+        key = self.cache.key(watch, watch.engines[0], engine, content.sha256)
+        if key is not None:
+            if (entry := self.cache.lookup(key, watch, locations)) is not None:
+                verdict = Verdict(entry.verdict, entry.threats, entry.reason,
+                                  raw={"cached_from": entry.source()})
+                return self._answered(row, verdict, opened.facts, content.sha256,
+                                      _ref_id(row, watch, content.sha256), 0.0, None,
+                                      cached_fields(entry), locations)
+            if (waiting := self.cache.wait(key, row)) is not None:
+                return waiting
+        return self._ask(row, watch, engine, request, opened.facts, followed, locations, key)
 
     def _follow(self, row: FileRow, engine: Engine, opened: Opened, locations: Locations
                 ) -> Outcome | EngineResubmitError | None:
@@ -135,16 +149,23 @@ class Scanner:
             return exc
         if isinstance(answer, Outcome):
             return answer
+        if isinstance(answer, Verdict):
+            watch = self.config.watch(row.watch)
+            self.cache.store(self.cache.key(watch, watch.engines[0], engine, row.sha256), row.id, answer,
+                             str(answer.raw.get("external_reference_id", row.ref_id)), watch, locations)
         event = "scan.found" if row.engine_scan_id is None else None
         return self._answered(row, answer, facts, row.sha256, row.ref_id, time.monotonic() - started,
                               event, {}, locations)
 
     def _ask(self, row: FileRow, watch: WatchConfig, engine: Engine, request: ScanRequest,
-             facts: RowChanges, resubmit: EngineResubmitError | None, locations: Locations) -> Outcome:
-        """Ask the engine about the bytes of `request`; `facts` say which version they were."""
+             facts: RowChanges, resubmit: EngineResubmitError | None, locations: Locations,
+             key: CacheKey | None) -> Outcome:
+        """Ask the engine about the bytes of `request`; `facts` say which version they were.
+
+        `key`: the bytes' flight in the verdict cache, held by `row`, ended by the answer.
+        """
         sha256 = request.sha256
-        ref_id = row.ref_id if row.sha256 == sha256 and row.ref_id else build_ref_id(
-            watch.name, row.rel_path, sha256)
+        ref_id = _ref_id(row, watch, sha256)
         if engine.remote:
             # A remote scan outlives us: the submission is journaled as in doubt, in its own
             # transaction, before the engine sees it (docs/integrity.md, "Remote engines").
@@ -154,12 +175,18 @@ class Scanner:
         started = time.monotonic()
         answer = self._call(row, engine, partial(engine.scan, request))
         if isinstance(answer, Outcome):
+            self.cache.release(key, row.id)
             return answer
+        if isinstance(answer, Verdict):
+            self.cache.store(key, row.id, answer, str(answer.raw.get("external_reference_id", ref_id)),
+                             watch, locations)
         if engine.remote and isinstance(answer, Pending):
             # ...and the scan's ID right after the answer, before anything else of the batch.
             self.journal.apply([(row.id, {"engine_scan_id": answer.engine_scan_id,
                                           "submitting_at": None})])
-        repeated = {"resubmitted": True} if resubmit is not None and resubmit.may_duplicate else {}
+        repeated: dict[str, Any] = {"cache": "miss"} if key is not None else {}
+        if resubmit is not None and resubmit.may_duplicate:
+            repeated["resubmitted"] = True
         return self._answered(row, answer, facts, sha256, ref_id, time.monotonic() - started,
                               "scan.submitted", repeated, locations)
 
@@ -218,6 +245,13 @@ class Scanner:
             log.warning("engine.unhealthy", engine=name, error=error)
         else:
             log.info("engine.recovered", engine=name)
+
+
+def _ref_id(row: FileRow, watch: WatchConfig, sha256: str) -> str:
+    """The row's external reference ID for these bytes (a journaled one stands)."""
+    if row.sha256 == sha256 and row.ref_id:
+        return row.ref_id
+    return build_ref_id(watch.name, row.rel_path, sha256)
 
 
 def _secret(value: SecretStr | None) -> str | None:

@@ -1,0 +1,155 @@
+"""The verdict cache in the journal (docs/engines.md, "Verdict cache"): verdicts by content,
+the scans identical bytes wait for, and the hit counts `status` shows.
+
+An entry is one engine's clean or infected verdict on one sha256 under one signature
+fingerprint; a failed verdict is never kept. Each engine keeps at most `max_entries`, the
+newest (rowid order: a replaced entry is new again). A flight is a scan of some bytes in
+progress: the row holding it asks the engine; a row with the same bytes waits, scheduled,
+until the answer lands in the cache, or the flight ends without one.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from daemon.journal.database import Database
+from daemon.model import VerdictKind
+
+__all__ = ["CachedVerdict", "VerdictCacheRecords"]
+
+# Eviction reads `max_entries` index entries: done once every so many stores of an engine,
+# which so holds at most `max_entries` + this many.
+_EVICT_EVERY = 64
+
+
+@dataclass(frozen=True)
+class CachedVerdict:
+    """One engine's verdict on some bytes, and the scan that gave it."""
+
+    engine: str
+    fingerprint: str
+    sha256: str
+    verdict: VerdictKind
+    reason: str | None
+    threats: tuple[str, ...]
+    ref_id: str | None
+    engine_scan_id: str | None
+    scanned_at: float
+
+    def source(self) -> dict[str, Any]:
+        """The reused scan as sidecars and logs name it (`cached_from`)."""
+        from daemon.timefmt import iso
+
+        return {"external_reference_id": self.ref_id, "engine_scan_id": self.engine_scan_id,
+                "scanned_at": iso(self.scanned_at)}
+
+    def to_json(self) -> dict[str, Any]:
+        """The entry as the fleet's shared cache stores it (docs/fleet.md)."""
+        return {"engine": self.engine, "fingerprint": self.fingerprint, "sha256": self.sha256,
+                "verdict": self.verdict.value, "reason": self.reason, "threats": list(self.threats),
+                "ref_id": self.ref_id, "engine_scan_id": self.engine_scan_id,
+                "scanned_at": self.scanned_at}
+
+    @classmethod
+    def from_json(cls, value: Any) -> CachedVerdict:
+        """An entry read back; raises ValueError (or KeyError, TypeError) for another shape."""
+        verdict = VerdictKind(value["verdict"])
+        if verdict is VerdictKind.FAILED:
+            raise ValueError("a failed verdict is never cached")
+        threats = value.get("threats") or []
+        if not isinstance(threats, list) or not all(isinstance(t, str) for t in threats):
+            raise ValueError("threats: expected a list of strings")
+        return cls(str(value["engine"]), str(value["fingerprint"]), str(value["sha256"]), verdict,
+                   _str(value.get("reason")), tuple(threats), _str(value.get("ref_id")),
+                   _str(value.get("engine_scan_id")), float(value["scanned_at"]))
+
+
+def _str(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+class VerdictCacheRecords(Database):
+    """The journal's verdict cache; every method is one short transaction or read."""
+
+    def cached_verdict(self, engine: str, fingerprint: str, sha256: str) -> CachedVerdict | None:
+        """The engine's verdict on these bytes under these signatures, if kept."""
+        row = self._conn().execute(
+            "SELECT engine, fingerprint, sha256, verdict, reason, threats, ref_id, engine_scan_id, "
+            "scanned_at FROM verdict_cache WHERE engine = ? AND fingerprint = ? AND sha256 = ?",
+            (engine, fingerprint, sha256)).fetchone()
+        if row is None:
+            return None
+        return CachedVerdict(row[0], row[1], row[2], VerdictKind(row[3]), row[4],
+                             tuple(json.loads(row[5]) if row[5] else ()), row[6], row[7], row[8])
+
+    def cache_verdict(self, entry: CachedVerdict, max_entries: int, now: float) -> None:
+        """Keep a verdict, end its bytes' flight and make the rows waiting for it due now."""
+        with self._tx() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO verdict_cache VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (entry.engine, entry.fingerprint, entry.sha256, entry.verdict.value, entry.reason,
+                 json.dumps(list(entry.threats)), entry.ref_id, entry.engine_scan_id, entry.scanned_at))
+            stored = conn.execute(
+                "INSERT INTO cache_stats (engine, stored) VALUES (?, 1) ON CONFLICT (engine) "
+                "DO UPDATE SET stored = stored + 1 RETURNING stored", (entry.engine,)).fetchone()[0]
+            if stored % _EVICT_EVERY == 0:
+                conn.execute(
+                    "DELETE FROM verdict_cache WHERE engine = ? AND rowid <= (SELECT rowid FROM "
+                    "verdict_cache WHERE engine = ? ORDER BY rowid DESC LIMIT 1 OFFSET ?)",
+                    (entry.engine, entry.engine, max_entries))
+            self._land(conn, entry.engine, entry.sha256, None, now)
+
+    def take_flight(self, engine: str, sha256: str, file_id: int, now: float) -> int | None:
+        """Hold the flight of these bytes for `file_id`, unless another row's stands: its id.
+
+        A flight stands while its row is `scanning` (asking, or waiting for a pending scan);
+        one left by a row that was retried, placed or lost is taken over.
+        """
+        with self._tx() as conn:
+            found = conn.execute(
+                "SELECT f.file_id FROM cache_flights f JOIN files r ON r.id = f.file_id "
+                "WHERE f.engine = ? AND f.sha256 = ? AND f.file_id != ? AND r.state = 'scanning'",
+                (engine, sha256, file_id)).fetchone()
+            if found is not None:
+                return int(found[0])
+            conn.execute("INSERT OR REPLACE INTO cache_flights VALUES (?, ?, ?, ?)",
+                         (engine, sha256, file_id, now))
+            return None
+
+    def end_flight(self, engine: str, sha256: str, file_id: int, now: float) -> None:
+        """The row's scan ended without a verdict to keep: the rows waiting ask for themselves."""
+        with self._tx() as conn:
+            self._land(conn, engine, sha256, file_id, now)
+
+    def _land(self, conn: Any, engine: str, sha256: str, file_id: int | None, now: float) -> None:
+        only = "" if file_id is None else " AND file_id = ?"
+        cursor = conn.execute(f"DELETE FROM cache_flights WHERE engine = ? AND sha256 = ?{only}",
+                              (engine, sha256, *(() if file_id is None else (file_id,))))
+        if cursor.rowcount or file_id is None:
+            # The waiting rows, unclaimed with their bytes journaled: stable (one engine) or
+            # scanning with a scan record waiting (several engines; a pending scan of the same
+            # bytes is then polled once early, which is harmless).
+            conn.execute("UPDATE files SET next_attempt_at = ? WHERE state IN ('stable', 'scanning') "
+                         "AND owner IS NULL AND sha256 = ? AND next_attempt_at > ?", (now, sha256, now))
+            conn.execute("UPDATE scans SET next_attempt_at = ? WHERE sha256 = ? AND verdict IS NULL "
+                         "AND next_attempt_at > ?", (now, sha256, now))
+
+    def count_cache(self, engine: str, *, hit: bool) -> None:
+        """Count a lookup of `engine`'s cache: a hit, or a miss (the engine was asked)."""
+        column = "hits" if hit else "misses"
+        with self._tx() as conn:
+            conn.execute(f"INSERT INTO cache_stats (engine, {column}) VALUES (?, 1) "
+                         f"ON CONFLICT (engine) DO UPDATE SET {column} = {column} + 1", (engine,))
+
+    def cache_stats(self) -> dict[str, tuple[int, int]]:
+        """`engine → (hits, misses)` since the journal was made."""
+        rows = self._conn().execute("SELECT engine, hits, misses FROM cache_stats")
+        return {r[0]: (int(r[1]), int(r[2])) for r in rows}
+
+    def cache_size(self, engine: str) -> int:
+        """How many verdicts `engine` keeps."""
+        row = self._conn().execute("SELECT count(*) FROM verdict_cache WHERE engine = ?",
+                                   (engine,)).fetchone()
+        return int(row[0])
