@@ -84,8 +84,9 @@ class VerdictCacheRecords(Database):
         return CachedVerdict(row[0], row[1], row[2], VerdictKind(row[3]), row[4],
                              tuple(json.loads(row[5]) if row[5] else ()), row[6], row[7], row[8])
 
-    def cache_verdict(self, entry: CachedVerdict, max_entries: int, now: float) -> None:
-        """Keep a verdict, end its bytes' flight and make the rows waiting for it due now."""
+    def cache_verdict(self, entry: CachedVerdict, max_entries: int, now: float,
+                      file_id: int | None = None) -> None:
+        """Keep a verdict (of `file_id`'s scan), end its bytes' flight, make the rows waiting due now."""
         with self._tx() as conn:
             conn.execute(
                 "INSERT OR REPLACE INTO verdict_cache VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -99,7 +100,7 @@ class VerdictCacheRecords(Database):
                     "DELETE FROM verdict_cache WHERE engine = ? AND rowid <= (SELECT rowid FROM "
                     "verdict_cache WHERE engine = ? ORDER BY rowid DESC LIMIT 1 OFFSET ?)",
                     (entry.engine, entry.engine, max_entries))
-            self._land(conn, entry.engine, entry.sha256, None, now)
+            self._land(conn, entry.engine, entry.sha256, file_id, now, is_answer=True)
 
     def take_flight(self, engine: str, sha256: str, file_id: int, now: float) -> int | None:
         """Hold the flight of these bytes for `file_id`, unless another row's stands: its id.
@@ -121,20 +122,25 @@ class VerdictCacheRecords(Database):
     def end_flight(self, engine: str, sha256: str, file_id: int, now: float) -> None:
         """The row's scan ended without a verdict to keep: the rows waiting ask for themselves."""
         with self._tx() as conn:
-            self._land(conn, engine, sha256, file_id, now)
+            self._land(conn, engine, sha256, file_id, now, is_answer=False)
 
-    def _land(self, conn: Any, engine: str, sha256: str, file_id: int | None, now: float) -> None:
-        only = "" if file_id is None else " AND file_id = ?"
+    def _land(self, conn: Any, engine: str, sha256: str, file_id: int | None, now: float, *,
+              is_answer: bool) -> None:
+        """End the flight (an answer ends anyone's; no answer only the row's own) and wake the
+        rows waiting for it; never `file_id` itself, whose own schedule stands."""
+        only = "" if is_answer else " AND file_id = ?"
         cursor = conn.execute(f"DELETE FROM cache_flights WHERE engine = ? AND sha256 = ?{only}",
-                              (engine, sha256, *(() if file_id is None else (file_id,))))
-        if cursor.rowcount or file_id is None:
+                              (engine, sha256, *(() if is_answer else (file_id,))))
+        if cursor.rowcount or is_answer:
             # The waiting rows, unclaimed with their bytes journaled: stable (one engine) or
             # scanning with a scan record waiting (several engines; a pending scan of the same
             # bytes is then polled once early, which is harmless).
+            me = -1 if file_id is None else file_id
             conn.execute("UPDATE files SET next_attempt_at = ? WHERE state IN ('stable', 'scanning') "
-                         "AND owner IS NULL AND sha256 = ? AND next_attempt_at > ?", (now, sha256, now))
+                         "AND owner IS NULL AND sha256 = ? AND next_attempt_at > ? AND id != ?",
+                         (now, sha256, now, me))
             conn.execute("UPDATE scans SET next_attempt_at = ? WHERE sha256 = ? AND verdict IS NULL "
-                         "AND next_attempt_at > ?", (now, sha256, now))
+                         "AND next_attempt_at > ? AND file_id != ?", (now, sha256, now, me))
 
     def count_cache(self, engine: str, *, hit: bool) -> None:
         """Count a lookup of `engine`'s cache: a hit, or a miss (the engine was asked)."""

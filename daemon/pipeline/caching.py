@@ -137,7 +137,7 @@ class VerdictCache:
             return
         entry = CachedVerdict(key.engine, key.fingerprint, key.sha256, verdict.kind, verdict.reason,
                               tuple(verdict.threats), ref_id, verdict.engine_scan_id, self.clock())
-        self.journal.cache_verdict(entry, self._max_entries(key), self.clock())
+        self.journal.cache_verdict(entry, self._max_entries(key), self.clock(), file_id)
         if (shared := self._shared(key, watch, locations)) is not None:
             self._put_shared(shared, key, entry)
 

@@ -1,0 +1,316 @@
+"""The verdict cache (docs/engines.md, "Verdict cache") with real engines: the Blazelock emulator,
+a clamd whose database is reloaded, YARA rules reloaded by SIGHUP, a fleet sharing verdicts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from clamd_server import Clamd, free_port, running_clamd
+from conftest import EICAR, ROOT, Daemon, Harness, Layout, wait_until
+from emulators.blazelock import BlazelockEmulator
+from structlog.testing import capture_logs
+
+from daemon.config import BlazelockEngineConfig, ClamavEngineConfig
+from daemon.engines.blazelock import BlazelockEngine
+from daemon.engines.clamav import ClamavEngine
+from daemon.journal import open_journal
+
+COPIES = 10
+
+
+@pytest.fixture
+def emulator() -> Iterator[BlazelockEmulator]:
+    with BlazelockEmulator(scan_delay_s=0.5) as server:
+        yield server  # type: ignore[misc]
+
+
+def _blazelock(layout: Layout, emulator: BlazelockEmulator, **cfg: object) -> Harness:
+    engine_cfg = {"type": "blazelock", "url": emulator.url, "api_key": "test-key",
+                  "poll_interval": 0.1, "timeout": 5, **cfg}
+    config = BlazelockEngineConfig.model_validate(engine_cfg)
+    return Harness(layout, BlazelockEngine("default", config), engine_cfg=engine_cfg)
+
+
+def _copies(harness: Harness, data: bytes, suffix: str = ".txt") -> list[str]:
+    names = [f"copy{i}{suffix}" for i in range(COPIES)]
+    for name in names:
+        harness.drop(name, data)
+    return names
+
+
+def _verdicts(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in logs if e["event"] == "scan.verdict"]
+
+
+def test_ten_copies_arriving_at_once_cost_one_submission(layout: Layout,
+                                                         emulator: BlazelockEmulator) -> None:
+    harness = _blazelock(layout, emulator)
+    names = _copies(harness, b"one attachment mailed to the whole team")
+    with capture_logs() as logs:
+        harness.run()
+    assert harness.layout.placed("clean") == sorted(names)
+    assert len(emulator.submissions()) == 1
+    waited = [e for e in logs if e["event"] == "scan.waiting"]
+    assert waited and all(e["sha256"] == harness.row(names[0]).sha256 for e in waited)
+    verdicts = _verdicts(logs)
+    assert sorted(e.get("cached", False) for e in verdicts) == [False] + [True] * (COPIES - 1)
+    first = next(e for e in verdicts if not e.get("cached"))
+    scan = next(iter(emulator.scans.values()))
+    for event in verdicts:
+        if event.get("cached"):
+            assert event["cached_from"]["engine_scan_id"] == scan["id"]
+            assert event["cached_from"]["external_reference_id"] == first["ref_id"]
+    assert harness.journal.cache_stats() == {"default": (COPIES - 1, 1)}
+
+
+def test_ten_infected_copies_cost_one_submission_and_say_so_in_their_sidecars(
+        layout: Layout, emulator: BlazelockEmulator) -> None:
+    harness = _blazelock(layout, emulator)
+    names = _copies(harness, EICAR, ".com")
+    harness.run()
+    assert harness.layout.placed("quarantine") == sorted(names)
+    assert len(emulator.submissions()) == 1
+    scan_id, scan = next(iter(emulator.scans.items()))
+    sidecars = [json.loads((layout.quarantine / f"{n}.scanwatch.json").read_text()) for n in names]
+    original = [s for s in sidecars if not s.get("cached")]
+    assert len(original) == 1 and original[0]["engine_scan_id"] == scan_id
+    for sidecar in sidecars:
+        assert sidecar["verdict"] == "infected" and sidecar["threats"] == ["EICAR-Test-File"]
+        if sidecar.get("cached"):
+            assert sidecar["cached_from"] == {
+                "external_reference_id": scan["attributes"]["external_reference_id"],
+                "engine_scan_id": scan_id, "scanned_at": original[0]["scanned_at"]}
+            assert sidecar["engine_scan_id"] is None
+            assert sidecar["external_reference_id"].startswith(f"inbox:{Path(sidecar['source']).name}#")
+
+
+def test_cache_switched_off_scans_every_copy(layout: Layout, emulator: BlazelockEmulator) -> None:
+    harness = _blazelock(layout, emulator, cache={"enabled": False})
+    names = _copies(harness, b"the same build artefact, uploaded per branch")
+    with capture_logs() as logs:
+        harness.run()
+    assert harness.layout.placed("clean") == sorted(names)
+    assert len(emulator.submissions()) == COPIES
+    assert not any(e.get("cached") for e in _verdicts(logs))
+    assert harness.journal.cache_stats() == {}
+
+
+def test_a_failed_first_scan_lets_the_waiting_copies_ask_for_themselves(
+        layout: Layout, emulator: BlazelockEmulator) -> None:
+    harness = _blazelock(layout, emulator)
+    names = _copies(harness, b"xx BLZ-FAIL xx")
+    harness.run(steps=80)
+    assert harness.layout.placed("failed") == sorted(names)  # none left waiting
+    assert len(emulator.submissions()) == COPIES  # a failed verdict is never reused
+
+
+def test_a_clean_vendor_verdict_older_than_clean_ttl_is_not_reused(
+        layout: Layout, emulator: BlazelockEmulator) -> None:
+    harness = _blazelock(layout, emulator, cache={"clean_ttl": "1h"})
+    harness.drop("a.txt", b"reused within the hour only")
+    harness.run()
+    harness.drop("b.txt", b"reused within the hour only")
+    harness.run()
+    assert len(emulator.submissions()) == 1
+    harness.clock.now += 3600
+    harness.drop("c.txt", b"reused within the hour only")
+    harness.run()
+    assert len(emulator.submissions()) == 2
+    assert harness.layout.placed("clean") == ["a.txt", "b.txt", "c.txt"]
+
+
+# -- clamd: a database reload changes the fingerprint ---------------------------------------------
+
+def _daily(version: int, db: Path, hashes: list[str]) -> None:
+    """A `daily.cud` (unsigned) of `version` with these `.hdb` lines: clamd's VERSION then
+    names the database version, as it does with the official daily database."""
+    build = db.parent / f"build{version}"
+    shutil.rmtree(build, ignore_errors=True)
+    build.mkdir()
+    (build / "daily.hdb").write_text("".join(f"{line}\n" for line in hashes))
+    (build / "COPYING").write_text("test signatures\n")
+    subprocess.run(["sigtool", "--build=daily.cud", "--unsigned", f"--cvd-version={version}",
+                    "--no-cdiff", f"--datadir={build}"], cwd=build, input=b"scanwatch-tests\n",
+                   check=True, capture_output=True)
+    shutil.copy(build / "daily.cud", db / "daily.cud.new")
+    (db / "daily.cud.new").chmod(0o644)
+    (db / "daily.cud.new").rename(db / "daily.cud")
+
+
+def _hdb(data: bytes, name: str) -> str:
+    return f"{hashlib.md5(data).hexdigest()}:{len(data)}:{name}"
+
+
+def _clamd_command(clamd: Clamd, command: bytes) -> str:
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(10)
+        sock.connect(str(clamd.socket))
+        sock.sendall(b"z" + command + b"\0")
+        reply = b""
+        while not reply.endswith(b"\0"):
+            if not (chunk := sock.recv(4096)):
+                break
+            reply += chunk
+    return reply.rstrip(b"\0").decode()
+
+
+def test_a_clamd_database_reload_makes_the_next_copy_scanned_again(layout: Layout,
+                                                                   tmp_path: Path) -> None:
+    data = b"a document clamd learns about later"
+    eicar = _hdb(EICAR, "Scanwatch-Test-EICAR")
+    with running_clamd(populate=lambda db: _daily(7, db, [eicar])) as clamd:
+        clock = [1000.0]
+        engine_cfg = {"type": "clamav", "socket": str(clamd.socket)}
+        engine = ClamavEngine("default", ClamavEngineConfig.model_validate(engine_cfg),
+                              clock=lambda: clock[0])
+        harness = Harness(layout, engine, engine_cfg=engine_cfg)
+        assert "/7/" in engine.signatures().fingerprint
+        with capture_logs() as logs:
+            harness.drop("a.txt", data)
+            harness.run()
+            harness.drop("b.txt", data)
+            harness.run()
+        assert [e.get("cached", False) for e in _verdicts(logs)] == [False, True]
+        _daily(8, Path(clamd.conf).parent / "db", [eicar, _hdb(data, "Scanwatch-Test-Later")])
+        assert _clamd_command(clamd, b"RELOAD") == "RELOADING"
+        wait_until(lambda: "/8/" in _clamd_command(clamd, b"VERSION"), what="the new database")
+        clock[0] += 61  # the engine asks VERSION again
+        with capture_logs() as logs:
+            harness.drop("c.txt", data)
+            harness.run()
+        assert [e.get("cached", False) for e in _verdicts(logs)] == [False]
+        assert harness.layout.placed("clean") == ["a.txt", "b.txt"]
+        assert harness.layout.placed("quarantine") == ["c.txt"]
+        assert harness.row("c.txt").threats == ["Scanwatch-Test-Later.UNOFFICIAL"]
+
+
+# -- YARA: other rules on SIGHUP, and what status and metrics show ------------------------------
+
+def _status(config: Path) -> dict[str, Any]:
+    done = subprocess.run([sys.executable, "-m", "daemon.cli", "status", "--config", str(config),
+                           "--json"], capture_output=True, text=True, cwd=ROOT, check=True)
+    return json.loads(done.stdout)  # type: ignore[no-any-return]
+
+
+def _moved(daemon: Daemon, count: int) -> None:
+    daemon.wait_for(lambda: len(daemon.named("file.moved")) >= count, what=f"{count} files moved")
+
+
+def test_yara_rules_reloaded_by_sighup_bypass_the_cache(layout: Layout, daemon_factory) -> None:
+    rules = layout.base / "rules.yar"
+    rules.write_text('rule Nothing_Yet { strings: $a = "no such text anywhere" condition: $a }\n')
+    port = free_port()
+    config = layout.write_config(engine={"rules": [str(rules)]},
+                                 metrics={"listen": f"127.0.0.1:{port}"})
+    daemon = daemon_factory(config)
+    daemon.wait_started()
+    data = b"a macro only tomorrow's rules know"
+    (layout.inbox / "a.txt").write_bytes(data)
+    _moved(daemon, 1)
+    (layout.inbox / "b.txt").write_bytes(data)
+    _moved(daemon, 2)
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert 'scanwatch_cache_lookups_total{engine="default",result="hit"} 1.0' in body
+    assert 'scanwatch_cache_lookups_total{engine="default",result="miss"} 1.0' in body
+    rules.write_text('rule Tomorrows_Macro { strings: $a = "tomorrow\'s rules" condition: $a }\n')
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_for(lambda: daemon.named("config.reloaded"), what="the reload")
+    (layout.inbox / "c.txt").write_bytes(data)
+    _moved(daemon, 3)
+    assert daemon.stop() == 0
+    verdicts = daemon.named("scan.verdict")
+    assert [(e["rel_path"], e.get("cached", False)) for e in verdicts] == [
+        ("a.txt", False), ("b.txt", True), ("c.txt", False)]
+    assert layout.placed("clean") == ["a.txt", "b.txt"] and layout.placed("quarantine") == ["c.txt"]
+    engine = _status(config)["engines"]["default"]
+    assert engine["cache"] == {"enabled": True, "hits": 1, "misses": 2, "hit_rate": 0.3333}
+    text = subprocess.run([sys.executable, "-m", "daemon.cli", "status", "--config", str(config)],
+                          capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    assert "33% (1 of 3)" in text
+
+
+# -- a fleet of two shares a verdict through the bucket ------------------------------------------
+
+def test_a_fleet_of_two_shares_a_verdict_through_the_bucket(
+        s3_server, s3_bucket: str, sqs_server, sqs_queue: str, tmp_path: Path,
+        s3_env: dict[str, str], daemon_factory: Callable[..., Daemon]) -> None:
+    from fleetkit import Fleet
+
+    fleet = Fleet(s3_server.client(), sqs_server.client(), s3_bucket, sqs_queue, tmp_path,
+                  s3_server.endpoint_url, sqs_server.endpoint_url, s3_server.region)
+    data = b"the same report, dropped by two teams"
+    with BlazelockEmulator(scan_delay_s=0.3) as emulator:
+        engine = {"type": "blazelock", "url": emulator.url, "api_key": "${BLZ_KEY}",
+                  "poll_interval": 0.2, "cache": {"shared": True}}
+        env = {**s3_env, "BLZ_KEY": "test-key"}
+        for node, name in enumerate(["team-a/report.pdf", "team-b/report.pdf"]):
+            daemon = daemon_factory(fleet.config(node, engine=engine), env=env)
+            daemon.wait_started()
+            fleet.put([name], lambda _: data)
+            fleet.send_events([name])
+            daemon.wait_for(lambda name=name: f"clean/{name}" in fleet.placed(), timeout=30,
+                            what=f"{name} placed")
+            assert daemon.stop() == 0
+            verdict = daemon.named("scan.verdict")[0]
+            assert verdict.get("cached", False) is (node == 1)
+        assert len(emulator.submissions()) == 1
+        scan_id = next(iter(emulator.scans))
+    assert verdict["cached_from"]["engine_scan_id"] == scan_id
+    shared = [k for k in _keys(fleet, "in/.scanwatch/cache/")]
+    sha256 = hashlib.sha256(data).hexdigest()
+    assert len(shared) == 1 and shared[0].startswith("default/") and shared[0].endswith(sha256)
+    # The second member keeps what it read in its own journal.
+    assert open_journal(tmp_path / "node1" / "state").cache_stats()["default"] == (1, 0)
+
+
+def test_without_shared_a_fleet_member_asks_for_itself(
+        s3_server, s3_bucket: str, sqs_server, sqs_queue: str, tmp_path: Path,
+        s3_env: dict[str, str], daemon_factory: Callable[..., Daemon]) -> None:
+    from fleetkit import Fleet
+
+    fleet = Fleet(s3_server.client(), sqs_server.client(), s3_bucket, sqs_queue, tmp_path,
+                  s3_server.endpoint_url, sqs_server.endpoint_url, s3_server.region)
+    with BlazelockEmulator(scan_delay_s=0.3) as emulator:
+        engine = {"type": "blazelock", "url": emulator.url, "api_key": "${BLZ_KEY}", "poll_interval": 0.2}
+        env = {**s3_env, "BLZ_KEY": "test-key"}
+        for node, name in enumerate(["a.txt", "b.txt"]):
+            daemon = daemon_factory(fleet.config(node, engine=engine), env=env)
+            daemon.wait_started()
+            fleet.put([name], lambda _: b"same bytes, members that share nothing")
+            fleet.send_events([name])
+            daemon.wait_for(lambda name=name: f"clean/{name}" in fleet.placed(), timeout=30,
+                            what=f"{name} placed")
+            assert daemon.stop() == 0
+        assert len(emulator.submissions()) == 2
+    assert _keys(fleet, "in/.scanwatch/cache/") == []
+
+
+def _keys(fleet: Any, prefix: str) -> list[str]:
+    listed = fleet.s3.list_objects_v2(Bucket=fleet.bucket, Prefix=prefix)
+    return sorted(o["Key"].removeprefix(prefix) for o in listed.get("Contents", ()))
+
+
+def test_journal_keeps_at_most_max_entries_per_engine(tmp_path: Path) -> None:
+    from daemon.journal import CachedVerdict, Journal
+    from daemon.model import VerdictKind
+
+    journal = Journal(tmp_path / "journal.sqlite3")
+    for i in range(500):
+        for engine in ("a", "b"):
+            journal.cache_verdict(CachedVerdict(engine, "fp", f"{i:064x}", VerdictKind.CLEAN, None,
+                                                (), None, None, time.time()), 100, time.time())
+    assert 100 <= journal.cache_size("a") < 100 + 64 and 100 <= journal.cache_size("b") < 100 + 64
+    assert journal.cached_verdict("a", "fp", f"{499:064x}") is not None  # the newest stay
+    assert journal.cached_verdict("a", "fp", f"{0:064x}") is None  # the oldest went first
