@@ -314,3 +314,33 @@ def test_journal_keeps_at_most_max_entries_per_engine(tmp_path: Path) -> None:
     assert 100 <= journal.cache_size("a") < 100 + 64 and 100 <= journal.cache_size("b") < 100 + 64
     assert journal.cached_verdict("a", "fp", f"{499:064x}") is not None  # the newest stay
     assert journal.cached_verdict("a", "fp", f"{0:064x}") is None  # the oldest went first
+
+
+def test_several_engines_on_one_watch_cache_per_engine(layout: Layout, daemon_factory) -> None:
+    # A mark only Blazelock's emulator detects: YARA says clean, Blazelock infected.
+    data = b"junk EICAR-STANDARD-ANTIVIRUS-TEST-FILE junk"
+    with BlazelockEmulator(scan_delay_s=0.5) as emulator:
+        raw = layout.config(watch={"engine": ["default", "blz"]})
+        raw["engines"]["blz"] = {"type": "blazelock", "url": emulator.url, "api_key": "test-key",
+                                 "poll_interval": 0.1}
+        layout.config_path.write_text(json.dumps(raw))
+        daemon = daemon_factory(layout.config_path)
+        daemon.wait_started()
+        for i in range(5):
+            (layout.inbox / f"copy{i}.bin").write_bytes(data)
+        _moved(daemon, 5)
+        assert daemon.stop() == 0
+        assert len(emulator.submissions()) == 1
+    assert layout.placed("quarantine") == [f"copy{i}.bin" for i in range(5)]
+    sidecars = [json.loads((layout.quarantine / f"copy{i}.bin.scanwatch.json").read_text())
+                for i in range(5)]
+    assert sorted(bool(s.get("cached")) for s in sidecars) == [False] + [True] * 4
+    for sidecar in sidecars:
+        by_engine = {scan["engine"]: scan for scan in sidecar["scans"]}
+        assert by_engine["blz"]["verdict"] == "infected"
+        if sidecar.get("cached"):
+            assert by_engine["blz"]["cached"] is True
+            assert sidecar["cached_from"] == by_engine["blz"]["cached_from"]
+    stats = open_journal(layout.state).cache_stats()
+    assert stats["blz"] == (4, 1)
+    assert sum(stats["default"]) == 5  # YARA answers at once: its copies may race past the flight

@@ -293,7 +293,7 @@ class MultiScanner:
             "verdict": verdict.kind.value, "threats": list(verdict.threats), "reason": verdict.reason,
             "engines": {e: str(records[e].verdict) for e in watch.engines if e in records
                         and records[e].verdict is not None},
-            "abandoned": abandoned, **planned.fields})
+            "abandoned": abandoned, **_cached_fields(verdict), **planned.fields})
 
     def _waiting(self, row: FileRow, watch: WatchConfig, sha256: str | None,
                  facts: RowChanges) -> Outcome:
@@ -341,6 +341,12 @@ def decide(engines: tuple[str, ...], records: Mapping[str, ScanRecord]) -> Verdi
                    **({"cached": True, "cached_from": r.cached_from} if r.cached_from else {})}
                   for r in answered],
         **({"cached_from": decider.cached_from} if decider.cached_from else {})})
+
+
+def _cached_fields(verdict: Verdict) -> dict[str, Any]:
+    """The deciding engine's verdict came from the verdict cache: the scan it reuses."""
+    cached_from = verdict.raw.get("cached_from")
+    return {"cached": True, "cached_from": cached_from} if cached_from else {}
 
 
 def _retry_reason(changes: ScanChanges) -> str:
