@@ -102,11 +102,15 @@ class VerdictCacheRecords(Database):
                     (entry.engine, entry.engine, max_entries))
             self._land(conn, entry.engine, entry.sha256, file_id, now, is_answer=True)
 
-    def take_flight(self, engine: str, sha256: str, file_id: int, now: float) -> int | None:
+    def take_flight(self, engine: str, sha256: str, file_id: int, now: float,
+                    wait_until: float) -> int | None:
         """Hold the flight of these bytes for `file_id`, unless another row's stands: its id.
 
         A flight stands while its row is `scanning` (asking, or waiting for a pending scan);
-        one left by a row that was retried, placed or lost is taken over.
+        one left by a row that was retried, placed or lost is taken over. A row that waits
+        is due at `wait_until`, or as soon as the flight lands: both written here, in the
+        transaction that found the flight, so a flight landing before the waiting row's own
+        step commits still wakes it.
         """
         with self._tx() as conn:
             found = conn.execute(
@@ -114,6 +118,8 @@ class VerdictCacheRecords(Database):
                 "WHERE f.engine = ? AND f.sha256 = ? AND f.file_id != ? AND r.state = 'scanning'",
                 (engine, sha256, file_id)).fetchone()
             if found is not None:
+                conn.execute("UPDATE files SET sha256 = ?, next_attempt_at = ? WHERE id = ?",
+                             (sha256, wait_until, file_id))
                 return int(found[0])
             conn.execute("INSERT OR REPLACE INTO cache_flights VALUES (?, ?, ?, ?)",
                          (engine, sha256, file_id, now))
@@ -132,13 +138,12 @@ class VerdictCacheRecords(Database):
         cursor = conn.execute(f"DELETE FROM cache_flights WHERE engine = ? AND sha256 = ?{only}",
                               (engine, sha256, *(() if is_answer else (file_id,))))
         if cursor.rowcount or is_answer:
-            # The waiting rows, unclaimed with their bytes journaled: stable (one engine) or
-            # scanning with a scan record waiting (several engines; a pending scan of the same
-            # bytes is then polled once early, which is harmless).
+            # The waiting rows, their bytes journaled: stable (one engine; or still claimed,
+            # their step not committed yet) or scanning with a scan record waiting (several
+            # engines; a pending scan of the same bytes is then polled once early: harmless).
             me = -1 if file_id is None else file_id
             conn.execute("UPDATE files SET next_attempt_at = ? WHERE state IN ('stable', 'scanning') "
-                         "AND owner IS NULL AND sha256 = ? AND next_attempt_at > ? AND id != ?",
-                         (now, sha256, now, me))
+                         "AND sha256 = ? AND next_attempt_at > ? AND id != ?", (now, sha256, now, me))
             conn.execute("UPDATE scans SET next_attempt_at = ? WHERE sha256 = ? AND verdict IS NULL "
                          "AND next_attempt_at > ? AND file_id != ?", (now, sha256, now, me))
 

@@ -37,7 +37,7 @@ log = structlog.get_logger("scanwatch.pipeline")
 
 # A row waiting for another's scan of the same bytes looks again after this at the latest
 # (it is made due at once when that scan's answer lands): a safety net for a lost flight.
-_WAIT_S = 10.0
+_WAIT_S = 5.0
 _SHARED_DIR = LEASE_DIR + "cache/"
 
 
@@ -89,13 +89,13 @@ class VerdictCache:
 
     def wait(self, key: CacheKey, row: FileRow) -> Outcome | None:
         """None: `row` holds its bytes' flight and asks. Else another row does: wait for it."""
-        holder = self.journal.take_flight(key.engine, key.sha256, row.id, self.clock())
+        now = self.clock()
+        holder = self.journal.take_flight(key.engine, key.sha256, row.id, now, now + _WAIT_S)
         if holder is None:
             return None
-        # Not due before the answer lands (or `_WAIT_S`); the journaled sha256 is how the
-        # answer finds this row. Waiting spends no attempt.
-        return Outcome({"state": FileState.STABLE, "owner": None, "sha256": key.sha256,
-                        "attempts": row.attempts - 1, "next_attempt_at": self.clock() + _WAIT_S},
+        # Due when the answer lands, or after `_WAIT_S`: written by `take_flight`, so not here.
+        # Waiting spends no attempt.
+        return Outcome({"state": FileState.STABLE, "owner": None, "attempts": row.attempts - 1},
                        "scan.waiting", {"engine": key.engine, "waiting_for": holder,
                                         "sha256": key.sha256})
 
@@ -118,7 +118,7 @@ class VerdictCache:
                                  "cached_from": entry.source()}
                 events.append((name, Outcome({}, "scan.verdict", {"verdict": entry.verdict.value,
                                                                   **cached_fields(entry)})))
-            elif (holder := self.journal.take_flight(name, sha256, row.id, now)) is not None:
+            elif (holder := self.journal.take_flight(name, sha256, row.id, now, now + _WAIT_S)) is not None:
                 records[name] = {"next_attempt_at": now + _WAIT_S, "last_error": None}
                 log.info("scan.waiting", watch=row.watch, rel_path=row.rel_path, file_id=row.id,
                          engine=name, waiting_for=holder, sha256=sha256)
