@@ -68,6 +68,11 @@ def _parser() -> argparse.ArgumentParser:
     qdelete = qsub.add_parser("delete", parents=[common])
     qdelete.add_argument("id", type=int)
     qdelete.add_argument("--reason", required=True, help="why (kept in the audit trail)")
+    cache = sub.add_parser("cache", help="the verdict cache (docs/engines.md)")
+    csub = cache.add_subparsers(dest="action", required=True)
+    cclear = csub.add_parser("clear", parents=[common],
+                             help="forget kept verdicts: the next copy of any bytes is scanned again")
+    cclear.add_argument("--engine", help="only this engine's (default: every engine's)")
     journal = sub.add_parser("journal", help="check the journal, or rebuild it from the destinations")
     jsub = journal.add_subparsers(dest="action", required=True)
     jsub.add_parser("check", parents=[common], help="exit 0 when sound, 1 when damaged")
@@ -251,8 +256,16 @@ def _journal(args: argparse.Namespace, config_path: str, config: Config) -> int:
     return EXIT_OK
 
 
+def _cache(args: argparse.Namespace, config_path: str, config: Config) -> int:
+    if args.engine is not None and args.engine not in config.engines:
+        raise ScanwatchError(f"no engine {args.engine!r} in {config_path}")
+    dropped = open_journal(config.state_dir).cache_clear(args.engine)
+    print(f"{dropped} cached verdicts dropped")
+    return EXIT_OK
+
+
 _COMMANDS = {"run": _run, "check-config": _check_config, "scan": _scan, "status": _status,
-             "quarantine": _quarantine, "journal": _journal}
+             "quarantine": _quarantine, "journal": _journal, "cache": _cache}
 
 if __name__ == "__main__":
     sys.exit(main())

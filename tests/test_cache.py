@@ -344,3 +344,17 @@ def test_several_engines_on_one_watch_cache_per_engine(layout: Layout, daemon_fa
     stats = open_journal(layout.state).cache_stats()
     assert stats["blz"] == (4, 1)
     assert sum(stats["default"]) == 5  # YARA answers at once: its copies may race past the flight
+
+
+def test_cache_clear_makes_the_next_copy_scanned_again(layout: Layout, emulator: BlazelockEmulator) -> None:
+    harness = _blazelock(layout, emulator)
+    harness.drop("a.com", EICAR)
+    harness.run()
+    config = layout.write_config()
+    done = subprocess.run([sys.executable, "-m", "daemon.cli", "cache", "clear", "--engine", "default",
+                           "--config", str(config)], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0 and done.stdout.strip() == "1 cached verdicts dropped"
+    harness.drop("b.com", EICAR)
+    harness.run()
+    assert len(emulator.submissions()) == 2
+    assert harness.layout.placed("quarantine") == ["a.com", "b.com"]

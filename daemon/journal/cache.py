@@ -159,6 +159,13 @@ class VerdictCacheRecords(Database):
         rows = self._conn().execute("SELECT engine, hits, misses FROM cache_stats")
         return {r[0]: (int(r[1]), int(r[2])) for r in rows}
 
+    def cache_clear(self, engine: str | None) -> int:
+        """Drop the kept verdicts of `engine` (None: of every engine); returns how many."""
+        with self._tx() as conn:
+            cursor = conn.execute("DELETE FROM verdict_cache WHERE engine = ? OR ? IS NULL",
+                                  (engine, engine))
+            return int(cursor.rowcount)
+
     def cache_size(self, engine: str) -> int:
         """How many verdicts `engine` keeps."""
         row = self._conn().execute("SELECT count(*) FROM verdict_cache WHERE engine = ?",
