@@ -177,7 +177,8 @@ def test_chunked_upload_above_max_request_bytes(layout: Layout) -> None:
 
 def test_hash_lookup_uses_a_known_result_without_a_submission(
         layout: Layout, emulator: MetadefenderEmulator) -> None:
-    harness = _harness(layout, emulator, hash_lookup=True)
+    # Core's own hash cache, not scanwatch's (which is off here).
+    harness = _harness(layout, emulator, hash_lookup=True, cache={"enabled": False})
     harness.drop("e.com", EICAR)
     harness.drop("locked.zip", b"MD-ENCRYPTED")
     harness.run()
@@ -198,7 +199,7 @@ def test_hash_lookup_ignores_a_result_of_another_workflow(
     light = _harness(layout, emulator, rule="light")
     light.drop("a.txt", b"fine")
     light.run()
-    strict = _harness(layout, emulator, rule="strict", hash_lookup=True)
+    strict = _harness(layout, emulator, rule="strict", hash_lookup=True, cache={"enabled": False})
     for rel in ("again/a.txt", "more/a.txt"):
         strict.drop(rel, b"fine")
         strict.run()
