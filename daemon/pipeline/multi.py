@@ -93,9 +93,9 @@ class MultiScanner:
                if e not in records or (not records[e].is_final and records[e].next_attempt_at <= now)]
         engines = self.engines()
         follow = [e for e in due if e in records and _follows(records[e], engines[e])]
-        resubmit = {e: exc for e, exc in self._parallel(
-            follow, lambda e: self._poll(row, engines[e], records[e], opened.path, events,
-                                                    locations)).items() if exc}
+        polled = self._parallel(
+            follow, lambda e: self._poll(row, engines[e], records[e], opened.path, events, locations))
+        resubmit = {e: exc for e, exc in polled.items() if exc}
         if (decided := self._decided(row, watch, sha256, opened.facts, locations)) is not None:
             return decided
         submit = [e for e in due if e not in follow or e in resubmit]
