@@ -16,6 +16,7 @@ from typing import Any
 
 from daemon.journal.database import Database
 from daemon.model import VerdictKind
+from daemon.timefmt import iso
 
 __all__ = ["CachedVerdict", "VerdictCacheRecords"]
 
@@ -40,8 +41,6 @@ class CachedVerdict:
 
     def source(self) -> dict[str, Any]:
         """The reused scan as sidecars and logs name it (`cached_from`)."""
-        from daemon.timefmt import iso
-
         return {"external_reference_id": self.ref_id, "engine_scan_id": self.engine_scan_id,
                 "scanned_at": iso(self.scanned_at)}
 
