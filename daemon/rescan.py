@@ -195,6 +195,9 @@ class _Rescanner:
             if verdict.kind is VerdictKind.FAILED:
                 log.error("rescan.failed", watch=self.watch.name, rel_path=rel, reason=verdict.reason)
                 return RescanOutcome.FAILED
+            # Bytes judged clean before are not: the verdict cache must not say so again
+            # (docs/engines.md, "Verdict cache"); the next copy asks the engines.
+            self.journal.cache_forget(content.sha256, self.watch.engines)
             facts = opened.facts
             row = self._row(rel, opened.path, facts, content.sha256, content.size)
             changes: dict[str, Any] = {

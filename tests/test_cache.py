@@ -166,6 +166,23 @@ def _clamd_command(clamd: Clamd, command: bytes) -> str:
     return reply.rstrip(b"\0").decode()
 
 
+def _clamd_finds(engine: ClamavEngine, path: Path, data: bytes) -> bool:
+    """Whether clamd (reloading in the background) judges `data` infected now."""
+    import os
+
+    from daemon.engines.base import ScanRequest
+    from daemon.model import VerdictKind
+
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        request = ScanRequest("inbox", path.name, str(path), fd, len(data),
+                              hashlib.sha256(data).hexdigest(), "probe")
+        return engine.scan(request).kind is VerdictKind.INFECTED
+    finally:
+        os.close(fd)
+
+
 def test_a_clamd_database_reload_makes_the_next_copy_scanned_again(layout: Layout,
                                                                    tmp_path: Path) -> None:
     data = b"a document clamd learns about later"
@@ -358,3 +375,34 @@ def test_cache_clear_makes_the_next_copy_scanned_again(layout: Layout, emulator:
     harness.run()
     assert len(emulator.submissions()) == 2
     assert harness.layout.placed("quarantine") == ["a.com", "b.com"]
+
+
+def test_rescan_clean_drops_a_verdict_the_new_signatures_overturn(layout: Layout) -> None:
+    """A clamd with no official database names no database version: its clean verdicts are
+    reused for `clean_ttl` whatever signatures it loads; a rescan that finds the bytes infected
+    makes the next copy asked again."""
+    import io
+
+    from daemon.rescan import rescan_clean
+
+    data = b"clean until the next signature update"
+    with running_clamd() as clamd:
+        engine_cfg = {"type": "clamav", "socket": str(clamd.socket)}
+        engine = ClamavEngine("default", ClamavEngineConfig.model_validate(engine_cfg))
+        harness = Harness(layout, engine, engine_cfg=engine_cfg)
+        assert not engine.signatures().is_versioned
+        harness.drop("a.txt", data)
+        harness.run()
+        db = Path(clamd.conf).parent / "db"
+        (db / "later.hdb").write_text(_hdb(data, "Scanwatch-Test-Later") + "\n")
+        assert _clamd_command(clamd, b"RELOAD") == "RELOADING"
+        wait_until(lambda: _clamd_finds(engine, layout.base / "probe.txt", data), what="new signature")
+        harness.drop("b.txt", data)
+        harness.run()
+        assert harness.layout.placed("clean") == ["a.txt", "b.txt"]  # the kept clean verdict
+        summary = rescan_clean(harness.config, {"default": engine}, harness.journal, "inbox",
+                               stream=io.StringIO())
+        assert summary.counts["infected"] == 2
+        harness.drop("c.txt", data)
+        harness.run()
+        assert harness.layout.placed("quarantine") == ["a.txt", "b.txt", "c.txt"]

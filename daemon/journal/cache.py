@@ -11,6 +11,7 @@ until the answer lands in the cache, or the flight ends without one.
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -163,6 +164,14 @@ class VerdictCacheRecords(Database):
         with self._tx() as conn:
             cursor = conn.execute("DELETE FROM verdict_cache WHERE engine = ? OR ? IS NULL",
                                   (engine, engine))
+            return int(cursor.rowcount)
+
+    def cache_forget(self, sha256: str, engines: Collection[str]) -> int:
+        """Drop these engines' kept verdicts on the bytes `sha256`; returns how many."""
+        marks = ",".join("?" * len(engines))
+        with self._tx() as conn:
+            cursor = conn.execute(f"DELETE FROM verdict_cache WHERE sha256 = ? AND engine IN ({marks})",
+                                  (sha256, *engines))
             return int(cursor.rowcount)
 
     def cache_size(self, engine: str) -> int:
