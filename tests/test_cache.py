@@ -1,5 +1,5 @@
 """The verdict cache (docs/engines.md, "Verdict cache") with real engines: the Blazelock emulator,
-a clamd whose database is reloaded, YARA rules reloaded by SIGHUP, a fleet sharing verdicts."""
+a clamd whose database is reloaded, YARA rules reloaded by SIGHUP (fleets: test_cache_fleet.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -256,67 +256,6 @@ def test_yara_rules_reloaded_by_sighup_bypass_the_cache(layout: Layout, daemon_f
     text = subprocess.run([sys.executable, "-m", "daemon.cli", "status", "--config", str(config)],
                           capture_output=True, text=True, cwd=ROOT, check=True).stdout
     assert "33% (1 of 3)" in text
-
-
-# -- a fleet of two shares a verdict through the bucket ------------------------------------------
-
-def test_a_fleet_of_two_shares_a_verdict_through_the_bucket(
-        s3_server, s3_bucket: str, sqs_server, sqs_queue: str, tmp_path: Path,
-        s3_env: dict[str, str], daemon_factory: Callable[..., Daemon]) -> None:
-    from fleetkit import Fleet
-
-    fleet = Fleet(s3_server.client(), sqs_server.client(), s3_bucket, sqs_queue, tmp_path,
-                  s3_server.endpoint_url, sqs_server.endpoint_url, s3_server.region)
-    data = b"the same report, dropped by two teams"
-    with BlazelockEmulator(scan_delay_s=0.3) as emulator:
-        engine = {"type": "blazelock", "url": emulator.url, "api_key": "${BLZ_KEY}",
-                  "poll_interval": 0.2, "cache": {"shared": True}}
-        env = {**s3_env, "BLZ_KEY": "test-key"}
-        for node, name in enumerate(["team-a/report.pdf", "team-b/report.pdf"]):
-            daemon = daemon_factory(fleet.config(node, engine=engine), env=env)
-            daemon.wait_started()
-            fleet.put([name], lambda _: data)
-            fleet.send_events([name])
-            daemon.wait_for(lambda name=name: f"clean/{name}" in fleet.placed(), timeout=30,
-                            what=f"{name} placed")
-            assert daemon.stop() == 0
-            verdict = daemon.named("scan.verdict")[0]
-            assert verdict.get("cached", False) is (node == 1)
-        assert len(emulator.submissions()) == 1
-        scan_id = next(iter(emulator.scans))
-    assert verdict["cached_from"]["engine_scan_id"] == scan_id
-    shared = [k for k in _keys(fleet, "in/.scanwatch/cache/")]
-    sha256 = hashlib.sha256(data).hexdigest()
-    assert len(shared) == 1 and shared[0].startswith("default/") and shared[0].endswith(sha256)
-    # The second member keeps what it read in its own journal.
-    assert open_journal(tmp_path / "node1" / "state").cache_stats()["default"] == (1, 0)
-
-
-def test_without_shared_a_fleet_member_asks_for_itself(
-        s3_server, s3_bucket: str, sqs_server, sqs_queue: str, tmp_path: Path,
-        s3_env: dict[str, str], daemon_factory: Callable[..., Daemon]) -> None:
-    from fleetkit import Fleet
-
-    fleet = Fleet(s3_server.client(), sqs_server.client(), s3_bucket, sqs_queue, tmp_path,
-                  s3_server.endpoint_url, sqs_server.endpoint_url, s3_server.region)
-    with BlazelockEmulator(scan_delay_s=0.3) as emulator:
-        engine = {"type": "blazelock", "url": emulator.url, "api_key": "${BLZ_KEY}", "poll_interval": 0.2}
-        env = {**s3_env, "BLZ_KEY": "test-key"}
-        for node, name in enumerate(["a.txt", "b.txt"]):
-            daemon = daemon_factory(fleet.config(node, engine=engine), env=env)
-            daemon.wait_started()
-            fleet.put([name], lambda _: b"same bytes, members that share nothing")
-            fleet.send_events([name])
-            daemon.wait_for(lambda name=name: f"clean/{name}" in fleet.placed(), timeout=30,
-                            what=f"{name} placed")
-            assert daemon.stop() == 0
-        assert len(emulator.submissions()) == 2
-    assert _keys(fleet, "in/.scanwatch/cache/") == []
-
-
-def _keys(fleet: Any, prefix: str) -> list[str]:
-    listed = fleet.s3.list_objects_v2(Bucket=fleet.bucket, Prefix=prefix)
-    return sorted(o["Key"].removeprefix(prefix) for o in listed.get("Contents", ()))
 
 
 def test_journal_keeps_at_most_max_entries_per_engine(tmp_path: Path) -> None:
