@@ -17,13 +17,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 import yaml
 from clamd_server import Clamd, free_port
 from conftest import EICAR, ROOT, Layout
 from prometheus_client.parser import text_string_to_metric_families
 
 from daemon.journal import Journal
-from daemon.log import redact
+from daemon.log import MAX_LINE_CHARS, configure_logging, redact
 from daemon.metrics import Metrics
 from daemon.model import FileState, Reason, VerdictKind
 from daemon.pipeline import Outcome
@@ -137,6 +138,19 @@ def test_redaction_is_the_backstop_for_sensitive_keys() -> None:
     event = {"event": "x", "api_key": "k", "nested": {"Authorization": "Bearer t", "ok": 1}}
     assert redact(None, "", event) == {"event": "x", "api_key": "***",
                                        "nested": {"Authorization": "***", "ok": 1}}
+
+
+def test_a_record_too_long_for_journald_is_cut_to_one_line(capsys) -> None:
+    configure_logging("json")
+    log = structlog.get_logger("test")
+    log.info("big.name", watch="w", rel_path="a" * 100_000, error="é" * 2_000, file_id=7)
+    log.info("big.list", watch="w", problems=["x" * 100] * 1_000)
+    big_name, big_list = map(json.loads, capsys.readouterr().out.splitlines())
+    assert len(json.dumps(big_name)) <= MAX_LINE_CHARS
+    assert big_name["truncated"] == ["rel_path"] and big_name["rel_path"].startswith("a" * 1000)
+    assert big_name["error"] == "é" * 2_000 and big_name["file_id"] == 7
+    assert big_list == {"event": "big.list", "level": "info", "timestamp": big_list["timestamp"],
+                        "watch": "w", "truncated": ["*"]}
 
 
 _AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
