@@ -25,6 +25,7 @@ from daemon.watchers.base import Watcher
 from daemon.watchers.local import LocalWatcher
 from daemon.watchers.s3 import S3Watcher
 from daemon.webhooks import WebhookReceivers
+from daemon.worker import share_webhook_health
 from daemon.workers import WorkerPool
 
 __all__ = ["Service"]
@@ -72,10 +73,13 @@ class Service:
         for watch in config.watches:
             if uses_s3(watch):
                 s3(config.s3_for(watch))
-        pipeline: Pipeline | WorkerPool = (
-            WorkerPool(config, self.journal, self.wake, self._on_outcome) if config.worker_count() > 1
-            else Pipeline(config, self.journal, engines, owner=self.owner, wake=self.wake,
-                          on_outcome=self._on_outcome, s3=s3))
+        pipeline: Pipeline | WorkerPool
+        if config.worker_count() > 1:
+            share_webhook_health(engines, config.state_dir)  # received here, polled in workers
+            pipeline = WorkerPool(config, self.journal, self.wake, self._on_outcome)
+        else:
+            pipeline = Pipeline(config, self.journal, engines, owner=self.owner, wake=self.wake,
+                                on_outcome=self._on_outcome, s3=s3)
         watchers: list[Watcher] = [
             S3Watcher(w, self.journal, self.wake, s3(config.s3_for(w)), config.s3_for(w))
             if is_s3(w.source)

@@ -384,10 +384,10 @@ def test_engine_down_leaves_objects_in_place(harness: Callable[..., S3Harness]) 
 # -- the daemon --------------------------------------------------------------------------------------
 
 
-def _daemon_config(tmp_path: Path, server: S3Server, bucket: str, **watch: Any) -> Path:
+def _daemon_config(tmp_path: Path, server: S3Server, bucket: str, workers: int = 1, **watch: Any) -> Path:
     path = tmp_path / "scanwatch.yaml"
     path.write_text(yaml.safe_dump({
-        "state_dir": str(tmp_path / "state"),
+        "state_dir": str(tmp_path / "state"), "workers": workers,
         "log": {"format": "json", "level": "info"},
         "s3": {"endpoint_url": server.endpoint_url, "region": server.region},
         "engines": {"default": {"type": "yara", "concurrency": 4}},
@@ -406,12 +406,13 @@ def _put_many(h: S3Harness, count: int) -> None:
                       range(count)))
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_daemon_backfills_1000_objects_and_survives_kill_9(
         harness: Callable[..., S3Harness], s3_server: S3Server, tmp_path: Path,
-        s3_env: dict[str, str], daemon_factory: Callable[..., Daemon]) -> None:
+        s3_env: dict[str, str], daemon_factory: Callable[..., Daemon], workers: int) -> None:
     h = harness()
     _put_many(h, 1000)
-    config = _daemon_config(tmp_path, s3_server, h.bucket)
+    config = _daemon_config(tmp_path, s3_server, h.bucket, workers)
     first = daemon_factory(config, env=s3_env)
     first.wait_for(lambda: len(first.named("file.moved")) >= 200, timeout=60, what="200 moved")
     first.proc.send_signal(signal.SIGKILL)
@@ -421,6 +422,7 @@ def test_daemon_backfills_1000_objects_and_survives_kill_9(
     second.wait_for(lambda: len(h.keys("clean/")) + len(h.keys("quarantine/")) >= 1000, timeout=30,
                     what="all placed")
     assert second.stop() == 0
+    assert second.named("raw") == []  # every line of the log is one whole record
     clean, quarantined = h.keys("clean/"), h.keys("quarantine/")
     assert len(clean) == 990 and len(quarantined) == 10
     assert not set(clean) & set(quarantined)
@@ -429,11 +431,13 @@ def test_daemon_backfills_1000_objects_and_survives_kill_9(
     assert len(done) == 1000
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_daemon_takes_sqs_events(harness: Callable[..., S3Harness], s3_server: S3Server,
                                  sqs_server: SqsServer, sqs_queue: str, tmp_path: Path,
-                                 s3_env: dict[str, str], daemon_factory: Callable[..., Daemon]) -> None:
+                                 s3_env: dict[str, str], daemon_factory: Callable[..., Daemon],
+                                 workers: int) -> None:
     h = harness()
-    config = _daemon_config(tmp_path, s3_server, h.bucket, poll_interval=3600,
+    config = _daemon_config(tmp_path, s3_server, h.bucket, workers, poll_interval=3600,
                             events={"sqs_queue_url": sqs_queue, "endpoint_url": sqs_server.endpoint_url,
                                     "region": sqs_server.region})
     daemon = daemon_factory(config, env=s3_env)
