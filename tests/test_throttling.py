@@ -42,6 +42,13 @@ def _drop_and_wait(layout: Layout, daemon: Daemon, count: int, timeout_s: float)
                     what="every file moved")
 
 
+def _status(config: Path) -> dict[str, Any]:
+    """`scanwatch status --json`, as an operator runs it."""
+    result = subprocess.run([sys.executable, "-m", "daemon.cli", "status", "--json", "--config", str(config)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=60, check=True)
+    return dict(json.loads(result.stdout))
+
+
 def _every_fifth(fault: Fault) -> Callable[[int], Fault | None]:
     return lambda n: fault if n % 5 == 0 else None
 
@@ -51,10 +58,12 @@ def test_429s_then_a_503_every_fifth_request_fail_no_file(layout: Layout, daemon
         emulator.inject(_THROTTLE, count=3)  # the first three requests
         emulator.add_rule(_every_fifth(_BUSY))
         port = free_port()
-        daemon = daemon_factory(_config(layout, emulator, "blazelock", port, rate_limit=600))
+        config = _config(layout, emulator, "blazelock", port, rate_limit=600)
+        daemon = daemon_factory(config)
         _drop_and_wait(layout, daemon, 3, timeout_s=60)
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
         assert daemon.stop() == 0
+    status = _status(config)
     assert layout.placed("failed") == []
     assert len(layout.placed("clean")) == 3 and layout.placed("quarantine") == ["e.com"]
     waits = [e for e in daemon.named("retry.scheduled") if e.get("reason") == "rate_limited"]
@@ -62,6 +71,9 @@ def test_429s_then_a_503_every_fifth_request_fail_no_file(layout: Layout, daemon
     assert not daemon.named("engine.unhealthy")  # throttling is no outage
     assert 'scanwatch_engine_request_rate_per_minute{engine="default"}' in metrics
     assert len(emulator.submissions()) == 4  # one upload per file
+    engine = status["engines"]["default"]
+    assert engine["healthy"] is True and engine["rate_limit"] == 600
+    assert 600 / 16 <= engine["request_rate_per_minute"] <= 600
 
 
 @pytest.mark.slow
@@ -79,12 +91,11 @@ def test_a_20s_storm_of_429_and_a_503_every_fifth_request_fail_no_file(
         config = _config(layout, emulator, kind, port, rate_limit=600)
         daemon = daemon_factory(config, {})
         _drop_and_wait(layout, daemon, 5, timeout_s=90)
-        status = subprocess.run([sys.executable, "-m", "daemon.cli", "status", "--json", "--config",
-                                 str(config)], capture_output=True, text=True, cwd=ROOT, timeout=60)
         assert daemon.stop() == 0
+    status = _status(config)
     assert layout.placed("failed") == []
     assert len(layout.placed("clean")) == 5 and layout.placed("quarantine") == ["e.com"]
     throttled = [e for e in emulator.log if e.status == 429]
     assert throttled and len(throttled) < 60  # paced down during the storm, not hammering
-    engine: dict[str, Any] = json.loads(status.stdout)["engines"]["default"]
+    engine = status["engines"]["default"]
     assert engine["rate_limit"] == 600 and 0 < engine["request_rate_per_minute"] <= 600

@@ -93,8 +93,9 @@ class Pacer:
         self._fd: int | None = None
         if state_path is not None:
             try:  # state_dir is the daemon's; a CLI run without it (check-config) paces alone
-                state_path.parent.mkdir(mode=0o700, exist_ok=True)
-                self._fd = os.open(state_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                # Readable like the journal's directory: `status` may run as a group member.
+                state_path.parent.mkdir(mode=0o750, exist_ok=True)
+                self._fd = os.open(state_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
             except OSError:
                 self._fd = None
             with self._locked():
