@@ -27,7 +27,7 @@ __all__ = ["Metrics"]
 # are about the file (unreadable, unsafe path) or a verdict (suspicious), not engine errors.
 _ENGINE_ERROR_REASONS = frozenset({Reason.TOO_LARGE, Reason.TIMEOUT, Reason.ENCRYPTED, Reason.ENGINE_ERROR,
                                    Reason.ENGINE_FAILED, Reason.ENGINE_UNAVAILABLE, Reason.AUTH,
-                                   Reason.BAD_REQUEST})
+                                   Reason.BAD_REQUEST, Reason.RATE_LIMITED})
 
 
 class _JournalCollector(Collector):
