@@ -15,8 +15,9 @@
     │   ├── S3ConditionError         an S3 write or read condition (If-Match, If-None-Match) failed
     │   └── S3UnavailableError       S3 cannot be used now (down, throttled, denied): wait
     └── EngineError                  an engine gave no verdict
-        ├── EngineRetryableError     unreachable, timed out, 5xx, 429: try again later
+        ├── EngineRetryableError     unreachable, timed out, 500/502/504: try again later
         │   └── EngineUnavailableError  the engine is down: files wait, attempts not spent
+        │       └── EngineThrottledError  "slow down" (429, 503): files wait, the engine is up
         ├── EnginePermanentError     rejected, too large, encrypted: fail the file now
         └── EngineResubmitError      a poll cannot go on: submit the bytes again
 
@@ -36,6 +37,7 @@ __all__ = [
     "EnginePermanentError",
     "EngineResubmitError",
     "EngineRetryableError",
+    "EngineThrottledError",
     "EngineUnavailableError",
     "JournalDamagedError",
     "JournalError",
@@ -160,6 +162,13 @@ class EngineUnavailableError(EngineRetryableError):
     """The engine is down; its files wait without spending attempts."""
 
     reason = Reason.ENGINE_UNAVAILABLE
+
+
+class EngineThrottledError(EngineUnavailableError):
+    """The engine asked us to slow down (docs/engines.md#rate-limits): its files wait for
+    their turn (`retry_after_s`) without spending attempts, and the engine stays healthy."""
+
+    reason = Reason.RATE_LIMITED
 
 
 class EnginePermanentError(EngineError):

@@ -48,6 +48,7 @@ class Reason(enum.StrEnum):
     ENGINE_FAILED = "engine_failed"
     SUSPICIOUS = "suspicious"  # the engine's verdict was only suspicious (Perception Point SUS/SPM)
     ENGINE_UNAVAILABLE = "engine_unavailable"
+    RATE_LIMITED = "rate_limited"  # the engine kept saying "slow down" past max_pending_age
     AUTH = "auth"
     BAD_REQUEST = "bad_request"
     INTERNAL_ERROR = "internal_error"

@@ -14,7 +14,7 @@ import structlog
 from daemon.alerts import WebhookAlerts
 from daemon.config import Config, load_config
 from daemon.engines import Engine, build_engines
-from daemon.errors import ConfigError, JournalDamagedError, ScanwatchError
+from daemon.errors import ConfigError, EngineThrottledError, JournalDamagedError, ScanwatchError
 from daemon.journal import FileRow, is_damage, open_journal, owner_token
 from daemon.journal_repair import hold_daemon_lock
 from daemon.metrics import Metrics
@@ -118,6 +118,8 @@ class Service:
     def _probe(self, name: str, engine: Engine) -> None:
         try:
             detail = engine.probe()
+        except EngineThrottledError as exc:  # it answers: "slow down" is pacing, not down
+            detail = str(exc)
         except ScanwatchError as exc:
             log.warning("engine.unhealthy", engine=name, error=str(exc))
             self.journal.set_engine_health(name, False, str(exc), time.time())

@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from daemon.config import Config
+from daemon.config import Config, HttpEngineConfig
+from daemon.engines._pacing import read_rates
 from daemon.fsutil import printable
 from daemon.journal import FleetMember, Journal
 from daemon.model import FileState
@@ -42,10 +43,20 @@ def collect(config: Config, journal: Journal) -> dict[str, Any]:
         if w.fleet:
             watches[w.name]["fleet"] = _fleet_status(fleet.get(w.name), now)
     health = journal.engine_health()
+    rates = read_rates(config.state_dir)
     engines = {name: {"type": cfg.type, "healthy": health.get(name, (None,))[0],
-                      "detail": health.get(name, (None, None))[1]}
+                      "detail": health.get(name, (None, None))[1],
+                      **_pacing(cfg, rates.get(name))}
                for name, cfg in config.engines.items()}
     return {"watches": watches, "engines": engines}
+
+
+def _pacing(cfg: object, rate: float | None) -> dict[str, Any]:
+    """An HTTP engine's request rate now and its ceiling (docs/engines.md#rate-limits)."""
+    if not isinstance(cfg, HttpEngineConfig):
+        return {}
+    rate = cfg.rate_limit if rate is None else min(rate, cfg.rate_limit)
+    return {"request_rate_per_minute": round(rate, 2), "rate_limit": cfg.rate_limit}
 
 
 def _fleet_status(member: FleetMember | None, now: float) -> dict[str, Any]:
@@ -82,5 +93,7 @@ def render(status: dict[str, Any]) -> str:
     for name, e in status["engines"].items():
         health = {True: "ok", False: "DOWN", None: "unknown"}[e["healthy"]]
         detail = f" ({e['detail']})" if e["detail"] else ""
+        if "request_rate_per_minute" in e:
+            detail += f"; {e['request_rate_per_minute']:g}/{e['rate_limit']:g} requests a minute"
         lines.append(f"{name:<16} {e['type']:<18} {health}{detail}")
     return "\n".join(lines)

@@ -14,6 +14,7 @@ import yaml
 from conftest import (
     EICAR,
     ROOT,
+    Clock,
     Harness,
     Layout,
     kill_9_between_submit_and_verdict,
@@ -26,6 +27,7 @@ from structlog.testing import capture_logs
 
 from daemon.config import MetadefenderEngineConfig, load_config
 from daemon.config.example import uncommented
+from daemon.engines._pacing import Pacer
 from daemon.engines.metadefender import MetadefenderEngine
 from daemon.errors import ConfigError, EnginePermanentError, EngineUnavailableError
 from daemon.model import FileState
@@ -47,7 +49,9 @@ def _engine_cfg(url: str, **cfg: object) -> dict[str, object]:
 def _harness(layout: Layout, emulator: MetadefenderEmulator, **cfg: object) -> Harness:
     engine_cfg = _engine_cfg(emulator.url, **cfg)
     config = MetadefenderEngineConfig.model_validate(engine_cfg)
-    return Harness(layout, MetadefenderEngine("default", config), engine_cfg=engine_cfg)
+    clock = Clock()  # the pacer waits on the harness's time
+    engine = MetadefenderEngine("default", config, pacer=Pacer("default", config.rate_limit, clock=clock))
+    return Harness(layout, engine, engine_cfg=engine_cfg, clock=clock)
 
 
 def _posts(emulator: MetadefenderEmulator) -> list[Logged]:

@@ -16,6 +16,7 @@ import pytest
 import yaml
 from conftest import (
     EICAR,
+    Clock,
     Harness,
     Layout,
     big_upload_peak_rss_kb,
@@ -27,6 +28,7 @@ from emulators.perception_point import PerceptionPointEmulator
 
 from daemon.config import BlazelockEngineConfig, PerceptionPointEngineConfig
 from daemon.config.example import uncommented
+from daemon.engines._pacing import Pacer
 from daemon.engines.base import S3Object, ScanHandle, ScanRequest
 from daemon.engines.perception_point import PerceptionPointEngine
 from daemon.errors import EnginePermanentError, EngineResubmitError, EngineUnavailableError
@@ -50,8 +52,10 @@ def _engine(url: str, **cfg: object) -> PerceptionPointEngine:
 
 def _harness(layout: Layout, url: str, watch: dict[str, object] | None = None, **cfg: object) -> Harness:
     engine_cfg = _engine_cfg(url, **cfg)
-    engine = PerceptionPointEngine("default", PerceptionPointEngineConfig.model_validate(engine_cfg))
-    return Harness(layout, engine, engine_cfg=engine_cfg, **(watch or {}))
+    config = PerceptionPointEngineConfig.model_validate(engine_cfg)
+    clock = Clock()  # the pacer waits on the harness's time
+    engine = PerceptionPointEngine("default", config, pacer=Pacer("default", config.rate_limit, clock=clock))
+    return Harness(layout, engine, engine_cfg=engine_cfg, clock=clock, **(watch or {}))
 
 
 def _finish(engine: PerceptionPointEngine, request: ScanRequest) -> Verdict:
@@ -135,7 +139,7 @@ def test_over_500mb_fails_too_large_without_a_request(emulator: PerceptionPointE
         request = ScanRequest("w", "huge.iso", str(path), None if s3 else f.fileno(), 500_000_001,
                               "0" * 64, "w:huge.iso#0",
                               s3=S3Object("b", "huge.iso", '"e"', None, "http://x") if s3 else None)
-        with pytest.raises(EnginePermanentError, match="500 MB") as refused:
+        with pytest.raises(EnginePermanentError, match="max_size") as refused:
             _engine(emulator.url, storage="s3").scan(request)
     assert refused.value.reason == "too_large"
     assert emulator.log == []

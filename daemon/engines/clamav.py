@@ -26,7 +26,7 @@ from contextlib import contextmanager, suppress
 import structlog
 
 from daemon.config import ClamavEngineConfig
-from daemon.engines.base import ScanHandle, ScanRequest
+from daemon.engines.base import ScanHandle, ScanRequest, refuse_too_large
 from daemon.errors import EnginePermanentError, EngineRetryableError, EngineUnavailableError
 from daemon.model import Pending, Reason, Verdict, VerdictKind
 
@@ -40,6 +40,9 @@ _ACCESS_ERRORS = ("Access denied", "Permission denied", "lstat() failed", "Can't
 # clamd's answers when it cannot take a descriptor: a clamd without FILDES (inside a
 # session or not), or a socket that lost the fd on the way (a relay, TCP).
 _FILDES_REFUSED = ("UNKNOWN COMMAND", "Command invalid inside IDSESSION", "No file descriptor received")
+# With `AlertExceedsMax yes`, clamd names what it did not read whole as a "threat":
+# `Heuristics.Limits.Exceeded.MaxFileSize FOUND`. Not infected, and not clean either.
+_LIMITS_EXCEEDED = "Heuristics.Limits.Exceeded."
 
 
 class _Session:
@@ -144,7 +147,12 @@ class ClamavEngine:
     # -- Engine ------------------------------------------------------------------------------
 
     def scan(self, request: ScanRequest) -> Verdict:
-        """FILDES (auto on a unix socket), INSTREAM (auto over TCP or refused, stream) or SCAN (path)."""
+        """FILDES (auto on a unix socket), INSTREAM (auto over TCP or refused, stream) or SCAN (path).
+
+        A file over `max_size` is not sent: clamd would answer OK for the part past its
+        own limits (docs/engines.md#clamav-clamd).
+        """
+        refuse_too_large(self.name, self._config.max_size, request)
         if self._config.mode == "path":
             return self._verdict(self._ask(b"SCAN " + os.fsencode(request.path)), "path")
         if self._config.mode == "auto" and self._can_pass_fd:
@@ -161,6 +169,10 @@ class ClamavEngine:
             return Verdict(VerdictKind.CLEAN, raw=raw)
         if reply.endswith(" FOUND"):
             threat = reply[: -len(" FOUND")].rpartition(": ")[2]
+            if threat.startswith(_LIMITS_EXCEEDED):
+                raise EnginePermanentError(f"clamd did not read the file whole: {reply}; raise clamd's "
+                                           f"limits or lower engines.{self.name}.max_size",
+                                           reason=Reason.TOO_LARGE)
             return Verdict(VerdictKind.INFECTED, threats=(threat,), raw=raw)
         if "size limit exceeded" in reply:
             raise EnginePermanentError(f"clamd: {reply}", reason=Reason.TOO_LARGE)

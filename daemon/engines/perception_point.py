@@ -33,20 +33,18 @@ from urllib.parse import quote
 import httpx
 
 from daemon.config import PerceptionPointEngineConfig
-from daemon.engines._http import RateLimiter, api_client, check_status, json_object, translate_errors
+from daemon.engines._http import PacedClient, check_status, json_object
+from daemon.engines._pacing import Pacer
 from daemon.engines._webhook import WebhookHealth, json_body, secret_bytes, webhook_address, webhook_path
-from daemon.engines.base import ScanHandle, ScanRequest
+from daemon.engines.base import ScanHandle, ScanRequest, refuse_too_large
 from daemon.errors import EnginePermanentError, EngineResubmitError, WebhookRejectedError
 from daemon.model import Pending, Reason, RejectReason, Verdict, VerdictKind
 
-__all__ = ["CALLBACK_SECRET_HEADER", "LIMIT_BYTES", "PerceptionPointEngine"]
+__all__ = ["CALLBACK_SECRET_HEADER", "PerceptionPointEngine"]
 
 CALLBACK_SECRET_HEADER = "X-Scanwatch-Callback-Secret"
 
-LIMIT_BYTES = 500_000_000
 _SUBMIT = "/api/v1/files/"
-# No documented request limit: a courtesy ceiling, so that Retry-After holds every thread.
-_REQUESTS_PER_MINUTE = 1200.0
 _INFECTED = frozenset({"MAL", "BLK"})
 _SUSPICIOUS = frozenset({"SUS", "SPM"})
 _SUSPICIOUS_KIND = {"quarantine": VerdictKind.INFECTED, "clean": VerdictKind.CLEAN,
@@ -60,24 +58,22 @@ class PerceptionPointEngine:
 
     remote = True
 
-    def __init__(self, name: str, config: PerceptionPointEngineConfig) -> None:
+    def __init__(self, name: str, config: PerceptionPointEngineConfig, pacer: Pacer | None = None) -> None:
         self.name = name
         self.reads_s3 = config.storage is not None or config.download_link
         self.webhook_address = webhook_address(name, "callback", config.callback)
         self.webhook_health = WebhookHealth()
         self._config = config
         self._url = config.url.rstrip("/")
-        self._limiter = RateLimiter(_REQUESTS_PER_MINUTE)
-        self._client = api_client(self._url, config.timeout,
-                                  {"Authorization": f"Token {config.token.get_secret_value()}"})
+        self._client = PacedClient(name, self._url, config.timeout,
+                                   {"Authorization": f"Token {config.token.get_secret_value()}"},
+                                   pacer or Pacer(name, config.rate_limit))
 
     # -- Engine ------------------------------------------------------------------------------
 
     def scan(self, request: ScanRequest) -> Verdict | Pending:
         """Submit the file (by path, by link, or uploaded) and return its scan to poll."""
-        if request.size > LIMIT_BYTES:
-            raise EnginePermanentError(f"{request.size} bytes is over Perception Point's 500 MB limit",
-                                       reason=Reason.TOO_LARGE)
+        refuse_too_large(self.name, self._config.max_size, request)
         with self._source_parts(request) as source:
             response = self._request("POST", _SUBMIT, files=[*self._fields(request), *source])
         check_status(response, self.name)
@@ -166,11 +162,7 @@ class PerceptionPointEngine:
             yield [("data", (request.name, body, "application/octet-stream"))]
 
     def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
-        self._limiter.acquire()
-        with translate_errors(self.name, self._url + path):
-            response = self._client.request(method, path, **kw)
-        self._limiter.observe(response)
-        return response
+        return self._client.request(method, path, **kw)
 
     def _pending(self, scan_id: str) -> Pending:
         return Pending(scan_id, self.webhook_health.poll_after_s(self._config.poll_interval))

@@ -25,6 +25,7 @@ from daemon.errors import (
     EnginePermanentError,
     EngineResubmitError,
     EngineRetryableError,
+    EngineThrottledError,
     EngineUnavailableError,
     S3UnavailableError,
     UnsafePathError,
@@ -172,12 +173,12 @@ class Scanner:
             self._set_engine_health(engine.name, None)
             return answer
         except EngineUnavailableError as exc:
-            self._set_engine_health(engine.name, str(exc))
+            if not isinstance(exc, EngineThrottledError):  # throttling is pacing, not down
+                self._set_engine_health(engine.name, str(exc))
             if self.clock() - row.discovered_at <= engine_cfg.max_pending_age:
-                # Not reached: nothing can have been submitted.
-                return self.outcomes.wait(row, Reason.ENGINE_UNAVAILABLE, exc, exc.retry_after_s,
-                                          unsent=True)
-            return Verdict.failed(Reason.ENGINE_UNAVAILABLE, raw={"error": str(exc)})
+                # Not reached, or refused ("slow down"): nothing can have been submitted.
+                return self.outcomes.wait(row, exc.reason, exc, exc.retry_after_s, unsent=True)
+            return Verdict.failed(exc.reason, raw={"error": str(exc)})
         except EngineRetryableError as exc:
             # A timeout or a 5xx may hide a submission: it stays in doubt.
             if row.attempts < engine_cfg.max_attempts:
