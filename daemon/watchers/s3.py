@@ -63,7 +63,8 @@ class S3Watcher:
     """Feeds the journal with the objects that arrive under one watch's S3 source."""
 
     def __init__(self, watch: WatchConfig, journal: Journal, wake: threading.Event, client: Any,
-                 s3_config: S3Config, *, clock: Callable[[], float] = time.time) -> None:
+                 s3_config: S3Config, *, clock: Callable[[], float] = time.time,
+                 on_malformed: Callable[[], None] = lambda: None) -> None:
         self.watch = watch
         self.journal = journal
         self.wake = wake
@@ -86,7 +87,8 @@ class S3Watcher:
                 sqs, watch.events.sqs_queue_url, self._on_events,
                 bucket=self.where.bucket, prefix=self.where.prefix, stop=self._stop,
                 visibility_timeout_s=max(1, round(watch.events.visibility_timeout)),
-                is_settled=self._is_settled if watch.fleet else None, on_poll=self._note_fleet)
+                is_settled=self._is_settled if watch.fleet else None, on_poll=self._note_fleet,
+                on_malformed=on_malformed)
             if watch.fleet:  # list only while holding the lease, and only into the queue
                 # Renewed every listing interval, it outlives two missed renewals (docs/fleet.md).
                 self.lease = ListingLease(client, self.where, f"{socket.gethostname()}:{os.getpid()}",
