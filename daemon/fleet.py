@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator
-from datetime import datetime
 from typing import Any
 from urllib.parse import quote_plus
 
@@ -26,9 +25,9 @@ import structlog
 
 from daemon.errors import LocationError, QueueUnavailableError, S3ConditionError
 from daemon.model import SeenObject
-from daemon.s3 import S3Url, s3_boundary, sqs_boundary
+from daemon.s3 import S3Url, epoch, s3_boundary, sqs_boundary
 
-__all__ = ["LEASE_DIR", "ListingLease", "SafetyNet", "epoch", "is_fleet_key", "synthetic_event"]
+__all__ = ["LEASE_DIR", "ListingLease", "SafetyNet", "is_fleet_key", "synthetic_event"]
 
 log = structlog.get_logger("scanwatch.fleet")
 
@@ -205,9 +204,3 @@ class SafetyNet:
             self._sent.update({(key, etag, modified): now for key, etag, _, modified in batch})
         return len(due)
 
-
-def epoch(last_modified: Any) -> float:
-    """LastModified as epoch seconds: a datetime, or the ISO string our clients keep it as."""
-    if isinstance(last_modified, datetime):
-        return last_modified.timestamp()
-    return datetime.fromisoformat(str(last_modified).replace("Z", "+00:00")).timestamp()

@@ -37,7 +37,7 @@ from daemon.locations.base import (
     read_full,
 )
 from daemon.model import S3Object
-from daemon.s3 import S3Url, s3_boundary
+from daemon.s3 import S3Url, epoch, s3_boundary
 
 __all__ = ["SHA256_TAG", "SOURCE_VERSION_TAG", "S3Location", "copy_hashing", "source_tags"]
 
@@ -101,6 +101,8 @@ class _OpenedObject:
         served = answer.get("VersionId")
         version_id = version_id or (None if served in (None, "", "null") else str(served))
         self._facts["version_id"], self._facts["size"] = version_id, size
+        if answer.get("LastModified") is not None:  # which version these bytes are (an event names none)
+            self._facts["last_modified"] = epoch(answer["LastModified"])
         return Content(None if copy is None else copy.fileno(), sha256, size, obj)
 
 

@@ -120,7 +120,7 @@ class Mover:
         threat = row.threats[0] if verdict is VerdictKind.INFECTED and row.threats else None
         tags = verdict_tags(verdict.value, row.reason, iso(row.scanned_at) or "", threat)
         try:
-            etag = tag_in_place(source, row.rel_path, row.etag, row.version_id, tags)
+            rewritten = tag_in_place(source, row.rel_path, row.etag, row.version_id, tags, row.sha256)
         except ChangedError as exc:
             return self.outcomes.changed(str(exc), settles=source.settles)
         except FileNotFoundError:
@@ -139,8 +139,9 @@ class Mover:
         except (OSError, LocationError) as exc:
             return self.outcomes.move_failed(row, exc)
         placed = self.outcomes.placed(row, source.name(row.rel_path), verdict)
-        # A self-copy may give the object a new ETag: the journal knows it as the one judged.
-        changes: RowChanges = {**placed.changes, "etag": etag} if etag else placed.changes
+        # A rewrite gives the object a new LastModified (maybe ETag): the version judged.
+        changes: RowChanges = ({**placed.changes, "etag": rewritten.etag,
+                                "last_modified": rewritten.last_modified} if rewritten else placed.changes)
         return Outcome(changes, placed.event, placed.fields)
 
     def _planned(self, row: FileRow, watch: WatchConfig, locations: Locations, verdict: VerdictKind

@@ -23,11 +23,11 @@ import structlog
 from botocore.config import Config as BotoConfig
 
 from daemon.config import S3Config, WatchConfig
-from daemon.fleet import ListingLease, SafetyNet, epoch, is_fleet_key
+from daemon.fleet import ListingLease, SafetyNet, is_fleet_key
 from daemon.journal import FleetMember, Journal
 from daemon.model import Reason, SeenObject
 from daemon.retry import RetryPolicy
-from daemon.s3 import S3Url, s3_boundary
+from daemon.s3 import S3Url, epoch, s3_boundary
 from daemon.watchers.base import is_ignored
 from daemon.watchers.s3events import SqsEventSource
 from daemon.watchers.s3notify import S3Event
@@ -156,8 +156,9 @@ class S3Watcher:
                                    PaginationConfig={"PageSize": _PAGE_SIZE})
         with s3_boundary(f"LIST {self.where}"):
             for page in pages:
-                yield [SeenObject(o["Key"], o["ETag"], None, o["Size"], epoch(o["LastModified"]))
-                       for o in page.get("Contents", ())]
+                yield list(self._entries(SeenObject(o["Key"], o["ETag"], None, o["Size"],
+                                                    epoch(o["LastModified"]))
+                                         for o in page.get("Contents", ())))
 
     def _entries(self, objects: Iterable[SeenObject]) -> Iterator[SeenObject]:
         """Objects of this watch as journal entries: keys made relative, quoted ETags."""
