@@ -193,11 +193,12 @@ def s3_errors(what: str, exc: Exception) -> LocationError:
 
 
 def epoch(last_modified: Any) -> float:
-    """LastModified as epoch seconds: a datetime, or the string our clients keep it as (ISO 8601
-    in listings, RFC 7231 in the headers of HEAD and GET)."""
+    """LastModified as whole epoch seconds: from a datetime, or the string our clients keep it as
+    (ISO 8601 in listings, RFC 7231 in the headers of HEAD and GET). Whole seconds, as headers
+    carry it, so that a listing's and a GET's LastModified of one version are equal."""
     if isinstance(last_modified, datetime):
-        return last_modified.timestamp()
+        return float(int(last_modified.timestamp()))
     text = str(last_modified)
     if text[:1].isdigit():
-        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-    return parsedate_to_datetime(text).timestamp()
+        return float(int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()))
+    return float(int(parsedate_to_datetime(text).timestamp()))

@@ -88,6 +88,12 @@ def watch(s3_server: S3Server, s3_bucket: str, tmp_path: Path, s3_env: dict[str,
     yield Watch(s3_server, s3_bucket, tmp_path, s3_env, daemon_factory)
 
 
+def _next_second() -> None:
+    """Unversioned, a version is its ETag and LastModified, in whole seconds (docs/contract.md):
+    the same bytes uploaded again within the second of the version judged are that version."""
+    time.sleep(1.05)
+
+
 def _settle(daemon: Daemon, rounds_s: float = 2.0) -> None:
     """Let a few listing rounds (every 0.5 s) pass."""
     time.sleep(rounds_s)
@@ -103,6 +109,7 @@ def test_the_same_bytes_uploaded_again_are_scanned_and_moved_again(watch: Watch)
     watch.put("in/e.com", EICAR)
     daemon.wait_for(lambda: watch.keys("clean/") == ["hello.txt"] and watch.keys("quarantine/") == ["e.com"],
                     what="first uploads placed")
+    _next_second()
     watch.put("in/hello.txt", b"hello")
     watch.put("in/e.com", EICAR)
     daemon.wait_for(lambda: watch.keys("clean/") == ["hello.1.txt", "hello.txt"]
@@ -134,6 +141,7 @@ def test_the_same_bytes_sent_again_by_event_are_moved_again(watch: Watch, sqs_se
 
     upload_with_event()
     daemon.wait_for(lambda: watch.keys("clean/") == ["hello.txt"], what="moved by its event")
+    _next_second()
     upload_with_event()
     daemon.wait_for(lambda: watch.keys("clean/") == ["hello.1.txt", "hello.txt"], what="moved again")
     assert daemon.stop() == 0
@@ -167,6 +175,7 @@ def test_in_place_on_an_unversioned_bucket_tags_the_same_bytes_uploaded_again(wa
     daemon.wait_for(lambda: watch.verdict("in/a.txt") == "infected", what="EICAR tagged infected")
     watch.put("in/a.txt", b"harmless")
     daemon.wait_for(lambda: watch.verdict("in/a.txt") == "clean", what="A again tagged clean")
+    _next_second()
     watch.put("in/a.txt", b"harmless")  # the very same bytes once more: a new upload, untagged
     daemon.wait_for(lambda: watch.verdict("in/a.txt") == "clean", what="the same bytes tagged again")
     _settle(daemon)

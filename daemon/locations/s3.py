@@ -57,6 +57,9 @@ def source_tags(req: MoveRequest) -> dict[str, str]:
     """The node-independent identity of the scanned source version, as destination tags."""
     tags = {}
     version = req.version_id or (req.etag or "").strip('"')
+    if not req.version_id and version and req.last_modified is not None:
+        # Unversioned: the same bytes uploaded again have the same ETag but are another version.
+        version = f"{version}@{int(req.last_modified)}"
     if version:
         tags[SOURCE_VERSION_TAG] = _TAG_UNSAFE.sub("_", version)[:256]
     if req.sha256:
