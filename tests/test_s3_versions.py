@@ -164,6 +164,7 @@ def test_in_place_on_a_versioned_bucket_tags_each_new_version(watch: Watch) -> N
     assert daemon.stop() == 0
     assert [watch.verdict("in/a.txt", v) for v in (first, second, third)] == ["clean", "infected", "clean"]
     assert len(watch.rows()) == 3  # tagging a version is not a new version
+    assert daemon.named("config.warning") == []
 
 
 def test_in_place_on_an_unversioned_bucket_tags_the_same_bytes_uploaded_again(watch: Watch) -> None:
@@ -182,6 +183,8 @@ def test_in_place_on_an_unversioned_bucket_tags_the_same_bytes_uploaded_again(wa
     assert daemon.stop() == 0
     # The rewrite that tags an object is remembered as the version judged: not a new arrival.
     assert len(watch.rows()) == 4 and {r.state for r in watch.rows()} == {FileState.DONE}
+    [warning] = daemon.named("config.warning")
+    assert warning["reason"] == "unversioned_bucket" and "MD5" in warning["detail"]
 
 
 def test_seaweedfs_honours_if_match_on_put_object(watch: Watch) -> None:
@@ -298,3 +301,33 @@ def test_an_unreadable_message_is_logged_once_then_counted(watch: Watch, sqs_ser
     assert daemon.stop() == 0
     assert len(daemon.named("sqs.malformed")) == 1
     assert [e["event"] for e in daemon.named("sqs.no_redrive_policy")] == ["sqs.no_redrive_policy"]
+    assert "redrive policy" in watch.status()["events"]["advice"]
+
+
+# -- fleets -----------------------------------------------------------------------------------------
+
+def test_a_fleet_of_two_moves_the_same_bytes_uploaded_again(
+        s3_server: S3Server, s3_bucket: str, sqs_server: SqsServer, sqs_queue: str, tmp_path: Path,
+        s3_env: dict[str, str], daemon_factory: Callable[..., Daemon]) -> None:
+    from fleetkit import Fleet
+
+    fleet = Fleet(s3_server.client(), sqs_server.client(), s3_bucket, sqs_queue, tmp_path,
+                  s3_server.endpoint_url, sqs_server.endpoint_url, s3_server.region)
+    nodes = [daemon_factory(fleet.config(n), env=s3_env) for n in (0, 1)]
+    for node in nodes:
+        node.wait_started()
+    names = [f"f{n}.txt" for n in range(6)] + ["e.com"]
+    body: Callable[[str], bytes] = lambda name: EICAR if name.endswith(".com") else name.encode()  # noqa: E731
+    fleet.put(names, body)
+    fleet.send_events(names, duplicates=0.5)
+    nodes[0].wait_for(lambda: len(fleet.placed()) == len(names) and not fleet.keys("in/"), timeout=30,
+                      what="first uploads placed")
+    _next_second()
+    fleet.put(names, body)  # the same bytes again: the same ETags, new versions
+    fleet.send_events(names, duplicates=0.5)
+    nodes[0].wait_for(lambda: len(fleet.placed()) == 2 * len(names) and not fleet.keys("in/"), timeout=30,
+                      what="second uploads placed")
+    _settle(nodes[0])
+    assert [node.stop() for node in nodes] == [0, 0]
+    assert fleet.keys("quarantine/") == ["e.1.com", "e.com"]
+    assert fleet.keys("clean/") == sorted([f"f{n}.txt" for n in range(6)] + [f"f{n}.1.txt" for n in range(6)])

@@ -23,6 +23,7 @@ import structlog
 from botocore.config import Config as BotoConfig
 
 from daemon.config import S3Config, WatchConfig
+from daemon.errors import LocationError
 from daemon.fleet import ListingLease, SafetyNet, is_fleet_key
 from daemon.journal import FleetMember, Journal
 from daemon.model import Reason, SeenObject
@@ -121,9 +122,27 @@ class S3Watcher:
         if self._consumer is not None:
             self._consumer.join(1)
 
+    def warn_if_unversioned(self) -> bool:
+        """Log `config.warning` when the source bucket keeps no versions; True if it does not."""
+        try:
+            with s3_boundary(f"GET versioning s3://{self.where.bucket}"):
+                status = self.client.get_bucket_versioning(Bucket=self.where.bucket).get("Status")
+        except (LocationError, OSError) as exc:  # the listing reports a bucket it cannot reach
+            log.debug("s3.versioning_unknown", watch=self.watch.name, error=str(exc))
+            return False
+        if status == "Enabled":
+            return False
+        log.warning("config.warning", watch=self.watch.name, key="source", reason="unversioned_bucket",
+                    detail=f"s3://{self.where.bucket} keeps no versions: an object version is pinned by its "
+                    "ETag, an MD5, with its LastModified (whole seconds); in-place tags are written with a "
+                    "conditional PutObject of the scanned bytes. Turn on versioning to pin by VersionId "
+                    "(docs/contract.md, \"S3 in place\")")
+        return True
+
     def _run(self) -> None:
         failures = 0
         policy = RetryPolicy(base_s=1.0, max_s=self._interval_s)
+        self.warn_if_unversioned()
         while not self._stop.is_set():
             try:
                 self.poll_once()
