@@ -279,11 +279,11 @@ def test_an_object_listed_over_max_size_fails_too_large_without_a_download(
     daemon.wait_for(lambda: watch.keys("failed/") == ["big.bin"] and watch.keys("clean/") == ["small.txt"],
                     what="placed")
     assert daemon.stop() == 0
-    [row] = [r for r in watch.rows() if r.rel_path == "big.bin"]
-    assert row.reason == "too_large" and "as listed" in str(row.raw_result)
     downloads = [path for method, path, _ in counted.requests
                  if method == "GET" and path.split("?")[0].endswith("/in/big.bin") and "tagging" not in path]
     assert downloads == []
+    [row] = [r for r in watch.rows() if r.rel_path == "big.bin"]
+    assert row.reason == "too_large" and "as listed" in str(row.raw_result)
     assert counted.count("GET", "/in/small.txt") >= 1  # the counting sees downloads
 
 
