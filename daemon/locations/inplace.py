@@ -102,7 +102,7 @@ def _rewrite(source: S3Location, rel_path: str, etag: str | None, sha256: str | 
     try:  # which LastModified our write has: asked of exactly our ETag
         head = source.call("HEAD", "head_object", Key=source.key(rel_path), IfMatch=new_etag)
         last_modified: float | None = epoch(head["LastModified"])
-    except (S3ConditionError, FileNotFoundError):  # replaced at once: that one is a new arrival
+    except (LocationError, FileNotFoundError):  # replaced at once (a new arrival), or S3 away
         last_modified = None
     return Rewritten(new_etag, last_modified)
 

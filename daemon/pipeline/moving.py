@@ -140,8 +140,9 @@ class Mover:
             return self.outcomes.move_failed(row, exc)
         placed = self.outcomes.placed(row, source.name(row.rel_path), verdict)
         # A rewrite gives the object a new LastModified (maybe ETag): the version judged.
-        changes: RowChanges = ({**placed.changes, "etag": rewritten.etag,
-                                "last_modified": rewritten.last_modified} if rewritten else placed.changes)
+        changes: RowChanges = {**placed.changes, "etag": rewritten.etag} if rewritten else placed.changes
+        if rewritten and rewritten.last_modified is not None:  # unknown: the listing finds it anew
+            changes["last_modified"] = rewritten.last_modified
         return Outcome(changes, placed.event, placed.fields)
 
     def _planned(self, row: FileRow, watch: WatchConfig, locations: Locations, verdict: VerdictKind
