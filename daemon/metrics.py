@@ -41,12 +41,20 @@ class _JournalCollector(Collector):
         depth = GaugeMetricFamily("scanwatch_queue_depth", "Files by watch and state, not yet done",
                                   labels=["watch", "state"])
         totals: dict[tuple[str, str], int] = {}
-        for watch, state, _, _, count in self._journal.counts():
+        held: dict[tuple[str, str], int] = {}
+        for watch, state, _, reason, count in self._journal.counts():
             if state not in (FileState.DONE, FileState.GONE):
                 totals[(watch, state)] = totals.get((watch, state), 0) + count
+            if state == FileState.HELD:
+                held[(watch, reason or "")] = held.get((watch, reason or ""), 0) + count
         for (watch, state), count in sorted(totals.items()):
             depth.add_metric([watch, state], count)
         yield depth
+        skipped = GaugeMetricFamily("scanwatch_files_skipped", "Files and keys left unscanned on purpose "
+                                    "(held), by reason", labels=["watch", "reason"])
+        for (watch, reason), count in sorted(held.items()):
+            skipped.add_metric([watch, reason], count)
+        yield skipped
         oldest = GaugeMetricFamily("scanwatch_oldest_pending_seconds",
                                    "Age of the oldest file not yet done", labels=["watch"])
         now = time.time()
@@ -149,6 +157,10 @@ class Metrics:
         self.already_placed = Counter("scanwatch_fleet_already_placed_total",
                                       "Placements found already done by another daemon of the fleet",
                                       ["watch"], registry=self.registry)
+        self.sqs_malformed = Counter("scanwatch_sqs_malformed_total",
+                                     "SQS messages received that are not S3 events (each receipt; "
+                                     "the queue's redrive policy ends them)", ["watch"],
+                                     registry=self.registry)
         self.registry.register(_JournalCollector(journal, engines))
 
     def serve(self, listen: str, health: Callable[[], list[str]],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import TypedDict
+from typing import NamedTuple, TypedDict
 
 __all__ = ["FileState", "Pending", "Reason", "RejectReason", "RowChanges", "S3Object", "ScanChanges",
            "ScanRecord", "Verdict", "VerdictKind"]
@@ -56,6 +56,8 @@ class Reason(enum.StrEnum):
     UNSAFE_KEY = "unsafe_key"
     TOO_MANY_TAGS = "too_many_tags"  # an object judged in place has no room for the verdict's tags
     UNSAFE_NAME = "unsafe_name"  # a file name its destination cannot hold (e.g. not UTF-8, for S3)
+    IGNORED = "ignored"  # an S3 key an `ignore` glob matches: reported, never scanned
+    DIRECTORY_MARKER = "directory_marker"  # an S3 key ending in `/`: reported, never scanned
 
 
 class RejectReason(enum.StrEnum):
@@ -109,6 +111,16 @@ class S3Object:
     url: str  # a presigned GET URL of this object (Perception Point `download_link`)
 
 
+class SeenObject(NamedTuple):
+    """An S3 object version as a listing or an event names it (rel_path relative to the source)."""
+
+    rel_path: str
+    etag: str
+    version_id: str | None
+    size: int
+    last_modified: float | None = None  # epoch seconds; events carry none
+
+
 class RowChanges(TypedDict, total=False):
     """The columns a step may change, with their types: what `Journal.apply` writes."""
 
@@ -141,6 +153,7 @@ class RowChanges(TypedDict, total=False):
     etag: str | None
     version_id: str | None
     submitting_at: float | None
+    last_modified: float | None
 
 
 @dataclass(frozen=True)

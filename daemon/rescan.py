@@ -305,13 +305,14 @@ class _Rescanner:
     def _tag(self, rel: str, changes: dict[str, Any], tags: dict[str, str], resumed: bool) -> str:
         assert isinstance(self.clean, S3Location)
         try:
-            etag = tag_in_place(self.clean, rel, changes["etag"], changes["version_id"], tags)
+            rewritten = tag_in_place(self.clean, rel, changes["etag"], changes["version_id"], tags,
+                                     changes.get("sha256"))
         except ChangedError:
             if not (resumed and self._tagged_as(rel, tags)):
                 raise
-            etag = None  # tagged before the crash (a self-copy gave it a new ETag)
-        if etag:
-            changes["etag"] = etag
+            rewritten = None  # tagged before the crash (the rewrite gave it a new version)
+        if rewritten:
+            changes["etag"], changes["last_modified"] = rewritten
         return self.clean.name(rel)
 
     def _tagged_as(self, rel: str, tags: Mapping[str, str]) -> bool:

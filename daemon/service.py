@@ -81,7 +81,8 @@ class Service:
             pipeline = Pipeline(config, self.journal, engines, owner=self.owner, wake=self.wake,
                                 on_outcome=self._on_outcome, s3=s3)
         watchers: list[Watcher] = [
-            S3Watcher(w, self.journal, self.wake, s3(config.s3_for(w)), config.s3_for(w))
+            S3Watcher(w, self.journal, self.wake, s3(config.s3_for(w)), config.s3_for(w),
+                      on_malformed=self.metrics.sqs_malformed.labels(w.name).inc)
             if is_s3(w.source)
             else LocalWatcher(w, self.journal, self.wake) for w in config.watches]
         alerts = WebhookAlerts(config.notify) if config.notify else None

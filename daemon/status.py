@@ -13,6 +13,10 @@ from daemon.model import FileState
 
 __all__ = ["collect", "render"]
 
+# docs/fleet.md: a message that is not an S3 event comes back until it is moved away.
+_REDRIVE_ADVICE = ("give the queue a redrive policy (a dead-letter queue): a message that cannot "
+                   "be read is left on it and comes back at every visibility timeout until moved there")
+
 
 def collect(config: Config, journal: Journal) -> dict[str, Any]:
     """Status as a JSON-ready dict: per watch counts, oldest pending, last error; engine health."""
@@ -42,6 +46,8 @@ def collect(config: Config, journal: Journal) -> dict[str, Any]:
     for w in config.watches:
         if w.fleet:
             watches[w.name]["fleet"] = _fleet_status(fleet.get(w.name), now)
+        if w.events is not None:
+            watches[w.name]["events"] = {"queue": w.events.sqs_queue_url, "advice": _REDRIVE_ADVICE}
     health = journal.engine_health()
     rates = read_rates(config.state_dir)
     engines = {name: {"type": cfg.type, "healthy": health.get(name, (None,))[0],
@@ -78,6 +84,8 @@ def render(status: dict[str, Any]) -> str:
         lines.append(f"{name:<16} {w['engine'] or '-':<10} {pending:>8} "
                      f"{w['outcomes'].get('clean', 0):>7} {w['outcomes'].get('infected', 0):>8} "
                      f"{w['outcomes'].get('failed', 0):>7} {sum(w['skipped'].values()):>7}  {oldest}")
+        if events := w.get("events"):
+            lines.append(f"  events: {events['advice']}")
         if fleet := w.get("fleet"):
             lease = ("holds the listing lease" if fleet["holds_lease"]
                      else "another member holds the listing lease (or none yet)")

@@ -471,3 +471,30 @@ def test_perception_point_callbacks_finish_files_long_before_the_slowed_polls(
     assert {status for _, status in callbacks} == {204} and len(callbacks) == 4
     assert fields["callback_url"] == f"http://127.0.0.1:{port}/webhooks/default"
     assert not daemon.leaked(PP_SECRET)
+
+
+def test_signed_deliveries_are_answered_while_50_connections_stall(layout: Layout, daemon_factory) -> None:
+    port = _free_port()
+    with BlazelockEmulator() as emulator:
+        daemon = daemon_factory(_blazelock_daemon(layout, emulator, port, poll_interval=1),
+                                {"WEBHOOK_SECRET": BLZ_SECRET})
+        daemon.wait_started()
+        stalled = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(50)]
+        for i, sock in enumerate(stalled):  # half stop inside the head, half inside the body
+            sock.sendall(b"POST /webhooks/default HTTP/1.1\r\nHost: x\r\n" if i % 2 else
+                         b"POST /webhooks/default HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n\r\n{")
+        time.sleep(0.5)
+        try:
+            for n in range(3):
+                body = json.dumps({"event": "file_scan.completed", "data": {"id": f"fs_{n:06d}"}}).encode()
+                stamp = str(int(time.time()))
+                signed = {"X-Blazelock-Webhook-Timestamp": stamp,
+                          "X-Blazelock-Webhook-Signature": sign(BLZ_SECRET, stamp, body)}
+                started_at = time.monotonic()
+                response = httpx.post(f"http://127.0.0.1:{port}/webhooks/default", content=body, timeout=5,
+                                      headers=signed)
+                assert response.status_code == 204 and time.monotonic() - started_at < 5
+        finally:
+            for sock in stalled:
+                sock.close()
+        assert daemon.stop() == 0

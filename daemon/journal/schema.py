@@ -105,6 +105,11 @@ SCHEMA = [
     -- `counts` (status, metrics) reads this index alone, already in group order.
     CREATE INDEX files_counts ON files(watch, state, verdict, reason);
     """,
+    # S3 sources: the object version's LastModified (epoch seconds), so that the same bytes
+    # uploaded again under a judged key are a new arrival (docs/contract.md, "S3 in place").
+    """
+    ALTER TABLE files ADD COLUMN last_modified REAL;
+    """,
 ]
 
 _JSON_COLUMNS = ("threats", "raw_result")
@@ -159,6 +164,7 @@ class FileRow:
     submitting_at: float | None = None  # a remote submission may have happened: in doubt until answered
     dest_root: str | None = None  # the planned destination: its root (as configured)...
     dest_rel: str | None = None  # ...and the name below it
+    last_modified: float | None = None  # S3 sources: the version's LastModified (epoch seconds)
 
     def updated(self, changes: RowChanges) -> FileRow:
         """This row with `changes` applied (as the journal will have it once they commit)."""

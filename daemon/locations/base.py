@@ -38,6 +38,7 @@ class MoveRequest:
     etag: str | None = None  # an S3 source
     version_id: str | None = None
     tags: Mapping[str, str] = field(default_factory=dict)  # for S3 destinations
+    last_modified: float | None = None  # an S3 source: with the ETag, the version when unversioned
 
     @property
     def marker(self) -> str:

@@ -37,7 +37,7 @@ from daemon.locations.base import (
     read_full,
 )
 from daemon.model import S3Object
-from daemon.s3 import S3Url, s3_boundary
+from daemon.s3 import S3Url, epoch, s3_boundary
 
 __all__ = ["SHA256_TAG", "SOURCE_VERSION_TAG", "S3Location", "copy_hashing", "source_tags"]
 
@@ -57,6 +57,9 @@ def source_tags(req: MoveRequest) -> dict[str, str]:
     """The node-independent identity of the scanned source version, as destination tags."""
     tags = {}
     version = req.version_id or (req.etag or "").strip('"')
+    if not req.version_id and version and req.last_modified is not None:
+        # Unversioned: the same bytes uploaded again have the same ETag but are another version.
+        version = f"{version}@{int(req.last_modified)}"
     if version:
         tags[SOURCE_VERSION_TAG] = _TAG_UNSAFE.sub("_", version)[:256]
     if req.sha256:
@@ -101,6 +104,8 @@ class _OpenedObject:
         served = answer.get("VersionId")
         version_id = version_id or (None if served in (None, "", "null") else str(served))
         self._facts["version_id"], self._facts["size"] = version_id, size
+        if answer.get("LastModified") is not None:  # which version these bytes are (an event names none)
+            self._facts["last_modified"] = epoch(answer["LastModified"])
         return Content(None if copy is None else copy.fileno(), sha256, size, obj)
 
 

@@ -91,7 +91,7 @@ class Mover:
             file_id=row.id, rel_path=row.rel_path, dest_rel=dest_rel,
             size=row.size if row.size is not None else identity.size if identity else 0,
             sha256=row.sha256, verify=verdict is VerdictKind.CLEAN, private=verdict is VerdictKind.INFECTED,
-            identity=identity, etag=row.etag, version_id=row.version_id,
+            identity=identity, etag=row.etag, version_id=row.version_id, last_modified=row.last_modified,
             tags={"scanwatch-verdict": verdict.value,
                   "scanwatch-reason": _TAG_VALUE.sub("_", row.reason or "")})
         try:
@@ -120,7 +120,7 @@ class Mover:
         threat = row.threats[0] if verdict is VerdictKind.INFECTED and row.threats else None
         tags = verdict_tags(verdict.value, row.reason, iso(row.scanned_at) or "", threat)
         try:
-            etag = tag_in_place(source, row.rel_path, row.etag, row.version_id, tags)
+            rewritten = tag_in_place(source, row.rel_path, row.etag, row.version_id, tags, row.sha256)
         except ChangedError as exc:
             return self.outcomes.changed(str(exc), settles=source.settles)
         except FileNotFoundError:
@@ -139,8 +139,10 @@ class Mover:
         except (OSError, LocationError) as exc:
             return self.outcomes.move_failed(row, exc)
         placed = self.outcomes.placed(row, source.name(row.rel_path), verdict)
-        # A self-copy may give the object a new ETag: the journal knows it as the one judged.
-        changes: RowChanges = {**placed.changes, "etag": etag} if etag else placed.changes
+        # A rewrite gives the object a new LastModified (maybe ETag): the version judged.
+        changes: RowChanges = {**placed.changes, "etag": rewritten.etag} if rewritten else placed.changes
+        if rewritten and rewritten.last_modified is not None:  # unknown: the listing finds it anew
+            changes["last_modified"] = rewritten.last_modified
         return Outcome(changes, placed.event, placed.fields)
 
     def _planned(self, row: FileRow, watch: WatchConfig, locations: Locations, verdict: VerdictKind

@@ -73,6 +73,8 @@ class Scanner:
         for root in watch.destinations.values():
             if root != IN_PLACE and (why := locations(root, watch).refuses(row.rel_path)) is not None:
                 return self.mover.fail(row, Reason.UNSAFE_KEY, why, locations)
+        if (why := self._listed_too_large(row, watch)) is not None:
+            return self.mover.fail(row, Reason.TOO_LARGE, why, locations)
         try:
             with source.open_for_scan(Listed(row.rel_path, row.etag, row.version_id, row.size)) as opened:
                 return self._scan_opened(row, watch, opened, locations)
@@ -88,6 +90,17 @@ class Scanner:
             if isinstance(exc, PermissionError) or exc.errno in _UNREADABLE_ERRNOS:
                 return self.mover.fail(row, Reason.UNREADABLE, str(exc), locations)
             raise
+
+    def _listed_too_large(self, row: FileRow, watch: WatchConfig) -> str | None:
+        """Size before bytes: why an object listed larger than every engine's `max_size` is
+        refused without a download (docs/contract.md, "What the engine reads"); else None."""
+        if row.etag is None or row.size is None or row.engine_scan_id is not None:
+            return None
+        limits = [(name, self.config.engines[name].max_size) for name in watch.engines]
+        if not limits or any(limit is None or row.size <= limit for _, limit in limits):
+            return None
+        return "; ".join(f"{row.size} bytes (as listed) is over engines.{name}.max_size ({limit})"
+                         for name, limit in limits)
 
     def _scan_opened(self, row: FileRow, watch: WatchConfig, opened: Opened,
                      locations: Locations) -> Outcome:
