@@ -105,6 +105,11 @@ SCHEMA = [
     -- `counts` (status, metrics) reads this index alone, already in group order.
     CREATE INDEX files_counts ON files(watch, state, verdict, reason);
     """,
+    # S3 sources: the private server-side snapshot a row is scanned and promoted from
+    # (daemon/locations/staging.py), deleted with the source once the row is moved.
+    """
+    ALTER TABLE files ADD COLUMN snapshot TEXT;
+    """,
 ]
 
 _JSON_COLUMNS = ("threats", "raw_result")
@@ -159,6 +164,7 @@ class FileRow:
     submitting_at: float | None = None  # a remote submission may have happened: in doubt until answered
     dest_root: str | None = None  # the planned destination: its root (as configured)...
     dest_rel: str | None = None  # ...and the name below it
+    snapshot: str | None = None  # S3 sources: the key of the private snapshot scanned, if one was made
 
     def updated(self, changes: RowChanges) -> FileRow:
         """This row with `changes` applied (as the journal will have it once they commit)."""

@@ -91,7 +91,7 @@ class Mover:
             file_id=row.id, rel_path=row.rel_path, dest_rel=dest_rel,
             size=row.size if row.size is not None else identity.size if identity else 0,
             sha256=row.sha256, verify=verdict is VerdictKind.CLEAN, private=verdict is VerdictKind.INFECTED,
-            identity=identity, etag=row.etag, version_id=row.version_id,
+            identity=identity, etag=row.etag, version_id=row.version_id, snapshot=row.snapshot,
             tags={"scanwatch-verdict": verdict.value,
                   "scanwatch-reason": _TAG_VALUE.sub("_", row.reason or "")})
         try:

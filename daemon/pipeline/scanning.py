@@ -73,7 +73,8 @@ class Scanner:
             if root != IN_PLACE and (why := locations(root, watch).refuses(row.rel_path)) is not None:
                 return self.mover.fail(row, Reason.UNSAFE_KEY, why, locations)
         try:
-            with source.open_for_scan(Listed(row.rel_path, row.etag, row.version_id, row.size)) as opened:
+            listed = Listed(row.rel_path, row.etag, row.version_id, row.size, row.id, row.snapshot)
+            with source.open_for_scan(listed) as opened:
                 return self._scan_opened(row, watch, opened, locations)
         except FileNotFoundError:
             return self.outcomes.gone()

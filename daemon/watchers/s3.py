@@ -23,7 +23,7 @@ import structlog
 from botocore.config import Config as BotoConfig
 
 from daemon.config import S3Config, WatchConfig
-from daemon.fleet import ListingLease, SafetyNet
+from daemon.fleet import ListingLease, SafetyNet, is_fleet_key
 from daemon.journal import FleetMember, Journal
 from daemon.retry import RetryPolicy
 from daemon.s3 import S3Url, s3_boundary
@@ -163,8 +163,8 @@ class S3Watcher:
             rel_path = key.removeprefix(self.where.prefix)
             if not key.startswith(self.where.prefix) or not rel_path or key.endswith("/"):
                 continue
-            if is_ignored(rel_path, self.watch.ignore):
-                continue
+            if is_ignored(rel_path, self.watch.ignore) or is_fleet_key(rel_path):
+                continue  # ignored names, and our own `.scanwatch/` lease and snapshots
             yield rel_path, _quoted(etag), version_id, size
 
     def _on_events(self, events: list[S3Event]) -> None:
