@@ -34,7 +34,7 @@ from daemon.locations.base import (
 )
 from daemon.locations.s3copy import Target, server_copy, upload
 from daemon.locations.s3scan import OpenedObject, copy_hashing
-from daemon.locations.staging import Staging, node_id, snapshot_rel
+from daemon.locations.staging import Staging, delete_snapshot, node_id, snapshot_rel
 from daemon.s3 import S3Url, s3_boundary
 
 __all__ = ["SHA256_TAG", "SOURCE_VERSION_TAG", "S3Location", "copy_hashing", "source_tags"]
@@ -193,10 +193,9 @@ class S3Location:
             raise ChangedError(f"the snapshot s3://{self.where.bucket}/{key} is gone: scanning the "
                                "source again") from None
 
-    def _drop_snapshot(self, key: str | None) -> None:
+    def _drop_snapshot(self, key: str | None, *, versioned: bool = False) -> None:
         if key is not None:
-            with contextlib.suppress(FileNotFoundError):
-                self.call("DELETE", "delete_object", Key=key)
+            delete_snapshot(self._client, self.where.bucket, key, versioned=versioned)
 
     def name(self, rel_path: str) -> str:
         return str(self.where) + rel_path
@@ -240,7 +239,7 @@ class S3Location:
     def remove(self, req: MoveRequest) -> None:
         """Delete the snapshot or staged copy (the scanned bytes are placed), then the source
         if it still is the scanned version: a new upload meanwhile is a new arrival."""
-        self._drop_snapshot(req.snapshot)
+        self._drop_snapshot(req.snapshot, versioned=req.version_id is not None)
         self.drop_staged(req.file_id)
         with contextlib.suppress(FileNotFoundError, S3ConditionError):
             self.call("DELETE", "delete_object", Key=self.key(req.rel_path), **self._version(req))

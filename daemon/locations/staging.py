@@ -32,7 +32,7 @@ from daemon.journal import FileRow, Journal
 from daemon.model import FileState
 from daemon.s3 import S3Clients, S3Url, is_s3, s3_boundary
 
-__all__ = ["SNAPSHOT_DIR", "Staging", "node_id", "reconcile", "snapshot_rel", "staging_of"]
+__all__ = ["SNAPSHOT_DIR", "Staging", "delete_snapshot", "node_id", "reconcile", "snapshot_rel", "staging_of"]
 
 log = structlog.get_logger("scanwatch.locations.staging")
 
@@ -147,10 +147,24 @@ def _reconcile_snapshots(client: Any, where: S3Url, node: str, watch: str, journ
         file_id = key.removeprefix(prefix).partition("-")[0]
         row = journal.get(int(file_id)) if file_id.isdigit() else None
         if row is None or not _stands_for(row, watch, where, node, key):
-            with contextlib.suppress(FileNotFoundError), s3_boundary(f"DELETE s3://{where.bucket}/{key}"):
-                client.delete_object(Bucket=where.bucket, Key=key)
+            delete_snapshot(client, where.bucket, key, versioned=True)
             removed += 1
     return removed
+
+
+def delete_snapshot(client: Any, bucket: str, key: str, *, versioned: bool) -> None:
+    """Delete a snapshot; on a versioned bucket every version of it, leaving no delete marker."""
+    with contextlib.suppress(FileNotFoundError), s3_boundary(f"DELETE s3://{bucket}/{key}"):
+        if versioned:
+            answer = client.list_object_versions(Bucket=bucket, Prefix=key)
+            found = (*answer.get("Versions", ()), *answer.get("DeleteMarkers", ()))
+            ids = [str(v["VersionId"]) for v in found
+                   if v["Key"] == key and v.get("VersionId") not in (None, "", "null")]
+            for version_id in ids:
+                client.delete_object(Bucket=bucket, Key=key, VersionId=version_id)
+            if ids:
+                return
+        client.delete_object(Bucket=bucket, Key=key)
 
 
 def _stands_for(row: FileRow, watch: str, where: S3Url, node: str, key: str) -> bool:
