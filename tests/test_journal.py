@@ -21,7 +21,7 @@ def test_wal_mode_and_schema_version(tmp_path: Path) -> None:
     journal = _journal(tmp_path)
     conn = journal._conn()
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 8
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(SCHEMA)
     journal.close()
     assert _journal(tmp_path).discover("w", [("a", 1)], 1.0) == 1  # reopening migrates nothing
 
