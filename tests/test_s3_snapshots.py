@@ -163,10 +163,31 @@ def test_unversioned_s3_to_s3_uploads_the_scanned_bytes_in_three_requests(
     daemon.wait_for(_moved(daemon, 1), what="moved")
     assert daemon.stop() == 0
     assert bucket.get("clean/a.txt") == b"hello" and bucket.keys("in/") == []
-    on_object = [(m, p.partition("?")[0].rpartition("/" + bucket.name + "/")[2]) for m, p, _ in proxy.requests
-                 if "a.txt" in p]
-    assert on_object == [("GET", "in/a.txt"), ("PUT", "clean/a.txt"), ("DELETE", "in/a.txt")]
+    assert _on("a.txt", bucket, proxy) == _THREE_REQUESTS
     assert proxy.copies == []  # never a server-side copy of the live key
+
+
+def test_versioned_s3_to_s3_copies_the_scanned_version_server_side(
+        bucket: Bucket, proxy: HttpProxy, tmp_path: Path, daemon_factory: Callable[..., Daemon]) -> None:
+    bucket.client.put_bucket_versioning(Bucket=bucket.name, VersioningConfiguration={"Status": "Enabled"})
+    bucket.put("in/a.txt", b"hello")
+    daemon = daemon_factory(_config(tmp_path, proxy.endpoint_url, bucket.name))
+    daemon.wait_for(_moved(daemon, 1), what="moved")
+    assert daemon.stop() == 0
+    assert bucket.get("clean/a.txt") == b"hello" and bucket.keys("in/") == []
+    assert _on("a.txt", bucket, proxy) == _THREE_REQUESTS
+    ((_, copied),) = proxy.copies
+    assert "versionId=" in copied  # the immutable version: nothing staged, nothing snapshotted
+    assert not any((tmp_path / "state" / "staging" / "s3").iterdir()) and bucket.snapshots() == []
+
+
+_THREE_REQUESTS = [("GET", "in/a.txt"), ("PUT", "clean/a.txt"), ("DELETE", "in/a.txt")]
+
+
+def _on(name: str, bucket: Bucket, proxy: HttpProxy) -> list[tuple[str, str]]:
+    """The requests the daemon made about objects named `name`: method and key."""
+    return [(m, p.partition("?")[0].rpartition(f"/{bucket.name}/")[2]) for m, p, _ in proxy.requests
+            if name in p]
 
 
 def test_a_lost_staged_copy_is_downloaded_again_and_checked(
