@@ -109,6 +109,9 @@ class S3Object:
     etag: str
     version_id: str | None
     url: str  # a presigned GET URL of this object (Perception Point `download_link`)
+    # `key` is a private snapshot only scanwatch can write: pinned without a version, so an
+    # engine may read it by `path` (docs/integrity.md, "Remote engines").
+    is_snapshot: bool = False
 
 
 class SeenObject(NamedTuple):
@@ -154,6 +157,7 @@ class RowChanges(TypedDict, total=False):
     version_id: str | None
     submitting_at: float | None
     last_modified: float | None
+    snapshot: str | None
 
 
 @dataclass(frozen=True)

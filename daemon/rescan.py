@@ -29,6 +29,7 @@ from daemon.engines.base import ScanRequest
 from daemon.errors import ChangedError, ScanwatchError
 from daemon.facts import iso, outcome_facts
 from daemon.faults import pause
+from daemon.fleet import is_fleet_key
 from daemon.fsutil import DirCache, Identity
 from daemon.journal import FileRow, Journal
 from daemon.locations import SIDECAR_SUFFIX, Listed, Locations, MoveRequest, S3Location, transfer
@@ -327,9 +328,9 @@ class _MoveCutOffError(Exception):
 
 
 def _is_ours_to_scan(rel_path: str) -> bool:
-    """Files placed in clean; not sidecars nor our temp and capture names."""
+    """Files placed in clean; not sidecars nor our temp and capture names, nor `.scanwatch/`."""
     name = rel_path.rpartition("/")[2]
-    return not (name.endswith(SIDECAR_SUFFIX) or name.startswith(".scanwatch-"))
+    return not (name.endswith(SIDECAR_SUFFIX) or name.startswith(".scanwatch-") or is_fleet_key(rel_path))
 
 
 def _objects(location: S3Location) -> Iterator[Listed]:

@@ -17,6 +17,7 @@ from daemon.engines import Engine, build_engines
 from daemon.errors import ConfigError, EngineThrottledError, JournalDamagedError, ScanwatchError
 from daemon.journal import FileRow, is_damage, open_journal, owner_token
 from daemon.journal_repair import hold_daemon_lock
+from daemon.locations.staging import reconcile as reconcile_staging
 from daemon.metrics import Metrics
 from daemon.pipeline import Outcome, Pipeline, uses_s3
 from daemon.s3 import S3Clients, is_s3
@@ -177,6 +178,8 @@ class Service:
         reclaimed = self.journal.reclaim()
         if reclaimed:
             log.info("journal.resumed", rows=reclaimed)
+        # Before any worker runs: scanned bytes no live row waits for (docs/integrity.md).
+        reconcile_staging(self._running.config, self.journal)
         if metrics := self._running.config.metrics:
             self.metrics.serve(metrics.listen, self._unready_reasons)
         self._start(self._running, is_first=True)

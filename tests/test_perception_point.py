@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -218,20 +219,29 @@ def test_poll_of_a_scan_the_service_lost_submits_again(layout: Layout,
 
 # -- S3 sources: by path and by presigned link --------------------------------------------
 
-def test_s3_storage_mode_never_sends_an_unpinned_path(tmp_path: Path) -> None:
-    """`path` names no version: a versioned object goes by its version's link, an
-    unversioned one is uploaded from the copy that was hashed (docs/integrity.md)."""
+def test_s3_storage_mode_sends_only_a_snapshot_as_path(tmp_path: Path) -> None:
+    """`path` names no version: only a private snapshot is sent by path; a versioned object
+    that is not one goes by its version's link, an unversioned one is uploaded from the copy
+    that was hashed (docs/integrity.md, "Remote engines")."""
     key = "in/2026/a b#1 ü.com"
+    snapshot = "in/.scanwatch/snapshots/0123456789abcdef/7-e1"
+    (tmp_path / "s3" / "drop" / snapshot).parent.mkdir(parents=True)
+    (tmp_path / "s3" / "drop" / snapshot).write_bytes(EICAR)
     copy = tmp_path / "copy"
     copy.write_bytes(EICAR)
     link = "http://127.0.0.1:9/drop/obj?versionId=v1&X-Amz-Signature=0"
     with PerceptionPointEmulator(storages={"s3": tmp_path / "s3"}) as emulator, open(copy, "rb") as f:
         engine = _engine(emulator.url, storage="s3")
         assert engine.reads_s3
+        private = S3Object("drop", snapshot, '"e1"', None, "", is_snapshot=True)
+        by_path = dataclasses.replace(_s3_request("drop", key, EICAR, version_id=None), s3=private)
+        assert _finish(engine, by_path).threats == ("EICAR-Test-File",)
         verdict = _finish(engine, _s3_request("drop", key, EICAR, version_id=None, fd=f.fileno()))
         with pytest.raises(EnginePermanentError):  # the emulator cannot fetch this link
             engine.scan(_s3_request("drop", key, EICAR, link))
-        uploaded, linked = (e.fields for e in emulator.log if e.method == "POST")
+        pathed, uploaded, linked = (e.fields for e in emulator.log if e.method == "POST")
+    assert (pathed["path"], pathed["storage"]) == (f"drop/{snapshot}", "s3")
+    assert not {"data_bytes", "download_link"} & set(pathed)
     assert verdict.kind is VerdictKind.INFECTED and verdict.threats == ("EICAR-Test-File",)
     assert (uploaded["data_bytes"], uploaded["name"]) == (str(len(EICAR)), "a b#1 ü.com")
     assert linked["download_link"] == link

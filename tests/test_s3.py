@@ -145,7 +145,8 @@ def test_collision_gets_a_suffix_and_nothing_is_overwritten(harness: Callable[..
     assert h.get("clean/same.1.txt") == b"new"
 
 
-def test_object_replaced_between_scan_and_move_is_scanned_again(harness: Callable[..., S3Harness]) -> None:
+def test_object_replaced_between_scan_and_move_promotes_the_scanned_bytes_and_keeps_the_new_ones(
+        harness: Callable[..., S3Harness]) -> None:
     h = harness()
     replaced = threading.Event()
 
@@ -153,16 +154,20 @@ def test_object_replaced_between_scan_and_move_is_scanned_again(harness: Callabl
         if not replaced.is_set():
             replaced.set()
             h.put("in/a.txt", EICAR)  # the bytes change after they were scanned clean
-        return Verdict(VerdictKind.CLEAN)
+            return Verdict(VerdictKind.CLEAN)
+        return Verdict(VerdictKind.INFECTED, threats=("EICAR",))
 
-    engine = FakeEngine(script=[swap])
+    engine = FakeEngine(script=[swap, swap])
     h.pipeline.engines = {"default": engine}
     h.put("in/a.txt", b"harmless")
     h.step()
-    assert h.keys("clean/") == []  # never promoted: the copy was pinned to the scanned ETag
-    assert h.keys("quarantine/") == ["a.txt"]
-    assert h.get("quarantine/a.txt") == EICAR
-    assert len(engine.calls) == 2
+    # The staged copy that was scanned is promoted; the new upload is left as a new arrival.
+    assert h.keys("clean/") == ["a.txt"] and h.get("clean/a.txt") == b"harmless"
+    assert h.keys("in/") == ["a.txt"]
+    h.step()
+    assert h.keys("quarantine/") == ["a.txt"] and h.get("quarantine/a.txt") == EICAR
+    assert h.keys("in/") == [] and len(engine.calls) == 2
+    assert not list((h.tmp_path / "state" / "staging" / "s3").iterdir())
 
 
 def test_versioned_object_replaced_between_scan_and_move_moves_the_scanned_version(

@@ -36,6 +36,11 @@ class _EngineBase(_Model):
                                   description="larger files fail as too_large without being sent; "
                                               "none: no limit (docs/engines.md#file-size-limits)")
 
+    @property
+    def reads_s3_by_path(self) -> bool:
+        """True when the engine reads an S3 source by bucket/key: the key must be a private snapshot."""
+        return False
+
 
 class HttpEngineConfig(_EngineBase):
     """What every HTTP engine has: a request rate, paced (daemon/engines/_pacing.py)."""
@@ -131,9 +136,9 @@ class PerceptionPointEngineConfig(HttpEngineConfig):
                          examples=["https://api.perception-point.io"])
     token: SecretStr = Field(description=f"API token (Authorization: Token); {_SECRET}",
                              examples=["${PP_TOKEN}"])
-    storage: str | None = Field(None, description="the storage Perception Point reads S3 from: a "
-                                "versioned object is sent as a link pinned to its version, an "
-                                "unversioned one uploaded (a bucket/key path pins no version)",
+    storage: str | None = Field(None, description="the storage Perception Point reads S3 from: "
+                                "objects are sent as `path` naming a private server-side snapshot "
+                                "that only scanwatch can write (docs/integrity.md)",
                                 examples=["s3"])
     download_link: bool = Field(False, description="s3:// sources of a versioned bucket are sent as a "
                                                    "presigned GET URL of their version instead of "
@@ -148,6 +153,10 @@ class PerceptionPointEngineConfig(HttpEngineConfig):
                                               "(the files API's documented limit: 500 MB)")
     callback: WebhookConfig | None = Field(None, description="ask for a callback when a scan ends; "
                                            "polling slows while they arrive")
+
+    @property
+    def reads_s3_by_path(self) -> bool:
+        return self.storage is not None
 
     @model_validator(mode="after")
     def _one_s3_mode(self) -> PerceptionPointEngineConfig:

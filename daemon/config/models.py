@@ -48,6 +48,10 @@ class S3Config(_Model):
                                       description="server-side copies above this use multipart copy")
     multipart_chunksize: Size = Field(default=8 * 2**20, ge=5 * 2**20,
                                       description="part size of multipart uploads and copies (5MiB at least)")
+    snapshot_threshold: Size = Field(
+        default=64 * 2**20, ge=0, description="unversioned buckets: objects up to this are promoted from "
+        "the copy scanwatch downloaded and scanned; larger ones from a server-side snapshot under "
+        "<source prefix>.scanwatch/ (docs/integrity.md, \"S3 objects\")")
 
     @field_validator("profile")
     @classmethod

@@ -1,10 +1,11 @@
-"""Perception Point X-Ray: upload, or a versioned S3 object by presigned link.
+"""Perception Point X-Ray: upload, or an S3 object by path (`storage`) or presigned link.
 
 The wire protocol: docs/engines.md#perception-point-x-ray.
 
 One multipart `POST /api/v1/files/` carries exactly one of `data` (the bytes, streamed
-from the fd) or `download_link`; `path` with `storage` is never sent, since it names
-no object version (docs/integrity.md, "Remote engines"). The answer's `scan_id` is
+from the fd), `path` with `storage`, or `download_link`. `path` names no object version,
+so it only ever names a private server-side snapshot of the object, which nobody but
+scanwatch can write (docs/integrity.md, "Remote engines"). The answer's `scan_id` is
 journaled and polled at `GET /api/v1/scans/{scan_id}/` (**assumed** in docs/engines.md#perception-point-x-ray:
 the public docs name no result endpoint).
 
@@ -54,7 +55,7 @@ _Part = tuple[str, tuple[str | None, str] | tuple[str, BinaryIO, str]]
 
 
 class PerceptionPointEngine:
-    """The X-Ray files API; versioned S3 sources by presigned link (`storage` or `download_link`)."""
+    """The X-Ray files API; S3 sources by snapshot path (`storage`) or pinned link (`download_link`)."""
 
     remote = True
 
@@ -148,14 +149,18 @@ class PerceptionPointEngine:
 
     @contextmanager
     def _source_parts(self, request: ScanRequest) -> Iterator[list[_Part]]:
-        """What names the bytes: a `download_link` pinned to the version, or the streamed `data`."""
+        """What names the bytes: a snapshot's `path`, a pinned `download_link`, or the streamed `data`."""
         s3 = request.s3
-        if s3 is not None and s3.version_id is not None and self.reads_s3 and not request.by_upload:
-            # Only a version pins what the service reads (docs/integrity.md, "Remote engines"):
-            # `path` names no version, and a link to an unversioned object can change under
-            # it. So the link presigned with the VersionId, or else the hashed copy uploaded.
-            yield [("download_link", (None, s3.url))]
-            return
+        if s3 is not None and self.reads_s3 and not request.by_upload:
+            # Only what nobody else can change may be read by name (docs/integrity.md, "Remote
+            # engines"): `path` names no version, so it only ever names a private snapshot; a
+            # link is presigned with the VersionId, or of a snapshot. Else the hashed copy is uploaded.
+            if self._config.storage is not None and s3.is_snapshot:
+                yield [("path", (None, f"{s3.bucket}/{s3.key}")), ("storage", (None, self._config.storage))]
+                return
+            if s3.version_id is not None or s3.is_snapshot:
+                yield [("download_link", (None, s3.url))]
+                return
         # A duplicate of the fd: httpx streams the part from it, never reading it whole.
         with os.fdopen(os.dup(request.bytes_fd), "rb") as body:
             body.seek(0)

@@ -110,6 +110,11 @@ SCHEMA = [
     """
     ALTER TABLE files ADD COLUMN last_modified REAL;
     """,
+    # S3 sources: the private server-side snapshot a row is scanned and promoted from
+    # (daemon/locations/staging.py), deleted with the source once the row is moved.
+    """
+    ALTER TABLE files ADD COLUMN snapshot TEXT;
+    """,
 ]
 
 _JSON_COLUMNS = ("threats", "raw_result")
@@ -165,6 +170,7 @@ class FileRow:
     dest_root: str | None = None  # the planned destination: its root (as configured)...
     dest_rel: str | None = None  # ...and the name below it
     last_modified: float | None = None  # S3 sources: the version's LastModified (epoch seconds)
+    snapshot: str | None = None  # S3 sources: the key of the private snapshot scanned, if one was made
 
     def updated(self, changes: RowChanges) -> FileRow:
         """This row with `changes` applied (as the journal will have it once they commit)."""

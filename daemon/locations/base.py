@@ -39,6 +39,7 @@ class MoveRequest:
     version_id: str | None = None
     tags: Mapping[str, str] = field(default_factory=dict)  # for S3 destinations
     last_modified: float | None = None  # an S3 source: with the ETag, the version when unversioned
+    snapshot: str | None = None  # an S3 source's private snapshot: what was scanned, and is moved
 
     @property
     def marker(self) -> str:
@@ -55,6 +56,8 @@ class Listed:
     etag: str | None = None
     version_id: str | None = None
     size: int | None = None
+    file_id: int | None = None  # the journal row (S3: names its staged copy and snapshot)
+    snapshot: str | None = None  # the row's S3 snapshot, if one was made
 
 
 @dataclass(frozen=True)

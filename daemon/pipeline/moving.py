@@ -92,6 +92,7 @@ class Mover:
             size=row.size if row.size is not None else identity.size if identity else 0,
             sha256=row.sha256, verify=verdict is VerdictKind.CLEAN, private=verdict is VerdictKind.INFECTED,
             identity=identity, etag=row.etag, version_id=row.version_id, last_modified=row.last_modified,
+            snapshot=row.snapshot,
             tags={"scanwatch-verdict": verdict.value,
                   "scanwatch-reason": _TAG_VALUE.sub("_", row.reason or "")})
         try:

@@ -76,7 +76,8 @@ class Scanner:
         if (why := self._listed_too_large(row, watch)) is not None:
             return self.mover.fail(row, Reason.TOO_LARGE, why, locations)
         try:
-            with source.open_for_scan(Listed(row.rel_path, row.etag, row.version_id, row.size)) as opened:
+            listed = Listed(row.rel_path, row.etag, row.version_id, row.size, row.id, row.snapshot)
+            with source.open_for_scan(listed) as opened:
                 return self._scan_opened(row, watch, opened, locations)
         except FileNotFoundError:
             return self.outcomes.gone()

@@ -239,11 +239,10 @@ class SqsEventSource:
         return True
 
     def _is_wanted(self, event: S3Event) -> bool:
-        """In this watch's bucket and prefix, not a fleet's own object (folder markers are
-        reported by the watcher, never scanned)."""
+        """In this watch's bucket and prefix, not our own object (a fleet's lease, a snapshot:
+        `.scanwatch/`); folder markers are reported by the watcher, never scanned."""
         return (event.bucket == self._bucket and event.key.startswith(self._prefix)
-                and not (self._is_settled is not None
-                         and is_fleet_key(event.key.removeprefix(self._prefix))))
+                and not is_fleet_key(event.key.removeprefix(self._prefix)))
 
     def _delete(self, messages: list[dict[str, Any]]) -> None:
         """DeleteMessageBatch; a message whose delete failed comes back and is deduplicated."""
