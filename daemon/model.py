@@ -55,6 +55,7 @@ class Reason(enum.StrEnum):
     UNSAFE_KEY = "unsafe_key"
     TOO_MANY_TAGS = "too_many_tags"  # an object judged in place has no room for the verdict's tags
     UNSAFE_NAME = "unsafe_name"  # a file name its destination cannot hold (e.g. not UTF-8, for S3)
+    PERMISSION_DENIED = "permission_denied"  # the daemon cannot write or enter the file's folder
 
 
 class RejectReason(enum.StrEnum):

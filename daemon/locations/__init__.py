@@ -35,6 +35,7 @@ from daemon.locations.base import (
 from daemon.locations.local import LocalLocation
 from daemon.locations.s3 import S3Location
 from daemon.s3 import S3Clients, is_s3
+from daemon.staging import StagingDirs
 
 __all__ = [
     "Content",
@@ -54,11 +55,14 @@ __all__ = [
 
 class Locations:
     """Location objects by configured URL for one batch of work: local ones share `dirs`,
-    S3 ones use the client for their watch's S3 settings."""
+    S3 ones use the client for their watch's S3 settings, local sources their staging
+    directory of snapshots (`daemon/staging.py`)."""
 
     def __init__(self, config: Config, dirs: DirCache, clients: S3Clients | None = None,
-                 places: Mapping[str, Location] | None = None) -> None:
+                 places: Mapping[str, Location] | None = None,
+                 staging: StagingDirs | None = None) -> None:
         self._config = config
+        self._staging = staging or StagingDirs(config.state_dir)
         self.dirs = dirs
         self._clients = clients or S3Clients()
         self._places = places or {}  # URL → a Location given from outside (tests' fakes)
@@ -69,4 +73,4 @@ class Locations:
         if is_s3(url):
             s3 = self._config.s3_for(watch)
             return S3Location(url, self._clients(s3), s3, self._config.state_dir / "work")
-        return LocalLocation(url, self.dirs)
+        return LocalLocation(url, self.dirs, self._staging)

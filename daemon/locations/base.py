@@ -38,6 +38,9 @@ class MoveRequest:
     etag: str | None = None  # an S3 source
     version_id: str | None = None
     tags: Mapping[str, str] = field(default_factory=dict)  # for S3 destinations
+    # Filled by the source: `(rel_path, inode)` of files it put back as new arrivals (an
+    # original changed after its snapshot, docs/integrity.md), for the journal to record.
+    arrivals: list[tuple[str, int]] = field(default_factory=list)
 
     @property
     def marker(self) -> str:
@@ -48,12 +51,15 @@ class MoveRequest:
 @dataclass(frozen=True)
 class Listed:
     """What the journal knows of the version to scan: an S3 object's listed ETag, VersionId
-    and size (None for a local file, or an object replaced since it was listed)."""
+    and size (None for a local file, or an object replaced since it was listed); for a
+    row, its id and hash (docs/integrity.md, "Snapshot")."""
 
     rel_path: str
     etag: str | None = None
     version_id: str | None = None
     size: int | None = None
+    file_id: int | None = None  # a journal row: a local file is scanned from its snapshot
+    sha256: str | None = None  # the row's bytes, already hashed (its snapshot is complete)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from daemon.errors import (
     EngineRetryableError,
     EngineUnavailableError,
     S3UnavailableError,
+    StagingError,
     UnsafePathError,
 )
 from daemon.faults import pause
@@ -73,12 +74,15 @@ class Scanner:
             if root != IN_PLACE and (why := locations(root, watch).refuses(row.rel_path)) is not None:
                 return self.mover.fail(row, Reason.UNSAFE_KEY, why, locations)
         try:
-            with source.open_for_scan(Listed(row.rel_path, row.etag, row.version_id, row.size)) as opened:
+            listed = Listed(row.rel_path, row.etag, row.version_id, row.size, row.id, row.sha256)
+            with source.open_for_scan(listed) as opened:
                 return self._scan_opened(row, watch, opened, locations)
         except FileNotFoundError:
             return self.outcomes.gone()
         except UnsafePathError as exc:
-            return self.outcomes.held(exc.reason, str(exc))
+            return self.outcomes.held(exc.reason, str(exc), row)
+        except StagingError as exc:
+            return self.outcomes.wait(row, "staging_unavailable", exc)
         except ChangedError as exc:
             return self.outcomes.changed(str(exc), settles=source.settles)
         except S3UnavailableError as exc:
