@@ -56,19 +56,23 @@ class Staging:
     dev: int
 
     def snapshot(self, src_fd: int, file_id: int) -> tuple[int, str]:
-        """A new snapshot of `src_fd` (the original's open descriptor): its read-write fd,
-        and how it was made (`reflink`, `copy_file_range` or `read`). A stale one is replaced."""
+        """A new snapshot of `src_fd` (the original's open descriptor): a read-only fd of it
+        (what engines get), and how it was made (`reflink`, `copy_file_range` or `read`).
+        A stale one is replaced."""
         name = snap_name(file_id)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(name, dir_fd=self.fd)
-        fd = os.open(name, _NEW_FILE, 0o600, dir_fd=self.fd)
+        out = os.open(name, _NEW_FILE, 0o600, dir_fd=self.fd)
         try:
-            return fd, copy_into(src_fd, fd)
+            how = copy_into(src_fd, out)
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.fd)
         except BaseException:
-            os.close(fd)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(name, dir_fd=self.fd)
             raise
+        finally:
+            os.close(out)
+        return fd, how
 
     def open(self, name: str) -> int | None:
         """A read-only descriptor of `name` here, None if there is none."""

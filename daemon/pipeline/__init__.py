@@ -133,6 +133,7 @@ class Pipeline:
         drained = not any(t.is_alive() for t in self._threads)
         if drained:
             self.journal.release(self.owner)
+            self.staging.close()
         return drained
 
     def is_alive(self) -> bool:
