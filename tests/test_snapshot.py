@@ -127,3 +127,24 @@ def test_staging_is_reconciled_with_the_journal_at_start(layout: Layout) -> None
     harness.run()
     assert layout.placed("clean") == ["changed.1.txt", "changed.txt", "kept.txt"]
     assert (layout.clean / "changed.1.txt").read_bytes() == b"written after the snapshot"
+
+
+def test_a_state_dir_on_another_filesystem_puts_staging_in_the_source_never_an_arrival(
+        layout: Layout, tmp_path: Path) -> None:
+    layout.state.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(layout.state)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        harness = Harness(layout, FakeEngine(), ignore=[])  # not even `.*` ignored
+        harness.drop("a.txt", b"hello")
+        harness.drop("sub/e.com", EICAR)
+        harness.run()
+        staging = layout.inbox / ".scanwatch-staging"
+        assert staging.is_dir() and staging.stat().st_mode & 0o777 == 0o700
+        (staging / "stray.bin").write_bytes(b"not an arrival")  # as if left there
+        harness.step(advance_s=3)  # a rescan walks the whole source
+        assert sorted(r.rel_path for r in harness.journal.rows()) == ["a.txt", "sub/e.com"]
+        assert layout.placed("clean") == ["a.txt"] and layout.placed("quarantine") == ["sub/e.com"]
+    finally:
+        subprocess.run(["umount", "-l", str(layout.state)], check=False)
