@@ -193,13 +193,19 @@ def test_truncation_through_a_held_descriptor_after_the_snapshot_is_scanned_agai
     assert_clean_was_scanned(layout, daemon)
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_kill_9_between_promotion_and_removal_finishes_the_move_once(
-        layout: Layout, daemon_factory: Callable[..., Daemon], pauses: Pauses, workers: int) -> None:
-    first = _start(layout, daemon_factory, pauses.env("move.captured"), workers)
+@pytest.mark.parametrize(("workers", "point"), [
+    (1, "move.captured"),  # one snapshot placed, its original captured into staging
+    (2, "move.captured"),
+    (1, "scan.hashed"),  # a snapshot made and hashed, nothing journaled of it yet
+    (1, "move.start"),  # a verdict journaled, its snapshot waiting in staging
+])
+def test_kill_9_anywhere_in_a_move_finishes_it_once(
+        layout: Layout, daemon_factory: Callable[..., Daemon], pauses: Pauses, workers: int,
+        point: str) -> None:
+    first = _start(layout, daemon_factory, pauses.env(point), workers)
     (layout.inbox / "a.txt").write_bytes(b"harmless")
     (layout.inbox / "e.com").write_bytes(EICAR)
-    pauses.reached(first, "move.captured")  # one snapshot placed, its original in staging
+    pauses.reached(first, point)
     first.proc.send_signal(signal.SIGKILL)
     first.proc.wait()
     second = _start(layout, daemon_factory, {}, workers)

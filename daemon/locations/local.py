@@ -223,8 +223,7 @@ class LocalLocation:
                 or sha256_fd(fd) != req.sha256):
             return_original(self.url, req, staging, orig_name(req.file_id), "changed after its snapshot")
             return
-        staging.unlink(orig_name(req.file_id))
-        os.fsync(staging.fd)
+        staging.unlink(orig_name(req.file_id))  # no fsync: if a crash undoes it, reconcile does it again
         if sha256_fd(fd) != req.sha256:  # written to between the check and the unlink
             write_back(self.url, req, fd)
 
