@@ -13,7 +13,8 @@
     │   ├── UnsafePathError          a path component is a symlink or escapes its root
     │   ├── ChangedError             the source is not the scanned file any more: scan it again
     │   ├── S3ConditionError         an S3 write or read condition (If-Match, If-None-Match) failed
-    │   └── S3UnavailableError       S3 cannot be used now (down, throttled, denied): wait
+    │   ├── S3UnavailableError       S3 cannot be used now (down, throttled, denied): wait
+    │   └── StagingError             the staging directory of snapshots is unusable: wait
     └── EngineError                  an engine gave no verdict
         ├── EngineRetryableError     unreachable, timed out, 500/502/504: try again later
         │   └── EngineUnavailableError  the engine is down: files wait, attempts not spent
@@ -44,6 +45,7 @@ __all__ = [
     "ListenError",
     "LocationError",
     "ScanwatchError",
+    "StagingError",
     "TooManyTagsError",
     "UnsafePathError",
     "WebhookRejectedError",
@@ -106,6 +108,10 @@ class S3ConditionError(LocationError):
 
 class S3UnavailableError(LocationError):
     """S3 cannot be used right now (down, throttling, missing bucket, denied): wait and retry."""
+
+
+class StagingError(LocationError):
+    """The private staging directory of snapshots cannot be used (docs/integrity.md)."""
 
 
 class QuarantineError(ScanwatchError):

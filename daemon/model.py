@@ -58,6 +58,7 @@ class Reason(enum.StrEnum):
     UNSAFE_NAME = "unsafe_name"  # a file name its destination cannot hold (e.g. not UTF-8, for S3)
     IGNORED = "ignored"  # an S3 key an `ignore` glob matches: reported, never scanned
     DIRECTORY_MARKER = "directory_marker"  # an S3 key ending in `/`: reported, never scanned
+    PERMISSION_DENIED = "permission_denied"  # the daemon cannot write or enter the file's folder
 
 
 class RejectReason(enum.StrEnum):

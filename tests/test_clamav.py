@@ -29,12 +29,14 @@ def _engine(**cfg: object) -> ClamavEngine:
 
 @pytest.fixture
 def world_readable(layout: Layout) -> Layout:
-    """Folders the clamav user can walk, as on a host where clamd scans drop folders."""
+    """Folders the clamav user can walk, as on a host where clamd scans drop folders (and,
+    in path mode, the staging directory of snapshots: docs/integrity.md)."""
     for path in (layout.base, *layout.base.parents):
         if str(path).startswith("/tmp/pytest-of-"):
             path.chmod(0o755)
     layout.base.chmod(0o755)
     layout.inbox.chmod(0o755)
+    (layout.state / "staging").mkdir(parents=True, mode=0o755)
     return layout
 
 

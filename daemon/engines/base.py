@@ -24,7 +24,9 @@ class ScanRequest:
 
     watch: str
     rel_path: str
-    path: str  # absolute local path (or s3://bucket/key), for engines that read the file themselves
+    # Absolute local path (or s3://bucket/key), for engines that read the file themselves;
+    # for a watched local file, its snapshot in the staging directory (docs/integrity.md).
+    path: str
     fd: int | None
     size: int
     sha256: str

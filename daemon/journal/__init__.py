@@ -64,7 +64,9 @@ class Journal(ObjectVersions, RescanRecords):
                  settled: Mapping[str, Identity] | None = None) -> int:
         """Record `(rel_path, inode)` arrivals; known active paths are left as they are.
 
-        A path held back (a symlink, say) whose inode changed is a new arrival again.
+        A path held back (a symlink, say) whose inode changed is a new arrival again; one
+        held for `permission_denied` is tried again whenever it is seen (its reason kept, so
+        that holding it again is not reported again).
         A path in `settled` (a watch with `settle_seconds: 0`, its file just lstat'ed)
         is recorded stable at once with that identity: the settle step has nothing to add.
         Returns how many rows were added or revived. Idempotent.
@@ -82,12 +84,14 @@ class Journal(ObjectVersions, RescanRecords):
                                           updated_at)
                         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                         ON CONFLICT (watch, rel_path) WHERE {_ACTIVE} DO UPDATE
-                        SET state = excluded.state, inode = excluded.inode, reason = NULL,
+                        SET state = excluded.state, inode = excluded.inode,
+                            reason = CASE files.reason WHEN 'permission_denied' THEN files.reason END,
                             dev = excluded.dev, size = excluded.size, mtime_ns = excluded.mtime_ns,
                             ctime_ns = excluded.ctime_ns, stable_at = excluded.stable_at,
                             next_attempt_at = excluded.next_attempt_at,
                             discovered_at = excluded.discovered_at, updated_at = excluded.updated_at
-                        WHERE files.state = 'held' AND files.inode IS NOT excluded.inode""",
+                        WHERE files.state = 'held' AND (files.inode IS NOT excluded.inode
+                                                        OR files.reason = 'permission_denied')""",
                     (watch, os.fsencode(rel_path), state, inode, dev, size, mtime_ns, ctime_ns,
                      stable_at, now, now, now),
                 )

@@ -37,6 +37,7 @@ from daemon.locations.base import (
 from daemon.locations.local import LocalLocation
 from daemon.locations.s3 import S3Location
 from daemon.s3 import S3Clients, is_s3
+from daemon.staging import StagingDirs
 
 __all__ = [
     "Content",
@@ -56,11 +57,14 @@ __all__ = [
 
 class Locations:
     """Location objects by configured URL for one batch of work: local ones share `dirs`,
-    S3 ones use the client for their watch's S3 settings."""
+    S3 ones use the client for their watch's S3 settings, local sources their staging
+    directory of snapshots (`daemon/staging.py`)."""
 
     def __init__(self, config: Config, dirs: DirCache, clients: S3Clients | None = None,
-                 places: Mapping[str, Location] | None = None) -> None:
+                 places: Mapping[str, Location] | None = None,
+                 staging: StagingDirs | None = None) -> None:
         self._config = config
+        self._staging = staging or StagingDirs(config.state_dir)
         self.dirs = dirs
         self._clients = clients or S3Clients()
         self._places = places or {}  # URL → a Location given from outside (tests' fakes)
@@ -75,4 +79,4 @@ class Locations:
                               state_dir=self._config.state_dir,
                               reads_by_path=any(engine.reads_s3_by_path for engine in engines),
                               stages=IN_PLACE not in watch.destinations.values())
-        return LocalLocation(url, self.dirs)
+        return LocalLocation(url, self.dirs, self._staging)

@@ -101,10 +101,23 @@ class Mover:
             return self.outcomes.changed(str(exc), settles=source.settles)
         except FileNotFoundError:
             return self.outcomes.gone()
+        except UnsafePathError as exc:
+            if exc.reason is not Reason.PERMISSION_DENIED:
+                return self.outcomes.move_failed(row, exc)
+            # Nothing was placed: scanned anew once it can be taken out (docs/integrity.md).
+            held = self.outcomes.held(exc.reason, str(exc), row)
+            return Outcome({**self.outcomes.changed("", settles=True).changes, **held.changes},
+                           held.event, held.fields)
         except S3UnavailableError as exc:
             return self.outcomes.move_failed(row, exc, attempts=row.move_attempts)
         except (OSError, LocationError) as exc:
             return self.outcomes.move_failed(row, exc)
+        placed = self._placed(row, watch, dest, request, verdict, already_placed)
+        return dataclasses.replace(placed, arrivals=tuple(request.arrivals))
+
+    def _placed(self, row: FileRow, watch: WatchConfig, dest: Destination, request: MoveRequest,
+                verdict: VerdictKind, already_placed: bool) -> Outcome:
+        """The sidecar written beside a file that is not clean: done."""
         destination = dest.name(request.dest_rel)
         if verdict is not VerdictKind.CLEAN:
             try:

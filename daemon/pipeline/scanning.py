@@ -28,6 +28,7 @@ from daemon.errors import (
     EngineThrottledError,
     EngineUnavailableError,
     S3UnavailableError,
+    StagingError,
     UnsafePathError,
 )
 from daemon.faults import pause
@@ -76,13 +77,16 @@ class Scanner:
         if (why := self._listed_too_large(row, watch)) is not None:
             return self.mover.fail(row, Reason.TOO_LARGE, why, locations)
         try:
-            listed = Listed(row.rel_path, row.etag, row.version_id, row.size, row.id, row.snapshot)
+            listed = Listed(row.rel_path, row.etag, row.version_id, row.size, file_id=row.id,
+                            snapshot=row.snapshot, sha256=row.sha256)
             with source.open_for_scan(listed) as opened:
                 return self._scan_opened(row, watch, opened, locations)
         except FileNotFoundError:
             return self.outcomes.gone()
         except UnsafePathError as exc:
-            return self.outcomes.held(exc.reason, str(exc))
+            return self.outcomes.held(exc.reason, str(exc), row)
+        except StagingError as exc:
+            return self.outcomes.wait(row, "staging_unavailable", exc)
         except ChangedError as exc:
             return self.outcomes.changed(str(exc), settles=source.settles)
         except S3UnavailableError as exc:
