@@ -1,4 +1,5 @@
-"""Outcome notifications: a JSON POST to `notify.webhook` for every infected or failed file.
+"""Outcome notifications: a JSON POST to `notify.webhook` for every infected or failed file,
+and for a file held with `permission_denied`.
 
 A bounded queue and one sender thread keep the pipeline from ever waiting on the
 webhook; the sender retries with backoff and drops (and logs) what it cannot deliver.
@@ -20,7 +21,7 @@ import structlog
 from daemon.config import NotifyConfig, WatchConfig
 from daemon.facts import outcome_facts
 from daemon.journal import FileRow
-from daemon.model import VerdictKind
+from daemon.model import Reason, VerdictKind
 from daemon.pipeline.outcome import Outcome
 from daemon.retry import RetryPolicy
 
@@ -42,12 +43,18 @@ class WebhookAlerts:
         self._thread.start()
 
     def observe(self, watch: WatchConfig, row: FileRow, outcome: Outcome) -> None:
-        """Queue an event for a file that just reached quarantine or failed; never blocks."""
-        if outcome.event != "file.moved" or row.verdict == VerdictKind.CLEAN:
+        """Queue an event for a file that just reached quarantine or failed, or that is held
+        because the daemon may not take it out of its folder (reported once); never blocks."""
+        at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        if outcome.event == "file.skipped" and outcome.fields.get("reason") == Reason.PERMISSION_DENIED:
+            event: dict[str, Any] = {"event": "file.permission_denied", "watch": row.watch,
+                                     "rel_path": row.rel_path, "detail": outcome.fields.get("detail"),
+                                     "at": at}
+        elif outcome.event != "file.moved" or row.verdict == VerdictKind.CLEAN:
             return
-        event = {"event": f"file.{row.verdict}", "watch": row.watch, "rel_path": row.rel_path,
-                 **outcome_facts(watch, row, str(outcome.fields["destination"])),
-                 "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        else:
+            event = {"event": f"file.{row.verdict}", "watch": row.watch, "rel_path": row.rel_path,
+                     **outcome_facts(watch, row, str(outcome.fields["destination"])), "at": at}
         try:
             self._queue.put_nowait(event)
         except queue.Full:

@@ -13,10 +13,12 @@
     │   ├── UnsafePathError          a path component is a symlink or escapes its root
     │   ├── ChangedError             the source is not the scanned file any more: scan it again
     │   ├── S3ConditionError         an S3 write or read condition (If-Match, If-None-Match) failed
-    │   └── S3UnavailableError       S3 cannot be used now (down, throttled, denied): wait
+    │   ├── S3UnavailableError       S3 cannot be used now (down, throttled, denied): wait
+    │   └── StagingError             the staging directory of snapshots is unusable: wait
     └── EngineError                  an engine gave no verdict
-        ├── EngineRetryableError     unreachable, timed out, 5xx, 429: try again later
+        ├── EngineRetryableError     unreachable, timed out, 500/502/504: try again later
         │   └── EngineUnavailableError  the engine is down: files wait, attempts not spent
+        │       └── EngineThrottledError  "slow down" (429, 503): files wait, the engine is up
         ├── EnginePermanentError     rejected, too large, encrypted: fail the file now
         └── EngineResubmitError      a poll cannot go on: submit the bytes again
 
@@ -36,12 +38,14 @@ __all__ = [
     "EnginePermanentError",
     "EngineResubmitError",
     "EngineRetryableError",
+    "EngineThrottledError",
     "EngineUnavailableError",
     "JournalDamagedError",
     "JournalError",
     "ListenError",
     "LocationError",
     "ScanwatchError",
+    "StagingError",
     "TooManyTagsError",
     "UnsafePathError",
     "WebhookRejectedError",
@@ -106,6 +110,10 @@ class S3UnavailableError(LocationError):
     """S3 cannot be used right now (down, throttling, missing bucket, denied): wait and retry."""
 
 
+class StagingError(LocationError):
+    """The private staging directory of snapshots cannot be used (docs/integrity.md)."""
+
+
 class QuarantineError(ScanwatchError):
     """A quarantine command cannot be carried out."""
 
@@ -160,6 +168,13 @@ class EngineUnavailableError(EngineRetryableError):
     """The engine is down; its files wait without spending attempts."""
 
     reason = Reason.ENGINE_UNAVAILABLE
+
+
+class EngineThrottledError(EngineUnavailableError):
+    """The engine asked us to slow down (docs/engines.md#rate-limits): its files wait for
+    their turn (`retry_after_s`) without spending attempts, and the engine stays healthy."""
+
+    reason = Reason.RATE_LIMITED
 
 
 class EnginePermanentError(EngineError):

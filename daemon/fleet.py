@@ -18,14 +18,14 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator
-from datetime import datetime
 from typing import Any
 from urllib.parse import quote_plus
 
 import structlog
 
 from daemon.errors import LocationError, QueueUnavailableError, S3ConditionError
-from daemon.s3 import S3Url, s3_boundary, sqs_boundary
+from daemon.model import SeenObject
+from daemon.s3 import S3Url, epoch, s3_boundary, sqs_boundary
 
 __all__ = ["LEASE_DIR", "ListingLease", "SafetyNet", "is_fleet_key", "synthetic_event"]
 
@@ -136,7 +136,8 @@ class SafetyNet:
     """The lease holder's listing: objects older than `grace_s` go to the queue as events."""
 
     def __init__(self, s3: Any, sqs: Any, queue_url: str, where: S3Url, lease: ListingLease, *,
-                 grace_s: float, is_ignored: Callable[[str], bool] = lambda rel_path: False,
+                 grace_s: float, skip_reason: Callable[[str], str | None] = lambda rel_path: None,
+                 on_skipped: Callable[[list[SeenObject], str], object] = lambda seen, how: None,
                  clock: Callable[[], float] = time.time) -> None:
         self._s3 = s3
         self._sqs = sqs
@@ -144,11 +145,13 @@ class SafetyNet:
         self._where = where
         self._lease = lease
         self._grace_s = grace_s
-        self._is_ignored = is_ignored
+        self._skip_reason = skip_reason  # keys never scanned: recorded here, reported once
+        self._on_skipped = on_skipped
         self._clock = clock
         # What we sent, so an object still in flight is not sent again every round. Losing it
         # costs a duplicate event, which finds its object placed: never a lost object.
-        self._sent: dict[tuple[str, str], float] = {}
+        # An object is its version: the same bytes uploaded again are sent again at once.
+        self._sent: dict[tuple[str, str, float], float] = {}
 
     def run_once(self) -> int:
         """One listing if we hold the lease; returns how many events it sent."""
@@ -166,38 +169,38 @@ class SafetyNet:
             log.info("fleet.safety_net_sent", count=sent, prefix=str(self._where))
         return sent
 
-    def _due(self, objects: Any) -> Iterator[tuple[str, str, int]]:
+    def _due(self, objects: Any) -> Iterator[tuple[str, str, int, float]]:
         now = self._clock()
+        skipped = []
         for obj in objects:
-            key, etag = obj["Key"], obj["ETag"]
+            key, etag, last_modified = obj["Key"], obj["ETag"], epoch(obj["LastModified"])
             rel_path = key.removeprefix(self._where.prefix)
-            if not rel_path or key.endswith("/") or is_fleet_key(rel_path) or self._is_ignored(rel_path):
+            if not rel_path or is_fleet_key(rel_path):
                 continue
-            if now - _epoch(obj["LastModified"]) < self._grace_s:
+            if self._skip_reason(rel_path) is not None:
+                skipped.append(SeenObject(rel_path, etag, None, int(obj["Size"]), last_modified))
+                continue
+            if now - last_modified < self._grace_s:
                 continue  # its own event is probably on the way
-            if now - self._sent.get((key, etag), -1e18) < 10 * self._grace_s:
+            if now - self._sent.get((key, etag, last_modified), -1e18) < 10 * self._grace_s:
                 continue
-            yield key, etag, int(obj["Size"])
+            yield key, etag, int(obj["Size"]), last_modified
+        if skipped:
+            self._on_skipped(skipped, "listing")
 
-    def _send(self, due: list[tuple[str, str, int]]) -> int:
+    def _send(self, due: list[tuple[str, str, int, float]]) -> int:
         for start in range(0, len(due), _SQS_BATCH):
             batch = due[start:start + _SQS_BATCH]
             try:
                 bucket = self._where.bucket
                 entries = [{"Id": str(index), "MessageBody": synthetic_event(bucket, key, etag, size)}
-                           for index, (key, etag, size) in enumerate(batch)]
+                           for index, (key, etag, size, _) in enumerate(batch)]
                 with sqs_boundary("SendMessageBatch", self._queue_url):
                     self._sqs.send_message_batch(QueueUrl=self._queue_url, Entries=entries)
             except QueueUnavailableError as exc:
                 log.warning("sqs.error", action="SendMessageBatch", error_code=exc.code, error=str(exc))
                 return start
             now = self._clock()
-            self._sent.update({(key, etag): now for key, etag, _ in batch})
+            self._sent.update({(key, etag, modified): now for key, etag, _, modified in batch})
         return len(due)
 
-
-def _epoch(last_modified: Any) -> float:
-    """LastModified as epoch seconds: a datetime, or the ISO string our clients keep it as."""
-    if isinstance(last_modified, datetime):
-        return last_modified.timestamp()
-    return datetime.fromisoformat(str(last_modified).replace("Z", "+00:00")).timestamp()

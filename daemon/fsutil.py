@@ -10,10 +10,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import fcntl
 import hashlib
 import os
-import signal
 import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,14 +34,11 @@ __all__ = [
     "rel_parts",
     "rename_noreplace",
     "split_rel",
-    "write_lease",
 ]
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 _RENAME_NOREPLACE = 1
-_F_SETSIG = getattr(fcntl, "F_SETSIG", 10)
-_F_SETLEASE = getattr(fcntl, "F_SETLEASE", 1024)
 NAME_MAX = 255  # bytes in one file name (Linux)
 _MIN_STEM_ROOM = 24  # a stem byte and `.<n>` for any n: an extension longer than the rest is no extension
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -271,28 +266,3 @@ def put_back(dir_fd: int, name: str, to_dir: int, to_name: str) -> str:
         except FileExistsError:
             continue
     raise FileExistsError(errno.EEXIST, "no free name to put the file back", to_name)
-
-
-@contextmanager
-def write_lease(fd: int) -> Iterator[bool]:
-    """Hold a write lease on `fd`'s file if the kernel grants one; yields whether it did.
-
-    Linux grants it only while no other descriptor (and no shared mapping) of the file
-    is open anywhere, so holding it proves that nobody else can write through an
-    existing descriptor. It needs the file's owner or CAP_LEASE. A lease break (someone
-    opening the file) is signalled with SIGURG, whose default action is to ignore it.
-    """
-    try:
-        fcntl.fcntl(fd, _F_SETSIG, signal.SIGURG)
-        fcntl.fcntl(fd, _F_SETLEASE, fcntl.F_WRLCK)
-    except OSError as exc:
-        if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EPERM, errno.EINVAL, errno.EBUSY):
-            raise
-        granted = False
-    else:
-        granted = True
-    try:
-        yield granted
-    finally:
-        if granted:
-            fcntl.fcntl(fd, _F_SETLEASE, fcntl.F_UNLCK)

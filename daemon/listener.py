@@ -1,12 +1,14 @@
 """Bounded HTTP listeners for the webhook receiver and /metrics (docs/operations.md).
 
-One selector thread accepts connections and collects each request's head without a
-thread of its own; only a complete head goes to one of a few worker threads. So a
-client that connects and says nothing, or sends its headers a byte at a time
-(slowloris), costs a socket, not a thread, and is cut off after `idle_timeout_s` of
-silence or `header_timeout_s` in all. Past `max_connections` the longest-waiting
-connection is answered 503 and closed to make room, as is a head that finds every worker
-busy and the queue full.
+One selector thread accepts connections and collects each request, head and body, without
+a thread of its own; only a complete request goes to one of a few worker threads, which
+never wait for a client. So a client that connects and says nothing, sends its headers a
+byte at a time (slowloris) or stalls inside its body, costs a socket, not a thread, and is
+cut off after `idle_timeout_s` of silence, a head not complete `header_timeout_s` after
+the connection, or a body not complete `body_timeout_s` after its head: a total deadline
+from the request's first byte. Past `max_connections` the longest-waiting connection is
+answered 503 and closed to make room, as is a request that finds every worker busy and the
+queue full.
 Every response closes its connection (HTTP/1.0, no keep-alive), so nothing idles in a
 worker either.
 """
@@ -36,6 +38,8 @@ _TICK_S = 0.1  # how often silent and slow connections are looked at (and `stop(
 _RECV_BYTES = 4096
 _ACCEPT_PAUSE_S = 1.0
 _END_OF_HEAD = re.compile(rb"\r?\n\r?\n")
+_CONTENT_LENGTH = re.compile(rb"^content-length:[ \t]*([0-9]{1,16})[ \t]*\r?$", re.IGNORECASE | re.MULTILINE)
+_TRANSFER_ENCODING = re.compile(rb"^transfer-encoding:", re.IGNORECASE | re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,7 @@ class ListenerLimits:
     header_timeout_s: float = 10.0
     body_timeout_s: float = 10.0
     max_header_bytes: int = 16 * 1024
+    max_body_bytes: int = 1 << 20  # a longer body goes to the handler at once, to be refused
 
 
 @dataclass
@@ -60,7 +65,9 @@ class _Pending:
     address: tuple[str, int]
     accepted_at: float
     last_at: float
-    head: bytearray = field(default_factory=bytearray)
+    head: bytearray = field(default_factory=bytearray)  # the request as received so far
+    deadline: float = 0.0  # the head's, then the body's: the request is cut off past it
+    needed: int | None = None  # the request's whole length, once its head is in
 
 
 class _Reader:
@@ -258,7 +265,7 @@ class HTTPListener:
                 self._evict_oldest(selector, pending)
             sock.setblocking(False)
             now = time.monotonic()
-            conn = _Pending(sock, address, now, now)
+            conn = _Pending(sock, address, now, now, deadline=now + self._limits.header_timeout_s)
             pending[sock] = conn
             selector.register(sock, selectors.EVENT_READ, conn)
 
@@ -283,12 +290,24 @@ class HTTPListener:
             return
         conn.head += chunk
         conn.last_at = time.monotonic()
-        if _END_OF_HEAD.search(conn.head):
+        if conn.needed is None and (end := _END_OF_HEAD.search(conn.head)) is not None:
+            conn.needed = end.end() + self._body_length(bytes(conn.head[:end.end()]))
+            conn.deadline = conn.last_at + self._limits.body_timeout_s
+        if conn.needed is not None and len(conn.head) >= conn.needed:
             self._drop(selector, pending, conn)
             self._hand_over(conn)
-        elif len(conn.head) > self._limits.max_header_bytes:
+        elif conn.needed is None and len(conn.head) > self._limits.max_header_bytes:
             self._drop(selector, pending, conn)
             _answer_and_close(conn.sock, 431, "Request Header Fields Too Large")
+
+    def _body_length(self, head: bytes) -> int:
+        """How many body bytes to wait for: one plain Content-Length up to `max_body_bytes`;
+        0 for anything else (chunked, several lengths, too long), which the handler refuses."""
+        lengths = set(_CONTENT_LENGTH.findall(head))
+        if len(lengths) != 1 or _TRANSFER_ENCODING.search(head):
+            return 0
+        length = int(lengths.pop())
+        return length if length <= self._limits.max_body_bytes else 0
 
     def _hand_over(self, conn: _Pending) -> None:
         conn.sock.setblocking(True)
@@ -304,7 +323,7 @@ class HTTPListener:
         now = time.monotonic()
         limits = self._limits
         for conn in list(pending.values()):
-            if now - conn.accepted_at > limits.header_timeout_s or now - conn.last_at > limits.idle_timeout_s:
+            if now > conn.deadline or now - conn.last_at > limits.idle_timeout_s:
                 self._drop(selector, pending, conn)
                 _answer_and_close(conn.sock, 408, "Request Timeout")
 

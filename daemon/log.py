@@ -1,9 +1,16 @@
-"""structlog set-up: JSON (or console) lines on stdout, with secrets redacted as a backstop."""
+"""structlog set-up: JSON (or console) lines on stdout, with secrets redacted as a backstop.
+
+Every record is one whole line (docs/operations.md, "Logging"): a process writes each
+record in one go under one lock, a JSON line is kept below journald's `LineMax=`, and
+worker processes (daemon/workers.py) write to a pipe whose whole lines the daemon copies
+to its own stdout, so records of different processes never cut into each other.
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
+import threading
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -11,7 +18,7 @@ import structlog
 
 from daemon.fsutil import printable
 
-__all__ = ["SENSITIVE_KEYS", "configure_logging", "redact"]
+__all__ = ["MAX_LINE_CHARS", "SENSITIVE_KEYS", "configure_logging", "redact", "write_lines"]
 
 SENSITIVE_KEYS = frozenset({
     "api_key", "apikey", "token", "secret", "password", "archivepwd", "file_password",
@@ -20,6 +27,60 @@ SENSITIVE_KEYS = frozenset({
 })
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
            "error": logging.ERROR}
+# journald cuts a line of a service's stdout into several entries past `LineMax=` (48K by
+# default); JSON lines are ASCII, so characters are bytes.
+MAX_LINE_CHARS = 32 * 1024
+_CUT_MIN_CHARS = 64  # values shorter than this are not worth cutting
+_KEPT = ("timestamp", "level", "event", "worker", "watch", "file_id")
+_WRITE = threading.Lock()
+
+
+def write_lines(text: str) -> None:
+    """Write whole lines to stdout (as it is at this call) in one go; thread-safe."""
+    with _WRITE:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+
+class _LineLogger:
+    """structlog's logger: each rendered record is one whole line on stdout."""
+
+    def msg(self, message: str) -> None:
+        write_lines(message + "\n")
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
+
+
+_LINE_LOGGER = _LineLogger()
+
+
+class _Fitted:
+    """The JSON renderer, with the longest text values halved until the line fits `max_chars`.
+
+    The cut keys are listed under `truncated`; a record with nothing left to cut keeps
+    only its `_KEPT` keys.
+    """
+
+    def __init__(self, render: structlog.typing.Processor, max_chars: int = MAX_LINE_CHARS) -> None:
+        self._render = render
+        self._max_chars = max_chars
+
+    def __call__(self, logger: Any, name: str, event: MutableMapping[str, Any]) -> str:
+        line = str(self._render(logger, name, event))
+        cut: set[str] = set()
+        while len(line) > self._max_chars:
+            longest = max((k for k, v in event.items() if isinstance(v, str)),
+                          key=lambda k: len(event[k]), default=None)
+            if longest is None or len(event[longest]) < _CUT_MIN_CHARS:
+                event = {k: event[k] for k in _KEPT if k in event}
+                cut = {"*"}
+            else:
+                event[longest] = event[longest][:len(event[longest]) // 2] + "..."
+                cut.add(longest)
+            event["truncated"] = sorted(cut)
+            line = str(self._render(logger, name, event))
+        return line
 
 
 def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
@@ -45,7 +106,7 @@ def configure_logging(fmt: str = "json", level: str = "info") -> None:
     """Route structlog events to stdout as JSON lines (or a console layout)."""
     # JSON lines are ASCII: a name's byte that is not UTF-8 (U+DC80-U+DCFF after
     # `os.fsdecode`) is the escape `\\udcff`, as in `--json` output (README.md, "What happens to a file").
-    renderer: Any = (structlog.processors.JSONRenderer(ensure_ascii=True) if fmt == "json"
+    renderer: Any = (_Fitted(structlog.processors.JSONRenderer(ensure_ascii=True)) if fmt == "json"
                      else structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty()))
     structlog.configure(
         processors=[
@@ -58,6 +119,6 @@ def configure_logging(fmt: str = "json", level: str = "info") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(),  # sys.stdout as it is at each call
+        logger_factory=lambda *_: _LINE_LOGGER,
         cache_logger_on_first_use=False,
     )

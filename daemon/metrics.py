@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, MetricsHand
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from daemon.engines._pacing import read_rates
 from daemon.journal import FileRow, Journal
 from daemon.listener import HTTPListener, ListenerLimits
 from daemon.model import FileState, Reason, VerdictKind
@@ -26,7 +27,7 @@ __all__ = ["Metrics"]
 # are about the file (unreadable, unsafe path) or a verdict (suspicious), not engine errors.
 _ENGINE_ERROR_REASONS = frozenset({Reason.TOO_LARGE, Reason.TIMEOUT, Reason.ENCRYPTED, Reason.ENGINE_ERROR,
                                    Reason.ENGINE_FAILED, Reason.ENGINE_UNAVAILABLE, Reason.AUTH,
-                                   Reason.BAD_REQUEST})
+                                   Reason.BAD_REQUEST, Reason.RATE_LIMITED})
 
 
 class _JournalCollector(Collector):
@@ -40,12 +41,20 @@ class _JournalCollector(Collector):
         depth = GaugeMetricFamily("scanwatch_queue_depth", "Files by watch and state, not yet done",
                                   labels=["watch", "state"])
         totals: dict[tuple[str, str], int] = {}
-        for watch, state, _, _, count in self._journal.counts():
+        held: dict[tuple[str, str], int] = {}
+        for watch, state, _, reason, count in self._journal.counts():
             if state not in (FileState.DONE, FileState.GONE):
                 totals[(watch, state)] = totals.get((watch, state), 0) + count
+            if state == FileState.HELD:
+                held[(watch, reason or "")] = held.get((watch, reason or ""), 0) + count
         for (watch, state), count in sorted(totals.items()):
             depth.add_metric([watch, state], count)
         yield depth
+        skipped = GaugeMetricFamily("scanwatch_files_skipped", "Files and keys left unscanned on purpose "
+                                    "(held), by reason", labels=["watch", "reason"])
+        for (watch, reason), count in sorted(held.items()):
+            skipped.add_metric([watch, reason], count)
+        yield skipped
         oldest = GaugeMetricFamily("scanwatch_oldest_pending_seconds",
                                    "Age of the oldest file not yet done", labels=["watch"])
         now = time.time()
@@ -56,6 +65,7 @@ class _JournalCollector(Collector):
         size.add_metric([], self._journal.size_bytes())
         yield size
         yield self._engine_up()
+        yield self._request_rate()
         yield from self._fleet(now)
 
     def _fleet(self, now: float) -> Iterator[GaugeMetricFamily]:
@@ -70,6 +80,17 @@ class _JournalCollector(Collector):
             held.add_metric([watch], member.messages_held)
         yield lease
         yield held
+
+    def _request_rate(self) -> GaugeMetricFamily:
+        """Each HTTP engine's paced request rate, from its pacing file (docs/engines.md#rate-limits)."""
+        running = None if self._engines is None else set(self._engines())
+        rate = GaugeMetricFamily("scanwatch_engine_request_rate_per_minute",
+                                 "Requests a minute the engine is paced at now: its rate_limit, "
+                                 "lower while it throttles", labels=["engine"])
+        for name, per_minute in read_rates(self._journal.path.parent).items():
+            if running is None or name in running:
+                rate.add_metric([name], per_minute)
+        return rate
 
     def _engine_up(self) -> GaugeMetricFamily:
         # The journal remembers engines a reload removed: only the running ones count.
@@ -139,6 +160,10 @@ class Metrics:
         self.cache = Counter("scanwatch_cache_lookups_total",
                              "Verdict cache lookups: hit (no request made) or miss (the engine was "
                              "asked)", ["engine", "result"], registry=self.registry)
+        self.sqs_malformed = Counter("scanwatch_sqs_malformed_total",
+                                     "SQS messages received that are not S3 events (each receipt; "
+                                     "the queue's redrive policy ends them)", ["watch"],
+                                     registry=self.registry)
         self.registry.register(_JournalCollector(journal, engines))
 
     def serve(self, listen: str, health: Callable[[], list[str]],

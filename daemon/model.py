@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, TypedDict
+from typing import Any, NamedTuple, TypedDict
 
 __all__ = ["FileState", "Pending", "Reason", "RejectReason", "RowChanges", "S3Object", "ScanChanges",
            "ScanRecord", "Verdict", "VerdictKind"]
@@ -48,6 +48,7 @@ class Reason(enum.StrEnum):
     ENGINE_FAILED = "engine_failed"
     SUSPICIOUS = "suspicious"  # the engine's verdict was only suspicious (Perception Point SUS/SPM)
     ENGINE_UNAVAILABLE = "engine_unavailable"
+    RATE_LIMITED = "rate_limited"  # the engine kept saying "slow down" past max_pending_age
     AUTH = "auth"
     BAD_REQUEST = "bad_request"
     INTERNAL_ERROR = "internal_error"
@@ -55,6 +56,9 @@ class Reason(enum.StrEnum):
     UNSAFE_KEY = "unsafe_key"
     TOO_MANY_TAGS = "too_many_tags"  # an object judged in place has no room for the verdict's tags
     UNSAFE_NAME = "unsafe_name"  # a file name its destination cannot hold (e.g. not UTF-8, for S3)
+    IGNORED = "ignored"  # an S3 key an `ignore` glob matches: reported, never scanned
+    DIRECTORY_MARKER = "directory_marker"  # an S3 key ending in `/`: reported, never scanned
+    PERMISSION_DENIED = "permission_denied"  # the daemon cannot write or enter the file's folder
 
 
 class RejectReason(enum.StrEnum):
@@ -106,6 +110,19 @@ class S3Object:
     etag: str
     version_id: str | None
     url: str  # a presigned GET URL of this object (Perception Point `download_link`)
+    # `key` is a private snapshot only scanwatch can write: pinned without a version, so an
+    # engine may read it by `path` (docs/integrity.md, "Remote engines").
+    is_snapshot: bool = False
+
+
+class SeenObject(NamedTuple):
+    """An S3 object version as a listing or an event names it (rel_path relative to the source)."""
+
+    rel_path: str
+    etag: str
+    version_id: str | None
+    size: int
+    last_modified: float | None = None  # epoch seconds; events carry none
 
 
 class RowChanges(TypedDict, total=False):
@@ -140,6 +157,8 @@ class RowChanges(TypedDict, total=False):
     etag: str | None
     version_id: str | None
     submitting_at: float | None
+    last_modified: float | None
+    snapshot: str | None
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from daemon.engines.base import ScanRequest
 from daemon.errors import ChangedError, ScanwatchError
 from daemon.facts import iso, outcome_facts
 from daemon.faults import pause
+from daemon.fleet import is_fleet_key
 from daemon.fsutil import DirCache, Identity
 from daemon.journal import FileRow, Journal
 from daemon.locations import SIDECAR_SUFFIX, Listed, Locations, MoveRequest, S3Location, transfer
@@ -308,13 +309,14 @@ class _Rescanner:
     def _tag(self, rel: str, changes: dict[str, Any], tags: dict[str, str], resumed: bool) -> str:
         assert isinstance(self.clean, S3Location)
         try:
-            etag = tag_in_place(self.clean, rel, changes["etag"], changes["version_id"], tags)
+            rewritten = tag_in_place(self.clean, rel, changes["etag"], changes["version_id"], tags,
+                                     changes.get("sha256"))
         except ChangedError:
             if not (resumed and self._tagged_as(rel, tags)):
                 raise
-            etag = None  # tagged before the crash (a self-copy gave it a new ETag)
-        if etag:
-            changes["etag"] = etag
+            rewritten = None  # tagged before the crash (the rewrite gave it a new version)
+        if rewritten:
+            changes["etag"], changes["last_modified"] = rewritten
         return self.clean.name(rel)
 
     def _tagged_as(self, rel: str, tags: Mapping[str, str]) -> bool:
@@ -329,9 +331,9 @@ class _MoveCutOffError(Exception):
 
 
 def _is_ours_to_scan(rel_path: str) -> bool:
-    """Files placed in clean; not sidecars nor our temp and capture names."""
+    """Files placed in clean; not sidecars nor our temp and capture names, nor `.scanwatch/`."""
     name = rel_path.rpartition("/")[2]
-    return not (name.endswith(SIDECAR_SUFFIX) or name.startswith(".scanwatch-"))
+    return not (name.endswith(SIDECAR_SUFFIX) or name.startswith(".scanwatch-") or is_fleet_key(rel_path))
 
 
 def _objects(location: S3Location) -> Iterator[Listed]:

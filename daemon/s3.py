@@ -9,6 +9,8 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
+from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
@@ -29,7 +31,7 @@ from daemon.fsutil import rel_parts
 if TYPE_CHECKING:  # config imports this module for S3Url
     from daemon.config import S3Config
 
-__all__ = ["S3Clients", "S3Url", "error_code", "flat_name", "is_s3", "local_rel", "make_client",
+__all__ = ["S3Clients", "S3Url", "epoch", "error_code", "flat_name", "is_s3", "local_rel", "make_client",
            "s3_boundary", "s3_errors", "sqs_boundary"]
 
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
@@ -188,3 +190,15 @@ def s3_errors(what: str, exc: Exception) -> LocationError:
     if isinstance(exc, BotoCoreError):
         return S3UnavailableError(f"{what}: {exc}")
     return LocationError(f"{what}: {exc}")
+
+
+def epoch(last_modified: Any) -> float:
+    """LastModified as whole epoch seconds: from a datetime, or the string our clients keep it as
+    (ISO 8601 in listings, RFC 7231 in the headers of HEAD and GET). Whole seconds, as headers
+    carry it, so that a listing's and a GET's LastModified of one version are equal."""
+    if isinstance(last_modified, datetime):
+        return float(int(last_modified.timestamp()))
+    text = str(last_modified)
+    if text[:1].isdigit():
+        return float(int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()))
+    return float(int(parsedate_to_datetime(text).timestamp()))

@@ -14,9 +14,10 @@ import structlog
 from daemon.alerts import WebhookAlerts
 from daemon.config import Config, load_config
 from daemon.engines import Engine, build_engines
-from daemon.errors import ConfigError, JournalDamagedError, ScanwatchError
+from daemon.errors import ConfigError, EngineThrottledError, JournalDamagedError, ScanwatchError
 from daemon.journal import FileRow, is_damage, open_journal, owner_token
 from daemon.journal_repair import hold_daemon_lock
+from daemon.locations.staging import reconcile as reconcile_staging
 from daemon.metrics import Metrics
 from daemon.pipeline import Outcome, Pipeline, uses_s3
 from daemon.s3 import S3Clients, is_s3
@@ -25,6 +26,7 @@ from daemon.watchers.base import Watcher
 from daemon.watchers.local import LocalWatcher
 from daemon.watchers.s3 import S3Watcher
 from daemon.webhooks import WebhookReceivers
+from daemon.worker import share_webhook_health
 from daemon.workers import WorkerPool
 
 __all__ = ["Service"]
@@ -72,12 +74,16 @@ class Service:
         for watch in config.watches:
             if uses_s3(watch):
                 s3(config.s3_for(watch))
-        pipeline: Pipeline | WorkerPool = (
-            WorkerPool(config, self.journal, self.wake, self._on_outcome) if config.worker_count() > 1
-            else Pipeline(config, self.journal, engines, owner=self.owner, wake=self.wake,
-                          on_outcome=self._on_outcome, s3=s3))
+        pipeline: Pipeline | WorkerPool
+        if config.worker_count() > 1:
+            share_webhook_health(engines, config.state_dir)  # received here, polled in workers
+            pipeline = WorkerPool(config, self.journal, self.wake, self._on_outcome)
+        else:
+            pipeline = Pipeline(config, self.journal, engines, owner=self.owner, wake=self.wake,
+                                on_outcome=self._on_outcome, s3=s3)
         watchers: list[Watcher] = [
-            S3Watcher(w, self.journal, self.wake, s3(config.s3_for(w)), config.s3_for(w))
+            S3Watcher(w, self.journal, self.wake, s3(config.s3_for(w)), config.s3_for(w),
+                      on_malformed=self.metrics.sqs_malformed.labels(w.name).inc)
             if is_s3(w.source)
             else LocalWatcher(w, self.journal, self.wake) for w in config.watches]
         alerts = WebhookAlerts(config.notify) if config.notify else None
@@ -114,6 +120,8 @@ class Service:
     def _probe(self, name: str, engine: Engine) -> None:
         try:
             detail = engine.probe()
+        except EngineThrottledError as exc:  # it answers: "slow down" is pacing, not down
+            detail = str(exc)
         except ScanwatchError as exc:
             log.warning("engine.unhealthy", engine=name, error=str(exc))
             self.journal.set_engine_health(name, False, str(exc), time.time())
@@ -170,6 +178,8 @@ class Service:
         reclaimed = self.journal.reclaim()
         if reclaimed:
             log.info("journal.resumed", rows=reclaimed)
+        # Before any worker runs: scanned bytes no live row waits for (docs/integrity.md).
+        reconcile_staging(self._running.config, self.journal)
         if metrics := self._running.config.metrics:
             self.metrics.serve(metrics.listen, self._unready_reasons)
         self._start(self._running, is_first=True)

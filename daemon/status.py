@@ -5,12 +5,17 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from daemon.config import Config
+from daemon.config import Config, HttpEngineConfig
+from daemon.engines._pacing import read_rates
 from daemon.fsutil import printable
 from daemon.journal import FleetMember, Journal
 from daemon.model import FileState
 
 __all__ = ["collect", "render"]
+
+# docs/fleet.md: a message that is not an S3 event comes back until it is moved away.
+_REDRIVE_ADVICE = ("give the queue a redrive policy (a dead-letter queue): a message that cannot "
+                   "be read is left on it and comes back at every visibility timeout until moved there")
 
 
 def collect(config: Config, journal: Journal) -> dict[str, Any]:
@@ -41,16 +46,28 @@ def collect(config: Config, journal: Journal) -> dict[str, Any]:
     for w in config.watches:
         if w.fleet:
             watches[w.name]["fleet"] = _fleet_status(fleet.get(w.name), now)
+        if w.events is not None:
+            watches[w.name]["events"] = {"queue": w.events.sqs_queue_url, "advice": _REDRIVE_ADVICE}
     health = journal.engine_health()
-    engines: dict[str, dict[str, Any]] = {
-        name: {"type": cfg.type, "healthy": health.get(name, (None,))[0],
-               "detail": health.get(name, (None, None))[1]} for name, cfg in config.engines.items()}
+    rates = read_rates(config.state_dir)
+    engines = {name: {"type": cfg.type, "healthy": health.get(name, (None,))[0],
+                      "detail": health.get(name, (None, None))[1],
+                      **_pacing(cfg, rates.get(name))}
+               for name, cfg in config.engines.items()}
     cache = journal.cache_stats()
     for name, cfg in config.engines.items():
         hits, misses = cache.get(name, (0, 0))
         engines[name]["cache"] = {"enabled": cfg.cache.enabled, "hits": hits, "misses": misses,
                                   "hit_rate": round(hits / (hits + misses), 4) if hits + misses else None}
     return {"watches": watches, "engines": engines}
+
+
+def _pacing(cfg: object, rate: float | None) -> dict[str, Any]:
+    """An HTTP engine's request rate now and its ceiling (docs/engines.md#rate-limits)."""
+    if not isinstance(cfg, HttpEngineConfig):
+        return {}
+    rate = cfg.rate_limit if rate is None else min(rate, cfg.rate_limit)
+    return {"request_rate_per_minute": round(rate, 2), "rate_limit": cfg.rate_limit}
 
 
 def _fleet_status(member: FleetMember | None, now: float) -> dict[str, Any]:
@@ -72,6 +89,8 @@ def render(status: dict[str, Any]) -> str:
         lines.append(f"{name:<16} {w['engine'] or '-':<10} {pending:>8} "
                      f"{w['outcomes'].get('clean', 0):>7} {w['outcomes'].get('infected', 0):>8} "
                      f"{w['outcomes'].get('failed', 0):>7} {sum(w['skipped'].values()):>7}  {oldest}")
+        if events := w.get("events"):
+            lines.append(f"  events: {events['advice']}")
         if fleet := w.get("fleet"):
             lease = ("holds the listing lease" if fleet["holds_lease"]
                      else "another member holds the listing lease (or none yet)")
@@ -87,6 +106,8 @@ def render(status: dict[str, Any]) -> str:
     for name, e in status["engines"].items():
         health = {True: "ok", False: "DOWN", None: "unknown"}[e["healthy"]]
         detail = f" ({e['detail']})" if e["detail"] else ""
+        if "request_rate_per_minute" in e:
+            detail += f"; {e['request_rate_per_minute']:g}/{e['rate_limit']:g} requests a minute"
         lines.append(f"{name:<16} {e['type']:<18} {_hit_rate(e['cache']):<22} {health}{detail}")
     return "\n".join(lines)
 

@@ -3,8 +3,11 @@
 Started by the daemon (daemon/workers.py) as `python -m daemon.worker --parent PID
 --events-fd FD`. Its stdin carries the config (one frame, so a reload that the parent
 refused never reaches a worker), then one byte per wake-up; FD carries each outcome back
-to the parent for the metrics and alerts. It dies with the parent (`PR_SET_PDEATHSIG`),
-drains at the end of its stdin or on SIGTERM, ignores SIGHUP: the parent reloads by starting new workers.
+to the parent for the metrics and alerts; its stdout, the log lines, goes to the parent too
+(daemon/workers.py). It dies with the parent (`PR_SET_PDEATHSIG`), drains at the end of its
+stdin or on SIGTERM, ignores SIGHUP: the parent reloads by starting new workers. Webhook
+receivers run in the parent; whether their deliveries arrive, which slows the workers'
+polls, is shared through a file per engine under state_dir (`share_webhook_health`).
 """
 
 from __future__ import annotations
@@ -17,18 +20,23 @@ import signal
 import struct
 import sys
 import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
 from typing import IO, Any
 
 import structlog
 
 from daemon.config import Config
-from daemon.engines import build_engines
+from daemon.engines import Engine, build_engines
+from daemon.engines._webhook import WebhookHealth
+from daemon.engines.base import WebhookSource
 from daemon.journal import FileRow, open_journal, owner_token
 from daemon.log import configure_logging
 from daemon.pipeline import Outcome, Pipeline
 from daemon.s3 import S3Clients
 
-__all__ = ["main", "read_frame", "write_frame"]
+__all__ = ["main", "read_frame", "share_webhook_health", "write_frame"]
 
 log = structlog.get_logger("scanwatch.worker")
 
@@ -59,6 +67,36 @@ def _read_exactly(stream: IO[bytes], size: int) -> bytes:
             raise EOFError
         data += chunk
     return data
+
+
+class _SharedWebhookHealth(WebhookHealth):
+    """An engine's `WebhookHealth` seen by every process of the daemon: the time of the last
+    verified delivery is the mtime of a file, touched by the receiver, read by the polls."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(clock=time.time)
+        self._path = path
+        path.parent.mkdir(exist_ok=True)
+
+    def receiving(self) -> None:
+        self._path.touch()
+
+    def stopped(self) -> None:
+        self._path.unlink(missing_ok=True)
+
+    @property
+    def is_healthy(self) -> bool:
+        try:
+            return self._clock() - self._path.stat().st_mtime < self._healthy_for_s
+        except FileNotFoundError:
+            return False
+
+
+def share_webhook_health(engines: Mapping[str, Engine], state_dir: Path) -> None:
+    """Give each engine that takes webhooks a health shared with the other processes."""
+    for name, engine in engines.items():
+        if isinstance(engine, WebhookSource) and engine.webhook_address is not None:
+            engine.webhook_health = _SharedWebhookHealth(state_dir / "webhooks" / name)
 
 
 def _die_with_parent(parent: int) -> None:
@@ -111,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(config: Config, stdin: IO[bytes], events_fd: int, stop: threading.Event) -> int:
     journal = open_journal(config.state_dir)
     engines = build_engines(config)
+    share_webhook_health(engines, config.state_dir)
     wake = threading.Event()
     pipeline = Pipeline(config, journal, engines, owner=owner_token(), wake=wake,
                         on_outcome=_Events(events_fd).send, s3=S3Clients())

@@ -6,6 +6,7 @@ set -euo pipefail
 declare -A package_of=(
   [setpriv]=util-linux          # run a test as the user nobody
   [mount]=mount                 # a small tmpfs for the disk-full test
+  [mkfs.xfs]=xfsprogs           # an XFS image with reflinks for the snapshot tests
   [clamd]=clamav-daemon         # a real clamd for the ClamAV engine (started by the tests)
   [sigtool]=clamav              # builds the tests' one-signature database
   [clamdscan]=clamdscan         # the peer in bench/clamav_throughput.py

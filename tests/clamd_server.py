@@ -68,10 +68,11 @@ class ClamdError(Exception):
 
 @contextmanager
 def running_clamd(max_threads: int = 4, populate: Callable[[Path], None] | None = None,
-                  start_timeout_s: float = 60) -> Iterator[Clamd]:
+                  start_timeout_s: float = 60, options: dict[str, str] | None = None) -> Iterator[Clamd]:
     """Start clamd with its own config and a one-signature database; stop it after.
 
-    `populate`, if given, writes more signature files into the database directory first.
+    `populate`, if given, writes more signature files into the database directory first;
+    `options` are clamd.conf settings over ours (`{"MaxFileSize": "1M"}`).
     """
     binary = shutil.which("clamd") or "/usr/sbin/clamd"
     if not os.path.exists(binary) or not shutil.which("sigtool"):
@@ -91,12 +92,13 @@ def running_clamd(max_threads: int = 4, populate: Callable[[Path], None] | None 
     user = "clamav" if os.geteuid() == 0 and _has_user("clamav") else None
     port = free_port()
     conf = base / "clamd.conf"
-    conf.write_text("\n".join([
-        "Foreground yes", f"LocalSocket {base / 'clamd.sock'}", "LocalSocketMode 666",
-        "TCPAddr 127.0.0.1", f"TCPSocket {port}", f"DatabaseDirectory {db}",
-        f"StreamMaxLength {STREAM_MAX_BYTES}", f"MaxThreads {max_threads}", "IdleTimeout 30",
-        f"LogFile {base / 'clamd.log'}", f"PidFile {base / 'clamd.pid'}",
-        *([f"User {user}"] if user else []), ""]))
+    settings = {
+        "Foreground": "yes", "LocalSocket": str(base / "clamd.sock"), "LocalSocketMode": "666",
+        "TCPAddr": "127.0.0.1", "TCPSocket": str(port), "DatabaseDirectory": str(db),
+        "StreamMaxLength": str(STREAM_MAX_BYTES), "MaxThreads": str(max_threads), "IdleTimeout": "30",
+        "LogFile": str(base / "clamd.log"), "PidFile": str(base / "clamd.pid"),
+        **({"User": user} if user else {}), **(options or {})}
+    conf.write_text("".join(f"{key} {value}\n" for key, value in settings.items()))
     if user:
         shutil.chown(base, user)
     proc = subprocess.Popen([binary, "--config-file", str(conf)], stdout=subprocess.DEVNULL,

@@ -97,13 +97,14 @@ class Harness:
     """A watch, its journal, a fake engine and a pipeline, driven step by step."""
 
     def __init__(self, layout: Layout, engine: Engine, *, engine_cfg: dict[str, object] | None = None,
-                 **watch: object) -> None:
+                 clock: Clock | None = None, **watch: object) -> None:
+        """`clock`: the one the engine's pacer already reads (an HTTP engine's), else a new one."""
         self.layout = layout
         self.config = Config.model_validate(layout.config(watch={"settle_seconds": 0, **watch},
                                                           engine=engine_cfg))
         self.journal = Journal(layout.state / "journal.sqlite3")
         self.engine = engine
-        self.clock = Clock()
+        self.clock = clock or Clock()
         self.watcher = LocalWatcher(self.config.watches[0], self.journal, threading.Event(),
                                     clock=self.clock)
         self.pipeline = Pipeline(self.config, self.journal, {"default": engine},

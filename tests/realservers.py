@@ -373,7 +373,8 @@ class TcpProxy:
 
 
 class HttpProxy:
-    """A loopback HTTP/1.1 forwarder that records each request line and can add latency.
+    """A loopback HTTP/1.1 forwarder that records each request line (and each server-side copy's
+    source) and can add latency.
 
     Requests are forwarded with their Host header untouched (SigV4 signs it), one upstream
     connection per client connection; bodies are read whole (tests and benchmarks use small
@@ -384,6 +385,7 @@ class HttpProxy:
         self.target_port = target_port
         self.delay_s = delay_s
         self.requests: list[tuple[str, str, int]] = []  # method, path?query, status
+        self.copies: list[tuple[str, str]] = []  # server-side copies: path, x-amz-copy-source
         self._lock = threading.Lock()
         proxy = self
 
@@ -407,6 +409,8 @@ class HttpProxy:
                 data = answer.read()
                 with proxy._lock:
                     proxy.requests.append((self.command, self.path, answer.status))
+                    if copied := self.headers.get("x-amz-copy-source"):
+                        proxy.copies.append((self.path, copied))
                 self.send_response_only(answer.status, answer.reason)
                 for name, value in answer.getheaders():
                     if name.lower() not in ("transfer-encoding", "content-length", "connection"):

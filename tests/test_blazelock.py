@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import (
     EICAR,
+    Clock,
     Harness,
     Layout,
     big_upload_peak_rss_kb,
@@ -20,6 +21,7 @@ from emulators._server import Fault
 from emulators.blazelock import BlazelockEmulator
 
 from daemon.config import BlazelockEngineConfig
+from daemon.engines._pacing import Pacer
 from daemon.engines.blazelock import BlazelockEngine
 
 
@@ -33,7 +35,9 @@ def _harness(layout: Layout, emulator: BlazelockEmulator, **cfg: object) -> Harn
     engine_cfg = {"type": "blazelock", "url": emulator.url, "api_key": "test-key",
                   "poll_interval": 0.1, "timeout": 5, **cfg}
     config = BlazelockEngineConfig.model_validate(engine_cfg)
-    return Harness(layout, BlazelockEngine("default", config), engine_cfg=engine_cfg)
+    clock = Clock()  # the pacer waits on the harness's time
+    engine = BlazelockEngine("default", config, pacer=Pacer("default", config.rate_limit, clock=clock))
+    return Harness(layout, engine, engine_cfg=engine_cfg, clock=clock)
 
 
 def test_async_upload_clean_infected_failed(layout: Layout, emulator: BlazelockEmulator) -> None:

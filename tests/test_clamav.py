@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from clamd_server import STREAM_MAX_BYTES, Clamd, unix_relay
+from clamd_server import STREAM_MAX_BYTES, Clamd, running_clamd, unix_relay
 from conftest import EICAR, Harness, Layout
 from structlog.testing import capture_logs
 
@@ -29,12 +29,14 @@ def _engine(**cfg: object) -> ClamavEngine:
 
 @pytest.fixture
 def world_readable(layout: Layout) -> Layout:
-    """Folders the clamav user can walk, as on a host where clamd scans drop folders."""
+    """Folders the clamav user can walk, as on a host where clamd scans drop folders (and,
+    in path mode, the staging directory of snapshots: docs/integrity.md)."""
     for path in (layout.base, *layout.base.parents):
         if str(path).startswith("/tmp/pytest-of-"):
             path.chmod(0o755)
     layout.base.chmod(0o755)
     layout.inbox.chmod(0o755)
+    (layout.state / "staging").mkdir(parents=True, mode=0o755)
     return layout
 
 
@@ -225,3 +227,55 @@ def test_daemon_with_clamav_engine_end_to_end(world_readable: Layout, clamd: Cla
     assert layout.placed("clean") == ["ok.txt"] and layout.placed("quarantine") == ["e.com"]
     assert daemon.named("engine.ready")[0]["detail"].startswith("ClamAV ")
     assert daemon.stop() == 0
+
+
+# -- files clamd would not read whole (docs/engines.md#file-size-limits) --------------------------
+
+_LIMITS = {"MaxFileSize": "1M", "MaxScanSize": "1M", "StreamMaxLength": "1M"}
+
+
+def _eicar_body_signature(db: Path) -> None:
+    """A body signature for the EICAR string anywhere in a file (not only a whole-file hash)."""
+    marker = EICAR.split(b"$")[1]  # EICAR-STANDARD-ANTIVIRUS-TEST-FILE!
+    (db / "body.ndb").write_text(f"Scanwatch-Test-EICAR-Body:0:*:{marker.hex()}\n")
+
+
+@pytest.fixture(scope="module", params=["no", "yes"], ids=["limits", "limits-alert"])
+def limited_clamd(request: pytest.FixtureRequest) -> Iterator[tuple[Clamd, bool]]:
+    """clamd with 1M limits and the EICAR body signature; AlertExceedsMax per param."""
+    options = {**_LIMITS, "AlertExceedsMax": request.param}
+    with running_clamd(populate=_eicar_body_signature, options=options) as server:
+        yield server, request.param == "yes"
+
+
+def _eicar_at_the_end(path: Path, size_bytes: int) -> Path:
+    """A file of `size_bytes` (sparse) whose last bytes are the EICAR string."""
+    with open(path, "wb") as f:
+        f.truncate(size_bytes - len(EICAR))
+        f.seek(0, os.SEEK_END)
+        f.write(EICAR)
+    return path
+
+
+def test_a_file_past_clamds_limits_is_never_clean(layout: Layout, limited_clamd: tuple[Clamd, bool]) -> None:
+    clamd, alerts = limited_clamd
+    # Over clamd's limits, under max_size: only AlertExceedsMax tells; else max_size must.
+    harness = _harness(layout, clamd, max_size="1MiB" if not alerts else "10MiB")
+    _eicar_at_the_end(layout.inbox / "big.bin", 3_000_000)
+    _eicar_at_the_end(layout.inbox / "small.bin", 500_000)
+    harness.step()
+    assert layout.placed("quarantine") == ["small.bin"]  # the body signature finds the tail
+    assert layout.placed("failed") == ["big.bin"] and layout.placed("clean") == []
+    row = harness.row("big.bin")
+    assert row.reason == "too_large" and row.verdict == "failed"
+    error = row.raw_result["error"]
+    assert ("Heuristics.Limits.Exceeded.MaxFileSize" in error) if alerts else ("max_size" in error)
+
+
+def test_default_max_size_keeps_a_30mb_file_from_a_clamd_that_reads_less(
+        layout: Layout, limited_clamd: tuple[Clamd, bool]) -> None:
+    harness = _harness(layout, limited_clamd[0])  # max_size: the default, 25 MiB
+    _eicar_at_the_end(layout.inbox / "big.bin", 30_000_000)
+    harness.step()
+    assert layout.placed("failed") == ["big.bin"] and harness.row("big.bin").reason == "too_large"
+    assert "max_size" in harness.row("big.bin").raw_result["error"]  # never sent

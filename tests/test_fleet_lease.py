@@ -108,11 +108,20 @@ def test_the_holder_sends_old_objects_without_events_to_the_queue(
     for key in ("in/lost event.txt", "in/a+b%c/日本.bin", "in/ignored.tmp", "in/dir/"):
         s3.put_object(Bucket=s3_bucket, Key=key, Body=b"x")
     where = S3Url(s3_bucket, "in/")
+    skipped: list[tuple[str, str]] = []
+
+    def skip_reason(rel: str) -> str | None:
+        return "ignored" if rel.endswith(".tmp") else "directory_marker" if rel.endswith("/") else None
+
     nets = [SafetyNet(s3, sqs, sqs_queue, where, _lease(s3_server, s3_bucket, name, clock), grace_s=60,
-                      is_ignored=lambda rel: rel.endswith(".tmp"), clock=clock) for name in ("a", "b")]
+                      skip_reason=skip_reason, clock=clock,
+                      on_skipped=lambda seen, how: skipped.extend((s.rel_path, how) for s in seen))
+            for name in ("a", "b")]
     assert nets[0].run_once() == 0  # everything is younger than the grace period
     clock.now += 61
     assert [net.run_once() for net in nets] == [2, 0]  # only the holder lists
     assert _received(sqs, sqs_queue) == ["in/a+b%c/日本.bin", "in/lost event.txt"]
+    # Keys never scanned are handed to the holder's journal, to be reported (not sent).
+    assert sorted(set(skipped)) == [("dir/", "listing"), ("ignored.tmp", "listing")]
     assert nets[0].run_once() == 0  # not sent again while it may be in flight
     assert is_fleet_key(".scanwatch/lease") and not is_fleet_key("x/.scanwatch/lease")

@@ -3,7 +3,8 @@
 Each test holds the real daemon at one named step (`daemon.faults` pause points),
 does what an uploader could do at that instant, lets it go on, and then checks
 docs/integrity.md's promise: every file in `clean` holds bytes that got a clean
-verdict, nothing that was dropped is lost, and nothing is left behind.
+verdict, nothing that was dropped is lost, and nothing is left behind. The same
+attacks without pause points, by another uid, are in tests/test_attacks.py.
 """
 
 from __future__ import annotations
@@ -52,8 +53,9 @@ def _start(layout: Layout, daemon_factory: Callable[..., Daemon], env: dict[str,
     return daemon
 
 
-def _assert_clean_was_scanned(layout: Layout, *daemons: Daemon) -> None:
-    """Every file in clean has bytes whose hash a clean verdict named; no temp is left over."""
+def assert_clean_was_scanned(layout: Layout, *daemons: Daemon) -> None:
+    """Every file in clean has bytes whose hash a clean verdict named; no temp is left over,
+    and staging holds nothing once every row is done."""
     scanned_clean = {e["ref_id"].rpartition("#")[2][:12] for daemon in daemons
                      for e in daemon.named("scan.verdict") if e["verdict"] == "clean"}
     for path in layout.clean.rglob("*"):
@@ -62,6 +64,10 @@ def _assert_clean_was_scanned(layout: Layout, *daemons: Daemon) -> None:
             data = path.read_bytes()
             assert EICAR not in data, f"{path} holds EICAR"
             assert hashlib.sha256(data).hexdigest()[:12] in scanned_clean, f"{path} was never scanned clean"
+    staging = layout.state / "staging"
+    rows = Journal(layout.state / "journal.sqlite3").rows()
+    if staging.exists() and all(r.state in (FileState.DONE, FileState.GONE) for r in rows):
+        assert list(staging.iterdir()) == []
 
 
 def _evil_swap(layout: Layout, name: str) -> None:
@@ -80,25 +86,28 @@ def test_file_renamed_over_the_name_before_the_move_is_scanned_not_promoted(
     pauses.go("move.before_capture")
     daemon.wait_for(lambda: layout.placed("quarantine") == ["a.txt"], what="the swapped-in file quarantined")
     assert daemon.stop() == 0
-    assert layout.placed("clean") == []
+    # The snapshot that was scanned is placed; the file renamed over the name is a new arrival.
+    assert layout.placed("clean") == ["a.txt"]
+    assert (layout.clean / "a.txt").read_bytes() == b"harmless"
     assert (layout.quarantine / "a.txt").read_bytes() == EICAR
     assert (layout.quarantine / "a.txt").stat().st_mode & 0o777 == 0o600
     assert daemon.named("file.changed")
     assert list(layout.inbox.iterdir()) == []
-    _assert_clean_was_scanned(layout, daemon)
+    assert_clean_was_scanned(layout, daemon)
 
 
 def test_file_renamed_over_the_name_during_the_scan_is_scanned_again(
         layout: Layout, daemon_factory: Callable[..., Daemon], pauses: Pauses) -> None:
     daemon = _start(layout, daemon_factory, pauses.env("scan.hashed"))
     (layout.inbox / "a.txt").write_bytes(b"harmless")
-    pauses.reached(daemon, "scan.hashed")  # the held descriptor is hashed, the engine not asked yet
+    pauses.reached(daemon, "scan.hashed")  # the snapshot is hashed, the engine not asked yet
     _evil_swap(layout, "a.txt")
     pauses.go("scan.hashed")
     daemon.wait_for(lambda: layout.placed("quarantine") == ["a.txt"], what="the swapped-in file quarantined")
     assert daemon.stop() == 0
-    assert layout.placed("clean") == []
-    _assert_clean_was_scanned(layout, daemon)
+    assert layout.placed("clean") == ["a.txt"]
+    assert (layout.clean / "a.txt").read_bytes() == b"harmless"
+    assert_clean_was_scanned(layout, daemon)
 
 
 def test_directory_swapped_for_a_symlink_before_the_move_never_leads_outside(
@@ -113,18 +122,19 @@ def test_directory_swapped_for_a_symlink_before_the_move_never_leads_outside(
     os.rename(layout.inbox / "sub", layout.inbox / "sub.old")
     os.symlink(outside, layout.inbox / "sub")
     pauses.go("move.start")
-    daemon.wait_for(lambda: len(layout.placed("clean")) == 1, what="the harmless file placed")
+    daemon.wait_for(lambda: daemon.named("file.moved") and not (layout.inbox / "sub.old" / "a.txt").exists(),
+                    what="the harmless file placed")
     assert daemon.stop() == 0
-    # The scanned inode is placed once (under its old or its new path), the link's target untouched.
+    # The snapshot is placed once; the original, reached through the folder's descriptor (not
+    # the link), is removed as unchanged; the link's target is untouched.
     [placed] = layout.placed("clean")
     assert (layout.clean / placed).read_bytes() == b"harmless"
     assert (outside / "a.txt").read_bytes() == EICAR
     assert layout.placed("quarantine") == []
-    assert not (layout.inbox / "sub.old" / "a.txt").exists()
-    _assert_clean_was_scanned(layout, daemon)
+    assert_clean_was_scanned(layout, daemon)
 
 
-def test_hardlink_made_after_settling_gets_a_fresh_copy_promoted(
+def test_hardlink_made_after_settling_cannot_reach_what_is_promoted(
         layout: Layout, daemon_factory: Callable[..., Daemon], pauses: Pauses) -> None:
     daemon = _start(layout, daemon_factory, pauses.env("move.start"))
     (layout.inbox / "a.txt").write_bytes(b"harmless")
@@ -139,7 +149,6 @@ def test_hardlink_made_after_settling_gets_a_fresh_copy_promoted(
     assert promoted.stat().st_ino != elsewhere.stat().st_ino and promoted.stat().st_nlink == 1
     elsewhere.write_bytes(EICAR)  # writing through the other name cannot reach clean
     assert promoted.read_bytes() == b"harmless"
-    assert [e["why"] for e in daemon.named("file.copied")] == ["held_elsewhere"]  # reported once
     assert not daemon.named("move.failed")
     assert list(layout.inbox.iterdir()) == []
 
@@ -164,33 +173,39 @@ def test_writer_keeping_its_descriptor_cannot_write_into_clean(
     assert (layout.clean / "upload.bin").read_bytes() == b"harmless bytes"
     relinked = layout.base / "relinked"
     assert not relinked.exists() or not os.path.samefile(layout.clean / "upload.bin", relinked)
-    assert [e["why"] for e in daemon.named("file.copied")] == ["held_elsewhere"]
-    _assert_clean_was_scanned(layout, daemon)
+    assert_clean_was_scanned(layout, daemon)
 
 
-def test_truncation_through_a_held_descriptor_before_promotion_is_scanned_again(
+def test_truncation_through_a_held_descriptor_after_the_snapshot_is_scanned_again(
         layout: Layout, daemon_factory: Callable[..., Daemon], pauses: Pauses) -> None:
     daemon = _start(layout, daemon_factory, pauses.env("move.captured"))
     with open(layout.inbox / "upload.bin", "wb", buffering=0) as writer:
         writer.write(b"A" * 100_000)
-        pauses.reached(daemon, "move.captured")  # taken out of the inbox, not yet promoted
+        pauses.reached(daemon, "move.captured")  # snapshot placed, original taken out of the inbox
         os.ftruncate(writer.fileno(), 10)
         pauses.go("move.captured")
         daemon.wait_for(lambda: daemon.named("file.changed"), what="the change noticed")
-        daemon.wait_for(lambda: layout.placed("clean") == ["upload.bin"], what="the new bytes placed")
+        daemon.wait_for(lambda: len(layout.placed("clean")) == 2, what="the new bytes placed")
     assert daemon.stop() == 0
-    assert (layout.clean / "upload.bin").read_bytes() == b"A" * 10  # what was scanned the second time
+    assert (layout.clean / "upload.bin").read_bytes() == b"A" * 100_000  # the snapshot scanned first
+    assert (layout.clean / "upload.1.bin").read_bytes() == b"A" * 10  # put back, scanned the second time
     assert list(layout.inbox.iterdir()) == []
-    _assert_clean_was_scanned(layout, daemon)
+    assert_clean_was_scanned(layout, daemon)
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_kill_9_between_capture_and_promotion_finishes_the_move_once(
-        layout: Layout, daemon_factory: Callable[..., Daemon], pauses: Pauses, workers: int) -> None:
-    first = _start(layout, daemon_factory, pauses.env("move.captured"), workers)
+@pytest.mark.parametrize(("workers", "point"), [
+    (1, "move.captured"),  # one snapshot placed, its original captured into staging
+    (2, "move.captured"),
+    (1, "scan.hashed"),  # a snapshot made and hashed, nothing journaled of it yet
+    (1, "move.start"),  # a verdict journaled, its snapshot waiting in staging
+])
+def test_kill_9_anywhere_in_a_move_finishes_it_once(
+        layout: Layout, daemon_factory: Callable[..., Daemon], pauses: Pauses, workers: int,
+        point: str) -> None:
+    first = _start(layout, daemon_factory, pauses.env(point), workers)
     (layout.inbox / "a.txt").write_bytes(b"harmless")
     (layout.inbox / "e.com").write_bytes(EICAR)
-    pauses.reached(first, "move.captured")
+    pauses.reached(first, point)
     first.proc.send_signal(signal.SIGKILL)
     first.proc.wait()
     second = _start(layout, daemon_factory, {}, workers)
@@ -203,4 +218,4 @@ def test_kill_9_between_capture_and_promotion_finishes_the_move_once(
     assert leftovers == []
     rows = Journal(layout.state / "journal.sqlite3").rows()
     assert sorted(r.state for r in rows) == [FileState.DONE, FileState.DONE]
-    _assert_clean_was_scanned(layout, first, second)
+    assert_clean_was_scanned(layout, first, second)

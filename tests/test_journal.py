@@ -10,7 +10,7 @@ from pathlib import Path
 
 from daemon.journal import Journal, owner_token
 from daemon.journal.schema import SCHEMA
-from daemon.model import FileState, VerdictKind
+from daemon.model import FileState, SeenObject, VerdictKind
 
 
 def _journal(tmp_path: Path) -> Journal:
@@ -115,9 +115,9 @@ def test_discover_objects_remembers_versions(tmp_path: Path) -> None:
     assert journal.discover_objects("w", [("a", "e3", None, 9)], 3.0) == 1
     row = journal.active("w", "a")
     assert row is not None and (row.etag, row.size, row.state) == ("e3", 9, FileState.STABLE)
-    # Done rows remember their version: the same object listed again is not new...
-    journal.apply([(row.id, {"state": FileState.DONE})])
-    assert journal.discover_objects("w", [("a", "e3", None, 9)], 4.0) == 0
+    # A version judged in place stays at its key: listed again, it is not new...
+    journal.apply([(row.id, {"state": FileState.DONE, "dest_root": "in_place", "done_at": 3.5})])
+    assert journal.discover_objects("w", [("a", "e3", None, 9)], 4.0, listed_at=4.0) == 0
     # ...but a new upload under that key is.
     assert journal.discover_objects("w", [("a", "e4", None, 1)], 5.0) == 1
     # Once scanning, a listing does not touch the row (the ETag conditions catch a change).
@@ -186,3 +186,40 @@ def test_latest_is_the_newest_row_of_a_path(tmp_path: Path) -> None:
     journal.discover("v", [("a.txt", 3)], 3.0)
     latest = journal.latest("w", "a.txt")
     assert latest is not None and latest.id != first.id and latest.inode == 2
+
+
+def test_an_object_version_is_an_arrival_the_same_bytes_or_not(tmp_path: Path) -> None:
+    journal = _journal(tmp_path)
+
+    def done(dest_root: str, at: float) -> None:
+        row = journal.active("w", "a")
+        assert row is not None
+        journal.apply([(row.id, {"state": FileState.DONE, "dest_root": dest_root, "done_at": at})])
+
+    # Moved: the key was emptied when the row was done; a listing begun after that finds new bytes.
+    assert journal.discover_objects("w", [SeenObject("a", "e1", None, 1, 100.0)], 1.0, listed_at=1.0) == 1
+    done("s3://b/clean/", 2.0)
+    assert journal.discover_objects("w", [("a", "e1", None, 1, 100.0)], 2.5, listed_at=1.5) == 0  # stale
+    assert journal.discover_objects("w", [("a", "e1", None, 1, 103.0)], 3.0, listed_at=3.0) == 1
+    done("s3://b/clean/", 4.0)
+    assert journal.discover_objects("w", [("a", "e1", None, 1)], 5.0) == 1  # an event: new bytes again
+    done("in_place", 6.0)
+    # In place: the same ETag and LastModified are the version judged; a new LastModified is new.
+    journal.apply([(journal.latest("w", "a").id, {"last_modified": 110.0})])  # type: ignore[union-attr]
+    assert journal.discover_objects("w", [("a", "e1", None, 1, 110.0)], 7.0, listed_at=7.0) == 0
+    assert journal.discover_objects("w", [("a", "e1", None, 1, 111.0)], 8.0, listed_at=8.0) == 1
+    done("in_place", 9.0)
+    journal.apply([(journal.latest("w", "a").id, {"version_id": "v1"})])  # type: ignore[union-attr]
+    # VersionIds decide where both are known.
+    assert journal.discover_objects("w", [("a", "e1", "v1", 1)], 10.0) == 0
+    assert journal.discover_objects("w", [("a", "e1", "v2", 1)], 11.0) == 1
+
+
+def test_skipped_keys_are_held_once_and_taken_up_when_no_longer_ignored(tmp_path: Path) -> None:
+    journal = _journal(tmp_path)
+    assert journal.skip_objects("w", [("x/", "e0", "directory_marker"), (".env", "e1", "ignored")], 1.0) == [
+        "x/", ".env"]
+    assert journal.skip_objects("w", [("x/", "e0", "directory_marker"), (".env", "e1", "ignored")], 2.0) == []
+    assert journal.discover_objects("w", [(".env", "e1", None, 3)], 3.0) == 1
+    row = journal.active("w", ".env")
+    assert row is not None and (row.state, row.reason) == (FileState.STABLE, None)

@@ -14,6 +14,7 @@ import yaml
 from conftest import (
     EICAR,
     ROOT,
+    Clock,
     Harness,
     Layout,
     kill_9_between_submit_and_verdict,
@@ -26,6 +27,7 @@ from structlog.testing import capture_logs
 
 from daemon.config import MetadefenderEngineConfig, load_config
 from daemon.config.example import uncommented
+from daemon.engines._pacing import Pacer
 from daemon.engines.metadefender import MetadefenderEngine
 from daemon.errors import ConfigError, EnginePermanentError, EngineUnavailableError
 from daemon.model import FileState
@@ -47,7 +49,9 @@ def _engine_cfg(url: str, **cfg: object) -> dict[str, object]:
 def _harness(layout: Layout, emulator: MetadefenderEmulator, **cfg: object) -> Harness:
     engine_cfg = _engine_cfg(emulator.url, **cfg)
     config = MetadefenderEngineConfig.model_validate(engine_cfg)
-    return Harness(layout, MetadefenderEngine("default", config), engine_cfg=engine_cfg)
+    clock = Clock()  # the pacer waits on the harness's time
+    engine = MetadefenderEngine("default", config, pacer=Pacer("default", config.rate_limit, clock=clock))
+    return Harness(layout, engine, engine_cfg=engine_cfg, clock=clock)
 
 
 def _posts(emulator: MetadefenderEmulator) -> list[Logged]:
@@ -79,7 +83,9 @@ def test_clean_infected_blocked_and_encrypted_end_in_their_places(
     upload = _post_of(emulator, "e.com")
     assert upload.body_bytes == len(EICAR) and upload.headers["content-length"] == str(len(EICAR))
     assert upload.headers["apikey"] == "test-key" and upload.headers["user_agent"].startswith("scanwatch/")
-    assert upload.headers["original_file_path"] == str(layout.inbox / "e.com")
+    # What Core is sent is the snapshot (docs/integrity.md).
+    snapshot = layout.state / "staging" / f"{harness.row('e.com').id}.snap"
+    assert upload.headers["original_file_path"] == str(snapshot)
     assert upload.headers["source"] == socket.gethostname() and "filepath" not in upload.headers
 
 
@@ -114,34 +120,35 @@ def test_result_codes_map_to_verdicts_and_reasons(layout: Layout, emulator: Meta
     assert harness.row("code2.bin").threats == ["Suspicious"]  # no engine named it: Core's summary
 
 
-def test_path_mode_under_filepath_map_and_upload_elsewhere(layout: Layout, tmp_path: Path) -> None:
-    mapped, deep = layout.inbox / "mapped", layout.inbox / "mapped" / "deep"
-    views = {CORE_VIEW: mapped, "/deep view": deep}
-    with MetadefenderEmulator(polls=0, views=views) as emulator:
-        harness = _harness(layout, emulator, filepath_map={str(mapped): CORE_VIEW, f"{deep}/": "/deep view"})
+def test_path_mode_names_the_snapshot_under_filepath_map_and_uploads_elsewhere(
+        layout: Layout, tmp_path: Path) -> None:
+    staging = layout.state / "staging"  # what Core reads by path: the snapshots (docs/integrity.md)
+    with MetadefenderEmulator(polls=0, views={CORE_VIEW: staging}) as emulator:
+        harness = _harness(layout, emulator, filepath_map={str(staging): CORE_VIEW,
+                                                           f"{layout.inbox}/": "/the drop itself"})
         harness.drop("mapped/a b ü.txt", b"by path")
         harness.drop("mapped/deep/e.com", EICAR)
-        harness.drop("mapped/x<y>.txt", b"a name Core would change")
-        harness.drop("mappedx/c.txt", b"a sibling, not under the prefix")
-        harness.drop("other/d.txt", b"unmapped")
         harness.run()
-    assert layout.placed("clean") == ["mapped/a b ü.txt", "mapped/x<y>.txt", "mappedx/c.txt", "other/d.txt"]
+        other = Harness(Layout(tmp_path / "other"), harness.engine, engine_cfg=_engine_cfg(emulator.url))
+        other.drop("d.txt", b"unmapped")
+        other.run()
+    assert layout.placed("clean") == ["mapped/a b ü.txt"]
     assert layout.placed("quarantine") == ["mapped/deep/e.com"]
     by_path = _post_of(emulator, "a%20b%20%C3%BC.txt")
-    assert by_path.headers["filepath"] == "/core%20view/drop/a%20b%20%C3%BC.txt"
+    snap = f"{harness.row('mapped/a b ü.txt').id}.snap"
+    assert by_path.headers["filepath"] == f"/core%20view/drop/{snap}"  # never the drop's own path
     assert by_path.headers["content-length"] == "0" and by_path.body_bytes == 0
-    assert _post_of(emulator, "e.com").headers["filepath"] == "/deep%20view/e.com"  # the longest prefix
-    for name, size in (("xy.txt", 24), ("c.txt", 31), ("d.txt", 8)):
-        upload = _post_of(emulator, name)
-        assert "filepath" not in upload.headers and upload.body_bytes == size, name
+    assert _post_of(emulator, "e.com").headers["filepath"].startswith("/core%20view/drop/")
+    upload = _post_of(emulator, "d.txt")
+    assert "filepath" not in upload.headers and upload.body_bytes == 8
 
 
 def test_path_mode_verdict_about_other_bytes_is_not_used(layout: Layout, tmp_path: Path) -> None:
     decoy = tmp_path / "decoy"  # where a wrong filepath_map leads Core: same name, harmless bytes
     decoy.mkdir()
-    (decoy / "e.com").write_bytes(b"harmless")
+    (decoy / "1.snap").write_bytes(b"harmless")
     with MetadefenderEmulator(polls=0, views={CORE_VIEW: decoy}) as emulator:
-        harness = _harness(layout, emulator, filepath_map={str(layout.inbox): CORE_VIEW})
+        harness = _harness(layout, emulator, filepath_map={str(layout.state / "staging"): CORE_VIEW})
         harness.drop("e.com", EICAR)
         with capture_logs() as events:
             harness.run()
@@ -378,10 +385,11 @@ def test_daemon_scans_by_path_and_upload_and_keeps_secrets_out_of_logs(
     apikey, password = "md-live-0123456789-very-secret", "zip-pass-9876-very-secret"
     mapped = layout.inbox / "mapped"
     mapped.mkdir()
-    with MetadefenderEmulator(apikey, polls=1, views={CORE_VIEW: mapped},
+    staging = layout.state / "staging"
+    with MetadefenderEmulator(apikey, polls=1, views={CORE_VIEW: staging},
                               archive_password=password) as emulator:
         engine = {**_engine_cfg(emulator.url), "apikey": "${MD_KEY}", "poll_interval": 0.2,
-                  "filepath_map": {str(mapped): CORE_VIEW}}
+                  "filepath_map": {str(staging): CORE_VIEW}}
         config = layout.write_config(engine=engine, watch={"archivepwd": "${MD_PWD}"})
         daemon = daemon_factory(config, {"MD_KEY": apikey, "MD_PWD": password})
         daemon.wait_started()
@@ -393,9 +401,10 @@ def test_daemon_scans_by_path_and_upload_and_keeps_secrets_out_of_logs(
         assert daemon.stop() == 0
     assert layout.placed("clean") == ["locked.zip", "mapped/ok.txt"]
     assert layout.placed("quarantine") == ["e2.com", "mapped/e.com"]
-    assert _post_of(emulator, "ok.txt").headers["filepath"] == "/core%20view/drop/ok.txt"
+    # Every local file is read by Core from its snapshot, by path.
+    assert _post_of(emulator, "ok.txt").headers["filepath"].endswith(".snap")
     assert _post_of(emulator, "e.com").body_bytes == 0
-    assert _post_of(emulator, "e2.com").body_bytes == len(EICAR) + 9
+    assert _post_of(emulator, "e2.com").body_bytes == 0
     assert _post_of(emulator, "locked.zip").headers["archivepwd"] == password
     assert all(e.headers["apikey"] == apikey for e in emulator.log)
     sidecars = "".join(p.read_text() for p in layout.quarantine.rglob("*.scanwatch.json"))

@@ -17,32 +17,47 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 import yaml
 from clamd_server import Clamd, free_port
 from conftest import EICAR, ROOT, Layout
 from prometheus_client.parser import text_string_to_metric_families
 
 from daemon.journal import Journal
-from daemon.log import redact
+from daemon.log import MAX_LINE_CHARS, configure_logging, redact
 from daemon.metrics import Metrics
 from daemon.model import FileState, Reason, VerdictKind
 from daemon.pipeline import Outcome
 
 
-def test_metrics_count_outcomes_and_queue(layout: Layout, daemon_factory) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_metrics_and_status_count_every_file_exactly_once(layout: Layout, daemon_factory,
+                                                          workers: int) -> None:
     port = free_port()
-    daemon = daemon_factory(layout.write_config(metrics={"listen": f"127.0.0.1:{port}"}))
+    config = layout.write_config(metrics={"listen": f"127.0.0.1:{port}"}, workers=workers)
+    daemon = daemon_factory(config)
     daemon.wait_started()
-    (layout.inbox / "a.txt").write_bytes(b"a")
-    (layout.inbox / "b.txt").write_bytes(b"b")
-    (layout.inbox / "e.com").write_bytes(EICAR)
-    daemon.wait_for(lambda: len(daemon.named("file.moved")) >= 3, what="three files moved")
-    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    assert 'scanwatch_files_total{outcome="clean",reason="",watch="inbox"} 2.0' in body
-    assert 'scanwatch_files_total{outcome="infected",reason="",watch="inbox"} 1.0' in body
-    assert 'scanwatch_scan_duration_seconds_count{engine="default"} 3.0' in body
-    assert "scanwatch_journal_bytes" in body
+    clean = {f"c{i:02d}.txt": b"x" * i for i in range(40)}
+    for name, data in clean.items():
+        (layout.inbox / name).write_bytes(data)
+    for i in range(6):
+        (layout.inbox / f"e{i}.com").write_bytes(EICAR)
+    done = _key("scanwatch_scan_duration_seconds_count", engine="default")
+    daemon.wait_for(lambda: _scrape(port).get(done) == 46, what="46 files counted")
+    time.sleep(0.5)  # nothing counted twice arrives late
+    metrics = _scrape(port)
+    assert metrics[done] == 46
+    assert metrics[_key("scanwatch_files_total", watch="inbox", outcome="clean", reason="")] == 40
+    assert metrics[_key("scanwatch_files_total", watch="inbox", outcome="infected", reason="")] == 6
+    assert metrics[_key("scanwatch_scanned_bytes_total", engine="default")] == (
+        sum(map(len, clean.values())) + 6 * len(EICAR))
+    assert "scanwatch_journal_bytes" in {name for name, _ in metrics}
+    status = subprocess.run([sys.executable, "-m", "daemon.cli", "status", "--config", str(config),
+                             "--json"], capture_output=True, text=True, cwd=ROOT, check=True)
+    watch = json.loads(status.stdout)["watches"]["inbox"]
+    assert watch["outcomes"] == {"clean": 40, "infected": 6} and watch["states"] == {"done": 46}
     assert daemon.stop() == 0
+    assert len(daemon.named("file.moved")) == 46
 
 
 def _scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -139,6 +154,19 @@ def test_redaction_is_the_backstop_for_sensitive_keys() -> None:
                                        "nested": {"Authorization": "***", "ok": 1}}
 
 
+def test_a_record_too_long_for_journald_is_cut_to_one_line(capsys) -> None:
+    configure_logging("json")
+    log = structlog.get_logger("test")
+    log.info("big.name", watch="w", rel_path="a" * 100_000, error="é" * 2_000, file_id=7)
+    log.info("big.list", watch="w", problems=["x" * 100] * 1_000)
+    big_name, big_list = map(json.loads, capsys.readouterr().out.splitlines())
+    assert len(json.dumps(big_name)) <= MAX_LINE_CHARS
+    assert big_name["truncated"] == ["rel_path"] and big_name["rel_path"].startswith("a" * 1000)
+    assert big_name["error"] == "é" * 2_000 and big_name["file_id"] == 7
+    assert big_list == {"event": "big.list", "level": "info", "timestamp": big_list["timestamp"],
+                        "watch": "w", "truncated": ["*"]}
+
+
 _AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
 
@@ -231,24 +259,30 @@ class _Receiver(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_webhook_gets_infected_and_failed_events_not_clean(layout: Layout, daemon_factory) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_webhook_gets_infected_and_failed_events_not_clean(layout: Layout, daemon_factory,
+                                                           workers: int) -> None:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     _Receiver.events = []
     url = f"http://127.0.0.1:{server.server_address[1]}/hook?token=s3cret-token"
-    daemon = daemon_factory(layout.write_config(notify={"webhook": url}))
+    daemon = daemon_factory(layout.write_config(notify={"webhook": url}, workers=workers))
     daemon.wait_started()
-    (layout.inbox / "ok.txt").write_bytes(b"ok")
-    (layout.inbox / "e.com").write_bytes(EICAR)
+    for i in range(20):
+        (layout.inbox / f"ok{i}.txt").write_bytes(b"ok %d" % i)
+    infected = [f"e{i}.com" for i in range(5)]
+    for name in infected:
+        (layout.inbox / name).write_bytes(EICAR)
     os.mkfifo(layout.inbox / "pipe")  # skipped, not failed: no event
-    daemon.wait_for(lambda: len(_Receiver.events) >= 1 and len(daemon.named("file.moved")) >= 2,
-                    what="one webhook event")
+    daemon.wait_for(lambda: len(_Receiver.events) >= 5 and len(daemon.named("file.moved")) >= 25,
+                    what="five webhook events")
     time.sleep(0.5)
     server.shutdown()
-    [event] = _Receiver.events
-    assert event["event"] == "file.infected" and event["rel_path"] == "e.com"
+    assert sorted(e["rel_path"] for e in _Receiver.events) == infected  # each one once
+    event = _Receiver.events[0]
+    assert event["event"] == "file.infected"
     assert event["threats"] == ["EICAR_Test_File"]
-    assert event["destination"] == str(layout.quarantine / "e.com")
+    assert event["destination"] == str(layout.quarantine / event["rel_path"])
     assert daemon.stop() == 0
     assert "s3cret-token" not in repr(daemon.events)
 

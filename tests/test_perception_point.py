@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -16,6 +17,7 @@ import pytest
 import yaml
 from conftest import (
     EICAR,
+    Clock,
     Harness,
     Layout,
     big_upload_peak_rss_kb,
@@ -27,6 +29,7 @@ from emulators.perception_point import PerceptionPointEmulator
 
 from daemon.config import BlazelockEngineConfig, PerceptionPointEngineConfig
 from daemon.config.example import uncommented
+from daemon.engines._pacing import Pacer
 from daemon.engines.base import S3Object, ScanHandle, ScanRequest
 from daemon.engines.perception_point import PerceptionPointEngine
 from daemon.errors import EnginePermanentError, EngineResubmitError, EngineUnavailableError
@@ -50,8 +53,10 @@ def _engine(url: str, **cfg: object) -> PerceptionPointEngine:
 
 def _harness(layout: Layout, url: str, watch: dict[str, object] | None = None, **cfg: object) -> Harness:
     engine_cfg = _engine_cfg(url, **cfg)
-    engine = PerceptionPointEngine("default", PerceptionPointEngineConfig.model_validate(engine_cfg))
-    return Harness(layout, engine, engine_cfg=engine_cfg, **(watch or {}))
+    config = PerceptionPointEngineConfig.model_validate(engine_cfg)
+    clock = Clock()  # the pacer waits on the harness's time
+    engine = PerceptionPointEngine("default", config, pacer=Pacer("default", config.rate_limit, clock=clock))
+    return Harness(layout, engine, engine_cfg=engine_cfg, clock=clock, **(watch or {}))
 
 
 def _finish(engine: PerceptionPointEngine, request: ScanRequest) -> Verdict:
@@ -135,7 +140,7 @@ def test_over_500mb_fails_too_large_without_a_request(emulator: PerceptionPointE
         request = ScanRequest("w", "huge.iso", str(path), None if s3 else f.fileno(), 500_000_001,
                               "0" * 64, "w:huge.iso#0",
                               s3=S3Object("b", "huge.iso", '"e"', None, "http://x") if s3 else None)
-        with pytest.raises(EnginePermanentError, match="500 MB") as refused:
+        with pytest.raises(EnginePermanentError, match="max_size") as refused:
             _engine(emulator.url, storage="s3").scan(request)
     assert refused.value.reason == "too_large"
     assert emulator.log == []
@@ -214,20 +219,29 @@ def test_poll_of_a_scan_the_service_lost_submits_again(layout: Layout,
 
 # -- S3 sources: by path and by presigned link --------------------------------------------
 
-def test_s3_storage_mode_never_sends_an_unpinned_path(tmp_path: Path) -> None:
-    """`path` names no version: a versioned object goes by its version's link, an
-    unversioned one is uploaded from the copy that was hashed (docs/integrity.md)."""
+def test_s3_storage_mode_sends_only_a_snapshot_as_path(tmp_path: Path) -> None:
+    """`path` names no version: only a private snapshot is sent by path; a versioned object
+    that is not one goes by its version's link, an unversioned one is uploaded from the copy
+    that was hashed (docs/integrity.md, "Remote engines")."""
     key = "in/2026/a b#1 ü.com"
+    snapshot = "in/.scanwatch/snapshots/0123456789abcdef/7-e1"
+    (tmp_path / "s3" / "drop" / snapshot).parent.mkdir(parents=True)
+    (tmp_path / "s3" / "drop" / snapshot).write_bytes(EICAR)
     copy = tmp_path / "copy"
     copy.write_bytes(EICAR)
     link = "http://127.0.0.1:9/drop/obj?versionId=v1&X-Amz-Signature=0"
     with PerceptionPointEmulator(storages={"s3": tmp_path / "s3"}) as emulator, open(copy, "rb") as f:
         engine = _engine(emulator.url, storage="s3")
         assert engine.reads_s3
+        private = S3Object("drop", snapshot, '"e1"', None, "", is_snapshot=True)
+        by_path = dataclasses.replace(_s3_request("drop", key, EICAR, version_id=None), s3=private)
+        assert _finish(engine, by_path).threats == ("EICAR-Test-File",)
         verdict = _finish(engine, _s3_request("drop", key, EICAR, version_id=None, fd=f.fileno()))
         with pytest.raises(EnginePermanentError):  # the emulator cannot fetch this link
             engine.scan(_s3_request("drop", key, EICAR, link))
-        uploaded, linked = (e.fields for e in emulator.log if e.method == "POST")
+        pathed, uploaded, linked = (e.fields for e in emulator.log if e.method == "POST")
+    assert (pathed["path"], pathed["storage"]) == (f"drop/{snapshot}", "s3")
+    assert not {"data_bytes", "download_link"} & set(pathed)
     assert verdict.kind is VerdictKind.INFECTED and verdict.threats == ("EICAR-Test-File",)
     assert (uploaded["data_bytes"], uploaded["name"]) == (str(len(EICAR)), "a b#1 ü.com")
     assert linked["download_link"] == link

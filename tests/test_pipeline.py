@@ -109,19 +109,21 @@ def test_pending_scan_is_polled_without_resubmitting(harness: Harness) -> None:
     assert [c[0] for c in harness.engine.calls] == ["scan", "poll", "poll"]
 
 
-def test_a_file_rewritten_while_its_remote_scan_runs_is_submitted_again(harness: Harness) -> None:
+def test_a_file_rewritten_while_its_remote_scan_runs_is_scanned_as_a_new_arrival(harness: Harness) -> None:
     harness.engine.remote = True
     harness.engine.script = [answers(Pending("old-scan", poll_after_s=5))]
     harness.engine.polls["old-scan"] = [Verdict(VerdictKind.CLEAN, engine_scan_id="old-scan")]
     path = harness.drop("a.txt", b"hello")
     harness.step()
-    path.write_bytes(EICAR)  # rewritten while the engine scans the old bytes
+    path.write_bytes(EICAR)  # rewritten while the engine scans the old bytes' snapshot
     for _ in range(3):
         harness.step(advance_s=6)
-    # The old scan's clean verdict is never applied to the new bytes: they are scanned anew.
-    assert harness.layout.placed("clean") == []
+    # The old scan's clean verdict goes with its snapshot; the new bytes are scanned anew.
+    assert harness.layout.placed("clean") == ["a.txt"]
+    assert (harness.layout.clean / "a.txt").read_bytes() == b"hello"
     assert harness.layout.placed("quarantine") == ["a.txt"]
-    assert [c[0] for c in harness.engine.calls] == ["scan", "scan"]
+    assert (harness.layout.quarantine / "a.txt").read_bytes() == EICAR
+    assert [c[0] for c in harness.engine.calls] == ["scan", "poll", "scan"]
 
 
 def test_bytes_changed_between_scan_and_move_are_scanned_again(harness: Harness) -> None:
@@ -135,8 +137,10 @@ def test_bytes_changed_between_scan_and_move_are_scanned_again(harness: Harness)
     with capture_logs() as logs:
         harness.step()
         harness.step(advance_s=1)
+    # The snapshot that was scanned is placed; the rewritten original is a new arrival.
     assert "file.changed" in [e["event"] for e in logs]
-    assert harness.layout.placed("clean") == []
+    assert harness.layout.placed("clean") == ["a.txt"]
+    assert (harness.layout.clean / "a.txt").read_bytes() == b"hello"
     assert harness.layout.placed("quarantine") == ["a.txt"]
 
 

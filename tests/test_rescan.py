@@ -93,7 +93,9 @@ def test_newly_infected_quarantined_after_kills_the_rest_untouched(layout: Layou
     assert layout.placed("quarantine") == [INFECTED[0]]  # the first, before the kill
     _kill_at(config, pause_dir, "move.captured")  # the second, cut off in the middle of its move
     assert not (layout.clean / INFECTED[1]).exists()
-    assert [p.name for p in (layout.quarantine / "d2").iterdir()][0].endswith(".move")  # captured
+    # Its snapshot is placed, its original captured into staging (docs/integrity.md).
+    assert [p.name for p in (layout.quarantine / "d2").iterdir()] == ["f0700.txt"]
+    assert [p.suffix for p in (layout.state / "staging").iterdir()] == [".orig"]
 
     done = subprocess.run([sys.executable, "-m", "daemon.cli", "scan", "--config", str(config),
                            "--rescan-clean", "inbox", "--json"], capture_output=True, timeout=120)
@@ -110,10 +112,13 @@ def test_newly_infected_quarantined_after_kills_the_rest_untouched(layout: Layou
 
     assert layout.placed("quarantine") == sorted(INFECTED)
     assert not [p for p in layout.quarantine.rglob(".scanwatch-*")]  # the cut-off move finished
+    assert list((layout.state / "staging").iterdir()) == []  # its original dropped once placed
     for rel in INFECTED:
         placed = layout.quarantine / rel
         assert placed.stat().st_mode & 0o777 == 0o600
-        assert placed.stat().st_ino == before[rel].st_ino  # the scanned inode, moved
+        # Its snapshot, checked against the scanned hash, with the file's times.
+        st = placed.stat()
+        assert (st.st_size, st.st_mtime_ns) == (before[rel].st_size, before[rel].st_mtime_ns)
         sidecar = json.loads((layout.quarantine / f"{rel}.scanwatch.json").read_text())
         assert sidecar["verdict"] == "infected" and sidecar["threats"] == ["NewSignature"]
         assert sidecar["destination"] == str(placed)

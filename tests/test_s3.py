@@ -145,7 +145,8 @@ def test_collision_gets_a_suffix_and_nothing_is_overwritten(harness: Callable[..
     assert h.get("clean/same.1.txt") == b"new"
 
 
-def test_object_replaced_between_scan_and_move_is_scanned_again(harness: Callable[..., S3Harness]) -> None:
+def test_object_replaced_between_scan_and_move_promotes_the_scanned_bytes_and_keeps_the_new_ones(
+        harness: Callable[..., S3Harness]) -> None:
     h = harness()
     replaced = threading.Event()
 
@@ -153,16 +154,20 @@ def test_object_replaced_between_scan_and_move_is_scanned_again(harness: Callabl
         if not replaced.is_set():
             replaced.set()
             h.put("in/a.txt", EICAR)  # the bytes change after they were scanned clean
-        return Verdict(VerdictKind.CLEAN)
+            return Verdict(VerdictKind.CLEAN)
+        return Verdict(VerdictKind.INFECTED, threats=("EICAR",))
 
-    engine = FakeEngine(script=[swap])
+    engine = FakeEngine(script=[swap, swap])
     h.pipeline.engines = {"default": engine}
     h.put("in/a.txt", b"harmless")
     h.step()
-    assert h.keys("clean/") == []  # never promoted: the copy was pinned to the scanned ETag
-    assert h.keys("quarantine/") == ["a.txt"]
-    assert h.get("quarantine/a.txt") == EICAR
-    assert len(engine.calls) == 2
+    # The staged copy that was scanned is promoted; the new upload is left as a new arrival.
+    assert h.keys("clean/") == ["a.txt"] and h.get("clean/a.txt") == b"harmless"
+    assert h.keys("in/") == ["a.txt"]
+    h.step()
+    assert h.keys("quarantine/") == ["a.txt"] and h.get("quarantine/a.txt") == EICAR
+    assert h.keys("in/") == [] and len(engine.calls) == 2
+    assert not list((h.tmp_path / "state" / "staging" / "s3").iterdir())
 
 
 def test_versioned_object_replaced_between_scan_and_move_moves_the_scanned_version(
@@ -202,10 +207,8 @@ def test_a_listing_again_adds_nothing_and_a_new_version_is_a_new_arrival(
     h.put("in/a.txt", b"one")
     assert h.watcher.poll_once() == 1
     assert h.watcher.poll_once() == 0
-    h.put("in/.hidden", b"x")
     h.put("in/folder/", b"")
-    h.put("in/b.part", b"x")
-    assert h.watcher.poll_once() == 0  # ignored names and folder markers
+    assert h.watcher.poll_once() == 0  # a folder marker is held and reported, never scanned
     h.put("in/a.txt", b"two")
     assert h.watcher.poll_once() == 1  # replaced before its scan: the row follows it
     h.step()
@@ -384,10 +387,10 @@ def test_engine_down_leaves_objects_in_place(harness: Callable[..., S3Harness]) 
 # -- the daemon --------------------------------------------------------------------------------------
 
 
-def _daemon_config(tmp_path: Path, server: S3Server, bucket: str, **watch: Any) -> Path:
+def _daemon_config(tmp_path: Path, server: S3Server, bucket: str, workers: int = 1, **watch: Any) -> Path:
     path = tmp_path / "scanwatch.yaml"
     path.write_text(yaml.safe_dump({
-        "state_dir": str(tmp_path / "state"),
+        "state_dir": str(tmp_path / "state"), "workers": workers,
         "log": {"format": "json", "level": "info"},
         "s3": {"endpoint_url": server.endpoint_url, "region": server.region},
         "engines": {"default": {"type": "yara", "concurrency": 4}},
@@ -406,12 +409,13 @@ def _put_many(h: S3Harness, count: int) -> None:
                       range(count)))
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_daemon_backfills_1000_objects_and_survives_kill_9(
         harness: Callable[..., S3Harness], s3_server: S3Server, tmp_path: Path,
-        s3_env: dict[str, str], daemon_factory: Callable[..., Daemon]) -> None:
+        s3_env: dict[str, str], daemon_factory: Callable[..., Daemon], workers: int) -> None:
     h = harness()
     _put_many(h, 1000)
-    config = _daemon_config(tmp_path, s3_server, h.bucket)
+    config = _daemon_config(tmp_path, s3_server, h.bucket, workers)
     first = daemon_factory(config, env=s3_env)
     first.wait_for(lambda: len(first.named("file.moved")) >= 200, timeout=60, what="200 moved")
     first.proc.send_signal(signal.SIGKILL)
@@ -421,6 +425,7 @@ def test_daemon_backfills_1000_objects_and_survives_kill_9(
     second.wait_for(lambda: len(h.keys("clean/")) + len(h.keys("quarantine/")) >= 1000, timeout=30,
                     what="all placed")
     assert second.stop() == 0
+    assert second.named("raw") == []  # every line of the log is one whole record
     clean, quarantined = h.keys("clean/"), h.keys("quarantine/")
     assert len(clean) == 990 and len(quarantined) == 10
     assert not set(clean) & set(quarantined)
@@ -429,11 +434,13 @@ def test_daemon_backfills_1000_objects_and_survives_kill_9(
     assert len(done) == 1000
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_daemon_takes_sqs_events(harness: Callable[..., S3Harness], s3_server: S3Server,
                                  sqs_server: SqsServer, sqs_queue: str, tmp_path: Path,
-                                 s3_env: dict[str, str], daemon_factory: Callable[..., Daemon]) -> None:
+                                 s3_env: dict[str, str], daemon_factory: Callable[..., Daemon],
+                                 workers: int) -> None:
     h = harness()
-    config = _daemon_config(tmp_path, s3_server, h.bucket, poll_interval=3600,
+    config = _daemon_config(tmp_path, s3_server, h.bucket, workers, poll_interval=3600,
                             events={"sqs_queue_url": sqs_queue, "endpoint_url": sqs_server.endpoint_url,
                                     "region": sqs_server.region})
     daemon = daemon_factory(config, env=s3_env)

@@ -345,8 +345,10 @@ def test_events_outside_the_watch_are_dropped(sqs: Any, sqs_queue: str, make_sou
 
     poll_until(make_source(sqs_queue, received), messages=4)
 
-    assert received.calls == [[S3Event(BUCKET, "incoming/wanted.txt", "d41d8cd98f00b204e9800998ecf8427e",
-                                       None, 1024, "0055AED6DCD90281E5", "ObjectCreated:Put")]]
+    # Folder markers are passed on: the watcher reports them as skipped (never scanned).
+    assert received.keys() == ["incoming/wanted.txt", "incoming/", "incoming/folder/", "incoming/dir/"]
+    assert received.calls[0][0] == S3Event(BUCKET, "incoming/wanted.txt", "d41d8cd98f00b204e9800998ecf8427e",
+                                           None, 1024, "0055AED6DCD90281E5", "ObjectCreated:Put")
     assert counts(sqs, sqs_queue) == (0, 0)
 
 
@@ -355,7 +357,7 @@ def test_whole_bucket_watch_takes_every_key(sqs: Any, sqs_queue: str, make_sourc
     sqs.send_message(QueueUrl=sqs_queue, MessageBody=body(record("top.txt"), record("a/b/c.txt"),
                                                           record("a/")))
     make_source(sqs_queue, received, prefix="").poll_once()
-    assert received.keys() == ["top.txt", "a/b/c.txt"]
+    assert received.keys() == ["top.txt", "a/b/c.txt", "a/"]
 
 
 def test_duplicate_deliveries_are_passed_on(sqs: Any, sqs_queue: str, make_source: Any) -> None:

@@ -379,10 +379,12 @@ def test_check_config_probe_and_scan_start_no_receiver(layout: Layout, capsys) -
 
 # -- the daemon -------------------------------------------------------------------------------
 
-def _blazelock_daemon(layout: Layout, emulator: BlazelockEmulator, port: int, poll_interval: float) -> Path:
+def _blazelock_daemon(layout: Layout, emulator: BlazelockEmulator, port: int, poll_interval: float,
+                      workers: int = 1) -> Path:
     config = layout.config(engine={"type": "blazelock", "url": emulator.url, "api_key": "test-key",
                                    "poll_interval": poll_interval,
-                                   "webhook": {"listen": f"127.0.0.1:{port}", "secret": "${WEBHOOK_SECRET}"}})
+                                   "webhook": {"listen": f"127.0.0.1:{port}", "secret": "${WEBHOOK_SECRET}"}},
+                           workers=workers)
     layout.config_path.write_text(yaml.safe_dump(config))
     return layout.config_path
 
@@ -395,14 +397,16 @@ def _polls_per_scan(emulator: BlazelockEmulator) -> dict[str, int]:
     return counts
 
 
-def test_webhooks_finish_files_long_before_the_slowed_polls(layout: Layout, daemon_factory) -> None:
+@pytest.mark.parametrize("workers", [1, 2])  # receivers in the daemon, polls in its workers
+def test_webhooks_finish_files_long_before_the_slowed_polls(layout: Layout, daemon_factory,
+                                                            workers: int) -> None:
     port = _free_port()
     # Scans take 1.5 s. Polls every second would take two per scan; at the slowed pace, one
     # every 10 s, they would take 10 s. The webhook asks for the one poll needed.
     with BlazelockEmulator(scan_delay_s=1.5, webhook_url=f"http://127.0.0.1:{port}/webhooks/default",
                            webhook_secret=BLZ_SECRET) as emulator:
         emulator.webhook_repeats = 2
-        daemon = daemon_factory(_blazelock_daemon(layout, emulator, port, poll_interval=1),
+        daemon = daemon_factory(_blazelock_daemon(layout, emulator, port, poll_interval=1, workers=workers),
                                 {"WEBHOOK_SECRET": BLZ_SECRET})
         daemon.wait_started()
         daemon.signal(signal.SIGHUP)  # a reload binds the address again
@@ -422,12 +426,13 @@ def test_webhooks_finish_files_long_before_the_slowed_polls(layout: Layout, daem
     assert not daemon.leaked(BLZ_SECRET)
 
 
-def test_refused_webhooks_leave_the_files_to_polling(layout: Layout, daemon_factory) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_refused_webhooks_leave_the_files_to_polling(layout: Layout, daemon_factory, workers: int) -> None:
     port = _free_port()
     with BlazelockEmulator(scan_delay_s=0.5, webhook_url=f"http://127.0.0.1:{port}/webhooks/default",
                            webhook_secret=BLZ_SECRET) as emulator:
         emulator.webhook_bad_signature = True
-        daemon = daemon_factory(_blazelock_daemon(layout, emulator, port, poll_interval=0.1),
+        daemon = daemon_factory(_blazelock_daemon(layout, emulator, port, poll_interval=0.1, workers=workers),
                                 {"WEBHOOK_SECRET": BLZ_SECRET})
         daemon.wait_started()
         (layout.inbox / "a.txt").write_bytes(b"a")
@@ -441,14 +446,15 @@ def test_refused_webhooks_leave_the_files_to_polling(layout: Layout, daemon_fact
     assert daemon.named("webhook.scan_due") == []
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_perception_point_callbacks_finish_files_long_before_the_slowed_polls(
-        layout: Layout, daemon_factory) -> None:
+        layout: Layout, daemon_factory, workers: int) -> None:
     port = _free_port()
     with PerceptionPointEmulator(polls_to_done=0, scan_delay_s=1.5) as emulator:  # as above
         emulator.callback_repeats = 2
         config = layout.config(engine={
             "type": "perception_point", "url": emulator.url, "token": "test-token", "poll_interval": 1,
-            "callback": {"listen": f"127.0.0.1:{port}", "secret": "${CALLBACK_SECRET}"}})
+            "callback": {"listen": f"127.0.0.1:{port}", "secret": "${CALLBACK_SECRET}"}}, workers=workers)
         layout.config_path.write_text(yaml.safe_dump(config))
         daemon = daemon_factory(layout.config_path, {"CALLBACK_SECRET": PP_SECRET})
         daemon.wait_started()
@@ -465,3 +471,30 @@ def test_perception_point_callbacks_finish_files_long_before_the_slowed_polls(
     assert {status for _, status in callbacks} == {204} and len(callbacks) == 4
     assert fields["callback_url"] == f"http://127.0.0.1:{port}/webhooks/default"
     assert not daemon.leaked(PP_SECRET)
+
+
+def test_signed_deliveries_are_answered_while_50_connections_stall(layout: Layout, daemon_factory) -> None:
+    port = _free_port()
+    with BlazelockEmulator() as emulator:
+        daemon = daemon_factory(_blazelock_daemon(layout, emulator, port, poll_interval=1),
+                                {"WEBHOOK_SECRET": BLZ_SECRET})
+        daemon.wait_started()
+        stalled = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(50)]
+        for i, sock in enumerate(stalled):  # half stop inside the head, half inside the body
+            sock.sendall(b"POST /webhooks/default HTTP/1.1\r\nHost: x\r\n" if i % 2 else
+                         b"POST /webhooks/default HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n\r\n{")
+        time.sleep(0.5)
+        try:
+            for n in range(3):
+                body = json.dumps({"event": "file_scan.completed", "data": {"id": f"fs_{n:06d}"}}).encode()
+                stamp = str(int(time.time()))
+                signed = {"X-Blazelock-Webhook-Timestamp": stamp,
+                          "X-Blazelock-Webhook-Signature": sign(BLZ_SECRET, stamp, body)}
+                started_at = time.monotonic()
+                response = httpx.post(f"http://127.0.0.1:{port}/webhooks/default", content=body, timeout=5,
+                                      headers=signed)
+                assert response.status_code == 204 and time.monotonic() - started_at < 5
+        finally:
+            for sock in stalled:
+                sock.close()
+        assert daemon.stop() == 0

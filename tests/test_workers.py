@@ -2,25 +2,31 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import threading
+import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 from conftest import EICAR, ROOT, Daemon, Layout
+from structlog.testing import capture_logs
 
 from daemon.journal import Journal
 from daemon.model import FileState
 from daemon.slots import EngineSlots
+from daemon.workers import _relay_lines
 
 # One process of the test below: `threads` holders, each logging "+" and "-" inside its slot.
 _HOLDERS = """
 import os, sys, threading, time
 from pathlib import Path
 from daemon.slots import EngineSlots
+from daemon.workers import _relay_lines
 slots = EngineSlots(Path(sys.argv[1]), "default", int(sys.argv[2]))
 log = os.open(sys.argv[3], os.O_WRONLY | os.O_APPEND)
 def hold():
@@ -94,3 +100,36 @@ def test_a_killed_worker_is_replaced_and_nothing_is_lost_or_doubled(
     rows = Journal(layout.state / "journal.sqlite3").rows(limit=10_000)
     assert sorted(r.rel_path for r in rows if r.state is FileState.DONE) == sorted(names)
     assert daemon.named("daemon.stopped")[0]["drained"] is True, daemon.named("worker.undrained")
+
+
+def _long_rel(i: int) -> str:
+    """A nested name of 1 to 12 components of 242 bytes; "é" is 6 characters in a JSON line,
+    so a `file.moved` record (its name three times) runs from ~2 to ~27 KiB."""
+    return "/".join([f"{'é' * 120}{d:02d}" for d in range(i % 12 + 1)] + [f"long{i:03d}.txt"])
+
+
+def test_every_log_line_is_one_whole_record_with_three_workers(
+        layout: Layout, daemon_factory: Callable[..., Daemon]) -> None:
+    names = [f"f{i:03d}.{'com' if i % 40 == 0 else 'txt'}" for i in range(360)]
+    names += [_long_rel(i) for i in range(60)]
+    for name in names:
+        (layout.inbox / name).parent.mkdir(parents=True, exist_ok=True)
+        (layout.inbox / name).write_bytes(EICAR if name.endswith(".com") else name.encode())
+    daemon = daemon_factory(layout.write_config(watch={"settle_seconds": 0}, workers=3))
+    daemon.wait_for(lambda: len(layout.placed("clean")) + len(layout.placed("quarantine"))
+                    == len(names), timeout=120, what="every file placed")
+    time.sleep(0.5)  # the last records on their way through the pipes
+    assert daemon.stop() == 0
+    assert [e["line"][:200] for e in daemon.events if e["event"] == "raw"] == []
+    assert Counter(e["rel_path"] for e in daemon.named("file.moved")) == Counter(names)
+    assert max(len(json.dumps(e)) for e in daemon.named("file.moved")) > 16_384
+
+
+def test_the_cut_record_of_a_killed_worker_is_left_out(capsys) -> None:
+    read_fd, write_fd = os.pipe()
+    os.write(write_fd, b'{"event": "a"}\n{"event": "b"}\n{"event": "c", "rel_')  # then killed
+    os.close(write_fd)
+    with capture_logs() as logs:
+        _relay_lines(os.fdopen(read_fd, "rb"), 1)
+    assert capsys.readouterr().out == '{"event": "a"}\n{"event": "b"}\n'
+    assert logs == [{"event": "worker.record_cut", "log_level": "warning", "worker": 1, "size_bytes": 20}]

@@ -15,6 +15,7 @@ from conftest import EICAR, ROOT, Layout
 from daemon.config import YaraEngineConfig
 from daemon.engines.base import ScanRequest
 from daemon.engines.yara import YaraEngine
+from daemon.errors import EnginePermanentError
 from daemon.model import Reason, VerdictKind
 
 
@@ -39,9 +40,9 @@ def test_a_file_over_max_size_fails_unscanned_and_one_at_it_is_scanned(tmp_path:
     at_limit.write_bytes(EICAR)
     over.write_bytes(EICAR + b" ")
     assert _scan(engine, at_limit).kind is VerdictKind.INFECTED  # type: ignore[attr-defined]
-    verdict = _scan(engine, over)
-    assert verdict.kind is VerdictKind.FAILED and verdict.reason == Reason.TOO_LARGE  # type: ignore[attr-defined]
-    assert "engines.y.max_size" in verdict.raw["error"]  # type: ignore[attr-defined]
+    with pytest.raises(EnginePermanentError, match="engines.y.max_size") as refused:
+        _scan(engine, over)
+    assert refused.value.reason == Reason.TOO_LARGE
 
 
 @pytest.mark.parametrize("value", ["lots", -1, "12 parsecs"])

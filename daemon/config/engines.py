@@ -18,6 +18,7 @@ __all__ = [
     "CacheConfig",
     "ClamavEngineConfig",
     "EngineConfig",
+    "HttpEngineConfig",
     "MetadefenderEngineConfig",
     "PerceptionPointEngineConfig",
     "WebhookConfig",
@@ -46,17 +47,34 @@ class _EngineBase(_Model):
     timeout: Duration = Field(60.0, gt=0, description="per-file scan timeout")
     max_attempts: int = Field(3, ge=1, le=100, description="tries before a file goes to failed")
     max_pending_age: Duration = Field(86400.0, gt=0,
-                                      description="how long files wait for an engine that is down")
+                                      description="how long files wait for an engine that is down "
+                                                  "or rate limiting")
     cache: CacheConfig = Field(default_factory=CacheConfig, description="the verdict cache: "
                                "identical bytes are scanned once")
+    max_size: Size | None = Field(None, gt=0, examples=["25MiB"],
+                                  description="larger files fail as too_large without being sent; "
+                                              "none: no limit (docs/engines.md#file-size-limits)")
+
+    @property
+    def reads_s3_by_path(self) -> bool:
+        """True when the engine reads an S3 source by bucket/key: the key must be a private snapshot."""
+        return False
+
+
+class HttpEngineConfig(_EngineBase):
+    """What every HTTP engine has: a request rate, paced (daemon/engines/_pacing.py)."""
+
+    rate_limit: float = Field(160.0, gt=0, description="requests per minute at most; lowered at once "
+                              "when the engine throttles (429, 503), raised slowly after "
+                              "(docs/engines.md#rate-limits)")
 
 
 class YaraEngineConfig(_EngineBase):
     type: Literal["yara"] = Field(description="yara: embedded; the bundled EICAR rule is always on")
     rules: tuple[Path, ...] = Field((), description="YARA rule files added to the bundled EICAR rule")
-    max_size: Size = Field(512 * 2**20, gt=0, examples=["512MiB"],
-                           description="larger files fail as too_large unscanned; matching maps "
-                                       "the file, so this bounds the memory a scan takes")
+    max_size: Size | None = Field(512 * 2**20, gt=0, examples=["512MiB"],
+                                  description="larger files fail as too_large unscanned; matching maps "
+                                              "the file, so this bounds the memory a scan takes")
 
 
 class ClamavEngineConfig(_EngineBase):
@@ -69,6 +87,11 @@ class ClamavEngineConfig(_EngineBase):
         "auto", description="auto: clamd scans the descriptor scanwatch hashed (FILDES) on a unix "
                             "socket, else the bytes are streamed (INSTREAM); stream: INSTREAM; "
                             "path: clamd opens the file by name (SCAN)")
+    max_size: Size | None = Field(25 * 2**20, gt=0, examples=["100MiB"],
+                                  description="larger files fail as too_large without being sent: "
+                                              "clamd answers OK for what is past its MaxFileSize, "
+                                              "MaxScanSize and StreamMaxLength, so keep this at or "
+                                              "below them (Debian: 25M) and raise both together")
 
     @field_validator("address")
     @classmethod
@@ -107,7 +130,7 @@ class WebhookConfig(_Model):
         return value
 
 
-class BlazelockEngineConfig(_EngineBase):
+class BlazelockEngineConfig(HttpEngineConfig):
     type: Literal["blazelock"] = Field(description="blazelock: upload only; the external reference ID "
                                        "resumes scans")
     url: HttpUrl = Field(description="API base URL", examples=["https://api.blazelock.example"])
@@ -115,7 +138,9 @@ class BlazelockEngineConfig(_EngineBase):
     mode: Literal["async", "sync"] = Field("async", description="sync: answer in the upload request "
                                                                "(10 MB max; larger files go async)")
     reuse_max_age: Duration = Field(86400.0, description="an older scan of the same ID is redone as <id>.2")
-    rate_limit: float = Field(160.0, gt=0, description="requests per minute, client side")
+    max_size: Size | None = Field(100_000_000, gt=0, examples=["100MB"],
+                                  description="larger files fail as too_large without a request "
+                                              "(Blazelock's documented limit: 100 MB)")
     poll_interval: Duration = Field(2.0, gt=0, description="between polls of a running scan; 10x slower "
                                     "(60 s at most) while webhooks arrive")
     webhook: WebhookConfig | None = Field(None, description="receive signed file_scan events (set "
@@ -123,16 +148,16 @@ class BlazelockEngineConfig(_EngineBase):
                                           "while they arrive")
 
 
-class PerceptionPointEngineConfig(_EngineBase):
+class PerceptionPointEngineConfig(HttpEngineConfig):
     type: Literal["perception_point"] = Field(description="perception_point: the X-Ray files API; "
                                               "uploads, or S3 objects by path or link")
     url: HttpUrl = Field(description="API base URL (api., api.eu. or api.aus.)",
                          examples=["https://api.perception-point.io"])
     token: SecretStr = Field(description=f"API token (Authorization: Token); {_SECRET}",
                              examples=["${PP_TOKEN}"])
-    storage: str | None = Field(None, description="the storage Perception Point reads S3 from: a "
-                                "versioned object is sent as a link pinned to its version, an "
-                                "unversioned one uploaded (a bucket/key path pins no version)",
+    storage: str | None = Field(None, description="the storage Perception Point reads S3 from: "
+                                "objects are sent as `path` naming a private server-side snapshot "
+                                "that only scanwatch can write (docs/integrity.md)",
                                 examples=["s3"])
     download_link: bool = Field(False, description="s3:// sources of a versioned bucket are sent as a "
                                                    "presigned GET URL of their version instead of "
@@ -140,8 +165,17 @@ class PerceptionPointEngineConfig(_EngineBase):
     suspicious: Literal["quarantine", "clean", "failed"] = Field(
         "quarantine", description="where SUS and SPM verdicts go: quarantine, clean or failed")
     poll_interval: Duration = Field(5.0, gt=0, description="between polls of a running scan")
+    rate_limit: float = Field(1200.0, gt=0, description="requests per minute at most; lowered at once "
+                              "when the engine throttles (429, 503), raised slowly after")
+    max_size: Size | None = Field(500_000_000, gt=0, examples=["500MB"],
+                                  description="larger files fail as too_large without a request "
+                                              "(the files API's documented limit: 500 MB)")
     callback: WebhookConfig | None = Field(None, description="ask for a callback when a scan ends; "
                                            "polling slows while they arrive")
+
+    @property
+    def reads_s3_by_path(self) -> bool:
+        return self.storage is not None
 
     @model_validator(mode="after")
     def _one_s3_mode(self) -> PerceptionPointEngineConfig:
@@ -150,7 +184,7 @@ class PerceptionPointEngineConfig(_EngineBase):
         return self
 
 
-class MetadefenderEngineConfig(_EngineBase):
+class MetadefenderEngineConfig(HttpEngineConfig):
     type: Literal["metadefender"] = Field(description="metadefender: OPSWAT MetaDefender Core; by path "
                                           "where Core sees the file, else uploaded")
     url: HttpUrl = Field(description="Core's REST API base URL", examples=["http://127.0.0.1:8008"])
@@ -169,6 +203,8 @@ class MetadefenderEngineConfig(_EngineBase):
                                                  "infected result (of `rule`, when set) is used without a "
                                                  "submission")
     poll_interval: Duration = Field(2.0, gt=0, description="between polls of a running scan")
+    rate_limit: float = Field(6000.0, gt=0, description="requests per minute at most; lowered at once "
+                              "when Core throttles (503, 403 scan limit), raised slowly after")
 
     @field_validator("filepath_map")
     @classmethod

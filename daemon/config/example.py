@@ -98,9 +98,11 @@ def _engines() -> list[str]:
         raise RuntimeError(f"the example shows engine types {shown}, the models have {sorted(ENGINE_MODELS)}")
     lines: list[str] = []
     first = _ENGINES[0][0]
-    # Keys every engine has are shown once, on the first.
-    common = [key for key in ENGINE_MODELS[_ENGINES[0][1]].model_fields
-              if key != "type" and all(key in model.model_fields for model in ENGINE_MODELS.values())]
+    # Keys every engine has, with one default, are shown once, on the first.
+    base = ENGINE_MODELS[_ENGINES[0][1]].model_fields
+    common = [key for key, info in base.items()
+              if key != "type" and all(key in model.model_fields and model.model_fields[key].default
+                                       == info.default for model in ENGINE_MODELS.values())]
     for i, (name, kind, commented) in enumerate(_ENGINES):
         block = _Block(indent=2, path="engines", illustrate=True, comment_at=2 if commented else None)
         inner = dataclasses.replace(block, indent=4, path=f"engines.{name}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
@@ -48,6 +48,10 @@ class S3Config(_Model):
                                       description="server-side copies above this use multipart copy")
     multipart_chunksize: Size = Field(default=8 * 2**20, ge=5 * 2**20,
                                       description="part size of multipart uploads and copies (5MiB at least)")
+    snapshot_threshold: Size = Field(
+        default=64 * 2**20, ge=0, description="unversioned buckets: objects up to this are promoted from "
+        "the copy scanwatch downloaded and scanned; larger ones from a server-side snapshot under "
+        "<source prefix>.scanwatch/ (docs/integrity.md, \"S3 objects\")")
 
     @field_validator("profile")
     @classmethod
@@ -106,7 +110,9 @@ class WatchConfig(_Model):
     failed: str = Field(description="where files without a verdict go; object keys become local paths "
                         "only when safe (else unsafe_key)", examples=["/srv/scanwatch/failed/invoices"])
     ignore: tuple[str, ...] = Field(DEFAULT_IGNORE,
-                                    description="basename globs left waiting; replaces the defaults")
+                                    description="basename globs left waiting; replaces the defaults "
+                                    "(none for an s3:// source: an object is complete when listed; "
+                                    "an ignored key is reported as skipped)")
     settle_seconds: Duration = Field(2.0, description="size and times unchanged this long = complete")
     rescan_interval: Duration = Field(60.0, gt=0, description="full rescan, the safety net for lost events")
     poll_interval: Duration = Field(30.0, gt=0, description="S3 listing interval (with events: the "
@@ -131,6 +137,14 @@ class WatchConfig(_Model):
         if not value.strip():
             raise ValueError("must be a directory path")
         return os.path.abspath(os.path.expanduser(value))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _s3_ignores_nothing(cls, data: Any) -> Any:
+        """An S3 object is complete once listed: no default globs (docs/contract.md, "Ignored names")."""
+        if isinstance(data, dict) and "ignore" not in data and is_s3(str(data.get("source", ""))):
+            return {**data, "ignore": ()}
+        return data
 
     @model_validator(mode="after")
     def _events_need_s3(self) -> WatchConfig:

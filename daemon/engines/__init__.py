@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 from pydantic import BaseModel
 
@@ -12,10 +11,12 @@ from daemon.config import (
     BlazelockEngineConfig,
     ClamavEngineConfig,
     Config,
+    HttpEngineConfig,
     MetadefenderEngineConfig,
     PerceptionPointEngineConfig,
     YaraEngineConfig,
 )
+from daemon.engines._pacing import Pacer, pacing_path
 from daemon.engines.base import Engine, ScanRequest
 from daemon.engines.blazelock import BlazelockEngine
 from daemon.engines.clamav import ClamavEngine
@@ -25,7 +26,7 @@ from daemon.engines.yara import YaraEngine
 
 __all__ = ["ENGINE_CLASSES", "ENGINE_TYPES", "Engine", "ScanRequest", "build_engines"]
 
-EngineFactory = Callable[[str, Any], Engine]
+EngineFactory = Callable[..., Engine]
 
 # The engine class of each config model; tests/test_config.py fails when the two sets differ.
 ENGINE_CLASSES: dict[type[BaseModel], EngineFactory] = {
@@ -41,5 +42,17 @@ ENGINE_TYPES: dict[str, EngineFactory] = {
 
 
 def build_engines(config: Config) -> dict[str, Engine]:
-    """One engine per `engines:` entry (ConfigError if one cannot be set up)."""
-    return {name: ENGINE_TYPES[cfg.type](name, cfg) for name, cfg in config.engines.items()}
+    """One engine per `engines:` entry (ConfigError if one cannot be set up).
+
+    An HTTP engine is paced through its state file under state_dir, shared by every
+    worker process (daemon/engines/_pacing.py).
+    """
+    engines: dict[str, Engine] = {}
+    for name, cfg in config.engines.items():
+        factory = ENGINE_TYPES[cfg.type]
+        if isinstance(cfg, HttpEngineConfig):
+            pacer = Pacer(name, cfg.rate_limit, pacing_path(config.state_dir, name))
+            engines[name] = factory(name, cfg, pacer=pacer)
+        else:
+            engines[name] = factory(name, cfg)
+    return engines

@@ -1,27 +1,34 @@
-"""What the HTTP engines share: httpx errors translated at the boundary, status mapping,
-Retry-After parsing and a client-side rate limit. One vendor's details stay in its module."""
+"""What the HTTP engines share: one paced client per engine, httpx errors translated at the
+boundary, status mapping and Retry-After parsing. One vendor's details stay in its module."""
 
 from __future__ import annotations
 
 import email.utils
-import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import httpx
 
 from daemon import __version__
-from daemon.errors import EnginePermanentError, EngineRetryableError, EngineUnavailableError
+from daemon.engines._pacing import Pacer
+from daemon.errors import (
+    EnginePermanentError,
+    EngineRetryableError,
+    EngineThrottledError,
+    EngineUnavailableError,
+)
 from daemon.model import Reason
 
-__all__ = ["USER_AGENT", "RateLimiter", "api_client", "check_status", "json_object", "parse_retry_after",
+__all__ = ["USER_AGENT", "PacedClient", "check_status", "json_object", "parse_retry_after",
            "translate_errors"]
 
 USER_AGENT = f"scanwatch/{__version__}"
 
-_RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+# docs/engines.md#retries: "slow down" is pacing and spends no attempt; the rest may hide a fault.
+_THROTTLE_STATUS = frozenset({429, 503})
+_RETRYABLE_STATUS = frozenset({500, 502, 504})
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -55,32 +62,29 @@ def translate_errors(engine: str, url: str) -> Iterator[None]:
 
 
 def check_status(response: httpx.Response, engine: str, body: str = "", *,
-                 retryable: bool = False, reason: Reason | None = None) -> None:
+                 reason: Reason | None = None) -> None:
     """Raise the engine error a non-2xx answer means (docs/engines.md#retries).
 
-    A vendor's documented exceptions override the status's usual meaning: a permanent
-    `reason` (MetaDefender's 500 "license expired"), or `retryable` (its 403 "scan limit").
+    A vendor's documented exception overrides the status's usual meaning: a permanent
+    `reason` (MetaDefender's 500 "license expired").
     """
     status = response.status_code
     if status < 300:
         return
     detail = f"engine {engine!r}: HTTP {status} from {response.request.method} " \
              f"{response.request.url.path}: {body or response.text[:200]}"
+    retry_after_s = parse_retry_after(response.headers.get("Retry-After"))
     if reason is not None:
         raise EnginePermanentError(detail, reason=reason)
-    if retryable or status in _RETRYABLE_STATUS:
-        retry_after_s = parse_retry_after(response.headers.get("Retry-After"))
+    if status in _THROTTLE_STATUS:
+        raise EngineThrottledError(detail, retry_after_s=retry_after_s)
+    if status in _RETRYABLE_STATUS:
         raise EngineRetryableError(detail, retry_after_s=retry_after_s)
     if status in (401, 403):
         raise EnginePermanentError(detail + f"; check engines.{engine} credentials", reason=Reason.AUTH)
     if status == 413:
         raise EnginePermanentError(detail, reason=Reason.TOO_LARGE)
     raise EnginePermanentError(detail, reason=Reason.BAD_REQUEST)
-
-
-def api_client(url: str, timeout: float, credentials: dict[str, str]) -> httpx.Client:
-    """The client of one engine's API: base URL, timeout, credential headers, our User-Agent."""
-    return httpx.Client(base_url=url, timeout=timeout, headers={**credentials, "User-Agent": USER_AGENT})
 
 
 def json_object(response: httpx.Response) -> dict[str, Any]:
@@ -92,38 +96,53 @@ def json_object(response: httpx.Response) -> dict[str, Any]:
     return body if isinstance(body, dict) else {}
 
 
-class RateLimiter:
-    """At most `per_minute` requests a minute, spread evenly; the server's word wins."""
+class PacedClient:
+    """One engine's API client: every request paced by the engine's one `Pacer`
+    (daemon/engines/_pacing.py), httpx errors translated, throttling answers raised.
 
-    def __init__(self, per_minute: float) -> None:
-        self._interval_s = 60.0 / per_minute
-        self._next_at = 0.0
-        self._lock = threading.Lock()
+    `is_throttled` adds a vendor's own "busy" answers to 429 and 503 (MetaDefender's 403
+    "scan limit reached"). Thread-safe, as httpx's client and the pacer are.
+    """
 
-    def acquire(self, max_wait_s: float = 2.0) -> None:
-        """Wait for the next slot; a longer hold is a retry the pipeline schedules, not a sleep."""
-        with self._lock:
-            now = time.monotonic()
-            at = max(now, self._next_at)
-            if at - now > max_wait_s:
-                raise EngineRetryableError("rate limited: waiting for the server's window",
-                                           retry_after_s=at - now)
-            self._next_at = at + self._interval_s
-        if at > now:
-            time.sleep(at - now)
+    def __init__(self, engine: str, url: str, timeout: float, credentials: dict[str, str], pacer: Pacer,
+                 is_throttled: Callable[[httpx.Response], bool] = lambda _: False) -> None:
+        self.engine = engine
+        self.url = url
+        self.pacer = pacer
+        self._is_throttled = is_throttled
+        self._client = httpx.Client(base_url=url, timeout=timeout,
+                                    headers={**credentials, "User-Agent": USER_AGENT})
 
-    def hold(self, seconds: float) -> None:
-        """Send nothing for `seconds` (Retry-After, or an exhausted X-RateLimit-Remaining)."""
-        with self._lock:
-            self._next_at = max(self._next_at, time.monotonic() + seconds)
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """Send one request in its turn; raises `EngineThrottledError` on a throttling answer."""
+        self.pacer.acquire()
+        with translate_errors(self.engine, path if "://" in path else self.url + path):
+            response = self._client.request(method, path, **kwargs)
+        self._answered(response)
+        return response
 
-    def observe(self, response: httpx.Response) -> None:
-        """Follow X-RateLimit-Remaining/Reset and Retry-After of an answer."""
-        if (retry_after_s := parse_retry_after(response.headers.get("Retry-After"))) is not None:
-            self.hold(retry_after_s)
+    def close(self) -> None:
+        """Close the connection pool and the pacing state."""
+        self._client.close()
+        self.pacer.close()
+
+    def _answered(self, response: httpx.Response) -> None:
+        """Pace by the answer: slow down on a throttle (raised, with the wait), else speed up."""
+        status = response.status_code
+        retry_after_s = parse_retry_after(response.headers.get("Retry-After"))
+        if status in _THROTTLE_STATUS or self._is_throttled(response):
+            wait_s = self.pacer.throttled(retry_after_s)
+            raise EngineThrottledError(
+                f"engine {self.engine!r}: HTTP {status} from {response.request.method} "
+                f"{response.request.url.path}: {response.text[:200]}; paced at "
+                f"{self.pacer.rate_per_minute:.4g} requests a minute", retry_after_s=wait_s)
+        if status < 500:
+            self.pacer.succeeded()
+        if retry_after_s is not None:
+            self.pacer.hold(retry_after_s)
         elif response.headers.get("X-RateLimit-Remaining") == "0":
             reset = response.headers.get("X-RateLimit-Reset", "")
             if reset.isdigit():
                 # Either seconds to wait or a unix time; a value past 1e9 is a time.
                 value = float(reset)
-                self.hold(value - time.time() if value > 1e9 else value)
+                self.pacer.hold(value - time.time() if value > 1e9 else value)

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from email.message import Message
 from typing import Protocol, runtime_checkable
 
 from daemon.engines._webhook import WebhookAddress, WebhookHealth
-from daemon.model import Pending, S3Object, Verdict
+from daemon.errors import EnginePermanentError
+from daemon.model import Pending, Reason, S3Object, Verdict
 
 __all__ = ["Engine", "S3Object", "ScanHandle", "ScanRequest", "SignatureSource", "Signatures",
-           "WebhookSource", "signatures_of"]
+           "WebhookSource", "refuse_too_large", "signatures_of"]
 
 
 @dataclass(frozen=True)
@@ -23,7 +25,9 @@ class ScanRequest:
 
     watch: str
     rel_path: str
-    path: str  # absolute local path (or s3://bucket/key), for engines that read the file themselves
+    # Absolute local path (or s3://bucket/key), for engines that read the file themselves;
+    # for a watched local file, its snapshot in the staging directory (docs/integrity.md).
+    path: str
     fd: int | None
     size: int
     sha256: str
@@ -47,6 +51,20 @@ class ScanRequest:
     def name(self) -> str:
         """The file's basename."""
         return self.rel_path.rpartition("/")[2]
+
+
+def refuse_too_large(engine: str, max_size: int | None, request: ScanRequest) -> None:
+    """Raise `EnginePermanentError` `too_large` for a file over the engine's `max_size`.
+
+    Every engine calls it before sending or reading anything: an engine that would read
+    only part of the file must never judge it (docs/engines.md#file-size-limits).
+    """
+    if max_size is None:
+        return
+    size = max(request.size, os.fstat(request.fd).st_size if request.fd is not None else 0)
+    if size > max_size:
+        raise EnginePermanentError(f"{size} bytes is over engines.{engine}.max_size ({max_size} bytes)",
+                                   reason=Reason.TOO_LARGE)
 
 
 @dataclass(frozen=True)

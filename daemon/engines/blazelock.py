@@ -25,17 +25,17 @@ from urllib.parse import quote
 import httpx
 
 from daemon.config import BlazelockEngineConfig
-from daemon.engines._http import RateLimiter, api_client, check_status, json_object, translate_errors
+from daemon.engines._http import PacedClient, check_status, json_object
+from daemon.engines._pacing import Pacer
 from daemon.engines._webhook import WebhookHealth, json_body, secret_bytes, webhook_address
-from daemon.engines.base import ScanHandle, ScanRequest
+from daemon.engines.base import ScanHandle, ScanRequest, refuse_too_large
 from daemon.errors import EnginePermanentError, EngineResubmitError, WebhookRejectedError
 from daemon.model import Pending, Reason, RejectReason, Verdict, VerdictKind
 from daemon.refid import build_ref_id
 from daemon.timefmt import parse_iso
 
-__all__ = ["ASYNC_LIMIT_BYTES", "SYNC_LIMIT_BYTES", "BlazelockEngine"]
+__all__ = ["SYNC_LIMIT_BYTES", "BlazelockEngine"]
 
-ASYNC_LIMIT_BYTES = 100_000_000
 SYNC_LIMIT_BYTES = 10_000_000
 _MAX_GENERATIONS = 20
 # docs/engines.md#blazelock-webhooks: refuse timestamps older than 5 minutes (and as far ahead).
@@ -49,23 +49,21 @@ class BlazelockEngine:
     remote = True
     reads_s3 = False
 
-    def __init__(self, name: str, config: BlazelockEngineConfig) -> None:
+    def __init__(self, name: str, config: BlazelockEngineConfig, pacer: Pacer | None = None) -> None:
         self.name = name
         self._config = config
         self._url = config.url.rstrip("/")
-        self._limiter = RateLimiter(config.rate_limit)
         self.webhook_address = webhook_address(name, "webhook", config.webhook)
         self.webhook_health = WebhookHealth()
-        self._client = api_client(self._url, config.timeout,
-                                  {"Authorization": f"Bearer {config.api_key.get_secret_value()}"})
+        self._client = PacedClient(name, self._url, config.timeout,
+                                   {"Authorization": f"Bearer {config.api_key.get_secret_value()}"},
+                                   pacer or Pacer(name, config.rate_limit))
 
     # -- Engine ------------------------------------------------------------------------------
 
     def scan(self, request: ScanRequest) -> Verdict | Pending:
         """Upload the file (streamed from its fd); follow an existing scan of its ID instead."""
-        if request.size > ASYNC_LIMIT_BYTES:
-            raise EnginePermanentError(f"{request.size} bytes is over Blazelock's 100 MB limit",
-                                       reason=Reason.TOO_LARGE)
+        refuse_too_large(self.name, self._config.max_size, request)
         sync = self._config.mode == "sync" and request.size <= SYNC_LIMIT_BYTES
         ref_id = request.ref_id
         for generation in range(2, _MAX_GENERATIONS + 2):
@@ -113,7 +111,7 @@ class BlazelockEngine:
         return f"blazelock at {self._url}"
 
     def close(self) -> None:
-        """Close the HTTP connection pool."""
+        """Close the HTTP connection pool and the pacing state."""
         self._client.close()
 
     # -- WebhookSource -------------------------------------------------------------------------
@@ -158,21 +156,13 @@ class BlazelockEngine:
         # A duplicate of the fd: httpx streams the body from it, never reading it whole.
         with os.fdopen(os.dup(request.bytes_fd), "rb") as body:
             body.seek(0)
-            self._limiter.acquire()
-            with translate_errors(self.name, self._url + path):
-                response = self._client.post(
-                    path, files={"file": (request.name, body, "application/octet-stream")},
-                    data={"attributes": attributes},
-                    timeout=self._config.timeout if not sync else max(self._config.timeout, 60.0))
-        self._limiter.observe(response)
-        return response
+            return self._client.request(
+                "POST", path, files={"file": (request.name, body, "application/octet-stream")},
+                data={"attributes": attributes},
+                timeout=self._config.timeout if not sync else max(self._config.timeout, 60.0))
 
     def _get(self, path: str) -> httpx.Response:
-        self._limiter.acquire()
-        with translate_errors(self.name, self._url + path):
-            response = self._client.get(path)
-        self._limiter.observe(response)
-        return response
+        return self._client.request("GET", path)
 
     def _lookup(self, ref_id: str) -> dict[str, Any] | None:
         """The scan with this external reference ID, or None if the service has none (yet)."""

@@ -27,7 +27,7 @@ from contextlib import contextmanager, suppress
 import structlog
 
 from daemon.config import ClamavEngineConfig
-from daemon.engines.base import ScanHandle, ScanRequest, Signatures
+from daemon.engines.base import ScanHandle, ScanRequest, Signatures, refuse_too_large
 from daemon.errors import EnginePermanentError, EngineRetryableError, EngineUnavailableError
 from daemon.model import Pending, Reason, Verdict, VerdictKind
 
@@ -44,6 +44,9 @@ _FILDES_REFUSED = ("UNKNOWN COMMAND", "Command invalid inside IDSESSION", "No fi
 # How long a `VERSION` answer stands for clamd's database (docs/engines.md, "Verdict cache"):
 # a reload of clamd's database is seen within this, a SIGHUP of scanwatch at once.
 _VERSION_MAX_AGE_S = 60.0
+# With `AlertExceedsMax yes`, clamd names what it did not read whole as a "threat":
+# `Heuristics.Limits.Exceeded.MaxFileSize FOUND`. Not infected, and not clean either.
+_LIMITS_EXCEEDED = "Heuristics.Limits.Exceeded."
 
 
 class _Session:
@@ -151,7 +154,12 @@ class ClamavEngine:
     # -- Engine ------------------------------------------------------------------------------
 
     def scan(self, request: ScanRequest) -> Verdict:
-        """FILDES (auto on a unix socket), INSTREAM (auto over TCP or refused, stream) or SCAN (path)."""
+        """FILDES (auto on a unix socket), INSTREAM (auto over TCP or refused, stream) or SCAN (path).
+
+        A file over `max_size` is not sent: clamd would answer OK for the part past its
+        own limits (docs/engines.md#clamav-clamd).
+        """
+        refuse_too_large(self.name, self._config.max_size, request)
         if self._config.mode == "path":
             return self._verdict(self._ask(b"SCAN " + os.fsencode(request.path)), "path")
         if self._config.mode == "auto" and self._can_pass_fd:
@@ -168,6 +176,10 @@ class ClamavEngine:
             return Verdict(VerdictKind.CLEAN, raw=raw)
         if reply.endswith(" FOUND"):
             threat = reply[: -len(" FOUND")].rpartition(": ")[2]
+            if threat.startswith(_LIMITS_EXCEEDED):
+                raise EnginePermanentError(f"clamd did not read the file whole: {reply}; raise clamd's "
+                                           f"limits or lower engines.{self.name}.max_size",
+                                           reason=Reason.TOO_LARGE)
             return Verdict(VerdictKind.INFECTED, threats=(threat,), raw=raw)
         if "size limit exceeded" in reply:
             raise EnginePermanentError(f"clamd: {reply}", reason=Reason.TOO_LARGE)

@@ -28,8 +28,9 @@ import httpx
 import structlog
 
 from daemon.config import MetadefenderEngineConfig
-from daemon.engines._http import USER_AGENT, api_client, check_status, json_object, translate_errors
-from daemon.engines.base import ScanHandle, ScanRequest, Signatures
+from daemon.engines._http import USER_AGENT, PacedClient, check_status, json_object
+from daemon.engines._pacing import Pacer
+from daemon.engines.base import ScanHandle, ScanRequest, Signatures, refuse_too_large
 from daemon.errors import EnginePermanentError, EngineResubmitError, EngineRetryableError
 from daemon.model import Pending, Reason, Verdict, VerdictKind
 
@@ -71,7 +72,7 @@ class MetadefenderEngine:
     remote = True
     reads_s3 = False
 
-    def __init__(self, name: str, config: MetadefenderEngineConfig) -> None:
+    def __init__(self, name: str, config: MetadefenderEngineConfig, pacer: Pacer | None = None) -> None:
         self.name = name
         self._config = config
         self._url = config.url.rstrip("/")
@@ -79,12 +80,14 @@ class MetadefenderEngine:
         self._path_map = sorted(config.filepath_map.items(), key=lambda item: len(item[0]), reverse=True)
         self._source = socket.gethostname()
         credentials = {} if config.apikey is None else {"apikey": config.apikey.get_secret_value()}
-        self._client = api_client(self._url, config.timeout, credentials)
+        self._client = PacedClient(name, self._url, config.timeout, credentials,
+                                   pacer or Pacer(name, config.rate_limit), is_throttled=_is_busy)
 
     # -- Engine ------------------------------------------------------------------------------
 
     def scan(self, request: ScanRequest) -> Verdict | Pending:
         """A known result of these bytes (`hash_lookup`), else submit by path or upload."""
+        refuse_too_large(self.name, self._config.max_size, request)
         if self._config.hash_lookup and (known := self._known(request)) is not None:
             return known
         core_path = None if request.by_upload else self._core_path(request)
@@ -125,7 +128,7 @@ class MetadefenderEngine:
         return f"metadefender {version} at {self._url}"
 
     def close(self) -> None:
-        """Close the HTTP connection pool."""
+        """Close the HTTP connection pool and the pacing state."""
         self._client.close()
 
     # -- submitting ---------------------------------------------------------------------------
@@ -198,8 +201,7 @@ class MetadefenderEngine:
         """POST /file with exactly `length` bytes of `body` (Core answers 411 without a length)."""
         # UTF-8 header values: a workflow name or an archive password need not be ASCII.
         sent = httpx.Headers({**headers, "Content-Length": str(length)}, encoding="utf-8")
-        with translate_errors(self.name, self._url + "/file"):
-            response = self._client.post("/file", content=body, headers=sent)
+        response = self._client.request("POST", "/file", content=body, headers=sent)
         self._check(response, hint)
         return json_object(response)
 
@@ -258,8 +260,7 @@ class MetadefenderEngine:
         # Core may name the node that runs the scan (`rest_ip`): ask there, same scheme.
         base = "" if not rest_ip else rest_ip if "://" in rest_ip else f"{self._scheme}://{rest_ip}"
         url = base.rstrip("/") + path if base else path
-        with translate_errors(self.name, (base or self._url) + path):
-            return self._client.get(url)
+        return self._client.request("GET", url)
 
     def _check(self, response: httpx.Response, hint: str = "") -> None:
         """docs/engines.md#metadefender-errors on top of the common rules; `hint` explains a 400."""
@@ -268,16 +269,23 @@ class MetadefenderEngine:
             return
         error = str(json_object(response).get("err") or response.text[:200])
         lowered = error.lower()
-        # Core tells its 403s and 500s apart only by their text (docs/engines.md#metadefender-errors).
-        is_busy = status == 403 and ("limit" in lowered or "clients" in lowered)
+        # Core tells its 403s and 500s apart only by their text (docs/engines.md#metadefender-errors);
+        # a busy 403 never gets here: the paced client raises it as throttling (`_is_busy`).
         is_broken = (status == 403 and "license" in lowered) or (
             status == 500 and any(word in lowered for word in ("license", "disk", "space")))
         if is_broken:
             error += "; the Core server needs its administrator"
         if status == 400 and hint:
             error += f" ({hint})"
-        check_status(response, self.name, error, retryable=is_busy,
-                     reason=Reason.ENGINE_ERROR if is_broken else None)
+        check_status(response, self.name, error, reason=Reason.ENGINE_ERROR if is_broken else None)
+
+
+def _is_busy(response: httpx.Response) -> bool:
+    """Core's 403 "scan limit reached" or "exceeded number of allowed clients": slow down."""
+    if response.status_code != 403:
+        return False
+    error = str(json_object(response).get("err") or response.text[:200]).lower()
+    return "limit" in error or "clients" in error
 
 
 def _read_range(fd: int, offset: int, length: int) -> Iterator[bytes]:

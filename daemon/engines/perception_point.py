@@ -1,10 +1,11 @@
-"""Perception Point X-Ray: upload, or a versioned S3 object by presigned link.
+"""Perception Point X-Ray: upload, or an S3 object by path (`storage`) or presigned link.
 
 The wire protocol: docs/engines.md#perception-point-x-ray.
 
 One multipart `POST /api/v1/files/` carries exactly one of `data` (the bytes, streamed
-from the fd) or `download_link`; `path` with `storage` is never sent, since it names
-no object version (docs/integrity.md, "Remote engines"). The answer's `scan_id` is
+from the fd), `path` with `storage`, or `download_link`. `path` names no object version,
+so it only ever names a private server-side snapshot of the object, which nobody but
+scanwatch can write (docs/integrity.md, "Remote engines"). The answer's `scan_id` is
 journaled and polled at `GET /api/v1/scans/{scan_id}/` (**assumed** in docs/engines.md#perception-point-x-ray:
 the public docs name no result endpoint).
 
@@ -33,20 +34,18 @@ from urllib.parse import quote
 import httpx
 
 from daemon.config import PerceptionPointEngineConfig
-from daemon.engines._http import RateLimiter, api_client, check_status, json_object, translate_errors
+from daemon.engines._http import PacedClient, check_status, json_object
+from daemon.engines._pacing import Pacer
 from daemon.engines._webhook import WebhookHealth, json_body, secret_bytes, webhook_address, webhook_path
-from daemon.engines.base import ScanHandle, ScanRequest, Signatures
+from daemon.engines.base import ScanHandle, ScanRequest, Signatures, refuse_too_large
 from daemon.errors import EnginePermanentError, EngineResubmitError, WebhookRejectedError
 from daemon.model import Pending, Reason, RejectReason, Verdict, VerdictKind
 
-__all__ = ["CALLBACK_SECRET_HEADER", "LIMIT_BYTES", "PerceptionPointEngine"]
+__all__ = ["CALLBACK_SECRET_HEADER", "PerceptionPointEngine"]
 
 CALLBACK_SECRET_HEADER = "X-Scanwatch-Callback-Secret"
 
-LIMIT_BYTES = 500_000_000
 _SUBMIT = "/api/v1/files/"
-# No documented request limit: a courtesy ceiling, so that Retry-After holds every thread.
-_REQUESTS_PER_MINUTE = 1200.0
 _INFECTED = frozenset({"MAL", "BLK"})
 _SUSPICIOUS = frozenset({"SUS", "SPM"})
 _SUSPICIOUS_KIND = {"quarantine": VerdictKind.INFECTED, "clean": VerdictKind.CLEAN,
@@ -56,28 +55,26 @@ _Part = tuple[str, tuple[str | None, str] | tuple[str, BinaryIO, str]]
 
 
 class PerceptionPointEngine:
-    """The X-Ray files API; versioned S3 sources by presigned link (`storage` or `download_link`)."""
+    """The X-Ray files API; S3 sources by snapshot path (`storage`) or pinned link (`download_link`)."""
 
     remote = True
 
-    def __init__(self, name: str, config: PerceptionPointEngineConfig) -> None:
+    def __init__(self, name: str, config: PerceptionPointEngineConfig, pacer: Pacer | None = None) -> None:
         self.name = name
         self.reads_s3 = config.storage is not None or config.download_link
         self.webhook_address = webhook_address(name, "callback", config.callback)
         self.webhook_health = WebhookHealth()
         self._config = config
         self._url = config.url.rstrip("/")
-        self._limiter = RateLimiter(_REQUESTS_PER_MINUTE)
-        self._client = api_client(self._url, config.timeout,
-                                  {"Authorization": f"Token {config.token.get_secret_value()}"})
+        self._client = PacedClient(name, self._url, config.timeout,
+                                   {"Authorization": f"Token {config.token.get_secret_value()}"},
+                                   pacer or Pacer(name, config.rate_limit))
 
     # -- Engine ------------------------------------------------------------------------------
 
     def scan(self, request: ScanRequest) -> Verdict | Pending:
         """Submit the file (by path, by link, or uploaded) and return its scan to poll."""
-        if request.size > LIMIT_BYTES:
-            raise EnginePermanentError(f"{request.size} bytes is over Perception Point's 500 MB limit",
-                                       reason=Reason.TOO_LARGE)
+        refuse_too_large(self.name, self._config.max_size, request)
         with self._source_parts(request) as source:
             response = self._request("POST", _SUBMIT, files=[*self._fields(request), *source])
         check_status(response, self.name)
@@ -156,25 +153,25 @@ class PerceptionPointEngine:
 
     @contextmanager
     def _source_parts(self, request: ScanRequest) -> Iterator[list[_Part]]:
-        """What names the bytes: a `download_link` pinned to the version, or the streamed `data`."""
+        """What names the bytes: a snapshot's `path`, a pinned `download_link`, or the streamed `data`."""
         s3 = request.s3
-        if s3 is not None and s3.version_id is not None and self.reads_s3 and not request.by_upload:
-            # Only a version pins what the service reads (docs/integrity.md, "Remote engines"):
-            # `path` names no version, and a link to an unversioned object can change under
-            # it. So the link presigned with the VersionId, or else the hashed copy uploaded.
-            yield [("download_link", (None, s3.url))]
-            return
+        if s3 is not None and self.reads_s3 and not request.by_upload:
+            # Only what nobody else can change may be read by name (docs/integrity.md, "Remote
+            # engines"): `path` names no version, so it only ever names a private snapshot; a
+            # link is presigned with the VersionId, or of a snapshot. Else the hashed copy is uploaded.
+            if self._config.storage is not None and s3.is_snapshot:
+                yield [("path", (None, f"{s3.bucket}/{s3.key}")), ("storage", (None, self._config.storage))]
+                return
+            if s3.version_id is not None or s3.is_snapshot:
+                yield [("download_link", (None, s3.url))]
+                return
         # A duplicate of the fd: httpx streams the part from it, never reading it whole.
         with os.fdopen(os.dup(request.bytes_fd), "rb") as body:
             body.seek(0)
             yield [("data", (request.name, body, "application/octet-stream"))]
 
     def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
-        self._limiter.acquire()
-        with translate_errors(self.name, self._url + path):
-            response = self._client.request(method, path, **kw)
-        self._limiter.observe(response)
-        return response
+        return self._client.request(method, path, **kw)
 
     def _pending(self, scan_id: str) -> Pending:
         return Pending(scan_id, self.webhook_health.poll_after_s(self._config.poll_interval))

@@ -11,7 +11,7 @@ from importlib import resources
 import yara
 
 from daemon.config import YaraEngineConfig
-from daemon.engines.base import ScanHandle, ScanRequest, Signatures
+from daemon.engines.base import ScanHandle, ScanRequest, Signatures, refuse_too_large
 from daemon.errors import ConfigError, EnginePermanentError, EngineRetryableError
 from daemon.model import Pending, Reason, Verdict, VerdictKind
 
@@ -56,11 +56,9 @@ class YaraEngine:
         The mapped pages count as the daemon's resident memory while they are matched,
         so a file over `max_size` fails as `too_large` without being mapped.
         """
+        refuse_too_large(self.name, self._max_size, request)
         try:
             size = os.fstat(request.bytes_fd).st_size
-            if max(size, request.size) > self._max_size:
-                return Verdict.failed(Reason.TOO_LARGE, raw={
-                    "error": f"{size} bytes is over engines.{self.name}.max_size ({self._max_size})"})
             if size == 0:
                 matches = self._rules.match(data=b"", timeout=self._timeout_s)
             else:

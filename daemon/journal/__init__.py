@@ -36,13 +36,22 @@ from daemon.journal.schema import (
     _to_db,
     _update_file,
 )
-from daemon.model import ACTIVE_STATES, FileState, RowChanges, ScanChanges, ScanRecord, VerdictKind
+from daemon.journal.versions import ObjectVersions
+from daemon.model import (
+    ACTIVE_STATES,
+    FileState,
+    RowChanges,
+    ScanChanges,
+    ScanRecord,
+    SeenObject,
+    VerdictKind,
+)
 
 __all__ = ["AuditRow", "CachedVerdict", "Database", "FileRow", "FleetMember", "Journal", "RowChanges",
-           "RowOrder", "is_damage", "open_journal", "owner_token", "state_dir_error"]
+           "RowOrder", "SeenObject", "is_damage", "open_journal", "owner_token", "state_dir_error"]
 
 
-class Journal(RescanRecords, VerdictCacheRecords):
+class Journal(ObjectVersions, RescanRecords, VerdictCacheRecords):
     """The SQLite journal under `state_dir`: arrivals, the work queue, what happened to each file."""
 
     # -- intake -----------------------------------------------------------------------------
@@ -56,7 +65,9 @@ class Journal(RescanRecords, VerdictCacheRecords):
                  settled: Mapping[str, Identity] | None = None) -> int:
         """Record `(rel_path, inode)` arrivals; known active paths are left as they are.
 
-        A path held back (a symlink, say) whose inode changed is a new arrival again.
+        A path held back (a symlink, say) whose inode changed is a new arrival again; one
+        held for `permission_denied` is tried again whenever it is seen (its reason kept, so
+        that holding it again is not reported again).
         A path in `settled` (a watch with `settle_seconds: 0`, its file just lstat'ed)
         is recorded stable at once with that identity: the settle step has nothing to add.
         Returns how many rows were added or revived. Idempotent.
@@ -74,45 +85,19 @@ class Journal(RescanRecords, VerdictCacheRecords):
                                           updated_at)
                         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                         ON CONFLICT (watch, rel_path) WHERE {_ACTIVE} DO UPDATE
-                        SET state = excluded.state, inode = excluded.inode, reason = NULL,
+                        SET state = excluded.state, inode = excluded.inode,
+                            reason = CASE files.reason WHEN 'permission_denied' THEN files.reason END,
                             dev = excluded.dev, size = excluded.size, mtime_ns = excluded.mtime_ns,
                             ctime_ns = excluded.ctime_ns, stable_at = excluded.stable_at,
                             next_attempt_at = excluded.next_attempt_at,
                             discovered_at = excluded.discovered_at, updated_at = excluded.updated_at
-                        WHERE files.state = 'held' AND files.inode IS NOT excluded.inode""",
+                        WHERE files.state = 'held' AND (files.inode IS NOT excluded.inode
+                                                        OR files.reason = 'permission_denied')""",
                     (watch, os.fsencode(rel_path), state, inode, dev, size, mtime_ns, ctime_ns,
                      stable_at, now, now, now),
                 )
                 added += cursor.rowcount
         return added
-
-    def discover_objects(self, watch: str, objects: Iterable[tuple[str, str, str | None, int]],
-                         now: float) -> int:
-        """Record S3 objects `(rel_path, etag, version_id, size)` as stable arrivals.
-
-        An object version any row already stands for (bar a vanished one) is not new,
-        so listing a prefix again, or a repeated event, adds nothing. A key replaced
-        before its scan started is updated in place; once scanning, the change is
-        found by the scan's or the move's ETag condition. Returns rows added or updated.
-        """
-        changed = 0
-        with self._tx() as conn:
-            for rel_path, etag, version_id, size in objects:
-                path = os.fsencode(rel_path)
-                cursor = conn.execute(
-                    f"""INSERT INTO files (watch, rel_path, state, size, etag, version_id,
-                                          next_attempt_at, discovered_at, stable_at, updated_at)
-                        SELECT ?, ?, 'stable', ?, ?, ?, ?, ?, ?, ?
-                        WHERE NOT EXISTS (SELECT 1 FROM files WHERE watch = ? AND rel_path = ?
-                                          AND etag = ? AND state != 'gone')
-                        ON CONFLICT (watch, rel_path) WHERE {_ACTIVE} DO UPDATE
-                        SET etag = excluded.etag, version_id = excluded.version_id,
-                            size = excluded.size, updated_at = excluded.updated_at
-                        WHERE files.state IN ('discovered', 'stable')""",
-                    (watch, path, size, etag, version_id, now, now, now, now, watch, path, etag),
-                )
-                changed += cursor.rowcount
-        return changed
 
     def due(self, state: FileState, watch: str, now: float, limit: int) -> list[FileRow]:
         """Rows of `watch` in `state` whose next attempt is due, oldest first."""

@@ -105,6 +105,16 @@ SCHEMA = [
     -- `counts` (status, metrics) reads this index alone, already in group order.
     CREATE INDEX files_counts ON files(watch, state, verdict, reason);
     """,
+    # S3 sources: the object version's LastModified (epoch seconds), so that the same bytes
+    # uploaded again under a judged key are a new arrival (docs/contract.md, "S3 in place").
+    """
+    ALTER TABLE files ADD COLUMN last_modified REAL;
+    """,
+    # S3 sources: the private server-side snapshot a row is scanned and promoted from
+    # (daemon/locations/staging.py), deleted with the source once the row is moved.
+    """
+    ALTER TABLE files ADD COLUMN snapshot TEXT;
+    """,
     # The verdict cache by content (docs/engines.md, "Verdict cache", daemon/journal/cache.py):
     # each engine's verdicts by signatures and sha256, kept newest first (rowid order); the
     # scans in flight that identical bytes wait for; hits and misses for `status`.
@@ -182,6 +192,8 @@ class FileRow:
     submitting_at: float | None = None  # a remote submission may have happened: in doubt until answered
     dest_root: str | None = None  # the planned destination: its root (as configured)...
     dest_rel: str | None = None  # ...and the name below it
+    last_modified: float | None = None  # S3 sources: the version's LastModified (epoch seconds)
+    snapshot: str | None = None  # S3 sources: the key of the private snapshot scanned, if one was made
 
     def updated(self, changes: RowChanges) -> FileRow:
         """This row with `changes` applied (as the journal will have it once they commit)."""

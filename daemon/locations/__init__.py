@@ -6,8 +6,10 @@ source if it is still the scanned file", with the planned name journaled first,
 so a move cut off at any point is finished by `transfer(..., resumed=True)`:
 
 - local → local: an atomic rename that never overwrites (a copy across filesystems);
-- S3 → S3: a server-side copy of exactly the scanned version (`CopySourceIfMatch`);
-- S3 → local: a download to a temp name, fsync, a no-overwrite rename;
+- S3 → S3: a server-side copy of an immutable version or private snapshot, or an upload of
+  the very bytes that were scanned (unversioned buckets: daemon/locations/staging.py);
+- S3 → local: the scanned bytes (staged copy, snapshot or version) written to a temp name,
+  fsync, a no-overwrite rename;
 - local → S3: an upload (multipart above one part) that completes only when the bytes
   are the scanned ones, never overwriting (`IfNoneMatch`).
 
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from daemon.config import Config, WatchConfig
+from daemon.config import IN_PLACE, Config, WatchConfig
 from daemon.fsutil import DirCache
 from daemon.locations.base import (
     SIDECAR_SUFFIX,
@@ -35,6 +37,7 @@ from daemon.locations.base import (
 from daemon.locations.local import LocalLocation
 from daemon.locations.s3 import S3Location
 from daemon.s3 import S3Clients, is_s3
+from daemon.staging import StagingDirs
 
 __all__ = [
     "Content",
@@ -54,11 +57,14 @@ __all__ = [
 
 class Locations:
     """Location objects by configured URL for one batch of work: local ones share `dirs`,
-    S3 ones use the client for their watch's S3 settings."""
+    S3 ones use the client for their watch's S3 settings, local sources their staging
+    directory of snapshots (`daemon/staging.py`)."""
 
     def __init__(self, config: Config, dirs: DirCache, clients: S3Clients | None = None,
-                 places: Mapping[str, Location] | None = None) -> None:
+                 places: Mapping[str, Location] | None = None,
+                 staging: StagingDirs | None = None) -> None:
         self._config = config
+        self._staging = staging or StagingDirs(config.state_dir)
         self.dirs = dirs
         self._clients = clients or S3Clients()
         self._places = places or {}  # URL → a Location given from outside (tests' fakes)
@@ -68,5 +74,9 @@ class Locations:
             return place
         if is_s3(url):
             s3 = self._config.s3_for(watch)
-            return S3Location(url, self._clients(s3), s3, self._config.state_dir / "work")
-        return LocalLocation(url, self.dirs)
+            engines = [self._config.engines[e] for e in watch.engines if e in self._config.engines]
+            return S3Location(url, self._clients(s3), s3, self._config.state_dir / "work",
+                              state_dir=self._config.state_dir,
+                              reads_by_path=any(engine.reads_s3_by_path for engine in engines),
+                              stages=IN_PLACE not in watch.destinations.values())
+        return LocalLocation(url, self.dirs, self._staging)

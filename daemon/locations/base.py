@@ -38,6 +38,11 @@ class MoveRequest:
     etag: str | None = None  # an S3 source
     version_id: str | None = None
     tags: Mapping[str, str] = field(default_factory=dict)  # for S3 destinations
+    last_modified: float | None = None  # an S3 source: with the ETag, the version when unversioned
+    snapshot: str | None = None  # an S3 source's private snapshot: what was scanned, and is moved
+    # Filled by the source: `(rel_path, inode)` of files it put back as new arrivals (an
+    # original changed after its snapshot, docs/integrity.md), for the journal to record.
+    arrivals: list[tuple[str, int]] = field(default_factory=list)
 
     @property
     def marker(self) -> str:
@@ -48,12 +53,16 @@ class MoveRequest:
 @dataclass(frozen=True)
 class Listed:
     """What the journal knows of the version to scan: an S3 object's listed ETag, VersionId
-    and size (None for a local file, or an object replaced since it was listed)."""
+    and size (None for a local file, or an object replaced since it was listed); for a
+    row, its id and hash (docs/integrity.md, "Snapshot")."""
 
     rel_path: str
     etag: str | None = None
     version_id: str | None = None
     size: int | None = None
+    file_id: int | None = None  # the journal row: names its local snapshot, or S3 staged copy and snapshot
+    snapshot: str | None = None  # the row's S3 snapshot, if one was made
+    sha256: str | None = None  # the row's bytes, already hashed (a local snapshot is complete)
 
 
 @dataclass(frozen=True)

@@ -1,20 +1,26 @@
-"""A local directory as a Location: every path below it opened without following symlinks."""
+"""A local directory as a Location: every path below it opened without following symlinks.
+
+A file of the journal is scanned and placed as its snapshot, and its original is removed
+only if it still is what was snapshotted (docs/integrity.md, "Local files").
+"""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import io
 import json
 import os
+import stat
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, BinaryIO
 
 import structlog
 
-from daemon.errors import ChangedError, LocationError, UnsafePathError
+from daemon.errors import ChangedError, LocationError, StagingError, UnsafePathError
 from daemon.faults import pause
 from daemon.fsutil import (
     DirCache,
@@ -22,11 +28,9 @@ from daemon.fsutil import (
     classify,
     collision_name,
     open_file,
-    put_back,
     rename_noreplace,
     sha256_fd,
     split_rel,
-    write_lease,
 )
 from daemon.journal import RowChanges
 from daemon.locations.base import (
@@ -41,13 +45,17 @@ from daemon.locations.base import (
     Verified,
     json_bytes,
 )
+from daemon.locations.original import return_original, write_back
+from daemon.locations.placing import new_file, place_staged, temp_name, write_all
+from daemon.model import Reason
 from daemon.s3 import local_rel
+from daemon.staging import Staging, StagingDirs, orig_name, snap_name
 
 __all__ = ["LocalLocation"]
 
 log = structlog.get_logger("scanwatch.locations")
 
-_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_DENIED = (errno.EACCES, errno.EPERM)
 
 
 class LocalLocation:
@@ -55,9 +63,10 @@ class LocalLocation:
 
     settles = True
 
-    def __init__(self, root: str, dirs: DirCache) -> None:
+    def __init__(self, root: str, dirs: DirCache, staging: StagingDirs | None = None) -> None:
         self.url = root
         self._dirs = dirs
+        self._stagings = staging
 
     def name(self, rel_path: str) -> str:
         return os.path.join(self.url, rel_path)
@@ -80,11 +89,39 @@ class LocalLocation:
         mode = None if private is None else 0o700 if private else 0o777
         return self._dirs.open(self.url, parents, create_mode=mode), base
 
+    def staging(self) -> Staging:
+        """This source's staging directory (StagingError: none, or unusable)."""
+        if self._stagings is None:
+            raise StagingError(f"{self.url}: no staging directory for snapshots")
+        return self._stagings.for_source(self.url)
+
+    # -- scanning: the snapshot ---------------------------------------------------------------
+
     @contextmanager
     def open_for_scan(self, listed: Listed) -> Iterator[Opened]:
         dir_fd, base = self._dir(listed.rel_path)
-        with open_file(dir_fd, base) as (fd, st):
-            yield _OpenedFile(self.name(listed.rel_path), fd, st)
+        if listed.file_id is None:  # a one-shot scan, or a file already ours: read in place
+            with open_file(dir_fd, base) as (fd, st):
+                yield _OpenedFile(self.name(listed.rel_path), fd, Identity.of(st), None)
+            return
+        staging = self.staging()
+        path = os.path.join(staging.path, snap_name(listed.file_id))
+        kept = staging.open(snap_name(listed.file_id)) if listed.sha256 is not None else None
+        if kept is not None:  # hashed before (a remote scan being followed): those are the bytes
+            try:
+                yield _OpenedFile(path, kept, None, listed.sha256)
+            finally:
+                os.close(kept)
+            return
+        _check_writable(dir_fd, base, self.name(listed.rel_path))
+        fd, identity = _snapshot(staging, dir_fd, base, listed.file_id)
+        try:
+            opened = _OpenedFile(path, fd, identity, sha256_fd(fd))
+            if listed.sha256 is not None and opened.sha256 != listed.sha256:
+                raise ChangedError(f"{self.name(listed.rel_path)} changed since it was hashed")
+            yield opened
+        finally:
+            os.close(fd)
 
     def refuses(self, rel_path: str) -> str | None:
         try:
@@ -97,24 +134,98 @@ class LocalLocation:
         dir_fd, base = self._dir(rel_path)
         return Identity.of(os.stat(base, dir_fd=dir_fd, follow_symlinks=False))
 
-    def remove(self, req: MoveRequest) -> None:
-        """Remove the scanned inode from `req.rel_path`, never another file put at its name.
+    # -- moving: the snapshot placed, the original removed if unchanged ----------------------
 
-        There is no "unlink if this inode" call: the name is captured (renamed to a private
-        `.scanwatch-<id>.del` and checked) and only the scanned inode is unlinked.
-        """
+    def hand_over(self, req: MoveRequest) -> tuple[Staging, str]:
+        """The staged file to place for `req`: its snapshot (made again from the original if
+        it was lost), or the captured original itself when it was never read."""
+        staging = self.staging()
+        if req.sha256 is None:  # never read (a failed verdict): the original itself is placed
+            if staging.lstat(orig_name(req.file_id)) is None and not self._capture(req, staging):
+                raise FileNotFoundError(errno.ENOENT, "no longer there", self.name(req.rel_path))
+            return staging, orig_name(req.file_id)
+        if staging.lstat(snap_name(req.file_id)) is None:
+            self._snapshot_again(req, staging)
+        return staging, snap_name(req.file_id)
+
+    def _snapshot_again(self, req: MoveRequest, staging: Staging) -> None:
+        """A lost snapshot, made again from the original: only if it has the scanned bytes."""
+        dir_fd, base = self._dir(req.rel_path)
+        fd, identity = _snapshot(staging, dir_fd, base, req.file_id)
         try:
-            dir_fd, _ = self._dir(req.rel_path)
-        except (FileNotFoundError, UnsafePathError):
+            same = (req.identity is not None and (identity.dev, identity.inode)
+                    == (req.identity.dev, req.identity.inode) and sha256_fd(fd) == req.sha256)
+        finally:
+            os.close(fd)
+        if not same:
+            staging.unlink(snap_name(req.file_id))
+            raise ChangedError(f"{self.name(req.rel_path)} changed since it was scanned")
+
+    def _capture(self, req: MoveRequest, staging: Staging) -> bool:
+        """Rename the original into staging (`<id>.orig`) if its name still holds the scanned
+        inode; whatever else is at the name is a new arrival. True when captured."""
+        try:
+            dir_fd, base = self._dir(req.rel_path)
+            st = os.stat(base, dir_fd=dir_fd, follow_symlinks=False)
+        except (FileNotFoundError, NotADirectoryError, UnsafePathError):
+            return False
+        identity = req.identity
+        if identity is None or (st.st_dev, st.st_ino) != (identity.dev, identity.inode):
+            if classify(st) is None:  # another file renamed over the name: scan it
+                req.arrivals.append((req.rel_path, st.st_ino))
+            return False
+        pause("move.before_capture")
+        try:
+            rename_noreplace(dir_fd, base, staging.fd, orig_name(req.file_id))
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            if exc.errno in _DENIED:
+                raise UnsafePathError(f"{self.name(req.rel_path)}: {_DENIED_HINT}",
+                                      Reason.PERMISSION_DENIED) from exc
+            raise
+        captured = os.stat(orig_name(req.file_id), dir_fd=staging.fd, follow_symlinks=False)
+        if (captured.st_dev, captured.st_ino) != (identity.dev, identity.inode):
+            return_original(self.url, req, staging, orig_name(req.file_id), "replaced at its name")
+            return False
+        return True
+
+    def remove(self, req: MoveRequest) -> None:
+        """Once the snapshot is placed: the original goes only if it still has the snapshot's
+        bytes, else it goes back into the source as a new arrival (docs/integrity.md)."""
+        staging = self.staging()
+        staging.unlink(snap_name(req.file_id))  # a copy was placed (S3), or it was renamed away
+        if req.sha256 is None:
+            staging.unlink(orig_name(req.file_id))
             return
-        trash = f".scanwatch-{req.file_id}.del"
-        if not _is_inode(dir_fd, trash, req.identity):  # else captured before a crash
+        if staging.lstat(orig_name(req.file_id)) is None:
             try:
-                self.capture(req, dir_fd, trash)
-            except (FileNotFoundError, ChangedError):
-                return  # moved by a rename, or a new file by that name: not ours to remove
-        os.unlink(trash, dir_fd=dir_fd)
-        os.fsync(dir_fd)
+                if not self._capture(req, staging):
+                    return  # gone, moved by a rename, or another file: nothing of ours to remove
+            except UnsafePathError as exc:  # e.g. a sticky folder: its next row is held for it
+                log.warning("file.original_kept", file_id=req.file_id, rel_path=req.rel_path,
+                            reason=exc.reason, detail=str(exc))
+                return
+            pause("move.captured")
+        fd = staging.open(orig_name(req.file_id))
+        if fd is None:
+            return
+        try:
+            self._settle(req, staging, fd)
+        finally:
+            os.close(fd)
+
+    def _settle(self, req: MoveRequest, staging: Staging, fd: int) -> None:
+        """Unlink the captured original `fd` if it is the scanned inode with the scanned bytes."""
+        st = os.fstat(fd)
+        identity = req.identity
+        if (identity is None or (st.st_dev, st.st_ino) != (identity.dev, identity.inode)
+                or sha256_fd(fd) != req.sha256):
+            return_original(self.url, req, staging, orig_name(req.file_id), "changed after its snapshot")
+            return
+        staging.unlink(orig_name(req.file_id))  # no fsync: if a crash undoes it, reconcile does it again
+        if sha256_fd(fd) != req.sha256:  # written to between the check and the unlink
+            write_back(self.url, req, fd)
 
     def holds(self, req: MoveRequest) -> bool:
         try:
@@ -124,163 +235,36 @@ class LocalLocation:
         st = _lstat(dir_fd, base)
         if st is None:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(_temp_name(req.file_id), dir_fd=dir_fd)
+                os.unlink(temp_name(req.file_id), dir_fd=dir_fd)
             return False
         if req.identity is not None and (st.st_dev, st.st_ino) == (req.identity.dev, req.identity.inode):
-            return True  # renamed here
+            return True  # the original itself, renamed here
         if st.st_size != req.size or req.sha256 is None or classify(st) is not None:
             return False
         with open_file(dir_fd, base) as (fd, _):
-            if sha256_fd(fd) != req.sha256:
-                return False
-        # Copied here: the captured original, if a crash left it, is ours to drop.
-        if _is_inode(dir_fd, _capture_name(req.file_id), req.identity):
-            os.unlink(_capture_name(req.file_id), dir_fd=dir_fd)
-        return True
-
-    @contextmanager
-    def open_scanned(self, req: MoveRequest) -> Iterator[tuple[int, os.stat_result]]:
-        """A descriptor of the scanned file and its fstat (ChangedError if it is another)."""
-        dir_fd, base = self._dir(req.rel_path)
-        # Another name for the file (a hardlink made after the scan) does not matter here:
-        # the bytes are copied from this descriptor, and checked against the scanned hash.
-        with open_file(dir_fd, base, links_ok=True) as (fd, st):
-            if req.identity is None or not _same_file(st, req.identity):
-                raise ChangedError(f"{self.name(req.rel_path)} changed since it was scanned")
-            yield fd, st
+            return sha256_fd(fd) == req.sha256
 
     @contextmanager
     def open_bytes(self, req: MoveRequest) -> Iterator[BinaryIO]:
-        with self.open_scanned(req) as (fd, _), os.fdopen(os.dup(fd), "rb", buffering=0) as raw:
+        """The staged bytes of `req` (its snapshot), checked against the scanned hash."""
+        staging, name = self.hand_over(req)
+        fd = staging.open(name)
+        if fd is None:
+            raise FileNotFoundError(errno.ENOENT, "not staged", self.name(req.rel_path))
+        with os.fdopen(fd, "rb", buffering=0) as raw:
             yield io.BufferedReader(Verified(raw, req, self.name(req.rel_path)), CHUNK)
 
     def receive(self, req: MoveRequest, source: Source) -> bool:
         dest_dir, dest_name = self._dir(req.dest_rel, private=req.private)
-        if not isinstance(source, LocalLocation):
-            with source.open_bytes(req) as reader:
-                self._write_new(req, reader, dest_dir, dest_name, 0o600 if req.private else 0o666, None)
+        if isinstance(source, LocalLocation):
+            staging, name = source.hand_over(req)
+            place_staged(staging, name, dest_dir, dest_name, req.file_id, private=req.private)
             return False
-        try:
-            self._move_local(req, source, dest_dir, dest_name)
-        except OSError as exc:
-            if exc.errno != errno.EXDEV:
-                raise
-            # Across filesystems: a verified copy from the descriptor; `transfer` removes the source.
-            with source.open_scanned(req) as (fd, st):
-                self._promote_copy(req, fd, st, dest_dir, dest_name)
-        return False
-
-    def _move_local(self, req: MoveRequest, source: LocalLocation, dest_dir: int, dest_name: str) -> None:
-        """Move the scanned inode, never whatever its name points to by now (docs/integrity.md).
-
-        The source name is renamed to `.scanwatch-<id>.move` beside the destination first
-        (the capture); only if that is the scanned inode does it go on, else it is put back
-        into the source as a new arrival. EXDEV: across filesystems, the caller copies.
-        """
-        captured = _capture_name(req.file_id)
-        if not _is_inode(dest_dir, captured, req.identity):  # else captured before a crash
-            source.capture(req, dest_dir, captured)
-            pause("move.captured")
-        try:
-            self._promote(req, dest_dir, captured, dest_name)
-        except ChangedError:
-            source.restore(req, dest_dir, captured)
-            raise
-
-    def capture(self, req: MoveRequest, to_dir: int, to_name: str) -> None:
-        """Rename the scanned file to `to_dir/to_name` (same filesystem), checking it is that inode.
-
-        FileNotFoundError: no file, or no plain path, at `req.rel_path` any more. ChangedError:
-        another file was there (it was put back, nothing moved).
-        """
-        identity = req.identity
-        try:
-            dir_fd, base = self._dir(req.rel_path)
-        except UnsafePathError as exc:  # a directory on the way was swapped for a link
-            raise FileNotFoundError(errno.ENOENT, str(exc), self.name(req.rel_path)) from exc
-        st = os.stat(base, dir_fd=dir_fd, follow_symlinks=False)
-        if identity is None or not _same_file(st, identity):
-            raise ChangedError(f"{self.name(req.rel_path)} changed since it was scanned")
-        pause("move.before_capture")
-        rename_noreplace(dir_fd, base, to_dir, to_name)
-        if not _is_inode(to_dir, to_name, identity):
-            put_back(to_dir, to_name, dir_fd, base)
-            raise ChangedError(f"{self.name(req.rel_path)} was replaced before it could be moved")
-        # No fsync here: the caller's fsync after its last rename or unlink makes this rename
-        # durable too (a journaling filesystem commits them in order); a crash before it finds
-        # the file at its name or captured, and either is finished.
-
-    def restore(self, req: MoveRequest, from_dir: int, name: str) -> None:
-        """Put a captured file back at `req.rel_path` (or a collision name): a new arrival."""
-        dir_fd, base = self._dir(req.rel_path)
-        put_back(from_dir, name, dir_fd, base)
-
-    def _promote(self, req: MoveRequest, dest_dir: int, captured: str, dest_name: str) -> None:
-        """Give the captured file its final name, checked; `clean` only if nobody else holds it."""
-        st = os.stat(captured, dir_fd=dest_dir, follow_symlinks=False)
-        if req.identity is None or not _same_file(st, req.identity):
-            raise ChangedError(f"{self.name(req.dest_rel)}: the source changed since it was scanned")
-        if req.private:
-            with contextlib.suppress(PermissionError):  # another user's upload: copied below
-                os.chmod(captured, 0o600, dir_fd=dest_dir)
-        if not req.verify and not (req.private and os.stat(captured, dir_fd=dest_dir).st_mode & 0o077):
-            rename_noreplace(dest_dir, captured, dest_dir, dest_name)
-            os.fsync(dest_dir)
-            return
-        try:
-            fd = os.open(captured, _READ_FLAGS, dir_fd=dest_dir)
-        except PermissionError as exc:  # made unreadable since the scan, through a descriptor
-            raise ChangedError(f"{req.rel_path} cannot be read again: {exc}") from exc
-        try:
-            with write_lease(fd) as leased:
-                # Under the lease no other descriptor is open; with one link, no other name.
-                alone = leased and os.fstat(fd).st_nlink == 1 and not req.private
-                if alone:
-                    if sha256_fd(fd) != req.sha256:
-                        raise ChangedError(f"{req.rel_path} has other bytes than were scanned")
-                    rename_noreplace(dest_dir, captured, dest_dir, dest_name)
-            if not alone:
-                log.info("file.copied", file_id=req.file_id, rel_path=req.rel_path,
-                         why="private" if req.private else "held_elsewhere")
-                self._promote_copy(req, fd, st, dest_dir, dest_name)
-                os.unlink(captured, dir_fd=dest_dir)
-            os.fsync(dest_dir)
-        finally:
-            os.close(fd)
-
-    def _promote_copy(self, req: MoveRequest, fd: int, st: os.stat_result, dest_dir: int,
-                      dest_name: str) -> None:
-        """Place a fresh copy of the held bytes: an inode only we have ever opened."""
-        with os.fdopen(os.dup(fd), "rb", buffering=0) as raw:
-            reader = io.BufferedReader(Verified(raw, req, req.rel_path), CHUNK)
-            mode = 0o600 if req.private else st.st_mode & 0o777
-            self._write_new(req, reader, dest_dir, dest_name, mode, st)
-
-    def _write_new(self, req: MoveRequest, reader: BinaryIO, dest_dir: int, dest_name: str,
-                   mode: int, st: os.stat_result | None) -> None:
-        """Copy to a temp name, fsync, rename without replacing, fsync the directory."""
-        temp = _temp_name(req.file_id)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp, dir_fd=dest_dir)
-        out = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                      mode, dir_fd=dest_dir)
-        try:
-            try:
-                while chunk := reader.read(CHUNK):
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[os.write(out, view):]
-                if st is not None:
-                    os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
-                os.fsync(out)
-            finally:
-                os.close(out)  # exactly once: a second close could hit another thread's new fd
-            rename_noreplace(dest_dir, temp, dest_dir, dest_name)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temp, dir_fd=dest_dir)
-            raise
+        with source.open_bytes(req) as reader:
+            new_file(dest_dir, dest_name, 0o600 if req.private else 0o644, req.file_id,
+                     lambda out: write_all(reader, out, CHUNK))
         os.fsync(dest_dir)
+        return False
 
     def write_sidecar(self, rel_path: str, facts: Mapping[str, object]) -> None:
         """Atomically, mode 0600."""
@@ -309,23 +293,62 @@ class LocalLocation:
                 os.unlink(name, dir_fd=dir_fd)
 
 
-class _OpenedFile:
-    """A local file held open for scanning: the descriptor is what gets hashed and scanned."""
 
-    def __init__(self, path: str, fd: int, st: os.stat_result) -> None:
+class _OpenedFile:
+    """A file held for scanning: its snapshot (or, for a one-shot scan, the file itself)."""
+
+    def __init__(self, path: str, fd: int, identity: Identity | None, sha256: str | None) -> None:
         self.path = path
         self._fd = fd
-        self._identity = Identity.of(st)
+        self._identity = identity
+        self.sha256 = sha256
 
     @property
     def facts(self) -> RowChanges:
-        return self._identity.columns()
+        return {} if self._identity is None else self._identity.columns()
 
     def changed_from(self, identity: Identity | None) -> str | None:
-        return None if identity is None or identity == self._identity else "changed after it settled"
+        if identity is None or self._identity is None:
+            return None
+        return None if identity == self._identity else "changed after it settled"
 
     def content(self, *, engine_reads_s3: bool) -> Content:
-        return Content(self._fd, sha256_fd(self._fd), self._identity.size)
+        return Content(self._fd, self.sha256 or sha256_fd(self._fd), os.fstat(self._fd).st_size)
+
+
+_DENIED_HINT = ("the daemon may not write to this file's folder, so it could not take the file out "
+                "once scanned; give the daemon's user write and search access to it")
+
+
+def _check_writable(dir_fd: int, base: str, where: str) -> None:
+    """UnsafePathError (permission_denied) when the daemon could not take the file out of
+    its folder: no write or search access, or a sticky folder (like /tmp) where neither the
+    folder nor the file is the daemon's (only root may rename others' files there)."""
+    euid = os.geteuid()
+    denied = not os.access(f"/proc/self/fd/{dir_fd}", os.W_OK | os.X_OK, effective_ids=True)
+    if not denied and euid != 0:
+        folder = os.fstat(dir_fd)
+        denied = bool(folder.st_mode & stat.S_ISVTX) and euid not in (
+            folder.st_uid, os.stat(base, dir_fd=dir_fd, follow_symlinks=False).st_uid)
+    if denied:
+        raise UnsafePathError(f"{where}: {_DENIED_HINT}", Reason.PERMISSION_DENIED)
+
+
+def _snapshot(staging: Staging, dir_fd: int, base: str, file_id: int) -> tuple[int, Identity]:
+    """A snapshot of `base` in staging: its fd, and the original's identity when it was made
+    (with the snapshot's size). The snapshot keeps the original's times and mode bits,
+    less group/other write."""
+    with open_file(dir_fd, base) as (src, st):
+        fd, how = staging.snapshot(src, file_id)
+    try:
+        os.fchmod(fd, stat.S_IMODE(st.st_mode) & 0o755)
+        os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+        size = os.fstat(fd).st_size
+    except BaseException:
+        os.close(fd)
+        raise
+    log.debug("file.snapshot", file_id=file_id, how=how, size=size)
+    return fd, dataclasses.replace(Identity.of(st), size=size)
 
 
 def _sidecar_name(base: str) -> str:
@@ -346,14 +369,6 @@ def _exists(dir_fd: int, name: str) -> bool:
     return True
 
 
-def _temp_name(file_id: int) -> str:
-    return f".scanwatch-{file_id}.tmp"
-
-
-def _capture_name(file_id: int) -> str:
-    return f".scanwatch-{file_id}.move"
-
-
 def _lstat(dir_fd: int, name: str) -> os.stat_result | None:
     try:
         return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
@@ -361,14 +376,3 @@ def _lstat(dir_fd: int, name: str) -> os.stat_result | None:
         return None
 
 
-def _is_inode(dir_fd: int, name: str, identity: Identity | None) -> bool:
-    """True when `name` in `dir_fd` is the inode of `identity`."""
-    st = _lstat(dir_fd, name)
-    return (st is not None and identity is not None
-            and (st.st_dev, st.st_ino) == (identity.dev, identity.inode))
-
-
-def _same_file(st: os.stat_result, identity: Identity) -> bool:
-    """Still the scanned file; ctime is not compared, as our own chmod to 0600 changes it."""
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) == (
-        identity.dev, identity.inode, identity.size, identity.mtime_ns)

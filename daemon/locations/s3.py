@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
-import hashlib
 import io
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -22,26 +21,24 @@ import structlog
 from daemon.config import S3Config
 from daemon.errors import ChangedError, LocationError, S3ConditionError, S3UnavailableError, UnsafePathError
 from daemon.fsutil import Identity, collision_name
-from daemon.journal import RowChanges
 from daemon.locations.base import (
     CHUNK,
     MAX_COLLISIONS,
     SIDECAR_SUFFIX,
-    Content,
     Listed,
     MoveRequest,
     Opened,
     Source,
     Verified,
     json_bytes,
-    read_full,
 )
-from daemon.model import S3Object
+from daemon.locations.s3copy import Target, server_copy, upload
+from daemon.locations.s3scan import OpenedObject, copy_hashing
+from daemon.locations.staging import Staging, delete_snapshot, node_id, snapshot_rel
 from daemon.s3 import S3Url, s3_boundary
 
 __all__ = ["SHA256_TAG", "SOURCE_VERSION_TAG", "S3Location", "copy_hashing", "source_tags"]
 
-_MAX_PARTS = 10_000
 _PRESIGN_S = 3600
 _FREE_SPACE_RESERVE = 64 * 2**20  # downloads for scanning never fill the disk of state_dir
 _MAX_KEY_BYTES = 1024
@@ -57,65 +54,14 @@ def source_tags(req: MoveRequest) -> dict[str, str]:
     """The node-independent identity of the scanned source version, as destination tags."""
     tags = {}
     version = req.version_id or (req.etag or "").strip('"')
+    if not req.version_id and version and req.last_modified is not None:
+        # Unversioned: the same bytes uploaded again have the same ETag but are another version.
+        version = f"{version}@{int(req.last_modified)}"
     if version:
         tags[SOURCE_VERSION_TAG] = _TAG_UNSAFE.sub("_", version)[:256]
     if req.sha256:
         tags[SHA256_TAG] = req.sha256
     return tags
-
-
-class _OpenedObject:
-    """One object version held for scanning: downloaded and hashed when its content is asked for."""
-
-    def __init__(self, location: S3Location, rel_path: str, etag: str, version_id: str | None,
-                 size: int, held: contextlib.ExitStack) -> None:
-        self.path = location.name(rel_path)
-        self._location = location
-        self._rel_path = rel_path
-        self._facts: RowChanges = {"etag": etag, "version_id": version_id}
-        self._size = size
-        self._held = held
-
-    @property
-    def facts(self) -> RowChanges:
-        return {**self._facts}
-
-    def changed_from(self, identity: Identity | None) -> str | None:
-        return None  # pinned by ETag: a replaced object fails the download with ChangedError
-
-    def content(self, *, engine_reads_s3: bool) -> Content:
-        """The object's bytes, hashed on the way; an engine reads the object itself only where a
-        VersionId pins what it reads (docs/integrity.md, "Remote engines")."""
-        where, rel_path = self._location, self._rel_path
-        etag, version_id = self._facts["etag"] or "", self._facts["version_id"]
-        if engine_reads_s3 and version_id is None:
-            version_id = where.version_of(rel_path, etag)
-        by_engine = engine_reads_s3 and version_id is not None
-        copy = None if by_engine else self._held.enter_context(where.private_copy(self._size))
-        obj = S3Object(where.where.bucket, where.key(rel_path), etag, version_id,
-                       where.presign(rel_path, version_id) if by_engine else "")
-        answer = where.get_answer(rel_path, etag, version_id)
-        with contextlib.closing(answer["Body"]) as body:
-            sha256, size = copy_hashing(body, None if copy is None else copy.fileno())
-        # The version these bytes are (a listing names none): what an in-place tag is put on.
-        served = answer.get("VersionId")
-        version_id = version_id or (None if served in (None, "", "null") else str(served))
-        self._facts["version_id"], self._facts["size"] = version_id, size
-        return Content(None if copy is None else copy.fileno(), sha256, size, obj)
-
-
-def copy_hashing(body: Any, out_fd: int | None) -> tuple[str, int]:
-    """Read a download to its end, into `out_fd` if given; its sha256 and size."""
-    digest = hashlib.sha256()
-    size = 0
-    with s3_boundary("download"):
-        while chunk := body.read(CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-            view = memoryview(chunk)
-            while out_fd is not None and view:
-                view = view[os.write(out_fd, view):]
-    return digest.hexdigest(), size
 
 
 def _check_key(key: str) -> None:
@@ -133,13 +79,21 @@ class S3Location:
 
     settles = False
 
-    def __init__(self, url: str, client: Any, config: S3Config, work_dir: Path | None = None) -> None:
+    def __init__(self, url: str, client: Any, config: S3Config, work_dir: Path | None = None, *,
+                 state_dir: Path | None = None, reads_by_path: bool = False, stages: bool = True) -> None:
         self.url = url
         self.where = S3Url.parse(url)
         self._client = client
         self._copy_threshold = config.multipart_threshold
         self._part_size = config.multipart_chunksize
         self._work_dir = work_dir  # private copies of objects being scanned
+        # Where scanned bytes wait for their move (daemon/locations/staging.py): none without
+        # a state_dir; no staged copies where they are never moved (`in_place`).
+        self._state_dir = state_dir
+        self.staging = Staging(state_dir / "staging" / "s3") if state_dir is not None and stages else None
+        self.snapshot_threshold = config.snapshot_threshold if state_dir is not None else 1 << 62
+        self.reads_by_path = reads_by_path and state_dir is not None  # the watch's engine reads by `path`
+        self._node: str | None = None
 
     # -- as a source being scanned -------------------------------------------------------
 
@@ -149,10 +103,14 @@ class S3Location:
         if etag is None:  # replaced since it was listed: take the version there now
             head = self.head(listed.rel_path)
             if head is None:
+                self._drop_snapshot(listed.snapshot)
                 raise FileNotFoundError(errno.ENOENT, "no such object", self.name(listed.rel_path))
             etag, version_id, size = str(head["ETag"]), head.get("VersionId"), int(head["ContentLength"])
+        if listed.file_id is not None and listed.snapshot is not None \
+                and listed.snapshot != self._snapshot_key(listed.file_id, etag):
+            self._drop_snapshot(listed.snapshot)  # of a version replaced before it was scanned
         with contextlib.ExitStack() as held:
-            yield _OpenedObject(self, listed.rel_path, etag, version_id, size or 0, held)
+            yield OpenedObject(self, listed, etag, version_id, size or 0, held)
 
     def refuses(self, rel_path: str) -> str | None:
         return None  # an S3 key takes any name; one that is not UTF-8 fails when it is planned
@@ -160,9 +118,9 @@ class S3Location:
     def identity_now(self, rel_path: str) -> Identity | None:
         return None  # objects are pinned by ETag and VersionId, not by an identity
 
-    def presign(self, rel_path: str, version_id: str | None) -> str:
-        """A GET URL of exactly that version, for an engine that reads the object itself."""
-        params = {"Bucket": self.where.bucket, "Key": self.key(rel_path)}
+    def presign(self, key: str, version_id: str | None) -> str:
+        """A GET URL of exactly that key's version, for an engine that reads the object itself."""
+        params = {"Bucket": self.where.bucket, "Key": key}
         if version_id:
             params["VersionId"] = version_id
         return str(self._client.generate_presigned_url("get_object", Params=params, ExpiresIn=_PRESIGN_S))
@@ -170,7 +128,8 @@ class S3Location:
     def version_of(self, rel_path: str, etag: str) -> str | None:
         """The VersionId of the listed version (a listing names none), if it is still current."""
         head = self.head(rel_path)
-        return head.get("VersionId") if head is not None and str(head["ETag"]) == etag else None
+        served = head.get("VersionId") if head is not None and str(head["ETag"]) == etag else None
+        return None if served in (None, "", "null") else str(served)
 
     def private_copy(self, size: int) -> BinaryIO:
         """A temp file for an object's bytes; S3UnavailableError when the disk lacks room for them."""
@@ -180,6 +139,66 @@ class S3Location:
         if shutil.disk_usage(self._work_dir).free < size + _FREE_SPACE_RESERVE:
             raise S3UnavailableError(f"not enough free space in {self._work_dir} for {size} bytes")
         return tempfile.TemporaryFile(dir=self._work_dir)
+
+    def staged_copy(self, file_id: int, size: int) -> BinaryIO:
+        """Row `file_id`'s staged copy, new and empty: kept after the scan until the move."""
+        assert self.staging is not None
+        return self.staging.create(file_id, size)
+
+    def drop_staged(self, file_id: int) -> None:
+        if self.staging is not None:
+            self.staging.drop(file_id)
+
+    # -- snapshots: private server-side copies (daemon/locations/staging.py) ---------------
+
+    def _snapshot_key(self, file_id: int, etag: str) -> str | None:
+        """The key of row `file_id`'s snapshot of version `etag` (None: no state_dir, no snapshots)."""
+        if self._state_dir is None:
+            return None
+        if self._node is None:
+            self._node = node_id(self._state_dir)
+        return self.key(snapshot_rel(self._node, file_id, etag))
+
+    def has_snapshot(self, listed: Listed, file_id: int, etag: str) -> bool:
+        """True when the row already has its snapshot of this version: scanned and moved from it."""
+        return listed.snapshot is not None and listed.snapshot == self._snapshot_key(file_id, etag)
+
+    def snapshot(self, listed: Listed, file_id: int, etag: str, version_id: str | None, size: int) -> str:
+        """Make (once) the snapshot of the listed version; its key.
+
+        The copy is pinned to the version (VersionId, else `CopySourceIfMatch` on the listed
+        ETag) and never overwrites (`IfNoneMatch`): a snapshot already there is this very one,
+        made before a crash. ChangedError when the source is no longer the listed version.
+        """
+        key = self._snapshot_key(file_id, etag)
+        assert key is not None
+        source = {"Bucket": self.where.bucket, "Key": self.key(listed.rel_path)}
+        if version_id:
+            source["VersionId"] = version_id
+        pinned = {} if version_id else {"CopySourceIfMatch": etag}
+        target = Target(self._client, self.where.bucket, key, "", self._copy_threshold, self._part_size)
+        try:
+            with s3_boundary(f"SNAPSHOT {self.name(listed.rel_path)}"):
+                server_copy(target, source, size, pinned, lambda: self.head_key(source["Key"]))
+        except S3ConditionError as exc:
+            if not self._exists(key):
+                raise ChangedError(f"{self.name(listed.rel_path)} was replaced since it was listed") from exc
+        except FileNotFoundError:
+            raise FileNotFoundError(errno.ENOENT, "no such object", self.name(listed.rel_path)) from None
+        log.info("s3.snapshot_made", rel_path=listed.rel_path, key=key)
+        return key
+
+    def get_snapshot(self, key: str) -> Any:
+        """The streaming body of a snapshot; ChangedError if it is gone (scan the source again)."""
+        try:
+            return self.call("GET", "get_object", Key=key)["Body"]
+        except FileNotFoundError:
+            raise ChangedError(f"the snapshot s3://{self.where.bucket}/{key} is gone: scanning the "
+                               "source again") from None
+
+    def _drop_snapshot(self, key: str | None, *, versioned: bool = False) -> None:
+        if key is not None:
+            delete_snapshot(self._client, self.where.bucket, key, versioned=versioned)
 
     def name(self, rel_path: str) -> str:
         return str(self.where) + rel_path
@@ -221,8 +240,11 @@ class S3Location:
         return {"VersionId": req.version_id} if req.version_id else {"IfMatch": req.etag or "*"}
 
     def remove(self, req: MoveRequest) -> None:
+        """Delete the snapshot or staged copy (the scanned bytes are placed), then the source
+        if it still is the scanned version: a new upload meanwhile is a new arrival."""
+        self._drop_snapshot(req.snapshot, versioned=req.version_id is not None)
+        self.drop_staged(req.file_id)
         with contextlib.suppress(FileNotFoundError, S3ConditionError):
-            # Gone, or replaced by a new upload meanwhile: that one is a new arrival.
             self.call("DELETE", "delete_object", Key=self.key(req.rel_path), **self._version(req))
 
     def holds(self, req: MoveRequest) -> bool:
@@ -250,12 +272,37 @@ class S3Location:
 
     @contextmanager
     def open_bytes(self, req: MoveRequest) -> Iterator[BinaryIO]:
-        body = self.get(req.rel_path, req.etag, req.version_id)
+        """The scanned bytes: the staged copy, the snapshot, or the pinned version downloaded again
+        (verified against the scanned sha256 where that is known: a staged copy always)."""
+        staged = self.staging.open(req.file_id) if self.staging is not None and req.sha256 else None
+        if staged is not None:
+            with staged:
+                yield io.BufferedReader(Verified(staged, dataclasses.replace(req, verify=True),
+                                                 f"the staged copy of {self.name(req.rel_path)}"), CHUNK)
+            return
+        body = (self.get_snapshot(req.snapshot) if req.snapshot
+                else self.get(req.rel_path, req.etag, req.version_id))
         try:
             yield io.BufferedReader(Verified(_Body(body, self.name(req.rel_path)), req,
                                               self.name(req.rel_path)), CHUNK)
         finally:
             body.close()
+
+    def copy_source(self, req: MoveRequest) -> tuple[dict[str, str], dict[str, str]] | None:
+        """What a server-side copy of the scanned bytes copies, and its conditions; None when
+        only the scanned bytes themselves may be uploaded (docs/integrity.md, "S3 objects").
+
+        A snapshot, or a version, is immutable. Unversioned, a clean file is uploaded from its
+        staged copy (or downloaded again and checked against its sha256): an ETag is an MD5.
+        """
+        source = {"Bucket": self.where.bucket, "Key": self.key(req.rel_path)}
+        if req.snapshot:
+            return {"Bucket": self.where.bucket, "Key": req.snapshot}, {}
+        if req.version_id:
+            return {**source, "VersionId": req.version_id}, {}
+        if req.verify or (self.staging is not None and self.staging.path(req.file_id).exists()):
+            return None
+        return source, {"CopySourceIfMatch": req.etag} if req.etag else {}
 
     def get(self, rel_path: str, etag: str | None, version_id: str | None) -> Any:
         """The streaming body of that version; ChangedError/FileNotFoundError if it is not there."""
@@ -271,87 +318,44 @@ class S3Location:
 
     def head(self, rel_path: str) -> dict[str, Any] | None:
         """HeadObject of `rel_path`, or None if there is no such object."""
+        return self.head_key(self.key(rel_path)) or None
+
+    def head_key(self, key: str) -> dict[str, Any]:
+        """HeadObject of `key` ({} if there is no such object)."""
         try:
-            return dict(self.call("HEAD", "head_object", Key=self.key(rel_path)))
+            return dict(self.call("HEAD", "head_object", Key=key))
         except FileNotFoundError:
-            return None
+            return {}
 
     def receive(self, req: MoveRequest, source: Source) -> bool:
         tags = urlencode({**req.tags, **source_tags(req), "scanwatch-file": req.marker})
+        target = Target(self._client, self.where.bucket, self.key(req.dest_rel), tags,
+                        self._copy_threshold, self._part_size)
+        copied = source.copy_source(req) if isinstance(source, S3Location) else None
         try:
             with s3_boundary(f"PUT {self.name(req.dest_rel)}"):
-                if isinstance(source, S3Location):
-                    self._copy(req, source, tags)
+                if copied is not None:
+                    assert isinstance(source, S3Location)
+                    server_copy(target, copied[0], req.size, copied[1],
+                                lambda: source.head_key(copied[0]["Key"]))
                 else:
                     with source.open_bytes(req) as reader:
-                        self._upload(req, reader, tags)
+                        upload(target, reader)
         except (S3ConditionError, FileNotFoundError) as exc:
             if self.holds_source(req):
                 # Another daemon of a fleet placed this very version (and may have deleted the
                 # source): it is placed, with no `.1` twin.
                 log.info("move.already_placed", destination=self.name(req.dest_rel), rel_path=req.rel_path)
                 return True
+            if isinstance(exc, FileNotFoundError) and req.snapshot:
+                raise ChangedError(f"the snapshot of {source.name(req.rel_path)} is gone: scanning it "
+                                   "again") from exc
             if isinstance(exc, FileNotFoundError):
                 raise FileNotFoundError(errno.ENOENT, "no such object", source.name(req.rel_path)) from exc
             if self._exists(self.key(req.dest_rel)):
                 raise FileExistsError(errno.EEXIST, "taken", self.name(req.dest_rel)) from exc
             raise ChangedError(f"{source.name(req.rel_path)} was replaced since it was scanned") from exc
         return False
-
-    def _copy(self, req: MoveRequest, source: S3Location, tags: str) -> None:
-        """Server-side copy of the scanned version; multipart above the copy threshold."""
-        copy_source = {"Bucket": source.where.bucket, "Key": source.key(req.rel_path)}
-        if req.version_id:
-            copy_source["VersionId"] = req.version_id
-        pinned = {"CopySourceIfMatch": req.etag} if req.etag and not req.version_id else {}
-        key = self.key(req.dest_rel)
-        if req.size <= self._copy_threshold:
-            self._client.copy_object(Bucket=self.where.bucket, Key=key, CopySource=copy_source,
-                                     IfNoneMatch="*", TaggingDirective="REPLACE", Tagging=tags, **pinned)
-            return
-        head = source.head(req.rel_path) or {}
-        extra = {k: head[k] for k in ("ContentType", "Metadata") if head.get(k)}
-        part = max(self._part_size, -(-req.size // _MAX_PARTS))
-        with self._multipart(key, tags, extra) as (upload_id, parts):
-            for number, start in enumerate(range(0, req.size, part), start=1):
-                end = min(start + part, req.size) - 1
-                answer = self._client.upload_part_copy(
-                    Bucket=self.where.bucket, Key=key, UploadId=upload_id, PartNumber=number,
-                    CopySource=copy_source, CopySourceRange=f"bytes={start}-{end}", **pinned)
-                parts.append({"PartNumber": number, "ETag": answer["CopyPartResult"]["ETag"]})
-
-    def _upload(self, req: MoveRequest, reader: BinaryIO, tags: str) -> None:
-        """One PUT up to a part's size, else a multipart upload completed only once verified."""
-        key = self.key(req.dest_rel)
-        first = read_full(reader, self._part_size)
-        if len(first) < self._part_size:  # the whole file, verified at its end by the reader
-            self._client.put_object(Bucket=self.where.bucket, Key=key, Body=first, IfNoneMatch="*",
-                                    Tagging=tags)
-            return
-        with self._multipart(key, tags, {}) as (upload_id, parts):
-            chunk, number = first, 1
-            while chunk:
-                answer = self._client.upload_part(Bucket=self.where.bucket, Key=key, UploadId=upload_id,
-                                                  PartNumber=number, Body=chunk)
-                parts.append({"PartNumber": number, "ETag": answer["ETag"]})
-                chunk, number = read_full(reader, self._part_size), number + 1
-
-    @contextmanager
-    def _multipart(self, key: str, tags: str, extra: Mapping[str, Any]
-                   ) -> Iterator[tuple[str, list[dict[str, Any]]]]:
-        """A multipart upload, completed without overwriting, or aborted on any error."""
-        upload_id = self._client.create_multipart_upload(
-            Bucket=self.where.bucket, Key=key, Tagging=tags, **extra)["UploadId"]
-        parts: list[dict[str, Any]] = []
-        try:
-            yield upload_id, parts
-            self._client.complete_multipart_upload(
-                Bucket=self.where.bucket, Key=key, UploadId=upload_id, IfNoneMatch="*",
-                MultipartUpload={"Parts": parts})
-        except BaseException:
-            with contextlib.suppress(LocationError, OSError):
-                self.call("ABORT", "abort_multipart_upload", Key=key, UploadId=upload_id)
-            raise
 
     def write_sidecar(self, rel_path: str, facts: Mapping[str, object]) -> None:
         self.call("PUT", "put_object", Key=self.key(rel_path) + SIDECAR_SUFFIX, Body=json_bytes(facts),

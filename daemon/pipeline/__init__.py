@@ -28,10 +28,12 @@ from daemon.locations import Location, Locations
 from daemon.model import FileState, Pending, Reason, Verdict, VerdictKind
 from daemon.pipeline.moving import Mover
 from daemon.pipeline.outcome import Outcome, Outcomes
+from daemon.pipeline.reconcile import reconcile
 from daemon.pipeline.scanning import Scanner
 from daemon.retry import RetryPolicy
 from daemon.s3 import S3Clients, is_s3
 from daemon.slots import EngineSlots
+from daemon.staging import StagingDirs
 
 __all__ = ["Outcome", "Pipeline", "uses_s3"]
 
@@ -66,6 +68,7 @@ class Pipeline:
         self.heartbeat_at = clock()
         self.s3 = s3 or S3Clients()
         self._places = places  # Locations given from outside by URL (tests' fakes)
+        self.staging = StagingDirs(config.state_dir)  # held open for the process's life
         outcomes = Outcomes(clock, policy or RetryPolicy())
         self.mover = Mover(config, journal, outcomes)
         self._engines = engines
@@ -107,7 +110,8 @@ class Pipeline:
     # -- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start `concurrency` workers per engine that has watches."""
+        """Reconcile the staging directories, start `concurrency` workers per engine with watches."""
+        reconcile(self.config, self.journal, self.staging, self.clock())
         self.scanner.start()
         for name in self.config.engines:
             watches = [w.name for w in self.config.watches if name in w.engines]
@@ -129,6 +133,7 @@ class Pipeline:
         drained = not any(t.is_alive() for t in self._threads)
         if drained:
             self.journal.release(self.owner)
+            self.staging.close()
         return drained
 
     def is_alive(self) -> bool:
@@ -164,7 +169,7 @@ class Pipeline:
         """Carry claimed rows one step per transaction: scanned, then moved."""
         try:
             with DirCache() as dirs:
-                self._process(rows, Locations(self.config, dirs, self.s3, self._places))
+                self._process(rows, Locations(self.config, dirs, self.s3, self._places, self.staging))
         except BaseException:
             # Whatever an unexpected error left claimed goes back to the queue.
             self.journal.release(self.owner, [row.id for row in rows])
@@ -215,6 +220,10 @@ class Pipeline:
 
     def _commit(self, outcomes: list[tuple[FileRow, Outcome]]) -> None:
         self.journal.apply((row.id, o.changes) for row, o in outcomes if o.changes)
+        for row, outcome in outcomes:
+            if outcome.arrivals:  # after the row is done: they are rows of their own
+                self.journal.discover(row.watch, outcome.arrivals, self.clock())
+                self.wake.set()
         for row, outcome in outcomes:
             if outcome.event:
                 logger = log.info

@@ -91,7 +91,8 @@ class Mover:
             file_id=row.id, rel_path=row.rel_path, dest_rel=dest_rel,
             size=row.size if row.size is not None else identity.size if identity else 0,
             sha256=row.sha256, verify=verdict is VerdictKind.CLEAN, private=verdict is VerdictKind.INFECTED,
-            identity=identity, etag=row.etag, version_id=row.version_id,
+            identity=identity, etag=row.etag, version_id=row.version_id, last_modified=row.last_modified,
+            snapshot=row.snapshot,
             tags={"scanwatch-verdict": verdict.value,
                   "scanwatch-reason": _TAG_VALUE.sub("_", row.reason or "")})
         try:
@@ -100,10 +101,23 @@ class Mover:
             return self.outcomes.changed(str(exc), settles=source.settles)
         except FileNotFoundError:
             return self.outcomes.gone()
+        except UnsafePathError as exc:
+            if exc.reason is not Reason.PERMISSION_DENIED:
+                return self.outcomes.move_failed(row, exc)
+            # Nothing was placed: scanned anew once it can be taken out (docs/integrity.md).
+            held = self.outcomes.held(exc.reason, str(exc), row)
+            return Outcome({**self.outcomes.changed("", settles=True).changes, **held.changes},
+                           held.event, held.fields)
         except S3UnavailableError as exc:
             return self.outcomes.move_failed(row, exc, attempts=row.move_attempts)
         except (OSError, LocationError) as exc:
             return self.outcomes.move_failed(row, exc)
+        placed = self._placed(row, watch, dest, request, verdict, already_placed)
+        return dataclasses.replace(placed, arrivals=tuple(request.arrivals))
+
+    def _placed(self, row: FileRow, watch: WatchConfig, dest: Destination, request: MoveRequest,
+                verdict: VerdictKind, already_placed: bool) -> Outcome:
+        """The sidecar written beside a file that is not clean: done."""
         destination = dest.name(request.dest_rel)
         if verdict is not VerdictKind.CLEAN:
             try:
@@ -120,7 +134,7 @@ class Mover:
         threat = row.threats[0] if verdict is VerdictKind.INFECTED and row.threats else None
         tags = verdict_tags(verdict.value, row.reason, iso(row.scanned_at) or "", threat)
         try:
-            etag = tag_in_place(source, row.rel_path, row.etag, row.version_id, tags)
+            rewritten = tag_in_place(source, row.rel_path, row.etag, row.version_id, tags, row.sha256)
         except ChangedError as exc:
             return self.outcomes.changed(str(exc), settles=source.settles)
         except FileNotFoundError:
@@ -139,8 +153,10 @@ class Mover:
         except (OSError, LocationError) as exc:
             return self.outcomes.move_failed(row, exc)
         placed = self.outcomes.placed(row, source.name(row.rel_path), verdict)
-        # A self-copy may give the object a new ETag: the journal knows it as the one judged.
-        changes: RowChanges = {**placed.changes, "etag": etag} if etag else placed.changes
+        # A rewrite gives the object a new LastModified (maybe ETag): the version judged.
+        changes: RowChanges = {**placed.changes, "etag": rewritten.etag} if rewritten else placed.changes
+        if rewritten and rewritten.last_modified is not None:  # unknown: the listing finds it anew
+            changes["last_modified"] = rewritten.last_modified
         return Outcome(changes, placed.event, placed.fields)
 
     def _planned(self, row: FileRow, watch: WatchConfig, locations: Locations, verdict: VerdictKind

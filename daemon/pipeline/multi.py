@@ -34,6 +34,7 @@ from daemon.errors import (
     EnginePermanentError,
     EngineResubmitError,
     EngineRetryableError,
+    EngineThrottledError,
     EngineUnavailableError,
 )
 from daemon.journal import FileRow, Journal, RowChanges
@@ -237,13 +238,14 @@ class MultiScanner:
         try:
             answer = ask()
         except EngineUnavailableError as exc:
-            self._health(name, str(exc))
+            if not isinstance(exc, EngineThrottledError):  # throttling is pacing, not down
+                self._health(name, str(exc))
             if now - row.discovered_at > cfg.max_pending_age:
-                return _verdict(Verdict.failed(Reason.ENGINE_UNAVAILABLE), record, now)
-            # Not reached: nothing was submitted, and no attempt is spent.
+                return _verdict(Verdict.failed(exc.reason), record, now)
+            # Not reached, or refused ("slow down"): nothing was submitted, no attempt is spent.
             delay_s = policy.delay(record.attempts, exc.retry_after_s)
             log.warning("retry.scheduled", watch=row.watch, rel_path=row.rel_path, file_id=row.id,
-                        engine=name, reason=Reason.ENGINE_UNAVAILABLE.value, error=str(exc),
+                        engine=name, reason=exc.reason.value, error=str(exc),
                         delay_s=round(delay_s, 3))
             return {"attempts": record.attempts - spent, "submitting_at": None, "last_error": str(exc),
                     "next_attempt_at": now + delay_s}

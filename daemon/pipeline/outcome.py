@@ -27,6 +27,8 @@ class Outcome:
     fields: Mapping[str, Any] = field(default_factory=dict)
     # Several engines on one watch: what each engine's call came to (for its metrics).
     engine_events: tuple[tuple[str, Outcome], ...] = ()
+    # `(rel_path, inode)` of files put back into the source as new arrivals (docs/integrity.md).
+    arrivals: tuple[tuple[str, int], ...] = ()
 
     @property
     def state(self) -> FileState | None:
@@ -64,10 +66,13 @@ class Outcomes:
         return Outcome(changes, "retry.scheduled",
                        {"reason": reason, "error": str(exc), "delay_s": round(delay_s, 3)})
 
-    def held(self, reason: str, detail: str) -> Outcome:
-        """Left where it is on purpose (a symlink, a hardlink, a special file)."""
+    def held(self, reason: str, detail: str, row: FileRow | None = None) -> Outcome:
+        """Left where it is on purpose (a symlink, a hardlink, a special file, a folder the
+        daemon may not write); reported once: not again when `row` was held for it before."""
+        again = row is not None and row.reason == reason
         return Outcome({"state": FileState.HELD, "reason": reason, "owner": None,
-                        "done_at": self.clock()}, "file.skipped", {"reason": reason, "detail": detail})
+                        "done_at": self.clock()}, None if again else "file.skipped",
+                       {"reason": reason, "detail": detail})
 
     def gone(self) -> Outcome:
         """Vanished from the source before it could be moved."""

@@ -25,8 +25,10 @@ from daemon.errors import (
     EnginePermanentError,
     EngineResubmitError,
     EngineRetryableError,
+    EngineThrottledError,
     EngineUnavailableError,
     S3UnavailableError,
+    StagingError,
     UnsafePathError,
 )
 from daemon.faults import pause
@@ -74,13 +76,19 @@ class Scanner:
         for root in watch.destinations.values():
             if root != IN_PLACE and (why := locations(root, watch).refuses(row.rel_path)) is not None:
                 return self.mover.fail(row, Reason.UNSAFE_KEY, why, locations)
+        if (why := self._listed_too_large(row, watch)) is not None:
+            return self.mover.fail(row, Reason.TOO_LARGE, why, locations)
         try:
-            with source.open_for_scan(Listed(row.rel_path, row.etag, row.version_id, row.size)) as opened:
+            listed = Listed(row.rel_path, row.etag, row.version_id, row.size, file_id=row.id,
+                            snapshot=row.snapshot, sha256=row.sha256)
+            with source.open_for_scan(listed) as opened:
                 return self._scan_opened(row, watch, opened, locations)
         except FileNotFoundError:
             return self.outcomes.gone()
         except UnsafePathError as exc:
-            return self.outcomes.held(exc.reason, str(exc))
+            return self.outcomes.held(exc.reason, str(exc), row)
+        except StagingError as exc:
+            return self.outcomes.wait(row, "staging_unavailable", exc)
         except ChangedError as exc:
             return self.outcomes.changed(str(exc), settles=source.settles)
         except S3UnavailableError as exc:
@@ -89,6 +97,17 @@ class Scanner:
             if isinstance(exc, PermissionError) or exc.errno in _UNREADABLE_ERRNOS:
                 return self.mover.fail(row, Reason.UNREADABLE, str(exc), locations)
             raise
+
+    def _listed_too_large(self, row: FileRow, watch: WatchConfig) -> str | None:
+        """Size before bytes: why an object listed larger than every engine's `max_size` is
+        refused without a download (docs/contract.md, "What the engine reads"); else None."""
+        if row.etag is None or row.size is None or row.engine_scan_id is not None:
+            return None
+        limits = [(name, self.config.engines[name].max_size) for name in watch.engines]
+        if not limits or any(limit is None or row.size <= limit for _, limit in limits):
+            return None
+        return "; ".join(f"{row.size} bytes (as listed) is over engines.{name}.max_size ({limit})"
+                         for name, limit in limits)
 
     def _scan_opened(self, row: FileRow, watch: WatchConfig, opened: Opened,
                      locations: Locations) -> Outcome:
@@ -199,12 +218,12 @@ class Scanner:
             self._set_engine_health(engine.name, None)
             return answer
         except EngineUnavailableError as exc:
-            self._set_engine_health(engine.name, str(exc))
+            if not isinstance(exc, EngineThrottledError):  # throttling is pacing, not down
+                self._set_engine_health(engine.name, str(exc))
             if self.clock() - row.discovered_at <= engine_cfg.max_pending_age:
-                # Not reached: nothing can have been submitted.
-                return self.outcomes.wait(row, Reason.ENGINE_UNAVAILABLE, exc, exc.retry_after_s,
-                                          unsent=True)
-            return Verdict.failed(Reason.ENGINE_UNAVAILABLE, raw={"error": str(exc)})
+                # Not reached, or refused ("slow down"): nothing can have been submitted.
+                return self.outcomes.wait(row, exc.reason, exc, exc.retry_after_s, unsent=True)
+            return Verdict.failed(exc.reason, raw={"error": str(exc)})
         except EngineRetryableError as exc:
             # A timeout or a 5xx may hide a submission: it stays in doubt.
             if row.attempts < engine_cfg.max_attempts:

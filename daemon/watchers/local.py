@@ -34,12 +34,15 @@ from daemon.errors import UnsafePathError
 from daemon.fsutil import DirCache, Identity, classify, split_rel
 from daemon.journal import FileRow, Journal, RowChanges
 from daemon.model import FileState
+from daemon.staging import IN_SOURCE
 from daemon.watchers import inotify
 from daemon.watchers.base import is_ignored, relative_path
 from daemon.watchers.fallback import ArrivalsHandler, ArrivalsObserver, ObservedWatch
 from daemon.watchers.tree import stat_below, walk
 
 __all__ = ["LocalWatcher", "RepeatFilter"]
+
+STAGING_PREFIX = IN_SOURCE + "/"
 
 log = structlog.get_logger("scanwatch.watcher")
 
@@ -238,7 +241,8 @@ class LocalWatcher:
                   duration_s=round(time.monotonic() - started, 3))
 
     def _keep(self, rel_path: str) -> bool:
-        return not is_ignored(rel_path, self.watch.ignore)
+        # The staging directory of snapshots is the daemon's, whatever `ignore` says.
+        return not (rel_path.startswith(STAGING_PREFIX) or is_ignored(rel_path, self.watch.ignore))
 
     def _skip(self, rel_dir: str, exc: OSError, seen: dict[str, str]) -> None:
         """Report a subtree that cannot be walked, once for as long as it keeps failing."""

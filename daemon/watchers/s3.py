@@ -23,10 +23,12 @@ import structlog
 from botocore.config import Config as BotoConfig
 
 from daemon.config import S3Config, WatchConfig
-from daemon.fleet import ListingLease, SafetyNet
+from daemon.errors import LocationError
+from daemon.fleet import ListingLease, SafetyNet, is_fleet_key
 from daemon.journal import FleetMember, Journal
+from daemon.model import Reason, SeenObject
 from daemon.retry import RetryPolicy
-from daemon.s3 import S3Url, s3_boundary
+from daemon.s3 import S3Url, epoch, s3_boundary
 from daemon.watchers.base import is_ignored
 from daemon.watchers.s3events import SqsEventSource
 from daemon.watchers.s3notify import S3Event
@@ -38,7 +40,6 @@ log = structlog.get_logger("scanwatch.watchers.s3")
 _EVENTS_SLOWDOWN = 10
 _PAGE_SIZE = 1000
 
-ObjectEntry = tuple[str, str, str | None, int]  # rel_path, etag, version_id, size
 _STOPPED = (None, -1)  # what a stopped fleet member noted last
 
 
@@ -63,7 +64,8 @@ class S3Watcher:
     """Feeds the journal with the objects that arrive under one watch's S3 source."""
 
     def __init__(self, watch: WatchConfig, journal: Journal, wake: threading.Event, client: Any,
-                 s3_config: S3Config, *, clock: Callable[[], float] = time.time) -> None:
+                 s3_config: S3Config, *, clock: Callable[[], float] = time.time,
+                 on_malformed: Callable[[], None] = lambda: None) -> None:
         self.watch = watch
         self.journal = journal
         self.wake = wake
@@ -86,14 +88,15 @@ class S3Watcher:
                 sqs, watch.events.sqs_queue_url, self._on_events,
                 bucket=self.where.bucket, prefix=self.where.prefix, stop=self._stop,
                 visibility_timeout_s=max(1, round(watch.events.visibility_timeout)),
-                is_settled=self._is_settled if watch.fleet else None, on_poll=self._note_fleet)
+                is_settled=self._is_settled if watch.fleet else None, on_poll=self._note_fleet,
+                on_malformed=on_malformed)
             if watch.fleet:  # list only while holding the lease, and only into the queue
                 # Renewed every listing interval, it outlives two missed renewals (docs/fleet.md).
                 self.lease = ListingLease(client, self.where, f"{socket.gethostname()}:{os.getpid()}",
                                           ttl_s=3 * self._interval_s, clock=clock)
                 self.safety_net = SafetyNet(client, sqs, watch.events.sqs_queue_url, self.where, self.lease,
-                                            grace_s=self._interval_s,
-                                            is_ignored=lambda rel: is_ignored(rel, watch.ignore), clock=clock)
+                                            grace_s=self._interval_s, skip_reason=self.skip_reason,
+                                            on_skipped=self._record, clock=clock)
 
     def start(self) -> None:
         """List once now (the backfill), then every interval; consume events if configured."""
@@ -119,9 +122,27 @@ class S3Watcher:
         if self._consumer is not None:
             self._consumer.join(1)
 
+    def warn_if_unversioned(self) -> bool:
+        """Log `config.warning` when the source bucket keeps no versions; True if it does not."""
+        try:
+            with s3_boundary(f"GET versioning s3://{self.where.bucket}"):
+                status = self.client.get_bucket_versioning(Bucket=self.where.bucket).get("Status")
+        except (LocationError, OSError) as exc:  # the listing reports a bucket it cannot reach
+            log.debug("s3.versioning_unknown", watch=self.watch.name, error=str(exc))
+            return False
+        if status == "Enabled":
+            return False
+        log.warning("config.warning", watch=self.watch.name, key="source", reason="unversioned_bucket",
+                    detail=f"s3://{self.where.bucket} keeps no versions: an object version is pinned by its "
+                    "ETag, an MD5, with its LastModified (whole seconds); in-place tags are written with a "
+                    "conditional PutObject of the scanned bytes. Turn on versioning to pin by VersionId "
+                    "(docs/contract.md, \"S3 in place\")")
+        return True
+
     def _run(self) -> None:
         failures = 0
         policy = RetryPolicy(base_s=1.0, max_s=self._interval_s)
+        self.warn_if_unversioned()
         while not self._stop.is_set():
             try:
                 self.poll_once()
@@ -141,44 +162,48 @@ class S3Watcher:
         """
         if self.safety_net is not None:
             return self.safety_net.run_once()
-        added = 0
+        added, listed_at = 0, self.clock()
         for page in one_ahead(self._pages()):
-            added += self._record(page, "listing")
+            added += self._record(page, "listing", listed_at)
             if self._stop.is_set():
                 break
         return added
 
-    def _pages(self) -> Iterator[list[ObjectEntry]]:
+    def _pages(self) -> Iterator[list[SeenObject]]:
         paginator = self.client.get_paginator("list_objects_v2")
         pages = paginator.paginate(Bucket=self.where.bucket, Prefix=self.where.prefix,
                                    PaginationConfig={"PageSize": _PAGE_SIZE})
         with s3_boundary(f"LIST {self.where}"):
             for page in pages:
-                yield list(self._entries(
-                    (o["Key"], o["ETag"], None, o["Size"]) for o in page.get("Contents", ())))
+                yield list(self._entries(SeenObject(o["Key"], o["ETag"], None, o["Size"],
+                                                    epoch(o["LastModified"]))
+                                         for o in page.get("Contents", ())))
 
-    def _entries(self, objects: Iterable[tuple[str, str, str | None, int]]) -> Iterator[ObjectEntry]:
-        """Objects as journal entries: keys made relative; folder markers and ignored names dropped."""
-        for key, etag, version_id, size in objects:
+    def _entries(self, objects: Iterable[SeenObject]) -> Iterator[SeenObject]:
+        """Objects of this watch as journal entries: keys made relative, quoted ETags."""
+        for key, etag, version_id, size, last_modified in objects:
             rel_path = key.removeprefix(self.where.prefix)
-            if not key.startswith(self.where.prefix) or not rel_path or key.endswith("/"):
-                continue
-            if is_ignored(rel_path, self.watch.ignore):
-                continue
-            yield rel_path, _quoted(etag), version_id, size
+            if key.startswith(self.where.prefix) and rel_path and not is_fleet_key(rel_path):
+                yield SeenObject(rel_path, _quoted(etag), version_id, size, last_modified)
+
+    def skip_reason(self, rel_path: str) -> Reason | None:
+        """Why a key is never scanned: a directory marker, or an `ignore` glob matches it."""
+        if rel_path.endswith("/"):
+            return Reason.DIRECTORY_MARKER
+        return Reason.IGNORED if is_ignored(rel_path, self.watch.ignore) else None
 
     def _on_events(self, events: list[S3Event]) -> None:
         """SQS arrivals: journaled before the message is deleted (we return only then)."""
-        self._record(list(self._entries((e.key, e.etag or "", e.version_id, e.size or 0)
-                                        for e in events if e.etag)), "event")
+        self._record(self._of_events(events), "event")
+
+    def _of_events(self, events: list[S3Event]) -> list[SeenObject]:
+        return list(self._entries(SeenObject(e.key, e.etag or "", e.version_id, e.size or 0)
+                                  for e in events if e.etag))
 
     def _is_settled(self, events: list[S3Event]) -> bool:
         """Fleet: every object of these events is done, gone or held in this daemon's journal."""
-        for rel_path, etag, _, _ in self._entries((e.key, e.etag or "", e.version_id, e.size or 0)
-                                                  for e in events if e.etag):
-            if not self.journal.is_settled(self.watch.name, rel_path, etag):
-                return False
-        return True
+        return all(self.journal.is_settled(self.watch.name, seen.rel_path, seen.etag)
+                   for seen in self._of_events(events))
 
     def _note_fleet(self, *, stopped: bool = False) -> None:
         """Fleet: record this daemon's lease and held messages in the journal when they change."""
@@ -191,10 +216,19 @@ class S3Watcher:
             self._fleet_noted = _STOPPED if stopped else noted
             self.journal.set_fleet(self.watch.name, FleetMember(self.lease.holder, *noted, self.clock()))
 
-    def _record(self, entries: list[ObjectEntry], how: str) -> int:
-        if not entries:
+    def _record(self, entries: list[SeenObject], how: str, listed_at: float | None = None) -> int:
+        """Journal these objects: the wanted ones as arrivals, the others as skipped (once each)."""
+        reasons = {seen.rel_path: reason for seen in entries
+                   if (reason := self.skip_reason(seen.rel_path)) is not None}
+        skipped = [(seen.rel_path, seen.etag, reasons[seen.rel_path]) for seen in entries
+                   if seen.rel_path in reasons]
+        for rel_path in self.journal.skip_objects(self.watch.name, skipped, self.clock()):
+            log.warning("file.skipped", watch=self.watch.name, rel_path=rel_path,
+                        reason=reasons[rel_path].value)
+        wanted = [seen for seen in entries if seen.rel_path not in reasons]
+        if not wanted:
             return 0
-        added = self.journal.discover_objects(self.watch.name, entries, self.clock())
+        added = self.journal.discover_objects(self.watch.name, wanted, self.clock(), listed_at=listed_at)
         if added:
             log.info("file.discovered", watch=self.watch.name, count=added, by=how)
             self.wake.set()

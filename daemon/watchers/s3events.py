@@ -1,11 +1,12 @@
 """S3 event notifications from SQS: the event-mode input of an S3 watch.
 
 A message is deleted only after `on_events` has returned, which means its events are in the
-journal; a crash in between redelivers it, and the journal drops the duplicate (key + ETag).
+journal; a crash in between redelivers it, and the journal drops the duplicate (the same version).
 While `on_events` runs, a heartbeat keeps every message of the batch invisible, so a slow journal
 never lets SQS hand the same message to another consumer. Messages that are not S3 events are
-left on the queue untouched: SQS brings them back after the visibility timeout and the queue's
-redrive policy moves them to its dead-letter queue. Lost events are the polling safety net's job.
+left on the queue untouched (logged once, counted every time): SQS brings them back after the
+visibility timeout and the queue's redrive policy moves them to its dead-letter queue. Lost
+events are the polling safety net's job.
 
 Nothing above this module sees botocore: SQS failures become `QueueUnavailableError`.
 """
@@ -13,6 +14,7 @@ Nothing above this module sees botocore: SQS failures become `QueueUnavailableEr
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
@@ -36,6 +38,7 @@ _BODY_HEAD_CHARS = 120
 _DEFAULT_RETRY = RetryPolicy(base_s=1.0, max_s=60.0)
 # Fleet, holding its maximum: how soon to look again for settled messages (doubling while none).
 _FULL_WAIT_MIN_S, _FULL_WAIT_MAX_S = 0.05, 1.0
+_MALFORMED_REMEMBERED = 10_000
 _HELD_WAIT_TIME_S = 1  # the long poll while holding messages: settled ones are deleted soon
 
 
@@ -53,7 +56,8 @@ class SqsEventSource:
                  bucket: str, prefix: str, wait_time_s: int = 20, visibility_timeout_s: int = 60,
                  stop: threading.Event | None = None, retry: RetryPolicy = _DEFAULT_RETRY,
                  is_settled: Callable[[list[S3Event]], bool] | None = None, max_held: int = 20,
-                 on_poll: Callable[[], None] = lambda: None) -> None:
+                 on_poll: Callable[[], None] = lambda: None,
+                 on_malformed: Callable[[], None] = lambda: None) -> None:
         if not 1 <= wait_time_s <= _MAX_WAIT_TIME_S:
             raise ValueError(f"wait_time_s must be 1..{_MAX_WAIT_TIME_S}, not {wait_time_s}")
         if not 1 <= visibility_timeout_s <= _MAX_VISIBILITY_TIMEOUT_S:
@@ -79,6 +83,10 @@ class SqsEventSource:
         self._held: dict[str, tuple[dict[str, Any], list[S3Event]]] = {}
         self._keeper: _Heartbeat | None = None
         self._full_wait_s = _FULL_WAIT_MIN_S
+        # A message that cannot be read comes back at every visibility timeout until the queue's
+        # redrive policy takes it: logged the first time, counted every time (`on_malformed`).
+        self._on_malformed = on_malformed
+        self._malformed_seen: OrderedDict[str, None] = OrderedDict()
 
     @property
     def held_count(self) -> int:
@@ -88,6 +96,7 @@ class SqsEventSource:
     def run(self) -> None:
         """Poll until `stop` is set; any failure is logged and retried with backoff, never raised."""
         try:
+            self.check_redrive()
             self._run()
         finally:
             if self._keeper is not None:  # held messages come back to the fleet when they expire
@@ -109,6 +118,21 @@ class SqsEventSource:
                 self.stop.wait(delay_s)
             else:
                 failures = 0
+
+    def check_redrive(self) -> bool:
+        """Whether the queue has a redrive policy; warns once (at start) when it has none."""
+        try:
+            with sqs_boundary("GetQueueAttributes", self._queue):
+                attrs = self._client.get_queue_attributes(
+                    QueueUrl=self._queue_url, AttributeNames=["RedrivePolicy"]).get("Attributes", {})
+        except QueueUnavailableError as exc:  # the receive loop reports and retries it
+            self._log.debug("sqs.redrive_unknown", error=str(exc))
+            return False
+        if "RedrivePolicy" in attrs:
+            return True
+        self._log.warning("sqs.no_redrive_policy", hint="give the queue a redrive policy (a dead-letter "
+                          "queue): a message that cannot be read comes back until it moves there")
+        return False
 
     def poll_once(self) -> int:
         """One ReceiveMessage round; returns how many messages it received (at most 10).
@@ -185,10 +209,12 @@ class SqsEventSource:
         try:
             events = parse_message(body)
         except MalformedMessageError as exc:
-            self._log.warning("sqs.malformed", message_id=message_id, reason=str(exc),
-                              size_bytes=len(body.encode("utf-8", "replace")),
-                              body_head=body[:_BODY_HEAD_CHARS],
-                              receive_count=message.get("Attributes", {}).get("ApproximateReceiveCount"))
+            self._on_malformed()
+            if self._first_sight(str(message_id)):
+                self._log.warning("sqs.malformed", message_id=message_id, reason=str(exc),
+                                  size_bytes=len(body.encode("utf-8", "replace")),
+                                  body_head=body[:_BODY_HEAD_CHARS],
+                                  receive_count=message.get("Attributes", {}).get("ApproximateReceiveCount"))
             return False
         wanted = [event for event in events if self._is_wanted(event)]
         self._log.debug("sqs.received", message_id=message_id, events=len(events),
@@ -203,12 +229,20 @@ class SqsEventSource:
             return False
         return True
 
+    def _first_sight(self, message_id: str) -> bool:
+        """True the first time a malformed message is seen (the last 10,000 are remembered)."""
+        if message_id in self._malformed_seen:
+            return False
+        self._malformed_seen[message_id] = None
+        if len(self._malformed_seen) > _MALFORMED_REMEMBERED:
+            self._malformed_seen.popitem(last=False)
+        return True
+
     def _is_wanted(self, event: S3Event) -> bool:
-        """In this watch's bucket and prefix, not a folder marker, not a fleet's own object."""
+        """In this watch's bucket and prefix, not our own object (a fleet's lease, a snapshot:
+        `.scanwatch/`); folder markers are reported by the watcher, never scanned."""
         return (event.bucket == self._bucket and event.key.startswith(self._prefix)
-                and not event.key.endswith("/")
-                and not (self._is_settled is not None
-                         and is_fleet_key(event.key.removeprefix(self._prefix))))
+                and not is_fleet_key(event.key.removeprefix(self._prefix)))
 
     def _delete(self, messages: list[dict[str, Any]]) -> None:
         """DeleteMessageBatch; a message whose delete failed comes back and is deduplicated."""

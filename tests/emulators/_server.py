@@ -63,6 +63,8 @@ class Emulator:
     def __init__(self, port: int = 0) -> None:
         self.log: list[Logged] = []
         self.faults: list[tuple[str, Fault]] = []
+        self.rules: list[Callable[[int], Fault | None]] = []
+        self._requests = 0
         self.lock = threading.RLock()
         self._timers: list[threading.Timer] = []
         emulator = self
@@ -111,12 +113,19 @@ class Emulator:
         with self.lock:
             self.faults.extend([(path_prefix, fault)] * count)
 
+    def add_rule(self, rule: Callable[[int], Fault | None]) -> None:
+        """Answer request number n (counted from 1 at start) with `rule(n)`, when that is a fault
+        (queued faults of `inject` come first): a 503 every fifth request, a storm of 429s."""
+        with self.lock:
+            self.rules.append(rule)
+
     def _take_fault(self, path: str) -> Fault | None:
         with self.lock:
+            self._requests += 1
             for i, (prefix, _) in enumerate(self.faults):
                 if path.startswith(prefix):
                     return self.faults.pop(i)[1]
-        return None
+            return next((f for rule in self.rules if (f := rule(self._requests)) is not None), None)
 
     def _dispatch(self, handler: BaseHTTPRequestHandler) -> None:
         entry = Logged(handler.command, handler.path, {k.lower(): v for k, v in handler.headers.items()}, 0)

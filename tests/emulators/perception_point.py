@@ -2,7 +2,8 @@
 
 Stricter than the real service where that is cheap: the body must be multipart, it
 must carry exactly one of `data`, `path` or `download_link`, and `path` needs a known
-`storage` (a directory per storage, a subdirectory per bucket). Scans finish on their
+`storage` (a directory per storage with a subdirectory per bucket, or a reader of an S3
+server's objects). Scans finish on their
 `polls_to_done`-th poll once `scan_delay_s` passed; with a `callback_url` they finish
 after `scan_delay_s` and the callback is posted then.
 """
@@ -14,6 +15,7 @@ import json
 import re
 import time
 import urllib.request
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,9 @@ MARKS = {b"PP-BLK": "BLK", b"PP-SUS": "SUS", b"PP-SPM": "SPM"}
 ERROR_MARK = b"PP-ERROR"
 LIMIT = 500_000_000
 _SOURCES = ("data", "path", "download_link")
+# A storage `path` reads from: a directory (a subdirectory per bucket), or a reader of
+# (bucket, key) giving the object's bytes or None (e.g. a real S3 server's objects).
+Storage = Path | Callable[[str, str], bytes | None]
 _PLAIN_FIELDS = ("name", "path", "storage", "download_link", "file_password",
                  "callback_url", "callback_params", "callback_headers")
 
@@ -46,7 +51,7 @@ class PerceptionPointEmulator(Emulator):
     """The files API with token auth, a size limit, storages and callbacks."""
 
     def __init__(self, token: str = "test-token", *, polls_to_done: int = 2, scan_delay_s: float = 0.0,
-                 max_bytes: int = LIMIT, storages: dict[str, Path] | None = None, port: int = 0) -> None:
+                 max_bytes: int = LIMIT, storages: dict[str, Storage] | None = None, port: int = 0) -> None:
         super().__init__(port)
         self.token = token
         self.forbidden_tokens: set[str] = set()
@@ -146,10 +151,10 @@ class PerceptionPointEmulator(Emulator):
         segments = fields["path"].split("/")
         if not bucket or not key or ".." in segments or "" in segments:
             return None, {"path": ["expected bucket/key"]}
-        target = root / bucket / key
-        if not target.is_file():
+        content = root(bucket, key) if callable(root) else _read_file(root / bucket / key)
+        if content is None:
             return None, {"path": ["no such object"]}
-        return target.read_bytes(), None
+        return content, None
 
     def _create(self, content: bytes, callback_url: str | None, callback: dict[str, Any]) -> int:
         verdict, threats, is_error = verdict_of(content)
@@ -193,6 +198,10 @@ class PerceptionPointEmulator(Emulator):
             status = post_json(url, json.dumps(body).encode(), callback.get("callback_headers", {}))
             with self.lock:
                 self.callbacks.append((scan_id, status))
+
+
+def _read_file(path: Path) -> bytes | None:
+    return path.read_bytes() if path.is_file() else None
 
 
 def _multipart(content_type: str, raw: bytes) -> dict[str, tuple[str | None, bytes]] | None:

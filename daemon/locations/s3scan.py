@@ -1,0 +1,114 @@
+"""An S3 object version held for scanning: which bytes are scanned, and where they wait.
+
+docs/integrity.md, "S3 objects": a versioned object is pinned by its VersionId at every
+step. On an unversioned bucket the scanned bytes are kept where only scanwatch can write,
+until the move: a staged copy of the download (small objects), or a server-side snapshot
+(large objects, and any object an engine reads by `path`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+from daemon.faults import pause
+from daemon.fsutil import Identity
+from daemon.journal import RowChanges
+from daemon.locations.base import CHUNK, Content, Listed
+from daemon.model import S3Object
+from daemon.s3 import epoch, s3_boundary
+
+if TYPE_CHECKING:
+    from daemon.locations.s3 import S3Location
+
+__all__ = ["OpenedObject", "copy_hashing"]
+
+
+class OpenedObject:
+    """One object version held for scanning: downloaded and hashed when its content is asked for."""
+
+    def __init__(self, location: S3Location, listed: Listed, etag: str, version_id: str | None,
+                 size: int, held: contextlib.ExitStack) -> None:
+        self.path = location.name(listed.rel_path)
+        self._location = location
+        self._listed = listed
+        self._facts: RowChanges = {"etag": etag, "version_id": version_id}
+        self._size = size
+        self._held = held
+
+    @property
+    def facts(self) -> RowChanges:
+        return {**self._facts}
+
+    def changed_from(self, identity: Identity | None) -> str | None:
+        return None  # pinned by ETag: a replaced object fails the download with ChangedError
+
+    def content(self, *, engine_reads_s3: bool) -> Content:
+        """The object's bytes, hashed on the way; an engine reads the object itself only where
+        a VersionId or a private snapshot pins what it reads (docs/integrity.md, "Remote engines")."""
+        where, rel_path, file_id = self._location, self._listed.rel_path, self._listed.file_id
+        etag = self._facts["etag"] or ""
+        is_large = self._size > where.snapshot_threshold
+        if (engine_reads_s3 or is_large) and self._facts["version_id"] is None:
+            self._facts["version_id"] = where.version_of(rel_path, etag)
+        version_id = self._facts["version_id"]
+        if file_id is not None and (where.has_snapshot(self._listed, file_id, etag)
+                                    or (engine_reads_s3 and where.reads_by_path)
+                                    or (is_large and version_id is None)):
+            return self._from_snapshot(file_id, etag, version_id, engine_reads_s3=engine_reads_s3)
+        by_engine = engine_reads_s3 and version_id is not None
+        # Unversioned: the download is kept, staged, to be promoted as scanned.
+        stage_id = file_id if where.staging is not None and not by_engine and version_id is None else None
+        copy = None if by_engine else self._held.enter_context(
+            where.private_copy(self._size) if stage_id is None else where.staged_copy(stage_id, self._size))
+        obj = S3Object(where.where.bucket, where.key(rel_path), etag, version_id,
+                       where.presign(where.key(rel_path), version_id) if by_engine else "")
+        try:
+            answer = where.get_answer(rel_path, etag, version_id)
+            with contextlib.closing(answer["Body"]) as body:
+                sha256, size = copy_hashing(body, None if copy is None else copy.fileno())
+        except BaseException:
+            if stage_id is not None:
+                where.drop_staged(stage_id)
+            raise
+        # The version these bytes are (a listing names none): what an in-place tag is put on.
+        served = answer.get("VersionId")
+        version_id = version_id or (None if served in (None, "", "null") else str(served))
+        if stage_id is not None and version_id is not None:
+            where.drop_staged(stage_id)  # versioned after all: the VersionId pins the move
+        self._facts["version_id"], self._facts["size"] = version_id, size
+        if answer.get("LastModified") is not None:  # which version these bytes are (an event names none)
+            self._facts["last_modified"] = epoch(answer["LastModified"])
+        return Content(None if copy is None else copy.fileno(), sha256, size, obj)
+
+    def _from_snapshot(self, file_id: int, etag: str, version_id: str | None, *,
+                       engine_reads_s3: bool) -> Content:
+        """Snapshot the listed version (once), then hash the snapshot: what is scanned and promoted."""
+        where = self._location
+        key = where.snapshot(self._listed, file_id, etag, version_id, self._size)
+        self._facts["snapshot"] = key
+        pause("scan.snapshotted")
+        copy: BinaryIO | None = None if engine_reads_s3 else self._held.enter_context(
+            where.private_copy(self._size))
+        body = where.get_snapshot(key)
+        with contextlib.closing(body):
+            sha256, size = copy_hashing(body, None if copy is None else copy.fileno())
+        obj = S3Object(where.where.bucket, key, etag, version_id, where.presign(key, None), is_snapshot=True)
+        self._facts["size"] = size
+        return Content(None if copy is None else copy.fileno(), sha256, size, obj)
+
+
+def copy_hashing(body: Any, out_fd: int | None) -> tuple[str, int]:
+    """Read a download to its end, into `out_fd` if given; its sha256 and size."""
+    digest = hashlib.sha256()
+    size = 0
+    with s3_boundary("download"):
+        while chunk := body.read(CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+            view = memoryview(chunk)
+            while out_fd is not None and view:
+                view = view[os.write(out_fd, view):]
+    return digest.hexdigest(), size

@@ -1,0 +1,150 @@
+"""An uploader of a shared drop folder racing the daemon: its own descriptors and inotify only.
+
+Run by tests/test_attacks.py as a second, unprivileged uid (`setpriv --reuid=65534`);
+prints one JSON line of what it did. Each mode is an attack of docs/integrity.md:
+
+- `flip PATH MIB EICAR`: writes a file ending in EICAR and keeps its write descriptor; when
+  the daemon's reads of it stop (IN_ACCESS, then silence) it overwrites the tail with
+  harmless bytes (size and mtime kept) for the engine to read, and writes EICAR back when
+  the daemon closes it (IN_CLOSE_NOWRITE). Again for every open, until the deadline.
+- `opath PATH WAIT_FOR EICAR`: writes a harmless file and keeps only an O_PATH descriptor;
+  once WAIT_FOR exists (the file promoted), reopens /proc/self/fd/N to append EICAR and
+  linkat()s it back into the drop folder.
+- `strand DIR EICAR`: writes DIR/sub/a.txt and keeps its write descriptor; when the daemon
+  renames it away (IN_MOVED_FROM), writes EICAR through it and removes sub/.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import select
+import struct
+import sys
+import time
+
+IN_ACCESS = 0x001
+IN_CLOSE_NOWRITE = 0x010
+IN_MOVED_FROM = 0x040
+IN_DELETE_SELF = 0x400
+_HEADER = struct.Struct("iIII")
+_AT_FDCWD = -100
+_AT_SYMLINK_FOLLOW = 0x400
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class Inotify:
+    def __init__(self, path: str, mask: int) -> None:
+        self.fd = _libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if _libc.inotify_add_watch(self.fd, path.encode(), mask) < 0:
+            raise OSError(ctypes.get_errno(), f"inotify_add_watch {path}")
+
+    def events(self, timeout_s: float) -> list[tuple[int, str]]:
+        """The events that arrive within `timeout_s` (empty: silence)."""
+        if not select.select([self.fd], [], [], timeout_s)[0]:
+            return []
+        try:
+            data = os.read(self.fd, 1 << 16)
+        except BlockingIOError:
+            return []
+        out, offset = [], 0
+        while offset < len(data):
+            _, mask, _, length = _HEADER.unpack_from(data, offset)
+            name = data[offset + _HEADER.size: offset + _HEADER.size + length].rstrip(b"\0").decode()
+            out.append((mask, name))
+            offset += _HEADER.size + length
+        return out
+
+
+def flip(path: str, mib: str, eicar_path: str) -> dict[str, object]:
+    with open(eicar_path, "rb") as f:
+        eicar = f.read()
+    size = int(mib) << 20
+    fd = os.open(path + ".part", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    block = b"A" * (1 << 20)
+    for offset in range(0, size - len(eicar), len(block)):
+        os.pwrite(fd, block[: size - len(eicar) - offset], offset)
+    os.pwrite(fd, eicar, size - len(eicar))
+    os.rename(path + ".part", path)
+    st = os.fstat(fd)
+    times = (st.st_atime_ns, st.st_mtime_ns)
+    watch = Inotify(path, IN_ACCESS | IN_CLOSE_NOWRITE | IN_DELETE_SELF)
+    flips = 0
+    deadline = time.monotonic() + 60
+    reading = False
+    while time.monotonic() < deadline and os.fstat(fd).st_nlink:
+        events = watch.events(0.03)
+        masks = [m for m, _ in events]
+        if any(m & IN_DELETE_SELF for m in masks):
+            break
+        if any(m & IN_ACCESS for m in masks):
+            reading = True
+        elif reading and not events:  # the daemon's read pass is over: flip for the engine
+            os.pwrite(fd, b"h" * len(eicar), size - len(eicar))
+            os.utime(fd, ns=times)
+            flips += 1
+            reading = False
+        if any(m & IN_CLOSE_NOWRITE for m in masks):
+            os.pwrite(fd, eicar, size - len(eicar))
+            os.utime(fd, ns=times)
+            reading = False
+    return {"flips": flips}
+
+
+def opath(path: str, wait_for: str, eicar_path: str) -> dict[str, object]:
+    with open(eicar_path, "rb") as f:
+        eicar = f.read()
+    with open(path + ".part", "wb") as f:
+        f.write(b"harmless bytes")
+    os.rename(path + ".part", path)
+    fd = os.open(path, os.O_PATH)
+    inode = os.fstat(fd).st_ino
+    deadline = time.monotonic() + 60
+    while not os.path.exists(wait_for) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    result: dict[str, object] = {"inode": inode}
+    try:
+        writer = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_APPEND)
+        os.write(writer, eicar)
+        os.close(writer)
+        result["appended"] = True
+    except OSError as exc:
+        result["appended"] = exc.errno
+    relinked = os.path.join(os.path.dirname(path), ".relinked")
+    if _libc.linkat(_AT_FDCWD, f"/proc/self/fd/{fd}".encode(), _AT_FDCWD, relinked.encode(),
+                    _AT_SYMLINK_FOLLOW) == 0:
+        result["linked"] = True
+    else:
+        result["linked"] = ctypes.get_errno()
+    return result
+
+
+def strand(folder: str, eicar_path: str) -> dict[str, object]:
+    with open(eicar_path, "rb") as f:
+        eicar = f.read()
+    sub = os.path.join(folder, "sub")
+    os.mkdir(sub, 0o777)
+    os.chmod(sub, 0o777)
+    watch = Inotify(sub, IN_MOVED_FROM)
+    fd = os.open(os.path.join(sub, "a.txt"), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    os.write(fd, b"harmless")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if any(name == "a.txt" for _, name in watch.events(0.5)):
+            break
+    else:
+        return {"captured": False}
+    os.pwrite(fd, eicar, 0)
+    nlink = os.fstat(fd).st_nlink
+    try:
+        os.rmdir(sub)
+        removed: object = True
+    except OSError as exc:
+        removed = exc.errno
+    return {"captured": True, "nlink_after_write": nlink, "rmdir": removed}
+
+
+if __name__ == "__main__":
+    mode, *args = sys.argv[1:]
+    print(json.dumps({"flip": flip, "opath": opath, "strand": strand}[mode](*args)), flush=True)

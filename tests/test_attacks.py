@@ -1,0 +1,150 @@
+"""A second, unprivileged uid races the real daemon with inotify only (no pause points).
+
+The uploader (`nobody`, through `setpriv`) runs tests/attacker.py on a drop folder it owns,
+holding its own descriptors, while the daemon (root, as a service with CAP_LEASE would be)
+does its work. docs/integrity.md lists each attack and what must hold: `clean` never holds
+bytes that were not scanned clean, nothing dropped is lost or stranded, no name of the
+daemon's is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from conftest import EICAR, ROOT, Daemon, Layout
+from test_integrity import assert_clean_was_scanned
+
+from daemon.journal import Journal
+from daemon.model import FileState
+
+NOBODY = 65534
+_AS_NOBODY = ("setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups")
+_WITHOUT_DAC = ("setpriv", "--bounding-set=-dac_override,-dac_read_search")
+ATTACKER = str(ROOT / "tests" / "attacker.py")
+EICAR_PATH = str(ROOT / "samples" / "eicar.com")
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                                reason="needs root and setpriv to play a second uid")
+
+
+@pytest.fixture
+def drop() -> Iterator[Layout]:
+    """A layout the other uid can reach: its inbox is the uploader's own folder."""
+    base = Path(tempfile.mkdtemp(prefix="scanwatch-attack-"))
+    base.chmod(0o755)
+    layout = Layout(base)
+    os.chown(layout.inbox, NOBODY, NOBODY)
+    yield layout
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def _attacker(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([*_AS_NOBODY, sys.executable, ATTACKER, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _result(proc: subprocess.Popen[str]) -> dict[str, object]:
+    out, err = proc.communicate(timeout=90)
+    assert proc.returncode == 0, err
+    result: dict[str, object] = json.loads(out)
+    return result
+
+
+def _start(layout: Layout, factory: Callable[..., Daemon], wrapper: tuple[str, ...] = (),
+           **watch: object) -> Daemon:
+    daemon = factory(layout.write_config(watch=watch or None), wrapper=wrapper)
+    daemon.wait_started()
+    return daemon
+
+
+def _nothing_left(layout: Layout) -> None:
+    """No temporary of the daemon's anywhere; staging holds nothing once all is done."""
+    for root in (layout.clean, layout.quarantine, layout.failed, layout.inbox):
+        names = [p for p in root.rglob(".scanwatch-*") if not p.name.endswith(".scanwatch.json")]
+        assert names == [], names
+    assert list((layout.state / "staging").iterdir()) == []
+
+
+def _all_done(layout: Layout) -> bool:
+    rows = Journal(layout.state / "journal.sqlite3").rows()
+    return bool(rows) and all(r.state in (FileState.DONE, FileState.GONE, FileState.HELD) for r in rows)
+
+
+def test_bytes_flipped_during_the_scan_never_reach_clean(
+        drop: Layout, daemon_factory: Callable[..., Daemon]) -> None:
+    daemon = _start(drop, daemon_factory, settle_seconds=0.5)
+    attacker = _attacker("flip", str(drop.inbox / "big.bin"), "48", EICAR_PATH)
+    daemon.wait_for(lambda: daemon.named("file.moved") and _all_done(drop), timeout=90,
+                    what="the file moved")
+    attacker.wait(90)
+    assert daemon.stop() == 0
+    result = _result(attacker)
+    for path in drop.clean.rglob("*"):
+        assert not path.is_file() or EICAR not in path.read_bytes(), f"{path} holds EICAR ({result})"
+    assert drop.placed("quarantine") == ["big.bin"]
+    assert_clean_was_scanned(drop, daemon)
+    _nothing_left(drop)
+
+
+def test_an_o_path_descriptor_cannot_reach_the_promoted_file(
+        drop: Layout, daemon_factory: Callable[..., Daemon]) -> None:
+    daemon = _start(drop, daemon_factory)
+    attacker = _attacker("opath", str(drop.inbox / "a.txt"), str(drop.clean / "a.txt"), EICAR_PATH)
+    daemon.wait_for(lambda: daemon.named("file.moved"), what="the file moved")
+    result = _result(attacker)
+    daemon.wait_for(lambda: _all_done(drop), what="every row settled")
+    assert daemon.stop() == 0
+    promoted = drop.clean / "a.txt"
+    assert promoted.read_bytes() == b"harmless bytes", result
+    assert promoted.stat().st_uid == os.geteuid() and promoted.stat().st_nlink == 1
+    assert promoted.stat().st_ino != result["inode"]  # a snapshot, never the uploader's inode
+    relinked = drop.inbox / ".relinked"
+    assert not relinked.exists() or not os.path.samefile(promoted, relinked)
+    assert_clean_was_scanned(drop, daemon)
+    _nothing_left(drop)
+
+
+def test_a_write_after_the_capture_and_a_removed_folder_strand_nothing(
+        drop: Layout, daemon_factory: Callable[..., Daemon]) -> None:
+    daemon = _start(drop, daemon_factory)
+    result = _result(_attacker("strand", str(drop.inbox), EICAR_PATH))
+    assert result["captured"], result
+    if result["nlink_after_write"]:  # written while it still had a name: it must be found
+        daemon.wait_for(lambda: drop.placed("quarantine"), timeout=30, what="the EICAR bytes quarantined")
+    daemon.wait_for(lambda: _all_done(drop), what="every row settled")
+    assert daemon.stop() == 0
+    assert drop.placed("clean") == ["sub/a.txt"]
+    assert (drop.clean / "sub" / "a.txt").read_bytes() == b"harmless"
+    if result["nlink_after_write"]:
+        [quarantined] = drop.placed("quarantine")
+        assert (drop.quarantine / quarantined).read_bytes() == EICAR
+    assert not [p for p in drop.inbox.rglob("*") if p.is_file()]
+    assert_clean_was_scanned(drop, daemon)
+    _nothing_left(drop)
+
+
+def test_a_folder_the_daemon_may_not_write_holds_its_files_reported_once(
+        drop: Layout, daemon_factory: Callable[..., Daemon]) -> None:
+    own = drop.inbox / "up"
+    subprocess.run([*_AS_NOBODY, "mkdir", "-m", "0755", str(own)], check=True)
+    subprocess.run([*_AS_NOBODY, "cp", EICAR_PATH, str(own / "e.com")], check=True)
+    daemon = _start(drop, daemon_factory, _WITHOUT_DAC, rescan_interval=0.3)
+    daemon.wait_for(lambda: daemon.named("file.skipped"), what="the file held")
+    daemon.wait_for(lambda: len(daemon.named("watch.swept")) >= 8, what="eight sweeps")
+    [skipped] = daemon.named("file.skipped")
+    assert skipped["reason"] == "permission_denied" and skipped["rel_path"] == "up/e.com"
+    assert not daemon.named("move.failed") and not daemon.named("file.moved")
+    assert (own / "e.com").read_bytes() == EICAR
+    os.chown(own, 0, 0)  # the operator fixes the folder: the next rescan takes it
+    daemon.wait_for(lambda: drop.placed("quarantine") == ["up/e.com"], what="quarantined")
+    assert daemon.stop() == 0
+    assert len(daemon.named("file.skipped")) == 1
+    _nothing_left(drop)

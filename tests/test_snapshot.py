@@ -1,0 +1,150 @@
+"""Snapshots (docs/integrity.md): a reflink on XFS, a copy on ext4, a private staging
+directory or none, and staging reconciled with the journal at start."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from conftest import EICAR, Daemon, Harness, Layout
+from fakes import FakeEngine
+
+from daemon.errors import StagingError
+from daemon.model import FileState
+from daemon.pipeline.reconcile import reconcile
+from daemon.staging import StagingDirs
+
+
+@pytest.fixture(scope="module")
+def xfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A 512 MB XFS image with reflinks, loop-mounted (skipped where that is impossible)."""
+    base = tmp_path_factory.mktemp("xfs")
+    image, mnt = base / "xfs.img", base / "mnt"
+    mnt.mkdir()
+    if shutil.which("mkfs.xfs") is None:
+        pytest.skip("mkfs.xfs is not installed (xfsprogs)")
+    with open(image, "wb") as f:
+        f.truncate(512 << 20)
+    made = subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(image)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"mkfs.xfs failed: {made.stderr.decode().strip()}")
+    mounted = subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot loop-mount an XFS image here: {mounted.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def _snapshot_of(tmp: Path, data: bytes) -> tuple[str, bytes]:
+    """How a snapshot of a file holding `data` is made under `tmp`, and its bytes."""
+    (tmp / "src").write_bytes(data)
+    staging = StagingDirs(tmp / "state").for_source(str(tmp))
+    src = os.open(tmp / "src", os.O_RDONLY)
+    try:
+        fd, how = staging.snapshot(src, 7)
+    finally:
+        os.close(src)
+    try:
+        return how, os.pread(fd, len(data) + 1, 0)
+    finally:
+        os.close(fd)
+
+
+def test_a_snapshot_on_xfs_is_a_reflink(xfs: Path) -> None:
+    base = xfs / "unit"
+    base.mkdir()
+    data = os.urandom(3 << 20)
+    assert _snapshot_of(base, data) == ("reflink", data)
+
+
+def test_a_snapshot_on_the_root_filesystem_is_a_copy(tmp_path: Path) -> None:
+    data = os.urandom(3 << 20)
+    how, copied = _snapshot_of(tmp_path, data)
+    assert copied == data
+    assert how in ("copy_file_range", "reflink")  # reflink only if / is XFS or Btrfs
+
+
+def test_the_daemon_works_end_to_end_on_xfs_with_reflinks(
+        xfs: Path, daemon_factory: Callable[..., Daemon]) -> None:
+    layout = Layout(xfs / "e2e")
+    daemon = daemon_factory(layout.write_config())
+    daemon.wait_started()
+    (layout.inbox / "a.bin").write_bytes(b"x" * (1 << 20))
+    (layout.inbox / "e.com").write_bytes(EICAR)
+    daemon.wait_for(lambda: len(daemon.named("file.moved")) == 2, what="both moved")
+    assert daemon.stop() == 0
+    assert {e["how"] for e in daemon.named("file.snapshot")} == {"reflink"}
+    assert (layout.clean / "a.bin").read_bytes() == b"x" * (1 << 20)
+    assert layout.placed("quarantine") == ["e.com"]
+    assert list(layout.inbox.iterdir()) == [] and list((layout.state / "staging").iterdir()) == []
+
+
+@pytest.mark.parametrize("spoil", ["group_writable", "symlink", "other_owner"])
+def test_a_staging_directory_not_ours_alone_is_refused_and_files_wait(layout: Layout, spoil: str) -> None:
+    harness = Harness(layout, FakeEngine())
+    staging = layout.state / "staging"
+    layout.state.mkdir(parents=True, exist_ok=True)
+    if spoil == "symlink":
+        (layout.base / "elsewhere").mkdir()
+        staging.symlink_to(layout.base / "elsewhere")
+    else:
+        staging.mkdir(0o700)
+        if spoil == "group_writable":
+            staging.chmod(0o770)
+        else:
+            os.chown(staging, 65534, 65534)
+    harness.drop("a.txt", b"hello")
+    harness.step()
+    row = harness.row()
+    assert row.state is FileState.STABLE and "staging directory" in (row.last_error or "")
+    assert harness.engine.calls == [] and (layout.inbox / "a.txt").exists()
+    with pytest.raises(StagingError):
+        StagingDirs(layout.state).for_source(str(layout.inbox))
+
+
+def test_staging_is_reconciled_with_the_journal_at_start(layout: Layout) -> None:
+    harness = Harness(layout, FakeEngine())
+    harness.drop("kept.txt", b"kept")
+    harness.drop("changed.txt", b"scanned bytes")
+    harness.run()
+    kept, changed = harness.row("kept.txt"), harness.row("changed.txt")
+    staging = layout.state / "staging"
+    # As a crash could leave them: a snapshot without a row, two originals of done rows.
+    (staging / "999.snap").write_bytes(b"orphan")
+    (staging / f"{kept.id}.orig").write_bytes(b"kept")
+    (staging / f"{changed.id}.orig").write_bytes(b"written after the snapshot")
+    assert changed.sha256 == hashlib.sha256(b"scanned bytes").hexdigest()
+    reconcile(harness.config, harness.journal, harness.pipeline.staging, harness.clock.now)
+    assert list(staging.iterdir()) == []
+    assert (layout.inbox / "changed.txt").read_bytes() == b"written after the snapshot"
+    harness.run()
+    assert layout.placed("clean") == ["changed.1.txt", "changed.txt", "kept.txt"]
+    assert (layout.clean / "changed.1.txt").read_bytes() == b"written after the snapshot"
+
+
+def test_a_state_dir_on_another_filesystem_puts_staging_in_the_source_never_an_arrival(
+        layout: Layout, tmp_path: Path) -> None:
+    layout.state.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(layout.state)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        harness = Harness(layout, FakeEngine(), ignore=[])  # not even `.*` ignored
+        harness.drop("a.txt", b"hello")
+        harness.drop("sub/e.com", EICAR)
+        harness.run()
+        staging = layout.inbox / ".scanwatch-staging"
+        assert staging.is_dir() and staging.stat().st_mode & 0o777 == 0o700
+        (staging / "stray.bin").write_bytes(b"not an arrival")  # as if left there
+        harness.step(advance_s=3)  # a rescan walks the whole source
+        assert sorted(r.rel_path for r in harness.journal.rows()) == ["a.txt", "sub/e.com"]
+        assert layout.placed("clean") == ["a.txt"] and layout.placed("quarantine") == ["sub/e.com"]
+    finally:
+        subprocess.run(["umount", "-l", str(layout.state)], check=False)
