@@ -130,7 +130,8 @@ class Scanner:
         pause("scan.hashed")
         request = ScanRequest(watch.name, row.rel_path, opened.path, content.fd, content.size,
                               content.sha256, "", s3=content.s3,
-                              archive_password=_secret(watch.archivepwd), by_upload=by_upload)
+                              archive_password=_secret(watch.archivepwd), by_upload=by_upload,
+                              original=locations(watch.source, watch).name(row.rel_path))
         return self._ask(row, watch, engine, request, opened.facts, followed, locations)
 
     def _follow(self, row: FileRow, engine: Engine, opened: Opened, locations: Locations
