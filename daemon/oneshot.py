@@ -92,7 +92,7 @@ def _scan_only(config: Config, engines: dict[str, Engine], watch: WatchConfig, p
             content = opened.content(engine_reads_s3=False)
             ref_id = build_ref_id(watch.name, rel or name, content.sha256)
             request = ScanRequest(watch.name, rel or name, path, content.fd, content.size,
-                                  content.sha256, ref_id)
+                                  content.sha256, ref_id, original=path)
             verdict = watch_verdict(engines, watch, request)
             return ScanResult(path, verdict.kind, verdict.threats, verdict.reason, content.sha256, ref_id)
     except (OSError, LocationError) as exc:

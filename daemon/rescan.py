@@ -189,7 +189,7 @@ class _Rescanner:
             content = opened.content(engine_reads_s3=False)
             ref_id = build_ref_id(self.watch.name, rel, content.sha256)
             request = ScanRequest(self.watch.name, rel, opened.path, content.fd, content.size,
-                                  content.sha256, ref_id)
+                                  content.sha256, ref_id, original=self.clean.name(rel))
             verdict = watch_verdict(self.engines, self.watch, request)
             if verdict.kind is VerdictKind.CLEAN:
                 return RescanOutcome.CLEAN

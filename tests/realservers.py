@@ -52,7 +52,8 @@ import pytest
 from botocore.config import Config as BotoConfig
 
 __all__ = [
-    "HttpProxy", "RealServerError", "S3Server", "SqsServer", "TcpProxy", "running_moto", "running_seaweedfs",
+    "HttpProxy", "ProxiedRequest", "ProxyAnswer", "RealServerError", "S3Server", "SqsServer", "TcpProxy",
+    "running_moto", "running_seaweedfs",
 ]
 
 PIP_HINT = "install the test extras: pip install -e '.[test]'"
@@ -372,18 +373,35 @@ class TcpProxy:
             dst.shutdown(socket.SHUT_RDWR)
 
 
+@dataclass(frozen=True)
+class ProxiedRequest:
+    """A request HttpProxy is about to forward, as its `intercept` hook sees it."""
+
+    method: str
+    path: str  # path?query as sent
+    headers: Any  # the request's http.client.HTTPMessage (case-insensitive .get)
+    body: bytes | None
+
+
+ProxyAnswer = tuple[int, dict[str, str], bytes]  # status, headers, body
+
+
 class HttpProxy:
     """A loopback HTTP/1.1 forwarder that records each request line (and each server-side copy's
-    source) and can add latency.
+    source) and can add latency or play a misbehaving server.
 
     Requests are forwarded with their Host header untouched (SigV4 signs it), one upstream
     connection per client connection; bodies are read whole (tests and benchmarks use small
     objects). `delay_s` is added before each request is forwarded, like a distant S3 region.
+    `intercept`, when set, sees each request first (in the client's thread): it may act on the
+    server itself, then return None to forward the request as sent, or an answer to send instead.
     """
 
-    def __init__(self, target_port: int, delay_s: float = 0.0) -> None:
+    def __init__(self, target_port: int, delay_s: float = 0.0,
+                 intercept: Callable[[ProxiedRequest], ProxyAnswer | None] | None = None) -> None:
         self.target_port = target_port
         self.delay_s = delay_s
+        self.intercept = intercept
         self.requests: list[tuple[str, str, int]] = []  # method, path?query, status
         self.copies: list[tuple[str, str]] = []  # server-side copies: path, x-amz-copy-source
         self._lock = threading.Lock()
@@ -401,24 +419,29 @@ class HttpProxy:
                 body = self.rfile.read(length) if length else None
                 if proxy.delay_s:
                     time.sleep(proxy.delay_s)
-                if self.upstream is None:
-                    self.upstream = http.client.HTTPConnection("127.0.0.1", proxy.target_port, timeout=60)
-                headers = {k: v for k, v in self.headers.items() if k.lower() != "expect"}
-                self.upstream.request(self.command, self.path, body=body, headers=headers)
-                answer = self.upstream.getresponse()
-                data = answer.read()
+                hook = proxy.intercept
+                own = hook(ProxiedRequest(self.command, self.path, self.headers, body)) if hook else None
+                status, reply, data = own if own is not None else self._upstream(body)
                 with proxy._lock:
-                    proxy.requests.append((self.command, self.path, answer.status))
+                    proxy.requests.append((self.command, self.path, status))
                     if copied := self.headers.get("x-amz-copy-source"):
                         proxy.copies.append((self.path, copied))
-                self.send_response_only(answer.status, answer.reason)
-                for name, value in answer.getheaders():
+                self.send_response_only(status)
+                for name, value in reply.items():
                     if name.lower() not in ("transfer-encoding", "content-length", "connection"):
                         self.send_header(name, value)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
+
+            def _upstream(self, body: bytes | None) -> ProxyAnswer:
+                if self.upstream is None:
+                    self.upstream = http.client.HTTPConnection("127.0.0.1", proxy.target_port, timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "expect"}
+                self.upstream.request(self.command, self.path, body=body, headers=headers)
+                answer = self.upstream.getresponse()
+                return answer.status, dict(answer.getheaders()), answer.read()
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
 

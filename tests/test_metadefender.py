@@ -7,6 +7,7 @@ import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import unquote
 
 import httpx
 import pytest
@@ -83,9 +84,8 @@ def test_clean_infected_blocked_and_encrypted_end_in_their_places(
     upload = _post_of(emulator, "e.com")
     assert upload.body_bytes == len(EICAR) and upload.headers["content-length"] == str(len(EICAR))
     assert upload.headers["apikey"] == "test-key" and upload.headers["user_agent"].startswith("scanwatch/")
-    # What Core is sent is the snapshot (docs/integrity.md).
-    snapshot = layout.state / "staging" / f"{harness.row('e.com').id}.snap"
-    assert upload.headers["original_file_path"] == str(snapshot)
+    # Core is sent the snapshot's bytes (docs/integrity.md), named as the drop folder has them.
+    assert unquote(upload.headers["original_file_path"]) == str(layout.inbox / "e.com")
     assert upload.headers["source"] == socket.gethostname() and "filepath" not in upload.headers
 
 
@@ -138,6 +138,7 @@ def test_path_mode_names_the_snapshot_under_filepath_map_and_uploads_elsewhere(
     snap = f"{harness.row('mapped/a b ü.txt').id}.snap"
     assert by_path.headers["filepath"] == f"/core%20view/drop/{snap}"  # never the drop's own path
     assert by_path.headers["content-length"] == "0" and by_path.body_bytes == 0
+    assert unquote(by_path.headers["original_file_path"]) == str(layout.inbox / "mapped/a b ü.txt")
     assert _post_of(emulator, "e.com").headers["filepath"].startswith("/core%20view/drop/")
     upload = _post_of(emulator, "d.txt")
     assert "filepath" not in upload.headers and upload.body_bytes == 8
@@ -401,8 +402,10 @@ def test_daemon_scans_by_path_and_upload_and_keeps_secrets_out_of_logs(
         assert daemon.stop() == 0
     assert layout.placed("clean") == ["locked.zip", "mapped/ok.txt"]
     assert layout.placed("quarantine") == ["e2.com", "mapped/e.com"]
-    # Every local file is read by Core from its snapshot, by path.
-    assert _post_of(emulator, "ok.txt").headers["filepath"].endswith(".snap")
+    # Every local file is read by Core from its snapshot, by path, and named by its own path.
+    ok = _post_of(emulator, "ok.txt").headers
+    assert unquote(ok["filepath"]).startswith(f"{CORE_VIEW}/") and ok["filepath"].endswith(".snap")
+    assert unquote(ok["original_file_path"]) == str(mapped / "ok.txt")
     assert _post_of(emulator, "e.com").body_bytes == 0
     assert _post_of(emulator, "e2.com").body_bytes == 0
     assert _post_of(emulator, "locked.zip").headers["archivepwd"] == password

@@ -10,12 +10,14 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, unquote, urlsplit
+from xml.sax.saxutils import escape
 
 import pytest
 import yaml
 from clamd_server import free_port
 from conftest import EICAR, Daemon
-from realservers import HttpProxy, S3Server, SqsServer
+from realservers import HttpProxy, ProxiedRequest, ProxyAnswer, S3Server, SqsServer
 
 from daemon.journal import open_journal
 from daemon.model import FileState
@@ -233,6 +235,76 @@ def test_a_put_racing_the_in_place_tag_never_ends_up_tagged_clean(watch: Watch) 
     for key in keys:
         body = watch.s3.get_object(Bucket=watch.bucket, Key=key)["Body"].read()
         assert (watch.verdict(key), body) == ("infected", EICAR)
+
+
+class NonAtomicStore:
+    """SeaweedFS behind HttpProxy, played as a store whose conditional writes race a PUT.
+
+    Once, when the daemon writes to `key` (the in-place tag of docs/contract.md, "S3 in place"),
+    a PUT of `racing` bytes lands in between: a self-copy conditional on the source's ETag
+    (`x-amz-copy-source-if-match`) is checked, then the racing PUT lands, then the copy reads
+    whatever is there, as a store whose copy is not atomic does (SeaweedFS was seen doing it);
+    a PutObject conditional on the object's ETag (`If-Match`) is forwarded as sent after the
+    racing PUT, and the store checks the condition against what is there now.
+    """
+
+    def __init__(self, s3: Any, bucket: str, key: str, racing: bytes) -> None:
+        self.s3, self.bucket, self.key, self.racing = s3, bucket, key, racing
+        self.raced: list[str] = []  # the kinds of write raced: "copy", "put"
+
+    def __call__(self, request: ProxiedRequest) -> ProxyAnswer | None:
+        at_key = urlsplit(request.path).path == quote(f"/{self.bucket}/{self.key}")
+        if self.raced or request.method != "PUT" or not at_key:
+            return None
+        source = unquote(request.headers.get("x-amz-copy-source") or "").lstrip("/")
+        condition = request.headers.get("x-amz-copy-source-if-match")
+        if source == f"{self.bucket}/{self.key}" and condition:
+            return self._copy_after_the_race(request, condition)
+        if request.headers.get("If-Match"):
+            self._race("put")
+        return None
+
+    def _race(self, kind: str) -> None:
+        self.raced.append(kind)
+        self.s3.put_object(Bucket=self.bucket, Key=self.key, Body=self.racing)
+
+    def _copy_after_the_race(self, request: ProxiedRequest, condition: str) -> ProxyAnswer:
+        if self.s3.head_object(Bucket=self.bucket, Key=self.key)["ETag"] != condition:
+            return 412, {}, b"<Error><Code>PreconditionFailed</Code></Error>"
+        self._race("copy")
+        copied = self.s3.copy_object(
+            Bucket=self.bucket, Key=self.key, CopySource={"Bucket": self.bucket, "Key": self.key},
+            MetadataDirective="COPY", TaggingDirective=request.headers.get("x-amz-tagging-directive", "COPY"),
+            Tagging=request.headers.get("x-amz-tagging", ""))["CopyObjectResult"]
+        when = copied["LastModified"].strftime("%Y-%m-%dT%H:%M:%S.000Z")
+        result = f"<CopyObjectResult><ETag>{escape(copied['ETag'])}</ETag>" \
+                 f"<LastModified>{when}</LastModified></CopyObjectResult>"
+        return 200, {"Content-Type": "application/xml"}, result.encode()
+
+
+def test_a_put_racing_the_in_place_tag_on_a_store_without_atomic_copies_is_never_tagged_clean(
+        watch: Watch, s3_server: S3Server) -> None:
+    """The in-place write lets a racing PUT in between on purpose: it is refused, never tagged."""
+    store = NonAtomicStore(watch.s3, watch.bucket, "in/a.txt", EICAR)
+    proxy = HttpProxy(int(s3_server.endpoint_url.rsplit(":", 1)[1]), intercept=store)
+    proxy.start()
+    try:
+        watch.configure(endpoint_url=proxy.endpoint_url, clean="in_place", quarantine="in_place")
+        daemon = watch.start()
+        watch.put("in/a.txt", b"harmless")
+        daemon.wait_for(lambda: store.raced and watch.verdict("in/a.txt"), what="the raced write tagged")
+        tagged = watch.verdict("in/a.txt")
+        body = watch.s3.get_object(Bucket=watch.bucket, Key="in/a.txt")["Body"].read()
+        assert (tagged, body) != ("clean", EICAR), "the racing PUT's bytes were tagged clean"
+        daemon.wait_for(lambda: watch.verdict("in/a.txt") == "infected", what="the racing bytes judged")
+        _settle(daemon)
+        assert daemon.stop() == 0
+    finally:
+        proxy.stop()
+    assert store.raced == ["put"]  # one conditional PutObject, raced once: the store refused it
+    assert proxy.count("PUT", "/in/a.txt", 412) == 1
+    body = watch.s3.get_object(Bucket=watch.bucket, Key="in/a.txt")["Body"].read()
+    assert (watch.verdict("in/a.txt"), body) == ("infected", EICAR)
 
 
 # -- keys never scanned, sizes before bytes -----------------------------------------------------------

@@ -35,6 +35,9 @@ class ScanRequest:
     s3: S3Object | None = None
     archive_password: str | None = field(default=None, repr=False)  # the watch's `archivepwd`
     by_upload: bool = False  # send the bytes themselves: a scan by path or link saw other bytes
+    # The file's name as its users know it, to tell a vendor (never to read): its absolute path
+    # in the watched folder, or its s3:// URL; "" when that is `path` itself.
+    original: str = ""
 
     def handle(self, engine_scan_id: str | None) -> ScanHandle:
         """The handle to poll a submission of these bytes by."""
@@ -51,6 +54,11 @@ class ScanRequest:
     def name(self) -> str:
         """The file's basename."""
         return self.rel_path.rpartition("/")[2]
+
+    @property
+    def original_name(self) -> str:
+        """The file's full name as its users know it, not its snapshot's (docs/engines.md)."""
+        return self.original or self.path
 
 
 def refuse_too_large(engine: str, max_size: int | None, request: ScanRequest) -> None:

@@ -155,7 +155,7 @@ class MetadefenderEngine:
         """Stream the bytes in one request, or in chunks above `max_request_bytes`."""
         if request.size == 0:  # Core answers 422 to an empty upload
             raise EnginePermanentError(f"engine {self.name!r}: Core takes no empty uploads "
-                                       f"({request.path})", reason=Reason.BAD_REQUEST)
+                                       f"({request.original_name})", reason=Reason.BAD_REQUEST)
         fd, size = request.bytes_fd, request.size
         chunk = self._config.max_request_bytes or size
         if size <= chunk:
@@ -174,7 +174,7 @@ class MetadefenderEngine:
     def _headers(self, request: ScanRequest) -> dict[str, str]:
         headers = {
             "filename": _encoded(request.name, safe=""),
-            "original_file_path": _encoded(request.path, safe="/"),
+            "original_file_path": _encoded(request.original_name, safe="/"),
             "source": self._source,
         }
         # `rule` supersedes `user_agent`; Core wants only one of them

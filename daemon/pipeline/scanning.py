@@ -132,7 +132,8 @@ class Scanner:
         pause("scan.hashed")
         request = ScanRequest(watch.name, row.rel_path, opened.path, content.fd, content.size,
                               content.sha256, "", s3=content.s3,
-                              archive_password=_secret(watch.archivepwd), by_upload=by_upload)
+                              archive_password=_secret(watch.archivepwd), by_upload=by_upload,
+                              original=locations(watch.source, watch).name(row.rel_path))
         # The verdict cache (docs/engines.md, "Verdict cache"): a verdict kept for these bytes,
         # or another row's scan of them in flight, spares the engine a request.
         key = self.cache.key(watch, watch.engines[0], engine, content.sha256)
