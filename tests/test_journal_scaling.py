@@ -12,8 +12,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from daemon.journal import Journal
-from daemon.model import FileState
+from daemon.journal import CachedVerdict, Journal
+from daemon.model import FileState, VerdictKind
 
 
 def _journal(tmp_path: Path, backlog: int) -> Journal:
@@ -63,6 +63,19 @@ def test_claim_due_and_next_due_cost_the_same_at_1_000_and_20_000_rows(tmp_path:
     large = _batch_steps(tmp_path, 20_000)
     for query, steps in large.items():
         assert steps <= 2 * small[query] + 1000, (query, small, large)
+
+
+def _store_steps(tmp_path: Path, backlog: int) -> int:
+    journal = _journal(tmp_path, backlog)
+    entry = CachedVerdict("yara", "rules", "ab" * 32, VerdictKind.CLEAN, None, (), "ref", None, 2.0)
+    return _steps(journal, lambda: journal.cache_verdict(entry, 100_000, 2.0, 1, is_miss=True))
+
+
+def test_a_verdict_kept_in_the_cache_costs_the_same_at_1_000_and_20_000_rows(tmp_path: Path) -> None:
+    """Waking the rows that wait for the bytes reads the rows due later, not the history."""
+    small = _store_steps(tmp_path, 1000)
+    large = _store_steps(tmp_path, 20_000)
+    assert large <= 2 * small + 1000, (small, large)
 
 
 def test_claim_takes_the_most_overdue_rows_of_its_watches_only(tmp_path: Path) -> None:

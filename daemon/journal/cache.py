@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from daemon.journal.database import Database
+from daemon.journal.schema import _ACTIVE
 from daemon.model import VerdictKind
 from daemon.timefmt import iso
 
@@ -66,6 +67,12 @@ class CachedVerdict:
                    _str(value.get("engine_scan_id")), float(value["scanned_at"]))
 
 
+def _count(conn: Any, engine: str, *, hit: bool) -> None:
+    column = "hits" if hit else "misses"
+    conn.execute(f"INSERT INTO cache_stats (engine, {column}) VALUES (?, 1) "
+                 f"ON CONFLICT (engine) DO UPDATE SET {column} = {column} + 1", (engine,))
+
+
 def _str(value: object) -> str | None:
     return None if value is None else str(value)
 
@@ -85,9 +92,14 @@ class VerdictCacheRecords(Database):
                              tuple(json.loads(row[5]) if row[5] else ()), row[6], row[7], row[8])
 
     def cache_verdict(self, entry: CachedVerdict, max_entries: int, now: float,
-                      file_id: int | None = None) -> None:
-        """Keep a verdict (of `file_id`'s scan), end its bytes' flight, make the rows waiting due now."""
+                      file_id: int | None = None, *, is_miss: bool = False) -> None:
+        """Keep a verdict (of `file_id`'s scan), end its bytes' flight, make the rows waiting due now.
+
+        `is_miss`: the engine was asked for it, counted in the same transaction.
+        """
         with self._tx() as conn:
+            if is_miss:
+                _count(conn, entry.engine, hit=False)
             conn.execute(
                 "INSERT OR REPLACE INTO verdict_cache VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (entry.engine, entry.fingerprint, entry.sha256, entry.verdict.value, entry.reason,
@@ -125,9 +137,15 @@ class VerdictCacheRecords(Database):
                          (engine, sha256, file_id, now))
             return None
 
-    def end_flight(self, engine: str, sha256: str, file_id: int, now: float) -> None:
-        """The row's scan ended without a verdict to keep: the rows waiting ask for themselves."""
+    def end_flight(self, engine: str, sha256: str, file_id: int, now: float, *,
+                   is_miss: bool = False) -> None:
+        """The row's scan ended without a verdict to keep: the rows waiting ask for themselves.
+
+        `is_miss`: the engine was asked (and failed), counted in the same transaction.
+        """
         with self._tx() as conn:
+            if is_miss:
+                _count(conn, engine, hit=False)
             self._land(conn, engine, sha256, file_id, now, is_answer=False)
 
     def _land(self, conn: Any, engine: str, sha256: str, file_id: int | None, now: float, *,
@@ -142,17 +160,18 @@ class VerdictCacheRecords(Database):
             # their step not committed yet) or scanning with a scan record waiting (several
             # engines; a pending scan of the same bytes is then polled once early: harmless).
             me = -1 if file_id is None else file_id
-            conn.execute("UPDATE files SET next_attempt_at = ? WHERE state IN ('stable', 'scanning') "
-                         "AND sha256 = ? AND next_attempt_at > ? AND id != ?", (now, sha256, now, me))
+            # `_ACTIVE` repeated: the partial index `files_due` then serves it (only rows due
+            # later are read), where a scan of every row of the history would grow with it.
+            conn.execute(f"UPDATE files SET next_attempt_at = ? WHERE {_ACTIVE} AND state IN "
+                         "('stable', 'scanning') AND sha256 = ? AND next_attempt_at > ? AND id != ?",
+                         (now, sha256, now, me))
             conn.execute("UPDATE scans SET next_attempt_at = ? WHERE sha256 = ? AND verdict IS NULL "
                          "AND next_attempt_at > ? AND file_id != ?", (now, sha256, now, me))
 
     def count_cache(self, engine: str, *, hit: bool) -> None:
         """Count a lookup of `engine`'s cache: a hit, or a miss (the engine was asked)."""
-        column = "hits" if hit else "misses"
         with self._tx() as conn:
-            conn.execute(f"INSERT INTO cache_stats (engine, {column}) VALUES (?, 1) "
-                         f"ON CONFLICT (engine) DO UPDATE SET {column} = {column} + 1", (engine,))
+            _count(conn, engine, hit=hit)
 
     def cache_stats(self) -> dict[str, tuple[int, int]]:
         """`engine → (hits, misses)` since the journal was made."""

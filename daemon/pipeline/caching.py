@@ -131,13 +131,12 @@ class VerdictCache:
         """Keep the engine's answer (a miss, counted) and end the flight; failed is not kept."""
         if key is None:
             return
-        self.journal.count_cache(key.engine, hit=False)
         if verdict.kind is VerdictKind.FAILED:
-            self.journal.end_flight(key.engine, key.sha256, file_id, self.clock())
+            self.journal.end_flight(key.engine, key.sha256, file_id, self.clock(), is_miss=True)
             return
         entry = CachedVerdict(key.engine, key.fingerprint, key.sha256, verdict.kind, verdict.reason,
                               tuple(verdict.threats), ref_id, verdict.engine_scan_id, self.clock())
-        self.journal.cache_verdict(entry, self._max_entries(key), self.clock(), file_id)
+        self.journal.cache_verdict(entry, self._max_entries(key), self.clock(), file_id, is_miss=True)
         if (shared := self._shared(key, watch, locations)) is not None:
             self._put_shared(shared, key, entry)
 
