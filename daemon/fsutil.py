@@ -127,10 +127,16 @@ def open_dir(root: str, dirs: list[str], *, create_mode: int | None = None) -> i
 
 
 class DirCache:
-    """Directory fds opened beneath their roots, kept for one batch of work; not thread-safe."""
+    """Directory fds opened beneath their roots, kept for one batch of work; not thread-safe.
 
-    def __init__(self) -> None:
+    `sync_later`: a directory given to `changed` is fsynced by `sync` (once for the whole
+    batch, before its journal commit), not at once.
+    """
+
+    def __init__(self, *, sync_later: bool = False) -> None:
         self._fds: dict[tuple[str, tuple[str, ...]], int] = {}
+        self._sync_later = sync_later
+        self._unsynced: set[int] = set()
 
     def open(self, root: str, dirs: list[str], *, create_mode: int | None = None) -> int:
         """The fd of `root/dirs...` (see `open_dir`); owned by the cache, do not close it."""
@@ -145,11 +151,27 @@ class DirCache:
             fd = self._fds[key] = open_dir(root, dirs, create_mode=create_mode)
         return fd
 
+    def changed(self, fd: int) -> None:
+        """A name was added to the directory `fd` (one of ours): fsync it now, or at `sync`."""
+        if self._sync_later:
+            self._unsynced.add(fd)
+        else:
+            os.fsync(fd)
+
+    def sync(self) -> None:
+        """fsync each directory changed since the last `sync`."""
+        while self._unsynced:
+            os.fsync(self._unsynced.pop())
+
     def close(self) -> None:
-        """Close every cached fd."""
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        """fsync what is still unsynced, close every cached fd."""
+        try:
+            self.sync()
+        finally:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+            self._unsynced.clear()
 
     def __enter__(self) -> DirCache:
         return self

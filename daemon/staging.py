@@ -60,9 +60,11 @@ class Staging:
         (what engines get), and how it was made (`reflink`, `copy_file_range` or `read`).
         A stale one is replaced."""
         name = snap_name(file_id)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(name, dir_fd=self.fd)
-        out = os.open(name, _NEW_FILE, 0o600, dir_fd=self.fd)
+        try:
+            out = os.open(name, _NEW_FILE, 0o600, dir_fd=self.fd)
+        except FileExistsError:  # not unlinked up front: that locks the directory, mostly for nothing
+            self.unlink(name)
+            out = os.open(name, _NEW_FILE, 0o600, dir_fd=self.fd)
         try:
             how = copy_into(src_fd, out)
             fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.fd)
@@ -90,6 +92,12 @@ class Staging:
     def unlink(self, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(name, dir_fd=self.fd)
+
+    def discard(self, name: str) -> None:
+        """`unlink` where `name` is most likely gone already: an unlink takes the directory's
+        lock, which the other workers' snapshots wait for; a lookup does not."""
+        if self.lstat(name) is not None:
+            self.unlink(name)
 
 
 def copy_into(src_fd: int, dst_fd: int) -> str:

@@ -239,3 +239,28 @@ def test_yara_timeout_is_retried_then_fails_with_reason_timeout(layout: Layout, 
     assert harness.layout.placed("clean") == ["quick.txt"]
     assert harness.row("slow.bin").reason == "timeout" and harness.row("slow.bin").attempts == 2
     assert [e["reason"] for e in logs if e["event"] == "retry.scheduled"] == ["timeout"]
+
+
+def test_a_batch_fsyncs_its_destination_folder_once_before_journaling_the_moves(
+        harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One fsync per folder and batch (not per file), and before the commit that says done."""
+    events: list[str] = []
+    fsync, apply = os.fsync, harness.journal.apply
+
+    def counted_fsync(fd: int) -> None:
+        events.append(f"fsync {os.readlink(f'/proc/self/fd/{fd}')}")
+        fsync(fd)
+
+    def noted_apply(changes):  # type: ignore[no-untyped-def]
+        changes = list(changes)
+        if any(fields.get("state") is FileState.DONE for _, fields in changes):
+            events.append("done")
+        apply(changes)
+
+    monkeypatch.setattr(os, "fsync", counted_fsync)
+    monkeypatch.setattr(harness.journal, "apply", noted_apply)
+    for i in range(16):
+        harness.drop(f"f{i}.txt", b"hello %d" % i)
+    harness.step()
+    assert len(harness.layout.placed("clean")) == 16
+    assert events == [f"fsync {harness.layout.clean}", "done"]

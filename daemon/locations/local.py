@@ -194,7 +194,7 @@ class LocalLocation:
         """Once the snapshot is placed: the original goes only if it still has the snapshot's
         bytes, else it goes back into the source as a new arrival (docs/integrity.md)."""
         staging = self.staging()
-        staging.unlink(snap_name(req.file_id))  # a copy was placed (S3), or it was renamed away
+        staging.discard(snap_name(req.file_id))  # a copy was placed (S3), or it was renamed away
         if req.sha256 is None:
             staging.unlink(orig_name(req.file_id))
             return
@@ -259,11 +259,12 @@ class LocalLocation:
         if isinstance(source, LocalLocation):
             staging, name = source.hand_over(req)
             place_staged(staging, name, dest_dir, dest_name, req.file_id, private=req.private)
-            return False
-        with source.open_bytes(req) as reader:
-            new_file(dest_dir, dest_name, 0o600 if req.private else 0o644, req.file_id,
-                     lambda out: write_all(reader, out, CHUNK))
-        os.fsync(dest_dir)
+        else:
+            with source.open_bytes(req) as reader:
+                new_file(dest_dir, dest_name, 0o600 if req.private else 0o644, req.file_id,
+                         lambda out: write_all(reader, out, CHUNK))
+        # Durable before the move is journaled done: at once, or once per batch (the pipeline).
+        self._dirs.changed(dest_dir)
         return False
 
     def write_sidecar(self, rel_path: str, facts: Mapping[str, object]) -> None:
@@ -280,6 +281,7 @@ class LocalLocation:
         finally:
             os.close(out)
         os.rename(temp, sidecar, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        self._dirs.changed(dir_fd)
 
     def read_sidecar(self, rel_path: str) -> Any:
         dir_fd, base = self._dir(rel_path)

@@ -31,7 +31,8 @@ def temp_name(file_id: int) -> str:
 
 def place_staged(staging: Staging, name: str, dest_dir: int, dest_name: str, file_id: int, *,
                  private: bool) -> None:
-    """Move `name` out of staging to `dest_name` (quarantine: 0600 first), fsync the folder."""
+    """Move `name` out of staging to `dest_name` (quarantine: 0600 first); the caller fsyncs
+    the folder before it journals the move done."""
     if private:
         with contextlib.suppress(PermissionError):  # an original never read, not ours to chmod
             os.chmod(name, 0o600, dir_fd=staging.fd, follow_symlinks=False)
@@ -53,7 +54,6 @@ def place_staged(staging: Staging, name: str, dest_dir: int, dest_name: str, fil
         finally:
             os.close(fd)
         staging.unlink(name)
-    os.fsync(dest_dir)
 
 
 def new_file(dest_dir: int, dest_name: str, mode: int, file_id: int, fill: Callable[[int], None]) -> None:

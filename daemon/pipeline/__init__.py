@@ -168,14 +168,17 @@ class Pipeline:
     def process(self, rows: list[FileRow]) -> None:
         """Carry claimed rows one step per transaction: scanned, then moved."""
         try:
-            with DirCache() as dirs:
-                self._process(rows, Locations(self.config, dirs, self.s3, self._places, self.staging))
+            # Destination folders are fsynced once per batch, before the commit that says
+            # their files are there (`_commit`), not once per file.
+            with DirCache(sync_later=True) as dirs:
+                self._process(rows, Locations(self.config, dirs, self.s3, self._places, self.staging),
+                              dirs)
         except BaseException:
             # Whatever an unexpected error left claimed goes back to the queue.
             self.journal.release(self.owner, [row.id for row in rows])
             raise
 
-    def _process(self, rows: list[FileRow], locations: Locations) -> None:
+    def _process(self, rows: list[FileRow], locations: Locations, dirs: DirCache) -> None:
         scanned: list[tuple[FileRow, Outcome]] = []
         for row in rows:
             if row.state is FileState.SCANNING:
@@ -184,14 +187,14 @@ class Pipeline:
                 scanned.append((row, self._guard(row, locations, self._replan)))
             else:  # moving: a move cut off by a crash, finished below
                 scanned.append((row, Outcome({})))
-        self._commit(scanned)
+        self._commit(scanned, dirs)
         moved: list[tuple[FileRow, Outcome]] = []
         for row, outcome in scanned:
             if (outcome.state or row.state) is FileState.MOVING:
                 step = self._resume if row.state is FileState.MOVING else self.mover.move
                 current = row.updated(outcome.changes)
                 moved.append((current, self._guard(current, locations, step)))
-        self._commit(moved)
+        self._commit(moved, dirs)
 
     def _replan(self, row: FileRow, locations: Locations) -> Outcome:
         return self.mover.plan(row, {"state": FileState.MOVING}, locations)
@@ -218,7 +221,8 @@ class Pipeline:
                 log.exception("file.internal_error", **self._context(row))
                 return outcomes.move_failed(row, again, {**changes, "state": FileState.VERDICT})
 
-    def _commit(self, outcomes: list[tuple[FileRow, Outcome]]) -> None:
+    def _commit(self, outcomes: list[tuple[FileRow, Outcome]], dirs: DirCache) -> None:
+        dirs.sync()  # what the batch renamed into place is durable before it is journaled
         self.journal.apply((row.id, o.changes) for row, o in outcomes if o.changes)
         for row, outcome in outcomes:
             if outcome.arrivals:  # after the row is done: they are rows of their own
