@@ -243,6 +243,8 @@ def main() -> None:
     parser.add_argument("--backlog", type=int, default=0,
                         help="also drain this many 100-byte files present at start (0: skip)")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--dir", type=Path, help="where the runs' folders go (default: the system's "
+                        "temp dir); e.g. /dev/shm to leave the filesystem's cost out")
     parser.add_argument("--compare", type=Path, help="another checkout's daemon as a peer")
     parser.add_argument("--workers", type=int, default=1, help="`workers:` of our daemon")
     parser.add_argument("--compare-workers", type=int,
@@ -251,7 +253,7 @@ def main() -> None:
     files = _payloads(args.files, args.size)
     runs = []
     for _ in range(args.runs):
-        base = Path(tempfile.mkdtemp(prefix="scanwatch-bench-"))
+        base = Path(tempfile.mkdtemp(prefix="scanwatch-bench-", dir=args.dir))
         try:
             runs.append(_one_run(base, files, args))
         finally:

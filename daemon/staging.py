@@ -1,7 +1,7 @@
 """The staging directory: snapshots of local files, private to the daemon (docs/integrity.md).
 
 A snapshot is the copy of a settled file that scanwatch scans and places: made from the
-original's descriptor into `<staging>/<file_id>.snap` (`O_EXCL`, 0600), by a reflink
+original's descriptor into `<staging>/<file_id>.snap` (0600; `O_TMPFILE` then linked), by a reflink
 (`FICLONE`, free on XFS and Btrfs) or else `copy_file_range`. Nobody else ever opened it,
 and nobody else can write to it or reach it by another name: the directory is the
 daemon's own, 0700 when created, and refused when it is another user's or group/other
@@ -25,11 +25,13 @@ import structlog
 
 from daemon.errors import StagingError
 
-__all__ = ["IN_SOURCE", "Staging", "StagingDirs", "copy_into", "orig_name", "snap_name"]
+__all__ = ["IN_SOURCE", "NO_TMPFILE", "Staging", "StagingDirs", "copy_into", "orig_name", "snap_name"]
 
 log = structlog.get_logger("scanwatch.staging")
 
 IN_SOURCE = ".scanwatch-staging"  # the staging directory's name in a source root
+# `O_TMPFILE` is not supported there (or not by this kernel).
+NO_TMPFILE = (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT)
 _FICLONE = 0x40049409  # ioctl: share the source file's extents (linux/fs.h)
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -58,23 +60,57 @@ class Staging:
     def snapshot(self, src_fd: int, file_id: int) -> tuple[int, str]:
         """A new snapshot of `src_fd` (the original's open descriptor): a read-only fd of it
         (what engines get), and how it was made (`reflink`, `copy_file_range` or `read`).
-        A stale one is replaced."""
+        A stale one is replaced.
+
+        Made as a file without a name (`O_TMPFILE`), filled, then linked to its name: the
+        inode is allocated without the directory's lock, which the other workers' snapshots
+        and moves would wait for (ext4 without a journal scans its recently deleted inodes
+        then, bench/RESULTS.md "Issue 21"), and the name never shows a partial copy.
+        """
         name = snap_name(file_id)
         try:
+            out = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600, dir_fd=self.fd)
+        except OSError as exc:
+            if exc.errno not in NO_TMPFILE:
+                raise
+            return self._snapshot_named(src_fd, name)
+        try:
+            how = copy_into(src_fd, out)
+            try:
+                self._link(out, name)
+            except FileExistsError:
+                self.unlink(name)
+                self._link(out, name)
+        finally:
+            os.close(out)
+        return self._open_new(name), how
+
+    def _link(self, fd: int, name: str) -> None:
+        os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=self.fd, follow_symlinks=True)
+
+    def _snapshot_named(self, src_fd: int, name: str) -> tuple[int, str]:
+        """`snapshot` where the filesystem has no `O_TMPFILE`."""
+        try:
             out = os.open(name, _NEW_FILE, 0o600, dir_fd=self.fd)
-        except FileExistsError:  # not unlinked up front: that locks the directory, mostly for nothing
+        except FileExistsError:
             self.unlink(name)
             out = os.open(name, _NEW_FILE, 0o600, dir_fd=self.fd)
         try:
             how = copy_into(src_fd, out)
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.fd)
         except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(name, dir_fd=self.fd)
+            self.unlink(name)
             raise
         finally:
             os.close(out)
-        return fd, how
+        return self._open_new(name), how
+
+    def _open_new(self, name: str) -> int:
+        """A read-only fd of the snapshot just made; the name is removed if that fails."""
+        try:
+            return os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.fd)
+        except BaseException:
+            self.unlink(name)
+            raise
 
     def open(self, name: str) -> int | None:
         """A read-only descriptor of `name` here, None if there is none."""

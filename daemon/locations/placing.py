@@ -16,11 +16,10 @@ from collections.abc import Callable
 from typing import BinaryIO
 
 from daemon.fsutil import rename_noreplace
-from daemon.staging import Staging, copy_into
+from daemon.staging import NO_TMPFILE, Staging, copy_into
 
 __all__ = ["place_staged", "new_file", "temp_name", "write_all"]
 
-_NO_TMPFILE = (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT)
 _NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -61,7 +60,7 @@ def new_file(dest_dir: int, dest_name: str, mode: int, file_id: int, fill: Calla
     try:
         out = os.open(".", os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, mode, dir_fd=dest_dir)
     except OSError as exc:
-        if exc.errno not in _NO_TMPFILE:
+        if exc.errno not in NO_TMPFILE:
             raise
         _new_named(dest_dir, dest_name, mode, file_id, fill)
         return
