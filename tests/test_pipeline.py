@@ -251,11 +251,11 @@ def test_a_batch_fsyncs_its_destination_folder_once_before_journaling_the_moves(
         events.append(f"fsync {os.readlink(f'/proc/self/fd/{fd}')}")
         fsync(fd)
 
-    def noted_apply(changes):  # type: ignore[no-untyped-def]
+    def noted_apply(changes, kept=()):  # type: ignore[no-untyped-def]
         changes = list(changes)
         if any(fields.get("state") is FileState.DONE for _, fields in changes):
             events.append("done")
-        apply(changes)
+        apply(changes, kept)
 
     monkeypatch.setattr(os, "fsync", counted_fsync)
     monkeypatch.setattr(harness.journal, "apply", noted_apply)
@@ -264,3 +264,27 @@ def test_a_batch_fsyncs_its_destination_folder_once_before_journaling_the_moves(
     harness.step()
     assert len(harness.layout.placed("clean")) == 16
     assert events == [f"fsync {harness.layout.clean}", "done"]
+
+
+def test_a_yara_batch_keeps_its_verdicts_in_the_cache_with_the_commit_of_its_verdicts(
+        layout: Layout, monkeypatch: pytest.MonkeyPatch) -> None:
+    """16 files, a local engine, the verdict cache on: the journal writes of the batch are its
+    claim, one flight per file, the verdicts with their cache entries, and the moves."""
+    config = Config.model_validate(layout.config())
+    harness = Harness(layout, YaraEngine("default", config.engines["default"]))
+    for i in range(16):
+        harness.drop(f"f{i}.txt", b"hello %d" % i)
+    harness.watcher.step()
+    writes = [0]
+    tx = harness.journal._tx
+
+    def counted_tx():  # type: ignore[no-untyped-def]
+        writes[0] += 1
+        return tx()
+
+    monkeypatch.setattr(harness.journal, "_tx", counted_tx)
+    harness.pipeline.run_once(["inbox"])
+    assert len(harness.layout.placed("clean")) == 16
+    assert writes[0] == 1 + 16 + 1 + 1
+    assert harness.journal.cache_stats() == {"default": (0, 16)}
+    assert harness.journal.cache_size("default") == 16

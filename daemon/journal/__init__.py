@@ -16,7 +16,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from daemon.fsutil import Identity
-from daemon.journal.cache import CachedVerdict, VerdictCacheRecords
+from daemon.journal.cache import CachedVerdict, KeptVerdict, VerdictCacheRecords
 from daemon.journal.database import Database, _is_alive, is_damage, owner_token, state_dir_error
 from daemon.journal.rescans import RescanRecords
 from daemon.journal.schema import (
@@ -47,7 +47,8 @@ from daemon.model import (
     VerdictKind,
 )
 
-__all__ = ["AuditRow", "CachedVerdict", "Database", "FileRow", "FleetMember", "Journal", "RowChanges",
+__all__ = ["AuditRow", "CachedVerdict", "Database", "FileRow", "FleetMember", "Journal", "KeptVerdict",
+           "RowChanges",
            "RowOrder", "SeenObject", "is_damage", "open_journal", "owner_token", "state_dir_error"]
 
 
@@ -140,11 +141,15 @@ class Journal(ObjectVersions, RescanRecords, VerdictCacheRecords):
             ).fetchone()
         return _from_db(row) if row else None
 
-    def apply(self, changes: Iterable[tuple[int, RowChanges]]) -> None:
-        """Write several rows' changes in one transaction (columns by name)."""
+    def apply(self, changes: Iterable[tuple[int, RowChanges]], kept: Iterable[KeptVerdict] = ()) -> None:
+        """Write several rows' changes in one transaction (columns by name), with the verdicts
+        their scans leave in the cache (`cache_verdict`, one transaction for a whole batch)."""
         with self._tx() as conn:
             for file_id, fields in changes:
                 _update_file(conn, file_id, fields)
+            for verdict in kept:
+                self._keep(conn, verdict.entry, verdict.max_entries, verdict.now, verdict.file_id,
+                           is_miss=True)
 
     def apply_scans(self, file_id: int, changes: RowChanges,
                     scans: Mapping[str, ScanChanges]) -> None:

@@ -13,14 +13,14 @@ from __future__ import annotations
 import json
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from daemon.journal.database import Database
 from daemon.journal.schema import _ACTIVE
 from daemon.model import VerdictKind
 from daemon.timefmt import iso
 
-__all__ = ["CachedVerdict", "VerdictCacheRecords"]
+__all__ = ["CachedVerdict", "KeptVerdict", "VerdictCacheRecords"]
 
 # Eviction reads `max_entries` index entries: done once every so many stores of an engine,
 # which so holds at most `max_entries` + this many.
@@ -67,6 +67,15 @@ class CachedVerdict:
                    _str(value.get("engine_scan_id")), float(value["scanned_at"]))
 
 
+class KeptVerdict(NamedTuple):
+    """A verdict to keep with the batch's commit (`Journal.apply`): a miss, `file_id`'s scan."""
+
+    entry: CachedVerdict
+    max_entries: int
+    now: float
+    file_id: int
+
+
 def _count(conn: Any, engine: str, *, hit: bool) -> None:
     column = "hits" if hit else "misses"
     conn.execute(f"INSERT INTO cache_stats (engine, {column}) VALUES (?, 1) "
@@ -98,21 +107,26 @@ class VerdictCacheRecords(Database):
         `is_miss`: the engine was asked for it, counted in the same transaction.
         """
         with self._tx() as conn:
-            if is_miss:
-                _count(conn, entry.engine, hit=False)
+            self._keep(conn, entry, max_entries, now, file_id, is_miss=is_miss)
+
+    def _keep(self, conn: Any, entry: CachedVerdict, max_entries: int, now: float,
+              file_id: int | None, *, is_miss: bool) -> None:
+        """`cache_verdict` within a transaction already open."""
+        if is_miss:
+            _count(conn, entry.engine, hit=False)
+        conn.execute(
+            "INSERT OR REPLACE INTO verdict_cache VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (entry.engine, entry.fingerprint, entry.sha256, entry.verdict.value, entry.reason,
+             json.dumps(list(entry.threats)), entry.ref_id, entry.engine_scan_id, entry.scanned_at))
+        stored = conn.execute(
+            "INSERT INTO cache_stats (engine, stored) VALUES (?, 1) ON CONFLICT (engine) "
+            "DO UPDATE SET stored = stored + 1 RETURNING stored", (entry.engine,)).fetchone()[0]
+        if stored % _EVICT_EVERY == 0:
             conn.execute(
-                "INSERT OR REPLACE INTO verdict_cache VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (entry.engine, entry.fingerprint, entry.sha256, entry.verdict.value, entry.reason,
-                 json.dumps(list(entry.threats)), entry.ref_id, entry.engine_scan_id, entry.scanned_at))
-            stored = conn.execute(
-                "INSERT INTO cache_stats (engine, stored) VALUES (?, 1) ON CONFLICT (engine) "
-                "DO UPDATE SET stored = stored + 1 RETURNING stored", (entry.engine,)).fetchone()[0]
-            if stored % _EVICT_EVERY == 0:
-                conn.execute(
-                    "DELETE FROM verdict_cache WHERE engine = ? AND rowid <= (SELECT rowid FROM "
-                    "verdict_cache WHERE engine = ? ORDER BY rowid DESC LIMIT 1 OFFSET ?)",
-                    (entry.engine, entry.engine, max_entries))
-            self._land(conn, entry.engine, entry.sha256, file_id, now, is_answer=True)
+                "DELETE FROM verdict_cache WHERE engine = ? AND rowid <= (SELECT rowid FROM "
+                "verdict_cache WHERE engine = ? ORDER BY rowid DESC LIMIT 1 OFFSET ?)",
+                (entry.engine, entry.engine, max_entries))
+        self._land(conn, entry.engine, entry.sha256, file_id, now, is_answer=True)
 
     def take_flight(self, engine: str, sha256: str, file_id: int, now: float,
                     wait_until: float) -> int | None:

@@ -223,7 +223,8 @@ class Pipeline:
 
     def _commit(self, outcomes: list[tuple[FileRow, Outcome]], dirs: DirCache) -> None:
         dirs.sync()  # what the batch renamed into place is durable before it is journaled
-        self.journal.apply((row.id, o.changes) for row, o in outcomes if o.changes)
+        self.journal.apply(((row.id, o.changes) for row, o in outcomes if o.changes),
+                           [o.kept for _, o in outcomes if o.kept])
         for row, outcome in outcomes:
             if outcome.arrivals:  # after the row is done: they are rows of their own
                 self.journal.discover(row.watch, outcome.arrivals, self.clock())

@@ -26,7 +26,7 @@ from daemon.config import Config, WatchConfig
 from daemon.engines.base import Engine, signatures_of
 from daemon.errors import LocationError, S3ConditionError, ScanwatchError
 from daemon.fleet import LEASE_DIR
-from daemon.journal import CachedVerdict, FileRow, Journal
+from daemon.journal import CachedVerdict, FileRow, Journal, KeptVerdict
 from daemon.locations import Locations, S3Location
 from daemon.model import FileState, ScanChanges, Verdict, VerdictKind
 from daemon.pipeline.outcome import Outcome
@@ -127,18 +127,25 @@ class VerdictCache:
         return keys, records, events
 
     def store(self, key: CacheKey | None, file_id: int, verdict: Verdict, ref_id: str | None,
-              watch: WatchConfig, locations: Locations) -> None:
-        """Keep the engine's answer (a miss, counted) and end the flight; failed is not kept."""
+              watch: WatchConfig, locations: Locations, *, later: bool = False) -> KeptVerdict | None:
+        """Keep the engine's answer (a miss, counted) and end the flight; failed is not kept.
+
+        `later`: returned instead, for the caller to keep with its row's change (`Journal.apply`).
+        """
         if key is None:
-            return
+            return None
         if verdict.kind is VerdictKind.FAILED:
             self.journal.end_flight(key.engine, key.sha256, file_id, self.clock(), is_miss=True)
-            return
+            return None
         entry = CachedVerdict(key.engine, key.fingerprint, key.sha256, verdict.kind, verdict.reason,
                               tuple(verdict.threats), ref_id, verdict.engine_scan_id, self.clock())
-        self.journal.cache_verdict(entry, self._max_entries(key), self.clock(), file_id, is_miss=True)
         if (shared := self._shared(key, watch, locations)) is not None:
             self._put_shared(shared, key, entry)
+        kept = KeptVerdict(entry, self._max_entries(key), self.clock(), file_id)
+        if later:
+            return kept
+        self.journal.cache_verdict(entry, kept.max_entries, kept.now, file_id, is_miss=True)
+        return None
 
     def release(self, key: CacheKey | None, file_id: int) -> None:
         """The row's scan ended with no answer (a retry, a wait): the waiting rows go on."""

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from daemon.errors import EngineRetryableError
-from daemon.journal import FileRow, RowChanges
+from daemon.journal import FileRow, KeptVerdict, RowChanges
 from daemon.model import FileState, Verdict, VerdictKind
 from daemon.retry import RetryPolicy
 
@@ -29,6 +29,8 @@ class Outcome:
     engine_events: tuple[tuple[str, Outcome], ...] = ()
     # `(rel_path, inode)` of files put back into the source as new arrivals (docs/integrity.md).
     arrivals: tuple[tuple[str, int], ...] = ()
+    # The engine's verdict for the cache, kept in the transaction that commits this change.
+    kept: KeptVerdict | None = None
 
     @property
     def state(self) -> FileState | None:

@@ -197,9 +197,10 @@ class Scanner:
         if isinstance(answer, Outcome):
             self.cache.release(key, row.id)
             return answer
-        if isinstance(answer, Verdict):
-            self.cache.store(key, row.id, answer, str(answer.raw.get("external_reference_id", ref_id)),
-                             watch, locations)
+        kept = None
+        if isinstance(answer, Verdict):  # kept with the batch's commit of the verdicts (daemon/pipeline)
+            kept = self.cache.store(key, row.id, answer, str(answer.raw.get("external_reference_id", ref_id)),
+                                    watch, locations, later=True)
         if engine.remote and isinstance(answer, Pending):
             # ...and the scan's ID right after the answer, before anything else of the batch.
             self.journal.apply([(row.id, {"engine_scan_id": answer.engine_scan_id,
@@ -207,8 +208,9 @@ class Scanner:
         repeated: dict[str, Any] = {"cache": "miss"} if key is not None else {}
         if resubmit is not None and resubmit.may_duplicate:
             repeated["resubmitted"] = True
-        return self._answered(row, answer, facts, sha256, ref_id, time.monotonic() - started,
-                              "scan.submitted", repeated, locations)
+        answered = self._answered(row, answer, facts, sha256, ref_id, time.monotonic() - started,
+                                  "scan.submitted", repeated, locations)
+        return dataclasses.replace(answered, kept=kept) if kept else answered
 
     def _call(self, row: FileRow, engine: Engine, ask: Callable[[], Verdict | Pending]
               ) -> Verdict | Pending | Outcome:
