@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -46,10 +47,15 @@ def _peak_rss_kb(pid: int) -> int:
     return 0
 
 
+def own_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time a process and its running children (`workers: N`) have used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    own = own_cpu_seconds(pid)
     children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
                 for c in (task / "children").read_text().split()]
     return own + sum(cpu_seconds(c) for c in children)
@@ -58,7 +64,9 @@ def cpu_seconds(pid: int) -> float:
 def run_daemon(base: Path, files: list[tuple[str, bytes]], concurrency: int,
                arrival: str, rate: float | None = None,
                engine: dict[str, object] | None = None, code: Path = ROOT,
-               workers: int = 1) -> dict[str, float]:
+               workers: int | None = None, serial: bool = False) -> dict[str, float]:
+    """`workers`: None leaves the daemon's default (one per core). `serial`: also the time
+    its transactions held the journal's writers' lock (SCANWATCH_LOCK_STATS), per file."""
     """Run `scanwatch run` (from the checkout `code`) on `files`; figures of the run."""
     inbox = base / "inbox"
     inbox.mkdir(parents=True)
@@ -67,7 +75,7 @@ def run_daemon(base: Path, files: list[tuple[str, bytes]], concurrency: int,
     config = {
         "state_dir": str(base / "state"),
         "log": {"format": "json", "level": "warning"},
-        **({"workers": workers} if workers != 1 else {}),  # a checkout from before `workers` too
+        **({"workers": workers} if workers is not None else {}),
         "engines": {"default": {"type": "yara", **(engine or {}), "concurrency": concurrency}},
         "watches": [{"name": "bench", "source": str(inbox), "engine": "default",
                      "clean": str(base / "clean"), "quarantine": str(base / "quarantine"),
@@ -80,13 +88,15 @@ def run_daemon(base: Path, files: list[tuple[str, bytes]], concurrency: int,
     before_start = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", "run", "--config",
                              str(base / "scanwatch.yaml")], cwd=code, stdout=subprocess.DEVNULL,
-                            env={**os.environ, "PYTHONPATH": str(code)})
+                            env={**os.environ, "PYTHONPATH": str(code),
+                                 **({"SCANWATCH_LOCK_STATS": str(base / "locks.jsonl")} if serial else {})})
     journal = base / "state" / "journal.sqlite3"
     deadline = time.monotonic() + 30
     while not journal.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(1.0)  # watchers armed
     cpu_at_start = 0.0 if arrival == "backlog" else cpu_seconds(proc.pid)  # start-up is not per file
+    parent_at_start = 0.0 if arrival == "backlog" else own_cpu_seconds(proc.pid)
     staging = base / "staging"
     staging.mkdir()
     if arrival == "rename":
@@ -120,9 +130,12 @@ def run_daemon(base: Path, files: list[tuple[str, bytes]], concurrency: int,
     outcomes = dict(conn.execute("SELECT verdict, count(*) FROM files GROUP BY verdict").fetchall())
     first_done = conn.execute("SELECT min(done_at) FROM files").fetchone()[0]
     cpu_s = cpu_seconds(proc.pid) - cpu_at_start
+    parent_s = own_cpu_seconds(proc.pid) - parent_at_start
     proc.send_signal(signal.SIGTERM)
     proc.wait(30)
     return {
+        **(_lock_figures(base / "locks.jsonl", proc.pid, len(files)) if serial else {}),
+        "parent_cpu_ms_per_file": 1000 * parent_s / len(files),
         "files_per_s": len(files) / (last_done - started),
         "drop_s": dropped - started,
         "p50_ms": 1000 * statistics.median(latencies),
@@ -134,6 +147,15 @@ def run_daemon(base: Path, files: list[tuple[str, bytes]], concurrency: int,
         "clean": outcomes.get("clean", 0),
         "infected": outcomes.get("infected", 0),
     }
+
+
+def _lock_figures(stats: Path, parent: int, count: int) -> dict[str, float]:
+    """Per file: ms the workers' and the parent's transactions held the writers' lock."""
+    held = {"workers": 0.0, "parent": 0.0}
+    for line in stats.read_text().splitlines():
+        record = json.loads(line)
+        held["parent" if record["pid"] == parent else "workers"] += record["held_s"]
+    return {f"lock_{who}_ms_per_file": 1000 * s / count for who, s in held.items()}
 
 
 def _status_seconds(config: Path, code: Path) -> float:
@@ -174,7 +196,8 @@ def _one_run(base: Path, files: list[tuple[str, bytes]], args: argparse.Namespac
         codes["compare"] = (args.compare or ROOT, args.compare_workers or args.workers)
     for who, (code, workers) in codes.items():
         figures[f"burst {who}"] = run_daemon(base / f"burst-{who}", files, args.concurrency,
-                                             args.arrival, code=code, workers=workers)
+                                             args.arrival, code=code, workers=workers,
+                                             serial=args.serial and who == "ours")
         figures[f"trickle {who}"] = run_daemon(base / f"trickle-{who}", files[:args.trickle_files],
                                                args.concurrency, args.arrival,
                                                rate=args.trickle_rate, code=code, workers=workers)
@@ -227,8 +250,30 @@ def _report(runs: list[dict[str, dict[str, float]]], args: argparse.Namespace) -
         print(f"  scanwatch / peer: burst {_spread(ratios, 'r', 'burst', 2)}x, CPU per file "
               f"{_spread(ratios, 'r', 'cpu', 2)}x"
               + (f", backlog {_spread(ratios, 'r', 'backlog', 2)}x" if args.backlog else ""))
+    if args.serial:
+        _report_serial(runs)
     print(f"  bare python loop: {_spread(runs, 'floor', 'files_per_s')} files/s "
           "(read+sha256+yara+rename, no daemon)")
+
+
+def _report_serial(runs: list[dict[str, dict[str, float]]]) -> None:
+    """The serial part of a file's work (the writers' lock held by the workers, the parent's
+    CPU: watcher, dispatch, its own transactions) and Amdahl's speed-up from it."""
+    shares = []
+    for run in runs:
+        burst = run["burst ours"]
+        serial = burst["lock_workers_ms_per_file"] + burst["parent_cpu_ms_per_file"]
+        shares.append({"s": {"lock": burst["lock_workers_ms_per_file"],
+                             "lock_parent": burst["lock_parent_ms_per_file"],
+                             "parent": burst["parent_cpu_ms_per_file"],
+                             "share": 100 * serial / burst["cpu_ms_per_file"]}})
+    print(f"  serial part, ms per file: writers' lock held by the workers {_spread(shares, 's', 'lock', 3)}, "
+          f"by the parent {_spread(shares, 's', 'lock_parent', 3)}; parent CPU "
+          f"{_spread(shares, 's', 'parent', 3)}; serial share of the CPU per file "
+          f"{_spread(shares, 's', 'share', 1)} %")
+    share = statistics.median(r["s"]["share"] for r in shares) / 100
+    print("  Amdahl from that share: " + ", ".join(
+        f"{cores} cores {1 / (share + (1 - share) / cores):.2f}x" for cores in (2, 4, 8, 16)))
 
 
 def main() -> None:
@@ -246,7 +291,9 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, help="where the runs' folders go (default: the system's "
                         "temp dir); e.g. /dev/shm to leave the filesystem's cost out")
     parser.add_argument("--compare", type=Path, help="another checkout's daemon as a peer")
-    parser.add_argument("--workers", type=int, default=1, help="`workers:` of our daemon")
+    parser.add_argument("--workers", type=int, help="`workers:` of our daemon (default: the daemon's)")
+    parser.add_argument("--serial", action="store_true",
+                        help="also measure the serial part of the work (our daemon; bench/RESULTS.md)")
     parser.add_argument("--compare-workers", type=int,
                         help="`workers:` of the peer (our own checkout unless --compare)")
     args = parser.parse_args()

@@ -7,9 +7,11 @@ Any statement, in any thread, that finds the file corrupt or unreadable records 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +25,10 @@ __all__ = ["Database", "is_damage", "owner_token", "state_dir_error"]
 # Errors that mean the file itself is broken or unreadable, not a busy or full database.
 _DAMAGE_CODES = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_IOERR})
 _QUICK_CHECK_ERRORS = 5
+# A debug aid of bench/local_throughput.py (--serial): when set, each process appends to
+# this file, at `close`, the time its transactions held the writers' lock and waited for
+# it. Unset (production), `_tx` reads no clock.
+_LOCK_STATS = os.environ.get("SCANWATCH_LOCK_STATS")
 
 def owner_token(pid: int | None = None) -> str:
     """`pid:start time` of a process, unique across pid reuse."""
@@ -178,15 +184,25 @@ class Database:
         # Other processes (`workers: N`, docs/operations.md "Throughput") queue on a flock
         # of a file beside the journal, which the kernel frees if its holder dies.
         conn = self._conn()
+        asked_at = time.perf_counter() if _LOCK_STATS else 0.0
         with self._write_lock:
             fd = self._writers()
             if fd is not None:
                 fcntl.flock(fd, fcntl.LOCK_EX)
+            held_at = time.perf_counter() if _LOCK_STATS else 0.0
             try:
                 yield from self._in_tx(conn)
             finally:
                 if fd is not None:
                     fcntl.flock(fd, fcntl.LOCK_UN)
+                if _LOCK_STATS:
+                    self._count_lock(asked_at, held_at)
+
+    def _count_lock(self, asked_at: float, held_at: float) -> None:
+        stats = self.__dict__.setdefault("_lock_stats", [0, 0.0, 0.0])
+        stats[0] += 1
+        stats[1] += held_at - asked_at
+        stats[2] += time.perf_counter() - held_at
 
     def _in_tx(self, conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         try:
@@ -245,6 +261,10 @@ class Database:
 
     def close(self) -> None:
         """Close every thread's connection."""
+        if _LOCK_STATS and (stats := self.__dict__.pop("_lock_stats", None)):
+            with open(_LOCK_STATS, "a") as out:
+                out.write(json.dumps({"pid": os.getpid(), "transactions": stats[0],
+                                      "waited_s": stats[1], "held_s": stats[2]}) + "\n")
         with self._lock:
             for conn in self._connections.values():
                 conn.close()
