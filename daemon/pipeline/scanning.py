@@ -208,8 +208,13 @@ class Scanner:
         repeated: dict[str, Any] = {"cache": "miss"} if key is not None else {}
         if resubmit is not None and resubmit.may_duplicate:
             repeated["resubmitted"] = True
-        answered = self._answered(row, answer, facts, sha256, ref_id, time.monotonic() - started,
-                                  "scan.submitted", repeated, locations)
+        try:
+            answered = self._answered(row, answer, facts, sha256, ref_id, time.monotonic() - started,
+                                      "scan.submitted", repeated, locations)
+        except BaseException:  # the row's step is lost (daemon/pipeline `_guard`), not the verdict
+            if kept:
+                self.journal.cache_verdict(kept.entry, kept.max_entries, kept.now, row.id, is_miss=True)
+            raise
         return dataclasses.replace(answered, kept=kept) if kept else answered
 
     def _call(self, row: FileRow, engine: Engine, ask: Callable[[], Verdict | Pending]
