@@ -85,11 +85,17 @@ class Pipeline:
         self.scanner.engines = self._bounded(engines)
 
     def _workers(self, engine: str) -> int:
-        """Worker threads of an engine: its `concurrency`, more for S3 I/O."""
+        """Worker threads of an engine: its `concurrency`, more for S3 I/O.
+
+        With several worker processes, which share `concurrency` (daemon/slots.py), each has
+        its share of the threads: a thread that waits for its process's GIL (held by a sibling
+        thread for up to the switch interval) while it holds the journal's writers' lock
+        stalls every process (bench/RESULTS.md, "Issue 21").
+        """
         concurrency = self.config.engines[engine].concurrency
         if any(uses_s3(w) for w in self.config.watches if engine in w.engines):
             return max(concurrency, _S3_WORKERS)
-        return concurrency
+        return -(-concurrency // self.config.worker_count())
 
     def _bounded(self, engines: Mapping[str, Engine]) -> Mapping[str, Engine]:
         """The engines, held to their `concurrency` where they have more workers than that.
