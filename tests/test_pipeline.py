@@ -13,10 +13,14 @@ from conftest import EICAR, Harness, Layout
 from fakes import FakeEngine, answers, raises
 from structlog.testing import capture_logs
 
+from daemon import staging as staging_module
 from daemon.config import Config
 from daemon.engines.yara import YaraEngine
 from daemon.errors import EnginePermanentError, EngineRetryableError, EngineUnavailableError
+from daemon.journal import Journal, owner_token
 from daemon.model import FileState, Pending, Reason, Verdict, VerdictKind
+from daemon.pipeline import Pipeline
+from daemon.staging import StagingDirs
 
 
 @pytest.fixture
@@ -288,3 +292,37 @@ def test_a_yara_batch_keeps_its_verdicts_in_the_cache_with_the_commit_of_its_ver
     assert writes[0] == 1 + 16 + 1 + 1
     assert harness.journal.cache_stats() == {"default": (0, 16)}
     assert harness.journal.cache_size("default") == 16
+
+
+@pytest.mark.parametrize(("concurrency", "threads"), [(1, 1), (2, 1), (3, 2), (8, 4)])
+def test_worker_processes_share_out_an_engines_scan_threads(layout: Layout, concurrency: int,
+                                                            threads: int) -> None:
+    """`workers: 2`: `concurrency` threads in all, so none waits for its process's GIL while it
+    holds the journal's writers' lock behind a sibling thread (docs/operations.md)."""
+    config = Config.model_validate({**layout.config(engine={"concurrency": concurrency}), "workers": 2})
+    pipeline = Pipeline(config, Journal(layout.state / "journal.sqlite3"), {"default": FakeEngine()},
+                        owner=owner_token())
+    assert pipeline._workers("default") == threads
+
+
+def test_a_snapshot_has_its_name_only_once_filled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    staging = StagingDirs(tmp_path / "state").for_source(str(tmp_path))
+    source = tmp_path / "original"
+    source.write_bytes(b"x" * 10_000)
+    seen: list[bool] = []
+    copy = staging_module.copy_into
+
+    def watched_copy(src: int, dst: int) -> str:
+        seen.append(os.path.exists(os.path.join(staging.path, "7.snap")))
+        return copy(src, dst)
+
+    monkeypatch.setattr(staging_module, "copy_into", watched_copy)
+    fd = os.open(source, os.O_RDONLY)
+    try:
+        snap, _ = staging.snapshot(fd, 7)
+    finally:
+        os.close(fd)
+    os.close(snap)
+    assert seen == [False]
+    assert (Path(staging.path) / "7.snap").read_bytes() == b"x" * 10_000
+    assert (Path(staging.path) / "7.snap").stat().st_mode & 0o777 == 0o600
