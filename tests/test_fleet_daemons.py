@@ -20,6 +20,7 @@ from conftest import Daemon, wait_until
 from emulators.blazelock import BlazelockEmulator
 from fleetkit import EICAR, GARBAGE, Fleet
 from realservers import HttpProxy, S3Server, SqsServer
+from test_integrity import Pauses
 
 from daemon.journal import open_journal
 
@@ -113,7 +114,7 @@ def counted(s3_server: S3Server) -> Iterator[HttpProxy]:
 
 def test_two_nodes_given_the_same_message_place_once(
         fleet: Fleet, counted: HttpProxy, sqs_server: SqsServer, request: pytest.FixtureRequest,
-        daemon_factory: Callable[..., Daemon], s3_env: dict[str, str]) -> None:
+        daemon_factory: Callable[..., Daemon], s3_env: dict[str, str], tmp_path: Path) -> None:
     sqs = fleet.sqs
     second_queue = sqs.create_queue(QueueName=f"{fleet.queue_url.rsplit('/', 1)[1][:70]}-b")["QueueUrl"]
     request.addfinalizer(lambda: sqs.delete_queue(QueueUrl=second_queue))
@@ -125,11 +126,18 @@ def test_two_nodes_given_the_same_message_place_once(
     ports = [free_port(), free_port()]
     configs = [fleet.config(0, metrics_port=ports[0]), fleet.config(1, metrics_port=ports[1], events={
         "sqs_queue_url": second_queue, "endpoint_url": fleet.sqs_endpoint, "region": fleet.region})]
-    nodes = [daemon_factory(config, env=s3_env) for config in configs]
+    # Each node holds the bytes of its first objects until both do: their moves start together.
+    pauses = [Pauses(tmp_path / f"pauses-{n}") for n in range(2)]
+    nodes = [daemon_factory(config, env={**s3_env, **held.env("scan.hashed")})
+             for config, held in zip(configs, pauses, strict=True)]
     for node in nodes:
         node.wait_started()
     for queue in (fleet.queue_url, second_queue):
         Fleet(fleet.s3, sqs, fleet.bucket, queue, fleet.base, "", "", "", fleet.etags).send_events(names)
+    for node, held in zip(nodes, pauses, strict=True):
+        held.reached(node, "scan.hashed")
+    for held in pauses:
+        held.go("scan.hashed")
     nodes[0].wait_for(_drained(fleet, names), timeout=60, what="every object placed")
     for queue in (fleet.queue_url, second_queue):
         nodes[0].wait_for(lambda queue=queue: sum(Fleet(fleet.s3, sqs, fleet.bucket, queue, fleet.base, "",
