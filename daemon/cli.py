@@ -18,10 +18,10 @@ from daemon import __version__
 from daemon.config import Config, find_config, load_config
 from daemon.engines import build_engines
 from daemon.errors import ConfigError, JournalDamagedError, JournalError, ScanwatchError
-from daemon.fsutil import printable
 from daemon.journal import is_damage, open_journal
 from daemon.log import configure_logging
 from daemon.model import VerdictKind
+from daemon.naming import printable
 
 __all__ = ["main"]
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import structlog
 
-from daemon.fsutil import printable
+from daemon.naming import printable
 
 __all__ = ["MAX_LINE_CHARS", "SENSITIVE_KEYS", "configure_logging", "redact", "write_lines"]
 

@@ -16,7 +16,7 @@ from daemon.fsutil import DirCache, Identity
 from daemon.journal import FileRow, Journal
 from daemon.locations import Location, Locations, MoveRequest, S3Location, transfer
 from daemon.model import FileState, VerdictKind
-from daemon.s3 import is_s3
+from daemon.s3url import is_s3
 
 __all__ = ["actor", "delete", "describe", "list_quarantined", "release"]
 

@@ -20,7 +20,8 @@ from daemon.journal_repair import hold_daemon_lock
 from daemon.locations.staging import reconcile as reconcile_staging
 from daemon.metrics import Metrics
 from daemon.pipeline import Outcome, Pipeline, uses_s3
-from daemon.s3 import S3Clients, is_s3
+from daemon.s3client import S3Clients
+from daemon.s3url import is_s3
 from daemon.sdnotify import Notifier
 from daemon.watchers.base import Watcher
 from daemon.watchers.local import LocalWatcher

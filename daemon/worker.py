@@ -34,7 +34,7 @@ from daemon.engines.base import WebhookSource
 from daemon.journal import FileRow, open_journal, owner_token
 from daemon.log import configure_logging
 from daemon.pipeline import Outcome, Pipeline
-from daemon.s3 import S3Clients
+from daemon.s3client import S3Clients
 
 __all__ = ["main", "read_frame", "share_webhook_health", "write_frame"]
 

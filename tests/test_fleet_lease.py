@@ -10,7 +10,7 @@ from typing import Any
 from realservers import S3Server, SqsServer
 
 from daemon.fleet import ListingLease, SafetyNet, is_fleet_key
-from daemon.s3 import S3Url
+from daemon.s3url import S3Url
 from daemon.watchers.s3notify import parse_message
 
 

@@ -16,12 +16,11 @@ from hypothesis import strategies as st
 
 from daemon.config import S3Config
 from daemon.errors import UnsafePathError
-from daemon.fsutil import NAME_MAX, collision_name, printable
 from daemon.locations.local import LocalLocation
 from daemon.locations.s3 import S3Location
 from daemon.model import FileState
+from daemon.naming import NAME_MAX, collision_name, flat_name, local_rel, printable
 from daemon.refid import build_ref_id
-from daemon.s3 import flat_name, local_rel
 
 SHA = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
 

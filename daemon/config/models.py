@@ -13,7 +13,7 @@ from daemon.config.base import Model as _Model
 from daemon.config.engines import EngineConfig
 from daemon.config.units import Duration, SecretHttpUrl, Size, check_host_port
 from daemon.errors import ConfigError
-from daemon.s3 import S3Url, is_s3
+from daemon.s3url import S3Url, is_s3
 
 __all__ = [
     "DEFAULT_IGNORE",

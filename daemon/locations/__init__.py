@@ -36,7 +36,8 @@ from daemon.locations.base import (
 )
 from daemon.locations.local import LocalLocation
 from daemon.locations.s3 import S3Location
-from daemon.s3 import S3Clients, is_s3
+from daemon.s3client import S3Clients
+from daemon.s3url import is_s3
 from daemon.staging import StagingDirs
 
 __all__ = [

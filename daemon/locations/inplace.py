@@ -17,12 +17,13 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import NamedTuple
 from urllib.parse import urlencode
 
 from daemon.errors import ChangedError, LocationError, S3ConditionError, TooManyTagsError
 from daemon.locations.s3 import S3Location, copy_hashing
-from daemon.s3 import epoch
+from daemon.s3client import epoch
+from daemon.s3url import quoted_etag
 
 __all__ = ["MAX_TAGS", "Rewritten", "tag_in_place", "verdict_tags"]
 
@@ -98,7 +99,7 @@ def _rewrite(source: S3Location, rel_path: str, etag: str | None, sha256: str | 
         kept = {k: answer[k] for k in _KEPT if answer.get(k)}
         put = source.call("PUT", "put_object", Key=source.key(rel_path), Body=copy, IfMatch=etag,
                           Tagging=tagging, **kept)
-    new_etag = _quoted(put.get("ETag")) or etag
+    new_etag = quoted_etag(str(put["ETag"])) if put.get("ETag") else etag
     try:  # which LastModified our write has: asked of exactly our ETag
         head = source.call("HEAD", "head_object", Key=source.key(rel_path), IfMatch=new_etag)
         last_modified: float | None = epoch(head["LastModified"])
@@ -117,10 +118,3 @@ def _version_of(source: S3Location, key: str, etag: str | None) -> str | None:
     head = source.call("HEAD", "head_object", Key=key, IfMatch=etag)
     version = head.get("VersionId")
     return None if version in (None, "", "null") else str(version)
-
-
-def _quoted(etag: Any) -> str | None:
-    """An ETag as listings give it (quoted); some servers answer a copy's without quotes."""
-    if not etag:
-        return None
-    return f'"{str(etag).strip(chr(34))}"'

@@ -20,7 +20,7 @@ import structlog
 
 from daemon.config import S3Config
 from daemon.errors import ChangedError, LocationError, S3ConditionError, S3UnavailableError, UnsafePathError
-from daemon.fsutil import Identity, collision_name
+from daemon.fsutil import Identity
 from daemon.locations.base import (
     CHUNK,
     MAX_COLLISIONS,
@@ -35,7 +35,9 @@ from daemon.locations.base import (
 from daemon.locations.s3copy import Target, server_copy, upload
 from daemon.locations.s3scan import OpenedObject, copy_hashing
 from daemon.locations.staging import Staging, delete_snapshot, node_id, snapshot_rel
-from daemon.s3 import S3Url, s3_boundary
+from daemon.naming import collision_name
+from daemon.s3client import s3_boundary
+from daemon.s3url import S3Url, bare_etag
 
 __all__ = ["SHA256_TAG", "SOURCE_VERSION_TAG", "S3Location", "copy_hashing", "source_tags"]
 
@@ -53,7 +55,7 @@ log = structlog.get_logger("scanwatch.locations.s3")
 def source_tags(req: MoveRequest) -> dict[str, str]:
     """The node-independent identity of the scanned source version, as destination tags."""
     tags = {}
-    version = req.version_id or (req.etag or "").strip('"')
+    version = req.version_id or bare_etag(req.etag or "")
     if not req.version_id and version and req.last_modified is not None:
         # Unversioned: the same bytes uploaded again have the same ETag but are another version.
         version = f"{version}@{int(req.last_modified)}"

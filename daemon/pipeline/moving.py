@@ -18,8 +18,8 @@ from daemon.journal import FileRow, Journal, RowChanges
 from daemon.locations import Destination, Locations, MoveRequest, S3Location, Source, transfer
 from daemon.locations.inplace import tag_in_place, verdict_tags
 from daemon.model import FileState, Reason, Verdict, VerdictKind
+from daemon.naming import flat_name
 from daemon.pipeline.outcome import Outcome, Outcomes
-from daemon.s3 import flat_name
 
 __all__ = ["DESTINATION_FOR", "Mover"]
 

@@ -23,7 +23,7 @@ from daemon.journal import FileRow, Journal
 from daemon.locations import MoveRequest
 from daemon.locations.original import return_original
 from daemon.model import FileState
-from daemon.s3 import is_s3
+from daemon.s3url import is_s3
 from daemon.staging import Staging, StagingDirs
 
 __all__ = ["reconcile"]

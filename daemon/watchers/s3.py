@@ -28,7 +28,8 @@ from daemon.fleet import ListingLease, SafetyNet, is_fleet_key
 from daemon.journal import FleetMember, Journal
 from daemon.model import Reason, SeenObject
 from daemon.retry import RetryPolicy
-from daemon.s3 import S3Url, epoch, s3_boundary
+from daemon.s3client import epoch, list_objects, s3_boundary
+from daemon.s3url import S3Url, quoted_etag
 from daemon.watchers.base import is_ignored
 from daemon.watchers.s3events import SqsEventSource
 from daemon.watchers.s3notify import S3Event
@@ -170,21 +171,16 @@ class S3Watcher:
         return added
 
     def _pages(self) -> Iterator[list[SeenObject]]:
-        paginator = self.client.get_paginator("list_objects_v2")
-        pages = paginator.paginate(Bucket=self.where.bucket, Prefix=self.where.prefix,
-                                   PaginationConfig={"PageSize": _PAGE_SIZE})
-        with s3_boundary(f"LIST {self.where}"):
-            for page in pages:
-                yield list(self._entries(SeenObject(o["Key"], o["ETag"], None, o["Size"],
-                                                    epoch(o["LastModified"]))
-                                         for o in page.get("Contents", ())))
+        for page in list_objects(self.client, self.where, page_size=_PAGE_SIZE):
+            yield list(self._entries(SeenObject(o["Key"], o["ETag"], None, o["Size"],
+                                                epoch(o["LastModified"])) for o in page))
 
     def _entries(self, objects: Iterable[SeenObject]) -> Iterator[SeenObject]:
         """Objects of this watch as journal entries: keys made relative, quoted ETags."""
         for key, etag, version_id, size, last_modified in objects:
             rel_path = key.removeprefix(self.where.prefix)
             if key.startswith(self.where.prefix) and rel_path and not is_fleet_key(rel_path):
-                yield SeenObject(rel_path, _quoted(etag), version_id, size, last_modified)
+                yield SeenObject(rel_path, quoted_etag(etag), version_id, size, last_modified)
 
     def skip_reason(self, rel_path: str) -> Reason | None:
         """Why a key is never scanned: a directory marker, or an `ignore` glob matches it."""
@@ -233,11 +229,6 @@ class S3Watcher:
             log.info("file.discovered", watch=self.watch.name, count=added, by=how)
             self.wake.set()
         return added
-
-
-def _quoted(etag: str) -> str:
-    """ETags as S3 answers them in listings and HEAD: quoted (events leave the quotes off)."""
-    return etag if etag.startswith('"') else f'"{etag}"'
 
 
 def _sqs_client(watch: WatchConfig, s3_config: S3Config) -> Any:

@@ -24,7 +24,7 @@ import structlog
 from daemon.errors import MalformedMessageError, QueueUnavailableError
 from daemon.fleet import is_fleet_key
 from daemon.retry import RetryPolicy
-from daemon.s3 import sqs_boundary
+from daemon.s3client import sqs_boundary
 from daemon.watchers.s3notify import S3Event, events_of, parse_message
 
 __all__ = ["SqsEventSource"]
