@@ -17,7 +17,7 @@ from daemon.engines import Engine, build_engines
 from daemon.errors import ConfigError, EngineThrottledError, JournalDamagedError, ScanwatchError
 from daemon.journal import FileRow, is_damage, open_journal, owner_token
 from daemon.journal_repair import hold_daemon_lock
-from daemon.locations.staging import reconcile as reconcile_staging
+from daemon.locations.s3staging import reconcile as reconcile_staging
 from daemon.metrics import Metrics
 from daemon.pipeline import Outcome, Pipeline, uses_s3
 from daemon.s3client import S3Clients

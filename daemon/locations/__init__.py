@@ -7,7 +7,7 @@ so a move cut off at any point is finished by `transfer(..., resumed=True)`:
 
 - local → local: an atomic rename that never overwrites (a copy across filesystems);
 - S3 → S3: a server-side copy of an immutable version or private snapshot, or an upload of
-  the very bytes that were scanned (unversioned buckets: daemon/locations/staging.py);
+  the very bytes that were scanned (unversioned buckets: daemon/locations/s3staging.py);
 - S3 → local: the scanned bytes (staged copy, snapshot or version) written to a temp name,
   fsync, a no-overwrite rename;
 - local → S3: an upload (multipart above one part) that completes only when the bytes

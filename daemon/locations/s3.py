@@ -34,7 +34,7 @@ from daemon.locations.base import (
 )
 from daemon.locations.s3copy import Target, server_copy, upload
 from daemon.locations.s3scan import OpenedObject, copy_hashing
-from daemon.locations.staging import Staging, delete_snapshot, node_id, snapshot_rel
+from daemon.locations.s3staging import Staging, delete_snapshot, node_id, snapshot_rel
 from daemon.naming import collision_name
 from daemon.s3client import s3_boundary
 from daemon.s3url import S3Url, bare_etag
@@ -89,7 +89,7 @@ class S3Location:
         self._copy_threshold = config.multipart_threshold
         self._part_size = config.multipart_chunksize
         self._work_dir = work_dir  # private copies of objects being scanned
-        # Where scanned bytes wait for their move (daemon/locations/staging.py): none without
+        # Where scanned bytes wait for their move (daemon/locations/s3staging.py): none without
         # a state_dir; no staged copies where they are never moved (`in_place`).
         self._state_dir = state_dir
         self.staging = Staging(state_dir / "staging" / "s3") if state_dir is not None and stages else None
@@ -151,7 +151,7 @@ class S3Location:
         if self.staging is not None:
             self.staging.drop(file_id)
 
-    # -- snapshots: private server-side copies (daemon/locations/staging.py) ---------------
+    # -- snapshots: private server-side copies (daemon/locations/s3staging.py) ---------------
 
     def _snapshot_key(self, file_id: int, etag: str) -> str | None:
         """The key of row `file_id`'s snapshot of version `etag` (None: no state_dir, no snapshots)."""
