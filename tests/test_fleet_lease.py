@@ -11,7 +11,7 @@ from realservers import S3Server, SqsServer
 
 from daemon.fleet import ListingLease, SafetyNet, is_fleet_key
 from daemon.s3url import S3Url
-from daemon.watchers.s3notify import parse_message
+from daemon.watchers.s3messages import parse_message
 
 
 class Clock:

@@ -31,8 +31,8 @@ from daemon.retry import RetryPolicy
 from daemon.s3client import epoch, list_objects, s3_boundary
 from daemon.s3url import S3Url, quoted_etag
 from daemon.watchers.base import is_ignored
-from daemon.watchers.s3events import SqsEventSource
-from daemon.watchers.s3notify import S3Event
+from daemon.watchers.s3messages import S3Event
+from daemon.watchers.sqs import SqsEventSource
 
 __all__ = ["S3Watcher"]
 
