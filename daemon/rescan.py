@@ -27,20 +27,20 @@ from daemon.config import IN_PLACE, Config, WatchConfig
 from daemon.engines import Engine
 from daemon.engines.base import ScanRequest
 from daemon.errors import ChangedError, ScanwatchError
-from daemon.facts import iso, outcome_facts
 from daemon.faults import pause
-from daemon.fleet import is_fleet_key
 from daemon.fsutil import DirCache, Identity
 from daemon.journal import FileRow, Journal
 from daemon.locations import SIDECAR_SUFFIX, Listed, Locations, MoveRequest, S3Location, transfer
 from daemon.locations.inplace import tag_in_place, verdict_tags
 from daemon.model import FileState, Verdict, VerdictKind
 from daemon.oneshot import watch_verdict
+from daemon.outcome_facts import iso, outcome_facts
 from daemon.progress import Progress
 from daemon.quarantine import actor
 from daemon.refid import build_ref_id
 from daemon.s3client import S3Clients, list_objects
 from daemon.s3url import quoted_etag
+from daemon.watchers.fleet import is_fleet_key
 from daemon.watchers.tree import walk
 
 __all__ = ["Moved", "RescanOutcome", "RescanSummary", "rescan_clean"]

@@ -9,8 +9,8 @@ from typing import Any
 
 from realservers import S3Server, SqsServer
 
-from daemon.fleet import ListingLease, SafetyNet, is_fleet_key
 from daemon.s3url import S3Url
+from daemon.watchers.fleet import ListingLease, SafetyNet, is_fleet_key
 from daemon.watchers.s3messages import parse_message
 
 

@@ -27,11 +27,11 @@ import structlog
 
 from daemon.config import Config
 from daemon.errors import LocationError, S3UnavailableError
-from daemon.fleet import LEASE_DIR
 from daemon.journal import FileRow, Journal
 from daemon.model import FileState
 from daemon.s3client import S3Clients, list_objects, s3_boundary
 from daemon.s3url import S3Url, bare_etag, is_s3
+from daemon.watchers.fleet import LEASE_DIR
 
 __all__ = ["SNAPSHOT_DIR", "Staging", "delete_snapshot", "node_id", "reconcile", "snapshot_rel", "staging_of"]
 

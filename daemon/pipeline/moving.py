@@ -12,13 +12,13 @@ import re
 
 from daemon.config import IN_PLACE, Config, WatchConfig
 from daemon.errors import ChangedError, LocationError, S3UnavailableError, TooManyTagsError, UnsafePathError
-from daemon.facts import iso, outcome_facts
 from daemon.faults import pause
 from daemon.journal import FileRow, Journal, RowChanges
 from daemon.locations import Destination, Locations, MoveRequest, S3Location, Source, transfer
 from daemon.locations.inplace import tag_in_place, verdict_tags
 from daemon.model import FileState, Reason, Verdict, VerdictKind
 from daemon.naming import flat_name
+from daemon.outcome_facts import iso, outcome_facts
 from daemon.pipeline.outcome import Outcome, Outcomes
 
 __all__ = ["DESTINATION_FOR", "Mover"]

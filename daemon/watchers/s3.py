@@ -24,13 +24,13 @@ from botocore.config import Config as BotoConfig
 
 from daemon.config import S3Config, WatchConfig
 from daemon.errors import LocationError
-from daemon.fleet import ListingLease, SafetyNet, is_fleet_key
 from daemon.journal import FleetMember, Journal
 from daemon.model import Reason, SeenObject
 from daemon.retry import RetryPolicy
 from daemon.s3client import epoch, list_objects, s3_boundary
 from daemon.s3url import S3Url, quoted_etag
 from daemon.watchers.base import is_ignored
+from daemon.watchers.fleet import ListingLease, SafetyNet, is_fleet_key
 from daemon.watchers.s3messages import S3Event
 from daemon.watchers.sqs import SqsEventSource
 

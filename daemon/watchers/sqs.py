@@ -23,9 +23,9 @@ from typing import Any
 import structlog
 
 from daemon.errors import MalformedMessageError, QueueUnavailableError
-from daemon.fleet import is_fleet_key
 from daemon.retry import RetryPolicy
 from daemon.s3client import sqs_boundary
+from daemon.watchers.fleet import is_fleet_key
 from daemon.watchers.s3messages import S3Event, events_of, parse_message
 
 __all__ = ["SqsEventSource"]
