@@ -13,7 +13,7 @@ import errno
 import hashlib
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -25,6 +25,7 @@ __all__ = [
     "DirCache",
     "Identity",
     "classify",
+    "open_below",
     "open_dir",
     "open_file",
     "put_back",
@@ -83,27 +84,42 @@ def classify(st: os.stat_result) -> Reason | None:
 
 def open_dir(root: str, dirs: list[str], *, create_mode: int | None = None) -> int:
     """An fd of `root/dirs...`, never following a symlink below root; create missing dirs if asked."""
-    fd = os.open(root, _DIR_FLAGS)
+    root_fd = os.open(root, _DIR_FLAGS)
+    try:
+        return open_below(root_fd, dirs, create_mode=create_mode)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise UnsafePathError(f"{exc.filename!r} below {root} is not a plain directory") from exc
+        raise
+    finally:
+        os.close(root_fd)
+
+
+def open_below(dir_fd: int, dirs: Iterable[str], *, create_mode: int | None = None) -> int:
+    """A new fd of `dirs...` below the directory `dir_fd` (left open), opened one component at a
+    time with `O_NOFOLLOW`: a symlink or file on the way fails with ELOOP or ENOTDIR. Missing
+    directories are created with `create_mode` if it is given (else FileNotFoundError)."""
+    fd = os.dup(dir_fd)
     try:
         for name in dirs:
-            try:
-                child = os.open(name, _DIR_FLAGS, dir_fd=fd)
-            except FileNotFoundError:
-                if create_mode is None:
-                    raise
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(name, create_mode, dir_fd=fd)
-                child = os.open(name, _DIR_FLAGS, dir_fd=fd)
-            except OSError as exc:
-                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                    raise UnsafePathError(f"{name!r} below {root} is not a plain directory") from exc
-                raise
+            child = _open_child(fd, name, create_mode)
             os.close(fd)
             fd = child
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def _open_child(dir_fd: int, name: str, create_mode: int | None) -> int:
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except FileNotFoundError:
+        if create_mode is None:
+            raise
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, create_mode, dir_fd=dir_fd)
+        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
 
 
 class DirCache:
