@@ -1,4 +1,4 @@
-"""S3's own names for things: `s3://bucket/prefix/` locations and ETags (no boto3 here).
+"""S3's own names for things: `s3://bucket/prefix/` locations, ETags, tag values (no boto3 here).
 
 `daemon.config` parses watch locations with this module, so loading a config never loads boto3.
 """
@@ -8,9 +8,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-__all__ = ["S3Url", "bare_etag", "is_s3", "quoted_etag"]
+__all__ = ["S3Url", "bare_etag", "is_s3", "quoted_etag", "tag_value"]
 
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+# What S3 allows in a tag value everywhere (letters, digits, spaces, `+ - = . _ : / @`): ASCII only,
+# as some services that read tags refuse the rest.
+_TAG_UNSAFE = re.compile(r"[^A-Za-z0-9 +\-=._:/@]")
+_TAG_VALUE_CHARS = 256
 
 
 def is_s3(location: str) -> bool:
@@ -58,3 +62,8 @@ def quoted_etag(etag: str) -> str:
 def bare_etag(etag: str) -> str:
     """An ETag without its quotes, as S3 event notifications spell it."""
     return etag.strip('"')
+
+
+def tag_value(text: str) -> str:
+    """`text` as an S3 tag value: each character S3 may refuse becomes `_`, cut to 256 characters."""
+    return _TAG_UNSAFE.sub("_", text)[:_TAG_VALUE_CHARS]

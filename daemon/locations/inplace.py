@@ -15,7 +15,6 @@ remembers them as the version judged, so the listing does not take it for a new 
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Mapping
 from typing import NamedTuple
 from urllib.parse import urlencode
@@ -23,13 +22,12 @@ from urllib.parse import urlencode
 from daemon.errors import ChangedError, LocationError, S3ConditionError, TooManyTagsError
 from daemon.locations.s3 import S3Location, copy_hashing
 from daemon.s3client import epoch
-from daemon.s3url import quoted_etag
+from daemon.s3url import quoted_etag, tag_value
 
 __all__ = ["MAX_TAGS", "Rewritten", "tag_in_place", "verdict_tags"]
 
 MAX_TAGS = 10  # S3's limit per object
 _OURS = "scanwatch-"
-_UNSAFE = re.compile(r"[^A-Za-z0-9 +\-=._:/@]")
 _MAX_PUT_BYTES = 5 * 2**30  # S3's limit of one PutObject
 # What a rewrite keeps of the object besides its bytes (its user metadata and headers).
 _KEPT = ("ContentType", "ContentEncoding", "ContentDisposition", "ContentLanguage", "CacheControl",
@@ -45,10 +43,10 @@ class Rewritten(NamedTuple):
 
 def verdict_tags(verdict: str, reason: str | None, scanned_at: str, threat: str | None) -> dict[str, str]:
     """The tags of a verdict; `scanwatch-threat` (the first threat, at most 256) when infected."""
-    tags = {"scanwatch-verdict": verdict, "scanwatch-reason": _UNSAFE.sub("_", reason or ""),
+    tags = {"scanwatch-verdict": verdict, "scanwatch-reason": tag_value(reason or ""),
             "scanwatch-scanned-at": scanned_at}
     if threat:
-        tags["scanwatch-threat"] = _UNSAFE.sub("_", threat)[:256]
+        tags["scanwatch-threat"] = tag_value(threat)
     return tags
 
 

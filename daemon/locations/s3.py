@@ -7,7 +7,6 @@ import dataclasses
 import errno
 import io
 import json
-import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -37,7 +36,7 @@ from daemon.locations.s3scan import OpenedObject, copy_hashing
 from daemon.locations.s3staging import Staging, delete_snapshot, node_id, snapshot_rel
 from daemon.naming import collision_name
 from daemon.s3client import s3_boundary
-from daemon.s3url import S3Url, bare_etag
+from daemon.s3url import S3Url, bare_etag, tag_value
 
 __all__ = ["SHA256_TAG", "SOURCE_VERSION_TAG", "S3Location", "copy_hashing", "source_tags"]
 
@@ -47,7 +46,6 @@ _MAX_KEY_BYTES = 1024
 # What a placed copy says about its source, the same whichever daemon placed it (docs/fleet.md).
 SOURCE_VERSION_TAG = "scanwatch-source-version"
 SHA256_TAG = "scanwatch-sha256"
-_TAG_UNSAFE = re.compile(r"[^A-Za-z0-9 +\-=._:/@]")
 
 log = structlog.get_logger("scanwatch.locations.s3")
 
@@ -60,7 +58,7 @@ def source_tags(req: MoveRequest) -> dict[str, str]:
         # Unversioned: the same bytes uploaded again have the same ETag but are another version.
         version = f"{version}@{int(req.last_modified)}"
     if version:
-        tags[SOURCE_VERSION_TAG] = _TAG_UNSAFE.sub("_", version)[:256]
+        tags[SOURCE_VERSION_TAG] = tag_value(version)
     if req.sha256:
         tags[SHA256_TAG] = req.sha256
     return tags
