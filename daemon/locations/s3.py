@@ -205,7 +205,7 @@ class S3Location:
 
     @property
     def client(self) -> Any:
-        """The boto3 client (daemon/locations/inplace.py tags objects through it)."""
+        """The boto3 client, for what this class has no method for (rescans list through it)."""
         return self._client
 
     def key(self, rel_path: str) -> str:
