@@ -24,10 +24,10 @@ from daemon.errors import LocationError, QueueUnavailableError, S3ConditionError
 from daemon.s3url import S3Url
 
 if TYPE_CHECKING:
-    from daemon.config import S3Config
+    from daemon.config import EventsConfig, S3Config
 
-__all__ = ["S3Clients", "epoch", "error_code", "list_objects", "make_client", "s3_boundary", "s3_errors",
-           "sqs_boundary"]
+__all__ = ["S3Clients", "epoch", "error_code", "list_objects", "make_client", "make_sqs_client",
+           "profile_names", "s3_boundary", "s3_errors", "sqs_boundary"]
 
 # Codes that say "this will not work until someone changes something": wait, don't fail.
 _MISSING = frozenset({"404", "NoSuchKey", "NoSuchVersion", "NotFound"})
@@ -47,6 +47,27 @@ def make_client(config: S3Config) -> Any:
         config=BotoConfig(connect_timeout=5, read_timeout=60, max_pool_connections=64,
                           retries={"mode": "standard", "max_attempts": 3},
                           s3={"addressing_style": "path"} if config.endpoint_url else None))
+
+
+def make_sqs_client(events: EventsConfig, s3_config: S3Config) -> Any:
+    """A boto3 SQS client for a watch's `events:` queue (its region: the queue's own, else `s3:`'s)."""
+    return boto3.session.Session(profile_name=s3_config.profile).client(
+        "sqs", endpoint_url=events.endpoint_url,
+        region_name=events.region or s3_config.region or _queue_region(events.sqs_queue_url),
+        config=BotoConfig(connect_timeout=5, read_timeout=40,
+                          retries={"mode": "standard", "max_attempts": 3}))
+
+
+def _queue_region(url: str) -> str | None:
+    """`https://sqs.eu-west-1.amazonaws.com/123/q` → `eu-west-1`."""
+    host = url.split("/")[2] if url.count("/") >= 2 else ""
+    parts = host.split(".")
+    return parts[1] if len(parts) > 3 and parts[0] == "sqs" else None
+
+
+def profile_names() -> list[str]:
+    """The named profiles of the AWS config files."""
+    return list(boto3.session.Session().available_profiles)
 
 
 class S3Clients:

@@ -18,16 +18,14 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-import boto3
 import structlog
-from botocore.config import Config as BotoConfig
 
 from daemon.config import S3Config, WatchConfig
 from daemon.errors import LocationError
 from daemon.journal import FleetMember, Journal
 from daemon.model import Reason, SeenObject
 from daemon.retry import RetryPolicy
-from daemon.s3client import epoch, list_objects, s3_boundary
+from daemon.s3client import epoch, list_objects, make_sqs_client, s3_boundary
 from daemon.s3url import S3Url, quoted_etag
 from daemon.watchers.base import is_ignored
 from daemon.watchers.fleet import ListingLease, SafetyNet, is_fleet_key
@@ -84,7 +82,7 @@ class S3Watcher:
         self._fleet_lock = threading.Lock()
         self._fleet_noted: tuple[float | None, int] | None = None
         if watch.events is not None:
-            sqs = _sqs_client(watch, s3_config)
+            sqs = make_sqs_client(watch.events, s3_config)
             self.events = SqsEventSource(
                 sqs, watch.events.sqs_queue_url, self._on_events,
                 bucket=self.where.bucket, prefix=self.where.prefix, stop=self._stop,
@@ -229,19 +227,3 @@ class S3Watcher:
             log.info("file.discovered", watch=self.watch.name, count=added, by=how)
             self.wake.set()
         return added
-
-
-def _sqs_client(watch: WatchConfig, s3_config: S3Config) -> Any:
-    assert watch.events is not None
-    return boto3.session.Session(profile_name=s3_config.profile).client(
-        "sqs", endpoint_url=watch.events.endpoint_url,
-        region_name=watch.events.region or s3_config.region or _queue_region(watch.events.sqs_queue_url),
-        config=BotoConfig(connect_timeout=5, read_timeout=40,
-                          retries={"mode": "standard", "max_attempts": 3}))
-
-
-def _queue_region(url: str) -> str | None:
-    """`https://sqs.eu-west-1.amazonaws.com/123/q` → `eu-west-1`."""
-    host = url.split("/")[2] if url.count("/") >= 2 else ""
-    parts = host.split(".")
-    return parts[1] if len(parts) > 3 and parts[0] == "sqs" else None
