@@ -19,14 +19,14 @@ from structlog.testing import capture_logs
 from daemon.journal import Journal
 from daemon.model import FileState
 from daemon.slots import EngineSlots
-from daemon.workers import _relay_lines
+from daemon.workers.pool import _relay_lines
 
 # One process of the test below: `threads` holders, each logging "+" and "-" inside its slot.
 _HOLDERS = """
 import os, sys, threading, time
 from pathlib import Path
 from daemon.slots import EngineSlots
-from daemon.workers import _relay_lines
+from daemon.workers.pool import _relay_lines
 slots = EngineSlots(Path(sys.argv[1]), "default", int(sys.argv[2]))
 log = os.open(sys.argv[3], os.O_WRONLY | os.O_APPEND)
 def hold():
