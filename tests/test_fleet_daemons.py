@@ -103,22 +103,13 @@ def test_a_node_killed_mid_way_loses_and_doubles_nothing(
     _assert_each_placed_once(fleet, names)
 
 
-@pytest.fixture
-def counted(s3_server: S3Server) -> Iterator[HttpProxy]:
-    """The S3 server behind a proxy that records every request."""
-    proxy = HttpProxy(int(s3_server.endpoint_url.rsplit(":", 1)[1]))
-    proxy.start()
-    yield proxy
-    proxy.stop()
-
-
 def test_two_nodes_given_the_same_message_place_once(
-        fleet: Fleet, counted: HttpProxy, sqs_server: SqsServer, request: pytest.FixtureRequest,
+        fleet: Fleet, s3_proxy: HttpProxy, sqs_server: SqsServer, request: pytest.FixtureRequest,
         daemon_factory: Callable[..., Daemon], s3_env: dict[str, str], tmp_path: Path) -> None:
     sqs = fleet.sqs
     second_queue = sqs.create_queue(QueueName=f"{fleet.queue_url.rsplit('/', 1)[1][:70]}-b")["QueueUrl"]
     request.addfinalizer(lambda: sqs.delete_queue(QueueUrl=second_queue))
-    fleet.s3_endpoint = counted.endpoint_url
+    fleet.s3_endpoint = s3_proxy.endpoint_url
     names = [f"race {n}.txt" for n in range(20)]
     fleet.put(names)
     # The same message delivered to both nodes at once: SQS does that when a visibility timeout
@@ -146,15 +137,16 @@ def test_two_nodes_given_the_same_message_place_once(
     found_placed = [_metric(port, "scanwatch_fleet_already_placed_total", 'watch="w"') for port in ports]
     assert [node.stop() for node in nodes] == [0, 0]
     assert fleet.keys("clean/") == sorted(names) and fleet.keys("in/") == []
-    copies = [counted.count("PUT", f"/clean/{quote(n)}") for n in names]
-    deleted = [counted.count("DELETE", f"/in/{quote(n)}", 204) for n in names]
+    copies = [s3_proxy.count("PUT", f"/clean/{quote(n)}") for n in names]
+    deleted = [s3_proxy.count("DELETE", f"/in/{quote(n)}", 204) for n in names]
     raced = sum(1 for c in copies if c == 2)
     print(f"copies attempted twice: {raced}/{len(names)}; source deletes answered 204: {deleted}")
     assert all(c >= 1 for c in copies) and raced, "the two nodes never raced"
     assert deleted == [1] * len(names)  # the loser's delete, pinned to the ETag, deleted nothing:
     for n in names:  # the others were answered 412 or 404, which count as success
         path = f"/in/{quote(n)}"
-        assert counted.count("DELETE", path) - 1 == sum(counted.count("DELETE", path, s) for s in (404, 412))
+        refused = sum(s3_proxy.count("DELETE", path, status) for status in (404, 412))
+        assert s3_proxy.count("DELETE", path) - 1 == refused
     assert sum(len(n.named("move.already_placed")) for n in nodes) >= raced
     assert sum(found_placed) == sum(len(n.named("move.already_placed")) for n in nodes)
 
