@@ -19,9 +19,9 @@ import httpx
 import structlog
 
 from daemon.config import NotifyConfig, WatchConfig
-from daemon.facts import outcome_facts
 from daemon.journal import FileRow
 from daemon.model import Reason, VerdictKind
+from daemon.outcome_facts import outcome_facts
 from daemon.pipeline.outcome import Outcome
 from daemon.retry import RetryPolicy
 

@@ -18,10 +18,10 @@ from daemon import __version__
 from daemon.config import Config, find_config, load_config
 from daemon.engines import build_engines
 from daemon.errors import ConfigError, JournalDamagedError, JournalError, ScanwatchError
-from daemon.fsutil import printable
 from daemon.journal import is_damage, open_journal
 from daemon.log import configure_logging
 from daemon.model import VerdictKind
+from daemon.naming import printable
 
 __all__ = ["main"]
 
@@ -198,7 +198,7 @@ def _status(args: argparse.Namespace, config_path: str, config: Config) -> int:
 
 def _quarantine(args: argparse.Namespace, config_path: str, config: Config) -> int:
     from daemon import quarantine
-    from daemon.facts import iso
+    from daemon.outcome_facts import iso
 
     journal = open_journal(config.state_dir)
     if args.action == "list":
@@ -236,7 +236,7 @@ _REBUILD_HINT = ("stop the daemon and run `scanwatch journal rebuild --config {}
 
 
 def _journal(args: argparse.Namespace, config_path: str, config: Config) -> int:
-    from daemon import journal_repair
+    import daemon.journal.repair as journal_repair
 
     if args.action == "check":
         problem = journal_repair.check(config.state_dir)

@@ -14,7 +14,8 @@
     │   ├── ChangedError             the source is not the scanned file any more: scan it again
     │   ├── S3ConditionError         an S3 write or read condition (If-Match, If-None-Match) failed
     │   ├── S3UnavailableError       S3 cannot be used now (down, throttled, denied): wait
-    │   └── StagingError             the staging directory of snapshots is unusable: wait
+    │   ├── StagingError             the staging directory of snapshots is unusable: wait
+    │   └── TooManyTagsError         an object judged in place has no room left for our tags
     └── EngineError                  an engine gave no verdict
         ├── EngineRetryableError     unreachable, timed out, 500/502/504: try again later
         │   └── EngineUnavailableError  the engine is down: files wait, attempts not spent
@@ -33,6 +34,7 @@ import errno
 from daemon.model import Reason, RejectReason
 
 __all__ = [
+    "ChangedError",
     "ConfigError",
     "EngineError",
     "EnginePermanentError",
@@ -44,6 +46,11 @@ __all__ = [
     "JournalError",
     "ListenError",
     "LocationError",
+    "MalformedMessageError",
+    "QuarantineError",
+    "QueueUnavailableError",
+    "S3ConditionError",
+    "S3UnavailableError",
     "ScanwatchError",
     "StagingError",
     "TooManyTagsError",

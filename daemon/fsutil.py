@@ -13,34 +13,29 @@ import errno
 import hashlib
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 from daemon.errors import UnsafePathError
 from daemon.model import Reason, RowChanges
+from daemon.naming import collision_name
 
 __all__ = [
-    "NAME_MAX",
     "DirCache",
     "Identity",
-    "sha256_fd",
     "classify",
-    "collision_name",
+    "open_below",
     "open_dir",
     "open_file",
     "put_back",
-    "printable",
-    "rel_parts",
     "rename_noreplace",
-    "split_rel",
+    "sha256_fd",
 ]
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 _RENAME_NOREPLACE = 1
-NAME_MAX = 255  # bytes in one file name (Linux)
-_MIN_STEM_ROOM = 24  # a stem byte and `.<n>` for any n: an extension longer than the rest is no extension
 _libc = ctypes.CDLL(None, use_errno=True)
 _renameat2 = getattr(_libc, "renameat2", None)
 
@@ -76,20 +71,6 @@ def sha256_fd(fd: int) -> str:
     return digest.hexdigest()
 
 
-def rel_parts(rel_path: str) -> list[str]:
-    """The components of a relative path; raise UnsafePathError for `..`, absolute or empty parts."""
-    parts = rel_path.split("/")
-    if not rel_path or any(p in ("", ".", "..") or "\0" in p for p in parts):
-        raise UnsafePathError(f"unsafe relative path {rel_path!r}", Reason.UNSAFE_PATH)
-    return parts
-
-
-def split_rel(rel_path: str) -> tuple[list[str], str]:
-    """Directory components and basename of a safe relative path."""
-    parts = rel_parts(rel_path)
-    return parts[:-1], parts[-1]
-
-
 def classify(st: os.stat_result) -> Reason | None:
     """Why a file must be left alone (symlink, hardlink, special file), or None."""
     if stat.S_ISLNK(st.st_mode):
@@ -103,27 +84,42 @@ def classify(st: os.stat_result) -> Reason | None:
 
 def open_dir(root: str, dirs: list[str], *, create_mode: int | None = None) -> int:
     """An fd of `root/dirs...`, never following a symlink below root; create missing dirs if asked."""
-    fd = os.open(root, _DIR_FLAGS)
+    root_fd = os.open(root, _DIR_FLAGS)
+    try:
+        return open_below(root_fd, dirs, create_mode=create_mode)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise UnsafePathError(f"{exc.filename!r} below {root} is not a plain directory") from exc
+        raise
+    finally:
+        os.close(root_fd)
+
+
+def open_below(dir_fd: int, dirs: Iterable[str], *, create_mode: int | None = None) -> int:
+    """A new fd of `dirs...` below the directory `dir_fd` (left open), opened one component at a
+    time with `O_NOFOLLOW`: a symlink or file on the way fails with ELOOP or ENOTDIR. Missing
+    directories are created with `create_mode` if it is given (else FileNotFoundError)."""
+    fd = os.dup(dir_fd)
     try:
         for name in dirs:
-            try:
-                child = os.open(name, _DIR_FLAGS, dir_fd=fd)
-            except FileNotFoundError:
-                if create_mode is None:
-                    raise
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(name, create_mode, dir_fd=fd)
-                child = os.open(name, _DIR_FLAGS, dir_fd=fd)
-            except OSError as exc:
-                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                    raise UnsafePathError(f"{name!r} below {root} is not a plain directory") from exc
-                raise
+            child = _open_child(fd, name, create_mode)
             os.close(fd)
             fd = child
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def _open_child(dir_fd: int, name: str, create_mode: int | None) -> int:
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except FileNotFoundError:
+        if create_mode is None:
+            raise
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, create_mode, dir_fd=dir_fd)
+        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
 
 
 class DirCache:
@@ -206,63 +202,6 @@ def open_file(dir_fd: int, name: str, *, links_ok: bool = False) -> Iterator[tup
         yield fd, st
     finally:
         os.close(fd)
-
-
-def collision_name(name: str, n: int) -> str:
-    """`a.tar.gz` → `a.tar.<n>.gz`, `README` → `README.<n>`; n = 0 keeps the name.
-
-    The result fits NAME_MAX (255 bytes): a long stem is cut, by whole characters (a byte
-    that is not UTF-8 counts as one, see `os.fsdecode`), to make room for the suffix. The
-    extension is kept unless it alone leaves no room (then the whole name is the stem).
-    Every n gives another name: all are the same stem's prefixes followed by `.<n>`.
-    """
-    if n == 0:
-        return name
-    suffix = f".{n}"
-    stem, dot, ext = name.rpartition(".")
-    if not dot or not stem or _nbytes(dot + ext) > NAME_MAX - _MIN_STEM_ROOM:
-        stem, ext = name, ""
-    else:
-        ext = dot + ext
-    room = NAME_MAX - _nbytes(suffix + ext)
-    return _head(stem, room) + suffix + ext
-
-
-def _nbytes(text: str) -> int:
-    """The length of a name on disk, in bytes."""
-    return len(os.fsencode(text))
-
-
-def _head(text: str, max_bytes: int) -> str:
-    """The longest prefix of `text` of at most `max_bytes` bytes, cut between characters."""
-    if _nbytes(text) <= max_bytes:
-        return text
-    used = 0
-    for i, char in enumerate(text):
-        used += _nbytes(char)
-        if used > max_bytes:
-            return text[:i]
-    return text
-
-
-_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
-
-
-def printable(name: str) -> str:
-    """A name on one line for people, escaped as `ls -b` does: `\\n`, `\\\\`, `\\xff` for a
-    byte that is not UTF-8 (see `os.fsdecode`), `\\x1b` or `\\u202e` for other unprintables."""
-    return "".join(_escape(char) for char in name)
-
-
-def _escape(char: str) -> str:
-    if char in _ESCAPES:
-        return _ESCAPES[char]
-    if char.isprintable():
-        return char
-    code = ord(char)
-    if 0xDC80 <= code <= 0xDCFF:  # surrogateescape: the raw byte
-        return f"\\x{code - 0xDC00:02x}"
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 def rename_noreplace(src_dir: int, src: str, dst_dir: int, dst: str) -> None:

@@ -2,7 +2,7 @@
 
 Every record is one whole line (docs/operations.md, "Logging"): a process writes each
 record in one go under one lock, a JSON line is kept below journald's `LineMax=`, and
-worker processes (daemon/workers.py) write to a pipe whose whole lines the daemon copies
+worker processes (daemon/workers/pool.py) write to a pipe whose whole lines the daemon copies
 to its own stdout, so records of different processes never cut into each other.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 
 import structlog
 
-from daemon.fsutil import printable
+from daemon.naming import printable
 
 __all__ = ["MAX_LINE_CHARS", "SENSITIVE_KEYS", "configure_logging", "redact", "write_lines"]
 

@@ -11,7 +11,9 @@ __all__ = ["FileState", "Pending", "Reason", "RejectReason", "RowChanges", "S3Ob
 
 
 class FileState(enum.StrEnum):
-    """Where a journal row stands; rows only move forward."""
+    """Where a journal row stands. Rows mostly move down this list, but go back too: a file changed
+    since its scan goes back to `discovered` or `stable` (pipeline/outcome.py, `changed`), a
+    retried scan back to `stable`, and `Journal.release` hands unfinished scans back as `stable`."""
 
     DISCOVERED = "discovered"  # seen; waiting to settle
     STABLE = "stable"  # settled; waiting for a scan slot

@@ -24,7 +24,8 @@ from daemon.model import FileState, Pending, Reason, ScanRecord, Verdict, Verdic
 from daemon.pipeline import Pipeline
 from daemon.pipeline.multi import decide
 from daemon.refid import build_ref_id
-from daemon.s3 import is_s3, make_client
+from daemon.s3client import make_client
+from daemon.s3url import is_s3
 from daemon.watchers.base import relative_path
 
 __all__ = ["ScanResult", "scan_paths", "watch_verdict"]

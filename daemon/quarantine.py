@@ -11,12 +11,12 @@ import structlog
 
 from daemon.config import Config
 from daemon.errors import LocationError, QuarantineError
-from daemon.facts import iso, outcome_facts
 from daemon.fsutil import DirCache, Identity
 from daemon.journal import FileRow, Journal
 from daemon.locations import Location, Locations, MoveRequest, S3Location, transfer
 from daemon.model import FileState, VerdictKind
-from daemon.s3 import is_s3
+from daemon.outcome_facts import iso, outcome_facts
+from daemon.s3url import is_s3
 
 __all__ = ["actor", "delete", "describe", "list_quarantined", "release"]
 

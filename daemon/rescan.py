@@ -27,19 +27,20 @@ from daemon.config import IN_PLACE, Config, WatchConfig
 from daemon.engines import Engine
 from daemon.engines.base import ScanRequest
 from daemon.errors import ChangedError, ScanwatchError
-from daemon.facts import iso, outcome_facts
 from daemon.faults import pause
-from daemon.fleet import is_fleet_key
 from daemon.fsutil import DirCache, Identity
 from daemon.journal import FileRow, Journal
 from daemon.locations import SIDECAR_SUFFIX, Listed, Locations, MoveRequest, S3Location, transfer
 from daemon.locations.inplace import tag_in_place, verdict_tags
 from daemon.model import FileState, Verdict, VerdictKind
 from daemon.oneshot import watch_verdict
+from daemon.outcome_facts import iso, outcome_facts
 from daemon.progress import Progress
 from daemon.quarantine import actor
 from daemon.refid import build_ref_id
-from daemon.s3 import S3Clients, s3_boundary
+from daemon.s3client import S3Clients, list_objects
+from daemon.s3url import quoted_etag
+from daemon.watchers.fleet import is_fleet_key
 from daemon.watchers.tree import walk
 
 __all__ = ["Moved", "RescanOutcome", "RescanSummary", "rescan_clean"]
@@ -339,12 +340,8 @@ def _is_ours_to_scan(rel_path: str) -> bool:
 def _objects(location: S3Location) -> Iterator[Listed]:
     """The objects under an S3 location, as listed (folder markers and sidecars left out)."""
     where = location.where
-    paginator = location.client.get_paginator("list_objects_v2")
-    pages = paginator.paginate(Bucket=where.bucket, Prefix=where.prefix)
-    with s3_boundary(f"LIST {where}"):
-        for page in pages:
-            for obj in page.get("Contents", ()):
-                rel = str(obj["Key"]).removeprefix(where.prefix)
-                if rel and not rel.endswith("/") and _is_ours_to_scan(rel):
-                    etag = f'"{str(obj["ETag"]).strip(chr(34))}"'
-                    yield Listed(rel, etag, None, int(obj["Size"]))
+    for page in list_objects(location.client, where):
+        for obj in page:
+            rel = str(obj["Key"]).removeprefix(where.prefix)
+            if rel and not rel.endswith("/") and _is_ours_to_scan(rel):
+                yield Listed(rel, quoted_etag(str(obj["ETag"])), None, int(obj["Size"]))

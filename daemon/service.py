@@ -16,18 +16,19 @@ from daemon.config import Config, load_config
 from daemon.engines import Engine, build_engines
 from daemon.errors import ConfigError, EngineThrottledError, JournalDamagedError, ScanwatchError
 from daemon.journal import FileRow, is_damage, open_journal, owner_token
-from daemon.journal_repair import hold_daemon_lock
-from daemon.locations.staging import reconcile as reconcile_staging
+from daemon.journal.repair import hold_daemon_lock
+from daemon.locations.s3staging import reconcile as reconcile_staging
 from daemon.metrics import Metrics
 from daemon.pipeline import Outcome, Pipeline, uses_s3
-from daemon.s3 import S3Clients, is_s3
+from daemon.s3client import S3Clients
+from daemon.s3url import is_s3
 from daemon.sdnotify import Notifier
 from daemon.watchers.base import Watcher
 from daemon.watchers.local import LocalWatcher
 from daemon.watchers.s3 import S3Watcher
 from daemon.webhooks import WebhookReceivers
-from daemon.worker import share_webhook_health
-from daemon.workers import WorkerPool
+from daemon.workers.pool import WorkerPool
+from daemon.workers.process import share_webhook_health
 
 __all__ = ["Service"]
 
@@ -43,7 +44,7 @@ class _Running:
 
     config: Config
     engines: dict[str, Engine]
-    pipeline: Pipeline | WorkerPool  # `workers: N` > 1: processes (daemon/workers.py)
+    pipeline: Pipeline | WorkerPool  # `workers: N` > 1: processes (daemon/workers/pool.py)
     watchers: list[Watcher]
     alerts: WebhookAlerts | None
     webhooks: WebhookReceivers  # bound in `_start`, so a reload can rebind the same address

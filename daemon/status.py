@@ -7,9 +7,9 @@ from typing import Any
 
 from daemon.config import Config, HttpEngineConfig
 from daemon.engines._pacing import read_rates
-from daemon.fsutil import printable
 from daemon.journal import FleetMember, Journal
 from daemon.model import FileState
+from daemon.naming import printable
 
 __all__ = ["collect", "render"]
 

@@ -15,11 +15,12 @@ from typing import Any, BinaryIO
 
 from daemon.engines.base import ScanHandle, ScanRequest
 from daemon.errors import ChangedError, EngineResubmitError
-from daemon.fsutil import Identity, collision_name
+from daemon.fsutil import Identity
 from daemon.journal import Journal
 from daemon.locations import Content, Listed, MoveRequest, Opened, Source
 from daemon.locations.base import MAX_COLLISIONS
 from daemon.model import Pending, RowChanges, Verdict, VerdictKind
+from daemon.naming import collision_name
 
 EICAR = (Path(__file__).resolve().parent.parent / "samples" / "eicar.com").read_bytes()
 

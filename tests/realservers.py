@@ -491,6 +491,15 @@ def s3_server(request: pytest.FixtureRequest) -> Iterator[S3Server]:
 
 
 @pytest.fixture
+def s3_proxy(s3_server: S3Server) -> Iterator[HttpProxy]:
+    """The S3 server behind a proxy that records every request (and server-side copy)."""
+    proxy = HttpProxy(int(s3_server.endpoint_url.rsplit(":", 1)[1]))
+    proxy.start()
+    yield proxy
+    proxy.stop()
+
+
+@pytest.fixture
 def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """boto3's credential chain pointed at the test server (the daemon's way to get them)."""
     env = {"AWS_ACCESS_KEY_ID": s3_server.access_key, "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,

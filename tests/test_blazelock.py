@@ -1,4 +1,4 @@
-"""The Blazelock engine against a strict loopback emulator of its API (vendors.md §1)."""
+"""The Blazelock engine against a strict loopback emulator of its API (docs/engines.md, "Blazelock")."""
 
 from __future__ import annotations
 

@@ -340,3 +340,10 @@ def test_the_other_engines_urls_are_checked_alike(layout: Layout, engine: str) -
 ])
 def test_pydantic_locations_become_yaml_paths(loc: tuple[int | str, ...], path: str) -> None:
     assert format_loc(loc) == path
+
+
+def test_loading_the_config_does_not_load_boto3() -> None:
+    """S3 locations are parsed without boto3: config parsing stays light (docs/architecture.md)."""
+    code = ("import sys, daemon.config; "
+            "sys.exit(1 if {'boto3', 'botocore'} & set(sys.modules) else 0)")
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=False).returncode == 0

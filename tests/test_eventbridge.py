@@ -13,8 +13,8 @@ from realservers import SqsServer
 from test_s3events import BUCKET, FAST_RETRY, PREFIX, Received, body, encoded_keys, record, sns_wrapped
 
 from daemon.errors import MalformedMessageError
-from daemon.watchers.s3events import SqsEventSource
-from daemon.watchers.s3notify import S3Event, parse_message
+from daemon.watchers.s3messages import S3Event, parse_message
+from daemon.watchers.sqs import SqsEventSource
 
 # Keys that S3's own encoding changes: spaces, '+', '%', non-ASCII, reserved characters.
 AWKWARD_KEYS = ["incoming/my report (1).pdf", "incoming/a+b c.txt", "incoming/100% sure?.txt",

@@ -20,6 +20,7 @@ from conftest import Daemon, wait_until
 from emulators.blazelock import BlazelockEmulator
 from fleetkit import EICAR, GARBAGE, Fleet
 from realservers import HttpProxy, S3Server, SqsServer
+from test_integrity import Pauses
 
 from daemon.journal import open_journal
 
@@ -102,22 +103,13 @@ def test_a_node_killed_mid_way_loses_and_doubles_nothing(
     _assert_each_placed_once(fleet, names)
 
 
-@pytest.fixture
-def counted(s3_server: S3Server) -> Iterator[HttpProxy]:
-    """The S3 server behind a proxy that records every request."""
-    proxy = HttpProxy(int(s3_server.endpoint_url.rsplit(":", 1)[1]))
-    proxy.start()
-    yield proxy
-    proxy.stop()
-
-
 def test_two_nodes_given_the_same_message_place_once(
-        fleet: Fleet, counted: HttpProxy, sqs_server: SqsServer, request: pytest.FixtureRequest,
-        daemon_factory: Callable[..., Daemon], s3_env: dict[str, str]) -> None:
+        fleet: Fleet, s3_proxy: HttpProxy, sqs_server: SqsServer, request: pytest.FixtureRequest,
+        daemon_factory: Callable[..., Daemon], s3_env: dict[str, str], tmp_path: Path) -> None:
     sqs = fleet.sqs
     second_queue = sqs.create_queue(QueueName=f"{fleet.queue_url.rsplit('/', 1)[1][:70]}-b")["QueueUrl"]
     request.addfinalizer(lambda: sqs.delete_queue(QueueUrl=second_queue))
-    fleet.s3_endpoint = counted.endpoint_url
+    fleet.s3_endpoint = s3_proxy.endpoint_url
     names = [f"race {n}.txt" for n in range(20)]
     fleet.put(names)
     # The same message delivered to both nodes at once: SQS does that when a visibility timeout
@@ -125,11 +117,18 @@ def test_two_nodes_given_the_same_message_place_once(
     ports = [free_port(), free_port()]
     configs = [fleet.config(0, metrics_port=ports[0]), fleet.config(1, metrics_port=ports[1], events={
         "sqs_queue_url": second_queue, "endpoint_url": fleet.sqs_endpoint, "region": fleet.region})]
-    nodes = [daemon_factory(config, env=s3_env) for config in configs]
+    # Each node holds the bytes of its first objects until both do: their moves start together.
+    pauses = [Pauses(tmp_path / f"pauses-{n}") for n in range(2)]
+    nodes = [daemon_factory(config, env={**s3_env, **held.env("scan.hashed")})
+             for config, held in zip(configs, pauses, strict=True)]
     for node in nodes:
         node.wait_started()
     for queue in (fleet.queue_url, second_queue):
         Fleet(fleet.s3, sqs, fleet.bucket, queue, fleet.base, "", "", "", fleet.etags).send_events(names)
+    for node, held in zip(nodes, pauses, strict=True):
+        held.reached(node, "scan.hashed")
+    for held in pauses:
+        held.go("scan.hashed")
     nodes[0].wait_for(_drained(fleet, names), timeout=60, what="every object placed")
     for queue in (fleet.queue_url, second_queue):
         nodes[0].wait_for(lambda queue=queue: sum(Fleet(fleet.s3, sqs, fleet.bucket, queue, fleet.base, "",
@@ -138,15 +137,16 @@ def test_two_nodes_given_the_same_message_place_once(
     found_placed = [_metric(port, "scanwatch_fleet_already_placed_total", 'watch="w"') for port in ports]
     assert [node.stop() for node in nodes] == [0, 0]
     assert fleet.keys("clean/") == sorted(names) and fleet.keys("in/") == []
-    copies = [counted.count("PUT", f"/clean/{quote(n)}") for n in names]
-    deleted = [counted.count("DELETE", f"/in/{quote(n)}", 204) for n in names]
+    copies = [s3_proxy.count("PUT", f"/clean/{quote(n)}") for n in names]
+    deleted = [s3_proxy.count("DELETE", f"/in/{quote(n)}", 204) for n in names]
     raced = sum(1 for c in copies if c == 2)
     print(f"copies attempted twice: {raced}/{len(names)}; source deletes answered 204: {deleted}")
     assert all(c >= 1 for c in copies) and raced, "the two nodes never raced"
     assert deleted == [1] * len(names)  # the loser's delete, pinned to the ETag, deleted nothing:
     for n in names:  # the others were answered 412 or 404, which count as success
         path = f"/in/{quote(n)}"
-        assert counted.count("DELETE", path) - 1 == sum(counted.count("DELETE", path, s) for s in (404, 412))
+        refused = sum(s3_proxy.count("DELETE", path, status) for status in (404, 412))
+        assert s3_proxy.count("DELETE", path) - 1 == refused
     assert sum(len(n.named("move.already_placed")) for n in nodes) >= raced
     assert sum(found_placed) == sum(len(n.named("move.already_placed")) for n in nodes)
 

@@ -9,9 +9,9 @@ from typing import Any
 
 from realservers import S3Server, SqsServer
 
-from daemon.fleet import ListingLease, SafetyNet, is_fleet_key
-from daemon.s3 import S3Url
-from daemon.watchers.s3notify import parse_message
+from daemon.s3url import S3Url
+from daemon.watchers.fleet import ListingLease, SafetyNet, is_fleet_key
+from daemon.watchers.s3messages import parse_message
 
 
 class Clock:

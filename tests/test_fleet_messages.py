@@ -10,8 +10,8 @@ from conftest import wait_until
 from realservers import SqsServer
 from test_s3events import BUCKET, FAST_RETRY, PREFIX, Received, body, record
 
-from daemon.watchers.s3events import SqsEventSource
-from daemon.watchers.s3notify import S3Event
+from daemon.watchers.s3messages import S3Event
+from daemon.watchers.sqs import SqsEventSource
 
 
 def counts(sqs: Any, url: str) -> tuple[int, int]:

@@ -10,7 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from daemon.errors import UnsafePathError
-from daemon.fsutil import collision_name, open_dir, rel_parts, rename_noreplace
+from daemon.fsutil import open_dir, rename_noreplace
+from daemon.naming import collision_name, rel_parts
 from daemon.watchers.base import relative_path
 
 segments = st.text(st.characters(blacklist_characters="/\0", blacklist_categories=("Cs",)),

@@ -1,4 +1,7 @@
-"""The MetaDefender Core engine against a strict loopback emulator of its REST API (vendors.md §3)."""
+"""The MetaDefender Core engine against a strict loopback emulator of its REST API.
+
+See docs/engines.md, "OPSWAT MetaDefender Core".
+"""
 
 from __future__ import annotations
 

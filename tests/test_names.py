@@ -16,12 +16,13 @@ from hypothesis import strategies as st
 
 from daemon.config import S3Config
 from daemon.errors import UnsafePathError
-from daemon.fsutil import NAME_MAX, collision_name, printable
+from daemon.locations.inplace import verdict_tags
 from daemon.locations.local import LocalLocation
 from daemon.locations.s3 import S3Location
 from daemon.model import FileState
+from daemon.naming import NAME_MAX, collision_name, flat_name, local_rel, printable
 from daemon.refid import build_ref_id
-from daemon.s3 import flat_name, local_rel
+from daemon.s3url import tag_value
 
 SHA = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
 
@@ -69,6 +70,14 @@ def test_printable_names_keep_one_line() -> None:
     assert printable("a\nb\\c\td.txt") == "a\\nb\\\\c\\td.txt"
     assert printable(os.fsdecode(b"bad\xff\xfe.txt")) == "bad\\xff\\xfe.txt"
     assert printable("\x1b[31m\u202eé ok") == "\\x1b[31m\\u202eé ok"
+
+
+def test_tag_values_keep_only_what_s3_allows_everywhere() -> None:
+    """One sanitizer for every tag scanwatch writes: ASCII letters, digits and ` +-=._:/@`."""
+    assert tag_value("Eicar-Test-Signature é✓ a_b:/@=+.") == "Eicar-Test-Signature __ a_b:/@=+."
+    assert tag_value("x" * 300) == "x" * 256
+    tags = verdict_tags("infected", "naïve", "2026-01-01T00:00:00Z", "W32/é" * 100)
+    assert tags["scanwatch-reason"] == "na_ve" and tags["scanwatch-threat"] == tag_value("W32/é" * 100)
 
 
 def test_non_utf8_names_get_sanitized_ref_ids_hashing_the_bytes() -> None:

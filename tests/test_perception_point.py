@@ -1,4 +1,7 @@
-"""The Perception Point engine against a strict loopback emulator of its files API (vendors.md §2)."""
+"""The Perception Point engine against a strict loopback emulator of its files API.
+
+See docs/engines.md, "Perception Point X-Ray".
+"""
 
 from __future__ import annotations
 

@@ -27,9 +27,10 @@ from daemon.engines.yara import YaraEngine
 from daemon.errors import EngineUnavailableError, LocationError, UnsafePathError
 from daemon.journal import Journal, owner_token
 from daemon.model import FileState, Verdict, VerdictKind
+from daemon.naming import flat_name, local_rel
 from daemon.pipeline import Pipeline
 from daemon.retry import RetryPolicy
-from daemon.s3 import flat_name, is_s3, local_rel
+from daemon.s3url import is_s3
 from daemon.watchers.local import LocalWatcher
 from daemon.watchers.s3 import S3Watcher
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,15 +69,6 @@ class Bucket:
 @pytest.fixture
 def bucket(s3_server: S3Server, s3_bucket: str, s3_env: dict[str, str]) -> Bucket:
     return Bucket(s3_server, s3_bucket)
-
-
-@pytest.fixture
-def proxy(s3_server: S3Server) -> Iterator[HttpProxy]:
-    """The daemon's S3 endpoint: a proxy that counts its requests and server-side copies."""
-    counting = HttpProxy(int(s3_server.endpoint_url.rsplit(":", 1)[1]))
-    counting.start()
-    yield counting
-    counting.stop()
 
 
 @pytest.fixture
@@ -157,26 +148,26 @@ def test_racing_md5_twins_never_reach_clean(bucket: Bucket, s3_server: S3Server,
 
 
 def test_unversioned_s3_to_s3_uploads_the_scanned_bytes_in_three_requests(
-        bucket: Bucket, proxy: HttpProxy, tmp_path: Path, daemon_factory: Callable[..., Daemon]) -> None:
+        bucket: Bucket, s3_proxy: HttpProxy, tmp_path: Path, daemon_factory: Callable[..., Daemon]) -> None:
     bucket.put("in/a.txt", b"hello")
-    daemon = daemon_factory(_config(tmp_path, proxy.endpoint_url, bucket.name))
+    daemon = daemon_factory(_config(tmp_path, s3_proxy.endpoint_url, bucket.name))
     daemon.wait_for(_moved(daemon, 1), what="moved")
     assert daemon.stop() == 0
     assert bucket.get("clean/a.txt") == b"hello" and bucket.keys("in/") == []
-    assert _on("a.txt", bucket, proxy) == _THREE_REQUESTS
-    assert proxy.copies == []  # never a server-side copy of the live key
+    assert _on("a.txt", bucket, s3_proxy) == _THREE_REQUESTS
+    assert s3_proxy.copies == []  # never a server-side copy of the live key
 
 
 def test_versioned_s3_to_s3_copies_the_scanned_version_server_side(
-        bucket: Bucket, proxy: HttpProxy, tmp_path: Path, daemon_factory: Callable[..., Daemon]) -> None:
+        bucket: Bucket, s3_proxy: HttpProxy, tmp_path: Path, daemon_factory: Callable[..., Daemon]) -> None:
     bucket.client.put_bucket_versioning(Bucket=bucket.name, VersioningConfiguration={"Status": "Enabled"})
     bucket.put("in/a.txt", b"hello")
-    daemon = daemon_factory(_config(tmp_path, proxy.endpoint_url, bucket.name))
+    daemon = daemon_factory(_config(tmp_path, s3_proxy.endpoint_url, bucket.name))
     daemon.wait_for(_moved(daemon, 1), what="moved")
     assert daemon.stop() == 0
     assert bucket.get("clean/a.txt") == b"hello" and bucket.keys("in/") == []
-    assert _on("a.txt", bucket, proxy) == _THREE_REQUESTS
-    ((_, copied),) = proxy.copies
+    assert _on("a.txt", bucket, s3_proxy) == _THREE_REQUESTS
+    ((_, copied),) = s3_proxy.copies
     assert "versionId=" in copied  # the immutable version: nothing staged, nothing snapshotted
     assert not any((tmp_path / "state" / "staging" / "s3").iterdir()) and bucket.snapshots() == []
 
@@ -184,9 +175,9 @@ def test_versioned_s3_to_s3_copies_the_scanned_version_server_side(
 _THREE_REQUESTS = [("GET", "in/a.txt"), ("PUT", "clean/a.txt"), ("DELETE", "in/a.txt")]
 
 
-def _on(name: str, bucket: Bucket, proxy: HttpProxy) -> list[tuple[str, str]]:
+def _on(name: str, bucket: Bucket, s3_proxy: HttpProxy) -> list[tuple[str, str]]:
     """The requests the daemon made about objects named `name`: method and key."""
-    return [(m, p.partition("?")[0].rpartition(f"/{bucket.name}/")[2]) for m, p, _ in proxy.requests
+    return [(m, p.partition("?")[0].rpartition(f"/{bucket.name}/")[2]) for m, p, _ in s3_proxy.requests
             if name in p]
 
 
@@ -219,11 +210,11 @@ def test_a_lost_staged_copy_is_downloaded_again_and_checked(
 
 
 def test_large_object_is_scanned_and_promoted_from_a_private_snapshot(
-        bucket: Bucket, proxy: HttpProxy, tmp_path: Path, pauses: Pauses,
+        bucket: Bucket, s3_proxy: HttpProxy, tmp_path: Path, pauses: Pauses,
         daemon_factory: Callable[..., Daemon]) -> None:
     harmless, evil = twins(os.urandom(4096))
     bucket.put("in/big.bin", harmless)
-    daemon = daemon_factory(_config(tmp_path, proxy.endpoint_url, bucket.name,
+    daemon = daemon_factory(_config(tmp_path, s3_proxy.endpoint_url, bucket.name,
                                     s3={"snapshot_threshold": 1024}), pauses.env("scan.snapshotted"))
     pauses.reached(daemon, "scan.snapshotted")
     (snapshot,) = bucket.snapshots()
@@ -235,9 +226,9 @@ def test_large_object_is_scanned_and_promoted_from_a_private_snapshot(
     assert bucket.snapshots() == [] and bucket.keys("in/") == []  # the twin went with its ETag
     snapshot_key = f"in/.scanwatch/snapshots/{snapshot}"
     copies = [(path.partition("?")[0].rpartition("/")[2], source.partition("?")[0].split("/", 1)[1])
-              for path, source in proxy.copies]
+              for path, source in s3_proxy.copies]
     assert copies == [(snapshot.rpartition("/")[2], "in/big.bin"), ("big.bin", snapshot_key)]
-    assert proxy.count("GET", snapshot_key) == 1 and proxy.count("GET", "in/big.bin") == 0
+    assert s3_proxy.count("GET", snapshot_key) == 1 and s3_proxy.count("GET", "in/big.bin") == 0
 
 
 def test_snapshot_and_promotion_above_the_multipart_threshold(

@@ -334,29 +334,21 @@ def test_dot_files_and_part_names_are_scanned_and_ignored_keys_are_reported_once
     assert watch.keys("in/") == ["a.skip", "x/"]  # left where they are
 
 
-@pytest.fixture
-def counted(s3_server: S3Server) -> Iterator[HttpProxy]:
-    proxy = HttpProxy(int(s3_server.endpoint_url.rsplit(":", 1)[1]))
-    proxy.start()
-    yield proxy
-    proxy.stop()
-
-
 def test_an_object_listed_over_max_size_fails_too_large_without_a_download(
-        watch: Watch, counted: HttpProxy) -> None:
-    watch.configure(endpoint_url=counted.endpoint_url, engine={"max_size": 1000})
+        watch: Watch, s3_proxy: HttpProxy) -> None:
+    watch.configure(endpoint_url=s3_proxy.endpoint_url, engine={"max_size": 1000})
     daemon = watch.start()
     watch.put("in/big.bin", b"x" * 5000)
     watch.put("in/small.txt", b"small")
     daemon.wait_for(lambda: watch.keys("failed/") == ["big.bin"] and watch.keys("clean/") == ["small.txt"],
                     what="placed")
     assert daemon.stop() == 0
-    downloads = [path for method, path, _ in counted.requests
+    downloads = [path for method, path, _ in s3_proxy.requests
                  if method == "GET" and path.split("?")[0].endswith("/in/big.bin") and "tagging" not in path]
     assert downloads == []
     [row] = [r for r in watch.rows() if r.rel_path == "big.bin"]
     assert row.reason == "too_large" and "as listed" in str(row.raw_result)
-    assert counted.count("GET", "/in/small.txt") >= 1  # the counting sees downloads
+    assert s3_proxy.count("GET", "/in/small.txt") >= 1  # the counting sees downloads
 
 
 # -- SQS operations -------------------------------------------------------------------------------

@@ -20,8 +20,8 @@ from structlog.testing import capture_logs
 
 from daemon.errors import MalformedMessageError, QueueUnavailableError
 from daemon.retry import RetryPolicy
-from daemon.watchers.s3events import SqsEventSource
-from daemon.watchers.s3notify import S3Event, parse_message
+from daemon.watchers.s3messages import S3Event, parse_message
+from daemon.watchers.sqs import SqsEventSource
 
 BUCKET = "drop-bucket"
 PREFIX = "incoming/"

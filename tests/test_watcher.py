@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 from conftest import Daemon, Layout
 
-from daemon.fsutil import open_dir, split_rel
+from daemon.fsutil import open_dir
+from daemon.naming import split_rel
 from daemon.watchers.local import RepeatFilter
 
 # Root without the capabilities that let it read any directory, so mode 000 really blocks.

@@ -19,14 +19,14 @@ from structlog.testing import capture_logs
 from daemon.journal import Journal
 from daemon.model import FileState
 from daemon.slots import EngineSlots
-from daemon.workers import _relay_lines
+from daemon.workers.pool import _relay_lines
 
 # One process of the test below: `threads` holders, each logging "+" and "-" inside its slot.
 _HOLDERS = """
 import os, sys, threading, time
 from pathlib import Path
 from daemon.slots import EngineSlots
-from daemon.workers import _relay_lines
+from daemon.workers.pool import _relay_lines
 slots = EngineSlots(Path(sys.argv[1]), "default", int(sys.argv[2]))
 log = os.open(sys.argv[3], os.O_WRONLY | os.O_APPEND)
 def hold():
@@ -76,6 +76,7 @@ def test_a_killed_holder_frees_its_slot(tmp_path: Path) -> None:
     holder.send_signal(signal.SIGKILL)
     holder.wait()
     assert taken.wait(30)
+    waiter.join(5)  # out of its slot before the slots are closed under it
     slots.close()
 
 

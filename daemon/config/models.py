@@ -13,7 +13,7 @@ from daemon.config.base import Model as _Model
 from daemon.config.engines import EngineConfig
 from daemon.config.units import Duration, SecretHttpUrl, Size, check_host_port
 from daemon.errors import ConfigError
-from daemon.s3 import S3Url, is_s3
+from daemon.s3url import S3Url, is_s3
 
 __all__ = [
     "DEFAULT_IGNORE",
@@ -56,9 +56,9 @@ class S3Config(_Model):
     @field_validator("profile")
     @classmethod
     def _known_profile(cls, value: str | None) -> str | None:
-        import boto3  # only here: most configs never need it
+        from daemon.s3client import profile_names  # only here: most configs never need boto3
 
-        if value is not None and value not in boto3.session.Session().available_profiles:
+        if value is not None and value not in profile_names():
             raise ValueError(f"no profile {value!r} in the AWS config files")
         return value
 

@@ -1,7 +1,7 @@
 """The journal: one SQLite file in WAL mode, the only shared state and the work queue.
 
-One row per arrival. Rows move forward (see `FileState`) in transactions; the
-intent of every side effect is written before it and the outcome after, so any
+One row per arrival. Rows change state (see `FileState`, which says where they go back) in
+transactions; the intent of every side effect is written before it and the outcome after, so any
 step can be replayed after a crash. Each thread uses its own connection; other
 processes (`scan --move`, `status`, `quarantine`) open the same file beside the
 daemon. A claimed row carries its owner's token (`pid:start time`); rows of a

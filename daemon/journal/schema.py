@@ -111,7 +111,7 @@ SCHEMA = [
     ALTER TABLE files ADD COLUMN last_modified REAL;
     """,
     # S3 sources: the private server-side snapshot a row is scanned and promoted from
-    # (daemon/locations/staging.py), deleted with the source once the row is moved.
+    # (daemon/locations/s3staging.py), deleted with the source once the row is moved.
     """
     ALTER TABLE files ADD COLUMN snapshot TEXT;
     """,

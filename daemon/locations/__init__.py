@@ -7,7 +7,7 @@ so a move cut off at any point is finished by `transfer(..., resumed=True)`:
 
 - local → local: an atomic rename that never overwrites (a copy across filesystems);
 - S3 → S3: a server-side copy of an immutable version or private snapshot, or an upload of
-  the very bytes that were scanned (unversioned buckets: daemon/locations/staging.py);
+  the very bytes that were scanned (unversioned buckets: daemon/locations/s3staging.py);
 - S3 → local: the scanned bytes (staged copy, snapshot or version) written to a temp name,
   fsync, a no-overwrite rename;
 - local → S3: an upload (multipart above one part) that completes only when the bytes
@@ -36,7 +36,8 @@ from daemon.locations.base import (
 )
 from daemon.locations.local import LocalLocation
 from daemon.locations.s3 import S3Location
-from daemon.s3 import S3Clients, is_s3
+from daemon.s3client import S3Clients
+from daemon.s3url import is_s3
 from daemon.staging import StagingDirs
 
 __all__ = [

@@ -15,20 +15,19 @@ remembers them as the version judged, so the listing does not take it for a new 
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import NamedTuple
 from urllib.parse import urlencode
 
 from daemon.errors import ChangedError, LocationError, S3ConditionError, TooManyTagsError
 from daemon.locations.s3 import S3Location, copy_hashing
-from daemon.s3 import epoch
+from daemon.s3client import epoch
+from daemon.s3url import quoted_etag, tag_value
 
 __all__ = ["MAX_TAGS", "Rewritten", "tag_in_place", "verdict_tags"]
 
 MAX_TAGS = 10  # S3's limit per object
 _OURS = "scanwatch-"
-_UNSAFE = re.compile(r"[^A-Za-z0-9 +\-=._:/@]")
 _MAX_PUT_BYTES = 5 * 2**30  # S3's limit of one PutObject
 # What a rewrite keeps of the object besides its bytes (its user metadata and headers).
 _KEPT = ("ContentType", "ContentEncoding", "ContentDisposition", "ContentLanguage", "CacheControl",
@@ -44,10 +43,10 @@ class Rewritten(NamedTuple):
 
 def verdict_tags(verdict: str, reason: str | None, scanned_at: str, threat: str | None) -> dict[str, str]:
     """The tags of a verdict; `scanwatch-threat` (the first threat, at most 256) when infected."""
-    tags = {"scanwatch-verdict": verdict, "scanwatch-reason": _UNSAFE.sub("_", reason or ""),
+    tags = {"scanwatch-verdict": verdict, "scanwatch-reason": tag_value(reason or ""),
             "scanwatch-scanned-at": scanned_at}
     if threat:
-        tags["scanwatch-threat"] = _UNSAFE.sub("_", threat)[:256]
+        tags["scanwatch-threat"] = tag_value(threat)
     return tags
 
 
@@ -98,7 +97,7 @@ def _rewrite(source: S3Location, rel_path: str, etag: str | None, sha256: str | 
         kept = {k: answer[k] for k in _KEPT if answer.get(k)}
         put = source.call("PUT", "put_object", Key=source.key(rel_path), Body=copy, IfMatch=etag,
                           Tagging=tagging, **kept)
-    new_etag = _quoted(put.get("ETag")) or etag
+    new_etag = quoted_etag(str(put["ETag"])) if put.get("ETag") else etag
     try:  # which LastModified our write has: asked of exactly our ETag
         head = source.call("HEAD", "head_object", Key=source.key(rel_path), IfMatch=new_etag)
         last_modified: float | None = epoch(head["LastModified"])
@@ -117,10 +116,3 @@ def _version_of(source: S3Location, key: str, etag: str | None) -> str | None:
     head = source.call("HEAD", "head_object", Key=key, IfMatch=etag)
     version = head.get("VersionId")
     return None if version in (None, "", "null") else str(version)
-
-
-def _quoted(etag: Any) -> str | None:
-    """An ETag as listings give it (quoted); some servers answer a copy's without quotes."""
-    if not etag:
-        return None
-    return f'"{str(etag).strip(chr(34))}"'

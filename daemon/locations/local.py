@@ -22,16 +22,7 @@ import structlog
 
 from daemon.errors import ChangedError, LocationError, StagingError, UnsafePathError
 from daemon.faults import pause
-from daemon.fsutil import (
-    DirCache,
-    Identity,
-    classify,
-    collision_name,
-    open_file,
-    rename_noreplace,
-    sha256_fd,
-    split_rel,
-)
+from daemon.fsutil import DirCache, Identity, classify, open_file, rename_noreplace, sha256_fd
 from daemon.journal import RowChanges
 from daemon.locations.base import (
     CHUNK,
@@ -48,7 +39,7 @@ from daemon.locations.base import (
 from daemon.locations.original import return_original, write_back
 from daemon.locations.placing import new_file, place_staged, temp_name, write_all
 from daemon.model import Reason
-from daemon.s3 import local_rel
+from daemon.naming import collision_name, local_rel, split_rel
 from daemon.staging import Staging, StagingDirs, orig_name, snap_name
 
 __all__ = ["LocalLocation"]

@@ -14,9 +14,10 @@ import os
 import structlog
 
 from daemon.errors import UnsafePathError
-from daemon.fsutil import collision_name, open_dir, put_back, split_rel
+from daemon.fsutil import open_dir, put_back
 from daemon.locations.base import MAX_COLLISIONS, MoveRequest
 from daemon.locations.placing import new_file
+from daemon.naming import collision_name, split_rel
 from daemon.staging import Staging, copy_into
 
 __all__ = ["return_original", "write_back"]

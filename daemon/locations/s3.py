@@ -7,7 +7,6 @@ import dataclasses
 import errno
 import io
 import json
-import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -20,7 +19,7 @@ import structlog
 
 from daemon.config import S3Config
 from daemon.errors import ChangedError, LocationError, S3ConditionError, S3UnavailableError, UnsafePathError
-from daemon.fsutil import Identity, collision_name
+from daemon.fsutil import Identity
 from daemon.locations.base import (
     CHUNK,
     MAX_COLLISIONS,
@@ -34,8 +33,10 @@ from daemon.locations.base import (
 )
 from daemon.locations.s3copy import Target, server_copy, upload
 from daemon.locations.s3scan import OpenedObject, copy_hashing
-from daemon.locations.staging import Staging, delete_snapshot, node_id, snapshot_rel
-from daemon.s3 import S3Url, s3_boundary
+from daemon.locations.s3staging import Staging, delete_snapshot, node_id, snapshot_rel
+from daemon.naming import collision_name
+from daemon.s3client import s3_boundary
+from daemon.s3url import S3Url, bare_etag, tag_value
 
 __all__ = ["SHA256_TAG", "SOURCE_VERSION_TAG", "S3Location", "copy_hashing", "source_tags"]
 
@@ -45,7 +46,6 @@ _MAX_KEY_BYTES = 1024
 # What a placed copy says about its source, the same whichever daemon placed it (docs/fleet.md).
 SOURCE_VERSION_TAG = "scanwatch-source-version"
 SHA256_TAG = "scanwatch-sha256"
-_TAG_UNSAFE = re.compile(r"[^A-Za-z0-9 +\-=._:/@]")
 
 log = structlog.get_logger("scanwatch.locations.s3")
 
@@ -53,12 +53,12 @@ log = structlog.get_logger("scanwatch.locations.s3")
 def source_tags(req: MoveRequest) -> dict[str, str]:
     """The node-independent identity of the scanned source version, as destination tags."""
     tags = {}
-    version = req.version_id or (req.etag or "").strip('"')
+    version = req.version_id or bare_etag(req.etag or "")
     if not req.version_id and version and req.last_modified is not None:
         # Unversioned: the same bytes uploaded again have the same ETag but are another version.
         version = f"{version}@{int(req.last_modified)}"
     if version:
-        tags[SOURCE_VERSION_TAG] = _TAG_UNSAFE.sub("_", version)[:256]
+        tags[SOURCE_VERSION_TAG] = tag_value(version)
     if req.sha256:
         tags[SHA256_TAG] = req.sha256
     return tags
@@ -87,7 +87,7 @@ class S3Location:
         self._copy_threshold = config.multipart_threshold
         self._part_size = config.multipart_chunksize
         self._work_dir = work_dir  # private copies of objects being scanned
-        # Where scanned bytes wait for their move (daemon/locations/staging.py): none without
+        # Where scanned bytes wait for their move (daemon/locations/s3staging.py): none without
         # a state_dir; no staged copies where they are never moved (`in_place`).
         self._state_dir = state_dir
         self.staging = Staging(state_dir / "staging" / "s3") if state_dir is not None and stages else None
@@ -149,7 +149,7 @@ class S3Location:
         if self.staging is not None:
             self.staging.drop(file_id)
 
-    # -- snapshots: private server-side copies (daemon/locations/staging.py) ---------------
+    # -- snapshots: private server-side copies (daemon/locations/s3staging.py) ---------------
 
     def _snapshot_key(self, file_id: int, etag: str) -> str | None:
         """The key of row `file_id`'s snapshot of version `etag` (None: no state_dir, no snapshots)."""
@@ -205,7 +205,7 @@ class S3Location:
 
     @property
     def client(self) -> Any:
-        """The boto3 client (daemon/locations/inplace.py tags objects through it)."""
+        """The boto3 client, for what this class has no method for (rescans list through it)."""
         return self._client
 
     def key(self, rel_path: str) -> str:

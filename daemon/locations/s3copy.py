@@ -14,7 +14,7 @@ from typing import Any, BinaryIO
 
 from daemon.errors import LocationError
 from daemon.locations.base import read_full
-from daemon.s3 import s3_boundary
+from daemon.s3client import s3_boundary
 
 __all__ = ["Target", "server_copy", "upload"]
 

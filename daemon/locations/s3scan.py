@@ -18,7 +18,7 @@ from daemon.fsutil import Identity
 from daemon.journal import RowChanges
 from daemon.locations.base import CHUNK, Content, Listed
 from daemon.model import S3Object
-from daemon.s3 import epoch, s3_boundary
+from daemon.s3client import epoch, s3_boundary
 
 if TYPE_CHECKING:
     from daemon.locations.s3 import S3Location

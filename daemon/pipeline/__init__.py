@@ -31,7 +31,8 @@ from daemon.pipeline.outcome import Outcome, Outcomes
 from daemon.pipeline.reconcile import reconcile
 from daemon.pipeline.scanning import Scanner
 from daemon.retry import RetryPolicy
-from daemon.s3 import S3Clients, is_s3
+from daemon.s3client import S3Clients
+from daemon.s3url import is_s3
 from daemon.slots import EngineSlots
 from daemon.staging import StagingDirs
 

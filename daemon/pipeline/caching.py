@@ -25,11 +25,11 @@ import structlog
 from daemon.config import Config, WatchConfig
 from daemon.engines.base import Engine, signatures_of
 from daemon.errors import LocationError, S3ConditionError, ScanwatchError
-from daemon.fleet import LEASE_DIR
 from daemon.journal import CachedVerdict, FileRow, Journal, KeptVerdict
 from daemon.locations import Locations, S3Location
 from daemon.model import FileState, ScanChanges, Verdict, VerdictKind
 from daemon.pipeline.outcome import Outcome
+from daemon.watchers.fleet import LEASE_DIR
 
 __all__ = ["CacheKey", "VerdictCache", "cached_fields"]
 

@@ -8,24 +8,23 @@ planned; a name taken meanwhile is planned again and journaled before it is used
 from __future__ import annotations
 
 import dataclasses
-import re
 
 from daemon.config import IN_PLACE, Config, WatchConfig
 from daemon.errors import ChangedError, LocationError, S3UnavailableError, TooManyTagsError, UnsafePathError
-from daemon.facts import iso, outcome_facts
 from daemon.faults import pause
 from daemon.journal import FileRow, Journal, RowChanges
 from daemon.locations import Destination, Locations, MoveRequest, S3Location, Source, transfer
 from daemon.locations.inplace import tag_in_place, verdict_tags
 from daemon.model import FileState, Reason, Verdict, VerdictKind
+from daemon.naming import flat_name
+from daemon.outcome_facts import iso, outcome_facts
 from daemon.pipeline.outcome import Outcome, Outcomes
-from daemon.s3 import flat_name
+from daemon.s3url import tag_value
 
 __all__ = ["DESTINATION_FOR", "Mover"]
 
 DESTINATION_FOR = {VerdictKind.CLEAN: "clean", VerdictKind.INFECTED: "quarantine",
                    VerdictKind.FAILED: "failed"}
-_TAG_VALUE = re.compile(r"[^\w .:/=+@-]")
 _MAX_REPLANS = 100
 
 
@@ -94,7 +93,7 @@ class Mover:
             identity=identity, etag=row.etag, version_id=row.version_id, last_modified=row.last_modified,
             snapshot=row.snapshot,
             tags={"scanwatch-verdict": verdict.value,
-                  "scanwatch-reason": _TAG_VALUE.sub("_", row.reason or "")})
+                  "scanwatch-reason": tag_value(row.reason or "")})
         try:
             request, already_placed = self._transfer(row, request, source, dest, resumed)
         except ChangedError as exc:

@@ -23,7 +23,7 @@ from daemon.journal import FileRow, Journal
 from daemon.locations import MoveRequest
 from daemon.locations.original import return_original
 from daemon.model import FileState
-from daemon.s3 import is_s3
+from daemon.s3url import is_s3
 from daemon.staging import Staging, StagingDirs
 
 __all__ = ["reconcile"]
@@ -32,7 +32,7 @@ log = structlog.get_logger("scanwatch.pipeline")
 
 _SETTLED = (FileState.DONE, FileState.GONE, FileState.HELD)
 # Only our own names: `<state_dir>/staging` also holds S3's staged copies (`s3/`,
-# daemon/locations/staging.py), which that module reconciles.
+# daemon/locations/s3staging.py), which that module reconciles.
 _OURS = re.compile(r"[0-9]+\.(snap|orig)")
 
 

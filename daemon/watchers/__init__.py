@@ -1,1 +1,1 @@
-"""Watchers: they only record arrivals in the journal."""
+"""Watchers: they turn arrivals into journal rows (daemon/watchers/base.py says what else they do)."""

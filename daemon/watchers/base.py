@@ -1,7 +1,10 @@
-"""What every watcher is and shares: it only records arrivals in the journal.
+"""What every watcher is and shares: it turns arrivals into journal rows, and wakes the pipeline.
 
-A watcher never scans or moves anything (the pipeline does): it turns "this file or
-object appeared" into journal rows, and wakes the pipeline.
+A watcher never scans or moves anything (the pipeline does). Besides recording arrivals it
+keeps its own rows up to date before a scan: the local watcher settles them (stable, held
+or gone), the S3 watcher records the keys it skips; in a fleet (docs/fleet.md) it holds the
+SQS messages of its objects until the journal says they are done, and the lease holder
+lists the prefix into the queue (watchers/fleet.py).
 """
 
 from __future__ import annotations

@@ -31,9 +31,10 @@ import structlog
 
 from daemon.config import WatchConfig
 from daemon.errors import UnsafePathError
-from daemon.fsutil import DirCache, Identity, classify, split_rel
+from daemon.fsutil import DirCache, Identity, classify
 from daemon.journal import FileRow, Journal, RowChanges
 from daemon.model import FileState
+from daemon.naming import split_rel
 from daemon.staging import IN_SOURCE
 from daemon.watchers import inotify
 from daemon.watchers.base import is_ignored, relative_path

@@ -18,20 +18,19 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-import boto3
 import structlog
-from botocore.config import Config as BotoConfig
 
 from daemon.config import S3Config, WatchConfig
 from daemon.errors import LocationError
-from daemon.fleet import ListingLease, SafetyNet, is_fleet_key
 from daemon.journal import FleetMember, Journal
 from daemon.model import Reason, SeenObject
 from daemon.retry import RetryPolicy
-from daemon.s3 import S3Url, epoch, s3_boundary
+from daemon.s3client import epoch, list_objects, make_sqs_client, s3_boundary
+from daemon.s3url import S3Url, quoted_etag
 from daemon.watchers.base import is_ignored
-from daemon.watchers.s3events import SqsEventSource
-from daemon.watchers.s3notify import S3Event
+from daemon.watchers.fleet import ListingLease, SafetyNet, is_fleet_key
+from daemon.watchers.s3messages import S3Event
+from daemon.watchers.sqs import SqsEventSource
 
 __all__ = ["S3Watcher"]
 
@@ -83,7 +82,7 @@ class S3Watcher:
         self._fleet_lock = threading.Lock()
         self._fleet_noted: tuple[float | None, int] | None = None
         if watch.events is not None:
-            sqs = _sqs_client(watch, s3_config)
+            sqs = make_sqs_client(watch.events, s3_config)
             self.events = SqsEventSource(
                 sqs, watch.events.sqs_queue_url, self._on_events,
                 bucket=self.where.bucket, prefix=self.where.prefix, stop=self._stop,
@@ -170,21 +169,16 @@ class S3Watcher:
         return added
 
     def _pages(self) -> Iterator[list[SeenObject]]:
-        paginator = self.client.get_paginator("list_objects_v2")
-        pages = paginator.paginate(Bucket=self.where.bucket, Prefix=self.where.prefix,
-                                   PaginationConfig={"PageSize": _PAGE_SIZE})
-        with s3_boundary(f"LIST {self.where}"):
-            for page in pages:
-                yield list(self._entries(SeenObject(o["Key"], o["ETag"], None, o["Size"],
-                                                    epoch(o["LastModified"]))
-                                         for o in page.get("Contents", ())))
+        for page in list_objects(self.client, self.where, page_size=_PAGE_SIZE):
+            yield list(self._entries(SeenObject(o["Key"], o["ETag"], None, o["Size"],
+                                                epoch(o["LastModified"])) for o in page))
 
     def _entries(self, objects: Iterable[SeenObject]) -> Iterator[SeenObject]:
         """Objects of this watch as journal entries: keys made relative, quoted ETags."""
         for key, etag, version_id, size, last_modified in objects:
             rel_path = key.removeprefix(self.where.prefix)
             if key.startswith(self.where.prefix) and rel_path and not is_fleet_key(rel_path):
-                yield SeenObject(rel_path, _quoted(etag), version_id, size, last_modified)
+                yield SeenObject(rel_path, quoted_etag(etag), version_id, size, last_modified)
 
     def skip_reason(self, rel_path: str) -> Reason | None:
         """Why a key is never scanned: a directory marker, or an `ignore` glob matches it."""
@@ -233,24 +227,3 @@ class S3Watcher:
             log.info("file.discovered", watch=self.watch.name, count=added, by=how)
             self.wake.set()
         return added
-
-
-def _quoted(etag: str) -> str:
-    """ETags as S3 answers them in listings and HEAD: quoted (events leave the quotes off)."""
-    return etag if etag.startswith('"') else f'"{etag}"'
-
-
-def _sqs_client(watch: WatchConfig, s3_config: S3Config) -> Any:
-    assert watch.events is not None
-    return boto3.session.Session(profile_name=s3_config.profile).client(
-        "sqs", endpoint_url=watch.events.endpoint_url,
-        region_name=watch.events.region or s3_config.region or _queue_region(watch.events.sqs_queue_url),
-        config=BotoConfig(connect_timeout=5, read_timeout=40,
-                          retries={"mode": "standard", "max_attempts": 3}))
-
-
-def _queue_region(url: str) -> str | None:
-    """`https://sqs.eu-west-1.amazonaws.com/123/q` → `eu-west-1`."""
-    host = url.split("/")[2] if url.count("/") >= 2 else ""
-    parts = host.split(".")
-    return parts[1] if len(parts) > 3 and parts[0] == "sqs" else None

@@ -16,6 +16,8 @@ import errno
 import os
 from collections.abc import Callable, Generator, Iterator
 
+from daemon.fsutil import open_below
+
 __all__ = ["OnSkip", "stat_below", "walk"]
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -30,24 +32,15 @@ def _join(rel_dir: str, name: str) -> str:
     return f"{rel_dir}/{name}" if rel_dir else name
 
 
-def _open_below(root_fd: int, rel_dir: str) -> int:
-    """A new fd of `rel_dir` below `root_fd` ("" = the root itself), opened one component at a time."""
-    fd = os.dup(root_fd)
-    try:
-        for name in rel_dir.split("/") if rel_dir else []:
-            child = os.open(name, _DIR_FLAGS, dir_fd=fd)
-            os.close(fd)
-            fd = child
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+def _parts(rel_dir: str) -> list[str]:
+    """The components of `rel_dir` ("" = none: the root itself)."""
+    return rel_dir.split("/") if rel_dir else []
 
 
 def stat_below(root_fd: int, rel_path: str) -> os.stat_result:
     """lstat of `rel_path` below `root_fd`, without following a symlink on the way."""
     parent, _, name = rel_path.rpartition("/")
-    fd = _open_below(root_fd, parent)
+    fd = open_below(root_fd, _parts(parent))
     try:
         return os.stat(name, dir_fd=fd, follow_symlinks=False)
     finally:
@@ -82,7 +75,7 @@ def walk(root_fd: int, keep: Callable[[str], bool], on_skip: OnSkip, top: str = 
     Symlinked directories are not entered. Relative paths may be longer than PATH_MAX.
     """
     try:
-        fd = _open_below(root_fd, top)
+        fd = open_below(root_fd, _parts(top))
     except OSError as exc:
         if exc.errno not in _RACES:
             on_skip(top, exc)

@@ -1,4 +1,4 @@
-"""A strict Blazelock file-scans API on 127.0.0.1 (vendors.md §1).
+"""A strict Blazelock file-scans API on 127.0.0.1 (docs/engines.md, "Blazelock").
 
 Given a `webhook_url` and `webhook_secret`, it also posts signed `file_scan.*` events:
 `submitted` at once, `completed`/`failed` when the scan finishes.

@@ -1,4 +1,4 @@
-"""A strict MetaDefender Core REST API on 127.0.0.1 (vendors.md §3, seed 002).
+"""A strict MetaDefender Core REST API on 127.0.0.1 (docs/engines.md, "OPSWAT MetaDefender Core").
 
 Results come from the bytes: EICAR → 1 (infected); `MD-ENCRYPTED` → 12 unless the
 `archivepwd` header is the emulator's `archive_password`; `MD-BLOCKED` → 0 but Blocked
@@ -26,7 +26,8 @@ BLOCKED_MARK = b"MD-BLOCKED"
 _RESULT_MARK = re.compile(rb"MD-RESULT:(\d+)")
 _TAIL = 64
 _PIECE = 64 * 1024
-# Percent-encoded header text: no raw space, `+`, `<`, `>` or non-ASCII (seed 002).
+# Percent-encoded header text: no raw space, `+`, `<`, `>` or non-ASCII
+# (docs/engines.md, "OPSWAT MetaDefender Core").
 _ENCODED = re.compile(r"[A-Za-z0-9%._~!$&'()*,;=:@/-]*")
 _RESULT_TEXT = {0: "No Threat Detected", 1: "Infected", 2: "Suspicious", 3: "Failed", 7: "Skipped Clean",
                 12: "Encrypted", 13: "Exceeded Archive Size", 15: "Password Protected Document"}
@@ -238,7 +239,7 @@ class MetadefenderEmulator(Emulator):
         with self.lock:
             scan = self.scans.get(data_id)
             in_progress = scan is not None and scan.finished_at is None
-            # While a scan runs on a node, only that node knows it (seed 002: rest_ip).
+            # While a scan runs on a node, only that node knows it (docs/engines.md: `rest_ip`).
             if scan is None or (in_progress and scan.node != at_node):
                 return self.reply(handler, entry, 404, {data_id: "Not Found"})
             if in_progress and not self.hold:
@@ -318,7 +319,8 @@ class MetadefenderEmulator(Emulator):
 
 
 def _header_problem(headers: dict[str, str]) -> str | None:
-    """Why Core would refuse these headers (stricter than Core where seed 002 says "should")."""
+    """Why Core would refuse these headers (docs/engines.md's header rules, enforced
+    more strictly than Core itself may)."""
     for name in ("filename", "filepath", "original_file_path"):
         if name in headers and not _ENCODED.fullmatch(headers[name]):
             return f"{name} must be URL-encoded without < and >"
@@ -332,7 +334,7 @@ def _header_problem(headers: dict[str, str]) -> str | None:
 
 
 def _view(scan: _Scan) -> dict[str, Any]:
-    """GET /file/{data_id}'s answer (vendors.md §3's shape)."""
+    """GET /file/{data_id}'s answer (docs/engines.md, "MetaDefender results")."""
     done = scan.finished_at is not None
     details = {"ClamAV": {"scan_result_i": scan.code if done else 255,
                           "threat_found": scan.threat or "" if done else ""}}

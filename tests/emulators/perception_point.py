@@ -1,4 +1,4 @@
-"""A strict Perception Point X-Ray files API on 127.0.0.1 (vendors.md §2).
+"""A strict Perception Point X-Ray files API on 127.0.0.1 (docs/engines.md, "Perception Point X-Ray").
 
 Stricter than the real service where that is cheap: the body must be multipart, it
 must carry exactly one of `data`, `path` or `download_link`, and `path` needs a known

@@ -25,7 +25,8 @@ import structlog
 
 from daemon.errors import LocationError, QueueUnavailableError, S3ConditionError
 from daemon.model import SeenObject
-from daemon.s3 import S3Url, epoch, s3_boundary, sqs_boundary
+from daemon.s3client import epoch, list_objects, s3_boundary, sqs_boundary
+from daemon.s3url import S3Url, bare_etag
 
 __all__ = ["LEASE_DIR", "ListingLease", "SafetyNet", "is_fleet_key", "synthetic_event"]
 
@@ -129,7 +130,7 @@ def synthetic_event(bucket: str, key: str, etag: str, size: int) -> str:
     return json.dumps({"Records": [{
         "eventVersion": "2.1", "eventSource": "scanwatch:safety-net", "eventName": "ObjectCreated:Put",
         "s3": {"bucket": {"name": bucket},
-               "object": {"key": quote_plus(key, safe="/"), "eTag": etag.strip('"'), "size": size}}}]})
+               "object": {"key": quote_plus(key, safe="/"), "eTag": bare_etag(etag), "size": size}}}]})
 
 
 class SafetyNet:
@@ -158,13 +159,11 @@ class SafetyNet:
         if not self._lease.acquire():
             return 0
         sent = 0
-        paginator = self._s3.get_paginator("list_objects_v2")
-        with s3_boundary(f"LIST {self._where}"):
-            for page in paginator.paginate(Bucket=self._where.bucket, Prefix=self._where.prefix):
-                if not self._lease.is_held and not self._lease.acquire():
-                    log.info("fleet.listing_stopped", reason="lease_lost")
-                    break
-                sent += self._send(list(self._due(page.get("Contents", ()))))
+        for page in list_objects(self._s3, self._where):
+            if not self._lease.is_held and not self._lease.acquire():
+                log.info("fleet.listing_stopped", reason="lease_lost")
+                break
+            sent += self._send(list(self._due(page)))
         if sent:
             log.info("fleet.safety_net_sent", count=sent, prefix=str(self._where))
         return sent

@@ -30,7 +30,7 @@ from daemon.fsutil import DirCache
 from daemon.journal import open_journal, state_dir_error
 from daemon.locations import SIDECAR_SUFFIX, LocalLocation
 from daemon.model import FileState, VerdictKind
-from daemon.s3 import is_s3
+from daemon.s3url import is_s3
 from daemon.timefmt import parse_iso
 from daemon.watchers.tree import walk
 

@@ -10,6 +10,7 @@ from typing import Any
 from urllib.parse import unquote_plus
 
 from daemon.errors import MalformedMessageError
+from daemon.s3url import bare_etag
 
 __all__ = ["S3Event", "events_of", "parse_message"]
 
@@ -82,7 +83,7 @@ def _parse_record(record: Any, where: str) -> S3Event:
     return S3Event(
         bucket=_field(record, where, str, "s3", "bucket", "name", required=True),
         key=key,
-        etag=etag.strip('"') if etag is not None else None,
+        etag=None if etag is None else bare_etag(etag),
         version_id=_field(record, where, str, "s3", "object", "versionId"),
         size=_field(record, where, int, "s3", "object", "size"),
         sequencer=_field(record, where, str, "s3", "object", "sequencer"),
@@ -103,7 +104,7 @@ def _parse_eventbridge(doc: dict[str, Any]) -> list[S3Event]:
     bucket = _field(doc, where, str, detail, "bucket", "name", required=True)
     etag = _field(doc, where, str, detail, "object", "etag")
     event = S3Event(
-        bucket=bucket, key=key, etag=etag.strip('"') if etag is not None else None,
+        bucket=bucket, key=key, etag=None if etag is None else bare_etag(etag),
         version_id=_field(doc, where, str, detail, "object", "version-id"),
         size=_field(doc, where, int, detail, "object", "size"),
         sequencer=_field(doc, where, str, detail, "object", "sequencer"),

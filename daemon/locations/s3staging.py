@@ -27,10 +27,11 @@ import structlog
 
 from daemon.config import Config
 from daemon.errors import LocationError, S3UnavailableError
-from daemon.fleet import LEASE_DIR
 from daemon.journal import FileRow, Journal
 from daemon.model import FileState
-from daemon.s3 import S3Clients, S3Url, is_s3, s3_boundary
+from daemon.s3client import S3Clients, list_objects, s3_boundary
+from daemon.s3url import S3Url, bare_etag, is_s3
+from daemon.watchers.fleet import LEASE_DIR
 
 __all__ = ["SNAPSHOT_DIR", "Staging", "delete_snapshot", "node_id", "reconcile", "snapshot_rel", "staging_of"]
 
@@ -64,7 +65,7 @@ def node_id(state_dir: Path) -> str:
 
 def snapshot_rel(node: str, file_id: int, etag: str) -> str:
     """The snapshot of row `file_id`'s listed version, relative to the source prefix."""
-    pin = _PIN_UNSAFE.sub("_", etag.strip('"'))[:64]
+    pin = _PIN_UNSAFE.sub("_", bare_etag(etag))[:64]
     return f"{SNAPSHOT_DIR}{node}/{file_id}-{pin}"
 
 
@@ -140,9 +141,7 @@ def _reconcile_snapshots(client: Any, where: S3Url, node: str, watch: str, journ
     """Delete this node's snapshots under `where` that no live row of `watch` stands for."""
     prefix = where.key(f"{SNAPSHOT_DIR}{node}/")
     removed = 0
-    with s3_boundary(f"LIST s3://{where.bucket}/{prefix}"):
-        pages = client.get_paginator("list_objects_v2").paginate(Bucket=where.bucket, Prefix=prefix)
-        keys = [str(o["Key"]) for page in pages for o in page.get("Contents", ())]
+    keys = [str(o["Key"]) for page in list_objects(client, S3Url(where.bucket, prefix)) for o in page]
     for key in keys:
         file_id = key.removeprefix(prefix).partition("-")[0]
         row = journal.get(int(file_id)) if file_id.isdigit() else None

@@ -1,4 +1,5 @@
-"""S3 event notifications from SQS: the event-mode input of an S3 watch.
+"""The SQS transport of S3 event notifications: the event-mode input of an S3 watch (the
+messages' shapes are `daemon/watchers/s3messages.py`).
 
 A message is deleted only after `on_events` has returned, which means its events are in the
 journal; a crash in between redelivers it, and the journal drops the duplicate (the same version).
@@ -22,10 +23,10 @@ from typing import Any
 import structlog
 
 from daemon.errors import MalformedMessageError, QueueUnavailableError
-from daemon.fleet import is_fleet_key
 from daemon.retry import RetryPolicy
-from daemon.s3 import sqs_boundary
-from daemon.watchers.s3notify import S3Event, events_of, parse_message
+from daemon.s3client import sqs_boundary
+from daemon.watchers.fleet import is_fleet_key
+from daemon.watchers.s3messages import S3Event, events_of, parse_message
 
 __all__ = ["SqsEventSource"]
 

@@ -1,4 +1,5 @@
-"""`workers: N`: the daemon's worker processes (daemon/worker.py), seen by the service as its pipeline.
+"""`workers: N`: the pool of worker processes (daemon/workers/process.py), seen by the service as its
+pipeline.
 
 The parent keeps the watchers, listeners, metrics, alerts and systemd's watchdog; each
 worker claims batches from the journal under its own owner token. Outcomes come back
@@ -32,7 +33,7 @@ from daemon.config import Config
 from daemon.journal import FileRow, Journal
 from daemon.log import write_lines
 from daemon.pipeline import Outcome
-from daemon.worker import read_frame, write_frame
+from daemon.workers.process import read_frame, write_frame
 
 __all__ = ["WorkerPool"]
 
@@ -82,7 +83,7 @@ class WorkerPool:
     def _spawn(self, index: int) -> _Worker:
         events_r, events_w = os.pipe()
         proc = subprocess.Popen(
-            [sys.executable, "-m", "daemon.worker", "--parent", str(os.getpid()),
+            [sys.executable, "-m", "daemon.workers.process", "--parent", str(os.getpid()),
              "--events-fd", str(events_w), "--index", str(index)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(events_w,))
         os.close(events_w)

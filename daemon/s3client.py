@@ -1,111 +1,39 @@
-"""S3 plumbing shared by the S3 watcher and S3 locations: URLs, clients, keys, errors."""
+"""The S3 client and its error boundaries: the one module where boto3 and botocore are met.
+
+`s3_boundary` and `sqs_boundary` turn what boto3 raises into scanwatch's errors (docs/contract.md);
+`list_objects` is the one listing loop of the watchers, the fleet's safety net, rescans and the
+staged-copy cleanup.
+"""
 
 from __future__ import annotations
 
 import errno
-import hashlib
-import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
 
 import boto3
 import botocore.session
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
-from daemon.errors import (
-    LocationError,
-    QueueUnavailableError,
-    S3ConditionError,
-    S3UnavailableError,
-    UnsafePathError,
-)
-from daemon.fsutil import rel_parts
+from daemon.errors import LocationError, QueueUnavailableError, S3ConditionError, S3UnavailableError
+from daemon.s3url import S3Url
 
-if TYPE_CHECKING:  # config imports this module for S3Url
-    from daemon.config import S3Config
+if TYPE_CHECKING:
+    from daemon.config import EventsConfig, S3Config
 
-__all__ = ["S3Clients", "S3Url", "epoch", "error_code", "flat_name", "is_s3", "local_rel", "make_client",
-           "s3_boundary", "s3_errors", "sqs_boundary"]
+__all__ = ["S3Clients", "epoch", "error_code", "list_objects", "make_client", "make_sqs_client",
+           "profile_names", "s3_boundary", "s3_errors", "sqs_boundary"]
 
-_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
-_MAX_SEGMENT_BYTES = 255
-_FLAT_NAME_BYTES = 200
 # Codes that say "this will not work until someone changes something": wait, don't fail.
 _MISSING = frozenset({"404", "NoSuchKey", "NoSuchVersion", "NotFound"})
 _CONDITION = frozenset({"412", "PreconditionFailed"})
 _UNAVAILABLE = {"NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
                 "SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "503", "500"}
-
-
-def is_s3(location: str) -> bool:
-    """True for an `s3://bucket/prefix/` location."""
-    return location.startswith("s3://")
-
-
-@dataclass(frozen=True)
-class S3Url:
-    """`s3://bucket/prefix/`: a bucket and a key prefix that is empty or ends with `/`."""
-
-    bucket: str
-    prefix: str
-
-    @classmethod
-    def parse(cls, text: str) -> S3Url:
-        """Parse and check a location; ValueError says what is wrong."""
-        bucket, _, prefix = text.removeprefix("s3://").partition("/")
-        if not _BUCKET.fullmatch(bucket) or ".." in bucket:
-            raise ValueError(f"{bucket!r} is not a valid S3 bucket name (3-63 of a-z 0-9 . -)")
-        if prefix and not prefix.endswith("/"):
-            prefix += "/"
-        if "//" in prefix or prefix.startswith("/"):
-            raise ValueError("the key prefix has an empty segment")
-        return cls(bucket, prefix)
-
-    def key(self, rel_path: str) -> str:
-        """The object key of `rel_path` under this prefix."""
-        return self.prefix + rel_path
-
-    def contains(self, other: S3Url) -> bool:
-        """True when every key under `other` is also under this prefix."""
-        return self.bucket == other.bucket and other.prefix.startswith(self.prefix)
-
-    def __str__(self) -> str:
-        return f"s3://{self.bucket}/{self.prefix}"
-
-
-def local_rel(rel_path: str) -> str:
-    """The relative local path for a key's relative part, or UnsafePathError.
-
-    Keys are not paths: a leading `/`, empty and `.` segments are dropped, while `..`,
-    NUL and over-long segments cannot be made safe (reason `unsafe_key`).
-    """
-    parts = [p for p in rel_path.split("/") if p not in ("", ".")]
-    try:
-        rel_parts("/".join(parts))
-    except UnsafePathError:
-        raise UnsafePathError(f"S3 key part {rel_path!r} cannot be a local path") from None
-    if any(len(p.encode("utf-8", "surrogateescape")) > _MAX_SEGMENT_BYTES for p in parts):
-        raise UnsafePathError(f"S3 key part {rel_path!r} has a segment over 255 bytes")
-    return "/".join(parts)
-
-
-def flat_name(rel_path: str) -> str:
-    """One safe file name standing for a whole key part or local path: every `/`, `.` and odd
-    byte %-escaped (a byte that is not UTF-8, kept by `surrogateescape`, as itself)."""
-    name = quote(rel_path.encode("utf-8", "surrogateescape"), safe="").replace(".", "%2E")
-    if not name or len(name) > _FLAT_NAME_BYTES:  # room left for a collision suffix and the sidecar's
-        digest = hashlib.sha256(rel_path.encode(errors="surrogateescape")).hexdigest()[:12]
-        head = name[: _FLAT_NAME_BYTES - 13]
-        cut = head.rfind("%", len(head) - 2)  # keep %-escapes whole
-        name = f"{head if cut < 0 else head[:cut]}@{digest}"
-    return name
 
 
 def make_client(config: S3Config) -> Any:
@@ -119,6 +47,27 @@ def make_client(config: S3Config) -> Any:
         config=BotoConfig(connect_timeout=5, read_timeout=60, max_pool_connections=64,
                           retries={"mode": "standard", "max_attempts": 3},
                           s3={"addressing_style": "path"} if config.endpoint_url else None))
+
+
+def make_sqs_client(events: EventsConfig, s3_config: S3Config) -> Any:
+    """A boto3 SQS client for a watch's `events:` queue (its region: the queue's own, else `s3:`'s)."""
+    return boto3.session.Session(profile_name=s3_config.profile).client(
+        "sqs", endpoint_url=events.endpoint_url,
+        region_name=events.region or s3_config.region or _queue_region(events.sqs_queue_url),
+        config=BotoConfig(connect_timeout=5, read_timeout=40,
+                          retries={"mode": "standard", "max_attempts": 3}))
+
+
+def _queue_region(url: str) -> str | None:
+    """`https://sqs.eu-west-1.amazonaws.com/123/q` → `eu-west-1`."""
+    host = url.split("/")[2] if url.count("/") >= 2 else ""
+    parts = host.split(".")
+    return parts[1] if len(parts) > 3 and parts[0] == "sqs" else None
+
+
+def profile_names() -> list[str]:
+    """The named profiles of the AWS config files."""
+    return list(boto3.session.Session().available_profiles)
 
 
 class S3Clients:
@@ -202,3 +151,14 @@ def epoch(last_modified: Any) -> float:
     if text[:1].isdigit():
         return float(int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()))
     return float(int(parsedate_to_datetime(text).timestamp()))
+
+
+def list_objects(client: Any, where: S3Url, *, page_size: int | None = None) -> Iterator[list[Any]]:
+    """The objects under `where`, one list per page of `list_objects_v2` (each object as S3 lists
+    it: Key, ETag, Size, LastModified); what boto3 raises leaves as `s3_boundary` says."""
+    paging = {"PaginationConfig": {"PageSize": page_size}} if page_size else {}
+    paginator = client.get_paginator("list_objects_v2")
+    pages = paginator.paginate(Bucket=where.bucket, Prefix=where.prefix, **paging)
+    with s3_boundary(f"LIST {where}"):
+        for page in pages:
+            yield list(page.get("Contents", ()))

@@ -1,10 +1,10 @@
 """One worker process of `workers: N`: a `Pipeline` with its own owner token and engines.
 
-Started by the daemon (daemon/workers.py) as `python -m daemon.worker --parent PID
+Started by the daemon (daemon/workers/pool.py) as `python -m daemon.workers.process --parent PID
 --events-fd FD`. Its stdin carries the config (one frame, so a reload that the parent
 refused never reaches a worker), then one byte per wake-up; FD carries each outcome back
 to the parent for the metrics and alerts; its stdout, the log lines, goes to the parent too
-(daemon/workers.py). It dies with the parent (`PR_SET_PDEATHSIG`), drains at the end of its
+(daemon/workers/pool.py). It dies with the parent (`PR_SET_PDEATHSIG`), drains at the end of its
 stdin or on SIGTERM, ignores SIGHUP: the parent reloads by starting new workers. Webhook
 receivers run in the parent; whether their deliveries arrive, which slows the workers'
 polls, is shared through a file per engine under state_dir (`share_webhook_health`).
@@ -34,7 +34,7 @@ from daemon.engines.base import WebhookSource
 from daemon.journal import FileRow, open_journal, owner_token
 from daemon.log import configure_logging
 from daemon.pipeline import Outcome, Pipeline
-from daemon.s3 import S3Clients
+from daemon.s3client import S3Clients
 
 __all__ = ["main", "read_frame", "share_webhook_health", "write_frame"]
 
@@ -125,11 +125,11 @@ class _Events:
 def _read_wakes(stream: IO[bytes], wake: threading.Event, stop: threading.Event) -> None:
     while stream.read(1):
         wake.set()
-    stop.set()  # the parent closed our stdin: it stops us (daemon/workers.py)
+    stop.set()  # the parent closed our stdin: it stops us (daemon/workers/pool.py)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m daemon.worker")
+    parser = argparse.ArgumentParser(prog="python -m daemon.workers.process")
     parser.add_argument("--parent", type=int, required=True)
     parser.add_argument("--events-fd", type=int, required=True)
     parser.add_argument("--index", type=int, default=0)
