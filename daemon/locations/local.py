@@ -250,12 +250,13 @@ class LocalLocation:
         if isinstance(source, LocalLocation):
             staging, name = source.hand_over(req)
             place_staged(staging, name, dest_dir, dest_name, req.file_id, private=req.private)
-        else:
-            with source.open_bytes(req) as reader:
-                new_file(dest_dir, dest_name, 0o600 if req.private else 0o644, req.file_id,
-                         lambda out: write_all(reader, out, CHUNK))
-        # Durable before the move is journaled done: at once, or once per batch (the pipeline).
-        self._dirs.changed(dest_dir)
+            # Durable before the move is journaled done: once per batch (the pipeline).
+            self._dirs.changed(dest_dir)
+            return False
+        with source.open_bytes(req) as reader:
+            new_file(dest_dir, dest_name, 0o600 if req.private else 0o644, req.file_id,
+                     lambda out: write_all(reader, out, CHUNK))
+        os.fsync(dest_dir)  # at once: the source (S3) deletes its object next
         return False
 
     def write_sidecar(self, rel_path: str, facts: Mapping[str, object]) -> None:

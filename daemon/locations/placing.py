@@ -30,8 +30,13 @@ def temp_name(file_id: int) -> str:
 
 def place_staged(staging: Staging, name: str, dest_dir: int, dest_name: str, file_id: int, *,
                  private: bool) -> None:
-    """Move `name` out of staging to `dest_name` (quarantine: 0600 first); the caller fsyncs
-    the folder before it journals the move done."""
+    """Move `name` out of staging to `dest_name` (quarantine: 0600 first).
+
+    A rename within one filesystem is made durable by the caller's fsync of the folder
+    before it journals the move done (once per batch: later renames and unlinks on the same
+    journaling filesystem are committed after it). A copy to another filesystem is fsynced
+    here, before the staged file goes: no ordering holds across filesystems.
+    """
     if private:
         with contextlib.suppress(PermissionError):  # an original never read, not ours to chmod
             os.chmod(name, 0o600, dir_fd=staging.fd, follow_symlinks=False)
@@ -52,6 +57,7 @@ def place_staged(staging: Staging, name: str, dest_dir: int, dest_name: str, fil
             new_file(dest_dir, dest_name, mode, file_id, fill)
         finally:
             os.close(fd)
+        os.fsync(dest_dir)
         staging.unlink(name)
 
 
