@@ -14,7 +14,7 @@ from daemon.errors import LocationError, QuarantineError
 from daemon.facts import iso, outcome_facts
 from daemon.fsutil import DirCache, Identity
 from daemon.journal import FileRow, Journal
-from daemon.locations import Location, Locations, MoveRequest, S3Location, transfer
+from daemon.locations import Location, Locations, MoveRequest, ObjectStore, transfer
 from daemon.model import FileState, VerdictKind
 from daemon.s3 import is_s3
 
@@ -141,5 +141,5 @@ def _identity(location: Location, name: str) -> Identity | None:
 
 def _etag(location: Location, name: str) -> str | None:
     """The ETag of a quarantined S3 object as it is now."""
-    head = location.head(name) if isinstance(location, S3Location) else None
+    head = location.head(name) if isinstance(location, ObjectStore) else None
     return None if head is None else str(head["ETag"])

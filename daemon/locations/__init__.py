@@ -26,12 +26,17 @@ from daemon.fsutil import DirCache
 from daemon.locations.base import (
     SIDECAR_SUFFIX,
     Content,
+    CopySource,
     Destination,
+    Listable,
     Listed,
     Location,
     MoveRequest,
+    ObjectStore,
     Opened,
+    Rewritten,
     Source,
+    Tagged,
     transfer,
 )
 from daemon.locations.local import LocalLocation
@@ -41,15 +46,20 @@ from daemon.staging import StagingDirs
 
 __all__ = [
     "Content",
+    "CopySource",
     "Destination",
+    "Listable",
     "Listed",
     "LocalLocation",
     "Location",
     "Locations",
     "MoveRequest",
+    "ObjectStore",
     "Opened",
+    "Rewritten",
     "S3Location",
     "Source",
+    "Tagged",
     "SIDECAR_SUFFIX",
     "transfer",
 ]

@@ -15,8 +15,8 @@ from daemon.errors import ChangedError, LocationError, S3UnavailableError, TooMa
 from daemon.facts import iso, outcome_facts
 from daemon.faults import pause
 from daemon.journal import FileRow, Journal, RowChanges
-from daemon.locations import Destination, Locations, MoveRequest, S3Location, Source, transfer
-from daemon.locations.inplace import tag_in_place, verdict_tags
+from daemon.locations import Destination, Locations, MoveRequest, Source, Tagged, transfer
+from daemon.locations.inplace import verdict_tags
 from daemon.model import FileState, Reason, Verdict, VerdictKind
 from daemon.pipeline.outcome import Outcome, Outcomes
 from daemon.s3 import flat_name
@@ -77,7 +77,7 @@ class Mover:
         pause("move.start")
         watch = self.config.watch(row.watch)
         source = locations(watch.source, watch)
-        if row.dest_root == IN_PLACE and isinstance(source, S3Location):
+        if row.dest_root == IN_PLACE and isinstance(source, Tagged):
             return self._in_place(row, watch, source, locations)
         try:
             identity = row.identity or (source.identity_now(row.rel_path) if row.etag is None else None)
@@ -127,14 +127,14 @@ class Mover:
                 return self.outcomes.move_failed(row, exc, {"state": FileState.MOVING})
         return self.outcomes.placed(row, destination, verdict, already_placed=already_placed)
 
-    def _in_place(self, row: FileRow, watch: WatchConfig, source: S3Location,
+    def _in_place(self, row: FileRow, watch: WatchConfig, source: Tagged,
                   locations: Locations) -> Outcome:
         """Tag exactly the scanned version where it is (docs/contract.md, "S3 in place")."""
         verdict = VerdictKind(str(row.verdict))
         threat = row.threats[0] if verdict is VerdictKind.INFECTED and row.threats else None
         tags = verdict_tags(verdict.value, row.reason, iso(row.scanned_at) or "", threat)
         try:
-            rewritten = tag_in_place(source, row.rel_path, row.etag, row.version_id, tags, row.sha256)
+            rewritten = source.tag_in_place(row.rel_path, row.etag, row.version_id, tags, row.sha256)
         except ChangedError as exc:
             return self.outcomes.changed(str(exc), settles=source.settles)
         except FileNotFoundError:
