@@ -104,8 +104,8 @@ class _Rescanner:
         self.journal = journal
         self.watch = watch
         self.in_place = IN_PLACE in (watch.clean, watch.quarantine)
-        self.clean = locations(watch.source if watch.clean == IN_PLACE else watch.clean, watch)
-        self.quarantine = None if self.in_place else locations(watch.quarantine, watch)
+        self.clean = locations.source(watch.source if watch.clean == IN_PLACE else watch.clean, watch)
+        self.quarantine = None if self.in_place else locations.destination(watch.quarantine, watch)
         self.moved: list[Moved] = []
         self.unfinished_moves = 0  # journaled, cut off by an error that may pass (S3 down...)
 

@@ -1,4 +1,6 @@
-"""What every location shares: the Location protocol, a MoveRequest, and `transfer`."""
+"""What every location shares: the narrow protocols the pipeline sees a place through
+(`Source`, `Destination`, `QuarantineStore`, and capabilities only some places have), a
+MoveRequest, and `transfer` (docs/architecture.md, "Protocols")."""
 
 from __future__ import annotations
 
@@ -16,8 +18,8 @@ from daemon.journal import RowChanges
 from daemon.model import S3Object
 
 __all__ = ["CHUNK", "MAX_COLLISIONS", "SIDECAR_SUFFIX", "Content", "CopySource", "Destination", "Listable",
-           "Listed", "Location", "MoveRequest", "ObjectStore", "Opened", "Rewritten", "Source", "Tagged",
-           "Verified", "json_bytes", "read_full", "transfer"]
+           "Listed", "MoveRequest", "ObjectStore", "Opened", "QuarantineStore", "Rewritten", "Source",
+           "Tagged", "Verified", "json_bytes", "read_full", "transfer"]
 
 SIDECAR_SUFFIX = ".scanwatch.json"
 CHUNK = 1 << 20
@@ -132,10 +134,6 @@ class Destination(Protocol):
         """The full name of `rel_path` here (a path, or an s3:// URL)."""
         ...
 
-    def refuses(self, rel_path: str) -> str | None:
-        """Why a name from another source cannot be placed here, before it is scanned."""
-        ...
-
     def plan(self, rel_path: str, *, taken: bool = False) -> str:
         """The first free name for `rel_path` here: itself, else `<stem>.<n><ext>`.
 
@@ -158,6 +156,17 @@ class Destination(Protocol):
         """Write `<name>.scanwatch.json` beside `rel_path`."""
         ...
 
+
+class QuarantineStore(Protocol):
+    """What `scanwatch quarantine` asks of the place holding a quarantined file (a release
+    moves it out as from a `Source`)."""
+
+    url: str  # as configured
+
+    def name(self, rel_path: str) -> str:
+        """The full name of `rel_path` here (a path, or an s3:// URL)."""
+        ...
+
     def read_sidecar(self, rel_path: str) -> Any:
         """The sidecar beside `rel_path`."""
         ...
@@ -165,10 +174,6 @@ class Destination(Protocol):
     def delete(self, rel_path: str) -> None:
         """Delete `rel_path` and its sidecar for good (quarantine delete)."""
         ...
-
-
-class Location(Source, Destination, Protocol):
-    """A local directory or an S3 prefix: any of a watch's places can be either side."""
 
 
 # -- what only some places can do (S3): asked with isinstance, never of a concrete class ---------

@@ -24,7 +24,7 @@ from daemon.config import Config, WatchConfig
 from daemon.engines.base import Engine, ScanHandle, ScanRequest, Signatures, signatures_of
 from daemon.fsutil import DirCache
 from daemon.journal import FileRow, Journal
-from daemon.locations import Location, Locations
+from daemon.locations import Locations, Place
 from daemon.model import FileState, Pending, Reason, Verdict, VerdictKind
 from daemon.pipeline.moving import Mover
 from daemon.pipeline.outcome import Outcome, Outcomes
@@ -56,7 +56,7 @@ class Pipeline:
                  clock: Callable[[], float] = time.time,
                  policy: RetryPolicy | None = None,
                  on_outcome: Callable[[FileRow, str, Outcome], None] | None = None,
-                 s3: S3Clients | None = None, places: Mapping[str, Location] | None = None) -> None:
+                 s3: S3Clients | None = None, places: Mapping[str, Place] | None = None) -> None:
         self.config = config
         self.journal = journal
         self.owner = owner

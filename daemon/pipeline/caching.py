@@ -160,7 +160,7 @@ class VerdictCache:
         """The fleet watch's source, when the engine shares its verdicts there."""
         if not (watch.fleet and self.config.engines[key.engine].cache.shared):
             return None
-        source = locations(watch.source, watch)
+        source = locations.source(watch.source, watch)
         return source if isinstance(source, ObjectStore) else None
 
     def _get_shared(self, where: ObjectStore, key: CacheKey) -> CachedVerdict | None:

@@ -48,10 +48,11 @@ class Mover:
         watch = self.config.watch(row.watch)
         root = watch.destinations[DESTINATION_FOR[verdict]]
         if root == IN_PLACE:  # the object stays at its key: no name to choose, none to escape
-            return Outcome({**changes, "destination": locations(watch.source, watch).name(row.rel_path),
+            source = locations.source(watch.source, watch)
+            return Outcome({**changes, "destination": source.name(row.rel_path),
                             "dest_root": IN_PLACE, "dest_rel": row.rel_path})
         try:
-            dest = locations(root, watch)
+            dest = locations.destination(root, watch)
             dest_rel = dest.plan(rel_path)
         except UnsafePathError as exc:
             if is_flat:
@@ -76,7 +77,7 @@ class Mover:
         """Carry out the row's plan; `resumed`: a move of it may have been cut off, finish it."""
         pause("move.start")
         watch = self.config.watch(row.watch)
-        source = locations(watch.source, watch)
+        source = locations.source(watch.source, watch)
         if row.dest_root == IN_PLACE and isinstance(source, Tagged):
             return self._in_place(row, watch, source, locations)
         try:
@@ -164,8 +165,8 @@ class Mover:
         """The planned destination and name (rows planned before plans were journaled whole:
         the verdict's destination, and the name recorded under it)."""
         if row.dest_root is not None and row.dest_rel is not None:
-            return locations(row.dest_root, watch), row.dest_rel
-        dest = locations(watch.destinations[DESTINATION_FOR[verdict]], watch)
+            return locations.destination(row.dest_root, watch), row.dest_rel
+        dest = locations.destination(watch.destinations[DESTINATION_FOR[verdict]], watch)
         assert row.destination is not None
         return dest, row.destination.removeprefix(dest.name(""))
 

@@ -111,7 +111,7 @@ class MultiScanner:
                 watch.name, row.rel_path, sha256)
             request = ScanRequest(watch.name, row.rel_path, opened.path, content.fd, content.size,
                                   sha256, ref_id, s3=content.s3, archive_password=secret,
-                                  original=locations(watch.source, watch).name(row.rel_path))
+                                  original=locations.source(watch.source, watch).name(row.rel_path))
             keys, cached, cache_events = self.cache.several(
                 row, watch, {e: engines[e] for e in submit}, sha256, locations)
             events += cache_events

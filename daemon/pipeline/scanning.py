@@ -72,9 +72,9 @@ class Scanner:
     def scan(self, row: FileRow, locations: Locations) -> Outcome:
         """One scanning step of `row`: what happened, as a journal change and an event."""
         watch = self.config.watch(row.watch)
-        source = locations(watch.source, watch)
+        source = locations.source(watch.source, watch)
         for root in watch.destinations.values():
-            if root != IN_PLACE and (why := locations(root, watch).refuses(row.rel_path)) is not None:
+            if root != IN_PLACE and (why := locations.refuses(root, watch, row.rel_path)) is not None:
                 return self.mover.fail(row, Reason.UNSAFE_KEY, why, locations)
         if (why := self._listed_too_large(row, watch)) is not None:
             return self.mover.fail(row, Reason.TOO_LARGE, why, locations)
@@ -133,7 +133,7 @@ class Scanner:
         request = ScanRequest(watch.name, row.rel_path, opened.path, content.fd, content.size,
                               content.sha256, "", s3=content.s3,
                               archive_password=_secret(watch.archivepwd), by_upload=by_upload,
-                              original=locations(watch.source, watch).name(row.rel_path))
+                              original=locations.source(watch.source, watch).name(row.rel_path))
         # The verdict cache (docs/engines.md, "Verdict cache"): a verdict kept for these bytes,
         # or another row's scan of them in flight, spares the engine a request.
         key = self.cache.key(watch, watch.engines[0], engine, content.sha256)

@@ -1,0 +1,110 @@
+"""What an engine's answer, or its error, comes to: the one mapping both scanners use.
+
+A pure function of the answer (or error), the attempts, the limits and the clock
+(docs/integrity.md, "Engine errors"): an answer is taken; an engine not reached, or
+refusing for now, is waited for without spending an attempt, until `max_pending_age`; an
+error that may hide a submission is retried while attempts remain; anything else, or
+limits reached, is a failed verdict. The single-engine scanner turns the result into the
+row's change, the multi-engine scanner into its scan record's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from daemon.errors import (
+    EnginePermanentError,
+    EngineRetryableError,
+    EngineThrottledError,
+    EngineUnavailableError,
+)
+from daemon.model import Pending, Reason, Verdict
+from daemon.retry import RetryPolicy
+
+__all__ = ["Answered", "EngineResult", "Failed", "Limits", "Retry", "Step", "Wait", "ask", "health_of",
+           "step_of"]
+
+EngineResult = Verdict | Pending | EngineUnavailableError | EngineRetryableError | EnginePermanentError
+
+
+@dataclass(frozen=True)
+class Limits:
+    """One engine's limits on a file, and the retry policy's delays."""
+
+    max_attempts: int
+    max_pending_age_s: float
+    policy: RetryPolicy
+
+
+@dataclass(frozen=True)
+class Answered:
+    answer: Verdict | Pending
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Not reached, or refused for now: nothing was submitted, the attempt is given back."""
+
+    error: EngineUnavailableError
+    delay_s: float
+    attempts: int
+
+
+@dataclass(frozen=True)
+class Retry:
+    """A timeout or a 5xx may hide a submission: it stays in doubt, an attempt is spent."""
+
+    error: EngineRetryableError
+    delay_s: float
+    attempts: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    verdict: Verdict
+    attempts: int
+
+
+Step = Answered | Wait | Retry | Failed
+
+
+def ask(call: Callable[[], Verdict | Pending]) -> EngineResult:
+    """The engine's answer, or the engine error that stands for it (others propagate)."""
+    try:
+        return call()
+    except (EngineRetryableError, EnginePermanentError) as exc:
+        return exc
+
+
+def step_of(result: EngineResult, *, attempts: int, spent: bool, discovered_at: float, now: float,
+            limits: Limits) -> Step:
+    """What `result` comes to. `attempts`: the file's attempts at this engine so far, this
+    call's included when `spent` (a claim counts it before the call)."""
+    if isinstance(result, Verdict | Pending):
+        return Answered(result)
+    failed = Failed(Verdict.failed(result.reason, raw={"error": str(result)}), attempts)
+    if isinstance(result, EngineUnavailableError):
+        if now - discovered_at > limits.max_pending_age_s:
+            return failed
+        return Wait(result, limits.policy.delay(attempts, result.retry_after_s), attempts - spent)
+    if isinstance(result, EngineRetryableError):
+        attempts += not spent
+        if attempts >= limits.max_attempts:
+            return Failed(failed.verdict, attempts)
+        return Retry(result, limits.policy.delay(attempts, result.retry_after_s), attempts)
+    return failed
+
+
+def health_of(result: EngineResult) -> tuple[bool, str] | None:
+    """What `result` says of the engine's health: (healthy, why) to journal, None: nothing.
+
+    Throttling is pacing, not down; a refused credential fails every file alike: down."""
+    if isinstance(result, Verdict | Pending):
+        return True, "answering"
+    if isinstance(result, EngineThrottledError):
+        return None
+    if isinstance(result, EngineUnavailableError) or (
+            isinstance(result, EnginePermanentError) and result.reason == Reason.AUTH):
+        return False, str(result)
+    return None
