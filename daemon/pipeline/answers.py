@@ -13,17 +13,22 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from daemon.config import Config, EngineConfig
 from daemon.errors import (
     EnginePermanentError,
     EngineRetryableError,
     EngineThrottledError,
     EngineUnavailableError,
 )
+from daemon.journal import Journal
 from daemon.model import Pending, Reason, Verdict
+from daemon.pipeline.caching import VerdictCache
+from daemon.pipeline.moving import Mover
+from daemon.pipeline.outcome import Outcomes
 from daemon.retry import RetryPolicy
 
-__all__ = ["Answered", "EngineResult", "Failed", "Limits", "Retry", "Step", "Wait", "ask", "health_of",
-           "step_of"]
+__all__ = ["Answered", "EngineResult", "Failed", "Limits", "Retry", "ScanStep", "Step", "Wait", "ask",
+           "health_of", "step_of"]
 
 EngineResult = Verdict | Pending | EngineUnavailableError | EngineRetryableError | EnginePermanentError
 
@@ -35,6 +40,10 @@ class Limits:
     max_attempts: int
     max_pending_age_s: float
     policy: RetryPolicy
+
+    @classmethod
+    def of(cls, engine: EngineConfig, policy: RetryPolicy) -> Limits:
+        return cls(engine.max_attempts, engine.max_pending_age, policy)
 
 
 @dataclass(frozen=True)
@@ -94,6 +103,19 @@ def step_of(result: EngineResult, *, attempts: int, spent: bool, discovered_at: 
             return Failed(failed.verdict, attempts)
         return Retry(result, limits.policy.delay(attempts, result.retry_after_s), attempts)
     return failed
+
+
+class ScanStep:
+    """What both scanners (one engine, several) work with: the config, the journal, the mover
+    that plans a verdict's move, the outcomes on the pipeline's clock, the verdict cache."""
+
+    def __init__(self, config: Config, journal: Journal, mover: Mover, outcomes: Outcomes) -> None:
+        self.config = config
+        self.journal = journal
+        self.mover = mover
+        self.outcomes = outcomes
+        self.clock = outcomes.clock
+        self.cache = VerdictCache(config, journal, self.clock)
 
 
 def health_of(result: EngineResult) -> tuple[bool, str] | None:

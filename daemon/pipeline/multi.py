@@ -31,11 +31,7 @@ import structlog
 from daemon.config import Config, WatchConfig
 from daemon.engines.base import Engine, ScanHandle, ScanRequest
 from daemon.errors import (
-    EnginePermanentError,
     EngineResubmitError,
-    EngineRetryableError,
-    EngineThrottledError,
-    EngineUnavailableError,
 )
 from daemon.journal import FileRow, Journal, RowChanges
 from daemon.locations import Locations, Opened
@@ -48,7 +44,8 @@ from daemon.model import (
     Verdict,
     VerdictKind,
 )
-from daemon.pipeline.caching import CacheKey, VerdictCache
+from daemon.pipeline import answers
+from daemon.pipeline.caching import CacheKey
 from daemon.pipeline.moving import Mover
 from daemon.pipeline.outcome import Outcome, Outcomes
 from daemon.refid import build_ref_id
@@ -60,19 +57,14 @@ log = structlog.get_logger("scanwatch.pipeline")
 Health = Callable[[str, str | None], None]
 
 
-class MultiScanner:
+class MultiScanner(answers.ScanStep):
     """One scanning step of a file on a watch with several engines."""
 
     def __init__(self, config: Config, journal: Journal, engines: Callable[[], Mapping[str, Engine]],
                  mover: Mover, outcomes: Outcomes, health: Health) -> None:
-        self.config = config
-        self.journal = journal
+        super().__init__(config, journal, mover, outcomes)
         self.engines = engines
-        self.mover = mover
-        self.outcomes = outcomes
-        self.clock = outcomes.clock
         self._health = health
-        self.cache = VerdictCache(config, journal, self.clock)
         self._slots = {name: threading.BoundedSemaphore(cfg.concurrency)
                        for name, cfg in config.engines.items()}
 
@@ -233,37 +225,23 @@ class MultiScanner:
     def _answer(self, row: FileRow, record: ScanRecord, ask: Callable[[], Verdict | Pending], *,
                 spent: bool) -> ScanChanges:
         name = record.engine
-        cfg = self.config.engines[name]
         now = self.clock()
-        policy = self.outcomes.policy
-        try:
-            answer = ask()
-        except EngineUnavailableError as exc:
-            if not isinstance(exc, EngineThrottledError):  # throttling is pacing, not down
-                self._health(name, str(exc))
-            if now - row.discovered_at > cfg.max_pending_age:
-                return _verdict(Verdict.failed(exc.reason), record, now)
-            # Not reached, or refused ("slow down"): nothing was submitted, no attempt is spent.
-            delay_s = policy.delay(record.attempts, exc.retry_after_s)
+        result = answers.ask(ask)
+        if (health := answers.health_of(result)) is not None:
+            self._health(name, None if health[0] else health[1])
+        limits = answers.Limits.of(self.config.engines[name], self.outcomes.policy)
+        step = answers.step_of(result, attempts=record.attempts, spent=spent,
+                               discovered_at=row.discovered_at, now=now, limits=limits)
+        if isinstance(step, answers.Wait | answers.Retry):
             log.warning("retry.scheduled", watch=row.watch, rel_path=row.rel_path, file_id=row.id,
-                        engine=name, reason=exc.reason.value, error=str(exc),
-                        delay_s=round(delay_s, 3))
-            return {"attempts": record.attempts - spent, "submitting_at": None, "last_error": str(exc),
-                    "next_attempt_at": now + delay_s}
-        except EngineRetryableError as exc:
-            # A timeout or a 5xx may hide a submission: it stays in doubt.
-            attempts = record.attempts + (not spent)
-            if attempts >= cfg.max_attempts:
-                return {**_verdict(Verdict.failed(exc.reason), record, now), "attempts": attempts}
-            log.warning("retry.scheduled", watch=row.watch, rel_path=row.rel_path, file_id=row.id,
-                        engine=name, reason=exc.reason.value, error=str(exc), attempts=attempts)
-            return {"attempts": attempts, "last_error": str(exc),
-                    "next_attempt_at": now + policy.delay(attempts, exc.retry_after_s)}
-        except EnginePermanentError as exc:
-            if exc.reason == Reason.AUTH:
-                self._health(name, str(exc))
-            return _verdict(Verdict.failed(exc.reason, raw={"error": str(exc)}), record, now)
-        self._health(name, None)
+                        engine=name, reason=step.error.reason.value, error=str(step.error),
+                        attempts=step.attempts, delay_s=round(step.delay_s, 3))
+            changes: ScanChanges = {"attempts": step.attempts, "last_error": str(step.error),
+                                    "next_attempt_at": now + step.delay_s}
+            return {**changes, "submitting_at": None} if isinstance(step, answers.Wait) else changes
+        if isinstance(step, answers.Failed):
+            return {**_verdict(step.verdict, record, now), "attempts": step.attempts}
+        answer = step.answer
         if isinstance(answer, Pending):
             return {"engine_scan_id": answer.engine_scan_id, "submitting_at": None,
                     "next_attempt_at": now + answer.poll_after_s}
