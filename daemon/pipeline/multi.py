@@ -4,7 +4,8 @@ How the work is shared (docs/contract.md, "Several engines on one watch"): a fil
 such a watch is claimed like any row, by one worker of any of the watch's engines. That
 worker holds the source once (`Location.open_for_scan`), hashes it once, and asks every
 engine that owes an answer, in parallel: one short-lived thread per engine, each engine
-call under that engine's own semaphore (its `concurrency`), with the engine's own retries,
+call through that engine's one gate (its `concurrency`, shared with its single-engine
+watches and, with several worker processes, across them), with the engine's own retries,
 rate limit and `max_pending_age`. Each engine keeps a scan record per file in the journal
 (`scans`: scan ID, verdict, reason, threats, attempts, submitting marker); the thread that
 got an answer journals it at once, so a restart follows each engine where it was and never
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -65,8 +65,6 @@ class MultiScanner(answers.ScanStep):
         super().__init__(config, journal, mover, outcomes)
         self.engines = engines
         self._health = health
-        self._slots = {name: threading.BoundedSemaphore(cfg.concurrency)
-                       for name, cfg in config.engines.items()}
 
     def scan(self, row: FileRow, watch: WatchConfig, opened: Opened, secret: str | None,
              locations: Locations) -> Outcome:
@@ -123,16 +121,12 @@ class MultiScanner(answers.ScanStep):
     # -- asking the engines ---------------------------------------------------------------------
 
     def _parallel(self, names: list[str], step: Callable[[str], Any]) -> dict[str, Any]:
-        """`step(name)` for each engine at once, each under its engine's concurrency."""
+        """`step(name)` for each engine at once (each engine's calls pass its one gate, which
+        holds it to its `concurrency` across every watch: daemon/pipeline `_Bounded`)."""
         if not names:
             return {}
-
-        def limited(name: str) -> Any:
-            with self._slots[name]:
-                return step(name)
-
         with ThreadPoolExecutor(len(names), thread_name_prefix="scan-multi") as pool:
-            futures = {name: pool.submit(limited, name) for name in names}
+            futures = {name: pool.submit(step, name) for name in names}
             return {name: future.result() for name, future in futures.items()}
 
     def _poll(self, row: FileRow, engine: Engine, record: ScanRecord, path: str,
