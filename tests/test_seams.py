@@ -89,3 +89,22 @@ def test_capabilities_are_s3s_alone(capability: type) -> None:
     assert [name for name in _methods(capability) if not callable(getattr(S3Location, name, None))] == []
     assert not any(callable(getattr(LocalLocation, name, None)) and name != "name"
                    for name in _methods(capability))
+
+
+# Journal writes of the pipeline's steps outside the loop's `_commit`: the deliberate ones go
+# through `ScanStep.journal_at_once` (docs/integrity.md, "Remote engines"); a move's new plan
+# when its name was taken is journaled before the retried transfer (intent before effect).
+_STEP_WRITES = {("pipeline/answers.py", "apply"), ("pipeline/answers.py", "apply_scans"),
+                ("pipeline/moving.py", "apply")}
+
+
+def test_only_the_loop_and_the_named_exceptions_write_the_journal_in_the_pipeline() -> None:
+    found = set()
+    for path in (DAEMON / "pipeline").glob("*.py"):
+        if path.name == "__init__.py":
+            continue  # the loop
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in ("apply", "apply_scans") \
+                    and isinstance(node.value, ast.Attribute) and node.value.attr == "journal":
+                found.add((str(path.relative_to(DAEMON)), node.attr))
+    assert found == _STEP_WRITES

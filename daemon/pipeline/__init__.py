@@ -120,6 +120,10 @@ class Pipeline:
                 thread.start()
                 self._threads.append(thread)
 
+    def tick(self) -> None:
+        """Looked after between signals by the service: worker threads need nothing (a
+        `WorkerPool` starts again its dead processes here)."""
+
     def stop(self, timeout_s: float) -> bool:
         """Stop claiming, wait for in-flight batches; hand back what is unfinished."""
         self._stopping.set()

@@ -10,7 +10,7 @@ row's change, the multi-engine scanner into its scan record's.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from daemon.config import Config, EngineConfig
@@ -20,8 +20,8 @@ from daemon.errors import (
     EngineThrottledError,
     EngineUnavailableError,
 )
-from daemon.journal import Journal
-from daemon.model import Pending, Reason, Verdict
+from daemon.journal import Journal, RowChanges
+from daemon.model import Pending, Reason, ScanChanges, Verdict
 from daemon.pipeline.caching import VerdictCache
 from daemon.pipeline.moving import Mover
 from daemon.pipeline.outcome import Outcomes
@@ -116,6 +116,17 @@ class ScanStep:
         self.outcomes = outcomes
         self.clock = outcomes.clock
         self.cache = VerdictCache(config, journal, self.clock)
+
+    def journal_at_once(self, file_id: int, changes: RowChanges,
+                        scans: Mapping[str, ScanChanges] | None = None) -> None:
+        """The only journal writes a scanning step makes itself, each in its own transaction
+        before the step returns its `Outcome` (which the pipeline's loop writes), on purpose
+        (docs/integrity.md, "Remote engines"): a submission marked in doubt before an engine
+        sees the bytes; a scan's ID, or (several engines) each engine's answer, right after it."""
+        if scans is None:
+            self.journal.apply([(file_id, changes)])
+        else:
+            self.journal.apply_scans(file_id, changes, scans)
 
 
 def health_of(result: EngineResult) -> tuple[bool, str] | None:

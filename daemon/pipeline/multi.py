@@ -106,10 +106,10 @@ class MultiScanner(answers.ScanStep):
                 row, watch, {e: engines[e] for e in submit}, sha256, locations)
             events += cache_events
             if cached:
-                self.journal.apply_scans(row.id, {"sha256": sha256, "ref_id": ref_id,
-                                                  "engine": watch.engine_label, **opened.facts},
-                                         {e: {"sha256": sha256, "ref_id": ref_id, **changes}
-                                          for e, changes in cached.items()})
+                self.journal_at_once(row.id, {"sha256": sha256, "ref_id": ref_id,
+                                              "engine": watch.engine_label, **opened.facts},
+                                     {e: {"sha256": sha256, "ref_id": ref_id, **changes}
+                                      for e, changes in cached.items()})
             submit = [e for e in submit if e not in cached]
             if submit:
                 self._submit(row, watch, request, opened.facts, submit, resubmit, events,
@@ -142,7 +142,7 @@ class MultiScanner(answers.ScanStep):
             log.info("scan.resubmitting", watch=row.watch, rel_path=row.rel_path, file_id=row.id,
                      engine=record.engine, error=str(exc), in_doubt=record.engine_scan_id is None)
             return exc
-        self.journal.apply_scans(row.id, {}, {record.engine: changes})
+        self.journal_at_once(row.id, {}, {record.engine: changes})
         watch = self.config.watch(row.watch)
         key = self.cache.key(watch, record.engine, engine, record.sha256)
         self._store(_Cached({record.engine: key}, watch, locations), row, record.engine, changes,
@@ -162,8 +162,8 @@ class MultiScanner(answers.ScanStep):
                              "submitting_at": self.clock() if engines[name].remote else None}
         # Journaled as in doubt, in its own transaction, before any engine sees the bytes
         # (docs/integrity.md, "Remote engines").
-        self.journal.apply_scans(row.id, {"sha256": request.sha256, "ref_id": request.ref_id,
-                                          "engine": watch.engine_label, **facts}, intents)
+        self.journal_at_once(row.id, {"sha256": request.sha256, "ref_id": request.ref_id,
+                                      "engine": watch.engine_label, **facts}, intents)
         own_fds = len(names) > 1 and request.fd is not None
 
         def ask(name: str) -> None:
@@ -177,7 +177,7 @@ class MultiScanner(answers.ScanStep):
             finally:
                 if own_fds and fd is not None:
                     os.close(fd)
-            self.journal.apply_scans(row.id, {}, {name: changes})
+            self.journal_at_once(row.id, {}, {name: changes})
             self._store(cache, row, name, changes, request.ref_id)
             if "verdict" not in changes and not changes.get("engine_scan_id"):
                 return  # not answered: a wait or a retry, already logged
@@ -256,8 +256,8 @@ class MultiScanner(answers.ScanStep):
             return None
         abandoned = [e for e in watch.engines if e not in records or records[e].verdict is None]
         if abandoned:
-            self.journal.apply_scans(row.id, {}, {e: {"sha256": sha256, "abandoned": True}
-                                                  for e in abandoned})
+            self.journal_at_once(row.id, {}, {e: {"sha256": sha256, "abandoned": True}
+                                              for e in abandoned})
             log.info("scan.abandoned", watch=row.watch, rel_path=row.rel_path, file_id=row.id,
                      engines=abandoned, decided_by=verdict.raw["deciding_engine"])
         changes: RowChanges = {**self.outcomes.verdict(row, verdict), **facts, "sha256": sha256,

@@ -181,8 +181,8 @@ class Scanner(answers.ScanStep):
         if engine.remote:
             # A remote scan outlives us: the submission is journaled as in doubt, in its own
             # transaction, before the engine sees it (docs/integrity.md, "Remote engines").
-            self.journal.apply([(row.id, {"sha256": sha256, "ref_id": ref_id, "engine": engine.name,
-                                          "submitting_at": self.clock(), **facts})])
+            self.journal_at_once(row.id, {"sha256": sha256, "ref_id": ref_id, "engine": engine.name,
+                                          "submitting_at": self.clock(), **facts})
         request = dataclasses.replace(request, ref_id=ref_id)
         started = time.monotonic()
         answer = self._call(row, engine, partial(engine.scan, request))
@@ -194,8 +194,8 @@ class Scanner(answers.ScanStep):
                              watch, locations)
         if engine.remote and isinstance(answer, Pending):
             # ...and the scan's ID right after the answer, before anything else of the batch.
-            self.journal.apply([(row.id, {"engine_scan_id": answer.engine_scan_id,
-                                          "submitting_at": None})])
+            self.journal_at_once(row.id, {"engine_scan_id": answer.engine_scan_id,
+                                          "submitting_at": None})
         repeated: dict[str, Any] = {"cache": "miss"} if key is not None else {}
         if resubmit is not None and resubmit.may_duplicate:
             repeated["resubmitted"] = True
