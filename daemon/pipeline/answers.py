@@ -5,7 +5,8 @@ A pure function of the answer (or error), the attempts, the limits and the clock
 refusing for now, is waited for without spending an attempt, until `max_pending_age`; an
 error that may hide a submission is retried while attempts remain; anything else, or
 limits reached, is a failed verdict. The single-engine scanner turns the result into the
-row's change, the multi-engine scanner into its scan record's.
+row's change, the multi-engine scanner into its scan record's; both build on `ScanStep`,
+which holds what they share and their one way of writing the journal themselves.
 """
 
 from __future__ import annotations
