@@ -19,7 +19,7 @@ from daemon.errors import (
 )
 from daemon.fsutil import DirCache
 from daemon.journal import Journal, owner_token
-from daemon.locations import Listed, LocalLocation, Location, S3Location
+from daemon.locations import Listed, LocalLocation, S3Location, Source
 from daemon.model import FileState, Pending, Reason, ScanRecord, Verdict, VerdictKind
 from daemon.pipeline import Pipeline
 from daemon.pipeline.multi import decide
@@ -100,7 +100,7 @@ def _scan_only(config: Config, engines: dict[str, Engine], watch: WatchConfig, p
         return ScanResult(path, VerdictKind.FAILED, reason=_read_reason(exc))
 
 
-def _location(config: Config, watch: WatchConfig, folder: str, dirs: DirCache) -> Location:
+def _location(config: Config, watch: WatchConfig, folder: str, dirs: DirCache) -> Source:
     """The folder or S3 prefix holding a file named on the command line."""
     if not is_s3(folder):
         return LocalLocation(folder, dirs)

@@ -9,11 +9,11 @@ from typing import Any
 
 import structlog
 
-from daemon.config import Config
+from daemon.config import Config, WatchConfig
 from daemon.errors import LocationError, QuarantineError
 from daemon.fsutil import DirCache, Identity
 from daemon.journal import FileRow, Journal
-from daemon.locations import Location, Locations, MoveRequest, S3Location, transfer
+from daemon.locations import Locations, MoveRequest, ObjectStore, Source, transfer
 from daemon.model import FileState, VerdictKind
 from daemon.outcome_facts import iso, outcome_facts
 from daemon.s3url import is_s3
@@ -48,17 +48,15 @@ def _quarantined(journal: Journal, file_id: int) -> FileRow:
     return row
 
 
-def _in_quarantine(config: Config, row: FileRow, dirs: DirCache) -> tuple[Location, str]:
-    """The quarantine location holding the row's file, and its name there."""
+def _in_quarantine(row: FileRow, watch: WatchConfig, locations: Locations) -> tuple[str, str]:
+    """The URL of the quarantine holding the row's file, and its name there."""
     assert row.destination is not None
-    watch = config.watch(row.watch)
-    locations = Locations(config, dirs)
-    location = locations(watch.quarantine, watch)
-    if not row.destination.startswith(location.name("")):
+    url = watch.quarantine
+    if not row.destination.startswith(locations.store(url, watch).name("")):
         # The watch's quarantine moved since: the file's own directory.
         parent = row.destination.rsplit("/", 1)[0] + "/"
-        location = locations(parent if is_s3(parent) else os.path.dirname(row.destination), watch)
-    return location, row.destination.removeprefix(location.name(""))
+        url = parent if is_s3(parent) else os.path.dirname(row.destination)
+    return url, row.destination.removeprefix(locations.store(url, watch).name(""))
 
 
 def describe(config: Config, journal: Journal, file_id: int) -> dict[str, Any]:
@@ -70,8 +68,9 @@ def describe(config: Config, journal: Journal, file_id: int) -> dict[str, Any]:
     if row.destination and row.disposition is None:
         try:
             with DirCache() as dirs:
-                location, name = _in_quarantine(config, row, dirs)
-                sidecar = location.read_sidecar(name)
+                locations, watch = Locations(config, dirs), config.watch(row.watch)
+                url, name = _in_quarantine(row, watch, locations)
+                sidecar = locations.store(url, watch).read_sidecar(name)
         except (OSError, ValueError, LocationError) as exc:
             sidecar = {"error": f"cannot read the sidecar: {exc}"}
     return {
@@ -93,8 +92,9 @@ def release(config: Config, journal: Journal, file_id: int, *, reason: str,
     target_root = (to if is_s3(to) else os.path.abspath(to)) if to else config.watch(row.watch).clean
     try:
         with DirCache() as dirs:
-            source, name = _in_quarantine(config, row, dirs)
-            target = Locations(config, dirs)(target_root, config.watch(row.watch))
+            locations, watch = Locations(config, dirs), config.watch(row.watch)
+            url, name = _in_quarantine(row, watch, locations)
+            source, target = locations.source(url, watch), locations.destination(target_root, watch)
             request = MoveRequest(
                 file_id=row.id, rel_path=name, dest_rel=target.plan(row.rel_path, taken=True),
                 size=row.size or 0, sha256=row.sha256, verify=True, private=False,
@@ -106,7 +106,7 @@ def release(config: Config, journal: Journal, file_id: int, *, reason: str,
                 umask = os.umask(0)
                 os.umask(umask)
                 os.chmod(destination, 0o666 & ~umask, follow_symlinks=False)
-            source.delete(name)  # the sidecar (the file has left)
+            locations.store(url, watch).delete(name)  # the sidecar (the file has left)
     except (OSError, LocationError) as exc:
         raise QuarantineError(f"cannot release file {file_id} from {row.destination}: {exc}") from exc
     actor_name = actor()
@@ -122,8 +122,9 @@ def delete(config: Config, journal: Journal, file_id: int, *, reason: str) -> No
     row = _quarantined(journal, file_id)
     try:
         with DirCache() as dirs:
-            location, name = _in_quarantine(config, row, dirs)
-            location.delete(name)
+            locations, watch = Locations(config, dirs), config.watch(row.watch)
+            url, name = _in_quarantine(row, watch, locations)
+            locations.store(url, watch).delete(name)
     except (OSError, LocationError) as exc:
         raise QuarantineError(f"cannot delete file {file_id} at {row.destination}: {exc}") from exc
     actor_name = actor()
@@ -132,14 +133,14 @@ def delete(config: Config, journal: Journal, file_id: int, *, reason: str) -> No
                 actor=actor_name, reason=reason)
 
 
-def _identity(location: Location, name: str) -> Identity | None:
+def _identity(location: Source, name: str) -> Identity | None:
     """The identity of a local quarantined file as it is now (released as it is)."""
     if is_s3(location.url):
         return None
     return Identity.of(os.lstat(location.name(name)))
 
 
-def _etag(location: Location, name: str) -> str | None:
+def _etag(location: Source, name: str) -> str | None:
     """The ETag of a quarantined S3 object as it is now."""
-    head = location.head(name) if isinstance(location, S3Location) else None
+    head = location.head(name) if isinstance(location, ObjectStore) else None
     return None if head is None else str(head["ETag"])

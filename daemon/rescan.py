@@ -30,16 +30,15 @@ from daemon.errors import ChangedError, ScanwatchError
 from daemon.faults import pause
 from daemon.fsutil import DirCache, Identity
 from daemon.journal import FileRow, Journal
-from daemon.locations import SIDECAR_SUFFIX, Listed, Locations, MoveRequest, S3Location, transfer
-from daemon.locations.inplace import tag_in_place, verdict_tags
+from daemon.locations import SIDECAR_SUFFIX, Listable, Listed, Locations, MoveRequest, Tagged, transfer
+from daemon.locations.inplace import verdict_tags
 from daemon.model import FileState, Verdict, VerdictKind
 from daemon.oneshot import watch_verdict
 from daemon.outcome_facts import iso, outcome_facts
 from daemon.progress import Progress
 from daemon.quarantine import actor
 from daemon.refid import build_ref_id
-from daemon.s3client import S3Clients, list_objects
-from daemon.s3url import quoted_etag
+from daemon.s3client import S3Clients
 from daemon.watchers.fleet import is_fleet_key
 from daemon.watchers.tree import walk
 
@@ -105,8 +104,8 @@ class _Rescanner:
         self.journal = journal
         self.watch = watch
         self.in_place = IN_PLACE in (watch.clean, watch.quarantine)
-        self.clean = locations(watch.source if watch.clean == IN_PLACE else watch.clean, watch)
-        self.quarantine = None if self.in_place else locations(watch.quarantine, watch)
+        self.clean = locations.source(watch.source if watch.clean == IN_PLACE else watch.clean, watch)
+        self.quarantine = None if self.in_place else locations.destination(watch.quarantine, watch)
         self.moved: list[Moved] = []
         self.unfinished_moves = 0  # journaled, cut off by an error that may pass (S3 down...)
 
@@ -139,8 +138,8 @@ class _Rescanner:
     # -- listing ------------------------------------------------------------------------------
 
     def _listing(self) -> Iterator[Listed]:
-        if isinstance(self.clean, S3Location):
-            yield from _objects(self.clean)
+        if isinstance(self.clean, Listable):
+            yield from self.clean.listing(_is_ours_to_scan)
             return
         try:
             root_fd = os.open(self.clean.url, _DIR_FLAGS)
@@ -176,13 +175,8 @@ class _Rescanner:
         return outcome
 
     def _tagged_clean(self, listed: Listed) -> bool:
-        assert isinstance(self.clean, S3Location)
-        try:
-            found = self.clean.call("GET tagging", "get_object_tagging", Key=self.clean.key(listed.rel_path))
-        except FileNotFoundError:
-            return False
-        tags = {t["Key"]: t["Value"] for t in found.get("TagSet", [])}
-        return tags.get("scanwatch-verdict") == VerdictKind.CLEAN.value
+        assert isinstance(self.clean, Tagged)
+        return self.clean.tags(listed.rel_path).get("scanwatch-verdict") == VerdictKind.CLEAN.value
 
     def _scan(self, rescan_id: int, listed: Listed) -> RescanOutcome:
         rel = listed.rel_path
@@ -308,10 +302,10 @@ class _Rescanner:
         return destination
 
     def _tag(self, rel: str, changes: dict[str, Any], tags: dict[str, str], resumed: bool) -> str:
-        assert isinstance(self.clean, S3Location)
+        assert isinstance(self.clean, Tagged)
         try:
-            rewritten = tag_in_place(self.clean, rel, changes["etag"], changes["version_id"], tags,
-                                     changes.get("sha256"))
+            rewritten = self.clean.tag_in_place(rel, changes["etag"], changes["version_id"], tags,
+                                                changes.get("sha256"))
         except ChangedError:
             if not (resumed and self._tagged_as(rel, tags)):
                 raise
@@ -321,9 +315,8 @@ class _Rescanner:
         return self.clean.name(rel)
 
     def _tagged_as(self, rel: str, tags: Mapping[str, str]) -> bool:
-        assert isinstance(self.clean, S3Location)
-        found = self.clean.call("GET tagging", "get_object_tagging", Key=self.clean.key(rel))
-        have = {t["Key"]: t["Value"] for t in found.get("TagSet", [])}
+        assert isinstance(self.clean, Tagged)
+        have = self.clean.tags(rel)
         return all(have.get(k) == v for k, v in tags.items())
 
 
@@ -335,13 +328,3 @@ def _is_ours_to_scan(rel_path: str) -> bool:
     """Files placed in clean; not sidecars nor our temp and capture names, nor `.scanwatch/`."""
     name = rel_path.rpartition("/")[2]
     return not (name.endswith(SIDECAR_SUFFIX) or name.startswith(".scanwatch-") or is_fleet_key(rel_path))
-
-
-def _objects(location: S3Location) -> Iterator[Listed]:
-    """The objects under an S3 location, as listed (folder markers and sidecars left out)."""
-    where = location.where
-    for page in list_objects(location.client, where):
-        for obj in page:
-            rel = str(obj["Key"]).removeprefix(where.prefix)
-            if rel and not rel.endswith("/") and _is_ours_to_scan(rel):
-                yield Listed(rel, quoted_etag(str(obj["ETag"])), None, int(obj["Size"]))

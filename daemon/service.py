@@ -200,8 +200,7 @@ class Service:
             if fault := self._fault():
                 self._fail(fault)
                 raise fault
-            if isinstance(self._running.pipeline, WorkerPool):
-                self._running.pipeline.tick()
+            self._running.pipeline.tick()
             if time.monotonic() >= next_reclaim_at:
                 # Rows of a crashed `scan --move` next to us.
                 self.journal.reclaim()

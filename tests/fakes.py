@@ -88,7 +88,8 @@ def answers(answer: Verdict | Pending) -> Script:
 
 
 class FakeLocation:
-    """A Location held in memory: objects by name, each version named by the sha256 of its bytes.
+    """A place held in memory (a Source, Destination and QuarantineStore): objects by name,
+    each version named by the sha256 of its bytes.
 
     It reads like an S3 prefix (complete objects, pinned by version), so the pipeline's
     steps can be tested with no filesystem and no server.

@@ -101,9 +101,18 @@ class Engine(Protocol):
     can give a verdict. They must be thread-safe: the pipeline calls them from `concurrency` threads.
     """
 
-    name: str
-    remote: bool  # scans outlive this process: journal the reference ID before submitting
-    reads_s3: bool  # scans S3 sources by path or link itself: the pipeline does not download them
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def remote(self) -> bool:
+        """Scans outlive this process: journal the reference ID before submitting."""
+        ...
+
+    @property
+    def reads_s3(self) -> bool:
+        """Scans S3 sources by path or link itself: the pipeline does not download them."""
+        ...
 
     def scan(self, request: ScanRequest) -> Verdict | Pending:
         """Scan the file, or submit it and return the scan to poll."""

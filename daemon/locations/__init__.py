@@ -26,12 +26,17 @@ from daemon.fsutil import DirCache
 from daemon.locations.base import (
     SIDECAR_SUFFIX,
     Content,
+    CopySource,
     Destination,
+    Listable,
     Listed,
-    Location,
     MoveRequest,
+    ObjectStore,
     Opened,
+    QuarantineStore,
+    Rewritten,
     Source,
+    Tagged,
     transfer,
 )
 from daemon.locations.local import LocalLocation
@@ -42,35 +47,59 @@ from daemon.staging import StagingDirs
 
 __all__ = [
     "Content",
+    "CopySource",
     "Destination",
+    "Listable",
     "Listed",
     "LocalLocation",
-    "Location",
     "Locations",
     "MoveRequest",
+    "ObjectStore",
     "Opened",
+    "Place",
+    "QuarantineStore",
+    "Rewritten",
     "S3Location",
     "Source",
+    "Tagged",
     "SIDECAR_SUFFIX",
     "transfer",
 ]
 
 
+# A configured place: a local directory or an S3 prefix, either side of a move. The pipeline
+# sees it only through one narrow protocol at a time (tests give fakes of those protocols).
+Place = LocalLocation | S3Location
+
+
 class Locations:
-    """Location objects by configured URL for one batch of work: local ones share `dirs`,
-    S3 ones use the client for their watch's S3 settings, local sources their staging
-    directory of snapshots (`daemon/staging.py`)."""
+    """Places by configured URL for one batch of work, seen as a `Source`, a `Destination` or
+    a `QuarantineStore`: local ones share `dirs`, S3 ones use the client for their watch's S3
+    settings, local sources their staging directory of snapshots (`daemon/staging.py`)."""
 
     def __init__(self, config: Config, dirs: DirCache, clients: S3Clients | None = None,
-                 places: Mapping[str, Location] | None = None,
+                 places: Mapping[str, Place] | None = None,
                  staging: StagingDirs | None = None) -> None:
         self._config = config
         self._staging = staging or StagingDirs(config.state_dir)
         self.dirs = dirs
         self._clients = clients or S3Clients()
-        self._places = places or {}  # URL → a Location given from outside (tests' fakes)
+        self._places = places or {}  # URL → a place given from outside (tests' fakes)
 
-    def __call__(self, url: str, watch: WatchConfig) -> Location:
+    def source(self, url: str, watch: WatchConfig) -> Source:
+        return self._place(url, watch)
+
+    def destination(self, url: str, watch: WatchConfig) -> Destination:
+        return self._place(url, watch)
+
+    def store(self, url: str, watch: WatchConfig) -> QuarantineStore:
+        return self._place(url, watch)
+
+    def refuses(self, url: str, watch: WatchConfig, rel_path: str) -> str | None:
+        """Why a name from another source cannot be placed at `url`, before it is scanned."""
+        return self._place(url, watch).refuses(rel_path)
+
+    def _place(self, url: str, watch: WatchConfig) -> Place:
         if (place := self._places.get(url)) is not None:
             return place
         if is_s3(url):

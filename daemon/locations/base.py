@@ -1,22 +1,25 @@
-"""What every location shares: the Location protocol, a MoveRequest, and `transfer`."""
+"""What every location shares: the narrow protocols the pipeline sees a place through
+(`Source`, `Destination`, `QuarantineStore`, and capabilities only some places have), a
+MoveRequest, and `transfer` (docs/integrity.md, "Seams")."""
 
 from __future__ import annotations
 
 import hashlib
 import io
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO, NamedTuple, Protocol, runtime_checkable
 
 from daemon.errors import ChangedError
 from daemon.fsutil import Identity
 from daemon.journal import RowChanges
 from daemon.model import S3Object
 
-__all__ = ["CHUNK", "MAX_COLLISIONS", "SIDECAR_SUFFIX", "Content", "Destination", "Listed", "Location",
-           "MoveRequest", "Opened", "Source", "Verified", "json_bytes", "read_full", "transfer"]
+__all__ = ["CHUNK", "MAX_COLLISIONS", "SIDECAR_SUFFIX", "Content", "CopySource", "Destination", "Listable",
+           "Listed", "MoveRequest", "ObjectStore", "Opened", "QuarantineStore", "Rewritten", "Source",
+           "Tagged", "Verified", "json_bytes", "read_full", "transfer"]
 
 SIDECAR_SUFFIX = ".scanwatch.json"
 CHUNK = 1 << 20
@@ -131,10 +134,6 @@ class Destination(Protocol):
         """The full name of `rel_path` here (a path, or an s3:// URL)."""
         ...
 
-    def refuses(self, rel_path: str) -> str | None:
-        """Why a name from another source cannot be placed here, before it is scanned."""
-        ...
-
     def plan(self, rel_path: str, *, taken: bool = False) -> str:
         """The first free name for `rel_path` here: itself, else `<stem>.<n><ext>`.
 
@@ -157,6 +156,17 @@ class Destination(Protocol):
         """Write `<name>.scanwatch.json` beside `rel_path`."""
         ...
 
+
+class QuarantineStore(Protocol):
+    """What `scanwatch quarantine` asks of the place holding a quarantined file (a release
+    moves it out as from a `Source`)."""
+
+    url: str  # as configured
+
+    def name(self, rel_path: str) -> str:
+        """The full name of `rel_path` here (a path, or an s3:// URL)."""
+        ...
+
     def read_sidecar(self, rel_path: str) -> Any:
         """The sidecar beside `rel_path`."""
         ...
@@ -166,8 +176,74 @@ class Destination(Protocol):
         ...
 
 
-class Location(Source, Destination, Protocol):
-    """A local directory or an S3 prefix: any of a watch's places can be either side."""
+# -- what only some places can do (S3): asked with isinstance, never of a concrete class ---------
+
+
+class Rewritten(NamedTuple):
+    """The object version an in-place rewrite made: its ETag and LastModified (None: unknown)."""
+
+    etag: str
+    last_modified: float | None
+
+
+@runtime_checkable
+class Tagged(Protocol):
+    """A place whose objects carry tags: a verdict is put on the scanned version itself
+    (docs/contract.md, "S3 in place")."""
+
+    settles: bool
+
+    def name(self, rel_path: str) -> str: ...
+
+    def tags(self, rel_path: str) -> dict[str, str]:
+        """The tags of `rel_path` ({} if there is no such object)."""
+        ...
+
+    def tag_in_place(self, rel_path: str, etag: str | None, version_id: str | None,
+                     tags: Mapping[str, str], sha256: str | None) -> Rewritten | None:
+        """Put `tags` on exactly that version; the version it is now if it was written again."""
+        ...
+
+
+@runtime_checkable
+class Listable(Protocol):
+    """A place listed by asking it (an S3 prefix), not by walking a directory."""
+
+    def listing(self, keep: Callable[[str], bool]) -> Iterator[Listed]:
+        """What is there now, as listed (folder markers left out; `keep` filters names)."""
+        ...
+
+
+@runtime_checkable
+class ObjectStore(Protocol):
+    """Objects by name with conditional writes: the fleet's shared verdicts, a held object's ETag."""
+
+    def name(self, rel_path: str) -> str: ...
+
+    def head(self, rel_path: str) -> dict[str, Any] | None:
+        """HeadObject of `rel_path`, or None if there is no such object."""
+        ...
+
+    def read_object(self, rel_path: str) -> bytes:
+        """The bytes of `rel_path` (FileNotFoundError: none)."""
+        ...
+
+    def create_object(self, rel_path: str, body: bytes) -> bool:
+        """Write `rel_path` unless it exists (False: it did, left as it was)."""
+        ...
+
+
+@runtime_checkable
+class CopySource(Protocol):
+    """A source a destination of its kind copies from server-side (S3 to S3)."""
+
+    def copy_source(self, req: MoveRequest) -> tuple[dict[str, str], dict[str, str]] | None:
+        """What a server-side copy of the scanned bytes copies and its conditions (None: upload)."""
+        ...
+
+    def head_key(self, key: str) -> dict[str, Any]:
+        """HeadObject of `key` ({} if there is no such object)."""
+        ...
 
 
 def transfer(req: MoveRequest, source: Source, dest: Destination, *, resumed: bool = False) -> bool:

@@ -16,13 +16,17 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping
-from typing import NamedTuple
+from typing import TYPE_CHECKING
 from urllib.parse import urlencode
 
 from daemon.errors import ChangedError, LocationError, S3ConditionError, TooManyTagsError
-from daemon.locations.s3 import S3Location, copy_hashing
+from daemon.locations.base import Rewritten
+from daemon.locations.s3scan import copy_hashing
 from daemon.s3client import epoch
 from daemon.s3url import quoted_etag, tag_value
+
+if TYPE_CHECKING:  # S3Location.tag_in_place calls in here
+    from daemon.locations.s3 import S3Location
 
 __all__ = ["MAX_TAGS", "Rewritten", "tag_in_place", "verdict_tags"]
 
@@ -32,13 +36,6 @@ _MAX_PUT_BYTES = 5 * 2**30  # S3's limit of one PutObject
 # What a rewrite keeps of the object besides its bytes (its user metadata and headers).
 _KEPT = ("ContentType", "ContentEncoding", "ContentDisposition", "ContentLanguage", "CacheControl",
          "Metadata")
-
-
-class Rewritten(NamedTuple):
-    """The object version an in-place rewrite made: its ETag and LastModified (None: unknown)."""
-
-    etag: str
-    last_modified: float | None
 
 
 def verdict_tags(verdict: str, reason: str | None, scanned_at: str, threat: str | None) -> dict[str, str]:
@@ -62,14 +59,14 @@ def tag_in_place(source: S3Location, rel_path: str, etag: str | None, version_id
     try:
         version_id = version_id or _version_of(source, key, etag)
         pinned = {"VersionId": version_id} if version_id else {}
-        found = source.call("GET tagging", "get_object_tagging", Key=key, **pinned).get("TagSet", [])
+        found = source._call("GET tagging", "get_object_tagging", Key=key, **pinned).get("TagSet", [])
         kept = {t["Key"]: t["Value"] for t in found if not t["Key"].startswith(_OURS)}
         if len(kept) + len(tags) > MAX_TAGS:
             raise TooManyTagsError(f"{name} has {len(kept)} tags of its own: no room for "
                                    f"{len(tags)} more within S3's {MAX_TAGS}")
         merged = {**kept, **tags}
         if version_id:
-            source.call("TAG", "put_object_tagging", Key=key, VersionId=version_id, Tagging={
+            source._call("TAG", "put_object_tagging", Key=key, VersionId=version_id, Tagging={
                 "TagSet": [{"Key": k, "Value": v} for k, v in merged.items()]})
             return None
         return _rewrite(source, rel_path, etag, sha256, urlencode(merged))
@@ -95,11 +92,11 @@ def _rewrite(source: S3Location, rel_path: str, etag: str | None, sha256: str | 
             raise ChangedError(f"{name} no longer holds the scanned bytes")
         copy.seek(0)
         kept = {k: answer[k] for k in _KEPT if answer.get(k)}
-        put = source.call("PUT", "put_object", Key=source.key(rel_path), Body=copy, IfMatch=etag,
+        put = source._call("PUT", "put_object", Key=source.key(rel_path), Body=copy, IfMatch=etag,
                           Tagging=tagging, **kept)
     new_etag = quoted_etag(str(put["ETag"])) if put.get("ETag") else etag
     try:  # which LastModified our write has: asked of exactly our ETag
-        head = source.call("HEAD", "head_object", Key=source.key(rel_path), IfMatch=new_etag)
+        head = source._call("HEAD", "head_object", Key=source.key(rel_path), IfMatch=new_etag)
         last_modified: float | None = epoch(head["LastModified"])
     except (LocationError, FileNotFoundError):  # replaced at once (a new arrival), or S3 away
         last_modified = None
@@ -113,6 +110,6 @@ def _version_of(source: S3Location, key: str, etag: str | None) -> str | None:
     """
     if etag is None:
         return None
-    head = source.call("HEAD", "head_object", Key=key, IfMatch=etag)
+    head = source._call("HEAD", "head_object", Key=key, IfMatch=etag)
     version = head.get("VersionId")
     return None if version in (None, "", "null") else str(version)

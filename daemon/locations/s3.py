@@ -9,7 +9,7 @@ import io
 import json
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -20,19 +20,22 @@ import structlog
 from daemon.config import S3Config
 from daemon.errors import ChangedError, LocationError, S3ConditionError, S3UnavailableError, UnsafePathError
 from daemon.fsutil import Identity
+from daemon.locations import inplace
 from daemon.locations.base import (
     CHUNK,
     MAX_COLLISIONS,
     SIDECAR_SUFFIX,
+    CopySource,
     Listed,
     MoveRequest,
     Opened,
+    Rewritten,
     Source,
     Verified,
     json_bytes,
 )
 from daemon.locations.s3copy import Target, server_copy, upload
-from daemon.locations.s3scan import OpenedObject, copy_hashing
+from daemon.locations.s3scan import OpenedObject, copy_hashing, list_objects
 from daemon.locations.s3staging import Staging, delete_snapshot, node_id, snapshot_rel
 from daemon.naming import collision_name
 from daemon.s3client import s3_boundary
@@ -191,7 +194,7 @@ class S3Location:
     def get_snapshot(self, key: str) -> Any:
         """The streaming body of a snapshot; ChangedError if it is gone (scan the source again)."""
         try:
-            return self.call("GET", "get_object", Key=key)["Body"]
+            return self._call("GET", "get_object", Key=key)["Body"]
         except FileNotFoundError:
             raise ChangedError(f"the snapshot s3://{self.where.bucket}/{key} is gone: scanning the "
                                "source again") from None
@@ -203,23 +206,18 @@ class S3Location:
     def name(self, rel_path: str) -> str:
         return str(self.where) + rel_path
 
-    @property
-    def client(self) -> Any:
-        """The boto3 client, for what this class has no method for (rescans list through it)."""
-        return self._client
-
     def key(self, rel_path: str) -> str:
         """The object key of `rel_path`."""
         return self.where.key(rel_path)
 
-    def call(self, what: str, method: str, **kwargs: Any) -> Any:
-        """One S3 call on this bucket, through the error boundary."""
+    def _call(self, what: str, method: str, **kwargs: Any) -> Any:
+        """One S3 call on this bucket, through the error boundary (daemon/locations/inplace.py too)."""
         with s3_boundary(f"{what} s3://{self.where.bucket}/{kwargs.get('Key', self.where.prefix)}"):
             return getattr(self._client, method)(Bucket=self.where.bucket, **kwargs)
 
     def _exists(self, key: str, **conditions: Any) -> bool:
         try:
-            self.call("HEAD", "head_object", Key=key, **conditions)
+            self._call("HEAD", "head_object", Key=key, **conditions)
         except (FileNotFoundError, S3ConditionError):
             return False
         return True
@@ -245,18 +243,35 @@ class S3Location:
         self._drop_snapshot(req.snapshot, versioned=req.version_id is not None)
         self.drop_staged(req.file_id)
         with contextlib.suppress(FileNotFoundError, S3ConditionError):
-            self.call("DELETE", "delete_object", Key=self.key(req.rel_path), **self._version(req))
+            self._call("DELETE", "delete_object", Key=self.key(req.rel_path), **self._version(req))
 
     def holds(self, req: MoveRequest) -> bool:
-        return {"Key": "scanwatch-file", "Value": req.marker} in self._tags(req.dest_rel)
+        return self.tags(req.dest_rel).get("scanwatch-file") == req.marker
 
-    def _tags(self, rel_path: str) -> list[dict[str, str]]:
-        """The TagSet of `rel_path`; [] if there is no such object."""
+    def tags(self, rel_path: str) -> dict[str, str]:
         try:
-            answer = self.call("GET tagging", "get_object_tagging", Key=self.key(rel_path))
+            answer = self._call("GET tagging", "get_object_tagging", Key=self.key(rel_path))
         except FileNotFoundError:
-            return []
-        return list(answer.get("TagSet", []))
+            return {}
+        return {tag["Key"]: tag["Value"] for tag in answer.get("TagSet", [])}
+
+    def tag_in_place(self, rel_path: str, etag: str | None, version_id: str | None,
+                     tags: Mapping[str, str], sha256: str | None) -> Rewritten | None:
+        return inplace.tag_in_place(self, rel_path, etag, version_id, tags, sha256)
+
+    def listing(self, keep: Callable[[str], bool]) -> Iterator[Listed]:
+        return list_objects(self._client, self.where, keep)
+
+    def read_object(self, rel_path: str) -> bytes:
+        return bytes(self._call("GET", "get_object", Key=self.key(rel_path))["Body"].read())
+
+    def create_object(self, rel_path: str, body: bytes) -> bool:
+        try:
+            self._call("PUT", "put_object", Key=self.key(rel_path), IfNoneMatch="*", Body=body,
+                       ContentType="application/json")
+        except S3ConditionError:
+            return False
+        return True
 
     def holds_source(self, req: MoveRequest) -> bool:
         """True when `req.dest_rel` is a copy of this very source version, whoever placed it.
@@ -267,7 +282,7 @@ class S3Location:
         wanted = source_tags(req)
         if SOURCE_VERSION_TAG not in wanted or SHA256_TAG not in wanted:
             return False
-        found = {tag["Key"]: tag["Value"] for tag in self._tags(req.dest_rel)}
+        found = self.tags(req.dest_rel)
         return all(found.get(key) == value for key, value in wanted.items())
 
     @contextmanager
@@ -312,7 +327,7 @@ class S3Location:
         """GetObject of that version (its `Body` and `VersionId`), as `get`."""
         conditions = {"VersionId": version_id} if version_id else {"IfMatch": etag} if etag else {}
         try:
-            return dict(self.call("GET", "get_object", Key=self.key(rel_path), **conditions))
+            return dict(self._call("GET", "get_object", Key=self.key(rel_path), **conditions))
         except S3ConditionError as exc:
             raise ChangedError(f"{self.name(rel_path)} was replaced since it was listed") from exc
 
@@ -323,7 +338,7 @@ class S3Location:
     def head_key(self, key: str) -> dict[str, Any]:
         """HeadObject of `key` ({} if there is no such object)."""
         try:
-            return dict(self.call("HEAD", "head_object", Key=key))
+            return dict(self._call("HEAD", "head_object", Key=key))
         except FileNotFoundError:
             return {}
 
@@ -331,11 +346,11 @@ class S3Location:
         tags = urlencode({**req.tags, **source_tags(req), "scanwatch-file": req.marker})
         target = Target(self._client, self.where.bucket, self.key(req.dest_rel), tags,
                         self._copy_threshold, self._part_size)
-        copied = source.copy_source(req) if isinstance(source, S3Location) else None
+        copied = source.copy_source(req) if isinstance(source, CopySource) else None
         try:
             with s3_boundary(f"PUT {self.name(req.dest_rel)}"):
                 if copied is not None:
-                    assert isinstance(source, S3Location)
+                    assert isinstance(source, CopySource)
                     server_copy(target, copied[0], req.size, copied[1],
                                 lambda: source.head_key(copied[0]["Key"]))
                 else:
@@ -358,17 +373,17 @@ class S3Location:
         return False
 
     def write_sidecar(self, rel_path: str, facts: Mapping[str, object]) -> None:
-        self.call("PUT", "put_object", Key=self.key(rel_path) + SIDECAR_SUFFIX, Body=json_bytes(facts),
+        self._call("PUT", "put_object", Key=self.key(rel_path) + SIDECAR_SUFFIX, Body=json_bytes(facts),
                    ContentType="application/json")
 
     def read_sidecar(self, rel_path: str) -> Any:
-        body = self.call("GET", "get_object", Key=self.key(rel_path) + SIDECAR_SUFFIX)["Body"]
+        body = self._call("GET", "get_object", Key=self.key(rel_path) + SIDECAR_SUFFIX)["Body"]
         with contextlib.closing(body):
             return json.loads(body.read(1 << 20))
 
     def delete(self, rel_path: str) -> None:
         for key in (self.key(rel_path), self.key(rel_path) + SIDECAR_SUFFIX):
-            self.call("DELETE", "delete_object", Key=key)
+            self._call("DELETE", "delete_object", Key=key)
 
 
 class _Body:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from daemon.faults import pause
@@ -19,11 +20,13 @@ from daemon.journal import RowChanges
 from daemon.locations.base import CHUNK, Content, Listed
 from daemon.model import S3Object
 from daemon.s3client import epoch, s3_boundary
+from daemon.s3client import list_objects as list_pages
+from daemon.s3url import S3Url, quoted_etag
 
 if TYPE_CHECKING:
     from daemon.locations.s3 import S3Location
 
-__all__ = ["OpenedObject", "copy_hashing"]
+__all__ = ["OpenedObject", "copy_hashing", "list_objects"]
 
 
 class OpenedObject:
@@ -112,3 +115,12 @@ def copy_hashing(body: Any, out_fd: int | None) -> tuple[str, int]:
             while out_fd is not None and view:
                 view = view[os.write(out_fd, view):]
     return digest.hexdigest(), size
+
+
+def list_objects(client: Any, where: S3Url, keep: Callable[[str], bool]) -> Iterator[Listed]:
+    """The objects under `where`, as listed (folder markers left out; `keep` filters names)."""
+    for page in list_pages(client, where):
+        for obj in page:
+            rel = str(obj["Key"]).removeprefix(where.prefix)
+            if rel and not rel.endswith("/") and keep(rel):
+                yield Listed(rel, quoted_etag(str(obj["ETag"])), None, int(obj["Size"]))

@@ -24,7 +24,7 @@ from daemon.config import Config, WatchConfig
 from daemon.engines.base import Engine, ScanHandle, ScanRequest, Signatures, signatures_of
 from daemon.fsutil import DirCache
 from daemon.journal import FileRow, Journal
-from daemon.locations import Location, Locations
+from daemon.locations import Locations, Place
 from daemon.model import FileState, Pending, Reason, Verdict, VerdictKind
 from daemon.pipeline.moving import Mover
 from daemon.pipeline.outcome import Outcome, Outcomes
@@ -57,7 +57,7 @@ class Pipeline:
                  clock: Callable[[], float] = time.time,
                  policy: RetryPolicy | None = None,
                  on_outcome: Callable[[FileRow, str, Outcome], None] | None = None,
-                 s3: S3Clients | None = None, places: Mapping[str, Location] | None = None) -> None:
+                 s3: S3Clients | None = None, places: Mapping[str, Place] | None = None) -> None:
         self.config = config
         self.journal = journal
         self.owner = owner
@@ -99,17 +99,14 @@ class Pipeline:
         return -(-concurrency // self.config.worker_count())
 
     def _bounded(self, engines: Mapping[str, Engine]) -> Mapping[str, Engine]:
-        """The engines, held to their `concurrency` where they have more workers than that.
-
-        With several worker processes (`workers` > 1) always, by slot files under
-        state_dir that every process shares (daemon/slots.py).
-        """
+        """The engines, each behind its one gate: at most `concurrency` calls at once, whether
+        from a single-engine watch's worker or a multi-engine watch's fan-out, and with several
+        worker processes (`workers` > 1) by slot files under state_dir that every process
+        shares (daemon/slots.py). docs/engines.md, "Concurrency"."""
         shared = self.config.worker_count() > 1
         return {name: _Bounded(engine, self.config.engines[name].concurrency,
                                self._slots_of(name) if shared else None)
-                if name in self.config.engines
-                and (shared or self._workers(name) > self.config.engines[name].concurrency)
-                else engine for name, engine in engines.items()}
+                if name in self.config.engines else engine for name, engine in engines.items()}
 
     def _slots_of(self, name: str) -> EngineSlots:
         return EngineSlots(self.config.state_dir / "slots", name, self.config.engines[name].concurrency)
@@ -129,6 +126,10 @@ class Pipeline:
                                           name=f"scan-{name}-{i}", daemon=True)
                 thread.start()
                 self._threads.append(thread)
+
+    def tick(self) -> None:
+        """Looked after between signals by the service: worker threads need nothing (a
+        `WorkerPool` starts again its dead processes here)."""
 
     def stop(self, timeout_s: float) -> bool:
         """Stop claiming, wait for in-flight batches; hand back what is unfinished."""
@@ -257,14 +258,26 @@ class Pipeline:
 
 
 class _Bounded:
-    """An engine whose scans and polls run at most `limit` at once, from any number of workers."""
+    """An engine whose scans and polls run at most `limit` at once, from any number of workers
+    (the one owner of its concurrency; its rate pacing stays in its HTTP client)."""
 
     def __init__(self, engine: Engine, limit: int, shared: EngineSlots | None = None) -> None:
         self.engine = engine
-        self.name, self.remote, self.reads_s3 = engine.name, engine.remote, engine.reads_s3
         self._shared = shared
         self._slots: AbstractContextManager[object] = (
             self._shared or threading.BoundedSemaphore(limit))
+
+    @property
+    def name(self) -> str:
+        return self.engine.name
+
+    @property
+    def remote(self) -> bool:
+        return self.engine.remote
+
+    @property
+    def reads_s3(self) -> bool:
+        return self.engine.reads_s3
 
     def scan(self, request: ScanRequest) -> Verdict | Pending:
         with self._slots:

@@ -24,9 +24,9 @@ import structlog
 
 from daemon.config import Config, WatchConfig
 from daemon.engines.base import Engine, signatures_of
-from daemon.errors import LocationError, S3ConditionError, ScanwatchError
+from daemon.errors import LocationError, ScanwatchError
 from daemon.journal import CachedVerdict, FileRow, Journal, KeptVerdict
-from daemon.locations import Locations, S3Location
+from daemon.locations import Locations, ObjectStore
 from daemon.model import FileState, ScanChanges, Verdict, VerdictKind
 from daemon.pipeline.outcome import Outcome
 from daemon.watchers.fleet import LEASE_DIR
@@ -162,38 +162,35 @@ class VerdictCache:
 
     # -- shared through the bucket (docs/fleet.md) -------------------------------------------------
 
-    def _shared(self, key: CacheKey, watch: WatchConfig, locations: Locations) -> S3Location | None:
+    def _shared(self, key: CacheKey, watch: WatchConfig, locations: Locations) -> ObjectStore | None:
         """The fleet watch's source, when the engine shares its verdicts there."""
         if not (watch.fleet and self.config.engines[key.engine].cache.shared):
             return None
-        source = locations(watch.source, watch)
-        return source if isinstance(source, S3Location) else None
+        source = locations.source(watch.source, watch)
+        return source if isinstance(source, ObjectStore) else None
 
-    def _get_shared(self, where: S3Location, key: CacheKey) -> CachedVerdict | None:
+    def _get_shared(self, where: ObjectStore, key: CacheKey) -> CachedVerdict | None:
         name = _shared_name(key)
         try:
-            body = where.call("GET", "get_object", Key=where.key(name))["Body"].read()
+            body = where.read_object(name)
             entry = CachedVerdict.from_json(json.loads(body))
         except FileNotFoundError:
             return None
         except (LocationError, OSError, ValueError, KeyError, TypeError) as exc:
-            log.warning("cache.shared_unreadable", key=where.key(name), error=str(exc))
+            log.warning("cache.shared_unreadable", key=where.name(name), error=str(exc))
             return None
         if (entry.engine, entry.fingerprint, entry.sha256) != (key.engine, key.fingerprint, key.sha256):
-            log.warning("cache.shared_unreadable", key=where.key(name), error="names other bytes")
+            log.warning("cache.shared_unreadable", key=where.name(name), error="names other bytes")
             return None
         return entry
 
-    def _put_shared(self, where: S3Location, key: CacheKey, entry: CachedVerdict) -> None:
+    def _put_shared(self, where: ObjectStore, key: CacheKey, entry: CachedVerdict) -> None:
         """Written once: the first member's verdict stands (`IfNoneMatch: *`)."""
         name = _shared_name(key)
         try:
-            where.call("PUT", "put_object", Key=where.key(name), IfNoneMatch="*",
-                       Body=json.dumps(entry.to_json()).encode(), ContentType="application/json")
-        except S3ConditionError:
-            pass  # another member was first
+            where.create_object(name, json.dumps(entry.to_json()).encode())  # False: another was first
         except (LocationError, OSError) as exc:
-            log.warning("cache.shared_unwritten", key=where.key(name), error=str(exc))
+            log.warning("cache.shared_unwritten", key=where.name(name), error=str(exc))
 
 
 def _shared_name(key: CacheKey) -> str:

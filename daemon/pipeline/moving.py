@@ -13,8 +13,8 @@ from daemon.config import IN_PLACE, Config, WatchConfig
 from daemon.errors import ChangedError, LocationError, S3UnavailableError, TooManyTagsError, UnsafePathError
 from daemon.faults import pause
 from daemon.journal import FileRow, Journal, RowChanges
-from daemon.locations import Destination, Locations, MoveRequest, S3Location, Source, transfer
-from daemon.locations.inplace import tag_in_place, verdict_tags
+from daemon.locations import Destination, Locations, MoveRequest, Source, Tagged, transfer
+from daemon.locations.inplace import verdict_tags
 from daemon.model import FileState, Reason, Verdict, VerdictKind
 from daemon.naming import flat_name
 from daemon.outcome_facts import iso, outcome_facts
@@ -47,10 +47,11 @@ class Mover:
         watch = self.config.watch(row.watch)
         root = watch.destinations[DESTINATION_FOR[verdict]]
         if root == IN_PLACE:  # the object stays at its key: no name to choose, none to escape
-            return Outcome({**changes, "destination": locations(watch.source, watch).name(row.rel_path),
+            source = locations.source(watch.source, watch)
+            return Outcome({**changes, "destination": source.name(row.rel_path),
                             "dest_root": IN_PLACE, "dest_rel": row.rel_path})
         try:
-            dest = locations(root, watch)
+            dest = locations.destination(root, watch)
             dest_rel = dest.plan(rel_path)
         except UnsafePathError as exc:
             if is_flat:
@@ -75,8 +76,8 @@ class Mover:
         """Carry out the row's plan; `resumed`: a move of it may have been cut off, finish it."""
         pause("move.start")
         watch = self.config.watch(row.watch)
-        source = locations(watch.source, watch)
-        if row.dest_root == IN_PLACE and isinstance(source, S3Location):
+        source = locations.source(watch.source, watch)
+        if row.dest_root == IN_PLACE and isinstance(source, Tagged):
             return self._in_place(row, watch, source, locations)
         try:
             identity = row.identity or (source.identity_now(row.rel_path) if row.etag is None else None)
@@ -126,14 +127,14 @@ class Mover:
                 return self.outcomes.move_failed(row, exc, {"state": FileState.MOVING})
         return self.outcomes.placed(row, destination, verdict, already_placed=already_placed)
 
-    def _in_place(self, row: FileRow, watch: WatchConfig, source: S3Location,
+    def _in_place(self, row: FileRow, watch: WatchConfig, source: Tagged,
                   locations: Locations) -> Outcome:
         """Tag exactly the scanned version where it is (docs/contract.md, "S3 in place")."""
         verdict = VerdictKind(str(row.verdict))
         threat = row.threats[0] if verdict is VerdictKind.INFECTED and row.threats else None
         tags = verdict_tags(verdict.value, row.reason, iso(row.scanned_at) or "", threat)
         try:
-            rewritten = tag_in_place(source, row.rel_path, row.etag, row.version_id, tags, row.sha256)
+            rewritten = source.tag_in_place(row.rel_path, row.etag, row.version_id, tags, row.sha256)
         except ChangedError as exc:
             return self.outcomes.changed(str(exc), settles=source.settles)
         except FileNotFoundError:
@@ -163,8 +164,8 @@ class Mover:
         """The planned destination and name (rows planned before plans were journaled whole:
         the verdict's destination, and the name recorded under it)."""
         if row.dest_root is not None and row.dest_rel is not None:
-            return locations(row.dest_root, watch), row.dest_rel
-        dest = locations(watch.destinations[DESTINATION_FOR[verdict]], watch)
+            return locations.destination(row.dest_root, watch), row.dest_rel
+        dest = locations.destination(watch.destinations[DESTINATION_FOR[verdict]], watch)
         assert row.destination is not None
         return dest, row.destination.removeprefix(dest.name(""))
 

@@ -4,7 +4,8 @@ How the work is shared (docs/contract.md, "Several engines on one watch"): a fil
 such a watch is claimed like any row, by one worker of any of the watch's engines. That
 worker holds the source once (`Location.open_for_scan`), hashes it once, and asks every
 engine that owes an answer, in parallel: one short-lived thread per engine, each engine
-call under that engine's own semaphore (its `concurrency`), with the engine's own retries,
+call through that engine's one gate (its `concurrency`, shared with its single-engine
+watches and, with several worker processes, across them), with the engine's own retries,
 rate limit and `max_pending_age`. Each engine keeps a scan record per file in the journal
 (`scans`: scan ID, verdict, reason, threats, attempts, submitting marker); the thread that
 got an answer journals it at once, so a restart follows each engine where it was and never
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -31,11 +31,7 @@ import structlog
 from daemon.config import Config, WatchConfig
 from daemon.engines.base import Engine, ScanHandle, ScanRequest
 from daemon.errors import (
-    EnginePermanentError,
     EngineResubmitError,
-    EngineRetryableError,
-    EngineThrottledError,
-    EngineUnavailableError,
 )
 from daemon.journal import FileRow, Journal, RowChanges
 from daemon.locations import Locations, Opened
@@ -48,7 +44,8 @@ from daemon.model import (
     Verdict,
     VerdictKind,
 )
-from daemon.pipeline.caching import CacheKey, VerdictCache
+from daemon.pipeline import answers
+from daemon.pipeline.caching import CacheKey
 from daemon.pipeline.moving import Mover
 from daemon.pipeline.outcome import Outcome, Outcomes
 from daemon.refid import build_ref_id
@@ -60,21 +57,14 @@ log = structlog.get_logger("scanwatch.pipeline")
 Health = Callable[[str, str | None], None]
 
 
-class MultiScanner:
+class MultiScanner(answers.ScanStep):
     """One scanning step of a file on a watch with several engines."""
 
     def __init__(self, config: Config, journal: Journal, engines: Callable[[], Mapping[str, Engine]],
                  mover: Mover, outcomes: Outcomes, health: Health) -> None:
-        self.config = config
-        self.journal = journal
+        super().__init__(config, journal, mover, outcomes)
         self.engines = engines
-        self.mover = mover
-        self.outcomes = outcomes
-        self.clock = outcomes.clock
         self._health = health
-        self.cache = VerdictCache(config, journal, self.clock)
-        self._slots = {name: threading.BoundedSemaphore(cfg.concurrency)
-                       for name, cfg in config.engines.items()}
 
     def scan(self, row: FileRow, watch: WatchConfig, opened: Opened, secret: str | None,
              locations: Locations) -> Outcome:
@@ -111,15 +101,15 @@ class MultiScanner:
                 watch.name, row.rel_path, sha256)
             request = ScanRequest(watch.name, row.rel_path, opened.path, content.fd, content.size,
                                   sha256, ref_id, s3=content.s3, archive_password=secret,
-                                  original=locations(watch.source, watch).name(row.rel_path))
+                                  original=locations.source(watch.source, watch).name(row.rel_path))
             keys, cached, cache_events = self.cache.several(
                 row, watch, {e: engines[e] for e in submit}, sha256, locations)
             events += cache_events
             if cached:
-                self.journal.apply_scans(row.id, {"sha256": sha256, "ref_id": ref_id,
-                                                  "engine": watch.engine_label, **opened.facts},
-                                         {e: {"sha256": sha256, "ref_id": ref_id, **changes}
-                                          for e, changes in cached.items()})
+                self.journal_at_once(row.id, {"sha256": sha256, "ref_id": ref_id,
+                                              "engine": watch.engine_label, **opened.facts},
+                                     {e: {"sha256": sha256, "ref_id": ref_id, **changes}
+                                      for e, changes in cached.items()})
             submit = [e for e in submit if e not in cached]
             if submit:
                 self._submit(row, watch, request, opened.facts, submit, resubmit, events,
@@ -131,16 +121,12 @@ class MultiScanner:
     # -- asking the engines ---------------------------------------------------------------------
 
     def _parallel(self, names: list[str], step: Callable[[str], Any]) -> dict[str, Any]:
-        """`step(name)` for each engine at once, each under its engine's concurrency."""
+        """`step(name)` for each engine at once (each engine's calls pass its one gate, which
+        holds it to its `concurrency` across every watch: daemon/pipeline `_Bounded`)."""
         if not names:
             return {}
-
-        def limited(name: str) -> Any:
-            with self._slots[name]:
-                return step(name)
-
         with ThreadPoolExecutor(len(names), thread_name_prefix="scan-multi") as pool:
-            futures = {name: pool.submit(limited, name) for name in names}
+            futures = {name: pool.submit(step, name) for name in names}
             return {name: future.result() for name, future in futures.items()}
 
     def _poll(self, row: FileRow, engine: Engine, record: ScanRecord, path: str,
@@ -156,7 +142,7 @@ class MultiScanner:
             log.info("scan.resubmitting", watch=row.watch, rel_path=row.rel_path, file_id=row.id,
                      engine=record.engine, error=str(exc), in_doubt=record.engine_scan_id is None)
             return exc
-        self.journal.apply_scans(row.id, {}, {record.engine: changes})
+        self.journal_at_once(row.id, {}, {record.engine: changes})
         watch = self.config.watch(row.watch)
         key = self.cache.key(watch, record.engine, engine, record.sha256)
         self._store(_Cached({record.engine: key}, watch, locations), row, record.engine, changes,
@@ -176,8 +162,8 @@ class MultiScanner:
                              "submitting_at": self.clock() if engines[name].remote else None}
         # Journaled as in doubt, in its own transaction, before any engine sees the bytes
         # (docs/integrity.md, "Remote engines").
-        self.journal.apply_scans(row.id, {"sha256": request.sha256, "ref_id": request.ref_id,
-                                          "engine": watch.engine_label, **facts}, intents)
+        self.journal_at_once(row.id, {"sha256": request.sha256, "ref_id": request.ref_id,
+                                      "engine": watch.engine_label, **facts}, intents)
         own_fds = len(names) > 1 and request.fd is not None
 
         def ask(name: str) -> None:
@@ -191,7 +177,7 @@ class MultiScanner:
             finally:
                 if own_fds and fd is not None:
                     os.close(fd)
-            self.journal.apply_scans(row.id, {}, {name: changes})
+            self.journal_at_once(row.id, {}, {name: changes})
             self._store(cache, row, name, changes, request.ref_id)
             if "verdict" not in changes and not changes.get("engine_scan_id"):
                 return  # not answered: a wait or a retry, already logged
@@ -233,37 +219,23 @@ class MultiScanner:
     def _answer(self, row: FileRow, record: ScanRecord, ask: Callable[[], Verdict | Pending], *,
                 spent: bool) -> ScanChanges:
         name = record.engine
-        cfg = self.config.engines[name]
         now = self.clock()
-        policy = self.outcomes.policy
-        try:
-            answer = ask()
-        except EngineUnavailableError as exc:
-            if not isinstance(exc, EngineThrottledError):  # throttling is pacing, not down
-                self._health(name, str(exc))
-            if now - row.discovered_at > cfg.max_pending_age:
-                return _verdict(Verdict.failed(exc.reason), record, now)
-            # Not reached, or refused ("slow down"): nothing was submitted, no attempt is spent.
-            delay_s = policy.delay(record.attempts, exc.retry_after_s)
+        result = answers.ask(ask)
+        if (health := answers.health_of(result)) is not None:
+            self._health(name, None if health[0] else health[1])
+        limits = answers.Limits.of(self.config.engines[name], self.outcomes.policy)
+        step = answers.step_of(result, attempts=record.attempts, spent=spent,
+                               discovered_at=row.discovered_at, now=now, limits=limits)
+        if isinstance(step, answers.Wait | answers.Retry):
             log.warning("retry.scheduled", watch=row.watch, rel_path=row.rel_path, file_id=row.id,
-                        engine=name, reason=exc.reason.value, error=str(exc),
-                        delay_s=round(delay_s, 3))
-            return {"attempts": record.attempts - spent, "submitting_at": None, "last_error": str(exc),
-                    "next_attempt_at": now + delay_s}
-        except EngineRetryableError as exc:
-            # A timeout or a 5xx may hide a submission: it stays in doubt.
-            attempts = record.attempts + (not spent)
-            if attempts >= cfg.max_attempts:
-                return {**_verdict(Verdict.failed(exc.reason), record, now), "attempts": attempts}
-            log.warning("retry.scheduled", watch=row.watch, rel_path=row.rel_path, file_id=row.id,
-                        engine=name, reason=exc.reason.value, error=str(exc), attempts=attempts)
-            return {"attempts": attempts, "last_error": str(exc),
-                    "next_attempt_at": now + policy.delay(attempts, exc.retry_after_s)}
-        except EnginePermanentError as exc:
-            if exc.reason == Reason.AUTH:
-                self._health(name, str(exc))
-            return _verdict(Verdict.failed(exc.reason, raw={"error": str(exc)}), record, now)
-        self._health(name, None)
+                        engine=name, reason=step.error.reason.value, error=str(step.error),
+                        attempts=step.attempts, delay_s=round(step.delay_s, 3))
+            changes: ScanChanges = {"attempts": step.attempts, "last_error": str(step.error),
+                                    "next_attempt_at": now + step.delay_s}
+            return {**changes, "submitting_at": None} if isinstance(step, answers.Wait) else changes
+        if isinstance(step, answers.Failed):
+            return {**_verdict(step.verdict, record, now), "attempts": step.attempts}
+        answer = step.answer
         if isinstance(answer, Pending):
             return {"engine_scan_id": answer.engine_scan_id, "submitting_at": None,
                     "next_attempt_at": now + answer.poll_after_s}
@@ -284,8 +256,8 @@ class MultiScanner:
             return None
         abandoned = [e for e in watch.engines if e not in records or records[e].verdict is None]
         if abandoned:
-            self.journal.apply_scans(row.id, {}, {e: {"sha256": sha256, "abandoned": True}
-                                                  for e in abandoned})
+            self.journal_at_once(row.id, {}, {e: {"sha256": sha256, "abandoned": True}
+                                              for e in abandoned})
             log.info("scan.abandoned", watch=row.watch, rel_path=row.rel_path, file_id=row.id,
                      engines=abandoned, decided_by=verdict.raw["deciding_engine"])
         changes: RowChanges = {**self.outcomes.verdict(row, verdict), **facts, "sha256": sha256,

@@ -45,9 +45,10 @@ class Outcomes:
         self.clock = clock
         self.policy = policy
 
-    def retry(self, row: FileRow, exc: EngineRetryableError) -> Outcome:
-        """Scan again later, spending an attempt."""
-        delay_s = self.policy.delay(row.attempts, exc.retry_after_s)
+    def retry(self, row: FileRow, exc: EngineRetryableError, *, delay_s: float | None = None) -> Outcome:
+        """Scan again later, spending an attempt (after `delay_s`, else the policy's delay)."""
+        if delay_s is None:
+            delay_s = self.policy.delay(row.attempts, exc.retry_after_s)
         return Outcome(
             {"state": FileState.STABLE, "owner": None, "last_error": str(exc),
              "next_attempt_at": self.clock() + delay_s},
@@ -55,12 +56,13 @@ class Outcomes:
                                 "attempts": row.attempts, "delay_s": round(delay_s, 3)})
 
     def wait(self, row: FileRow, reason: str, exc: Exception, retry_after_s: float | None = None,
-             *, unsent: bool = False) -> Outcome:
+             *, unsent: bool = False, delay_s: float | None = None) -> Outcome:
         """Try again later without spending an attempt: what is missing is not the file's fault.
 
         `unsent`: the engine was not reached, so a submission marked in doubt did not happen.
         """
-        delay_s = self.policy.delay(row.attempts, retry_after_s)
+        if delay_s is None:
+            delay_s = self.policy.delay(row.attempts, retry_after_s)
         changes: RowChanges = {"state": FileState.STABLE, "owner": None, "last_error": str(exc),
                                "attempts": row.attempts - 1, "next_attempt_at": self.clock() + delay_s}
         if unsent:

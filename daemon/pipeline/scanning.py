@@ -22,11 +22,7 @@ from daemon.config import IN_PLACE, Config, WatchConfig
 from daemon.engines.base import Engine, ScanHandle, ScanRequest
 from daemon.errors import (
     ChangedError,
-    EnginePermanentError,
     EngineResubmitError,
-    EngineRetryableError,
-    EngineThrottledError,
-    EngineUnavailableError,
     S3UnavailableError,
     StagingError,
     UnsafePathError,
@@ -35,7 +31,8 @@ from daemon.faults import pause
 from daemon.journal import FileRow, Journal, RowChanges
 from daemon.locations import Listed, Locations, Opened
 from daemon.model import Pending, Reason, Verdict
-from daemon.pipeline.caching import CacheKey, VerdictCache, cached_fields
+from daemon.pipeline import answers
+from daemon.pipeline.caching import CacheKey, cached_fields
 from daemon.pipeline.moving import Mover
 from daemon.pipeline.multi import MultiScanner
 from daemon.pipeline.outcome import Outcome, Outcomes
@@ -48,19 +45,14 @@ log = structlog.get_logger("scanwatch.pipeline")
 _UNREADABLE_ERRNOS = (errno.EIO, errno.EISDIR, errno.ENXIO)
 
 
-class Scanner:
+class Scanner(answers.ScanStep):
     """Turns a claimed `scanning` row into a scan to poll, a retry, or a verdict with its plan."""
 
     def __init__(self, config: Config, journal: Journal, engines: Mapping[str, Engine],
                  mover: Mover, outcomes: Outcomes) -> None:
-        self.config = config
-        self.journal = journal
+        super().__init__(config, journal, mover, outcomes)
         self.engines = engines
-        self.mover = mover
-        self.outcomes = outcomes
-        self.clock = outcomes.clock
         self._engine_down: dict[str, bool] = {}
-        self.cache = VerdictCache(config, journal, self.clock)
         self.multi = MultiScanner(config, journal, lambda: self.engines, mover, outcomes,
                                   self._set_engine_health)
 
@@ -72,9 +64,9 @@ class Scanner:
     def scan(self, row: FileRow, locations: Locations) -> Outcome:
         """One scanning step of `row`: what happened, as a journal change and an event."""
         watch = self.config.watch(row.watch)
-        source = locations(watch.source, watch)
+        source = locations.source(watch.source, watch)
         for root in watch.destinations.values():
-            if root != IN_PLACE and (why := locations(root, watch).refuses(row.rel_path)) is not None:
+            if root != IN_PLACE and (why := locations.refuses(root, watch, row.rel_path)) is not None:
                 return self.mover.fail(row, Reason.UNSAFE_KEY, why, locations)
         if (why := self._listed_too_large(row, watch)) is not None:
             return self.mover.fail(row, Reason.TOO_LARGE, why, locations)
@@ -133,7 +125,7 @@ class Scanner:
         request = ScanRequest(watch.name, row.rel_path, opened.path, content.fd, content.size,
                               content.sha256, "", s3=content.s3,
                               archive_password=_secret(watch.archivepwd), by_upload=by_upload,
-                              original=locations(watch.source, watch).name(row.rel_path))
+                              original=locations.source(watch.source, watch).name(row.rel_path))
         # The verdict cache (docs/engines.md, "Verdict cache"): a verdict kept for these bytes,
         # or another row's scan of them in flight, spares the engine a request.
         key = self.cache.key(watch, watch.engines[0], engine, content.sha256)
@@ -189,8 +181,8 @@ class Scanner:
         if engine.remote:
             # A remote scan outlives us: the submission is journaled as in doubt, in its own
             # transaction, before the engine sees it (docs/integrity.md, "Remote engines").
-            self.journal.apply([(row.id, {"sha256": sha256, "ref_id": ref_id, "engine": engine.name,
-                                          "submitting_at": self.clock(), **facts})])
+            self.journal_at_once(row.id, {"sha256": sha256, "ref_id": ref_id, "engine": engine.name,
+                                          "submitting_at": self.clock(), **facts})
         request = dataclasses.replace(request, ref_id=ref_id)
         started = time.monotonic()
         answer = self._call(row, engine, partial(engine.scan, request))
@@ -203,8 +195,8 @@ class Scanner:
                                     watch, locations, later=True)
         if engine.remote and isinstance(answer, Pending):
             # ...and the scan's ID right after the answer, before anything else of the batch.
-            self.journal.apply([(row.id, {"engine_scan_id": answer.engine_scan_id,
-                                          "submitting_at": None})])
+            self.journal_at_once(row.id, {"engine_scan_id": answer.engine_scan_id,
+                                          "submitting_at": None})
         repeated: dict[str, Any] = {"cache": "miss"} if key is not None else {}
         if resubmit is not None and resubmit.may_duplicate:
             repeated["resubmitted"] = True
@@ -221,26 +213,16 @@ class Scanner:
               ) -> Verdict | Pending | Outcome:
         """The engine's answer, or what its error means for the row (retry, wait, failed)."""
         engine_cfg = self.config.engines[self.config.watch(row.watch).engines[0]]
-        try:
-            answer = ask()
-            self._set_engine_health(engine.name, None)
-            return answer
-        except EngineUnavailableError as exc:
-            if not isinstance(exc, EngineThrottledError):  # throttling is pacing, not down
-                self._set_engine_health(engine.name, str(exc))
-            if self.clock() - row.discovered_at <= engine_cfg.max_pending_age:
-                # Not reached, or refused ("slow down"): nothing can have been submitted.
-                return self.outcomes.wait(row, exc.reason, exc, exc.retry_after_s, unsent=True)
-            return Verdict.failed(exc.reason, raw={"error": str(exc)})
-        except EngineRetryableError as exc:
-            # A timeout or a 5xx may hide a submission: it stays in doubt.
-            if row.attempts < engine_cfg.max_attempts:
-                return self.outcomes.retry(row, exc)
-            return Verdict.failed(exc.reason, raw={"error": str(exc)})
-        except EnginePermanentError as exc:
-            if exc.reason == Reason.AUTH:  # every file will fail alike: raise the alarm
-                self._set_engine_health(engine.name, str(exc))
-            return Verdict.failed(exc.reason, raw={"error": str(exc)})
+        result = answers.ask(ask)
+        if (health := answers.health_of(result)) is not None:
+            self._set_engine_health(engine.name, None if health[0] else health[1])
+        step = answers.step_of(result, attempts=row.attempts, spent=True, discovered_at=row.discovered_at,
+                               now=self.clock(), limits=answers.Limits.of(engine_cfg, self.outcomes.policy))
+        if isinstance(step, answers.Wait):  # nothing can have been submitted
+            return self.outcomes.wait(row, step.error.reason, step.error, delay_s=step.delay_s, unsent=True)
+        if isinstance(step, answers.Retry):
+            return self.outcomes.retry(row, step.error, delay_s=step.delay_s)
+        return step.answer if isinstance(step, answers.Answered) else step.verdict
 
     def _answered(self, row: FileRow, answer: Verdict | Pending, facts: RowChanges, sha256: str,
                   ref_id: str, duration_s: float, event: str | None, fields: Mapping[str, Any],

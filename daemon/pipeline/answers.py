@@ -1,0 +1,144 @@
+"""What an engine's answer, or its error, comes to: the one mapping both scanners use.
+
+A pure function of the answer (or error), the attempts, the limits and the clock
+(docs/integrity.md, "Engine errors"): an answer is taken; an engine not reached, or
+refusing for now, is waited for without spending an attempt, until `max_pending_age`; an
+error that may hide a submission is retried while attempts remain; anything else, or
+limits reached, is a failed verdict. The single-engine scanner turns the result into the
+row's change, the multi-engine scanner into its scan record's; both build on `ScanStep`,
+which holds what they share and their one way of writing the journal themselves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from daemon.config import Config, EngineConfig
+from daemon.errors import (
+    EnginePermanentError,
+    EngineRetryableError,
+    EngineThrottledError,
+    EngineUnavailableError,
+)
+from daemon.journal import Journal, RowChanges
+from daemon.model import Pending, Reason, ScanChanges, Verdict
+from daemon.pipeline.caching import VerdictCache
+from daemon.pipeline.moving import Mover
+from daemon.pipeline.outcome import Outcomes
+from daemon.retry import RetryPolicy
+
+__all__ = ["Answered", "EngineResult", "Failed", "Limits", "Retry", "ScanStep", "Step", "Wait", "ask",
+           "health_of", "step_of"]
+
+EngineResult = Verdict | Pending | EngineUnavailableError | EngineRetryableError | EnginePermanentError
+
+
+@dataclass(frozen=True)
+class Limits:
+    """One engine's limits on a file, and the retry policy's delays."""
+
+    max_attempts: int
+    max_pending_age_s: float
+    policy: RetryPolicy
+
+    @classmethod
+    def of(cls, engine: EngineConfig, policy: RetryPolicy) -> Limits:
+        return cls(engine.max_attempts, engine.max_pending_age, policy)
+
+
+@dataclass(frozen=True)
+class Answered:
+    answer: Verdict | Pending
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Not reached, or refused for now: nothing was submitted, the attempt is given back."""
+
+    error: EngineUnavailableError
+    delay_s: float
+    attempts: int
+
+
+@dataclass(frozen=True)
+class Retry:
+    """A timeout or a 5xx may hide a submission: it stays in doubt, an attempt is spent."""
+
+    error: EngineRetryableError
+    delay_s: float
+    attempts: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    verdict: Verdict
+    attempts: int
+
+
+Step = Answered | Wait | Retry | Failed
+
+
+def ask(call: Callable[[], Verdict | Pending]) -> EngineResult:
+    """The engine's answer, or the engine error that stands for it (others propagate)."""
+    try:
+        return call()
+    except (EngineRetryableError, EnginePermanentError) as exc:
+        return exc
+
+
+def step_of(result: EngineResult, *, attempts: int, spent: bool, discovered_at: float, now: float,
+            limits: Limits) -> Step:
+    """What `result` comes to. `attempts`: the file's attempts at this engine so far, this
+    call's included when `spent` (a claim counts it before the call)."""
+    if isinstance(result, Verdict | Pending):
+        return Answered(result)
+    failed = Failed(Verdict.failed(result.reason, raw={"error": str(result)}), attempts)
+    if isinstance(result, EngineUnavailableError):
+        if now - discovered_at > limits.max_pending_age_s:
+            return failed
+        return Wait(result, limits.policy.delay(attempts, result.retry_after_s), attempts - spent)
+    if isinstance(result, EngineRetryableError):
+        attempts += not spent
+        if attempts >= limits.max_attempts:
+            return Failed(failed.verdict, attempts)
+        return Retry(result, limits.policy.delay(attempts, result.retry_after_s), attempts)
+    return failed
+
+
+class ScanStep:
+    """What both scanners (one engine, several) work with: the config, the journal, the mover
+    that plans a verdict's move, the outcomes on the pipeline's clock, the verdict cache."""
+
+    def __init__(self, config: Config, journal: Journal, mover: Mover, outcomes: Outcomes) -> None:
+        self.config = config
+        self.journal = journal
+        self.mover = mover
+        self.outcomes = outcomes
+        self.clock = outcomes.clock
+        self.cache = VerdictCache(config, journal, self.clock)
+
+    def journal_at_once(self, file_id: int, changes: RowChanges,
+                        scans: Mapping[str, ScanChanges] | None = None) -> None:
+        """The only journal writes a scanning step makes itself, each in its own transaction
+        before the step returns its `Outcome` (which the pipeline's loop writes), on purpose
+        (docs/integrity.md, "Remote engines"): a submission marked in doubt before an engine
+        sees the bytes; a scan's ID, or (several engines) each engine's answer, right after it."""
+        if scans is None:
+            self.journal.apply([(file_id, changes)])
+        else:
+            self.journal.apply_scans(file_id, changes, scans)
+
+
+def health_of(result: EngineResult) -> tuple[bool, str] | None:
+    """What `result` says of the engine's health: (healthy, why) to journal, None: nothing.
+
+    Throttling is pacing, not down; a refused credential fails every file alike: down."""
+    if isinstance(result, Verdict | Pending):
+        return True, "answering"
+    if isinstance(result, EngineThrottledError):
+        return None
+    if isinstance(result, EngineUnavailableError) or (
+            isinstance(result, EnginePermanentError) and result.reason == Reason.AUTH):
+        return False, str(result)
+    return None
