@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -82,3 +83,26 @@ def test_a_root_that_is_not_a_directory_cannot_be_watched(tmp_path: Path) -> Non
     with pytest.raises(OSError):
         reader.start()
     reader.stop()
+
+
+def test_events_are_read_when_descriptors_past_1023_are_in_use(tmp_path: Path) -> None:
+    """A busy daemon holds more than 1024 descriptors: the reader's own are then past
+    select()'s limit (it raised ValueError and the thread died)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} leaves no room past 1024 descriptors")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    root = tmp_path / "root"
+    root.mkdir()
+    seen = Seen()
+    reader = inotify.InotifyReader(str(root), seen.path, seen.root)
+    try:
+        reader.start()
+        (root / "a.txt").write_bytes(b"a")
+        wait_until(lambda: str(root / "a.txt") in seen.paths, what="the event")
+    finally:
+        reader.stop()
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -112,8 +112,12 @@ class InotifyReader:
                 continue  # gone, unreadable or too deep: the sweep reports and covers it
 
     def _run(self) -> None:
+        # poll, not select: select refuses descriptors past 1023, which a busy daemon reaches.
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
         while True:
-            ready, _, _ = select.select([self._fd, self._wake_r], [], [])
+            ready = {fd for fd, _ in poller.poll()}
             if self._wake_r in ready:
                 return
             try:
