@@ -147,26 +147,27 @@ def test_racing_md5_twins_never_reach_clean(bucket: Bucket, s3_server: S3Server,
         assert bucket.get(f"clean/{name}") == pairs[f"in/{name.partition('.')[0]}.bin"][0], name
 
 
-def test_unversioned_s3_to_s3_uploads_the_scanned_bytes_in_three_requests(
-        bucket: Bucket, s3_proxy: HttpProxy, tmp_path: Path, daemon_factory: Callable[..., Daemon]) -> None:
+def _move_hello(bucket: Bucket, s3_proxy: HttpProxy, tmp_path: Path,
+                daemon_factory: Callable[..., Daemon]) -> None:
+    """`in/a.txt` moved S3 to S3 by a daemon, in three requests on the object."""
     bucket.put("in/a.txt", b"hello")
     daemon = daemon_factory(_config(tmp_path, s3_proxy.endpoint_url, bucket.name))
     daemon.wait_for(_moved(daemon, 1), what="moved")
     assert daemon.stop() == 0
     assert bucket.get("clean/a.txt") == b"hello" and bucket.keys("in/") == []
     assert _on("a.txt", bucket, s3_proxy) == _THREE_REQUESTS
+
+
+def test_unversioned_s3_to_s3_uploads_the_scanned_bytes_in_three_requests(
+        bucket: Bucket, s3_proxy: HttpProxy, tmp_path: Path, daemon_factory: Callable[..., Daemon]) -> None:
+    _move_hello(bucket, s3_proxy, tmp_path, daemon_factory)
     assert s3_proxy.copies == []  # never a server-side copy of the live key
 
 
 def test_versioned_s3_to_s3_copies_the_scanned_version_server_side(
         bucket: Bucket, s3_proxy: HttpProxy, tmp_path: Path, daemon_factory: Callable[..., Daemon]) -> None:
     bucket.client.put_bucket_versioning(Bucket=bucket.name, VersioningConfiguration={"Status": "Enabled"})
-    bucket.put("in/a.txt", b"hello")
-    daemon = daemon_factory(_config(tmp_path, s3_proxy.endpoint_url, bucket.name))
-    daemon.wait_for(_moved(daemon, 1), what="moved")
-    assert daemon.stop() == 0
-    assert bucket.get("clean/a.txt") == b"hello" and bucket.keys("in/") == []
-    assert _on("a.txt", bucket, s3_proxy) == _THREE_REQUESTS
+    _move_hello(bucket, s3_proxy, tmp_path, daemon_factory)
     ((_, copied),) = s3_proxy.copies
     assert "versionId=" in copied  # the immutable version: nothing staged, nothing snapshotted
     assert not any((tmp_path / "state" / "staging" / "s3").iterdir()) and bucket.snapshots() == []

@@ -563,4 +563,5 @@ def test_run_survives_the_endpoint_going_down_and_coming_back(
         proxy.stop()
     errors = named(logs, "sqs.error")
     assert all(e["action"] == "ReceiveMessage" and e["error_code"] is None for e in errors), errors
-    assert all("Could not connect" in e["error"] or "Connection was closed" in e["error"] for e in errors), errors
+    assert all("Could not connect" in e["error"] or "Connection was closed" in e["error"]
+               for e in errors), errors
