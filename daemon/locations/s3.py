@@ -222,14 +222,15 @@ class S3Location:
             return False
         return True
 
-    def plan(self, rel_path: str, *, taken: bool = False) -> str:
+    def plan(self, rel_path: str, *, taken: bool = False, placing: MoveRequest | None = None) -> str:
         _check_key(self.key(rel_path))
         if not taken:
             return rel_path  # `receive` writes with IfNoneMatch: a collision is found then
         dirs, base = rel_path.rpartition("/")[::2]
         for n in range(MAX_COLLISIONS):
             candidate = f"{dirs}/{collision_name(base, n)}" if dirs else collision_name(base, n)
-            if not self._exists(self.key(candidate)):
+            if not self._exists(self.key(candidate)) or (
+                    placing and self.holds_source(dataclasses.replace(placing, dest_rel=candidate))):
                 return candidate
         raise LocationError(f"{self.name(rel_path)}: more than {MAX_COLLISIONS} objects named like it")
 
