@@ -128,12 +128,6 @@ class S3Location:
             params["VersionId"] = version_id
         return str(self._client.generate_presigned_url("get_object", Params=params, ExpiresIn=_PRESIGN_S))
 
-    def version_of(self, rel_path: str, etag: str) -> str | None:
-        """The VersionId of the listed version (a listing names none), if it is still current."""
-        head = self.head(rel_path)
-        served = head.get("VersionId") if head is not None and str(head["ETag"]) == etag else None
-        return None if served in (None, "", "null") else str(served)
-
     def private_copy(self, size: int) -> BinaryIO:
         """A temp file for an object's bytes; S3UnavailableError when the disk lacks room for them."""
         if self._work_dir is None:
