@@ -111,7 +111,7 @@ class FakeLocation:
     def name(self, rel_path: str) -> str:
         return self.url + rel_path
 
-    def plan(self, rel_path: str, *, taken: bool = False) -> str:
+    def plan(self, rel_path: str, *, taken: bool = False, placing: MoveRequest | None = None) -> str:
         candidates = (collision_name(rel_path, n) for n in range(MAX_COLLISIONS))
         return next(c for c in candidates if c not in self.objects)
 

@@ -320,9 +320,10 @@ class TcpProxy:
         threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
 
     def stop(self) -> None:
-        assert self.listener is not None
+        """Refuse from now on: the listener and every connection through it are closed."""
         with self.lock:
-            sockets, self.connections = [self.listener, *self.connections], []
+            listener, self.listener = self.listener, None
+            sockets, self.connections = [*([listener] if listener else []), *self.connections], []
         for sock in sockets:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
@@ -336,6 +337,10 @@ class TcpProxy:
                 return
             upstream = socket.create_connection(("127.0.0.1", self.target_port))
             with self.lock:
+                if self.listener is not listener:  # stopped while this one was accepted: refused
+                    for sock in (client, upstream):
+                        sock.close()
+                    return
                 self.connections += [client, upstream]
             for src, dst, counted in ((client, upstream, False), (upstream, client, True)):
                 threading.Thread(target=self._pump, args=(src, dst, counted), daemon=True).start()

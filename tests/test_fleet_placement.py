@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import threading
 from typing import Any
@@ -91,3 +92,22 @@ def test_two_nodes_racing_on_one_object_place_it_once(s3_server: S3Server, s3_bu
         _, source, dest, req = _setup(s3_server, s3_bucket, key=f"in/race-{round_}.txt")
         assert _race(req, source, dest) == []
     assert _keys(client, s3_bucket) == [f"clean/race-{n}.txt" for n in range(5)]
+
+
+def test_a_version_another_node_placed_under_a_collision_name_is_found_there(s3_server: S3Server,
+                                                                            s3_bucket: str) -> None:
+    """The same bytes uploaded again are another version: node A placed it as `f.1.txt` beside
+    the first upload's copy. Node B, with the same version scanned, finds `f.txt` taken and
+    looks again: A's `f.1.txt` is where it goes (already placed), not a third copy `f.2.txt`."""
+    client, source, dest, req = _setup(s3_server, s3_bucket, key="in/f.txt")
+    transfer(dataclasses.replace(req, last_modified=1000.0), source, dest)  # the first upload
+    client.put_object(Bucket=s3_bucket, Key="in/f.txt", Body=DATA)  # the same bytes again
+    again = dataclasses.replace(req, last_modified=2000.0)
+    for node in (again, dataclasses.replace(again, file_id=9)):  # A, then B (A not yet deleted the source)
+        with pytest.raises(FileExistsError):
+            dest.receive(node, source)
+        assert dest.plan("f.txt", taken=True, placing=node) == "f.1.txt"
+    assert dest.receive(dataclasses.replace(again, dest_rel="f.1.txt"), source) is False  # A places it
+    assert transfer(dataclasses.replace(again, file_id=9, dest_rel="f.1.txt"), source, dest) is True  # B
+    assert _keys(client, s3_bucket) == ["clean/f.1.txt", "clean/f.txt"]
+    assert dest.plan("f.txt", taken=True, placing=dataclasses.replace(req, last_modified=3000.0)) == "f.2.txt"

@@ -34,12 +34,13 @@ class Watch:
         self.metrics_port = free_port()
 
     def configure(self, *, endpoint_url: str | None = None, engine: dict[str, Any] | None = None,
-                  **watch: Any) -> Path:
+                  s3: dict[str, Any] | None = None, **watch: Any) -> Path:
         where = f"s3://{self.bucket}"
         self.config_path.write_text(yaml.safe_dump({
             "state_dir": str(self.base / "state"), "log": {"format": "json", "level": "debug"},
             "metrics": {"listen": f"127.0.0.1:{self.metrics_port}"},
-            "s3": {"endpoint_url": endpoint_url or self.server.endpoint_url, "region": self.server.region},
+            "s3": {"endpoint_url": endpoint_url or self.server.endpoint_url, "region": self.server.region,
+                   **(s3 or {})},
             "engines": {"default": {"type": "yara", **(engine or {})}},
             "watches": [{"name": "w", "engine": "default", "source": f"{where}/in/",
                          "clean": f"{where}/clean/", "quarantine": f"{where}/quarantine/",
@@ -127,11 +128,14 @@ def test_the_same_bytes_uploaded_again_are_scanned_and_moved_again(watch: Watch)
     assert [r.state for r in watch.rows()] == [FileState.DONE] * 5
 
 
+@pytest.mark.parametrize("snapshots", [False, True], ids=["staged", "snapshot"])
 def test_the_same_bytes_sent_again_by_event_are_moved_again(watch: Watch, sqs_server: SqsServer,
-                                                            sqs_queue: str) -> None:
-    watch.configure(poll_interval=3600, events={"sqs_queue_url": sqs_queue,
-                                                "endpoint_url": sqs_server.endpoint_url,
-                                                "region": sqs_server.region, "visibility_timeout": 2})
+                                                            sqs_queue: str, snapshots: bool) -> None:
+    # `snapshot`: scanned from a server-side snapshot (docs/integrity.md); neither an event nor
+    # the snapshot says the source's LastModified, yet each version is placed (docs/fleet.md).
+    watch.configure(s3={"snapshot_threshold": 1} if snapshots else None, poll_interval=3600,
+                    events={"sqs_queue_url": sqs_queue, "endpoint_url": sqs_server.endpoint_url,
+                            "region": sqs_server.region, "visibility_timeout": 2})
     daemon = watch.start()
     sqs = sqs_server.client()
 
@@ -146,8 +150,13 @@ def test_the_same_bytes_sent_again_by_event_are_moved_again(watch: Watch, sqs_se
     _next_second()
     upload_with_event()
     daemon.wait_for(lambda: watch.keys("clean/") == ["hello.1.txt", "hello.txt"], what="moved again")
+    _next_second()
+    upload_with_event()
+    daemon.wait_for(lambda: watch.keys("clean/") == ["hello.1.txt", "hello.2.txt", "hello.txt"],
+                    what="moved a third time")
     assert daemon.stop() == 0
     assert watch.keys("in/") == []
+    assert len({watch.tags(f"clean/{key}")["scanwatch-source-version"] for key in watch.keys("clean/")}) == 3
 
 
 # -- in place ---------------------------------------------------------------------------------------

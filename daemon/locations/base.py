@@ -134,11 +134,13 @@ class Destination(Protocol):
         """The full name of `rel_path` here (a path, or an s3:// URL)."""
         ...
 
-    def plan(self, rel_path: str, *, taken: bool = False) -> str:
+    def plan(self, rel_path: str, *, taken: bool = False, placing: MoveRequest | None = None) -> str:
         """The first free name for `rel_path` here: itself, else `<stem>.<n><ext>`.
 
         `taken`: a `receive` found the name taken, so look again. Where `receive` never
         overwrites and looking costs a request (S3), the first plan is the name itself.
+        `placing`: the request looking again; a name already holding its very source version
+        (placed by another member of a fleet, docs/fleet.md) is planned, not passed over.
         """
         ...
 

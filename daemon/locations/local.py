@@ -62,7 +62,7 @@ class LocalLocation:
     def name(self, rel_path: str) -> str:
         return os.path.join(self.url, rel_path)
 
-    def plan(self, rel_path: str, *, taken: bool = False) -> str:
+    def plan(self, rel_path: str, *, taken: bool = False, placing: MoveRequest | None = None) -> str:
         dirs, base = split_rel(local_rel(rel_path))
         try:
             dir_fd = self._dirs.open(self.url, dirs)

@@ -128,12 +128,6 @@ class S3Location:
             params["VersionId"] = version_id
         return str(self._client.generate_presigned_url("get_object", Params=params, ExpiresIn=_PRESIGN_S))
 
-    def version_of(self, rel_path: str, etag: str) -> str | None:
-        """The VersionId of the listed version (a listing names none), if it is still current."""
-        head = self.head(rel_path)
-        served = head.get("VersionId") if head is not None and str(head["ETag"]) == etag else None
-        return None if served in (None, "", "null") else str(served)
-
     def private_copy(self, size: int) -> BinaryIO:
         """A temp file for an object's bytes; S3UnavailableError when the disk lacks room for them."""
         if self._work_dir is None:
@@ -222,14 +216,15 @@ class S3Location:
             return False
         return True
 
-    def plan(self, rel_path: str, *, taken: bool = False) -> str:
+    def plan(self, rel_path: str, *, taken: bool = False, placing: MoveRequest | None = None) -> str:
         _check_key(self.key(rel_path))
         if not taken:
             return rel_path  # `receive` writes with IfNoneMatch: a collision is found then
         dirs, base = rel_path.rpartition("/")[::2]
         for n in range(MAX_COLLISIONS):
             candidate = f"{dirs}/{collision_name(base, n)}" if dirs else collision_name(base, n)
-            if not self._exists(self.key(candidate)):
+            if not self._exists(self.key(candidate)) or (
+                    placing and self.holds_source(dataclasses.replace(placing, dest_rel=candidate))):
                 return candidate
         raise LocationError(f"{self.name(rel_path)}: more than {MAX_COLLISIONS} objects named like it")
 

@@ -55,7 +55,7 @@ class OpenedObject:
         etag = self._facts["etag"] or ""
         is_large = self._size > where.snapshot_threshold
         if (engine_reads_s3 or is_large) and self._facts["version_id"] is None:
-            self._facts["version_id"] = where.version_of(rel_path, etag)
+            self._current_version(rel_path, etag)
         version_id = self._facts["version_id"]
         if file_id is not None and (where.has_snapshot(self._listed, file_id, etag)
                                     or (engine_reads_s3 and where.reads_by_path)
@@ -85,6 +85,18 @@ class OpenedObject:
         if answer.get("LastModified") is not None:  # which version these bytes are (an event names none)
             self._facts["last_modified"] = epoch(answer["LastModified"])
         return Content(None if copy is None else copy.fileno(), sha256, size, obj)
+
+    def _current_version(self, rel_path: str, etag: str) -> None:
+        """The VersionId and LastModified of the listed version, if it is still current: what an
+        event names neither of, and a snapshot's own LastModified is not the source's
+        (unversioned, placed copies name `<ETag>@<LastModified>`: docs/fleet.md)."""
+        head = self._location.head(rel_path)
+        if head is None or str(head["ETag"]) != etag:
+            return
+        served = head.get("VersionId")
+        self._facts["version_id"] = None if served in (None, "", "null") else str(served)
+        if head.get("LastModified") is not None:
+            self._facts["last_modified"] = epoch(head["LastModified"])
 
     def _from_snapshot(self, file_id: int, etag: str, version_id: str | None, *,
                        engine_reads_s3: bool) -> Content:

@@ -176,7 +176,7 @@ class Mover:
             try:
                 return request, transfer(request, source, dest, resumed=resumed)
             except FileExistsError:
-                dest_rel = dest.plan(row.rel_path, taken=True)
+                dest_rel = dest.plan(row.rel_path, taken=True, placing=request)
                 self.journal.apply([(row.id, {"destination": dest.name(dest_rel), "dest_rel": dest_rel})])
                 request = dataclasses.replace(request, dest_rel=dest_rel)
                 resumed = False

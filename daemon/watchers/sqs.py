@@ -171,7 +171,7 @@ class SqsEventSource:
                     heartbeat.release(message["ReceiptHandle"])
             if self._is_settled is not None:
                 done = self._hold(done)
-            self._delete(done)
+            heartbeat.retire(done, self._delete)
         return len(messages)
 
     def _hold(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -196,11 +196,12 @@ class SqsEventSource:
         settled = [message for message, events in list(self._held.values()) if self._is_settled(events)]
         for start in range(0, len(settled), _MAX_MESSAGES):
             batch = settled[start:start + _MAX_MESSAGES]
-            self._delete(batch)
+            if self._keeper is not None:
+                self._keeper.retire(batch, self._delete)
+            else:
+                self._delete(batch)
             for message in batch:
                 self._held.pop(message["ReceiptHandle"], None)
-                if self._keeper is not None:
-                    self._keeper.release(message["ReceiptHandle"])
         return len(settled)
 
     def _handle(self, message: dict[str, Any]) -> bool:
@@ -274,6 +275,7 @@ class _Heartbeat:
         self._visibility_timeout_s = visibility_timeout_s
         self._log = logger
         self._pending = {message["ReceiptHandle"]: message.get("MessageId") for message in messages}
+        # Held across an extension call and a delete: neither overlaps the other (`retire`).
         self._lock = threading.Lock()
         self._finished = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sqs-heartbeat", daemon=True)
@@ -297,6 +299,14 @@ class _Heartbeat:
         with self._lock:
             self._pending.pop(receipt_handle, None)
 
+    def retire(self, messages: list[dict[str, Any]], delete: Callable[[list[dict[str, Any]]], None]) -> None:
+        """`delete` these messages, then stop extending them: never while an extension is in
+        flight, so none is extended after its delete (a deleted receipt handle is invalid)."""
+        with self._lock:
+            delete(messages)
+            for message in messages:
+                self._pending.pop(message["ReceiptHandle"], None)
+
     def _run(self) -> None:
         while not self._finished.wait(self._visibility_timeout_s / 2):
             self._extend()
@@ -304,18 +314,18 @@ class _Heartbeat:
     def _extend(self) -> None:
         with self._lock:
             pending = list(self._pending.items())
-        if not pending:
-            return
-        entries = [{"Id": str(index), "ReceiptHandle": handle,
-                    "VisibilityTimeout": self._visibility_timeout_s}
-                   for index, (handle, _) in enumerate(pending)]
-        try:
-            with sqs_boundary("ChangeMessageVisibilityBatch", self._queue):
-                response = self._client.change_message_visibility_batch(
-                    QueueUrl=self._queue_url, Entries=entries)
-        except QueueUnavailableError as exc:
-            self._log.warning("sqs.error", action=exc.action, error_code=exc.code, error=str(exc))
-            return
+            if not pending:
+                return
+            entries = [{"Id": str(index), "ReceiptHandle": handle,
+                        "VisibilityTimeout": self._visibility_timeout_s}
+                       for index, (handle, _) in enumerate(pending)]
+            try:
+                with sqs_boundary("ChangeMessageVisibilityBatch", self._queue):
+                    response = self._client.change_message_visibility_batch(
+                        QueueUrl=self._queue_url, Entries=entries)
+            except QueueUnavailableError as exc:
+                self._log.warning("sqs.error", action=exc.action, error_code=exc.code, error=str(exc))
+                return
         for entry in response.get("Failed", []):
             self._log.warning("sqs.error", action="ChangeMessageVisibilityBatch",
                               error_code=entry.get("Code"), error=entry.get("Message"),
