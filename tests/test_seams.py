@@ -1,4 +1,4 @@
-"""The seams between daemon's parts (docs/integrity.md, "Seams"): narrow protocols, no type checks
+"""The seams between daemon's parts (docs/architecture.md): narrow protocols, no type checks
 against our own concrete classes outside their package."""
 
 from __future__ import annotations

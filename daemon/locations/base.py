@@ -1,6 +1,6 @@
 """What every location shares: the narrow protocols the pipeline sees a place through
 (`Source`, `Destination`, `QuarantineStore`, and capabilities only some places have), a
-MoveRequest, and `transfer` (docs/integrity.md, "Seams")."""
+MoveRequest, and `transfer` (docs/architecture.md)."""
 
 from __future__ import annotations
 
