@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -110,11 +111,14 @@ class Fleet:
         attrs = self.sqs.get_queue_attributes(QueueUrl=self.queue_url, AttributeNames=["All"])["Attributes"]
         return int(attrs["ApproximateNumberOfMessages"]), int(attrs["ApproximateNumberOfMessagesNotVisible"])
 
-    def queue_bodies(self) -> list[str]:
-        """What is left on the queue (received with a long invisibility: call last)."""
-        bodies: list[str] = []
-        while messages := self.sqs.receive_message(QueueUrl=self.queue_url, MaxNumberOfMessages=10,
-                                                   WaitTimeSeconds=0, VisibilityTimeout=600
-                                                   ).get("Messages", []):
-            bodies += [m["Body"] for m in messages]
-        return sorted(bodies)
+    def queue_bodies(self, expected: int, timeout_s: float = 15.0) -> list[str]:
+        """The bodies of the messages left on the queue, each once, without hiding them: a
+        receive that hid a message without returning it (seen with moto) loses nothing."""
+        bodies: dict[str, str] = {}
+        deadline = time.monotonic() + timeout_s
+        while len(bodies) < expected and time.monotonic() < deadline:
+            for message in self.sqs.receive_message(QueueUrl=self.queue_url, MaxNumberOfMessages=10,
+                                                    WaitTimeSeconds=1, VisibilityTimeout=0
+                                                    ).get("Messages", []):
+                bodies[message["MessageId"]] = message["Body"]
+        return sorted(bodies.values())
