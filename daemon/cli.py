@@ -17,7 +17,7 @@ from typing import Any
 from daemon import __version__
 from daemon.config import Config, find_config, load_config
 from daemon.engines import build_engines
-from daemon.errors import ConfigError, JournalDamagedError, JournalError, ScanwatchError
+from daemon.errors import ConfigError, EngineThrottledError, JournalDamagedError, JournalError, ScanwatchError
 from daemon.journal import is_damage, open_journal
 from daemon.log import configure_logging
 from daemon.model import VerdictKind
@@ -140,6 +140,8 @@ def _check_config(args: argparse.Namespace, config_path: str, config: Config) ->
         for name, engine in engines.items():
             try:
                 print(f"probe {name}: ok ({engine.probe()})")
+            except EngineThrottledError as exc:  # reachable, credentials taken: it only paces us
+                print(f"probe {name}: ok (throttled: {exc})")
             except ScanwatchError as exc:
                 print(f"probe {name}: FAILED: {exc}")
                 status = EXIT_FAILED

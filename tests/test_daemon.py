@@ -163,6 +163,17 @@ def test_sigterm_exits_zero_promptly(layout: Layout, daemon_factory, workers: in
     assert daemon.named("daemon.stopped")
 
 
+def test_a_daemon_without_s3_leaves_no_s3_state_behind(layout: Layout, daemon_factory) -> None:
+    """`node-id` names this state_dir in S3 snapshot keys (docs/integrity.md): made only for S3."""
+    daemon = daemon_factory(layout.write_config())
+    daemon.wait_started()
+    (layout.inbox / "a.txt").write_bytes(b"hello")
+    daemon.wait_for(lambda: _moved(daemon, 1), what="file moved")
+    assert daemon.stop() == 0
+    assert not (layout.state / "node-id").exists()
+    assert not (layout.state / "staging" / "s3").exists()
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_sighup_with_broken_config_keeps_running_the_old_one(layout: Layout, daemon_factory,
                                                              workers: int) -> None:

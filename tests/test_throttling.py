@@ -20,6 +20,8 @@ from emulators._server import Emulator, Fault
 from emulators.blazelock import BlazelockEmulator
 from emulators.perception_point import PerceptionPointEmulator
 
+from daemon.cli import main
+
 _THROTTLE = Fault(429, {"code": "throttle_requests", "message": "slow down"})
 _BUSY = Fault(503, {"code": "uncaught_error", "message": "busy"})
 
@@ -99,3 +101,13 @@ def test_a_20s_storm_of_429_and_a_503_every_fifth_request_fail_no_file(
     assert throttled and len(throttled) < 60  # paced down during the storm, not hammering
     engine = status["engines"]["default"]
     assert engine["rate_limit"] == 600 and 0 < engine["request_rate_per_minute"] <= 600
+
+
+def test_check_config_probe_of_a_throttled_engine_is_ok(layout: Layout, capsys) -> None:
+    """A 429 answers the probe: the engine is up and takes our credentials, it only paces us."""
+    with BlazelockEmulator() as emulator:
+        emulator.inject(_THROTTLE, count=10)
+        config = _config(layout, emulator, "blazelock", free_port())
+        assert main(["check-config", "--config", str(config), "--probe"]) == 0
+    out = capsys.readouterr().out
+    assert "probe default: ok (throttled:" in out and "test-key" not in out

@@ -124,13 +124,12 @@ def reconcile(config: Config, journal: Journal, clients: S3Clients | None = None
     """
     removed = staging_of(config).reconcile(journal)
     clients = clients or S3Clients()
-    node = node_id(config.state_dir)
     for watch in config.watches:
         if not is_s3(watch.source):
             continue
         try:
             removed += _reconcile_snapshots(clients(config.s3_for(watch)), S3Url.parse(watch.source),
-                                            node, watch.name, journal)
+                                            node_id(config.state_dir), watch.name, journal)
         except (LocationError, OSError) as exc:
             log.warning("staging.reconcile_failed", watch=watch.name, error=str(exc))
     if removed:
