@@ -90,7 +90,7 @@ def _scan_only(config: Config, engines: dict[str, Engine], watch: WatchConfig, p
     folder, _, name = path.rpartition("/")
     try:
         with DirCache() as dirs, _location(config, watch, folder, dirs).open_for_scan(Listed(name)) as opened:
-            content = opened.content(engine_reads_s3=False)
+            content = opened.content()
             ref_id = build_ref_id(watch.name, rel or name, content.sha256)
             request = ScanRequest(watch.name, rel or name, path, content.fd, content.size,
                                   content.sha256, ref_id, original=path)

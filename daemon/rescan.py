@@ -181,7 +181,7 @@ class _Rescanner:
     def _scan(self, rescan_id: int, listed: Listed) -> RescanOutcome:
         rel = listed.rel_path
         with self.clean.open_for_scan(listed) as opened:
-            content = opened.content(engine_reads_s3=False)
+            content = opened.content()
             ref_id = build_ref_id(self.watch.name, rel, content.sha256)
             request = ScanRequest(self.watch.name, rel, opened.path, content.fd, content.size,
                                   content.sha256, ref_id, original=self.clean.name(rel))

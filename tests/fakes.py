@@ -17,7 +17,7 @@ from daemon.engines.base import ScanHandle, ScanRequest
 from daemon.errors import ChangedError, EngineResubmitError
 from daemon.fsutil import Identity
 from daemon.journal import Journal
-from daemon.locations import Content, Listed, MoveRequest, Opened, Source
+from daemon.locations import Content, Listed, MoveRequest, Opened, ReadBy, Source
 from daemon.locations.base import MAX_COLLISIONS
 from daemon.model import Pending, RowChanges, Verdict, VerdictKind
 from daemon.naming import collision_name
@@ -183,7 +183,7 @@ class _FakeOpened:
     def changed_from(self, identity: Identity | None) -> str | None:
         return None
 
-    def content(self, *, engine_reads_s3: bool) -> Content:
+    def content(self, *, read_by: ReadBy = ReadBy.DESCRIPTOR) -> Content:
         return Content(self._fd, hashlib.sha256(self._data).hexdigest(), len(self._data))
 
 

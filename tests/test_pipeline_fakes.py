@@ -9,6 +9,7 @@ from fakes import EICAR, FakeEngine, FakeLocation, FakeWatcher, answers
 
 from daemon.config import Config
 from daemon.journal import Journal, owner_token
+from daemon.locations import MoveRequest, Source
 from daemon.model import FileState, Pending, Verdict, VerdictKind
 from daemon.pipeline import Pipeline
 from daemon.retry import RetryPolicy
@@ -84,6 +85,26 @@ def test_a_name_taken_at_the_destination_gets_the_next_free_name(world: World) -
     world.run()
     assert world.places["clean"].objects == {"a.txt": b"already there", "a.1.txt": b"new"}
     assert world.row("a.txt").destination == "s3://fake/clean/a.1.txt"  # type: ignore[attr-defined]
+
+
+def test_a_name_taken_meanwhile_is_journaled_before_the_move_to_it(world: World,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    clean = world.places["clean"]
+    receive = clean.receive
+    tried: list[tuple[str, str | None]] = []  # (the name tried, the name journaled then)
+
+    def taken_first(req: MoveRequest, source: Source) -> bool:
+        tried.append((req.dest_rel, world.row("a.txt").dest_rel))  # type: ignore[attr-defined]
+        if len(tried) == 1:
+            clean.put(req.dest_rel, b"another writer's")  # taken between the plan and the move
+        return receive(req, source)
+
+    monkeypatch.setattr(clean, "receive", taken_first)
+    world.watcher.arrive("a.txt", b"new")
+    world.run()
+    assert tried == [("a.txt", "a.txt"), ("a.1.txt", "a.1.txt")]
+    assert clean.objects == {"a.txt": b"another writer's", "a.1.txt": b"new"}
+    assert world.row("a.txt").state is FileState.DONE  # type: ignore[attr-defined]
 
 
 def test_a_pending_remote_scan_is_polled_without_its_bytes(world: World) -> None:

@@ -91,11 +91,9 @@ def test_capabilities_are_s3s_alone(capability: type) -> None:
                    for name in _methods(capability))
 
 
-# Journal writes of the pipeline's steps outside the loop's `_commit`: the deliberate ones go
-# through `ScanStep.journal_at_once` (docs/integrity.md, "Remote engines"); a move's new plan
-# when its name was taken is journaled before the retried transfer (intent before effect).
-_STEP_WRITES = {("pipeline/answers.py", "apply"), ("pipeline/answers.py", "apply_scans"),
-                ("pipeline/moving.py", "apply")}
+# Journal writes of the pipeline's steps outside the loop's `_commit`: only the deliberate ones,
+# through `ScanStep.journal_at_once` (docs/integrity.md, "Remote engines").
+_STEP_WRITES = {("pipeline/answers.py", "apply"), ("pipeline/answers.py", "apply_scans")}
 
 
 def test_only_the_loop_and_the_named_exceptions_write_the_journal_in_the_pipeline() -> None:
@@ -108,3 +106,27 @@ def test_only_the_loop_and_the_named_exceptions_write_the_journal_in_the_pipelin
                     and isinstance(node.value, ast.Attribute) and node.value.attr == "journal":
                 found.add((str(path.relative_to(DAEMON)), node.attr))
     assert found == _STEP_WRITES
+
+
+def _imports(path: Path) -> set[str]:
+    """The daemon modules `path` imports from."""
+    return {node.module for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("daemon.")}
+
+
+def test_the_scanners_return_verdicts_and_hold_no_mover_nor_planner() -> None:
+    """One way through (docs/architecture.md): a scanner's verdict is planned by the loop,
+    and a scanner never reaches for the stage after it."""
+    scanners = ("answers.py", "scanning.py", "multi.py")
+    reaching = {(name, module) for name in scanners for module in _imports(DAEMON / "pipeline" / name)
+                if module in ("daemon.pipeline.moving", "daemon.pipeline.planning")}
+    assert reaching == set()
+
+
+def test_a_location_knows_no_engine() -> None:
+    """A place offers the bytes it holds (`ReadBy`); which way an engine reads them is the
+    scanner's to say (docs/architecture.md)."""
+    found = {(str(path.relative_to(DAEMON)), module) for path in (DAEMON / "locations").glob("*.py")
+             for module in _imports(path) if module.startswith("daemon.engines")}
+    source = "\n".join(path.read_text() for path in (DAEMON / "locations").glob("*.py"))
+    assert found == set() and "engine_reads_s3" not in source and "reads_by_path" not in source

@@ -34,6 +34,7 @@ from daemon.locations.base import (
     ObjectStore,
     Opened,
     QuarantineStore,
+    ReadBy,
     Rewritten,
     Source,
     Tagged,
@@ -58,6 +59,7 @@ __all__ = [
     "Opened",
     "Place",
     "QuarantineStore",
+    "ReadBy",
     "Rewritten",
     "S3Location",
     "Source",
@@ -104,9 +106,7 @@ class Locations:
             return place
         if is_s3(url):
             s3 = self._config.s3_for(watch)
-            engines = [self._config.engines[e] for e in watch.engines if e in self._config.engines]
             return S3Location(url, self._clients(s3), s3, self._config.state_dir / "work",
                               state_dir=self._config.state_dir,
-                              reads_by_path=any(engine.reads_s3_by_path for engine in engines),
                               stages=IN_PLACE not in watch.destinations.values())
         return LocalLocation(url, self.dirs, self._staging)

@@ -10,6 +10,7 @@ import json
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, BinaryIO, NamedTuple, Protocol, runtime_checkable
 
 from daemon.errors import ChangedError
@@ -18,8 +19,8 @@ from daemon.journal import RowChanges
 from daemon.model import S3Object
 
 __all__ = ["CHUNK", "MAX_COLLISIONS", "SIDECAR_SUFFIX", "Content", "CopySource", "Destination", "Listable",
-           "Listed", "MoveRequest", "ObjectStore", "Opened", "QuarantineStore", "Rewritten", "Source",
-           "Tagged", "Verified", "json_bytes", "read_full", "transfer"]
+           "Listed", "MoveRequest", "ObjectStore", "Opened", "QuarantineStore", "ReadBy", "Rewritten",
+           "Source", "Tagged", "Verified", "json_bytes", "read_full", "transfer"]
 
 SIDECAR_SUFFIX = ".scanwatch.json"
 CHUNK = 1 << 20
@@ -68,10 +69,18 @@ class Listed:
     sha256: str | None = None  # the row's bytes, already hashed (a local snapshot is complete)
 
 
+class ReadBy(StrEnum):
+    """How the bytes held for scanning will be read: what `Opened.content` keeps for the reader."""
+
+    DESCRIPTOR = "descriptor"  # a descriptor of the hashed bytes (a local file always gives one)
+    VERSION = "version"  # an S3 object itself where a VersionId or a private snapshot pins it; else a copy
+    KEY = "key"  # an S3 object by its key, which names no version: only ever a private snapshot
+
+
 @dataclass(frozen=True)
 class Content:
-    """The bytes to scan, hashed: `fd` holds them (None when the engine reads the S3 object
-    itself, `s3` naming that exact version)."""
+    """The bytes to scan, hashed: `fd` holds them (None when they are read from the S3 object
+    itself, `s3` naming that exact version or snapshot)."""
 
     fd: int | None
     sha256: str
@@ -93,8 +102,9 @@ class Opened(Protocol):
         """Why this is not the version journaled as `identity` (None: it is, or nothing was)."""
         ...
 
-    def content(self, *, engine_reads_s3: bool) -> Content:
-        """Hash the bytes (an S3 object is downloaded, unless the engine may read it itself)."""
+    def content(self, *, read_by: ReadBy = ReadBy.DESCRIPTOR) -> Content:
+        """Hash the bytes; an S3 object is downloaded, and kept as a copy unless `read_by`
+        reads the object itself (docs/integrity.md, "Remote engines")."""
         ...
 
 

@@ -32,6 +32,7 @@ from daemon.locations.base import (
     Listed,
     MoveRequest,
     Opened,
+    ReadBy,
     Source,
     Verified,
     json_bytes,
@@ -306,7 +307,7 @@ class _OpenedFile:
             return None
         return None if identity == self._identity else "changed after it settled"
 
-    def content(self, *, engine_reads_s3: bool) -> Content:
+    def content(self, *, read_by: ReadBy = ReadBy.DESCRIPTOR) -> Content:
         return Content(self._fd, self.sha256 or sha256_fd(self._fd), os.fstat(self._fd).st_size)
 
 

@@ -83,7 +83,7 @@ class S3Location:
     settles = False
 
     def __init__(self, url: str, client: Any, config: S3Config, work_dir: Path | None = None, *,
-                 state_dir: Path | None = None, reads_by_path: bool = False, stages: bool = True) -> None:
+                 state_dir: Path | None = None, stages: bool = True) -> None:
         self.url = url
         self.where = S3Url.parse(url)
         self._client = client
@@ -95,7 +95,7 @@ class S3Location:
         self._state_dir = state_dir
         self.staging = Staging(state_dir / "staging" / "s3") if state_dir is not None and stages else None
         self.snapshot_threshold = config.snapshot_threshold if state_dir is not None else 1 << 62
-        self.reads_by_path = reads_by_path and state_dir is not None  # the watch's engine reads by `path`
+        self.makes_snapshots = state_dir is not None  # for a reader by key (`ReadBy.KEY`)
         self._node: str | None = None
 
     # -- as a source being scanned -------------------------------------------------------

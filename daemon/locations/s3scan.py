@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from daemon.faults import pause
 from daemon.fsutil import Identity
 from daemon.journal import RowChanges
-from daemon.locations.base import CHUNK, Content, Listed
+from daemon.locations.base import CHUNK, Content, Listed, ReadBy
 from daemon.model import S3Object
 from daemon.s3client import epoch, s3_boundary
 from daemon.s3client import list_objects as list_pages
@@ -48,26 +48,27 @@ class OpenedObject:
     def changed_from(self, identity: Identity | None) -> str | None:
         return None  # pinned by ETag: a replaced object fails the download with ChangedError
 
-    def content(self, *, engine_reads_s3: bool) -> Content:
-        """The object's bytes, hashed on the way; an engine reads the object itself only where
-        a VersionId or a private snapshot pins what it reads (docs/integrity.md, "Remote engines")."""
+    def content(self, *, read_by: ReadBy = ReadBy.DESCRIPTOR) -> Content:
+        """The object's bytes, hashed on the way; the object is read itself only where a
+        VersionId or a private snapshot pins what is read (docs/integrity.md, "Remote engines")."""
         where, rel_path, file_id = self._location, self._listed.rel_path, self._listed.file_id
+        by_reference = read_by is not ReadBy.DESCRIPTOR
         etag = self._facts["etag"] or ""
         is_large = self._size > where.snapshot_threshold
-        if (engine_reads_s3 or is_large) and self._facts["version_id"] is None:
+        if (by_reference or is_large) and self._facts["version_id"] is None:
             self._current_version(rel_path, etag)
         version_id = self._facts["version_id"]
         if file_id is not None and (where.has_snapshot(self._listed, file_id, etag)
-                                    or (engine_reads_s3 and where.reads_by_path)
+                                    or (read_by is ReadBy.KEY and where.makes_snapshots)
                                     or (is_large and version_id is None)):
-            return self._from_snapshot(file_id, etag, version_id, engine_reads_s3=engine_reads_s3)
-        by_engine = engine_reads_s3 and version_id is not None
+            return self._from_snapshot(file_id, etag, version_id, by_reference=by_reference)
+        by_version = by_reference and version_id is not None
         # Unversioned: the download is kept, staged, to be promoted as scanned.
-        stage_id = file_id if where.staging is not None and not by_engine and version_id is None else None
-        copy = None if by_engine else self._held.enter_context(
+        stage_id = file_id if where.staging is not None and not by_version and version_id is None else None
+        copy = None if by_version else self._held.enter_context(
             where.private_copy(self._size) if stage_id is None else where.staged_copy(stage_id, self._size))
         obj = S3Object(where.where.bucket, where.key(rel_path), etag, version_id,
-                       where.presign(where.key(rel_path), version_id) if by_engine else "")
+                       where.presign(where.key(rel_path), version_id) if by_version else "")
         try:
             answer = where.get_answer(rel_path, etag, version_id)
             with contextlib.closing(answer["Body"]) as body:
@@ -99,13 +100,13 @@ class OpenedObject:
             self._facts["last_modified"] = epoch(head["LastModified"])
 
     def _from_snapshot(self, file_id: int, etag: str, version_id: str | None, *,
-                       engine_reads_s3: bool) -> Content:
+                       by_reference: bool) -> Content:
         """Snapshot the listed version (once), then hash the snapshot: what is scanned and promoted."""
         where = self._location
         key = where.snapshot(self._listed, file_id, etag, version_id, self._size)
         self._facts["snapshot"] = key
         pause("scan.snapshotted")
-        copy: BinaryIO | None = None if engine_reads_s3 else self._held.enter_context(
+        copy: BinaryIO | None = None if by_reference else self._held.enter_context(
             where.private_copy(self._size))
         body = where.get_snapshot(key)
         with contextlib.closing(body):

@@ -3,8 +3,10 @@
 Each engine has `concurrency` worker threads (at least `_S3_WORKERS` when its watches
 read or write S3, with its calls still held to `concurrency` at once: those threads
 mostly wait on S3 requests, not on the engine). A worker claims a small batch of due rows
-and carries it one step per journal transaction: scanned (`scanning.Scanner`: the verdict
-and the planned destination written before any move), then moved (`moving.Mover`: done).
+and carries it one step per journal transaction: scanned (`scanning.Scanner`: the verdict,
+with the destination `planning.Planner` chose for it, written before any move), then moved
+(`moving.Mover`: done). Each step returns an `Outcome`, which this loop writes (the
+scanners' order-critical writes aside: `answers.ScanStep.journal_at_once`).
 Retries are schedules in the journal, never sleeps. Nothing here is lost with the
 process: the backlog is the journal, and `Journal.reclaim` hands a dead worker's rows to
 the next one.
@@ -12,6 +14,7 @@ the next one.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -26,8 +29,10 @@ from daemon.fsutil import DirCache
 from daemon.journal import FileRow, Journal
 from daemon.locations import Locations, Place
 from daemon.model import FileState, Pending, Reason, Verdict, VerdictKind
+from daemon.pipeline.health import EngineHealth
 from daemon.pipeline.moving import Mover
 from daemon.pipeline.outcome import Outcome, Outcomes
+from daemon.pipeline.planning import Planner
 from daemon.pipeline.reconcile import reconcile
 from daemon.pipeline.scanning import Scanner
 from daemon.retry import RetryPolicy
@@ -71,9 +76,11 @@ class Pipeline:
         self._places = places  # Locations given from outside by URL (tests' fakes)
         self.staging = StagingDirs(config.state_dir)  # held open for the process's life
         outcomes = Outcomes(clock, policy or RetryPolicy())
-        self.mover = Mover(config, journal, outcomes)
+        self.planner = Planner(config, outcomes)
+        self.mover = Mover(config, outcomes)
         self._engines = engines
-        self.scanner = Scanner(config, journal, self._bounded(engines), self.mover, outcomes)
+        self.scanner = Scanner(config, journal, self._bounded(engines), outcomes,
+                               EngineHealth(journal, clock))
 
     @property
     def engines(self) -> Mapping[str, Engine]:
@@ -205,29 +212,39 @@ class Pipeline:
         self._commit(moved, dirs)
 
     def _replan(self, row: FileRow, locations: Locations) -> Outcome:
-        return self.mover.plan(row, {"state": FileState.MOVING}, locations)
+        return self.planner.plan(row, {"state": FileState.MOVING}, locations)
 
     def _resume(self, row: FileRow, locations: Locations) -> Outcome:
         return self.mover.move(row, locations, resumed=True)
 
     def _guard(self, row: FileRow, locations: Locations,
                step: Callable[[FileRow, Locations], Outcome]) -> Outcome:
-        """Run a step; an unexpected error fails the file instead of killing the worker."""
+        """Run a step, and plan the move of the verdict it came to (journaled with it, before
+        any move); an unexpected error fails the file instead of killing the worker."""
         self.heartbeat_at = self.clock()
+        kept = None
         try:
             with structlog.contextvars.bound_contextvars(**self._context(row)):
-                return step(row, locations)
+                outcome = step(row, locations)
+                kept = outcome.kept
+                return self.planner.planned(row, outcome, locations) if outcome.needs_plan else outcome
         except Exception as exc:
             log.exception("file.internal_error", **self._context(row))
-            outcomes = self.mover.outcomes
-            if row.state is FileState.MOVING and row.verdict is not None:
-                return outcomes.move_failed(row, exc)
-            changes = outcomes.verdict(row, Verdict.failed(Reason.INTERNAL_ERROR))
-            try:
-                return self.mover.plan(row, changes, locations)
-            except Exception as again:  # never hand the batch back: this row waits its turn
-                log.exception("file.internal_error", **self._context(row))
-                return outcomes.move_failed(row, again, {**changes, "state": FileState.VERDICT})
+            failed = self._failed(row, exc, locations)
+            # The step is lost, not the engine's verdict of these bytes (the verdict cache).
+            return dataclasses.replace(failed, kept=kept) if kept else failed
+
+    def _failed(self, row: FileRow, exc: Exception, locations: Locations) -> Outcome:
+        """A step that raised: its move failed, or the file fails as an internal error."""
+        outcomes = self.mover.outcomes
+        if row.state is FileState.MOVING and row.verdict is not None:
+            return outcomes.move_failed(row, exc)
+        changes = outcomes.verdict(row, Verdict.failed(Reason.INTERNAL_ERROR))
+        try:
+            return self.planner.plan(row, changes, locations)
+        except Exception as again:  # never hand the batch back: this row waits its turn
+            log.exception("file.internal_error", **self._context(row))
+            return outcomes.move_failed(row, again, {**changes, "state": FileState.VERDICT})
 
     def _commit(self, outcomes: list[tuple[FileRow, Outcome]], dirs: DirCache) -> None:
         dirs.sync()  # what the batch renamed into place is durable before it is journaled

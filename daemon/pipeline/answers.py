@@ -6,7 +6,8 @@ refusing for now, is waited for without spending an attempt, until `max_pending_
 error that may hide a submission is retried while attempts remain; anything else, or
 limits reached, is a failed verdict. The single-engine scanner turns the result into the
 row's change, the multi-engine scanner into its scan record's; both build on `ScanStep`,
-which holds what they share and their one way of writing the journal themselves.
+which holds what they share (the engines' health, how the engines read the bytes) and their
+one way of writing the journal themselves.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from daemon.config import Config, EngineConfig
+from daemon.config import Config, EngineConfig, WatchConfig
 from daemon.errors import (
     EnginePermanentError,
     EngineRetryableError,
@@ -22,9 +23,10 @@ from daemon.errors import (
     EngineUnavailableError,
 )
 from daemon.journal import Journal, RowChanges
+from daemon.locations import ReadBy
 from daemon.model import Pending, Reason, ScanChanges, Verdict
 from daemon.pipeline.caching import VerdictCache
-from daemon.pipeline.moving import Mover
+from daemon.pipeline.health import EngineHealth
 from daemon.pipeline.outcome import Outcomes
 from daemon.retry import RetryPolicy
 
@@ -107,16 +109,36 @@ def step_of(result: EngineResult, *, attempts: int, spent: bool, discovered_at: 
 
 
 class ScanStep:
-    """What both scanners (one engine, several) work with: the config, the journal, the mover
-    that plans a verdict's move, the outcomes on the pipeline's clock, the verdict cache."""
+    """What both scanners (one engine, several) work with: the config, the journal, the
+    outcomes on the pipeline's clock, the engines' health, the verdict cache. A verdict is
+    returned unplanned (`Outcome.needs_plan`): the pipeline's loop plans its move."""
 
-    def __init__(self, config: Config, journal: Journal, mover: Mover, outcomes: Outcomes) -> None:
+    def __init__(self, config: Config, journal: Journal, outcomes: Outcomes, health: EngineHealth) -> None:
         self.config = config
         self.journal = journal
-        self.mover = mover
         self.outcomes = outcomes
+        self.health = health
         self.clock = outcomes.clock
         self.cache = VerdictCache(config, journal, self.clock)
+
+    def asked(self, engine: str, call: Callable[[], Verdict | Pending]) -> EngineResult:
+        """The engine's answer, or the error that stands for it (`ask`); its health journaled
+        if that changed."""
+        result = ask(call)
+        if (health := health_of(result)) is not None:
+            self.health.set(engine, None if health[0] else health[1])
+        return result
+
+    def read_by(self, watch: WatchConfig, reads_s3: bool) -> ReadBy:
+        """How the engines asked read the bytes (`reads_s3`: each reads an S3 source itself):
+        from a descriptor, else the pinned version, or by key where one of the watch's engines
+        reads by `path`, which names no version: a private snapshot (docs/integrity.md,
+        "Remote engines")."""
+        if not reads_s3:
+            return ReadBy.DESCRIPTOR
+        if any(self.config.engines[e].reads_s3_by_path for e in watch.engines if e in self.config.engines):
+            return ReadBy.KEY
+        return ReadBy.VERSION
 
     def journal_at_once(self, file_id: int, changes: RowChanges,
                         scans: Mapping[str, ScanChanges] | None = None) -> None:

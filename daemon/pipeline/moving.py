@@ -1,8 +1,8 @@
-"""The moving step: plan the destination when the verdict is known, then carry out that plan.
+"""The moving step: carry out the plan journaled with the verdict (daemon/pipeline/planning.py).
 
-The plan (destination root and the name below it) is journaled with the verdict, before
-anything moves, so a move cut off at any point is finished by the next worker exactly as
-planned; a name taken meanwhile is planned again and journaled before it is used.
+A move cut off at any point is finished by the next worker exactly as planned. A name
+taken meanwhile is planned again, and the step returns that plan: the loop journals it,
+and the next claim of the row moves the file there, so a name is journaled before it is used.
 """
 
 from __future__ import annotations
@@ -12,63 +12,24 @@ import dataclasses
 from daemon.config import IN_PLACE, Config, WatchConfig
 from daemon.errors import ChangedError, LocationError, S3UnavailableError, TooManyTagsError, UnsafePathError
 from daemon.faults import pause
-from daemon.journal import FileRow, Journal, RowChanges
+from daemon.journal import FileRow, RowChanges
 from daemon.locations import Destination, Locations, MoveRequest, Source, Tagged, transfer
 from daemon.locations.inplace import verdict_tags
 from daemon.model import FileState, Reason, Verdict, VerdictKind
-from daemon.naming import flat_name
 from daemon.outcome_facts import iso, outcome_facts
 from daemon.pipeline.outcome import Outcome, Outcomes
+from daemon.pipeline.planning import DESTINATION_FOR
 from daemon.s3url import tag_value
 
-__all__ = ["DESTINATION_FOR", "Mover"]
-
-DESTINATION_FOR = {VerdictKind.CLEAN: "clean", VerdictKind.INFECTED: "quarantine",
-                   VerdictKind.FAILED: "failed"}
-_MAX_REPLANS = 100
+__all__ = ["Mover"]
 
 
 class Mover:
-    """Plans where a file goes for its verdict, and moves it there."""
+    """Moves a file where its journaled plan says."""
 
-    def __init__(self, config: Config, journal: Journal, outcomes: Outcomes) -> None:
+    def __init__(self, config: Config, outcomes: Outcomes) -> None:
         self.config = config
-        self.journal = journal
         self.outcomes = outcomes
-
-    # -- planning ---------------------------------------------------------------------------
-
-    def plan(self, row: FileRow, changes: RowChanges, locations: Locations) -> Outcome:
-        """`changes` (a verdict) plus the destination chosen now, so a crash mid-move can be finished."""
-        verdict = VerdictKind(str(changes.get("verdict", row.verdict)))
-        # A key or name that cannot be a path or key there goes to `failed` under one flat, safe name.
-        is_flat = changes.get("reason", row.reason) in (Reason.UNSAFE_KEY, Reason.UNSAFE_NAME)
-        rel_path = flat_name(row.rel_path) if is_flat else row.rel_path
-        watch = self.config.watch(row.watch)
-        root = watch.destinations[DESTINATION_FOR[verdict]]
-        if root == IN_PLACE:  # the object stays at its key: no name to choose, none to escape
-            source = locations.source(watch.source, watch)
-            return Outcome({**changes, "destination": source.name(row.rel_path),
-                            "dest_root": IN_PLACE, "dest_rel": row.rel_path})
-        try:
-            dest = locations.destination(root, watch)
-            dest_rel = dest.plan(rel_path)
-        except UnsafePathError as exc:
-            if is_flat:
-                return self.outcomes.move_failed(row, exc, {**changes, "state": FileState.VERDICT})
-            # Kept: the facts, and the threats of an infected file its quarantine cannot name.
-            threats = changes.get("threats", row.threats) or []
-            failed = Verdict.failed(Reason.UNSAFE_NAME, raw={"error": str(exc)}, threats=tuple(threats))
-            return self.plan(row, {**changes, **self.outcomes.verdict(row, failed)}, locations)
-        except (OSError, LocationError) as exc:
-            return self.outcomes.move_failed(row, exc, {**changes, "state": FileState.VERDICT})
-        return Outcome({**changes, "destination": dest.name(dest_rel), "dest_root": root,
-                        "dest_rel": dest_rel})
-
-    def fail(self, row: FileRow, reason: Reason, error: str, locations: Locations) -> Outcome:
-        """A failed verdict without asking the engine (unreadable, an unsafe name...), planned."""
-        return self.plan(row, self.outcomes.verdict(row, Verdict.failed(reason, raw={"error": error})),
-                         locations)
 
     # -- moving -----------------------------------------------------------------------------
 
@@ -96,7 +57,7 @@ class Mover:
             tags={"scanwatch-verdict": verdict.value,
                   "scanwatch-reason": tag_value(row.reason or "")})
         try:
-            request, already_placed = self._transfer(row, request, source, dest, resumed)
+            placed = self._transfer(request, source, dest, resumed)
         except ChangedError as exc:
             return self.outcomes.changed(str(exc), settles=source.settles)
         except FileNotFoundError:
@@ -112,8 +73,10 @@ class Mover:
             return self.outcomes.move_failed(row, exc, attempts=row.move_attempts)
         except (OSError, LocationError) as exc:
             return self.outcomes.move_failed(row, exc)
-        placed = self._placed(row, watch, dest, request, verdict, already_placed)
-        return dataclasses.replace(placed, arrivals=tuple(request.arrivals))
+        if isinstance(placed, str):  # taken meanwhile: this name is journaled before it is used
+            return self.outcomes.replanned(dest.name(placed), placed)
+        done = self._placed(row, watch, dest, request, verdict, placed)
+        return dataclasses.replace(done, arrivals=tuple(request.arrivals))
 
     def _placed(self, row: FileRow, watch: WatchConfig, dest: Destination, request: MoveRequest,
                 verdict: VerdictKind, already_placed: bool) -> Outcome:
@@ -144,10 +107,10 @@ class Mover:
                 return self.outcomes.held(Reason.TOO_MANY_TAGS, str(exc))
             failed = Verdict.failed(Reason.TOO_MANY_TAGS, raw={"error": str(exc)},
                                     threats=tuple(row.threats or ()))
-            # Planned and journaled now; the next claim moves it there (`moving`).
-            replanned = self.plan(row, {**self.outcomes.verdict(row, failed), "owner": None}, locations)
-            return Outcome(replanned.changes, "scan.verdict", {"verdict": VerdictKind.FAILED.value,
-                                                               "reason": Reason.TOO_MANY_TAGS.value})
+            # Planned and journaled by the loop; the next claim moves it there (`moving`).
+            return Outcome({**self.outcomes.verdict(row, failed), "owner": None}, "scan.verdict",
+                           {"verdict": VerdictKind.FAILED.value, "reason": Reason.TOO_MANY_TAGS.value},
+                           needs_plan=True)
         except S3UnavailableError as exc:
             return self.outcomes.move_failed(row, exc, attempts=row.move_attempts)
         except (OSError, LocationError) as exc:
@@ -169,15 +132,14 @@ class Mover:
         assert row.destination is not None
         return dest, row.destination.removeprefix(dest.name(""))
 
-    def _transfer(self, row: FileRow, request: MoveRequest, source: Source, dest: Destination,
-                  resumed: bool) -> tuple[MoveRequest, bool]:
-        """Move to the planned name; if it was taken meanwhile, journal a new plan and retry."""
-        for _ in range(_MAX_REPLANS):
-            try:
-                return request, transfer(request, source, dest, resumed=resumed)
-            except FileExistsError:
-                dest_rel = dest.plan(row.rel_path, taken=True, placing=request)
-                self.journal.apply([(row.id, {"destination": dest.name(dest_rel), "dest_rel": dest_rel})])
-                request = dataclasses.replace(request, dest_rel=dest_rel)
-                resumed = False
-        raise LocationError(f"{dest.url}: no free name for {row.rel_path}")
+    def _transfer(self, request: MoveRequest, source: Source, dest: Destination,
+                  resumed: bool) -> bool | str:
+        """Move to the planned name: True when another member of a fleet had placed it there
+        (docs/fleet.md); the next free name when this one was taken meanwhile."""
+        try:
+            return transfer(request, source, dest, resumed=resumed)
+        except FileExistsError:
+            dest_rel = dest.plan(request.rel_path, taken=True, placing=request)
+            if dest_rel == request.dest_rel:  # taken, yet planned again: no way forward now
+                raise LocationError(f"{dest.url}: no free name for {request.rel_path}") from None
+            return dest_rel

@@ -46,7 +46,7 @@ from daemon.model import (
 )
 from daemon.pipeline import answers
 from daemon.pipeline.caching import CacheKey
-from daemon.pipeline.moving import Mover
+from daemon.pipeline.health import EngineHealth
 from daemon.pipeline.outcome import Outcome, Outcomes
 from daemon.refid import build_ref_id
 
@@ -54,17 +54,15 @@ __all__ = ["MultiScanner", "decide"]
 
 log = structlog.get_logger("scanwatch.pipeline")
 
-Health = Callable[[str, str | None], None]
-
 
 class MultiScanner(answers.ScanStep):
-    """One scanning step of a file on a watch with several engines."""
+    """One scanning step of a file on a watch with several engines (`engines`: by configured
+    name, each behind its gate; replaced on a reload)."""
 
-    def __init__(self, config: Config, journal: Journal, engines: Callable[[], Mapping[str, Engine]],
-                 mover: Mover, outcomes: Outcomes, health: Health) -> None:
-        super().__init__(config, journal, mover, outcomes)
+    def __init__(self, config: Config, journal: Journal, engines: Mapping[str, Engine],
+                 outcomes: Outcomes, health: EngineHealth) -> None:
+        super().__init__(config, journal, outcomes, health)
         self.engines = engines
-        self._health = health
 
     def scan(self, row: FileRow, watch: WatchConfig, opened: Opened, secret: str | None,
              locations: Locations) -> Outcome:
@@ -76,23 +74,23 @@ class MultiScanner(answers.ScanStep):
     def _step(self, row: FileRow, watch: WatchConfig, opened: Opened, secret: str | None,
               locations: Locations, events: list[tuple[str, Outcome]]) -> Outcome:
         sha256 = row.sha256
-        if (decided := self._decided(row, watch, sha256, opened.facts, locations)) is not None:
+        if (decided := self._decided(row, watch, sha256, opened.facts)) is not None:
             return decided
         now = self.clock()
         records = self._records(row, sha256)
         due = [e for e in watch.engines
                if e not in records or (not records[e].is_final and records[e].next_attempt_at <= now)]
-        engines = self.engines()
+        engines = self.engines
         follow = [e for e in due if e in records and _follows(records[e], engines[e])]
         polled = self._parallel(
             follow, lambda e: self._poll(row, engines[e], records[e], opened.path, events, locations))
         resubmit = {e: exc for e, exc in polled.items() if exc}
-        if (decided := self._decided(row, watch, sha256, opened.facts, locations)) is not None:
+        if (decided := self._decided(row, watch, sha256, opened.facts)) is not None:
             return decided
         submit = [e for e in due if e not in follow or e in resubmit]
         if submit:
-            content = opened.content(engine_reads_s3=all(
-                engines[e].reads_s3 and e not in resubmit for e in submit))
+            content = opened.content(read_by=self.read_by(watch, all(
+                engines[e].reads_s3 and e not in resubmit for e in submit)))
             if sha256 is not None and content.sha256 != sha256:
                 return self.outcomes.changed(f"{opened.path}: its bytes are not those scanned",
                                              settles=True)
@@ -114,7 +112,7 @@ class MultiScanner(answers.ScanStep):
             if submit:
                 self._submit(row, watch, request, opened.facts, submit, resubmit, events,
                              _Cached(keys, watch, locations))
-        if (decided := self._decided(row, watch, sha256, opened.facts, locations)) is not None:
+        if (decided := self._decided(row, watch, sha256, opened.facts)) is not None:
             return decided
         return self._waiting(row, watch, sha256, opened.facts)
 
@@ -153,7 +151,7 @@ class MultiScanner(answers.ScanStep):
                 names: list[str], resubmit: Mapping[str, EngineResubmitError],
                 events: list[tuple[str, Outcome]], cache: _Cached) -> None:
         """Journal the bytes' hash and the submissions in doubt, then ask each engine at once."""
-        engines, records = self.engines(), self._records(row, request.sha256)
+        engines, records = self.engines, self._records(row, request.sha256)
         intents: dict[str, ScanChanges] = {}
         for name in names:
             attempts = records[name].attempts + 1 if name in records else 1
@@ -220,9 +218,7 @@ class MultiScanner(answers.ScanStep):
                 spent: bool) -> ScanChanges:
         name = record.engine
         now = self.clock()
-        result = answers.ask(ask)
-        if (health := answers.health_of(result)) is not None:
-            self._health(name, None if health[0] else health[1])
+        result = self.asked(name, ask)
         limits = answers.Limits.of(self.config.engines[name], self.outcomes.policy)
         step = answers.step_of(result, attempts=record.attempts, spent=spent,
                                discovered_at=row.discovered_at, now=now, limits=limits)
@@ -247,9 +243,9 @@ class MultiScanner(answers.ScanStep):
         """The file's scan records of these bytes (records of other bytes do not count)."""
         return {e: r for e, r in self.journal.scans(row.id).items() if r.sha256 == sha256}
 
-    def _decided(self, row: FileRow, watch: WatchConfig, sha256: str | None, facts: RowChanges,
-                 locations: Locations) -> Outcome | None:
-        """The file's verdict and its planned move, when its records allow one."""
+    def _decided(self, row: FileRow, watch: WatchConfig, sha256: str | None,
+                 facts: RowChanges) -> Outcome | None:
+        """The file's verdict (its move to plan), when its records allow one."""
         records = self._records(row, sha256)
         verdict = decide(watch.engines, records)
         if verdict is None or sha256 is None:
@@ -263,12 +259,11 @@ class MultiScanner(answers.ScanStep):
         changes: RowChanges = {**self.outcomes.verdict(row, verdict), **facts, "sha256": sha256,
                                "ref_id": row.ref_id or records[str(verdict.raw["deciding_engine"])].ref_id,
                                "engine": watch.engine_label}
-        planned = self.mover.plan(row, changes, locations)
-        return Outcome(planned.changes, planned.event or "scan.verdict", {
+        return Outcome(changes, "scan.verdict", {
             "verdict": verdict.kind.value, "threats": list(verdict.threats), "reason": verdict.reason,
             "engines": {e: str(records[e].verdict) for e in watch.engines if e in records
                         and records[e].verdict is not None},
-            "abandoned": abandoned, **_cached_fields(verdict), **planned.fields})
+            "abandoned": abandoned, **_cached_fields(verdict)}, needs_plan=True)
 
     def _waiting(self, row: FileRow, watch: WatchConfig, sha256: str | None,
                  facts: RowChanges) -> Outcome:

@@ -1,7 +1,8 @@
 """What one step did to a row: the typed journal change, and the event that says so.
 
 Every way a step can end (retry, wait, held, gone, changed, a verdict, placed, a failed
-move) is built here once, so the journal, the log and the metrics read the same facts.
+move, a name taken meanwhile) is built here once, so the journal, the log and the metrics
+read the same facts. The pipeline's loop writes them (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 from daemon.errors import EngineRetryableError
 from daemon.journal import FileRow, KeptVerdict, RowChanges
-from daemon.model import FileState, Verdict, VerdictKind
+from daemon.model import FileState, Reason, Verdict, VerdictKind
 from daemon.retry import RetryPolicy
 
 __all__ = ["Outcome", "Outcomes"]
@@ -31,6 +32,9 @@ class Outcome:
     arrivals: tuple[tuple[str, int], ...] = ()
     # The engine's verdict for the cache, kept in the transaction that commits this change.
     kept: KeptVerdict | None = None
+    # A verdict whose destination the pipeline's loop plans before it writes the change
+    # (daemon/pipeline/planning.py): the plan is journaled with the verdict, before any move.
+    needs_plan: bool = False
 
     @property
     def state(self) -> FileState | None:
@@ -100,6 +104,16 @@ class Outcomes:
             "threats": list(verdict.threats), "raw_result": verdict.raw or None,
             "engine_scan_id": verdict.engine_scan_id or row.engine_scan_id,
             "submitting_at": None, "scanned_at": self.clock()}
+
+    def failed(self, row: FileRow, reason: Reason, error: str) -> Outcome:
+        """A failed verdict without asking the engine (unreadable, an unsafe name...), to plan."""
+        return Outcome(self.verdict(row, Verdict.failed(reason, raw={"error": error})), needs_plan=True)
+
+    def replanned(self, destination: str, dest_rel: str) -> Outcome:
+        """The planned name was taken meanwhile: the next free one, journaled before the move
+        to it is tried (by the next claim of the row, `moving` and due at once)."""
+        return Outcome({"state": FileState.MOVING, "destination": destination, "dest_rel": dest_rel,
+                        "owner": None, "next_attempt_at": self.clock()})
 
     def placed(self, row: FileRow, destination: str, verdict: VerdictKind, *,
                already_placed: bool = False) -> Outcome:

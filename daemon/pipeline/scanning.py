@@ -1,9 +1,10 @@
-"""The scanning step: hold the file or object version, follow or ask its engine, plan the move.
+"""The scanning step: hold the file or object version, follow or ask its engine.
 
 A submitted remote scan is followed without its bytes (docs/integrity.md, "Remote
-engines"); otherwise the source's bytes are hashed and exactly those are scanned.
-A remote submission is journaled as in doubt, in its own transaction, before the
-engine sees it, and its scan ID right after the answer.
+engines"); otherwise the source's bytes are hashed and exactly those are scanned, read
+the way the engine reads them (`ReadBy`). A remote submission is journaled as in doubt,
+in its own transaction, before the engine sees it, and its scan ID right after the answer.
+A verdict is returned for the pipeline's loop to plan its move (daemon/pipeline/planning.py).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from daemon.locations import Listed, Locations, Opened
 from daemon.model import Pending, Reason, Verdict
 from daemon.pipeline import answers
 from daemon.pipeline.caching import CacheKey, cached_fields
-from daemon.pipeline.moving import Mover
+from daemon.pipeline.health import EngineHealth
 from daemon.pipeline.multi import MultiScanner
 from daemon.pipeline.outcome import Outcome, Outcomes
 from daemon.refid import build_ref_id
@@ -46,20 +47,27 @@ _UNREADABLE_ERRNOS = (errno.EIO, errno.EISDIR, errno.ENXIO)
 
 
 class Scanner(answers.ScanStep):
-    """Turns a claimed `scanning` row into a scan to poll, a retry, or a verdict with its plan."""
+    """Turns a claimed `scanning` row into a scan to poll, a retry, or a verdict to plan."""
 
     def __init__(self, config: Config, journal: Journal, engines: Mapping[str, Engine],
-                 mover: Mover, outcomes: Outcomes) -> None:
-        super().__init__(config, journal, mover, outcomes)
-        self.engines = engines
-        self._engine_down: dict[str, bool] = {}
-        self.multi = MultiScanner(config, journal, lambda: self.engines, mover, outcomes,
-                                  self._set_engine_health)
+                 outcomes: Outcomes, health: EngineHealth) -> None:
+        super().__init__(config, journal, outcomes, health)
+        self.multi = MultiScanner(config, journal, engines, outcomes, health)
+        self._engines = engines
+
+    @property
+    def engines(self) -> Mapping[str, Engine]:
+        """The engines by configured name (each behind its gate)."""
+        return self._engines
+
+    @engines.setter
+    def engines(self, engines: Mapping[str, Engine]) -> None:
+        """New engines (a reload): for single- and multi-engine watches alike."""
+        self._engines = self.multi.engines = engines
 
     def start(self) -> None:
         """Take the engines' health as the journal has it (the start-up probe's view)."""
-        health = self.journal.engine_health()
-        self._engine_down = {name: not healthy for name, (healthy, _, _) in health.items()}
+        self.health.load()
 
     def scan(self, row: FileRow, locations: Locations) -> Outcome:
         """One scanning step of `row`: what happened, as a journal change and an event."""
@@ -67,9 +75,9 @@ class Scanner(answers.ScanStep):
         source = locations.source(watch.source, watch)
         for root in watch.destinations.values():
             if root != IN_PLACE and (why := locations.refuses(root, watch, row.rel_path)) is not None:
-                return self.mover.fail(row, Reason.UNSAFE_KEY, why, locations)
+                return self.outcomes.failed(row, Reason.UNSAFE_KEY, why)
         if (why := self._listed_too_large(row, watch)) is not None:
-            return self.mover.fail(row, Reason.TOO_LARGE, why, locations)
+            return self.outcomes.failed(row, Reason.TOO_LARGE, why)
         try:
             listed = Listed(row.rel_path, row.etag, row.version_id, row.size, file_id=row.id,
                             snapshot=row.snapshot, sha256=row.sha256)
@@ -87,7 +95,7 @@ class Scanner(answers.ScanStep):
             return self.outcomes.wait(row, "source.unavailable", exc)
         except OSError as exc:
             if isinstance(exc, PermissionError) or exc.errno in _UNREADABLE_ERRNOS:
-                return self.mover.fail(row, Reason.UNREADABLE, str(exc), locations)
+                return self.outcomes.failed(row, Reason.UNREADABLE, str(exc))
             raise
 
     def _listed_too_large(self, row: FileRow, watch: WatchConfig) -> str | None:
@@ -109,7 +117,7 @@ class Scanner(answers.ScanStep):
             try:
                 return self.multi.scan(row, watch, opened, _secret(watch.archivepwd), locations)
             except OSError as exc:
-                return self.mover.fail(row, Reason.UNREADABLE, str(exc), locations)
+                return self.outcomes.failed(row, Reason.UNREADABLE, str(exc))
         engine = self.engines[watch.engines[0]]
         # A submitted scan is followed on what identifies the version alone: the bytes are
         # read again only to be submitted again, and the mover verifies a clean file's hash.
@@ -118,9 +126,9 @@ class Scanner(answers.ScanStep):
             return followed
         by_upload = followed is not None and followed.by_upload
         try:
-            content = opened.content(engine_reads_s3=engine.reads_s3 and not by_upload)
+            content = opened.content(read_by=self.read_by(watch, engine.reads_s3 and not by_upload))
         except OSError as exc:
-            return self.mover.fail(row, Reason.UNREADABLE, str(exc), locations)
+            return self.outcomes.failed(row, Reason.UNREADABLE, str(exc))
         pause("scan.hashed")
         request = ScanRequest(watch.name, row.rel_path, opened.path, content.fd, content.size,
                               content.sha256, "", s3=content.s3,
@@ -135,7 +143,7 @@ class Scanner(answers.ScanStep):
                                   raw={"cached_from": entry.source()})
                 return self._answered(row, verdict, opened.facts, content.sha256,
                                       _ref_id(row, watch, content.sha256), 0.0, None,
-                                      cached_fields(entry), locations)
+                                      cached_fields(entry))
             if (waiting := self.cache.wait(key, row)) is not None:
                 return waiting
         return self._ask(row, watch, engine, request, opened.facts, followed, locations, key)
@@ -167,7 +175,7 @@ class Scanner(answers.ScanStep):
                              str(answer.raw.get("external_reference_id", row.ref_id)), watch, locations)
         event = "scan.found" if row.engine_scan_id is None else None
         return self._answered(row, answer, facts, row.sha256, row.ref_id, time.monotonic() - started,
-                              event, {}, locations)
+                              event, {})
 
     def _ask(self, row: FileRow, watch: WatchConfig, engine: Engine, request: ScanRequest,
              facts: RowChanges, resubmit: EngineResubmitError | None, locations: Locations,
@@ -200,22 +208,15 @@ class Scanner(answers.ScanStep):
         repeated: dict[str, Any] = {"cache": "miss"} if key is not None else {}
         if resubmit is not None and resubmit.may_duplicate:
             repeated["resubmitted"] = True
-        try:
-            answered = self._answered(row, answer, facts, sha256, ref_id, time.monotonic() - started,
-                                      "scan.submitted", repeated, locations)
-        except BaseException:  # the row's step is lost (daemon/pipeline `_guard`), not the verdict
-            if kept:
-                self.journal.cache_verdict(kept.entry, kept.max_entries, kept.now, row.id, is_miss=True)
-            raise
+        answered = self._answered(row, answer, facts, sha256, ref_id, time.monotonic() - started,
+                                  "scan.submitted", repeated)
         return dataclasses.replace(answered, kept=kept) if kept else answered
 
     def _call(self, row: FileRow, engine: Engine, ask: Callable[[], Verdict | Pending]
               ) -> Verdict | Pending | Outcome:
         """The engine's answer, or what its error means for the row (retry, wait, failed)."""
         engine_cfg = self.config.engines[self.config.watch(row.watch).engines[0]]
-        result = answers.ask(ask)
-        if (health := answers.health_of(result)) is not None:
-            self._set_engine_health(engine.name, None if health[0] else health[1])
+        result = self.asked(engine.name, ask)
         step = answers.step_of(result, attempts=row.attempts, spent=True, discovered_at=row.discovered_at,
                                now=self.clock(), limits=answers.Limits.of(engine_cfg, self.outcomes.policy))
         if isinstance(step, answers.Wait):  # nothing can have been submitted
@@ -225,9 +226,8 @@ class Scanner(answers.ScanStep):
         return step.answer if isinstance(step, answers.Answered) else step.verdict
 
     def _answered(self, row: FileRow, answer: Verdict | Pending, facts: RowChanges, sha256: str,
-                  ref_id: str, duration_s: float, event: str | None, fields: Mapping[str, Any],
-                  locations: Locations) -> Outcome:
-        """What the engine's answer changes: a scan to poll, or a verdict and its destination."""
+                  ref_id: str, duration_s: float, event: str | None, fields: Mapping[str, Any]) -> Outcome:
+        """What the engine's answer changes: a scan to poll, or a verdict to plan."""
         if isinstance(answer, Pending):
             return Outcome(
                 {"engine_scan_id": answer.engine_scan_id, "owner": None, "submitting_at": None,
@@ -238,22 +238,9 @@ class Scanner(answers.ScanStep):
                                # A re-submission (`<id>.2`) is the ID the engine knows the verdict by.
                                "ref_id": str(answer.raw.get("external_reference_id", ref_id)),
                                "engine": self.config.watch(row.watch).engine_label}
-        planned = self.mover.plan(row, changes, locations)
-        return Outcome(planned.changes, planned.event or "scan.verdict", {
+        return Outcome(changes, "scan.verdict", {
             "verdict": answer.kind.value, "threats": list(answer.threats), "reason": answer.reason,
-            "duration_s": round(duration_s, 4), "ref_id": ref_id, **fields, **planned.fields})
-
-    def _set_engine_health(self, name: str, error: str | None) -> None:
-        """Journal an engine going down or coming back (only the changes)."""
-        is_down = error is not None
-        if self._engine_down.get(name, False) == is_down:
-            return
-        self._engine_down[name] = is_down
-        self.journal.set_engine_health(name, not is_down, error or "answering", self.clock())
-        if is_down:
-            log.warning("engine.unhealthy", engine=name, error=error)
-        else:
-            log.info("engine.recovered", engine=name)
+            "duration_s": round(duration_s, 4), "ref_id": ref_id, **fields}, needs_plan=True)
 
 
 def _ref_id(row: FileRow, watch: WatchConfig, sha256: str) -> str:
