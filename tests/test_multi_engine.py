@@ -12,7 +12,7 @@ from fakes import FakeEngine, answers, raises
 from structlog.testing import capture_logs
 
 from daemon.config import Config
-from daemon.errors import EngineRetryableError, EngineUnavailableError
+from daemon.errors import EngineRetryableError, EngineThrottledError, EngineUnavailableError
 from daemon.journal import FileRow, Journal, owner_token
 from daemon.model import FileState, Pending, Reason, Verdict, VerdictKind
 from daemon.pipeline import Pipeline
@@ -181,6 +181,28 @@ def test_metrics_count_each_engine_under_its_own_name(layout: Layout) -> None:
     assert sample("scanwatch_retries_total", {"engine": "b", "reason": "engine_error"}) == 1
     assert sample("scanwatch_retries_total", {"engine": "a", "reason": "engine_error"}) is None
     assert sample("scanwatch_files_total", {"watch": "inbox", "outcome": "clean", "reason": ""}) == 1
+
+
+@pytest.mark.parametrize(("error", "reason"), [
+    (EngineThrottledError("429 slow down"), "rate_limited"),
+    (EngineUnavailableError("connection refused"), "engine_unavailable"),
+    (EngineRetryableError("read timed out", reason=Reason.TIMEOUT), "timeout")])
+def test_retries_are_counted_by_the_engines_own_reason(layout: Layout, error: Exception,
+                                                       reason: str) -> None:
+    from daemon.metrics import Metrics
+
+    multi = Multi(layout)
+    metrics = Metrics(multi.journal)
+    multi.pipeline = Pipeline(multi.config, multi.journal, {"a": multi.a, "b": multi.b},
+                              owner=owner_token(), clock=multi.clock, on_outcome=metrics.observe,
+                              policy=RetryPolicy(base_s=10, max_s=10))
+    multi.b.script = [raises(error)]
+    multi.drop("a.txt", b"hello")
+    multi.step(advance_s=3)
+    multi.step(advance_s=61)
+    assert multi.layout.placed("clean") == ["a.txt"]
+    assert metrics.registry.get_sample_value("scanwatch_retries_total",
+                                             {"engine": "b", "reason": reason}) == 1
 
 
 def test_one_shot_scan_asks_every_engine(multi: Multi) -> None:

@@ -205,17 +205,18 @@ class MultiScanner(answers.ScanStep):
               events: list[tuple[str, Outcome]], *, spent: bool) -> ScanChanges:
         """One engine's answer as its record's change (a verdict, a scan to poll, a retry)."""
         name = record.engine
-        changes = self._answer(row, record, ask, spent=spent)
-        reason = changes.get("reason") or Reason.ENGINE_ERROR
+        changes, waits_for = self._answer(row, record, ask, spent=spent)
         if changes.get("verdict") is VerdictKind.FAILED:
+            reason = changes.get("reason") or Reason.ENGINE_ERROR
             events.append((name, Outcome({}, "scan.verdict", {"verdict": VerdictKind.FAILED,
                                                               "reason": reason})))
-        elif "verdict" not in changes and "last_error" in changes:
-            events.append((name, Outcome({}, "retry.scheduled", {"reason": _retry_reason(changes)})))
+        elif waits_for is not None:
+            events.append((name, Outcome({}, "retry.scheduled", {"reason": waits_for})))
         return changes
 
     def _answer(self, row: FileRow, record: ScanRecord, ask: Callable[[], Verdict | Pending], *,
-                spent: bool) -> ScanChanges:
+                spent: bool) -> tuple[ScanChanges, Reason | None]:
+        """The record's change, and the reason of a retry or wait (as the metrics count it)."""
         name = record.engine
         now = self.clock()
         result = self.asked(name, ask)
@@ -228,14 +229,16 @@ class MultiScanner(answers.ScanStep):
                         attempts=step.attempts, delay_s=round(step.delay_s, 3))
             changes: ScanChanges = {"attempts": step.attempts, "last_error": str(step.error),
                                     "next_attempt_at": now + step.delay_s}
-            return {**changes, "submitting_at": None} if isinstance(step, answers.Wait) else changes
+            if isinstance(step, answers.Wait):  # no attempt spent; the in-doubt mark is cleared
+                changes["submitting_at"] = None
+            return changes, step.error.reason
         if isinstance(step, answers.Failed):
-            return {**_verdict(step.verdict, record, now), "attempts": step.attempts}
+            return {**_verdict(step.verdict, record, now), "attempts": step.attempts}, None
         answer = step.answer
         if isinstance(answer, Pending):
             return {"engine_scan_id": answer.engine_scan_id, "submitting_at": None,
-                    "next_attempt_at": now + answer.poll_after_s}
-        return _verdict(answer, record, now)
+                    "next_attempt_at": now + answer.poll_after_s}, None
+        return _verdict(answer, record, now), None
 
     # -- deciding ---------------------------------------------------------------------------------
 
@@ -317,11 +320,6 @@ def _cached_fields(verdict: Verdict) -> dict[str, Any]:
     """The deciding engine's verdict came from the verdict cache: the scan it reuses."""
     cached_from = verdict.raw.get("cached_from")
     return {"cached": True, "cached_from": cached_from} if cached_from else {}
-
-
-def _retry_reason(changes: ScanChanges) -> str:
-    """A wait spends no attempt and clears the in-doubt mark: the engine was not reached."""
-    return Reason.ENGINE_UNAVAILABLE if "submitting_at" in changes else Reason.ENGINE_ERROR
 
 
 def _follows(record: ScanRecord, engine: Engine) -> bool:
