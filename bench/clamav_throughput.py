@@ -11,7 +11,7 @@ clamd's busy share: its CPU time over the wall time of each run, in cores. The p
 loop scans a sample (`--loop-files`) and its rate is extrapolated to every file.
 `--concurrency` unset: the engine's own default (clamd's `MaxThreads`, docs/engines.md).
 `--compare DIR` runs a second checkout's daemon (say the main branch) as one more peer
-in every run, with the same configuration.
+in every run, with the same configuration (`--compare-concurrency`: another concurrency).
 
     python bench/clamav_throughput.py [--db one synthetic] [--files 5000] [--runs 3] [--compare DIR]
 """
@@ -49,23 +49,24 @@ def clamd_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _daemon(clamd: Clamd, base: Path, files: list[tuple[str, bytes]], args: argparse.Namespace,
+def _daemon(clamd: Clamd, base: Path, files: list[tuple[str, bytes]], concurrency: int | None,
             code: Path = ROOT) -> dict[str, float]:
     """One daemon run: files/s, CPU ms/file, and clamd's cores busy over the run's wall time."""
     engine = {"type": "clamav", "socket": str(clamd.socket), "mode": "auto"}
     busy_before = clamd_cpu_seconds(clamd.pid)
-    figures = run_daemon(base, files, args.concurrency, "write", engine=engine, code=code)
+    figures = run_daemon(base, files, concurrency, "write", engine=engine, code=code)
     busy_s = clamd_cpu_seconds(clamd.pid) - busy_before
     return {**figures, "clamd_cores": busy_s * figures["files_per_s"] / len(files)}
 
 
 def _one_run(clamd: Clamd, base: Path, files: list[tuple[str, bytes]], args: argparse.Namespace
              ) -> dict[str, float]:
-    ours = _daemon(clamd, base / "daemon", files, args)
+    ours = _daemon(clamd, base / "daemon", files, args.concurrency)
     figures = {"scanwatch": ours["files_per_s"], "cpu_ms": ours["cpu_ms_per_file"],
                "rss_mb": ours["peak_rss_mb"], "clamd_cores": ours["clamd_cores"]}
     if args.compare:
-        other = _daemon(clamd, base / "compare", files, args, code=args.compare)
+        other = _daemon(clamd, base / "compare", files, args.compare_concurrency or args.concurrency,
+                        code=args.compare)
         figures |= {"compare": other["files_per_s"], "compare_cpu_ms": other["cpu_ms_per_file"],
                     "compare_clamd_cores": other["clamd_cores"]}
     folder = base / "peer"
@@ -100,7 +101,9 @@ def _report(db: str, runs: list[dict[str, float]], args: argparse.Namespace) -> 
           f"CPU {_spread(runs, 'cpu_ms', 3)} ms/file, peak RSS {_spread(runs, 'rss_mb')} MB, "
           f"clamd busy {_spread(runs, 'clamd_cores', 2)} cores")
     if args.compare:
-        print(f"    {args.compare} daemon: {_spread(runs, 'compare')} files/s, CPU "
+        theirs = args.compare_concurrency or args.concurrency or "unset: its default"
+        print(f"    {args.compare} daemon (concurrency {theirs}): "
+              f"{_spread(runs, 'compare')} files/s, CPU "
               f"{_spread(runs, 'compare_cpu_ms', 3)} ms/file, clamd busy "
               f"{_spread(runs, 'compare_clamd_cores', 2)} cores "
               f"-> scanwatch is {_spread(ratio, 'compare', 2)}x")
@@ -120,6 +123,7 @@ def main() -> None:
     parser.add_argument("--max-threads", type=int, default=12, help="clamd's MaxThreads")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--compare", type=Path, help="another checkout's daemon as a peer")
+    parser.add_argument("--compare-concurrency", type=int, help="the peer's; unset: as --concurrency")
     args = parser.parse_args()
     files = _payloads(args.files, args.size)
     print(f"clamav_throughput: {args.files} files x {args.size} B, 1 % EICAR, one clamd "
