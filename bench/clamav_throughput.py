@@ -5,13 +5,16 @@ drop-folder scripts usually call it) and `clamdscan --multiscan` over the whole 
 `--db one` is the tests' one-signature database (clamd answers in microseconds: the
 figure is scanwatch's own cost); `--db synthetic` adds 1 M MD5 and 100 k body
 signatures (bench/synthetic_db.py), the size of a production database. `--runs` runs
-of each, on one clamd per database; medians with the spread (min - max) and the
-daemon's CPU-seconds per file. `--compare DIR` runs a second checkout's daemon (say the
-main branch) as one more peer in every run.
+of each, on one clamd per database (`MaxThreads` `--max-threads`, Debian's 12 by
+default); medians with the spread (min - max), the daemon's CPU-seconds per file, and
+clamd's busy share: its CPU time over the wall time of each run, in cores. The per-file
+loop scans a sample (`--loop-files`) and its rate is extrapolated to every file.
+`--concurrency` unset: the engine's own default (clamd's `MaxThreads`, docs/engines.md).
+`--compare DIR` runs a second checkout's daemon (say the main branch) as one more peer
+in every run, with the same configuration (`--compare-concurrency`: another concurrency).
 
-    python bench/clamav_throughput.py [--db one synthetic] [--files 5000] [--runs 3]
+    python bench/clamav_throughput.py [--db one synthetic] [--files 5000] [--runs 3] [--compare DIR]
 """
-
 from __future__ import annotations
 
 import argparse
@@ -40,16 +43,32 @@ def _clamdscan(conf: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
                           capture_output=True)
 
 
+def clamd_cpu_seconds(pid: int) -> float:
+    """User + system CPU time clamd has used so far (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _daemon(clamd: Clamd, base: Path, files: list[tuple[str, bytes]], concurrency: int | None,
+            code: Path = ROOT) -> dict[str, float]:
+    """One daemon run: files/s, CPU ms/file, and clamd's cores busy over the run's wall time."""
+    engine = {"type": "clamav", "socket": str(clamd.socket), "mode": "auto"}
+    busy_before = clamd_cpu_seconds(clamd.pid)
+    figures = run_daemon(base, files, concurrency, "write", engine=engine, code=code)
+    busy_s = clamd_cpu_seconds(clamd.pid) - busy_before
+    return {**figures, "clamd_cores": busy_s * figures["files_per_s"] / len(files)}
+
+
 def _one_run(clamd: Clamd, base: Path, files: list[tuple[str, bytes]], args: argparse.Namespace
              ) -> dict[str, float]:
-    engine = {"type": "clamav", "socket": str(clamd.socket), "mode": "auto"}
-    ours = run_daemon(base / "daemon", files, args.concurrency, "write", engine=engine)
+    ours = _daemon(clamd, base / "daemon", files, args.concurrency)
     figures = {"scanwatch": ours["files_per_s"], "cpu_ms": ours["cpu_ms_per_file"],
-               "rss_mb": ours["peak_rss_mb"]}
+               "rss_mb": ours["peak_rss_mb"], "clamd_cores": ours["clamd_cores"]}
     if args.compare:
-        other = run_daemon(base / "compare", files, args.concurrency, "write", engine=engine,
-                           code=args.compare)
-        figures["compare"], figures["compare_cpu_ms"] = other["files_per_s"], other["cpu_ms_per_file"]
+        other = _daemon(clamd, base / "compare", files, args.compare_concurrency or args.concurrency,
+                        code=args.compare)
+        figures |= {"compare": other["files_per_s"], "compare_cpu_ms": other["cpu_ms_per_file"],
+                    "compare_clamd_cores": other["clamd_cores"]}
     folder = base / "peer"
     folder.mkdir(mode=0o755)
     for name, body in files:
@@ -59,9 +78,11 @@ def _one_run(clamd: Clamd, base: Path, files: list[tuple[str, bytes]], args: arg
     for name, _ in files[: args.loop_files]:
         _clamdscan(clamd.conf, str(folder / name))
     figures["per_file"] = args.loop_files / (time.monotonic() - started)
-    started = time.monotonic()
+    busy_before, started = clamd_cpu_seconds(clamd.pid), time.monotonic()
     result = _clamdscan(clamd.conf, "--multiscan", str(folder))
-    figures["multiscan"] = len(files) / (time.monotonic() - started)
+    elapsed = time.monotonic() - started
+    figures["multiscan"] = len(files) / elapsed
+    figures["multiscan_clamd_cores"] = (clamd_cpu_seconds(clamd.pid) - busy_before) / elapsed
     if result.stdout.count(b"FOUND") != sum(name.endswith(".com") for name, _ in files):
         raise SystemExit(f"clamdscan found {result.stdout.count(b'FOUND')} EICARs: {result.stdout[-500:]!r}")
     return figures
@@ -74,16 +95,22 @@ def _spread(runs: list[dict[str, float]], key: str, digits: int = 0) -> str:
 def _report(db: str, runs: list[dict[str, float]], args: argparse.Namespace) -> None:
     ratio = [{"multi": r["scanwatch"] / r["multiscan"], "loop": r["scanwatch"] / r["per_file"],
               **({"compare": r["scanwatch"] / r["compare"]} if args.compare else {})} for r in runs]
-    print(f"  database {db}, {len(runs)} runs, median (min - max):")
-    print(f"    scanwatch (FILDES, concurrency {args.concurrency}): {_spread(runs, 'scanwatch')} files/s, "
-          f"CPU {_spread(runs, 'cpu_ms', 3)} ms/file, peak RSS {_spread(runs, 'rss_mb')} MB")
+    concurrency = args.concurrency or f"unset: MaxThreads {args.max_threads}"
+    print(f"  database {db}, {len(runs)} runs, median (min - max), load average {os.getloadavg()[0]:.1f}:")
+    print(f"    scanwatch (FILDES, concurrency {concurrency}): {_spread(runs, 'scanwatch')} files/s, "
+          f"CPU {_spread(runs, 'cpu_ms', 3)} ms/file, peak RSS {_spread(runs, 'rss_mb')} MB, "
+          f"clamd busy {_spread(runs, 'clamd_cores', 2)} cores")
     if args.compare:
-        print(f"    {args.compare} daemon: {_spread(runs, 'compare')} files/s, CPU "
-              f"{_spread(runs, 'compare_cpu_ms', 3)} ms/file -> scanwatch is {_spread(ratio, 'compare', 2)}x")
-    print(f"    clamdscan --multiscan (scan only): {_spread(runs, 'multiscan')} files/s "
-          f"-> scanwatch is {_spread(ratio, 'multi', 2)}x")
-    print(f"    clamdscan per file ({args.loop_files} files): {_spread(runs, 'per_file')} files/s "
-          f"-> scanwatch is {_spread(ratio, 'loop', 1)}x")
+        theirs = args.compare_concurrency or args.concurrency or "unset: its default"
+        print(f"    {args.compare} daemon (concurrency {theirs}): "
+              f"{_spread(runs, 'compare')} files/s, CPU "
+              f"{_spread(runs, 'compare_cpu_ms', 3)} ms/file, clamd busy "
+              f"{_spread(runs, 'compare_clamd_cores', 2)} cores "
+              f"-> scanwatch is {_spread(ratio, 'compare', 2)}x")
+    print(f"    clamdscan --multiscan (scan only): {_spread(runs, 'multiscan')} files/s, clamd busy "
+          f"{_spread(runs, 'multiscan_clamd_cores', 2)} cores -> scanwatch is {_spread(ratio, 'multi', 2)}x")
+    print(f"    clamdscan per file ({args.loop_files} of the files, rate extrapolated): "
+          f"{_spread(runs, 'per_file')} files/s -> scanwatch is {_spread(ratio, 'loop', 1)}x")
 
 
 def main() -> None:
@@ -92,15 +119,18 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=5000)
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--loop-files", type=int, default=200, help="files for the per-file loop")
-    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--concurrency", type=int, help="the engine's; unset: its default")
+    parser.add_argument("--max-threads", type=int, default=12, help="clamd's MaxThreads")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--compare", type=Path, help="another checkout's daemon as a peer")
+    parser.add_argument("--compare-concurrency", type=int, help="the peer's; unset: as --concurrency")
     args = parser.parse_args()
     files = _payloads(args.files, args.size)
     print(f"clamav_throughput: {args.files} files x {args.size} B, 1 % EICAR, one clamd "
-          f"(MaxThreads {max(4, args.concurrency)}), {os.cpu_count()} cores")
+          f"(MaxThreads {args.max_threads}), {os.cpu_count()} cores, load average "
+          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     for db in args.db:
-        with running_clamd(max(4, args.concurrency), _DATABASES[db], start_timeout_s=600) as clamd:
+        with running_clamd(args.max_threads, _DATABASES[db], start_timeout_s=600) as clamd:
             runs = []
             for _ in range(args.runs):
                 base = Path(tempfile.mkdtemp(prefix="scanwatch-bench-clamav-"))

@@ -61,7 +61,7 @@ def cpu_seconds(pid: int) -> float:
     return own + sum(cpu_seconds(c) for c in children)
 
 
-def run_daemon(base: Path, files: list[tuple[str, bytes]], concurrency: int,
+def run_daemon(base: Path, files: list[tuple[str, bytes]], concurrency: int | None,
                arrival: str, rate: float | None = None,
                engine: dict[str, object] | None = None, code: Path = ROOT,
                workers: int | None = None, serial: bool = False) -> dict[str, float]:
@@ -76,7 +76,8 @@ def run_daemon(base: Path, files: list[tuple[str, bytes]], concurrency: int,
         "state_dir": str(base / "state"),
         "log": {"format": "json", "level": "warning"},
         **({"workers": workers} if workers is not None else {}),
-        "engines": {"default": {"type": "yara", **(engine or {}), "concurrency": concurrency}},
+        "engines": {"default": {"type": "yara", **(engine or {}),
+                                **({"concurrency": concurrency} if concurrency else {})}},
         "watches": [{"name": "bench", "source": str(inbox), "engine": "default",
                      "clean": str(base / "clean"), "quarantine": str(base / "quarantine"),
                      "failed": str(base / "failed"), "settle_seconds": 0, "rescan_interval": 300}],

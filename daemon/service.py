@@ -14,6 +14,7 @@ import structlog
 from daemon.alerts import WebhookAlerts
 from daemon.config import Config, load_config
 from daemon.engines import Engine, build_engines
+from daemon.engines.clamav import follow_clamd_threads
 from daemon.errors import ConfigError, EngineThrottledError, JournalDamagedError, ScanwatchError
 from daemon.journal import FileRow, is_damage, open_journal, owner_token
 from daemon.journal.repair import hold_daemon_lock
@@ -69,6 +70,7 @@ class Service:
         self._running = self._build(config)
 
     def _build(self, config: Config) -> _Running:
+        config = follow_clamd_threads(config)  # before the gates and workers are sized
         engines = build_engines(config)
         # Made now, so that a watch's S3 settings that boto3 cannot use stop the start.
         s3 = S3Clients()

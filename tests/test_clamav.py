@@ -7,7 +7,7 @@ import json
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
@@ -15,9 +15,9 @@ from clamd_server import STREAM_MAX_BYTES, Clamd, running_clamd, unix_relay
 from conftest import EICAR, Harness, Layout
 from structlog.testing import capture_logs
 
-from daemon.config import ClamavEngineConfig
+from daemon.config import ClamavEngineConfig, Config
 from daemon.engines.base import ScanRequest
-from daemon.engines.clamav import ClamavEngine
+from daemon.engines.clamav import ClamavEngine, follow_clamd_threads
 from daemon.errors import EngineUnavailableError
 from daemon.fsutil import sha256_fd
 from daemon.model import FileState, VerdictKind
@@ -226,7 +226,58 @@ def test_daemon_with_clamav_engine_end_to_end(world_readable: Layout, clamd: Cla
     daemon.wait_for(lambda: len(daemon.named("file.moved")) >= 2, what="both files moved")
     assert layout.placed("clean") == ["ok.txt"] and layout.placed("quarantine") == ["e.com"]
     assert daemon.named("engine.ready")[0]["detail"].startswith("ClamAV ")
+    assert daemon.named("engine.concurrency")[0]["concurrency"] == 4  # clamd's MaxThreads
     assert daemon.stop() == 0
+
+
+# -- concurrency at clamd's MaxThreads, sessions across a restart (docs/engines.md) -------------------
+
+def test_unset_concurrency_follows_clamds_max_threads_and_a_set_one_stays(layout: Layout, clamd: Clamd,
+                                                                          tmp_path: Path) -> None:
+    engines = {"unset": {"type": "clamav", "socket": str(clamd.socket)},
+               "set": {"type": "clamav", "socket": str(clamd.socket), "concurrency": 3},
+               "tcp": {"type": "clamav", "address": clamd.address},
+               "down": {"type": "clamav", "socket": str(tmp_path / "no.sock")}}
+    config = Config.model_validate({**layout.config(), "engines": {**engines, "default": {"type": "yara"}}})
+    with capture_logs() as logs:
+        followed = follow_clamd_threads(config)
+    assert {name: cfg.concurrency for name, cfg in followed.engines.items()} == {
+        "unset": 4, "set": 3, "tcp": 4, "down": 2, "default": 2}  # the test clamd: MaxThreads 4
+    assert [e["engine"] for e in logs if e["event"] == "engine.concurrency_default"] == ["down"]
+
+
+def test_a_clamd_restart_loses_no_scan_of_pooled_sessions(layout: Layout, tmp_path: Path) -> None:
+    """Sessions pooled before clamd restarted are all closed: the next scans, one after
+    another or at once, each reach the new clamd at the first try."""
+    link = tmp_path / "clamd.sock"
+    engine = _engine(socket=str(link))
+    names = [_public(layout.inbox / f"{i}.com", EICAR if i % 3 == 0 else b"clean %d" % i)
+             for i in range(12)]
+    expected = [VerdictKind.INFECTED if i % 3 == 0 else VerdictKind.CLEAN for i in range(12)]
+
+    def scan(name: Path) -> VerdictKind:
+        with _held(name) as request:
+            return engine.scan(request).kind
+
+    with running_clamd() as before:
+        link.symlink_to(before.socket)
+        with ExitStack() as held:  # three sessions at once, then back in the pool
+            for _ in range(3):
+                held.enter_context(engine._session(pooled=True))
+        assert [scan(name) for name in names[:3]] == expected[:3]
+    link.unlink()
+    with running_clamd() as after:
+        link.symlink_to(after.socket)
+        assert scan(names[0]) is VerdictKind.INFECTED  # two stale sessions would end this one
+        with ExitStack() as held:
+            for _ in range(3):
+                held.enter_context(engine._session(pooled=True))
+    link.unlink()
+    with running_clamd() as again:
+        link.symlink_to(again.socket)
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            assert list(pool.map(scan, names)) == expected
+    engine.close()
 
 
 # -- files clamd would not read whole (docs/engines.md#file-size-limits) --------------------------

@@ -79,6 +79,9 @@ class YaraEngineConfig(_EngineBase):
 
 class ClamavEngineConfig(_EngineBase):
     type: Literal["clamav"] = Field(description="clamav: a running clamd (Debian: clamav-daemon)")
+    concurrency: int = Field(2, ge=1, le=256, description="files scanned at once by this engine; "
+                                                         "unset: clamd's MaxThreads, asked at start "
+                                                         "and reload (2 if clamd does not answer)")
     socket: Path | None = Field(None, description="clamd's unix socket (set socket or address, not both)",
                                 examples=["/run/clamav/clamd.ctl"])
     address: str | None = Field(None, description="clamd's TCP host:port, instead of socket",

@@ -7,16 +7,22 @@ to the path (docs/systemd.md, "clamd"). Over TCP, or if clamd refuses `FILDES`, 
 the same descriptor's bytes (`INSTREAM`); only `mode: path` lets clamd open the name.
 
 Connections stay open in `IDSESSION` mode and are pooled, so a scan costs one
-round trip, not a connect. A session clamd closed (idle timeout) is reopened once;
-scanning is idempotent, so that retry is always safe. Each session carries one command
-at a time, on purpose: clamd has as many scans in flight as there are scanning threads
-whether or not commands are pipelined, a pipelined prototype measured no gain, and an
-`ERROR` (which ends the session) would drop every other command in flight on it.
+round trip, not a connect. A session clamd closed (idle timeout, a restart) empties the
+pool, whose other sessions are as old, and the command is sent again once on a new
+connection; scanning is idempotent, so that retry is always safe. Each session carries
+one command at a time, on purpose: a scan is one round trip costing this client ~0.1 ms
+of CPU, while through the daemon clamd waits for files most of the time (bench/RESULTS.md,
+"Issue 21: clamd"), so pipelining has nothing to gain there; and an `ERROR` (which ends
+the session) would drop every other command in flight on it.
+
+Unless `concurrency` is set, an engine scans as many files at once as clamd has scanning
+threads (`MaxThreads`, from `STATS`): `follow_clamd_threads` (docs/engines.md).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import socket
 import struct
 import threading
@@ -26,12 +32,12 @@ from contextlib import contextmanager, suppress
 
 import structlog
 
-from daemon.config import ClamavEngineConfig
+from daemon.config import ClamavEngineConfig, Config
 from daemon.engines.base import ScanHandle, ScanRequest, Signatures, refuse_too_large
-from daemon.errors import EnginePermanentError, EngineRetryableError, EngineUnavailableError
+from daemon.errors import EnginePermanentError, EngineRetryableError, EngineUnavailableError, ScanwatchError
 from daemon.model import Pending, Reason, Verdict, VerdictKind
 
-__all__ = ["ClamavEngine"]
+__all__ = ["ClamavEngine", "follow_clamd_threads"]
 
 log = structlog.get_logger("scanwatch.engines.clamav")
 
@@ -47,6 +53,10 @@ _VERSION_MAX_AGE_S = 60.0
 # With `AlertExceedsMax yes`, clamd names what it did not read whole as a "threat":
 # `Heuristics.Limits.Exceeded.MaxFileSize FOUND`. Not infected, and not clean either.
 _LIMITS_EXCEEDED = "Heuristics.Limits.Exceeded."
+# `STATS` names clamd's thread pool: `THREADS: live 1  idle 0 max 12 idle-timeout 30`.
+_MAX_THREADS = re.compile(r"THREADS: .*\bmax (\d+)")
+# How long start-up waits for clamd's `STATS` before it keeps the default `concurrency`.
+_STATS_TIMEOUT_S = 5.0
 
 
 class _Session:
@@ -120,9 +130,9 @@ class ClamavEngine:
         return sock
 
     @contextmanager
-    def _session(self) -> Iterator[_Session]:
+    def _session(self, pooled: bool) -> Iterator[_Session]:
         with self._lock:
-            session = self._idle.pop() if self._idle else None
+            session = self._idle.pop() if self._idle and pooled else None
         if session is None:
             session = _Session(self._connect())
         try:
@@ -138,17 +148,19 @@ class ClamavEngine:
 
     def _ask(self, line: bytes, body: Callable[[], Iterator[bytes]] = lambda: iter(()),
              fd: int | None = None) -> str:
-        """One command through a pooled session; a session clamd dropped is reopened once."""
-        for attempt in (1, 2):
+        """One command through a pooled session. If clamd dropped it, the pooled sessions
+        (as old) are closed and the command goes once more on a new connection."""
+        for pooled in (True, False):
             try:
-                with self._session() as session:
+                with self._session(pooled) as session:
                     return session.command(line, body(), fd)
             except TimeoutError as exc:
                 raise EngineRetryableError(f"clamd at {self._where} did not answer within "
                                            f"{self._config.timeout:g}s", reason=Reason.TIMEOUT) from exc
             except ConnectionError as exc:
-                if attempt == 2:
+                if not pooled:
                     raise EngineRetryableError(f"clamd at {self._where}: {exc}") from exc
+                self.close()
         raise AssertionError("unreachable")
 
     # -- Engine ------------------------------------------------------------------------------
@@ -209,6 +221,13 @@ class ClamavEngine:
             raise EngineUnavailableError(f"clamd at {self._where} answered {pong!r} to PING")
         return self._ask(b"VERSION")
 
+    def max_threads(self) -> int:
+        """clamd's `MaxThreads`: the `max` of the `THREADS:` line of its `STATS` reply."""
+        reply = self._ask(b"STATS")
+        if (found := _MAX_THREADS.search(reply)) is None:
+            raise EnginePermanentError(f"clamd at {self._where} names no thread pool in STATS: {reply!r}")
+        return int(found.group(1))
+
     def close(self) -> None:
         """Close pooled sessions."""
         with self._lock:
@@ -224,3 +243,25 @@ def _chunks(fd: int) -> Iterator[bytes]:
         yield chunk
         offset += len(chunk)
     yield b""  # the zero-length chunk ends the stream
+
+
+def follow_clamd_threads(config: Config) -> Config:
+    """`config` with each clamav engine's unset `concurrency` at clamd's `MaxThreads`
+    (at most 256), asked with `STATS`; an explicit `concurrency` stays. A clamd that does
+    not answer within a few seconds keeps the default (docs/engines.md, "ClamAV clamd")."""
+    engines = dict(config.engines)
+    for name, cfg in config.engines.items():
+        if not isinstance(cfg, ClamavEngineConfig) or "concurrency" in cfg.model_fields_set:
+            continue
+        engine = ClamavEngine(name, cfg.model_copy(update={"timeout": min(cfg.timeout, _STATS_TIMEOUT_S)}))
+        try:
+            threads = min(engine.max_threads(), 256)
+        except ScanwatchError as exc:
+            log.warning("engine.concurrency_default", engine=name, concurrency=cfg.concurrency,
+                        error=str(exc))
+            continue
+        finally:
+            engine.close()
+        log.info("engine.concurrency", engine=name, concurrency=threads, source="clamd MaxThreads")
+        engines[name] = cfg.model_copy(update={"concurrency": threads})
+    return config.model_copy(update={"engines": engines})
