@@ -35,6 +35,7 @@ from daemon.journal.schema import (
     _like_substring,
     _to_db,
     _update_file,
+    _update_files,
 )
 from daemon.journal.versions import ObjectVersions
 from daemon.model import (
@@ -144,12 +145,11 @@ class Journal(ObjectVersions, RescanRecords, VerdictCacheRecords):
     def apply(self, changes: Iterable[tuple[int, RowChanges]], kept: Iterable[KeptVerdict] = ()) -> None:
         """Write several rows' changes in one transaction (columns by name), with the verdicts
         their scans leave in the cache (`cache_verdict`, one transaction for a whole batch)."""
+        kept = list(kept)
         with self._tx() as conn:
-            for file_id, fields in changes:
-                _update_file(conn, file_id, fields)
-            for verdict in kept:
-                self._keep(conn, verdict.entry, verdict.max_entries, verdict.now, verdict.file_id,
-                           is_miss=True)
+            _update_files(conn, changes)
+            if kept:
+                self._keep(conn, kept, is_miss=True)
 
     def apply_scans(self, file_id: int, changes: RowChanges,
                     scans: Mapping[str, ScanChanges]) -> None:

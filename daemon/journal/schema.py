@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import sqlite3
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -261,12 +262,20 @@ def _insert_file(conn: sqlite3.Connection, row: Mapping[str, object]) -> int:
 
 
 def _update_file(conn: sqlite3.Connection, file_id: int, fields: RowChanges) -> None:
-    if unknown := fields.keys() - _WRITABLE:
-        raise ValueError(f"not journal columns: {sorted(unknown)}")
-    columns = ", ".join(f"{name} = ?" for name in fields)
-    values = [_to_db(name, value) for name, value in fields.items()]
-    conn.execute(f"UPDATE files SET {columns}, updated_at = ? WHERE id = ?",
-                 (*values, time.time(), file_id))
+    _update_files(conn, [(file_id, fields)])
+
+
+def _update_files(conn: sqlite3.Connection, changes: Iterable[tuple[int, RowChanges]]) -> None:
+    """Each row's changes, in order; a run of rows changing the same columns (a batch's
+    verdicts, its placements) is one statement executed for all of them."""
+    now = time.time()
+    for names, run in itertools.groupby(changes, key=lambda change: tuple(change[1])):
+        if unknown := set(names) - _WRITABLE:
+            raise ValueError(f"not journal columns: {sorted(unknown)}")
+        columns = ", ".join(f"{name} = ?" for name in names)
+        conn.executemany(f"UPDATE files SET {columns}, updated_at = ? WHERE id = ?",
+                         [(*(_to_db(name, value) for name, value in fields.items()), now, file_id)
+                          for file_id, fields in run])
 
 
 def _from_db(row: sqlite3.Row) -> FileRow:
