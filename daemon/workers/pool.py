@@ -32,7 +32,7 @@ import structlog
 from daemon.config import Config
 from daemon.journal import FileRow, Journal
 from daemon.log import write_lines
-from daemon.pipeline import Outcome
+from daemon.pipeline import Outcome, Reported
 from daemon.workers.process import read_frame, write_frame
 
 __all__ = ["WorkerPool"]
@@ -104,13 +104,14 @@ class WorkerPool:
         with os.fdopen(fd, "rb") as stream:
             while True:
                 try:
-                    row, engine, outcome = read_frame(stream)
+                    batch: list[Reported] = read_frame(stream)  # a batch's outcomes
                 except EOFError:
                     return
-                try:
-                    self._on_outcome(row, engine, outcome)
-                except Exception:
-                    log.exception("worker.event_failed", event=outcome.event)
+                for row, engine, outcome in batch:
+                    try:
+                        self._on_outcome(row, engine, outcome)
+                    except Exception:
+                        log.exception("worker.event_failed", event=outcome.event)
 
     def _wake_all(self) -> None:
         while not self._stopping.is_set():
