@@ -30,12 +30,13 @@ from daemon.journal.schema import (
     FleetMember,
     RowOrder,
     _audit,
+    _file_updates,
     _from_db,
     _insert_file,
     _like_substring,
+    _run,
     _to_db,
     _update_file,
-    _update_files,
 )
 from daemon.journal.versions import ObjectVersions
 from daemon.model import (
@@ -146,8 +147,9 @@ class Journal(ObjectVersions, RescanRecords, VerdictCacheRecords):
         """Write several rows' changes in one transaction (columns by name), with the verdicts
         their scans leave in the cache (`cache_verdict`, one transaction for a whole batch)."""
         kept = list(kept)
+        statements = _file_updates(changes)
         with self._tx() as conn:
-            _update_files(conn, changes)
+            _run(conn, statements)
             if kept:
                 self._keep(conn, kept, is_miss=True)
 

@@ -249,6 +249,10 @@ def _to_db(column: str, value: object) -> object:
     return value
 
 
+# An SQL statement and the parameters of each of its executions.
+_Statement = tuple[str, list[tuple[Any, ...]]]
+
+
 def _text(value: str) -> str:
     """A message for a TEXT column: a name's non-UTF-8 byte becomes `\\udcff` (SQLite takes UTF-8 only)."""
     return value.encode("utf-8", "backslashreplace").decode()
@@ -262,20 +266,28 @@ def _insert_file(conn: sqlite3.Connection, row: Mapping[str, object]) -> int:
 
 
 def _update_file(conn: sqlite3.Connection, file_id: int, fields: RowChanges) -> None:
-    _update_files(conn, [(file_id, fields)])
+    _run(conn, _file_updates([(file_id, fields)]))
 
 
-def _update_files(conn: sqlite3.Connection, changes: Iterable[tuple[int, RowChanges]]) -> None:
-    """Each row's changes, in order; a run of rows changing the same columns (a batch's
+def _file_updates(changes: Iterable[tuple[int, RowChanges]]) -> list[_Statement]:
+    """Each row's changes, in order, as statements made before the transaction (the values
+    converted outside the writers' lock): a run of rows changing the same columns (a batch's
     verdicts, its placements) is one statement executed for all of them."""
     now = time.time()
+    statements = []
     for names, run in itertools.groupby(changes, key=lambda change: tuple(change[1])):
         if unknown := set(names) - _WRITABLE:
             raise ValueError(f"not journal columns: {sorted(unknown)}")
         columns = ", ".join(f"{name} = ?" for name in names)
-        conn.executemany(f"UPDATE files SET {columns}, updated_at = ? WHERE id = ?",
-                         [(*(_to_db(name, value) for name, value in fields.items()), now, file_id)
-                          for file_id, fields in run])
+        statements.append((f"UPDATE files SET {columns}, updated_at = ? WHERE id = ?",
+                           [(*(_to_db(name, value) for name, value in fields.items()), now, file_id)
+                            for file_id, fields in run]))
+    return statements
+
+
+def _run(conn: sqlite3.Connection, statements: Iterable[_Statement]) -> None:
+    for sql, params in statements:
+        conn.executemany(sql, params)
 
 
 def _from_db(row: sqlite3.Row) -> FileRow:
