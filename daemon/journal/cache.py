@@ -171,11 +171,13 @@ class VerdictCacheRecords(Database):
     def _land(self, conn: Any, engine: str, sha256: str, file_id: int | None, now: float, *,
               is_answer: bool) -> None:
         """End the flight (an answer ends anyone's; no answer only the row's own) and wake the
-        rows waiting for it; never `file_id` itself, whose own schedule stands."""
+        rows waiting for it; never `file_id` itself, whose own schedule stands. A row waits only
+        while the flight it found stands (`take_flight`): no flight ended, nobody to wake (an
+        answer for bytes nobody flew, the usual case, costs one statement)."""
         only = "" if is_answer else " AND file_id = ?"
         cursor = conn.execute(f"DELETE FROM cache_flights WHERE engine = ? AND sha256 = ?{only}",
                               (engine, sha256, *(() if is_answer else (file_id,))))
-        if cursor.rowcount or is_answer:
+        if cursor.rowcount:
             # The waiting rows, their bytes journaled: stable (one engine; or still claimed,
             # their step not committed yet) or scanning with a scan record waiting (several
             # engines; a pending scan of the same bytes is then polled once early: harmless).
