@@ -198,7 +198,13 @@ class FileRow:
 
     def updated(self, changes: RowChanges) -> FileRow:
         """This row with `changes` applied (as the journal will have it once they commit)."""
-        return dataclasses.replace(self, **changes)
+        if unknown := changes.keys() - self.__dict__.keys():
+            raise TypeError(f"not FileRow fields: {sorted(unknown)}")
+        # `dataclasses.replace` without its `__init__` (34 frozen `__setattr__`): see `_from_db`.
+        row = object.__new__(FileRow)
+        row.__dict__.update(self.__dict__)
+        row.__dict__.update(changes)
+        return row
 
     @property
     def identity(self) -> Identity | None:
