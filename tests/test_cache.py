@@ -22,9 +22,10 @@ from conftest import EICAR, ROOT, Daemon, Harness, Layout, wait_until
 from emulators.blazelock import BlazelockEmulator
 from structlog.testing import capture_logs
 
-from daemon.config import BlazelockEngineConfig, ClamavEngineConfig
+from daemon.config import BlazelockEngineConfig, ClamavEngineConfig, YaraEngineConfig
 from daemon.engines.blazelock import BlazelockEngine
 from daemon.engines.clamav import ClamavEngine
+from daemon.engines.yara import YaraEngine
 from daemon.journal import open_journal
 
 COPIES = 10
@@ -94,6 +95,34 @@ def test_ten_infected_copies_cost_one_submission_and_say_so_in_their_sidecars(
                 "engine_scan_id": scan_id, "scanned_at": original[0]["scanned_at"]}
             assert sidecar["engine_scan_id"] is None
             assert sidecar["external_reference_id"].startswith(f"inbox:{Path(sidecar['source']).name}#")
+
+
+def _yara(layout: Layout) -> Harness:
+    return Harness(layout, YaraEngine("default", YaraEngineConfig.model_validate({"type": "yara"})))
+
+
+def test_small_copies_for_yara_take_no_flight_and_large_ones_do(layout: Layout) -> None:
+    """YARA scans a small file in the daemon's process for less than a flight's journal write
+    (docs/engines.md, "Verdict cache"): copies arriving together are each scanned, none waits;
+    the verdict is still kept for the next copy. Above 1 MiB the copies wait for one scan."""
+    harness = _yara(layout)
+    small = _copies(harness, b"a small attachment mailed to the whole team")
+    with capture_logs() as logs:
+        harness.run()
+    assert harness.layout.placed("clean") == sorted(small)
+    assert not [e for e in logs if e["event"] == "scan.waiting"]
+    assert harness.journal.cache_stats() == {"default": (0, COPIES)}
+    harness.drop("later.txt", b"a small attachment mailed to the whole team")
+    with capture_logs() as logs:
+        harness.run()
+    assert [e.get("cached") for e in _verdicts(logs)] == [True]
+    large = [f"large{i}.bin" for i in range(3)]
+    for name in large:
+        harness.drop(name, b"x" * (2 << 20))
+    with capture_logs() as logs:
+        harness.run()
+    assert len([e for e in logs if e["event"] == "scan.waiting"]) == len(large) - 1
+    assert sorted(e.get("cached", False) for e in _verdicts(logs)) == [False, True, True]
 
 
 def test_cache_switched_off_scans_every_copy(layout: Layout, emulator: BlazelockEmulator) -> None:

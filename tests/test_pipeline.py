@@ -272,8 +272,9 @@ def test_a_batch_fsyncs_its_destination_folder_once_before_journaling_the_moves(
 
 def test_a_yara_batch_keeps_its_verdicts_in_the_cache_with_the_commit_of_its_verdicts(
         layout: Layout, monkeypatch: pytest.MonkeyPatch) -> None:
-    """16 files, a local engine, the verdict cache on: the journal writes of the batch are its
-    claim, one flight per file, the verdicts with their cache entries, and the moves."""
+    """16 small files, YARA, the verdict cache on: the journal writes of the batch are its
+    claim, the verdicts with their cache entries, and the moves (no flights: docs/engines.md,
+    "Verdict cache")."""
     config = Config.model_validate(layout.config())
     harness = Harness(layout, YaraEngine("default", config.engines["default"]))
     for i in range(16):
@@ -289,7 +290,7 @@ def test_a_yara_batch_keeps_its_verdicts_in_the_cache_with_the_commit_of_its_ver
     monkeypatch.setattr(harness.journal, "_tx", counted_tx)
     harness.pipeline.run_once(["inbox"])
     assert len(harness.layout.placed("clean")) == 16
-    assert writes[0] == 1 + 16 + 1 + 1
+    assert writes[0] == 1 + 1 + 1
     assert harness.journal.cache_stats() == {"default": (0, 16)}
     assert harness.journal.cache_size("default") == 16
 

@@ -30,9 +30,11 @@ from daemon.journal.schema import (
     FleetMember,
     RowOrder,
     _audit,
+    _file_updates,
     _from_db,
     _insert_file,
     _like_substring,
+    _run,
     _to_db,
     _update_file,
 )
@@ -73,32 +75,33 @@ class Journal(ObjectVersions, RescanRecords, VerdictCacheRecords):
         is recorded stable at once with that identity: the settle step has nothing to add.
         Returns how many rows were added or revived. Idempotent.
         """
-        added = 0
+        params = []
+        for rel_path, inode in entries:  # made before the writers' lock is taken
+            identity = settled.get(rel_path) if settled else None
+            state, stable_at = ("stable", now) if identity else ("discovered", None)
+            dev, size, mtime_ns, ctime_ns = ((identity.dev, identity.size, identity.mtime_ns,
+                                              identity.ctime_ns) if identity else (None,) * 4)
+            params.append((watch, os.fsencode(rel_path), state, inode, dev, size, mtime_ns, ctime_ns,
+                           stable_at, now, now, now))
+        if not params:
+            return 0
         with self._tx() as conn:
-            for rel_path, inode in entries:
-                identity = settled.get(rel_path) if settled else None
-                state, stable_at = ("stable", now) if identity else ("discovered", None)
-                dev, size, mtime_ns, ctime_ns = ((identity.dev, identity.size, identity.mtime_ns,
-                                                  identity.ctime_ns) if identity else (None,) * 4)
-                cursor = conn.execute(
-                    f"""INSERT INTO files (watch, rel_path, state, inode, dev, size, mtime_ns,
-                                          ctime_ns, stable_at, next_attempt_at, discovered_at,
-                                          updated_at)
-                        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-                        ON CONFLICT (watch, rel_path) WHERE {_ACTIVE} DO UPDATE
-                        SET state = excluded.state, inode = excluded.inode,
-                            reason = CASE files.reason WHEN 'permission_denied' THEN files.reason END,
-                            dev = excluded.dev, size = excluded.size, mtime_ns = excluded.mtime_ns,
-                            ctime_ns = excluded.ctime_ns, stable_at = excluded.stable_at,
-                            next_attempt_at = excluded.next_attempt_at,
-                            discovered_at = excluded.discovered_at, updated_at = excluded.updated_at
-                        WHERE files.state = 'held' AND (files.inode IS NOT excluded.inode
-                                                        OR files.reason = 'permission_denied')""",
-                    (watch, os.fsencode(rel_path), state, inode, dev, size, mtime_ns, ctime_ns,
-                     stable_at, now, now, now),
-                )
-                added += cursor.rowcount
-        return added
+            # executemany's rowcount is the sum of every execution's changes.
+            return int(conn.executemany(
+                f"""INSERT INTO files (watch, rel_path, state, inode, dev, size, mtime_ns,
+                                      ctime_ns, stable_at, next_attempt_at, discovered_at,
+                                      updated_at)
+                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                    ON CONFLICT (watch, rel_path) WHERE {_ACTIVE} DO UPDATE
+                    SET state = excluded.state, inode = excluded.inode,
+                        reason = CASE files.reason WHEN 'permission_denied' THEN files.reason END,
+                        dev = excluded.dev, size = excluded.size, mtime_ns = excluded.mtime_ns,
+                        ctime_ns = excluded.ctime_ns, stable_at = excluded.stable_at,
+                        next_attempt_at = excluded.next_attempt_at,
+                        discovered_at = excluded.discovered_at, updated_at = excluded.updated_at
+                    WHERE files.state = 'held' AND (files.inode IS NOT excluded.inode
+                                                    OR files.reason = 'permission_denied')""",
+                params).rowcount)
 
     def due(self, state: FileState, watch: str, now: float, limit: int) -> list[FileRow]:
         """Rows of `watch` in `state` whose next attempt is due, oldest first."""
@@ -144,12 +147,12 @@ class Journal(ObjectVersions, RescanRecords, VerdictCacheRecords):
     def apply(self, changes: Iterable[tuple[int, RowChanges]], kept: Iterable[KeptVerdict] = ()) -> None:
         """Write several rows' changes in one transaction (columns by name), with the verdicts
         their scans leave in the cache (`cache_verdict`, one transaction for a whole batch)."""
+        kept = list(kept)
+        statements = _file_updates(changes)
         with self._tx() as conn:
-            for file_id, fields in changes:
-                _update_file(conn, file_id, fields)
-            for verdict in kept:
-                self._keep(conn, verdict.entry, verdict.max_entries, verdict.now, verdict.file_id,
-                           is_miss=True)
+            _run(conn, statements)
+            if kept:
+                self._keep(conn, kept, is_miss=True)
 
     def apply_scans(self, file_id: int, changes: RowChanges,
                     scans: Mapping[str, ScanChanges]) -> None:

@@ -11,7 +11,8 @@ until the answer lands in the cache, or the flight ends without one.
 from __future__ import annotations
 
 import json
-from collections.abc import Collection
+from collections import Counter
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -73,13 +74,14 @@ class KeptVerdict(NamedTuple):
     entry: CachedVerdict
     max_entries: int
     now: float
-    file_id: int
+    file_id: int | None
 
 
-def _count(conn: Any, engine: str, *, hit: bool) -> None:
+def _count(conn: Any, engine: str, *, hit: bool, by: int = 1) -> None:
     column = "hits" if hit else "misses"
-    conn.execute(f"INSERT INTO cache_stats (engine, {column}) VALUES (?, 1) "
-                 f"ON CONFLICT (engine) DO UPDATE SET {column} = {column} + 1", (engine,))
+    conn.execute(f"INSERT INTO cache_stats (engine, {column}) VALUES (?, ?) "
+                 f"ON CONFLICT (engine) DO UPDATE SET {column} = {column} + excluded.{column}",
+                 (engine, by))
 
 
 def _str(value: object) -> str | None:
@@ -107,26 +109,30 @@ class VerdictCacheRecords(Database):
         `is_miss`: the engine was asked for it, counted in the same transaction.
         """
         with self._tx() as conn:
-            self._keep(conn, entry, max_entries, now, file_id, is_miss=is_miss)
+            self._keep(conn, [KeptVerdict(entry, max_entries, now, file_id)], is_miss=is_miss)
 
-    def _keep(self, conn: Any, entry: CachedVerdict, max_entries: int, now: float,
-              file_id: int | None, *, is_miss: bool) -> None:
-        """`cache_verdict` within a transaction already open."""
-        if is_miss:
-            _count(conn, entry.engine, hit=False)
-        conn.execute(
+    def _keep(self, conn: Any, kept: Sequence[KeptVerdict], *, is_miss: bool) -> None:
+        """`cache_verdict` of several verdicts within a transaction already open: the counts
+        of each engine once, the entries in one statement (a batch's commit, `Journal.apply`)."""
+        conn.executemany(
             "INSERT OR REPLACE INTO verdict_cache VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (entry.engine, entry.fingerprint, entry.sha256, entry.verdict.value, entry.reason,
-             json.dumps(list(entry.threats)), entry.ref_id, entry.engine_scan_id, entry.scanned_at))
-        stored = conn.execute(
-            "INSERT INTO cache_stats (engine, stored) VALUES (?, 1) ON CONFLICT (engine) "
-            "DO UPDATE SET stored = stored + 1 RETURNING stored", (entry.engine,)).fetchone()[0]
-        if stored % _EVICT_EVERY == 0:
-            conn.execute(
-                "DELETE FROM verdict_cache WHERE engine = ? AND rowid <= (SELECT rowid FROM "
-                "verdict_cache WHERE engine = ? ORDER BY rowid DESC LIMIT 1 OFFSET ?)",
-                (entry.engine, entry.engine, max_entries))
-        self._land(conn, entry.engine, entry.sha256, file_id, now, is_answer=True)
+            [(e.engine, e.fingerprint, e.sha256, e.verdict.value, e.reason, json.dumps(list(e.threats)),
+              e.ref_id, e.engine_scan_id, e.scanned_at) for e in (k.entry for k in kept)])
+        for engine, count in Counter(k.entry.engine for k in kept).items():
+            if is_miss:
+                _count(conn, engine, hit=False, by=count)
+            stored = conn.execute(
+                "INSERT INTO cache_stats (engine, stored) VALUES (?, ?) ON CONFLICT (engine) "
+                "DO UPDATE SET stored = stored + excluded.stored RETURNING stored",
+                (engine, count)).fetchone()[0]
+            if stored % _EVICT_EVERY < count:  # a multiple of `_EVICT_EVERY` was passed
+                max_entries = min(k.max_entries for k in kept if k.entry.engine == engine)
+                conn.execute(
+                    "DELETE FROM verdict_cache WHERE engine = ? AND rowid <= (SELECT rowid FROM "
+                    "verdict_cache WHERE engine = ? ORDER BY rowid DESC LIMIT 1 OFFSET ?)",
+                    (engine, engine, max_entries))
+        for k in kept:
+            self._land(conn, k.entry.engine, k.entry.sha256, k.file_id, k.now, is_answer=True)
 
     def take_flight(self, engine: str, sha256: str, file_id: int, now: float,
                     wait_until: float) -> int | None:
@@ -165,11 +171,13 @@ class VerdictCacheRecords(Database):
     def _land(self, conn: Any, engine: str, sha256: str, file_id: int | None, now: float, *,
               is_answer: bool) -> None:
         """End the flight (an answer ends anyone's; no answer only the row's own) and wake the
-        rows waiting for it; never `file_id` itself, whose own schedule stands."""
+        rows waiting for it; never `file_id` itself, whose own schedule stands. A row waits only
+        while the flight it found stands (`take_flight`): no flight ended, nobody to wake (an
+        answer for bytes nobody flew, the usual case, costs one statement)."""
         only = "" if is_answer else " AND file_id = ?"
         cursor = conn.execute(f"DELETE FROM cache_flights WHERE engine = ? AND sha256 = ?{only}",
                               (engine, sha256, *(() if is_answer else (file_id,))))
-        if cursor.rowcount or is_answer:
+        if cursor.rowcount:
             # The waiting rows, their bytes journaled: stable (one engine; or still claimed,
             # their step not committed yet) or scanning with a scan record waiting (several
             # engines; a pending scan of the same bytes is then polled once early: harmless).

@@ -78,6 +78,9 @@ class _Connection(sqlite3.Connection):
     def execute(self, *args: Any, **kwargs: Any) -> sqlite3.Cursor:
         return self.cursor(_Cursor).execute(*args, **kwargs)
 
+    def executemany(self, *args: Any, **kwargs: Any) -> sqlite3.Cursor:
+        return self.cursor(_Cursor).executemany(*args, **kwargs)
+
 
 class _Cursor(sqlite3.Cursor):
     """Rows are read step by step: a damaged page can surface at any fetch, not only at execute."""
@@ -90,6 +93,13 @@ class _Cursor(sqlite3.Cursor):
     def execute(self, *args: Any, **kwargs: Any) -> _Cursor:
         try:
             return super().execute(*args, **kwargs)
+        except sqlite3.DatabaseError as exc:
+            self._watch(exc)
+            raise
+
+    def executemany(self, *args: Any, **kwargs: Any) -> _Cursor:
+        try:
+            return super().executemany(*args, **kwargs)
         except sqlite3.DatabaseError as exc:
             self._watch(exc)
             raise
@@ -190,19 +200,23 @@ class Database:
             if fd is not None:
                 fcntl.flock(fd, fcntl.LOCK_EX)
             held_at = time.perf_counter() if _LOCK_STATS else 0.0
+            held_cpu_at = time.thread_time() if _LOCK_STATS else 0.0
             try:
                 yield from self._in_tx(conn)
             finally:
                 if fd is not None:
                     fcntl.flock(fd, fcntl.LOCK_UN)
                 if _LOCK_STATS:
-                    self._count_lock(asked_at, held_at)
+                    self._count_lock(asked_at, held_at, held_cpu_at)
 
-    def _count_lock(self, asked_at: float, held_at: float) -> None:
-        stats = self.__dict__.setdefault("_lock_stats", [0, 0.0, 0.0])
+    def _count_lock(self, asked_at: float, held_at: float, held_cpu_at: float) -> None:
+        """Time waited for the lock, held (wall), and the CPU used holding it (which leaves out
+        waiting for a core while holding it: the serial work itself)."""
+        stats = self.__dict__.setdefault("_lock_stats", [0, 0.0, 0.0, 0.0])
         stats[0] += 1
         stats[1] += held_at - asked_at
         stats[2] += time.perf_counter() - held_at
+        stats[3] += time.thread_time() - held_cpu_at
 
     def _in_tx(self, conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         try:
@@ -264,7 +278,8 @@ class Database:
         if _LOCK_STATS and (stats := self.__dict__.pop("_lock_stats", None)):
             with open(_LOCK_STATS, "a") as out:
                 out.write(json.dumps({"pid": os.getpid(), "transactions": stats[0],
-                                      "waited_s": stats[1], "held_s": stats[2]}) + "\n")
+                                      "waited_s": stats[1], "held_s": stats[2],
+                                      "held_cpu_s": stats[3]}) + "\n")
         with self._lock:
             for conn in self._connections.values():
                 conn.close()

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import sqlite3
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -197,7 +198,13 @@ class FileRow:
 
     def updated(self, changes: RowChanges) -> FileRow:
         """This row with `changes` applied (as the journal will have it once they commit)."""
-        return dataclasses.replace(self, **changes)
+        if unknown := changes.keys() - self.__dict__.keys():
+            raise TypeError(f"not FileRow fields: {sorted(unknown)}")
+        # `dataclasses.replace` without its `__init__` (34 frozen `__setattr__`): see `_from_db`.
+        row = object.__new__(FileRow)
+        row.__dict__.update(self.__dict__)
+        row.__dict__.update(changes)
+        return row
 
     @property
     def identity(self) -> Identity | None:
@@ -248,6 +255,10 @@ def _to_db(column: str, value: object) -> object:
     return value
 
 
+# An SQL statement and the parameters of each of its executions.
+_Statement = tuple[str, list[tuple[Any, ...]]]
+
+
 def _text(value: str) -> str:
     """A message for a TEXT column: a name's non-UTF-8 byte becomes `\\udcff` (SQLite takes UTF-8 only)."""
     return value.encode("utf-8", "backslashreplace").decode()
@@ -261,12 +272,28 @@ def _insert_file(conn: sqlite3.Connection, row: Mapping[str, object]) -> int:
 
 
 def _update_file(conn: sqlite3.Connection, file_id: int, fields: RowChanges) -> None:
-    if unknown := fields.keys() - _WRITABLE:
-        raise ValueError(f"not journal columns: {sorted(unknown)}")
-    columns = ", ".join(f"{name} = ?" for name in fields)
-    values = [_to_db(name, value) for name, value in fields.items()]
-    conn.execute(f"UPDATE files SET {columns}, updated_at = ? WHERE id = ?",
-                 (*values, time.time(), file_id))
+    _run(conn, _file_updates([(file_id, fields)]))
+
+
+def _file_updates(changes: Iterable[tuple[int, RowChanges]]) -> list[_Statement]:
+    """Each row's changes, in order, as statements made before the transaction (the values
+    converted outside the writers' lock): a run of rows changing the same columns (a batch's
+    verdicts, its placements) is one statement executed for all of them."""
+    now = time.time()
+    statements = []
+    for names, run in itertools.groupby(changes, key=lambda change: tuple(change[1])):
+        if unknown := set(names) - _WRITABLE:
+            raise ValueError(f"not journal columns: {sorted(unknown)}")
+        columns = ", ".join(f"{name} = ?" for name in names)
+        statements.append((f"UPDATE files SET {columns}, updated_at = ? WHERE id = ?",
+                           [(*(_to_db(name, value) for name, value in fields.items()), now, file_id)
+                            for file_id, fields in run]))
+    return statements
+
+
+def _run(conn: sqlite3.Connection, statements: Iterable[_Statement]) -> None:
+    for sql, params in statements:
+        conn.executemany(sql, params)
 
 
 def _from_db(row: sqlite3.Row) -> FileRow:

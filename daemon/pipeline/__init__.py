@@ -41,7 +41,7 @@ from daemon.s3url import is_s3
 from daemon.slots import EngineSlots
 from daemon.staging import StagingDirs
 
-__all__ = ["Outcome", "Pipeline", "uses_s3"]
+__all__ = ["Outcome", "Pipeline", "Reported", "uses_s3"]
 
 log = structlog.get_logger("scanwatch.pipeline")
 
@@ -52,6 +52,8 @@ _BATCH = 16
 _S3_WORKERS = 32
 _IDLE_WAIT_S = 1.0
 _WARNINGS = ("retry.scheduled", "move.failed")
+# One step's outcome as the metrics and alerts hear it: the row before, the engine's label.
+Reported = tuple[FileRow, str, Outcome]
 
 
 class Pipeline:
@@ -62,13 +64,16 @@ class Pipeline:
                  clock: Callable[[], float] = time.time,
                  policy: RetryPolicy | None = None,
                  on_outcome: Callable[[FileRow, str, Outcome], None] | None = None,
+                 on_outcomes: Callable[[list[Reported]], None] | None = None,
                  s3: S3Clients | None = None, places: Mapping[str, Place] | None = None) -> None:
+        """`on_outcome` hears each step's outcome, `on_outcomes` a whole batch's at once
+        (a worker process sends them to the daemon in one frame: daemon/workers/process.py)."""
         self.config = config
         self.journal = journal
         self.owner = owner
         self.wake = wake or threading.Event()
         self.clock = clock
-        self._on_outcome = on_outcome
+        self._on_outcomes = on_outcomes or (_one_by_one(on_outcome) if on_outcome else None)
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self.heartbeat_at = clock()
@@ -254,6 +259,7 @@ class Pipeline:
             if outcome.arrivals:  # after the row is done: they are rows of their own
                 self.journal.discover(row.watch, outcome.arrivals, self.clock())
                 self.wake.set()
+        reported: list[Reported] = []
         for row, outcome in outcomes:
             if outcome.event:
                 logger = log.info
@@ -262,11 +268,12 @@ class Pipeline:
                 elif outcome.fields.get("outcome") == VerdictKind.FAILED:
                     logger = log.error
                 logger(outcome.event, **{**self._context(row), **outcome.fields})
-            if self._on_outcome and outcome.changes:
-                self._on_outcome(row, self.config.watch(row.watch).engine_label, outcome)
-            if self._on_outcome:
-                for engine, step in outcome.engine_events:  # several engines: each one's metrics
-                    self._on_outcome(row, engine, step)
+            if outcome.changes:
+                reported.append((row, self.config.watch(row.watch).engine_label, outcome))
+            # Several engines: each one's metrics.
+            reported.extend((row, engine, step) for engine, step in outcome.engine_events)
+        if self._on_outcomes and reported:
+            self._on_outcomes(reported)
 
     def _context(self, row: FileRow) -> dict[str, Any]:
         """The per-file fields every event of the row carries."""
@@ -314,6 +321,14 @@ class _Bounded:
         self.engine.close()
         if self._shared is not None:
             self._shared.close()
+
+
+def _one_by_one(on_outcome: Callable[[FileRow, str, Outcome], None]
+                ) -> Callable[[list[Reported]], None]:
+    def hear(batch: list[Reported]) -> None:
+        for reported in batch:
+            on_outcome(*reported)
+    return hear
 
 
 def uses_s3(watch: WatchConfig) -> bool:

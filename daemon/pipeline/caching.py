@@ -39,6 +39,10 @@ log = structlog.get_logger("scanwatch.pipeline")
 # (it is made due at once when that scan's answer lands): a safety net for a lost flight.
 _WAIT_S = 5.0
 _SHARED_DIR = LEASE_DIR + "cache/"
+# Engines that scan in this process, and the size up to which a second scan of the same
+# bytes costs less than a flight (`VerdictCache.wait`).
+_IN_PROCESS = frozenset({"yara"})
+_CHEAP_SCAN_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -88,7 +92,14 @@ class VerdictCache:
         return entry
 
     def wait(self, key: CacheKey, row: FileRow) -> Outcome | None:
-        """None: `row` holds its bytes' flight and asks. Else another row does: wait for it."""
+        """None: `row` holds its bytes' flight and asks. Else another row does: wait for it.
+
+        A small file for an engine in this process takes no flight: scanning it twice costs
+        less than the flight's transaction under the journal's writers' lock, which is the
+        serial part of the daemon's work (bench/RESULTS.md, "Issue 21").
+        """
+        if self._is_cheap(key, row):
+            return None
         now = self.clock()
         holder = self.journal.take_flight(key.engine, key.sha256, row.id, now, now + _WAIT_S)
         if holder is None:
@@ -151,6 +162,10 @@ class VerdictCache:
         """The row's scan ended with no answer (a retry, a wait): the waiting rows go on."""
         if key is not None:
             self.journal.end_flight(key.engine, key.sha256, file_id, self.clock())
+
+    def _is_cheap(self, key: CacheKey, row: FileRow) -> bool:
+        return (self.config.engines[key.engine].type in _IN_PROCESS and row.size is not None
+                and row.size <= _CHEAP_SCAN_BYTES)
 
     def _is_fresh(self, key: CacheKey, entry: CachedVerdict) -> bool:
         if key.is_versioned or entry.verdict is VerdictKind.INFECTED:

@@ -18,6 +18,7 @@ never cut by another process's, whatever its size (a pipe's writes are atomic on
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import subprocess
 import sys
@@ -32,7 +33,7 @@ import structlog
 from daemon.config import Config
 from daemon.journal import FileRow, Journal
 from daemon.log import write_lines
-from daemon.pipeline import Outcome
+from daemon.pipeline import Outcome, Reported
 from daemon.workers.process import read_frame, write_frame
 
 __all__ = ["WorkerPool"]
@@ -44,6 +45,7 @@ _RELAY_CHUNK_BYTES = 1 << 16
 # After a read that emptied the pipe: the records of the next few ms are copied in one
 # read and one write, not one each (8-16 µs of the daemon's CPU per record).
 _RELAY_PAUSE_S = 0.002
+_EVENTS_PIPE_BYTES = 1 << 20
 
 
 @dataclass
@@ -82,6 +84,8 @@ class WorkerPool:
 
     def _spawn(self, index: int) -> _Worker:
         events_r, events_w = os.pipe()
+        with contextlib.suppress(OSError):  # room for many batches: a busy daemon stalls no worker
+            fcntl.fcntl(events_w, fcntl.F_SETPIPE_SZ, _EVENTS_PIPE_BYTES)
         proc = subprocess.Popen(
             [sys.executable, "-m", "daemon.workers.process", "--parent", str(os.getpid()),
              "--events-fd", str(events_w), "--index", str(index)],
@@ -104,13 +108,14 @@ class WorkerPool:
         with os.fdopen(fd, "rb") as stream:
             while True:
                 try:
-                    row, engine, outcome = read_frame(stream)
+                    batch: list[Reported] = read_frame(stream)  # a batch's outcomes
                 except EOFError:
                     return
-                try:
-                    self._on_outcome(row, engine, outcome)
-                except Exception:
-                    log.exception("worker.event_failed", event=outcome.event)
+                for row, engine, outcome in batch:
+                    try:
+                        self._on_outcome(row, engine, outcome)
+                    except Exception:
+                        log.exception("worker.event_failed", event=outcome.event)
 
     def _wake_all(self) -> None:
         while not self._stopping.is_set():

@@ -31,9 +31,9 @@ from daemon.config import Config
 from daemon.engines import Engine, build_engines
 from daemon.engines._webhook import WebhookHealth
 from daemon.engines.base import WebhookSource
-from daemon.journal import FileRow, open_journal, owner_token
+from daemon.journal import open_journal, owner_token
 from daemon.log import configure_logging
-from daemon.pipeline import Outcome, Pipeline
+from daemon.pipeline import Outcome, Pipeline, Reported
 from daemon.s3client import S3Clients
 
 __all__ = ["main", "read_frame", "share_webhook_health", "write_frame"]
@@ -108,18 +108,22 @@ def _die_with_parent(parent: int) -> None:
 
 
 class _Events:
-    """Outcomes to the parent, one frame each, from any pipeline thread."""
+    """Outcomes to the parent, one frame per batch, from any pipeline thread."""
 
     def __init__(self, fd: int) -> None:
         self._stream = os.fdopen(fd, "wb", buffering=0)
         self._lock = threading.Lock()
 
-    def send(self, row: FileRow, engine: str, outcome: Outcome) -> None:
+    def send(self, batch: list[Reported]) -> None:
+        # The daemon's metrics and alerts read the event and its fields, never the row
+        # changes (which the journal has): those stay here, unpickled.
+        heard = [(row, engine, Outcome({}, outcome.event, outcome.fields))
+                 for row, engine, outcome in batch]
         try:
             with self._lock:
-                write_frame(self._stream, (row, engine, outcome))
+                write_frame(self._stream, heard)
         except (OSError, pickle.PicklingError) as exc:
-            log.warning("worker.event_lost", event=outcome.event, error=str(exc))
+            log.warning("worker.event_lost", events=[o.event for _, _, o in batch], error=str(exc))
 
 
 def _read_wakes(stream: IO[bytes], wake: threading.Event, stop: threading.Event) -> None:
@@ -152,7 +156,7 @@ def _run(config: Config, stdin: IO[bytes], events_fd: int, stop: threading.Event
     share_webhook_health(engines, config.state_dir)
     wake = threading.Event()
     pipeline = Pipeline(config, journal, engines, owner=owner_token(), wake=wake,
-                        on_outcome=_Events(events_fd).send, s3=S3Clients())
+                        on_outcomes=_Events(events_fd).send, s3=S3Clients())
     threading.Thread(target=_read_wakes, args=(stdin, wake, stop), name="wakes",
                      daemon=True).start()
     pipeline.start()
