@@ -45,10 +45,6 @@ _BATCH = 16
 # round trip each (docs/operations.md, "Throughput"), so I/O, not CPU, sets the pace.
 # daemon/s3.py pools 64 connections per client: two such engines on one endpoint fit.
 _S3_WORKERS = 32
-# Their batches are small: a batch is carried one object after another, so its last object
-# waits for every request of the others (3 round trips each); a fleet member holds only 20
-# messages in flight (docs/fleet.md), which batches of 16 left to one or two threads.
-_S3_BATCH = 4
 _IDLE_WAIT_S = 1.0
 _WARNINGS = ("retry.scheduled", "move.failed")
 
@@ -98,12 +94,9 @@ class Pipeline:
         stalls every process (bench/RESULTS.md, "Issue 21").
         """
         concurrency = self.config.engines[engine].concurrency
-        if self._serves_s3(engine):
+        if any(uses_s3(w) for w in self.config.watches if engine in w.engines):
             return max(concurrency, _S3_WORKERS)
         return -(-concurrency // self.config.worker_count())
-
-    def _serves_s3(self, engine: str) -> bool:
-        return any(uses_s3(w) for w in self.config.watches if engine in w.engines)
 
     def _bounded(self, engines: Mapping[str, Engine]) -> Mapping[str, Engine]:
         """The engines, each behind its one gate: at most `concurrency` calls at once, whether
@@ -129,8 +122,7 @@ class Pipeline:
             if not watches:
                 continue
             for i in range(self._workers(name)):
-                batch = _S3_BATCH if self._serves_s3(name) else _BATCH
-                thread = threading.Thread(target=self._work, args=(watches, batch),
+                thread = threading.Thread(target=self._work, args=(watches,),
                                           name=f"scan-{name}-{i}", daemon=True)
                 thread.start()
                 self._threads.append(thread)
@@ -158,11 +150,11 @@ class Pipeline:
         return (all(t.is_alive() for t in self._threads)
                 and self.clock() - self.heartbeat_at < stall_s)
 
-    def _work(self, watches: list[str], batch: int) -> None:
+    def _work(self, watches: list[str]) -> None:
         while not self._stopping.is_set():
             self.heartbeat_at = self.clock()
             try:
-                if self.run_once(watches, batch):
+                if self.run_once(watches):
                     continue
                 next_due = self.journal.next_due_at(watches)
             except Exception:
@@ -172,9 +164,9 @@ class Pipeline:
             if self.wake.wait(min(max(wait_s, 0.0), _IDLE_WAIT_S)):
                 self.wake.clear()
 
-    def run_once(self, watches: list[str], batch: int = _BATCH) -> int:
+    def run_once(self, watches: list[str]) -> int:
         """Claim one batch of due rows and carry it as far as it goes; returns its size."""
-        rows = self.journal.claim(watches, self.owner, self.clock(), batch)
+        rows = self.journal.claim(watches, self.owner, self.clock(), _BATCH)
         if rows:
             self.process(rows)
         return len(rows)
