@@ -23,6 +23,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from fleetkit import EICAR, Fleet  # noqa: E402
-from local_throughput import cpu_seconds, spread  # noqa: E402
+from local_throughput import cpu_seconds, own_cpu_seconds, spread  # noqa: E402
 from realservers import HttpProxy, S3Server, SqsServer, running_moto, running_seaweedfs  # noqa: E402
+from s3_backlog import process_with  # noqa: E402
 
 
 def _body(name: str) -> bytes:
@@ -51,7 +53,7 @@ def _fleet(s3: S3Server, sqs: SqsServer, proxy: HttpProxy, base: Path, bucket: s
 
 
 def _run_fleet(fleet: Fleet, size: int, args: argparse.Namespace, env: dict[str, str],
-               code: Path) -> dict[str, float]:
+               code: Path, shared: Callable[[], dict[str, float]]) -> dict[str, float]:
     count, workers = args.count, args.workers
     names = _names(count)
     fleet.put(names, _body)
@@ -66,12 +68,13 @@ def _run_fleet(fleet: Fleet, size: int, args: argparse.Namespace, env: dict[str,
         # Every worker process started (their imports are not the objects' CPU).
         _wait(lambda: all(_started(fleet.base / f"node{n}" / "daemon.log", workers) for n in range(size)),
               60, "daemons started")
-        cpu_before = sum(cpu_seconds(p.pid) for p in procs)
+        cpu_before, others_before = sum(cpu_seconds(p.pid) for p in procs), shared()
         started = time.monotonic()
         fleet.send_events(names)
         _wait(lambda: len(fleet.placed()) >= count, 600, "all objects placed", pause_s=0.25)
         elapsed = time.monotonic() - started
         cpu = sum(cpu_seconds(p.pid) for p in procs) - cpu_before
+        others = {k: v - others_before[k] for k, v in shared().items()}
     finally:
         for proc in procs:
             proc.terminate()
@@ -79,7 +82,17 @@ def _run_fleet(fleet: Fleet, size: int, args: argparse.Namespace, env: dict[str,
             proc.wait(30)
     if len(fleet.placed()) != count or fleet.keys("in/"):
         raise SystemExit(f"fleet of {size}: not every object placed once; see {fleet.base}")
-    return {"objects_per_s": count / elapsed, "seconds": elapsed, "cpu_s_per_object": cpu / count}
+    return {"objects_per_s": count / elapsed, "seconds": elapsed, "cpu_s_per_object": cpu / count,
+            **{f"{k}_cpu_s_per_object": v / count for k, v in others.items()}}
+
+
+def _shared_cpu_s(s3: S3Server, sqs: SqsServer) -> Callable[[], dict[str, float]]:
+    """CPU-seconds so far of what the daemons share: SeaweedFS, moto's SQS, and this process
+    (the 20 ms proxy, and the polling for placed objects)."""
+    weed = process_with(f"-dir={s3.data_dir}")
+    moto = process_with("moto.server", sqs.endpoint_url.rpartition(":")[2])
+    return lambda: {"weed": own_cpu_seconds(weed), "moto": own_cpu_seconds(moto),
+                    "bench": time.process_time()}
 
 
 def _started(log: Path, workers: int) -> bool:
@@ -131,6 +144,7 @@ def main() -> None:
             proxy.start()
             env = {**os.environ, "AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key,
                    "AWS_REGION": s3.region, "AWS_DEFAULT_REGION": s3.region}
+            shared = _shared_cpu_s(s3, sqs)
             codes = {"": ROOT, **({"compare ": args.compare} if args.compare else {})}
             for run in range(args.runs):
                 results: dict[str, dict[str, float]] = {}
@@ -138,7 +152,8 @@ def main() -> None:
                     for label, code in codes.items():
                         fleet = _fleet(s3, sqs, proxy, base, f"fleet-{run}-{size}{label.strip()[:1]}")
                         name = f"{label}{size} daemon(s)"
-                        results[name] = _run_fleet(fleet, size, args, {**env, "PYTHONPATH": str(code)}, code)
+                        results[name] = _run_fleet(fleet, size, args, {**env, "PYTHONPATH": str(code)}, code,
+                                                   shared)
                         print(f"run {run}: {name}: {results[name]}", flush=True)
                 results["s5cmd mv"] = _run_s5cmd(_fleet(s3, sqs, proxy, base, f"peer-{run}"), args.count,
                                                  args.concurrency, env)
@@ -155,6 +170,9 @@ def _report(runs: list[dict[str, dict[str, float]]], args: argparse.Namespace) -
         line = f"{name:<24} {spread([r[name]['objects_per_s'] for r in runs], 1)} objects/s"
         if "cpu_s_per_object" in runs[0][name]:
             line += f"  {spread([r[name]['cpu_s_per_object'] * 1000 for r in runs], 2)} CPU-ms/object"
+            line += "; shared: " + ", ".join(
+                f"{who} {spread([r[name][f'{who}_cpu_s_per_object'] * 1000 for r in runs], 2)}"
+                for who in ("weed", "moto", "bench"))
         print(line)
     for label in ("", "compare ") if args.compare else ("",):
         one, three = f"{label}1 daemon(s)", f"{label}3 daemon(s)"

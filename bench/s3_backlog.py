@@ -157,14 +157,19 @@ def _profiler(pid: int, where: Path, base: Path) -> subprocess.Popen[bytes]:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def _server_pid(server: S3Server) -> int:
-    """The `weed` process serving `server` (its data directory is in its command line)."""
-    wanted = f"-dir={server.data_dir}".encode()
+def process_with(*args: str) -> int:
+    """The process whose command line has all of `args` (a server the tests' helpers started)."""
+    wanted = {arg.encode() for arg in args}
     for proc in Path("/proc").iterdir():
         with contextlib.suppress(OSError):
-            if proc.name.isdigit() and wanted in (proc / "cmdline").read_bytes().split(b"\0"):
+            if proc.name.isdigit() and wanted <= set((proc / "cmdline").read_bytes().split(b"\0")):
                 return int(proc.name)
-    raise SystemExit(f"no weed process serves {server.data_dir}")
+    raise SystemExit(f"no process runs with {args}")
+
+
+def _server_pid(server: S3Server) -> int:
+    """The `weed` process serving `server` (its data directory is in its command line)."""
+    return process_with(f"-dir={server.data_dir}")
 
 
 @contextlib.contextmanager
