@@ -90,7 +90,7 @@ def _shared_cpu_s(s3: S3Server, sqs: SqsServer) -> Callable[[], dict[str, float]
     """CPU-seconds so far of what the daemons share: SeaweedFS, moto's SQS, and this process
     (the 20 ms proxy, and the polling for placed objects)."""
     weed = process_with(f"-dir={s3.data_dir}")
-    moto = process_with("moto.server", sqs.endpoint_url.rpartition(":")[2])
+    moto = process_with("-p", sqs.endpoint_url.rpartition(":")[2])  # moto_server, or python -m moto.server
     return lambda: {"weed": own_cpu_seconds(weed), "moto": own_cpu_seconds(moto),
                     "bench": time.process_time()}
 
