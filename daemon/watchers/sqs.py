@@ -38,9 +38,7 @@ _MAX_VISIBILITY_TIMEOUT_S = 43_200  # 12 h, SQS's limit
 _BODY_HEAD_CHARS = 120
 _DEFAULT_RETRY = RetryPolicy(base_s=1.0, max_s=60.0)
 # Fleet, holding its maximum: how soon to look again for settled messages (doubling while none).
-# An object through a 20 ms network settles in a few tenths of a second: a wait of up to a
-# second left the member idle for most of it (bench/RESULTS.md, "Issue 21: S3 and the fleet").
-_FULL_WAIT_MIN_S, _FULL_WAIT_MAX_S = 0.05, 0.25
+_FULL_WAIT_MIN_S, _FULL_WAIT_MAX_S = 0.05, 1.0
 _MALFORMED_REMEMBERED = 10_000
 _HELD_WAIT_TIME_S = 1  # the long poll while holding messages: settled ones are deleted soon
 
