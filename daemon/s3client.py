@@ -37,7 +37,20 @@ _UNAVAILABLE = {"NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "Signature
 
 
 def make_client(config: S3Config) -> Any:
-    """A thread-safe boto3 S3 client with the usual credential chain and `s3:` overrides."""
+    """A thread-safe boto3 S3 client with the usual credential chain and `s3:` overrides.
+
+    Made once per endpoint, region and profile (`S3Clients`) and shared by every thread: its
+    connection pool (64) serves them all. At loopback speed botocore's CPU per request is what
+    bounds a backlog (bench/RESULTS.md, "Issue 21: S3 and the fleet"), so it does no work that
+    scanwatch does itself:
+    - no parameter validation: the bucket is checked when the config is loaded
+      (`S3Url.parse`), a key is either one S3 listed or sent, or checked before it is planned
+      (`_check_key`, daemon/locations/s3.py), every other parameter is written in this code;
+    - CRC checksums only where S3 requires one (`when_required`): every byte scanwatch reads
+      is hashed (sha256) on the way and what is promoted is checked against the scanned
+      sha256 (docs/integrity.md); a write is covered by TLS and, on plain HTTP, by SigV4's
+      signed payload hash.
+    """
     core = botocore.session.get_session()
     # Timestamps (LastModified, ...) stay strings, as the AWS CLI keeps them: nothing here
     # reads them, and parsing them was a tenth of the daemon's CPU in a backlog.
@@ -46,6 +59,8 @@ def make_client(config: S3Config) -> Any:
         "s3", endpoint_url=config.endpoint_url, region_name=config.region,
         config=BotoConfig(connect_timeout=5, read_timeout=60, max_pool_connections=64,
                           retries={"mode": "standard", "max_attempts": 3},
+                          parameter_validation=False, request_checksum_calculation="when_required",
+                          response_checksum_validation="when_required",
                           s3={"addressing_style": "path"} if config.endpoint_url else None))
 
 

@@ -38,8 +38,9 @@ class Fleet:
 
     def config(self, node: int, *, engine: dict[str, Any] | None = None, metrics_port: int | None = None,
                poll_interval: float = 3600, visibility_timeout: float = 4, log_level: str = "debug",
-               **watch: Any) -> Path:
-        """The node's config file: the fleet's, with its own state_dir (and metrics port)."""
+               workers: int | None = None, **watch: Any) -> Path:
+        """The node's config file: the fleet's, with its own state_dir (and metrics port);
+        `workers` worker processes (None: the daemon's default, one per CPU)."""
         doc: dict[str, Any] = {
             "state_dir": str(self.base / f"node{node}" / "state"),
             "log": {"format": "json", "level": log_level},
@@ -54,6 +55,8 @@ class Fleet:
                            "region": self.region, "visibility_timeout": visibility_timeout},
                 **watch}],
         }
+        if workers is not None:
+            doc["workers"] = workers
         if metrics_port is not None:
             doc["metrics"] = {"listen": f"127.0.0.1:{metrics_port}"}
         path = self.base / f"node{node}" / "scanwatch.yaml"

@@ -336,6 +336,8 @@ class TcpProxy:
             except OSError:
                 return
             upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            for sock in (client, upstream):  # each chunk goes at once, as it came (no Nagle wait)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self.lock:
                 if self.listener is not listener:  # stopped while this one was accepted: refused
                     for sock in (client, upstream):
@@ -414,6 +416,9 @@ class HttpProxy:
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # The answer's headers and body are two writes: with Nagle's algorithm the body
+            # waited for the client's delayed ACK of the headers, up to 40 ms per request.
+            disable_nagle_algorithm = True
             upstream: http.client.HTTPConnection | None = None
 
             def log_message(self, format: str, *args: Any) -> None:

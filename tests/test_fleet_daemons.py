@@ -26,6 +26,8 @@ from daemon.journal import open_journal
 
 OBJECTS = 1000  # about 45 s with three daemons on two cores
 KILLED_OBJECTS = 300
+# One process per daemon, and worker processes (which a SIGKILL of the daemon takes along).
+WORKERS = pytest.mark.parametrize("workers", [1, 2], ids=["workers-1", "workers-2"])
 
 
 @pytest.fixture
@@ -59,17 +61,19 @@ def _moved(daemon: Daemon) -> int:
     return len(daemon.named("file.moved")) + len(daemon.named("move.already_placed"))
 
 
-def _start(fleet: Fleet, daemon_factory: Callable[..., Daemon], env: dict[str, str], node: int) -> Daemon:
-    daemon = daemon_factory(fleet.config(node), env=env)
+def _start(fleet: Fleet, daemon_factory: Callable[..., Daemon], env: dict[str, str], node: int,
+           workers: int) -> Daemon:
+    daemon = daemon_factory(fleet.config(node, workers=workers), env=env)
     daemon.wait_started()
     return daemon
 
 
+@WORKERS
 def test_three_daemons_share_one_watch(fleet: Fleet, daemon_factory: Callable[..., Daemon],
-                                       s3_env: dict[str, str]) -> None:
+                                       s3_env: dict[str, str], workers: int) -> None:
     names = _names(OBJECTS)
     fleet.put(names, _body)
-    nodes = [_start(fleet, daemon_factory, s3_env, n) for n in range(3)]
+    nodes = [_start(fleet, daemon_factory, s3_env, n, workers) for n in range(3)]
     fleet.send_events(names, duplicates=0.1, garbage=len(GARBAGE), per_message=2)
     nodes[0].wait_for(_drained(fleet, names), timeout=120, what="every object placed")
     nodes[0].wait_for(lambda: sum(fleet.queue_counts()) == len(GARBAGE), timeout=30,
@@ -81,12 +85,14 @@ def test_three_daemons_share_one_watch(fleet: Fleet, daemon_factory: Callable[..
     assert all(node.named("file.moved") for node in nodes), [_moved(n) for n in nodes]
 
 
+@WORKERS
 @pytest.mark.parametrize("restarted", [False, True], ids=["never-restarted", "restarted"])
 def test_a_node_killed_mid_way_loses_and_doubles_nothing(
-        fleet: Fleet, daemon_factory: Callable[..., Daemon], s3_env: dict[str, str], restarted: bool) -> None:
+        fleet: Fleet, daemon_factory: Callable[..., Daemon], s3_env: dict[str, str], restarted: bool,
+        workers: int) -> None:
     names = _names(KILLED_OBJECTS)
     fleet.put(names, _body)
-    nodes = [_start(fleet, daemon_factory, s3_env, n) for n in range(3)]
+    nodes = [_start(fleet, daemon_factory, s3_env, n, workers) for n in range(3)]
     fleet.send_events(names, duplicates=0.1, per_message=2)
     victim = nodes[2]
     victim.wait_for(lambda: len(fleet.placed()) >= len(names) // 3 and victim.named("file.moved"),
@@ -94,7 +100,7 @@ def test_a_node_killed_mid_way_loses_and_doubles_nothing(
     victim.signal(signal.SIGKILL)
     victim.proc.wait()
     if restarted:
-        nodes[2] = _start(fleet, daemon_factory, s3_env, 2)
+        nodes[2] = _start(fleet, daemon_factory, s3_env, 2, workers)
     nodes[0].wait_for(_drained(fleet, names), timeout=120, what="every object placed")
     nodes[0].wait_for(lambda: fleet.queue_counts() == (0, 0), timeout=30, what="the queue drained")
     assert [node.stop() for node in (nodes[0], nodes[1])] == [0, 0]
@@ -103,9 +109,10 @@ def test_a_node_killed_mid_way_loses_and_doubles_nothing(
     _assert_each_placed_once(fleet, names)
 
 
+@WORKERS
 def test_two_nodes_given_the_same_message_place_once(
         fleet: Fleet, s3_proxy: HttpProxy, sqs_server: SqsServer, request: pytest.FixtureRequest,
-        daemon_factory: Callable[..., Daemon], s3_env: dict[str, str], tmp_path: Path) -> None:
+        daemon_factory: Callable[..., Daemon], s3_env: dict[str, str], tmp_path: Path, workers: int) -> None:
     sqs = fleet.sqs
     second_queue = sqs.create_queue(QueueName=f"{fleet.queue_url.rsplit('/', 1)[1][:70]}-b")["QueueUrl"]
     request.addfinalizer(lambda: sqs.delete_queue(QueueUrl=second_queue))
@@ -115,8 +122,9 @@ def test_two_nodes_given_the_same_message_place_once(
     # The same message delivered to both nodes at once: SQS does that when a visibility timeout
     # runs out under a slow node; two queues with one copy each make it certain.
     ports = [free_port(), free_port()]
-    configs = [fleet.config(0, metrics_port=ports[0]), fleet.config(1, metrics_port=ports[1], events={
-        "sqs_queue_url": second_queue, "endpoint_url": fleet.sqs_endpoint, "region": fleet.region})]
+    configs = [fleet.config(0, metrics_port=ports[0], workers=workers), fleet.config(
+        1, metrics_port=ports[1], workers=workers, events={
+            "sqs_queue_url": second_queue, "endpoint_url": fleet.sqs_endpoint, "region": fleet.region})]
     # Each node holds the bytes of its first objects until both do: their moves start together.
     pauses = [Pauses(tmp_path / f"pauses-{n}") for n in range(2)]
     nodes = [daemon_factory(config, env={**s3_env, **held.env("scan.hashed")})
@@ -207,14 +215,15 @@ def test_one_node_lists_under_the_lease_and_another_takes_over_when_it_dies(
     assert "fleet member: another member holds the listing lease" in _run_status(configs[other])
 
 
+@WORKERS
 def test_blazelock_across_nodes_accepts_one_submission_per_object(
-        fleet: Fleet, daemon_factory: Callable[..., Daemon], s3_env: dict[str, str]) -> None:
+        fleet: Fleet, daemon_factory: Callable[..., Daemon], s3_env: dict[str, str], workers: int) -> None:
     names = [f"b{n}.txt" for n in range(30)] + ["e.com"]
     fleet.put(names, _body)
     with BlazelockEmulator(scan_delay_s=1.0) as emulator:
         engine = {"type": "blazelock", "url": emulator.url, "api_key": "${BLZ_KEY}", "poll_interval": 0.2}
-        nodes = [daemon_factory(fleet.config(n, engine=engine), env={**s3_env, "BLZ_KEY": "test-key"})
-                 for n in range(3)]
+        nodes = [daemon_factory(fleet.config(n, engine=engine, workers=workers),
+                                env={**s3_env, "BLZ_KEY": "test-key"}) for n in range(3)]
         for node in nodes:
             node.wait_started()
         fleet.send_events(names, duplicates=1.0)  # every event twice: nodes race on each object

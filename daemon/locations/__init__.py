@@ -87,6 +87,7 @@ class Locations:
         self.dirs = dirs
         self._clients = clients or S3Clients()
         self._places = places or {}  # URL → a place given from outside (tests' fakes)
+        self._s3: dict[tuple[str, str], S3Location] = {}  # made once per batch: several calls a row
 
     def source(self, url: str, watch: WatchConfig) -> Source:
         return self._place(url, watch)
@@ -105,8 +106,13 @@ class Locations:
         if (place := self._places.get(url)) is not None:
             return place
         if is_s3(url):
-            s3 = self._config.s3_for(watch)
-            return S3Location(url, self._clients(s3), s3, self._config.state_dir / "work",
-                              state_dir=self._config.state_dir,
-                              stages=IN_PLACE not in watch.destinations.values())
+            if (s3_place := self._s3.get((url, watch.name))) is None:
+                s3_place = self._s3[url, watch.name] = self._s3_place(url, watch)
+            return s3_place
         return LocalLocation(url, self.dirs, self._staging)
+
+    def _s3_place(self, url: str, watch: WatchConfig) -> S3Location:
+        s3 = self._config.s3_for(watch)
+        return S3Location(url, self._clients(s3), s3, self._config.state_dir / "work",
+                          state_dir=self._config.state_dir,
+                          stages=IN_PLACE not in watch.destinations.values())
