@@ -87,6 +87,7 @@ class Locations:
         self.dirs = dirs
         self._clients = clients or S3Clients()
         self._places = places or {}  # URL → a place given from outside (tests' fakes)
+        self._local: dict[str, LocalLocation] = {}  # made once per batch: asked for several times per file
 
     def source(self, url: str, watch: WatchConfig) -> Source:
         return self._place(url, watch)
@@ -109,4 +110,6 @@ class Locations:
             return S3Location(url, self._clients(s3), s3, self._config.state_dir / "work",
                               state_dir=self._config.state_dir,
                               stages=IN_PLACE not in watch.destinations.values())
-        return LocalLocation(url, self.dirs, self._staging)
+        if (local := self._local.get(url)) is None:
+            local = self._local[url] = LocalLocation(url, self.dirs, self._staging)
+        return local

@@ -7,7 +7,6 @@ only if it still is what was snapshotted (docs/integrity.md, "Local files").
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import hashlib
 import io
@@ -346,7 +345,7 @@ def _snapshot(staging: Staging, dir_fd: int, base: str, file_id: int) -> tuple[i
         raise
     if enabled(logging.DEBUG):  # per file: no logger built when it is filtered
         log.debug("file.snapshot", file_id=file_id, how=how, size=size)
-    return fd, dataclasses.replace(Identity.of(st), size=size)
+    return fd, Identity(st.st_dev, st.st_ino, size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _sidecar_name(base: str) -> str:

@@ -14,7 +14,6 @@ the next one.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
@@ -239,7 +238,7 @@ class Pipeline:
             log.exception("file.internal_error", **self._context(row))
             failed = self._failed(row, exc, locations)
             # The step is lost, not the engine's verdict of these bytes (the verdict cache).
-            return dataclasses.replace(failed, kept=kept) if kept else failed
+            return failed.but(kept=kept) if kept else failed
 
     def _failed(self, row: FileRow, exc: Exception, locations: Locations) -> Outcome:
         """A step that raised: its move failed, or the file fails as an internal error."""
