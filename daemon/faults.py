@@ -17,14 +17,15 @@ from pathlib import Path
 __all__ = ["pause"]
 
 _MAX_WAIT_S = 60.0
+# Read once: the tests set it in the environment the daemon starts with (asked per file).
+_WANTED = frozenset(os.environ.get("SCANWATCH_PAUSE_AT", "").split(",")) - {""}
 _passed: set[str] = set()
 _lock = threading.Lock()
 
 
 def pause(point: str) -> None:
     """Wait at `point` the first time it is reached, if the environment asks for it."""
-    wanted = os.environ.get("SCANWATCH_PAUSE_AT")
-    if not wanted or point not in wanted.split(","):
+    if point not in _WANTED:
         return
     with _lock:
         if point in _passed:

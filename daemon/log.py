@@ -8,17 +8,20 @@ to its own stdout, so records of different processes never cut into each other.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import sys
 import threading
-from collections.abc import MutableMapping
+from collections.abc import Iterator, Mapping, MutableMapping
+from contextlib import contextmanager
 from typing import Any
 
 import structlog
 
 from daemon.naming import printable
 
-__all__ = ["MAX_LINE_CHARS", "SENSITIVE_KEYS", "configure_logging", "redact", "write_lines"]
+__all__ = ["MAX_LINE_CHARS", "SENSITIVE_KEYS", "configure_logging", "enabled", "file_context", "redact",
+           "write_lines"]
 
 SENSITIVE_KEYS = frozenset({
     "api_key", "apikey", "token", "secret", "password", "archivepwd", "file_password",
@@ -33,6 +36,36 @@ MAX_LINE_CHARS = 32 * 1024
 _CUT_MIN_CHARS = 64  # values shorter than this are not worth cutting
 _KEPT = ("timestamp", "level", "event", "worker", "watch", "file_id")
 _WRITE = threading.Lock()
+# The filtering wrappers `configure_logging` can set, by their lowest level let through.
+_FLOORS = {structlog.make_filtering_bound_logger(level): level
+           for level in (logging.NOTSET, *_LEVELS.values())}
+# The fields of the file a pipeline thread is working on, one variable for all of them.
+_FILE: contextvars.ContextVar[Mapping[str, Any] | None] = contextvars.ContextVar("scanwatch_file",
+                                                                                 default=None)
+
+
+def enabled(level: int) -> bool:
+    """Whether a record at `level` would be written, asked without building a logger (a
+    module's logger is built anew on each call, so that a new configuration applies)."""
+    floor = _FLOORS.get(structlog.get_config()["wrapper_class"])
+    return floor is None or level >= floor
+
+
+@contextmanager
+def file_context(fields: Mapping[str, Any]) -> Iterator[None]:
+    """Every record of this thread (or task) carries `fields` within the block: the per-file
+    fields, set once per step (structlog's own contextvars cost one variable per field)."""
+    token = _FILE.set(fields)
+    try:
+        yield
+    finally:
+        _FILE.reset(token)
+
+
+def _merge_file(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """`file_context`'s fields, under the record's own (which win, as with contextvars)."""
+    fields = _FILE.get()
+    return event if fields is None else {**fields, **event}
 
 
 def write_lines(text: str) -> None:
@@ -110,6 +143,7 @@ def configure_logging(fmt: str = "json", level: str = "info") -> None:
                      else structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty()))
     structlog.configure(
         processors=[
+            _merge_file,
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),

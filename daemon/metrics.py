@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Collection, Iterator
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, MetricsHandler
 from prometheus_client.core import GaugeMetricFamily
@@ -28,6 +28,8 @@ __all__ = ["Metrics"]
 _ENGINE_ERROR_REASONS = frozenset({Reason.TOO_LARGE, Reason.TIMEOUT, Reason.ENCRYPTED, Reason.ENGINE_ERROR,
                                    Reason.ENGINE_FAILED, Reason.ENGINE_UNAVAILABLE, Reason.AUTH,
                                    Reason.BAD_REQUEST, Reason.RATE_LIMITED})
+
+_Metric = TypeVar("_Metric", Counter, Histogram)
 
 
 class _JournalCollector(Collector):
@@ -165,6 +167,7 @@ class Metrics:
                                      "the queue's redrive policy ends them)", ["watch"],
                                      registry=self.registry)
         self.registry.register(_JournalCollector(journal, engines))
+        self._children: dict[tuple[object, tuple[str, ...]], object] = {}
 
     def serve(self, listen: str, health: Callable[[], list[str]],
               limits: ListenerLimits = _LIMITS) -> HTTPListener:
@@ -182,7 +185,7 @@ class Metrics:
         """Count one step of the pipeline by the event it logged (`row`: as it was before)."""
         fields = outcome.fields
         if (cache := fields.get("cache")) in ("hit", "miss"):
-            self.cache.labels(engine, str(cache)).inc()
+            self._child(self.cache, engine, str(cache)).inc()
         if fields.get("resubmitted"):
             self.resubmissions.labels(row.watch, engine).inc()
         reason = str(fields.get("reason") or "")
@@ -191,9 +194,9 @@ class Metrics:
         if outcome.event == "file.moved":
             if fields.get("already_placed"):
                 self.already_placed.labels(row.watch).inc()
-            self.files.labels(row.watch, str(fields["outcome"]), reason).inc()
-            self.scan_seconds.labels(engine).observe(max(0.0, time.time() - row.discovered_at))
-            self.bytes_scanned.labels(engine).inc(row.size or 0)
+            self._child(self.files, row.watch, str(fields["outcome"]), reason).inc()
+            self._child(self.scan_seconds, engine).observe(max(0.0, time.time() - row.discovered_at))
+            self._child(self.bytes_scanned, engine).inc(row.size or 0)
         elif outcome.event == "file.skipped":
             self.files.labels(row.watch, "skipped", reason).inc()
         elif outcome.event == "move.failed":
@@ -201,3 +204,11 @@ class Metrics:
         elif outcome.event == "retry.scheduled":
             self.retries.labels(engine, reason or Reason.ENGINE_ERROR).inc()
             self.engine_errors.labels(engine, reason or Reason.ENGINE_ERROR).inc()
+
+    def _child(self, metric: _Metric, *labels: str) -> _Metric:
+        """`metric.labels(*labels)`, looked up once: the per-file counts are the daemon's own
+        work for every file of every worker (bench/RESULTS.md, "Issue 21")."""
+        key = (metric, labels)
+        if (child := self._children.get(key)) is None:
+            child = self._children[key] = metric.labels(*labels)
+        return cast(_Metric, child)

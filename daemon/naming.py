@@ -6,6 +6,7 @@ Pure functions of names (no file system, no S3): see docs/contract.md for the ru
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from urllib.parse import quote
@@ -35,6 +36,7 @@ def split_rel(rel_path: str) -> tuple[list[str], str]:
     return parts[:-1], parts[-1]
 
 
+@functools.lru_cache(maxsize=4096)  # a file's name is checked by each step, and for each place
 def local_rel(rel_path: str) -> str:
     """The relative local path for a key's relative part, or UnsafePathError.
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -24,7 +25,7 @@ from conftest import EICAR, ROOT, Layout
 from prometheus_client.parser import text_string_to_metric_families
 
 from daemon.journal import Journal
-from daemon.log import MAX_LINE_CHARS, configure_logging, redact
+from daemon.log import MAX_LINE_CHARS, configure_logging, enabled, file_context, redact
 from daemon.metrics import Metrics
 from daemon.model import FileState, Reason, VerdictKind
 from daemon.pipeline import Outcome
@@ -165,6 +166,24 @@ def test_a_record_too_long_for_journald_is_cut_to_one_line(capsys) -> None:
     assert big_name["error"] == "é" * 2_000 and big_name["file_id"] == 7
     assert big_list == {"event": "big.list", "level": "info", "timestamp": big_list["timestamp"],
                         "watch": "w", "truncated": ["*"]}
+
+
+def test_a_files_fields_ride_on_every_record_of_its_step(capsys) -> None:
+    """One contextvar for the per-file fields (daemon/pipeline: set once per step); a record's
+    own fields win; `enabled` says what the configured level filters out."""
+    configure_logging("json", "warning")
+    log = structlog.get_logger("test")
+    with file_context({"watch": "w", "rel_path": "a.txt", "file_id": 7}):
+        log.warning("file.original_kept", rel_path="b.txt")
+        log.info("scan.verdict")
+    log.warning("worker.error")
+    kept, after = map(json.loads, capsys.readouterr().out.splitlines())
+    assert (kept["event"], kept["watch"], kept["rel_path"], kept["file_id"]) == (
+        "file.original_kept", "w", "b.txt", 7)
+    assert after["event"] == "worker.error" and "file_id" not in after
+    assert enabled(logging.WARNING) and not enabled(logging.INFO)
+    structlog.reset_defaults()
+    assert enabled(logging.DEBUG)
 
 
 _AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]

@@ -17,6 +17,10 @@ from daemon.model import Pending, Reason, Verdict, VerdictKind
 
 __all__ = ["YaraEngine"]
 
+# Up to this size a file is read rather than mapped: mapping and unmapping 4 KB costs more
+# than the match (bench/RESULTS.md, "Issue 21").
+_READ_MAX = 1 << 20
+
 
 def _compile(name: str, config: YaraEngineConfig) -> yara.Rules:
     bundled = resources.files("daemon").joinpath("rules/eicar.yar").read_text()
@@ -51,7 +55,8 @@ class YaraEngine:
                                       is_versioned=True)
 
     def scan(self, request: ScanRequest) -> Verdict:
-        """Match the rules against the file's bytes (mapped, not read into memory).
+        """Match the rules against the file's bytes (mapped, not read into memory, above
+        `_READ_MAX`).
 
         The mapped pages count as the daemon's resident memory while they are matched,
         so a file over `max_size` fails as `too_large` without being mapped.
@@ -59,8 +64,11 @@ class YaraEngine:
         refuse_too_large(self.name, self._max_size, request)
         try:
             size = os.fstat(request.bytes_fd).st_size
-            if size == 0:
-                matches = self._rules.match(data=b"", timeout=self._timeout_s)
+            if size <= _READ_MAX:
+                read = os.pread(request.bytes_fd, size, 0)
+                if len(read) != size:
+                    raise ValueError(f"{size - len(read)} bytes fewer than its size: truncated")
+                matches = self._rules.match(data=read, timeout=self._timeout_s)
             else:
                 with mmap.mmap(request.bytes_fd, size, access=mmap.ACCESS_READ) as data:
                     matches = self._rules.match(data=data, timeout=self._timeout_s)
@@ -68,7 +76,7 @@ class YaraEngine:
             raise EngineRetryableError(f"YARA scan timed out after {self._timeout_s}s",
                                        reason=Reason.TIMEOUT) from exc
         except (yara.Error, OSError, ValueError) as exc:
-            # libyara traps SIGBUS: the file was truncated while mapped. Try again later.
+            # libyara traps SIGBUS: the file was truncated while mapped (or read). Try again later.
             raise EngineRetryableError(f"YARA could not read the file: {exc}",
                                        reason=Reason.UNREADABLE) from exc
         if matches:

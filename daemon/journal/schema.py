@@ -250,8 +250,8 @@ def _to_db(column: str, value: object) -> object:
         return json.dumps(value, sort_keys=True)
     if column == "state":
         return str(value)
-    if isinstance(value, str):
-        return _text(value)
+    if isinstance(value, str):  # most are ASCII, which `_text` gives back unchanged
+        return value if type(value) is str and value.isascii() else _text(value)
     return value
 
 

@@ -87,7 +87,7 @@ class Locations:
         self.dirs = dirs
         self._clients = clients or S3Clients()
         self._places = places or {}  # URL → a place given from outside (tests' fakes)
-        self._s3: dict[tuple[str, str], S3Location] = {}  # made once per batch: several calls a row
+        self._made: dict[tuple[str, str], Place] = {}  # once per batch: asked for several times per file
 
     def source(self, url: str, watch: WatchConfig) -> Source:
         return self._place(url, watch)
@@ -105,13 +105,13 @@ class Locations:
     def _place(self, url: str, watch: WatchConfig) -> Place:
         if (place := self._places.get(url)) is not None:
             return place
-        if is_s3(url):
-            if (s3_place := self._s3.get((url, watch.name))) is None:
-                s3_place = self._s3[url, watch.name] = self._s3_place(url, watch)
-            return s3_place
-        return LocalLocation(url, self.dirs, self._staging)
+        if (made := self._made.get((url, watch.name))) is None:
+            made = self._made[url, watch.name] = self._make(url, watch)
+        return made
 
-    def _s3_place(self, url: str, watch: WatchConfig) -> S3Location:
+    def _make(self, url: str, watch: WatchConfig) -> Place:
+        if not is_s3(url):
+            return LocalLocation(url, self.dirs, self._staging)
         s3 = self._config.s3_for(watch)
         return S3Location(url, self._clients(s3), s3, self._config.state_dir / "work",
                           state_dir=self._config.state_dir,

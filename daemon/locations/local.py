@@ -7,11 +7,11 @@ only if it still is what was snapshotted (docs/integrity.md, "Local files").
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import hashlib
 import io
 import json
+import logging
 import os
 import stat
 from collections.abc import Iterator, Mapping
@@ -39,6 +39,7 @@ from daemon.locations.base import (
 )
 from daemon.locations.original import return_original, write_back
 from daemon.locations.placing import new_file, place_staged, temp_name, write_all
+from daemon.log import enabled
 from daemon.model import Reason
 from daemon.naming import collision_name, local_rel, split_rel
 from daemon.staging import Staging, StagingDirs, orig_name, snap_name
@@ -133,10 +134,10 @@ class LocalLocation:
         it was lost), or the captured original itself when it was never read."""
         staging = self.staging()
         if req.sha256 is None:  # never read (a failed verdict): the original itself is placed
-            if staging.lstat(orig_name(req.file_id)) is None and not self._capture(req, staging):
+            if not staging.exists(orig_name(req.file_id)) and not self._capture(req, staging):
                 raise FileNotFoundError(errno.ENOENT, "no longer there", self.name(req.rel_path))
             return staging, orig_name(req.file_id)
-        if staging.lstat(snap_name(req.file_id)) is None:
+        if not staging.exists(snap_name(req.file_id)):
             self._snapshot_again(req, staging)
         return staging, snap_name(req.file_id)
 
@@ -190,7 +191,7 @@ class LocalLocation:
         if req.sha256 is None:
             staging.unlink(orig_name(req.file_id))
             return
-        if staging.lstat(orig_name(req.file_id)) is None:
+        if not staging.exists(orig_name(req.file_id)):
             try:
                 if not self._capture(req, staging):
                     return  # gone, moved by a rename, or another file: nothing of ours to remove
@@ -320,7 +321,7 @@ def _check_writable(dir_fd: int, base: str, where: str) -> None:
     its folder: no write or search access, or a sticky folder (like /tmp) where neither the
     folder nor the file is the daemon's (only root may rename others' files there)."""
     euid = os.geteuid()
-    denied = not os.access(f"/proc/self/fd/{dir_fd}", os.W_OK | os.X_OK, effective_ids=True)
+    denied = not os.access(".", os.W_OK | os.X_OK, dir_fd=dir_fd, effective_ids=True)
     if not denied and euid != 0:
         folder = os.fstat(dir_fd)
         denied = bool(folder.st_mode & stat.S_ISVTX) and euid not in (
@@ -342,8 +343,9 @@ def _snapshot(staging: Staging, dir_fd: int, base: str, file_id: int) -> tuple[i
     except BaseException:
         os.close(fd)
         raise
-    log.debug("file.snapshot", file_id=file_id, how=how, size=size)
-    return fd, dataclasses.replace(Identity.of(st), size=size)
+    if enabled(logging.DEBUG):  # per file: no logger built when it is filtered
+        log.debug("file.snapshot", file_id=file_id, how=how, size=size)
+    return fd, Identity(st.st_dev, st.st_ino, size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _sidecar_name(base: str) -> str:

@@ -14,7 +14,7 @@ the next one.
 
 from __future__ import annotations
 
-import dataclasses
+import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -28,6 +28,7 @@ from daemon.engines.base import Engine, ScanHandle, ScanRequest, Signatures, sig
 from daemon.fsutil import DirCache
 from daemon.journal import FileRow, Journal
 from daemon.locations import Locations, Place
+from daemon.log import enabled, file_context
 from daemon.model import FileState, Pending, Reason, Verdict, VerdictKind
 from daemon.pipeline.health import EngineHealth
 from daemon.pipeline.moving import Mover
@@ -229,7 +230,7 @@ class Pipeline:
         self.heartbeat_at = self.clock()
         kept = None
         try:
-            with structlog.contextvars.bound_contextvars(**self._context(row)):
+            with file_context(self._context(row)):
                 outcome = step(row, locations)
                 kept = outcome.kept
                 return self.planner.planned(row, outcome, locations) if outcome.needs_plan else outcome
@@ -237,7 +238,7 @@ class Pipeline:
             log.exception("file.internal_error", **self._context(row))
             failed = self._failed(row, exc, locations)
             # The step is lost, not the engine's verdict of these bytes (the verdict cache).
-            return dataclasses.replace(failed, kept=kept) if kept else failed
+            return failed.but(kept=kept) if kept else failed
 
     def _failed(self, row: FileRow, exc: Exception, locations: Locations) -> Outcome:
         """A step that raised: its move failed, or the file fails as an internal error."""
@@ -260,20 +261,28 @@ class Pipeline:
                 self.journal.discover(row.watch, outcome.arrivals, self.clock())
                 self.wake.set()
         reported: list[Reported] = []
+        info = enabled(logging.INFO)  # asked once: a filtered record builds no fields
         for row, outcome in outcomes:
             if outcome.event:
-                logger = log.info
-                if outcome.event in _WARNINGS:
-                    logger = log.warning
-                elif outcome.fields.get("outcome") == VerdictKind.FAILED:
-                    logger = log.error
-                logger(outcome.event, **{**self._context(row), **outcome.fields})
+                self._log(row, outcome, info)
             if outcome.changes:
                 reported.append((row, self.config.watch(row.watch).engine_label, outcome))
             # Several engines: each one's metrics.
             reported.extend((row, engine, step) for engine, step in outcome.engine_events)
         if self._on_outcomes and reported:
             self._on_outcomes(reported)
+
+    def _log(self, row: FileRow, outcome: Outcome, info: bool) -> None:
+        """The step's event, at its level (`info`: whether info records are written)."""
+        if outcome.event in _WARNINGS:
+            level = "warning"
+        elif outcome.fields.get("outcome") == VerdictKind.FAILED:
+            level = "error"
+        elif info:
+            level = "info"
+        else:
+            return
+        getattr(log, level)(outcome.event, **{**self._context(row), **outcome.fields})
 
     def _context(self, row: FileRow) -> dict[str, Any]:
         """The per-file fields every event of the row carries."""

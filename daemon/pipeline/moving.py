@@ -7,8 +7,6 @@ and the next claim of the row moves the file there, so a name is journaled befor
 
 from __future__ import annotations
 
-import dataclasses
-
 from daemon.config import IN_PLACE, Config, WatchConfig
 from daemon.errors import ChangedError, LocationError, S3UnavailableError, TooManyTagsError, UnsafePathError
 from daemon.faults import pause
@@ -76,7 +74,7 @@ class Mover:
         if isinstance(placed, str):  # taken meanwhile: this name is journaled before it is used
             return self.outcomes.replanned(dest.name(placed), placed)
         done = self._placed(row, watch, dest, request, verdict, placed)
-        return dataclasses.replace(done, arrivals=tuple(request.arrivals))
+        return done.but(arrivals=tuple(request.arrivals)) if request.arrivals else done
 
     def _placed(self, row: FileRow, watch: WatchConfig, dest: Destination, request: MoveRequest,
                 verdict: VerdictKind, already_placed: bool) -> Outcome:

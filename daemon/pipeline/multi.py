@@ -69,7 +69,7 @@ class MultiScanner(answers.ScanStep):
         """Follow the pending scans, submit the bytes to engines without one, decide when possible."""
         events: list[tuple[str, Outcome]] = []  # appended to from the engines' threads
         outcome = self._step(row, watch, opened, secret, locations, events)
-        return dataclasses.replace(outcome, engine_events=tuple(events))
+        return outcome.but(engine_events=tuple(events))
 
     def _step(self, row: FileRow, watch: WatchConfig, opened: Opened, secret: str | None,
               locations: Locations, events: list[tuple[str, Outcome]]) -> Outcome:

@@ -36,6 +36,16 @@ class Outcome:
     # (daemon/pipeline/planning.py): the plan is journaled with the verdict, before any move.
     needs_plan: bool = False
 
+    def but(self, **changes: Any) -> Outcome:
+        """This outcome with `changes`: `dataclasses.replace` without its `__init__` (a step
+        does this per file), as `FileRow.updated` does."""
+        if unknown := changes.keys() - self.__dict__.keys():
+            raise TypeError(f"not Outcome fields: {sorted(unknown)}")
+        outcome = object.__new__(Outcome)
+        outcome.__dict__.update(self.__dict__)
+        outcome.__dict__.update(changes)
+        return outcome
+
     @property
     def state(self) -> FileState | None:
         """The state the step moves the row to (None: unchanged)."""

@@ -8,8 +8,6 @@ so a move cut off at any point is finished by the next worker exactly as planned
 
 from __future__ import annotations
 
-import dataclasses
-
 from daemon.config import IN_PLACE, Config
 from daemon.errors import LocationError, UnsafePathError
 from daemon.journal import FileRow, RowChanges
@@ -34,8 +32,8 @@ class Planner:
     def planned(self, row: FileRow, outcome: Outcome, locations: Locations) -> Outcome:
         """`outcome` (a verdict) with its destination planned: its event, unless planning failed."""
         plan = self.plan(row, outcome.changes, locations)
-        return dataclasses.replace(outcome, changes=plan.changes, event=plan.event or outcome.event,
-                                   fields={**outcome.fields, **plan.fields}, needs_plan=False)
+        return outcome.but(changes=plan.changes, event=plan.event or outcome.event,
+                           fields={**outcome.fields, **plan.fields}, needs_plan=False)
 
     def plan(self, row: FileRow, changes: RowChanges, locations: Locations) -> Outcome:
         """`changes` (a verdict) plus the destination chosen now, so a crash mid-move can be finished."""

@@ -9,7 +9,6 @@ A verdict is returned for the pipeline's loop to plan its move (daemon/pipeline/
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import time
 from collections.abc import Callable, Mapping
@@ -130,8 +129,9 @@ class Scanner(answers.ScanStep):
         except OSError as exc:
             return self.outcomes.failed(row, Reason.UNREADABLE, str(exc))
         pause("scan.hashed")
+        ref_id = _ref_id(row, watch, content.sha256)
         request = ScanRequest(watch.name, row.rel_path, opened.path, content.fd, content.size,
-                              content.sha256, "", s3=content.s3,
+                              content.sha256, ref_id, s3=content.s3,
                               archive_password=_secret(watch.archivepwd), by_upload=by_upload,
                               original=locations.source(watch.source, watch).name(row.rel_path))
         # The verdict cache (docs/engines.md, "Verdict cache"): a verdict kept for these bytes,
@@ -141,9 +141,8 @@ class Scanner(answers.ScanStep):
             if (entry := self.cache.lookup(key, watch, locations)) is not None:
                 verdict = Verdict(entry.verdict, entry.threats, entry.reason,
                                   raw={"cached_from": entry.source()})
-                return self._answered(row, verdict, opened.facts, content.sha256,
-                                      _ref_id(row, watch, content.sha256), 0.0, None,
-                                      cached_fields(entry))
+                return self._answered(row, verdict, opened.facts, content.sha256, ref_id, 0.0,
+                                      None, cached_fields(entry))
             if (waiting := self.cache.wait(key, row)) is not None:
                 return waiting
         return self._ask(row, watch, engine, request, opened.facts, followed, locations, key)
@@ -180,18 +179,17 @@ class Scanner(answers.ScanStep):
     def _ask(self, row: FileRow, watch: WatchConfig, engine: Engine, request: ScanRequest,
              facts: RowChanges, resubmit: EngineResubmitError | None, locations: Locations,
              key: CacheKey | None) -> Outcome:
-        """Ask the engine about the bytes of `request`; `facts` say which version they were.
+        """Ask the engine about the bytes of `request` (with the row's reference ID for them);
+        `facts` say which version they were.
 
         `key`: the bytes' flight in the verdict cache, held by `row`, ended by the answer.
         """
-        sha256 = request.sha256
-        ref_id = _ref_id(row, watch, sha256)
+        sha256, ref_id = request.sha256, request.ref_id
         if engine.remote:
             # A remote scan outlives us: the submission is journaled as in doubt, in its own
             # transaction, before the engine sees it (docs/integrity.md, "Remote engines").
             self.journal_at_once(row.id, {"sha256": sha256, "ref_id": ref_id, "engine": engine.name,
                                           "submitting_at": self.clock(), **facts})
-        request = dataclasses.replace(request, ref_id=ref_id)
         started = time.monotonic()
         answer = self._call(row, engine, partial(engine.scan, request))
         if isinstance(answer, Outcome):
@@ -210,7 +208,7 @@ class Scanner(answers.ScanStep):
             repeated["resubmitted"] = True
         answered = self._answered(row, answer, facts, sha256, ref_id, time.monotonic() - started,
                                   "scan.submitted", repeated)
-        return dataclasses.replace(answered, kept=kept) if kept else answered
+        return answered.but(kept=kept) if kept else answered
 
     def _call(self, row: FileRow, engine: Engine, ask: Callable[[], Verdict | Pending]
               ) -> Verdict | Pending | Outcome:
