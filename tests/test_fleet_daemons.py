@@ -125,16 +125,21 @@ def test_two_nodes_given_the_same_message_place_once(
     configs = [fleet.config(0, metrics_port=ports[0], workers=workers), fleet.config(
         1, metrics_port=ports[1], workers=workers, events={
             "sqs_queue_url": second_queue, "endpoint_url": fleet.sqs_endpoint, "region": fleet.region})]
-    # Each node holds the bytes of its first objects until both do: their moves start together.
+    # Each node holds the bytes of the first object until both do: their moves start together.
     pauses = [Pauses(tmp_path / f"pauses-{n}") for n in range(2)]
     nodes = [daemon_factory(config, env={**s3_env, **held.env("scan.hashed")})
              for config, held in zip(configs, pauses, strict=True)]
     for node in nodes:
         node.wait_started()
-    for queue in (fleet.queue_url, second_queue):
-        Fleet(fleet.s3, sqs, fleet.bucket, queue, fleet.base, "", "", "", fleet.etags).send_events(names)
+
+    def send(batch: list[str]) -> None:
+        for queue in (fleet.queue_url, second_queue):
+            Fleet(fleet.s3, sqs, fleet.bucket, queue, fleet.base, "", "", "", fleet.etags).send_events(batch)
+
+    send(names[:1])  # alone, so both nodes hold this one: of many, either could come first
     for node, held in zip(nodes, pauses, strict=True):
         held.reached(node, "scan.hashed")
+    send(names[1:])
     for held in pauses:
         held.go("scan.hashed")
     nodes[0].wait_for(_drained(fleet, names), timeout=60, what="every object placed")
