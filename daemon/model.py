@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, TypedDict
+from typing import Any, NamedTuple, TypedDict, TypeVar
 
 __all__ = ["FileState", "Pending", "Reason", "RejectReason", "RowChanges", "S3Object", "ScanChanges",
-           "ScanRecord", "Verdict", "VerdictKind"]
+           "ScanRecord", "Verdict", "VerdictKind", "replaced"]
 
 
 class FileState(enum.StrEnum):
@@ -205,3 +206,17 @@ class ScanChanges(TypedDict, total=False):
     scanned_at: float
     abandoned: bool
     cached_from: dict[str, Any] | None
+
+
+_Frozen = TypeVar("_Frozen")
+
+
+def replaced(frozen: _Frozen, changes: Mapping[str, Any]) -> _Frozen:
+    """`dataclasses.replace` of a frozen dataclass without its `__init__` (one frozen
+    `__setattr__` per field): ~2 µs instead of ~13, for what a step does per file."""
+    if unknown := changes.keys() - frozen.__dict__.keys():
+        raise TypeError(f"not {type(frozen).__name__} fields: {sorted(unknown)}")
+    copy = object.__new__(type(frozen))
+    copy.__dict__.update(frozen.__dict__)
+    copy.__dict__.update(changes)
+    return copy

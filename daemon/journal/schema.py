@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from daemon.fsutil import Identity
-from daemon.model import FileState, RowChanges, ScanChanges
+from daemon.model import FileState, RowChanges, ScanChanges, replaced
 
 __all__ = ["SCHEMA", "AuditRow", "FileRow", "FleetMember", "RowOrder"]
 
@@ -198,13 +198,7 @@ class FileRow:
 
     def updated(self, changes: RowChanges) -> FileRow:
         """This row with `changes` applied (as the journal will have it once they commit)."""
-        if unknown := changes.keys() - self.__dict__.keys():
-            raise TypeError(f"not FileRow fields: {sorted(unknown)}")
-        # `dataclasses.replace` without its `__init__` (34 frozen `__setattr__`): see `_from_db`.
-        row = object.__new__(FileRow)
-        row.__dict__.update(self.__dict__)
-        row.__dict__.update(changes)
-        return row
+        return replaced(self, changes)
 
     @property
     def identity(self) -> Identity | None:

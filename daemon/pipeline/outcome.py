@@ -13,7 +13,7 @@ from typing import Any
 
 from daemon.errors import EngineRetryableError
 from daemon.journal import FileRow, KeptVerdict, RowChanges
-from daemon.model import FileState, Reason, Verdict, VerdictKind
+from daemon.model import FileState, Reason, Verdict, VerdictKind, replaced
 from daemon.retry import RetryPolicy
 
 __all__ = ["Outcome", "Outcomes"]
@@ -37,14 +37,8 @@ class Outcome:
     needs_plan: bool = False
 
     def but(self, **changes: Any) -> Outcome:
-        """This outcome with `changes`: `dataclasses.replace` without its `__init__` (a step
-        does this per file), as `FileRow.updated` does."""
-        if unknown := changes.keys() - self.__dict__.keys():
-            raise TypeError(f"not Outcome fields: {sorted(unknown)}")
-        outcome = object.__new__(Outcome)
-        outcome.__dict__.update(self.__dict__)
-        outcome.__dict__.update(changes)
-        return outcome
+        """This outcome with `changes` (a step does this per file)."""
+        return replaced(self, changes)
 
     @property
     def state(self) -> FileState | None:
