@@ -39,10 +39,6 @@ log = structlog.get_logger("scanwatch.pipeline")
 # (it is made due at once when that scan's answer lands): a safety net for a lost flight.
 _WAIT_S = 5.0
 _SHARED_DIR = LEASE_DIR + "cache/"
-# Engines that scan in this process, and the size up to which a second scan of the same
-# bytes costs less than a flight (`VerdictCache.wait`).
-_IN_PROCESS = frozenset({"yara"})
-_CHEAP_SCAN_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -164,8 +160,8 @@ class VerdictCache:
             self.journal.end_flight(key.engine, key.sha256, file_id, self.clock())
 
     def _is_cheap(self, key: CacheKey, row: FileRow) -> bool:
-        return (self.config.engines[key.engine].type in _IN_PROCESS and row.size is not None
-                and row.size <= _CHEAP_SCAN_BYTES)
+        cheap = self.config.engines[key.engine].cheap_rescan_bytes
+        return cheap > 0 and row.size is not None and row.size <= cheap
 
     def _is_fresh(self, key: CacheKey, entry: CachedVerdict) -> bool:
         if key.is_versioned or entry.verdict is VerdictKind.INFECTED:
