@@ -15,19 +15,28 @@ from datetime import datetime
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any
 
-import boto3
-import botocore.session
-from botocore.config import Config as BotoConfig
-from botocore.exceptions import BotoCoreError, ClientError
-
 from daemon.errors import LocationError, QueueUnavailableError, S3ConditionError, S3UnavailableError
 from daemon.s3url import S3Url
 
 if TYPE_CHECKING:
+    from botocore.exceptions import BotoCoreError, ClientError
+
     from daemon.config import EventsConfig, S3Config
 
 __all__ = ["S3Clients", "epoch", "error_code", "list_objects", "make_client", "make_sqs_client",
            "profile_names", "s3_boundary", "s3_errors", "sqs_boundary"]
+
+# boto3 and botocore are imported when first needed: a daemon whose watches are all local
+# never loads them, in the parent or in a worker (a start-up is mostly imports, ~0.1 s of
+# CPU per process for these: bench/RESULTS.md, "Issue 21: performance, local YARA burst").
+
+
+def _botocore_errors() -> tuple[type[ClientError], type[BotoCoreError]]:
+    """botocore's ClientError and BotoCoreError (no call raised them if it is not loaded yet)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    return ClientError, BotoCoreError
+
 
 # Codes that say "this will not work until someone changes something": wait, don't fail.
 _MISSING = frozenset({"404", "NoSuchKey", "NoSuchVersion", "NotFound"})
@@ -51,6 +60,10 @@ def make_client(config: S3Config) -> Any:
       sha256 (docs/integrity.md); a write is covered by TLS and, on plain HTTP, by SigV4's
       signed payload hash.
     """
+    import boto3
+    import botocore.session
+    from botocore.config import Config as BotoConfig
+
     core = botocore.session.get_session()
     # Timestamps (LastModified, ...) stay strings, as the AWS CLI keeps them: nothing here
     # reads them, and parsing them was a tenth of the daemon's CPU in a backlog.
@@ -66,6 +79,9 @@ def make_client(config: S3Config) -> Any:
 
 def make_sqs_client(events: EventsConfig, s3_config: S3Config) -> Any:
     """A boto3 SQS client for a watch's `events:` queue (its region: the queue's own, else `s3:`'s)."""
+    import boto3
+    from botocore.config import Config as BotoConfig
+
     return boto3.session.Session(profile_name=s3_config.profile).client(
         "sqs", endpoint_url=events.endpoint_url,
         region_name=events.region or s3_config.region or _queue_region(events.sqs_queue_url),
@@ -82,6 +98,8 @@ def _queue_region(url: str) -> str | None:
 
 def profile_names() -> list[str]:
     """The named profiles of the AWS config files."""
+    import boto3
+
     return list(boto3.session.Session().available_profiles)
 
 
@@ -115,17 +133,18 @@ def s3_boundary(what: str) -> Iterator[None]:
     """
     try:
         yield
-    except ClientError as exc:
-        code = error_code(exc)
-        if code in _MISSING:
-            raise FileNotFoundError(errno.ENOENT, f"no such object ({code})", what) from exc
-        if code in _CONDITION:
-            raise S3ConditionError(f"{what}: {code}") from exc
-        raise s3_errors(what, exc) from exc
-    except (BotoCoreError, OSError) as exc:
-        if isinstance(exc, FileNotFoundError):
-            raise
-        raise S3UnavailableError(f"{what}: {exc}") from exc
+    except Exception as exc:
+        client_error, core_error = _botocore_errors()
+        if isinstance(exc, client_error):
+            code = error_code(exc)
+            if code in _MISSING:
+                raise FileNotFoundError(errno.ENOENT, f"no such object ({code})", what) from exc
+            if code in _CONDITION:
+                raise S3ConditionError(f"{what}: {code}") from exc
+            raise s3_errors(what, exc) from exc
+        if isinstance(exc, (core_error, OSError)) and not isinstance(exc, FileNotFoundError):
+            raise S3UnavailableError(f"{what}: {exc}") from exc
+        raise
 
 
 @contextmanager
@@ -133,25 +152,29 @@ def sqs_boundary(action: str, queue: str) -> Iterator[None]:
     """What boto3 raises for an SQS call becomes QueueUnavailableError, naming `action` and `queue`."""
     try:
         yield
-    except ClientError as exc:
-        error = exc.response.get("Error", {})
-        code = error.get("Code")
-        raise QueueUnavailableError(
-            f"SQS {action} on queue {queue!r} failed: {code}: {error.get('Message', '')}; check "
-            f"events.sqs_queue_url and that the daemon may receive, delete and change the "
-            f"visibility of its messages", action=action, code=code) from exc
-    except BotoCoreError as exc:
-        raise QueueUnavailableError(f"SQS {action} on queue {queue!r} failed: {exc}",
-                                    action=action) from exc
+    except Exception as exc:
+        client_error, core_error = _botocore_errors()
+        if isinstance(exc, client_error):
+            error = exc.response.get("Error", {})
+            code = error.get("Code")
+            raise QueueUnavailableError(
+                f"SQS {action} on queue {queue!r} failed: {code}: {error.get('Message', '')}; check "
+                f"events.sqs_queue_url and that the daemon may receive, delete and change the "
+                f"visibility of its messages", action=action, code=code) from exc
+        if isinstance(exc, core_error):
+            raise QueueUnavailableError(f"SQS {action} on queue {queue!r} failed: {exc}",
+                                        action=action) from exc
+        raise
 
 
 def s3_errors(what: str, exc: Exception) -> LocationError:
     """A LocationError for a failed S3 call; S3UnavailableError when waiting may help."""
-    if isinstance(exc, ClientError):
+    client_error, core_error = _botocore_errors()
+    if isinstance(exc, client_error):
         code = error_code(exc)
         message = f"{what}: {code} {exc.response.get('Error', {}).get('Message', '')}".strip()
         return S3UnavailableError(message) if code in _UNAVAILABLE else LocationError(message)
-    if isinstance(exc, BotoCoreError):
+    if isinstance(exc, core_error):
         return S3UnavailableError(f"{what}: {exc}")
     return LocationError(f"{what}: {exc}")
 

@@ -533,3 +533,30 @@ def test_s3_watch_workers_are_sized_for_io_and_engine_calls_held_to_its_concurre
     assert len(h.pipeline._threads) == 32
     assert most[0] <= 2  # the engine's concurrency holds across all the workers
     assert h.pipeline.engines == {"default": engine}
+
+
+def test_the_s3_and_sqs_boundaries_translate_what_botocore_raises() -> None:
+    """What boto3 raises becomes scanwatch's errors (docs/contract.md); anything else passes."""
+    from botocore.exceptions import ClientError, EndpointConnectionError
+
+    from daemon.errors import LocationError, QueueUnavailableError, S3ConditionError, S3UnavailableError
+    from daemon.s3client import s3_boundary, sqs_boundary
+
+    def client_error(code: str) -> ClientError:
+        return ClientError({"Error": {"Code": code, "Message": "m"}}, "GetObject")
+
+    cases: list[tuple[BaseException, type[BaseException]]] = [
+        (client_error("NoSuchKey"), FileNotFoundError), (client_error("412"), S3ConditionError),
+        (client_error("SlowDown"), S3UnavailableError), (client_error("Other"), LocationError),
+        (EndpointConnectionError(endpoint_url="http://x"), S3UnavailableError),
+        (ConnectionResetError(), S3UnavailableError), (FileNotFoundError(), FileNotFoundError),
+        (ValueError("v"), ValueError)]
+    for raised, expected in cases:
+        with pytest.raises(expected) as caught, s3_boundary("GET s3://b/k"):
+            raise raised
+        assert type(caught.value) is expected
+    for raised in (client_error("AccessDenied"), EndpointConnectionError(endpoint_url="http://x")):
+        with pytest.raises(QueueUnavailableError), sqs_boundary("ReceiveMessage", "q"):
+            raise raised
+    with pytest.raises(KeyError), sqs_boundary("ReceiveMessage", "q"):
+        raise KeyError("k")

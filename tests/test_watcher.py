@@ -164,7 +164,7 @@ def test_repeated_errors_pass_once_per_interval_with_the_count_held_back() -> No
     assert errors.admit("ENAMETOOLONG") is None
 
 
-def _watcher(tmp_path: Path, settle_seconds: float) -> tuple[Any, Any, Any]:
+def _watcher(tmp_path: Path, settle_seconds: float, wake: Any = None) -> tuple[Any, Any, Any]:
     import threading
 
     from daemon.config import load_config
@@ -180,7 +180,7 @@ def _watcher(tmp_path: Path, settle_seconds: float) -> tuple[Any, Any, Any]:
                      "failed": str(tmp_path / "failed"), "settle_seconds": settle_seconds}]}))
     config = load_config(tmp_path / "scanwatch.yaml")
     journal = Journal(tmp_path / "state" / "journal.sqlite3")
-    wake = threading.Event()
+    wake = threading.Event() if wake is None else wake
     watcher = LocalWatcher(config.watches[0], journal, wake)
     watcher.settle = lambda: 0  # type: ignore[method-assign]  # what discovery alone records
     watcher.step()  # the first look at the root sweeps it (empty); events only from here on
@@ -216,4 +216,40 @@ def test_with_a_settle_period_an_event_only_records_the_arrival(tmp_path: Path) 
     [row] = journal.rows()
     assert row.state is FileState.DISCOVERED and row.identity is None
     assert not wake.is_set()
+    watcher._disarm()
+
+
+
+def test_with_settle_0_the_start_up_sweep_records_files_stable_and_wakes_per_chunk(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backlog present at start is claimable chunk by chunk while the sweep goes on,
+    with no settle step after it (docs/operations.md, "`settle_seconds: 0`")."""
+    import sqlite3
+
+    from daemon.fsutil import Identity
+    from daemon.model import FileState
+    from daemon.watchers import local
+
+    inbox = tmp_path / "in"
+    (inbox / "sub").mkdir(parents=True)
+    for rel in ("a.bin", "b.bin", "c.bin", "sub/d.bin"):
+        (inbox / rel).write_bytes(rel.encode())
+    (inbox / "link").symlink_to(inbox / "a.bin")
+    monkeypatch.setattr(local, "_CHUNK", 2)
+    stable_at_wake: list[int] = []
+
+    class Wake:  # what the workers could claim each time they are woken
+        def set(self) -> None:
+            with sqlite3.connect(tmp_path / "state" / "journal.sqlite3") as conn:
+                [(count,)] = conn.execute("SELECT count(*) FROM files WHERE state = 'stable'")
+            stable_at_wake.append(count)
+
+    watcher, journal, _ = _watcher(tmp_path, 0, Wake())  # its first step sweeps
+    rows = {r.rel_path: r for r in journal.rows()}
+    assert {rel: r.state for rel, r in rows.items()} == {
+        "a.bin": FileState.STABLE, "b.bin": FileState.STABLE, "c.bin": FileState.STABLE,
+        "sub/d.bin": FileState.STABLE, "link": FileState.DISCOVERED}  # the settle step holds it
+    assert rows["sub/d.bin"].identity == Identity.of(os.lstat(inbox / "sub" / "d.bin"))
+    assert len(stable_at_wake) >= 2 and stable_at_wake[0] < 4 and stable_at_wake[-1] == 4
+    assert stable_at_wake == sorted(stable_at_wake)
     watcher._disarm()

@@ -134,3 +134,13 @@ def test_the_cut_record_of_a_killed_worker_is_left_out(capsys) -> None:
         _relay_lines(os.fdopen(read_fd, "rb"), 1)
     assert capsys.readouterr().out == '{"event": "a"}\n{"event": "b"}\n'
     assert logs == [{"event": "worker.record_cut", "log_level": "warning", "worker": 1, "size_bytes": 20}]
+
+
+def test_a_daemon_of_local_watches_imports_no_boto3() -> None:
+    """Start-up is mostly imports (bench/RESULTS.md, "Issue 21"): boto3 and botocore, a tenth
+    of a second of CPU in each process, are loaded only by an S3 call."""
+    script = ("import sys, daemon.cli, daemon.service, daemon.workers.process; "
+              "print(sorted(m for m in sys.modules if m.split('.')[0] in ('boto3', 'botocore')))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=ROOT, check=True)
+    assert done.stdout.strip() == "[]"

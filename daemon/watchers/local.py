@@ -6,9 +6,11 @@ what events missed (arrivals while stopped, inotify overflow, network filesystem
 so losing the in-memory set loses nothing. A file is stable when its mtime and
 ctime are `settle_seconds` old: ctime moves on every write and cannot be set by
 the writer, so a writer that pauses shorter than that is waited for. With
-`settle_seconds: 0` there is nothing to wait for: a plain file an event names is
-recorded stable, with the identity of the `lstat` that found it, in the discovery
-transaction itself (one transaction, one query and one `lstat` less per file).
+`settle_seconds: 0` there is nothing to wait for: a plain file an event names or a
+sweep finds is recorded stable, with the identity of the `lstat` that found it, in the
+discovery transaction itself (one transaction, one query and one `lstat` less per file),
+and the workers are woken per chunk of it: a backlog present at start is claimed while
+the start-up sweep goes on.
 
 The root is opened with `O_NOFOLLOW | O_DIRECTORY` at every step and the tree is
 walked through descriptors (daemon/watchers/tree.py), so paths deeper than PATH_MAX
@@ -164,7 +166,7 @@ class LocalWatcher:
             if now >= self._next_rescan_at:
                 self._sweep(root_fd, now)
             elif paths:
-                settled: dict[str, Identity] = {}
+                settled = self._settled()
                 self._record(self._entries(root_fd, paths, settled), now, "event", settled)
         finally:
             os.close(root_fd)
@@ -232,14 +234,19 @@ class LocalWatcher:
         """Record every file in the tree; the next sweep is scheduled even if this one fails."""
         started = time.monotonic()
         skipped: dict[str, str] = {}
+        settled = self._settled()
         try:
-            self._record(walk(root_fd, self._keep, lambda rel, exc: self._skip(rel, exc, skipped)),
-                         now, "sweep")
+            self._record(walk(root_fd, self._keep, lambda rel, exc: self._skip(rel, exc, skipped),
+                              settled=settled), now, "sweep", settled)
             self._skipped = skipped
         finally:
             self._next_rescan_at = now + self.watch.rescan_interval
         log.debug("watch.swept", watch=self.watch.name, skipped=len(skipped),
                   duration_s=round(time.monotonic() - started, 3))
+
+    def _settled(self) -> dict[str, Identity] | None:
+        """Where discovery notes the identities of files stable at once (`settle_seconds: 0`)."""
+        return {} if self.watch.settle_seconds == 0 else None
 
     def _keep(self, rel_path: str) -> bool:
         # The staging directory of snapshots is the daemon's, whatever `ignore` says.
@@ -254,23 +261,23 @@ class LocalWatcher:
             log.warning("watch.subtree_skipped", watch=self.watch.name, rel_dir=rel_dir or ".",
                         reason=reason, error=exc.strerror)
 
-    def _entries(self, root_fd: int, paths: set[str], settled: dict[str, Identity]
+    def _entries(self, root_fd: int, paths: set[str], settled: dict[str, Identity] | None
                  ) -> Iterator[tuple[str, int]]:
-        """`(rel_path, inode)` of the paths events named; with `settle_seconds: 0`, the
-        identities of plain files seen here fill `settled`: they are stable already."""
+        """`(rel_path, inode)` of the paths events named; `settled` (`settle_seconds: 0`)
+        gets the identities of plain files seen here: they are stable already."""
         for path in sorted(paths):
             rel = relative_path(self.watch.source, path.rstrip("/"))
             if rel is None:
                 continue
             if path.endswith("/"):
                 yield from walk(root_fd, self._keep,
-                                lambda r, exc: self._skip(r, exc, self._skipped), rel)
+                                lambda r, exc: self._skip(r, exc, self._skipped), rel, settled)
             elif self._keep(rel):
                 try:
                     st = stat_below(root_fd, rel)
                 except OSError:
                     continue
-                if self.watch.settle_seconds == 0 and classify(st) is None:
+                if settled is not None and classify(st) is None:
                     settled[rel] = Identity.of(st)
                 yield rel, st.st_ino
 
@@ -281,14 +288,23 @@ class LocalWatcher:
         for entry in entries:
             batch.append(entry)
             if len(batch) >= _CHUNK:
-                added += self.journal.discover(self.watch.name, batch, now, settled)
-                batch.clear()
+                added += self._discover(batch, now, settled)
         if batch:
-            added += self.journal.discover(self.watch.name, batch, now, settled)
+            added += self._discover(batch, now, settled)
         if added:
             log.info("file.discovered", watch=self.watch.name, count=added, by=how)
-            if settled:
-                self.wake.set()  # stable already: the workers need not wait for `settle`
+
+    def _discover(self, batch: list[tuple[str, int]], now: float,
+                  settled: dict[str, Identity] | None) -> int:
+        """Record one chunk (emptied after). `settled` holds the identities of this chunk only:
+        discovery fills it while it yields the chunk's entries."""
+        added = self.journal.discover(self.watch.name, batch, now, settled)
+        batch.clear()
+        if settled:
+            settled.clear()
+            if added:  # stable already: the workers need not wait for the rest or for `settle`
+                self.wake.set()
+        return added
 
     def settle(self) -> int:
         """Mark due discovered rows stable, held or gone; returns how many became stable."""

@@ -16,7 +16,7 @@ import errno
 import os
 from collections.abc import Callable, Generator, Iterator
 
-from daemon.fsutil import open_below
+from daemon.fsutil import Identity, classify, open_below
 
 __all__ = ["OnSkip", "stat_below", "walk"]
 
@@ -47,8 +47,8 @@ def stat_below(root_fd: int, rel_path: str) -> os.stat_result:
         os.close(fd)
 
 
-def _list(fd: int, rel_dir: str, keep: Callable[[str], bool], on_skip: OnSkip
-          ) -> Generator[tuple[str, int], None, list[str]]:
+def _list(fd: int, rel_dir: str, keep: Callable[[str], bool], on_skip: OnSkip,
+          settled: dict[str, Identity] | None) -> Generator[tuple[str, int], None, list[str]]:
     """Yield `(rel_path, inode)` of the files in `fd`; return the names of its subdirectories."""
     subdirs: list[str] = []
     try:
@@ -59,6 +59,10 @@ def _list(fd: int, rel_dir: str, keep: Callable[[str], bool], on_skip: OnSkip
                     if entry.is_dir(follow_symlinks=False):
                         subdirs.append(entry.name)
                     elif keep(rel):
+                        if settled is not None:
+                            st = entry.stat(follow_symlinks=False)
+                            if classify(st) is None:
+                                settled[rel] = Identity.of(st)
                         yield rel, entry.inode()
                 except OSError:
                     continue
@@ -68,11 +72,14 @@ def _list(fd: int, rel_dir: str, keep: Callable[[str], bool], on_skip: OnSkip
     return subdirs
 
 
-def walk(root_fd: int, keep: Callable[[str], bool], on_skip: OnSkip, top: str = ""
-         ) -> Iterator[tuple[str, int]]:
+def walk(root_fd: int, keep: Callable[[str], bool], on_skip: OnSkip, top: str = "",
+         settled: dict[str, Identity] | None = None) -> Iterator[tuple[str, int]]:
     """`(rel_path, inode)` of every kept non-directory below `top` of the tree at `root_fd`.
 
     Symlinked directories are not entered. Relative paths may be longer than PATH_MAX.
+    `settled`, if given, gets the identity of each plain file's `lstat` (made below its
+    directory's descriptor) before the file is yielded: a watch with `settle_seconds: 0`
+    records it stable at once (daemon/watchers/local.py).
     """
     try:
         fd = open_below(root_fd, _parts(top))
@@ -82,7 +89,7 @@ def walk(root_fd: int, keep: Callable[[str], bool], on_skip: OnSkip, top: str = 
         return
     frames: list[tuple[str, int, list[str]]] = [(top, fd, [])]
     try:
-        frames[-1] = (top, fd, (yield from _list(fd, top, keep, on_skip)))
+        frames[-1] = (top, fd, (yield from _list(fd, top, keep, on_skip, settled)))
         while frames:
             rel_dir, fd, subdirs = frames[-1]
             if not subdirs:
@@ -97,7 +104,7 @@ def walk(root_fd: int, keep: Callable[[str], bool], on_skip: OnSkip, top: str = 
                     on_skip(rel, exc)
                 continue
             frames.append((rel, child, []))
-            frames[-1] = (rel, child, (yield from _list(child, rel, keep, on_skip)))
+            frames[-1] = (rel, child, (yield from _list(child, rel, keep, on_skip, settled)))
     finally:
         for _, fd, _ in frames:
             os.close(fd)
