@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from typing import Any, TypeVar, cast
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, MetricsHandler
@@ -180,6 +180,11 @@ class Metrics:
                                 name="metrics", limits=limits)
         listener.start()
         return listener
+
+    def observe_all(self, batch: Iterable[tuple[FileRow, str, Outcome]]) -> None:
+        """`observe` each step of a batch."""
+        for row, engine, outcome in batch:
+            self.observe(row, engine, outcome)
 
     def observe(self, row: FileRow, engine: str, outcome: Outcome) -> None:
         """Count one step of the pipeline by the event it logged (`row`: as it was before)."""

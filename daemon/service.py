@@ -16,11 +16,11 @@ from daemon.config import Config, load_config
 from daemon.engines import Engine, build_engines
 from daemon.engines.clamav import follow_clamd_threads
 from daemon.errors import ConfigError, EngineThrottledError, JournalDamagedError, ScanwatchError
-from daemon.journal import FileRow, is_damage, open_journal, owner_token
+from daemon.journal import is_damage, open_journal, owner_token
 from daemon.journal.repair import hold_daemon_lock
 from daemon.locations.s3staging import reconcile as reconcile_staging
 from daemon.metrics import Metrics
-from daemon.pipeline import Outcome, Pipeline, uses_s3
+from daemon.pipeline import Pipeline, Reported, uses_s3
 from daemon.s3client import S3Clients
 from daemon.s3url import is_s3
 from daemon.sdnotify import Notifier
@@ -80,10 +80,10 @@ class Service:
         pipeline: Pipeline | WorkerPool
         if config.worker_count() > 1:
             share_webhook_health(engines, config.state_dir)  # received here, polled in workers
-            pipeline = WorkerPool(config, self.journal, self.wake, self._on_outcome)
+            pipeline = WorkerPool(config, self.journal, self.wake, self._on_outcomes)
         else:
             pipeline = Pipeline(config, self.journal, engines, owner=self.owner, wake=self.wake,
-                                on_outcome=self._on_outcome, s3=s3)
+                                on_outcomes=self._on_outcomes, s3=s3)
         watchers: list[Watcher] = [
             S3Watcher(w, self.journal, self.wake, s3(config.s3_for(w)), config.s3_for(w),
                       on_malformed=self.metrics.sqs_malformed.labels(w.name).inc)
@@ -93,10 +93,15 @@ class Service:
         webhooks = WebhookReceivers(engines, self.journal, self.wake)
         return _Running(config, engines, pipeline, watchers, alerts, webhooks)
 
-    def _on_outcome(self, row: FileRow, engine: str, outcome: Outcome) -> None:
-        self.metrics.observe(row, engine, outcome)
-        if self._running.alerts is not None:
-            self._running.alerts.observe(self._running.config.watch(row.watch), row, outcome)
+    def _on_outcomes(self, batch: list[Reported]) -> None:
+        """A batch's outcomes into the metrics and alerts; one that fails them skips no other."""
+        for row, engine, outcome in batch:
+            try:
+                self.metrics.observe(row, engine, outcome)
+                if self._running.alerts is not None:
+                    self._running.alerts.observe(self._running.config.watch(row.watch), row, outcome)
+            except Exception:
+                log.exception("outcome.unobserved", event=outcome.event)
 
     def _start(self, running: _Running, *, is_first: bool = False) -> None:
         # Bound first, so an address in use stops the first start before anything runs;

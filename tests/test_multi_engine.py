@@ -170,7 +170,7 @@ def test_metrics_count_each_engine_under_its_own_name(layout: Layout) -> None:
     multi = Multi(layout)
     metrics = Metrics(multi.journal)
     multi.pipeline = Pipeline(multi.config, multi.journal, {"a": multi.a, "b": multi.b},
-                              owner=owner_token(), clock=multi.clock, on_outcome=metrics.observe,
+                              owner=owner_token(), clock=multi.clock, on_outcomes=metrics.observe_all,
                               policy=RetryPolicy(base_s=10, max_s=10))
     multi.b.script = [raises(EngineRetryableError("503 busy"))]
     multi.drop("a.txt", b"hello")
@@ -194,7 +194,7 @@ def test_retries_are_counted_by_the_engines_own_reason(layout: Layout, error: Ex
     multi = Multi(layout)
     metrics = Metrics(multi.journal)
     multi.pipeline = Pipeline(multi.config, multi.journal, {"a": multi.a, "b": multi.b},
-                              owner=owner_token(), clock=multi.clock, on_outcome=metrics.observe,
+                              owner=owner_token(), clock=multi.clock, on_outcomes=metrics.observe_all,
                               policy=RetryPolicy(base_s=10, max_s=10))
     multi.b.script = [raises(error)]
     multi.drop("a.txt", b"hello")

@@ -64,17 +64,16 @@ class Pipeline:
                  owner: str, wake: threading.Event | None = None,
                  clock: Callable[[], float] = time.time,
                  policy: RetryPolicy | None = None,
-                 on_outcome: Callable[[FileRow, str, Outcome], None] | None = None,
                  on_outcomes: Callable[[list[Reported]], None] | None = None,
                  s3: S3Clients | None = None, places: Mapping[str, Place] | None = None) -> None:
-        """`on_outcome` hears each step's outcome, `on_outcomes` a whole batch's at once
-        (a worker process sends them to the daemon in one frame: daemon/workers/process.py)."""
+        """`on_outcomes` hears a batch's outcomes at once (a worker process sends them to the
+        daemon in one frame: daemon/workers/process.py)."""
         self.config = config
         self.journal = journal
         self.owner = owner
         self.wake = wake or threading.Event()
         self.clock = clock
-        self._on_outcomes = on_outcomes or (_one_by_one(on_outcome) if on_outcome else None)
+        self._on_outcomes = on_outcomes
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self.heartbeat_at = clock()
@@ -330,14 +329,6 @@ class _Bounded:
         self.engine.close()
         if self._shared is not None:
             self._shared.close()
-
-
-def _one_by_one(on_outcome: Callable[[FileRow, str, Outcome], None]
-                ) -> Callable[[list[Reported]], None]:
-    def hear(batch: list[Reported]) -> None:
-        for reported in batch:
-            on_outcome(*reported)
-    return hear
 
 
 def uses_s3(watch: WatchConfig) -> bool:

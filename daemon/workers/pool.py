@@ -31,9 +31,9 @@ from typing import IO
 import structlog
 
 from daemon.config import Config
-from daemon.journal import FileRow, Journal
+from daemon.journal import Journal
 from daemon.log import write_lines
-from daemon.pipeline import Outcome, Reported
+from daemon.pipeline import Reported
 from daemon.workers.process import read_frame, write_frame
 
 __all__ = ["WorkerPool"]
@@ -66,11 +66,11 @@ class WorkerPool:
     """`config.workers` worker processes, started again when one dies."""
 
     def __init__(self, config: Config, journal: Journal, wake: threading.Event,
-                 on_outcome: Callable[[FileRow, str, Outcome], None]) -> None:
+                 on_outcomes: Callable[[list[Reported]], None]) -> None:
         self.config = config
         self.journal = journal
         self.wake = wake
-        self._on_outcome = on_outcome
+        self._on_outcomes = on_outcomes
         self._workers: list[_Worker] = []
         self._stopping = threading.Event()
         self._pipes = threading.Lock()  # a wake pipe is not written while it is closed
@@ -111,11 +111,7 @@ class WorkerPool:
                     batch: list[Reported] = read_frame(stream)  # a batch's outcomes
                 except EOFError:
                     return
-                for row, engine, outcome in batch:
-                    try:
-                        self._on_outcome(row, engine, outcome)
-                    except Exception:
-                        log.exception("worker.event_failed", event=outcome.event)
+                self._on_outcomes(batch)
 
     def _wake_all(self) -> None:
         while not self._stopping.is_set():
