@@ -192,23 +192,23 @@ class Metrics:
         if (cache := fields.get("cache")) in ("hit", "miss"):
             self._child(self.cache, engine, str(cache)).inc()
         if fields.get("resubmitted"):
-            self.resubmissions.labels(row.watch, engine).inc()
+            self._child(self.resubmissions, row.watch, engine).inc()
         reason = str(fields.get("reason") or "")
         if fields.get("verdict") == VerdictKind.FAILED and reason in _ENGINE_ERROR_REASONS:
-            self.engine_errors.labels(engine, reason).inc()
+            self._child(self.engine_errors, engine, reason).inc()
         if outcome.event == "file.moved":
             if fields.get("already_placed"):
-                self.already_placed.labels(row.watch).inc()
+                self._child(self.already_placed, row.watch).inc()
             self._child(self.files, row.watch, str(fields["outcome"]), reason).inc()
             self._child(self.scan_seconds, engine).observe(max(0.0, time.time() - row.discovered_at))
             self._child(self.bytes_scanned, engine).inc(row.size or 0)
         elif outcome.event == "file.skipped":
-            self.files.labels(row.watch, "skipped", reason).inc()
+            self._child(self.files, row.watch, "skipped", reason).inc()
         elif outcome.event == "move.failed":
-            self.moves_failed.labels(row.watch).inc()
+            self._child(self.moves_failed, row.watch).inc()
         elif outcome.event == "retry.scheduled":
-            self.retries.labels(engine, reason or Reason.ENGINE_ERROR).inc()
-            self.engine_errors.labels(engine, reason or Reason.ENGINE_ERROR).inc()
+            self._child(self.retries, engine, reason or Reason.ENGINE_ERROR).inc()
+            self._child(self.engine_errors, engine, reason or Reason.ENGINE_ERROR).inc()
 
     def _child(self, metric: _Metric, *labels: str) -> _Metric:
         """`metric.labels(*labels)`, looked up once: the per-file counts are the daemon's own
