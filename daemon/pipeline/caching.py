@@ -90,9 +90,10 @@ class VerdictCache:
     def wait(self, key: CacheKey, row: FileRow) -> Outcome | None:
         """None: `row` holds its bytes' flight and asks. Else another row does: wait for it.
 
-        A small file for an engine in this process takes no flight: scanning it twice costs
-        less than the flight's transaction under the journal's writers' lock, which is the
-        serial part of the daemon's work (bench/RESULTS.md, "Issue 21").
+        A small file for an engine that scans in this process or on this host (YARA, a clamd
+        on a unix socket: `cheap_rescan_bytes`) takes no flight: scanning copies twice costs
+        less than a flight's transaction under the journal's writers' lock for every file,
+        the serial part of the daemon's work (bench/RESULTS.md, "Issue 21").
         """
         if self._is_cheap(key, row):
             return None
