@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ from daemon.engines.blazelock import BlazelockEngine
 from daemon.engines.clamav import ClamavEngine
 from daemon.engines.yara import YaraEngine
 from daemon.journal import open_journal
+from daemon.pipeline.caching import CacheKey
 
 COPIES = 10
 
@@ -123,6 +125,53 @@ def test_small_copies_for_yara_take_no_flight_and_large_ones_do(layout: Layout) 
         harness.run()
     assert len([e for e in logs if e["event"] == "scan.waiting"]) == len(large) - 1
     assert sorted(e.get("cached", False) for e in _verdicts(logs)) == [False, True, True]
+
+
+def test_flights_asked_for_meanwhile_are_taken_in_one_transaction(layout: Layout,
+                                                                 emulator: BlazelockEmulator) -> None:
+    """Eight rows of one process ask for their flights while another transaction holds the
+    journal's writers' lock: the first waits for it, the seven others queue behind it and go
+    in the next transaction (two in all, not eight); of three copies one holds the flight and
+    the two others wait for it, as with a transaction each (docs/engines.md, "Verdict cache")."""
+    harness = _blazelock(layout, emulator)
+    contents = [b"copy", b"copy", b"copy", b"one", b"two", b"three", b"four", b"five"]
+    for i, data in enumerate(contents):
+        harness.drop(f"f{i}.txt", data)
+    harness.watcher.step()
+    rows = harness.journal.claim(["inbox"], "me", harness.clock() + 1, 16)
+    cache, journal = harness.pipeline.scanner.cache, harness.journal
+    taken: list[int] = []
+    writes = [0]
+    take_flights, tx = journal.take_flights, journal._tx
+
+    def counted_take(flights):  # type: ignore[no-untyped-def]
+        taken.append(len(flights))
+        return take_flights(flights)
+
+    def counted_tx():  # type: ignore[no-untyped-def]
+        writes[0] += 1
+        return tx()
+
+    outcomes: dict[int, Any] = {}
+
+    def wait(row, data):  # type: ignore[no-untyped-def]
+        key = CacheKey("default", "fingerprint", hashlib.sha256(data).hexdigest(), is_versioned=False)
+        outcomes[row.id] = cache.wait(key, row)
+
+    journal.take_flights, journal._tx = counted_take, counted_tx  # type: ignore[method-assign]
+    threads = [threading.Thread(target=wait, args=pair) for pair in zip(rows, contents, strict=True)]
+    with journal._write_lock:  # another thread's transaction
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: sum(taken) + len(cache._flights._asked) == len(rows), what="every flight asked")
+    for thread in threads:
+        thread.join(10)
+    assert writes[0] == 2 and sum(taken) == 8
+    copies = [outcomes[row.id] for row in rows[:3]]
+    holders = [row.id for row in rows[:3] if outcomes[row.id] is None]
+    assert len(holders) == 1
+    assert [o.fields["waiting_for"] for o in copies if o is not None] == holders * 2
+    assert all(outcomes[row.id] is None for row in rows[3:])
 
 
 def test_cache_switched_off_scans_every_copy(layout: Layout, emulator: BlazelockEmulator) -> None:
