@@ -3,6 +3,7 @@ a clamd whose database is reloaded, YARA rules reloaded by SIGHUP (fleets: test_
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -13,7 +14,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from daemon.config import BlazelockEngineConfig, ClamavEngineConfig, YaraEngineC
 from daemon.engines.blazelock import BlazelockEngine
 from daemon.engines.clamav import ClamavEngine
 from daemon.engines.yara import YaraEngine
+from daemon.errors import JournalError
 from daemon.journal import open_journal
 from daemon.pipeline.caching import CacheKey
 
@@ -127,51 +129,85 @@ def test_small_copies_for_yara_take_no_flight_and_large_ones_do(layout: Layout) 
     assert sorted(e.get("cached", False) for e in _verdicts(logs)) == [False, True, True]
 
 
-def test_flights_asked_for_meanwhile_are_taken_in_one_transaction(layout: Layout,
-                                                                 emulator: BlazelockEmulator) -> None:
-    """Eight rows of one process ask for their flights while another transaction holds the
-    journal's writers' lock: the first waits for it, the seven others queue behind it and go
-    in the next transaction (two in all, not eight); of three copies one holds the flight and
-    the two others wait for it, as with a transaction each (docs/engines.md, "Verdict cache")."""
-    harness = _blazelock(layout, emulator)
-    contents = [b"copy", b"copy", b"copy", b"one", b"two", b"three", b"four", b"five"]
+def _flights_asked_at_once(harness: Harness, contents: list[bytes], held: Callable[[], Any],
+                           queued: Callable[[], None]) -> dict[int, Any]:
+    """Each of `contents` a claimed row asking for its flight in its own thread, once every
+    one is queued behind `held` (a context manager stalling the first transaction); each
+    row's `VerdictCache.wait` outcome (None: it holds the flight), or the error it raised."""
     for i, data in enumerate(contents):
         harness.drop(f"f{i}.txt", data)
     harness.watcher.step()
     rows = harness.journal.claim(["inbox"], "me", harness.clock() + 1, 16)
-    cache, journal = harness.pipeline.scanner.cache, harness.journal
-    taken: list[int] = []
-    writes = [0]
-    take_flights, tx = journal.take_flights, journal._tx
+    cache = harness.pipeline.scanner.cache
+    outcomes: dict[int, Any] = {}
 
-    def counted_take(flights):  # type: ignore[no-untyped-def]
-        taken.append(len(flights))
-        return take_flights(flights)
+    def wait(row, data):  # type: ignore[no-untyped-def]
+        key = CacheKey("default", "fingerprint", hashlib.sha256(data).hexdigest(), is_versioned=False)
+        try:
+            outcomes[row.id] = cache.wait(key, row)
+        except JournalError as exc:
+            outcomes[row.id] = exc
+
+    threads = [threading.Thread(target=wait, args=pair) for pair in zip(rows, contents, strict=True)]
+    with held():
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: len(cache._flights._asked) == len(rows), what="every flight asked")
+        queued()
+    for thread in threads:
+        thread.join(10)
+    return {row.id: outcomes[row.id] for row in rows}
+
+
+def test_flights_asked_for_meanwhile_are_taken_in_one_transaction(layout: Layout,
+                                                                 emulator: BlazelockEmulator) -> None:
+    """Eight rows of one process ask for their flights while another transaction holds the
+    journal's writers' lock: one transaction takes them all once it is free (not eight);
+    of three copies one holds the flight and the two others wait for it, as with a
+    transaction each (docs/engines.md, "Verdict cache")."""
+    harness = _blazelock(layout, emulator)
+    writes = [0]
+    tx = harness.journal._tx
 
     def counted_tx():  # type: ignore[no-untyped-def]
         writes[0] += 1
         return tx()
 
-    outcomes: dict[int, Any] = {}
+    def held():  # type: ignore[no-untyped-def]
+        writes[0] = 0  # from the rows' claim on
+        return harness.journal._write_lock
 
-    def wait(row, data):  # type: ignore[no-untyped-def]
-        key = CacheKey("default", "fingerprint", hashlib.sha256(data).hexdigest(), is_versioned=False)
-        outcomes[row.id] = cache.wait(key, row)
-
-    journal.take_flights, journal._tx = counted_take, counted_tx  # type: ignore[method-assign]
-    threads = [threading.Thread(target=wait, args=pair) for pair in zip(rows, contents, strict=True)]
-    with journal._write_lock:  # another thread's transaction
-        for thread in threads:
-            thread.start()
-        wait_until(lambda: sum(taken) + len(cache._flights._asked) == len(rows), what="every flight asked")
-    for thread in threads:
-        thread.join(10)
-    assert writes[0] == 2 and sum(taken) == 8
-    copies = [outcomes[row.id] for row in rows[:3]]
-    holders = [row.id for row in rows[:3] if outcomes[row.id] is None]
+    harness.journal._tx = counted_tx  # type: ignore[method-assign]
+    contents = [b"copy"] * 3 + [b"one", b"two", b"three", b"four", b"five"]
+    outcomes = list(_flights_asked_at_once(harness, contents, held, lambda: None).items())
+    assert writes[0] == 1
+    holders = [file_id for file_id, outcome in outcomes[:3] if outcome is None]
     assert len(holders) == 1
-    assert [o.fields["waiting_for"] for o in copies if o is not None] == holders * 2
-    assert all(outcomes[row.id] is None for row in rows[3:])
+    assert [o.fields["waiting_for"] for _, o in outcomes[:3] if o is not None] == holders * 2
+    assert [outcome for _, outcome in outcomes[3:]] == [None] * 5
+
+
+def test_a_failed_flight_transaction_fails_only_its_own_thread(layout: Layout,
+                                                              emulator: BlazelockEmulator) -> None:
+    """The transaction that took the queued flights fails: the thread that ran it has the
+    error, the others' flights go in the next transaction."""
+    harness = _blazelock(layout, emulator)
+    take_flights, go = harness.journal.take_flights, threading.Event()
+    calls = []
+
+    def failing_once(flights):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) == 1:
+            go.wait(10)
+            flights()  # taken from the queue, then the transaction fails
+            raise JournalError("journal is not writable: disk I/O error")
+        return take_flights(flights)
+
+    harness.journal.take_flights = failing_once  # type: ignore[method-assign]
+    outcomes = _flights_asked_at_once(harness, [b"%d" % i for i in range(6)], contextlib.nullcontext,
+                                      go.set)
+    assert len(calls) == 2
+    assert sorted(type(o).__name__ for o in outcomes.values()) == ["JournalError"] + ["NoneType"] * 5
 
 
 def test_cache_switched_off_scans_every_copy(layout: Layout, emulator: BlazelockEmulator) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -169,13 +169,14 @@ class VerdictCacheRecords(Database):
         transaction that found the flight, so a flight landing before the waiting row's own
         step commits still wakes it.
         """
-        return self.take_flights([Flight(engine, sha256, file_id, now, wait_until)])[0]
+        return self.take_flights(lambda: [Flight(engine, sha256, file_id, now, wait_until)])[0]
 
-    def take_flights(self, flights: Sequence[Flight]) -> list[int | None]:
-        """`take_flight` of several rows in one transaction, in order: of two rows with the
-        same bytes, the second waits for the first."""
+    def take_flights(self, flights: Callable[[], Sequence[Flight]]) -> list[int | None]:
+        """`take_flight` of several rows in one transaction, in order (of two rows with the
+        same bytes, the second waits for the first): those `flights()` names once the
+        writers' lock is held, so that flights asked for while it was awaited go too."""
         with self._tx() as conn:
-            return [_take(conn, flight) for flight in flights]
+            return [_take(conn, flight) for flight in flights()]
 
     def end_flight(self, engine: str, sha256: str, file_id: int, now: float, *,
                    is_miss: bool = False) -> None:

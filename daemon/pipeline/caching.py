@@ -209,10 +209,10 @@ class VerdictCache:
 
 
 class _Flights:
-    """The flights this process's threads ask for, taken together: while one thread's
-    transaction waits for the journal's writers' lock or runs, the flights asked for in the
-    meantime queue, and the next transaction takes them all (docs/engines.md, "Verdict cache").
-    Each thread still returns only once its own flight is written, before its engine is asked."""
+    """The flights this process's threads ask for, taken together: those asked for while a
+    transaction waits for the journal's writers' lock or runs go in the next one, which
+    takes every flight queued by the time it holds the lock (docs/engines.md, "Verdict
+    cache"). Each thread returns once its own flight is written, before it asks its engine."""
 
     def __init__(self, journal: Journal) -> None:
         self.journal = journal
@@ -231,10 +231,15 @@ class _Flights:
         return asked.holder
 
     def _take_queued(self, mine: _Asked) -> None:
-        with self._lock:
-            batch, self._asked = self._asked, []
+        batch: list[_Asked] = []
+
+        def queued() -> list[Flight]:
+            with self._lock:
+                batch[:], self._asked = self._asked, []
+            return [asked.flight for asked in batch]
+
         try:
-            holders = self.journal.take_flights([asked.flight for asked in batch])
+            holders = self.journal.take_flights(queued)
         except BaseException:
             with self._lock:  # the others are taken by the next transaction (or fail in it)
                 self._asked[:0] = [asked for asked in batch if asked is not mine]
