@@ -11,7 +11,8 @@ clamd's busy share: its CPU time over the wall time of each run, in cores. The p
 loop scans a sample (`--loop-files`) and its rate is extrapolated to every file.
 `--concurrency` unset: the engine's own default (clamd's `MaxThreads`, docs/engines.md).
 `--compare DIR` runs a second checkout's daemon (say the main branch) as one more peer
-in every run, with the same configuration (`--compare-concurrency`: another concurrency).
+in every run, with the same configuration (`--compare-concurrency`: another concurrency),
+the two daemons taking turns going first.
 `--tcp`: the daemons reach clamd by `address:` (the bytes streamed with INSTREAM, and a
 verdict-cache flight for every file: docs/engines.md) instead of its unix socket (FILDES).
 
@@ -62,14 +63,24 @@ def _daemon(clamd: Clamd, base: Path, files: list[tuple[str, bytes]], concurrenc
     return {**figures, "clamd_cores": busy_s * figures["files_per_s"] / len(files)}
 
 
-def _one_run(clamd: Clamd, base: Path, files: list[tuple[str, bytes]], args: argparse.Namespace
-             ) -> dict[str, float]:
-    ours = _daemon(clamd, base / "daemon", files, args.concurrency, tcp=args.tcp)
-    figures = {"scanwatch": ours["files_per_s"], "cpu_ms": ours["cpu_ms_per_file"],
-               "rss_mb": ours["peak_rss_mb"], "clamd_cores": ours["clamd_cores"]}
-    if args.compare:
-        other = _daemon(clamd, base / "compare", files, args.compare_concurrency or args.concurrency,
-                        code=args.compare, tcp=args.tcp)
+def _one_run(clamd: Clamd, base: Path, files: list[tuple[str, bytes]], args: argparse.Namespace,
+             index: int) -> dict[str, float]:
+    """One run of every peer; the two daemons take turns going first (a load that drifts
+    during a run does not favour one of them)."""
+    def ours() -> dict[str, float]:
+        return _daemon(clamd, base / "daemon", files, args.concurrency, tcp=args.tcp)
+
+    def theirs() -> dict[str, float]:
+        return _daemon(clamd, base / "compare", files, args.compare_concurrency or args.concurrency,
+                       code=args.compare, tcp=args.tcp)
+
+    if args.compare and index % 2:
+        other, mine = theirs(), ours()
+    else:
+        mine, other = ours(), theirs() if args.compare else {}
+    figures = {"scanwatch": mine["files_per_s"], "cpu_ms": mine["cpu_ms_per_file"],
+               "rss_mb": mine["peak_rss_mb"], "clamd_cores": mine["clamd_cores"]}
+    if other:
         figures |= {"compare": other["files_per_s"], "compare_cpu_ms": other["cpu_ms_per_file"],
                     "compare_clamd_cores": other["clamd_cores"]}
     folder = base / "peer"
@@ -137,11 +148,11 @@ def main() -> None:
     for db in args.db:
         with running_clamd(args.max_threads, _DATABASES[db], start_timeout_s=600) as clamd:
             runs = []
-            for _ in range(args.runs):
+            for index in range(args.runs):
                 base = Path(tempfile.mkdtemp(prefix="scanwatch-bench-clamav-"))
                 base.chmod(0o755)
                 try:
-                    runs.append(_one_run(clamd, base, files, args))
+                    runs.append(_one_run(clamd, base, files, args, index))
                 finally:
                     shutil.rmtree(base, ignore_errors=True)
         _report(db, runs, args)
