@@ -187,26 +187,31 @@ def test_flights_asked_for_meanwhile_are_taken_in_one_transaction(layout: Layout
     assert [outcome for _, outcome in outcomes[3:]] == [None] * 5
 
 
-def test_a_failed_flight_transaction_fails_only_its_own_thread(layout: Layout,
-                                                              emulator: BlazelockEmulator) -> None:
-    """The transaction that took the queued flights fails: the thread that ran it has the
-    error, the others' flights go in the next transaction."""
+@pytest.mark.parametrize("drained", [True, False], ids=["failed-in-it", "failed-to-begin"])
+def test_a_failed_flight_transaction_fails_only_its_own_thread(layout: Layout, emulator: BlazelockEmulator,
+                                                              drained: bool) -> None:
+    """The transaction that took the queued flights fails (or could not begin): the thread
+    that ran it has the error, the five others' flights go in the next transaction."""
     harness = _blazelock(layout, emulator)
     take_flights, go = harness.journal.take_flights, threading.Event()
-    calls = []
+    taken: list[int] = []
 
     def failing_once(flights):  # type: ignore[no-untyped-def]
-        calls.append(1)
-        if len(calls) == 1:
+        def counted():  # type: ignore[no-untyped-def]
+            queued = flights()
+            taken.append(len(queued))
+            return queued
+
+        if not taken:
             go.wait(10)
-            flights()  # taken from the queue, then the transaction fails
+            taken.append(len(flights()) if drained else 0)
             raise JournalError("journal is not writable: disk I/O error")
-        return take_flights(flights)
+        return take_flights(counted)
 
     harness.journal.take_flights = failing_once  # type: ignore[method-assign]
     outcomes = _flights_asked_at_once(harness, [b"%d" % i for i in range(6)], contextlib.nullcontext,
                                       go.set)
-    assert len(calls) == 2
+    assert taken == [6 if drained else 0, 5]
     assert sorted(type(o).__name__ for o in outcomes.values()) == ["JournalError"] + ["NoneType"] * 5
 
 

@@ -242,7 +242,7 @@ class _Flights:
             holders = self.journal.take_flights(queued)
         except BaseException:
             with self._lock:  # the others are taken by the next transaction (or fail in it)
-                self._asked[:0] = [asked for asked in batch if asked is not mine]
+                self._asked = [asked for asked in (*batch, *self._asked) if asked is not mine]
             raise
         for asked, holder in zip(batch, holders, strict=True):
             asked.holder, asked.done = holder, True
