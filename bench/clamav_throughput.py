@@ -11,9 +11,12 @@ clamd's busy share: its CPU time over the wall time of each run, in cores. The p
 loop scans a sample (`--loop-files`) and its rate is extrapolated to every file.
 `--concurrency` unset: the engine's own default (clamd's `MaxThreads`, docs/engines.md).
 `--compare DIR` runs a second checkout's daemon (say the main branch) as one more peer
-in every run, with the same configuration (`--compare-concurrency`: another concurrency).
+in every run, with the same configuration (`--compare-concurrency`: another concurrency),
+the two daemons taking turns going first.
+`--tcp`: the daemons reach clamd by `address:` (the bytes streamed with INSTREAM, and a
+verdict-cache flight for every file: docs/engines.md) instead of its unix socket (FILDES).
 
-    python bench/clamav_throughput.py [--db one synthetic] [--files 5000] [--runs 3] [--compare DIR]
+    python bench/clamav_throughput.py [--db one synthetic] [--files 5000] [--runs 3] [--compare DIR] [--tcp]
 """
 from __future__ import annotations
 
@@ -50,23 +53,34 @@ def clamd_cpu_seconds(pid: int) -> float:
 
 
 def _daemon(clamd: Clamd, base: Path, files: list[tuple[str, bytes]], concurrency: int | None,
-            code: Path = ROOT) -> dict[str, float]:
+            code: Path = ROOT, tcp: bool = False) -> dict[str, float]:
     """One daemon run: files/s, CPU ms/file, and clamd's cores busy over the run's wall time."""
-    engine = {"type": "clamav", "socket": str(clamd.socket), "mode": "auto"}
+    endpoint = {"address": clamd.address} if tcp else {"socket": str(clamd.socket)}
+    engine = {"type": "clamav", **endpoint, "mode": "auto"}
     busy_before = clamd_cpu_seconds(clamd.pid)
     figures = run_daemon(base, files, concurrency, "write", engine=engine, code=code)
     busy_s = clamd_cpu_seconds(clamd.pid) - busy_before
     return {**figures, "clamd_cores": busy_s * figures["files_per_s"] / len(files)}
 
 
-def _one_run(clamd: Clamd, base: Path, files: list[tuple[str, bytes]], args: argparse.Namespace
-             ) -> dict[str, float]:
-    ours = _daemon(clamd, base / "daemon", files, args.concurrency)
-    figures = {"scanwatch": ours["files_per_s"], "cpu_ms": ours["cpu_ms_per_file"],
-               "rss_mb": ours["peak_rss_mb"], "clamd_cores": ours["clamd_cores"]}
-    if args.compare:
-        other = _daemon(clamd, base / "compare", files, args.compare_concurrency or args.concurrency,
-                        code=args.compare)
+def _one_run(clamd: Clamd, base: Path, files: list[tuple[str, bytes]], args: argparse.Namespace,
+             index: int) -> dict[str, float]:
+    """One run of every peer; the two daemons take turns going first (a load that drifts
+    during a run does not favour one of them)."""
+    def ours() -> dict[str, float]:
+        return _daemon(clamd, base / "daemon", files, args.concurrency, tcp=args.tcp)
+
+    def theirs() -> dict[str, float]:
+        return _daemon(clamd, base / "compare", files, args.compare_concurrency or args.concurrency,
+                       code=args.compare, tcp=args.tcp)
+
+    if args.compare and index % 2:
+        other, mine = theirs(), ours()
+    else:
+        mine, other = ours(), theirs() if args.compare else {}
+    figures = {"scanwatch": mine["files_per_s"], "cpu_ms": mine["cpu_ms_per_file"],
+               "rss_mb": mine["peak_rss_mb"], "clamd_cores": mine["clamd_cores"]}
+    if other:
         figures |= {"compare": other["files_per_s"], "compare_cpu_ms": other["cpu_ms_per_file"],
                     "compare_clamd_cores": other["clamd_cores"]}
     folder = base / "peer"
@@ -96,8 +110,9 @@ def _report(db: str, runs: list[dict[str, float]], args: argparse.Namespace) -> 
     ratio = [{"multi": r["scanwatch"] / r["multiscan"], "loop": r["scanwatch"] / r["per_file"],
               **({"compare": r["scanwatch"] / r["compare"]} if args.compare else {})} for r in runs]
     concurrency = args.concurrency or f"unset: MaxThreads {args.max_threads}"
+    how = "TCP, INSTREAM" if args.tcp else "FILDES"
     print(f"  database {db}, {len(runs)} runs, median (min - max), load average {os.getloadavg()[0]:.1f}:")
-    print(f"    scanwatch (FILDES, concurrency {concurrency}): {_spread(runs, 'scanwatch')} files/s, "
+    print(f"    scanwatch ({how}, concurrency {concurrency}): {_spread(runs, 'scanwatch')} files/s, "
           f"CPU {_spread(runs, 'cpu_ms', 3)} ms/file, peak RSS {_spread(runs, 'rss_mb')} MB, "
           f"clamd busy {_spread(runs, 'clamd_cores', 2)} cores")
     if args.compare:
@@ -124,6 +139,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--compare", type=Path, help="another checkout's daemon as a peer")
     parser.add_argument("--compare-concurrency", type=int, help="the peer's; unset: as --concurrency")
+    parser.add_argument("--tcp", action="store_true", help="the daemons reach clamd over TCP (address:)")
     args = parser.parse_args()
     files = _payloads(args.files, args.size)
     print(f"clamav_throughput: {args.files} files x {args.size} B, 1 % EICAR, one clamd "
@@ -132,11 +148,11 @@ def main() -> None:
     for db in args.db:
         with running_clamd(args.max_threads, _DATABASES[db], start_timeout_s=600) as clamd:
             runs = []
-            for _ in range(args.runs):
+            for index in range(args.runs):
                 base = Path(tempfile.mkdtemp(prefix="scanwatch-bench-clamav-"))
                 base.chmod(0o755)
                 try:
-                    runs.append(_one_run(clamd, base, files, args))
+                    runs.append(_one_run(clamd, base, files, args, index))
                 finally:
                     shutil.rmtree(base, ignore_errors=True)
         _report(db, runs, args)

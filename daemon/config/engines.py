@@ -62,8 +62,9 @@ class _EngineBase(_Model):
 
     @property
     def cheap_rescan_bytes(self) -> int:
-        """Up to this size, scanning the same bytes again costs less than a verdict-cache flight
-        (a journal transaction under the writers' lock): 0, none, unless it scans in-process."""
+        """Up to this size, scanning copies that arrive together twice costs less than a
+        verdict-cache flight (a journal transaction under the writers' lock) for every file:
+        0, none, unless the engine scans in-process or on this host (docs/engines.md)."""
         return 0
 
 
@@ -105,6 +106,13 @@ class ClamavEngineConfig(_EngineBase):
                                               "clamd answers OK for what is past its MaxFileSize, "
                                               "MaxScanSize and StreamMaxLength, so keep this at or "
                                               "below them (Debian: 25M) and raise both together")
+
+    @property
+    def cheap_rescan_bytes(self) -> int:
+        """A clamd on this host's unix socket: a copy of 256 KiB costs it ~1 ms of CPU to scan
+        again (4 KB: ~0.3 ms), a flight ~0.06 ms for every file; over TCP (maybe another host,
+        the bytes streamed) every file takes its flight (bench/RESULTS.md, "Issue 21: clamd")."""
+        return 256 * 1024 if self.socket is not None else 0
 
     @field_validator("address")
     @classmethod
