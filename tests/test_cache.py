@@ -3,7 +3,6 @@ a clamd whose database is reloaded, YARA rules reloaded by SIGHUP (fleets: test_
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import shutil
@@ -11,10 +10,9 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +26,7 @@ from daemon.config import BlazelockEngineConfig, ClamavEngineConfig, YaraEngineC
 from daemon.engines.blazelock import BlazelockEngine
 from daemon.engines.clamav import ClamavEngine
 from daemon.engines.yara import YaraEngine
-from daemon.errors import JournalError
 from daemon.journal import open_journal
-from daemon.pipeline.caching import CacheKey
 
 COPIES = 10
 
@@ -127,92 +123,6 @@ def test_small_copies_for_yara_take_no_flight_and_large_ones_do(layout: Layout) 
         harness.run()
     assert len([e for e in logs if e["event"] == "scan.waiting"]) == len(large) - 1
     assert sorted(e.get("cached", False) for e in _verdicts(logs)) == [False, True, True]
-
-
-def _flights_asked_at_once(harness: Harness, contents: list[bytes], held: Callable[[], Any],
-                           queued: Callable[[], None]) -> dict[int, Any]:
-    """Each of `contents` a claimed row asking for its flight in its own thread, once every
-    one is queued behind `held` (a context manager stalling the first transaction); each
-    row's `VerdictCache.wait` outcome (None: it holds the flight), or the error it raised."""
-    for i, data in enumerate(contents):
-        harness.drop(f"f{i}.txt", data)
-    harness.watcher.step()
-    rows = harness.journal.claim(["inbox"], "me", harness.clock() + 1, 16)
-    cache = harness.pipeline.scanner.cache
-    outcomes: dict[int, Any] = {}
-
-    def wait(row, data):  # type: ignore[no-untyped-def]
-        key = CacheKey("default", "fingerprint", hashlib.sha256(data).hexdigest(), is_versioned=False)
-        try:
-            outcomes[row.id] = cache.wait(key, row)
-        except JournalError as exc:
-            outcomes[row.id] = exc
-
-    threads = [threading.Thread(target=wait, args=pair) for pair in zip(rows, contents, strict=True)]
-    with held():
-        for thread in threads:
-            thread.start()
-        wait_until(lambda: len(cache._flights._asked) == len(rows), what="every flight asked")
-        queued()
-    for thread in threads:
-        thread.join(10)
-    return {row.id: outcomes[row.id] for row in rows}
-
-
-def test_flights_asked_for_meanwhile_are_taken_in_one_transaction(layout: Layout,
-                                                                 emulator: BlazelockEmulator) -> None:
-    """Eight rows of one process ask for their flights while another transaction holds the
-    journal's writers' lock: one transaction takes them all once it is free (not eight);
-    of three copies one holds the flight and the two others wait for it, as with a
-    transaction each (docs/engines.md, "Verdict cache")."""
-    harness = _blazelock(layout, emulator)
-    writes = [0]
-    tx = harness.journal._tx
-
-    def counted_tx():  # type: ignore[no-untyped-def]
-        writes[0] += 1
-        return tx()
-
-    def held():  # type: ignore[no-untyped-def]
-        writes[0] = 0  # from the rows' claim on
-        return harness.journal._write_lock
-
-    harness.journal._tx = counted_tx  # type: ignore[method-assign]
-    contents = [b"copy"] * 3 + [b"one", b"two", b"three", b"four", b"five"]
-    outcomes = list(_flights_asked_at_once(harness, contents, held, lambda: None).items())
-    assert writes[0] == 1
-    holders = [file_id for file_id, outcome in outcomes[:3] if outcome is None]
-    assert len(holders) == 1
-    assert [o.fields["waiting_for"] for _, o in outcomes[:3] if o is not None] == holders * 2
-    assert [outcome for _, outcome in outcomes[3:]] == [None] * 5
-
-
-@pytest.mark.parametrize("drained", [True, False], ids=["failed-in-it", "failed-to-begin"])
-def test_a_failed_flight_transaction_fails_only_its_own_thread(layout: Layout, emulator: BlazelockEmulator,
-                                                              drained: bool) -> None:
-    """The transaction that took the queued flights fails (or could not begin): the thread
-    that ran it has the error, the five others' flights go in the next transaction."""
-    harness = _blazelock(layout, emulator)
-    take_flights, go = harness.journal.take_flights, threading.Event()
-    taken: list[int] = []
-
-    def failing_once(flights):  # type: ignore[no-untyped-def]
-        def counted():  # type: ignore[no-untyped-def]
-            queued = flights()
-            taken.append(len(queued))
-            return queued
-
-        if not taken:
-            go.wait(10)
-            taken.append(len(flights()) if drained else 0)
-            raise JournalError("journal is not writable: disk I/O error")
-        return take_flights(counted)
-
-    harness.journal.take_flights = failing_once  # type: ignore[method-assign]
-    outcomes = _flights_asked_at_once(harness, [b"%d" % i for i in range(6)], contextlib.nullcontext,
-                                      go.set)
-    assert taken == [6 if drained else 0, 5]
-    assert sorted(type(o).__name__ for o in outcomes.values()) == ["JournalError"] + ["NoneType"] * 5
 
 
 def test_cache_switched_off_scans_every_copy(layout: Layout, emulator: BlazelockEmulator) -> None:

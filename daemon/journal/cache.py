@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -21,7 +21,7 @@ from daemon.journal.schema import _ACTIVE
 from daemon.model import VerdictKind
 from daemon.timefmt import iso
 
-__all__ = ["CachedVerdict", "Flight", "KeptVerdict", "VerdictCacheRecords"]
+__all__ = ["CachedVerdict", "KeptVerdict", "VerdictCacheRecords"]
 
 # Eviction reads `max_entries` index entries: done once every so many stores of an engine,
 # which so holds at most `max_entries` + this many.
@@ -75,31 +75,6 @@ class KeptVerdict(NamedTuple):
     max_entries: int
     now: float
     file_id: int | None
-
-
-class Flight(NamedTuple):
-    """A row about to ask `engine` about the bytes `sha256` (`take_flight`)."""
-
-    engine: str
-    sha256: str
-    file_id: int
-    now: float
-    wait_until: float
-
-
-def _take(conn: Any, flight: Flight) -> int | None:
-    """`take_flight` within a transaction already open."""
-    engine, sha256, file_id, now, wait_until = flight
-    found = conn.execute(
-        "SELECT f.file_id FROM cache_flights f JOIN files r ON r.id = f.file_id "
-        "WHERE f.engine = ? AND f.sha256 = ? AND f.file_id != ? AND r.state = 'scanning'",
-        (engine, sha256, file_id)).fetchone()
-    if found is not None:
-        conn.execute("UPDATE files SET sha256 = ?, next_attempt_at = ? WHERE id = ?",
-                     (sha256, wait_until, file_id))
-        return int(found[0])
-    conn.execute("INSERT OR REPLACE INTO cache_flights VALUES (?, ?, ?, ?)", (engine, sha256, file_id, now))
-    return None
 
 
 def _count(conn: Any, engine: str, *, hit: bool, by: int = 1) -> None:
@@ -169,14 +144,18 @@ class VerdictCacheRecords(Database):
         transaction that found the flight, so a flight landing before the waiting row's own
         step commits still wakes it.
         """
-        return self.take_flights(lambda: [Flight(engine, sha256, file_id, now, wait_until)])[0]
-
-    def take_flights(self, flights: Callable[[], Sequence[Flight]]) -> list[int | None]:
-        """`take_flight` of several rows in one transaction, in order (of two rows with the
-        same bytes, the second waits for the first): those `flights()` names once the
-        writers' lock is held, so that flights asked for while it was awaited go too."""
         with self._tx() as conn:
-            return [_take(conn, flight) for flight in flights()]
+            found = conn.execute(
+                "SELECT f.file_id FROM cache_flights f JOIN files r ON r.id = f.file_id "
+                "WHERE f.engine = ? AND f.sha256 = ? AND f.file_id != ? AND r.state = 'scanning'",
+                (engine, sha256, file_id)).fetchone()
+            if found is not None:
+                conn.execute("UPDATE files SET sha256 = ?, next_attempt_at = ? WHERE id = ?",
+                             (sha256, wait_until, file_id))
+                return int(found[0])
+            conn.execute("INSERT OR REPLACE INTO cache_flights VALUES (?, ?, ?, ?)",
+                         (engine, sha256, file_id, now))
+            return None
 
     def end_flight(self, engine: str, sha256: str, file_id: int, now: float, *,
                    is_miss: bool = False) -> None:

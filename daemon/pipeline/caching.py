@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -27,7 +26,6 @@ from daemon.config import Config, WatchConfig
 from daemon.engines.base import Engine, signatures_of
 from daemon.errors import LocationError, ScanwatchError
 from daemon.journal import CachedVerdict, FileRow, Journal, KeptVerdict
-from daemon.journal.cache import Flight
 from daemon.locations import Locations, ObjectStore
 from daemon.model import FileState, ScanChanges, Verdict, VerdictKind
 from daemon.pipeline.outcome import Outcome
@@ -65,7 +63,6 @@ class VerdictCache:
         self.config = config
         self.journal = journal
         self.clock = clock
-        self._flights = _Flights(journal)
 
     def key(self, watch: WatchConfig, name: str, engine: Engine, sha256: str) -> CacheKey | None:
         """The cache key of these bytes for engine `name`, or None when the cache is off for them."""
@@ -101,7 +98,7 @@ class VerdictCache:
         if self._is_cheap(key, row):
             return None
         now = self.clock()
-        holder = self._flights.take(Flight(key.engine, key.sha256, row.id, now, now + _WAIT_S))
+        holder = self.journal.take_flight(key.engine, key.sha256, row.id, now, now + _WAIT_S)
         if holder is None:
             return None
         # Due when the answer lands, or after `_WAIT_S`: written by `take_flight`, so not here.
@@ -129,7 +126,7 @@ class VerdictCache:
                                  "cached_from": entry.source()}
                 events.append((name, Outcome({}, "scan.verdict", {"verdict": entry.verdict.value,
                                                                   **cached_fields(entry)})))
-            elif (holder := self._flights.take(Flight(name, sha256, row.id, now, now + _WAIT_S))) is not None:
+            elif (holder := self.journal.take_flight(name, sha256, row.id, now, now + _WAIT_S)) is not None:
                 records[name] = {"next_attempt_at": now + _WAIT_S, "last_error": None}
                 log.info("scan.waiting", watch=row.watch, rel_path=row.rel_path, file_id=row.id,
                          engine=name, waiting_for=holder, sha256=sha256)
@@ -206,57 +203,6 @@ class VerdictCache:
             where.create_object(name, json.dumps(entry.to_json()).encode())  # False: another was first
         except (LocationError, OSError) as exc:
             log.warning("cache.shared_unwritten", key=where.name(name), error=str(exc))
-
-
-class _Flights:
-    """The flights this process's threads ask for, taken together: those asked for while a
-    transaction waits for the journal's writers' lock or runs go in the next one, which
-    takes every flight queued by the time it holds the lock (docs/engines.md, "Verdict
-    cache"). Each thread returns once its own flight is written, before it asks its engine."""
-
-    def __init__(self, journal: Journal) -> None:
-        self.journal = journal
-        self._asked: list[_Asked] = []
-        self._lock = threading.Lock()  # `_asked`
-        self._taking = threading.Lock()  # one transaction at a time
-
-    def take(self, flight: Flight) -> int | None:
-        """`Journal.take_flight`: None, `flight` is the row's; else the row that holds it."""
-        asked = _Asked(flight)
-        with self._lock:
-            self._asked.append(asked)
-        with self._taking:
-            if not asked.done:
-                self._take_queued(asked)
-        return asked.holder
-
-    def _take_queued(self, mine: _Asked) -> None:
-        batch: list[_Asked] = []
-
-        def queued() -> list[Flight]:
-            with self._lock:
-                batch[:], self._asked = self._asked, []
-            return [asked.flight for asked in batch]
-
-        try:
-            holders = self.journal.take_flights(queued)
-        except BaseException:
-            with self._lock:  # the others are taken by the next transaction (or fail in it)
-                self._asked = [asked for asked in (*batch, *self._asked) if asked is not mine]
-            raise
-        for asked, holder in zip(batch, holders, strict=True):
-            asked.holder, asked.done = holder, True
-
-
-class _Asked:
-    """One thread's flight in `_Flights`' queue; `holder` is read once `done`."""
-
-    __slots__ = ("done", "flight", "holder")
-
-    def __init__(self, flight: Flight) -> None:
-        self.flight = flight
-        self.done = False
-        self.holder: int | None = None
 
 
 def _shared_name(key: CacheKey) -> str:
