@@ -3,8 +3,10 @@
 With `workers: N` (docs/operations.md, "Throughput") every worker process has its own
 threads per engine; a slot is an exclusive `flock` on one of the engine's slot files under
 state_dir, which the kernel frees when its holder exits, killed or not. A thread first
-takes a free slot without waiting; when all are taken it waits on one of them in turn
-(never more than `limit` holders, at worst a little longer a wait than needed).
+takes a free slot without waiting, trying the one it held last first (so that threads
+settle on slots of their own and one `flock` is the usual cost); when all are taken it
+waits on one of them in turn (never more than `limit` holders, at worst a little longer
+a wait than needed).
 """
 
 from __future__ import annotations
@@ -41,7 +43,9 @@ class EngineSlots:
         self._locks[slot].release()
 
     def _acquire(self) -> int:
-        for slot, lock in enumerate(self._locks):
+        last: int = getattr(self._held, "slot", 0)
+        for slot in itertools.chain(range(last, len(self._locks)), range(last)):
+            lock = self._locks[slot]
             if not lock.acquire(blocking=False):
                 continue
             try:

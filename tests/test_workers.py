@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -78,6 +79,24 @@ def test_a_killed_holder_frees_its_slot(tmp_path: Path) -> None:
     assert taken.wait(30)
     waiter.join(5)  # out of its slot before the slots are closed under it
     slots.close()
+
+
+def test_a_thread_takes_the_slot_it_held_last_first(tmp_path: Path, monkeypatch) -> None:
+    other = EngineSlots(tmp_path, "e", 4)  # another process's holders: flock is per open file
+    other.__enter__()  # slot 0
+    ours = EngineSlots(tmp_path, "e", 4)
+    with ours:  # slot 1
+        more = threading.Thread(target=other.__enter__)
+        more.start()
+        more.join()  # slot 2: the other process holds 0 and 2
+    flocks: list[int] = []
+    real = fcntl.flock
+    monkeypatch.setattr(fcntl, "flock", lambda fd, op: (flocks.append(op), real(fd, op))[1])
+    with ours:
+        assert flocks == [fcntl.LOCK_EX | fcntl.LOCK_NB]  # its own slot at once, no failed tries
+    monkeypatch.undo()
+    ours.close()
+    other.close()  # closing its files frees its slots
 
 
 def test_a_killed_worker_is_replaced_and_nothing_is_lost_or_doubled(
