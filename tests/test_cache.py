@@ -301,6 +301,23 @@ def test_journal_keeps_at_most_max_entries_per_engine(tmp_path: Path) -> None:
     assert journal.cached_verdict("a", "fp", f"{0:064x}") is None  # the oldest went first
 
 
+def test_a_large_cache_is_evicted_once_per_sixteenth_of_its_size(tmp_path: Path) -> None:
+    from daemon.journal import CachedVerdict, Journal
+    from daemon.model import VerdictKind
+
+    journal = Journal(tmp_path / "journal.sqlite3")
+    evictions: list[str] = []
+    journal.cache_size("a")  # this thread's connection exists: trace it
+    next(iter(journal._connections.values())).set_trace_callback(
+        lambda sql: evictions.append(sql) if sql.startswith("DELETE FROM verdict_cache") else None)
+    for i in range(1600 + 300):
+        journal.cache_verdict(CachedVerdict("a", "fp", f"{i:064x}", VerdictKind.CLEAN, None, (), None,
+                                            None, time.time()), 1600, time.time())
+    # Each eviction reads 1 600 index entries: once per 100 stores, not once per 64.
+    assert len(evictions) == 19
+    assert 1600 <= journal.cache_size("a") < 1600 + 100
+
+
 def test_several_engines_on_one_watch_cache_per_engine(layout: Layout, daemon_factory) -> None:
     # A mark only Blazelock's emulator detects: YARA says clean, Blazelock infected.
     data = b"junk EICAR-STANDARD-ANTIVIRUS-TEST-FILE junk"

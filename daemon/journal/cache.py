@@ -23,9 +23,11 @@ from daemon.timefmt import iso
 
 __all__ = ["CachedVerdict", "KeptVerdict", "VerdictCacheRecords"]
 
-# Eviction reads `max_entries` index entries: done once every so many stores of an engine,
-# which so holds at most `max_entries` + this many.
+# Eviction reads `max_entries` index entries: done once every `max(_EVICT_EVERY,
+# max_entries // _EVICT_SHARE)` stores of an engine (so ~16 entries read per store, under the
+# journal's writers' lock), which so holds at most that many more than `max_entries`.
 _EVICT_EVERY = 64
+_EVICT_SHARE = 16
 
 
 @dataclass(frozen=True)
@@ -125,8 +127,8 @@ class VerdictCacheRecords(Database):
                 "INSERT INTO cache_stats (engine, stored) VALUES (?, ?) ON CONFLICT (engine) "
                 "DO UPDATE SET stored = stored + excluded.stored RETURNING stored",
                 (engine, count)).fetchone()[0]
-            if stored % _EVICT_EVERY < count:  # a multiple of `_EVICT_EVERY` was passed
-                max_entries = min(k.max_entries for k in kept if k.entry.engine == engine)
+            max_entries = min(k.max_entries for k in kept if k.entry.engine == engine)
+            if stored % max(_EVICT_EVERY, max_entries // _EVICT_SHARE) < count:  # a multiple passed
                 conn.execute(
                     "DELETE FROM verdict_cache WHERE engine = ? AND rowid <= (SELECT rowid FROM "
                     "verdict_cache WHERE engine = ? ORDER BY rowid DESC LIMIT 1 OFFSET ?)",
