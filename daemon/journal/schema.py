@@ -139,6 +139,17 @@ SCHEMA = [
     ALTER TABLE scans ADD COLUMN cached_from TEXT;
     CREATE INDEX scans_waiting ON scans(sha256) WHERE verdict IS NULL;
     """,
+    # The claimable rows' condition as comparisons: SQLite evaluates an IN list of more than
+    # two values through a temporary b-tree, made and freed at each evaluation, and a partial
+    # index's condition is evaluated for the old and the new row of every row written: two
+    # such b-trees per INSERT and UPDATE of `files`, under the writers' lock (bench/RESULTS.md,
+    # "Issue 21"). `_CLAIMABLE` is the same expression, so the work queue's queries use it.
+    """
+    DROP INDEX files_claimable;
+    CREATE INDEX files_claimable ON files(next_attempt_at)
+        WHERE (state = 'stable' OR state = 'verdict' OR state = 'scanning' OR state = 'moving')
+              AND owner IS NULL;
+    """,
 ]
 
 _JSON_COLUMNS = ("threats", "raw_result", "cached_from")
@@ -148,7 +159,10 @@ _ACTIVE = "state NOT IN ('done', 'gone')"
 # (or `reclaim` finds the owner dead): never two workers on one file.
 # Queries of the work queue write `+watch`: the unary plus keeps SQLite from picking the
 # watch index (every row of the watch, done ones too) over the due-ordered partial ones.
-_CLAIMABLE = "(state IN ('stable', 'verdict', 'scanning', 'moving') AND owner IS NULL)"
+# Written as comparisons, not an IN list: the partial index `files_claimable` (SCHEMA) has
+# this very condition, which SQLite must find in a query's to use it.
+_CLAIMABLE = ("((state = 'stable' OR state = 'verdict' OR state = 'scanning' OR state = 'moving')"
+              " AND owner IS NULL)")
 
 
 _WRITABLE = frozenset(RowChanges.__annotations__)
