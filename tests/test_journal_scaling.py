@@ -145,3 +145,23 @@ def test_writing_a_row_builds_no_temporary_b_tree(tmp_path: Path) -> None:
     for sql in per_row:
         opcodes = [op[1] for op in conn.execute(f"EXPLAIN {sql}")]
         assert "OpenEphemeral" not in opcodes, sql
+
+
+def test_the_quarantine_is_listed_from_an_index_of_infected_rows_only(tmp_path: Path) -> None:
+    """Clean rows (nearly all of them) are in no index by verdict: each one changed it twice."""
+    from daemon.quarantine import list_quarantined
+
+    journal = _journal(tmp_path, 200)
+    conn: sqlite3.Connection = journal._conn()
+    conn.execute("UPDATE files SET verdict = 'infected' WHERE state = 'done' AND id % 50 = 0")
+    queries: list[str] = []
+    conn.set_trace_callback(queries.append)
+    try:
+        listed = list_quarantined(journal)
+    finally:
+        conn.set_trace_callback(None)
+    assert len(listed) == 6 and all(r.verdict == VerdictKind.INFECTED for r in listed)
+    plan = [row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {queries[-1]}")]
+    assert plan == ["SCAN files USING INDEX files_quarantined"], plan
+    indexed = [r[2] for r in conn.execute("PRAGMA index_info(files_quarantined)")]
+    assert indexed == ["done_at"]

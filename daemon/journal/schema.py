@@ -150,6 +150,13 @@ SCHEMA = [
         WHERE (state = 'stable' OR state = 'verdict' OR state = 'scanning' OR state = 'moving')
               AND owner IS NULL;
     """,
+    # Outcomes by verdict were indexed for every row, each one changed twice (its verdict,
+    # then its done time): 3 of the 25 pages a batch of 16 clean files wrote to the WAL. Only
+    # the quarantine is listed by verdict (`Journal.rows`, `scanwatch quarantine list`).
+    """
+    DROP INDEX files_outcome;
+    CREATE INDEX files_quarantined ON files(done_at) WHERE verdict = 'infected';
+    """,
 ]
 
 _JSON_COLUMNS = ("threats", "raw_result", "cached_from")
