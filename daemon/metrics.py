@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from typing import Any, TypeVar, cast
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, MetricsHandler
@@ -19,7 +19,7 @@ from daemon.engines._pacing import read_rates
 from daemon.journal import FileRow, Journal
 from daemon.listener import HTTPListener, ListenerLimits
 from daemon.model import FileState, Reason, VerdictKind
-from daemon.pipeline.outcome import Outcome
+from daemon.pipeline.outcome import Heard, Outcome, heard
 
 __all__ = ["Metrics"]
 
@@ -188,27 +188,36 @@ class Metrics:
 
     def observe(self, row: FileRow, engine: str, outcome: Outcome) -> None:
         """Count one step of the pipeline by the event it logged (`row`: as it was before)."""
-        fields = outcome.fields
+        self.count(heard(row, engine, outcome))
+
+    def count(self, step: Heard) -> None:
+        """Count one step as the daemon hears it (daemon/pipeline/outcome.py, `Heard`)."""
+        watch, discovered_at, size, engine, event, fields, _ = step
+        self._count_scan(watch, engine, fields)
+        reason = str(fields.get("reason") or "")
+        if event == "file.moved":
+            if fields.get("already_placed"):
+                self._child(self.already_placed, watch).inc()
+            self._child(self.files, watch, str(fields["outcome"]), reason).inc()
+            self._child(self.scan_seconds, engine).observe(max(0.0, time.time() - discovered_at))
+            self._child(self.bytes_scanned, engine).inc(size or 0)
+        elif event == "file.skipped":
+            self._child(self.files, watch, "skipped", reason).inc()
+        elif event == "move.failed":
+            self._child(self.moves_failed, watch).inc()
+        elif event == "retry.scheduled":
+            self._child(self.retries, engine, reason or Reason.ENGINE_ERROR).inc()
+            self._child(self.engine_errors, engine, reason or Reason.ENGINE_ERROR).inc()
+
+    def _count_scan(self, watch: str, engine: str, fields: Mapping[str, Any]) -> None:
+        """What any step's fields say about the engine: cache lookups, resubmissions, errors."""
         if (cache := fields.get("cache")) in ("hit", "miss"):
             self._child(self.cache, engine, str(cache)).inc()
         if fields.get("resubmitted"):
-            self._child(self.resubmissions, row.watch, engine).inc()
+            self._child(self.resubmissions, watch, engine).inc()
         reason = str(fields.get("reason") or "")
         if fields.get("verdict") == VerdictKind.FAILED and reason in _ENGINE_ERROR_REASONS:
             self._child(self.engine_errors, engine, reason).inc()
-        if outcome.event == "file.moved":
-            if fields.get("already_placed"):
-                self._child(self.already_placed, row.watch).inc()
-            self._child(self.files, row.watch, str(fields["outcome"]), reason).inc()
-            self._child(self.scan_seconds, engine).observe(max(0.0, time.time() - row.discovered_at))
-            self._child(self.bytes_scanned, engine).inc(row.size or 0)
-        elif outcome.event == "file.skipped":
-            self._child(self.files, row.watch, "skipped", reason).inc()
-        elif outcome.event == "move.failed":
-            self._child(self.moves_failed, row.watch).inc()
-        elif outcome.event == "retry.scheduled":
-            self._child(self.retries, engine, reason or Reason.ENGINE_ERROR).inc()
-            self._child(self.engine_errors, engine, reason or Reason.ENGINE_ERROR).inc()
 
     def _child(self, metric: _Metric, *labels: str) -> _Metric:
         """`metric.labels(*labels)`, looked up once: the per-file counts are the daemon's own

@@ -21,6 +21,7 @@ from daemon.journal.repair import hold_daemon_lock
 from daemon.locations.s3staging import reconcile as reconcile_staging
 from daemon.metrics import Metrics
 from daemon.pipeline import Pipeline, Reported, uses_s3
+from daemon.pipeline.outcome import Heard, Outcome, heard
 from daemon.s3client import S3Clients
 from daemon.s3url import is_s3
 from daemon.sdnotify import Notifier
@@ -80,7 +81,7 @@ class Service:
         pipeline: Pipeline | WorkerPool
         if config.worker_count() > 1:
             share_webhook_health(engines, config.state_dir)  # received here, polled in workers
-            pipeline = WorkerPool(config, self.journal, self.wake, self._on_outcomes)
+            pipeline = WorkerPool(config, self.journal, self.wake, self._on_heard)
         else:
             pipeline = Pipeline(config, self.journal, engines, owner=self.owner, wake=self.wake,
                                 on_outcomes=self._on_outcomes, s3=s3)
@@ -94,14 +95,21 @@ class Service:
         return _Running(config, engines, pipeline, watchers, alerts, webhooks)
 
     def _on_outcomes(self, batch: list[Reported]) -> None:
-        """A batch's outcomes into the metrics and alerts; one that fails them skips no other."""
-        for row, engine, outcome in batch:
+        """A batch's outcomes of the pipeline in this process, heard as a worker's are."""
+        self._on_heard([heard(row, engine, outcome) for row, engine, outcome in batch])
+
+    def _on_heard(self, batch: list[Heard]) -> None:
+        """A batch's outcomes into the metrics and alerts; one that fails them skips no other.
+        Only an outcome heard with its whole row may be notified (`is_notable`)."""
+        alerts = self._running.alerts
+        for step in batch:
             try:
-                self.metrics.observe(row, engine, outcome)
-                if self._running.alerts is not None:
-                    self._running.alerts.observe(self._running.config.watch(row.watch), row, outcome)
+                self.metrics.count(step)
+                if alerts is not None and (row := step[6]) is not None:
+                    alerts.observe(self._running.config.watch(row.watch), row,
+                                   Outcome({}, step[4], step[5]))
             except Exception:
-                log.exception("outcome.unobserved", event=outcome.event)
+                log.exception("outcome.unobserved", event=step[4])
 
     def _start(self, running: _Running, *, is_first: bool = False) -> None:
         # Bound first, so an address in use stops the first start before anything runs;

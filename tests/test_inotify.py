@@ -22,9 +22,9 @@ class Seen:
         self.root_events = 0
         self.lock = threading.Lock()
 
-    def path(self, path: str) -> None:
+    def path(self, paths: set[str]) -> None:
         with self.lock:
-            self.paths.append(path)
+            self.paths.extend(paths)
 
     def root(self) -> None:
         with self.lock:
@@ -106,3 +106,23 @@ def test_events_are_read_when_descriptors_past_1023_are_in_use(tmp_path: Path) -
         for fd in filler:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_the_events_of_one_read_are_handed_over_once_each_path_once(tmp_path: Path) -> None:
+    """A file written in place is created, then closed: one path, one hand-over per read (the
+    watcher's lock and wake-up are taken once, not once per event)."""
+    import struct
+
+    def event(mask: int, name: bytes) -> bytes:
+        padded = name + b"\0" * (16 - len(name))
+        return struct.pack("iIII", 1, mask, 0, len(padded)) + padded
+
+    calls: list[set[str]] = []
+    reader = inotify.InotifyReader(str(tmp_path), calls.append, lambda: None)
+    try:
+        reader._dirs[1] = os.fsencode(tmp_path)
+        reader._handle(event(inotify.IN_CREATE, b"a.txt") + event(inotify.IN_CLOSE_WRITE, b"a.txt")
+                       + event(inotify.IN_MOVED_TO, b"b.txt"))
+    finally:
+        reader.stop()
+    assert calls == [{str(tmp_path / "a.txt"), str(tmp_path / "b.txt")}]

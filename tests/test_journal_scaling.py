@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from daemon.fsutil import Identity
 from daemon.journal import CachedVerdict, Journal
 from daemon.model import FileState, VerdictKind
 
@@ -122,3 +123,45 @@ def test_rows_decoded_on_the_fast_path_are_the_rows_init_would_make(tmp_path: Pa
     done = journal.get(first.id)
     assert done is not None and done.rel_path == odd and done.destination == "/q/" + odd
     assert done.threats == ["EICAR"] and done.raw_result == {"a": [1]} and done.state is FileState.DONE
+
+
+def test_writing_a_row_builds_no_temporary_b_tree(tmp_path: Path) -> None:
+    """A partial index's condition is evaluated for every row written; an IN list of more than
+    two values in it would make and free a temporary b-tree each time, under the writers' lock."""
+    journal = Journal(tmp_path / "journal.sqlite3")
+    conn: sqlite3.Connection = journal._conn()
+    written: list[str] = []
+    conn.set_trace_callback(written.append)
+    try:
+        journal.discover("w", [("a", 1), ("b", 2)], 1.0,
+                         {name: Identity(1, inode, 4, 1, 1) for name, inode in (("a", 1), ("b", 2))})
+        [row, _] = journal.claim(["w"], "1:1", 2.0, 16)
+        journal.apply([(row.id, {"state": FileState.MOVING, "verdict": VerdictKind.CLEAN, "sha256": "ab"}),
+                       (row.id, {"state": FileState.DONE, "owner": None, "done_at": 3.0})])
+    finally:
+        conn.set_trace_callback(None)
+    per_row = [sql for sql in written if sql.lstrip().startswith(("INSERT", "UPDATE files SET state"))]
+    assert len(per_row) == 4, written
+    for sql in per_row:
+        opcodes = [op[1] for op in conn.execute(f"EXPLAIN {sql}")]
+        assert "OpenEphemeral" not in opcodes, sql
+
+
+def test_the_quarantine_is_listed_from_an_index_of_infected_rows_only(tmp_path: Path) -> None:
+    """Clean rows (nearly all of them) are in no index by verdict: each one changed it twice."""
+    from daemon.quarantine import list_quarantined
+
+    journal = _journal(tmp_path, 200)
+    conn: sqlite3.Connection = journal._conn()
+    conn.execute("UPDATE files SET verdict = 'infected' WHERE state = 'done' AND id % 50 = 0")
+    queries: list[str] = []
+    conn.set_trace_callback(queries.append)
+    try:
+        listed = list_quarantined(journal)
+    finally:
+        conn.set_trace_callback(None)
+    assert len(listed) == 6 and all(r.verdict == VerdictKind.INFECTED for r in listed)
+    plan = [row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {queries[-1]}")]
+    assert plan == ["SCAN files USING INDEX files_quarantined"], plan
+    indexed = [r[2] for r in conn.execute("PRAGMA index_info(files_quarantined)")]
+    assert indexed == ["done_at"]

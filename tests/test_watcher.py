@@ -253,3 +253,17 @@ def test_with_settle_0_the_start_up_sweep_records_files_stable_and_wakes_per_chu
     assert len(stable_at_wake) >= 2 and stable_at_wake[0] < 4 and stable_at_wake[-1] == 4
     assert stable_at_wake == sorted(stable_at_wake)
     watcher._disarm()
+
+
+def test_an_events_path_is_made_relative_as_relpath_would() -> None:
+    """The prefix of the root as given is cut off an event's path (most arrivals); anything to
+    normalize goes through `os.path.relpath` as before."""
+    from daemon.watchers.base import relative_path
+
+    for root in ("/a/b", "/a/b/", "/", "/a/./b", "/a//b", "rel/x", "/a/b/..", "//a"):
+        for tail in ("c", "c/d", "./c", "c/../d", "c//d", "..", ".", "", "c/", ".h", "..x", "c/..", "/c"):
+            path = root.rstrip("/") + "/" + tail
+            expected = os.path.relpath(path, root)
+            if expected in (".", "..") or expected.startswith("../") or os.path.isabs(expected):
+                expected = None
+            assert relative_path(root, path) == expected, (root, path)

@@ -18,7 +18,7 @@ from conftest import EICAR, ROOT, Daemon, Layout
 from structlog.testing import capture_logs
 
 from daemon.journal import Journal
-from daemon.model import FileState
+from daemon.model import FileState, VerdictKind
 from daemon.slots import EngineSlots
 from daemon.workers.pool import _relay_lines
 
@@ -163,3 +163,36 @@ def test_a_daemon_of_local_watches_imports_no_boto3() -> None:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           cwd=ROOT, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_a_workers_frame_carries_plain_facts_and_whole_rows_only_where_an_alert_may_follow(
+        tmp_path: Path) -> None:
+    """The daemon reads five facts of most outcomes: unpickling whole rows and outcomes per step
+    of every file was its own work (bench/RESULTS.md, "Issue 21")."""
+    from daemon.fsutil import Identity
+    from daemon.journal import FileRow
+    from daemon.pipeline.outcome import Outcome, Outcomes
+    from daemon.retry import RetryPolicy
+    from daemon.workers.process import _Events, read_frame
+
+    journal = Journal(tmp_path / "journal.sqlite3")
+    journal.discover("w", [("ok.txt", 1), ("bad.com", 2)], 1.0,
+                     {"ok.txt": Identity(1, 1, 10, 1, 1), "bad.com": Identity(1, 2, 68, 1, 1)})
+    ok, bad = journal.claim(["w"], "1:1", 2.0, 16)
+    ok, bad = ok.updated({"verdict": "clean"}), bad.updated({"verdict": "infected", "sha256": "ab"})
+    outcomes = Outcomes(lambda: 3.0, RetryPolicy())
+    verdict = Outcome({"verdict": "clean"}, "scan.verdict", {"verdict": "clean", "cache": "miss"})
+    batch = [(ok, "yara", verdict), (ok, "yara", outcomes.placed(ok, "/c/ok.txt", VerdictKind.CLEAN)),
+             (bad, "yara", outcomes.placed(bad, "/q/bad.com", VerdictKind.INFECTED))]
+    read_fd, write_fd = os.pipe()
+    _Events(write_fd).send(batch)
+    with os.fdopen(read_fd, "rb") as stream:
+        frame = read_frame(stream)
+    assert [type(step) for step in frame] == [tuple] * 3
+    assert [step[:5] for step in frame] == [("w", 1.0, 10, "yara", "scan.verdict"),
+                                            ("w", 1.0, 10, "yara", "file.moved"),
+                                            ("w", 1.0, 68, "yara", "file.moved")]
+    assert frame[0][5] == {"verdict": "clean", "cache": "miss"}
+    assert frame[1][5]["destination"] == "/c/ok.txt"
+    assert [step[6] for step in frame[:2]] == [None, None]
+    assert isinstance(frame[2][6], FileRow) and frame[2][6] == bad  # a notification reads it

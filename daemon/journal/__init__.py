@@ -292,7 +292,8 @@ class Journal(ObjectVersions, RescanRecords, VerdictCacheRecords):
             (watch is not None, "watch = ?", (watch,)),
             (states is not None, f"state IN ({','.join('?' * len(states or ()))})",
              tuple(str(s) for s in states or ())),
-            (verdict is not None, "verdict = ?", (str(verdict),)),
+            # A literal: the partial index of quarantined rows is used only for it.
+            (verdict is not None, f"verdict = '{VerdictKind(verdict).value}'" if verdict else "", ()),
             (done_since is not None, "done_at >= ?", (done_since,)),
             (threat is not None, _THREAT_LIKE, (_like_substring(threat or ""),)),
             (has_error is not None,

@@ -139,6 +139,24 @@ SCHEMA = [
     ALTER TABLE scans ADD COLUMN cached_from TEXT;
     CREATE INDEX scans_waiting ON scans(sha256) WHERE verdict IS NULL;
     """,
+    # The claimable rows' condition as comparisons: SQLite evaluates an IN list of more than
+    # two values through a temporary b-tree, made and freed at each evaluation, and a partial
+    # index's condition is evaluated for the old and the new row of every row written: two
+    # such b-trees per INSERT and UPDATE of `files`, under the writers' lock (bench/RESULTS.md,
+    # "Issue 21"). `_CLAIMABLE` is the same expression, so the work queue's queries use it.
+    """
+    DROP INDEX files_claimable;
+    CREATE INDEX files_claimable ON files(next_attempt_at)
+        WHERE (state = 'stable' OR state = 'verdict' OR state = 'scanning' OR state = 'moving')
+              AND owner IS NULL;
+    """,
+    # Outcomes by verdict were indexed for every row, each one changed twice (its verdict,
+    # then its done time): 3 of the 25 pages a batch of 16 clean files wrote to the WAL. Only
+    # the quarantine is listed by verdict (`Journal.rows`, `scanwatch quarantine list`).
+    """
+    DROP INDEX files_outcome;
+    CREATE INDEX files_quarantined ON files(done_at) WHERE verdict = 'infected';
+    """,
 ]
 
 _JSON_COLUMNS = ("threats", "raw_result", "cached_from")
@@ -148,7 +166,10 @@ _ACTIVE = "state NOT IN ('done', 'gone')"
 # (or `reclaim` finds the owner dead): never two workers on one file.
 # Queries of the work queue write `+watch`: the unary plus keeps SQLite from picking the
 # watch index (every row of the watch, done ones too) over the due-ordered partial ones.
-_CLAIMABLE = "(state IN ('stable', 'verdict', 'scanning', 'moving') AND owner IS NULL)"
+# Written as comparisons, not an IN list: the partial index `files_claimable` (SCHEMA) has
+# this very condition, which SQLite must find in a query's to use it.
+_CLAIMABLE = ("((state = 'stable' OR state = 'verdict' OR state = 'scanning' OR state = 'moving')"
+              " AND owner IS NULL)")
 
 
 _WRITABLE = frozenset(RowChanges.__annotations__)

@@ -16,7 +16,7 @@ from daemon.journal import FileRow, KeptVerdict, RowChanges
 from daemon.model import FileState, Reason, Verdict, VerdictKind, replaced
 from daemon.retry import RetryPolicy
 
-__all__ = ["Outcome", "Outcomes"]
+__all__ = ["Heard", "Outcome", "Outcomes", "heard", "is_notable"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,28 @@ class Outcome:
     def state(self) -> FileState | None:
         """The state the step moves the row to (None: unchanged)."""
         return self.changes.get("state")
+
+
+# One step's outcome as the daemon's metrics and alerts hear it: what the metrics read of the
+# row before the step (watch, discovery time, size), the engine's label, the event and its
+# fields, and the whole row only for an outcome that may be notified (`is_notable`). A worker
+# process sends these plain tuples to the daemon (daemon/workers/process.py): a `FileRow` and
+# an `Outcome`, pickled and unpickled whole, cost the daemon 8 µs or more each, per step of
+# every file, for five fields (bench/RESULTS.md, "Issue 21").
+Heard = tuple[str, float, int | None, str, str | None, Mapping[str, Any], FileRow | None]
+
+
+def is_notable(row: FileRow, outcome: Outcome) -> bool:
+    """Whether a notification may follow this step (a file placed with a verdict other than clean,
+    or held: daemon/alerts.py), which reads the whole row."""
+    return outcome.event == "file.skipped" or (outcome.event == "file.moved"
+                                               and row.verdict != VerdictKind.CLEAN)
+
+
+def heard(row: FileRow, engine: str, outcome: Outcome) -> Heard:
+    """What the daemon's observers hear of one step of `row` (as it was before the step)."""
+    return (row.watch, row.discovered_at, row.size, engine, outcome.event, outcome.fields,
+            row if is_notable(row, outcome) else None)
 
 
 class Outcomes:

@@ -10,7 +10,9 @@ lists the prefix into the queue (watchers/fleet.py).
 from __future__ import annotations
 
 import fnmatch
+import functools
 import os
+import re
 from typing import Protocol
 
 __all__ = ["Watcher", "is_ignored", "relative_path"]
@@ -30,13 +32,37 @@ class Watcher(Protocol):
 
 def relative_path(root: str, path: str) -> str | None:
     """`path` relative to `root` with `/` separators, or None if it is not strictly below it."""
+    prefix = _prefix(root)
+    if prefix is not None and path.startswith(prefix) and not _NOT_PLAIN.search(path[len(prefix):]):
+        return path[len(prefix):]  # an event's path: the root as given, then names (most arrivals)
     rel = os.path.relpath(path, root)
     if rel == "." or rel == ".." or rel.startswith("../") or os.path.isabs(rel):
         return None
     return rel
 
 
+# A component that is empty, `.` or `..`: the path needs normalizing (`os.path.relpath`).
+_NOT_PLAIN = re.compile(r"(?:^|/)\.{0,2}(?:/|$)")
+
+
+@functools.lru_cache(maxsize=64)
+def _prefix(root: str) -> str | None:
+    """`root/`, where a path that starts with it and then has only names is below it as written
+    (an absolute root, already normal); None for another root."""
+    if not os.path.isabs(root) or os.path.normpath(root) != (root.rstrip("/") or "/"):
+        return None
+    return root.rstrip("/") + "/"
+
+
 def is_ignored(rel_path: str, patterns: tuple[str, ...]) -> bool:
-    """Whether the basename matches one of the `ignore` globs."""
-    name = rel_path.rpartition("/")[2]
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+    """Whether the basename matches one of the `ignore` globs (case-sensitive, as `fnmatchcase`)."""
+    pattern = _globs(patterns)
+    return pattern is not None and pattern.match(rel_path.rpartition("/")[2]) is not None
+
+
+@functools.lru_cache(maxsize=64)
+def _globs(patterns: tuple[str, ...]) -> re.Pattern[str] | None:
+    """One expression for a watch's `ignore` globs: asked for every arrival (one match, not one per glob)."""
+    if not patterns:
+        return None
+    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))

@@ -61,11 +61,13 @@ def _check(result: int) -> int:
 
 
 class InotifyReader:
-    """Watches the tree under `root`; calls `on_path` per arrival, `on_root` when the root goes."""
+    """Watches the tree under `root`; calls `on_paths` with the arrivals of each read of the
+    descriptor (each path once: a file written in place is created, then closed), `on_root`
+    when the root goes."""
 
-    def __init__(self, root: str, on_path: Callable[[str], None], on_root: Callable[[], None]) -> None:
+    def __init__(self, root: str, on_paths: Callable[[set[str]], None], on_root: Callable[[], None]) -> None:
         self._root = os.fsencode(root)
-        self._on_path = on_path
+        self._on_paths = on_paths
         self._on_root = on_root
         self._fd = _check(_init1(os.O_CLOEXEC | os.O_NONBLOCK))
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
@@ -130,6 +132,7 @@ class InotifyReader:
                 log.exception("watch.events_failed", root=os.fsdecode(self._root))
 
     def _handle(self, data: bytes) -> None:
+        paths: set[str] = set()  # handed over once per read: one lock and wake-up, not one per event
         offset = 0
         while offset < len(data):
             wd, mask, _, size = _HEADER.unpack_from(data, offset)
@@ -140,14 +143,16 @@ class InotifyReader:
             elif mask & IN_IGNORED:
                 self._dirs.pop(wd, None)
             elif name and (parent := self._dirs.get(wd)) is not None:
-                self._event(parent + b"/" + name, mask)
+                self._event(parent + b"/" + name, mask, paths)
+        if paths:
+            self._on_paths(paths)
 
-    def _event(self, path: bytes, mask: int) -> None:
+    def _event(self, path: bytes, mask: int, paths: set[str]) -> None:
         if not mask & IN_ISDIR:
             if mask & (IN_CREATE | IN_CLOSE_WRITE | IN_MOVED_TO):
-                self._on_path(os.fsdecode(path))
+                paths.add(os.fsdecode(path))
             return
         if mask & (IN_CREATE | IN_MOVED_TO):  # a directory: watch it (and below), then sweep it
             if self._watch(path) >= 0:
                 self._watch_below(path)
-            self._on_path(os.fsdecode(path) + "/")
+            paths.add(os.fsdecode(path) + "/")

@@ -27,7 +27,7 @@ import errno
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import structlog
 
@@ -127,8 +127,11 @@ class LocalWatcher:
         self._thread.join(5)
 
     def _add(self, path: str) -> None:
+        self._add_all((path,))
+
+    def _add_all(self, paths: Iterable[str]) -> None:
         with self._lock:
-            self._pending.add(path)
+            self._pending.update(paths)
         self._event.set()
 
     def _root_event(self) -> None:
@@ -213,7 +216,7 @@ class LocalWatcher:
                 return
             try:
                 if self._observer is None:
-                    reader = inotify.InotifyReader(self.watch.source, self._add, self._root_event)
+                    reader = inotify.InotifyReader(self.watch.source, self._add_all, self._root_event)
                     reader.start()
                     self._observed = reader
                 else:

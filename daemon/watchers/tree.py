@@ -40,6 +40,8 @@ def _parts(rel_dir: str) -> list[str]:
 def stat_below(root_fd: int, rel_path: str) -> os.stat_result:
     """lstat of `rel_path` below `root_fd`, without following a symlink on the way."""
     parent, _, name = rel_path.rpartition("/")
+    if not parent:  # in the root itself: its descriptor is the one to look below
+        return os.stat(name, dir_fd=root_fd, follow_symlinks=False)
     fd = open_below(root_fd, _parts(parent))
     try:
         return os.stat(name, dir_fd=fd, follow_symlinks=False)

@@ -33,7 +33,7 @@ import structlog
 from daemon.config import Config
 from daemon.journal import Journal
 from daemon.log import write_lines
-from daemon.pipeline import Reported
+from daemon.pipeline.outcome import Heard
 from daemon.workers.process import read_frame, write_frame
 
 __all__ = ["WorkerPool"]
@@ -66,7 +66,7 @@ class WorkerPool:
     """`config.workers` worker processes, started again when one dies."""
 
     def __init__(self, config: Config, journal: Journal, wake: threading.Event,
-                 on_outcomes: Callable[[list[Reported]], None]) -> None:
+                 on_outcomes: Callable[[list[Heard]], None]) -> None:
         self.config = config
         self.journal = journal
         self.wake = wake
@@ -108,7 +108,7 @@ class WorkerPool:
         with os.fdopen(fd, "rb") as stream:
             while True:
                 try:
-                    batch: list[Reported] = read_frame(stream)  # a batch's outcomes
+                    batch: list[Heard] = read_frame(stream)  # a batch's outcomes
                 except EOFError:
                     return
                 self._on_outcomes(batch)

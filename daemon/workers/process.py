@@ -33,7 +33,8 @@ from daemon.engines._webhook import WebhookHealth
 from daemon.engines.base import WebhookSource
 from daemon.journal import open_journal, owner_token
 from daemon.log import configure_logging
-from daemon.pipeline import Outcome, Pipeline, Reported
+from daemon.pipeline import Pipeline, Reported
+from daemon.pipeline.outcome import heard
 from daemon.s3client import S3Clients
 
 __all__ = ["main", "read_frame", "share_webhook_health", "write_frame"]
@@ -115,13 +116,12 @@ class _Events:
         self._lock = threading.Lock()
 
     def send(self, batch: list[Reported]) -> None:
-        # The daemon's metrics and alerts read the event and its fields, never the row
-        # changes (which the journal has): those stay here, unpickled.
-        heard = [(row, engine, Outcome({}, outcome.event, outcome.fields))
-                 for row, engine, outcome in batch]
+        # What the daemon's metrics and alerts read, as plain tuples (`Heard`): never the row
+        # changes (which the journal has), the whole row only where a notification may follow.
+        frame = [heard(row, engine, outcome) for row, engine, outcome in batch]
         try:
             with self._lock:
-                write_frame(self._stream, heard)
+                write_frame(self._stream, frame)
         except (OSError, pickle.PicklingError) as exc:
             log.warning("worker.event_lost", events=[o.event for _, _, o in batch], error=str(exc))
 
