@@ -42,8 +42,9 @@ from botocore.retries.standard import (
 
 from daemon.s3transport import Body, Pools
 
-__all__ = ["LeanS3"]
+__all__ = ["MAX_ATTEMPTS", "USER_AGENT", "LeanS3"]
 
+USER_AGENT = "scanwatch"  # not signed (SigV4 leaves it out); tells these requests from boto3's
 MAX_ATTEMPTS = 3  # as the boto3 client's `retries` (daemon/s3client.py, `make_client`)
 _OPERATIONS = {"get_object": ("GetObject", "GET"), "head_object": ("HeadObject", "HEAD"),
                "put_object": ("PutObject", "PUT"), "delete_object": ("DeleteObject", "DELETE"),
@@ -95,6 +96,9 @@ class LeanS3:
         self._pools = Pools(ca_bundle)
         self._places: dict[str, _Place | None] = {}
         self._lock = threading.Lock()
+        # What botocore's retry rules read of each call (its modelled errors).
+        model = client.meta.service_model
+        self._models = {name: model.operation_model(name) for name, _ in _OPERATIONS.values()}
         self._seen = threading.local()  # a request boto3 sent for `_learning`
         client.meta.events.register("before-send.s3", self._sending)
         self._retry = RetryPolicy(StandardRetryConditions(max_attempts=MAX_ATTEMPTS), ExponentialBackoff(
@@ -183,8 +187,8 @@ class LeanS3:
                 caught: BotoCoreError | None = None
             except BotoCoreError as exc:
                 caught = exc
-            context = RetryContext(attempt, parsed_response=error, http_response=answer,
-                                   caught_exception=caught)
+            context = RetryContext(attempt, operation_model=self._models[operation], parsed_response=error,
+                                   http_response=answer, caught_exception=caught)
             if attempt == MAX_ATTEMPTS or not self._retry.should_retry(context):
                 if caught is not None:
                     raise caught
@@ -228,6 +232,7 @@ def _request(place: _Place, params: Mapping[str, Any]) -> tuple[str, dict[str, s
     if params.get("VersionId"):
         url += f"?versionId={quote(params['VersionId'], safe='-_.~')}"
     headers = {_HEADERS[name]: str(value) for name, value in params.items() if name in _HEADERS}
+    headers["User-Agent"] = USER_AGENT
     if source := params.get("CopySource"):
         copied = quote(f"{source['Bucket']}/{source['Key']}", safe="/~")
         if source.get("VersionId"):
