@@ -31,11 +31,13 @@ from urllib.parse import quote, urlsplit
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.exceptions import BotoCoreError, ClientError
+from botocore.retries.quota import RetryQuota
 from botocore.retries.standard import (
     ExponentialBackoff,
     RetryContext,
     RetryEventAdapter,
     RetryPolicy,
+    RetryQuotaChecker,
     StandardRetryConditions,
     ThrottlingErrorDetector,
 )
@@ -101,8 +103,10 @@ class LeanS3:
         self._models = {name: model.operation_model(name) for name, _ in _OPERATIONS.values()}
         self._seen = threading.local()  # a request boto3 sent for `_learning`
         client.meta.events.register("before-send.s3", self._sending)
-        self._retry = RetryPolicy(StandardRetryConditions(max_attempts=MAX_ATTEMPTS), ExponentialBackoff(
-            throttling_detector=ThrottlingErrorDetector(RetryEventAdapter())))
+        throttling = ThrottlingErrorDetector(RetryEventAdapter())
+        self._retry = RetryPolicy(StandardRetryConditions(max_attempts=MAX_ATTEMPTS),
+                                  ExponentialBackoff(throttling_detector=throttling))
+        self._quota = RetryQuotaChecker(RetryQuota(), throttling)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._client, name)
@@ -167,34 +171,44 @@ class LeanS3:
 
     def _send(self, operation: str, verb: str, url: str, headers: dict[str, str], body: bytes | None,
               place: _Place) -> dict[str, Any]:
-        """Sign and send, retried as botocore's standard mode; the answer, or what failed."""
+        """Sign and send, retried as botocore's standard mode (its conditions, backoff and
+        retry quota); the answer, or what failed."""
+        spent: dict[str, Any] = {}  # the retry quota this call took
         for attempt in range(1, MAX_ATTEMPTS + 1):
             answer: _Answer | None = None
             error: dict[str, Any] | None = None
+            caught: BotoCoreError | None = None
             try:
-                signed = self._signed(verb, url, headers, body, place)
-                response, done = self._pools.send(verb, url, signed, body)
-                answer = _Answer(response.status, {k.lower(): v for k, v in response.getheaders()})
-                if verb == "GET" and response.status < 300:
-                    return _result(answer, Body(response, done, url), b"", verb)
-                with contextlib.ExitStack() as ending:
-                    ending.callback(done)
-                    data = Body(response, lambda: None, url).read()
-                error = _error(answer, data, verb)
-                if error is None:
-                    return _result(answer, None, data, verb)
-                answer = answer._replace(status_code=error["ResponseMetadata"]["HTTPStatusCode"])
-                caught: BotoCoreError | None = None
+                answer, result, error = self._attempt(verb, url, headers, body, place)
+                if result is not None:
+                    self._quota.release_retry_quota(spent, answer)
+                    return result
             except BotoCoreError as exc:
                 caught = exc
             context = RetryContext(attempt, operation_model=self._models[operation], parsed_response=error,
-                                   http_response=answer, caught_exception=caught)
-            if attempt == MAX_ATTEMPTS or not self._retry.should_retry(context):
+                                   http_response=answer, caught_exception=caught, request_context=spent)
+            if attempt == MAX_ATTEMPTS or not self._retry.should_retry(context) \
+                    or not self._quota.acquire_retry_quota(context):
                 if caught is not None:
                     raise caught
                 raise ClientError(error, operation)
             time.sleep(self._retry.compute_retry_delay(context))
         raise AssertionError("unreachable")
+
+    def _attempt(self, verb: str, url: str, headers: dict[str, str], body: bytes | None,
+                 place: _Place) -> tuple[_Answer, dict[str, Any] | None, dict[str, Any] | None]:
+        """One try: the HTTP answer, and the call's result or its parsed error."""
+        response, done = self._pools.send(verb, url, self._signed(verb, url, headers, body, place), body)
+        answer = _Answer(response.status, {k.lower(): v for k, v in response.getheaders()})
+        if verb == "GET" and response.status < 300:
+            return answer, _result(answer, Body(response, done, url), b"", verb), None
+        with contextlib.ExitStack() as ending:
+            ending.callback(done)
+            data = Body(response, lambda: None, url).read()
+        error = _error(answer, data, verb)
+        if error is None:
+            return answer, _result(answer, None, data, verb), None
+        return answer._replace(status_code=error["ResponseMetadata"]["HTTPStatusCode"]), None, error
 
     def _signed(self, verb: str, url: str, headers: dict[str, str], body: bytes | None,
                 place: _Place) -> dict[str, str]:
