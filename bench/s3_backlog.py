@@ -143,7 +143,9 @@ def _run_daemon(server: S3Server, bucket: str, base: Path, count: int, args: arg
     landed = _count(client, bucket, "clean/") + _count(client, bucket, "quarantine/")
     if landed != count:
         raise SystemExit(f"{landed} of {count} objects reached clean/ or quarantine/; see {log_path}")
+    drain_s = elapsed - (first_move_s or 0.0)
     return {"seconds": elapsed, "objects_per_s": count / elapsed,
+            "drain_objects_per_s": (count - 1) / drain_s if drain_s > 0 else count / elapsed,
             "first_move_s": first_move_s or elapsed, "peak_rss_mb": peak_kb / 1024,
             "cpu_ms": 1000 * cpu_s / count}
 
@@ -239,6 +241,7 @@ def _one_run(server: S3Server, bucket: str, base: Path, args: argparse.Namespace
     with _cpu_ms_per_object(figures, args.count, server, ""):
         ours = _daemon(server, bucket, base / "ours", args.count, args)
     figures |= {"scanwatch": ours["objects_per_s"], "first_move_s": ours["first_move_s"],
+                "drain": ours["drain_objects_per_s"],
                "rss_mb": ours["peak_rss_mb"], "cpu_ms": ours["cpu_ms"],
                **{k: v for k, v in ours.items() if k.startswith("req_")}}
     if args.compare:
@@ -246,6 +249,7 @@ def _one_run(server: S3Server, bucket: str, base: Path, args: argparse.Namespace
         _put(server, f"{bucket}-c", "in/", args.count, args.threads)
         other = _daemon(server, f"{bucket}-c", base / "compare", args.count, args, code=args.compare)
         figures["compare"], figures["compare_cpu_ms"] = other["objects_per_s"], other["cpu_ms"]
+        figures["compare_drain"] = other["drain_objects_per_s"]
         figures.update({f"compare_{k}": v for k, v in other.items() if k.startswith("req_")})
     _put(server, bucket, "plain/", args.count, args.threads)
     with _cpu_ms_per_object(figures, args.count, server, "peer_"):
@@ -275,6 +279,12 @@ def _report(latency_ms: float, runs: list[dict[str, float]], args: argparse.Name
     for peer in peers:
         print(f"    {names[peer]}: {_spread(runs, peer)} objects/s -> scanwatch is "
               f"{_spread(ratios, peer, 2)}x")
+    # From the first move on (start-up left out: the peers start at once).
+    drains = [{"copy": r["drain"] / r["copy_delete"],
+               "compare": r["drain"] / r.get("compare_drain", r["drain"])} for r in runs]
+    print(f"    from its first move: {_spread(runs, 'drain')} objects/s -> {_spread(drains, 'copy', 2)}x "
+          f"boto3 copy+delete" + (f", {_spread(drains, 'compare', 2)}x {args.compare} from its first move "
+                                  f"({_spread(runs, 'compare_drain')})" if "compare" in runs[0] else ""))
     if "compare" in runs[0]:
         cpu = [{"cpu": r["cpu_ms"] / r["compare_cpu_ms"]} for r in runs]
         print(f"    CPU per object: {_spread(runs, 'compare_cpu_ms', 2)} ms for {args.compare} -> scanwatch "
