@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 from urllib.parse import quote, urlsplit
 
-from botocore.auth import S3SigV4Auth
+from botocore.auth import S3SigV4Auth, _host_from_url
 from botocore.awsrequest import AWSRequest
 from botocore.exceptions import BotoCoreError, ClientError
 from botocore.retries.quota import RetryQuota
@@ -72,9 +72,10 @@ _ELSEWHERE = frozenset({"PermanentRedirect", "TemporaryRedirect", "Authorization
 
 
 class _Place(NamedTuple):
-    """Where a bucket's objects are: the URL before `/<key>`, and the SigV4 scope."""
+    """Where a bucket's objects are: the URL before `/<key>`, its Host header, the SigV4 scope."""
 
     base_url: str
+    host: str
     region: str
     service: str
 
@@ -230,7 +231,8 @@ def _place_of(sent: tuple[str, str], key: str) -> _Place | None:
     if algorithm != "AWS4-HMAC-SHA256" or len(scope) != 5 or not address.endswith(suffix) \
             or _proxied(address):
         return None
-    return _Place(address.removesuffix(suffix), scope[2], scope[3])
+    base_url = address.removesuffix(suffix)
+    return _Place(base_url, _host_from_url(base_url), scope[2], scope[3])
 
 
 def _is_lean(params: Mapping[str, Any]) -> bool:
@@ -247,6 +249,9 @@ def _request(place: _Place, params: Mapping[str, Any]) -> tuple[str, dict[str, s
         url += f"?versionId={quote(params['VersionId'], safe='-_.~')}"
     headers = {_HEADERS[name]: str(value) for name, value in params.items() if name in _HEADERS}
     headers["User-Agent"] = USER_AGENT
+    # The Host botocore signs and http.client would send, given: the signer need not derive
+    # it from the URL twice per request (a quarter of its CPU).
+    headers["Host"] = place.host
     if source := params.get("CopySource"):
         copied = quote(f"{source['Bucket']}/{source['Key']}", safe="/~")
         if source.get("VersionId"):
