@@ -9,13 +9,16 @@ workers. Prints objects/s of all, ratios, time to first move, the daemon's peak 
 CPU-seconds per object, as medians (min - max) over `--runs` runs. `--latency-ms 20`
 puts every client (daemon and peers alike) behind a loopback proxy adding that one-way
 latency to each request (tests/realservers.py TcpProxy), S3 across a network.
-`--compare DIR` runs another checkout's daemon as one more peer. `--requests` counts each
+`--compare DIR` runs another checkout's daemon as one more peer. `--per-request N` only
+measures the CPU per GET, PUT and DELETE of the daemon's S3 client, its lean path against
+its boto3 client (daemon/s3requests.py). `--requests` counts each
 daemon's S3 requests per object by kind (its own recording proxy, no added latency: a run
 to count, not to time). `--profile DIR` records each daemon and its worker processes with
 py-spy (`pip install py-spy`) into DIR, one file of collapsed stacks per daemon and run.
 
     python bench/s3_backlog.py [--count 10000] [--threads 10] [--concurrency 8] [--runs 3]
                                [--latency-ms 0 20] [--compare DIR] [--requests] [--profile DIR]
+    python bench/s3_backlog.py --per-request 500
 """
 
 from __future__ import annotations
@@ -140,7 +143,9 @@ def _run_daemon(server: S3Server, bucket: str, base: Path, count: int, args: arg
     landed = _count(client, bucket, "clean/") + _count(client, bucket, "quarantine/")
     if landed != count:
         raise SystemExit(f"{landed} of {count} objects reached clean/ or quarantine/; see {log_path}")
+    drain_s = elapsed - (first_move_s or 0.0)
     return {"seconds": elapsed, "objects_per_s": count / elapsed,
+            "drain_objects_per_s": (count - 1) / drain_s if drain_s > 0 else count / elapsed,
             "first_move_s": first_move_s or elapsed, "peak_rss_mb": peak_kb / 1024,
             "cpu_ms": 1000 * cpu_s / count}
 
@@ -236,6 +241,7 @@ def _one_run(server: S3Server, bucket: str, base: Path, args: argparse.Namespace
     with _cpu_ms_per_object(figures, args.count, server, ""):
         ours = _daemon(server, bucket, base / "ours", args.count, args)
     figures |= {"scanwatch": ours["objects_per_s"], "first_move_s": ours["first_move_s"],
+                "drain": ours["drain_objects_per_s"],
                "rss_mb": ours["peak_rss_mb"], "cpu_ms": ours["cpu_ms"],
                **{k: v for k, v in ours.items() if k.startswith("req_")}}
     if args.compare:
@@ -243,6 +249,7 @@ def _one_run(server: S3Server, bucket: str, base: Path, args: argparse.Namespace
         _put(server, f"{bucket}-c", "in/", args.count, args.threads)
         other = _daemon(server, f"{bucket}-c", base / "compare", args.count, args, code=args.compare)
         figures["compare"], figures["compare_cpu_ms"] = other["objects_per_s"], other["cpu_ms"]
+        figures["compare_drain"] = other["drain_objects_per_s"]
         figures.update({f"compare_{k}": v for k, v in other.items() if k.startswith("req_")})
     _put(server, bucket, "plain/", args.count, args.threads)
     with _cpu_ms_per_object(figures, args.count, server, "peer_"):
@@ -272,6 +279,12 @@ def _report(latency_ms: float, runs: list[dict[str, float]], args: argparse.Name
     for peer in peers:
         print(f"    {names[peer]}: {_spread(runs, peer)} objects/s -> scanwatch is "
               f"{_spread(ratios, peer, 2)}x")
+    # From the first move on (start-up left out: the peers start at once).
+    drains = [{"copy": r["drain"] / r["copy_delete"],
+               "compare": r["drain"] / r.get("compare_drain", r["drain"])} for r in runs]
+    print(f"    from its first move: {_spread(runs, 'drain')} objects/s -> {_spread(drains, 'copy', 2)}x "
+          f"boto3 copy+delete" + (f", {_spread(drains, 'compare', 2)}x {args.compare} from its first move "
+                                  f"({_spread(runs, 'compare_drain')})" if "compare" in runs[0] else ""))
     if "compare" in runs[0]:
         cpu = [{"cpu": r["cpu_ms"] / r["compare_cpu_ms"]} for r in runs]
         print(f"    CPU per object: {_spread(runs, 'compare_cpu_ms', 2)} ms for {args.compare} -> scanwatch "
@@ -281,6 +294,47 @@ def _report(latency_ms: float, runs: list[dict[str, float]], args: argparse.Name
         if kinds:
             counts = ", ".join(f"{kind} {_spread(runs, f'{who}req_{kind}', 3)}" for kind in kinds)
             print(f"    S3 requests per object ({who.rstrip('_') or 'scanwatch'}): {counts}")
+
+
+def _per_request(server: S3Server, count: int, rounds: int = 3) -> None:
+    """CPU per request of the daemon's S3 client: its lean path (daemon/s3requests.py) against
+    its own boto3 client, one thread, `count` objects of 4 KB per round, rounds alternating."""
+    sys.path.insert(0, str(ROOT))
+    from daemon.config import S3Config
+    from daemon.s3client import make_client
+
+    os.environ.update(AWS_ACCESS_KEY_ID=server.access_key, AWS_SECRET_ACCESS_KEY=server.secret_key)
+    lean = make_client(S3Config(endpoint_url=server.endpoint_url, region=server.region))
+    clients = {"boto3": lean._client, "lean": lean}
+    lean.create_bucket(Bucket="per-request")
+    lean.put_object(Bucket="per-request", Key="first", Body=b"x")  # a bucket's first call is boto3's
+    body = os.urandom(4096)
+    figures: dict[str, list[float]] = {}
+    for run in range(rounds):
+        for name, client in clients.items():
+            keys = [f"{name}-{run}-{i}" for i in range(count)]
+            etags = []
+            started = time.process_time()
+            for key in keys:
+                etags.append(client.put_object(Bucket="per-request", Key=key, Body=body, IfNoneMatch="*",
+                                               Tagging="scanwatch-file=1")["ETag"])
+            put_done = time.process_time()
+            for key in keys:
+                with contextlib.closing(client.get_object(Bucket="per-request", Key=key)["Body"]) as got:
+                    got.read()
+            get_done = time.process_time()
+            for key, etag in zip(keys, etags, strict=True):
+                client.delete_object(Bucket="per-request", Key=key, IfMatch=etag)
+            ended = time.process_time()
+            for kind, seconds in (("PUT", put_done - started), ("GET", get_done - put_done),
+                                  ("DELETE", ended - get_done)):
+                figures.setdefault(f"{name} {kind}", []).append(1000 * seconds / count)
+    print(f"  CPU per request, ms, one thread, {count} x 4 KB, {rounds} rounds, median (min - max):")
+    for kind in ("GET", "PUT", "DELETE"):
+        ratio = [lean_ms / boto_ms for lean_ms, boto_ms in
+                 zip(figures[f"lean {kind}"], figures[f"boto3 {kind}"], strict=True)]
+        boto_ms, lean_ms = figures[f"boto3 {kind}"], figures[f"lean {kind}"]
+        print(f"    {kind}: boto3 {spread(boto_ms, 3)}, lean {spread(lean_ms, 3)} -> {spread(ratio, 2)}x")
 
 
 def main() -> None:
@@ -298,7 +352,15 @@ def main() -> None:
                         help="count each daemon's S3 requests per object (through a recording proxy)")
     parser.add_argument("--profile", type=Path,
                         help="py-spy profiles (collapsed stacks) of the daemons into this folder")
+    parser.add_argument("--per-request", type=int, metavar="N",
+                        help="only measure the CPU per GET/PUT/DELETE of the daemon's client, lean "
+                             "path vs boto3, over N objects per round")
     args = parser.parse_args()
+    if args.per_request:
+        with tempfile.TemporaryDirectory(prefix="scanwatch-bench-") as tmp, \
+                running_seaweedfs(Path(tmp)) as server:
+            _per_request(server, args.per_request)
+        return
     print(f"s3_backlog: {args.count} objects (1% EICAR), S3→S3 on SeaweedFS, {os.cpu_count()} CPUs")
     with tempfile.TemporaryDirectory(prefix="scanwatch-bench-") as tmp:
         base = Path(tmp)

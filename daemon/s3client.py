@@ -46,11 +46,13 @@ _UNAVAILABLE = {"NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "Signature
 
 
 def make_client(config: S3Config) -> Any:
-    """A thread-safe boto3 S3 client with the usual credential chain and `s3:` overrides.
+    """A thread-safe S3 client with the usual credential chain and `s3:` overrides.
 
-    Made once per endpoint, region and profile (`S3Clients`) and shared by every thread: its
-    connection pool (64) serves them all. At loopback speed botocore's CPU per request is what
-    bounds a backlog (bench/RESULTS.md, "Issue 21: S3 and the fleet"), so it does no work that
+    Made once per endpoint, region and profile (`S3Clients`) and shared by every thread. At
+    loopback speed botocore's CPU per request is what bounds a backlog (bench/RESULTS.md,
+    "Issue 21: S3 and the fleet"), so the calls each object makes take a lean path with the
+    same signing, credentials, endpoint, TLS settings, retries and errors (`LeanS3`,
+    daemon/s3requests.py); every other call is this boto3 client's, which does no work that
     scanwatch does itself:
     - no parameter validation: the bucket is checked when the config is loaded
       (`S3Url.parse`), a key is either one S3 listed or sent, or checked before it is planned
@@ -64,17 +66,23 @@ def make_client(config: S3Config) -> Any:
     import botocore.session
     from botocore.config import Config as BotoConfig
 
+    from daemon.s3requests import MAX_ATTEMPTS, LeanS3
+    from daemon.s3transport import CONNECT_TIMEOUT_S, READ_TIMEOUT_S
+
     core = botocore.session.get_session()
     # Timestamps (LastModified, ...) stay strings, as the AWS CLI keeps them: nothing here
     # reads them, and parsing them was a tenth of the daemon's CPU in a backlog.
     core.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=str)
-    return boto3.session.Session(botocore_session=core, profile_name=config.profile).client(
+    client = boto3.session.Session(botocore_session=core, profile_name=config.profile).client(
         "s3", endpoint_url=config.endpoint_url, region_name=config.region,
-        config=BotoConfig(connect_timeout=5, read_timeout=60, max_pool_connections=64,
-                          retries={"mode": "standard", "max_attempts": 3},
+        config=BotoConfig(connect_timeout=CONNECT_TIMEOUT_S, read_timeout=READ_TIMEOUT_S,
+                          max_pool_connections=64,
+                          retries={"mode": "standard", "max_attempts": MAX_ATTEMPTS},
                           parameter_validation=False, request_checksum_calculation="when_required",
                           response_checksum_validation="when_required",
                           s3={"addressing_style": "path"} if config.endpoint_url else None))
+    # The very credentials (refreshable) and CA bundle the boto3 client was made with.
+    return LeanS3(client, core.get_credentials(), core.get_config_variable("ca_bundle"))
 
 
 def make_sqs_client(events: EventsConfig, s3_config: S3Config) -> Any:
