@@ -118,8 +118,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, config_path: str, config: Config) -> int:
     from daemon.service import Service
+    from daemon.workers.pool import forked_workers
 
-    return Service(config_path, config).run()
+    # Forked before the journal opens and any thread starts: the workers import nothing and
+    # wait for their config while the daemon starts (docs/architecture.md, "Start-up").
+    with forked_workers(config) as forked:
+        return Service(config_path, config, forked).run()
 
 
 def _check_config(args: argparse.Namespace, config_path: str, config: Config) -> int:

@@ -6,6 +6,7 @@ import signal
 import sqlite3
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import FrameType
 
@@ -28,7 +29,7 @@ from daemon.watchers.base import Watcher
 from daemon.watchers.local import LocalWatcher
 from daemon.watchers.s3 import S3Watcher
 from daemon.webhooks import WebhookReceivers
-from daemon.workers.pool import WorkerPool
+from daemon.workers.pool import Forked, WorkerPool
 from daemon.workers.process import share_webhook_health
 
 __all__ = ["Service"]
@@ -54,7 +55,8 @@ class _Running:
 class Service:
     """The daemon: runs until SIGTERM/SIGINT, reloads on SIGHUP."""
 
-    def __init__(self, config_path: str, config: Config) -> None:
+    def __init__(self, config_path: str, config: Config, forked: Sequence[Forked] = ()) -> None:
+        """`forked`: the worker processes `forked_workers` made for `config` (daemon/workers/pool.py)."""
         self.config_path = config_path
         self._lock_fd = hold_daemon_lock(config.state_dir)
         self.journal = open_journal(config.state_dir)
@@ -67,9 +69,9 @@ class Service:
         self._signals: list[signal.Signals] = []
         self._signalled = threading.Event()
         self._died: list[str] = []  # threads ended by an exception: the daemon must not go on
-        self._running = self._build(config)
+        self._running = self._build(config, forked)
 
-    def _build(self, config: Config) -> _Running:
+    def _build(self, config: Config, forked: Sequence[Forked] = ()) -> _Running:
         config = follow_clamd_threads(config)  # before the gates and workers are sized
         engines = build_engines(config)
         # Made now, so that a watch's S3 settings that boto3 cannot use stop the start.
@@ -80,7 +82,7 @@ class Service:
         pipeline: Pipeline | WorkerPool
         if config.worker_count() > 1:
             share_webhook_health(engines, config.state_dir)  # received here, polled in workers
-            pipeline = WorkerPool(config, self.journal, self.wake, self._on_outcomes)
+            pipeline = WorkerPool(config, self.journal, self.wake, self._on_outcomes, forked)
         else:
             pipeline = Pipeline(config, self.journal, engines, owner=self.owner, wake=self.wake,
                                 on_outcomes=self._on_outcomes, s3=s3)

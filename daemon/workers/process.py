@@ -1,7 +1,9 @@
 """One worker process of `workers: N`: a `Pipeline` with its own owner token and engines.
 
-Started by the daemon (daemon/workers/pool.py) as `python -m daemon.workers.process --parent PID
---events-fd FD`. Its stdin carries the config (one frame, so a reload that the parent
+Forked by the daemon at its start, before its journal opens and any thread runs
+(`main_forked`: it starts with every module already imported), or, to replace one that died
+and after a reload, started as `python -m daemon.workers.process --parent PID --events-fd FD`
+(`main`): daemon/workers/pool.py. Its stdin carries the config (one frame, so a reload that the parent
 refused never reaches a worker), then one byte per wake-up; FD carries each outcome back
 to the parent for the metrics and alerts; its stdout, the log lines, goes to the parent too
 (daemon/workers/pool.py). It dies with the parent (`PR_SET_PDEATHSIG`), drains at the end of its
@@ -21,9 +23,10 @@ import struct
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 import structlog
 
@@ -36,7 +39,7 @@ from daemon.log import configure_logging
 from daemon.pipeline import Outcome, Pipeline, Reported
 from daemon.s3client import S3Clients
 
-__all__ = ["main", "read_frame", "share_webhook_health", "write_frame"]
+__all__ = ["main", "main_forked", "read_frame", "share_webhook_health", "write_frame"]
 
 log = structlog.get_logger("scanwatch.worker")
 
@@ -138,16 +141,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events-fd", type=int, required=True)
     parser.add_argument("--index", type=int, default=0)
     args = parser.parse_args(argv)
-    _die_with_parent(args.parent)
+    return _serve(args.parent, args.events_fd, args.index)
+
+
+def main_forked(parent: int, index: int, stdin_fd: int, stdout_fd: int, events_fd: int) -> NoReturn:
+    """A worker forked from the daemon: its pipes become stdin, stdout and fd 3, the daemon's
+    other descriptors are closed, and it exits without returning into the daemon's code."""
+    code = 1
+    try:
+        os.dup2(stdin_fd, 0)
+        os.dup2(stdout_fd, 1)
+        os.dup2(events_fd, 3)
+        os.closerange(4, os.sysconf("SC_OPEN_MAX"))
+        code = _serve(parent, 3, index)
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+    finally:
+        os._exit(code)
+
+
+def _serve(parent: int, events_fd: int, index: int) -> int:
+    _die_with_parent(parent)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     stdin = os.fdopen(0, "rb", buffering=0, closefd=False)
-    config: Config = read_frame(stdin)
+    try:
+        config: Config = read_frame(stdin)
+    except EOFError:  # the daemon stopped before it started its pipeline: nothing to do
+        return 0
     configure_logging(config.log.format, config.log.level)
-    structlog.contextvars.bind_contextvars(worker=args.index)
-    return _run(config, stdin, args.events_fd, stop)
+    structlog.contextvars.bind_contextvars(worker=index)
+    return _run(config, stdin, events_fd, stop)
 
 
 def _run(config: Config, stdin: IO[bytes], events_fd: int, stop: threading.Event) -> int:
