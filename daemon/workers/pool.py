@@ -42,6 +42,7 @@ from daemon.config import Config
 from daemon.journal import Journal
 from daemon.log import write_lines
 from daemon.pipeline import Reported
+from daemon.s3client import S3Clients
 from daemon.workers.process import main_forked, read_frame, write_frame
 
 __all__ = ["Forked", "WorkerPool", "forked_workers"]
@@ -89,12 +90,14 @@ class Forked:
 
 
 @contextlib.contextmanager
-def forked_workers(config: Config) -> Iterator[list[Forked]]:
-    """`config`'s worker processes (none for `workers: 1`), forked now: call it before the
-    journal opens and any thread starts. Those still running on leaving are killed and reaped,
-    so a daemon that fails to start leaves none behind (the pool stops them otherwise)."""
+def forked_workers(config: Config, s3: S3Clients) -> Iterator[list[Forked]]:
+    """`config`'s worker processes (none for `workers: 1`), forked now, each with a copy of
+    `s3` (clients not used yet): call it before the journal opens and any thread starts.
+    Those still running on leaving are killed and reaped, so a daemon that fails to start
+    leaves none behind (the pool stops them otherwise)."""
     count = config.worker_count()
-    forked = [_fork(i) for i in range(count)] if count > 1 and threading.active_count() == 1 else []
+    is_safe = count > 1 and threading.active_count() == 1
+    forked = [_fork(i, s3) for i in range(count)] if is_safe else []
     try:
         yield forked
     finally:
@@ -103,7 +106,7 @@ def forked_workers(config: Config) -> Iterator[list[Forked]]:
             worker.wait()
 
 
-def _fork(index: int) -> Forked:
+def _fork(index: int, s3: S3Clients) -> Forked:
     stdin_r, stdin_w = os.pipe()
     stdout_r, stdout_w = os.pipe()
     events_r, events_w = _events_pipe()
@@ -112,7 +115,7 @@ def _fork(index: int) -> Forked:
     parent = os.getpid()
     pid = os.fork()
     if pid == 0:
-        main_forked(parent, index, stdin_r, stdout_w, events_w)
+        main_forked(parent, index, (stdin_r, stdout_w, events_w), s3)
     for fd in (stdin_r, stdout_w, events_w):
         os.close(fd)
     return Forked(pid, os.fdopen(stdin_w, "wb"), os.fdopen(stdout_r, "rb"), events_r)

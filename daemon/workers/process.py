@@ -141,19 +141,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events-fd", type=int, required=True)
     parser.add_argument("--index", type=int, default=0)
     args = parser.parse_args(argv)
-    return _serve(args.parent, args.events_fd, args.index)
+    return _serve(args.parent, args.events_fd, args.index, S3Clients())
 
 
-def main_forked(parent: int, index: int, stdin_fd: int, stdout_fd: int, events_fd: int) -> NoReturn:
-    """A worker forked from the daemon: its pipes become stdin, stdout and fd 3, the daemon's
-    other descriptors are closed, and it exits without returning into the daemon's code."""
+def main_forked(parent: int, index: int, fds: tuple[int, int, int], s3: S3Clients) -> NoReturn:
+    """A worker forked from the daemon: its pipes `fds` become stdin, stdout and fd 3, the
+    daemon's other descriptors are closed, and it exits without returning into the daemon's
+    code. `s3`: the daemon's S3 clients as they were before the fork (none used yet)."""
     code = 1
     try:
-        os.dup2(stdin_fd, 0)
-        os.dup2(stdout_fd, 1)
-        os.dup2(events_fd, 3)
+        for fd, to in zip(fds, (0, 1, 3), strict=True):
+            os.dup2(fd, to)
         os.closerange(4, os.sysconf("SC_OPEN_MAX"))
-        code = _serve(parent, 3, index)
+        code = _serve(parent, 3, index, s3)
     except BaseException:
         traceback.print_exc()
         sys.stderr.flush()
@@ -161,7 +161,7 @@ def main_forked(parent: int, index: int, stdin_fd: int, stdout_fd: int, events_f
         os._exit(code)
 
 
-def _serve(parent: int, events_fd: int, index: int) -> int:
+def _serve(parent: int, events_fd: int, index: int, s3: S3Clients) -> int:
     _die_with_parent(parent)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -174,16 +174,17 @@ def _serve(parent: int, events_fd: int, index: int) -> int:
         return 0
     configure_logging(config.log.format, config.log.level)
     structlog.contextvars.bind_contextvars(worker=index)
-    return _run(config, stdin, events_fd, stop)
+    return _run(config, stdin, events_fd, stop, s3)
 
 
-def _run(config: Config, stdin: IO[bytes], events_fd: int, stop: threading.Event) -> int:
+def _run(config: Config, stdin: IO[bytes], events_fd: int, stop: threading.Event,
+         s3: S3Clients) -> int:
     journal = open_journal(config.state_dir)
     engines = build_engines(config)
     share_webhook_health(engines, config.state_dir)
     wake = threading.Event()
     pipeline = Pipeline(config, journal, engines, owner=owner_token(), wake=wake,
-                        on_outcomes=_Events(events_fd).send, s3=S3Clients())
+                        on_outcomes=_Events(events_fd).send, s3=s3)
     threading.Thread(target=_read_wakes, args=(stdin, wake, stop), name="wakes",
                      daemon=True).start()
     pipeline.start()
