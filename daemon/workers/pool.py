@@ -178,9 +178,9 @@ class WorkerPool:
     def _spawn(self, index: int) -> _Worker:
         """A worker given the config: a forked one still waiting for it, else a new process."""
         proc: subprocess.Popen[bytes] | Forked
-        if self._forked:
-            proc = self._forked.pop(0)
-            events_r = proc.events_fd
+        forked = self._forked.pop(0) if self._forked else None
+        if forked is not None and forked.poll() is None:
+            proc, events_r = forked, forked.events_fd
         else:
             proc, events_r = _exec(index)
         assert proc.stdin is not None and proc.stdout is not None
