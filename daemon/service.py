@@ -87,7 +87,7 @@ class Service:
                s3: S3Clients | None = None) -> _Running:
         config = follow_clamd_threads(config)  # before the gates and workers are sized
         engines = build_engines(config)
-        s3 = s3 or s3_clients(config)
+        s3 = s3_clients(config) if s3 is None else s3
         pipeline: Pipeline | WorkerPool
         if config.worker_count() > 1:
             share_webhook_health(engines, config.state_dir)  # received here, polled in workers
