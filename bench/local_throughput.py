@@ -252,11 +252,14 @@ def _report(runs: list[dict[str, dict[str, float]]], args: argparse.Namespace) -
         ratios = [{"r": {"burst": r["burst ours"]["files_per_s"] / r["burst compare"]["files_per_s"],
                          "cpu": r["burst ours"]["cpu_ms_per_file"] / r["burst compare"]["cpu_ms_per_file"],
                          **({"backlog": r["backlog ours"]["files_per_s"]
-                             / r["backlog compare"]["files_per_s"]} if args.backlog else {})}}
+                             / r["backlog compare"]["files_per_s"],
+                             "first": r["backlog ours"]["first_move_s"]
+                             / r["backlog compare"]["first_move_s"]} if args.backlog else {})}}
                   for r in runs]
         print(f"  scanwatch / peer: burst {_spread(ratios, 'r', 'burst', 2)}x, CPU per file "
               f"{_spread(ratios, 'r', 'cpu', 2)}x"
-              + (f", backlog {_spread(ratios, 'r', 'backlog', 2)}x" if args.backlog else ""))
+              + (f", backlog {_spread(ratios, 'r', 'backlog', 2)}x, its first move after "
+                 f"{_spread(ratios, 'r', 'first', 2)}x the time" if args.backlog else ""))
     if args.serial:
         _report_serial(runs)
     print(f"  bare python loop: {_spread(runs, 'floor', 'files_per_s')} files/s "

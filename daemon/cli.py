@@ -117,9 +117,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, config_path: str, config: Config) -> int:
-    from daemon.service import Service
+    from daemon.service import Service, s3_clients
+    from daemon.workers.pool import forked_workers
 
-    return Service(config_path, config).run()
+    # Forked before the journal opens and any thread starts, the workers start with every
+    # module imported and the S3 clients made (docs/architecture.md, "Start-up").
+    s3 = s3_clients(config)
+    with forked_workers(config, s3) as forked:
+        return Service(config_path, config, forked=forked, s3=s3).run()
 
 
 def _check_config(args: argparse.Namespace, config_path: str, config: Config) -> int:

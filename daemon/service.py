@@ -6,6 +6,7 @@ import signal
 import sqlite3
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import FrameType
 
@@ -29,10 +30,10 @@ from daemon.watchers.base import Watcher
 from daemon.watchers.local import LocalWatcher
 from daemon.watchers.s3 import S3Watcher
 from daemon.webhooks import WebhookReceivers
-from daemon.workers.pool import WorkerPool
+from daemon.workers.pool import Forked, WorkerPool
 from daemon.workers.process import share_webhook_health
 
-__all__ = ["Service"]
+__all__ = ["Service", "s3_clients"]
 
 log = structlog.get_logger("scanwatch.service")
 
@@ -52,10 +53,23 @@ class _Running:
     webhooks: WebhookReceivers  # bound in `_start`, so a reload can rebind the same address
 
 
+def s3_clients(config: Config) -> S3Clients:
+    """The S3 clients of `config`'s watches, made now: S3 settings that boto3 cannot use stop
+    the start."""
+    s3 = S3Clients()
+    for watch in config.watches:
+        if uses_s3(watch):
+            s3(config.s3_for(watch))
+    return s3
+
+
 class Service:
     """The daemon: runs until SIGTERM/SIGINT, reloads on SIGHUP."""
 
-    def __init__(self, config_path: str, config: Config) -> None:
+    def __init__(self, config_path: str, config: Config, *, forked: Sequence[Forked] = (),
+                 s3: S3Clients | None = None) -> None:
+        """`forked`: the worker processes `forked_workers` made for `config`
+        (daemon/workers/pool.py); `s3`: `config`'s S3 clients, made before them."""
         self.config_path = config_path
         self._lock_fd = hold_daemon_lock(config.state_dir)
         self.journal = open_journal(config.state_dir)
@@ -68,20 +82,17 @@ class Service:
         self._signals: list[signal.Signals] = []
         self._signalled = threading.Event()
         self._died: list[str] = []  # threads ended by an exception: the daemon must not go on
-        self._running = self._build(config)
+        self._running = self._build(config, forked, s3)
 
-    def _build(self, config: Config) -> _Running:
+    def _build(self, config: Config, forked: Sequence[Forked] = (),
+               s3: S3Clients | None = None) -> _Running:
         config = follow_clamd_threads(config)  # before the gates and workers are sized
         engines = build_engines(config)
-        # Made now, so that a watch's S3 settings that boto3 cannot use stop the start.
-        s3 = S3Clients()
-        for watch in config.watches:
-            if uses_s3(watch):
-                s3(config.s3_for(watch))
+        s3 = s3_clients(config) if s3 is None else s3
         pipeline: Pipeline | WorkerPool
         if config.worker_count() > 1:
             share_webhook_health(engines, config.state_dir)  # received here, polled in workers
-            pipeline = WorkerPool(config, self.journal, self.wake, self._on_heard)
+            pipeline = WorkerPool(config, self.journal, self.wake, self._on_heard, forked)
         else:
             pipeline = Pipeline(config, self.journal, engines, owner=self.owner, wake=self.wake,
                                 on_outcomes=self._on_outcomes, s3=s3)

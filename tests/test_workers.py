@@ -196,3 +196,63 @@ def test_a_workers_frame_carries_plain_facts_and_whole_rows_only_where_an_alert_
     assert frame[1][5]["destination"] == "/c/ok.txt"
     assert [step[6] for step in frame[:2]] == [None, None]
     assert isinstance(frame[2][6], FileRow) and frame[2][6] == bad  # a notification reads it
+
+
+def _processes_running(config_path: Path) -> list[int]:
+    """Processes whose command line names `config_path`: the daemon and its forked workers."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if str(config_path).encode() in cmdline.split(b"\0"):
+                found.append(int(entry.name))
+    return found
+
+
+def _parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+
+
+def test_the_first_workers_are_forked_from_the_daemon_and_a_replacement_is_a_new_process(
+        layout: Layout, daemon_factory: Callable[..., Daemon]) -> None:
+    """Forked before the journal opens, the first workers start with every module already
+    imported (bench/RESULTS.md, "A backlog present at start"): they run the daemon's own
+    command line, never `python -m daemon.workers.process`, which only a replacement runs."""
+    daemon = daemon_factory(layout.write_config(watch={"settle_seconds": 0}, workers=2))
+    daemon.wait_started()
+    spawned = daemon.wait_for(lambda: len(daemon.named("worker.spawned")) == 2
+                              and daemon.named("worker.spawned"), what="two workers")
+    cmdline = Path(f"/proc/{daemon.proc.pid}/cmdline").read_bytes()
+    for event in spawned:
+        assert event["forked"] is True
+        assert Path(f"/proc/{event['pid']}/cmdline").read_bytes() == cmdline
+        assert _parent_of(event["pid"]) == daemon.proc.pid
+    (layout.inbox / "a.txt").write_bytes(b"before")
+    daemon.wait_for(lambda: layout.placed("clean") == ["a.txt"], what="a.txt placed by a forked worker")
+    os.kill(spawned[0]["pid"], signal.SIGKILL)
+    replaced = daemon.wait_for(lambda: len(daemon.named("worker.spawned")) == 3
+                               and daemon.named("worker.spawned")[2], what="a new worker")
+    assert replaced["forked"] is False
+    assert b"daemon.workers.process" in Path(f"/proc/{replaced['pid']}/cmdline").read_bytes()
+    (layout.inbox / "b.txt").write_bytes(b"after")
+    daemon.wait_for(lambda: layout.placed("clean") == ["a.txt", "b.txt"], what="b.txt placed")
+    assert daemon.stop() == 0
+    assert _processes_running(layout.config_path) == []
+
+
+def test_a_daemon_that_fails_after_forking_its_workers_exits_2_and_leaves_none_behind(
+        layout: Layout, tmp_path: Path) -> None:
+    """A problem found once the workers are forked (rules that do not compile: the engines
+    are built after the fork) still exits 2 naming the file and the YAML path."""
+    rules = tmp_path / "broken.yar"
+    rules.write_text("rule Broken { condition: }")
+    config = layout.write_config(engine={"rules": [str(rules)]}, workers=2)
+    done = subprocess.run([sys.executable, "-m", "daemon.cli", "run", "--config", str(config)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert f"{config} is not valid" in done.stderr and "engines.default.rules" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert _processes_running(config) == []

@@ -9,6 +9,13 @@ no row behind). A worker that dies is reaped, its rows are handed back
 (`Journal.reclaim`) and it is started again on the service's next tick: from the main
 thread, because `PR_SET_PDEATHSIG` fires when the thread that started a child ends.
 
+The first workers are forked (`forked_workers`) first thing in `scanwatch run`, while the
+daemon has one thread and no journal, sockets or engines yet: they start with every module
+already imported and wait on their stdin for the config, sent once the daemon has started
+(`WorkerPool.start`). A worker started later (one that died, a reload) is a new
+`python -m daemon.workers.process`: forking a process that runs threads could copy a lock
+another thread holds.
+
 A worker's stdout is a pipe to the daemon, which copies it to its own stdout a whole
 line at a time: the daemon is the only process that writes the log, so a record is
 never cut by another process's, whatever its size (a pipe's writes are atomic only up to
@@ -20,11 +27,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import IO
 
@@ -34,9 +42,10 @@ from daemon.config import Config
 from daemon.journal import Journal
 from daemon.log import write_lines
 from daemon.pipeline.outcome import Heard
-from daemon.workers.process import read_frame, write_frame
+from daemon.s3client import S3Clients
+from daemon.workers.process import main_forked, read_frame, write_frame
 
-__all__ = ["WorkerPool"]
+__all__ = ["Forked", "WorkerPool", "forked_workers"]
 
 log = structlog.get_logger("scanwatch.workers")
 
@@ -48,10 +57,92 @@ _RELAY_PAUSE_S = 0.002
 _EVENTS_PIPE_BYTES = 1 << 20
 
 
+class Forked:
+    """A worker forked from this process (`forked_workers`): what the pool uses of a `Popen`."""
+
+    def __init__(self, pid: int, stdin: IO[bytes], stdout: IO[bytes], events_fd: int) -> None:
+        self.pid = pid
+        self.stdin = stdin
+        self.stdout = stdout
+        self.events_fd = events_fd
+        self.returncode: int | None = None
+        self._reaping = threading.Lock()  # polled by the main thread and /healthz's
+
+    def poll(self) -> int | None:
+        with self._reaping:
+            if self.returncode is None:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+                if pid:
+                    self.returncode = os.waitstatus_to_exitcode(status)
+            return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (code := self.poll()) is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(f"worker {self.pid}", timeout or 0.0)
+            time.sleep(0.01)
+        return code
+
+    def kill(self) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def forked_workers(config: Config, s3: S3Clients) -> Iterator[list[Forked]]:
+    """`config`'s worker processes (none for `workers: 1`), forked now, each with a copy of
+    `s3` (clients not used yet): call it before the journal opens and any thread starts.
+    Those still running on leaving are killed and reaped, so a daemon that fails to start
+    leaves none behind (the pool stops them otherwise)."""
+    count = config.worker_count()
+    is_safe = count > 1 and threading.active_count() == 1
+    forked = [_fork(i, s3) for i in range(count)] if is_safe else []
+    try:
+        yield forked
+    finally:
+        for worker in forked:
+            worker.kill()
+            worker.wait()
+
+
+def _fork(index: int, s3: S3Clients) -> Forked:
+    stdin_r, stdin_w = os.pipe()
+    stdout_r, stdout_w = os.pipe()
+    events_r, events_w = _events_pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    parent = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        main_forked(parent, index, (stdin_r, stdout_w, events_w), s3)
+    for fd in (stdin_r, stdout_w, events_w):
+        os.close(fd)
+    return Forked(pid, os.fdopen(stdin_w, "wb"), os.fdopen(stdout_r, "rb"), events_r)
+
+
+def _exec(index: int) -> tuple[subprocess.Popen[bytes], int]:
+    """A new worker process and the read end of its events pipe."""
+    events_r, events_w = _events_pipe()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "daemon.workers.process", "--parent", str(os.getpid()),
+         "--events-fd", str(events_w), "--index", str(index)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(events_w,))
+    os.close(events_w)
+    return proc, events_r
+
+
+def _events_pipe() -> tuple[int, int]:
+    events_r, events_w = os.pipe()
+    with contextlib.suppress(OSError):  # room for many batches: a busy daemon stalls no worker
+        fcntl.fcntl(events_w, fcntl.F_SETPIPE_SZ, _EVENTS_PIPE_BYTES)
+    return events_r, events_w
+
+
 @dataclass
 class _Worker:
     index: int
-    proc: subprocess.Popen[bytes]
+    proc: subprocess.Popen[bytes] | Forked
     wake_fd: int
     reader: threading.Thread
     relay: threading.Thread
@@ -66,8 +157,10 @@ class WorkerPool:
     """`config.workers` worker processes, started again when one dies."""
 
     def __init__(self, config: Config, journal: Journal, wake: threading.Event,
-                 on_outcomes: Callable[[list[Heard]], None]) -> None:
+                 on_outcomes: Callable[[list[Heard]], None],
+                 forked: Sequence[Forked] = ()) -> None:
         self.config = config
+        self._forked = list(forked)  # waiting for their config: the first ones
         self.journal = journal
         self.wake = wake
         self._on_outcomes = on_outcomes
@@ -83,14 +176,13 @@ class WorkerPool:
         self._waker.start()
 
     def _spawn(self, index: int) -> _Worker:
-        events_r, events_w = os.pipe()
-        with contextlib.suppress(OSError):  # room for many batches: a busy daemon stalls no worker
-            fcntl.fcntl(events_w, fcntl.F_SETPIPE_SZ, _EVENTS_PIPE_BYTES)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "daemon.workers.process", "--parent", str(os.getpid()),
-             "--events-fd", str(events_w), "--index", str(index)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(events_w,))
-        os.close(events_w)
+        """A worker given the config: a forked one still waiting for it, else a new process."""
+        proc: subprocess.Popen[bytes] | Forked
+        forked = self._forked.pop(0) if self._forked else None
+        if forked is not None and forked.poll() is None:
+            proc, events_r = forked, forked.events_fd
+        else:
+            proc, events_r = _exec(index)
         assert proc.stdin is not None and proc.stdout is not None
         write_frame(proc.stdin, self.config)
         wake_fd = proc.stdin.fileno()
@@ -101,7 +193,7 @@ class WorkerPool:
         relay = threading.Thread(target=_relay_lines, args=(proc.stdout, index),
                                  name=f"worker-{index}-log", daemon=True)
         relay.start()
-        log.info("worker.spawned", worker=index, pid=proc.pid)
+        log.info("worker.spawned", worker=index, pid=proc.pid, forked=isinstance(proc, Forked))
         return _Worker(index, proc, wake_fd, reader, relay)
 
     def _read_events(self, fd: int) -> None:

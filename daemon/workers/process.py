@@ -1,7 +1,9 @@
 """One worker process of `workers: N`: a `Pipeline` with its own owner token and engines.
 
-Started by the daemon (daemon/workers/pool.py) as `python -m daemon.workers.process --parent PID
---events-fd FD`. Its stdin carries the config (one frame, so a reload that the parent
+Forked by the daemon at its start, before its journal opens and any thread runs
+(`main_forked`: it starts with every module already imported), or, to replace one that died
+and after a reload, started as `python -m daemon.workers.process --parent PID --events-fd FD`
+(`main`): daemon/workers/pool.py. Its stdin carries the config (one frame, so a reload that the parent
 refused never reaches a worker), then one byte per wake-up; FD carries each outcome back
 to the parent for the metrics and alerts; its stdout, the log lines, goes to the parent too
 (daemon/workers/pool.py). It dies with the parent (`PR_SET_PDEATHSIG`), drains at the end of its
@@ -21,9 +23,10 @@ import struct
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 import structlog
 
@@ -37,7 +40,7 @@ from daemon.pipeline import Pipeline, Reported
 from daemon.pipeline.outcome import heard
 from daemon.s3client import S3Clients
 
-__all__ = ["main", "read_frame", "share_webhook_health", "write_frame"]
+__all__ = ["main", "main_forked", "read_frame", "share_webhook_health", "write_frame"]
 
 log = structlog.get_logger("scanwatch.worker")
 
@@ -138,25 +141,50 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events-fd", type=int, required=True)
     parser.add_argument("--index", type=int, default=0)
     args = parser.parse_args(argv)
-    _die_with_parent(args.parent)
+    return _serve(args.parent, args.events_fd, args.index, S3Clients())
+
+
+def main_forked(parent: int, index: int, fds: tuple[int, int, int], s3: S3Clients) -> NoReturn:
+    """A worker forked from the daemon: its pipes `fds` become stdin, stdout and fd 3, the
+    daemon's other descriptors are closed, and it exits without returning into the daemon's
+    code. `s3`: the daemon's S3 clients as they were before the fork (none used yet)."""
+    code = 1
+    try:
+        for fd, to in zip(fds, (0, 1, 3), strict=True):
+            os.dup2(fd, to)
+        os.closerange(4, os.sysconf("SC_OPEN_MAX"))
+        code = _serve(parent, 3, index, s3)
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+    finally:
+        os._exit(code)
+
+
+def _serve(parent: int, events_fd: int, index: int, s3: S3Clients) -> int:
+    _die_with_parent(parent)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     stdin = os.fdopen(0, "rb", buffering=0, closefd=False)
-    config: Config = read_frame(stdin)
+    try:
+        config: Config = read_frame(stdin)
+    except EOFError:  # the daemon stopped before it started its pipeline: nothing to do
+        return 0
     configure_logging(config.log.format, config.log.level)
-    structlog.contextvars.bind_contextvars(worker=args.index)
-    return _run(config, stdin, args.events_fd, stop)
+    structlog.contextvars.bind_contextvars(worker=index)
+    return _run(config, stdin, events_fd, stop, s3)
 
 
-def _run(config: Config, stdin: IO[bytes], events_fd: int, stop: threading.Event) -> int:
+def _run(config: Config, stdin: IO[bytes], events_fd: int, stop: threading.Event,
+         s3: S3Clients) -> int:
     journal = open_journal(config.state_dir)
     engines = build_engines(config)
     share_webhook_health(engines, config.state_dir)
     wake = threading.Event()
     pipeline = Pipeline(config, journal, engines, owner=owner_token(), wake=wake,
-                        on_outcomes=_Events(events_fd).send, s3=S3Clients())
+                        on_outcomes=_Events(events_fd).send, s3=s3)
     threading.Thread(target=_read_wakes, args=(stdin, wake, stop), name="wakes",
                      daemon=True).start()
     pipeline.start()
