@@ -114,13 +114,13 @@ class Service:
         Only an outcome heard with its whole row may be notified (`is_notable`)."""
         alerts = self._running.alerts
         for step in batch:
+            *_, event, fields, row = step
             try:
                 self.metrics.count(step)
-                if alerts is not None and (row := step[6]) is not None:
-                    alerts.observe(self._running.config.watch(row.watch), row,
-                                   Outcome({}, step[4], step[5]))
+                if alerts is not None and row is not None:
+                    alerts.observe(self._running.config.watch(row.watch), row, Outcome({}, event, fields))
             except Exception:
-                log.exception("outcome.unobserved", event=step[4])
+                log.exception("outcome.unobserved", event=event)
 
     def _start(self, running: _Running, *, is_first: bool = False) -> None:
         # Bound first, so an address in use stops the first start before anything runs;
