@@ -137,6 +137,18 @@ class Harness:
         assert row is not None, rel
         return row
 
+    def journal_writes(self, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+        """A counter (its one item) of the journal's write transactions from now on."""
+        writes = [0]
+        tx = self.journal._tx
+
+        def counted_tx():  # type: ignore[no-untyped-def]
+            writes[0] += 1
+            return tx()
+
+        monkeypatch.setattr(self.journal, "_tx", counted_tx)
+        return writes
+
 
 @pytest.fixture(autouse=True)
 def _fresh_structlog() -> Iterator[None]:

@@ -334,19 +334,6 @@ def test_default_max_size_keeps_a_30mb_file_from_a_clamd_that_reads_less(
 
 # -- the verdict cache's flights (docs/engines.md, "Verdict cache") ---------------------------------
 
-def _journal_writes(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """A counter of the journal's write transactions from now on."""
-    writes = [0]
-    tx = harness.journal._tx
-
-    def counted_tx():  # type: ignore[no-untyped-def]
-        writes[0] += 1
-        return tx()
-
-    monkeypatch.setattr(harness.journal, "_tx", counted_tx)
-    return writes
-
-
 @pytest.mark.parametrize(("where", "size", "flights"), [
     ("socket", 4096, 0), ("socket", 256 * 1024, 0), ("socket", 256 * 1024 + 1, 16), ("address", 4096, 16)])
 def test_small_files_to_a_local_clamd_take_no_flight(layout: Layout, clamd: Clamd,
@@ -360,7 +347,7 @@ def test_small_files_to_a_local_clamd_take_no_flight(layout: Layout, clamd: Clam
     for i in range(16):
         harness.drop(f"f{i}.bin", os.urandom(size))
     harness.watcher.step()
-    writes = _journal_writes(harness, monkeypatch)
+    writes = harness.journal_writes(monkeypatch)
     harness.pipeline.run_once(["inbox"])
     assert len(harness.layout.placed("clean")) == 16
     assert writes[0] == 3 + flights

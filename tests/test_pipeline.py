@@ -280,14 +280,7 @@ def test_a_yara_batch_keeps_its_verdicts_in_the_cache_with_the_commit_of_its_ver
     for i in range(16):
         harness.drop(f"f{i}.txt", b"hello %d" % i)
     harness.watcher.step()
-    writes = [0]
-    tx = harness.journal._tx
-
-    def counted_tx():  # type: ignore[no-untyped-def]
-        writes[0] += 1
-        return tx()
-
-    monkeypatch.setattr(harness.journal, "_tx", counted_tx)
+    writes = harness.journal_writes(monkeypatch)
     harness.pipeline.run_once(["inbox"])
     assert len(harness.layout.placed("clean")) == 16
     assert writes[0] == 1 + 1 + 1
