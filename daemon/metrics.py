@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any, TypeVar, cast
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, MetricsHandler
@@ -16,10 +16,10 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from daemon.engines._pacing import read_rates
-from daemon.journal import FileRow, Journal
+from daemon.journal import Journal
 from daemon.listener import HTTPListener, ListenerLimits
 from daemon.model import FileState, Reason, VerdictKind
-from daemon.pipeline.outcome import Heard, Outcome, heard
+from daemon.pipeline.outcome import Heard
 
 __all__ = ["Metrics"]
 
@@ -180,15 +180,6 @@ class Metrics:
                                 name="metrics", limits=limits)
         listener.start()
         return listener
-
-    def observe_all(self, batch: Iterable[tuple[FileRow, str, Outcome]]) -> None:
-        """`observe` each step of a batch."""
-        for row, engine, outcome in batch:
-            self.observe(row, engine, outcome)
-
-    def observe(self, row: FileRow, engine: str, outcome: Outcome) -> None:
-        """Count one step of the pipeline by the event it logged (`row`: as it was before)."""
-        self.count(heard(row, engine, outcome))
 
     def count(self, step: Heard) -> None:
         """Count one step as the daemon hears it (daemon/pipeline/outcome.py, `Heard`)."""

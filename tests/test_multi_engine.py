@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -14,8 +15,10 @@ from structlog.testing import capture_logs
 from daemon.config import Config
 from daemon.errors import EngineRetryableError, EngineThrottledError, EngineUnavailableError
 from daemon.journal import FileRow, Journal, owner_token
+from daemon.metrics import Metrics
 from daemon.model import FileState, Pending, Reason, Verdict, VerdictKind
-from daemon.pipeline import Pipeline
+from daemon.pipeline import Pipeline, Reported
+from daemon.pipeline.outcome import heard
 from daemon.retry import RetryPolicy
 from daemon.watchers.local import LocalWatcher
 
@@ -164,13 +167,19 @@ def test_an_in_doubt_submission_is_looked_up_not_resent(multi: Multi) -> None:
     assert [c[0] for c in multi.a.calls] == ["scan"]
 
 
-def test_metrics_count_each_engine_under_its_own_name(layout: Layout) -> None:
-    from daemon.metrics import Metrics
+def _counted_by(metrics: Metrics) -> Callable[[list[Reported]], None]:
+    """A pipeline's outcomes into `metrics`, as the daemon hears them."""
+    def count(batch: list[Reported]) -> None:
+        for row, engine, outcome in batch:
+            metrics.count(heard(row, engine, outcome))
+    return count
 
+
+def test_metrics_count_each_engine_under_its_own_name(layout: Layout) -> None:
     multi = Multi(layout)
     metrics = Metrics(multi.journal)
     multi.pipeline = Pipeline(multi.config, multi.journal, {"a": multi.a, "b": multi.b},
-                              owner=owner_token(), clock=multi.clock, on_outcomes=metrics.observe_all,
+                              owner=owner_token(), clock=multi.clock, on_outcomes=_counted_by(metrics),
                               policy=RetryPolicy(base_s=10, max_s=10))
     multi.b.script = [raises(EngineRetryableError("503 busy"))]
     multi.drop("a.txt", b"hello")
@@ -189,12 +198,10 @@ def test_metrics_count_each_engine_under_its_own_name(layout: Layout) -> None:
     (EngineRetryableError("read timed out", reason=Reason.TIMEOUT), "timeout")])
 def test_retries_are_counted_by_the_engines_own_reason(layout: Layout, error: Exception,
                                                        reason: str) -> None:
-    from daemon.metrics import Metrics
-
     multi = Multi(layout)
     metrics = Metrics(multi.journal)
     multi.pipeline = Pipeline(multi.config, multi.journal, {"a": multi.a, "b": multi.b},
-                              owner=owner_token(), clock=multi.clock, on_outcomes=metrics.observe_all,
+                              owner=owner_token(), clock=multi.clock, on_outcomes=_counted_by(metrics),
                               policy=RetryPolicy(base_s=10, max_s=10))
     multi.b.script = [raises(error)]
     multi.drop("a.txt", b"hello")
