@@ -83,12 +83,12 @@ def describe(config: Config, journal: Journal, file_id: int) -> dict[str, Any]:
 
 
 def release(config: Config, journal: Journal, file_id: int, *, reason: str,
-            to: str | None = None, force: bool = False) -> str:
-    """Move a quarantined file to its watch's clean location (or `to`); returns where it went."""
+            to: str | None = None) -> str:
+    """Move a quarantined file to its watch's clean location (or `to`); returns where it went.
+
+    `scanwatch quarantine release ID` takes no other argument (docs/contract.md): the audit
+    row and `quarantine.released` name who did it, with `reason` (may be empty)."""
     row = _quarantined(journal, file_id)
-    if not force:
-        raise QuarantineError(f"file {file_id} was found infected ({', '.join(row.threats or [])}); "
-                              "releasing it needs --force")
     target_root = (to if is_s3(to) else os.path.abspath(to)) if to else config.watch(row.watch).clean
     try:
         with DirCache() as dirs:

@@ -106,20 +106,43 @@ def test_quarantine_list_and_show(layout: Layout, quarantined, capsys) -> None:
     assert shown["sidecar"]["verdict"] == "infected" and shown["audit"] == []
 
 
-def test_release_needs_force_then_moves_to_clean_with_audit(layout: Layout, quarantined, capsys) -> None:
+def test_release_moves_to_clean_with_audit(layout: Layout, quarantined, capsys) -> None:
     config, file_id = quarantined
     assert main(["quarantine", "release", str(file_id), "--config", str(config),
-                 "--reason", "false positive"]) == 2
-    assert "needs --force" in capsys.readouterr().err
-    assert layout.placed("quarantine") == ["dir/e.com"]
-    assert main(["quarantine", "release", str(file_id), "--config", str(config),
-                 "--reason", "false positive", "--force"]) == 0
+                 "--reason", "false positive"]) == 0
     assert layout.placed("quarantine") == [] and layout.placed("clean") == ["dir/e.com"]
     assert not (layout.quarantine / "dir" / "e.com.scanwatch.json").exists()
     [audit] = open_journal(layout.state).audit_trail(file_id)
     assert (audit.action, audit.reason) == ("release", "false positive")
     assert main(["quarantine", "release", str(file_id), "--config", str(config),
                  "--reason", "again", "--force"]) == 2
+
+
+def test_release_and_delete_take_the_contract_arguments_only(layout: Layout, quarantined,
+                                                             tmp_path: Path) -> None:
+    """`quarantine release ID [--to DEST]` and `quarantine delete ID` (docs/contract.md), as a
+    script calls them: the real command, no other flag; both audited in the journal and the log."""
+    config, file_id = quarantined
+    (layout.inbox / "f.com").write_bytes(EICAR)
+    assert main(["scan", "--config", str(config), "--move", str(layout.inbox / "f.com")]) == 1
+    other = max(r.id for r in open_journal(layout.state).rows())
+    cli = [sys.executable, "-m", "daemon.cli", "quarantine"]
+    released = subprocess.run([*cli, "release", str(file_id), "--to", str(tmp_path / "out"),
+                               "--config", str(config)], capture_output=True, text=True, cwd=ROOT,
+                              timeout=60)
+    assert released.returncode == 0, released.stderr
+    assert (tmp_path / "out" / "dir" / "e.com").read_bytes() == EICAR
+    deleted = subprocess.run([*cli, "delete", str(other), "--config", str(config)],
+                             capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert deleted.returncode == 0, deleted.stderr
+    assert layout.placed("quarantine") == []
+    journal = open_journal(layout.state)
+    assert [a.action for a in journal.audit_trail(file_id)] == ["release"]
+    assert [a.action for a in journal.audit_trail(other)] == ["delete"]
+    logged = [json.loads(line) for line in (released.stdout + deleted.stdout).splitlines()
+              if line.startswith("{")]
+    assert [(e["event"], e["file_id"]) for e in logged if e["event"].startswith("quarantine.")] == [
+        ("quarantine.released", file_id), ("quarantine.deleted", other)]
 
 
 def test_delete_removes_file_and_sidecar_with_audit(layout: Layout, quarantined) -> None:
