@@ -222,3 +222,25 @@ def test_100mb_upload_streams_with_small_rss(layout: Layout, emulator: Blazelock
     peak_kb = big_upload_peak_rss_kb(layout, daemon)
     assert emulator.submissions()[0].body_bytes > 100_000_000
     assert peak_kb < 100 * 1024, f"peak RSS {peak_kb} kB"
+
+
+def test_status_prints_the_external_reference_id_of_a_file_in_flight(
+        layout: Layout, emulator: BlazelockEmulator, capsys: pytest.CaptureFixture[str]) -> None:
+    """`scanwatch status` prints the ID the engine knows a pending file by (docs/contract.md)."""
+    from daemon.cli import main
+
+    emulator.scan_delay_s = 60
+    harness = _harness(layout, emulator)
+    harness.drop("docs/slow.pdf", b"%PDF still being scanned")
+    harness.step(advance_s=3)
+    row = harness.row("docs/slow.pdf")
+    assert row.ref_id and row.state.value == "scanning" and len(emulator.submissions()) == 1
+    config = layout.write_config(watch={"settle_seconds": 0}, engine=dict(harness.config.engines[
+        "default"].model_dump(mode="json"), api_key="test-key"))
+    capsys.readouterr()
+    assert main(["status", "--config", str(config), "--json"]) == 0
+    oldest = json.loads(capsys.readouterr().out)["watches"]["inbox"]["oldest_pending_file"]
+    assert oldest == {"id": row.id, "rel_path": "docs/slow.pdf", "state": "scanning",
+                      "external_reference_id": row.ref_id}
+    assert main(["status", "--config", str(config)]) == 0
+    assert f"oldest pending: docs/slow.pdf (scanning; {row.ref_id})" in capsys.readouterr().out
