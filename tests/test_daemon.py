@@ -163,6 +163,21 @@ def test_sigterm_exits_zero_promptly(layout: Layout, daemon_factory, workers: in
     assert daemon.named("daemon.stopped")
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigint_of_the_whole_process_group_exits_zero(layout: Layout, daemon_factory, workers: int) -> None:
+    """Ctrl-C reaches the daemon and its workers alike: in-flight work handed back, exit 0
+    (docs/contract.md, "Signals"), not 130 or a traceback."""
+    daemon = daemon_factory(layout.write_config(workers=workers), wrapper=("setsid",))
+    daemon.wait_started()
+    (layout.inbox / "a.txt").write_bytes(b"before the interrupt")
+    daemon.wait_for(lambda: _moved(daemon, 1), what="file moved")
+    os.killpg(daemon.proc.pid, signal.SIGINT)
+    assert daemon.proc.wait(15) == 0
+    assert daemon.stop() == 0
+    assert daemon.named("daemon.stopped") and b"Traceback" not in daemon.stderr
+    assert layout.placed("clean") == ["a.txt"]
+
+
 def test_a_daemon_without_s3_leaves_no_s3_state_behind(layout: Layout, daemon_factory) -> None:
     """`node-id` names this state_dir in S3 snapshot keys (docs/integrity.md): made only for S3."""
     daemon = daemon_factory(layout.write_config())
