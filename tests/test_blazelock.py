@@ -244,3 +244,34 @@ def test_status_prints_the_external_reference_id_of_a_file_in_flight(
                       "external_reference_id": row.ref_id}
     assert main(["status", "--config", str(config)]) == 0
     assert f"oldest pending: docs/slow.pdf (scanning; {row.ref_id})" in capsys.readouterr().out
+
+
+def test_a_found_scan_is_followed_until_older_than_reuse_max_age_then_resubmitted_as_2(
+        layout: Layout, emulator: BlazelockEmulator) -> None:
+    """The same bytes at the same path have the same ID: Blazelock answers 409, the scan found by
+    its ID is followed, not submitted again; once older than `reuse_max_age` (default 1 day)
+    it is submitted again as `<id>.2` (docs/contract.md, "External reference IDs")."""
+    harness = _harness(layout, emulator, cache={"enabled": False})
+    assert harness.config.engines["default"].reuse_max_age == 86400  # type: ignore[union-attr]
+    emulator.scan_delay_s = 0
+    data = b"the same invoice, dropped again"
+
+    def again() -> str:
+        (layout.clean / "a.txt").unlink()
+        harness.drop("a.txt", data)
+        harness.step(advance_s=5)
+        harness.run()
+        assert harness.layout.placed("clean") == ["a.txt"]
+        return harness.row().ref_id or ""
+
+    harness.drop("a.txt", data)
+    harness.run()
+    ref = harness.row().ref_id
+    assert again() == ref  # 409 duplicate: looked up by its ID and followed
+    assert len(emulator.scans) == 1 and any(e.status == 409 for e in emulator.log)
+    [scan] = emulator.scans.values()
+    scan["created_at"] = "2026-01-01T00:00:00Z"  # the service's scan is now older than a day
+    assert again() == f"{ref}.2"
+    assert len(emulator.scans) == 2
+    assert [e.fields["external_reference_id"] for e in emulator.submissions() if e.status in (200, 201)] == [
+        ref, f"{ref}.2"]
