@@ -152,3 +152,26 @@ def test_delete_removes_file_and_sidecar_with_audit(layout: Layout, quarantined)
     journal = open_journal(layout.state)
     assert journal.get(file_id).disposition == "deleted"
     assert [a.action for a in journal.audit_trail(file_id)] == ["delete"]
+
+
+def test_scan_move_beside_a_running_daemon_places_each_file_once(layout: Layout, daemon_factory) -> None:
+    """`scan --move` is safe beside the daemon (docs/contract.md, "Command line"): whichever of
+    the two takes a file, it lands once, and `scan` reports where (a file the daemon placed
+    while `scan` ran was reported `failed` `unreadable`, exit 3)."""
+    config = layout.write_config(watch={"settle_seconds": 0.6})
+    daemon = daemon_factory(config)
+    daemon.wait_started()
+    names = [f"f{i:03d}.txt" for i in range(400)] + ["e.com"]
+    for name in names:
+        (layout.inbox / name).write_bytes(EICAR if name == "e.com" else name.encode())
+    result = _scan(config, "--move", "--json", *(str(layout.inbox / n) for n in names))
+    assert result.returncode == 1, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    reported = {Path(r["path"]).name: r for r in lines if "event" not in r}  # not a log record
+    assert set(reported) == set(names)
+    assert reported["e.com"]["destination"] == str(layout.quarantine / "e.com")
+    assert all(reported[n]["destination"] == str(layout.clean / n) for n in names[:-1])
+    assert daemon.stop() == 0
+    assert layout.placed("clean") == names[:-1] and layout.placed("quarantine") == ["e.com"]
+    rows = open_journal(layout.state).rows()
+    assert sorted(r.rel_path for r in rows) == sorted(names)  # one row each: none scanned twice
