@@ -91,7 +91,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     config_path = find_config(args.config)
     try:
         config = load_config(config_path)
-        configure_logging(config.log.format, config.log.level)
+        # The daemon logs to stdout; every other command's stdout is its output, one line
+        # (or `--json` object) per file, so its log records go to stderr (docs/contract.md).
+        configure_logging(config.log.format, config.log.level, to_stderr=args.command != "run")
         return int(_COMMANDS[args.command](args, config_path, config))
     except ConfigError as exc:
         print(f"scanwatch: {config_path} is not valid:", file=sys.stderr)

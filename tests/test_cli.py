@@ -50,6 +50,24 @@ def test_scan_json_lines(layout: Layout, tmp_path: Path) -> None:
     assert record["destination"] is None
 
 
+def test_stdout_holds_one_json_object_per_file_and_the_log_goes_to_stderr(layout: Layout) -> None:
+    """`scan --json` prints one object per file (docs/contract.md): with `--move`, the log
+    records of the files it carries (`scan.verdict`, `file.moved`) were on stdout among them."""
+    config = layout.write_config(log={"format": "json", "level": "info"})
+    (layout.inbox / "e.com").write_bytes(EICAR)
+    (layout.inbox / "ok.txt").write_bytes(b"ok")
+    result = _scan(config, "--move", "--json", str(layout.inbox / "e.com"), str(layout.inbox / "ok.txt"))
+    assert result.returncode == 1, result.stderr
+    printed = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(Path(p["path"]).name, p["verdict"]) for p in printed] == [
+        ("e.com", "infected"), ("ok.txt", "clean")]
+    logged = [json.loads(line)["event"] for line in result.stderr.splitlines()]
+    assert logged.count("file.moved") == 2 and logged.count("scan.verdict") == 2
+    status = subprocess.run([sys.executable, "-m", "daemon.cli", "status", "--json", "--config", str(config)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert json.loads(status.stdout)["watches"]["inbox"]["outcomes"] == {"clean": 1, "infected": 1}
+
+
 def test_scan_move_handles_files_as_the_daemon_would(layout: Layout) -> None:
     (layout.inbox / "sub").mkdir()
     (layout.inbox / "sub" / "e.com").write_bytes(EICAR)
@@ -139,7 +157,7 @@ def test_release_and_delete_take_the_contract_arguments_only(layout: Layout, qua
     journal = open_journal(layout.state)
     assert [a.action for a in journal.audit_trail(file_id)] == ["release"]
     assert [a.action for a in journal.audit_trail(other)] == ["delete"]
-    logged = [json.loads(line) for line in (released.stdout + deleted.stdout).splitlines()
+    logged = [json.loads(line) for line in (released.stderr + deleted.stderr).splitlines()
               if line.startswith("{")]
     assert [(e["event"], e["file_id"]) for e in logged if e["event"].startswith("quarantine.")] == [
         ("quarantine.released", file_id), ("quarantine.deleted", other)]
@@ -166,8 +184,7 @@ def test_scan_move_beside_a_running_daemon_places_each_file_once(layout: Layout,
         (layout.inbox / name).write_bytes(EICAR if name == "e.com" else name.encode())
     result = _scan(config, "--move", "--json", *(str(layout.inbox / n) for n in names))
     assert result.returncode == 1, result.stderr
-    lines = [json.loads(line) for line in result.stdout.splitlines()]
-    reported = {Path(r["path"]).name: r for r in lines if "event" not in r}  # not a log record
+    reported = {Path(r["path"]).name: r for r in map(json.loads, result.stdout.splitlines())}
     assert set(reported) == set(names)
     assert reported["e.com"]["destination"] == str(layout.quarantine / "e.com")
     assert all(reported[n]["destination"] == str(layout.clean / n) for n in names[:-1])
