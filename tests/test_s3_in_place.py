@@ -14,6 +14,7 @@ import yaml
 from conftest import EICAR
 from fakes import FakeEngine
 from realservers import S3Server
+from structlog.testing import capture_logs
 from test_s3 import S3Harness
 
 from daemon.cli import main
@@ -131,9 +132,13 @@ def test_ten_tags_and_failed_in_place_too_holds_the_object(harness: Callable[...
     h = harness(FakeEngine(), **IN_PLACE, failed="in_place")
     own = "&".join(f"t{i}={i}" for i in range(10))
     h.client.put_object(Bucket=h.bucket, Key="in/a.txt", Body=b"hello", Tagging=own)
-    h.step()
+    with capture_logs() as logs:
+        h.step()
     [row] = h.rows()
     assert (row.state, row.reason) == (FileState.HELD, "too_many_tags")
+    [skipped] = [e for e in logs if e["event"] == "file.skipped"]  # reported (docs/contract.md)
+    assert (skipped["log_level"], skipped["rel_path"], skipped["reason"]) == ("warning", "a.txt",
+                                                                              "too_many_tags")
     assert "scanwatch-verdict" not in _tags(h, "in/a.txt")
     assert h.watcher.poll_once() == 0
 
