@@ -63,11 +63,12 @@ def _parser() -> argparse.ArgumentParser:
     qrelease = qsub.add_parser("release", parents=[common])
     qrelease.add_argument("id", type=int)
     qrelease.add_argument("--to", help="directory to release to (default: the watch's clean)")
-    qrelease.add_argument("--reason", required=True, help="why (kept in the audit trail)")
-    qrelease.add_argument("--force", action="store_true", help="release although it was infected")
+    qrelease.add_argument("--reason", default="", help="why (kept in the audit trail)")
+    qrelease.add_argument("--force", action="store_true",
+                          help="accepted for scripts of earlier versions; release needs no flag")
     qdelete = qsub.add_parser("delete", parents=[common])
     qdelete.add_argument("id", type=int)
-    qdelete.add_argument("--reason", required=True, help="why (kept in the audit trail)")
+    qdelete.add_argument("--reason", default="", help="why (kept in the audit trail)")
     cache = sub.add_parser("cache", help="the verdict cache (docs/engines.md)")
     csub = cache.add_subparsers(dest="action", required=True)
     cclear = csub.add_parser("clear", parents=[common],
@@ -90,7 +91,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     config_path = find_config(args.config)
     try:
         config = load_config(config_path)
-        configure_logging(config.log.format, config.log.level)
+        # The daemon logs to stdout; every other command's stdout is its output, one line
+        # (or `--json` object) per file, so its log records go to stderr (docs/contract.md).
+        configure_logging(config.log.format, config.log.level, to_stderr=args.command != "run")
         return int(_COMMANDS[args.command](args, config_path, config))
     except ConfigError as exc:
         print(f"scanwatch: {config_path} is not valid:", file=sys.stderr)
@@ -224,8 +227,7 @@ def _quarantine(args: argparse.Namespace, config_path: str, config: Config) -> i
     elif args.action == "show":
         print(_json(quarantine.describe(config, journal, args.id), indent=2))
     elif args.action == "release":
-        destination = quarantine.release(config, journal, args.id, reason=args.reason,
-                                         to=args.to, force=args.force)
+        destination = quarantine.release(config, journal, args.id, reason=args.reason, to=args.to)
         print(f"released {args.id} to {printable(destination)}")
     else:
         quarantine.delete(config, journal, args.id, reason=args.reason)

@@ -68,24 +68,29 @@ def _merge_file(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapp
     return event if fields is None else {**fields, **event}
 
 
-def write_lines(text: str) -> None:
-    """Write whole lines to stdout (as it is at this call) in one go; thread-safe."""
+def write_lines(text: str, *, to_stderr: bool = False) -> None:
+    """Write whole lines to stdout (or stderr), as it is at this call, in one go; thread-safe."""
+    stream = sys.stderr if to_stderr else sys.stdout
     with _WRITE:
-        sys.stdout.write(text)
-        sys.stdout.flush()
+        stream.write(text)
+        stream.flush()
 
 
 class _LineLogger:
-    """structlog's logger: each rendered record is one whole line on stdout."""
+    """structlog's logger: each rendered record is one whole line on stdout (the daemon's log),
+    or on stderr (a one-shot command's, whose stdout is its output)."""
+
+    def __init__(self, to_stderr: bool) -> None:
+        self._to_stderr = to_stderr
 
     def msg(self, message: str) -> None:
-        write_lines(message + "\n")
+        write_lines(message + "\n", to_stderr=self._to_stderr)
 
     log = debug = info = warn = warning = msg
     fatal = failure = err = error = critical = exception = msg
 
 
-_LINE_LOGGER = _LineLogger()
+_LINE_LOGGERS = {False: _LineLogger(to_stderr=False), True: _LineLogger(to_stderr=True)}
 
 
 class _Fitted:
@@ -135,12 +140,14 @@ def _printable(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMappi
     return event
 
 
-def configure_logging(fmt: str = "json", level: str = "info") -> None:
-    """Route structlog events to stdout as JSON lines (or a console layout)."""
+def configure_logging(fmt: str = "json", level: str = "info", *, to_stderr: bool = False) -> None:
+    """Route structlog events to stdout as JSON lines (or a console layout); to stderr for the
+    commands whose stdout is their output (`scan`, `status`, ...: docs/contract.md)."""
     # JSON lines are ASCII: a name's byte that is not UTF-8 (U+DC80-U+DCFF after
     # `os.fsdecode`) is the escape `\\udcff`, as in `--json` output (README.md, "What happens to a file").
     renderer: Any = (_Fitted(structlog.processors.JSONRenderer(ensure_ascii=True)) if fmt == "json"
-                     else structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty()))
+                     else structlog.dev.ConsoleRenderer(colors=(sys.stderr if to_stderr
+                                                                else sys.stdout).isatty()))
     structlog.configure(
         processors=[
             _merge_file,
@@ -153,6 +160,6 @@ def configure_logging(fmt: str = "json", level: str = "info") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=lambda *_: _LINE_LOGGER,
+        logger_factory=lambda *_: _LINE_LOGGERS[to_stderr],
         cache_logger_on_first_use=False,
     )

@@ -6,6 +6,7 @@ import dataclasses
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from daemon.config import Config, WatchConfig
 from daemon.engines import Engine
@@ -18,7 +19,7 @@ from daemon.errors import (
     UnsafePathError,
 )
 from daemon.fsutil import DirCache
-from daemon.journal import Journal, owner_token
+from daemon.journal import FileRow, Journal, owner_token
 from daemon.locations import Listed, LocalLocation, S3Location, Source
 from daemon.model import FileState, Pending, Reason, ScanRecord, Verdict, VerdictKind
 from daemon.pipeline import Pipeline
@@ -72,15 +73,27 @@ def scan_paths(config: Config, engines: dict[str, Engine], paths: list[str], *,
                watch_name: str | None, move: bool, journal: Journal | None) -> list[ScanResult]:
     """Scan each path (and move it as the daemon would, when `move` and under a source)."""
     results = []
+    started_at = _process_started_at()
     for given in paths:
         path = given if is_s3(given) else os.path.abspath(given)
         watch = pick_watch(config, path, watch_name)
         rel = _relative(watch.source, path)
         if move and rel is not None and journal is not None:
-            results.append(_through_pipeline(config, engines, journal, watch, rel, path))
+            results.append(_through_pipeline(config, engines, journal, watch, rel, path, started_at))
         else:
             results.append(_scan_only(config, engines, watch, path, rel))
     return results
+
+
+def _process_started_at() -> float:
+    """When this command was started (its process's start, from /proc), as a UTC timestamp:
+    a file the daemon placed since was there when the command was given."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        age_s = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.time()
+    return time.time() - age_s
 
 
 def _scan_only(config: Config, engines: dict[str, Engine], watch: WatchConfig, path: str,
@@ -159,8 +172,11 @@ def _verdict(engine: Engine, request: ScanRequest) -> Verdict:
 
 
 def _through_pipeline(config: Config, engines: dict[str, Engine], journal: Journal,
-                      watch: WatchConfig, rel: str, path: str) -> ScanResult:
-    """Journal the file and carry it to its destination, or wait for the daemon that holds it."""
+                      watch: WatchConfig, rel: str, path: str, started_at: float) -> ScanResult:
+    """Journal the file and carry it to its destination, or wait for the daemon that holds it.
+
+    A file the daemon took out of the source while this command ran is reported as the
+    daemon placed it: `scan --move` is safe beside a running daemon (docs/contract.md)."""
     now = time.time()
     try:
         if is_s3(path):
@@ -173,7 +189,10 @@ def _through_pipeline(config: Config, engines: dict[str, Engine], journal: Journ
         else:
             journal.discover(watch.name, [(rel, os.lstat(path).st_ino)], now)
     except (OSError, LocationError) as exc:
-        return ScanResult(path, VerdictKind.FAILED, reason=_read_reason(exc))
+        taken = journal.latest(watch.name, rel) if isinstance(exc, FileNotFoundError) else None
+        if taken is None or (taken.state in _FINAL and (taken.done_at or 0) < started_at):
+            return ScanResult(path, VerdictKind.FAILED, reason=_read_reason(exc))
+        return _wait_for_daemon(journal, taken, path)
     row = journal.active(watch.name, rel)
     if row is not None and row.state is FileState.DISCOVERED:
         journal.apply([(row.id, {"state": FileState.STABLE, "stable_at": now, "next_attempt_at": now})])
@@ -192,6 +211,21 @@ def _through_pipeline(config: Config, engines: dict[str, Engine], journal: Journ
         row = journal.get(row.id)
         if row is not None and row.state not in _FINAL:
             time.sleep(min(max(row.next_attempt_at - time.time(), 0.2), 10.0))
+    return _result(path, row)
+
+
+def _wait_for_daemon(journal: Journal, row: FileRow, path: str) -> ScanResult:
+    """The outcome of a row the daemon holds or has just done, once it is done (5 min at most)."""
+    deadline = time.monotonic() + _WAIT_FOR_DAEMON_S
+    current: FileRow | None = row
+    while current is not None and current.state not in _FINAL and time.monotonic() < deadline:
+        time.sleep(0.2)
+        current = journal.get(current.id)
+    return _result(path, current)
+
+
+def _result(path: str, row: FileRow | None) -> ScanResult:
+    """What `scan` prints for a file carried to its destination (or failed on the way)."""
     if row is None or row.state is not FileState.DONE or row.verdict is None:
         reason = row.reason if row is not None and row.reason else "not_moved"
         if row is not None and row.last_error:

@@ -9,11 +9,12 @@ from typing import Any
 
 import structlog
 
-from daemon.config import Config, WatchConfig
-from daemon.errors import LocationError, QuarantineError
+from daemon.config import IN_PLACE, Config, WatchConfig
+from daemon.errors import ChangedError, LocationError, QuarantineError
 from daemon.fsutil import DirCache, Identity
 from daemon.journal import FileRow, Journal
-from daemon.locations import Locations, MoveRequest, ObjectStore, Source, transfer
+from daemon.locations import Locations, MoveRequest, ObjectStore, Source, Tagged, transfer
+from daemon.locations.inplace import verdict_tags
 from daemon.model import FileState, VerdictKind
 from daemon.outcome_facts import iso, outcome_facts
 from daemon.s3url import is_s3
@@ -64,8 +65,10 @@ def describe(config: Config, journal: Journal, file_id: int) -> dict[str, Any]:
     row = journal.get(file_id)
     if row is None or row.verdict != VerdictKind.INFECTED:
         raise QuarantineError(f"no quarantined file with id {file_id}")
+    facts = outcome_facts(config.watch(row.watch), row, row.destination)
     sidecar: Any = None
-    if row.destination and row.disposition is None:
+    # An object judged in place has no sidecar: these facts are its (docs/contract.md, "S3 in place").
+    if row.destination and row.disposition is None and row.destination != facts["source"]:
         try:
             with DirCache() as dirs:
                 locations, watch = Locations(config, dirs), config.watch(row.watch)
@@ -74,8 +77,7 @@ def describe(config: Config, journal: Journal, file_id: int) -> dict[str, Any]:
         except (OSError, ValueError, LocationError) as exc:
             sidecar = {"error": f"cannot read the sidecar: {exc}"}
     return {
-        "id": row.id, "watch": row.watch, "rel_path": row.rel_path,
-        **outcome_facts(config.watch(row.watch), row, row.destination),
+        "id": row.id, "watch": row.watch, "rel_path": row.rel_path, **facts,
         "disposition": row.disposition, "quarantined_at": iso(row.done_at), "sidecar": sidecar,
         "audit": [{"at": iso(a.at), "action": a.action, "actor": a.actor, "reason": a.reason,
                    "detail": a.detail} for a in journal.audit_trail(row.id)],
@@ -83,13 +85,16 @@ def describe(config: Config, journal: Journal, file_id: int) -> dict[str, Any]:
 
 
 def release(config: Config, journal: Journal, file_id: int, *, reason: str,
-            to: str | None = None, force: bool = False) -> str:
-    """Move a quarantined file to its watch's clean location (or `to`); returns where it went."""
+            to: str | None = None) -> str:
+    """Move a quarantined file to its watch's clean location (or `to`); returns where it went.
+
+    `scanwatch quarantine release ID` takes no other argument (docs/contract.md): the audit
+    row and `quarantine.released` name who did it, with `reason` (may be empty)."""
     row = _quarantined(journal, file_id)
-    if not force:
-        raise QuarantineError(f"file {file_id} was found infected ({', '.join(row.threats or [])}); "
-                              "releasing it needs --force")
     target_root = (to if is_s3(to) else os.path.abspath(to)) if to else config.watch(row.watch).clean
+    if target_root == IN_PLACE:
+        destination, changes = _release_in_place(config, row)
+        return _audit_release(journal, row, reason, destination, changes)
     try:
         with DirCache() as dirs:
             locations, watch = Locations(config, dirs), config.watch(row.watch)
@@ -109,9 +114,34 @@ def release(config: Config, journal: Journal, file_id: int, *, reason: str,
             locations.store(url, watch).delete(name)  # the sidecar (the file has left)
     except (OSError, LocationError) as exc:
         raise QuarantineError(f"cannot release file {file_id} from {row.destination}: {exc}") from exc
+    return _audit_release(journal, row, reason, destination, {})
+
+
+def _release_in_place(config: Config, row: FileRow) -> tuple[str, dict[str, object]]:
+    """Release an object judged in place (`clean: in_place`) where it is: exactly the version
+    judged is tagged `scanwatch-verdict=released`, its own tags kept; the journal's changes."""
+    watch = config.watch(row.watch)
+    try:
+        with DirCache() as dirs:
+            source = Locations(config, dirs).source(watch.source, watch)
+            assert isinstance(source, Tagged)  # in_place needs an s3:// source (config)
+            tags = verdict_tags("released", None, iso(row.scanned_at) or "", None)
+            rewritten = source.tag_in_place(row.rel_path, row.etag, row.version_id, tags, row.sha256)
+    except (OSError, LocationError, ChangedError) as exc:
+        raise QuarantineError(f"cannot release file {row.id} at {row.destination}: {exc}") from exc
+    # A rewrite (unversioned bucket) is the version judged from now on, as the mover records it.
+    changes: dict[str, object] = {} if rewritten is None else {"etag": rewritten.etag}
+    if rewritten is not None and rewritten.last_modified is not None:
+        changes["last_modified"] = rewritten.last_modified
+    return source.name(row.rel_path), changes
+
+
+def _audit_release(journal: Journal, row: FileRow, reason: str, destination: str,
+                   changes: dict[str, object]) -> str:
+    """Journal and log a release; returns where the file is now."""
     actor_name = actor()
     journal.audit(row.id, "release", actor_name, reason, f"to {destination}",
-                  {"destination": destination, "disposition": "released"}, time.time())
+                  {**changes, "destination": destination, "disposition": "released"}, time.time())
     log.warning("quarantine.released", file_id=row.id, watch=row.watch, rel_path=row.rel_path,
                 destination=destination, actor=actor_name, reason=reason)
     return destination

@@ -23,12 +23,14 @@ def collect(config: Config, journal: Journal) -> dict[str, Any]:
     now = time.time()
     watches: dict[str, dict[str, Any]] = {
         w.name: {"engine": w.engine_label, "engines": list(w.engines), "states": {}, "outcomes": {},
-                 "skipped": {}, "oldest_pending_s": None, "move_failures": 0, "last_error": None}
+                 "skipped": {}, "oldest_pending_s": None, "oldest_pending_file": None,
+                 "move_failures": 0, "last_error": None}
         for w in config.watches}
     for watch, state, verdict, reason, count in journal.counts():
         entry = watches.setdefault(watch, {"engine": None, "states": {}, "outcomes": {},
                                            "skipped": {}, "oldest_pending_s": None,
-                                           "move_failures": 0, "last_error": None})
+                                           "oldest_pending_file": None, "move_failures": 0,
+                                           "last_error": None})
         entry["states"][state] = entry["states"].get(state, 0) + count
         if state == FileState.DONE and verdict:
             entry["outcomes"][verdict] = entry["outcomes"].get(verdict, 0) + count
@@ -36,6 +38,7 @@ def collect(config: Config, journal: Journal) -> dict[str, Any]:
             entry["skipped"][reason] = entry["skipped"].get(reason, 0) + count
     for watch, since in journal.oldest_pending().items():
         watches[watch]["oldest_pending_s"] = round(now - since, 1)
+        watches[watch]["oldest_pending_file"] = _oldest_pending_file(journal, watch)
     active = [s for s in FileState if s not in (FileState.DONE, FileState.GONE)]
     for row in journal.rows(has_error=True, states=active, order="updated_at", newest_first=True,
                             limit=1000):
@@ -60,6 +63,17 @@ def collect(config: Config, journal: Journal) -> dict[str, Any]:
         engines[name]["cache"] = {"enabled": cfg.cache.enabled, "hits": hits, "misses": misses,
                                   "hit_rate": round(hits / (hits + misses), 4) if hits + misses else None}
     return {"watches": watches, "engines": engines}
+
+
+def _oldest_pending_file(journal: Journal, watch: str) -> dict[str, Any] | None:
+    """The watch's oldest file not yet done, with its external reference ID (null until hashed):
+    the ID an engine's console knows it by (docs/contract.md, "External reference IDs")."""
+    pending = [s for s in FileState if s not in (FileState.DONE, FileState.GONE, FileState.HELD)]
+    rows = journal.rows(watch=watch, states=pending, limit=1)
+    if not rows:
+        return None
+    return {"id": rows[0].id, "rel_path": rows[0].rel_path, "state": rows[0].state.value,
+            "external_reference_id": rows[0].ref_id}
 
 
 def _pacing(cfg: object, rate: float | None) -> dict[str, Any]:
@@ -95,6 +109,10 @@ def render(status: dict[str, Any]) -> str:
             lease = ("holds the listing lease" if fleet["holds_lease"]
                      else "another member holds the listing lease (or none yet)")
             lines.append(f"  fleet member: {lease}; {fleet['messages_held']} messages held")
+        if oldest_file := w.get("oldest_pending_file"):
+            ref_id = oldest_file["external_reference_id"] or "not hashed yet"
+            lines.append(f"  oldest pending: {printable(oldest_file['rel_path'])} "
+                         f"({oldest_file['state']}; {ref_id})")
         if w["move_failures"]:
             lines.append(f"  {w['move_failures']} moves failing, will retry")
         if w["last_error"]:

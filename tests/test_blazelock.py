@@ -222,3 +222,56 @@ def test_100mb_upload_streams_with_small_rss(layout: Layout, emulator: Blazelock
     peak_kb = big_upload_peak_rss_kb(layout, daemon)
     assert emulator.submissions()[0].body_bytes > 100_000_000
     assert peak_kb < 100 * 1024, f"peak RSS {peak_kb} kB"
+
+
+def test_status_prints_the_external_reference_id_of_a_file_in_flight(
+        layout: Layout, emulator: BlazelockEmulator, capsys: pytest.CaptureFixture[str]) -> None:
+    """`scanwatch status` prints the ID the engine knows a pending file by (docs/contract.md)."""
+    from daemon.cli import main
+
+    emulator.scan_delay_s = 60
+    harness = _harness(layout, emulator)
+    harness.drop("docs/slow.pdf", b"%PDF still being scanned")
+    harness.step(advance_s=3)
+    row = harness.row("docs/slow.pdf")
+    assert row.ref_id and row.state.value == "scanning" and len(emulator.submissions()) == 1
+    config = layout.write_config(watch={"settle_seconds": 0}, engine=dict(harness.config.engines[
+        "default"].model_dump(mode="json"), api_key="test-key"))
+    capsys.readouterr()
+    assert main(["status", "--config", str(config), "--json"]) == 0
+    oldest = json.loads(capsys.readouterr().out)["watches"]["inbox"]["oldest_pending_file"]
+    assert oldest == {"id": row.id, "rel_path": "docs/slow.pdf", "state": "scanning",
+                      "external_reference_id": row.ref_id}
+    assert main(["status", "--config", str(config)]) == 0
+    assert f"oldest pending: docs/slow.pdf (scanning; {row.ref_id})" in capsys.readouterr().out
+
+
+def test_a_found_scan_is_followed_until_older_than_reuse_max_age_then_resubmitted_as_2(
+        layout: Layout, emulator: BlazelockEmulator) -> None:
+    """The same bytes at the same path have the same ID: Blazelock answers 409, the scan found by
+    its ID is followed, not submitted again; once older than `reuse_max_age` (default 1 day)
+    it is submitted again as `<id>.2` (docs/contract.md, "External reference IDs")."""
+    harness = _harness(layout, emulator, cache={"enabled": False})
+    assert harness.config.engines["default"].reuse_max_age == 86400  # type: ignore[union-attr]
+    emulator.scan_delay_s = 0
+    data = b"the same invoice, dropped again"
+
+    def again() -> str:
+        (layout.clean / "a.txt").unlink()
+        harness.drop("a.txt", data)
+        harness.step(advance_s=5)
+        harness.run()
+        assert harness.layout.placed("clean") == ["a.txt"]
+        return harness.row().ref_id or ""
+
+    harness.drop("a.txt", data)
+    harness.run()
+    ref = harness.row().ref_id
+    assert again() == ref  # 409 duplicate: looked up by its ID and followed
+    assert len(emulator.scans) == 1 and any(e.status == 409 for e in emulator.log)
+    [scan] = emulator.scans.values()
+    scan["created_at"] = "2026-01-01T00:00:00Z"  # the service's scan is now older than a day
+    assert again() == f"{ref}.2"
+    assert len(emulator.scans) == 2
+    assert [e.fields["external_reference_id"] for e in emulator.submissions() if e.status in (200, 201)] == [
+        ref, f"{ref}.2"]

@@ -50,6 +50,24 @@ def test_scan_json_lines(layout: Layout, tmp_path: Path) -> None:
     assert record["destination"] is None
 
 
+def test_stdout_holds_one_json_object_per_file_and_the_log_goes_to_stderr(layout: Layout) -> None:
+    """`scan --json` prints one object per file (docs/contract.md): with `--move`, the log
+    records of the files it carries (`scan.verdict`, `file.moved`) were on stdout among them."""
+    config = layout.write_config(log={"format": "json", "level": "info"})
+    (layout.inbox / "e.com").write_bytes(EICAR)
+    (layout.inbox / "ok.txt").write_bytes(b"ok")
+    result = _scan(config, "--move", "--json", str(layout.inbox / "e.com"), str(layout.inbox / "ok.txt"))
+    assert result.returncode == 1, result.stderr
+    printed = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(Path(p["path"]).name, p["verdict"]) for p in printed] == [
+        ("e.com", "infected"), ("ok.txt", "clean")]
+    logged = [json.loads(line)["event"] for line in result.stderr.splitlines()]
+    assert logged.count("file.moved") == 2 and logged.count("scan.verdict") == 2
+    status = subprocess.run([sys.executable, "-m", "daemon.cli", "status", "--json", "--config", str(config)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert json.loads(status.stdout)["watches"]["inbox"]["outcomes"] == {"clean": 1, "infected": 1}
+
+
 def test_scan_move_handles_files_as_the_daemon_would(layout: Layout) -> None:
     (layout.inbox / "sub").mkdir()
     (layout.inbox / "sub" / "e.com").write_bytes(EICAR)
@@ -106,20 +124,43 @@ def test_quarantine_list_and_show(layout: Layout, quarantined, capsys) -> None:
     assert shown["sidecar"]["verdict"] == "infected" and shown["audit"] == []
 
 
-def test_release_needs_force_then_moves_to_clean_with_audit(layout: Layout, quarantined, capsys) -> None:
+def test_release_moves_to_clean_with_audit(layout: Layout, quarantined, capsys) -> None:
     config, file_id = quarantined
     assert main(["quarantine", "release", str(file_id), "--config", str(config),
-                 "--reason", "false positive"]) == 2
-    assert "needs --force" in capsys.readouterr().err
-    assert layout.placed("quarantine") == ["dir/e.com"]
-    assert main(["quarantine", "release", str(file_id), "--config", str(config),
-                 "--reason", "false positive", "--force"]) == 0
+                 "--reason", "false positive"]) == 0
     assert layout.placed("quarantine") == [] and layout.placed("clean") == ["dir/e.com"]
     assert not (layout.quarantine / "dir" / "e.com.scanwatch.json").exists()
     [audit] = open_journal(layout.state).audit_trail(file_id)
     assert (audit.action, audit.reason) == ("release", "false positive")
     assert main(["quarantine", "release", str(file_id), "--config", str(config),
                  "--reason", "again", "--force"]) == 2
+
+
+def test_release_and_delete_take_the_contract_arguments_only(layout: Layout, quarantined,
+                                                             tmp_path: Path) -> None:
+    """`quarantine release ID [--to DEST]` and `quarantine delete ID` (docs/contract.md), as a
+    script calls them: the real command, no other flag; both audited in the journal and the log."""
+    config, file_id = quarantined
+    (layout.inbox / "f.com").write_bytes(EICAR)
+    assert main(["scan", "--config", str(config), "--move", str(layout.inbox / "f.com")]) == 1
+    other = max(r.id for r in open_journal(layout.state).rows())
+    cli = [sys.executable, "-m", "daemon.cli", "quarantine"]
+    released = subprocess.run([*cli, "release", str(file_id), "--to", str(tmp_path / "out"),
+                               "--config", str(config)], capture_output=True, text=True, cwd=ROOT,
+                              timeout=60)
+    assert released.returncode == 0, released.stderr
+    assert (tmp_path / "out" / "dir" / "e.com").read_bytes() == EICAR
+    deleted = subprocess.run([*cli, "delete", str(other), "--config", str(config)],
+                             capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert deleted.returncode == 0, deleted.stderr
+    assert layout.placed("quarantine") == []
+    journal = open_journal(layout.state)
+    assert [a.action for a in journal.audit_trail(file_id)] == ["release"]
+    assert [a.action for a in journal.audit_trail(other)] == ["delete"]
+    logged = [json.loads(line) for line in (released.stderr + deleted.stderr).splitlines()
+              if line.startswith("{")]
+    assert [(e["event"], e["file_id"]) for e in logged if e["event"].startswith("quarantine.")] == [
+        ("quarantine.released", file_id), ("quarantine.deleted", other)]
 
 
 def test_delete_removes_file_and_sidecar_with_audit(layout: Layout, quarantined) -> None:
@@ -129,3 +170,25 @@ def test_delete_removes_file_and_sidecar_with_audit(layout: Layout, quarantined)
     journal = open_journal(layout.state)
     assert journal.get(file_id).disposition == "deleted"
     assert [a.action for a in journal.audit_trail(file_id)] == ["delete"]
+
+
+def test_scan_move_beside_a_running_daemon_places_each_file_once(layout: Layout, daemon_factory) -> None:
+    """`scan --move` is safe beside the daemon (docs/contract.md, "Command line"): whichever of
+    the two takes a file, it lands once, and `scan` reports where (a file the daemon placed
+    while `scan` ran was reported `failed` `unreadable`, exit 3)."""
+    config = layout.write_config(watch={"settle_seconds": 0.6})
+    daemon = daemon_factory(config)
+    daemon.wait_started()
+    names = [f"f{i:03d}.txt" for i in range(400)] + ["e.com"]
+    for name in names:
+        (layout.inbox / name).write_bytes(EICAR if name == "e.com" else name.encode())
+    result = _scan(config, "--move", "--json", *(str(layout.inbox / n) for n in names))
+    assert result.returncode == 1, result.stderr
+    reported = {Path(r["path"]).name: r for r in map(json.loads, result.stdout.splitlines())}
+    assert set(reported) == set(names)
+    assert reported["e.com"]["destination"] == str(layout.quarantine / "e.com")
+    assert all(reported[n]["destination"] == str(layout.clean / n) for n in names[:-1])
+    assert daemon.stop() == 0
+    assert layout.placed("clean") == names[:-1] and layout.placed("quarantine") == ["e.com"]
+    rows = open_journal(layout.state).rows()
+    assert sorted(r.rel_path for r in rows) == sorted(names)  # one row each: none scanned twice

@@ -55,6 +55,27 @@ def test_dropfolder_config_is_valid(tmp_path: Path) -> None:
     assert "*.filepart" in load_config(tmp_path / "c.yaml").watches[0].ignore
 
 
+def test_defaults_of_the_outside_contract(layout: Layout) -> None:
+    """Every key the contract gives a default for, left out (docs/contract.md, "Configuration")."""
+    path = _write(layout, {
+        "engines": {"default": {"type": "yara"}, "blz": {"type": "blazelock", "url": "http://127.0.0.1:1",
+                                                           "api_key": "k"}},
+        "watches": [{"name": "inbox", "source": str(layout.inbox), "engine": "default",
+                     "clean": "/srv/c", "quarantine": "/srv/q", "failed": "/srv/f"},
+                    {"name": "bucket", "source": "s3://drop/in/", "engine": "blz",
+                     "clean": "in_place", "quarantine": "s3://quar/in/", "failed": "s3://fail/in/"}]})
+    config = load_config(path)
+    assert config.state_dir == Path("/var/lib/scanwatch")
+    assert (config.log.format, config.log.level) == ("json", "info")
+    assert config.metrics is None and config.notify is None and config.shutdown_timeout == 10
+    local, s3 = config.watches
+    assert local.settle_seconds == 2 and s3.poll_interval == 30 and s3.events is None
+    assert local.ignore == (".*", "*.part", "*.tmp", "*.crdownload", "*.swp")
+    blazelock = config.engines["blz"]
+    assert blazelock.reuse_max_age == 86400 and blazelock.mode == "async"  # type: ignore[union-attr]
+    assert all(engine.cache.enabled for engine in config.engines.values())
+
+
 def test_unknown_key_names_its_path(layout: Layout) -> None:
     config = layout.config(watch={"colour": "blue"})
     assert _problems(_write(layout, config)) == ["watches[0].colour: unknown key"]

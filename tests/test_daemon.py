@@ -95,6 +95,30 @@ def test_part_file_waits_and_is_scanned_after_rename(layout: Layout, daemon_fact
     assert daemon.stop() == 0
 
 
+def test_default_ignore_globs_wait_in_place_and_a_given_list_replaces_them(
+        layout: Layout, daemon_factory) -> None:
+    """Dot-files, `*.part`, `*.tmp`, `*.crdownload`, `*.swp` wait unrecorded (docs/contract.md,
+    "Ignored names"), also in subfolders; `ignore:` given replaces the whole list."""
+    waiting = [".hidden", "sub/.~lock.odt#", "a.pdf.part", "b.tmp", "c.zip.crdownload", "sub/.d.txt.swp",
+               "e.swp"]
+    for rel in [*waiting, "ok.txt", "sub/ok.txt"]:
+        (layout.inbox / rel).parent.mkdir(parents=True, exist_ok=True)
+        (layout.inbox / rel).write_bytes(b"x")
+    daemon = daemon_factory(layout.write_config())
+    daemon.wait_for(lambda: _moved(daemon, 2), what="the two plain files moved")
+    time.sleep(2.5)  # a rescan (rescan_interval 2) leaves them too
+    assert daemon.stop() == 0
+    assert layout.placed("clean") == ["ok.txt", "sub/ok.txt"]
+    assert all((layout.inbox / rel).exists() for rel in waiting)
+    assert {r.rel_path for r in Journal(layout.state / "journal.sqlite3").rows()} == {"ok.txt", "sub/ok.txt"}
+    assert daemon.named("file.skipped") == []
+    daemon = daemon_factory(layout.write_config(watch={"ignore": ["*.part"]}))
+    daemon.wait_for(lambda: _moved(daemon, len(waiting) - 1), what="the others moved")
+    assert daemon.stop() == 0
+    assert [str(p.relative_to(layout.inbox)) for p in layout.inbox.rglob("*") if p.is_file()] == [
+        "a.pdf.part"]
+
+
 def test_files_present_before_start_are_swept(layout: Layout, daemon_factory) -> None:
     for i in range(20):
         (layout.inbox / f"early-{i}.txt").write_bytes(b"x%d" % i)
@@ -161,6 +185,21 @@ def test_sigterm_exits_zero_promptly(layout: Layout, daemon_factory, workers: in
     assert daemon.stop() == 0
     assert time.monotonic() - started < 10
     assert daemon.named("daemon.stopped")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigint_of_the_whole_process_group_exits_zero(layout: Layout, daemon_factory, workers: int) -> None:
+    """Ctrl-C reaches the daemon and its workers alike: in-flight work handed back, exit 0
+    (docs/contract.md, "Signals"), not 130 or a traceback."""
+    daemon = daemon_factory(layout.write_config(workers=workers), wrapper=("setsid",))
+    daemon.wait_started()
+    (layout.inbox / "a.txt").write_bytes(b"before the interrupt")
+    daemon.wait_for(lambda: _moved(daemon, 1), what="file moved")
+    os.killpg(daemon.proc.pid, signal.SIGINT)
+    assert daemon.proc.wait(15) == 0
+    assert daemon.stop() == 0
+    assert daemon.named("daemon.stopped") and b"Traceback" not in daemon.stderr
+    assert layout.placed("clean") == ["a.txt"]
 
 
 def test_a_daemon_without_s3_leaves_no_s3_state_behind(layout: Layout, daemon_factory) -> None:

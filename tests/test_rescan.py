@@ -102,7 +102,7 @@ def test_newly_infected_quarantined_after_kills_the_rest_untouched(layout: Layou
     assert done.returncode == 1, done.stderr
     assert sorted(json.loads(line)["path"] for line in done.stdout.decode().splitlines()
                   if line.startswith('{"path"')) == [str(layout.clean / INFECTED[1])]
-    started = next(e for e in _events(done.stdout) if e.get("event") == "rescan.started")
+    started = next(e for e in _events(done.stderr) if e.get("event") == "rescan.started")
     assert started["resumed"] >= 700  # nothing done before is scanned again
     progress = [e for e in _events(done.stderr) if e.get("event") == "rescan.progress"]
     assert progress[-1] | {"rescan_id": 0} == {

@@ -493,9 +493,7 @@ def test_quarantine_release_and_delete_on_s3(harness: Callable[..., S3Harness], 
     assert shown["sidecar"]["destination"] == f"s3://{h.bucket}/quarantine/one/e.com"
 
     assert main(["quarantine", "release", "--config", str(config), str(ids["one/e.com"]),
-                 "--reason", "false positive"]) != 0  # infected: needs --force
-    assert main(["quarantine", "release", "--config", str(config), str(ids["one/e.com"]),
-                 "--reason", "false positive", "--force"]) == 0
+                 "--reason", "false positive"]) == 0
     assert h.keys("clean/") == ["one/e.com"] and h.get("clean/one/e.com") == EICAR
     assert main(["quarantine", "delete", "--config", str(config), str(ids["two.com"]),
                  "--reason", "malware"]) == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from collections.abc import Callable
@@ -9,11 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from conftest import EICAR
 from fakes import FakeEngine
 from realservers import S3Server
+from structlog.testing import capture_logs
 from test_s3 import S3Harness
 
+from daemon.cli import main
 from daemon.config import Config, YaraEngineConfig
 from daemon.engines.base import Engine, ScanRequest
 from daemon.engines.yara import YaraEngine
@@ -128,9 +132,13 @@ def test_ten_tags_and_failed_in_place_too_holds_the_object(harness: Callable[...
     h = harness(FakeEngine(), **IN_PLACE, failed="in_place")
     own = "&".join(f"t{i}={i}" for i in range(10))
     h.client.put_object(Bucket=h.bucket, Key="in/a.txt", Body=b"hello", Tagging=own)
-    h.step()
+    with capture_logs() as logs:
+        h.step()
     [row] = h.rows()
     assert (row.state, row.reason) == (FileState.HELD, "too_many_tags")
+    [skipped] = [e for e in logs if e["event"] == "file.skipped"]  # reported (docs/contract.md)
+    assert (skipped["log_level"], skipped["rel_path"], skipped["reason"]) == ("warning", "a.txt",
+                                                                              "too_many_tags")
     assert "scanwatch-verdict" not in _tags(h, "in/a.txt")
     assert h.watcher.poll_once() == 0
 
@@ -150,3 +158,53 @@ def test_a_multipart_object_keeps_being_known_after_its_self_copy(
     assert h.rows()[0].etag == head["ETag"]  # the ETag after the self-copy is the one journaled
     assert _tags(h, "in/big.bin")["scanwatch-verdict"] == "clean"
     assert h.watcher.poll_once() == 0
+
+
+def test_quarantine_show_and_list_carry_the_facts_of_an_object_judged_in_place(
+        harness: Callable[..., S3Harness], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """No sidecar beside an object judged in place: `quarantine show` carries the facts
+    (docs/contract.md, "S3 in place")."""
+    h = harness(FakeEngine(), **IN_PLACE)
+    h.put("in/e.com", EICAR)
+    h.step()
+    [row] = h.rows()
+    config = tmp_path / "scanwatch.yaml"
+    config.write_text(yaml.safe_dump(json.loads(h.config.model_dump_json())))
+    capsys.readouterr()
+    assert main(["quarantine", "list", "--json", "--config", str(config)]) == 0
+    [listed] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert (listed["id"], listed["rel_path"]) == (row.id, "e.com")
+    assert main(["quarantine", "show", str(row.id), "--config", str(config)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["verdict"] == "infected" and shown["threats"] == ["Eicar-Test-Signature"]
+    assert shown["external_reference_id"] == row.ref_id and shown["sha256"] == row.sha256
+    assert shown["source"] == f"s3://{h.bucket}/in/e.com"
+    assert shown["scanned_at"].endswith("Z")
+    assert shown["sidecar"] is None  # none by design, not "cannot read the sidecar: NoSuchKey"
+
+
+@pytest.mark.parametrize("versioned", [False, True])
+def test_release_of_an_object_judged_in_place_tags_it_released_where_it_is(
+        harness: Callable[..., S3Harness], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        versioned: bool) -> None:
+    """`quarantine release ID` with `clean: in_place` (docs/contract.md): the object stays at its
+    key, tagged `scanwatch-verdict=released`; it was copied into a local folder named `in_place`
+    under the current directory and deleted from the bucket."""
+    monkeypatch.chdir(tmp_path)
+    h = harness(FakeEngine(), **IN_PLACE)
+    if versioned:
+        h.client.put_bucket_versioning(Bucket=h.bucket, VersioningConfiguration={"Status": "Enabled"})
+    h.client.put_object(Bucket=h.bucket, Key="in/e.com", Body=EICAR, Tagging="owner=alice")
+    h.step()
+    [row] = h.rows()
+    config = tmp_path / "scanwatch.yaml"
+    config.write_text(yaml.safe_dump(json.loads(h.config.model_dump_json())))
+    assert main(["quarantine", "release", str(row.id), "--config", str(config)]) == 0
+    assert not (tmp_path / "in_place").exists()
+    assert h.keys("") == ["in/e.com"] and h.get("in/e.com") == EICAR
+    tags = _tags(h, "in/e.com")
+    assert (tags["scanwatch-verdict"], tags["owner"]) == ("released", "alice")
+    assert "scanwatch-threat" not in tags
+    assert h.watcher.poll_once() == 0  # the version released is known: not a new arrival
+    [audit] = h.journal.audit_trail(row.id)
+    assert audit.action == "release" and h.rows()[0].disposition == "released"

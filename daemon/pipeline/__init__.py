@@ -52,7 +52,7 @@ _BATCH = 16
 # daemon/s3.py pools 64 connections per client: two such engines on one endpoint fit.
 _S3_WORKERS = 32
 _IDLE_WAIT_S = 1.0
-_WARNINGS = ("retry.scheduled", "move.failed")
+_WARNINGS = ("retry.scheduled", "move.failed", "file.skipped")  # docs/contract.md, "Log events"
 # One step's outcome as the metrics and alerts hear it: the row before, the engine's label.
 Reported = tuple[FileRow, str, Outcome]
 
