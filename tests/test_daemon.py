@@ -42,6 +42,9 @@ def test_clean_and_eicar_end_to_end_with_sidecar(layout: Layout, daemon_factory)
     assert (layout.quarantine / "eicar.com").stat().st_mode & 0o777 == 0o600
     moved = {e["rel_path"]: e for e in daemon.named("file.moved")}
     assert moved["eicar.com"]["outcome"] == "infected"
+    # Each file's arrival is one record of its own (docs/contract.md, "Log events").
+    assert sorted((e["watch"], e["rel_path"], e["by"]) for e in daemon.named("file.discovered")) \
+        == [("inbox", "eicar.com", "event"), ("inbox", "hello.txt", "event")]
     assert moved["hello.txt"]["ref_id"].startswith("inbox:hello.txt#")
     assert daemon.stop() == 0
 
@@ -60,6 +63,7 @@ def test_awkward_names_keep_their_relative_path(layout: Layout, daemon_factory, 
     target.write_bytes(b"content of " + rel.encode())
     daemon.wait_for(lambda: _moved(daemon, 1), what="file moved")
     assert (layout.clean / rel).read_bytes() == b"content of " + rel.encode()
+    assert [e["rel_path"] for e in daemon.named("file.discovered")] == [rel]
     assert not target.exists()
     assert daemon.stop() == 0
 

@@ -23,15 +23,15 @@ def test_wal_mode_and_schema_version(tmp_path: Path) -> None:
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("PRAGMA user_version").fetchone()[0] == len(SCHEMA)
     journal.close()
-    assert _journal(tmp_path).discover("w", [("a", 1)], 1.0) == 1  # reopening migrates nothing
+    assert len(_journal(tmp_path).discover("w", [("a", 1)], 1.0)) == 1  # reopening migrates nothing
 
 
 def test_discover_is_idempotent_and_non_utf8_names_survive(tmp_path: Path) -> None:
     journal = _journal(tmp_path)
     odd = b"caf\xe9.txt".decode("utf-8", "surrogateescape")
-    assert journal.discover("w", [("a.txt", 1), (odd, 2)], 1.0) == 2
-    assert journal.discover("w", [("a.txt", 1), (odd, 2)], 2.0) == 0
-    assert {r.rel_path for r in journal.rows()} == {"a.txt", odd}
+    assert journal.discover("w", [("a.txt", 1), (odd, 2)], 1.0) == ["a.txt", odd]
+    assert journal.discover("w", [("a.txt", 1), (odd, 2), ("b.txt", 3)], 2.0) == ["b.txt"]
+    assert {r.rel_path for r in journal.rows()} == {"a.txt", odd, "b.txt"}
 
 
 def test_a_path_done_before_is_a_new_arrival(tmp_path: Path) -> None:
@@ -39,7 +39,7 @@ def test_a_path_done_before_is_a_new_arrival(tmp_path: Path) -> None:
     journal.discover("w", [("a.txt", 1)], 1.0)
     [row] = journal.rows()
     journal.apply([(row.id, {"state": FileState.DONE})])
-    assert journal.discover("w", [("a.txt", 1)], 2.0) == 1
+    assert len(journal.discover("w", [("a.txt", 1)], 2.0)) == 1
     assert len(journal.rows()) == 2
 
 
@@ -48,8 +48,8 @@ def test_held_path_is_revived_only_when_its_inode_changes(tmp_path: Path) -> Non
     journal.discover("w", [("link", 7)], 1.0)
     [row] = journal.rows()
     journal.apply([(row.id, {"state": FileState.HELD, "reason": "symlink"})])
-    assert journal.discover("w", [("link", 7)], 2.0) == 0
-    assert journal.discover("w", [("link", 8)], 3.0) == 1
+    assert len(journal.discover("w", [("link", 7)], 2.0)) == 0
+    assert len(journal.discover("w", [("link", 8)], 3.0)) == 1
     assert journal.get(row.id).state is FileState.DISCOVERED
 
 
@@ -104,27 +104,27 @@ def test_a_version_1_journal_is_migrated_with_its_rows(tmp_path: Path) -> None:
     journal = Journal(path)
     (row,) = journal.rows()
     assert (row.rel_path, row.state, row.etag) == ("old.txt", FileState.STABLE, None)
-    assert journal.discover_objects("w", [("new.txt", "e1", None, 5)], 2.0) == 1
+    assert len(journal.discover_objects("w", [("new.txt", "e1", None, 5)], 2.0)) == 1
 
 
 def test_discover_objects_remembers_versions(tmp_path: Path) -> None:
     journal = _journal(tmp_path)
-    assert journal.discover_objects("w", [("a", "e1", None, 3), ("b", "e2", "v2", 4)], 1.0) == 2
-    assert journal.discover_objects("w", [("a", "e1", None, 3)], 2.0) == 0  # listed again
+    assert len(journal.discover_objects("w", [("a", "e1", None, 3), ("b", "e2", "v2", 4)], 1.0)) == 2
+    assert len(journal.discover_objects("w", [("a", "e1", None, 3)], 2.0)) == 0  # listed again
     # Replaced before its scan started: the row follows the new version.
-    assert journal.discover_objects("w", [("a", "e3", None, 9)], 3.0) == 1
+    assert len(journal.discover_objects("w", [("a", "e3", None, 9)], 3.0)) == 1
     row = journal.active("w", "a")
     assert row is not None and (row.etag, row.size, row.state) == ("e3", 9, FileState.STABLE)
     # A version judged in place stays at its key: listed again, it is not new...
     journal.apply([(row.id, {"state": FileState.DONE, "dest_root": "in_place", "done_at": 3.5})])
-    assert journal.discover_objects("w", [("a", "e3", None, 9)], 4.0, listed_at=4.0) == 0
+    assert len(journal.discover_objects("w", [("a", "e3", None, 9)], 4.0, listed_at=4.0)) == 0
     # ...but a new upload under that key is.
-    assert journal.discover_objects("w", [("a", "e4", None, 1)], 5.0) == 1
+    assert len(journal.discover_objects("w", [("a", "e4", None, 1)], 5.0)) == 1
     # Once scanning, a listing does not touch the row (the ETag conditions catch a change).
     fresh = journal.active("w", "a")
     assert fresh is not None
     journal.apply([(fresh.id, {"state": FileState.SCANNING})])
-    assert journal.discover_objects("w", [("a", "e5", None, 2)], 6.0) == 0
+    assert len(journal.discover_objects("w", [("a", "e5", None, 2)], 6.0)) == 0
     assert journal.get(fresh.id).etag == "e4"  # type: ignore[union-attr]
 
 
@@ -197,22 +197,23 @@ def test_an_object_version_is_an_arrival_the_same_bytes_or_not(tmp_path: Path) -
         journal.apply([(row.id, {"state": FileState.DONE, "dest_root": dest_root, "done_at": at})])
 
     # Moved: the key was emptied when the row was done; a listing begun after that finds new bytes.
-    assert journal.discover_objects("w", [SeenObject("a", "e1", None, 1, 100.0)], 1.0, listed_at=1.0) == 1
+    assert len(journal.discover_objects("w", [SeenObject("a", "e1", None, 1, 100.0)], 1.0,
+                                        listed_at=1.0)) == 1
     done("s3://b/clean/", 2.0)
-    assert journal.discover_objects("w", [("a", "e1", None, 1, 100.0)], 2.5, listed_at=1.5) == 0  # stale
-    assert journal.discover_objects("w", [("a", "e1", None, 1, 103.0)], 3.0, listed_at=3.0) == 1
+    assert len(journal.discover_objects("w", [("a", "e1", None, 1, 100.0)], 2.5, listed_at=1.5)) == 0  # stale
+    assert len(journal.discover_objects("w", [("a", "e1", None, 1, 103.0)], 3.0, listed_at=3.0)) == 1
     done("s3://b/clean/", 4.0)
-    assert journal.discover_objects("w", [("a", "e1", None, 1)], 5.0) == 1  # an event: new bytes again
+    assert len(journal.discover_objects("w", [("a", "e1", None, 1)], 5.0)) == 1  # an event: new bytes again
     done("in_place", 6.0)
     # In place: the same ETag and LastModified are the version judged; a new LastModified is new.
     journal.apply([(journal.latest("w", "a").id, {"last_modified": 110.0})])  # type: ignore[union-attr]
-    assert journal.discover_objects("w", [("a", "e1", None, 1, 110.0)], 7.0, listed_at=7.0) == 0
-    assert journal.discover_objects("w", [("a", "e1", None, 1, 111.0)], 8.0, listed_at=8.0) == 1
+    assert len(journal.discover_objects("w", [("a", "e1", None, 1, 110.0)], 7.0, listed_at=7.0)) == 0
+    assert len(journal.discover_objects("w", [("a", "e1", None, 1, 111.0)], 8.0, listed_at=8.0)) == 1
     done("in_place", 9.0)
     journal.apply([(journal.latest("w", "a").id, {"version_id": "v1"})])  # type: ignore[union-attr]
     # VersionIds decide where both are known.
-    assert journal.discover_objects("w", [("a", "e1", "v1", 1)], 10.0) == 0
-    assert journal.discover_objects("w", [("a", "e1", "v2", 1)], 11.0) == 1
+    assert len(journal.discover_objects("w", [("a", "e1", "v1", 1)], 10.0)) == 0
+    assert len(journal.discover_objects("w", [("a", "e1", "v2", 1)], 11.0)) == 1
 
 
 def test_skipped_keys_are_held_once_and_taken_up_when_no_longer_ignored(tmp_path: Path) -> None:
@@ -220,6 +221,6 @@ def test_skipped_keys_are_held_once_and_taken_up_when_no_longer_ignored(tmp_path
     assert journal.skip_objects("w", [("x/", "e0", "directory_marker"), (".env", "e1", "ignored")], 1.0) == [
         "x/", ".env"]
     assert journal.skip_objects("w", [("x/", "e0", "directory_marker"), (".env", "e1", "ignored")], 2.0) == []
-    assert journal.discover_objects("w", [(".env", "e1", None, 3)], 3.0) == 1
+    assert len(journal.discover_objects("w", [(".env", "e1", None, 3)], 3.0)) == 1
     row = journal.active("w", ".env")
     assert row is not None and (row.state, row.reason) == (FileState.STABLE, None)

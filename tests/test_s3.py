@@ -19,6 +19,7 @@ from fakes import FakeEngine, answers, raises
 from hypothesis import given
 from hypothesis import strategies as st
 from realservers import S3Server, SqsServer, TcpProxy
+from structlog.testing import capture_logs
 
 from daemon.cli import main
 from daemon.config import Config, YaraEngineConfig
@@ -206,8 +207,11 @@ def test_a_listing_again_adds_nothing_and_a_new_version_is_a_new_arrival(
         harness: Callable[..., S3Harness]) -> None:
     h = harness()
     h.put("in/a.txt", b"one")
-    assert h.watcher.poll_once() == 1
-    assert h.watcher.poll_once() == 0
+    with capture_logs() as logs:
+        assert h.watcher.poll_once() == 1
+        assert h.watcher.poll_once() == 0
+    assert [(e["watch"], e["rel_path"], e["by"]) for e in logs if e["event"] == "file.discovered"] \
+        == [("w", "a.txt", "listing")]  # one record per file, once
     h.put("in/folder/", b"")
     assert h.watcher.poll_once() == 0  # a folder marker is held and reported, never scanned
     h.put("in/a.txt", b"two")

@@ -142,6 +142,7 @@ def test_every_log_line_is_one_whole_record_with_three_workers(
     assert daemon.stop() == 0
     assert [e["line"][:200] for e in daemon.events if e["event"] == "raw"] == []
     assert Counter(e["rel_path"] for e in daemon.named("file.moved")) == Counter(names)
+    assert Counter(e["rel_path"] for e in daemon.named("file.discovered")) == Counter(names)
     assert max(len(json.dumps(e)) for e in daemon.named("file.moved")) > 16_384
 
 

@@ -54,6 +54,22 @@ __all__ = ["AuditRow", "CachedVerdict", "Database", "FileRow", "FleetMember", "J
            "RowOrder", "SeenObject", "is_damage", "open_journal", "owner_token", "state_dir_error"]
 
 
+# An arrival (`Journal.discover`): a path already active stays as it is, unless held back
+# and seen again with another inode (or held for `permission_denied`, tried again).
+_DISCOVER = f"""INSERT INTO files (watch, rel_path, state, inode, dev, size, mtime_ns, ctime_ns,
+                                  stable_at, next_attempt_at, discovered_at, updated_at)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                ON CONFLICT (watch, rel_path) WHERE {_ACTIVE} DO UPDATE
+                SET state = excluded.state, inode = excluded.inode,
+                    reason = CASE files.reason WHEN 'permission_denied' THEN files.reason END,
+                    dev = excluded.dev, size = excluded.size, mtime_ns = excluded.mtime_ns,
+                    ctime_ns = excluded.ctime_ns, stable_at = excluded.stable_at,
+                    next_attempt_at = excluded.next_attempt_at,
+                    discovered_at = excluded.discovered_at, updated_at = excluded.updated_at
+                WHERE files.state = 'held' AND (files.inode IS NOT excluded.inode
+                                                OR files.reason = 'permission_denied')"""
+
+
 class Journal(ObjectVersions, RescanRecords, VerdictCacheRecords):
     """The SQLite journal under `state_dir`: arrivals, the work queue, what happened to each file."""
 
@@ -65,7 +81,7 @@ class Journal(ObjectVersions, RescanRecords, VerdictCacheRecords):
             return sum(1 for row in rows if _insert_file(conn, row))
 
     def discover(self, watch: str, entries: Iterable[tuple[str, int]], now: float,
-                 settled: Mapping[str, Identity] | None = None) -> int:
+                 settled: Mapping[str, Identity] | None = None) -> list[str]:
         """Record `(rel_path, inode)` arrivals; known active paths are left as they are.
 
         A path held back (a symlink, say) whose inode changed is a new arrival again; one
@@ -73,7 +89,8 @@ class Journal(ObjectVersions, RescanRecords, VerdictCacheRecords):
         that holding it again is not reported again).
         A path in `settled` (a watch with `settle_seconds: 0`, its file just lstat'ed)
         is recorded stable at once with that identity: the settle step has nothing to add.
-        Returns how many rows were added or revived. Idempotent.
+        Returns the rel_paths added or revived, each one a `file.discovered` (docs/contract.md,
+        "Log events"). Idempotent.
         """
         params = []
         for rel_path, inode in entries:  # made before the writers' lock is taken
@@ -81,27 +98,12 @@ class Journal(ObjectVersions, RescanRecords, VerdictCacheRecords):
             state, stable_at = ("stable", now) if identity else ("discovered", None)
             dev, size, mtime_ns, ctime_ns = ((identity.dev, identity.size, identity.mtime_ns,
                                               identity.ctime_ns) if identity else (None,) * 4)
-            params.append((watch, os.fsencode(rel_path), state, inode, dev, size, mtime_ns, ctime_ns,
-                           stable_at, now, now, now))
-        if not params:
-            return 0
+            params.append((rel_path, (watch, os.fsencode(rel_path), state, inode, dev, size,
+                                      mtime_ns, ctime_ns, stable_at, now, now, now)))
         with self._tx() as conn:
-            # executemany's rowcount is the sum of every execution's changes.
-            return int(conn.executemany(
-                f"""INSERT INTO files (watch, rel_path, state, inode, dev, size, mtime_ns,
-                                      ctime_ns, stable_at, next_attempt_at, discovered_at,
-                                      updated_at)
-                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-                    ON CONFLICT (watch, rel_path) WHERE {_ACTIVE} DO UPDATE
-                    SET state = excluded.state, inode = excluded.inode,
-                        reason = CASE files.reason WHEN 'permission_denied' THEN files.reason END,
-                        dev = excluded.dev, size = excluded.size, mtime_ns = excluded.mtime_ns,
-                        ctime_ns = excluded.ctime_ns, stable_at = excluded.stable_at,
-                        next_attempt_at = excluded.next_attempt_at,
-                        discovered_at = excluded.discovered_at, updated_at = excluded.updated_at
-                    WHERE files.state = 'held' AND (files.inode IS NOT excluded.inode
-                                                    OR files.reason = 'permission_denied')""",
-                params).rowcount)
+            # One execution per path, not `executemany`: its rowcount says which were added
+            # (not `RETURNING`: SQLite would build a temporary b-tree per statement to hold it).
+            return [rel_path for rel_path, values in params if conn.execute(_DISCOVER, values).rowcount]
 
     def due(self, state: FileState, watch: str, now: float, limit: int) -> list[FileRow]:
         """Rows of `watch` in `state` whose next attempt is due, oldest first."""

@@ -28,7 +28,7 @@ class ObjectVersions(Database):
     """S3 arrivals: each object version a row of its own, and keys never scanned reported."""
 
     def discover_objects(self, watch: str, objects: Iterable[tuple[str, str, str | None, int] | SeenObject],
-                         now: float, *, listed_at: float | None = None) -> int:
+                         now: float, *, listed_at: float | None = None) -> list[str]:
         """Record S3 object versions `(rel_path, etag, version_id, size[, last_modified])` as stable.
 
         A version a row already stands for is not new, so listing a prefix again, or a
@@ -37,9 +37,9 @@ class ObjectVersions(Database):
         that saw them started (None for events). A key replaced before its scan started
         is updated in place; once scanning, the change is found by the scan's or the
         move's ETag condition. A key held as ignored is taken up once it is no longer
-        ignored. Returns rows added or updated.
+        ignored. Returns the rel_paths of the rows added or updated.
         """
-        changed = 0
+        changed = []
         with self._tx() as conn:
             for seen in map(_seen, objects):
                 path = os.fsencode(seen.rel_path)
@@ -59,7 +59,8 @@ class ObjectVersions(Database):
                     (watch, path, seen.size, seen.etag, seen.version_id, seen.last_modified,
                      now, now, now, now),
                 )
-                changed += cursor.rowcount
+                if cursor.rowcount:
+                    changed.append(seen.rel_path)
         return changed
 
     def skip_objects(self, watch: str, skipped: Iterable[tuple[str, str, str]], now: float) -> list[str]:

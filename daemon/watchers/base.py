@@ -11,11 +11,19 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import logging
 import os
 import re
+from collections.abc import Sequence
 from typing import Protocol
 
-__all__ = ["Watcher", "is_ignored", "relative_path"]
+import structlog
+
+from daemon.log import enabled
+
+__all__ = ["Watcher", "is_ignored", "log_discovered", "relative_path"]
+
+log = structlog.get_logger("scanwatch.watcher")
 
 
 class Watcher(Protocol):
@@ -28,6 +36,14 @@ class Watcher(Protocol):
     def stop(self) -> None:
         """Stop recording; what was not recorded yet is found again by the next start."""
         ...
+
+
+def log_discovered(watch: str, rel_paths: Sequence[str], how: str) -> None:
+    """One `file.discovered` per path the journal recorded (docs/contract.md, "Log events"),
+    with how it was found (`event`, `sweep`, `listing`); nothing is built below info."""
+    if rel_paths and enabled(logging.INFO):
+        for rel_path in rel_paths:
+            log.info("file.discovered", watch=watch, rel_path=rel_path, by=how)
 
 
 def relative_path(root: str, path: str) -> str | None:

@@ -39,7 +39,7 @@ from daemon.model import FileState
 from daemon.naming import split_rel
 from daemon.staging import IN_SOURCE
 from daemon.watchers import inotify
-from daemon.watchers.base import is_ignored, relative_path
+from daemon.watchers.base import is_ignored, log_discovered, relative_path
 from daemon.watchers.fallback import ArrivalsHandler, ArrivalsObserver, ObservedWatch
 from daemon.watchers.tree import stat_below, walk
 
@@ -286,19 +286,16 @@ class LocalWatcher:
 
     def _record(self, entries: Iterator[tuple[str, int]], now: float, how: str,
                 settled: dict[str, Identity] | None = None) -> None:
-        added = 0
         batch: list[tuple[str, int]] = []
         for entry in entries:
             batch.append(entry)
             if len(batch) >= _CHUNK:
-                added += self._discover(batch, now, settled)
+                self._discover(batch, now, how, settled)
         if batch:
-            added += self._discover(batch, now, settled)
-        if added:
-            log.info("file.discovered", watch=self.watch.name, count=added, by=how)
+            self._discover(batch, now, how, settled)
 
-    def _discover(self, batch: list[tuple[str, int]], now: float,
-                  settled: dict[str, Identity] | None) -> int:
+    def _discover(self, batch: list[tuple[str, int]], now: float, how: str,
+                  settled: dict[str, Identity] | None) -> None:
         """Record one chunk (emptied after). `settled` holds the identities of this chunk only:
         discovery fills it while it yields the chunk's entries."""
         added = self.journal.discover(self.watch.name, batch, now, settled)
@@ -307,7 +304,7 @@ class LocalWatcher:
             settled.clear()
             if added:  # stable already: the workers need not wait for the rest or for `settle`
                 self.wake.set()
-        return added
+        log_discovered(self.watch.name, added, how)
 
     def settle(self) -> int:
         """Mark due discovered rows stable, held or gone; returns how many became stable."""

@@ -27,7 +27,7 @@ from daemon.model import Reason, SeenObject
 from daemon.retry import RetryPolicy
 from daemon.s3client import epoch, list_objects, make_sqs_client, s3_boundary
 from daemon.s3url import S3Url, quoted_etag
-from daemon.watchers.base import is_ignored
+from daemon.watchers.base import is_ignored, log_discovered
 from daemon.watchers.fleet import ListingLease, SafetyNet, is_fleet_key
 from daemon.watchers.s3messages import S3Event
 from daemon.watchers.sqs import SqsEventSource
@@ -224,6 +224,6 @@ class S3Watcher:
             return 0
         added = self.journal.discover_objects(self.watch.name, wanted, self.clock(), listed_at=listed_at)
         if added:
-            log.info("file.discovered", watch=self.watch.name, count=added, by=how)
             self.wake.set()
-        return added
+        log_discovered(self.watch.name, added, how)
+        return len(added)
