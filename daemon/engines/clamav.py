@@ -10,10 +10,11 @@ Connections stay open in `IDSESSION` mode and are pooled, so a scan costs one
 round trip, not a connect. A session clamd closed (idle timeout, a restart) empties the
 pool, whose other sessions are as old, and the command is sent again once on a new
 connection; scanning is idempotent, so that retry is always safe. Each session carries
-one command at a time, on purpose: a scan is one round trip costing this client ~0.1 ms
-of CPU, while through the daemon clamd waits for files most of the time (bench/RESULTS.md,
-"Issue 21: clamd"), so pipelining has nothing to gain there; and an `ERROR` (which ends
-the session) would drop every other command in flight on it.
+one command at a time: an `ERROR` (which ends the session) would drop every other command
+in flight on it. A `FILDES` scan is one `sendmsg` and one `recv`. What a scan costs the
+daemon beyond that is its thread's wait for the reply (~0.1 ms of CPU per file on a
+2-core VM, the thread put to sleep and woken), which only several scans in flight per
+thread would spare (bench/RESULTS.md, "Issue 21: the worker's cost per file").
 
 Unless `concurrency` is set, an engine scans as many files at once as clamd has scanning
 threads (`MaxThreads`, from `STATS`): `follow_clamd_threads` (docs/engines.md).
