@@ -12,9 +12,9 @@ pool, whose other sessions are as old, and the command is sent again once on a n
 connection; scanning is idempotent, so that retry is always safe. Each session carries
 one command at a time: an `ERROR` (which ends the session) would drop every other command
 in flight on it. A `FILDES` scan is one `sendmsg` and one `recv`. What a scan costs the
-daemon beyond that is its thread's wait for the reply (~0.1 ms of CPU per file on a
-2-core VM, the thread put to sleep and woken), which only several scans in flight per
-thread would spare (bench/RESULTS.md, "Issue 21: the worker's cost per file").
+daemon beyond that is its thread's wait for the reply (the thread put to sleep and woken:
+0.03 - 0.24 ms of CPU per file on a 2-core VM, with the load), which only several scans in
+flight per thread would spare (bench/RESULTS.md, "Issue 21: the worker's cost per file").
 
 Unless `concurrency` is set, an engine scans as many files at once as clamd has scanning
 threads (`MaxThreads`, from `STATS`): `follow_clamd_threads` (docs/engines.md).
