@@ -16,7 +16,11 @@ the two daemons taking turns going first.
 `--tcp`: the daemons reach clamd by `address:` (the bytes streamed with INSTREAM, and a
 verdict-cache flight for every file: docs/engines.md) instead of its unix socket (FILDES).
 
-    python bench/clamav_throughput.py [--db one synthetic] [--files 5000] [--runs 3] [--compare DIR] [--tcp]
+`--dir`: where the runs' folders go (the journal, the watched folder, its staging), e.g.
+/dev/shm (tmpfs) as `bench/local_throughput.py --dir`; the system's temp dir by default.
+
+    python bench/clamav_throughput.py [--db one synthetic] [--files 5000] [--runs 3] [--compare DIR]
+                                      [--tcp] [--dir DIR]
 """
 from __future__ import annotations
 
@@ -140,6 +144,8 @@ def main() -> None:
     parser.add_argument("--compare", type=Path, help="another checkout's daemon as a peer")
     parser.add_argument("--compare-concurrency", type=int, help="the peer's; unset: as --concurrency")
     parser.add_argument("--tcp", action="store_true", help="the daemons reach clamd over TCP (address:)")
+    parser.add_argument("--dir", type=Path, help="where the runs' folders go (default: the system's "
+                        "temp dir); e.g. /dev/shm to leave the filesystem's cost out")
     args = parser.parse_args()
     files = _payloads(args.files, args.size)
     print(f"clamav_throughput: {args.files} files x {args.size} B, 1 % EICAR, one clamd "
@@ -149,7 +155,7 @@ def main() -> None:
         with running_clamd(args.max_threads, _DATABASES[db], start_timeout_s=600) as clamd:
             runs = []
             for index in range(args.runs):
-                base = Path(tempfile.mkdtemp(prefix="scanwatch-bench-clamav-"))
+                base = Path(tempfile.mkdtemp(prefix="scanwatch-bench-clamav-", dir=args.dir))
                 base.chmod(0o755)
                 try:
                     runs.append(_one_run(clamd, base, files, args, index))

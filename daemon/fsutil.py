@@ -61,11 +61,20 @@ class Identity:
                 "mtime_ns": self.mtime_ns, "ctime_ns": self.ctime_ns}
 
 
-def sha256_fd(fd: int) -> str:
-    """sha256 of an open file's whole content, read with pread (the offset is untouched)."""
+_HASH_CHUNK = 1 << 20
+
+
+def sha256_fd(fd: int, size: int | None = None) -> str:
+    """sha256 of an open file's whole content, read with pread (the offset is untouched).
+
+    `size`: the file's size where nobody else can write to it (a snapshot in the staging
+    directory, docs/integrity.md): read up to it, without the read that finds the end."""
     digest = hashlib.sha256()
     offset = 0
-    while chunk := os.pread(fd, 1 << 20, offset):
+    while size is None or offset < size:
+        chunk = os.pread(fd, _HASH_CHUNK if size is None else min(_HASH_CHUNK, size - offset), offset)
+        if not chunk:
+            break
         digest.update(chunk)
         offset += len(chunk)
     return digest.hexdigest()

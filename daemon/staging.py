@@ -37,6 +37,8 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _COPY_CHUNK = 1 << 30
 _READ_CHUNK = 1 << 20
+# Filesystems (st_dev) that answered FICLONE "not supported": every copy there is a copy.
+_NO_REFLINK: set[int] = set()
 
 
 def snap_name(file_id: int) -> str:
@@ -75,7 +77,7 @@ class Staging:
                 raise
             return self._snapshot_named(src_fd, name)
         try:
-            how = copy_into(src_fd, out)
+            how = copy_into(src_fd, out, self.dev)
             try:
                 self._link(out, name)
             except FileExistsError:
@@ -96,7 +98,7 @@ class Staging:
             self.unlink(name)
             out = os.open(name, _NEW_FILE, 0o600, dir_fd=self.fd)
         try:
-            how = copy_into(src_fd, out)
+            how = copy_into(src_fd, out, self.dev)
         except BaseException:
             self.unlink(name)
             raise
@@ -135,14 +137,20 @@ class Staging:
             self.unlink(name)
 
 
-def copy_into(src_fd: int, dst_fd: int) -> str:
-    """Fill the empty `dst_fd` with `src_fd`'s bytes, by reflink where the filesystem can."""
-    try:
-        fcntl.ioctl(dst_fd, _FICLONE, src_fd)
-        return "reflink"
-    except OSError as exc:
-        if exc.errno not in (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY, errno.EPERM):
-            raise
+def copy_into(src_fd: int, dst_fd: int, dev: int | None = None) -> str:
+    """Fill the empty `dst_fd` with `src_fd`'s bytes, by reflink where the filesystem can.
+
+    `dev`: `dst_fd`'s filesystem, when known; one that cannot reflink at all is not asked
+    again (a failed ioctl per file)."""
+    if dev not in _NO_REFLINK:
+        try:
+            fcntl.ioctl(dst_fd, _FICLONE, src_fd)
+            return "reflink"
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY, errno.EPERM):
+                raise
+            if dev is not None and exc.errno in (errno.EOPNOTSUPP, errno.ENOTTY):
+                _NO_REFLINK.add(dev)  # the filesystem's answer; EINVAL and EPERM may be the file's
     try:
         offset = 0
         while copied := os.copy_file_range(src_fd, dst_fd, _COPY_CHUNK, offset, offset):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
@@ -18,9 +20,9 @@ from structlog.testing import capture_logs
 from daemon.config import ClamavEngineConfig, Config
 from daemon.engines.base import ScanRequest
 from daemon.engines.clamav import ClamavEngine, follow_clamd_threads
-from daemon.errors import EngineUnavailableError
+from daemon.errors import EngineRetryableError, EngineUnavailableError
 from daemon.fsutil import sha256_fd
-from daemon.model import FileState, VerdictKind
+from daemon.model import FileState, Reason, VerdictKind
 
 
 def _engine(**cfg: object) -> ClamavEngine:
@@ -135,6 +137,43 @@ def test_concurrent_scans_share_the_pool_and_match_their_replies(layout: Layout,
     engine.close()
     assert kinds == [VerdictKind.INFECTED if i % 3 == 0 else VerdictKind.CLEAN
                      for i in range(12)] * 5
+
+
+def test_a_fildes_scan_is_one_message(layout: Layout, clamd: Clamd, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The command and the byte carrying the descriptor go in one `sendmsg` (clamd reads them
+    with one wake-up); and a session's sends and receives are bounded by the kernel
+    (docs/engines.md), not by a poll before each of them."""
+    engine = _engine(socket=str(clamd.socket))
+    with _held(_public(layout.inbox / "a.com", EICAR)) as request:
+        assert engine.scan(request).kind is VerdictKind.INFECTED  # a pooled session from now on
+        sends: list[str] = []
+        for name in ("send", "sendall", "sendmsg"):
+            original = getattr(socket.socket, name)
+            monkeypatch.setattr(socket.socket, name, lambda sock, *a, _o=original, _n=name, **k: (
+                sends.append(_n), _o(sock, *a, **k))[1])
+        verdict = engine.scan(request)
+        sent = list(sends)
+    (session,) = engine._idle
+    assert session.sock.gettimeout() is None
+    engine.close()
+    assert verdict.kind is VerdictKind.INFECTED and verdict.raw["mode"] == "fd"
+    assert sent == ["sendmsg"]
+
+
+def test_a_clamd_that_does_not_answer_is_a_timeout(layout: Layout, tmp_path: Path) -> None:
+    """`timeout` bounds the wait for clamd's reply: a retryable timeout, the session dropped."""
+    path = tmp_path / "silent.sock"
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(path))
+        server.listen()
+        engine = _engine(socket=str(path), timeout=0.5)
+        with _held(_public(layout.inbox / "a.txt", b"fine")) as request:
+            started = time.monotonic()
+            with pytest.raises(EngineRetryableError) as raised:
+                engine.scan(request)
+        assert raised.value.reason is Reason.TIMEOUT
+        assert 0.4 < time.monotonic() - started < 5
+        assert engine._idle == []
 
 
 def test_path_mode_lets_clamd_open_the_name(world_readable: Layout, clamd: Clamd) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -9,8 +10,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from daemon import fsutil
 from daemon.errors import UnsafePathError
-from daemon.fsutil import open_dir, rename_noreplace
+from daemon.fsutil import open_dir, rename_noreplace, sha256_fd
 from daemon.naming import collision_name, rel_parts
 from daemon.watchers.base import relative_path
 
@@ -68,3 +70,25 @@ def test_open_dir_refuses_a_symlinked_component(tmp_path: Path) -> None:
         open_dir(str(tmp_path), ["link"])
     os.close(open_dir(str(tmp_path), ["real", "new"], create_mode=0o700))
     assert (tmp_path / "real" / "new").stat().st_mode & 0o777 == 0o700
+
+
+@pytest.mark.parametrize("length", [0, 4096, (1 << 20) + 5])
+def test_sha256_fd_reads_up_to_a_known_size_without_the_read_at_the_end(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, length: int) -> None:
+    data = os.urandom(length)
+    (tmp_path / "f").write_bytes(data)
+    reads: list[int] = []
+    pread = os.pread
+
+    def counted(fd: int, n: int, offset: int) -> bytes:
+        reads.append(n)
+        return pread(fd, n, offset)
+
+    monkeypatch.setattr(fsutil.os, "pread", counted)
+    fd = os.open(tmp_path / "f", os.O_RDONLY)
+    try:
+        assert sha256_fd(fd) == sha256_fd(fd, length) == hashlib.sha256(data).hexdigest()
+    finally:
+        os.close(fd)
+    whole = -(-length // (1 << 20))  # the reads that carry bytes
+    assert len(reads) == (whole + 1) + whole

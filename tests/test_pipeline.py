@@ -306,9 +306,9 @@ def test_a_snapshot_has_its_name_only_once_filled(tmp_path: Path, monkeypatch: p
     seen: list[bool] = []
     copy = staging_module.copy_into
 
-    def watched_copy(src: int, dst: int) -> str:
+    def watched_copy(src: int, dst: int, dev: int | None = None) -> str:
         seen.append(os.path.exists(os.path.join(staging.path, "7.snap")))
-        return copy(src, dst)
+        return copy(src, dst, dev)
 
     monkeypatch.setattr(staging_module, "copy_into", watched_copy)
     fd = os.open(source, os.O_RDONLY)

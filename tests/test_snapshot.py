@@ -14,6 +14,7 @@ import pytest
 from conftest import EICAR, Daemon, Harness, Layout
 from fakes import FakeEngine
 
+from daemon import staging as staging_module
 from daemon.errors import StagingError
 from daemon.model import FileState
 from daemon.pipeline.reconcile import reconcile
@@ -69,6 +70,27 @@ def test_a_snapshot_on_the_root_filesystem_is_a_copy(tmp_path: Path) -> None:
     how, copied = _snapshot_of(tmp_path, data)
     assert copied == data
     assert how in ("copy_file_range", "reflink")  # reflink only if / is XFS or Btrfs
+
+
+def test_a_filesystem_without_reflinks_is_asked_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """FICLONE answered "not supported" is that filesystem's answer: the next snapshots there
+    go straight to a copy, one failed ioctl fewer per file."""
+    asked: list[int] = []
+    ioctl = staging_module.fcntl.ioctl
+
+    def counted(fd: int, request: int, arg: int) -> object:
+        asked.append(request)
+        return ioctl(fd, request, arg)
+
+    monkeypatch.setattr(staging_module, "_NO_REFLINK", set())
+    monkeypatch.setattr(staging_module.fcntl, "ioctl", counted)
+    first, copied = _snapshot_of(tmp_path, b"one")
+    if first == "reflink":
+        pytest.skip("this filesystem makes reflinks")
+    assert copied == b"one" and asked == [staging_module._FICLONE]
+    for data in (b"two", b"three"):
+        assert _snapshot_of(tmp_path, data) == (first, data)
+    assert len(asked) == 1
 
 
 def test_the_daemon_works_end_to_end_on_xfs_with_reflinks(

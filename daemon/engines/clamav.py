@@ -10,10 +10,11 @@ Connections stay open in `IDSESSION` mode and are pooled, so a scan costs one
 round trip, not a connect. A session clamd closed (idle timeout, a restart) empties the
 pool, whose other sessions are as old, and the command is sent again once on a new
 connection; scanning is idempotent, so that retry is always safe. Each session carries
-one command at a time, on purpose: a scan is one round trip costing this client ~0.1 ms
-of CPU, while through the daemon clamd waits for files most of the time (bench/RESULTS.md,
-"Issue 21: clamd"), so pipelining has nothing to gain there; and an `ERROR` (which ends
-the session) would drop every other command in flight on it.
+one command at a time: an `ERROR` (which ends the session) would drop every other command
+in flight on it. A `FILDES` scan is one `sendmsg` and one `recv`. What a scan costs the
+daemon beyond that is its thread's wait for the reply (the thread put to sleep and woken:
+0.03 - 0.24 ms of CPU per file on a 2-core VM, with the load), which only several scans in
+flight per thread would spare (bench/RESULTS.md, "Issue 21: the worker's cost per file").
 
 Unless `concurrency` is set, an engine scans as many files at once as clamd has scanning
 threads (`MaxThreads`, from `STATS`): `follow_clamd_threads` (docs/engines.md).
@@ -69,10 +70,20 @@ class _Session:
         self.sock.sendall(b"zIDSESSION\0")
 
     def command(self, line: bytes, body: Iterator[bytes], fd: int | None = None) -> str:
-        """Send one command (and INSTREAM chunks, or FILDES's fd); return its reply without the id."""
-        self.sock.sendall(b"z" + line + b"\0")
-        if fd is not None:  # FILDES: one dummy byte carrying the fd as SCM_RIGHTS, as clamdscan --fdpass
-            socket.send_fds(self.sock, [b"\0"], [fd])
+        """Send one command (and INSTREAM chunks, or FILDES's fd); return its reply without the id.
+
+        TimeoutError: a send or receive waited the engine's `timeout` (`_kernel_timeouts`)."""
+        try:
+            return self._command(line, body, fd)
+        except BlockingIOError as exc:
+            raise TimeoutError(f"clamd: {exc.strerror}") from exc
+
+    def _command(self, line: bytes, body: Iterator[bytes], fd: int | None) -> str:
+        message = b"z" + line + b"\0"
+        if fd is None:
+            self.sock.sendall(message)
+        else:  # FILDES: the command and the byte that carries the fd in one message (_send_fd)
+            _send_fd(self.sock, message, fd)
         try:
             for chunk in body:
                 self.sock.sendall(struct.pack(">I", len(chunk)) + chunk)
@@ -127,6 +138,7 @@ class ClamavEngine:
             raise EngineUnavailableError(
                 f"engine {self.name!r} cannot reach clamd at {self._where} ({exc.strerror or exc}); "
                 f"check that clamd is running or set engines.{self.name}.socket/address") from exc
+        _kernel_timeouts(sock, timeout_s)
         return sock
 
     @contextmanager
@@ -234,6 +246,30 @@ class ClamavEngine:
             sessions, self._idle = self._idle, []
         for session in sessions:
             session.close()
+
+
+def _kernel_timeouts(sock: socket.socket, timeout_s: float) -> None:
+    """Each send and receive of a connected session bounded by `timeout_s` in the kernel
+    (`SO_SNDTIMEO`, `SO_RCVTIMEO`) instead of by Python, which polls the socket before every
+    call on a socket with a timeout: two system calls fewer per scan. A call that times out
+    raises `BlockingIOError`, which `_Session.command` reports as a `TimeoutError`."""
+    seconds, micros = divmod(max(1, round(timeout_s * 1_000_000)), 1_000_000)  # 0 would be no limit
+    timeval = struct.pack("ll", seconds, micros)
+    sock.settimeout(None)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+
+
+def _send_fd(sock: socket.socket, command: bytes, fd: int) -> None:
+    """`command` (FILDES), then the one byte that carries `fd` as SCM_RIGHTS, in one `sendmsg`
+    as clamd's own tests send them: clamd reads both with one wake-up, where a command sent
+    alone and then its byte cost it two, and this process one system call more. The byte must
+    follow the command in the same message: an fd that arrives with the command alone is
+    refused (`PROTOCOL ERROR: ancillary data sent without FILDES`)."""
+    message = command + b"\0"
+    sent = sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))])
+    if sent < len(message):  # the fd went with the first bytes
+        sock.sendall(message[sent:])
 
 
 def _chunks(fd: int) -> Iterator[bytes]:

@@ -109,7 +109,8 @@ class LocalLocation:
         _check_writable(dir_fd, base, self.name(listed.rel_path))
         fd, identity = _snapshot(staging, dir_fd, base, listed.file_id)
         try:
-            opened = _OpenedFile(path, fd, identity, sha256_fd(fd))
+            # Private to the daemon (docs/integrity.md): its size, just taken, is its end.
+            opened = _OpenedFile(path, fd, identity, sha256_fd(fd, identity.size), identity.size)
             if listed.sha256 is not None and opened.sha256 != listed.sha256:
                 raise ChangedError(f"{self.name(listed.rel_path)} changed since it was hashed")
             yield opened
@@ -293,11 +294,14 @@ class LocalLocation:
 class _OpenedFile:
     """A file held for scanning: its snapshot (or, for a one-shot scan, the file itself)."""
 
-    def __init__(self, path: str, fd: int, identity: Identity | None, sha256: str | None) -> None:
+    def __init__(self, path: str, fd: int, identity: Identity | None, sha256: str | None,
+                 size: int | None = None) -> None:
+        """`size`: the snapshot's, when it was just taken (else asked of `fd`)."""
         self.path = path
         self._fd = fd
         self._identity = identity
         self.sha256 = sha256
+        self._size = size
 
     @property
     def facts(self) -> RowChanges:
@@ -309,7 +313,8 @@ class _OpenedFile:
         return None if identity == self._identity else "changed after it settled"
 
     def content(self, *, read_by: ReadBy = ReadBy.DESCRIPTOR) -> Content:
-        return Content(self._fd, self.sha256 or sha256_fd(self._fd), os.fstat(self._fd).st_size)
+        size = self._size if self._size is not None else os.fstat(self._fd).st_size
+        return Content(self._fd, self.sha256 or sha256_fd(self._fd), size)
 
 
 _DENIED_HINT = ("the daemon may not write to this file's folder, so it could not take the file out "
