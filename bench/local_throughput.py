@@ -64,9 +64,11 @@ def cpu_seconds(pid: int) -> float:
 def run_daemon(base: Path, files: list[tuple[str, bytes]], concurrency: int | None,
                arrival: str, rate: float | None = None,
                engine: dict[str, object] | None = None, code: Path = ROOT,
-               workers: int | None = None, serial: bool = False) -> dict[str, float]:
+               workers: int | None = None, serial: bool = False,
+               cpus: int | None = None) -> dict[str, float]:
     """`workers`: None leaves the daemon's default (one per core). `serial`: also the time
-    its transactions held the journal's writers' lock (SCANWATCH_LOCK_STATS), per file."""
+    its transactions held the journal's writers' lock (SCANWATCH_LOCK_STATS), per file.
+    `cpus`: the daemon and its workers run on the first `cpus` cores only."""
     """Run `scanwatch run` (from the checkout `code`) on `files`; figures of the run."""
     inbox = base / "inbox"
     inbox.mkdir(parents=True)
@@ -89,6 +91,7 @@ def run_daemon(base: Path, files: list[tuple[str, bytes]], concurrency: int | No
     before_start = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", "run", "--config",
                              str(base / "scanwatch.yaml")], cwd=code, stdout=subprocess.DEVNULL,
+                            preexec_fn=(lambda: os.sched_setaffinity(0, range(cpus))) if cpus else None,
                             env={**os.environ, "PYTHONPATH": str(code),
                                  **({"SCANWATCH_LOCK_STATS": str(base / "locks.jsonl")} if serial else {})})
     journal = base / "state" / "journal.sqlite3"
@@ -155,12 +158,12 @@ def run_daemon(base: Path, files: list[tuple[str, bytes]], concurrency: int | No
 def _lock_figures(stats: Path, parent: int, count: int) -> dict[str, float]:
     """Per file: ms the workers' and the parent's transactions held the writers' lock (wall
     time, and the CPU time of the holding threads: wall time counts waiting for a core too)."""
-    held = {"workers": 0.0, "parent": 0.0, "workers_cpu": 0.0}
+    held = {"workers": 0.0, "parent": 0.0, "workers_cpu": 0.0, "parent_cpu": 0.0}
     for line in stats.read_text().splitlines():
         record = json.loads(line)
-        held["parent" if record["pid"] == parent else "workers"] += record["held_s"]
-        if record["pid"] != parent:
-            held["workers_cpu"] += record.get("held_cpu_s", record["held_s"])
+        who = "parent" if record["pid"] == parent else "workers"
+        held[who] += record["held_s"]
+        held[f"{who}_cpu"] += record.get("held_cpu_s", record["held_s"])
     return {f"lock_{who}_ms_per_file": 1000 * s / count for who, s in held.items()}
 
 
@@ -197,13 +200,14 @@ def run_floor(base: Path, files: list[tuple[str, bytes]]) -> dict[str, float]:
 def _one_run(base: Path, files: list[tuple[str, bytes]], args: argparse.Namespace
              ) -> dict[str, dict[str, float]]:
     figures: dict[str, dict[str, float]] = {}
-    codes = {"ours": (ROOT, args.workers)}
-    if args.compare or args.compare_workers:
-        codes["compare"] = (args.compare or ROOT, args.compare_workers or args.workers)
-    for who, (code, workers) in codes.items():
+    codes = {"ours": (ROOT, args.workers, None)}
+    if args.compare or args.compare_workers or args.compare_cpus:
+        codes["compare"] = (args.compare or ROOT, args.compare_workers or args.workers,
+                            args.compare_cpus)
+    for who, (code, workers, cpus) in codes.items():
         figures[f"burst {who}"] = run_daemon(base / f"burst-{who}", files, args.concurrency,
                                              args.arrival, code=code, workers=workers,
-                                             serial=args.serial and who == "ours")
+                                             serial=args.serial and who == "ours", cpus=cpus)
         figures[f"trickle {who}"] = run_daemon(base / f"trickle-{who}", files[:args.trickle_files],
                                                args.concurrency, args.arrival,
                                                rate=args.trickle_rate, code=code, workers=workers)
@@ -230,10 +234,11 @@ def _report(runs: list[dict[str, dict[str, float]]], args: argparse.Namespace) -
     print(f"local_throughput: {args.files} files x {args.size} B, 1 % EICAR, YARA, "
           f"concurrency {args.concurrency}, arrival by {args.arrival}, {os.cpu_count()} cores, "
           f"{len(runs)} runs, median (min - max)")
-    peer = args.compare or args.compare_workers
+    peer = args.compare or args.compare_workers or args.compare_cpus
     for who in ("ours", "compare") if peer else ("ours",):
         name = f"scanwatch (workers {args.workers})" if who == "ours" else (
-            f"{args.compare or 'scanwatch'} (workers {args.compare_workers or args.workers})")
+            f"{args.compare or 'scanwatch'} (workers {args.compare_workers or args.workers}"
+            + (f", on {args.compare_cpus} cores)" if args.compare_cpus else ")"))
         print(f"  {name}, burst: {_spread(runs, f'burst {who}', 'files_per_s')} files/s, CPU "
               f"{_spread(runs, f'burst {who}', 'cpu_ms_per_file', 3)} ms/file, peak RSS "
               f"{_spread(runs, f'burst {who}', 'peak_rss_mb')} MB")
@@ -280,19 +285,26 @@ def _report_backlog(runs: list[dict[str, dict[str, float]]], name: str, who: str
 
 def _report_serial(runs: list[dict[str, dict[str, float]]]) -> None:
     """The serial part of a file's work (the writers' lock held by the workers, the parent's
-    CPU: watcher, dispatch, its own transactions) and Amdahl's speed-up from it."""
+    CPU: watcher, dispatch, its own transactions) and the speed-up predicted from it.
+
+    Two predictions (bench/RESULTS.md, "the serial-fraction table"): Amdahl's, which counts the
+    lock's CPU and the parent's as one serial part during which nothing else runs; and the
+    bottleneck bound, for what this pipeline is: the lock (any holder) and the parent's
+    process are each one resource that runs beside the workers, so n cores move at most
+    min(n / C, 1 / L, 1 / P) files a second (C: CPU per file, every process; L: CPU under the
+    lock, every process; P: the parent's CPU), i.e. a speed-up of min(n, C / L, C / P)."""
     shares = []
     for run in runs:
         burst = run["burst ours"]
         cpu = burst["cpu_ms_per_file"]
-        shares.append({"s": {"lock": burst["lock_workers_ms_per_file"],
-                             "lock_cpu": burst["lock_workers_cpu_ms_per_file"],
-                             "lock_parent": burst["lock_parent_ms_per_file"],
-                             "parent": burst["parent_cpu_ms_per_file"],
-                             "share": 100 * (burst["lock_workers_ms_per_file"]
-                                             + burst["parent_cpu_ms_per_file"]) / cpu,
-                             "share_cpu": 100 * (burst["lock_workers_cpu_ms_per_file"]
-                                                 + burst["parent_cpu_ms_per_file"]) / cpu}})
+        lock_cpu = burst["lock_workers_cpu_ms_per_file"]
+        parent = burst["parent_cpu_ms_per_file"]
+        shares.append({"s": {"lock": burst["lock_workers_ms_per_file"], "lock_cpu": lock_cpu,
+                             "lock_parent": burst["lock_parent_ms_per_file"], "parent": parent,
+                             "share": 100 * (burst["lock_workers_ms_per_file"] + parent) / cpu,
+                             "share_cpu": 100 * (lock_cpu + parent) / cpu,
+                             "lock_bound": cpu / (lock_cpu + burst.get("lock_parent_cpu_ms_per_file", 0.0)),
+                             "parent_bound": cpu / parent}})
     print(f"  serial part, ms per file: writers' lock held by the workers {_spread(shares, 's', 'lock', 3)} "
           f"(CPU under it {_spread(shares, 's', 'lock_cpu', 3)}), by the parent "
           f"{_spread(shares, 's', 'lock_parent', 3)}; parent CPU {_spread(shares, 's', 'parent', 3)}; "
@@ -302,6 +314,11 @@ def _report_serial(runs: list[dict[str, dict[str, float]]]) -> None:
         share = statistics.median(r["s"][key] for r in shares) / 100
         print(f"  Amdahl from that share ({what}): " + ", ".join(
             f"{cores} cores {1 / (share + (1 - share) / cores):.2f}x" for cores in (2, 4, 8, 16)))
+    lock_bound = statistics.median(r["s"]["lock_bound"] for r in shares)
+    parent_bound = statistics.median(r["s"]["parent_bound"] for r in shares)
+    print(f"  bottleneck bound: C / L {_spread(shares, 's', 'lock_bound', 1)}, C / P "
+          f"{_spread(shares, 's', 'parent_bound', 1)}: " + ", ".join(
+              f"{cores} cores {min(cores, lock_bound, parent_bound):.2f}x" for cores in (2, 4, 8, 16)))
 
 
 def main() -> None:
@@ -324,6 +341,9 @@ def main() -> None:
                         help="also measure the serial part of the work (our daemon; bench/RESULTS.md)")
     parser.add_argument("--compare-workers", type=int,
                         help="`workers:` of the peer (our own checkout unless --compare)")
+    parser.add_argument("--compare-cpus", type=int,
+                        help="run the peer (our own checkout unless --compare) on this many cores: "
+                        "the measured speed-up the serial figures predict (--serial)")
     args = parser.parse_args()
     files = _payloads(args.files, args.size)
     runs = []
