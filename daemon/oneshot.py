@@ -189,13 +189,14 @@ def _through_pipeline(config: Config, engines: dict[str, Engine], journal: Journ
         else:
             journal.discover(watch.name, [(rel, os.lstat(path).st_ino)], now)
     except (OSError, LocationError) as exc:
-        taken = journal.latest(watch.name, rel) if isinstance(exc, FileNotFoundError) else None
-        if taken is None or (taken.state in _FINAL and (taken.done_at or 0) < started_at):
+        # Gone from the source: taken by the daemon since this command started, or failed.
+        row = journal.latest(watch.name, rel) if isinstance(exc, FileNotFoundError) else None
+        if row is None or (row.state in _FINAL and (row.done_at or 0) < started_at):
             return ScanResult(path, VerdictKind.FAILED, reason=_read_reason(exc))
-        return _wait_for_daemon(journal, taken, path)
-    row = journal.active(watch.name, rel)
-    if row is not None and row.state is FileState.DISCOVERED:
-        journal.apply([(row.id, {"state": FileState.STABLE, "stable_at": now, "next_attempt_at": now})])
+    else:
+        row = journal.active(watch.name, rel)
+        if row is not None and row.state is FileState.DISCOVERED:
+            journal.apply([(row.id, {"state": FileState.STABLE, "stable_at": now, "next_attempt_at": now})])
     owner = owner_token()
     deadline = time.monotonic() + _WAIT_FOR_DAEMON_S
     tries = 0
@@ -212,16 +213,6 @@ def _through_pipeline(config: Config, engines: dict[str, Engine], journal: Journ
         if row is not None and row.state not in _FINAL:
             time.sleep(min(max(row.next_attempt_at - time.time(), 0.2), 10.0))
     return _result(path, row)
-
-
-def _wait_for_daemon(journal: Journal, row: FileRow, path: str) -> ScanResult:
-    """The outcome of a row the daemon holds or has just done, once it is done (5 min at most)."""
-    deadline = time.monotonic() + _WAIT_FOR_DAEMON_S
-    current: FileRow | None = row
-    while current is not None and current.state not in _FINAL and time.monotonic() < deadline:
-        time.sleep(0.2)
-        current = journal.get(current.id)
-    return _result(path, current)
 
 
 def _result(path: str, row: FileRow | None) -> ScanResult:
