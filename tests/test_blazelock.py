@@ -19,6 +19,7 @@ from conftest import (
 )
 from emulators._server import Fault
 from emulators.blazelock import BlazelockEmulator
+from structlog.testing import capture_logs
 
 from daemon.config import BlazelockEngineConfig
 from daemon.engines._pacing import Pacer
@@ -79,9 +80,14 @@ def test_sync_mode_sends_files_over_10mb_to_the_async_endpoint(layout: Layout,
                                                              emulator: BlazelockEmulator) -> None:
     harness = _harness(layout, emulator, mode="sync")
     harness.drop("big.bin", b"\0" * 10_000_001)
-    harness.run()
+    with capture_logs() as logs:
+        harness.run()
     assert harness.layout.placed("clean") == ["big.bin"]
     assert [e.path for e in emulator.submissions()] == ["/file-scans"]
+    # docs/engines.md#blazelock: the detour is logged, with the size and the sync limit.
+    detours = [e for e in logs if e["event"] == "scan.sync_too_large"]
+    assert [(e["engine"], e["size"], e["sync_limit"]) for e in detours] == [("default", 10_000_001,
+                                                                            10_000_000)]
 
 
 def test_over_100mb_fails_too_large_without_a_request(layout: Layout, emulator: BlazelockEmulator) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
+import structlog
 
 from daemon.config import BlazelockEngineConfig
 from daemon.engines._http import PacedClient, check_status, json_object
@@ -35,6 +36,8 @@ from daemon.refid import build_ref_id
 from daemon.timefmt import parse_iso
 
 __all__ = ["SYNC_LIMIT_BYTES", "BlazelockEngine"]
+
+log = structlog.get_logger("scanwatch.engines.blazelock")
 
 SYNC_LIMIT_BYTES = 10_000_000
 _MAX_GENERATIONS = 20
@@ -65,6 +68,9 @@ class BlazelockEngine:
         """Upload the file (streamed from its fd); follow an existing scan of its ID instead."""
         refuse_too_large(self.name, self._config.max_size, request)
         sync = self._config.mode == "sync" and request.size <= SYNC_LIMIT_BYTES
+        if self._config.mode == "sync" and not sync:  # logged so (docs/engines.md#blazelock)
+            log.info("scan.sync_too_large", engine=self.name, path=request.path, size=request.size,
+                     sync_limit=SYNC_LIMIT_BYTES, endpoint="/file-scans")
         ref_id = request.ref_id
         for generation in range(2, _MAX_GENERATIONS + 2):
             response = self._submit(request, ref_id, sync)
