@@ -67,6 +67,11 @@ def _post_of(emulator: MetadefenderEmulator, name: str) -> Logged:
     return entry
 
 
+def _text(header: str) -> str:
+    """A header value as sent (UTF-8; http.server reads headers as latin-1)."""
+    return header.encode("latin-1").decode()
+
+
 def test_clean_infected_blocked_and_encrypted_end_in_their_places(
         layout: Layout, emulator: MetadefenderEmulator) -> None:
     harness = _harness(layout, emulator)
@@ -88,8 +93,19 @@ def test_clean_infected_blocked_and_encrypted_end_in_their_places(
     assert upload.body_bytes == len(EICAR) and upload.headers["content-length"] == str(len(EICAR))
     assert upload.headers["apikey"] == "test-key" and upload.headers["user_agent"].startswith("scanwatch/")
     # Core is sent the snapshot's bytes (docs/integrity.md), named as the drop folder has them.
-    assert unquote(upload.headers["original_file_path"]) == str(layout.inbox / "e.com")
+    assert _text(upload.headers["original_file_path"]) == str(layout.inbox / "e.com")
     assert upload.headers["source"] == socket.gethostname() and "filepath" not in upload.headers
+
+
+def test_names_lose_angle_brackets_and_only_filename_is_url_encoded(
+        layout: Layout, emulator: MetadefenderEmulator) -> None:
+    harness = _harness(layout, emulator)
+    harness.drop("odd <1> ü %41.txt", b"odd")
+    harness.run()
+    assert layout.placed("clean") == ["odd <1> ü %41.txt"]
+    [upload] = _posts(emulator)
+    assert upload.headers["filename"] == "odd%201%20%C3%BC%20%2541.txt"
+    assert _text(upload.headers["original_file_path"]) == f"{layout.inbox}/odd 1 ü %41.txt"
 
 
 def test_archive_password_is_sent_as_utf8_and_an_unsendable_one_fails_the_file(layout: Layout) -> None:
@@ -141,7 +157,8 @@ def test_path_mode_names_the_snapshot_under_filepath_map_and_uploads_elsewhere(
     snap = f"{harness.row('mapped/a b ü.txt').id}.snap"
     assert by_path.headers["filepath"] == f"/core%20view/drop/{snap}"  # never the drop's own path
     assert by_path.headers["content-length"] == "0" and by_path.body_bytes == 0
-    assert unquote(by_path.headers["original_file_path"]) == str(layout.inbox / "mapped/a b ü.txt")
+    # Not URL-encoded, unlike filename and filepath (docs/engines.md#opswat-metadefender-core).
+    assert _text(by_path.headers["original_file_path"]) == str(layout.inbox / "mapped/a b ü.txt")
     assert _post_of(emulator, "e.com").headers["filepath"].startswith("/core%20view/drop/")
     upload = _post_of(emulator, "d.txt")
     assert "filepath" not in upload.headers and upload.body_bytes == 8
@@ -349,6 +366,7 @@ def test_emulator_refuses_what_core_refuses(emulator: MetadefenderEmulator) -> N
         assert status(headers={**key, "filepath": "/x"}, content=b"body") == 400
         assert status(headers={**key, "filename": "a b.txt"}, content=b"x") == 400
         assert status(headers={**key, "rule": "r", "user_agent": "u"}, content=b"x") == 400
+        assert status(headers={**key, "original_file_path": "/in/<a>.txt"}, content=b"x") == 400
         assert status(headers={**key, "X-File-ID": "nope"}, content=b"x") == 400
         assert status(headers={"apikey": "wrong"}, content=b"x") == 401
         assert status(headers=key, content=b"fine") == 200
@@ -408,7 +426,7 @@ def test_daemon_scans_by_path_and_upload_and_keeps_secrets_out_of_logs(
     # Every local file is read by Core from its snapshot, by path, and named by its own path.
     ok = _post_of(emulator, "ok.txt").headers
     assert unquote(ok["filepath"]).startswith(f"{CORE_VIEW}/") and ok["filepath"].endswith(".snap")
-    assert unquote(ok["original_file_path"]) == str(mapped / "ok.txt")
+    assert _text(ok["original_file_path"]) == str(mapped / "ok.txt")
     assert _post_of(emulator, "e.com").body_bytes == 0
     assert _post_of(emulator, "e2.com").body_bytes == 0
     assert _post_of(emulator, "locked.zip").headers["archivepwd"] == password

@@ -321,9 +321,11 @@ class MetadefenderEmulator(Emulator):
 def _header_problem(headers: dict[str, str]) -> str | None:
     """Why Core would refuse these headers (docs/engines.md's header rules, enforced
     more strictly than Core itself may)."""
-    for name in ("filename", "filepath", "original_file_path"):
+    for name in ("filename", "filepath"):
         if name in headers and not _ENCODED.fullmatch(headers[name]):
             return f"{name} must be URL-encoded without < and >"
+    if any(c in headers.get("original_file_path", "") for c in "<>"):
+        return "original_file_path must not contain < or >"
     if "rule" in headers and "user_agent" in headers:
         return "rule supersedes user_agent: send one of them"
     if "x-file-size" in headers and ("x-file-id" in headers or "filepath" in headers):
