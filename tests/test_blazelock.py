@@ -6,7 +6,9 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import quote
 
+import httpx
 import pytest
 from conftest import (
     EICAR,
@@ -140,6 +142,27 @@ def test_lost_answer_to_an_upload_is_followed_by_reference_not_resubmitted(
     assert [e.status for e in emulator.log if e.method == "POST"] == [201]
     assert any(e.path.startswith("/file-scans/external-reference/") and e.status == 200
                for e in emulator.log)
+
+
+def test_lookup_by_reference_sends_the_id_as_one_path_segment(layout: Layout,
+                                                               emulator: BlazelockEmulator) -> None:
+    harness = _harness(layout, emulator)
+    emulator.inject(Fault(reset=True, after=True), path_prefix="/file-scans")
+    harness.drop("sub dir/e.com", EICAR)
+    harness.run()
+    assert harness.layout.placed("quarantine") == ["sub dir/e.com"] and len(emulator.scans) == 1
+    ref = harness.row("sub dir/e.com").ref_id
+    assert "/" in ref and "#" in ref
+    lookups = [e.path for e in emulator.log if e.path.startswith("/file-scans/external-reference/")]
+    assert lookups and set(lookups) == {"/file-scans/external-reference/" + quote(ref, safe="")}
+
+
+def test_emulator_takes_the_reference_only_as_one_encoded_segment(emulator: BlazelockEmulator) -> None:
+    emulator.by_ref["inbox:a/b.txt"] = "fs_000001"
+    emulator.scans["fs_000001"] = {"id": "fs_000001", "_ready_at": 0.0, "_failed": True, "_safe": True}
+    with httpx.Client(base_url=emulator.url, headers={"Authorization": "Bearer test-key"}) as client:
+        assert client.get("/file-scans/external-reference/inbox:a%2Fb.txt").status_code == 200
+        assert client.get("/file-scans/external-reference/inbox:a/b.txt").status_code == 404
 
 
 def test_failed_scan_of_the_same_id_is_resubmitted_as_generation_2(

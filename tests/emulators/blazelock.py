@@ -79,12 +79,15 @@ class BlazelockEmulator(Emulator):
         path = handler.path
         if handler.command == "POST" and path in ("/file-scans", "/file-scans/sync"):
             return self._submit(handler, entry, sync=path.endswith("/sync"), headers=limited)
+        # The ID is one path segment: its `/` comes as %2F, its `#` as %23 (a raw `/` is
+        # another path, a raw `#` a fragment); nothing else is found.
         if handler.command == "GET" and path.startswith("/file-scans/external-reference/"):
-            ref = unquote(path.removeprefix("/file-scans/external-reference/"))
-            scan_id = self.by_ref.get(ref)
+            segment = path.removeprefix("/file-scans/external-reference/")
+            scan_id = None if "/" in segment else self.by_ref.get(unquote(segment))
             return self._show(handler, entry, scan_id, limited)
         if handler.command == "GET" and path.startswith("/file-scans/"):
-            return self._show(handler, entry, path.removeprefix("/file-scans/"), limited)
+            segment = path.removeprefix("/file-scans/")
+            return self._show(handler, entry, None if "/" in segment else unquote(segment), limited)
         self.drain(handler)
         self.reply(handler, entry, 404, {"code": "resource_not_found", "message": path})
 
