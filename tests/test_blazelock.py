@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import email.utils
 import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
@@ -26,6 +28,7 @@ from structlog.testing import capture_logs
 from daemon.config import BlazelockEngineConfig
 from daemon.engines._pacing import Pacer
 from daemon.engines.blazelock import BlazelockEngine
+from daemon.errors import EngineThrottledError
 
 
 @pytest.fixture
@@ -127,6 +130,68 @@ def test_429_and_503_storm_ends_right_with_bounded_requests(layout: Layout,
     assert len(harness.layout.placed("clean")) == 5 and harness.layout.placed("quarantine") == ["e.com"]
     assert len(emulator.log) < 60
     assert len(emulator.submissions()) == 6
+
+
+@pytest.mark.parametrize(("status", "code", "where", "reason", "posts"), [
+    (413, "file_too_large", "failed", "too_large", 1),
+    (422, "validation_failed", "failed", "bad_request", 1),
+    (500, "uncaught_error", "clean", None, 2),  # retried: looked up by reference, then submitted
+])
+def test_error_answers_to_an_upload_fail_or_retry_as_documented(
+        layout: Layout, emulator: BlazelockEmulator, status: int, code: str, where: str,
+        reason: str | None, posts: int) -> None:
+    harness = _harness(layout, emulator)
+    emulator.inject(Fault(status, {"code": code, "message": "no"}), path_prefix="/file-scans")
+    harness.drop("a.txt", b"a")
+    harness.run()
+    assert harness.layout.placed(where) == ["a.txt"] and harness.row().reason == reason
+    assert len([e for e in emulator.log if e.method == "POST"]) == posts
+
+
+def test_a_scan_the_service_lost_is_submitted_again_by_reference(layout: Layout,
+                                                                emulator: BlazelockEmulator) -> None:
+    harness = _harness(layout, emulator)
+    emulator.scan_delay_s = 5.0
+    harness.drop("a.txt", b"a")
+    harness.step(advance_s=3)
+    assert len(emulator.submissions()) == 1
+    emulator.scans.clear()  # purged: GET /file-scans/{id} answers 404
+    emulator.by_ref.clear()
+    emulator.scan_delay_s = 0.0
+    harness.run()
+    assert harness.layout.placed("clean") == ["a.txt"]
+    refs = [e.fields["external_reference_id"] for e in emulator.submissions()]
+    assert refs == [harness.row().ref_id] * 2  # the same reference: a 409 would have found it
+
+
+@pytest.mark.parametrize("reset", ["delta", "unix"])
+def test_an_exhausted_rate_window_holds_every_request_until_its_reset(emulator: BlazelockEmulator,
+                                                                       reset: str) -> None:
+    engine = BlazelockEngine("blz", BlazelockEngineConfig.model_validate(
+        {"type": "blazelock", "url": emulator.url, "api_key": "test-key"}))
+    value = "30" if reset == "delta" else str(int(time.time()) + 30)
+    emulator.inject(Fault(404, {"code": "resource_not_found"},
+                          {"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": value}))
+    engine.probe()  # 404 to the probe is fine; the window is spent
+    with pytest.raises(EngineThrottledError) as held:
+        engine.probe()
+    assert held.value.retry_after_s == pytest.approx(30, abs=2)
+    assert len(emulator.log) == 1  # held here, not sent into a 429
+    engine.close()
+
+
+def test_retry_after_as_an_http_date_holds_the_engine(emulator: BlazelockEmulator) -> None:
+    engine = BlazelockEngine("blz", BlazelockEngineConfig.model_validate(
+        {"type": "blazelock", "url": emulator.url, "api_key": "test-key"}))
+    emulator.inject(Fault(429, {"code": "throttle_requests"},
+                          {"Retry-After": email.utils.formatdate(time.time() + 40, usegmt=True)}))
+    with pytest.raises(EngineThrottledError) as throttled:
+        engine.probe()
+    assert throttled.value.retry_after_s == pytest.approx(40, abs=2)
+    with pytest.raises(EngineThrottledError):
+        engine.probe()
+    assert len(emulator.log) == 1
+    engine.close()
 
 
 def test_lost_answer_to_an_upload_is_followed_by_reference_not_resubmitted(
