@@ -126,16 +126,19 @@ def test_archive_password_is_sent_as_utf8_and_an_unsendable_one_fails_the_file(l
 
 def test_result_codes_map_to_verdicts_and_reasons(layout: Layout, emulator: MetadefenderEmulator) -> None:
     harness = _harness(layout, emulator)
-    codes = {2: "quarantine", 3: "failed", 7: "clean", 10: "failed", 13: "failed", 15: "failed",
-             17: "failed", 23: "failed"}
+    # Every code docs/engines.md#metadefender-results lists, and one it does not (17).
+    infected, failed = (2, 4, 6, 8, 20, 21, 22), (3, 9, 10, 11, 12, 13, 14, 15, 16, 17, 19, 23)
+    codes = {0: "clean", 7: "clean"} | dict.fromkeys(infected, "quarantine") | dict.fromkeys(failed, "failed")
     for code in codes:
         harness.drop(f"code{code}.bin", b"MD-RESULT:%d" % code)
     harness.run()
     for code, where in codes.items():
         assert f"code{code}.bin" in layout.placed(where), code
     reasons = {code: harness.row(f"code{code}.bin").reason for code in codes}
-    assert reasons == {2: None, 3: "engine_failed", 7: None, 10: "engine_failed", 13: "too_large",
-                       15: "too_large", 17: "engine_failed", 23: "engine_failed"}
+    too_large, encrypted = (13, 15), (12,)
+    assert reasons == {0: None, 7: None} | dict.fromkeys(infected) | {
+        code: "too_large" if code in too_large else "encrypted" if code in encrypted else "engine_failed"
+        for code in failed}
     assert harness.row("code2.bin").threats == ["Suspicious"]  # no engine named it: Core's summary
 
 
@@ -249,6 +252,16 @@ def test_progress_is_polled_at_rest_ip(layout: Layout) -> None:
     # The main address answers 404 while the node runs the scan: any poll there would fail it.
     assert len(polls) == 3 and {e.headers["host"] for e in polls} == {node_host}
     assert all(e.status == 200 and e.headers["apikey"] == "test-key" for e in polls)
+
+
+def test_progress_only_in_process_info_is_followed_to_the_end(layout: Layout) -> None:
+    with MetadefenderEmulator(polls=2) as emulator:
+        emulator.scan_results_progress = False
+        harness = _harness(layout, emulator)
+        harness.drop("e.com", EICAR)
+        harness.run()
+    assert layout.placed("quarantine") == ["e.com"]
+    assert len([e for e in emulator.log if e.path.startswith("/file/")]) == 3  # two at 50%, then done
 
 
 @pytest.mark.parametrize("apikey", ["wrong-key", None])

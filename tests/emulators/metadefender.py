@@ -103,6 +103,8 @@ class MetadefenderEmulator(Emulator):
         self.views = dict(views or {})
         self.archive_password = archive_password
         self.hold = False
+        # False: progress only in process_info, as Core may report it (docs/engines.md results).
+        self.scan_results_progress = True
         self.scans: dict[str, _Scan] = {}
         self.uploads: dict[str, _Upload] = {}
         self._ids = itertools.count(1)
@@ -248,6 +250,8 @@ class MetadefenderEmulator(Emulator):
                 else:
                     scan.finished_at = time.time()
             view = _view(scan)
+        if not self.scan_results_progress:
+            del view["scan_results"]["progress_percentage"]
         self.reply(handler, entry, 200, view)
 
     def _by_hash(self, handler: BaseHTTPRequestHandler, entry: Logged, sha256: str) -> None:
