@@ -227,7 +227,7 @@ def test_s3_storage_mode_sends_only_a_snapshot_as_path(tmp_path: Path) -> None:
     that is not one goes by its version's link, an unversioned one is uploaded from the copy
     that was hashed (docs/integrity.md, "Remote engines")."""
     key = "in/2026/a b#1 ü.com"
-    snapshot = "in/.scanwatch/snapshots/0123456789abcdef/7-e1"
+    snapshot = "in box ü/.scanwatch/snapshots/0123456789abcdef/7-e1"  # `path` is plain text
     (tmp_path / "s3" / "drop" / snapshot).parent.mkdir(parents=True)
     (tmp_path / "s3" / "drop" / snapshot).write_bytes(EICAR)
     copy = tmp_path / "copy"
