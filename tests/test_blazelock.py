@@ -247,6 +247,17 @@ def test_failed_scan_of_the_same_id_is_resubmitted_as_generation_2(
     assert harness.row().ref_id == f"{ref}.2"
 
 
+@pytest.mark.parametrize("status", [200, 202])
+def test_an_async_upload_answered_200_or_202_is_followed(layout: Layout, emulator: BlazelockEmulator,
+                                                        status: int) -> None:
+    harness = _harness(layout, emulator)
+    emulator.async_status = status
+    harness.drop("e.com", EICAR)
+    harness.run()
+    assert harness.layout.placed("quarantine") == ["e.com"]
+    assert [e.status for e in emulator.log if e.method == "POST"] == [status]
+
+
 def test_envelope_is_optional(layout: Layout) -> None:
     with BlazelockEmulator(envelope=False) as emulator:
         harness = _harness(layout, emulator)  # type: ignore[arg-type]

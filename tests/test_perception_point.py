@@ -106,6 +106,16 @@ def test_upload_maps_clean_infected_blocked_and_error(layout: Layout,
     assert len(emulator.polls()) == 2 * 4 and len(emulator.scans) == 4
 
 
+def test_a_submission_answered_200_is_taken_like_201(layout: Layout,
+                                                    emulator: PerceptionPointEmulator) -> None:
+    harness = _harness(layout, emulator.url)
+    emulator.submit_status = 200
+    harness.drop("e.com", EICAR)
+    harness.run()
+    assert layout.placed("quarantine") == ["e.com"]
+    assert [e.status for e in emulator.log if e.method == "POST"] == [200]
+
+
 @pytest.mark.parametrize(("setting", "where", "reason"), [
     ("quarantine", "quarantine", "suspicious"), ("clean", "clean", None), ("failed", "failed", "suspicious")])
 def test_suspicious_and_spam_follow_the_suspicious_setting(

@@ -46,6 +46,7 @@ class BlazelockEmulator(Emulator):
         self.sync_timeout_s = sync_timeout_s
         self.rate_limit = rate_limit
         self.envelope = envelope
+        self.async_status = 201  # Blazelock answers an async upload 201, 200 or 202 (docs/engines.md)
         self.scans: dict[str, dict[str, Any]] = {}
         self.by_ref: dict[str, str] = {}
         self._ids = itertools.count(1)
@@ -57,8 +58,8 @@ class BlazelockEmulator(Emulator):
         self.deliveries: list[tuple[str, str, int]] = []  # (event, scan id, status answered)
 
     def submissions(self) -> list[Logged]:
-        """Accepted uploads (POSTs answered 200/201)."""
-        return [e for e in self.log if e.method == "POST" and e.status in (200, 201)]
+        """Accepted uploads (POSTs answered 200, 201 or 202)."""
+        return [e for e in self.log if e.method == "POST" and e.status in (200, 201, 202)]
 
     # -- handling ----------------------------------------------------------------------------
 
@@ -157,7 +158,7 @@ class BlazelockEmulator(Emulator):
                 return self.reply(handler, entry, 408, {"code": "sync_scan_timeout",
                                                         "file_scan_id": scan_id})
             time.sleep(self.scan_delay_s)
-        self.reply(handler, entry, 200 if sync else 201, self._view(scan_id), headers)
+        self.reply(handler, entry, 200 if sync else self.async_status, self._view(scan_id), headers)
 
     def _show(self, handler: BaseHTTPRequestHandler, entry: Logged, scan_id: str | None,
               headers: dict[str, str]) -> None:
