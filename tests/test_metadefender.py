@@ -303,6 +303,11 @@ def test_error_answers_fail_or_retry_as_documented(layout: Layout, emulator: Met
     harness.run()
     assert layout.placed(where) == ["a.txt"] and harness.row().reason == reason
     assert len(_posts(emulator)) == (1 if where == "failed" else 2)
+    # A licence or disk problem fails every file alike: the engine is down, which alerts
+    # (docs/engines.md#metadefender-errors); a 400 is this file's.
+    healthy, detail, _ = harness.journal.engine_health().get("default", (True, None, 0.0))
+    assert healthy is (reason != "engine_error")
+    assert healthy or "needs its administrator" in (detail or "")
 
 
 def test_503_storm_ends_right_with_bounded_requests(layout: Layout, emulator: MetadefenderEmulator) -> None:
