@@ -382,6 +382,7 @@ def test_emulator_refuses_what_core_refuses(emulator: MetadefenderEmulator) -> N
         assert status(headers=key, content=iter([b"streamed"])) == 411  # chunked transfer: no length
         assert status(headers=key, content=b"") == 422
         assert status(headers={**key, "filepath": "/x"}, content=b"body") == 400
+        assert status(headers={**key, "filepath": "%2Fx%2Fa.txt"}, content=b"") == 400
         assert status(headers={**key, "filename": "a b.txt"}, content=b"x") == 400
         assert status(headers={**key, "rule": "r", "user_agent": "u"}, content=b"x") == 400
         assert status(headers={**key, "original_file_path": "/in/<a>.txt"}, content=b"x") == 400

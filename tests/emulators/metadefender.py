@@ -328,6 +328,8 @@ def _header_problem(headers: dict[str, str]) -> str | None:
     for name in ("filename", "filepath"):
         if name in headers and not _ENCODED.fullmatch(headers[name]):
             return f"{name} must be URL-encoded without < and >"
+    if "%2f" in headers.get("filepath", "").lower():
+        return "filepath keeps its / (a %2F is part of a name)"
     if any(c in headers.get("original_file_path", "") for c in "<>"):
         return "original_file_path must not contain < or >"
     if "rule" in headers and "user_agent" in headers:
