@@ -230,6 +230,23 @@ def test_emulator_takes_the_reference_only_as_one_encoded_segment(emulator: Blaz
         assert client.get("/file-scans/external-reference/inbox:a/b.txt").status_code == 404
 
 
+def test_emulator_refuses_what_blazelock_refuses(emulator: BlazelockEmulator) -> None:
+    def status(attributes: object, *, with_file: bool = True, path: str = "/file-scans") -> int:
+        files = {"file": ("a.txt", b"a", "application/octet-stream")} if with_file else None
+        data = {"attributes": json.dumps(attributes)}
+        with httpx.Client(base_url=emulator.url, headers={"Authorization": "Bearer test-key"}) as client:
+            return client.post(path, files=files, data=data).status_code
+
+    good = {"file_name": "a.txt", "external_reference_id": "w:a.txt#1"}
+    assert status({**good, "external_reference_id": "w:a b.txt"}) == 422  # outside the charset
+    assert status({**good, "external_reference_id": "x" * 256}) == 422
+    assert status({"external_reference_id": "w:b.txt#1"}) == 422  # no file_name
+    assert status(good, with_file=False) == 422
+    assert status(good) == 201
+    assert status(good) == 409  # duplicate_external_reference_id
+    assert status({**good, "external_reference_id": "w:big"}, path="/file-scans/sync") == 200
+
+
 def test_failed_scan_of_the_same_id_is_resubmitted_as_generation_2(
         layout: Layout, emulator: BlazelockEmulator) -> None:
     harness = _harness(layout, emulator)

@@ -133,6 +133,9 @@ class BlazelockEmulator(Emulator):
         if not isinstance(ref, str) or not _REF.fullmatch(ref):
             return self.reply(handler, entry, 422, {"code": "validation_failed", "message": "bad id",
                               "validation": {"external_reference_id": ["invalid"]}})
+        if not isinstance(attributes.get("file_name"), str) or not attributes["file_name"]:
+            return self.reply(handler, entry, 422, {"code": "validation_failed", "message": "no name",
+                              "validation": {"file_name": ["required"]}})
         if len(data) > limit:
             return self.reply(handler, entry, 413, {"code": "file_too_large", "message": f"> {limit}"})
         with self.lock:
