@@ -27,8 +27,10 @@ from structlog.testing import capture_logs
 
 from daemon.config import BlazelockEngineConfig
 from daemon.engines._pacing import Pacer
+from daemon.engines.base import ScanHandle
 from daemon.engines.blazelock import BlazelockEngine
 from daemon.errors import EngineThrottledError
+from daemon.model import Verdict, VerdictKind
 
 
 @pytest.fixture
@@ -273,6 +275,20 @@ def test_an_async_upload_answered_200_or_202_is_followed(layout: Layout, emulato
     harness.run()
     assert harness.layout.placed("quarantine") == ["e.com"]
     assert [e.status for e in emulator.log if e.method == "POST"] == [status]
+
+
+@pytest.mark.parametrize("in_seconds", [False, True])
+def test_scan_duration_in_seconds_or_ms_is_kept_in_seconds(emulator: BlazelockEmulator,
+                                                          in_seconds: bool) -> None:
+    emulator.duration_in_seconds = in_seconds
+    engine = BlazelockEngine("blz", BlazelockEngineConfig.model_validate(
+        {"type": "blazelock", "url": emulator.url, "api_key": "test-key"}))
+    scan_id = "fs_000001"
+    emulator.scans[scan_id] = {"id": scan_id, "_ready_at": 0.0, "_failed": False, "_safe": True}
+    verdict = engine.poll(ScanHandle("w", "a.txt", "/in/a.txt", "0" * 64, "w:a.txt#0", scan_id))
+    engine.close()
+    assert isinstance(verdict, Verdict) and verdict.kind is VerdictKind.CLEAN
+    assert verdict.raw["scan_duration_s"] == pytest.approx(0.2)
 
 
 def test_envelope_is_optional(layout: Layout) -> None:

@@ -202,6 +202,8 @@ class BlazelockEngine:
         if status == "processing" or status == "submitted":
             return self._pending(scan_id)
         raw = {"status": status, "result": scan.get("result"), "external_reference_id": ref_id}
+        if (duration_s := _duration_s(scan)) is not None:
+            raw["scan_duration_s"] = duration_s
         if status == "failed":
             return Verdict(VerdictKind.FAILED, reason=Reason.ENGINE_FAILED, engine_scan_id=scan_id, raw=raw)
         result = scan.get("result") or {}
@@ -213,6 +215,15 @@ class BlazelockEngine:
         threats = tuple(str(f.get("name")) for f in result.get("findings") or [] if f.get("name"))
         return Verdict(VerdictKind.INFECTED, threats=threats or ("unnamed",), engine_scan_id=scan_id,
                        raw=raw)
+
+
+def _duration_s(scan: dict[str, Any]) -> float | None:
+    """The scan's duration: Blazelock sends `scan_duration` (seconds) or `scan_duration_ms`."""
+    for key, scale in (("scan_duration", 1.0), ("scan_duration_ms", 0.001)):
+        value = scan.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return value * scale
+    return None
 
 
 def _scan_object(response: httpx.Response) -> dict[str, Any]:

@@ -46,6 +46,7 @@ class BlazelockEmulator(Emulator):
         self.sync_timeout_s = sync_timeout_s
         self.rate_limit = rate_limit
         self.envelope = envelope
+        self.duration_in_seconds = False  # `scan_duration` (s) instead of `scan_duration_ms`
         self.async_status = 201  # Blazelock answers an async upload 201, 200 or 202 (docs/engines.md)
         self.scans: dict[str, dict[str, Any]] = {}
         self.by_ref: dict[str, str] = {}
@@ -181,7 +182,10 @@ class BlazelockEmulator(Emulator):
             view["status"] = "completed"
             findings = [] if scan["_safe"] else [{"name": "EICAR-Test-File", "severity": "high"}]
             view["result"] = {"safe": scan["_safe"], "detailed": "", "findings": findings}
-            view["scan_duration_ms"] = int(self.scan_delay_s * 1000)
+            if self.duration_in_seconds:
+                view["scan_duration"] = self.scan_delay_s
+            else:
+                view["scan_duration_ms"] = int(self.scan_delay_s * 1000)
         return {"data": view} if self.envelope else view
 
     # -- webhooks -----------------------------------------------------------------------------
