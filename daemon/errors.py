@@ -21,6 +21,7 @@
         │   └── EngineUnavailableError  the engine is down: files wait, attempts not spent
         │       └── EngineThrottledError  "slow down" (429, 503): files wait, the engine is up
         ├── EnginePermanentError     rejected, too large, encrypted: fail the file now
+        │   └── EngineBrokenError    every file alike (an invalid licence, a full disk): the engine is down
         └── EngineResubmitError      a poll cannot go on: submit the bytes again
 
 Retryability comes from the class, never from message text. Engine errors carry a
@@ -36,6 +37,7 @@ from daemon.model import Reason, RejectReason
 __all__ = [
     "ChangedError",
     "ConfigError",
+    "EngineBrokenError",
     "EngineError",
     "EnginePermanentError",
     "EngineResubmitError",
@@ -186,6 +188,11 @@ class EngineThrottledError(EngineUnavailableError):
 
 class EnginePermanentError(EngineError):
     """A definite refusal: the file fails now with this reason."""
+
+
+class EngineBrokenError(EnginePermanentError):
+    """A refusal that every file would get alike until an administrator acts (MetaDefender's
+    invalid licence, full disk): the file fails now and the engine is marked down, which alerts."""
 
 
 class EngineResubmitError(EngineError):

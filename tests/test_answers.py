@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from daemon.errors import (
+    EngineBrokenError,
     EnginePermanentError,
     EngineResubmitError,
     EngineRetryableError,
@@ -78,6 +79,7 @@ def test_a_refusal_fails_at_once_and_a_refused_credential_takes_the_engine_down(
     assert isinstance(step, Failed) and step.verdict.reason == Reason.TOO_LARGE
     assert health_of(rejected) is None
     assert health_of(EnginePermanentError("401", reason=Reason.AUTH)) == (False, "401")
+    assert health_of(EngineBrokenError("licence", reason=Reason.ENGINE_ERROR)) == (False, "licence")
 
 
 def test_ask_turns_engine_errors_into_results_and_lets_a_resubmission_through() -> None:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import email.utils
 import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import quote
 
+import httpx
 import pytest
 from conftest import (
     EICAR,
@@ -19,10 +23,14 @@ from conftest import (
 )
 from emulators._server import Fault
 from emulators.blazelock import BlazelockEmulator
+from structlog.testing import capture_logs
 
 from daemon.config import BlazelockEngineConfig
 from daemon.engines._pacing import Pacer
+from daemon.engines.base import ScanHandle
 from daemon.engines.blazelock import BlazelockEngine
+from daemon.errors import EngineThrottledError
+from daemon.model import Verdict, VerdictKind
 
 
 @pytest.fixture
@@ -79,9 +87,14 @@ def test_sync_mode_sends_files_over_10mb_to_the_async_endpoint(layout: Layout,
                                                              emulator: BlazelockEmulator) -> None:
     harness = _harness(layout, emulator, mode="sync")
     harness.drop("big.bin", b"\0" * 10_000_001)
-    harness.run()
+    with capture_logs() as logs:
+        harness.run()
     assert harness.layout.placed("clean") == ["big.bin"]
     assert [e.path for e in emulator.submissions()] == ["/file-scans"]
+    # docs/engines.md#blazelock: the detour is logged, with the size and the sync limit.
+    detours = [e for e in logs if e["event"] == "scan.sync_too_large"]
+    assert [(e["engine"], e["size"], e["sync_limit"]) for e in detours] == [("default", 10_000_001,
+                                                                            10_000_000)]
 
 
 def test_over_100mb_fails_too_large_without_a_request(layout: Layout, emulator: BlazelockEmulator) -> None:
@@ -121,6 +134,68 @@ def test_429_and_503_storm_ends_right_with_bounded_requests(layout: Layout,
     assert len(emulator.submissions()) == 6
 
 
+@pytest.mark.parametrize(("status", "code", "where", "reason", "posts"), [
+    (413, "file_too_large", "failed", "too_large", 1),
+    (422, "validation_failed", "failed", "bad_request", 1),
+    (500, "uncaught_error", "clean", None, 2),  # retried: looked up by reference, then submitted
+])
+def test_error_answers_to_an_upload_fail_or_retry_as_documented(
+        layout: Layout, emulator: BlazelockEmulator, status: int, code: str, where: str,
+        reason: str | None, posts: int) -> None:
+    harness = _harness(layout, emulator)
+    emulator.inject(Fault(status, {"code": code, "message": "no"}), path_prefix="/file-scans")
+    harness.drop("a.txt", b"a")
+    harness.run()
+    assert harness.layout.placed(where) == ["a.txt"] and harness.row().reason == reason
+    assert len([e for e in emulator.log if e.method == "POST"]) == posts
+
+
+def test_a_scan_the_service_lost_is_submitted_again_by_reference(layout: Layout,
+                                                                emulator: BlazelockEmulator) -> None:
+    harness = _harness(layout, emulator)
+    emulator.scan_delay_s = 5.0
+    harness.drop("a.txt", b"a")
+    harness.step(advance_s=3)
+    assert len(emulator.submissions()) == 1
+    emulator.scans.clear()  # purged: GET /file-scans/{id} answers 404
+    emulator.by_ref.clear()
+    emulator.scan_delay_s = 0.0
+    harness.run()
+    assert harness.layout.placed("clean") == ["a.txt"]
+    refs = [e.fields["external_reference_id"] for e in emulator.submissions()]
+    assert refs == [harness.row().ref_id] * 2  # the same reference: a 409 would have found it
+
+
+@pytest.mark.parametrize("reset", ["delta", "unix"])
+def test_an_exhausted_rate_window_holds_every_request_until_its_reset(emulator: BlazelockEmulator,
+                                                                       reset: str) -> None:
+    engine = BlazelockEngine("blz", BlazelockEngineConfig.model_validate(
+        {"type": "blazelock", "url": emulator.url, "api_key": "test-key"}))
+    value = "30" if reset == "delta" else str(int(time.time()) + 30)
+    emulator.inject(Fault(404, {"code": "resource_not_found"},
+                          {"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": value}))
+    engine.probe()  # 404 to the probe is fine; the window is spent
+    with pytest.raises(EngineThrottledError) as held:
+        engine.probe()
+    assert held.value.retry_after_s == pytest.approx(30, abs=2)
+    assert len(emulator.log) == 1  # held here, not sent into a 429
+    engine.close()
+
+
+def test_retry_after_as_an_http_date_holds_the_engine(emulator: BlazelockEmulator) -> None:
+    engine = BlazelockEngine("blz", BlazelockEngineConfig.model_validate(
+        {"type": "blazelock", "url": emulator.url, "api_key": "test-key"}))
+    emulator.inject(Fault(429, {"code": "throttle_requests"},
+                          {"Retry-After": email.utils.formatdate(time.time() + 40, usegmt=True)}))
+    with pytest.raises(EngineThrottledError) as throttled:
+        engine.probe()
+    assert throttled.value.retry_after_s == pytest.approx(40, abs=2)
+    with pytest.raises(EngineThrottledError):
+        engine.probe()
+    assert len(emulator.log) == 1
+    engine.close()
+
+
 def test_lost_answer_to_an_upload_is_followed_by_reference_not_resubmitted(
         layout: Layout, emulator: BlazelockEmulator) -> None:
     harness = _harness(layout, emulator)
@@ -134,6 +209,44 @@ def test_lost_answer_to_an_upload_is_followed_by_reference_not_resubmitted(
     assert [e.status for e in emulator.log if e.method == "POST"] == [201]
     assert any(e.path.startswith("/file-scans/external-reference/") and e.status == 200
                for e in emulator.log)
+
+
+def test_lookup_by_reference_sends_the_id_as_one_path_segment(layout: Layout,
+                                                               emulator: BlazelockEmulator) -> None:
+    harness = _harness(layout, emulator)
+    emulator.inject(Fault(reset=True, after=True), path_prefix="/file-scans")
+    harness.drop("sub dir/e.com", EICAR)
+    harness.run()
+    assert harness.layout.placed("quarantine") == ["sub dir/e.com"] and len(emulator.scans) == 1
+    ref = harness.row("sub dir/e.com").ref_id
+    assert "/" in ref and "#" in ref
+    lookups = [e.path for e in emulator.log if e.path.startswith("/file-scans/external-reference/")]
+    assert lookups and set(lookups) == {"/file-scans/external-reference/" + quote(ref, safe="")}
+
+
+def test_emulator_takes_the_reference_only_as_one_encoded_segment(emulator: BlazelockEmulator) -> None:
+    emulator.by_ref["inbox:a/b.txt"] = "fs_000001"
+    emulator.scans["fs_000001"] = {"id": "fs_000001", "_ready_at": 0.0, "_failed": True, "_safe": True}
+    with httpx.Client(base_url=emulator.url, headers={"Authorization": "Bearer test-key"}) as client:
+        assert client.get("/file-scans/external-reference/inbox:a%2Fb.txt").status_code == 200
+        assert client.get("/file-scans/external-reference/inbox:a/b.txt").status_code == 404
+
+
+def test_emulator_refuses_what_blazelock_refuses(emulator: BlazelockEmulator) -> None:
+    def status(attributes: object, *, with_file: bool = True, path: str = "/file-scans") -> int:
+        files = {"file": ("a.txt", b"a", "application/octet-stream")} if with_file else None
+        data = {"attributes": json.dumps(attributes)}
+        with httpx.Client(base_url=emulator.url, headers={"Authorization": "Bearer test-key"}) as client:
+            return client.post(path, files=files, data=data).status_code
+
+    good = {"file_name": "a.txt", "external_reference_id": "w:a.txt#1"}
+    assert status({**good, "external_reference_id": "w:a b.txt"}) == 422  # outside the charset
+    assert status({**good, "external_reference_id": "x" * 256}) == 422
+    assert status({"external_reference_id": "w:b.txt#1"}) == 422  # no file_name
+    assert status(good, with_file=False) == 422
+    assert status(good) == 201
+    assert status(good) == 409  # duplicate_external_reference_id
+    assert status({**good, "external_reference_id": "w:big"}, path="/file-scans/sync") == 200
 
 
 def test_failed_scan_of_the_same_id_is_resubmitted_as_generation_2(
@@ -151,6 +264,31 @@ def test_failed_scan_of_the_same_id_is_resubmitted_as_generation_2(
     refs = [e.fields["external_reference_id"] for e in emulator.log if e.method == "POST"]
     assert refs == [ref, ref, f"{ref}.2"]
     assert harness.row().ref_id == f"{ref}.2"
+
+
+@pytest.mark.parametrize("status", [200, 202])
+def test_an_async_upload_answered_200_or_202_is_followed(layout: Layout, emulator: BlazelockEmulator,
+                                                        status: int) -> None:
+    harness = _harness(layout, emulator)
+    emulator.async_status = status
+    harness.drop("e.com", EICAR)
+    harness.run()
+    assert harness.layout.placed("quarantine") == ["e.com"]
+    assert [e.status for e in emulator.log if e.method == "POST"] == [status]
+
+
+@pytest.mark.parametrize("in_seconds", [False, True])
+def test_scan_duration_in_seconds_or_ms_is_kept_in_seconds(emulator: BlazelockEmulator,
+                                                          in_seconds: bool) -> None:
+    emulator.duration_in_seconds = in_seconds
+    engine = BlazelockEngine("blz", BlazelockEngineConfig.model_validate(
+        {"type": "blazelock", "url": emulator.url, "api_key": "test-key"}))
+    scan_id = "fs_000001"
+    emulator.scans[scan_id] = {"id": scan_id, "_ready_at": 0.0, "_failed": False, "_safe": True}
+    verdict = engine.poll(ScanHandle("w", "a.txt", "/in/a.txt", "0" * 64, "w:a.txt#0", scan_id))
+    engine.close()
+    assert isinstance(verdict, Verdict) and verdict.kind is VerdictKind.CLEAN
+    assert verdict.raw["scan_duration_s"] == pytest.approx(0.2)
 
 
 def test_envelope_is_optional(layout: Layout) -> None:

@@ -67,6 +67,11 @@ def _post_of(emulator: MetadefenderEmulator, name: str) -> Logged:
     return entry
 
 
+def _text(header: str) -> str:
+    """A header value as sent (UTF-8; http.server reads headers as latin-1)."""
+    return header.encode("latin-1").decode()
+
+
 def test_clean_infected_blocked_and_encrypted_end_in_their_places(
         layout: Layout, emulator: MetadefenderEmulator) -> None:
     harness = _harness(layout, emulator)
@@ -88,8 +93,19 @@ def test_clean_infected_blocked_and_encrypted_end_in_their_places(
     assert upload.body_bytes == len(EICAR) and upload.headers["content-length"] == str(len(EICAR))
     assert upload.headers["apikey"] == "test-key" and upload.headers["user_agent"].startswith("scanwatch/")
     # Core is sent the snapshot's bytes (docs/integrity.md), named as the drop folder has them.
-    assert unquote(upload.headers["original_file_path"]) == str(layout.inbox / "e.com")
+    assert _text(upload.headers["original_file_path"]) == str(layout.inbox / "e.com")
     assert upload.headers["source"] == socket.gethostname() and "filepath" not in upload.headers
+
+
+def test_names_lose_angle_brackets_and_only_filename_is_url_encoded(
+        layout: Layout, emulator: MetadefenderEmulator) -> None:
+    harness = _harness(layout, emulator)
+    harness.drop("odd <1> ü %41.txt", b"odd")
+    harness.run()
+    assert layout.placed("clean") == ["odd <1> ü %41.txt"]
+    [upload] = _posts(emulator)
+    assert upload.headers["filename"] == "odd%201%20%C3%BC%20%2541.txt"
+    assert _text(upload.headers["original_file_path"]) == f"{layout.inbox}/odd 1 ü %41.txt"
 
 
 def test_archive_password_is_sent_as_utf8_and_an_unsendable_one_fails_the_file(layout: Layout) -> None:
@@ -110,16 +126,19 @@ def test_archive_password_is_sent_as_utf8_and_an_unsendable_one_fails_the_file(l
 
 def test_result_codes_map_to_verdicts_and_reasons(layout: Layout, emulator: MetadefenderEmulator) -> None:
     harness = _harness(layout, emulator)
-    codes = {2: "quarantine", 3: "failed", 7: "clean", 10: "failed", 13: "failed", 15: "failed",
-             17: "failed", 23: "failed"}
+    # Every code docs/engines.md#metadefender-results lists, and one it does not (17).
+    infected, failed = (2, 4, 6, 8, 20, 21, 22), (3, 9, 10, 11, 12, 13, 14, 15, 16, 17, 19, 23)
+    codes = {0: "clean", 7: "clean"} | dict.fromkeys(infected, "quarantine") | dict.fromkeys(failed, "failed")
     for code in codes:
         harness.drop(f"code{code}.bin", b"MD-RESULT:%d" % code)
     harness.run()
     for code, where in codes.items():
         assert f"code{code}.bin" in layout.placed(where), code
     reasons = {code: harness.row(f"code{code}.bin").reason for code in codes}
-    assert reasons == {2: None, 3: "engine_failed", 7: None, 10: "engine_failed", 13: "too_large",
-                       15: "too_large", 17: "engine_failed", 23: "engine_failed"}
+    too_large, encrypted = (13, 15), (12,)
+    assert reasons == {0: None, 7: None} | dict.fromkeys(infected) | {
+        code: "too_large" if code in too_large else "encrypted" if code in encrypted else "engine_failed"
+        for code in failed}
     assert harness.row("code2.bin").threats == ["Suspicious"]  # no engine named it: Core's summary
 
 
@@ -141,7 +160,8 @@ def test_path_mode_names_the_snapshot_under_filepath_map_and_uploads_elsewhere(
     snap = f"{harness.row('mapped/a b ü.txt').id}.snap"
     assert by_path.headers["filepath"] == f"/core%20view/drop/{snap}"  # never the drop's own path
     assert by_path.headers["content-length"] == "0" and by_path.body_bytes == 0
-    assert unquote(by_path.headers["original_file_path"]) == str(layout.inbox / "mapped/a b ü.txt")
+    # Not URL-encoded, unlike filename and filepath (docs/engines.md#opswat-metadefender-core).
+    assert _text(by_path.headers["original_file_path"]) == str(layout.inbox / "mapped/a b ü.txt")
     assert _post_of(emulator, "e.com").headers["filepath"].startswith("/core%20view/drop/")
     upload = _post_of(emulator, "d.txt")
     assert "filepath" not in upload.headers and upload.body_bytes == 8
@@ -234,6 +254,16 @@ def test_progress_is_polled_at_rest_ip(layout: Layout) -> None:
     assert all(e.status == 200 and e.headers["apikey"] == "test-key" for e in polls)
 
 
+def test_progress_only_in_process_info_is_followed_to_the_end(layout: Layout) -> None:
+    with MetadefenderEmulator(polls=2) as emulator:
+        emulator.scan_results_progress = False
+        harness = _harness(layout, emulator)
+        harness.drop("e.com", EICAR)
+        harness.run()
+    assert layout.placed("quarantine") == ["e.com"]
+    assert len([e for e in emulator.log if e.path.startswith("/file/")]) == 3  # two at 50%, then done
+
+
 @pytest.mark.parametrize("apikey", ["wrong-key", None])
 def test_bad_or_missing_apikey_fails_auth_without_a_retry_storm(
         layout: Layout, emulator: MetadefenderEmulator, apikey: str | None) -> None:
@@ -273,6 +303,11 @@ def test_error_answers_fail_or_retry_as_documented(layout: Layout, emulator: Met
     harness.run()
     assert layout.placed(where) == ["a.txt"] and harness.row().reason == reason
     assert len(_posts(emulator)) == (1 if where == "failed" else 2)
+    # A licence or disk problem fails every file alike: the engine is down, which alerts
+    # (docs/engines.md#metadefender-errors); a 400 is this file's.
+    healthy, detail, _ = harness.journal.engine_health().get("default", (True, None, 0.0))
+    assert healthy is (reason != "engine_error")
+    assert healthy or "needs its administrator" in (detail or "")
 
 
 def test_503_storm_ends_right_with_bounded_requests(layout: Layout, emulator: MetadefenderEmulator) -> None:
@@ -347,8 +382,10 @@ def test_emulator_refuses_what_core_refuses(emulator: MetadefenderEmulator) -> N
         assert status(headers=key, content=iter([b"streamed"])) == 411  # chunked transfer: no length
         assert status(headers=key, content=b"") == 422
         assert status(headers={**key, "filepath": "/x"}, content=b"body") == 400
+        assert status(headers={**key, "filepath": "%2Fx%2Fa.txt"}, content=b"") == 400
         assert status(headers={**key, "filename": "a b.txt"}, content=b"x") == 400
         assert status(headers={**key, "rule": "r", "user_agent": "u"}, content=b"x") == 400
+        assert status(headers={**key, "original_file_path": "/in/<a>.txt"}, content=b"x") == 400
         assert status(headers={**key, "X-File-ID": "nope"}, content=b"x") == 400
         assert status(headers={"apikey": "wrong"}, content=b"x") == 401
         assert status(headers=key, content=b"fine") == 200
@@ -408,7 +445,7 @@ def test_daemon_scans_by_path_and_upload_and_keeps_secrets_out_of_logs(
     # Every local file is read by Core from its snapshot, by path, and named by its own path.
     ok = _post_of(emulator, "ok.txt").headers
     assert unquote(ok["filepath"]).startswith(f"{CORE_VIEW}/") and ok["filepath"].endswith(".snap")
-    assert unquote(ok["original_file_path"]) == str(mapped / "ok.txt")
+    assert _text(ok["original_file_path"]) == str(mapped / "ok.txt")
     assert _post_of(emulator, "e.com").body_bytes == 0
     assert _post_of(emulator, "e2.com").body_bytes == 0
     assert _post_of(emulator, "locked.zip").headers["archivepwd"] == password

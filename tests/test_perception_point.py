@@ -106,6 +106,16 @@ def test_upload_maps_clean_infected_blocked_and_error(layout: Layout,
     assert len(emulator.polls()) == 2 * 4 and len(emulator.scans) == 4
 
 
+def test_a_submission_answered_200_is_taken_like_201(layout: Layout,
+                                                    emulator: PerceptionPointEmulator) -> None:
+    harness = _harness(layout, emulator.url)
+    emulator.submit_status = 200
+    harness.drop("e.com", EICAR)
+    harness.run()
+    assert layout.placed("quarantine") == ["e.com"]
+    assert [e.status for e in emulator.log if e.method == "POST"] == [200]
+
+
 @pytest.mark.parametrize(("setting", "where", "reason"), [
     ("quarantine", "quarantine", "suspicious"), ("clean", "clean", None), ("failed", "failed", "suspicious")])
 def test_suspicious_and_spam_follow_the_suspicious_setting(
@@ -227,7 +237,7 @@ def test_s3_storage_mode_sends_only_a_snapshot_as_path(tmp_path: Path) -> None:
     that is not one goes by its version's link, an unversioned one is uploaded from the copy
     that was hashed (docs/integrity.md, "Remote engines")."""
     key = "in/2026/a b#1 ü.com"
-    snapshot = "in/.scanwatch/snapshots/0123456789abcdef/7-e1"
+    snapshot = "in box ü/.scanwatch/snapshots/0123456789abcdef/7-e1"  # `path` is plain text
     (tmp_path / "s3" / "drop" / snapshot).parent.mkdir(parents=True)
     (tmp_path / "s3" / "drop" / snapshot).write_bytes(EICAR)
     copy = tmp_path / "copy"

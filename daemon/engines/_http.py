@@ -14,6 +14,7 @@ import httpx
 from daemon import __version__
 from daemon.engines._pacing import Pacer
 from daemon.errors import (
+    EngineBrokenError,
     EnginePermanentError,
     EngineRetryableError,
     EngineThrottledError,
@@ -65,8 +66,9 @@ def check_status(response: httpx.Response, engine: str, body: str = "", *,
                  reason: Reason | None = None) -> None:
     """Raise the engine error a non-2xx answer means (docs/engines.md#retries).
 
-    A vendor's documented exception overrides the status's usual meaning: a permanent
-    `reason` (MetaDefender's 500 "license expired").
+    A vendor's documented exception overrides the status's usual meaning: `reason` given,
+    the engine is broken for every file (MetaDefender's 500 "license expired"):
+    `EngineBrokenError` with that reason.
     """
     status = response.status_code
     if status < 300:
@@ -75,7 +77,7 @@ def check_status(response: httpx.Response, engine: str, body: str = "", *,
              f"{response.request.url.path}: {body or response.text[:200]}"
     retry_after_s = parse_retry_after(response.headers.get("Retry-After"))
     if reason is not None:
-        raise EnginePermanentError(detail, reason=reason)
+        raise EngineBrokenError(detail, reason=reason)
     if status in _THROTTLE_STATUS:
         raise EngineThrottledError(detail, retry_after_s=retry_after_s)
     if status in _RETRYABLE_STATUS:

@@ -23,6 +23,7 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
+import structlog
 
 from daemon.config import BlazelockEngineConfig
 from daemon.engines._http import PacedClient, check_status, json_object
@@ -35,6 +36,8 @@ from daemon.refid import build_ref_id
 from daemon.timefmt import parse_iso
 
 __all__ = ["SYNC_LIMIT_BYTES", "BlazelockEngine"]
+
+log = structlog.get_logger("scanwatch.engines.blazelock")
 
 SYNC_LIMIT_BYTES = 10_000_000
 _MAX_GENERATIONS = 20
@@ -65,6 +68,9 @@ class BlazelockEngine:
         """Upload the file (streamed from its fd); follow an existing scan of its ID instead."""
         refuse_too_large(self.name, self._config.max_size, request)
         sync = self._config.mode == "sync" and request.size <= SYNC_LIMIT_BYTES
+        if self._config.mode == "sync" and not sync:  # logged so (docs/engines.md#blazelock)
+            log.info("scan.sync_too_large", engine=self.name, path=request.path, size=request.size,
+                     sync_limit=SYNC_LIMIT_BYTES, endpoint="/file-scans")
         ref_id = request.ref_id
         for generation in range(2, _MAX_GENERATIONS + 2):
             response = self._submit(request, ref_id, sync)
@@ -196,6 +202,8 @@ class BlazelockEngine:
         if status == "processing" or status == "submitted":
             return self._pending(scan_id)
         raw = {"status": status, "result": scan.get("result"), "external_reference_id": ref_id}
+        if (duration_s := _duration_s(scan)) is not None:
+            raw["scan_duration_s"] = duration_s
         if status == "failed":
             return Verdict(VerdictKind.FAILED, reason=Reason.ENGINE_FAILED, engine_scan_id=scan_id, raw=raw)
         result = scan.get("result") or {}
@@ -207,6 +215,15 @@ class BlazelockEngine:
         threats = tuple(str(f.get("name")) for f in result.get("findings") or [] if f.get("name"))
         return Verdict(VerdictKind.INFECTED, threats=threats or ("unnamed",), engine_scan_id=scan_id,
                        raw=raw)
+
+
+def _duration_s(scan: dict[str, Any]) -> float | None:
+    """The scan's duration: Blazelock sends `scan_duration` (seconds) or `scan_duration_ms`."""
+    for key, scale in (("scan_duration", 1.0), ("scan_duration_ms", 0.001)):
+        value = scan.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return value * scale
+    return None
 
 
 def _scan_object(response: httpx.Response) -> dict[str, Any]:

@@ -46,6 +46,8 @@ _CLEAN = frozenset({0, 7})
 _FAILED_REASONS = {12: Reason.ENCRYPTED, 13: Reason.TOO_LARGE, 15: Reason.TOO_LARGE}
 # What h11 sends as a header value; anything else it refuses with the value in the message.
 _HEADER_VALUE = re.compile(rb"[^\x00\s]+(?:[ \t]+[^\x00\s]+)*")
+# What Core's original_file_path cannot hold: `<` `>`, and what no header value can.
+_NOT_IN_PATH = re.compile(r"[<>\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True)
@@ -174,7 +176,7 @@ class MetadefenderEngine:
     def _headers(self, request: ScanRequest) -> dict[str, str]:
         headers = {
             "filename": _encoded(request.name, safe=""),
-            "original_file_path": _encoded(request.original_name, safe="/"),
+            "original_file_path": _plain(request.original_name),
             "source": self._source,
         }
         # `rule` supersedes `user_agent`; Core wants only one of them
@@ -303,6 +305,12 @@ def _encoded(text: str, safe: str) -> str:
     """Percent-encoded UTF-8 (space as %20, never +) without `<` `>`, as Core's headers want."""
     raw = os.fsencode(text).replace(b"<", b"").replace(b">", b"")
     return quote(raw, safe=safe)
+
+
+def _plain(text: str) -> str:
+    """`text` as the plain UTF-8 header value Core's `original_file_path` wants: not URL-encoded,
+    without `<` `>` and control characters (which Core would remove), outer blanks stripped."""
+    return _NOT_IN_PATH.sub("", os.fsencode(text).decode("utf-8", "replace")).strip(" ")
 
 
 def _data_id(answer: dict[str, Any], engine: str) -> str:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from daemon.config import Config, EngineConfig, WatchConfig
 from daemon.errors import (
+    EngineBrokenError,
     EnginePermanentError,
     EngineRetryableError,
     EngineThrottledError,
@@ -155,12 +156,13 @@ class ScanStep:
 def health_of(result: EngineResult) -> tuple[bool, str] | None:
     """What `result` says of the engine's health: (healthy, why) to journal, None: nothing.
 
-    Throttling is pacing, not down; a refused credential fails every file alike: down."""
+    Throttling is pacing, not down; a refused credential, or an engine broken for every file
+    (`EngineBrokenError`), fails every file alike: down."""
     if isinstance(result, Verdict | Pending):
         return True, "answering"
     if isinstance(result, EngineThrottledError):
         return None
-    if isinstance(result, EngineUnavailableError) or (
+    if isinstance(result, EngineUnavailableError | EngineBrokenError) or (
             isinstance(result, EnginePermanentError) and result.reason == Reason.AUTH):
         return False, str(result)
     return None

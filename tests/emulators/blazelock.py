@@ -46,6 +46,8 @@ class BlazelockEmulator(Emulator):
         self.sync_timeout_s = sync_timeout_s
         self.rate_limit = rate_limit
         self.envelope = envelope
+        self.duration_in_seconds = False  # `scan_duration` (s) instead of `scan_duration_ms`
+        self.async_status = 201  # Blazelock answers an async upload 201, 200 or 202 (docs/engines.md)
         self.scans: dict[str, dict[str, Any]] = {}
         self.by_ref: dict[str, str] = {}
         self._ids = itertools.count(1)
@@ -57,8 +59,8 @@ class BlazelockEmulator(Emulator):
         self.deliveries: list[tuple[str, str, int]] = []  # (event, scan id, status answered)
 
     def submissions(self) -> list[Logged]:
-        """Accepted uploads (POSTs answered 200/201)."""
-        return [e for e in self.log if e.method == "POST" and e.status in (200, 201)]
+        """Accepted uploads (POSTs answered 200, 201 or 202)."""
+        return [e for e in self.log if e.method == "POST" and e.status in (200, 201, 202)]
 
     # -- handling ----------------------------------------------------------------------------
 
@@ -79,12 +81,15 @@ class BlazelockEmulator(Emulator):
         path = handler.path
         if handler.command == "POST" and path in ("/file-scans", "/file-scans/sync"):
             return self._submit(handler, entry, sync=path.endswith("/sync"), headers=limited)
+        # The ID is one path segment: its `/` comes as %2F, its `#` as %23 (a raw `/` is
+        # another path, a raw `#` a fragment); nothing else is found.
         if handler.command == "GET" and path.startswith("/file-scans/external-reference/"):
-            ref = unquote(path.removeprefix("/file-scans/external-reference/"))
-            scan_id = self.by_ref.get(ref)
+            segment = path.removeprefix("/file-scans/external-reference/")
+            scan_id = None if "/" in segment else self.by_ref.get(unquote(segment))
             return self._show(handler, entry, scan_id, limited)
         if handler.command == "GET" and path.startswith("/file-scans/"):
-            return self._show(handler, entry, path.removeprefix("/file-scans/"), limited)
+            segment = path.removeprefix("/file-scans/")
+            return self._show(handler, entry, None if "/" in segment else unquote(segment), limited)
         self.drain(handler)
         self.reply(handler, entry, 404, {"code": "resource_not_found", "message": path})
 
@@ -129,6 +134,9 @@ class BlazelockEmulator(Emulator):
         if not isinstance(ref, str) or not _REF.fullmatch(ref):
             return self.reply(handler, entry, 422, {"code": "validation_failed", "message": "bad id",
                               "validation": {"external_reference_id": ["invalid"]}})
+        if not isinstance(attributes.get("file_name"), str) or not attributes["file_name"]:
+            return self.reply(handler, entry, 422, {"code": "validation_failed", "message": "no name",
+                              "validation": {"file_name": ["required"]}})
         if len(data) > limit:
             return self.reply(handler, entry, 413, {"code": "file_too_large", "message": f"> {limit}"})
         with self.lock:
@@ -154,7 +162,7 @@ class BlazelockEmulator(Emulator):
                 return self.reply(handler, entry, 408, {"code": "sync_scan_timeout",
                                                         "file_scan_id": scan_id})
             time.sleep(self.scan_delay_s)
-        self.reply(handler, entry, 200 if sync else 201, self._view(scan_id), headers)
+        self.reply(handler, entry, 200 if sync else self.async_status, self._view(scan_id), headers)
 
     def _show(self, handler: BaseHTTPRequestHandler, entry: Logged, scan_id: str | None,
               headers: dict[str, str]) -> None:
@@ -174,7 +182,10 @@ class BlazelockEmulator(Emulator):
             view["status"] = "completed"
             findings = [] if scan["_safe"] else [{"name": "EICAR-Test-File", "severity": "high"}]
             view["result"] = {"safe": scan["_safe"], "detailed": "", "findings": findings}
-            view["scan_duration_ms"] = int(self.scan_delay_s * 1000)
+            if self.duration_in_seconds:
+                view["scan_duration"] = self.scan_delay_s
+            else:
+                view["scan_duration_ms"] = int(self.scan_delay_s * 1000)
         return {"data": view} if self.envelope else view
 
     # -- webhooks -----------------------------------------------------------------------------

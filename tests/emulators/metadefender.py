@@ -103,6 +103,8 @@ class MetadefenderEmulator(Emulator):
         self.views = dict(views or {})
         self.archive_password = archive_password
         self.hold = False
+        # False: progress only in process_info, as Core may report it (docs/engines.md results).
+        self.scan_results_progress = True
         self.scans: dict[str, _Scan] = {}
         self.uploads: dict[str, _Upload] = {}
         self._ids = itertools.count(1)
@@ -248,6 +250,8 @@ class MetadefenderEmulator(Emulator):
                 else:
                     scan.finished_at = time.time()
             view = _view(scan)
+        if not self.scan_results_progress:
+            del view["scan_results"]["progress_percentage"]
         self.reply(handler, entry, 200, view)
 
     def _by_hash(self, handler: BaseHTTPRequestHandler, entry: Logged, sha256: str) -> None:
@@ -321,9 +325,13 @@ class MetadefenderEmulator(Emulator):
 def _header_problem(headers: dict[str, str]) -> str | None:
     """Why Core would refuse these headers (docs/engines.md's header rules, enforced
     more strictly than Core itself may)."""
-    for name in ("filename", "filepath", "original_file_path"):
+    for name in ("filename", "filepath"):
         if name in headers and not _ENCODED.fullmatch(headers[name]):
             return f"{name} must be URL-encoded without < and >"
+    if "%2f" in headers.get("filepath", "").lower():
+        return "filepath keeps its / (a %2F is part of a name)"
+    if any(c in headers.get("original_file_path", "") for c in "<>"):
+        return "original_file_path must not contain < or >"
     if "rule" in headers and "user_agent" in headers:
         return "rule supersedes user_agent: send one of them"
     if "x-file-size" in headers and ("x-file-id" in headers or "filepath" in headers):

@@ -60,13 +60,14 @@ class PerceptionPointEmulator(Emulator):
         self.max_bytes = max_bytes
         self.storages = storages or {}
         self.callback_repeats = 1
+        self.submit_status = 201  # the files API answers 200 or 201 (docs/engines.md)
         self.scans: dict[int, dict[str, Any]] = {}
         self.callbacks: list[tuple[int, int]] = []  # (scan_id, status answered)
         self._ids = itertools.count(123456)
 
     def submissions(self) -> list[Logged]:
-        """Accepted submissions (POSTs answered 201)."""
-        return [e for e in self.log if e.method == "POST" and e.status == 201]
+        """Accepted submissions (POSTs answered 200 or 201)."""
+        return [e for e in self.log if e.method == "POST" and e.status in (200, 201)]
 
     def polls(self) -> list[Logged]:
         """Result requests for existing scans."""
@@ -131,7 +132,7 @@ class PerceptionPointEmulator(Emulator):
         answer: dict[str, Any] = {"scan_id": scan_id}
         if "callback_params" in callback:
             answer["callback_params"] = callback["callback_params"]
-        self.reply(handler, entry, 201, answer)
+        self.reply(handler, entry, self.submit_status, answer)
 
     def _content(self, source: str, parts: dict[str, tuple[str | None, bytes]],
                  fields: dict[str, str]) -> tuple[bytes | None, dict[str, Any] | None]:
