@@ -22,15 +22,10 @@ def collect(config: Config, journal: Journal) -> dict[str, Any]:
     """Status as a JSON-ready dict: per watch counts, oldest pending, last error; engine health."""
     now = time.time()
     watches: dict[str, dict[str, Any]] = {
-        w.name: {"engine": w.engine_label, "engines": list(w.engines), "states": {}, "outcomes": {},
-                 "skipped": {}, "oldest_pending_s": None, "oldest_pending_file": None,
-                 "move_failures": 0, "last_error": None}
-        for w in config.watches}
+        w.name: _watch_entry(w.engine_label, engines=list(w.engines)) for w in config.watches}
     for watch, state, verdict, reason, count in journal.counts():
-        entry = watches.setdefault(watch, {"engine": None, "states": {}, "outcomes": {},
-                                           "skipped": {}, "oldest_pending_s": None,
-                                           "oldest_pending_file": None, "move_failures": 0,
-                                           "last_error": None})
+        # A watch the journal knows but the config no longer has: no engine.
+        entry = watches.setdefault(watch, _watch_entry(None))
         entry["states"][state] = entry["states"].get(state, 0) + count
         if state == FileState.DONE and verdict:
             entry["outcomes"][verdict] = entry["outcomes"].get(verdict, 0) + count
@@ -63,6 +58,13 @@ def collect(config: Config, journal: Journal) -> dict[str, Any]:
         engines[name]["cache"] = {"enabled": cfg.cache.enabled, "hits": hits, "misses": misses,
                                   "hit_rate": round(hits / (hits + misses), 4) if hits + misses else None}
     return {"watches": watches, "engines": engines}
+
+
+def _watch_entry(engine: str | None, **more: Any) -> dict[str, Any]:
+    """A watch's status before its rows are counted."""
+    return {"engine": engine, **more, "states": {}, "outcomes": {}, "skipped": {},
+            "oldest_pending_s": None, "oldest_pending_file": None, "move_failures": 0,
+            "last_error": None}
 
 
 def _oldest_pending_file(journal: Journal, watch: str) -> dict[str, Any] | None:
