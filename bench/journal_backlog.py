@@ -60,7 +60,6 @@ def run(rows: int, config_path: Path, base: Path) -> dict[str, float]:
 
     result = {
         "claim+apply ms": _time(claim_apply, 50),
-        "due ms": _time(lambda: journal.due(FileState.DISCOVERED, "bench", now, 1000), 50),
         "next_due_at ms": _time(lambda: journal.next_due_at(["bench"]), 50),
     }
     started = time.perf_counter()

@@ -65,10 +65,11 @@ def run_daemon(base: Path, files: list[tuple[str, bytes]], concurrency: int | No
                arrival: str, rate: float | None = None,
                engine: dict[str, object] | None = None, code: Path = ROOT,
                workers: int | None = None, serial: bool = False,
-               cpus: int | None = None) -> dict[str, float]:
+               cpus: int | None = None, settle_s: float = 0.0) -> dict[str, float]:
     """`workers`: None leaves the daemon's default (one per core). `serial`: also the time
     its transactions held the journal's writers' lock (SCANWATCH_LOCK_STATS), per file.
-    `cpus`: the daemon and its workers run on the first `cpus` cores only."""
+    `cpus`: the daemon and its workers run on the first `cpus` cores only. `settle_s`: the
+    watch's `settle_seconds`."""
     """Run `scanwatch run` (from the checkout `code`) on `files`; figures of the run."""
     inbox = base / "inbox"
     inbox.mkdir(parents=True)
@@ -82,7 +83,7 @@ def run_daemon(base: Path, files: list[tuple[str, bytes]], concurrency: int | No
                                 **({"concurrency": concurrency} if concurrency else {})}},
         "watches": [{"name": "bench", "source": str(inbox), "engine": "default",
                      "clean": str(base / "clean"), "quarantine": str(base / "quarantine"),
-                     "failed": str(base / "failed"), "settle_seconds": 0, "rescan_interval": 300}],
+                     "failed": str(base / "failed"), "settle_seconds": settle_s, "rescan_interval": 300}],
     }
     (base / "scanwatch.yaml").write_text(yaml.safe_dump(config))
     if arrival == "backlog":  # all present before the daemon starts; timed from its start
@@ -159,6 +160,8 @@ def _lock_figures(stats: Path, parent: int, count: int) -> dict[str, float]:
     """Per file: ms the workers' and the parent's transactions held the writers' lock (wall
     time, and the CPU time of the holding threads: wall time counts waiting for a core too)."""
     held = {"workers": 0.0, "parent": 0.0, "workers_cpu": 0.0, "parent_cpu": 0.0}
+    if not stats.exists():  # a checkout that keeps no such figures
+        return {}
     for line in stats.read_text().splitlines():
         record = json.loads(line)
         who = "parent" if record["pid"] == parent else "workers"
@@ -207,15 +210,16 @@ def _one_run(base: Path, files: list[tuple[str, bytes]], args: argparse.Namespac
     for who, (code, workers, cpus) in codes.items():
         figures[f"burst {who}"] = run_daemon(base / f"burst-{who}", files, args.concurrency,
                                              args.arrival, code=code, workers=workers,
-                                             serial=args.serial and who == "ours", cpus=cpus)
+                                             serial=args.serial, cpus=cpus, settle_s=args.settle)
         figures[f"trickle {who}"] = run_daemon(base / f"trickle-{who}", files[:args.trickle_files],
                                                args.concurrency, args.arrival,
-                                               rate=args.trickle_rate, code=code, workers=workers)
+                                               rate=args.trickle_rate, code=code, workers=workers,
+                                               settle_s=args.settle)
         if args.backlog:
             backlog = _payloads(args.backlog, 100)
             figures[f"backlog {who}"] = run_daemon(base / f"backlog-{who}", backlog,
                                                    args.concurrency, "backlog", code=code,
-                                                   workers=workers)
+                                                   workers=workers, settle_s=args.settle)
     figures["floor"] = run_floor(base, files)
     return figures
 
@@ -232,7 +236,8 @@ def _spread(runs: list[dict[str, dict[str, float]]], what: str, key: str, digits
 
 def _report(runs: list[dict[str, dict[str, float]]], args: argparse.Namespace) -> None:
     print(f"local_throughput: {args.files} files x {args.size} B, 1 % EICAR, YARA, "
-          f"concurrency {args.concurrency}, arrival by {args.arrival}, {os.cpu_count()} cores, "
+          f"concurrency {args.concurrency}, arrival by {args.arrival}, settle_seconds {args.settle:g}, "
+          f"{os.cpu_count()} cores, "
           f"{len(runs)} runs, median (min - max)")
     peer = args.compare or args.compare_workers or args.compare_cpus
     for who in ("ours", "compare") if peer else ("ours",):
@@ -266,7 +271,9 @@ def _report(runs: list[dict[str, dict[str, float]]], args: argparse.Namespace) -
               + (f", backlog {_spread(ratios, 'r', 'backlog', 2)}x, its first move after "
                  f"{_spread(ratios, 'r', 'first', 2)}x the time" if args.backlog else ""))
     if args.serial:
-        _report_serial(runs)
+        for who in ("ours", "compare"):
+            if "lock_workers_ms_per_file" in runs[0].get(f"burst {who}", {}):
+                _report_serial(runs, who)
     print(f"  bare python loop: {_spread(runs, 'floor', 'files_per_s')} files/s "
           "(read+sha256+yara+rename, no daemon)")
 
@@ -283,7 +290,7 @@ def _report_backlog(runs: list[dict[str, dict[str, float]]], name: str, who: str
           f"{_spread(ratios, 'r', 'move', 2)}x from the first move")
 
 
-def _report_serial(runs: list[dict[str, dict[str, float]]]) -> None:
+def _report_serial(runs: list[dict[str, dict[str, float]]], who: str) -> None:
     """The serial part of a file's work (the writers' lock held by the workers, the parent's
     CPU: watcher, dispatch, its own transactions) and the speed-up predicted from it.
 
@@ -295,7 +302,7 @@ def _report_serial(runs: list[dict[str, dict[str, float]]]) -> None:
     lock, every process; P: the parent's CPU), i.e. a speed-up of min(n, C / L, C / P)."""
     shares = []
     for run in runs:
-        burst = run["burst ours"]
+        burst = run[f"burst {who}"]
         cpu = burst["cpu_ms_per_file"]
         lock_cpu = burst["lock_workers_cpu_ms_per_file"]
         parent = burst["parent_cpu_ms_per_file"]
@@ -305,7 +312,8 @@ def _report_serial(runs: list[dict[str, dict[str, float]]]) -> None:
                              "share_cpu": 100 * (lock_cpu + parent) / cpu,
                              "lock_bound": cpu / (lock_cpu + burst.get("lock_parent_cpu_ms_per_file", 0.0)),
                              "parent_bound": cpu / parent}})
-    print(f"  serial part, ms per file: writers' lock held by the workers {_spread(shares, 's', 'lock', 3)} "
+    print(f"  serial part ({who}), ms per file: writers' lock held by the workers "
+          f"{_spread(shares, 's', 'lock', 3)} "
           f"(CPU under it {_spread(shares, 's', 'lock_cpu', 3)}), by the parent "
           f"{_spread(shares, 's', 'lock_parent', 3)}; parent CPU {_spread(shares, 's', 'parent', 3)}; "
           f"serial share of the CPU per file {_spread(shares, 's', 'share', 1)} % (lock's wall "
@@ -338,7 +346,9 @@ def main() -> None:
     parser.add_argument("--compare", type=Path, help="another checkout's daemon as a peer")
     parser.add_argument("--workers", type=int, help="`workers:` of our daemon (default: the daemon's)")
     parser.add_argument("--serial", action="store_true",
-                        help="also measure the serial part of the work (our daemon; bench/RESULTS.md)")
+                        help="also measure the serial part of the work (bench/RESULTS.md)")
+    parser.add_argument("--settle", type=float, default=0.0,
+                        help="the watch's settle_seconds (default 0; the daemon's own default is 2)")
     parser.add_argument("--compare-workers", type=int,
                         help="`workers:` of the peer (our own checkout unless --compare)")
     parser.add_argument("--compare-cpus", type=int,

@@ -55,6 +55,12 @@ class Identity:
         """The identity of a stat result."""
         return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
+    def settles_at(self, settle_s: float, now: float) -> float:
+        """When a file of this identity is complete: once its mtime and ctime are `settle_s`
+        old (docs/contract.md, "Arrival and settle"); times ahead of `now` (a network
+        filesystem's clock) count as `now`, so that such a file is not held for ever."""
+        return min(max(self.mtime_ns, self.ctime_ns) / 1e9, now) + settle_s
+
     def columns(self) -> RowChanges:
         """As the journal's columns."""
         return {"dev": self.dev, "inode": self.inode, "size": self.size,

@@ -154,7 +154,7 @@ class RowChanges(TypedDict, total=False):
     disposition: str
     owner: str | None
     last_error: str | None
-    stable_at: float
+    stable_at: float | None
     scanned_at: float
     done_at: float
     etag: str | None

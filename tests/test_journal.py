@@ -69,27 +69,31 @@ def test_claims_are_exclusive_and_due_only(tmp_path: Path) -> None:
 
 
 def test_rows_of_a_dead_owner_are_handed_back(tmp_path: Path) -> None:
+    """A scan the engine never took waits again: settled (stable), or still to be settled
+    (discovered: claimed before its settle step committed, daemon/pipeline/settling.py)."""
     journal = _journal(tmp_path)
-    journal.discover("w", [("scan", 1), ("poll", 2), ("move", 3)], 1.0)
+    journal.discover("w", [("scan", 1), ("poll", 2), ("move", 3), ("unsettled", 5)], 1.0)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True).stdout.strip()
     token = f"{dead}:0"
     by_name = {r.rel_path: r for r in journal.rows()}
     journal.apply([
-        (by_name["scan"].id, {"state": FileState.SCANNING, "owner": token}),
+        (by_name["scan"].id, {"state": FileState.SCANNING, "owner": token, "stable_at": 1.0}),
         (by_name["poll"].id, {"state": FileState.SCANNING, "owner": token, "engine_scan_id": "s-1"}),
         (by_name["move"].id, {"state": FileState.MOVING, "owner": token, "verdict": "clean"}),
+        (by_name["unsettled"].id, {"state": FileState.SCANNING, "owner": token}),
     ])
     live = owner_token()
     journal.discover("w", [("mine", 4)], 1.0)
     mine = journal.active("w", "mine")
     journal.apply([(mine.id, {"state": FileState.SCANNING, "owner": live})])
-    assert journal.reclaim() == 3
+    assert journal.reclaim() == 4
     states = {r.rel_path: (r.state, r.owner) for r in journal.rows()}
     assert states == {"scan": (FileState.STABLE, None), "poll": (FileState.SCANNING, None),
-                      "move": (FileState.MOVING, None), "mine": (FileState.SCANNING, live)}
+                      "move": (FileState.MOVING, None), "unsettled": (FileState.DISCOVERED, None),
+                      "mine": (FileState.SCANNING, live)}
     claimed = journal.claim(["w"], live, now=2.0, limit=10)
-    assert {r.rel_path for r in claimed} == {"scan", "poll", "move"}
+    assert {r.rel_path for r in claimed} == {"scan", "poll", "move", "unsettled"}
 
 
 def test_a_version_1_journal_is_migrated_with_its_rows(tmp_path: Path) -> None:

@@ -69,6 +69,13 @@ _DISCOVER = f"""INSERT INTO files (watch, rel_path, state, inode, dev, size, mti
                 WHERE files.state = 'held' AND (files.inode IS NOT excluded.inode
                                                 OR files.reason = 'permission_denied')"""
 
+# A claim: a stable or a discovered row becomes scanning and spends an attempt.
+_TAKEN = ("attempts = attempts + (state = 'stable' OR state = 'discovered'), "
+          "state = CASE WHEN state = 'stable' OR state = 'discovered' THEN 'scanning' ELSE state END")
+# Handed back unfinished: a scan the engine never took waits again, to be settled if it was not.
+_UNTAKEN = ("CASE WHEN state = 'scanning' AND engine_scan_id IS NULL "
+            "THEN CASE WHEN stable_at IS NULL THEN 'discovered' ELSE 'stable' END ELSE state END")
+
 
 class Journal(ObjectVersions, RescanRecords, VerdictCacheRecords):
     """The SQLite journal under `state_dir`: arrivals, the work queue, what happened to each file."""
@@ -81,52 +88,48 @@ class Journal(ObjectVersions, RescanRecords, VerdictCacheRecords):
             return sum(1 for row in rows if _insert_file(conn, row))
 
     def discover(self, watch: str, entries: Iterable[tuple[str, int]], now: float,
-                 settled: Mapping[str, Identity] | None = None) -> list[str]:
+                 seen: Mapping[str, Identity] | None = None, settle_s: float = 0.0) -> list[str]:
         """Record `(rel_path, inode)` arrivals; known active paths are left as they are.
 
         A path held back (a symlink, say) whose inode changed is a new arrival again; one
         held for `permission_denied` is tried again whenever it is seen (its reason kept, so
         that holding it again is not reported again).
-        A path in `settled` (a watch with `settle_seconds: 0`, its file just lstat'ed)
-        is recorded stable at once with that identity: the settle step has nothing to add.
+        A path in `seen` (a plain file just lstat'ed) is recorded with that identity: stable
+        at once if it has been quiet for `settle_s` already, else due when it will have been
+        (`Identity.settles_at`), when the worker that claims it looks once more
+        (daemon/pipeline/settling.py). Any other path is due now, to be looked at.
         Returns the rel_paths added or revived, each one a `file.discovered` (docs/contract.md,
         "Log events"). Idempotent.
         """
         params = []
         for rel_path, inode in entries:  # made before the writers' lock is taken
-            identity = settled.get(rel_path) if settled else None
-            state, stable_at = ("stable", now) if identity else ("discovered", None)
+            identity = seen.get(rel_path) if seen else None
+            due = identity.settles_at(settle_s, now) if identity else now
+            state, stable_at = ("stable", now) if identity and due <= now else ("discovered", None)
             dev, size, mtime_ns, ctime_ns = ((identity.dev, identity.size, identity.mtime_ns,
                                               identity.ctime_ns) if identity else (None,) * 4)
             params.append((rel_path, (watch, os.fsencode(rel_path), state, inode, dev, size,
-                                      mtime_ns, ctime_ns, stable_at, now, now, now)))
+                                      mtime_ns, ctime_ns, stable_at, max(due, now), now, now)))
         with self._tx() as conn:
             # One execution per path, not `executemany`: its rowcount says which were added
             # (not `RETURNING`: SQLite would build a temporary b-tree per statement to hold it).
             return [rel_path for rel_path, values in params if conn.execute(_DISCOVER, values).rowcount]
-
-    def due(self, state: FileState, watch: str, now: float, limit: int) -> list[FileRow]:
-        """Rows of `watch` in `state` whose next attempt is due, oldest first."""
-        rows = self._conn().execute(
-            f"SELECT * FROM files WHERE state = ? AND {_ACTIVE} AND +watch = ? "
-            "AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?",
-            (str(state), watch, now, limit)).fetchall()
-        return [_from_db(r) for r in rows]
 
     # -- work queue -----------------------------------------------------------------------
 
     def claim(self, watches: Sequence[str], owner: str, now: float, limit: int) -> list[FileRow]:
         """Take up to `limit` due rows of these watches for `owner`.
 
-        A stable row becomes scanning and spends an attempt; scanning rows waiting for
-        an engine, rows with a verdict, and half-done moves keep their state.
+        A stable or discovered row becomes scanning and spends an attempt (a discovered one,
+        `stable_at` still empty, is settled first by the pipeline: daemon/pipeline/settling.py);
+        scanning rows waiting for an engine, rows with a verdict, and half-done moves keep
+        their state.
         """
         marks = ",".join("?" * len(watches))
         with self._tx() as conn:
             rows = conn.execute(
                 f"""UPDATE files SET owner = ?, updated_at = ?,
-                        attempts = attempts + (state = 'stable'),
-                        state = CASE state WHEN 'stable' THEN 'scanning' ELSE state END
+                        {_TAKEN}
                     WHERE id IN (SELECT id FROM files WHERE {_CLAIMABLE} AND +watch IN ({marks})
                                  AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?)
                     RETURNING *""",
@@ -139,8 +142,7 @@ class Journal(ObjectVersions, RescanRecords, VerdictCacheRecords):
         with self._tx() as conn:
             row = conn.execute(
                 f"""UPDATE files SET owner = ?, updated_at = ?,
-                        attempts = attempts + (state = 'stable'),
-                        state = CASE state WHEN 'stable' THEN 'scanning' ELSE state END
+                        {_TAKEN}
                     WHERE id = ? AND {_CLAIMABLE} RETURNING *""",
                 (owner, now, file_id),
             ).fetchone()
@@ -204,9 +206,7 @@ class Journal(ObjectVersions, RescanRecords, VerdictCacheRecords):
             # A scan cut off before the engine took it starts over (the attempt stays spent,
             # so a file that crashes the daemon cannot loop forever).
             cursor = conn.execute(
-                f"""UPDATE files SET owner = NULL,
-                        state = CASE WHEN state = 'scanning' AND engine_scan_id IS NULL
-                                     THEN 'stable' ELSE state END
+                f"""UPDATE files SET owner = NULL, state = {_UNTAKEN}
                     WHERE owner IN ({marks}) AND {_ACTIVE}""", dead)
             return cursor.rowcount
 
@@ -215,9 +215,7 @@ class Journal(ObjectVersions, RescanRecords, VerdictCacheRecords):
         only = "" if ids is None else f" AND id IN ({','.join('?' * len(ids))})"
         with self._tx() as conn:
             conn.execute(
-                f"""UPDATE files SET owner = NULL,
-                        state = CASE WHEN state = 'scanning' AND engine_scan_id IS NULL
-                                     THEN 'stable' ELSE state END,
+                f"""UPDATE files SET owner = NULL, state = {_UNTAKEN},
                         attempts = attempts - (state = 'scanning' AND engine_scan_id IS NULL)
                     WHERE owner = ? AND {_ACTIVE}{only}""", (owner, *(ids or ())))
 

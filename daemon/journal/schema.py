@@ -157,6 +157,15 @@ SCHEMA = [
     DROP INDEX files_outcome;
     CREATE INDEX files_quarantined ON files(done_at) WHERE verdict = 'infected';
     """,
+    # Discovered rows are claimed too: the worker that takes one settles it (one lstat) and
+    # scans it in the same batch, where the daemon's watcher used to settle every file with
+    # a row write of its own (daemon/pipeline/settling.py).
+    """
+    DROP INDEX files_claimable;
+    CREATE INDEX files_claimable ON files(next_attempt_at)
+        WHERE (state = 'discovered' OR state = 'stable' OR state = 'verdict' OR state = 'scanning'
+               OR state = 'moving') AND owner IS NULL;
+    """,
 ]
 
 _JSON_COLUMNS = ("threats", "raw_result", "cached_from")
@@ -168,8 +177,8 @@ _ACTIVE = "state NOT IN ('done', 'gone')"
 # watch index (every row of the watch, done ones too) over the due-ordered partial ones.
 # Written as comparisons, not an IN list: the partial index `files_claimable` (SCHEMA) has
 # this very condition, which SQLite must find in a query's to use it.
-_CLAIMABLE = ("((state = 'stable' OR state = 'verdict' OR state = 'scanning' OR state = 'moving')"
-              " AND owner IS NULL)")
+_CLAIMABLE = ("((state = 'discovered' OR state = 'stable' OR state = 'verdict' OR state = 'scanning'"
+              " OR state = 'moving') AND owner IS NULL)")
 
 
 _WRITABLE = frozenset(RowChanges.__annotations__)

@@ -3,10 +3,11 @@
 Each engine has `concurrency` worker threads (at least `_S3_WORKERS` when its watches
 read or write S3, with its calls still held to `concurrency` at once: those threads
 mostly wait on S3 requests, not on the engine). A worker claims a small batch of due rows
-and carries it one step per journal transaction: scanned (`scanning.Scanner`: the verdict,
-with the destination `planning.Planner` chose for it, written before any move), then moved
-(`moving.Mover`: done). Each step returns an `Outcome`, which this loop writes (the
-scanners' order-critical writes aside: `answers.ScanStep.journal_at_once`).
+and carries it one step per journal transaction: scanned (`scanning.Scanner`, a local file
+settled first if it was not: `settling.Settler`; the verdict, with the destination
+`planning.Planner` chose for it, written before any move), then moved (`moving.Mover`: done).
+Each step returns an `Outcome`, which this loop writes (the scanners' order-critical
+writes aside: `answers.ScanStep.journal_at_once`).
 Retries are schedules in the journal, never sleeps. Nothing here is lost with the
 process: the backlog is the journal, and `Journal.reclaim` hands a dead worker's rows to
 the next one.
@@ -36,6 +37,7 @@ from daemon.pipeline.outcome import Outcome, Outcomes
 from daemon.pipeline.planning import Planner
 from daemon.pipeline.reconcile import reconcile
 from daemon.pipeline.scanning import Scanner
+from daemon.pipeline.settling import Settler, needs_settling
 from daemon.retry import RetryPolicy
 from daemon.s3client import S3Clients
 from daemon.s3url import is_s3
@@ -52,7 +54,8 @@ _BATCH = 16
 # daemon/s3.py pools 64 connections per client: two such engines on one endpoint fit.
 _S3_WORKERS = 32
 _IDLE_WAIT_S = 1.0
-_WARNINGS = ("retry.scheduled", "move.failed", "file.skipped")  # docs/contract.md, "Log events"
+# docs/contract.md, "Log events"
+_WARNINGS = ("retry.scheduled", "move.failed", "file.skipped", "file.settle_failed")
 # One step's outcome as the metrics and alerts hear it: the row before, the engine's label.
 Reported = tuple[FileRow, str, Outcome]
 
@@ -83,6 +86,7 @@ class Pipeline:
         outcomes = Outcomes(clock, policy or RetryPolicy())
         self.planner = Planner(config, outcomes)
         self.mover = Mover(config, outcomes)
+        self.settler = Settler(config, outcomes, clock)
         self._engines = engines
         self.scanner = Scanner(config, journal, self._bounded(engines), outcomes,
                                EngineHealth(journal, clock))
@@ -202,7 +206,7 @@ class Pipeline:
         scanned: list[tuple[FileRow, Outcome]] = []
         for row in rows:
             if row.state is FileState.SCANNING:
-                scanned.append((row, self._guard(row, locations, self.scanner.scan)))
+                scanned.append(self._scan(row, locations))
             elif row.state is FileState.VERDICT:  # a failed move: plan it again
                 scanned.append((row, self._guard(row, locations, self._replan)))
             else:  # moving: a move cut off by a crash, finished below
@@ -215,6 +219,18 @@ class Pipeline:
                 current = row.updated(outcome.changes)
                 moved.append((current, self._guard(current, locations, step)))
         self._commit(moved, dirs)
+
+    def _scan(self, row: FileRow, locations: Locations) -> tuple[FileRow, Outcome]:
+        """A scanning row's step; one not settled yet is settled first, and scanned at once if
+        it is (daemon/pipeline/settling.py): the row as the step found it, and its outcome."""
+        if not needs_settling(row):
+            return row, self._guard(row, locations, self.scanner.scan)
+        settled = self._guard(row, locations, self.settler.settle)
+        if settled.state is not None:  # not settled yet, held or gone
+            return row, settled
+        row = row.updated(settled.changes)
+        outcome = self._guard(row, locations, self.scanner.scan)
+        return row, outcome.but(changes={**settled.changes, **outcome.changes})
 
     def _replan(self, row: FileRow, locations: Locations) -> Outcome:
         return self.planner.plan(row, {"state": FileState.MOVING}, locations)

@@ -115,7 +115,9 @@ class Outcomes:
 
     def changed(self, detail: str, *, settles: bool) -> Outcome:
         """Not the bytes that were scanned: scan it anew (`settles`: wait for it to settle first)."""
-        return Outcome({"state": FileState.DISCOVERED if settles else FileState.STABLE, "owner": None,
+        waits: RowChanges = ({"state": FileState.DISCOVERED, "stable_at": None} if settles
+                             else {"state": FileState.STABLE})
+        return Outcome({**waits, "owner": None,
                         "verdict": None, "reason": None, "destination": None, "size": None,
                         "etag": None, "version_id": None, "next_attempt_at": self.clock(),
                         # A pending remote scan was of the old bytes: never follow it.

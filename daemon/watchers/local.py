@@ -1,16 +1,14 @@
-"""The local watcher: records arrivals in a directory tree and marks them stable once settled.
+"""The local watcher: records arrivals in a directory tree, with the identity each was seen with.
 
 watchdog's callbacks only drop a path into a set; this watcher's own thread turns
 the set into journal rows in batches. A start-up sweep and a periodic rescan catch
 what events missed (arrivals while stopped, inotify overflow, network filesystems),
-so losing the in-memory set loses nothing. A file is stable when its mtime and
-ctime are `settle_seconds` old: ctime moves on every write and cannot be set by
-the writer, so a writer that pauses shorter than that is waited for. With
-`settle_seconds: 0` there is nothing to wait for: a plain file an event names or a
-sweep finds is recorded stable, with the identity of the `lstat` that found it, in the
-discovery transaction itself (one transaction, one query and one `lstat` less per file),
-and the workers are woken per chunk of it: a backlog present at start is claimed while
-the start-up sweep goes on.
+so losing the in-memory set loses nothing. A plain file is recorded with the identity of
+the `lstat` that found it (an event's, or the sweep's): stable at once if its mtime and
+ctime are `settle_seconds` old already (always, with `settle_seconds: 0`), else due when
+they will be, when the worker that claims it settles it (daemon/pipeline/settling.py). The
+workers are woken per chunk of discovery: a backlog present at start is claimed while the
+start-up sweep goes on.
 
 The root is opened with `O_NOFOLLOW | O_DIRECTORY` at every step and the tree is
 walked through descriptors (daemon/watchers/tree.py), so paths deeper than PATH_MAX
@@ -32,11 +30,8 @@ from collections.abc import Callable, Iterable, Iterator
 import structlog
 
 from daemon.config import WatchConfig
-from daemon.errors import UnsafePathError
-from daemon.fsutil import DirCache, Identity, classify
-from daemon.journal import FileRow, Journal, RowChanges
-from daemon.model import FileState
-from daemon.naming import split_rel
+from daemon.fsutil import Identity, classify
+from daemon.journal import Journal
 from daemon.staging import IN_SOURCE
 from daemon.watchers import inotify
 from daemon.watchers.base import is_ignored, log_discovered, relative_path
@@ -52,7 +47,6 @@ log = structlog.get_logger("scanwatch.watcher")
 _FLUSH_S = 0.02
 _CHUNK = 1000
 _ROOT_POLL_S = 1.0  # how soon a missing or unsafe root is looked at again
-_RETRY_S = 5.0  # a file whose stat failed for another reason than vanishing
 _ROOT_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -151,14 +145,10 @@ class LocalWatcher:
                 self._stopping.wait(_FLUSH_S)  # let a burst of events gather
 
     def _idle_wait_s(self) -> float:
-        due = [self._next_rescan_at]
-        row = self.journal.due(FileState.DISCOVERED, self.watch.name, float("inf"), 1)
-        if row:
-            due.append(row[0].next_attempt_at)
-        return min(max(min(due) - self.clock(), 0.0), _ROOT_POLL_S)
+        return min(max(self._next_rescan_at - self.clock(), 0.0), _ROOT_POLL_S)
 
     def step(self) -> None:
-        """Check the root, record pending events, sweep when due, then settle what is due."""
+        """Check the root, record pending events, sweep when due."""
         with self._lock:
             paths, self._pending = self._pending, set()
         now = self.clock()
@@ -169,11 +159,10 @@ class LocalWatcher:
             if now >= self._next_rescan_at:
                 self._sweep(root_fd, now)
             elif paths:
-                settled = self._settled()
-                self._record(self._entries(root_fd, paths, settled), now, "event", settled)
+                seen: dict[str, Identity] = {}
+                self._record(self._entries(root_fd, paths, seen), now, "event", seen)
         finally:
             os.close(root_fd)
-            self.settle()
 
     def _check_root(self, now: float) -> int | None:
         """An fd of the root if it is a real directory (re-armed if it changed), else None."""
@@ -237,19 +226,15 @@ class LocalWatcher:
         """Record every file in the tree; the next sweep is scheduled even if this one fails."""
         started = time.monotonic()
         skipped: dict[str, str] = {}
-        settled = self._settled()
+        seen: dict[str, Identity] = {}
         try:
             self._record(walk(root_fd, self._keep, lambda rel, exc: self._skip(rel, exc, skipped),
-                              settled=settled), now, "sweep", settled)
+                              seen=seen), now, "sweep", seen)
             self._skipped = skipped
         finally:
             self._next_rescan_at = now + self.watch.rescan_interval
         log.debug("watch.swept", watch=self.watch.name, skipped=len(skipped),
                   duration_s=round(time.monotonic() - started, 3))
-
-    def _settled(self) -> dict[str, Identity] | None:
-        """Where discovery notes the identities of files stable at once (`settle_seconds: 0`)."""
-        return {} if self.watch.settle_seconds == 0 else None
 
     def _keep(self, rel_path: str) -> bool:
         # The staging directory of snapshots is the daemon's, whatever `ignore` says.
@@ -264,93 +249,43 @@ class LocalWatcher:
             log.warning("watch.subtree_skipped", watch=self.watch.name, rel_dir=rel_dir or ".",
                         reason=reason, error=exc.strerror)
 
-    def _entries(self, root_fd: int, paths: set[str], settled: dict[str, Identity] | None
+    def _entries(self, root_fd: int, paths: set[str], seen: dict[str, Identity]
                  ) -> Iterator[tuple[str, int]]:
-        """`(rel_path, inode)` of the paths events named; `settled` (`settle_seconds: 0`)
-        gets the identities of plain files seen here: they are stable already."""
+        """`(rel_path, inode)` of the paths events named; `seen` gets the identities of the
+        plain files among them."""
         for path in sorted(paths):
             rel = relative_path(self.watch.source, path.rstrip("/"))
             if rel is None:
                 continue
             if path.endswith("/"):
                 yield from walk(root_fd, self._keep,
-                                lambda r, exc: self._skip(r, exc, self._skipped), rel, settled)
+                                lambda r, exc: self._skip(r, exc, self._skipped), rel, seen)
             elif self._keep(rel):
                 try:
                     st = stat_below(root_fd, rel)
                 except OSError:
                     continue
-                if settled is not None and classify(st) is None:
-                    settled[rel] = Identity.of(st)
+                if classify(st) is None:
+                    seen[rel] = Identity.of(st)
                 yield rel, st.st_ino
 
     def _record(self, entries: Iterator[tuple[str, int]], now: float, how: str,
-                settled: dict[str, Identity] | None = None) -> None:
+                seen: dict[str, Identity]) -> None:
         batch: list[tuple[str, int]] = []
         for entry in entries:
             batch.append(entry)
             if len(batch) >= _CHUNK:
-                self._discover(batch, now, how, settled)
+                self._discover(batch, now, how, seen)
         if batch:
-            self._discover(batch, now, how, settled)
+            self._discover(batch, now, how, seen)
 
     def _discover(self, batch: list[tuple[str, int]], now: float, how: str,
-                  settled: dict[str, Identity] | None) -> None:
-        """Record one chunk (emptied after). `settled` holds the identities of this chunk only:
+                  seen: dict[str, Identity]) -> None:
+        """Record one chunk (emptied after). `seen` holds the identities of this chunk only:
         discovery fills it while it yields the chunk's entries."""
-        added = self.journal.discover(self.watch.name, batch, now, settled)
+        added = self.journal.discover(self.watch.name, batch, now, seen, self.watch.settle_seconds)
         batch.clear()
-        if settled:
-            settled.clear()
-            if added:  # stable already: the workers need not wait for the rest or for `settle`
-                self.wake.set()
-        log_discovered(self.watch.name, added, how)
-
-    def settle(self) -> int:
-        """Mark due discovered rows stable, held or gone; returns how many became stable."""
-        rows = self.journal.due(FileState.DISCOVERED, self.watch.name, self.clock(), _CHUNK)
-        changes: list[tuple[int, RowChanges]] = []
-        stable = 0
-        with DirCache() as dirs:
-            for row in rows:
-                change = self._settle_one(row, dirs)
-                changes.append((row.id, change))
-                stable += change.get("state") is FileState.STABLE
-        if changes:
-            self.journal.apply(changes)
-        if stable:
+        seen.clear()
+        if added:  # claimable now, or when they will have settled: the workers look
             self.wake.set()
-        return stable
-
-    def _settle_one(self, row: FileRow, dirs: DirCache) -> RowChanges:
-        now = self.clock()
-        context = {"watch": row.watch, "rel_path": row.rel_path, "file_id": row.id}
-        parents, name = split_rel(row.rel_path)
-        try:
-            st = os.stat(name, dir_fd=dirs.open(self.watch.source, parents), follow_symlinks=False)
-        except UnsafePathError as exc:
-            log.warning("file.skipped", reason="symlink", detail=str(exc), **context)
-            return {"state": FileState.HELD, "reason": "symlink", "done_at": now}
-        except FileNotFoundError:
-            log.info("file.vanished", **context)
-            return {"state": FileState.GONE, "done_at": now}
-        except OSError as exc:  # a parent we may not enter, the root swapped meanwhile...
-            if (held := self._errors.admit(f"settle {_reason(exc)}")) is not None:
-                log.warning("file.settle_failed", reason=_reason(exc), error=exc.strerror,
-                            repeated=held, **context)
-            return {"next_attempt_at": now + _RETRY_S}
-        if reason := classify(st):
-            log.warning("file.skipped", reason=reason.value, **context)
-            return {"state": FileState.HELD, "reason": reason, "inode": st.st_ino, "done_at": now}
-        identity = Identity.of(st)
-        quiet_since = max(st.st_mtime_ns, st.st_ctime_ns) / 1e9
-        unchanged = identity == row.identity
-        # A clock ahead of ours (network filesystems) must not hold a file for ever:
-        # unchanged across a whole settle period is settled too.
-        settled = (now - quiet_since >= self.watch.settle_seconds
-                   or (unchanged and now - row.updated_at >= self.watch.settle_seconds))
-        if settled:
-            return {**identity.columns(), "state": FileState.STABLE, "stable_at": now, "next_attempt_at": now}
-        wait_s = min(max(quiet_since + self.watch.settle_seconds - now, 0.05),
-                     self.watch.settle_seconds)
-        return {**identity.columns(), "next_attempt_at": now + wait_s}
+        log_discovered(self.watch.name, added, how)

@@ -50,7 +50,7 @@ def stat_below(root_fd: int, rel_path: str) -> os.stat_result:
 
 
 def _list(fd: int, rel_dir: str, keep: Callable[[str], bool], on_skip: OnSkip,
-          settled: dict[str, Identity] | None) -> Generator[tuple[str, int], None, list[str]]:
+          seen: dict[str, Identity] | None) -> Generator[tuple[str, int], None, list[str]]:
     """Yield `(rel_path, inode)` of the files in `fd`; return the names of its subdirectories."""
     subdirs: list[str] = []
     try:
@@ -61,10 +61,10 @@ def _list(fd: int, rel_dir: str, keep: Callable[[str], bool], on_skip: OnSkip,
                     if entry.is_dir(follow_symlinks=False):
                         subdirs.append(entry.name)
                     elif keep(rel):
-                        if settled is not None:
+                        if seen is not None:
                             st = entry.stat(follow_symlinks=False)
                             if classify(st) is None:
-                                settled[rel] = Identity.of(st)
+                                seen[rel] = Identity.of(st)
                         yield rel, entry.inode()
                 except OSError:
                     continue
@@ -75,13 +75,13 @@ def _list(fd: int, rel_dir: str, keep: Callable[[str], bool], on_skip: OnSkip,
 
 
 def walk(root_fd: int, keep: Callable[[str], bool], on_skip: OnSkip, top: str = "",
-         settled: dict[str, Identity] | None = None) -> Iterator[tuple[str, int]]:
+         seen: dict[str, Identity] | None = None) -> Iterator[tuple[str, int]]:
     """`(rel_path, inode)` of every kept non-directory below `top` of the tree at `root_fd`.
 
     Symlinked directories are not entered. Relative paths may be longer than PATH_MAX.
-    `settled`, if given, gets the identity of each plain file's `lstat` (made below its
-    directory's descriptor) before the file is yielded: a watch with `settle_seconds: 0`
-    records it stable at once (daemon/watchers/local.py).
+    `seen`, if given, gets the identity of each plain file's `lstat` (made below its
+    directory's descriptor) before the file is yielded: discovery records it with it, stable
+    at once if it has settled already (daemon/watchers/local.py).
     """
     try:
         fd = open_below(root_fd, _parts(top))
@@ -91,7 +91,7 @@ def walk(root_fd: int, keep: Callable[[str], bool], on_skip: OnSkip, top: str = 
         return
     frames: list[tuple[str, int, list[str]]] = [(top, fd, [])]
     try:
-        frames[-1] = (top, fd, (yield from _list(fd, top, keep, on_skip, settled)))
+        frames[-1] = (top, fd, (yield from _list(fd, top, keep, on_skip, seen)))
         while frames:
             rel_dir, fd, subdirs = frames[-1]
             if not subdirs:
@@ -106,7 +106,7 @@ def walk(root_fd: int, keep: Callable[[str], bool], on_skip: OnSkip, top: str = 
                     on_skip(rel, exc)
                 continue
             frames.append((rel, child, []))
-            frames[-1] = (rel, child, (yield from _list(child, rel, keep, on_skip, settled)))
+            frames[-1] = (rel, child, (yield from _list(child, rel, keep, on_skip, seen)))
     finally:
         for _, fd, _ in frames:
             os.close(fd)
