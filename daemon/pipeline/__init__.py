@@ -203,22 +203,30 @@ class Pipeline:
             raise
 
     def _process(self, rows: list[FileRow], locations: Locations, dirs: DirCache) -> None:
-        scanned: list[tuple[FileRow, Outcome]] = []
-        for row in rows:
-            if row.state is FileState.SCANNING:
-                scanned.append(self._scan(row, locations))
-            elif row.state is FileState.VERDICT:  # a failed move: plan it again
-                scanned.append((row, self._guard(row, locations, self._replan)))
-            else:  # moving: a move cut off by a crash, finished below
-                scanned.append((row, Outcome({})))
-        self._commit(scanned, dirs)
-        moved: list[tuple[FileRow, Outcome]] = []
-        for row, outcome in scanned:
-            if (outcome.state or row.state) is FileState.MOVING:
-                step = self._resume if row.state is FileState.MOVING else self.mover.move
-                current = row.updated(outcome.changes)
-                moved.append((current, self._guard(current, locations, step)))
-        self._commit(moved, dirs)
+        """The batch's steps, committed in two transactions; what they came to is reported
+        once, at the end (a worker process's one frame to the daemon per batch: each frame
+        wakes a thread of the daemon's, and a wake-up costs what counting a file does)."""
+        reported: list[Reported] = []
+        try:
+            scanned: list[tuple[FileRow, Outcome]] = []
+            for row in rows:
+                if row.state is FileState.SCANNING:
+                    scanned.append(self._scan(row, locations))
+                elif row.state is FileState.VERDICT:  # a failed move: plan it again
+                    scanned.append((row, self._guard(row, locations, self._replan)))
+                else:  # moving: a move cut off by a crash, finished below
+                    scanned.append((row, Outcome({})))
+            reported += self._commit(scanned, dirs)
+            moved: list[tuple[FileRow, Outcome]] = []
+            for row, outcome in scanned:
+                if (outcome.state or row.state) is FileState.MOVING:
+                    step = self._resume if row.state is FileState.MOVING else self.mover.move
+                    current = row.updated(outcome.changes)
+                    moved.append((current, self._guard(current, locations, step)))
+            reported += self._commit(moved, dirs)
+        finally:
+            if self._on_outcomes and reported:
+                self._on_outcomes(reported)
 
     def _scan(self, row: FileRow, locations: Locations) -> tuple[FileRow, Outcome]:
         """A scanning row's step; one not settled yet is settled first, and scanned at once if
@@ -267,7 +275,8 @@ class Pipeline:
             log.exception("file.internal_error", **self._context(row))
             return outcomes.move_failed(row, again, {**changes, "state": FileState.VERDICT})
 
-    def _commit(self, outcomes: list[tuple[FileRow, Outcome]], dirs: DirCache) -> None:
+    def _commit(self, outcomes: list[tuple[FileRow, Outcome]], dirs: DirCache) -> list[Reported]:
+        """Write the steps' changes in one transaction, log their events; what to report."""
         dirs.sync()  # what the batch renamed into place is durable before it is journaled
         self.journal.apply(((row.id, o.changes) for row, o in outcomes if o.changes),
                            [o.kept for _, o in outcomes if o.kept])
@@ -284,8 +293,7 @@ class Pipeline:
                 reported.append((row, self.config.watch(row.watch).engine_label, outcome))
             # Several engines: each one's metrics.
             reported.extend((row, engine, step) for engine, step in outcome.engine_events)
-        if self._on_outcomes and reported:
-            self._on_outcomes(reported)
+        return reported
 
     def _log(self, row: FileRow, outcome: Outcome, info: bool) -> None:
         """The step's event, at its level (`info`: whether info records are written)."""
