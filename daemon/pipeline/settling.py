@@ -75,8 +75,9 @@ class Settler:
     def _later(self, row: FileRow, due: float, event: Outcome | None,
                identity: Identity | None = None) -> Outcome:
         """Back to `discovered`, due at `due`, the claim's attempt given back."""
-        changes: RowChanges = {**(identity.columns() if identity else {}), "state": FileState.DISCOVERED,
-                   "owner": None, "attempts": row.attempts - 1, "next_attempt_at": due}
+        changes: RowChanges = {**(identity.columns() if identity else {}),
+                               "state": FileState.DISCOVERED, "owner": None,
+                               "attempts": row.attempts - 1, "next_attempt_at": due}
         return Outcome(changes) if event is None else event.but(changes=changes)
 
     def _failed(self, exc: OSError) -> Outcome | None:
