@@ -62,10 +62,10 @@ class Flight:
 
     def land(self, row: FileRow, locations: Locations) -> Outcome:
         """The step finished with the scan's answer (its reply read: the slot given back)."""
-        reply, self._sent = self._reply, None
-        if reply is None:
+        if self._reply is None:
             raise RuntimeError(f"file {row.id}: a scan landed before it was sent")
-        return self._asking.answer(reply)
+        self._sent = None  # reading the reply ends the scan, whatever happens
+        return self._asking.answer(self._reply)
 
     def cancel(self) -> None:
         """The answer will not be read: its session closed, its slot given back, the bytes let go."""
@@ -101,7 +101,12 @@ class Window:
             self._land_oldest()
 
     def _land_oldest(self) -> None:
-        self._land(self._flying.popleft())
+        flight = self._flying.popleft()
+        try:
+            self._land(flight)
+        except BaseException:
+            flight.cancel()  # cut off before its reply was read: never pooled unread
+            raise
 
     def __enter__(self) -> Window:
         return self
