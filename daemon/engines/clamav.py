@@ -11,10 +11,11 @@ round trip, not a connect. A session clamd closed (idle timeout, a restart) empt
 pool, whose other sessions are as old, and the command is sent again once on a new
 connection; scanning is idempotent, so that retry is always safe. Each session carries
 one command at a time: an `ERROR` (which ends the session) would drop every other command
-in flight on it. A `FILDES` scan is one `sendmsg` and one `recv`. What a scan costs the
-daemon beyond that is its thread's wait for the reply (the thread put to sleep and woken:
-0.03 - 0.24 ms of CPU per file on a 2-core VM, with the load), which only several scans in
-flight per thread would spare (bench/RESULTS.md, "Issue 21: the worker's cost per file").
+in flight on it. A scan is sent (`send`) and its reply read later (`reply`), so that a
+worker thread can have several in flight, each on a session of its own, and sleep once for
+several replies instead of once per file (the pipeline's window, docs/engines.md,
+"Concurrency"; what a wait costs: bench/RESULTS.md, "Issue 21"). A `FILDES` scan is one
+`sendmsg` and one `recv`; a scan whose reply will not be read closes its session.
 
 Unless `concurrency` is set, an engine scans as many files at once as clamd has scanning
 threads (`MaxThreads`, from `STATS`): `follow_clamd_threads` (docs/engines.md).
