@@ -89,6 +89,7 @@ class Pipeline:
         self._engines = engines
         self.scanner = Scanner(config, journal, self._bounded(engines), outcomes,
                                EngineHealth(journal, clock))
+        self._senders = self._sending()
 
     @property
     def engines(self) -> Mapping[str, Engine]:
@@ -99,6 +100,7 @@ class Pipeline:
     def engines(self, engines: Mapping[str, Engine]) -> None:
         self._engines = engines
         self.scanner.engines = self._bounded(engines)
+        self._senders = self._sending()
 
     def _workers(self, engine: str) -> int:
         """Worker threads of an engine: its `concurrency`, more for S3 I/O.
@@ -226,7 +228,7 @@ class Pipeline:
             for row in rows:
                 if row.state is FileState.VERDICT:  # a failed move: plan it again
                     done[row.id] = self._guard(row, locations, self._replan)
-                elif row.state is FileState.SCANNING and (sender := self._sender(row)) is not None:
+                elif row.state is FileState.SCANNING and (sender := self._senders.get(row.watch)):
                     begun = self._guard(row, locations, self.scanner.begin)
                     if isinstance(begun, Asking):
                         window.send(Flight(row, begun, sender))
@@ -235,13 +237,13 @@ class Pipeline:
                 elif row.state is FileState.SCANNING:
                     window.land_all()  # this scan's slots are taken waiting
                     done[row.id] = self._guard(row, locations, self.scanner.scan)
-        return [(row, done.get(row.id, Outcome({}))) for row in rows]  # moving: finished below
+        return [(row, done.get(row.id) or Outcome({})) for row in rows]  # moving: finished below
 
-    def _sender(self, row: FileRow) -> SendingGate | None:
-        """The gate of the row's one engine if it takes several scans at once."""
-        engines = self.config.watch(row.watch).engines
-        sender = self.scanner.engines.get(engines[0]) if len(engines) == 1 else None
-        return sender if isinstance(sender, SendingGate) else None
+    def _sending(self) -> dict[str, SendingGate]:
+        """The gate of each single-engine watch whose engine takes several scans at once."""
+        gates = {w.name: self.scanner.engines.get(w.engines[0]) for w in self.config.watches
+                 if len(w.engines) == 1}
+        return {name: g for name, g in gates.items() if isinstance(g, SendingGate)}
 
     def _replan(self, row: FileRow, locations: Locations) -> Outcome:
         return self.planner.plan(row, {"state": FileState.MOVING}, locations)

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import structlog
 from pydantic import SecretStr
@@ -50,6 +50,7 @@ __all__ = ["Asking", "EngineCall", "Scanner"]
 log = structlog.get_logger("scanwatch.pipeline")
 
 _UNREADABLE_ERRNOS = (errno.EIO, errno.EISDIR, errno.ENXIO)
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -297,8 +298,8 @@ class Asking:
         try:
             result = self._scanner.asked(self.call.engine.name, reply)
         except Exception as exc:
-            return _finish(partial(self._steps.throw, exc))
-        return _finish(partial(self._steps.send, result))
+            return _finish(self._steps.throw, exc)
+        return _finish(self._steps.send, result)
 
     def now(self) -> Outcome:
         """The step finished with its engine asked at once."""
@@ -309,9 +310,10 @@ class Asking:
         self._steps.close()
 
 
-def _finish(resume: Callable[[], EngineCall]) -> Outcome:
+def _finish(resume: Callable[[_T], EngineCall], value: _T) -> Outcome:
+    """The step resumed with `value` (its engine's answer, or an error to raise in it), to its end."""
     try:
-        resume()
+        resume(value)
     except StopIteration as done:
         return cast(Outcome, done.value)
     raise AssertionError("a scanning step asks its engine once")
