@@ -240,9 +240,11 @@ class Pipeline:
         return [(row, done.get(row.id) or Outcome({})) for row in rows]  # moving: finished below
 
     def _sending(self) -> dict[str, SendingGate]:
-        """The gate of each single-engine watch whose engine takes several scans at once."""
+        """The gate of each single-engine watch whose engine takes several scans at once. Not
+        for S3 watches: their many threads wait on S3 anyway, and each scan in flight would
+        hold its object's download."""
         gates = {w.name: self.scanner.engines.get(w.engines[0]) for w in self.config.watches
-                 if len(w.engines) == 1}
+                 if len(w.engines) == 1 and not uses_s3(w)}
         return {name: g for name, g in gates.items() if isinstance(g, SendingGate)}
 
     def _replan(self, row: FileRow, locations: Locations) -> Outcome:
