@@ -4,7 +4,9 @@ runs of several checkouts alternate, on one clamd (`--db one` or `synthetic`, Ma
 
 - `pipeline`: one thread carries N files of 4 KB through `Pipeline.run_once` (snapshot,
   hash, scan, journal, move; tmpfs), the engine `yara` or `clamav` (FILDES); `--sleep-us`
-  wraps the engine so that each scan first sleeps (a wait like clamd's, without clamd).
+  wraps the engine so that each scan first sleeps (a wait like clamd's, without clamd);
+  `--concurrency` the engine's (2 by default): with clamd, how many scans the thread may
+  have in flight at once (at most 4: daemon/pipeline/inflight.py).
 - `engine`: `ClamavEngine.scan` alone on N held descriptors, `--threads` threads; the
   client's CPU and clamd's, per scan.
 - `inflight`: the bare protocol, one thread, `zFILDES` on K pooled sessions at a time (the
@@ -49,6 +51,7 @@ from daemon.log import configure_logging
 from daemon.pipeline import Pipeline
 from daemon.watchers.local import LocalWatcher
 sock, n, kind, sleep_s = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+concurrency = int(sys.argv[5])
 
 class Sleepy:
     def __init__(self, engine):
@@ -64,7 +67,7 @@ base = Path(tempfile.mkdtemp(prefix="scanwatch-worker-cost-", dir="/dev/shm"))
 try:
     inbox = base / "inbox"
     inbox.mkdir()
-    engine = {"type": kind, "concurrency": 2, **({"socket": sock} if kind == "clamav" else {})}
+    engine = {"type": kind, "concurrency": concurrency, **({"socket": sock} if kind == "clamav" else {})}
     config = Config.model_validate({
         "state_dir": str(base / "state"), "log": {"format": "json", "level": "warning"},
         "engines": {"default": engine}, "workers": 1,
@@ -182,6 +185,7 @@ def main() -> None:
     parser.add_argument("--engine", choices=["yara", "clamav"], default="clamav")
     parser.add_argument("--sleep-us", type=float, default=0.0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--concurrency", type=int, default=2, help="pipeline: the engine's concurrency")
     parser.add_argument("--in-flight", type=int, nargs="+", default=[1, 4, 12])
     parser.add_argument("--compare", type=Path, nargs="*", default=[], help="other checkouts, alternating")
     args = parser.parse_args()
@@ -192,7 +196,8 @@ def main() -> None:
                        start_timeout_s=600) as clamd, tempfile.TemporaryDirectory(dir="/dev/shm") as tmp:
         if args.what == "pipeline":
             figures = _alternate(codes, args.runs, lambda code: _child(
-                code, _PIPELINE, str(clamd.socket), str(args.files), args.engine, str(args.sleep_us / 1e6)))
+                code, _PIPELINE, str(clamd.socket), str(args.files), args.engine, str(args.sleep_us / 1e6),
+                str(args.concurrency)))
             _print(figures, ("CPU ms/file", "wall ms/file"), 3)
             return
         _files(Path(tmp) / "files", args.files)

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import array
 import os
 import pwd
 import selectors
 import shutil
 import socket
 import socketserver
+import struct
 import subprocess
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -171,6 +174,113 @@ def unix_relay(path: Path, address: str) -> Iterator[list[bytes]]:
     thread.start()
     try:
         yield server.received
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# A file whose bytes start with one of these is not scanned by the `counting_relay`'s clamd:
+# its command is never answered (the client's `timeout`), or answered with an error.
+SILENT = b"RELAY-SILENT"
+FAILING = b"RELAY-FAILING"
+_COMMANDS = (b"zFILDES", b"zINSTREAM", b"zSCAN ", b"zPING", b"zVERSION", b"zSTATS")
+
+
+@dataclass
+class Traffic:
+    """What a `counting_relay` saw: commands at clamd not answered yet, the most at once,
+    overall and from each client process (its pid)."""
+
+    now: int = 0
+    peak: int = 0
+    peak_by_pid: dict[int, int] = field(default_factory=dict)
+    scans: int = 0
+    _by_pid: Counter[int] = field(default_factory=Counter)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def sent(self, pid: int, data: bytes) -> None:
+        count = sum(data.count(command) for command in _COMMANDS)
+        with self._lock:
+            self.scans += data.count(b"zFILDES")
+            self.now += count
+            self._by_pid[pid] += count
+            self.peak = max(self.peak, self.now)
+            self.peak_by_pid[pid] = max(self.peak_by_pid.get(pid, 0), self._by_pid[pid])
+
+    def answered(self, pid: int, data: bytes) -> None:
+        with self._lock:
+            self.now -= data.count(b"\0")
+            self._by_pid[pid] -= data.count(b"\0")
+
+
+class _CountingRelay(socketserver.BaseRequestHandler):
+    """Passes a client's commands, with the descriptors they carry, to clamd's unix socket,
+    and clamd's replies back; counts them (`Traffic`); fails the files marked so."""
+
+    server: _CountingRelayServer
+
+    def handle(self) -> None:
+        pid = struct.unpack("3i", self.request.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                          struct.calcsize("3i")))[0]
+        upstream = socket.socket(socket.AF_UNIX)
+        upstream.connect(str(self.server.target))
+        with upstream, selectors.DefaultSelector() as sel, suppress(OSError):
+            sel.register(self.request, selectors.EVENT_READ)
+            sel.register(upstream, selectors.EVENT_READ)
+            while True:
+                for key, _ in sel.select():
+                    if key.fileobj is upstream:
+                        data = upstream.recv(65536)
+                        if not data:
+                            return
+                        self.server.traffic.answered(pid, data)
+                        self.request.sendall(data)
+                    elif not self._relay(pid, upstream):
+                        return
+
+    def _relay(self, pid: int, upstream: socket.socket) -> bool:
+        data, ancillary, _, _ = self.request.recvmsg(65536, socket.CMSG_SPACE(16 * 4))
+        if not data:
+            return False
+        fds = array.array("i")
+        for level, kind, payload in ancillary:
+            if (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS):
+                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+        try:
+            head = os.pread(fds[0], 16, 0) if fds else b""
+            if head.startswith((FAILING, SILENT)):  # clamd gets the rest (a session's IDSESSION)
+                if rest := data.replace(b"zFILDES\0\0", b""):
+                    upstream.sendall(rest)
+                if head.startswith(FAILING):
+                    self.request.sendall(b"1: relay: Can't allocate memory ERROR\0")
+            else:
+                self.server.traffic.sent(pid, data)
+                upstream.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)] if fds else [])
+        finally:
+            for fd in fds:
+                os.close(fd)
+        return True
+
+
+class _CountingRelayServer(socketserver.ThreadingUnixStreamServer):
+    daemon_threads = True
+
+    def __init__(self, path: Path, target: Path) -> None:
+        self.target = target
+        self.traffic = Traffic()
+        super().__init__(str(path), _CountingRelay)
+
+
+@contextmanager
+def counting_relay(path: Path, clamd_socket: Path) -> Iterator[Traffic]:
+    """A unix socket at `path` in front of clamd's, passing descriptors (FILDES) on: yields
+    what it counts of the commands clamd has at once (`Traffic`)."""
+    server = _CountingRelayServer(path, clamd_socket)
+    path.chmod(0o666)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.traffic
     finally:
         server.shutdown()
         server.server_close()

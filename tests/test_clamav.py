@@ -9,7 +9,7 @@ import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -300,23 +300,26 @@ def test_a_clamd_restart_loses_no_scan_of_pooled_sessions(layout: Layout, tmp_pa
 
     with running_clamd() as before:
         link.symlink_to(before.socket)
-        with ExitStack() as held:  # three sessions at once, then back in the pool
-            for _ in range(3):
-                held.enter_context(engine._session(pooled=True))
+        _three_pooled_sessions(engine)
         assert [scan(name) for name in names[:3]] == expected[:3]
     link.unlink()
     with running_clamd() as after:
         link.symlink_to(after.socket)
         assert scan(names[0]) is VerdictKind.INFECTED  # two stale sessions would end this one
-        with ExitStack() as held:
-            for _ in range(3):
-                held.enter_context(engine._session(pooled=True))
+        _three_pooled_sessions(engine)
     link.unlink()
     with running_clamd() as again:
         link.symlink_to(again.socket)
         with ThreadPoolExecutor(max_workers=4) as pool:
             assert list(pool.map(scan, names)) == expected
     engine.close()
+
+
+def _three_pooled_sessions(engine: ClamavEngine) -> None:
+    """Three sessions open at once, then back in the pool."""
+    sessions = [engine._take(pooled=True) for _ in range(3)]
+    for session in sessions:
+        engine._pool(session)
 
 
 # -- files clamd would not read whole (docs/engines.md#file-size-limits) --------------------------

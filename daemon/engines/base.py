@@ -11,8 +11,8 @@ from daemon.engines._webhook import WebhookAddress, WebhookHealth
 from daemon.errors import EnginePermanentError
 from daemon.model import Pending, Reason, S3Object, Verdict
 
-__all__ = ["Engine", "S3Object", "ScanHandle", "ScanRequest", "SignatureSource", "Signatures",
-           "WebhookSource", "refuse_too_large", "signatures_of"]
+__all__ = ["Engine", "S3Object", "ScanHandle", "ScanRequest", "SendingEngine", "Sent", "SignatureSource",
+           "Signatures", "WebhookSource", "refuse_too_large", "signatures_of"]
 
 
 @dataclass(frozen=True)
@@ -128,6 +128,28 @@ class Engine(Protocol):
 
     def close(self) -> None:
         """Release connections and threads."""
+        ...
+
+
+class Sent(Protocol):
+    """A scan sent to its engine, its answer not read yet (`SendingEngine.send`)."""
+
+    def reply(self) -> Verdict | Pending:
+        """The answer, read once; raises what `Engine.scan` raises."""
+        ...
+
+    def cancel(self) -> None:
+        """The answer will not be read: drop what carries it (it must never answer another scan)."""
+        ...
+
+
+@runtime_checkable
+class SendingEngine(Protocol):
+    """An engine that takes several scans at once from one thread: `send` returns once the
+    scan is sent, before its answer, so a worker sends a few and then reads their answers
+    (clamd: docs/engines.md, "Concurrency"). `send` raises what `scan` raises before sending."""
+
+    def send(self, request: ScanRequest) -> Sent:
         ...
 
 

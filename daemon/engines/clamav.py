@@ -11,10 +11,11 @@ round trip, not a connect. A session clamd closed (idle timeout, a restart) empt
 pool, whose other sessions are as old, and the command is sent again once on a new
 connection; scanning is idempotent, so that retry is always safe. Each session carries
 one command at a time: an `ERROR` (which ends the session) would drop every other command
-in flight on it. A `FILDES` scan is one `sendmsg` and one `recv`. What a scan costs the
-daemon beyond that is its thread's wait for the reply (the thread put to sleep and woken:
-0.03 - 0.24 ms of CPU per file on a 2-core VM, with the load), which only several scans in
-flight per thread would spare (bench/RESULTS.md, "Issue 21: the worker's cost per file").
+in flight on it. A scan is sent (`send`) and its reply read later (`reply`), so that a
+worker thread can have several in flight, each on a session of its own, and sleep once for
+several replies instead of once per file (the pipeline's window, docs/engines.md,
+"Concurrency"; what a wait costs: bench/RESULTS.md, "Issue 21"). A `FILDES` scan is one
+`sendmsg` and one `recv`; a scan whose reply will not be read closes its session.
 
 Unless `concurrency` is set, an engine scans as many files at once as clamd has scanning
 threads (`MaxThreads`, from `STATS`): `follow_clamd_threads` (docs/engines.md).
@@ -29,7 +30,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 
 import structlog
 
@@ -69,16 +70,8 @@ class _Session:
         self._buffer = b""
         self.sock.sendall(b"zIDSESSION\0")
 
-    def command(self, line: bytes, body: Iterator[bytes], fd: int | None = None) -> str:
-        """Send one command (and INSTREAM chunks, or FILDES's fd); return its reply without the id.
-
-        TimeoutError: a send or receive waited the engine's `timeout` (`_kernel_timeouts`)."""
-        try:
-            return self._command(line, body, fd)
-        except BlockingIOError as exc:
-            raise TimeoutError(f"clamd: {exc.strerror}") from exc
-
-    def _command(self, line: bytes, body: Iterator[bytes], fd: int | None) -> str:
+    def send(self, line: bytes, body: Iterator[bytes], fd: int | None = None) -> None:
+        """Send one command (and INSTREAM chunks, or FILDES's fd); `receive` reads its reply."""
         message = b"z" + line + b"\0"
         if fd is None:
             self.sock.sendall(message)
@@ -89,6 +82,9 @@ class _Session:
                 self.sock.sendall(struct.pack(">I", len(chunk)) + chunk)
         except (BrokenPipeError, ConnectionResetError):
             pass  # clamd stops reading when it refuses a stream; its reply says why
+
+    def receive(self) -> str:
+        """The reply to the command sent, without its id."""
         while b"\0" not in self._buffer:
             data = self.sock.recv(4096)
             if not data:
@@ -103,6 +99,88 @@ class _Session:
         with suppress(OSError):
             self.sock.sendall(b"zEND\0")
         self.sock.close()
+
+
+class _Exchange:
+    """One command on a session of its own, sent at once; `reply` reads its answer.
+
+    The session is the exchange's alone until its reply is read (then pooled) or it is
+    cancelled (then closed), so it never carries another command's answer, and an `ERROR`
+    (which ends a session) ends no other command. A session clamd had closed (idle
+    timeout, a restart: seen at the send or at the reply) empties the pool, whose other
+    sessions are as old, and the command is sent once more on a new connection; scanning
+    is idempotent, so that is always safe.
+    """
+
+    def __init__(self, engine: ClamavEngine, line: bytes,
+                 body: Callable[[], Iterator[bytes]] = lambda: iter(()), fd: int | None = None) -> None:
+        self._engine = engine
+        self._command = (line, body, fd)
+        self._pooled = True
+        self._session: _Session | None = self._send()
+
+    def _send(self) -> _Session:
+        line, body, fd = self._command
+        session = None
+        try:
+            session = self._engine._take(self._pooled)
+            session.send(line, body(), fd)
+        except BaseException as exc:
+            return self._again(session, exc)
+        return session
+
+    def reply(self) -> str:
+        """The command's reply; raises `EngineRetryableError` (a timeout, sessions lost twice)."""
+        session, self._session = self._session, None
+        if session is None:
+            raise RuntimeError("clamd: a reply read twice, or after cancel")
+        try:
+            text = session.receive()
+        except BaseException as exc:
+            self._session = self._again(session, exc)
+            return self.reply()
+        self._engine._pool(session)
+        return text
+
+    def cancel(self) -> None:
+        """The reply will not be read: the session is closed, never pooled."""
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+
+    def _again(self, session: _Session | None, exc: BaseException) -> _Session:
+        """After `exc` on `session`: the command sent again on a new connection, or the error."""
+        if session is not None:
+            session.close()
+        if isinstance(exc, ConnectionError) and self._pooled:
+            self._engine.close()
+            self._pooled = False
+            return self._send()
+        error = self._engine._error(exc)
+        if error is exc:
+            raise exc
+        raise error from exc
+
+
+class _Scan:
+    """A scan sent (`ClamavEngine.send`), its reply not read yet."""
+
+    def __init__(self, engine: ClamavEngine, request: ScanRequest, how: str, exchange: _Exchange) -> None:
+        self._engine = engine
+        self._request = request
+        self._how = how
+        self._exchange = exchange
+
+    def reply(self) -> Verdict:
+        """clamd's verdict (raises the engine errors `ClamavEngine.scan` raises)."""
+        reply = self._exchange.reply()
+        if self._how == "fd" and reply.endswith(" ERROR") and any(e in reply for e in _FILDES_REFUSED):
+            self._engine._refused_fildes(reply)
+            return self._engine.scan(self._request)  # streamed now
+        return self._engine._verdict(reply, self._how)
+
+    def cancel(self) -> None:
+        self._exchange.cancel()
 
 
 class ClamavEngine:
@@ -141,17 +219,14 @@ class ClamavEngine:
         _kernel_timeouts(sock, timeout_s)
         return sock
 
-    @contextmanager
-    def _session(self, pooled: bool) -> Iterator[_Session]:
+    def _take(self, pooled: bool) -> _Session:
+        """A pooled session (`pooled`), else a new one."""
         with self._lock:
             session = self._idle.pop() if self._idle and pooled else None
-        if session is None:
-            session = _Session(self._connect())
-        try:
-            yield session
-        except BaseException:
-            session.close()
-            raise
+        return session if session is not None else _Session(self._connect())
+
+    def _pool(self, session: _Session) -> None:
+        """A session whose reply was read: pooled while clamd keeps it open."""
         if not session.is_open:
             session.close()
             return
@@ -160,39 +235,42 @@ class ClamavEngine:
 
     def _ask(self, line: bytes, body: Callable[[], Iterator[bytes]] = lambda: iter(()),
              fd: int | None = None) -> str:
-        """One command through a pooled session. If clamd dropped it, the pooled sessions
-        (as old) are closed and the command goes once more on a new connection."""
-        for pooled in (True, False):
-            try:
-                with self._session(pooled) as session:
-                    return session.command(line, body(), fd)
-            except TimeoutError as exc:
-                raise EngineRetryableError(f"clamd at {self._where} did not answer within "
-                                           f"{self._config.timeout:g}s", reason=Reason.TIMEOUT) from exc
-            except ConnectionError as exc:
-                if not pooled:
-                    raise EngineRetryableError(f"clamd at {self._where}: {exc}") from exc
-                self.close()
-        raise AssertionError("unreachable")
+        """One command through a pooled session, and its reply (`_Exchange`)."""
+        return _Exchange(self, line, body, fd).reply()
+
+    def _error(self, exc: BaseException) -> BaseException:
+        """What a session's failure is to the pipeline: a timeout or a lost session is retryable."""
+        if isinstance(exc, TimeoutError | BlockingIOError):
+            return EngineRetryableError(f"clamd at {self._where} did not answer within "
+                                        f"{self._config.timeout:g}s", reason=Reason.TIMEOUT)
+        if isinstance(exc, ConnectionError):
+            return EngineRetryableError(f"clamd at {self._where}: {exc}")
+        return exc
 
     # -- Engine ------------------------------------------------------------------------------
 
     def scan(self, request: ScanRequest) -> Verdict:
-        """FILDES (auto on a unix socket), INSTREAM (auto over TCP or refused, stream) or SCAN (path).
+        """The verdict on `request`'s bytes: `send`, then the reply read."""
+        return self.send(request).reply()
+
+    def send(self, request: ScanRequest) -> _Scan:
+        """Send the scan on a session of its own, FILDES (auto on a unix socket), INSTREAM
+        (auto over TCP or refused, stream) or SCAN (path); `reply()` reads its verdict.
 
         A file over `max_size` is not sent: clamd would answer OK for the part past its
         own limits (docs/engines.md#clamav-clamd).
         """
         refuse_too_large(self.name, self._config.max_size, request)
         if self._config.mode == "path":
-            return self._verdict(self._ask(b"SCAN " + os.fsencode(request.path)), "path")
+            return _Scan(self, request, "path", _Exchange(self, b"SCAN " + os.fsencode(request.path)))
         if self._config.mode == "auto" and self._can_pass_fd:
-            reply = self._ask(b"FILDES", fd=request.bytes_fd)
-            if not (reply.endswith(" ERROR") and any(e in reply for e in _FILDES_REFUSED)):
-                return self._verdict(reply, "fd")
-            self._can_pass_fd = False  # never SCAN by name instead: stream the held bytes
-            log.warning("engine.fildes_refused", engine=self.name, clamd=self._where, reply=reply)
-        return self._verdict(self._ask(b"INSTREAM", lambda: _chunks(request.bytes_fd)), "stream")
+            return _Scan(self, request, "fd", _Exchange(self, b"FILDES", fd=request.bytes_fd))
+        return _Scan(self, request, "stream", _Exchange(self, b"INSTREAM", lambda: _chunks(request.bytes_fd)))
+
+    def _refused_fildes(self, reply: str) -> None:
+        """clamd cannot take descriptors: stream the held bytes from now on, never SCAN by name."""
+        self._can_pass_fd = False
+        log.warning("engine.fildes_refused", engine=self.name, clamd=self._where, reply=reply)
 
     def _verdict(self, reply: str, how: str) -> Verdict:
         raw: dict[str, object] = {"reply": reply, "mode": how}

@@ -19,24 +19,25 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from contextlib import AbstractContextManager
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
 from daemon.config import Config, WatchConfig
-from daemon.engines.base import Engine, ScanHandle, ScanRequest, Signatures, signatures_of
+from daemon.engines.base import Engine
 from daemon.fsutil import DirCache
-from daemon.journal import FileRow, Journal
+from daemon.journal import FileRow, Journal, RowChanges
 from daemon.locations import Locations, Place
 from daemon.log import enabled, file_context
-from daemon.model import FileState, Pending, Reason, Verdict, VerdictKind
+from daemon.model import FileState, Reason, Verdict, VerdictKind
+from daemon.pipeline.gate import SendingGate, gate
 from daemon.pipeline.health import EngineHealth
+from daemon.pipeline.inflight import IN_FLIGHT, Flight, Window
 from daemon.pipeline.moving import Mover
 from daemon.pipeline.outcome import Outcome, Outcomes
 from daemon.pipeline.planning import Planner
 from daemon.pipeline.reconcile import reconcile
-from daemon.pipeline.scanning import Scanner
+from daemon.pipeline.scanning import Asking, Scanner
 from daemon.pipeline.settling import Settler, needs_settling
 from daemon.retry import RetryPolicy
 from daemon.s3client import S3Clients
@@ -56,6 +57,8 @@ _S3_WORKERS = 32
 _IDLE_WAIT_S = 1.0
 # docs/contract.md, "Log events"
 _WARNINGS = ("retry.scheduled", "move.failed", "file.skipped", "file.settle_failed")
+# A step's result: its outcome or, for a scan, possibly its step stopped at the engine call.
+_Step = TypeVar("_Step", Outcome, Outcome | Asking)
 # One step's outcome as the metrics and alerts hear it: the row before, the engine's label.
 Reported = tuple[FileRow, str, Outcome]
 
@@ -90,6 +93,7 @@ class Pipeline:
         self._engines = engines
         self.scanner = Scanner(config, journal, self._bounded(engines), outcomes,
                                EngineHealth(journal, clock))
+        self._senders = self._sending()
 
     @property
     def engines(self) -> Mapping[str, Engine]:
@@ -100,6 +104,7 @@ class Pipeline:
     def engines(self, engines: Mapping[str, Engine]) -> None:
         self._engines = engines
         self.scanner.engines = self._bounded(engines)
+        self._senders = self._sending()
 
     def _workers(self, engine: str) -> int:
         """Worker threads of an engine: its `concurrency`, more for S3 I/O.
@@ -112,16 +117,18 @@ class Pipeline:
         concurrency = self.config.engines[engine].concurrency
         if any(uses_s3(w) for w in self.config.watches if engine in w.engines):
             return max(concurrency, _S3_WORKERS)
-        return -(-concurrency // self.config.worker_count())
+        # A thread of an engine that takes several scans at once has up to IN_FLIGHT of them
+        # in flight (daemon/pipeline/inflight.py): fewer threads fill its `concurrency`.
+        per_thread = IN_FLIGHT if isinstance(self.scanner.engines.get(engine), SendingGate) else 1
+        return -(-concurrency // (self.config.worker_count() * per_thread))
 
     def _bounded(self, engines: Mapping[str, Engine]) -> Mapping[str, Engine]:
-        """The engines, each behind its one gate: at most `concurrency` calls at once, whether
-        from a single-engine watch's worker or a multi-engine watch's fan-out, and with several
-        worker processes (`workers` > 1) by slot files under state_dir that every process
-        shares (daemon/slots.py). docs/engines.md, "Concurrency"."""
+        """The engines, each behind its one gate (daemon/pipeline/gate.py): at most
+        `concurrency` calls at once, with several worker processes (`workers` > 1) by slot
+        files under state_dir that every process shares (daemon/slots.py)."""
         shared = self.config.worker_count() > 1
-        return {name: _Bounded(engine, self.config.engines[name].concurrency,
-                               self._slots_of(name) if shared else None)
+        return {name: gate(engine, self.config.engines[name].concurrency,
+                           self._slots_of(name) if shared else None)
                 if name in self.config.engines else engine for name, engine in engines.items()}
 
     def _slots_of(self, name: str) -> EngineSlots:
@@ -208,14 +215,7 @@ class Pipeline:
         wakes a thread of the daemon's, and a wake-up costs what counting a file does)."""
         reported: list[Reported] = []
         try:
-            scanned: list[tuple[FileRow, Outcome]] = []
-            for row in rows:
-                if row.state is FileState.SCANNING:
-                    scanned.append(self._scan(row, locations))
-                elif row.state is FileState.VERDICT:  # a failed move: plan it again
-                    scanned.append((row, self._guard(row, locations, self._replan)))
-                else:  # moving: a move cut off by a crash, finished below
-                    scanned.append((row, Outcome({})))
+            scanned = self._first_steps(rows, locations)
             reported += self._commit(scanned, dirs)
             moved: list[tuple[FileRow, Outcome]] = []
             for row, outcome in scanned:
@@ -228,17 +228,47 @@ class Pipeline:
             if self._on_outcomes and reported:
                 self._on_outcomes(reported)
 
-    def _scan(self, row: FileRow, locations: Locations) -> tuple[FileRow, Outcome]:
-        """A scanning row's step; one not settled yet is settled first, and scanned at once if
-        it is (daemon/pipeline/settling.py): the row as the step found it, and its outcome."""
-        if not needs_settling(row):
-            return row, self._guard(row, locations, self.scanner.scan)
-        settled = self._guard(row, locations, self.settler.settle)
-        if settled.state is not None:  # not settled yet, held or gone
-            return row, settled
-        row = row.updated(settled.changes)
-        outcome = self._guard(row, locations, self.scanner.scan)
-        return row, outcome.but(changes={**settled.changes, **outcome.changes})
+    def _first_steps(self, rows: list[FileRow], locations: Locations) -> list[tuple[FileRow, Outcome]]:
+        """Each row's step before its move: scanned (several scans in flight where the engine
+        takes them: daemon/pipeline/inflight.py), planned again, or none (a cut-off move)."""
+        done: dict[int, Outcome] = {}
+        settled: dict[int, RowChanges] = {}
+
+        def land(flight: Flight) -> None:
+            done[flight.row.id] = self._guard(flight.row, locations, flight.land)
+
+        with Window(land) as window:
+            for row in rows:
+                if row.state is FileState.VERDICT:  # a failed move: plan it again
+                    done[row.id] = self._guard(row, locations, self._replan)
+                    continue
+                if row.state is not FileState.SCANNING:
+                    continue  # moving: a move cut off by a crash, finished below
+                if needs_settling(row):  # daemon/pipeline/settling.py: scanned at once if settled
+                    look = self._guard(row, locations, self.settler.settle)
+                    if look.state is not None:  # not settled yet, held or gone
+                        done[row.id] = look
+                        continue
+                    settled[row.id] = look.changes
+                    row = row.updated(look.changes)
+                if sender := self._senders.get(row.watch):
+                    begun = self._guard(row, locations, self.scanner.begin)
+                    if isinstance(begun, Asking):
+                        window.send(Flight(row, begun, sender))
+                    else:
+                        done[row.id] = begun
+                else:
+                    window.land_all()  # this scan's slots are taken waiting
+                    done[row.id] = self._guard(row, locations, self.scanner.scan)
+        return [(row, _after(settled.get(row.id), done.get(row.id) or Outcome({}))) for row in rows]
+
+    def _sending(self) -> dict[str, SendingGate]:
+        """The gate of each single-engine watch whose engine takes several scans at once. Not
+        for S3 watches: their many threads wait on S3 anyway, and each scan in flight would
+        hold its object's download."""
+        gates = {w.name: self.scanner.engines.get(w.engines[0]) for w in self.config.watches
+                 if len(w.engines) == 1 and not uses_s3(w)}
+        return {name: g for name, g in gates.items() if isinstance(g, SendingGate)}
 
     def _replan(self, row: FileRow, locations: Locations) -> Outcome:
         return self.planner.plan(row, {"state": FileState.MOVING}, locations)
@@ -247,14 +277,17 @@ class Pipeline:
         return self.mover.move(row, locations, resumed=True)
 
     def _guard(self, row: FileRow, locations: Locations,
-               step: Callable[[FileRow, Locations], Outcome]) -> Outcome:
+               step: Callable[[FileRow, Locations], _Step]) -> _Step:
         """Run a step, and plan the move of the verdict it came to (journaled with it, before
-        any move); an unexpected error fails the file instead of killing the worker."""
+        any move); an unexpected error fails the file instead of killing the worker. A scan
+        stopped at its engine call (`Asking`) is returned as it is."""
         self.heartbeat_at = self.clock()
         kept = None
         try:
             with file_context(self._context(row)):
                 outcome = step(row, locations)
+                if isinstance(outcome, Asking):
+                    return outcome
                 kept = outcome.kept
                 return self.planner.planned(row, outcome, locations) if outcome.needs_plan else outcome
         except Exception as exc:
@@ -313,46 +346,9 @@ class Pipeline:
                 "engine": self.config.watch(row.watch).engine_label, "ref_id": row.ref_id}
 
 
-class _Bounded:
-    """An engine whose scans and polls run at most `limit` at once, from any number of workers
-    (the one owner of its concurrency; its rate pacing stays in its HTTP client)."""
-
-    def __init__(self, engine: Engine, limit: int, shared: EngineSlots | None = None) -> None:
-        self.engine = engine
-        self._shared = shared
-        self._slots: AbstractContextManager[object] = (
-            self._shared or threading.BoundedSemaphore(limit))
-
-    @property
-    def name(self) -> str:
-        return self.engine.name
-
-    @property
-    def remote(self) -> bool:
-        return self.engine.remote
-
-    @property
-    def reads_s3(self) -> bool:
-        return self.engine.reads_s3
-
-    def scan(self, request: ScanRequest) -> Verdict | Pending:
-        with self._slots:
-            return self.engine.scan(request)
-
-    def poll(self, scan: ScanHandle) -> Verdict | Pending:
-        with self._slots:
-            return self.engine.poll(scan)
-
-    def probe(self) -> str:
-        return self.engine.probe()
-
-    def signatures(self) -> Signatures:
-        return signatures_of(self.engine)
-
-    def close(self) -> None:
-        self.engine.close()
-        if self._shared is not None:
-            self._shared.close()
+def _after(settled: RowChanges | None, outcome: Outcome) -> Outcome:
+    """A step's outcome with the changes of the settle step before it, if there was one."""
+    return outcome if settled is None else outcome.but(changes={**settled, **outcome.changes})
 
 
 def uses_s3(watch: WatchConfig) -> bool:

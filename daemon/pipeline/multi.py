@@ -120,7 +120,7 @@ class MultiScanner(answers.ScanStep):
 
     def _parallel(self, names: list[str], step: Callable[[str], Any]) -> dict[str, Any]:
         """`step(name)` for each engine at once (each engine's calls pass its one gate, which
-        holds it to its `concurrency` across every watch: daemon/pipeline `_Bounded`)."""
+        holds it to its `concurrency` across every watch: daemon/pipeline/gate.py)."""
         if not names:
             return {}
         with ThreadPoolExecutor(len(names), thread_name_prefix="scan-multi") as pool:

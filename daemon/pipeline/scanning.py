@@ -5,15 +5,22 @@ engines"); otherwise the source's bytes are hashed and exactly those are scanned
 the way the engine reads them (`ReadBy`). A remote submission is journaled as in doubt,
 in its own transaction, before the engine sees it, and its scan ID right after the answer.
 A verdict is returned for the pipeline's loop to plan its move (daemon/pipeline/planning.py).
+
+A step asks its engine at most once, and stops there (`Scanner.begin` returns an `Asking`):
+whoever drives it makes the call and finishes the step with the answer. `scan` asks at
+once; the pipeline's loop sends the calls of an engine that takes several scans at once
+and reads their answers later (daemon/pipeline/inflight.py). The held bytes stay open
+meanwhile: the step is suspended inside them.
 """
 
 from __future__ import annotations
 
 import errno
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Generator, Mapping
+from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import structlog
 from pydantic import SecretStr
@@ -38,11 +45,24 @@ from daemon.pipeline.multi import MultiScanner
 from daemon.pipeline.outcome import Outcome, Outcomes
 from daemon.refid import build_ref_id
 
-__all__ = ["Scanner"]
+__all__ = ["Asking", "EngineCall", "Scanner"]
 
 log = structlog.get_logger("scanwatch.pipeline")
 
 _UNREADABLE_ERRNOS = (errno.EIO, errno.EISDIR, errno.ENXIO)
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class EngineCall:
+    """The one engine call of a scanning step: `engine.scan(request)`."""
+
+    engine: Engine
+    request: ScanRequest
+
+
+# A scanning step: runs up to its engine call (yielded), takes its answer, returns its outcome.
+_Steps = Generator[EngineCall, answers.EngineResult, Outcome]
 
 
 class Scanner(answers.ScanStep):
@@ -69,7 +89,21 @@ class Scanner(answers.ScanStep):
         self.health.load()
 
     def scan(self, row: FileRow, locations: Locations) -> Outcome:
-        """One scanning step of `row`: what happened, as a journal change and an event."""
+        """One scanning step of `row`, its engine asked at once: what happened, as a journal
+        change and an event."""
+        started = self.begin(row, locations)
+        return started if isinstance(started, Outcome) else started.now()
+
+    def begin(self, row: FileRow, locations: Locations) -> Outcome | Asking:
+        """`row`'s scanning step run up to its engine call (an `Asking`), or to its end."""
+        steps = self._steps(row, locations)
+        try:
+            call = next(steps)
+        except StopIteration as done:
+            return cast(Outcome, done.value)
+        return Asking(self, steps, call)
+
+    def _steps(self, row: FileRow, locations: Locations) -> _Steps:
         watch = self.config.watch(row.watch)
         source = locations.source(watch.source, watch)
         for root in watch.destinations.values():
@@ -81,7 +115,7 @@ class Scanner(answers.ScanStep):
             listed = Listed(row.rel_path, row.etag, row.version_id, row.size, file_id=row.id,
                             snapshot=row.snapshot, sha256=row.sha256)
             with source.open_for_scan(listed) as opened:
-                return self._scan_opened(row, watch, opened, locations)
+                return (yield from self._scan_opened(row, watch, opened, locations))
         except FileNotFoundError:
             return self.outcomes.gone()
         except UnsafePathError as exc:
@@ -109,7 +143,7 @@ class Scanner(answers.ScanStep):
                          for name, limit in limits)
 
     def _scan_opened(self, row: FileRow, watch: WatchConfig, opened: Opened,
-                     locations: Locations) -> Outcome:
+                     locations: Locations) -> _Steps:
         if detail := opened.changed_from(row.identity):
             return self.outcomes.changed(detail, settles=True)
         if len(watch.engines) > 1:
@@ -145,7 +179,7 @@ class Scanner(answers.ScanStep):
                                       None, cached_fields(entry))
             if (waiting := self.cache.wait(key, row)) is not None:
                 return waiting
-        return self._ask(row, watch, engine, request, opened.facts, followed, locations, key)
+        return (yield from self._ask(row, watch, engine, request, opened.facts, followed, locations, key))
 
     def _follow(self, row: FileRow, engine: Engine, opened: Opened, locations: Locations
                 ) -> Outcome | EngineResubmitError | None:
@@ -161,7 +195,7 @@ class Scanner(answers.ScanStep):
         facts = opened.facts
         started = time.monotonic()
         try:
-            answer = self._call(row, engine, partial(engine.poll, handle))
+            answer = self._answer_of(row, self.asked(engine.name, partial(engine.poll, handle)))
         except EngineResubmitError as exc:
             log.info("scan.resubmitting", watch=row.watch, rel_path=row.rel_path, file_id=row.id,
                      error=str(exc), in_doubt=row.engine_scan_id is None, may_duplicate=exc.may_duplicate)
@@ -178,7 +212,7 @@ class Scanner(answers.ScanStep):
 
     def _ask(self, row: FileRow, watch: WatchConfig, engine: Engine, request: ScanRequest,
              facts: RowChanges, resubmit: EngineResubmitError | None, locations: Locations,
-             key: CacheKey | None) -> Outcome:
+             key: CacheKey | None) -> _Steps:
         """Ask the engine about the bytes of `request` (with the row's reference ID for them);
         `facts` say which version they were.
 
@@ -190,8 +224,8 @@ class Scanner(answers.ScanStep):
             # transaction, before the engine sees it (docs/integrity.md, "Remote engines").
             self.journal_at_once(row.id, {"sha256": sha256, "ref_id": ref_id, "engine": engine.name,
                                           "submitting_at": self.clock(), **facts})
-        started = time.monotonic()
-        answer = self._call(row, engine, partial(engine.scan, request))
+        started = time.monotonic()  # with scans in flight, until this one's answer is read
+        answer = self._answer_of(row, (yield EngineCall(engine, request)))
         if isinstance(answer, Outcome):
             self.cache.release(key, row.id)
             return answer
@@ -210,11 +244,9 @@ class Scanner(answers.ScanStep):
                                   "scan.submitted", repeated)
         return answered.but(kept=kept) if kept else answered
 
-    def _call(self, row: FileRow, engine: Engine, ask: Callable[[], Verdict | Pending]
-              ) -> Verdict | Pending | Outcome:
+    def _answer_of(self, row: FileRow, result: answers.EngineResult) -> Verdict | Pending | Outcome:
         """The engine's answer, or what its error means for the row (retry, wait, failed)."""
         engine_cfg = self.config.engines[self.config.watch(row.watch).engines[0]]
-        result = self.asked(engine.name, ask)
         step = answers.step_of(result, attempts=row.attempts, spent=True, discovered_at=row.discovered_at,
                                now=self.clock(), limits=answers.Limits.of(engine_cfg, self.outcomes.policy))
         if isinstance(step, answers.Wait):  # nothing can have been submitted
@@ -250,3 +282,38 @@ def _ref_id(row: FileRow, watch: WatchConfig, sha256: str) -> str:
 
 def _secret(value: SecretStr | None) -> str | None:
     return None if value is None else value.get_secret_value()
+
+
+class Asking:
+    """A scanning step stopped at its engine call (`call`): `answer` finishes it."""
+
+    def __init__(self, scanner: Scanner, steps: _Steps, call: EngineCall) -> None:
+        self._scanner = scanner
+        self._steps = steps
+        self.call = call
+
+    def answer(self, reply: Callable[[], Verdict | Pending]) -> Outcome:
+        """The step finished with the engine's answer: what `reply` returns, or raises (as if
+        raised by the engine's `scan` in the step); the engine's health journaled if it changed."""
+        try:
+            result = self._scanner.asked(self.call.engine.name, reply)
+        except Exception as exc:
+            return _finish(self._steps.throw, exc)
+        return _finish(self._steps.send, result)
+
+    def now(self) -> Outcome:
+        """The step finished with its engine asked at once."""
+        return self.answer(partial(self.call.engine.scan, self.call.request))
+
+    def close(self) -> None:
+        """The step will not be finished: let go of what it holds (the file's bytes)."""
+        self._steps.close()
+
+
+def _finish(resume: Callable[[_T], EngineCall], value: _T) -> Outcome:
+    """The step resumed with `value` (its engine's answer, or an error to raise in it), to its end."""
+    try:
+        resume(value)
+    except StopIteration as done:
+        return cast(Outcome, done.value)
+    raise AssertionError("a scanning step asks its engine once")
