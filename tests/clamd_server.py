@@ -170,10 +170,17 @@ def unix_relay(path: Path, address: str) -> Iterator[list[bytes]]:
     take descriptors; yields what clients sent through it."""
     host, _, port = address.rpartition(":")
     server = _RelayServer(path, (host, int(port)))
+    with _serving(server):
+        yield server.received
+
+
+@contextmanager
+def _serving(server: socketserver.BaseServer) -> Iterator[None]:
+    """`server` served from a thread of its own until the block ends."""
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield server.received
+        yield
     finally:
         server.shutdown()
         server.server_close()
@@ -277,10 +284,5 @@ def counting_relay(path: Path, clamd_socket: Path) -> Iterator[Traffic]:
     what it counts of the commands clamd has at once (`Traffic`)."""
     server = _CountingRelayServer(path, clamd_socket)
     path.chmod(0o666)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with _serving(server):
         yield server.traffic
-    finally:
-        server.shutdown()
-        server.server_close()
