@@ -12,7 +12,6 @@ daemon's process, nor a row write between its arrival and its claim (bench/RESUL
 
 from __future__ import annotations
 
-import errno
 import os
 from collections.abc import Callable
 
@@ -24,7 +23,7 @@ from daemon.locations import Locations
 from daemon.model import FileState
 from daemon.naming import split_rel
 from daemon.pipeline.outcome import Outcome, Outcomes
-from daemon.watchers.local import RepeatFilter
+from daemon.watchers.local import RepeatFilter, errno_reason
 
 __all__ = ["Settler", "needs_settling"]
 
@@ -82,7 +81,7 @@ class Settler:
 
     def _failed(self, exc: OSError) -> Outcome | None:
         """`file.settle_failed`, once a minute for the same error with the count held back."""
-        reason = errno.errorcode.get(exc.errno or 0, "unknown").lower()
+        reason = errno_reason(exc)
         if (held := self._errors.admit(f"settle {reason}")) is None:
             return None
         return Outcome({}, "file.settle_failed", {"reason": reason, "error": exc.strerror, "repeated": held})

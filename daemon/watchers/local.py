@@ -38,7 +38,7 @@ from daemon.watchers.base import is_ignored, log_discovered, relative_path
 from daemon.watchers.fallback import ArrivalsHandler, ArrivalsObserver, ObservedWatch
 from daemon.watchers.tree import stat_below, walk
 
-__all__ = ["LocalWatcher", "RepeatFilter"]
+__all__ = ["LocalWatcher", "RepeatFilter", "errno_reason"]
 
 STAGING_PREFIX = IN_SOURCE + "/"
 
@@ -50,7 +50,8 @@ _ROOT_POLL_S = 1.0  # how soon a missing or unsafe root is looked at again
 _ROOT_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def _reason(exc: OSError) -> str:
+def errno_reason(exc: OSError) -> str:
+    """An OSError's reason code as logged: its errno's name in lower case (`enoent`)."""
     return errno.errorcode.get(exc.errno or 0, "unknown").lower()
 
 
@@ -189,7 +190,7 @@ class LocalWatcher:
         self._disarm()
         unsafe = exc.errno in (errno.ELOOP, errno.ENOTDIR)
         problem = ("symlink" if os.path.islink(self.watch.source) else "not_a_directory"
-                   ) if unsafe else _reason(exc)
+                   ) if unsafe else errno_reason(exc)
         if problem == self._root_problem:
             return
         self._root_problem = problem
@@ -212,7 +213,7 @@ class LocalWatcher:
                     self._observed = self._observer.schedule(handler, self.watch.source, recursive=True)
             except OSError as exc:
                 log.warning("watch.events_unavailable", watch=self.watch.name,
-                            reason=_reason(exc), error=exc.strerror)
+                            reason=errno_reason(exc), error=exc.strerror)
 
     def _disarm(self) -> None:
         with self._arm_lock:
@@ -242,7 +243,7 @@ class LocalWatcher:
 
     def _skip(self, rel_dir: str, exc: OSError, seen: dict[str, str]) -> None:
         """Report a subtree that cannot be walked, once for as long as it keeps failing."""
-        reason = _reason(exc)
+        reason = errno_reason(exc)
         seen[rel_dir] = reason
         if self._skipped.get(rel_dir) != reason:
             self._skipped[rel_dir] = reason
