@@ -157,14 +157,18 @@ def run_daemon(base: Path, files: list[tuple[str, bytes]], concurrency: int | No
 
 
 def _lock_figures(stats: Path, parent: int, count: int) -> dict[str, float]:
-    """Per file: ms the workers' and the parent's transactions held the writers' lock (wall
-    time, and the CPU time of the holding threads: wall time counts waiting for a core too)."""
-    held = {"workers": 0.0, "parent": 0.0, "workers_cpu": 0.0, "parent_cpu": 0.0}
+    """Per file: ms the workers' and the parent's transactions held the journal's writers'
+    lock (wall time, and the CPU time of the holding threads: wall time counts waiting for a
+    core too), and every process's held the kept verdicts' (a checkout that keeps them in a
+    file of their own)."""
+    held = {"workers": 0.0, "parent": 0.0, "workers_cpu": 0.0, "parent_cpu": 0.0,
+            "verdicts": 0.0, "verdicts_cpu": 0.0}
     if not stats.exists():  # a checkout that keeps no such figures
         return {}
     for line in stats.read_text().splitlines():
         record = json.loads(line)
-        who = "parent" if record["pid"] == parent else "workers"
+        who = ("verdicts" if record.get("file") == "verdicts.sqlite3"
+               else "parent" if record["pid"] == parent else "workers")
         held[who] += record["held_s"]
         held[f"{who}_cpu"] += record.get("held_cpu_s", record["held_s"])
     return {f"lock_{who}_ms_per_file": 1000 * s / count for who, s in held.items()}
@@ -298,35 +302,42 @@ def _report_serial(runs: list[dict[str, dict[str, float]]], who: str) -> None:
     lock's CPU and the parent's as one serial part during which nothing else runs; and the
     bottleneck bound, for what this pipeline is: the lock (any holder) and the parent's
     process are each one resource that runs beside the workers, so n cores move at most
-    min(n / C, 1 / L, 1 / P) files a second (C: CPU per file, every process; L: CPU under the
-    lock, every process; P: the parent's CPU), i.e. a speed-up of min(n, C / L, C / P)."""
+    min(n / C, 1 / L, 1 / V, 1 / P) files a second (C: CPU per file, every process; L: CPU under
+    the journal's lock, every process; V: under the kept verdicts' lock, where they have one;
+    P: the parent's CPU), i.e. a speed-up of min(n, C / L, C / V, C / P)."""
     shares = []
     for run in runs:
         burst = run[f"burst {who}"]
         cpu = burst["cpu_ms_per_file"]
         lock_cpu = burst["lock_workers_cpu_ms_per_file"]
+        verdicts_cpu = burst.get("lock_verdicts_cpu_ms_per_file", 0.0)
         parent = burst["parent_cpu_ms_per_file"]
         shares.append({"s": {"lock": burst["lock_workers_ms_per_file"], "lock_cpu": lock_cpu,
                              "lock_parent": burst["lock_parent_ms_per_file"], "parent": parent,
+                             "verdicts_cpu": verdicts_cpu,
                              "share": 100 * (burst["lock_workers_ms_per_file"] + parent) / cpu,
                              "share_cpu": 100 * (lock_cpu + parent) / cpu,
+                             "share_both": 100 * (lock_cpu + verdicts_cpu + parent) / cpu,
                              "lock_bound": cpu / (lock_cpu + burst.get("lock_parent_cpu_ms_per_file", 0.0)),
+                             "verdicts_bound": cpu / verdicts_cpu if verdicts_cpu else float("inf"),
                              "parent_bound": cpu / parent}})
-    print(f"  serial part ({who}), ms per file: writers' lock held by the workers "
+    print(f"  serial part ({who}), ms per file: the journal's writers' lock held by the workers "
           f"{_spread(shares, 's', 'lock', 3)} "
           f"(CPU under it {_spread(shares, 's', 'lock_cpu', 3)}), by the parent "
-          f"{_spread(shares, 's', 'lock_parent', 3)}; parent CPU {_spread(shares, 's', 'parent', 3)}; "
-          f"serial share of the CPU per file {_spread(shares, 's', 'share', 1)} % (lock's wall "
-          f"time), {_spread(shares, 's', 'share_cpu', 1)} % (CPU under the lock)")
+          f"{_spread(shares, 's', 'lock_parent', 3)}; the kept verdicts' lock (CPU, every process) "
+          f"{_spread(shares, 's', 'verdicts_cpu', 3)}; parent CPU {_spread(shares, 's', 'parent', 3)}; "
+          f"serial share of the CPU per file {_spread(shares, 's', 'share', 1)} % (the journal's lock's "
+          f"wall time), {_spread(shares, 's', 'share_cpu', 1)} % (CPU under it), "
+          f"{_spread(shares, 's', 'share_both', 1)} % (CPU under either lock)")
     for key, what in (("share", "lock's wall time"), ("share_cpu", "CPU under the lock")):
         share = statistics.median(r["s"][key] for r in shares) / 100
         print(f"  Amdahl from that share ({what}): " + ", ".join(
             f"{cores} cores {1 / (share + (1 - share) / cores):.2f}x" for cores in (2, 4, 8, 16)))
-    lock_bound = statistics.median(r["s"]["lock_bound"] for r in shares)
-    parent_bound = statistics.median(r["s"]["parent_bound"] for r in shares)
-    print(f"  bottleneck bound: C / L {_spread(shares, 's', 'lock_bound', 1)}, C / P "
-          f"{_spread(shares, 's', 'parent_bound', 1)}: " + ", ".join(
-              f"{cores} cores {min(cores, lock_bound, parent_bound):.2f}x" for cores in (2, 4, 8, 16)))
+    bound = min(statistics.median(r["s"][key] for r in shares)
+                for key in ("lock_bound", "verdicts_bound", "parent_bound"))
+    print(f"  bottleneck bound: C / L {_spread(shares, 's', 'lock_bound', 1)}, C / V "
+          f"{_spread(shares, 's', 'verdicts_bound', 1)}, C / P {_spread(shares, 's', 'parent_bound', 1)}: "
+          + ", ".join(f"{cores} cores {min(cores, bound):.2f}x" for cores in (2, 4, 8, 16)))
 
 
 def main() -> None:

@@ -268,7 +268,7 @@ def _journal(args: argparse.Namespace, config_path: str, config: Config) -> int:
 def _cache(args: argparse.Namespace, config_path: str, config: Config) -> int:
     if args.engine is not None and args.engine not in config.engines:
         raise ScanwatchError(f"no engine {args.engine!r} in {config_path}")
-    dropped = open_journal(config.state_dir).cache_clear(args.engine)
+    dropped = open_journal(config.state_dir).verdicts.clear(args.engine)
     print(f"{dropped} cached verdicts dropped")
     return EXIT_OK
 

@@ -193,7 +193,7 @@ class _Rescanner:
                 return RescanOutcome.FAILED
             # Bytes judged clean before are not: the verdict cache must not say so again
             # (docs/engines.md, "Verdict cache"); the next copy asks the engines.
-            self.journal.cache_forget(content.sha256, self.watch.engines)
+            self.journal.verdicts.forget(content.sha256, self.watch.engines)
             facts = opened.facts
             row = self._row(rel, opened.path, facts, content.sha256, content.size)
             changes: dict[str, Any] = {

@@ -52,7 +52,7 @@ def collect(config: Config, journal: Journal) -> dict[str, Any]:
                       "detail": health.get(name, (None, None))[1],
                       **_pacing(cfg, rates.get(name))}
                for name, cfg in config.engines.items()}
-    cache = journal.cache_stats()
+    cache = journal.verdicts.stats()
     for name, cfg in config.engines.items():
         hits, misses = cache.get(name, (0, 0))
         engines[name]["cache"] = {"enabled": cfg.cache.enabled, "hits": hits, "misses": misses,

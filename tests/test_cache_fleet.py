@@ -57,7 +57,7 @@ def test_a_fleet_of_two_shares_a_verdict_through_the_bucket(
     sha256 = hashlib.sha256(data).hexdigest()
     assert len(shared) == 1 and shared[0].startswith("default/") and shared[0].endswith(sha256)
     # The second member keeps what it read in its own journal.
-    assert open_journal(tmp_path / "node1" / "state").cache_stats()["default"] == (1, 0)
+    assert open_journal(tmp_path / "node1" / "state").verdicts.stats()["default"] == (1, 0)
 
 
 def test_without_shared_a_fleet_member_asks_for_itself(

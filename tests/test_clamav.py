@@ -393,4 +393,4 @@ def test_small_files_to_a_local_clamd_take_no_flight(layout: Layout, clamd: Clam
     harness.pipeline.run_once(["inbox"])
     assert len(harness.layout.placed("clean")) == 16
     assert writes[0] == 3 + flights
-    assert harness.journal.cache_stats() == {"default": (0, 16)}
+    assert harness.journal.verdicts.stats() == {"default": (0, 16)}

@@ -19,7 +19,7 @@ from test_sdnotify import Listener, listener  # noqa: F401  (a fixture)
 
 from daemon.config import load_config
 from daemon.errors import ScanwatchError
-from daemon.journal import Journal
+from daemon.journal import VERDICTS_FILE, Journal
 
 JOURNAL = "journal.sqlite3"
 
@@ -248,3 +248,32 @@ def test_a_thread_that_dies_stops_the_daemon_and_its_watchdog(layout: Layout,
     assert any(m.startswith("STOPPING=1\nSTATUS=failed: thread watch-inbox died")
                for m in listener.messages)
     assert not _watchdog_after_stopping(listener.messages)
+
+
+def test_a_damaged_verdicts_file_is_found_and_rebuild_starts_it_empty(layout: Layout,
+                                                                     daemon_factory) -> None:
+    config = layout.write_config()
+    _process(layout, daemon_factory, {"e.com": EICAR, "ok.txt": b"fine"})
+    verdicts = layout.state / VERDICTS_FILE
+    with open(verdicts, "r+b") as f:  # its header: no longer an SQLite file
+        f.write(b"\0" * 100)
+    daemon: Daemon = daemon_factory(config)
+    assert daemon.proc.wait(30) == 1
+    daemon.stop()
+    line = _one_line(daemon.stderr)
+    assert str(verdicts) in line and "damaged" in line and "journal rebuild" in line
+    check = _cli(config, "journal", "check")
+    assert check.returncode == 1 and str(verdicts) in _one_line(check.stderr + check.stdout)
+    result = _cli(config, "journal", "rebuild")
+    assert result.returncode == 0, result.stderr
+    aside = sorted(p.name for p in layout.state.iterdir() if ".damaged-" in p.name)
+    assert any(p.startswith(VERDICTS_FILE + ".damaged-") for p in aside), aside
+    assert _cli(config, "journal", "check").returncode == 0
+    # A sound verdicts file stays as it is through a rebuild of the journal.
+    _process(layout, daemon_factory, {"again.txt": b"fine"})
+    assert _cli(config, "journal", "rebuild").returncode == 0
+    assert not any(p.name.startswith(VERDICTS_FILE + ".damaged-") and p.name not in aside
+                   for p in layout.state.iterdir())
+    _process(layout, daemon_factory, {"copy.txt": b"fine"})  # the same bytes as again.txt
+    status = json.loads(_cli(config, "status", "--json").stdout)
+    assert status["engines"]["default"]["cache"]["hits"] == 1

@@ -284,8 +284,8 @@ def test_a_yara_batch_keeps_its_verdicts_in_the_cache_with_the_commit_of_its_ver
     harness.pipeline.run_once(["inbox"])
     assert len(harness.layout.placed("clean")) == 16
     assert writes[0] == 1 + 1 + 1
-    assert harness.journal.cache_stats() == {"default": (0, 16)}
-    assert harness.journal.cache_size("default") == 16
+    assert harness.journal.verdicts.stats() == {"default": (0, 16)}
+    assert harness.journal.verdicts.size("default") == 16
 
 
 @pytest.mark.parametrize(("concurrency", "threads"), [(1, 1), (2, 1), (3, 2), (8, 4)])

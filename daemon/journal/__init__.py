@@ -16,7 +16,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from daemon.fsutil import Identity
-from daemon.journal.cache import CachedVerdict, KeptVerdict, VerdictCacheRecords
+from daemon.journal.cache import CachedVerdict, KeptVerdict, VerdictCacheRecords, VerdictStore
 from daemon.journal.database import Database, _is_alive, is_damage, owner_token, state_dir_error
 from daemon.journal.rescans import RescanRecords
 from daemon.journal.schema import (
@@ -49,9 +49,12 @@ from daemon.model import (
     VerdictKind,
 )
 
-__all__ = ["AuditRow", "CachedVerdict", "Database", "FileRow", "FleetMember", "Journal", "KeptVerdict",
-           "RowChanges",
-           "RowOrder", "SeenObject", "is_damage", "open_journal", "owner_token", "state_dir_error"]
+# The kept verdicts' file, beside the journal's (`VerdictStore`).
+VERDICTS_FILE = "verdicts.sqlite3"
+
+__all__ = ["VERDICTS_FILE", "AuditRow", "CachedVerdict", "Database", "FileRow", "FleetMember", "Journal",
+           "KeptVerdict", "RowChanges", "RowOrder", "SeenObject", "is_damage", "open_journal", "owner_token",
+           "state_dir_error"]
 
 
 # An arrival (`Journal.discover`): a path already active stays as it is, unless held back
@@ -78,7 +81,13 @@ _UNTAKEN = ("CASE WHEN state = 'scanning' AND engine_scan_id IS NULL "
 
 
 class Journal(ObjectVersions, RescanRecords, VerdictCacheRecords):
-    """The SQLite journal under `state_dir`: arrivals, the work queue, what happened to each file."""
+    """The SQLite journal under `state_dir`: arrivals, the work queue, what happened to each file;
+    and beside it, in a file of their own, the verdicts it keeps (`verdicts`)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        super().__init__(path)
+        self.verdicts = VerdictStore(self.path.with_name(VERDICTS_FILE), self)
+        self.verdicts.adopt(self)
 
     # -- intake -----------------------------------------------------------------------------
 
@@ -149,14 +158,15 @@ class Journal(ObjectVersions, RescanRecords, VerdictCacheRecords):
         return _from_db(row) if row else None
 
     def apply(self, changes: Iterable[tuple[int, RowChanges]], kept: Iterable[KeptVerdict] = ()) -> None:
-        """Write several rows' changes in one transaction (columns by name), with the verdicts
-        their scans leave in the cache (`cache_verdict`, one transaction for a whole batch)."""
+        """Write several rows' changes in one transaction (columns by name), the verdicts their
+        scans leave in the cache kept just before (`cache_verdict` for a whole batch)."""
         kept = list(kept)
         statements = _file_updates(changes)
+        if kept:
+            self.verdicts.keep(kept, is_miss=True)
         with self._tx() as conn:
             _run(conn, statements)
-            if kept:
-                self._keep(conn, kept, is_miss=True)
+            self._landed(conn, kept)
 
     def apply_scans(self, file_id: int, changes: RowChanges,
                     scans: Mapping[str, ScanChanges]) -> None:
@@ -372,6 +382,19 @@ class Journal(ObjectVersions, RescanRecords, VerdictCacheRecords):
             "WHERE file_id = ? ORDER BY id", (file_id,))
         return [AuditRow(*r) for r in rows]
 
+
+
+    def quick_check(self) -> str | None:
+        """What `PRAGMA quick_check` finds wrong in the journal or its kept verdicts, or None."""
+        problem = super().quick_check()
+        if problem is None and (problem := self.verdicts.quick_check()) is not None:
+            problem = f"{VERDICTS_FILE}: {problem}"
+        return problem
+
+    def close(self) -> None:
+        """Close every thread's connections."""
+        super().close()
+        self.verdicts.close()
 
 
 def open_journal(state_dir: Path) -> Journal:

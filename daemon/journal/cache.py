@@ -1,5 +1,6 @@
-"""The verdict cache in the journal (docs/engines.md, "Verdict cache"): verdicts by content,
-the scans identical bytes wait for, and the hit counts `status` shows.
+"""The verdict cache (docs/engines.md, "Verdict cache"): verdicts by content and the hit
+counts `status` shows, in a file of their own beside the journal (`VerdictStore`), and the
+scans identical bytes wait for, in the journal beside the rows that wait (`VerdictCacheRecords`).
 
 An entry is one engine's clean or infected verdict on one sha256 under one signature
 fingerprint; a failed verdict is never kept. Each engine keeps at most `max_entries`, the
@@ -11,9 +12,11 @@ until the answer lands in the cache, or the flight ends without one.
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections import Counter
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from daemon.journal.database import Database
@@ -21,11 +24,11 @@ from daemon.journal.schema import _ACTIVE
 from daemon.model import VerdictKind
 from daemon.timefmt import iso
 
-__all__ = ["CachedVerdict", "KeptVerdict", "VerdictCacheRecords"]
+__all__ = ["CachedVerdict", "KeptVerdict", "VerdictCacheRecords", "VerdictStore"]
 
 # Eviction reads `max_entries` index entries: done once every `max(_EVICT_EVERY,
 # max_entries // _EVICT_SHARE)` stores of an engine (so ~16 entries read per store, under the
-# journal's writers' lock), which so holds at most that many more than `max_entries`.
+# kept verdicts' writers' lock), which so holds at most that many more than `max_entries`.
 _EVICT_EVERY = 64
 _EVICT_SHARE = 16
 
@@ -90,10 +93,49 @@ def _str(value: object) -> str | None:
     return None if value is None else str(value)
 
 
-class VerdictCacheRecords(Database):
-    """The journal's verdict cache; every method is one short transaction or read."""
+# The kept verdicts' own file. Entries are kept newest first (rowid order: a replaced entry is
+# new again); their order index serves eviction.
+_SCHEMA = [
+    """
+    CREATE TABLE verdict_cache (
+        engine TEXT NOT NULL, fingerprint TEXT NOT NULL, sha256 TEXT NOT NULL,
+        verdict TEXT NOT NULL, reason TEXT, threats TEXT,
+        ref_id TEXT, engine_scan_id TEXT, scanned_at REAL NOT NULL,
+        PRIMARY KEY (engine, fingerprint, sha256)
+    );
+    CREATE INDEX verdict_cache_order ON verdict_cache(engine);
+    CREATE TABLE cache_stats (
+        engine TEXT PRIMARY KEY, hits INTEGER NOT NULL DEFAULT 0, misses INTEGER NOT NULL DEFAULT 0,
+        stored INTEGER NOT NULL DEFAULT 0
+    );
+    """,
+]
 
-    def cached_verdict(self, engine: str, fingerprint: str, sha256: str) -> CachedVerdict | None:
+
+class VerdictStore(Database):
+    """The kept verdicts and their counts, in a file of their own beside the journal.
+
+    Its own file is its own writers' lock: a kept verdict is a random page of its sha256 key
+    per file, which under the journal's lock was a quarter of what that lock serialises
+    (bench/RESULTS.md, "the kept verdicts' own lock"). It holds nothing the journal's
+    promises rest on: an entry is written before the verdict it comes with is journaled (so
+    that rows woken by that commit find it), and one without its row's verdict (a crash
+    between the two) is still that engine's true verdict on those bytes.
+    """
+
+    schema = _SCHEMA
+
+    def __init__(self, path: Path, journal: Database | None = None) -> None:
+        """`journal`: told of damage found here, as of its own (the daemon stops on it)."""
+        self._journal = journal
+        super().__init__(path)
+
+    def _on_damage(self, exc: sqlite3.DatabaseError) -> None:
+        super()._on_damage(exc)
+        if self._journal is not None:
+            self._journal._on_damage(sqlite3.DatabaseError(f"{self.path.name}: {exc}"))  # noqa: SLF001
+
+    def get(self, engine: str, fingerprint: str, sha256: str) -> CachedVerdict | None:
         """The engine's verdict on these bytes under these signatures, if kept."""
         row = self._conn().execute(
             "SELECT engine, fingerprint, sha256, verdict, reason, threats, ref_id, engine_scan_id, "
@@ -104,35 +146,102 @@ class VerdictCacheRecords(Database):
         return CachedVerdict(row[0], row[1], row[2], VerdictKind(row[3]), row[4],
                              tuple(json.loads(row[5]) if row[5] else ()), row[6], row[7], row[8])
 
+    def keep(self, kept: Sequence[KeptVerdict], *, is_miss: bool) -> None:
+        """Keep several verdicts in one transaction: the entries in one statement, each
+        engine's counts once (`is_miss`: the engines were asked for them), the oldest
+        entries dropped past `max_entries` (a pass every sixteenth of it)."""
+        values = [(e.engine, e.fingerprint, e.sha256, e.verdict.value, e.reason,
+                   json.dumps(list(e.threats)), e.ref_id, e.engine_scan_id, e.scanned_at)
+                  for e in (k.entry for k in kept)]
+        with self._tx() as conn:
+            conn.executemany("INSERT OR REPLACE INTO verdict_cache VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                             values)
+            for engine, count in Counter(k.entry.engine for k in kept).items():
+                if is_miss:
+                    _count(conn, engine, hit=False, by=count)
+                stored = conn.execute(
+                    "INSERT INTO cache_stats (engine, stored) VALUES (?, ?) ON CONFLICT (engine) "
+                    "DO UPDATE SET stored = stored + excluded.stored RETURNING stored",
+                    (engine, count)).fetchone()[0]
+                max_entries = min(k.max_entries for k in kept if k.entry.engine == engine)
+                if stored % max(_EVICT_EVERY, max_entries // _EVICT_SHARE) < count:  # a multiple passed
+                    conn.execute(
+                        "DELETE FROM verdict_cache WHERE engine = ? AND rowid <= (SELECT rowid FROM "
+                        "verdict_cache WHERE engine = ? ORDER BY rowid DESC LIMIT 1 OFFSET ?)",
+                        (engine, engine, max_entries))
+
+    def count(self, engine: str, *, hit: bool) -> None:
+        """Count a lookup of `engine`'s cache: a hit, or a miss (the engine was asked)."""
+        with self._tx() as conn:
+            _count(conn, engine, hit=hit)
+
+    def stats(self) -> dict[str, tuple[int, int]]:
+        """`engine → (hits, misses)` since the file was made."""
+        rows = self._conn().execute("SELECT engine, hits, misses FROM cache_stats")
+        return {r[0]: (int(r[1]), int(r[2])) for r in rows}
+
+    def clear(self, engine: str | None) -> int:
+        """Drop the kept verdicts of `engine` (None: of every engine); returns how many."""
+        with self._tx() as conn:
+            cursor = conn.execute("DELETE FROM verdict_cache WHERE engine = ? OR ? IS NULL",
+                                  (engine, engine))
+            return int(cursor.rowcount)
+
+    def forget(self, sha256: str, engines: Collection[str]) -> int:
+        """Drop these engines' kept verdicts on the bytes `sha256`; returns how many."""
+        marks = ",".join("?" * len(engines))
+        with self._tx() as conn:
+            cursor = conn.execute(f"DELETE FROM verdict_cache WHERE sha256 = ? AND engine IN ({marks})",
+                                  (sha256, *engines))
+            return int(cursor.rowcount)
+
+    def size(self, engine: str) -> int:
+        """How many verdicts `engine` keeps."""
+        row = self._conn().execute("SELECT count(*) FROM verdict_cache WHERE engine = ?",
+                                   (engine,)).fetchone()
+        return int(row[0])
+
+    def adopt(self, journal: Database) -> None:
+        """Move the kept verdicts and counts of a journal made before they had a file of
+        their own (its tables `verdict_cache`, `cache_stats`; a new journal's are empty),
+        once: copied in their order, then dropped there. A move cut short between the two
+        is made again, over what it copied."""
+        exists = "SELECT 1 FROM sqlite_master WHERE name = 'verdict_cache'"
+        if journal._conn().execute(exists).fetchone() is None:  # noqa: SLF001 - read first, as `_migrate`
+            return
+        with journal._tx() as theirs:  # noqa: SLF001 - held: processes opening it together move it once
+            if theirs.execute(exists).fetchone() is None:
+                return
+            entries = [tuple(e) for e in theirs.execute("SELECT * FROM verdict_cache ORDER BY rowid")]
+            stats = [tuple(s) for s in theirs.execute("SELECT engine, hits, misses, stored FROM cache_stats")]
+            with self._tx() as mine:  # what a move cut short copied already stays as it is
+                mine.executemany("INSERT OR IGNORE INTO verdict_cache VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                                 entries)
+                mine.executemany("INSERT OR IGNORE INTO cache_stats VALUES (?, ?, ?, ?)", stats)
+            theirs.execute("DROP TABLE verdict_cache")
+            theirs.execute("DROP TABLE cache_stats")
+
+
+class VerdictCacheRecords(Database):
+    """The verdict cache as the journal holds it: the entries in their own file
+    (`verdicts`), the flights beside the rows that wait for them."""
+
+    verdicts: VerdictStore
+
     def cache_verdict(self, entry: CachedVerdict, max_entries: int, now: float,
                       file_id: int | None = None, *, is_miss: bool = False) -> None:
         """Keep a verdict (of `file_id`'s scan), end its bytes' flight, make the rows waiting due now.
 
-        `is_miss`: the engine was asked for it, counted in the same transaction.
+        `is_miss`: the engine was asked for it, counted with it.
         """
+        kept = KeptVerdict(entry, max_entries, now, file_id)
+        self.verdicts.keep([kept], is_miss=is_miss)
         with self._tx() as conn:
-            self._keep(conn, [KeptVerdict(entry, max_entries, now, file_id)], is_miss=is_miss)
+            self._landed(conn, [kept])
 
-    def _keep(self, conn: Any, kept: Sequence[KeptVerdict], *, is_miss: bool) -> None:
-        """`cache_verdict` of several verdicts within a transaction already open: the counts
-        of each engine once, the entries in one statement (a batch's commit, `Journal.apply`)."""
-        conn.executemany(
-            "INSERT OR REPLACE INTO verdict_cache VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [(e.engine, e.fingerprint, e.sha256, e.verdict.value, e.reason, json.dumps(list(e.threats)),
-              e.ref_id, e.engine_scan_id, e.scanned_at) for e in (k.entry for k in kept)])
-        for engine, count in Counter(k.entry.engine for k in kept).items():
-            if is_miss:
-                _count(conn, engine, hit=False, by=count)
-            stored = conn.execute(
-                "INSERT INTO cache_stats (engine, stored) VALUES (?, ?) ON CONFLICT (engine) "
-                "DO UPDATE SET stored = stored + excluded.stored RETURNING stored",
-                (engine, count)).fetchone()[0]
-            max_entries = min(k.max_entries for k in kept if k.entry.engine == engine)
-            if stored % max(_EVICT_EVERY, max_entries // _EVICT_SHARE) < count:  # a multiple passed
-                conn.execute(
-                    "DELETE FROM verdict_cache WHERE engine = ? AND rowid <= (SELECT rowid FROM "
-                    "verdict_cache WHERE engine = ? ORDER BY rowid DESC LIMIT 1 OFFSET ?)",
-                    (engine, engine, max_entries))
+    def _landed(self, conn: Any, kept: Sequence[KeptVerdict]) -> None:
+        """The flights these kept verdicts end, within a transaction already open (their
+        entries already kept: the rows this wakes find them)."""
         for k in kept:
             self._land(conn, k.entry.engine, k.entry.sha256, k.file_id, k.now, is_answer=True)
 
@@ -163,11 +272,11 @@ class VerdictCacheRecords(Database):
                    is_miss: bool = False) -> None:
         """The row's scan ended without a verdict to keep: the rows waiting ask for themselves.
 
-        `is_miss`: the engine was asked (and failed), counted in the same transaction.
+        `is_miss`: the engine was asked (and failed), counted.
         """
+        if is_miss:
+            self.verdicts.count(engine, hit=False)
         with self._tx() as conn:
-            if is_miss:
-                _count(conn, engine, hit=False)
             self._land(conn, engine, sha256, file_id, now, is_answer=False)
 
     def _land(self, conn: Any, engine: str, sha256: str, file_id: int | None, now: float, *,
@@ -191,34 +300,3 @@ class VerdictCacheRecords(Database):
                          (now, sha256, now, me))
             conn.execute("UPDATE scans SET next_attempt_at = ? WHERE sha256 = ? AND verdict IS NULL "
                          "AND next_attempt_at > ? AND file_id != ?", (now, sha256, now, me))
-
-    def count_cache(self, engine: str, *, hit: bool) -> None:
-        """Count a lookup of `engine`'s cache: a hit, or a miss (the engine was asked)."""
-        with self._tx() as conn:
-            _count(conn, engine, hit=hit)
-
-    def cache_stats(self) -> dict[str, tuple[int, int]]:
-        """`engine → (hits, misses)` since the journal was made."""
-        rows = self._conn().execute("SELECT engine, hits, misses FROM cache_stats")
-        return {r[0]: (int(r[1]), int(r[2])) for r in rows}
-
-    def cache_clear(self, engine: str | None) -> int:
-        """Drop the kept verdicts of `engine` (None: of every engine); returns how many."""
-        with self._tx() as conn:
-            cursor = conn.execute("DELETE FROM verdict_cache WHERE engine = ? OR ? IS NULL",
-                                  (engine, engine))
-            return int(cursor.rowcount)
-
-    def cache_forget(self, sha256: str, engines: Collection[str]) -> int:
-        """Drop these engines' kept verdicts on the bytes `sha256`; returns how many."""
-        marks = ",".join("?" * len(engines))
-        with self._tx() as conn:
-            cursor = conn.execute(f"DELETE FROM verdict_cache WHERE sha256 = ? AND engine IN ({marks})",
-                                  (sha256, *engines))
-            return int(cursor.rowcount)
-
-    def cache_size(self, engine: str) -> int:
-        """How many verdicts `engine` keeps."""
-        row = self._conn().execute("SELECT count(*) FROM verdict_cache WHERE engine = ?",
-                                   (engine,)).fetchone()
-        return int(row[0])

@@ -26,8 +26,8 @@ __all__ = ["Database", "is_damage", "owner_token", "state_dir_error"]
 _DAMAGE_CODES = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_IOERR})
 _QUICK_CHECK_ERRORS = 5
 # A debug aid of bench/local_throughput.py (--serial): when set, each process appends to
-# this file, at `close`, the time its transactions held the writers' lock and waited for
-# it. Unset (production), `_tx` reads no clock.
+# this file, at `close`, the time its transactions held each file's writers' lock and
+# waited for it. Unset (production), `_tx` reads no clock.
 _LOCK_STATS = os.environ.get("SCANWATCH_LOCK_STATS")
 
 def owner_token(pid: int | None = None) -> str:
@@ -146,7 +146,9 @@ def state_dir_error(state_dir: Path, cause: BaseException) -> JournalError:
 
 
 class Database:
-    """The SQLite file of a journal; safe to share between threads."""
+    """An SQLite file of scanwatch's (the journal, the kept verdicts); safe to share between threads."""
+
+    schema: list[str] = _SCHEMA  # its migrations, in order: `PRAGMA user_version` counts those made
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
@@ -246,11 +248,11 @@ class Database:
 
     def _migrate(self) -> None:
         # Read first: a write transaction here would queue every `status` behind a drain.
-        if self._conn().execute("PRAGMA user_version").fetchone()[0] == len(_SCHEMA):
+        if self._conn().execute("PRAGMA user_version").fetchone()[0] == len(self.schema):
             return
         with self._tx() as conn:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
-            for number, script in enumerate(_SCHEMA[version:], start=version + 1):
+            for number, script in enumerate(self.schema[version:], start=version + 1):
                 for statement in script.split(";"):
                     if statement.strip():
                         conn.execute(statement)
@@ -277,7 +279,7 @@ class Database:
         """Close every thread's connection."""
         if _LOCK_STATS and (stats := self.__dict__.pop("_lock_stats", None)):
             with open(_LOCK_STATS, "a") as out:
-                out.write(json.dumps({"pid": os.getpid(), "transactions": stats[0],
+                out.write(json.dumps({"pid": os.getpid(), "file": self.path.name, "transactions": stats[0],
                                       "waited_s": stats[1], "held_s": stats[2],
                                       "held_cpu_s": stats[3]}) + "\n")
         with self._lock:

@@ -1,12 +1,13 @@
 """`scanwatch journal check|rebuild`: find a damaged journal, and rebuild one from the disk.
 
 Rebuild moves the journal and its `-wal`/`-shm` aside under a timestamped name (never
-deleting them) and starts a fresh journal with one `done` row per file found in each
-watch's local clean, quarantine and failed folders: quarantined and failed files take
-their facts from their `<name>.scanwatch.json` sidecars (docs/dropfolder.md), clean
-files from `lstat` (not hashed: clean folders can hold terabytes, and nothing reads a
-done row's sha256 but `quarantine`). Files still in a source are not touched: the
-daemon's start-up sweep finds them and scans them. S3 destinations are not rebuilt.
+deleting them; the kept verdicts' file too if it is damaged) and starts a fresh journal
+with one `done` row per file found in each watch's local clean, quarantine and failed
+folders: quarantined and failed files take their facts from their `<name>.scanwatch.json`
+sidecars (docs/dropfolder.md), clean files from `lstat` (not hashed: clean folders can hold
+terabytes, and nothing reads a done row's sha256 but `quarantine`). Files still in a source
+are not touched: the daemon's start-up sweep finds them and scans them. S3 destinations
+are not rebuilt.
 
 A running daemon holds `state_dir/scanwatch.lock` shared; rebuild takes it exclusively,
 so the two never overlap.
@@ -27,7 +28,8 @@ from typing import Any
 from daemon.config import Config, WatchConfig
 from daemon.errors import JournalDamagedError, JournalError, LocationError
 from daemon.fsutil import DirCache
-from daemon.journal import open_journal, state_dir_error
+from daemon.journal import VERDICTS_FILE, open_journal, state_dir_error
+from daemon.journal.cache import VerdictStore
 from daemon.locations import SIDECAR_SUFFIX, LocalLocation
 from daemon.model import FileState, VerdictKind
 from daemon.s3url import is_s3
@@ -101,6 +103,9 @@ def rebuild(config: Config, now: float | None = None) -> Rebuilt:
     try:
         path = config.state_dir / "journal.sqlite3"
         done = Rebuilt(path, aside=_move_aside(path, now))
+        # The kept verdicts stay unless damaged too (then the cache starts empty).
+        if _is_damaged(verdicts := config.state_dir / VERDICTS_FILE):
+            done.aside += _move_aside(verdicts, now)
         journal = open_journal(config.state_dir)
         try:
             seen: set[str] = set()
@@ -117,6 +122,17 @@ def rebuild(config: Config, now: float | None = None) -> Rebuilt:
     finally:
         os.close(lock_fd)
     return done
+
+
+def _is_damaged(verdicts: Path) -> bool:
+    try:
+        store = VerdictStore(verdicts)
+    except JournalDamagedError:
+        return True
+    try:
+        return store.quick_check() is not None
+    finally:
+        store.close()
 
 
 def _move_aside(path: Path, now: float) -> list[Path]:

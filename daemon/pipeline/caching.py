@@ -5,7 +5,7 @@ signatures is looked up (the journal, then, on a fleet watch with `cache.shared`
 bucket: docs/fleet.md); a hit is the verdict, no request is made. On a miss the row takes
 the bytes' flight; while another row of the same bytes holds it, this one waits, scheduled
 in the journal, and is made due when the answer lands. The answer (clean or infected,
-never failed) is kept in the journal and, shared, written once to the bucket.
+never failed) is kept beside the journal and, shared, written once to the bucket.
 
 Off for an engine with `cache: {enabled: false}`, for a watch with an `archivepwd` (a
 verdict reached without the password must not stand for one reached with it, nor the
@@ -77,14 +77,14 @@ class VerdictCache:
 
     def lookup(self, key: CacheKey, watch: WatchConfig, locations: Locations) -> CachedVerdict | None:
         """The verdict to reuse, if one is kept and still good (counted as a hit)."""
-        entry = self.journal.cached_verdict(key.engine, key.fingerprint, key.sha256)
+        entry = self.journal.verdicts.get(key.engine, key.fingerprint, key.sha256)
         if entry is None and (shared := self._shared(key, watch, locations)) is not None:
             entry = self._get_shared(shared, key)
             if entry is not None:
                 self.journal.cache_verdict(entry, self._max_entries(key), self.clock())
         if entry is None or not self._is_fresh(key, entry):
             return None
-        self.journal.count_cache(key.engine, hit=True)
+        self.journal.verdicts.count(key.engine, hit=True)
         return entry
 
     def wait(self, key: CacheKey, row: FileRow) -> Outcome | None:
