@@ -241,9 +241,18 @@ class VerdictCacheRecords(Database):
 
     def _landed(self, conn: Any, kept: Sequence[KeptVerdict]) -> None:
         """The flights these kept verdicts end, within a transaction already open (their
-        entries already kept: the rows this wakes find them)."""
+        entries already kept: the rows this wakes find them). Only bytes with a flight are
+        landed, found by one look for the whole batch: most take none (small files for an
+        engine on this host, `VerdictCache.wait`)."""
+        flown: set[tuple[str, str]] = set()
+        for engine in {k.entry.engine for k in kept}:
+            shas = [k.entry.sha256 for k in kept if k.entry.engine == engine]
+            rows = conn.execute("SELECT sha256 FROM cache_flights WHERE engine = ? AND sha256 IN "
+                                f"({','.join('?' * len(shas))})", (engine, *shas))
+            flown.update((engine, row[0]) for row in rows)
         for k in kept:
-            self._land(conn, k.entry.engine, k.entry.sha256, k.file_id, k.now, is_answer=True)
+            if (k.entry.engine, k.entry.sha256) in flown:
+                self._land(conn, k.entry.engine, k.entry.sha256, k.file_id, k.now, is_answer=True)
 
     def take_flight(self, engine: str, sha256: str, file_id: int, now: float,
                     wait_until: float) -> int | None:
