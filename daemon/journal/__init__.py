@@ -382,8 +382,6 @@ class Journal(ObjectVersions, RescanRecords, VerdictCacheRecords):
             "WHERE file_id = ? ORDER BY id", (file_id,))
         return [AuditRow(*r) for r in rows]
 
-
-
     def quick_check(self) -> str | None:
         """What `PRAGMA quick_check` finds wrong in the journal or its kept verdicts, or None."""
         problem = super().quick_check()
