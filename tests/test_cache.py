@@ -409,26 +409,27 @@ def _old_journal(path: Path, entries: int) -> None:
     conn.close()
 
 
-def test_verdicts_kept_in_an_older_journal_move_to_their_own_file(tmp_path: Path) -> None:
+def test_verdicts_kept_in_an_older_journal_are_copied_to_their_own_file_once(tmp_path: Path) -> None:
     from daemon.journal import VERDICTS_FILE, CachedVerdict, Journal
     from daemon.model import VerdictKind
 
     _old_journal(tmp_path / "journal.sqlite3", 300)
-    shutil.copy(tmp_path / "journal.sqlite3", tmp_path / "old.sqlite3")
-    for again in (False, True):
-        if again:  # a move cut short before the journal's tables were dropped, then opened again
-            shutil.copy(tmp_path / "old.sqlite3", tmp_path / "journal.sqlite3")
+    for again in (False, True):  # opened again: nothing is copied twice, counts not added twice
         journal = Journal(tmp_path / "journal.sqlite3")
         assert journal.verdicts.stats() == {"a": (7, 300)}
         assert journal.verdicts.size("a") == 300
         entry = journal.verdicts.get("a", "fp", f"{5:064x}")
         assert entry is not None and (entry.verdict, entry.ref_id) == (VerdictKind.CLEAN, "ref5")
-        tables = {r[0] for r in journal._conn().execute("SELECT name FROM sqlite_master")}
-        assert not tables & {"verdict_cache", "cache_stats"}
+        assert journal.verdicts.get("a", "fp", f"{1000:064x}") is None
         journal.close()
+        if not again:  # a daemon of the older version, still running, keeps verdicts in its tables
+            with sqlite3.connect(tmp_path / "journal.sqlite3") as old:
+                old.execute("INSERT INTO verdict_cache VALUES ('a', 'fp', ?, 'clean', NULL, '[]', "
+                            "'late', NULL, 1.0)", (f"{1000:064x}",))
+                old.execute("UPDATE cache_stats SET hits = hits + 1")
     assert (tmp_path / VERDICTS_FILE).exists()
-    # Their order came along: the oldest go first.
     journal = Journal(tmp_path / "journal.sqlite3")
+    # Their order came along: the oldest go first.
     for i in range(300, 400):
         journal.cache_verdict(CachedVerdict("a", "fp", f"{i:064x}", VerdictKind.CLEAN, None, (), None,
                                             None, float(i)), 200, float(i))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from collections import Counter
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
@@ -108,6 +109,8 @@ _SCHEMA = [
         engine TEXT PRIMARY KEY, hits INTEGER NOT NULL DEFAULT 0, misses INTEGER NOT NULL DEFAULT 0,
         stored INTEGER NOT NULL DEFAULT 0
     );
+    -- When the kept verdicts of the journal beside were copied here (`VerdictStore.adopt`).
+    CREATE TABLE adopted (at REAL NOT NULL);
     """,
 ]
 
@@ -202,24 +205,23 @@ class VerdictStore(Database):
         return int(row[0])
 
     def adopt(self, journal: Database) -> None:
-        """Move the kept verdicts and counts of a journal made before they had a file of
-        their own (its tables `verdict_cache`, `cache_stats`; a new journal's are empty),
-        once: copied in their order, then dropped there. A move cut short between the two
-        is made again, over what it copied."""
-        exists = "SELECT 1 FROM sqlite_master WHERE name = 'verdict_cache'"
-        if journal._conn().execute(exists).fetchone() is None:  # noqa: SLF001 - read first, as `_migrate`
+        """Copy the kept verdicts and counts of the journal beside, once: journals made
+        before this file kept them in tables of their own (`verdict_cache`, `cache_stats`),
+        which stay there unused, so that a daemon of that version still running meanwhile
+        goes on with them (its later entries are not copied)."""
+        if self._conn().execute("SELECT 1 FROM adopted").fetchone() is not None:
             return
-        with journal._tx() as theirs:  # noqa: SLF001 - held: processes opening it together move it once
-            if theirs.execute(exists).fetchone() is None:
+        with self._tx() as mine:  # the copy and its mark in one transaction: made once, whole
+            if mine.execute("SELECT 1 FROM adopted").fetchone() is not None:
                 return
-            entries = [tuple(e) for e in theirs.execute("SELECT * FROM verdict_cache ORDER BY rowid")]
-            stats = [tuple(s) for s in theirs.execute("SELECT engine, hits, misses, stored FROM cache_stats")]
-            with self._tx() as mine:  # what a move cut short copied already stays as it is
-                mine.executemany("INSERT OR IGNORE INTO verdict_cache VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                                 entries)
-                mine.executemany("INSERT OR IGNORE INTO cache_stats VALUES (?, ?, ?, ?)", stats)
-            theirs.execute("DROP TABLE verdict_cache")
-            theirs.execute("DROP TABLE cache_stats")
+            theirs = journal._conn()  # noqa: SLF001 - read only
+            if theirs.execute("SELECT 1 FROM sqlite_master WHERE name = 'verdict_cache'").fetchone():
+                entries = theirs.execute("SELECT * FROM verdict_cache ORDER BY rowid")
+                mine.executemany("INSERT INTO verdict_cache VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                                 [tuple(e) for e in entries])
+                stats = theirs.execute("SELECT engine, hits, misses, stored FROM cache_stats")
+                mine.executemany("INSERT INTO cache_stats VALUES (?, ?, ?, ?)", [tuple(r) for r in stats])
+            mine.execute("INSERT INTO adopted VALUES (?)", (time.time(),))
 
 
 class VerdictCacheRecords(Database):
