@@ -118,7 +118,9 @@ SCHEMA = [
     """,
     # The verdict cache by content (docs/engines.md, "Verdict cache", daemon/journal/cache.py):
     # each engine's verdicts by signatures and sha256, kept newest first (rowid order); the
-    # scans in flight that identical bytes wait for; hits and misses for `status`.
+    # scans in flight that identical bytes wait for; hits and misses for `status`. The
+    # verdicts and their counts have since had a file of their own (`VerdictStore`): these two
+    # tables are only read once, to be copied there.
     """
     CREATE TABLE verdict_cache (
         engine TEXT NOT NULL, fingerprint TEXT NOT NULL, sha256 TEXT NOT NULL,
