@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from daemon.journal.database import Database
-from daemon.journal.schema import _ACTIVE
+from daemon.journal.schema import _ACTIVE, VERDICT_TABLES
 from daemon.model import VerdictKind
 from daemon.timefmt import iso
 
@@ -94,25 +94,9 @@ def _str(value: object) -> str | None:
     return None if value is None else str(value)
 
 
-# The kept verdicts' own file. Entries are kept newest first (rowid order: a replaced entry is
-# new again); their order index serves eviction.
-_SCHEMA = [
-    """
-    CREATE TABLE verdict_cache (
-        engine TEXT NOT NULL, fingerprint TEXT NOT NULL, sha256 TEXT NOT NULL,
-        verdict TEXT NOT NULL, reason TEXT, threats TEXT,
-        ref_id TEXT, engine_scan_id TEXT, scanned_at REAL NOT NULL,
-        PRIMARY KEY (engine, fingerprint, sha256)
-    );
-    CREATE INDEX verdict_cache_order ON verdict_cache(engine);
-    CREATE TABLE cache_stats (
-        engine TEXT PRIMARY KEY, hits INTEGER NOT NULL DEFAULT 0, misses INTEGER NOT NULL DEFAULT 0,
-        stored INTEGER NOT NULL DEFAULT 0
-    );
-    -- When the kept verdicts of the journal beside were copied here (`VerdictStore.adopt`).
-    CREATE TABLE adopted (at REAL NOT NULL);
-    """,
-]
+# The kept verdicts' own file: the tables the journal had (`adopt` copies them column for
+# column), and when the journal's were copied.
+_SCHEMA = [VERDICT_TABLES + "CREATE TABLE adopted (at REAL NOT NULL);"]
 
 
 class VerdictStore(Database):

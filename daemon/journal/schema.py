@@ -15,7 +15,24 @@ from typing import Any, Literal
 from daemon.fsutil import Identity
 from daemon.model import FileState, RowChanges, ScanChanges, replaced
 
-__all__ = ["SCHEMA", "AuditRow", "FileRow", "FleetMember", "RowOrder"]
+__all__ = ["SCHEMA", "VERDICT_TABLES", "AuditRow", "FileRow", "FleetMember", "RowOrder"]
+
+# The verdict cache's entries, each engine's verdicts by signatures and sha256, kept newest
+# first (rowid order: a replaced entry is new again; the order index serves eviction), and
+# its counts: the journal's once, the kept verdicts' own file's now (daemon/journal/cache.py).
+VERDICT_TABLES = """
+    CREATE TABLE verdict_cache (
+        engine TEXT NOT NULL, fingerprint TEXT NOT NULL, sha256 TEXT NOT NULL,
+        verdict TEXT NOT NULL, reason TEXT, threats TEXT,
+        ref_id TEXT, engine_scan_id TEXT, scanned_at REAL NOT NULL,
+        PRIMARY KEY (engine, fingerprint, sha256)
+    );
+    CREATE INDEX verdict_cache_order ON verdict_cache(engine);
+    CREATE TABLE cache_stats (
+        engine TEXT PRIMARY KEY, hits INTEGER NOT NULL DEFAULT 0, misses INTEGER NOT NULL DEFAULT 0,
+        stored INTEGER NOT NULL DEFAULT 0
+    );
+"""
 
 SCHEMA = [
     """
@@ -119,24 +136,13 @@ SCHEMA = [
     # The verdict cache by content (docs/engines.md, "Verdict cache", daemon/journal/cache.py):
     # each engine's verdicts by signatures and sha256, kept newest first (rowid order); the
     # scans in flight that identical bytes wait for; hits and misses for `status`. The
-    # verdicts and their counts have since had a file of their own (`VerdictStore`): these two
-    # tables are only read once, to be copied there.
-    """
-    CREATE TABLE verdict_cache (
-        engine TEXT NOT NULL, fingerprint TEXT NOT NULL, sha256 TEXT NOT NULL,
-        verdict TEXT NOT NULL, reason TEXT, threats TEXT,
-        ref_id TEXT, engine_scan_id TEXT, scanned_at REAL NOT NULL,
-        PRIMARY KEY (engine, fingerprint, sha256)
-    );
-    CREATE INDEX verdict_cache_order ON verdict_cache(engine);
+    # verdicts and their counts have since had a file of their own (`VerdictStore`), made with
+    # the same tables: these are only read once, to be copied there.
+    VERDICT_TABLES + """
     CREATE TABLE cache_flights (
         engine TEXT NOT NULL, sha256 TEXT NOT NULL, file_id INTEGER NOT NULL REFERENCES files(id),
         started_at REAL NOT NULL,
         PRIMARY KEY (engine, sha256)
-    );
-    CREATE TABLE cache_stats (
-        engine TEXT PRIMARY KEY, hits INTEGER NOT NULL DEFAULT 0, misses INTEGER NOT NULL DEFAULT 0,
-        stored INTEGER NOT NULL DEFAULT 0
     );
     ALTER TABLE scans ADD COLUMN cached_from TEXT;
     CREATE INDEX scans_waiting ON scans(sha256) WHERE verdict IS NULL;
