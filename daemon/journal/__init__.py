@@ -16,7 +16,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from daemon.fsutil import Identity
-from daemon.journal.cache import CachedVerdict, KeptVerdict, VerdictCacheRecords, VerdictStore
+from daemon.journal.cache import VERDICTS_FILE, CachedVerdict, KeptVerdict, VerdictCacheRecords
 from daemon.journal.database import Database, _is_alive, is_damage, owner_token, state_dir_error
 from daemon.journal.rescans import RescanRecords
 from daemon.journal.schema import (
@@ -49,9 +49,6 @@ from daemon.model import (
     VerdictKind,
 )
 
-# The kept verdicts' file, beside the journal's (`VerdictStore`).
-VERDICTS_FILE = "verdicts.sqlite3"
-
 __all__ = ["VERDICTS_FILE", "AuditRow", "CachedVerdict", "Database", "FileRow", "FleetMember", "Journal",
            "KeptVerdict", "RowChanges", "RowOrder", "SeenObject", "is_damage", "open_journal", "owner_token",
            "state_dir_error"]
@@ -83,11 +80,6 @@ _UNTAKEN = ("CASE WHEN state = 'scanning' AND engine_scan_id IS NULL "
 class Journal(ObjectVersions, RescanRecords, VerdictCacheRecords):
     """The SQLite journal under `state_dir`: arrivals, the work queue, what happened to each file;
     and beside it, in a file of their own, the verdicts it keeps (`verdicts`)."""
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        super().__init__(path)
-        self.verdicts = VerdictStore(self.path.with_name(VERDICTS_FILE), self)
-        self.verdicts.adopt(self)
 
     # -- intake -----------------------------------------------------------------------------
 
@@ -381,18 +373,6 @@ class Journal(ObjectVersions, RescanRecords, VerdictCacheRecords):
             "SELECT file_id, at, action, actor, reason, detail FROM audit "
             "WHERE file_id = ? ORDER BY id", (file_id,))
         return [AuditRow(*r) for r in rows]
-
-    def quick_check(self) -> str | None:
-        """What `PRAGMA quick_check` finds wrong in the journal or its kept verdicts, or None."""
-        problem = super().quick_check()
-        if problem is None and (problem := self.verdicts.quick_check()) is not None:
-            problem = f"{VERDICTS_FILE}: {problem}"
-        return problem
-
-    def close(self) -> None:
-        """Close every thread's connections."""
-        super().close()
-        self.verdicts.close()
 
 
 def open_journal(state_dir: Path) -> Journal:

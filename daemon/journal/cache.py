@@ -12,6 +12,7 @@ until the answer lands in the cache, or the flight ends without one.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from collections import Counter
@@ -25,7 +26,10 @@ from daemon.journal.schema import _ACTIVE, VERDICT_TABLES
 from daemon.model import VerdictKind
 from daemon.timefmt import iso
 
-__all__ = ["CachedVerdict", "KeptVerdict", "VerdictCacheRecords", "VerdictStore"]
+__all__ = ["VERDICTS_FILE", "CachedVerdict", "KeptVerdict", "VerdictCacheRecords", "VerdictStore"]
+
+# The kept verdicts' file, beside the journal's (`VerdictStore`).
+VERDICTS_FILE = "verdicts.sqlite3"
 
 # Eviction reads `max_entries` index entries: done once every `max(_EVICT_EVERY,
 # max_entries // _EVICT_SHARE)` stores of an engine (so ~16 entries read per store, under the
@@ -212,7 +216,22 @@ class VerdictCacheRecords(Database):
     """The verdict cache as the journal holds it: the entries in their own file
     (`verdicts`), the flights beside the rows that wait for them."""
 
-    verdicts: VerdictStore
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        super().__init__(path)
+        self.verdicts = VerdictStore(self.path.with_name(VERDICTS_FILE), self)
+        self.verdicts.adopt(self)
+
+    def quick_check(self) -> str | None:
+        """What `PRAGMA quick_check` finds wrong in the journal or its kept verdicts, or None."""
+        problem = super().quick_check()
+        if problem is None and (problem := self.verdicts.quick_check()) is not None:
+            problem = f"{VERDICTS_FILE}: {problem}"
+        return problem
+
+    def close(self) -> None:
+        """Close every thread's connections, to both files."""
+        super().close()
+        self.verdicts.close()
 
     def cache_verdict(self, entry: CachedVerdict, max_entries: int, now: float,
                       file_id: int | None = None, *, is_miss: bool = False) -> None:
