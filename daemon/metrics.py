@@ -63,7 +63,7 @@ class _JournalCollector(Collector):
         for watch, since in self._journal.oldest_pending().items():
             oldest.add_metric([watch], now - since)
         yield oldest
-        size = GaugeMetricFamily("scanwatch_journal_bytes", "Size of the journal file")
+        size = GaugeMetricFamily("scanwatch_journal_bytes", "Size of the journal's files")
         size.add_metric([], self._journal.size_bytes())
         yield size
         yield self._engine_up()

@@ -460,3 +460,16 @@ def test_a_verdict_is_kept_while_another_process_holds_the_journals_lock(tmp_pat
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_kept_verdicts_count_in_the_journals_size(tmp_path: Path) -> None:
+    """`scanwatch_journal_bytes` watches the disk the journal takes, its kept verdicts too."""
+    from daemon.journal import CachedVerdict, Journal, KeptVerdict
+    from daemon.model import VerdictKind
+
+    journal = Journal(tmp_path / "journal.sqlite3")
+    before = journal.size_bytes()
+    journal.verdicts.keep([KeptVerdict(CachedVerdict("a", "fp", f"{i:064x}", VerdictKind.CLEAN, None, (),
+                                                     "ref", None, 1.0), 100_000, 1.0, None)
+                           for i in range(2000)], is_miss=True)
+    assert journal.size_bytes() > before + 2000 * 128  # two 64-character hex keys an entry

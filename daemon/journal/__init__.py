@@ -333,8 +333,9 @@ class Journal(ObjectVersions, RescanRecords, VerdictCacheRecords):
         return {r[0]: r[1] for r in rows}
 
     def size_bytes(self) -> int:
-        """Bytes on disk of the journal and its WAL."""
-        return sum(p.stat().st_size for p in (self.path, Path(f"{self.path}-wal")) if p.exists())
+        """Bytes on disk of the journal and its kept verdicts, with their WALs."""
+        return sum(p.stat().st_size for db in (self.path, self.verdicts.path)
+                   for p in (db, Path(f"{db}-wal")) if p.exists())
 
     # -- engines and audit --------------------------------------------------------------------
 
