@@ -65,11 +65,13 @@ def run_daemon(base: Path, files: list[tuple[str, bytes]], concurrency: int | No
                arrival: str, rate: float | None = None,
                engine: dict[str, object] | None = None, code: Path = ROOT,
                workers: int | None = None, serial: bool = False,
-               cpus: int | None = None, settle_s: float = 0.0) -> dict[str, float]:
+               cpus: int | None = None, settle_s: float = 0.0, log_level: str = "warning"
+               ) -> dict[str, float]:
     """`workers`: None leaves the daemon's default (one per core). `serial`: also the time
     its transactions held the journal's writers' lock (SCANWATCH_LOCK_STATS), per file.
     `cpus`: the daemon and its workers run on the first `cpus` cores only. `settle_s`: the
-    watch's `settle_seconds`."""
+    watch's `settle_seconds`. `log_level`: the daemon's (its own default is info; the bench's
+    warning leaves the per-file lines out)."""
     """Run `scanwatch run` (from the checkout `code`) on `files`; figures of the run."""
     inbox = base / "inbox"
     inbox.mkdir(parents=True)
@@ -77,7 +79,7 @@ def run_daemon(base: Path, files: list[tuple[str, bytes]], concurrency: int | No
     inbox.chmod(0o755)
     config = {
         "state_dir": str(base / "state"),
-        "log": {"format": "json", "level": "warning"},
+        "log": {"format": "json", "level": log_level},
         **({"workers": workers} if workers is not None else {}),
         "engines": {"default": {"type": "yara", **(engine or {}),
                                 **({"concurrency": concurrency} if concurrency else {})}},
@@ -207,23 +209,25 @@ def run_floor(base: Path, files: list[tuple[str, bytes]]) -> dict[str, float]:
 def _one_run(base: Path, files: list[tuple[str, bytes]], args: argparse.Namespace
              ) -> dict[str, dict[str, float]]:
     figures: dict[str, dict[str, float]] = {}
-    codes = {"ours": (ROOT, args.workers, None)}
-    if args.compare or args.compare_workers or args.compare_cpus:
+    codes = {"ours": (ROOT, args.workers, None, args.log_level)}
+    if args.compare or args.compare_workers or args.compare_cpus or args.compare_log_level:
         codes["compare"] = (args.compare or ROOT, args.compare_workers or args.workers,
-                            args.compare_cpus)
-    for who, (code, workers, cpus) in codes.items():
+                            args.compare_cpus, args.compare_log_level or args.log_level)
+    for who, (code, workers, cpus, level) in codes.items():
         figures[f"burst {who}"] = run_daemon(base / f"burst-{who}", files, args.concurrency,
                                              args.arrival, code=code, workers=workers,
-                                             serial=args.serial, cpus=cpus, settle_s=args.settle)
+                                             serial=args.serial, cpus=cpus, settle_s=args.settle,
+                                             log_level=level)
         figures[f"trickle {who}"] = run_daemon(base / f"trickle-{who}", files[:args.trickle_files],
                                                args.concurrency, args.arrival,
                                                rate=args.trickle_rate, code=code, workers=workers,
-                                               settle_s=args.settle)
+                                               settle_s=args.settle, log_level=level)
         if args.backlog:
             backlog = _payloads(args.backlog, 100)
             figures[f"backlog {who}"] = run_daemon(base / f"backlog-{who}", backlog,
                                                    args.concurrency, "backlog", code=code,
-                                                   workers=workers, settle_s=args.settle)
+                                                   workers=workers, settle_s=args.settle,
+                                                   log_level=level)
     figures["floor"] = run_floor(base, files)
     return figures
 
@@ -239,8 +243,10 @@ def _spread(runs: list[dict[str, dict[str, float]]], what: str, key: str, digits
 
 
 def _report(runs: list[dict[str, dict[str, float]]], args: argparse.Namespace) -> None:
+    peer_level = f" (peer {args.compare_log_level})" if args.compare_log_level else ""
     print(f"local_throughput: {args.files} files x {args.size} B, 1 % EICAR, YARA, "
           f"concurrency {args.concurrency}, arrival by {args.arrival}, settle_seconds {args.settle:g}, "
+          f"log level {args.log_level}{peer_level}, "
           f"{os.cpu_count()} cores, "
           f"{len(runs)} runs, median (min - max)")
     peer = args.compare or args.compare_workers or args.compare_cpus
@@ -360,6 +366,10 @@ def main() -> None:
                         help="also measure the serial part of the work (bench/RESULTS.md)")
     parser.add_argument("--settle", type=float, default=0.0,
                         help="the watch's settle_seconds (default 0; the daemon's own default is 2)")
+    parser.add_argument("--log-level", default="warning", choices=("debug", "info", "warning"),
+                        help="the daemon's log level (default warning: no line per file)")
+    parser.add_argument("--compare-log-level", choices=("debug", "info", "warning"),
+                        help="the peer's log level (our own checkout unless --compare)")
     parser.add_argument("--compare-workers", type=int,
                         help="`workers:` of the peer (our own checkout unless --compare)")
     parser.add_argument("--compare-cpus", type=int,
