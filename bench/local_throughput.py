@@ -249,11 +249,12 @@ def _report(runs: list[dict[str, dict[str, float]]], args: argparse.Namespace) -
           f"log level {args.log_level}{peer_level}, "
           f"{os.cpu_count()} cores, "
           f"{len(runs)} runs, median (min - max)")
-    peer = args.compare or args.compare_workers or args.compare_cpus
+    peer = args.compare or args.compare_workers or args.compare_cpus or args.compare_log_level
     for who in ("ours", "compare") if peer else ("ours",):
         name = f"scanwatch (workers {args.workers})" if who == "ours" else (
             f"{args.compare or 'scanwatch'} (workers {args.compare_workers or args.workers}"
-            + (f", on {args.compare_cpus} cores)" if args.compare_cpus else ")"))
+            + (f", on {args.compare_cpus} cores" if args.compare_cpus else "")
+            + (f", log level {args.compare_log_level})" if args.compare_log_level else ")"))
         print(f"  {name}, burst: {_spread(runs, f'burst {who}', 'files_per_s')} files/s, CPU "
               f"{_spread(runs, f'burst {who}', 'cpu_ms_per_file', 3)} ms/file, peak RSS "
               f"{_spread(runs, f'burst {who}', 'peak_rss_mb')} MB")
