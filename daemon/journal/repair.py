@@ -136,7 +136,8 @@ def _is_damaged(verdicts: Path) -> bool:
 
 
 def _move_aside(path: Path, now: float) -> list[Path]:
-    """Rename the journal and its WAL files to `<name>.damaged-<UTC time>[-wal|-shm]`."""
+    """Rename a database file (the journal, the kept verdicts) and its WAL files to
+    `<name>.damaged-<UTC time>[-wal|-shm]`."""
     stamp = datetime.fromtimestamp(now, UTC).strftime("%Y%m%dT%H%M%SZ")
     base = Path(f"{path}.damaged-{stamp}")
     n = 1
