@@ -51,10 +51,12 @@ log = structlog.get_logger("scanwatch.workers")
 
 _WAKE_WAIT_S = 1.0
 _RELAY_CHUNK_BYTES = 1 << 16
-# After a read that emptied the pipe: the records of the next few ms are copied in one
-# read and one write, not one each (8-16 µs of the daemon's CPU per record).
-_RELAY_PAUSE_S = 0.002
-_EVENTS_PIPE_BYTES = 1 << 20
+# After a read that emptied the pipe: the records of the next 20 ms are copied in one read
+# and one write, not a few at a time (each wake-up of the thread costs the daemon's process
+# tens of µs: bench/RESULTS.md, "Issue 21"); its pipe holds a busy worker's records of far
+# longer.
+_RELAY_PAUSE_S = 0.02
+_PIPE_BYTES = 1 << 20
 
 
 class Forked:
@@ -108,8 +110,8 @@ def forked_workers(config: Config, s3: S3Clients) -> Iterator[list[Forked]]:
 
 def _fork(index: int, s3: S3Clients) -> Forked:
     stdin_r, stdin_w = os.pipe()
-    stdout_r, stdout_w = os.pipe()
-    events_r, events_w = _events_pipe()
+    stdout_r, stdout_w = _roomy_pipe()
+    events_r, events_w = _roomy_pipe()
     sys.stdout.flush()
     sys.stderr.flush()
     parent = os.getpid()
@@ -123,20 +125,27 @@ def _fork(index: int, s3: S3Clients) -> Forked:
 
 def _exec(index: int) -> tuple[subprocess.Popen[bytes], int]:
     """A new worker process and the read end of its events pipe."""
-    events_r, events_w = _events_pipe()
+    events_r, events_w = _roomy_pipe()
     proc = subprocess.Popen(
         [sys.executable, "-m", "daemon.workers.process", "--parent", str(os.getpid()),
          "--events-fd", str(events_w), "--index", str(index)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(events_w,))
     os.close(events_w)
+    assert proc.stdout is not None
+    _make_roomy(proc.stdout.fileno())
     return proc, events_r
 
 
-def _events_pipe() -> tuple[int, int]:
-    events_r, events_w = os.pipe()
-    with contextlib.suppress(OSError):  # room for many batches: a busy daemon stalls no worker
-        fcntl.fcntl(events_w, fcntl.F_SETPIPE_SZ, _EVENTS_PIPE_BYTES)
-    return events_r, events_w
+def _roomy_pipe() -> tuple[int, int]:
+    read_fd, write_fd = os.pipe()
+    _make_roomy(write_fd)
+    return read_fd, write_fd
+
+
+def _make_roomy(fd: int) -> None:
+    """Room for many batches' outcomes or log records: a busy daemon stalls no worker."""
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
 
 
 @dataclass
