@@ -25,7 +25,7 @@ from conftest import EICAR, ROOT, Layout
 from prometheus_client.parser import text_string_to_metric_families
 
 from daemon.journal import Journal
-from daemon.log import MAX_LINE_CHARS, configure_logging, enabled, file_context, redact
+from daemon.log import MAX_LINE_CHARS, configure_logging, enabled, file_context, info_each, redact
 from daemon.metrics import Metrics
 from daemon.model import FileState, Reason, VerdictKind
 from daemon.pipeline import Outcome
@@ -167,6 +167,32 @@ def test_a_record_too_long_for_journald_is_cut_to_one_line(capsys) -> None:
     assert big_name["error"] == "é" * 2_000 and big_name["file_id"] == 7
     assert big_list == {"event": "big.list", "level": "info", "timestamp": big_list["timestamp"],
                         "watch": "w", "truncated": ["*"]}
+
+
+def test_a_record_per_value_is_the_record_logged_for_each(capsys) -> None:
+    """`info_each` renders once and puts each value in place: the lines are those of one
+    `log.info` per value (but their shared timestamp), for names JSON must escape; a
+    sensitive field is still redacted; a value too long for a line, and console lines, go
+    one record at a time."""
+    log = structlog.get_logger("test")
+    names = ["a b/ü.txt", 'q"uo\\te\n.bin', "bad\udcff", "..", "x" * 300]
+    configure_logging("json")
+    info_each(log, "file.discovered", "rel_path", names, watch="w", by="event", token="s3cr3t")
+    for name in names:
+        log.info("file.discovered", watch="w", by="event", token="s3cr3t", rel_path=name)
+    lines = capsys.readouterr().out.splitlines()
+    each, one_by_one = [json.loads(line) for line in lines[:5]], [json.loads(line) for line in lines[5:]]
+    assert [r["rel_path"] for r in each] == names and {r["timestamp"] for r in each} == {each[0]["timestamp"]}
+    assert [{**r, "timestamp": 0} for r in each] == [{**r, "timestamp": 0} for r in one_by_one]
+    assert "s3cr3t" not in "".join(lines) and each[0]["token"] == "***"
+
+    info_each(log, "file.discovered", "rel_path", ["a", "é" * 40_000], watch="w")
+    short, cut = map(json.loads, capsys.readouterr().out.splitlines())
+    assert short["rel_path"] == "a" and cut["truncated"] == ["rel_path"]
+    configure_logging("console")
+    info_each(log, "file.discovered", "rel_path", ["a b", "c"], watch="w")
+    console = capsys.readouterr().out.splitlines()
+    assert len(console) == 2 and "rel_path='a b'" in console[0] and "rel_path=c" in console[1]
 
 
 def test_a_files_fields_ride_on_every_record_of_its_step(capsys) -> None:

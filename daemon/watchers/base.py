@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import fnmatch
 import functools
-import logging
 import os
 import re
 from collections.abc import Sequence
@@ -19,7 +18,7 @@ from typing import Protocol
 
 import structlog
 
-from daemon.log import enabled
+from daemon.log import info_each
 
 __all__ = ["Watcher", "is_ignored", "log_discovered", "relative_path"]
 
@@ -40,10 +39,8 @@ class Watcher(Protocol):
 
 def log_discovered(watch: str, rel_paths: Sequence[str], how: str) -> None:
     """One `file.discovered` per path the journal recorded (docs/contract.md, "Log events"),
-    with how it was found (`event`, `sweep`, `listing`); nothing is built below info."""
-    if rel_paths and enabled(logging.INFO):
-        for rel_path in rel_paths:
-            log.info("file.discovered", watch=watch, rel_path=rel_path, by=how)
+    with how it was found (`event`, `sweep`, `listing`)."""
+    info_each(log, "file.discovered", "rel_path", rel_paths, watch=watch, by=how)
 
 
 def relative_path(root: str, path: str) -> str | None:
