@@ -80,22 +80,30 @@ class _Kept:
 
 def info_each(logger: Any, event: str, key: str, values: Iterable[str], **fields: Any) -> None:
     """`logger.info(event, **{key: value}, **fields)` for each of `values`, one record each:
-    as JSON, the lines of a record rendered once with each value put in its place, and
-    written in one go. For a record per file of a batch in the daemon's own process (the
-    watchers' `file.discovered`), where structlog's chain, ~12 µs a record, is serial work
+    as JSON lines, a record rendered once with each value put in its place, and written in
+    one go. For a record per file of a batch in the daemon's own process (the watchers'
+    `file.discovered`), where structlog's chain, ~12 µs a record, is serial work
     (bench/RESULTS.md, "Issue 21")."""
     values = list(values)
     if not values or not enabled(logging.INFO):
         return
+    if (lines := _rendered_each(event, key, values, fields)) is None:
+        for value in values:
+            logger.info(event, **{**fields, key: value})
+    else:
+        structlog.get_config()["logger_factory"]().info("\n".join(lines))
+
+
+def _rendered_each(event: str, key: str, values: list[str], fields: Mapping[str, Any]) -> list[str] | None:
+    """The JSON lines of `info_each`'s records; None where they go one at a time: lines not
+    rendered by `configure_logging`'s JSON (console lines, a test's capture), or one to cut."""
+    if not isinstance(structlog.get_config()["processors"][-1], _Fitted):
+        return None
     kept = _Kept()
     structlog.wrap_logger(kept).info(event, **{**fields, key: _SLOT})
     before, slot, after = kept.line.partition(_SLOT_JSON)
-    lines = [before + json.dumps(value) + after for value in values] if slot else []
-    if not lines or max(map(len, lines)) > MAX_LINE_CHARS:  # not JSON, or a line to cut
-        for value in values:
-            logger.info(event, **{**fields, key: value})
-        return
-    structlog.get_config()["logger_factory"]().info("\n".join(lines))
+    lines = [before + json.dumps(value) + after for value in values]
+    return lines if slot and max(map(len, lines)) <= MAX_LINE_CHARS else None
 
 
 def _merge_file(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:

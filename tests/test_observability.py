@@ -172,8 +172,8 @@ def test_a_record_too_long_for_journald_is_cut_to_one_line(capsys) -> None:
 def test_a_record_per_value_is_the_record_logged_for_each(capsys) -> None:
     """`info_each` renders once and puts each value in place: the lines are those of one
     `log.info` per value (but their shared timestamp), for names JSON must escape; a
-    sensitive field is still redacted; a value too long for a line, and console lines, go
-    one record at a time."""
+    sensitive field is still redacted; a value too long for a line, another set-up's
+    records (a test's capture) and console lines go one record at a time."""
     log = structlog.get_logger("test")
     names = ["a b/ü.txt", 'q"uo\\te\n.bin', "bad\udcff", "..", "x" * 300]
     configure_logging("json")
@@ -189,6 +189,10 @@ def test_a_record_per_value_is_the_record_logged_for_each(capsys) -> None:
     info_each(log, "file.discovered", "rel_path", ["a", "é" * 40_000], watch="w")
     short, cut = map(json.loads, capsys.readouterr().out.splitlines())
     assert short["rel_path"] == "a" and cut["truncated"] == ["rel_path"]
+    with structlog.testing.capture_logs() as captured:  # another set-up: record by record
+        info_each(log, "file.discovered", "rel_path", ["a", "b"], watch="w")
+    assert [(r["event"], r["rel_path"]) for r in captured] == [("file.discovered", "a"),
+                                                                ("file.discovered", "b")]
     configure_logging("console")
     info_each(log, "file.discovered", "rel_path", ["a b", "c"], watch="w")
     console = capsys.readouterr().out.splitlines()
