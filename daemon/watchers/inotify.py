@@ -19,6 +19,7 @@ import os
 import select
 import struct
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -40,6 +41,10 @@ IN_ISDIR = 0x40000000
 _MASK = IN_CREATE | IN_CLOSE_WRITE | IN_MOVED_TO | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR
 _HEADER = struct.Struct("iIII")  # wd, mask, cookie, len (of the NUL-padded name after it)
 _BUFFER = 1 << 16
+# After a read, the events of the next few ms are left to gather, to be read at once: a
+# burst is then a few reads, not two per file (each wake-up of this thread costs the daemon's
+# process tens of µs), well within the watcher's own wait for a burst (`_FLUSH_S`, 20 ms).
+_GATHER_S = 0.005
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _init1: Any = getattr(_libc, "inotify_init1", None)
@@ -130,6 +135,7 @@ class InotifyReader:
                 self._handle(data)
             except Exception:
                 log.exception("watch.events_failed", root=os.fsdecode(self._root))
+            time.sleep(_GATHER_S)
 
     def _handle(self, data: bytes) -> None:
         paths: set[str] = set()  # handed over once per read: one lock and wake-up, not one per event
