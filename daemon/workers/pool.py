@@ -53,8 +53,8 @@ _WAKE_WAIT_S = 1.0
 _RELAY_CHUNK_BYTES = 1 << 16
 # After a read that emptied the pipe: the records of the next 20 ms are copied in one read
 # and one write, not a few at a time (each wake-up of the thread costs the daemon's process
-# tens of µs: bench/RESULTS.md, "Issue 21"); its pipe holds a busy worker's records of far
-# longer.
+# tens of µs: bench/RESULTS.md, "Issue 21"). The pipe (`_PIPE_BYTES`) holds far more than a
+# busy worker writes meanwhile.
 _RELAY_PAUSE_S = 0.02
 _PIPE_BYTES = 1 << 20
 
