@@ -67,12 +67,13 @@ def run_daemon(base: Path, files: list[tuple[str, bytes]], concurrency: int | No
                workers: int | None = None, serial: bool = False,
                cpus: int | None = None, settle_s: float = 0.0, log_level: str = "warning"
                ) -> dict[str, float]:
-    """`workers`: None leaves the daemon's default (one per core). `serial`: also the time
-    its transactions held the writers' locks (SCANWATCH_LOCK_STATS), per file.
-    `cpus`: the daemon and its workers run on the first `cpus` cores only. `settle_s`: the
-    watch's `settle_seconds`. `log_level`: the daemon's (its own default is info; the bench's
-    warning leaves the per-file lines out)."""
-    """Run `scanwatch run` (from the checkout `code`) on `files`; figures of the run."""
+    """Run `scanwatch run` (from the checkout `code`) on `files`; figures of the run.
+
+    `workers`: None leaves the daemon's default (one per core). `serial`: also the time its
+    transactions held the writers' locks (SCANWATCH_LOCK_STATS), per file. `cpus`: the daemon
+    and its workers run on the first `cpus` cores only. `settle_s`: the watch's
+    `settle_seconds`. `log_level`: the daemon's (its own default is info; the bench's warning
+    leaves the per-file lines out)."""
     inbox = base / "inbox"
     inbox.mkdir(parents=True)
     base.chmod(0o755)  # clamd, as another user, reads files by path
