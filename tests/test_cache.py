@@ -122,7 +122,9 @@ def test_small_copies_for_yara_take_no_flight_and_large_ones_do(layout: Layout) 
     for name in large:
         harness.drop(name, b"x" * (2 << 20))
     with capture_logs() as logs:
-        harness.step()  # no time passes: the first copy's answer wakes the copies waiting for it
+        # The sweep finds the three at once (inotify's events may still be gathering); no time
+        # passes after it: the first copy's answer wakes the copies waiting for it.
+        harness.step(advance_s=3)
     assert len([e for e in logs if e["event"] == "scan.waiting"]) == len(large) - 1
     assert sorted(e.get("cached", False) for e in _verdicts(logs)) == [False, True, True]
     assert all(harness.row(name).state is FileState.DONE for name in large)
