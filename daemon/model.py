@@ -26,9 +26,6 @@ class FileState(enum.StrEnum):
     GONE = "gone"  # vanished from the source before it could be moved
 
 
-ACTIVE_STATES = tuple(s.value for s in FileState if s not in (FileState.DONE, FileState.GONE))
-
-
 class VerdictKind(enum.StrEnum):
     """The three outcomes a file can have."""
 

@@ -306,6 +306,32 @@ def test_journal_keeps_at_most_max_entries_per_engine(tmp_path: Path) -> None:
     assert journal.verdicts.get("a", "fp", f"{0:064x}") is None  # the oldest went first
 
 
+def test_a_landing_flight_makes_its_waiting_rows_due_at_once_and_no_other(tmp_path: Path) -> None:
+    """Rows that found the flight of their bytes wait until it lands, not `_WAIT_S`: the
+    flight's answer (or its failure) makes them due; rows waiting for other bytes, or for the
+    same bytes with another engine, keep waiting."""
+    from daemon.journal import CachedVerdict, Journal
+    from daemon.model import VerdictKind
+
+    journal = Journal(tmp_path / "journal.sqlite3")
+    journal.discover("w", [(f"f{i}", i) for i in range(5)], 1.0)
+    flyer, waiter, other_bytes, other_engine, failing = (r.id for r in journal.claim(["w"], "1:1", 2.0, 5))
+    assert journal.take_flight("e", "aa", flyer, 2.0, 7.0) is None
+    assert journal.take_flight("e", "aa", waiter, 2.0, 7.0) == flyer
+    assert journal.take_flight("e", "bb", other_bytes, 2.0, 7.0) is None
+    assert journal.take_flight("f", "aa", other_engine, 2.0, 7.0) is None
+    assert journal.take_flight("e", "bb", failing, 2.0, 7.0) == other_bytes
+    journal.apply([(i, {"state": FileState.STABLE, "owner": None}) for i in (waiter, failing)])
+
+    journal.cache_verdict(CachedVerdict("e", "fp", "aa", VerdictKind.CLEAN, None, (), None, None, 3.0),
+                          100, 3.0, flyer)
+    due = {r.id: r.next_attempt_at for r in journal.rows()}
+    assert due[waiter] == 3.0 and due[failing] == 7.0
+    journal.end_flight("e", "bb", other_bytes, 4.0)
+    assert journal.get(failing).next_attempt_at == 4.0  # type: ignore[union-attr]
+    assert journal._conn().execute("SELECT count(*) FROM cache_waiters").fetchone()[0] == 0
+
+
 def test_a_large_cache_is_evicted_once_per_sixteenth_of_its_size(tmp_path: Path) -> None:
     from daemon.journal import CachedVerdict, Journal
     from daemon.model import VerdictKind

@@ -78,6 +78,51 @@ def test_a_verdict_kept_in_the_cache_costs_the_same_at_1_000_and_20_000_rows(tmp
     assert large <= 2 * small + 1000, (small, large)
 
 
+def _landing_steps(tmp_path: Path, backlog: int) -> int:
+    """A flight landing with a row waiting for it, behind `backlog` rows due later."""
+    journal = _journal(tmp_path, backlog)
+    journal._conn().execute("UPDATE files SET next_attempt_at = 50, sha256 = 'cd' WHERE watch = 'w'")
+    flyer, waiter = (r.id for r in journal.claim(["other"], "1:1", 2.0, 2))
+    journal.take_flight("yara", "ab" * 32, flyer, 2.0, 9.0)
+    assert journal.take_flight("yara", "ab" * 32, waiter, 2.0, 9.0) == flyer
+    entry = CachedVerdict("yara", "rules", "ab" * 32, VerdictKind.CLEAN, None, (), "ref", None, 3.0)
+    steps = _steps(journal, lambda: journal.cache_verdict(entry, 100_000, 3.0, flyer, is_miss=True))
+    assert journal.get(waiter).next_attempt_at == 3.0  # type: ignore[union-attr]
+    return steps
+
+
+def test_a_landing_flight_wakes_its_waiters_at_the_same_cost_at_1_000_and_20_000_rows(
+        tmp_path: Path) -> None:
+    """The rows waiting for a flight are listed where they wait: neither the backlog due later
+    nor the history is read to find them."""
+    small = _landing_steps(tmp_path, 1000)
+    large = _landing_steps(tmp_path, 20_000)
+    assert large <= 2 * small + 1000, (small, large)
+
+
+def _status_steps(tmp_path: Path, history: int) -> dict[str, int]:
+    """What `status` and the metrics read of the active rows, behind `history` finished ones."""
+    journal = Journal(tmp_path / f"history-{history}.sqlite3")
+    journal.discover("w", ((f"f{i}", i) for i in range(100)), 1.0)
+    journal._conn().executemany("""INSERT INTO files (watch, rel_path, state, next_attempt_at,
+                                                      discovered_at, updated_at, done_at, verdict)
+                                   VALUES ('w', ?, 'done', 0.5, 0.5, 0.5, 0.5, 'clean')""",
+                                ((f"old{i}".encode(),) for i in range(history)))
+    pending = [s for s in FileState if s not in (FileState.DONE, FileState.GONE, FileState.HELD)]
+    return {"oldest_pending": _steps(journal, journal.oldest_pending),
+            "pending_count": _steps(journal, journal.pending_count),
+            "oldest_file": _steps(journal, lambda: journal.rows(watch="w", states=pending, limit=1)),
+            "errors": _steps(journal, lambda: journal.rows(has_error=True, states=[*pending, FileState.HELD],
+                                                           order="updated_at", newest_first=True))}
+
+
+def test_status_reads_the_active_rows_alone_at_1_000_and_50_000_finished_ones(tmp_path: Path) -> None:
+    small = _status_steps(tmp_path, 1000)
+    large = _status_steps(tmp_path, 50_000)
+    for query, steps in large.items():
+        assert steps <= 2 * small[query] + 1000, (query, small, large)
+
+
 def test_claim_takes_the_most_overdue_rows_of_its_watches_only(tmp_path: Path) -> None:
     journal = _journal(tmp_path, 50)
     journal._conn().execute("UPDATE files SET next_attempt_at = 100 - id WHERE state = 'stable'")

@@ -22,6 +22,7 @@ from daemon.journal.rescans import RescanRecords
 from daemon.journal.schema import (
     _ACTIVE,
     _CLAIMABLE,
+    _FINISHED,
     _ORDER_COLUMNS,
     _SCAN_WRITABLE,
     _THREAT_LIKE,
@@ -40,7 +41,6 @@ from daemon.journal.schema import (
 )
 from daemon.journal.versions import ObjectVersions
 from daemon.model import (
-    ACTIVE_STATES,
     FileState,
     RowChanges,
     ScanChanges,
@@ -294,6 +294,8 @@ class Journal(ObjectVersions, RescanRecords, VerdictCacheRecords):
             (watch is not None, "watch = ?", (watch,)),
             (states is not None, f"state IN ({','.join('?' * len(states or ()))})",
              tuple(str(s) for s in states or ())),
+            # Only active states asked for: the partial index of active rows serves them.
+            (states is not None and not {FileState.DONE, FileState.GONE} & set(states or ()), _ACTIVE, ()),
             # A literal: the partial index of quarantined rows is used only for it.
             (verdict is not None, f"verdict = '{VerdictKind(verdict).value}'" if verdict else "", ()),
             (done_since is not None, "done_at >= ?", (done_since,)),
@@ -313,10 +315,12 @@ class Journal(ObjectVersions, RescanRecords, VerdictCacheRecords):
         return [_from_db(r) for r in rows]
 
     def counts(self) -> list[tuple[str, str, str | None, str | None, int]]:
-        """`(watch, state, verdict, reason, count)` for every group of rows."""
+        """`(watch, state, verdict, reason, count)` for every group of rows: the finished ones
+        read from their index alone (`files_finished`), the active ones from theirs."""
+        groups = "SELECT watch, state, verdict, reason, count(*) FROM files WHERE {} " \
+                 "GROUP BY watch, state, verdict, reason"
         return [tuple(r) for r in self._conn().execute(
-            "SELECT watch, state, verdict, reason, count(*) FROM files "
-            "GROUP BY watch, state, verdict, reason ORDER BY watch, state")]
+            f"{groups.format(_FINISHED)} UNION ALL {groups.format(_ACTIVE)} ORDER BY 1, 2")]
 
     def pending_count(self) -> int:
         """Rows not yet done, gone or held (served by the partial index of active rows)."""
@@ -327,9 +331,8 @@ class Journal(ObjectVersions, RescanRecords, VerdictCacheRecords):
     def oldest_pending(self) -> dict[str, float]:
         """Per watch, the discovery time of the oldest row not yet done."""
         rows = self._conn().execute(
-            "SELECT watch, min(discovered_at) FROM files WHERE state IN "
-            f"({','.join('?' * len(ACTIVE_STATES))}) AND state != 'held' GROUP BY watch",
-            ACTIVE_STATES)
+            f"SELECT watch, min(discovered_at) FROM files WHERE {_ACTIVE} AND state != 'held' "
+            "GROUP BY watch")
         return {r[0]: r[1] for r in rows}
 
     def size_bytes(self) -> int:

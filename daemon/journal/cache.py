@@ -277,6 +277,8 @@ class VerdictCacheRecords(Database):
             if found is not None:
                 conn.execute("UPDATE files SET sha256 = ?, next_attempt_at = ? WHERE id = ?",
                              (sha256, wait_until, file_id))
+                conn.execute("INSERT OR IGNORE INTO cache_waiters VALUES (?, ?, ?)",
+                             (engine, sha256, file_id))
                 return int(found[0])
             conn.execute("INSERT OR REPLACE INTO cache_flights VALUES (?, ?, ?, ?)",
                          (engine, sha256, file_id, now))
@@ -303,14 +305,16 @@ class VerdictCacheRecords(Database):
         cursor = conn.execute(f"DELETE FROM cache_flights WHERE engine = ? AND sha256 = ?{only}",
                               (engine, sha256, *(() if is_answer else (file_id,))))
         if cursor.rowcount:
-            # The waiting rows, their bytes journaled: stable (one engine; or still claimed,
-            # their step not committed yet) or scanning with a scan record waiting (several
-            # engines; a pending scan of the same bytes is then polled once early: harmless).
+            # The rows that waited for it (`take_flight`) and wait still, their bytes journaled:
+            # stable (one engine; or still claimed, their step not committed yet) or scanning
+            # with a scan record waiting (several engines; a pending scan of the same bytes is
+            # then polled once early: harmless).
             me = -1 if file_id is None else file_id
-            # `_ACTIVE` repeated: the partial index `files_due` then serves it (only rows due
-            # later are read), where a scan of every row of the history would grow with it.
-            conn.execute(f"UPDATE files SET next_attempt_at = ? WHERE {_ACTIVE} AND state IN "
-                         "('stable', 'scanning') AND sha256 = ? AND next_attempt_at > ? AND id != ?",
-                         (now, sha256, now, me))
+            conn.execute(f"""UPDATE files SET next_attempt_at = ?
+                             WHERE id IN (SELECT file_id FROM cache_waiters WHERE engine = ? AND sha256 = ?)
+                               AND {_ACTIVE} AND state IN ('stable', 'scanning') AND sha256 = ?
+                               AND next_attempt_at > ? AND id != ?""",
+                         (now, engine, sha256, sha256, now, me))
+            conn.execute("DELETE FROM cache_waiters WHERE engine = ? AND sha256 = ?", (engine, sha256))
             conn.execute("UPDATE scans SET next_attempt_at = ? WHERE sha256 = ? AND verdict IS NULL "
                          "AND next_attempt_at > ? AND file_id != ?", (now, sha256, now, me))

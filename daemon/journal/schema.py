@@ -174,11 +174,30 @@ SCHEMA = [
         WHERE (state = 'discovered' OR state = 'stable' OR state = 'verdict' OR state = 'scanning'
                OR state = 'moving') AND owner IS NULL;
     """,
+    # A row's state changes three times on its way (claimed, judged, done), and SQLite
+    # rewrites a row's entry in every index that names a column written: `files_due` and
+    # `files_counts` had `state` in their key, 6.6 of the ~42 µs per file that the journal's
+    # lock serialises (bench/RESULTS.md, "Issue 21"). The queue is read by `files_claimable`,
+    # the active rows by `files_active`; the finished rows are counted from an index of their
+    # own, written once, when a row finishes; the rows waiting for a flight of the verdict
+    # cache, which `files_due` found among the rows due later, are listed where they wait (a
+    # row waiting across the upgrade asks for itself when its wait ends).
+    """
+    DROP INDEX files_due;
+    DROP INDEX files_counts;
+    CREATE INDEX files_finished ON files(watch, state, verdict, reason)
+        WHERE state = 'done' OR state = 'gone';
+    CREATE TABLE cache_waiters (
+        engine TEXT NOT NULL, sha256 TEXT NOT NULL, file_id INTEGER NOT NULL REFERENCES files(id),
+        PRIMARY KEY (engine, sha256, file_id)
+    ) WITHOUT ROWID;
+    """,
 ]
 
 _JSON_COLUMNS = ("threats", "raw_result", "cached_from")
 _PATH_COLUMNS = ("rel_path", "destination", "dest_rel")
-_ACTIVE = "state NOT IN ('done', 'gone')"
+_ACTIVE = "state NOT IN ('done', 'gone')"  # the condition of `files_active`, so it serves
+_FINISHED = "(state = 'done' OR state = 'gone')"  # the condition of `files_finished`
 # A claimed row, in any state, is its owner's until it commits it with `owner = NULL`
 # (or `reclaim` finds the owner dead): never two workers on one file.
 # Queries of the work queue write `+watch`: the unary plus keeps SQLite from picking the
