@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator
 from typing import Any, TypeVar, cast
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, MetricsHandler
@@ -18,16 +18,10 @@ from prometheus_client.registry import Collector
 from daemon.engines._pacing import read_rates
 from daemon.journal import Journal
 from daemon.listener import HTTPListener, ListenerLimits
-from daemon.model import FileState, Reason, VerdictKind
-from daemon.pipeline.outcome import Heard
+from daemon.model import FileState
+from daemon.pipeline.outcome import Tally
 
 __all__ = ["Metrics"]
-
-# A failed verdict for one of these reasons is an engine that could not scan; other reasons
-# are about the file (unreadable, unsafe path) or a verdict (suspicious), not engine errors.
-_ENGINE_ERROR_REASONS = frozenset({Reason.TOO_LARGE, Reason.TIMEOUT, Reason.ENCRYPTED, Reason.ENGINE_ERROR,
-                                   Reason.ENGINE_FAILED, Reason.ENGINE_UNAVAILABLE, Reason.AUTH,
-                                   Reason.BAD_REQUEST, Reason.RATE_LIMITED})
 
 _Metric = TypeVar("_Metric", Counter, Histogram)
 
@@ -181,34 +175,12 @@ class Metrics:
         listener.start()
         return listener
 
-    def count(self, step: Heard) -> None:
-        """Count one step as the daemon hears it (daemon/pipeline/outcome.py, `Heard`)."""
-        watch, discovered_at, size, engine, event, fields, _ = step
-        self._count_scan(watch, engine, fields)
-        reason = str(fields.get("reason") or "")
-        if event == "file.moved":
-            if fields.get("already_placed"):
-                self._child(self.already_placed, watch).inc()
-            self._child(self.files, watch, str(fields["outcome"]), reason).inc()
-            self._child(self.scan_seconds, engine).observe(max(0.0, time.time() - discovered_at))
-            self._child(self.bytes_scanned, engine).inc(size or 0)
-        elif event == "file.skipped":
-            self._child(self.files, watch, "skipped", reason).inc()
-        elif event == "move.failed":
-            self._child(self.moves_failed, watch).inc()
-        elif event == "retry.scheduled":
-            self._child(self.retries, engine, reason or Reason.ENGINE_ERROR).inc()
-            self._child(self.engine_errors, engine, reason or Reason.ENGINE_ERROR).inc()
-
-    def _count_scan(self, watch: str, engine: str, fields: Mapping[str, Any]) -> None:
-        """What any step's fields say about the engine: cache lookups, resubmissions, errors."""
-        if (cache := fields.get("cache")) in ("hit", "miss"):
-            self._child(self.cache, engine, str(cache)).inc()
-        if fields.get("resubmitted"):
-            self._child(self.resubmissions, watch, engine).inc()
-        reason = str(fields.get("reason") or "")
-        if fields.get("verdict") == VerdictKind.FAILED and reason in _ENGINE_ERROR_REASONS:
-            self._child(self.engine_errors, engine, reason).inc()
+    def count(self, tally: Tally) -> None:
+        """Add a batch's counts as the daemon hears them (daemon/pipeline/outcome.py, `Tally`)."""
+        for (counter, labels), amount in tally.counts.items():
+            self._child(getattr(self, counter), *labels).inc(amount)
+        for engine, seconds in tally.durations:
+            self._child(self.scan_seconds, engine).observe(seconds)
 
     def _child(self, metric: _Metric, *labels: str) -> _Metric:
         """`metric.labels(*labels)`, looked up once: the per-file counts are the daemon's own

@@ -22,7 +22,7 @@ from daemon.journal.repair import hold_daemon_lock
 from daemon.locations.s3staging import reconcile as reconcile_staging
 from daemon.metrics import Metrics
 from daemon.pipeline import Pipeline, Reported, uses_s3
-from daemon.pipeline.outcome import Heard, Outcome, heard
+from daemon.pipeline.outcome import Outcome, Tally
 from daemon.s3client import S3Clients
 from daemon.s3url import is_s3
 from daemon.sdnotify import Notifier
@@ -107,18 +107,19 @@ class Service:
 
     def _on_outcomes(self, batch: list[Reported]) -> None:
         """A batch's outcomes of the pipeline in this process, heard as a worker's are."""
-        self._on_heard([heard(row, engine, outcome) for row, engine, outcome in batch])
+        self._on_heard(Tally.of(batch))
 
-    def _on_heard(self, batch: list[Heard]) -> None:
-        """A batch's outcomes into the metrics and alerts; one that fails them skips no other.
-        Only an outcome heard with its whole row may be notified (`is_notable`)."""
-        alerts = self._running.alerts
-        for step in batch:
-            *_, event, fields, row = step
+    def _on_heard(self, tally: Tally) -> None:
+        """A batch's outcomes into the metrics and alerts; one that fails them skips no other."""
+        try:
+            self.metrics.count(tally)
+        except Exception:
+            log.exception("outcome.unobserved", counts=len(tally.counts))
+        if (alerts := self._running.alerts) is None:
+            return
+        for row, event, fields in tally.notable:
             try:
-                self.metrics.count(step)
-                if alerts is not None and row is not None:
-                    alerts.observe(self._running.config.watch(row.watch), row, Outcome({}, event, fields))
+                alerts.observe(self._running.config.watch(row.watch), row, Outcome({}, event, fields))
             except Exception:
                 log.exception("outcome.unobserved", event=event)
 

@@ -18,7 +18,7 @@ from daemon.journal import FileRow, Journal, owner_token
 from daemon.metrics import Metrics
 from daemon.model import FileState, Pending, Reason, Verdict, VerdictKind
 from daemon.pipeline import Pipeline, Reported
-from daemon.pipeline.outcome import heard
+from daemon.pipeline.outcome import Tally
 from daemon.retry import RetryPolicy
 from daemon.watchers.local import LocalWatcher
 
@@ -170,8 +170,7 @@ def test_an_in_doubt_submission_is_looked_up_not_resent(multi: Multi) -> None:
 def _counted_by(metrics: Metrics) -> Callable[[list[Reported]], None]:
     """A pipeline's outcomes into `metrics`, as the daemon hears them."""
     def count(batch: list[Reported]) -> None:
-        for row, engine, outcome in batch:
-            metrics.count(heard(row, engine, outcome))
+        metrics.count(Tally.of(batch))
     return count
 
 

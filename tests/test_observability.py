@@ -29,7 +29,7 @@ from daemon.log import MAX_LINE_CHARS, configure_logging, enabled, file_context,
 from daemon.metrics import Metrics
 from daemon.model import FileState, Reason, VerdictKind
 from daemon.pipeline import Outcome
-from daemon.pipeline.outcome import heard
+from daemon.pipeline.outcome import Tally
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -110,11 +110,11 @@ def test_engine_errors_count_engines_that_could_not_scan_not_unreadable_files(tm
         return Outcome({"state": FileState.MOVING, "verdict": kind, "reason": reason}, "scan.verdict",
                        {"verdict": kind.value, "reason": reason})
 
-    metrics.count(heard(row, "default", verdict(VerdictKind.FAILED, Reason.TOO_LARGE)))
-    metrics.count(heard(row, "default", verdict(VerdictKind.FAILED, Reason.UNREADABLE)))
-    metrics.count(heard(row, "default", verdict(VerdictKind.CLEAN, None)))
-    metrics.count(heard(row, "default", Outcome({"state": FileState.STABLE, "last_error": "HTTP 503"},
-                                                "retry.scheduled", {"reason": "engine_error"})))
+    metrics.count(Tally.of((row, "default", outcome) for outcome in (
+        verdict(VerdictKind.FAILED, Reason.TOO_LARGE), verdict(VerdictKind.FAILED, Reason.UNREADABLE),
+        verdict(VerdictKind.CLEAN, None),
+        Outcome({"state": FileState.STABLE, "last_error": "HTTP 503"}, "retry.scheduled",
+                {"reason": "engine_error"}))))
     value = metrics.registry.get_sample_value
     assert value("scanwatch_engine_errors_total", {"engine": "default", "reason": "too_large"}) == 1
     assert value("scanwatch_engine_errors_total", {"engine": "default", "reason": "engine_error"}) == 1

@@ -166,13 +166,12 @@ def test_a_daemon_of_local_watches_imports_no_boto3() -> None:
     assert done.stdout.strip() == "[]"
 
 
-def test_a_workers_frame_carries_plain_facts_and_whole_rows_only_where_an_alert_may_follow(
+def test_a_workers_frame_carries_its_batchs_counts_summed_and_whole_rows_only_where_an_alert_may_follow(
         tmp_path: Path) -> None:
-    """The daemon reads five facts of most outcomes: unpickling whole rows and outcomes per step
-    of every file was its own work (bench/RESULTS.md, "Issue 21")."""
+    """The daemon adds a batch's sums: unpickling and counting each step of every file was its
+    own work (bench/RESULTS.md, "Issue 21")."""
     from daemon.fsutil import Identity
-    from daemon.journal import FileRow
-    from daemon.pipeline.outcome import Outcome, Outcomes
+    from daemon.pipeline.outcome import Outcome, Outcomes, Tally
     from daemon.retry import RetryPolicy
     from daemon.workers.process import _Events, read_frame
 
@@ -184,19 +183,17 @@ def test_a_workers_frame_carries_plain_facts_and_whole_rows_only_where_an_alert_
     outcomes = Outcomes(lambda: 3.0, RetryPolicy())
     verdict = Outcome({"verdict": "clean"}, "scan.verdict", {"verdict": "clean", "cache": "miss"})
     batch = [(ok, "yara", verdict), (ok, "yara", outcomes.placed(ok, "/c/ok.txt", VerdictKind.CLEAN)),
-             (bad, "yara", outcomes.placed(bad, "/q/bad.com", VerdictKind.INFECTED))]
+             (bad, "yara", verdict), (bad, "yara", outcomes.placed(bad, "/q/bad.com", VerdictKind.INFECTED))]
     read_fd, write_fd = os.pipe()
     _Events(write_fd).send(batch)
     with os.fdopen(read_fd, "rb") as stream:
         frame = read_frame(stream)
-    assert [type(step) for step in frame] == [tuple] * 3
-    assert [step[:5] for step in frame] == [("w", 1.0, 10, "yara", "scan.verdict"),
-                                            ("w", 1.0, 10, "yara", "file.moved"),
-                                            ("w", 1.0, 68, "yara", "file.moved")]
-    assert frame[0][5] == {"verdict": "clean", "cache": "miss"}
-    assert frame[1][5]["destination"] == "/c/ok.txt"
-    assert [step[6] for step in frame[:2]] == [None, None]
-    assert isinstance(frame[2][6], FileRow) and frame[2][6] == bad  # a notification reads it
+    assert isinstance(frame, Tally)
+    assert frame.counts == {("cache", ("yara", "miss")): 2, ("files", ("w", "clean", "")): 1,
+                            ("files", ("w", "infected", "")): 1, ("bytes_scanned", ("yara",)): 78}
+    assert [engine for engine, _ in frame.durations] == ["yara", "yara"]
+    assert [(row, event) for row, event, _ in frame.notable] == [(bad, "file.moved")]  # an alert reads it
+    assert frame.notable[0][2]["destination"] == "/q/bad.com"
 
 
 def _processes_running(config_path: Path) -> list[int]:

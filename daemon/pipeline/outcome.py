@@ -7,7 +7,8 @@ read the same facts. The pipeline's loop writes them (docs/architecture.md).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +17,7 @@ from daemon.journal import FileRow, KeptVerdict, RowChanges
 from daemon.model import FileState, Reason, Verdict, VerdictKind, replaced
 from daemon.retry import RetryPolicy
 
-__all__ = ["Heard", "Outcome", "Outcomes", "heard", "is_notable"]
+__all__ = ["Outcome", "Outcomes", "Tally"]
 
 
 @dataclass(frozen=True)
@@ -46,26 +47,71 @@ class Outcome:
         return self.changes.get("state")
 
 
-# One step's outcome as the daemon's metrics and alerts hear it: what the metrics read of the
-# row before the step (watch, discovery time, size), the engine's label, the event and its
-# fields, and the whole row only for an outcome that may be notified (`is_notable`). A worker
-# process sends these plain tuples to the daemon (daemon/workers/process.py): a `FileRow` and
-# an `Outcome`, pickled and unpickled whole, cost the daemon 8 µs or more each, per step of
-# every file, for five fields (bench/RESULTS.md, "Issue 21").
-Heard = tuple[str, float, int | None, str, str | None, Mapping[str, Any], FileRow | None]
+# A failed verdict for one of these reasons is an engine that could not scan; other reasons
+# are about the file (unreadable, unsafe path) or a verdict (suspicious), not engine errors.
+_ENGINE_ERROR_REASONS = frozenset({Reason.TOO_LARGE, Reason.TIMEOUT, Reason.ENCRYPTED, Reason.ENGINE_ERROR,
+                                   Reason.ENGINE_FAILED, Reason.ENGINE_UNAVAILABLE, Reason.AUTH,
+                                   Reason.BAD_REQUEST, Reason.RATE_LIMITED})
 
 
-def is_notable(row: FileRow, outcome: Outcome) -> bool:
-    """Whether a notification may follow this step (a file placed with a verdict other than clean,
-    or held: daemon/alerts.py), which reads the whole row."""
-    return outcome.event == "file.skipped" or (outcome.event == "file.moved"
-                                               and row.verdict != VerdictKind.CLEAN)
+@dataclass
+class Tally:
+    """What the daemon's metrics and alerts hear of a batch's steps: the counts they add
+    (`Metrics` counters by attribute name, and labels), summed where the steps ran; each
+    file's seconds from discovery to destination, by engine; and the steps that may be
+    notified, with their whole row (`daemon/alerts.py`).
 
+    A worker process sends a batch's tally to the daemon in one frame (daemon/workers/
+    process.py): the daemon adds a few sums, where counting each step cost its process
+    ~3 µs, serial work for every worker's files (bench/RESULTS.md, "Issue 21").
+    """
 
-def heard(row: FileRow, engine: str, outcome: Outcome) -> Heard:
-    """What the daemon's observers hear of one step of `row` (as it was before the step)."""
-    return (row.watch, row.discovered_at, row.size, engine, outcome.event, outcome.fields,
-            row if is_notable(row, outcome) else None)
+    counts: dict[tuple[str, tuple[str, ...]], float] = field(default_factory=dict)
+    durations: list[tuple[str, float]] = field(default_factory=list)
+    notable: list[tuple[FileRow, str, Mapping[str, Any]]] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, steps: Iterable[tuple[FileRow, str, Outcome]]) -> Tally:
+        """The tally of steps `(row before the step, engine label, outcome)`."""
+        tally = cls()
+        for row, engine, outcome in steps:
+            tally.add(row, engine, outcome)
+        return tally
+
+    def add(self, row: FileRow, engine: str, outcome: Outcome) -> None:
+        event, fields, watch = outcome.event, outcome.fields, row.watch
+        self._scan(watch, engine, fields)
+        reason = str(fields.get("reason") or "")
+        if event == "file.moved":
+            if fields.get("already_placed"):
+                self._count("already_placed", watch)
+            self._count("files", watch, str(fields["outcome"]), reason)
+            self._count("bytes_scanned", engine, amount=row.size or 0)
+            self.durations.append((engine, max(0.0, time.time() - row.discovered_at)))
+            if row.verdict != VerdictKind.CLEAN:
+                self.notable.append((row, event, fields))
+        elif event == "file.skipped":
+            self._count("files", watch, "skipped", reason)
+            self.notable.append((row, event, fields))
+        elif event == "move.failed":
+            self._count("moves_failed", watch)
+        elif event == "retry.scheduled":
+            self._count("retries", engine, reason or Reason.ENGINE_ERROR)
+            self._count("engine_errors", engine, reason or Reason.ENGINE_ERROR)
+
+    def _scan(self, watch: str, engine: str, fields: Mapping[str, Any]) -> None:
+        """What any step's fields say about the engine: cache lookups, resubmissions, errors."""
+        if (cache := fields.get("cache")) in ("hit", "miss"):
+            self._count("cache", engine, str(cache))
+        if fields.get("resubmitted"):
+            self._count("resubmissions", watch, engine)
+        reason = str(fields.get("reason") or "")
+        if fields.get("verdict") == VerdictKind.FAILED and reason in _ENGINE_ERROR_REASONS:
+            self._count("engine_errors", engine, reason)
+
+    def _count(self, counter: str, *labels: str, amount: float = 1) -> None:
+        key = (counter, labels)
+        self.counts[key] = self.counts.get(key, 0) + amount
 
 
 class Outcomes:

@@ -41,7 +41,7 @@ import structlog
 from daemon.config import Config
 from daemon.journal import Journal
 from daemon.log import write_lines
-from daemon.pipeline.outcome import Heard
+from daemon.pipeline.outcome import Tally
 from daemon.s3client import S3Clients
 from daemon.workers.process import main_forked, read_frame, write_frame
 
@@ -166,7 +166,7 @@ class WorkerPool:
     """`config.workers` worker processes, started again when one dies."""
 
     def __init__(self, config: Config, journal: Journal, wake: threading.Event,
-                 on_outcomes: Callable[[list[Heard]], None],
+                 on_outcomes: Callable[[Tally], None],
                  forked: Sequence[Forked] = ()) -> None:
         self.config = config
         self._forked = list(forked)  # waiting for their config: the first ones
@@ -209,10 +209,10 @@ class WorkerPool:
         with os.fdopen(fd, "rb") as stream:
             while True:
                 try:
-                    batch: list[Heard] = read_frame(stream)  # a batch's outcomes
+                    tally: Tally = read_frame(stream)  # a batch's outcomes
                 except EOFError:
                     return
-                self._on_outcomes(batch)
+                self._on_outcomes(tally)
 
     def _wake_all(self) -> None:
         while not self._stopping.is_set():

@@ -37,7 +37,7 @@ from daemon.engines.base import WebhookSource
 from daemon.journal import open_journal, owner_token
 from daemon.log import configure_logging
 from daemon.pipeline import Pipeline, Reported
-from daemon.pipeline.outcome import heard
+from daemon.pipeline.outcome import Tally
 from daemon.s3client import S3Clients
 
 __all__ = ["main", "main_forked", "read_frame", "share_webhook_health", "write_frame"]
@@ -119,9 +119,9 @@ class _Events:
         self._lock = threading.Lock()
 
     def send(self, batch: list[Reported]) -> None:
-        # What the daemon's metrics and alerts read, as plain tuples (`Heard`): never the row
+        # What the daemon's metrics and alerts read, summed here (`Tally`): never the row
         # changes (which the journal has), the whole row only where a notification may follow.
-        frame = [heard(row, engine, outcome) for row, engine, outcome in batch]
+        frame = Tally.of(batch)
         try:
             with self._lock:
                 write_frame(self._stream, frame)
