@@ -123,6 +123,22 @@ def test_status_reads_the_active_rows_alone_at_1_000_and_50_000_finished_ones(tm
         assert steps <= 2 * small[query] + 1000, (query, small, large)
 
 
+def test_listing_a_known_key_reads_its_own_rows_at_1_000_and_50_000_finished_ones(tmp_path: Path) -> None:
+    """Whether an S3 key's version was judged is read from the key's rows, not from every
+    finished row of the watch: a listing asks it of each key."""
+    steps = []
+    for history in (1000, 50_000):
+        journal = Journal(tmp_path / f"listed-{history}.sqlite3")
+        journal._conn().executemany("""INSERT INTO files (watch, rel_path, state, etag, next_attempt_at,
+                                                          discovered_at, updated_at, done_at, dest_root)
+                                       VALUES ('w', ?, 'done', 'e', 0.5, 0.5, 0.5, 0.5, 's3://out/')""",
+                                    ((f"old{i}".encode(),) for i in range(history)))
+        steps.append(_steps(journal, lambda j=journal: j.discover_objects("w", [("old7", "e", None, 1)], 2.0,
+                                                                          listed_at=1.0)))
+    small, large = steps
+    assert large <= 2 * small + 1000, (small, large)
+
+
 def test_claim_takes_the_most_overdue_rows_of_its_watches_only(tmp_path: Path) -> None:
     journal = _journal(tmp_path, 50)
     journal._conn().execute("UPDATE files SET next_attempt_at = 100 - id WHERE state = 'stable'")

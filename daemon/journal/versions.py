@@ -96,9 +96,10 @@ def _is_judged(conn: sqlite3.Connection, watch: str, path: bytes, seen: SeenObje
     the same ETag and LastModified are that version. A moved one was removed from the
     source when its row was done, so what a listing started after that finds is new.
     """
+    # `+state`: the key's own rows (`files_seen`), never every finished row of the watch.
     row = conn.execute(
         "SELECT etag, version_id, last_modified, dest_root, done_at FROM files "
-        "WHERE watch = ? AND rel_path = ? AND state = 'done' ORDER BY id DESC LIMIT 1",
+        "WHERE watch = ? AND rel_path = ? AND +state = 'done' ORDER BY id DESC LIMIT 1",
         (watch, path)).fetchone()
     if row is None:
         return False
