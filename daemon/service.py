@@ -121,7 +121,7 @@ class Service:
             try:
                 alerts.observe(self._running.config.watch(row.watch), row, Outcome({}, event, fields))
             except Exception:
-                log.exception("outcome.unobserved", event=event)
+                log.exception("outcome.unobserved", step=event, file_id=row.id)
 
     def _start(self, running: _Running, *, is_first: bool = False) -> None:
         # Bound first, so an address in use stops the first start before anything runs;

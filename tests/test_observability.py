@@ -123,6 +123,18 @@ def test_engine_errors_count_engines_that_could_not_scan_not_unreadable_files(tm
     assert value("scanwatch_retries_total", {"engine": "default", "reason": "too_large"}) is None
 
 
+def test_a_step_that_cannot_be_counted_is_logged_and_skips_no_other(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "journal.sqlite3")
+    journal.discover("inbox", [("a.txt", 1)], time.time())
+    [row] = journal.rows()
+    broken = Outcome({}, "file.moved", {"destination": "/c/a.txt"})  # no `outcome`
+    counted = Outcome({}, "file.skipped", {"reason": "ignored"})
+    with structlog.testing.capture_logs() as logs:
+        tally = Tally.of([(row, "default", broken), (row, "default", counted)])
+    assert tally.counts == {("files", ("inbox", "skipped", "ignored")): 1}
+    assert [(e["event"], e["file_id"]) for e in logs] == [("outcome.unobserved", row.id)]
+
+
 def test_engine_up_reports_only_the_engines_in_use(tmp_path: Path) -> None:
     journal = Journal(tmp_path / "journal.sqlite3")
     journal.set_engine_health("default", True, "PONG", time.time())

@@ -12,10 +12,14 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import structlog
+
 from daemon.errors import EngineRetryableError
 from daemon.journal import FileRow, KeptVerdict, RowChanges
 from daemon.model import FileState, Reason, Verdict, VerdictKind, replaced
 from daemon.retry import RetryPolicy
+
+log = structlog.get_logger("scanwatch.pipeline")
 
 __all__ = ["Outcome", "Outcomes", "Tally"]
 
@@ -72,10 +76,14 @@ class Tally:
 
     @classmethod
     def of(cls, steps: Iterable[tuple[FileRow, str, Outcome]]) -> Tally:
-        """The tally of steps `(row before the step, engine label, outcome)`."""
+        """The tally of steps `(row before the step, engine label, outcome)`; a step that
+        cannot be counted is logged, and skips no other."""
         tally = cls()
         for row, engine, outcome in steps:
-            tally.add(row, engine, outcome)
+            try:
+                tally.add(row, engine, outcome)
+            except Exception:
+                log.exception("outcome.unobserved", step=outcome.event, file_id=row.id)
         return tally
 
     def add(self, row: FileRow, engine: str, outcome: Outcome) -> None:
