@@ -111,6 +111,28 @@ def test_a_version_1_journal_is_migrated_with_its_rows(tmp_path: Path) -> None:
     assert len(journal.discover_objects("w", [("new.txt", "e1", None, 5)], 2.0)) == 1
 
 
+def test_a_journal_counted_by_state_indexes_is_migrated_to_the_finished_rows_index(tmp_path: Path) -> None:
+    """The migration that dropped the indexes keyed on `state` keeps every count."""
+    path = tmp_path / "journal.sqlite3"
+    conn = sqlite3.connect(path)
+    for script in SCHEMA[:-1]:
+        conn.executescript(script)
+    rows = [("w", b"a", "done", "clean", None), ("w", b"b", "done", "infected", None),
+            ("w", b"c", "gone", None, None), ("w", b"d", "held", None, "ignored"),
+            ("v", b"e", "stable", None, None)]
+    conn.executemany("INSERT INTO files (watch, rel_path, state, verdict, reason, next_attempt_at, "
+                     "discovered_at, updated_at) VALUES (?, ?, ?, ?, ?, 1, 1, 1)", rows)
+    before = conn.execute("SELECT watch, state, verdict, reason, count(*) FROM files "
+                          "GROUP BY watch, state, verdict, reason ORDER BY 1, 2").fetchall()
+    conn.execute(f"PRAGMA user_version = {len(SCHEMA) - 1}")
+    conn.commit()
+    conn.close()
+    journal = Journal(path)
+    assert journal.counts() == before
+    indexes = {r[0] for r in journal._conn().execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert "files_finished" in indexes and not {"files_due", "files_counts"} & indexes
+
+
 def test_discover_objects_remembers_versions(tmp_path: Path) -> None:
     journal = _journal(tmp_path)
     assert len(journal.discover_objects("w", [("a", "e1", None, 3), ("b", "e2", "v2", 4)], 1.0)) == 2

@@ -317,8 +317,8 @@ class Journal(ObjectVersions, RescanRecords, VerdictCacheRecords):
     def counts(self) -> list[tuple[str, str, str | None, str | None, int]]:
         """`(watch, state, verdict, reason, count)` for every group of rows: the finished ones
         read from their index alone (`files_finished`), the active ones from theirs."""
-        groups = "SELECT watch, state, verdict, reason, count(*) FROM files WHERE {} " \
-                 "GROUP BY watch, state, verdict, reason"
+        groups = ("SELECT watch, state, verdict, reason, count(*) FROM files WHERE {} "
+                  "GROUP BY watch, state, verdict, reason")
         return [tuple(r) for r in self._conn().execute(
             f"{groups.format(_FINISHED)} UNION ALL {groups.format(_ACTIVE)} ORDER BY 1, 2")]
 
