@@ -110,7 +110,8 @@ class Service:
         self._on_heard(Tally.of(batch))
 
     def _on_heard(self, tally: Tally) -> None:
-        """A batch's outcomes into the metrics and alerts; one that fails them skips no other."""
+        """A batch's outcomes into the metrics and alerts: counts that fail to be added skip
+        no alert, and an alert that fails skips no other (each logged)."""
         try:
             self.metrics.count(tally)
         except Exception:
