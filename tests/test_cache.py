@@ -426,7 +426,7 @@ def test_rescan_clean_drops_a_verdict_the_new_signatures_overturn(layout: Layout
 
 def _old_journal(path: Path, entries: int) -> None:
     """A journal as made before the kept verdicts had a file of their own: its own tables."""
-    from daemon.journal.schema import SCHEMA
+    from daemon.journal.migrations import SCHEMA
 
     conn = sqlite3.connect(path)
     for script in SCHEMA:

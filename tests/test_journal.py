@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 
 from daemon.journal import Journal, owner_token
-from daemon.journal.schema import SCHEMA
+from daemon.journal.migrations import SCHEMA
 from daemon.model import FileState, SeenObject, VerdictKind
 
 

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from daemon.journal.database import Database
-from daemon.journal.schema import _ACTIVE, VERDICT_TABLES
+from daemon.journal.migrations import VERDICT_TABLES
+from daemon.journal.schema import _ACTIVE
 from daemon.model import VerdictKind
 from daemon.timefmt import iso
 

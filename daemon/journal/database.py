@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.errors import JournalDamagedError, JournalError
-from daemon.journal.schema import SCHEMA as _SCHEMA
+from daemon.journal.migrations import SCHEMA as _SCHEMA
 
 __all__ = ["Database", "is_damage", "owner_token", "state_dir_error"]
 
