@@ -23,7 +23,6 @@ from typing import Any, NamedTuple
 
 from daemon.journal.database import Database
 from daemon.journal.migrations import VERDICT_TABLES
-from daemon.journal.schema import _ACTIVE
 from daemon.model import VerdictKind
 from daemon.timefmt import iso
 
@@ -311,10 +310,10 @@ class VerdictCacheRecords(Database):
             # with a scan record waiting (several engines; a pending scan of the same bytes is
             # then polled once early: harmless).
             me = -1 if file_id is None else file_id
-            conn.execute(f"""UPDATE files SET next_attempt_at = ?
-                             WHERE id IN (SELECT file_id FROM cache_waiters WHERE engine = ? AND sha256 = ?)
-                               AND {_ACTIVE} AND state IN ('stable', 'scanning') AND sha256 = ?
-                               AND next_attempt_at > ? AND id != ?""",
+            conn.execute("""UPDATE files SET next_attempt_at = ?
+                            WHERE id IN (SELECT file_id FROM cache_waiters WHERE engine = ? AND sha256 = ?)
+                              AND state IN ('stable', 'scanning') AND sha256 = ?
+                              AND next_attempt_at > ? AND id != ?""",
                          (now, engine, sha256, sha256, now, me))
             conn.execute("DELETE FROM cache_waiters WHERE engine = ? AND sha256 = ?", (engine, sha256))
             conn.execute("UPDATE scans SET next_attempt_at = ? WHERE sha256 = ? AND verdict IS NULL "
