@@ -8,7 +8,7 @@ CPU spent holding the writers' lock (`SCANWATCH_LOCK_STATS`). Checkouts given wi
 `--compare` run in alternation, each in its own process (bench/RESULTS.md, "Issue 21").
 
     python bench/journal_steps.py [--batches 400] [--runs 5] [--compare /other/checkout]
-    python bench/journal_steps.py --what-if "DROP INDEX files_counts"   # what an index costs
+    python bench/journal_steps.py --what-if "DROP INDEX files_finished"   # what an index costs
 """
 
 from __future__ import annotations
