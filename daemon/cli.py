@@ -120,14 +120,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, config_path: str, config: Config) -> int:
+    from daemon.handoff import Handoff
     from daemon.service import Service, s3_clients
     from daemon.workers.pool import forked_workers
 
     # Forked before the journal opens and any thread starts, the workers start with every
-    # module imported and the S3 clients made (docs/architecture.md, "Start-up").
+    # module imported, the S3 clients made and the handoff's socket (docs/architecture.md,
+    # "Start-up").
     s3 = s3_clients(config)
-    with forked_workers(config, s3) as forked:
-        return Service(config_path, config, forked=forked, s3=s3).run()
+    handoff = Handoff()
+    with forked_workers(config, s3, handoff) as forked:
+        return Service(config_path, config, forked=forked, s3=s3, handoff=handoff).run()
 
 
 def _check_config(args: argparse.Namespace, config_path: str, config: Config) -> int:

@@ -17,6 +17,7 @@ from daemon.config import Config, load_config
 from daemon.engines import Engine, build_engines
 from daemon.engines.clamav import follow_clamd_threads
 from daemon.errors import ConfigError, EngineThrottledError, JournalDamagedError, ScanwatchError
+from daemon.handoff import Handoff
 from daemon.journal import is_damage, open_journal, owner_token
 from daemon.journal.repair import hold_daemon_lock
 from daemon.locations.s3staging import reconcile as reconcile_staging
@@ -67,10 +68,12 @@ class Service:
     """The daemon: runs until SIGTERM/SIGINT, reloads on SIGHUP."""
 
     def __init__(self, config_path: str, config: Config, *, forked: Sequence[Forked] = (),
-                 s3: S3Clients | None = None) -> None:
+                 s3: S3Clients | None = None, handoff: Handoff | None = None) -> None:
         """`forked`: the worker processes `forked_workers` made for `config`
-        (daemon/workers/pool.py); `s3`: `config`'s S3 clients, made before them."""
+        (daemon/workers/pool.py); `s3`: `config`'s S3 clients, and `handoff` the way from the
+        watchers to the workers (daemon/handoff.py), both made before them."""
         self.config_path = config_path
+        self.handoff = handoff or Handoff()
         self._lock_fd = hold_daemon_lock(config.state_dir)
         self.journal = open_journal(config.state_dir)
         if problem := self.journal.quick_check():
@@ -92,15 +95,17 @@ class Service:
         pipeline: Pipeline | WorkerPool
         if config.worker_count() > 1:
             share_webhook_health(engines, config.state_dir)  # received here, polled in workers
-            pipeline = WorkerPool(config, self.journal, self.wake, self._on_heard, forked)
+            pipeline = WorkerPool(config, self.journal, self.wake, self._on_heard, self.handoff,
+                                  forked)
         else:
             pipeline = Pipeline(config, self.journal, engines, owner=self.owner, wake=self.wake,
-                                on_outcomes=self._on_outcomes, s3=s3)
+                                on_outcomes=self._on_outcomes, s3=s3, handoff=self.handoff)
         watchers: list[Watcher] = [
             S3Watcher(w, self.journal, self.wake, s3(config.s3_for(w)), config.s3_for(w),
                       on_malformed=self.metrics.sqs_malformed.labels(w.name).inc)
             if is_s3(w.source)
-            else LocalWatcher(w, self.journal, self.wake) for w in config.watches]
+            else LocalWatcher(w, self.journal, self.wake, handoff=self.handoff)
+            for w in config.watches]
         alerts = WebhookAlerts(config.notify) if config.notify else None
         webhooks = WebhookReceivers(engines, self.journal, self.wake)
         return _Running(config, engines, pipeline, watchers, alerts, webhooks)
@@ -228,7 +233,10 @@ class Service:
             if fault := self._fault():
                 self._fail(fault)
                 raise fault
-            self._running.pipeline.tick()
+            if self._running.pipeline.tick():  # a worker died: what was handed to it, swept
+                for watcher in self._running.watchers:
+                    if isinstance(watcher, LocalWatcher):
+                        watcher.sweep_soon()
             if time.monotonic() >= next_reclaim_at:
                 # Rows of a crashed `scan --move` next to us.
                 self.journal.reclaim()

@@ -164,7 +164,8 @@ def test_repeated_errors_pass_once_per_interval_with_the_count_held_back() -> No
     assert errors.admit("ENAMETOOLONG") is None
 
 
-def _watcher(tmp_path: Path, settle_seconds: float, wake: Any = None) -> tuple[Any, Any, Any]:
+def _watcher(tmp_path: Path, settle_seconds: float, wake: Any = None,
+             handoff: Any = None) -> tuple[Any, Any, Any]:
     import threading
 
     from daemon.config import load_config
@@ -181,7 +182,7 @@ def _watcher(tmp_path: Path, settle_seconds: float, wake: Any = None) -> tuple[A
     config = load_config(tmp_path / "scanwatch.yaml")
     journal = Journal(tmp_path / "state" / "journal.sqlite3")
     wake = threading.Event() if wake is None else wake
-    watcher = LocalWatcher(config.watches[0], journal, wake)
+    watcher = LocalWatcher(config.watches[0], journal, wake, handoff=handoff)
     watcher.step()  # the first look at the root sweeps it (empty); events only from here on
     return watcher, journal, wake
 
@@ -203,6 +204,42 @@ def test_with_settle_0_a_file_an_event_names_is_recorded_stable_with_its_identit
     assert rows["link"].state is FileState.DISCOVERED  # the settle step holds it back
     assert wake.is_set()
     watcher._disarm()
+
+
+def test_an_events_settled_arrivals_go_to_a_worker_and_what_the_handoff_cannot_take_to_the_journal(
+        tmp_path: Path) -> None:
+    """daemon/handoff.py: a settled plain file named by an event is handed over, whole with
+    its identity, and costs no row; one held back (a symlink) is recorded as before, and so
+    is whatever the socket has no room for."""
+    from daemon.fsutil import Identity
+    from daemon.handoff import Handoff
+    from daemon.model import FileState
+
+    handoff = Handoff()
+    watcher, journal, wake = _watcher(tmp_path, 0, handoff=handoff)
+    inbox = tmp_path / "in"
+    for name in ("a.bin", "b.bin"):
+        (inbox / name).write_bytes(name.encode())
+    (inbox / "link").symlink_to(inbox / "a.bin")
+    watcher._add_all({str(inbox / name) for name in ("a.bin", "b.bin", "link")})
+    watcher.step()
+    assert {r.rel_path: r.state for r in journal.rows()} == {"link": FileState.DISCOVERED}
+    watch, found_at, arrivals = handoff.take()
+    assert watch == "w" and found_at == pytest.approx(time.time(), abs=5)
+    assert sorted(arrivals) == [(name, Identity.of(os.lstat(inbox / name))) for name in ("a.bin", "b.bin")]
+    assert handoff.take() is None and wake.is_set()
+
+    wake.clear()
+    filler = [("x" * 200, Identity(1, 1, 1, 1, 1))] * 16
+    while not handoff.offer("w", 0.0, filler):  # until the socket is full
+        pass
+    (inbox / "c.bin").write_bytes(b"c")
+    watcher._add(str(inbox / "c.bin"))
+    watcher.step()
+    assert {r.rel_path: r.state for r in journal.rows()}["c.bin"] is FileState.STABLE
+    assert wake.is_set()
+    watcher._disarm()
+    handoff.close()
 
 
 def test_with_a_settle_period_an_event_records_the_arrival_due_when_it_will_have_settled(

@@ -122,6 +122,33 @@ def test_a_killed_worker_is_replaced_and_nothing_is_lost_or_doubled(
     assert daemon.named("daemon.stopped")[0]["drained"] is True, daemon.named("worker.undrained")
 
 
+def test_arrivals_go_straight_to_a_worker_and_those_of_one_killed_holding_them_are_swept(
+        layout: Layout, daemon_factory: Callable[..., Daemon], tmp_path: Path) -> None:
+    """daemon/handoff.py: an event's settled file goes to a worker (which pauses here once it
+    has it); a worker killed after taking arrivals, before it recorded them, leaves them
+    nowhere but in the source, and the daemon sweeps at once, not at the next periodic sweep
+    (an hour away here)."""
+    pauses = tmp_path / "pauses"
+    pauses.mkdir()
+    env = {"SCANWATCH_PAUSE_AT": "arrivals.taken", "SCANWATCH_PAUSE_DIR": str(pauses)}
+    daemon = daemon_factory(layout.write_config(
+        watch={"settle_seconds": 0, "rescan_interval": 3600}, workers=2), env)
+    daemon.wait_started()
+    pids = [e["pid"] for e in daemon.wait_for(lambda: len(daemon.named("worker.spawned")) == 2
+                                              and daemon.named("worker.spawned"))]
+    (layout.inbox / "a.txt").write_bytes(b"a")
+    daemon.wait_for(lambda: (pauses / "arrivals.taken.reached").exists(), what="a.txt taken")
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    (pauses / "arrivals.taken.go").touch()  # the new workers take theirs without waiting
+    daemon.wait_for(lambda: layout.placed("clean") == ["a.txt"], timeout=30, what="a.txt placed")
+    assert [e["by"] for e in daemon.named("file.discovered")] == ["sweep"]
+    (layout.inbox / "b.txt").write_bytes(b"b")
+    daemon.wait_for(lambda: layout.placed("clean") == ["a.txt", "b.txt"], what="b.txt placed")
+    assert [e["by"] for e in daemon.named("file.discovered") if e["rel_path"] == "b.txt"] == ["event"]
+    assert daemon.stop() == 0
+
+
 def _long_rel(i: int) -> str:
     """A nested name of 1 to 12 components of 242 bytes; "é" is 6 characters in a JSON line,
     so a `file.moved` record (its name three times) runs from ~2 to ~27 KiB."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from daemon.journal.schema import (
     _from_db,
     _insert_file,
     _like_substring,
+    _new_row,
     _run,
     _to_db,
     _update_file,
@@ -69,6 +71,21 @@ _DISCOVER = f"""INSERT INTO files (watch, rel_path, state, inode, dev, size, mti
                 WHERE files.state = 'held' AND (files.inode IS NOT excluded.inode
                                                 OR files.reason = 'permission_denied')"""
 
+
+# An arrival taken at once by a worker (`Journal.take`): recorded claimed, if not active already.
+_TAKE_COLUMNS = ("watch", "rel_path", "state", "owner", "attempts", "dev", "inode", "size", "mtime_ns",
+                 "ctime_ns", "stable_at", "next_attempt_at", "discovered_at", "updated_at")
+_TAKE = (f"INSERT INTO files ({', '.join(_TAKE_COLUMNS)}) VALUES ({','.join('?' * len(_TAKE_COLUMNS))})"
+         f" ON CONFLICT (watch, rel_path) WHERE {_ACTIVE} DO NOTHING")
+
+
+def _discover(conn: sqlite3.Connection, params: list[tuple[str, tuple[object, ...]]]) -> list[str]:
+    """Run `_DISCOVER` for each arrival; the rel_paths added or revived."""
+    # One execution per path, not `executemany`: its rowcount says which were added
+    # (not `RETURNING`: SQLite would build a temporary b-tree per statement to hold it).
+    return [rel_path for rel_path, values in params if conn.execute(_DISCOVER, values).rowcount]
+
+
 # A claim: a stable or a discovered row becomes scanning and spends an attempt.
 _TAKEN = ("attempts = attempts + (state = 'stable' OR state = 'discovered'), "
           "state = CASE WHEN state = 'stable' OR state = 'discovered' THEN 'scanning' ELSE state END")
@@ -102,8 +119,17 @@ class Journal(ObjectVersions, RescanRecords, VerdictCacheRecords):
         Returns the rel_paths added or revived, each one a `file.discovered` (docs/contract.md,
         "Log events"). Idempotent.
         """
-        params = []
-        for rel_path, inode in entries:  # made before the writers' lock is taken
+        params = self._arrival_values(watch, entries, now, seen, settle_s)
+        with self._tx() as conn:
+            return _discover(conn, params)
+
+    @staticmethod
+    def _arrival_values(watch: str, entries: Iterable[tuple[str, int]], now: float,
+                        seen: Mapping[str, Identity] | None, settle_s: float = 0.0
+                        ) -> list[tuple[str, tuple[object, ...]]]:
+        """`_DISCOVER`'s values of each arrival (made before the writers' lock is taken)."""
+        params: list[tuple[str, tuple[object, ...]]] = []
+        for rel_path, inode in entries:
             identity = seen.get(rel_path) if seen else None
             due = identity.settles_at(settle_s, now) if identity else now
             state, stable_at = ("stable", now) if identity and due <= now else ("discovered", None)
@@ -111,10 +137,35 @@ class Journal(ObjectVersions, RescanRecords, VerdictCacheRecords):
                                               identity.ctime_ns) if identity else (None,) * 4)
             params.append((rel_path, (watch, os.fsencode(rel_path), state, inode, dev, size,
                                       mtime_ns, ctime_ns, stable_at, max(due, now), now, now)))
+        return params
+
+    def take(self, watch: str, arrivals: Sequence[tuple[str, Identity]], found_at: float,
+             owner: str, now: float) -> tuple[list[FileRow], list[str]]:
+        """Record arrivals that had settled when they were found (at `found_at`), claimed by
+        `owner` at once (daemon/handoff.py): one row write each, not a `discover` and a `claim`.
+
+        A path already active is left to `discover`, in the same transaction. Returns the rows
+        taken and the rel_paths that discovery added or revived (unclaimed): each of both a
+        `file.discovered`.
+        """
+        params = [(watch, os.fsencode(rel_path), "scanning", owner, 1, identity.dev, identity.inode,
+                   identity.size, identity.mtime_ns, identity.ctime_ns, found_at, found_at,
+                   found_at, now) for rel_path, identity in arrivals]
         with self._tx() as conn:
-            # One execution per path, not `executemany`: its rowcount says which were added
-            # (not `RETURNING`: SQLite would build a temporary b-tree per statement to hold it).
-            return [rel_path for rel_path, values in params if conn.execute(_DISCOVER, values).rowcount]
+            # Not `RETURNING *`, which costs more than the insert (bench/RESULTS.md, "Issue 21"):
+            # the rows are made from what was inserted.
+            ids = [cursor.lastrowid if (cursor := conn.execute(_TAKE, values)).rowcount else None
+                   for values in params]
+            known = {rel_path: identity for (rel_path, identity), file_id in zip(arrivals, ids, strict=True)
+                     if file_id is None}
+            added = _discover(conn, self._arrival_values(
+                watch, [(rel_path, identity.inode) for rel_path, identity in known.items()],
+                found_at, known)) if known else []
+        rows = [_new_row(file_id, {**dict(zip(_TAKE_COLUMNS, values, strict=True)), "rel_path": rel_path,
+                                   "state": FileState.SCANNING})
+                for (rel_path, _), file_id, values in zip(arrivals, ids, params, strict=True)
+                if file_id is not None]
+        return rows, added
 
     # -- work queue -----------------------------------------------------------------------
 

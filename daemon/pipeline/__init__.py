@@ -25,7 +25,9 @@ import structlog
 
 from daemon.config import Config, WatchConfig
 from daemon.engines.base import Engine
+from daemon.faults import pause
 from daemon.fsutil import DirCache
+from daemon.handoff import Handoff
 from daemon.journal import FileRow, Journal, RowChanges
 from daemon.locations import Locations, Place
 from daemon.log import enabled, file_context
@@ -44,6 +46,7 @@ from daemon.s3client import S3Clients
 from daemon.s3url import is_s3
 from daemon.slots import EngineSlots
 from daemon.staging import StagingDirs
+from daemon.watchers.base import log_discovered
 
 __all__ = ["Outcome", "Pipeline", "Reported", "uses_s3"]
 
@@ -71,9 +74,11 @@ class Pipeline:
                  clock: Callable[[], float] = time.time,
                  policy: RetryPolicy | None = None,
                  on_outcomes: Callable[[list[Reported]], None] | None = None,
-                 s3: S3Clients | None = None, places: Mapping[str, Place] | None = None) -> None:
+                 s3: S3Clients | None = None, places: Mapping[str, Place] | None = None,
+                 handoff: Handoff | None = None) -> None:
         """`on_outcomes` hears a batch's outcomes at once (a worker process sends them to the
-        daemon in one frame: daemon/workers/process.py)."""
+        daemon in one frame: daemon/workers/process.py); `handoff`: where the watchers hand
+        settled arrivals to be taken before the journal's due rows (daemon/handoff.py)."""
         self.config = config
         self.journal = journal
         self.owner = owner
@@ -85,6 +90,8 @@ class Pipeline:
         self.heartbeat_at = clock()
         self.s3 = s3 or S3Clients()
         self._places = places  # Locations given from outside by URL (tests' fakes)
+        self.handoff = handoff
+        self._local = {w.name for w in config.watches if not is_s3(w.source)}  # handed arrivals
         self.staging = StagingDirs(config.state_dir)  # held open for the process's life
         outcomes = Outcomes(clock, policy or RetryPolicy())
         self.planner = Planner(config, outcomes)
@@ -150,9 +157,10 @@ class Pipeline:
                 thread.start()
                 self._threads.append(thread)
 
-    def tick(self) -> None:
+    def tick(self) -> bool:
         """Looked after between signals by the service: worker threads need nothing (a
-        `WorkerPool` starts again its dead processes here)."""
+        `WorkerPool` starts again its dead processes here); whether one died."""
+        return False
 
     def stop(self, timeout_s: float) -> bool:
         """Stop claiming, wait for in-flight batches; hand back what is unfinished."""
@@ -188,11 +196,37 @@ class Pipeline:
                 self.wake.clear()
 
     def run_once(self, watches: list[str]) -> int:
-        """Claim one batch of due rows and carry it as far as it goes; returns its size."""
-        rows = self.journal.claim(watches, self.owner, self.clock(), _BATCH)
+        """Take a batch of handed arrivals, or claim one of due rows (both, when rows are due
+        while arrivals keep coming), and carry it as far as it goes; returns its size."""
+        now = self.clock()
+        rows = self._take(watches, now)
+        if not rows or (due := self.journal.next_due_at(watches)) is not None and due <= now:
+            rows += self.journal.claim(watches, self.owner, now, _BATCH)
         if rows:
             self.process(rows)
         return len(rows)
+
+    def _take(self, watches: list[str], now: float) -> list[FileRow]:
+        """The next arrivals handed over (daemon/handoff.py), recorded as this worker's."""
+        if self.handoff is None or self._local.isdisjoint(watches):
+            return []
+        message = self.handoff.take()
+        if message is None:
+            return []
+        watch, found_at, arrivals = message
+        pause("arrivals.taken")  # tests: a worker killed here had them only in memory
+        if watch not in watches:  # another engine's watch (or one a reload removed): the journal
+            if any(w.name == watch for w in self.config.watches):
+                added = self.journal.discover(watch, [(rel, i.inode) for rel, i in arrivals],
+                                              found_at, dict(arrivals))
+                log_discovered(watch, added, "event")
+                self.wake.set()
+            return []
+        rows, added = self.journal.take(watch, arrivals, found_at, self.owner, now)
+        log_discovered(watch, [row.rel_path for row in rows] + added, "event")
+        if added:
+            self.wake.set()
+        return rows
 
     # -- one batch ------------------------------------------------------------------------------
 

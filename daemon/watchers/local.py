@@ -31,6 +31,7 @@ import structlog
 
 from daemon.config import WatchConfig
 from daemon.fsutil import Identity, classify
+from daemon.handoff import Handoff
 from daemon.journal import Journal
 from daemon.staging import IN_SOURCE
 from daemon.watchers import inotify
@@ -82,10 +83,12 @@ class LocalWatcher:
     """Watches one local source tree for one watch."""
 
     def __init__(self, watch: WatchConfig, journal: Journal, wake: threading.Event, *,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, handoff: Handoff | None = None) -> None:
+        """`handoff`: where an event's settled arrivals go before the journal, if anywhere."""
         self.watch = watch
         self.journal = journal
         self.wake = wake
+        self.handoff = handoff
         self.clock = clock
         self._pending: set[str] = set()
         self._lock = threading.Lock()
@@ -120,6 +123,11 @@ class LocalWatcher:
             self._observer.stop()
             self._observer.join(5)
         self._thread.join(5)
+
+    def sweep_soon(self) -> None:
+        """Sweep at once: arrivals handed to a worker that died may be recorded nowhere."""
+        self._next_rescan_at = 0.0
+        self._event.set()
 
     def _add(self, path: str) -> None:
         self._add_all((path,))
@@ -283,10 +291,21 @@ class LocalWatcher:
     def _discover(self, batch: list[tuple[str, int]], now: float, how: str,
                   seen: dict[str, Identity]) -> None:
         """Record one chunk (emptied after). `seen` holds the identities of this chunk only:
-        discovery fills it while it yields the chunk's entries."""
-        added = self.journal.discover(self.watch.name, batch, now, seen, self.watch.settle_seconds)
+        discovery fills it while it yields the chunk's entries. An event's arrivals that have
+        settled go straight to a worker if one can take them (daemon/handoff.py)."""
+        handed = False
+        if self.handoff is not None and how == "event":
+            settle_s = self.watch.settle_seconds
+            settled = [(rel, identity) for rel, _ in batch if (identity := seen.get(rel))
+                       and identity.settles_at(settle_s, now) <= now]
+            left = self.handoff.offer(self.watch.name, now, settled) if settled else []
+            if handed := len(left) < len(settled):
+                taken = {rel for rel, _ in settled[:len(settled) - len(left)]}
+                batch[:] = [entry for entry in batch if entry[0] not in taken]
+        added = self.journal.discover(self.watch.name, batch, now, seen,
+                                      self.watch.settle_seconds) if batch else []
         batch.clear()
         seen.clear()
-        if added:  # claimable now, or when they will have settled: the workers look
+        if added or handed:  # claimable now, or when they will have settled: the workers look
             self.wake.set()
         log_discovered(self.watch.name, added, how)

@@ -39,6 +39,7 @@ from typing import IO
 import structlog
 
 from daemon.config import Config
+from daemon.handoff import Handoff
 from daemon.journal import Journal
 from daemon.log import write_lines
 from daemon.pipeline.outcome import Tally
@@ -92,14 +93,15 @@ class Forked:
 
 
 @contextlib.contextmanager
-def forked_workers(config: Config, s3: S3Clients) -> Iterator[list[Forked]]:
+def forked_workers(config: Config, s3: S3Clients, handoff: Handoff) -> Iterator[list[Forked]]:
     """`config`'s worker processes (none for `workers: 1`), forked now, each with a copy of
-    `s3` (clients not used yet): call it before the journal opens and any thread starts.
+    `s3` (clients not used yet) and the receiving end of `handoff`: call it before the
+    journal opens and any thread starts.
     Those still running on leaving are killed and reaped, so a daemon that fails to start
     leaves none behind (the pool stops them otherwise)."""
     count = config.worker_count()
     is_safe = count > 1 and threading.active_count() == 1
-    forked = [_fork(i, s3) for i in range(count)] if is_safe else []
+    forked = [_fork(i, s3, handoff.receiving_fd()) for i in range(count)] if is_safe else []
     try:
         yield forked
     finally:
@@ -108,7 +110,7 @@ def forked_workers(config: Config, s3: S3Clients) -> Iterator[list[Forked]]:
             worker.wait()
 
 
-def _fork(index: int, s3: S3Clients) -> Forked:
+def _fork(index: int, s3: S3Clients, handoff_fd: int) -> Forked:
     stdin_r, stdin_w = os.pipe()
     stdout_r, stdout_w = _roomy_pipe()
     events_r, events_w = _roomy_pipe()
@@ -117,19 +119,19 @@ def _fork(index: int, s3: S3Clients) -> Forked:
     parent = os.getpid()
     pid = os.fork()
     if pid == 0:
-        main_forked(parent, index, (stdin_r, stdout_w, events_w), s3)
+        main_forked(parent, index, (stdin_r, stdout_w, events_w, handoff_fd), s3)
     for fd in (stdin_r, stdout_w, events_w):
         os.close(fd)
     return Forked(pid, os.fdopen(stdin_w, "wb"), os.fdopen(stdout_r, "rb"), events_r)
 
 
-def _exec(index: int) -> tuple[subprocess.Popen[bytes], int]:
+def _exec(index: int, handoff_fd: int) -> tuple[subprocess.Popen[bytes], int]:
     """A new worker process and the read end of its events pipe."""
     events_r, events_w = _roomy_pipe()
     proc = subprocess.Popen(
         [sys.executable, "-m", "daemon.workers.process", "--parent", str(os.getpid()),
-         "--events-fd", str(events_w), "--index", str(index)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(events_w,))
+         "--events-fd", str(events_w), "--handoff-fd", str(handoff_fd), "--index", str(index)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(events_w, handoff_fd))
     os.close(events_w)
     assert proc.stdout is not None
     _make_roomy(proc.stdout.fileno())
@@ -166,9 +168,10 @@ class WorkerPool:
     """`config.workers` worker processes, started again when one dies."""
 
     def __init__(self, config: Config, journal: Journal, wake: threading.Event,
-                 on_outcomes: Callable[[Tally], None],
+                 on_outcomes: Callable[[Tally], None], handoff: Handoff,
                  forked: Sequence[Forked] = ()) -> None:
         self.config = config
+        self.handoff = handoff
         self._forked = list(forked)  # waiting for their config: the first ones
         self.journal = journal
         self.wake = wake
@@ -191,7 +194,7 @@ class WorkerPool:
         if forked is not None and forked.poll() is None:
             proc, events_r = forked, forked.events_fd
         else:
-            proc, events_r = _exec(index)
+            proc, events_r = _exec(index, self.handoff.receiving_fd())
         assert proc.stdin is not None and proc.stdout is not None
         write_frame(proc.stdin, self.config)
         wake_fd = proc.stdin.fileno()
@@ -225,11 +228,13 @@ class WorkerPool:
                     with contextlib.suppress(OSError):
                         os.write(worker.wake_fd, b".")
 
-    def tick(self) -> None:
-        """Start again each worker that died, once its rows are handed back."""
+    def tick(self) -> bool:
+        """Start again each worker that died, once its rows are handed back; whether one did
+        (the arrivals handed to it and not recorded yet are then nowhere: daemon/handoff.py)."""
         self.heartbeat_at = time.time()
+        died = False
         if self._stopping.is_set():
-            return
+            return died
         for i, worker in enumerate(self._workers):
             code = worker.proc.poll()
             if code is None:
@@ -240,6 +245,8 @@ class WorkerPool:
             self.journal.reclaim()
             self._workers[i] = self._spawn(worker.index)
             self.wake.set()
+            died = True
+        return died
 
     def is_alive(self) -> bool:
         """Every worker process runs (each one exits when its own pipeline stalls)."""

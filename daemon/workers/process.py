@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import fcntl
 import os
 import pickle
 import signal
@@ -34,6 +35,7 @@ from daemon.config import Config
 from daemon.engines import Engine, build_engines
 from daemon.engines._webhook import WebhookHealth
 from daemon.engines.base import WebhookSource
+from daemon.handoff import Handoff
 from daemon.journal import open_journal, owner_token
 from daemon.log import configure_logging
 from daemon.pipeline import Pipeline, Reported
@@ -139,21 +141,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m daemon.workers.process")
     parser.add_argument("--parent", type=int, required=True)
     parser.add_argument("--events-fd", type=int, required=True)
+    parser.add_argument("--handoff-fd", type=int, required=True)
     parser.add_argument("--index", type=int, default=0)
     args = parser.parse_args(argv)
-    return _serve(args.parent, args.events_fd, args.index, S3Clients())
+    return _serve(args.parent, args.events_fd, args.handoff_fd, args.index, S3Clients())
 
 
-def main_forked(parent: int, index: int, fds: tuple[int, int, int], s3: S3Clients) -> NoReturn:
-    """A worker forked from the daemon: its pipes `fds` become stdin, stdout and fd 3, the
-    daemon's other descriptors are closed, and it exits without returning into the daemon's
-    code. `s3`: the daemon's S3 clients as they were before the fork (none used yet)."""
+def main_forked(parent: int, index: int, fds: tuple[int, int, int, int], s3: S3Clients) -> NoReturn:
+    """A worker forked from the daemon: its pipes and handoff socket `fds` become stdin, stdout,
+    fd 3 and fd 4, the daemon's other descriptors are closed, and it exits without returning
+    into the daemon's code. `s3`: the daemon's S3 clients as they were before the fork (none
+    used yet)."""
     code = 1
     try:
-        for fd, to in zip(fds, (0, 1, 3), strict=True):
+        # Each one above fd 4 first: none is overwritten before it is in its place.
+        for fd, to in zip([fcntl.fcntl(fd, fcntl.F_DUPFD, 5) for fd in fds], (0, 1, 3, 4), strict=True):
             os.dup2(fd, to)
-        os.closerange(4, os.sysconf("SC_OPEN_MAX"))
-        code = _serve(parent, 3, index, s3)
+        os.closerange(5, os.sysconf("SC_OPEN_MAX"))
+        code = _serve(parent, 3, 4, index, s3)
     except BaseException:
         traceback.print_exc()
         sys.stderr.flush()
@@ -161,7 +166,7 @@ def main_forked(parent: int, index: int, fds: tuple[int, int, int], s3: S3Client
         os._exit(code)
 
 
-def _serve(parent: int, events_fd: int, index: int, s3: S3Clients) -> int:
+def _serve(parent: int, events_fd: int, handoff_fd: int, index: int, s3: S3Clients) -> int:
     _die_with_parent(parent)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -174,17 +179,17 @@ def _serve(parent: int, events_fd: int, index: int, s3: S3Clients) -> int:
         return 0
     configure_logging(config.log.format, config.log.level)
     structlog.contextvars.bind_contextvars(worker=index)
-    return _run(config, stdin, events_fd, stop, s3)
+    return _run(config, stdin, events_fd, Handoff.inherited(handoff_fd), stop, s3)
 
 
-def _run(config: Config, stdin: IO[bytes], events_fd: int, stop: threading.Event,
-         s3: S3Clients) -> int:
+def _run(config: Config, stdin: IO[bytes], events_fd: int, handoff: Handoff,
+         stop: threading.Event, s3: S3Clients) -> int:
     journal = open_journal(config.state_dir)
     engines = build_engines(config)
     share_webhook_health(engines, config.state_dir)
     wake = threading.Event()
     pipeline = Pipeline(config, journal, engines, owner=owner_token(), wake=wake,
-                        on_outcomes=_Events(events_fd).send, s3=s3)
+                        on_outcomes=_Events(events_fd).send, s3=s3, handoff=handoff)
     threading.Thread(target=_read_wakes, args=(stdin, wake, stop), name="wakes",
                      daemon=True).start()
     pipeline.start()
@@ -199,6 +204,7 @@ def _run(config: Config, stdin: IO[bytes], events_fd: int, stop: threading.Event
     for engine in engines.values():
         engine.close()
     journal.close()
+    handoff.close()
     log.info("worker.stopped", drained=drained)
     return code
 
