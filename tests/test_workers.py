@@ -223,6 +223,26 @@ def test_a_workers_frame_carries_its_batchs_counts_summed_and_whole_rows_only_wh
     assert frame.notable[0][2]["destination"] == "/q/bad.com"
 
 
+def test_frames_are_read_whole_however_the_reads_cut_them() -> None:
+    """The daemon reads a worker's outcomes a pipe's worth at a time (`read_frames`): frames
+    several to a read, or one across many, come out whole and in order, up to the end."""
+    from daemon.workers.process import read_frames, write_frame
+
+    frames = [{"n": i, "pad": "x" * size} for i, size in enumerate((0, 10, 200_000, 3, 70_000, 0))]
+    read_fd, write_fd = os.pipe()
+
+    def write_all() -> None:
+        with os.fdopen(write_fd, "wb") as out:
+            for frame in frames:
+                write_frame(out, frame)
+
+    writer = threading.Thread(target=write_all)
+    writer.start()
+    assert list(read_frames(read_fd, 0.001)) == frames
+    writer.join()
+    os.close(read_fd)
+
+
 def _processes_running(config_path: Path) -> list[int]:
     """Processes whose command line names `config_path`: the daemon and its forked workers."""
     found = []

@@ -44,7 +44,7 @@ from daemon.journal import Journal
 from daemon.log import write_lines
 from daemon.pipeline.outcome import Tally
 from daemon.s3client import S3Clients
-from daemon.workers.process import main_forked, read_frame, write_frame
+from daemon.workers.process import main_forked, read_frames, write_frame
 
 __all__ = ["Forked", "WorkerPool", "forked_workers"]
 
@@ -52,10 +52,10 @@ log = structlog.get_logger("scanwatch.workers")
 
 _WAKE_WAIT_S = 1.0
 _RELAY_CHUNK_BYTES = 1 << 16
-# After a read that emptied the pipe: the records of the next 20 ms are copied in one read
-# and one write, not a few at a time (each wake-up of the thread costs the daemon's process
-# tens of µs: bench/RESULTS.md, "Issue 21"). The pipe (`_PIPE_BYTES`) holds far more than a
-# busy worker writes meanwhile.
+# After a read that emptied the pipe: the records (or outcomes) of the next 20 ms are read
+# at once, not a few at a time (each wake-up of the thread costs the daemon's process tens
+# of µs: bench/RESULTS.md, "Issue 21"). The pipe (`_PIPE_BYTES`) holds far more than a busy
+# worker writes meanwhile.
 _RELAY_PAUSE_S = 0.02
 _PIPE_BYTES = 1 << 20
 
@@ -209,13 +209,11 @@ class WorkerPool:
         return _Worker(index, proc, wake_fd, reader, relay)
 
     def _read_events(self, fd: int) -> None:
-        with os.fdopen(fd, "rb") as stream:
-            while True:
-                try:
-                    tally: Tally = read_frame(stream)  # a batch's outcomes
-                except EOFError:
-                    return
+        try:
+            for tally in read_frames(fd, _RELAY_PAUSE_S):  # a batch's outcomes each
                 self._on_outcomes(tally)
+        finally:
+            os.close(fd)
 
     def _wake_all(self) -> None:
         while not self._stopping.is_set():
