@@ -1,17 +1,20 @@
-"""Settled arrivals handed from a local watcher straight to the worker that scans them.
+"""Arrivals handed from a local watcher straight to the worker that scans them.
 
-A file found by an event, already settled (quiet for `settle_seconds`, always with
-`settle_seconds: 0`), would cost two row writes before its scan: the watcher's `discover`,
-then a worker's `claim`. Handed over, it costs one: the worker that receives it records it
-claimed (`Journal.take`). Under the journal's writers' lock, which every process of the daemon
-queues on, that is the largest share of a file's serial work (bench/RESULTS.md, "Issue 21").
+A file found by an event would cost two row writes before its scan: the watcher's
+`discover`, then a worker's `claim`. Handed over, it costs one: the worker that receives it
+records it claimed (`Journal.take`). Under the journal's writers' lock, which every process
+of the daemon queues on, that is the largest share of a file's serial work
+(bench/RESULTS.md, "Issue 21"). A file already settled (quiet for `settle_seconds`, always
+with `settle_seconds: 0`) is handed over at once and scanned; one that settles within a few
+seconds (the default settle period) waits in the watcher until it is due, and is handed
+over then, to be looked at once more (daemon/watchers/local.py, daemon/pipeline/settling.py).
 
 The way is one `SOCK_SEQPACKET` socket pair, made before the workers fork and inherited by
 each (daemon/workers/pool.py); with `workers: 1` the pipeline's threads read it in the
 daemon's own process. A message is one watch's few arrivals, sent and received whole: any
 idle thread of any worker takes the next one. Nothing waits for room: what the socket cannot
 take at once (workers behind, a backlog) is recorded by `discover` as before, where `status`
-counts it. An arrival in a message is in memory only, as the watcher's own pending events
+counts it. An arrival on its way is in memory only, as the watcher's own pending events
 are: lost with the daemon (its next start's sweep finds it), or with a worker killed before
 it recorded it (the daemon sweeps when it reaps one: daemon/service.py), or else the next
 periodic sweep finds it.
@@ -26,8 +29,8 @@ from daemon.fsutil import Identity
 
 __all__ = ["Arrival", "Handoff"]
 
-# A settled arrival: its rel_path and the identity its `lstat` found.
-Arrival = tuple[str, Identity]
+# An arrival: its rel_path, the identity its `lstat` found, and when (epoch seconds).
+Arrival = tuple[str, Identity, float]
 
 PER_MESSAGE = 16  # a worker's batch (daemon/pipeline/__init__.py)
 _MAX_MESSAGE = 1 << 16  # longer ones (very deep paths) go to the journal
@@ -53,16 +56,17 @@ class Handoff:
         """The end a worker process inherits."""
         return self._receiver.fileno()
 
-    def offer(self, watch: str, found_at: float, arrivals: list[Arrival]) -> list[Arrival]:
-        """Hand `arrivals` of `watch`, found at `found_at`, to whichever worker is free; returns
-        those the socket could not take now, for the journal."""
+    def offer(self, watch: str, arrivals: list[Arrival], *, settled: bool) -> list[Arrival]:
+        """Hand `arrivals` of `watch` to whichever worker is free (`settled`: known settled, else
+        due to be looked at once more); returns those the socket could not take now, for the
+        journal."""
         assert self._sender is not None, "a worker process only takes"
         for start in range(0, len(arrivals), PER_MESSAGE):
             # Plain tuples: a fifth of the cost of pickling the `Identity`s, in the daemon's
             # own process.
-            chunk = [(rel_path, i.dev, i.inode, i.size, i.mtime_ns, i.ctime_ns)
-                     for rel_path, i in arrivals[start:start + PER_MESSAGE]]
-            message = pickle.dumps((watch, found_at, chunk), protocol=pickle.HIGHEST_PROTOCOL)
+            chunk = [(rel_path, i.dev, i.inode, i.size, i.mtime_ns, i.ctime_ns, found_at)
+                     for rel_path, i, found_at in arrivals[start:start + PER_MESSAGE]]
+            message = pickle.dumps((watch, settled, chunk), protocol=pickle.HIGHEST_PROTOCOL)
             try:
                 if len(message) > _MAX_MESSAGE:
                     raise BlockingIOError
@@ -71,14 +75,15 @@ class Handoff:
                 return arrivals[start:]
         return []
 
-    def take(self) -> tuple[str, float, list[Arrival]] | None:
-        """The next message (watch, found_at, arrivals), or None if there is none now."""
+    def take(self) -> tuple[str, bool, list[Arrival]] | None:
+        """The next message (watch, settled, arrivals), or None if there is none now."""
         try:
             message = self._receiver.recv(_MAX_MESSAGE)
         except (BlockingIOError, InterruptedError):
             return None
-        watch, found_at, chunk = pickle.loads(message)
-        return watch, found_at, [(rel_path, Identity(*identity)) for rel_path, *identity in chunk]
+        watch, settled, chunk = pickle.loads(message)
+        return watch, settled, [(rel_path, Identity(*identity), found_at)
+                                for rel_path, *identity, found_at in chunk]
 
     def close(self) -> None:
         """Close this process's ends."""

@@ -12,6 +12,7 @@ from daemon.fsutil import Identity
 from daemon.journal import Journal, owner_token
 from daemon.journal.migrations import SCHEMA
 from daemon.model import FileState, SeenObject, VerdictKind
+from daemon.pipeline.settling import needs_settling
 
 
 def _journal(tmp_path: Path) -> Journal:
@@ -54,36 +55,42 @@ def test_held_path_is_revived_only_when_its_inode_changes(tmp_path: Path) -> Non
     assert journal.get(row.id).state is FileState.DISCOVERED
 
 
-def test_take_records_settled_arrivals_claimed_as_the_journal_has_them(tmp_path: Path) -> None:
+def test_take_records_arrivals_claimed_as_the_journal_has_them(tmp_path: Path) -> None:
     """daemon/handoff.py: an arrival handed to a worker is one row write, claimed by it; the
-    rows it returns are made from what it inserted, and equal the rows read back."""
+    rows it returns are made from what it inserted, and equal the rows read back. Not known
+    settled, it is left for the worker's settle step (no `stable_at`)."""
     journal = _journal(tmp_path)
     odd = b"caf\xe9 \xff.txt".decode("utf-8", "surrogateescape")
-    arrivals = [("a.txt", Identity(5, 1, 10, 1_000, 2_000)), (odd, Identity(5, 2, 20, 3_000, 4_000))]
-    rows, added = journal.take("w", arrivals, 100.0, "me:1", 101.0)
+    arrivals = [("a.txt", Identity(5, 1, 10, 1_000, 2_000), 100.0),
+                (odd, Identity(5, 2, 20, 3_000, 4_000), 99.0)]
+    rows, added = journal.take("w", arrivals, "me:1", 101.0, settled=True)
     assert added == [] and [r.rel_path for r in rows] == ["a.txt", odd]
-    for row, (_, identity) in zip(rows, arrivals, strict=True):
+    for row, (_, identity, found_at) in zip(rows, arrivals, strict=True):
         assert row == journal.get(row.id)
         assert (row.state, row.owner, row.attempts, row.identity) == (
             FileState.SCANNING, "me:1", 1, identity)
-        assert (row.stable_at, row.discovered_at, row.updated_at) == (100.0, 100.0, 101.0)
+        assert (row.stable_at, row.discovered_at, row.updated_at) == (found_at, found_at, 101.0)
+    [unsettled], _ = journal.take("w", [("b.txt", Identity(5, 3, 1, 1, 1), 100.0)], "me:1", 101.0,
+                                  settled=False)
+    assert unsettled == journal.get(unsettled.id) and needs_settling(unsettled)
     assert journal.claim(["w"], "other:1", now=200.0, limit=10) == []
 
 
 def test_take_leaves_a_path_already_active_to_discover(tmp_path: Path) -> None:
     """Seen twice, an arrival is not recorded twice; a held path seen with another inode is
-    revived as `discover` would, unclaimed."""
+    revived as `discover` would, unclaimed, to be looked at afresh."""
     journal = _journal(tmp_path)
-    [first], _ = journal.take("w", [("a.txt", Identity(5, 1, 10, 1, 1))], 1.0, "me:1", 1.0)
+    [first], _ = journal.take("w", [("a.txt", Identity(5, 1, 10, 1, 1), 1.0)], "me:1", 1.0, settled=True)
     journal.discover("w", [("link", 7)], 1.0)
     [link] = [r for r in journal.rows() if r.rel_path == "link"]
     journal.apply([(link.id, {"state": FileState.HELD, "reason": "symlink"})])
-    rows, added = journal.take("w", [("a.txt", Identity(5, 1, 10, 1, 1)),
-                                     ("link", Identity(5, 8, 3, 1, 1))], 2.0, "you:1", 2.0)
+    rows, added = journal.take("w", [("a.txt", Identity(5, 1, 10, 1, 1), 2.0),
+                                     ("link", Identity(5, 8, 3, 1, 1), 2.0)], "you:1", 2.0, settled=True)
     assert (rows, added) == ([], ["link"])
     assert journal.get(first.id).owner == "me:1" and len(journal.rows()) == 2
     revived = journal.get(link.id)
-    assert (revived.state, revived.owner, revived.inode) == (FileState.STABLE, None, 8)
+    assert (revived.state, revived.owner, revived.inode, revived.identity) == (
+        FileState.DISCOVERED, None, 8, None)
 
 
 def test_claims_are_exclusive_and_due_only(tmp_path: Path) -> None:

@@ -164,8 +164,16 @@ def test_repeated_errors_pass_once_per_interval_with_the_count_held_back() -> No
     assert errors.admit("ENAMETOOLONG") is None
 
 
+def _fill(handoff: Any) -> None:
+    """Offer until the handoff's socket has no room left."""
+    from daemon.fsutil import Identity
+
+    while not handoff.offer("w", [("x" * 200, Identity(1, 1, 1, 1, 1), 0.0)] * 16, settled=True):
+        pass
+
+
 def _watcher(tmp_path: Path, settle_seconds: float, wake: Any = None,
-             handoff: Any = None) -> tuple[Any, Any, Any]:
+             handoff: Any = None, clock: Any = time.time) -> tuple[Any, Any, Any]:
     import threading
 
     from daemon.config import load_config
@@ -182,7 +190,7 @@ def _watcher(tmp_path: Path, settle_seconds: float, wake: Any = None,
     config = load_config(tmp_path / "scanwatch.yaml")
     journal = Journal(tmp_path / "state" / "journal.sqlite3")
     wake = threading.Event() if wake is None else wake
-    watcher = LocalWatcher(config.watches[0], journal, wake, handoff=handoff)
+    watcher = LocalWatcher(config.watches[0], journal, wake, handoff=handoff, clock=clock)
     watcher.step()  # the first look at the root sweeps it (empty); events only from here on
     return watcher, journal, wake
 
@@ -217,6 +225,7 @@ def test_an_events_settled_arrivals_go_to_a_worker_and_what_the_handoff_cannot_t
 
     handoff = Handoff()
     watcher, journal, wake = _watcher(tmp_path, 0, handoff=handoff)
+    watcher._disarm()  # the test names the events
     inbox = tmp_path / "in"
     for name in ("a.bin", "b.bin"):
         (inbox / name).write_bytes(name.encode())
@@ -224,21 +233,82 @@ def test_an_events_settled_arrivals_go_to_a_worker_and_what_the_handoff_cannot_t
     watcher._add_all({str(inbox / name) for name in ("a.bin", "b.bin", "link")})
     watcher.step()
     assert {r.rel_path: r.state for r in journal.rows()} == {"link": FileState.DISCOVERED}
-    watch, found_at, arrivals = handoff.take()
-    assert watch == "w" and found_at == pytest.approx(time.time(), abs=5)
-    assert sorted(arrivals) == [(name, Identity.of(os.lstat(inbox / name))) for name in ("a.bin", "b.bin")]
+    watch, settled, arrivals = handoff.take()
+    assert (watch, settled) == ("w", True)
+    assert sorted((rel, identity) for rel, identity, _ in arrivals) == [
+        (name, Identity.of(os.lstat(inbox / name))) for name in ("a.bin", "b.bin")]
+    assert all(found_at == pytest.approx(time.time(), abs=5) for _, _, found_at in arrivals)
     assert handoff.take() is None and wake.is_set()
 
     wake.clear()
-    filler = [("x" * 200, Identity(1, 1, 1, 1, 1))] * 16
-    while not handoff.offer("w", 0.0, filler):  # until the socket is full
-        pass
+    _fill(handoff)
     (inbox / "c.bin").write_bytes(b"c")
     watcher._add(str(inbox / "c.bin"))
     watcher.step()
     assert {r.rel_path: r.state for r in journal.rows()}["c.bin"] is FileState.STABLE
     assert wake.is_set()
-    watcher._disarm()
+    handoff.close()
+
+
+def test_an_event_whose_file_settles_soon_is_held_then_handed_over_when_due(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a settle period, the arrival waits in the watcher, not in the journal, and goes
+    to a worker when due, to be looked at once more (daemon/pipeline/settling.py). Seen
+    again meanwhile, it is due from its new times; what the socket cannot take when due is
+    recorded as the journal would have had it (due when it settles, with the identity
+    seen); one due later than `_HOLD_S` is recorded at once."""
+    from daemon.fsutil import Identity
+    from daemon.handoff import Handoff
+    from daemon.model import FileState
+    from daemon.watchers import local
+
+    def due(name: str) -> float:
+        st = os.lstat(inbox / name)
+        return max(st.st_mtime, st.st_ctime) + 2
+
+    now = [time.time()]
+    handoff = Handoff()
+    watcher, journal, wake = _watcher(tmp_path, 2, handoff=handoff, clock=lambda: now[0])
+    watcher._disarm()  # the test names the events, at the times it says
+    inbox = tmp_path / "in"
+    for name in ("a.bin", "b.bin"):
+        (inbox / name).write_bytes(name.encode())
+    watcher._add_all({str(inbox / "a.bin"), str(inbox / "b.bin")})
+    now[0] = time.time()
+    watcher.step()
+    assert journal.rows() == [] and handoff.take() is None
+    now[0] = due("a.bin") - 0.5  # written first, due first
+    assert watcher._idle_wait_s() == pytest.approx(0.5, abs=0.01)  # it wakes when one is due
+
+    time.sleep(0.3)
+    (inbox / "a.bin").write_bytes(b"written again")
+    now[0] = time.time()
+    found_again = now[0]
+    watcher._add(str(inbox / "a.bin"))
+    watcher.step()
+    now[0] = due("b.bin") + 0.1  # b.bin is due, a.bin not yet
+    watcher.step()
+    watch, settled, arrivals = handoff.take()
+    assert (watch, settled) == ("w", False)
+    assert [(rel, identity) for rel, identity, _ in arrivals] == [
+        ("b.bin", Identity.of(os.lstat(inbox / "b.bin")))]
+    assert handoff.take() is None
+
+    _fill(handoff)
+    now[0] = due("a.bin") + 0.1
+    watcher.step()  # a.bin is due, and the socket has no room: the journal has it
+    [row] = journal.rows()
+    assert (row.rel_path, row.state, row.identity) == (
+        "a.bin", FileState.DISCOVERED, Identity.of(os.lstat(inbox / "a.bin")))
+    assert (row.discovered_at, row.next_attempt_at) == (found_again, pytest.approx(due("a.bin"), abs=0.01))
+    assert wake.is_set()
+
+    monkeypatch.setattr(local, "_HOLD_S", 1.0)
+    (inbox / "c.bin").write_bytes(b"c")
+    now[0] = time.time()
+    watcher._add(str(inbox / "c.bin"))
+    watcher.step()
+    assert {r.rel_path: r.state for r in journal.rows()}["c.bin"] is FileState.DISCOVERED
     handoff.close()
 
 

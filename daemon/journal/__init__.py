@@ -17,6 +17,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from daemon.fsutil import Identity
+from daemon.handoff import Arrival
 from daemon.journal.cache import VERDICTS_FILE, CachedVerdict, KeptVerdict, VerdictCacheRecords
 from daemon.journal.database import Database, _is_alive, is_damage, owner_token, state_dir_error
 from daemon.journal.rescans import RescanRecords
@@ -139,31 +140,31 @@ class Journal(ObjectVersions, RescanRecords, VerdictCacheRecords):
                                       mtime_ns, ctime_ns, stable_at, max(due, now), now, now)))
         return params
 
-    def take(self, watch: str, arrivals: Sequence[tuple[str, Identity]], found_at: float,
-             owner: str, now: float) -> tuple[list[FileRow], list[str]]:
-        """Record arrivals that had settled when they were found (at `found_at`), claimed by
-        `owner` at once (daemon/handoff.py): one row write each, not a `discover` and a `claim`.
+    def take(self, watch: str, arrivals: Sequence[Arrival], owner: str, now: float, *,
+             settled: bool) -> tuple[list[FileRow], list[str]]:
+        """Record arrivals handed to a worker (daemon/handoff.py), claimed by `owner` at once:
+        one row write each, not a `discover` and a `claim`. `settled`: they had settled when
+        they were found; else the worker looks once more (daemon/pipeline/settling.py).
 
-        A path already active is left to `discover`, in the same transaction. Returns the rows
-        taken and the rel_paths that discovery added or revived (unclaimed): each of both a
-        `file.discovered`.
+        A path already active is left to `discover` (without the identity: a held path it
+        revives is looked at afresh), in the same transaction. Returns the rows taken and the
+        rel_paths that discovery added or revived (unclaimed): each of both a `file.discovered`.
         """
         params = [(watch, os.fsencode(rel_path), "scanning", owner, 1, identity.dev, identity.inode,
-                   identity.size, identity.mtime_ns, identity.ctime_ns, found_at, found_at,
-                   found_at, now) for rel_path, identity in arrivals]
+                   identity.size, identity.mtime_ns, identity.ctime_ns,
+                   found_at if settled else None, now, found_at, now)
+                  for rel_path, identity, found_at in arrivals]
         with self._tx() as conn:
             # Not `RETURNING *`, which costs more than the insert (bench/RESULTS.md, "Issue 21"):
             # the rows are made from what was inserted.
             ids = [cursor.lastrowid if (cursor := conn.execute(_TAKE, values)).rowcount else None
                    for values in params]
-            known = {rel_path: identity for (rel_path, identity), file_id in zip(arrivals, ids, strict=True)
-                     if file_id is None}
-            added = _discover(conn, self._arrival_values(
-                watch, [(rel_path, identity.inode) for rel_path, identity in known.items()],
-                found_at, known)) if known else []
+            known = [(rel_path, identity.inode) for (rel_path, identity, _), file_id
+                     in zip(arrivals, ids, strict=True) if file_id is None]
+            added = _discover(conn, self._arrival_values(watch, known, now, None)) if known else []
         rows = [_new_row(file_id, {**dict(zip(_TAKE_COLUMNS, values, strict=True)), "rel_path": rel_path,
                                    "state": FileState.SCANNING})
-                for (rel_path, _), file_id, values in zip(arrivals, ids, params, strict=True)
+                for (rel_path, _, _), file_id, values in zip(arrivals, ids, params, strict=True)
                 if file_id is not None]
         return rows, added
 

@@ -213,16 +213,15 @@ class Pipeline:
         message = self.handoff.take()
         if message is None:
             return []
-        watch, found_at, arrivals = message
+        watch, settled, arrivals = message
         pause("arrivals.taken")  # tests: a worker killed here had them only in memory
         if watch not in watches:  # another engine's watch (or one a reload removed): the journal
             if any(w.name == watch for w in self.config.watches):
-                added = self.journal.discover(watch, [(rel, i.inode) for rel, i in arrivals],
-                                              found_at, dict(arrivals))
+                added = self.journal.discover(watch, [(rel, i.inode) for rel, i, _ in arrivals], now)
                 log_discovered(watch, added, "event")
                 self.wake.set()
             return []
-        rows, added = self.journal.take(watch, arrivals, found_at, self.owner, now)
+        rows, added = self.journal.take(watch, arrivals, self.owner, now, settled=settled)
         log_discovered(watch, [row.rel_path for row in rows] + added, "event")
         if added:
             self.wake.set()

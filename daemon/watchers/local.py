@@ -8,7 +8,9 @@ the `lstat` that found it (an event's, or the sweep's): stable at once if its mt
 ctime are `settle_seconds` old already (always, with `settle_seconds: 0`), else due when
 they will be, when the worker that claims it settles it (daemon/pipeline/settling.py). The
 workers are woken per chunk of discovery: a backlog present at start is claimed while the
-start-up sweep goes on.
+start-up sweep goes on. An event's plain file is handed to a worker instead, settled, or
+when due if that is within `_HOLD_S` (held here till then), whenever the workers can take
+it at once (daemon/handoff.py); what they cannot is recorded as above.
 
 The root is opened with `O_NOFOLLOW | O_DIRECTORY` at every step and the tree is
 walked through descriptors (daemon/watchers/tree.py), so paths deeper than PATH_MAX
@@ -22,6 +24,9 @@ watched again and swept at once (docs/operations.md, "Watched folders that move"
 from __future__ import annotations
 
 import errno
+import heapq
+import itertools
+import math
 import os
 import threading
 import time
@@ -31,7 +36,7 @@ import structlog
 
 from daemon.config import WatchConfig
 from daemon.fsutil import Identity, classify
-from daemon.handoff import Handoff
+from daemon.handoff import Arrival, Handoff
 from daemon.journal import Journal
 from daemon.staging import IN_SOURCE
 from daemon.watchers import inotify
@@ -47,6 +52,10 @@ log = structlog.get_logger("scanwatch.watcher")
 
 _FLUSH_S = 0.02
 _CHUNK = 1000
+# An event's file that settles this soon waits here, not in the journal, to be handed to a
+# worker when due (daemon/handoff.py); at most so many at once.
+_HOLD_S = 5.0
+_HOLD_MAX = 10_000
 _ROOT_POLL_S = 1.0  # how soon a missing or unsafe root is looked at again
 _ROOT_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -104,6 +113,8 @@ class LocalWatcher:
         self._root_problem: str | None = None
         self._skipped: dict[str, str] = {}  # subtrees reported as skipped: rel_dir -> reason
         self._errors = RepeatFilter(60.0, clock)
+        self._held: dict[str, tuple[float, Identity, float]] = {}  # rel_path -> due, identity, found at
+        self._held_due: list[tuple[float, str]] = []  # (due, rel_path): a heap, stale ones skipped
 
     def start(self) -> None:
         """Arm inotify on the root, then sweep what is already there (in the watcher's thread)."""
@@ -154,7 +165,8 @@ class LocalWatcher:
                 self._stopping.wait(_FLUSH_S)  # let a burst of events gather
 
     def _idle_wait_s(self) -> float:
-        return min(max(self._next_rescan_at - self.clock(), 0.0), _ROOT_POLL_S)
+        due = min(self._next_rescan_at, self._held_due[0][0] if self._held_due else math.inf)
+        return min(max(due - self.clock(), 0.0), _ROOT_POLL_S)
 
     def step(self) -> None:
         """Check the root, record pending events, sweep when due."""
@@ -170,6 +182,7 @@ class LocalWatcher:
             elif paths:
                 seen: dict[str, Identity] = {}
                 self._record(self._entries(root_fd, paths, seen), now, "event", seen)
+            self._release(now)
         finally:
             os.close(root_fd)
 
@@ -196,6 +209,8 @@ class LocalWatcher:
     def _root_lost(self, exc: OSError) -> None:
         self._root_id = None
         self._disarm()
+        self._held.clear()  # the sweep once it is back finds them
+        self._held_due.clear()
         unsafe = exc.errno in (errno.ELOOP, errno.ENOTDIR)
         problem = ("symlink" if os.path.islink(self.watch.source) else "not_a_directory"
                    ) if unsafe else errno_reason(exc)
@@ -291,17 +306,14 @@ class LocalWatcher:
     def _discover(self, batch: list[tuple[str, int]], now: float, how: str,
                   seen: dict[str, Identity]) -> None:
         """Record one chunk (emptied after). `seen` holds the identities of this chunk only:
-        discovery fills it while it yields the chunk's entries. An event's arrivals that have
-        settled go straight to a worker if one can take them (daemon/handoff.py)."""
-        handed = False
+        discovery fills it while it yields the chunk's entries. An event's plain files go to
+        the workers instead, if they can take them (`_hand`)."""
         if self.handoff is not None and how == "event":
-            settle_s = self.watch.settle_seconds
-            settled = [(rel, identity) for rel, _ in batch if (identity := seen.get(rel))
-                       and identity.settles_at(settle_s, now) <= now]
-            left = self.handoff.offer(self.watch.name, now, settled) if settled else []
-            if handed := len(left) < len(settled):
-                taken = {rel for rel, _ in settled[:len(settled) - len(left)]}
-                batch[:] = [entry for entry in batch if entry[0] not in taken]
+            handed = self._hand(batch, seen, now)
+        else:
+            handed = False
+            for rel_path, _ in batch if self._held else ():  # the journal has them from now on
+                self._held.pop(rel_path, None)
         added = self.journal.discover(self.watch.name, batch, now, seen,
                                       self.watch.settle_seconds) if batch else []
         batch.clear()
@@ -309,3 +321,47 @@ class LocalWatcher:
         if added or handed:  # claimable now, or when they will have settled: the workers look
             self.wake.set()
         log_discovered(self.watch.name, added, how)
+
+    def _hand(self, batch: list[tuple[str, int]], seen: dict[str, Identity], now: float) -> bool:
+        """Hand an event's plain files to the workers (daemon/handoff.py): the settled ones now,
+        those that settle within `_HOLD_S` when they are due (held here till then, `_release`);
+        `batch` keeps the rest, for the journal. Whether any was handed."""
+        assert self.handoff is not None
+        settle_s = self.watch.settle_seconds
+        settled: list[Arrival] = []
+        rest: list[tuple[str, int]] = []
+        for rel_path, inode in batch:
+            self._held.pop(rel_path, None)  # seen again: due from what it is now
+            identity = seen.get(rel_path)
+            due = identity.settles_at(settle_s, now) if identity else math.inf
+            if identity and due <= now:
+                settled.append((rel_path, identity, now))
+            elif identity and due <= now + _HOLD_S and len(self._held) < _HOLD_MAX:
+                self._held[rel_path] = (due, identity, now)
+                heapq.heappush(self._held_due, (due, rel_path))
+            else:
+                rest.append((rel_path, inode))
+        left = self.handoff.offer(self.watch.name, settled, settled=True) if settled else []
+        batch[:] = rest + [(rel_path, identity.inode) for rel_path, identity, _ in left]
+        return len(left) < len(settled)
+
+    def _release(self, now: float) -> None:
+        """Hand the held arrivals now due to the workers, to be looked at once more; what they
+        cannot take now is recorded as it would have been when found (due now)."""
+        due: list[Arrival] = []
+        while self._held_due and self._held_due[0][0] <= now:
+            when, rel_path = heapq.heappop(self._held_due)
+            held = self._held.get(rel_path)
+            if held is not None and held[0] == when:  # else seen again since, due later
+                del self._held[rel_path]
+                due.append((rel_path, held[1], held[2]))
+        if not due:
+            return
+        assert self.handoff is not None
+        left = self.handoff.offer(self.watch.name, due, settled=False)
+        for found_at, arrivals in itertools.groupby(left, key=lambda arrival: arrival[2]):
+            identities = {rel_path: identity for rel_path, identity, _ in arrivals}
+            added = self.journal.discover(self.watch.name, [(r, i.inode) for r, i in identities.items()],
+                                          found_at, identities, self.watch.settle_seconds)
+            log_discovered(self.watch.name, added, "event")
+        self.wake.set()
