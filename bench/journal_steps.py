@@ -53,7 +53,8 @@ def _one_run(batches: int, what_if: str | None) -> dict[str, float]:
                        for i in range(_BATCH)}
             marks = [time.thread_time()]
             if handed:
-                rows, _ = journal.take("bench", list(settled.items()), now, "1:1", now)
+                rows, _ = journal.take("bench", [(name, ident, now) for name, ident in settled.items()],
+                                       "1:1", now, settled=True)
             else:
                 journal.discover("bench", [(name, ident.inode) for name, ident in settled.items()],
                                  now, settled)

@@ -159,9 +159,9 @@ class LocalWatcher:
             except Exception as exc:
                 if (held := self._errors.admit(f"{type(exc).__name__}: {exc}")) is not None:
                     log.exception("watch.error", watch=self.watch.name, repeated=held)
-            self._event.wait(self._idle_wait_s())
+            woken = self._event.wait(self._idle_wait_s())
             self._event.clear()
-            if not self._stopping.is_set():
+            if woken and not self._stopping.is_set():
                 self._stopping.wait(_FLUSH_S)  # let a burst of events gather
 
     def _idle_wait_s(self) -> float:
