@@ -28,6 +28,7 @@ import heapq
 import itertools
 import math
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -212,13 +213,25 @@ class LocalWatcher:
         self._held.clear()  # the sweep once it is back finds them
         self._held_due.clear()
         unsafe = exc.errno in (errno.ELOOP, errno.ENOTDIR)
-        problem = ("symlink" if os.path.islink(self.watch.source) else "not_a_directory"
-                   ) if unsafe else errno_reason(exc)
+        problem = self._unsafe_kind() if unsafe else errno_reason(exc)
+        if problem is None:  # replaced again since the open: the next look says by what
+            return
         if problem == self._root_problem:
             return
         self._root_problem = problem
         log.warning("watch.root_unsafe" if unsafe else "watch.root_missing", watch=self.watch.name,
                     source=self.watch.source, reason=problem, error=exc.strerror)
+
+    def _unsafe_kind(self) -> str | None:
+        """What the root that could not be opened as a directory is: "symlink" or
+        "not_a_directory"; None if it is gone or a directory again already."""
+        try:
+            mode = os.lstat(self.watch.source).st_mode
+        except OSError:
+            return None
+        if stat.S_ISDIR(mode):
+            return None
+        return "symlink" if stat.S_ISLNK(mode) else "not_a_directory"
 
     def _arm(self) -> None:
         """Watch the root (again) with inotify; a failure leaves it to the sweeps and the root poll."""
