@@ -93,6 +93,20 @@ def test_take_leaves_a_path_already_active_to_discover(tmp_path: Path) -> None:
         FileState.DISCOVERED, None, 8, None)
 
 
+def test_take_leaves_out_a_file_placed_already(tmp_path: Path) -> None:
+    """An event seen late, or an arrival `scan --move` took meanwhile: this very file (path,
+    inode and times) has a done row, so it is not recorded again (to be found `gone`); the
+    same name with other times is a new arrival."""
+    journal = _journal(tmp_path)
+    identity = Identity(5, 1, 10, 1_000, 2_000)
+    [row], _ = journal.take("w", [("a.txt", identity, 1.0)], "me:1", 1.0, settled=True)
+    journal.apply([(row.id, {"state": FileState.DONE, "owner": None})])
+    assert journal.take("w", [("a.txt", identity, 2.0)], "me:1", 2.0, settled=False) == ([], [])
+    newer = Identity(5, 1, 10, 1_000, 3_000)
+    [again], _ = journal.take("w", [("a.txt", newer, 3.0)], "me:1", 3.0, settled=False)
+    assert again.identity == newer and len(journal.rows()) == 2
+
+
 def test_claims_are_exclusive_and_due_only(tmp_path: Path) -> None:
     journal = _journal(tmp_path)
     journal.discover("w", [(f"f{i}", i) for i in range(5)], 1.0)

@@ -40,6 +40,32 @@ def test_clean_and_infected_go_to_their_places(harness: Harness) -> None:
     assert (harness.layout.quarantine / "deep").stat().st_mode & 0o777 == 0o700
 
 
+def test_handed_arrivals_are_taken_with_the_rows_due_and_a_removed_watchs_dropped(
+        harness: Harness) -> None:
+    """daemon/handoff.py: a worker records what it is handed as its own and scans it (one
+    not known settled, settled first), claims the journal's due rows in the same batch so a
+    flood of arrivals does not starve them, and drops the arrivals of a watch a reload
+    removed (they stay in its source)."""
+    from daemon.fsutil import Identity
+    from daemon.handoff import Handoff
+
+    handoff = harness.pipeline.handoff = Handoff()
+    now = harness.clock.now
+    arrivals = [(name, Identity.of(os.lstat(harness.drop(name, data))), now)
+                for name, data in (("a.txt", b"a"), ("e.com", EICAR))]
+    harness.journal.discover("inbox", [("due.txt", os.lstat(harness.drop("due.txt", b"d")).st_ino)], now)
+    assert handoff.offer("inbox", arrivals[:1], settled=True) == []
+    assert handoff.offer("inbox", arrivals[1:], settled=False) == []
+    assert handoff.offer("removed", [("x.txt", Identity(1, 1, 1, 1, 1), now)], settled=True) == []
+    assert harness.pipeline.run_once(["inbox"]) == 2  # a.txt, and due.txt (settled first)
+    assert harness.pipeline.run_once(["inbox"]) == 1  # e.com, settled first
+    assert harness.pipeline.run_once(["inbox"]) == 0  # the removed watch's arrival: dropped
+    assert harness.layout.placed("clean") == ["a.txt", "due.txt"]
+    assert harness.layout.placed("quarantine") == ["e.com"]
+    assert sorted(r.rel_path for r in harness.journal.rows()) == ["a.txt", "due.txt", "e.com"]
+    assert handoff.take() is None
+
+
 def test_retryable_error_is_retried_after_backoff_then_succeeds(harness: Harness) -> None:
     harness.engine.script = [raises(EngineRetryableError("503 busy"))]
     harness.drop("a.txt", b"hello")

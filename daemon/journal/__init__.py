@@ -78,6 +78,17 @@ _TAKE_COLUMNS = ("watch", "rel_path", "state", "owner", "attempts", "dev", "inod
                  "ctime_ns", "stable_at", "next_attempt_at", "discovered_at", "updated_at")
 _TAKE = (f"INSERT INTO files ({', '.join(_TAKE_COLUMNS)}) VALUES ({','.join('?' * len(_TAKE_COLUMNS))})"
          f" ON CONFLICT (watch, rel_path) WHERE {_ACTIVE} DO NOTHING")
+# This very file (path, inode and times) placed already. `+state`: the path's own rows
+# (`files_seen`), never every finished row of the watch.
+_PLACED = ("SELECT 1 FROM files WHERE watch = ? AND rel_path = ? AND inode = ? AND mtime_ns = ?"
+           " AND ctime_ns = ? AND +state = 'done' LIMIT 1")
+
+
+def _is_placed(conn: sqlite3.Connection, watch: str, path: bytes, identity: Identity) -> bool:
+    """Whether this very file was placed already: an event seen late, or an arrival that
+    `scan --move` took meanwhile (`Journal.take`)."""
+    return conn.execute(_PLACED, (watch, path, identity.inode, identity.mtime_ns,
+                                  identity.ctime_ns)).fetchone() is not None
 
 
 def _discover(conn: sqlite3.Connection, params: list[tuple[str, tuple[object, ...]]]) -> list[str]:
@@ -146,26 +157,29 @@ class Journal(ObjectVersions, RescanRecords, VerdictCacheRecords):
         one row write each, not a `discover` and a `claim`. `settled`: they had settled when
         they were found; else the worker looks once more (daemon/pipeline/settling.py).
 
-        A path already active is left to `discover` (without the identity: a held path it
-        revives is looked at afresh), in the same transaction. Returns the rows taken and the
-        rel_paths that discovery added or revived (unclaimed): each of both a `file.discovered`.
+        This very file placed already (its path, inode and times) is left out. A path already
+        active is left to `discover` (without the identity: a held path it revives is looked
+        at afresh), in the same transaction. Returns the rows taken and the rel_paths that
+        discovery added or revived (unclaimed): each of both a `file.discovered`.
         """
-        params = [(watch, os.fsencode(rel_path), "scanning", owner, 1, identity.dev, identity.inode,
-                   identity.size, identity.mtime_ns, identity.ctime_ns,
-                   found_at if settled else None, now, found_at, now)
-                  for rel_path, identity, found_at in arrivals]
+        # Read before the writers' lock: a file placed meanwhile is found `gone`, as one removed is.
+        reader = self._conn()
+        taken = [(rel_path, identity.inode, (watch, path, "scanning", owner, 1, identity.dev, identity.inode,
+                                             identity.size, identity.mtime_ns, identity.ctime_ns,
+                                             found_at if settled else None, now, found_at, now))
+                 for rel_path, identity, found_at in arrivals
+                 if not _is_placed(reader, watch, path := os.fsencode(rel_path), identity)]
         with self._tx() as conn:
             # Not `RETURNING *`, which costs more than the insert (bench/RESULTS.md, "Issue 21"):
             # the rows are made from what was inserted.
             ids = [cursor.lastrowid if (cursor := conn.execute(_TAKE, values)).rowcount else None
-                   for values in params]
-            known = [(rel_path, identity.inode) for (rel_path, identity, _), file_id
-                     in zip(arrivals, ids, strict=True) if file_id is None]
+                   for _, _, values in taken]
+            known = [(rel_path, inode) for (rel_path, inode, _), file_id in zip(taken, ids, strict=True)
+                     if file_id is None]
             added = _discover(conn, self._arrival_values(watch, known, now, None)) if known else []
         rows = [_new_row(file_id, {**dict(zip(_TAKE_COLUMNS, values, strict=True)), "rel_path": rel_path,
                                    "state": FileState.SCANNING})
-                for (rel_path, _, _), file_id, values in zip(arrivals, ids, params, strict=True)
-                if file_id is not None]
+                for (rel_path, _, values), file_id in zip(taken, ids, strict=True) if file_id is not None]
         return rows, added
 
     # -- work queue -----------------------------------------------------------------------
