@@ -135,6 +135,16 @@ class Journal(ObjectVersions, RescanRecords, VerdictCacheRecords):
         with self._tx() as conn:
             return _discover(conn, params)
 
+    def discover_found(self, watch: str, arrivals: Iterable[Arrival], settle_s: float) -> list[str]:
+        """`discover` of arrivals each as it was found (its identity, at its time), in one
+        transaction: those a watcher held that no worker could take when due
+        (daemon/watchers/local.py)."""
+        params = [values for rel_path, identity, found_at in arrivals
+                  for values in self._arrival_values(watch, [(rel_path, identity.inode)], found_at,
+                                                     {rel_path: identity}, settle_s)]
+        with self._tx() as conn:
+            return _discover(conn, params)
+
     @staticmethod
     def _arrival_values(watch: str, entries: Iterable[tuple[str, int]], now: float,
                         seen: Mapping[str, Identity] | None, settle_s: float = 0.0

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import errno
 import heapq
-import itertools
 import math
 import os
 import stat
@@ -57,6 +56,7 @@ _CHUNK = 1000
 # worker when due (daemon/handoff.py); at most so many at once.
 _HOLD_S = 5.0
 _HOLD_MAX = 10_000
+_RELEASE_S = 0.005
 _ROOT_POLL_S = 1.0  # how soon a missing or unsafe root is looked at again
 _ROOT_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -116,6 +116,7 @@ class LocalWatcher:
         self._errors = RepeatFilter(60.0, clock)
         self._held: dict[str, tuple[float, Identity, float]] = {}  # rel_path -> due, identity, found at
         self._held_due: list[tuple[float, str]] = []  # (due, rel_path): a heap, stale ones skipped
+        self._released_at = 0.0
 
     def start(self) -> None:
         """Arm inotify on the root, then sweep what is already there (in the watcher's thread)."""
@@ -166,8 +167,10 @@ class LocalWatcher:
                 self._stopping.wait(_FLUSH_S)  # let a burst of events gather
 
     def _idle_wait_s(self) -> float:
-        due = min(self._next_rescan_at, self._held_due[0][0] if self._held_due else math.inf)
-        return min(max(due - self.clock(), 0.0), _ROOT_POLL_S)
+        # Held arrivals go in batches at most every `_RELEASE_S`: as they fall due one by one
+        # in a burst, a message each would cost a transaction each.
+        held_due = max(self._held_due[0][0], self._released_at + _RELEASE_S) if self._held_due else math.inf
+        return min(max(min(self._next_rescan_at, held_due) - self.clock(), 0.0), _ROOT_POLL_S)
 
     def step(self) -> None:
         """Check the root, record pending events, sweep when due."""
@@ -371,10 +374,8 @@ class LocalWatcher:
         if not due:
             return
         assert self.handoff is not None
-        left = self.handoff.offer(self.watch.name, due, settled=False)
-        for found_at, arrivals in itertools.groupby(left, key=lambda arrival: arrival[2]):
-            identities = {rel_path: identity for rel_path, identity, _ in arrivals}
-            added = self.journal.discover(self.watch.name, [(r, i.inode) for r, i in identities.items()],
-                                          found_at, identities, self.watch.settle_seconds)
-            log_discovered(self.watch.name, added, "event")
+        self._released_at = now
+        if left := self.handoff.offer(self.watch.name, due, settled=False):
+            log_discovered(self.watch.name, self.journal.discover_found(
+                self.watch.name, left, self.watch.settle_seconds), "event")
         self.wake.set()
