@@ -2,8 +2,9 @@
 
 Each engine has `concurrency` worker threads (at least `_S3_WORKERS` when its watches
 read or write S3, with its calls still held to `concurrency` at once: those threads
-mostly wait on S3 requests, not on the engine). A worker claims a small batch of due rows
-and carries it one step per journal transaction: scanned (`scanning.Scanner`, a local file
+mostly wait on S3 requests, not on the engine). A worker claims a small batch of due rows,
+or records as its own the arrivals a watcher handed over (daemon/handoff.py), and carries
+it one step per journal transaction: scanned (`scanning.Scanner`, a local file
 settled first if it was not: `settling.Settler`; the verdict, with the destination
 `planning.Planner` chose for it, written before any move), then moved (`moving.Mover`: done).
 Each step returns an `Outcome`, which this loop writes (the scanners' order-critical
@@ -78,7 +79,7 @@ class Pipeline:
                  handoff: Handoff | None = None) -> None:
         """`on_outcomes` hears a batch's outcomes at once (a worker process sends them to the
         daemon in one frame: daemon/workers/process.py); `handoff`: where the watchers hand
-        settled arrivals to be taken before the journal's due rows (daemon/handoff.py)."""
+        arrivals to be taken before the journal's due rows (daemon/handoff.py)."""
         self.config = config
         self.journal = journal
         self.owner = owner
@@ -200,7 +201,7 @@ class Pipeline:
         while arrivals keep coming), and carry it as far as it goes; returns its size."""
         now = self.clock()
         rows = self._take(watches, now)
-        if not rows or (due := self.journal.next_due_at(watches)) is not None and due <= now:
+        if not rows or ((due := self.journal.next_due_at(watches)) is not None and due <= now):
             rows += self.journal.claim(watches, self.owner, now, _BATCH)
         if rows:
             self.process(rows)

@@ -6,7 +6,7 @@ and after a reload, started as `python -m daemon.workers.process --parent PID --
 --handoff-fd H` (`main`): daemon/workers/pool.py. Its stdin carries the config (one frame, so a
 reload that the parent refused never reaches a worker), then one byte per wake-up; FD carries
 each outcome back to the parent for the metrics and alerts; H, a socket every worker shares,
-brings settled arrivals (daemon/handoff.py); its stdout, the log lines, goes to the parent too
+brings arrivals (daemon/handoff.py); its stdout, the log lines, goes to the parent too
 (daemon/workers/pool.py). It dies with the parent (`PR_SET_PDEATHSIG`), drains at the end of its
 stdin or on SIGTERM, ignores SIGHUP: the parent reloads by starting new workers. Webhook
 receivers run in the parent; whether their deliveries arrive, which slows the workers'
