@@ -94,7 +94,7 @@ class LocalWatcher:
 
     def __init__(self, watch: WatchConfig, journal: Journal, wake: threading.Event, *,
                  clock: Callable[[], float] = time.time, handoff: Handoff | None = None) -> None:
-        """`handoff`: where an event's settled arrivals go before the journal, if anywhere."""
+        """`handoff`: where an event's arrivals go before the journal, if anywhere."""
         self.watch = watch
         self.journal = journal
         self.wake = wake
@@ -328,8 +328,9 @@ class LocalWatcher:
             handed = self._hand(batch, seen, now)
         else:
             handed = False
-            for rel_path, _ in batch if self._held else ():  # the journal has them from now on
-                self._held.pop(rel_path, None)
+            if self._held:  # the journal has these from now on
+                for rel_path, _ in batch:
+                    self._held.pop(rel_path, None)
         added = self.journal.discover(self.watch.name, batch, now, seen,
                                       self.watch.settle_seconds) if batch else []
         batch.clear()
