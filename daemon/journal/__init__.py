@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 
-from daemon.fsutil import Identity
-from daemon.handoff import Arrival
+from daemon.journal.arrivals import Arrivals
 from daemon.journal.cache import VERDICTS_FILE, CachedVerdict, KeptVerdict, VerdictCacheRecords
 from daemon.journal.database import Database, _is_alive, is_damage, owner_token, state_dir_error
 from daemon.journal.rescans import RescanRecords
@@ -37,7 +35,6 @@ from daemon.journal.schema import (
     _from_db,
     _insert_file,
     _like_substring,
-    _new_row,
     _run,
     _to_db,
     _update_file,
@@ -57,47 +54,6 @@ __all__ = ["VERDICTS_FILE", "AuditRow", "CachedVerdict", "Database", "FileRow", 
            "state_dir_error"]
 
 
-# An arrival (`Journal.discover`): a path already active stays as it is, unless held back
-# and seen again with another inode (or held for `permission_denied`, tried again).
-_DISCOVER = f"""INSERT INTO files (watch, rel_path, state, inode, dev, size, mtime_ns, ctime_ns,
-                                  stable_at, next_attempt_at, discovered_at, updated_at)
-                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-                ON CONFLICT (watch, rel_path) WHERE {_ACTIVE} DO UPDATE
-                SET state = excluded.state, inode = excluded.inode,
-                    reason = CASE files.reason WHEN 'permission_denied' THEN files.reason END,
-                    dev = excluded.dev, size = excluded.size, mtime_ns = excluded.mtime_ns,
-                    ctime_ns = excluded.ctime_ns, stable_at = excluded.stable_at,
-                    next_attempt_at = excluded.next_attempt_at,
-                    discovered_at = excluded.discovered_at, updated_at = excluded.updated_at
-                WHERE files.state = 'held' AND (files.inode IS NOT excluded.inode
-                                                OR files.reason = 'permission_denied')"""
-
-
-# An arrival taken at once by a worker (`Journal.take`): recorded claimed, if not active already.
-_TAKE_COLUMNS = ("watch", "rel_path", "state", "owner", "attempts", "dev", "inode", "size", "mtime_ns",
-                 "ctime_ns", "stable_at", "next_attempt_at", "discovered_at", "updated_at")
-_TAKE = (f"INSERT INTO files ({', '.join(_TAKE_COLUMNS)}) VALUES ({','.join('?' * len(_TAKE_COLUMNS))})"
-         f" ON CONFLICT (watch, rel_path) WHERE {_ACTIVE} DO NOTHING")
-# This very file (path, inode and times) placed already. `+state`: the path's own rows
-# (`files_seen`), never every finished row of the watch.
-_PLACED = ("SELECT 1 FROM files WHERE watch = ? AND rel_path = ? AND inode = ? AND mtime_ns = ?"
-           " AND ctime_ns = ? AND +state = 'done' LIMIT 1")
-
-
-def _is_placed(conn: sqlite3.Connection, watch: str, path: bytes, identity: Identity) -> bool:
-    """Whether this very file was placed already: an event seen late, or an arrival that
-    `scan --move` took meanwhile (`Journal.take`)."""
-    return conn.execute(_PLACED, (watch, path, identity.inode, identity.mtime_ns,
-                                  identity.ctime_ns)).fetchone() is not None
-
-
-def _discover(conn: sqlite3.Connection, params: list[tuple[str, tuple[object, ...]]]) -> list[str]:
-    """Run `_DISCOVER` for each arrival; the rel_paths added or revived."""
-    # One execution per path, not `executemany`: its rowcount says which were added
-    # (not `RETURNING`: SQLite would build a temporary b-tree per statement to hold it).
-    return [rel_path for rel_path, values in params if conn.execute(_DISCOVER, values).rowcount]
-
-
 # A claim: a stable or a discovered row becomes scanning and spends an attempt.
 _TAKEN = ("attempts = attempts + (state = 'stable' OR state = 'discovered'), "
           "state = CASE WHEN state = 'stable' OR state = 'discovered' THEN 'scanning' ELSE state END")
@@ -106,7 +62,7 @@ _UNTAKEN = ("CASE WHEN state = 'scanning' AND engine_scan_id IS NULL "
             "THEN CASE WHEN stable_at IS NULL THEN 'discovered' ELSE 'stable' END ELSE state END")
 
 
-class Journal(ObjectVersions, RescanRecords, VerdictCacheRecords):
+class Journal(Arrivals, ObjectVersions, RescanRecords, VerdictCacheRecords):
     """The SQLite journal under `state_dir`: arrivals, the work queue, what happened to each file;
     and beside it, in a file of their own, the verdicts it keeps (`verdicts`)."""
 
@@ -116,81 +72,6 @@ class Journal(ObjectVersions, RescanRecords, VerdictCacheRecords):
         """Insert finished rows (column → value) rebuilt from elsewhere; returns how many."""
         with self._tx() as conn:
             return sum(1 for row in rows if _insert_file(conn, row))
-
-    def discover(self, watch: str, entries: Iterable[tuple[str, int]], now: float,
-                 seen: Mapping[str, Identity] | None = None, settle_s: float = 0.0) -> list[str]:
-        """Record `(rel_path, inode)` arrivals; known active paths are left as they are.
-
-        A path held back (a symlink, say) whose inode changed is a new arrival again; one
-        held for `permission_denied` is tried again whenever it is seen (its reason kept, so
-        that holding it again is not reported again).
-        A path in `seen` (a plain file just lstat'ed) is recorded with that identity: stable
-        at once if it has been quiet for `settle_s` already, else due when it will have been
-        (`Identity.settles_at`), when the worker that claims it looks once more
-        (daemon/pipeline/settling.py). Any other path is due now, to be looked at.
-        Returns the rel_paths added or revived, each one a `file.discovered` (docs/contract.md,
-        "Log events"). Idempotent.
-        """
-        params = self._arrival_values(watch, entries, now, seen, settle_s)
-        with self._tx() as conn:
-            return _discover(conn, params)
-
-    def discover_found(self, watch: str, arrivals: Iterable[Arrival], settle_s: float) -> list[str]:
-        """`discover` of arrivals each as it was found (its identity, at its time), in one
-        transaction: those a watcher held that no worker could take when due
-        (daemon/watchers/local.py)."""
-        params = [values for rel_path, identity, found_at in arrivals
-                  for values in self._arrival_values(watch, [(rel_path, identity.inode)], found_at,
-                                                     {rel_path: identity}, settle_s)]
-        with self._tx() as conn:
-            return _discover(conn, params)
-
-    @staticmethod
-    def _arrival_values(watch: str, entries: Iterable[tuple[str, int]], now: float,
-                        seen: Mapping[str, Identity] | None, settle_s: float = 0.0
-                        ) -> list[tuple[str, tuple[object, ...]]]:
-        """`_DISCOVER`'s values of each arrival (made before the writers' lock is taken)."""
-        params: list[tuple[str, tuple[object, ...]]] = []
-        for rel_path, inode in entries:
-            identity = seen.get(rel_path) if seen else None
-            due = identity.settles_at(settle_s, now) if identity else now
-            state, stable_at = ("stable", now) if identity and due <= now else ("discovered", None)
-            dev, size, mtime_ns, ctime_ns = ((identity.dev, identity.size, identity.mtime_ns,
-                                              identity.ctime_ns) if identity else (None,) * 4)
-            params.append((rel_path, (watch, os.fsencode(rel_path), state, inode, dev, size,
-                                      mtime_ns, ctime_ns, stable_at, max(due, now), now, now)))
-        return params
-
-    def take(self, watch: str, arrivals: Sequence[Arrival], owner: str, now: float, *,
-             settled: bool) -> tuple[list[FileRow], list[str]]:
-        """Record arrivals handed to a worker (daemon/handoff.py), claimed by `owner` at once:
-        one row write each, not a `discover` and a `claim`. `settled`: they had settled when
-        they were found; else the worker looks once more (daemon/pipeline/settling.py).
-
-        This very file placed already (its path, inode and times) is left out. A path already
-        active is left to `discover` (without the identity: a held path it revives is looked
-        at afresh), in the same transaction. Returns the rows taken and the rel_paths that
-        discovery added or revived (unclaimed): each of both a `file.discovered`.
-        """
-        # Read before the writers' lock: a file placed meanwhile is found `gone`, as one removed is.
-        reader = self._conn()
-        taken = [(rel_path, identity.inode, (watch, path, "scanning", owner, 1, identity.dev, identity.inode,
-                                             identity.size, identity.mtime_ns, identity.ctime_ns,
-                                             found_at if settled else None, now, found_at, now))
-                 for rel_path, identity, found_at in arrivals
-                 if not _is_placed(reader, watch, path := os.fsencode(rel_path), identity)]
-        with self._tx() as conn:
-            # Not `RETURNING *`, which costs more than the insert (bench/RESULTS.md, "Issue 21"):
-            # the rows are made from what was inserted.
-            ids = [cursor.lastrowid if (cursor := conn.execute(_TAKE, values)).rowcount else None
-                   for _, _, values in taken]
-            known = [(rel_path, inode) for (rel_path, inode, _), file_id in zip(taken, ids, strict=True)
-                     if file_id is None]
-            added = _discover(conn, self._arrival_values(watch, known, now, None)) if known else []
-        rows = [_new_row(file_id, {**dict(zip(_TAKE_COLUMNS, values, strict=True)), "rel_path": rel_path,
-                                   "state": FileState.SCANNING})
-                for (rel_path, _, values), file_id in zip(taken, ids, strict=True) if file_id is not None]
-        return rows, added
 
     # -- work queue -----------------------------------------------------------------------
 
