@@ -32,7 +32,7 @@ __all__ = ["Arrival", "Handoff"]
 # An arrival: its rel_path, the identity its `lstat` found, and when (epoch seconds).
 Arrival = tuple[str, Identity, float]
 
-PER_MESSAGE = 16  # a worker's batch (daemon/pipeline/__init__.py)
+_PER_MESSAGE = 16  # a worker's batch (daemon/pipeline/__init__.py)
 _MAX_MESSAGE = 1 << 16  # longer ones (very deep paths) go to the journal
 
 
@@ -61,15 +61,15 @@ class Handoff:
         due to be looked at once more); returns those the socket could not take now, for the
         journal."""
         assert self._sender is not None, "a worker process only takes"
-        for start in range(0, len(arrivals), PER_MESSAGE):
+        for start in range(0, len(arrivals), _PER_MESSAGE):
             # Plain tuples: a fifth of the cost of pickling the `Identity`s, in the daemon's
             # own process.
             chunk = [(rel_path, i.dev, i.inode, i.size, i.mtime_ns, i.ctime_ns, found_at)
-                     for rel_path, i, found_at in arrivals[start:start + PER_MESSAGE]]
+                     for rel_path, i, found_at in arrivals[start:start + _PER_MESSAGE]]
             message = pickle.dumps((watch, settled, chunk), protocol=pickle.HIGHEST_PROTOCOL)
+            if len(message) > _MAX_MESSAGE:
+                return arrivals[start:]
             try:
-                if len(message) > _MAX_MESSAGE:
-                    raise BlockingIOError
                 self._sender.send(message, socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 return arrivals[start:]

@@ -149,6 +149,23 @@ def test_arrivals_go_straight_to_a_worker_and_those_of_one_killed_holding_them_a
     assert daemon.stop() == 0
 
 
+def test_the_handoff_carries_long_names_whole_and_leaves_a_message_too_long_to_the_journal() -> None:
+    """daemon/handoff.py: a message is taken whole, its names however odd; one past 64 KiB
+    (16 very deep paths) is not sent, its arrivals left for the journal."""
+    from daemon.fsutil import Identity
+    from daemon.handoff import Handoff
+
+    handoff = Handoff()
+    odd = "/".join(["é " * 100 + "..x"] * 20) + b"\xff.bin".decode("utf-8", "surrogateescape")
+    one = [(odd, Identity(1, 2, 3, 4, 5), 6.0)]
+    assert handoff.offer("w", one, settled=False) == []
+    assert handoff.take() == ("w", False, one)
+    deep = [(f"{'d' * 250}/" * 20 + f"f{i}", Identity(1, i, 3, 4, 5), 6.0) for i in range(16)]
+    assert handoff.offer("w", deep, settled=True) == deep
+    assert handoff.take() is None
+    handoff.close()
+
+
 def _long_rel(i: int) -> str:
     """A nested name of 1 to 12 components of 242 bytes; "é" is 6 characters in a JSON line,
     so a `file.moved` record (its name three times) runs from ~2 to ~27 KiB."""
