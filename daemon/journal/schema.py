@@ -187,14 +187,6 @@ def _from_db(row: sqlite3.Row) -> FileRow:
 
 
 _FIELDS = tuple(field.name for field in dataclasses.fields(FileRow))
-_NEW_ROW = {**dict.fromkeys(_FIELDS), "attempts": 0, "move_attempts": 0}  # the columns' defaults
-
-
-def _new_row(file_id: int, columns: Mapping[str, Any]) -> FileRow:
-    """The row just inserted with `columns` (decoded values) as `id`: as the journal has it."""
-    row = object.__new__(FileRow)  # as `_from_db` fills it
-    row.__dict__.update(_NEW_ROW, **columns, id=file_id)
-    return row
 _COLUMN_DECODERS: dict[str, Any] = {**dict.fromkeys(_PATH_COLUMNS, os.fsdecode),
                                     **dict.fromkeys(_JSON_COLUMNS, json.loads), "state": FileState}
 _DECODERS: dict[tuple[str, ...], list[tuple[int, Any]]] = {}
@@ -205,6 +197,16 @@ def _decoders(keys: tuple[str, ...]) -> list[tuple[int, Any]]:
     decoders = [(i, _COLUMN_DECODERS[k]) for i, k in enumerate(keys) if k in _COLUMN_DECODERS]
     _DECODERS[keys] = decoders
     return decoders
+
+
+_NEW_ROW = {**dict.fromkeys(_FIELDS), "attempts": 0, "move_attempts": 0}  # the columns' defaults
+
+
+def _new_row(file_id: int, columns: Mapping[str, Any]) -> FileRow:
+    """The row just inserted with `columns` (decoded values) as `id`: as the journal has it."""
+    row = object.__new__(FileRow)  # as `_from_db` fills it
+    row.__dict__.update(_NEW_ROW, **columns, id=file_id)
+    return row
 
 
 def _audit(conn: sqlite3.Connection, file_id: int, action: str, actor: str, reason: str,
