@@ -12,12 +12,12 @@ over then, to be looked at once more (daemon/watchers/local.py, daemon/pipeline/
 The way is one `SOCK_SEQPACKET` socket pair, made before the workers fork and inherited by
 each (daemon/workers/pool.py); with `workers: 1` the pipeline's threads read it in the
 daemon's own process. A message is one watch's few arrivals, sent and received whole: any
-idle thread of any worker takes the next one. Nothing waits for room: what the socket cannot
-take at once (workers behind, a backlog) is recorded by `discover` as before, where `status`
-counts it. An arrival on its way is in memory only, as the watcher's own pending events
-are: lost with the daemon (its next start's sweep finds it), or with a worker killed before
-it recorded it (the daemon sweeps when it reaps one: daemon/service.py), or else the next
-periodic sweep finds it.
+idle thread of any worker takes the next one. Nothing blocks on it: what the socket has no
+room for (the workers behind in a burst) waits in the watcher, in order, for at most a few
+seconds, and is then recorded by `discover` as before. An arrival on its way is in memory
+only, as the watcher's own pending events are: lost with the daemon (its next start's sweep
+finds it), or with a worker killed before it recorded it (the daemon sweeps when it reaps
+one: daemon/service.py), or else the next periodic sweep finds it.
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ import socket
 
 from daemon.fsutil import Identity
 
-__all__ = ["Arrival", "Handoff"]
+__all__ = ["PER_MESSAGE", "Arrival", "Handoff"]
 
 # An arrival: its rel_path, the identity its `lstat` found, and when (epoch seconds).
 Arrival = tuple[str, Identity, float]
 
-_PER_MESSAGE = 16  # a worker's batch (daemon/pipeline/__init__.py)
+PER_MESSAGE = 16  # a worker's batch (daemon/pipeline/__init__.py)
 _MAX_MESSAGE = 1 << 16  # longer ones (very deep paths) go to the journal
 
 
@@ -58,14 +58,13 @@ class Handoff:
 
     def offer(self, watch: str, arrivals: list[Arrival], *, settled: bool) -> list[Arrival]:
         """Hand `arrivals` of `watch` to whichever worker is free (`settled`: known settled, else
-        due to be looked at once more); returns those the socket could not take now, for the
-        journal."""
+        due to be looked at once more); returns those the socket has no room for now."""
         assert self._sender is not None, "a worker process only takes"
-        for start in range(0, len(arrivals), _PER_MESSAGE):
+        for start in range(0, len(arrivals), PER_MESSAGE):
             # Plain tuples: a fifth of the cost of pickling the `Identity`s, in the daemon's
             # own process.
             chunk = [(rel_path, i.dev, i.inode, i.size, i.mtime_ns, i.ctime_ns, found_at)
-                     for rel_path, i, found_at in arrivals[start:start + _PER_MESSAGE]]
+                     for rel_path, i, found_at in arrivals[start:start + PER_MESSAGE]]
             message = pickle.dumps((watch, settled, chunk), protocol=pickle.HIGHEST_PROTOCOL)
             if len(message) > _MAX_MESSAGE:
                 return arrivals[start:]

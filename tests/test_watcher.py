@@ -214,14 +214,16 @@ def test_with_settle_0_a_file_an_event_names_is_recorded_stable_with_its_identit
     watcher._disarm()
 
 
-def test_an_events_settled_arrivals_go_to_a_worker_and_what_the_handoff_cannot_take_to_the_journal(
-        tmp_path: Path) -> None:
+def test_an_events_settled_arrivals_go_to_a_worker_and_wait_for_room_then_for_the_journal(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """daemon/handoff.py: a settled plain file named by an event is handed over, whole with
-    its identity, and costs no row; one held back (a symlink) is recorded as before, and so
-    is whatever the socket has no room for."""
+    its identity, and costs no row; one held back (a symlink) is recorded as before. What the
+    socket has no room for waits in the watcher, in order, ahead of later arrivals; what
+    finds no room for `_HOLD_S`, or past `_HOLD_MAX` waiting, is recorded as before."""
     from daemon.fsutil import Identity
     from daemon.handoff import Handoff
     from daemon.model import FileState
+    from daemon.watchers import local
 
     handoff = Handoff()
     watcher, journal, wake = _watcher(tmp_path, 0, handoff=handoff)
@@ -242,10 +244,33 @@ def test_an_events_settled_arrivals_go_to_a_worker_and_what_the_handoff_cannot_t
 
     wake.clear()
     _fill(handoff)
-    (inbox / "c.bin").write_bytes(b"c")
-    watcher._add(str(inbox / "c.bin"))
+    for name in ("c.bin", "d.bin"):
+        (inbox / name).write_bytes(name.encode())
+        watcher._add(str(inbox / name))
+        watcher.step()
+    assert [r.rel_path for r in journal.rows()] == ["link"] and not wake.is_set()
+    assert watcher._idle_wait_s() == pytest.approx(local._FLUSH_S, abs=0.005)  # it tries again soon
+    while handoff.take() is not None:  # the workers catch up
+        pass
     watcher.step()
-    assert {r.rel_path: r.state for r in journal.rows()}["c.bin"] is FileState.STABLE
+    watch, settled, arrivals = handoff.take()
+    assert (watch, settled) == ("w", True)
+    assert [(rel, identity) for rel, identity, _ in arrivals] == [
+        (name, Identity.of(os.lstat(inbox / name))) for name in ("c.bin", "d.bin")]
+    assert wake.is_set()
+
+    wake.clear()
+    _fill(handoff)
+    monkeypatch.setattr(local, "_HOLD_MAX", 1)
+    for name in ("e.bin", "f.bin"):  # f.bin: one held already
+        (inbox / name).write_bytes(name.encode())
+        watcher._add(str(inbox / name))
+    watcher.step()
+    assert {r.rel_path: r.state for r in journal.rows()}.get("f.bin") is FileState.STABLE
+    monkeypatch.setattr(local, "_HOLD_S", 0.0)
+    time.sleep(0.01)
+    watcher.step()  # e.bin found no room in time
+    assert {r.rel_path: r.identity for r in journal.rows()}["e.bin"] == Identity.of(os.lstat(inbox / "e.bin"))
     assert wake.is_set()
     handoff.close()
 
@@ -254,9 +279,9 @@ def test_an_event_whose_file_settles_soon_is_held_then_handed_over_when_due(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With a settle period, the arrival waits in the watcher, not in the journal, and goes
     to a worker when due, to be looked at once more (daemon/pipeline/settling.py). Seen
-    again meanwhile, it is due from its new times; what the socket cannot take when due is
-    recorded as the journal would have had it (due when it settles, with the identity
-    seen); one due later than `_HOLD_S` is recorded at once."""
+    again meanwhile, it is due from its new times; what the socket finds no room for within
+    `_HOLD_S` after it is due is recorded as the journal would have had it (due when it
+    settles, with the identity seen); one due later than `_HOLD_S` is recorded at once."""
     from daemon.fsutil import Identity
     from daemon.handoff import Handoff
     from daemon.model import FileState
@@ -296,7 +321,10 @@ def test_an_event_whose_file_settles_soon_is_held_then_handed_over_when_due(
 
     _fill(handoff)
     now[0] = due("a.bin") + 0.1
-    watcher.step()  # a.bin is due, and the socket has no room: the journal has it
+    watcher.step()  # a.bin is due, and the socket has no room: it waits
+    assert journal.rows() == []
+    now[0] = due("a.bin") + local._HOLD_S + 0.2
+    watcher.step()  # no room for `_HOLD_S`: the journal has it
     [row] = journal.rows()
     assert (row.rel_path, row.state, row.identity) == (
         "a.bin", FileState.DISCOVERED, Identity.of(os.lstat(inbox / "a.bin")))

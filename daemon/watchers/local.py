@@ -8,9 +8,10 @@ the `lstat` that found it (an event's, or the sweep's): stable at once if its mt
 ctime are `settle_seconds` old already (always, with `settle_seconds: 0`), else due when
 they will be, when the worker that claims it settles it (daemon/pipeline/settling.py). The
 workers are woken per chunk of discovery: a backlog present at start is claimed while the
-start-up sweep goes on. An event's plain file is handed to a worker instead, settled, or
-when due if that is within `_HOLD_S` (held here till then), whenever the workers can take
-it at once (daemon/handoff.py); what they cannot is recorded as above.
+start-up sweep goes on. An event's plain file is handed to a worker instead (daemon/handoff.py):
+settled, or when due if that is within `_HOLD_S`. It waits here till then, and for room in
+the socket if the workers are behind; what waits past `_HOLD_S` after it is due, or finds
+`_HOLD_MAX` waiting already, is recorded as above.
 
 The root is opened with `O_NOFOLLOW | O_DIRECTORY` at every step and the tree is
 walked through descriptors (daemon/watchers/tree.py), so paths deeper than PATH_MAX
@@ -36,7 +37,7 @@ import structlog
 
 from daemon.config import WatchConfig
 from daemon.fsutil import Identity, classify
-from daemon.handoff import Arrival, Handoff
+from daemon.handoff import PER_MESSAGE, Arrival, Handoff
 from daemon.journal import Journal
 from daemon.staging import IN_SOURCE
 from daemon.watchers import inotify
@@ -53,7 +54,8 @@ log = structlog.get_logger("scanwatch.watcher")
 _FLUSH_S = 0.02
 _CHUNK = 1000
 # An event's file that settles this soon waits here, not in the journal, to be handed to a
-# worker when due (daemon/handoff.py); at most so many at once.
+# worker when due (daemon/handoff.py), and then at most as long again for room; at most so
+# many at once.
 _HOLD_S = 5.0
 _HOLD_MAX = 10_000
 _RELEASE_S = 0.005
@@ -114,9 +116,10 @@ class LocalWatcher:
         self._root_problem: str | None = None
         self._skipped: dict[str, str] = {}  # subtrees reported as skipped: rel_dir -> reason
         self._errors = RepeatFilter(60.0, clock)
-        self._held: dict[str, tuple[float, Identity, float]] = {}  # rel_path -> due, identity, found at
+        # rel_path -> when due, identity, when found, whether settled then
+        self._held: dict[str, tuple[float, Identity, float, bool]] = {}
         self._held_due: list[tuple[float, str]] = []  # (due, rel_path): a heap, stale ones skipped
-        self._released_at = 0.0
+        self._release_at = 0.0  # the next release, not sooner
 
     def start(self) -> None:
         """Arm inotify on the root, then sweep what is already there (in the watcher's thread)."""
@@ -169,7 +172,7 @@ class LocalWatcher:
     def _idle_wait_s(self) -> float:
         # Held arrivals go in batches at most every `_RELEASE_S`: as they fall due one by one
         # in a burst, a message each would cost a transaction each.
-        held_due = max(self._held_due[0][0], self._released_at + _RELEASE_S) if self._held_due else math.inf
+        held_due = max(self._held_due[0][0], self._release_at) if self._held_due else math.inf
         return min(max(min(self._next_rescan_at, held_due) - self.clock(), 0.0), _ROOT_POLL_S)
 
     def step(self) -> None:
@@ -341,8 +344,9 @@ class LocalWatcher:
 
     def _hand(self, batch: list[tuple[str, int]], seen: dict[str, Identity], now: float) -> bool:
         """Hand an event's plain files to the workers (daemon/handoff.py): the settled ones now,
-        those that settle within `_HOLD_S` when they are due (held here till then, `_release`);
-        `batch` keeps the rest, for the journal. Whether any was handed."""
+        or as soon as the socket has room for them; those that settle within `_HOLD_S` when
+        they are due. Both wait here meanwhile (`_release`); `batch` keeps the rest, for the
+        journal. Whether any was handed or held."""
         assert self.handoff is not None
         settle_s = self.watch.settle_seconds
         settled: list[Arrival] = []
@@ -350,33 +354,64 @@ class LocalWatcher:
         for rel_path, inode in batch:
             self._held.pop(rel_path, None)  # seen again: due from what it is now
             identity = seen.get(rel_path)
-            due = identity.settles_at(settle_s, now) if identity else math.inf
-            if identity and due <= now:
-                settled.append((rel_path, identity, now))
-            elif identity and due <= now + _HOLD_S and len(self._held) < _HOLD_MAX:
-                self._held[rel_path] = (due, identity, now)
-                heapq.heappush(self._held_due, (due, rel_path))
-            else:
+            if identity is None:
                 rest.append((rel_path, inode))
-        left = self.handoff.offer(self.watch.name, settled, settled=True) if settled else []
-        batch[:] = rest + [(rel_path, identity.inode) for rel_path, identity, _ in left]
+                continue
+            arrival = (rel_path, identity, now)
+            due = identity.settles_at(settle_s, now)
+            if due <= now:
+                settled.append(arrival)
+            elif due > now + _HOLD_S or not self._hold(due, arrival, settled=False):
+                rest.append((rel_path, inode))
+        # Behind those still waiting for room, if any.
+        left = settled if self._waiting(now) else self.handoff.offer(self.watch.name, settled, settled=True)
+        unheld = [arrival for arrival in left if not self._hold(now, arrival, settled=True)]
+        batch[:] = rest + [(rel_path, identity.inode) for rel_path, identity, _ in unheld]
         return len(left) < len(settled)
 
+    def _hold(self, due: float, arrival: Arrival, *, settled: bool) -> bool:
+        """Keep `arrival` here until `due`, unless `_HOLD_MAX` are held already."""
+        if len(self._held) >= _HOLD_MAX:
+            return False
+        self._held[arrival[0]] = (due, arrival[1], arrival[2], settled)
+        heapq.heappush(self._held_due, (due, arrival[0]))
+        return True
+
+    def _waiting(self, now: float) -> bool:
+        """Whether an arrival is due and waits for room in the socket."""
+        return bool(self._held_due) and self._held_due[0][0] <= now
+
     def _release(self, now: float) -> None:
-        """Hand the held arrivals now due to the workers, to be looked at once more; what they
-        cannot take now is recorded as it would have been when found (due now)."""
-        due: list[Arrival] = []
-        while self._held_due and self._held_due[0][0] <= now:
-            when, rel_path = heapq.heappop(self._held_due)
-            held = self._held.get(rel_path)
-            if held is not None and held[0] == when:  # else seen again since, due later
+        """Hand the held arrivals now due to the workers, a message at a time while the socket
+        has room; one that found no room for `_HOLD_S` after it was due is recorded as it would
+        have been when found (due then)."""
+        late: list[Arrival] = []
+        sent = False
+        while self._waiting(now):
+            assert self.handoff is not None  # only arrivals it could take are held
+            chunk: list[tuple[float, Arrival, bool]] = []
+            while len(chunk) < PER_MESSAGE and self._waiting(now):
+                when, rel_path = heapq.heappop(self._held_due)
+                held = self._held.get(rel_path)
+                if held is None or held[0] != when:  # seen again since, due later
+                    continue
                 del self._held[rel_path]
-                due.append((rel_path, held[1], held[2]))
-        if not due:
-            return
-        assert self.handoff is not None
-        self._released_at = now
-        if left := self.handoff.offer(self.watch.name, due, settled=False):
+                if when < now - _HOLD_S:
+                    late.append((rel_path, held[1], held[2]))
+                else:
+                    chunk.append((when, (rel_path, held[1], held[2]), held[3]))
+            # Not all known settled: the worker looks once more at each.
+            left = self.handoff.offer(self.watch.name, [arrival for _, arrival, _ in chunk],
+                                      settled=all(settled for _, _, settled in chunk))
+            sent = sent or len(left) < len(chunk)
+            if left:  # no room: these are the first to go when there is
+                for when, arrival, settled in chunk[len(chunk) - len(left):]:
+                    self._hold(when, arrival, settled=settled)
+                break
+        # No room: the socket holds a few hundred milliseconds of the workers' work.
+        self._release_at = now + (_FLUSH_S if self._waiting(now) else _RELEASE_S)
+        if late:
             log_discovered(self.watch.name, self.journal.discover_found(
-                self.watch.name, left, self.watch.settle_seconds), "event")
-        self.wake.set()
+                self.watch.name, late, self.watch.settle_seconds), "event")
+        if sent or late:
+            self.wake.set()
