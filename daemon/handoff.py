@@ -18,22 +18,33 @@ seconds, and is then recorded by `discover` as before. An arrival on its way is 
 only, as the watcher's own pending events are: lost with the daemon (its next start's sweep
 finds it), or with a worker killed before it recorded it (the daemon sweeps when it reaps
 one: daemon/service.py), or else the next periodic sweep finds it.
+
+What is on its way is counted (`on_way`): the daemon's process notes it in the journal every
+second, for `status` and the metrics (daemon/journal/arrivals.py).
 """
 
 from __future__ import annotations
 
+import collections
+import fcntl
 import pickle
 import socket
+import struct
+import termios
+import threading
 
 from daemon.fsutil import Identity
 
-__all__ = ["PER_MESSAGE", "Arrival", "Handoff"]
+__all__ = ["PER_MESSAGE", "Arrival", "Handoff", "OnWay"]
 
 # An arrival: its rel_path, the identity its `lstat` found, and when (epoch seconds).
 Arrival = tuple[str, Identity, float]
+# Per watch: how many arrivals, and when the earliest of them was found.
+OnWay = dict[str, tuple[int, float]]
 
 PER_MESSAGE = 16  # a worker's batch (daemon/pipeline/__init__.py)
 _MAX_MESSAGE = 1 << 16  # longer ones (very deep paths) go to the journal
+_SENT_MAX = 4096  # messages counted before those taken are dropped from the count
 
 
 class Handoff:
@@ -46,6 +57,12 @@ class Handoff:
             self._sender, receiver = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         receiver.setblocking(False)
         self._receiver = receiver
+        # The messages sent, oldest first: (bytes, watch, arrivals, earliest found). Those
+        # still in the socket are the newest, as many as make up the bytes queued in it:
+        # a message is taken whole, and the oldest first.
+        self._sent: collections.deque[tuple[int, str, int, float]] = collections.deque()
+        self._sent_bytes = 0
+        self._lock = threading.Lock()  # the watchers' threads send, the main thread counts
 
     @classmethod
     def inherited(cls, fd: int) -> Handoff:
@@ -68,11 +85,32 @@ class Handoff:
             message = pickle.dumps((watch, settled, chunk), protocol=pickle.HIGHEST_PROTOCOL)
             if len(message) > _MAX_MESSAGE:
                 return arrivals[start:]
-            try:
-                self._sender.send(message, socket.MSG_DONTWAIT)
-            except (BlockingIOError, InterruptedError):
-                return arrivals[start:]
+            with self._lock:
+                try:
+                    self._sender.send(message, socket.MSG_DONTWAIT)
+                except (BlockingIOError, InterruptedError):
+                    return arrivals[start:]
+                self._sent.append((len(message), watch, len(chunk), min(a[-1] for a in chunk)))
+                self._sent_bytes += len(message)
+                if len(self._sent) > _SENT_MAX:
+                    self._forget_taken()
         return []
+
+    def on_way(self) -> OnWay:
+        """Per watch, the arrivals sent that no worker has taken yet, and the earliest found."""
+        counts: OnWay = {}
+        with self._lock:
+            self._forget_taken()
+            for _, watch, arrivals, found_at in self._sent:
+                count, earliest = counts.get(watch, (0, found_at))
+                counts[watch] = (count + arrivals, min(earliest, found_at))
+        return counts
+
+    def _forget_taken(self) -> None:
+        """Drop the messages taken from the count (under `_lock`)."""
+        queued, = struct.unpack("i", fcntl.ioctl(self._receiver.fileno(), termios.FIONREAD, bytes(4)))
+        while self._sent_bytes > queued:
+            self._sent_bytes -= self._sent.popleft()[0]
 
     def take(self) -> tuple[str, bool, list[Arrival]] | None:
         """The next message (watch, settled, arrivals), or None if there is none now."""

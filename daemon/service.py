@@ -85,6 +85,7 @@ class Service:
         self._signals: list[signal.Signals] = []
         self._signalled = threading.Event()
         self._died: list[str] = []  # threads ended by an exception: the daemon must not go on
+        self._noted_on_way = False  # whether the journal has arrivals on their way, as noted
         self._running = self._build(config, forked, s3)
 
     def _build(self, config: Config, forked: Sequence[Forked] = (),
@@ -237,11 +238,25 @@ class Service:
                 for watcher in self._running.watchers:
                     if isinstance(watcher, LocalWatcher):
                         watcher.sweep_soon()
+            self._note_arriving()
             if time.monotonic() >= next_reclaim_at:
                 # Rows of a crashed `scan --move` next to us.
                 self.journal.reclaim()
                 next_reclaim_at = time.monotonic() + _RECLAIM_EVERY_S
             self._heartbeat()
+
+    def _note_arriving(self) -> None:
+        """Note in the journal what is on its way to a worker, in the socket or waiting in a
+        watcher, for `status` and the metrics (daemon/handoff.py)."""
+        on_way = self.handoff.on_way()
+        for watcher in self._running.watchers:
+            if isinstance(watcher, LocalWatcher) and watcher.waiting[0]:
+                count, found_at = watcher.waiting
+                sent, earliest = on_way.get(watcher.watch.name, (0, found_at))
+                on_way[watcher.watch.name] = (sent + count, min(earliest, found_at))
+        if on_way or self._noted_on_way:
+            self.journal.note_arriving(on_way, time.time())
+        self._noted_on_way = bool(on_way)
 
     def _heartbeat(self) -> None:
         # Only a pipeline whose workers still turn over proves the daemon is alive.
@@ -296,6 +311,7 @@ class Service:
         self.notifier.stopping()
         self.notifier.extend_timeout(self._running.config.shutdown_timeout + 5)
         drained = self._stop(self._running)
+        self.journal.note_arriving({}, time.time())  # their sources keep them, for the next start
         log.info("daemon.stopped", drained=drained)
         self.journal.close()
         return 0

@@ -6,6 +6,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from daemon.fsutil import Identity
@@ -74,6 +75,24 @@ def test_take_records_arrivals_claimed_as_the_journal_has_them(tmp_path: Path) -
                                   settled=False)
     assert unsettled == journal.get(unsettled.id) and needs_settling(unsettled)
     assert journal.claim(["w"], "other:1", now=200.0, limit=10) == []
+
+
+def test_arrivals_on_their_way_count_as_pending_while_the_note_is_fresh(tmp_path: Path) -> None:
+    """daemon/handoff.py: what the daemon notes on its way to a worker counts in `counts`
+    (state `arriving`), `pending_count` and `oldest_pending` beside the rows, until a newer
+    note, or until it is 5 s old (a daemon no longer running)."""
+    journal = _journal(tmp_path)
+    journal.discover("w", [("a.txt", 1)], 50.0)
+    now = time.time()
+    journal.note_arriving({"w": (3, 40.0), "v": (2, 60.0)}, now)
+    assert journal.counts() == [("w", "discovered", None, None, 1), ("v", "arriving", None, None, 2),
+                                ("w", "arriving", None, None, 3)]
+    assert journal.pending_count() == 6
+    assert journal.oldest_pending() == {"w": 40.0, "v": 60.0}
+    journal.note_arriving({"v": (1, 60.0)}, now)
+    assert journal.pending_count() == 2 and journal.oldest_pending() == {"w": 50.0, "v": 60.0}
+    journal.note_arriving({"v": (1, 60.0)}, now - 5.1)
+    assert journal.pending_count() == 1 and journal.oldest_pending() == {"w": 50.0}
 
 
 def test_take_leaves_a_path_already_active_to_discover(tmp_path: Path) -> None:

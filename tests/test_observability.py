@@ -62,6 +62,39 @@ def test_metrics_and_status_count_every_file_exactly_once(layout: Layout, daemon
     assert len(daemon.named("file.moved")) == 46
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_status_and_metrics_count_the_files_on_their_way_to_a_worker(layout: Layout, daemon_factory,
+                                                                     workers: int) -> None:
+    """daemon/handoff.py: files an event named wait in the daemon's memory, not in the journal,
+    until they have settled; `status` and `scanwatch_queue_depth` count them all the same, as
+    `arriving`, and the oldest pending age is theirs, until a worker records them."""
+    from daemon.config import load_config
+    from daemon.journal import open_journal
+    from daemon.status import collect
+
+    port = free_port()
+    config = layout.write_config(metrics={"listen": f"127.0.0.1:{port}"}, workers=workers,
+                                 watch={"settle_seconds": 4, "rescan_interval": 300})
+    daemon = daemon_factory(config)
+    daemon.wait_started()
+    for i in range(5):
+        (layout.inbox / f"f{i}.txt").write_bytes(b"x")
+    journal = open_journal(layout.state)
+
+    def watch() -> dict[str, object]:
+        return collect(load_config(config), journal)["watches"]["inbox"]
+
+    arriving = daemon.wait_for(lambda: (w := watch())["states"].get("arriving") == 5 and w,
+                               timeout=3, what="5 files arriving")
+    assert journal.rows() == [] and arriving["states"] == {"arriving": 5}
+    assert 0 <= arriving["oldest_pending_s"] < 4 and arriving["oldest_pending_file"] is None
+    assert _scrape(port)[_key("scanwatch_queue_depth", watch="inbox", state="arriving")] == 5
+    daemon.wait_for(lambda: len(layout.placed("clean")) == 5, what="5 files placed")
+    daemon.wait_for(lambda: watch()["states"] == {"done": 5}, timeout=3, what="none arriving")
+    assert _key("scanwatch_queue_depth", watch="inbox", state="arriving") not in _scrape(port)
+    assert daemon.stop() == 0
+
+
 def _scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     return {(s.name, frozenset(s.labels.items())): s.value

@@ -166,6 +166,30 @@ def test_the_handoff_carries_long_names_whole_and_leaves_a_message_too_long_to_t
     handoff.close()
 
 
+def test_the_handoff_counts_what_no_worker_has_taken_yet() -> None:
+    """`on_way`: per watch, the arrivals still in the socket and the earliest found; a
+    message taken whole (by any process) leaves the count whole."""
+    import os
+
+    from daemon.fsutil import Identity
+    from daemon.handoff import Handoff
+
+    handoff = Handoff()
+    assert handoff.on_way() == {}
+    arrivals = [(f"f{i}", Identity(1, i, 3, 4, 5), 100.0 + i) for i in range(20)]
+    assert handoff.offer("a", arrivals, settled=True) == []  # two messages: 16 and 4
+    assert handoff.offer("b", arrivals[5:6], settled=False) == []
+    assert handoff.on_way() == {"a": (20, 100.0), "b": (1, 105.0)}
+    if (pid := os.fork()) == 0:  # a worker process takes the first message
+        os._exit(0 if handoff.take() is not None else 1)
+    assert os.waitpid(pid, 0)[1] == 0
+    assert handoff.on_way() == {"a": (4, 116.0), "b": (1, 105.0)}
+    handoff.take()
+    handoff.take()
+    assert handoff.on_way() == {}
+    handoff.close()
+
+
 def _long_rel(i: int) -> str:
     """A nested name of 1 to 12 components of 242 bytes; "é" is 6 characters in a JSON line,
     so a `file.moved` record (its name three times) runs from ~2 to ~27 KiB."""

@@ -273,24 +273,31 @@ class Journal(Arrivals, ObjectVersions, RescanRecords, VerdictCacheRecords):
 
     def counts(self) -> list[tuple[str, str, str | None, str | None, int]]:
         """`(watch, state, verdict, reason, count)` for every group of rows: the finished ones
-        read from their index alone (`files_finished`), the active ones from theirs."""
+        read from their index alone (`files_finished`), the active ones from theirs; then the
+        arrivals on their way to a worker, in state `arriving` (`note_arriving`)."""
         groups = ("SELECT watch, state, verdict, reason, count(*) FROM files WHERE {} "
                   "GROUP BY watch, state, verdict, reason")
-        return [tuple(r) for r in self._conn().execute(
+        rows = [tuple(r) for r in self._conn().execute(
             f"{groups.format(_FINISHED)} UNION ALL {groups.format(_ACTIVE)} ORDER BY 1, 2")]
+        return rows + [(watch, "arriving", None, None, count)
+                       for watch, (count, _) in sorted(self.arriving().items())]
 
     def pending_count(self) -> int:
-        """Rows not yet done, gone or held (served by the partial index of active rows)."""
+        """Files not yet done, gone or held: rows (served by the partial index of active rows),
+        and arrivals on their way to a worker."""
         row = self._conn().execute(
             f"SELECT count(*) FROM files WHERE {_ACTIVE} AND state != 'held'").fetchone()
-        return int(row[0])
+        return int(row[0]) + sum(count for count, _ in self.arriving().values())
 
     def oldest_pending(self) -> dict[str, float]:
-        """Per watch, the discovery time of the oldest row not yet done."""
+        """Per watch, when the oldest file not yet done was found (a row, or on its way)."""
         rows = self._conn().execute(
             f"SELECT watch, min(discovered_at) FROM files WHERE {_ACTIVE} AND state != 'held' "
             "GROUP BY watch")
-        return {r[0]: r[1] for r in rows}
+        oldest = {r[0]: r[1] for r in rows}
+        for watch, (_, found_at) in self.arriving().items():
+            oldest[watch] = min(found_at, oldest.get(watch, found_at))
+        return oldest
 
     def size_bytes(self) -> int:
         """Bytes on disk of the journal and its kept verdicts, with their WALs."""

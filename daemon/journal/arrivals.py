@@ -1,14 +1,16 @@
 """Local arrivals into the journal: found by the watcher (`discover`), or handed to a worker that
-records them claimed (`take`, daemon/handoff.py). S3 object versions: daemon/journal/versions.py."""
+records them claimed (`take`, daemon/handoff.py), and those on their way meanwhile
+(`note_arriving`). S3 object versions: daemon/journal/versions.py."""
 
 from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from collections.abc import Iterable, Mapping, Sequence
 
 from daemon.fsutil import Identity
-from daemon.handoff import Arrival
+from daemon.handoff import Arrival, OnWay
 from daemon.journal.database import Database
 from daemon.journal.schema import _ACTIVE, FileRow, _new_row
 from daemon.model import FileState
@@ -40,6 +42,11 @@ _TAKE = (f"INSERT INTO files ({', '.join(_TAKE_COLUMNS)}) VALUES ({','.join('?' 
 # (`files_seen`), never every finished row of the watch.
 _PLACED = ("SELECT 1 FROM files WHERE watch = ? AND rel_path = ? AND inode = ? AND mtime_ns = ?"
            " AND ctime_ns = ? AND +state = 'done' LIMIT 1")
+
+
+# The daemon notes what is on its way every second (daemon/service.py); a note older than this
+# is from a daemon that no longer runs: its arrivals are found again by its next start's sweep.
+_ON_WAY_FRESH_S = 5.0
 
 
 def _is_placed(conn: sqlite3.Connection, watch: str, path: bytes, identity: Identity) -> bool:
@@ -133,3 +140,17 @@ class Arrivals(Database):
                                    "state": FileState.SCANNING})
                 for (rel_path, _, values), file_id in zip(taken, ids, strict=True) if file_id is not None]
         return rows, added
+
+    def note_arriving(self, on_way: OnWay, now: float) -> None:
+        """Record what the daemon's process holds on its way to a worker (daemon/handoff.py):
+        per watch, how many arrivals, and when the earliest was found."""
+        with self._tx() as conn:
+            conn.execute("DELETE FROM arriving")
+            conn.executemany("INSERT INTO arriving VALUES (?, ?, ?, ?)",
+                             [(watch, count, found_at, now) for watch, (count, found_at) in on_way.items()])
+
+    def arriving(self) -> OnWay:
+        """What the running daemon last noted on its way to a worker (`note_arriving`)."""
+        rows = self._conn().execute("SELECT watch, files, found_at FROM arriving WHERE noted_at > ?",
+                                    (time.time() - _ON_WAY_FRESH_S,))
+        return {watch: (count, found_at) for watch, count, found_at in rows}

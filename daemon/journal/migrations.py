@@ -178,4 +178,12 @@ SCHEMA = [
         PRIMARY KEY (engine, sha256, file_id)
     ) WITHOUT ROWID;
     """,
+    # The arrivals the daemon holds in memory on their way to a worker (daemon/handoff.py),
+    # per watch, as its main loop last noted them: counted by `status` and the metrics.
+    """
+    CREATE TABLE arriving (
+        watch TEXT PRIMARY KEY, files INTEGER NOT NULL, found_at REAL NOT NULL,
+        noted_at REAL NOT NULL
+    ) WITHOUT ROWID;
+    """,
 ]

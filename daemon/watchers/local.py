@@ -60,6 +60,7 @@ _HOLD_S = 5.0
 _HOLD_MAX = 10_000
 _RELEASE_S = 0.005
 _ROOT_POLL_S = 1.0  # how soon a missing or unsafe root is looked at again
+_NOTE_S = 0.5  # how often the arrivals waiting here are counted (`_note`)
 _ROOT_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -120,6 +121,8 @@ class LocalWatcher:
         self._held: dict[str, tuple[float, Identity, float, bool]] = {}
         self._held_due: list[tuple[float, str]] = []  # (due, rel_path): a heap, stale ones skipped
         self._release_at = 0.0  # the next release, not sooner
+        self.waiting: tuple[int, float] = (0, 0.0)  # held arrivals, the earliest found (`_note`)
+        self._noted_at = 0.0
 
     def start(self) -> None:
         """Arm inotify on the root, then sweep what is already there (in the watcher's thread)."""
@@ -180,6 +183,8 @@ class LocalWatcher:
         with self._lock:
             paths, self._pending = self._pending, set()
         now = self.clock()
+        if now >= self._noted_at + _NOTE_S:
+            self._note(now)
         root_fd = self._check_root(now)
         if root_fd is None:
             return  # nothing to record or settle until a real directory is back
@@ -192,6 +197,12 @@ class LocalWatcher:
             self._release(now)
         finally:
             os.close(root_fd)
+
+    def _note(self, now: float) -> None:
+        """Note how many arrivals wait here, and the earliest found, for the daemon's main
+        thread to count (daemon/service.py)."""
+        self.waiting = (len(self._held), min((held[2] for held in self._held.values()), default=0.0))
+        self._noted_at = now
 
     def _check_root(self, now: float) -> int | None:
         """An fd of the root if it is a real directory (re-armed if it changed), else None."""
