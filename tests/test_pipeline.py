@@ -43,9 +43,9 @@ def test_clean_and_infected_go_to_their_places(harness: Harness) -> None:
 def test_handed_arrivals_are_taken_with_the_rows_due_and_a_removed_watchs_dropped(
         harness: Harness) -> None:
     """daemon/handoff.py: a worker records what it is handed as its own and scans it (one
-    not known settled, settled first), claims the journal's due rows in the same batch so a
-    flood of arrivals does not starve them, and drops the arrivals of a watch a reload
-    removed (they stay in its source)."""
+    not known settled, settled first), two messages a batch when the socket holds two,
+    claims the journal's due rows in the same batch so a flood of arrivals does not starve
+    them, and drops the arrivals of a watch a reload removed (they stay in its source)."""
     from daemon.fsutil import Identity
     from daemon.handoff import Handoff
 
@@ -57,13 +57,35 @@ def test_handed_arrivals_are_taken_with_the_rows_due_and_a_removed_watchs_droppe
     assert handoff.offer("inbox", arrivals[:1], settled=True) == []
     assert handoff.offer("inbox", arrivals[1:], settled=False) == []
     assert handoff.offer("removed", [("x.txt", Identity(1, 1, 1, 1, 1), now)], settled=True) == []
-    assert harness.pipeline.run_once(["inbox"]) == 2  # a.txt, and due.txt (settled first)
-    assert harness.pipeline.run_once(["inbox"]) == 1  # e.com, settled first
+    assert harness.pipeline.run_once(["inbox"]) == 3  # a.txt, e.com, and due.txt (settled first)
     assert harness.pipeline.run_once(["inbox"]) == 0  # the removed watch's arrival: dropped
     assert harness.layout.placed("clean") == ["a.txt", "due.txt"]
     assert harness.layout.placed("quarantine") == ["e.com"]
     assert sorted(r.rel_path for r in harness.journal.rows()) == ["a.txt", "due.txt", "e.com"]
     assert handoff.take() is None
+
+
+@pytest.mark.parametrize(("engine_cfg", "first_batch"), [
+    ({}, 32),  # YARA: two messages a batch
+    ({"type": "blazelock", "url": "http://127.0.0.1:9", "api_key": "k"}, 16),  # seconds a scan: one
+])
+def test_a_batch_takes_two_handed_messages_unless_its_engine_is_remote(
+        layout: Layout, engine_cfg: dict[str, object], first_batch: int) -> None:
+    """A batch's own costs are shared by twice the files when the socket holds two messages
+    (daemon/pipeline/__init__.py, `_MESSAGES`); an HTTP engine's thread, which scans its
+    batch one file after another, takes one."""
+    from daemon.fsutil import Identity
+    from daemon.handoff import Handoff
+
+    harness = Harness(layout, FakeEngine(), engine_cfg=engine_cfg)
+    handoff = harness.pipeline.handoff = Handoff()
+    now = harness.clock.now
+    arrivals = [(f"f{i:02d}.txt", Identity.of(os.lstat(harness.drop(f"f{i:02d}.txt", b"x"))), now)
+                for i in range(40)]
+    assert handoff.offer("inbox", arrivals, settled=True) == []  # 16, 16 and 8
+    assert harness.pipeline.run_once(["inbox"]) == first_batch
+    assert len(harness.journal.rows()) == first_batch
+    handoff.close()
 
 
 def test_retryable_error_is_retried_after_backoff_then_succeeds(harness: Harness) -> None:

@@ -24,11 +24,11 @@ from typing import Any, TypeVar
 
 import structlog
 
-from daemon.config import Config, WatchConfig
+from daemon.config import Config, HttpEngineConfig, WatchConfig
 from daemon.engines.base import Engine
 from daemon.faults import pause
 from daemon.fsutil import DirCache
-from daemon.handoff import Handoff
+from daemon.handoff import Arrival, Handoff
 from daemon.journal import FileRow, Journal, RowChanges
 from daemon.locations import Locations, Place
 from daemon.log import enabled, file_context
@@ -54,6 +54,12 @@ __all__ = ["Outcome", "Pipeline", "Reported", "uses_s3"]
 log = structlog.get_logger("scanwatch.pipeline")
 
 _BATCH = 16
+# Handed messages (of up to 16 files) a batch takes when the socket holds them: a batch's own
+# costs (three transactions, the destination folders' fsyncs, a frame to the daemon) are
+# then shared by twice the files. Under the journal's lock 0.054 -> 0.044 ms per file
+# (bench/RESULTS.md, "Issue 21"); not for HTTP engines, whose thread scans a batch's files
+# one after another, for seconds each.
+_MESSAGES = 2
 # Workers per engine whose watches touch S3: an object costs 3-4 requests of a network
 # round trip each (docs/operations.md, "Throughput"), so I/O, not CPU, sets the pace.
 # daemon/s3.py pools 64 connections per client: two such engines on one endpoint fit.
@@ -93,6 +99,10 @@ class Pipeline:
         self._places = places  # Locations given from outside by URL (tests' fakes)
         self.handoff = handoff
         self._local = {w.name for w in config.watches if not is_s3(w.source)}  # handed arrivals
+        # Local watches whose scans take milliseconds (no HTTP engine): their handed arrivals
+        # go two messages a batch when the socket holds two (`_take`).
+        self._paired = {w.name for w in config.watches if w.name in self._local and not any(
+            isinstance(config.engines[e], HttpEngineConfig) for e in w.engines)}
         self.staging = StagingDirs(config.state_dir)  # held open for the process's life
         outcomes = Outcomes(clock, policy or RetryPolicy())
         self.planner = Planner(config, outcomes)
@@ -211,21 +221,31 @@ class Pipeline:
         """The next arrivals handed over (daemon/handoff.py), recorded as this worker's."""
         if self.handoff is None or self._local.isdisjoint(watches):
             return []
-        message = self.handoff.take()
-        if message is None:
-            return []
-        watch, settled, arrivals = message
-        pause("arrivals.taken")  # tests: a worker killed here had them only in memory
-        if watch not in watches:  # another engine's watch (or one a reload removed): the journal
-            if any(w.name == watch for w in self.config.watches):
-                added = self.journal.discover(watch, [(rel, i.inode) for rel, i, _ in arrivals], now)
-                log_discovered(watch, added, "event")
+        handed: dict[str, tuple[bool, list[Arrival]]] = {}  # watch -> all settled, arrivals
+        for _ in range(_MESSAGES):
+            message = self.handoff.take()
+            if message is None:
+                break
+            watch, settled, arrivals = message
+            was_settled, before = handed.get(watch, (True, []))
+            handed[watch] = (was_settled and settled, before + arrivals)
+            if watch not in self._paired or watch not in watches:
+                break
+        if handed:
+            pause("arrivals.taken")  # tests: a worker killed here had them only in memory
+        rows: list[FileRow] = []
+        for watch, (settled, arrivals) in handed.items():
+            if watch not in watches:  # another engine's watch (or one a reload removed): the journal
+                if any(w.name == watch for w in self.config.watches):
+                    added = self.journal.discover(watch, [(rel, i.inode) for rel, i, _ in arrivals], now)
+                    log_discovered(watch, added, "event")
+                    self.wake.set()
+                continue
+            taken, added = self.journal.take(watch, arrivals, self.owner, now, settled=settled)
+            log_discovered(watch, [row.rel_path for row in taken] + added, "event")
+            if added:
                 self.wake.set()
-            return []
-        rows, added = self.journal.take(watch, arrivals, self.owner, now, settled=settled)
-        log_discovered(watch, [row.rel_path for row in rows] + added, "event")
-        if added:
-            self.wake.set()
+            rows += taken
         return rows
 
     # -- one batch ------------------------------------------------------------------------------
