@@ -218,7 +218,8 @@ class Pipeline:
         return len(rows)
 
     def _take(self, watches: list[str], now: float) -> list[FileRow]:
-        """The next arrivals handed over (daemon/handoff.py), recorded as this worker's."""
+        """The next arrivals handed over (daemon/handoff.py), recorded as this worker's: one
+        message, or `_MESSAGES` of a watch in `_paired` when the socket holds them."""
         if self.handoff is None or self._local.isdisjoint(watches):
             return []
         handed: dict[str, tuple[bool, list[Arrival]]] = {}  # watch -> all settled, arrivals
