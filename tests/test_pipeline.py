@@ -66,25 +66,29 @@ def test_handed_arrivals_are_taken_with_the_rows_due_and_a_removed_watchs_droppe
 
 
 @pytest.mark.parametrize(("engine_cfg", "first_batch"), [
-    ({}, 32),  # YARA: two messages a batch
+    ({}, 64),  # YARA: four messages a batch
     ({"type": "blazelock", "url": "http://127.0.0.1:9", "api_key": "k"}, 16),  # seconds a scan: one
 ])
-def test_a_batch_takes_two_handed_messages_unless_its_engine_is_remote(
+def test_a_batch_takes_four_handed_messages_unless_its_engine_is_remote(
         layout: Layout, engine_cfg: dict[str, object], first_batch: int) -> None:
-    """A batch's own costs are shared by twice the files when the socket holds two messages
-    (daemon/pipeline/__init__.py, `_MESSAGES`); an HTTP engine's thread, which scans its
-    batch one file after another, takes one."""
+    """A batch's own costs are shared by four times the files when the socket holds four
+    messages (daemon/pipeline/__init__.py, `_MESSAGES`); an HTTP engine's thread, which
+    scans its batch one file after another, takes one. A claim is 16 rows either way."""
     from daemon.fsutil import Identity
     from daemon.handoff import Handoff
 
     harness = Harness(layout, FakeEngine(), engine_cfg=engine_cfg)
     handoff = harness.pipeline.handoff = Handoff()
     now = harness.clock.now
-    arrivals = [(f"f{i:02d}.txt", Identity.of(os.lstat(harness.drop(f"f{i:02d}.txt", b"x"))), now)
-                for i in range(40)]
-    assert handoff.offer("inbox", arrivals, settled=True) == []  # 16, 16 and 8
+    arrivals = [(f"f{i:03d}.txt", Identity.of(os.lstat(harness.drop(f"f{i:03d}.txt", b"x"))), now)
+                for i in range(140)]
+    assert handoff.offer("inbox", arrivals, settled=True) == []  # nine messages
     assert harness.pipeline.run_once(["inbox"]) == first_batch
     assert len(harness.journal.rows()) == first_batch
+    while handoff.take() is not None:  # the rest is found by a sweep
+        pass
+    harness.watcher.step()
+    assert harness.pipeline.run_once(["inbox"]) == 16
     handoff.close()
 
 
