@@ -67,13 +67,14 @@ def test_handed_arrivals_are_taken_with_the_rows_due_and_a_removed_watchs_droppe
 
 @pytest.mark.parametrize(("engine_cfg", "first_batch"), [
     ({}, 64),  # YARA: four messages a batch
+    ({"type": "clamav", "address": "127.0.0.1:9"}, 16),  # scans in clamd, several at once: one
     ({"type": "blazelock", "url": "http://127.0.0.1:9", "api_key": "k"}, 16),  # seconds a scan: one
 ])
-def test_a_batch_takes_four_handed_messages_unless_its_engine_is_remote(
+def test_a_batch_takes_four_handed_messages_when_its_engine_scans_in_process(
         layout: Layout, engine_cfg: dict[str, object], first_batch: int) -> None:
-    """A batch's own costs are shared by four times the files when the socket holds four
-    messages (daemon/pipeline/__init__.py, `_MESSAGES`); an HTTP engine's thread, which
-    scans its batch one file after another, takes one. A claim is 16 rows either way."""
+    """With YARA a batch's own costs are shared by four times the files when the socket holds
+    four messages (daemon/pipeline/__init__.py, `_MESSAGES`); a thread of clamd's or of an
+    HTTP engine takes one. A claim is 16 rows either way."""
     from daemon.fsutil import Identity
     from daemon.handoff import Handoff
 

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import structlog
 
-from daemon.config import Config, HttpEngineConfig, WatchConfig
+from daemon.config import Config, WatchConfig, YaraEngineConfig
 from daemon.engines.base import Engine
 from daemon.faults import pause
 from daemon.fsutil import DirCache
@@ -54,13 +54,15 @@ __all__ = ["Outcome", "Pipeline", "Reported", "uses_s3"]
 log = structlog.get_logger("scanwatch.pipeline")
 
 _BATCH = 16  # rows claimed at once
-# Handed messages a batch takes when the socket holds them, for a watch whose files take a
-# worker milliseconds each (a local source and no HTTP engine: `_fast`). A batch's own costs
-# (three transactions, each writing the pages its rows share, the destination folders'
-# fsyncs, a frame to the daemon) are then shared by up to 64 files, not 16: under the
-# journal's lock 0.051 -> 0.033 ms per file (bench/RESULTS.md, "Issue 21"). Claims stay at
-# 16: 64 drained a backlog present at start 0.88x as fast. Not for an HTTP engine, whose
-# thread scans its batch's files one after another, for seconds each.
+# Handed messages a batch takes when the socket holds them, for a local watch whose engines
+# scan in the worker's own process (YARA: `_in_process`), where a batch's own costs (three
+# transactions, each writing the pages its rows share, the destination folders' fsyncs, a
+# frame to the daemon) are a large part of a file's. They are then shared by up to 64 files,
+# not 16: under the journal's lock 0.051 -> 0.033 ms per file (bench/RESULTS.md, "Issue
+# 21"). Measured and left at one message: clamd (0.75 - 0.91x the files a second), whose
+# scans run several at a time in clamd; HTTP engines, whose thread scans a batch's files one
+# after another, for seconds each. Claims stay at 16 rows: 64 drained a backlog present at
+# start 0.88x as fast.
 _MESSAGES = 4
 # Workers per engine whose watches touch S3: an object costs 3-4 requests of a network
 # round trip each (docs/operations.md, "Throughput"), so I/O, not CPU, sets the pace.
@@ -101,8 +103,8 @@ class Pipeline:
         self._places = places  # Locations given from outside by URL (tests' fakes)
         self.handoff = handoff
         self._local = {w.name for w in config.watches if not is_s3(w.source)}  # handed arrivals
-        self._fast = {w.name for w in config.watches if w.name in self._local and not any(
-            isinstance(config.engines[e], HttpEngineConfig) for e in w.engines)}  # `_MESSAGES`
+        self._in_process = {w.name for w in config.watches if w.name in self._local and all(
+            isinstance(config.engines[e], YaraEngineConfig) for e in w.engines)}  # `_MESSAGES`
         self.staging = StagingDirs(config.state_dir)  # held open for the process's life
         outcomes = Outcomes(clock, policy or RetryPolicy())
         self.planner = Planner(config, outcomes)
@@ -219,7 +221,7 @@ class Pipeline:
 
     def _take(self, watches: list[str], now: float) -> list[FileRow]:
         """The next arrivals handed over (daemon/handoff.py), recorded as this worker's: one
-        message, or up to `_MESSAGES` of a `_fast` watch when the socket holds them."""
+        message, or up to `_MESSAGES` of an `_in_process` watch when the socket holds them."""
         if self.handoff is None or self._local.isdisjoint(watches):
             return []
         handed: dict[str, tuple[bool, list[Arrival]]] = {}  # watch -> all settled, arrivals
@@ -230,7 +232,7 @@ class Pipeline:
             watch, settled, arrivals = message
             was_settled, before = handed.get(watch, (True, []))
             handed[watch] = (was_settled and settled, before + arrivals)
-            if watch not in self._fast or watch not in watches:
+            if watch not in self._in_process or watch not in watches:
                 break
         if handed:
             pause("arrivals.taken")  # tests: a worker killed here had them only in memory
