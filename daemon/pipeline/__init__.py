@@ -16,6 +16,7 @@ the next one.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -24,7 +25,7 @@ from typing import Any, TypeVar
 
 import structlog
 
-from daemon.config import Config, WatchConfig, YaraEngineConfig
+from daemon.config import Config, WatchConfig
 from daemon.engines.base import Engine
 from daemon.faults import pause
 from daemon.fsutil import DirCache
@@ -54,16 +55,15 @@ __all__ = ["Outcome", "Pipeline", "Reported", "uses_s3"]
 log = structlog.get_logger("scanwatch.pipeline")
 
 _BATCH = 16  # rows claimed at once
-# Handed messages a batch takes when the socket holds them, for a local watch whose engines
-# scan in the worker's own process (YARA: `_in_process`), where a batch's own costs (three
-# transactions, each writing the pages its rows share, the destination folders' fsyncs, a
-# frame to the daemon) are a large part of a file's. They are then shared by up to 64 files,
-# not 16: under the journal's lock 0.051 -> 0.033 ms per file (bench/RESULTS.md, "Issue
-# 21"). Measured and left at one message: clamd (0.75 - 0.91x the files a second), whose
-# scans run several at a time in clamd; HTTP engines, whose thread scans a batch's files one
-# after another, for seconds each. Claims stay at 16 rows: 64 drained a backlog present at
-# start 0.88x as fast.
-_MESSAGES = 4
+# Handed messages (of up to 16 files) a batch takes when the socket holds them, by the type
+# of the watch's engine. A batch's own costs (three transactions, each writing the pages its
+# rows share, the destination folders' fsyncs, a frame to the daemon) are a large part of a
+# file's with YARA: shared by up to 64 files, under the journal's lock 0.051 -> 0.033 ms per
+# file. clamd, with several scans in flight per thread, went fastest with 32 (with 16 or 64,
+# 0.75 - 0.91x the files a second). An HTTP engine's thread scans a batch's files one after
+# another, for seconds each: one message (bench/RESULTS.md, "Issue 21"). Claims stay at 16
+# rows: 64 drained a backlog present at start 0.88x as fast with YARA.
+_MESSAGES = {"yara": 4, "clamav": 2}
 # Workers per engine whose watches touch S3: an object costs 3-4 requests of a network
 # round trip each (docs/operations.md, "Throughput"), so I/O, not CPU, sets the pace.
 # daemon/s3.py pools 64 connections per client: two such engines on one endpoint fit.
@@ -103,8 +103,8 @@ class Pipeline:
         self._places = places  # Locations given from outside by URL (tests' fakes)
         self.handoff = handoff
         self._local = {w.name for w in config.watches if not is_s3(w.source)}  # handed arrivals
-        self._in_process = {w.name for w in config.watches if w.name in self._local and all(
-            isinstance(config.engines[e], YaraEngineConfig) for e in w.engines)}  # `_MESSAGES`
+        self._messages = {w.name: min(_MESSAGES.get(config.engines[e].type, 1) for e in w.engines)
+                          for w in config.watches if w.name in self._local}
         self.staging = StagingDirs(config.state_dir)  # held open for the process's life
         outcomes = Outcomes(clock, policy or RetryPolicy())
         self.planner = Planner(config, outcomes)
@@ -221,18 +221,18 @@ class Pipeline:
 
     def _take(self, watches: list[str], now: float) -> list[FileRow]:
         """The next arrivals handed over (daemon/handoff.py), recorded as this worker's: one
-        message, or up to `_MESSAGES` of an `_in_process` watch when the socket holds them."""
+        message, or as many as its watch's engine takes (`_MESSAGES`) when the socket holds them."""
         if self.handoff is None or self._local.isdisjoint(watches):
             return []
         handed: dict[str, tuple[bool, list[Arrival]]] = {}  # watch -> all settled, arrivals
-        for _ in range(_MESSAGES):
+        for count in itertools.count(1):
             message = self.handoff.take()
             if message is None:
                 break
             watch, settled, arrivals = message
             was_settled, before = handed.get(watch, (True, []))
             handed[watch] = (was_settled and settled, before + arrivals)
-            if watch not in self._in_process or watch not in watches:
+            if watch not in watches or count >= self._messages[watch]:
                 break
         if handed:
             pause("arrivals.taken")  # tests: a worker killed here had them only in memory
