@@ -42,7 +42,7 @@ Arrival = tuple[str, Identity, float]
 # Per watch: how many arrivals, and when the earliest of them was found.
 OnWay = dict[str, tuple[int, float]]
 
-PER_MESSAGE = 16  # a worker's batch (daemon/pipeline/__init__.py)
+PER_MESSAGE = 16  # arrivals a message; a worker's batch takes one to four (daemon/pipeline/__init__.py)
 _MAX_MESSAGE = 1 << 16  # longer ones (very deep paths) go to the journal
 _SENT_MAX = 4096  # messages counted before those taken are dropped from the count
 

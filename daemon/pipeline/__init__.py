@@ -58,7 +58,7 @@ _BATCH = 16  # rows claimed at once
 # Handed messages (of up to 16 files) a batch takes when the socket holds them, by the type
 # of the watch's engine. A batch's own costs (three transactions, each writing the pages its
 # rows share, the destination folders' fsyncs, a frame to the daemon) are a large part of a
-# file's with YARA: shared by up to 64 files, under the journal's lock 0.051 -> 0.033 ms per
+# file's with YARA: shared by up to 64 files, under the journal's lock 0.062 -> 0.042 ms per
 # file. clamd, with several scans in flight per thread, went fastest with 32 (with 16 or 64,
 # 0.75 - 0.91x the files a second). An HTTP engine's thread scans a batch's files one after
 # another, for seconds each: one message (bench/RESULTS.md, "Issue 21"). Claims stay at 16
