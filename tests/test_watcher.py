@@ -219,11 +219,11 @@ def test_an_events_settled_arrivals_go_to_a_worker_and_wait_for_room_then_for_th
     """daemon/handoff.py: a settled plain file named by an event is handed over, whole with
     its identity, and costs no row; one held back (a symlink) is recorded as before. What the
     socket has no room for waits in the watcher, in order, ahead of later arrivals; what
-    finds no room for `_HOLD_S`, or past `_HOLD_MAX` waiting, is recorded as before."""
+    finds no room for `_HOLD_S`, or past `MAX_HELD` waiting, is recorded as before."""
     from daemon.fsutil import Identity
     from daemon.handoff import Handoff
     from daemon.model import FileState
-    from daemon.watchers import local
+    from daemon.watchers import held, local
 
     handoff = Handoff()
     watcher, journal, wake = _watcher(tmp_path, 0, handoff=handoff)
@@ -261,7 +261,7 @@ def test_an_events_settled_arrivals_go_to_a_worker_and_wait_for_room_then_for_th
 
     wake.clear()
     _fill(handoff)
-    monkeypatch.setattr(local, "_HOLD_MAX", 1)
+    monkeypatch.setattr(held, "MAX_HELD", 1)
     for name in ("e.bin", "f.bin"):  # f.bin: one held already
         (inbox / name).write_bytes(name.encode())
         watcher._add(str(inbox / name))

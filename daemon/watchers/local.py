@@ -11,7 +11,7 @@ workers are woken per chunk of discovery: a backlog present at start is claimed 
 start-up sweep goes on. An event's plain file is handed to a worker instead (daemon/handoff.py):
 settled, or when due if that is within `_HOLD_S`. It waits here till then, and for room in
 the socket if the workers are behind; what waits past `_HOLD_S` after it is due, or finds
-`_HOLD_MAX` waiting already, is recorded as above.
+`MAX_HELD` waiting already, is recorded as above (daemon/watchers/held.py).
 
 The root is opened with `O_NOFOLLOW | O_DIRECTORY` at every step and the tree is
 walked through descriptors (daemon/watchers/tree.py), so paths deeper than PATH_MAX
@@ -25,8 +25,6 @@ watched again and swept at once (docs/operations.md, "Watched folders that move"
 from __future__ import annotations
 
 import errno
-import heapq
-import math
 import os
 import stat
 import threading
@@ -43,6 +41,7 @@ from daemon.staging import IN_SOURCE
 from daemon.watchers import inotify
 from daemon.watchers.base import is_ignored, log_discovered, relative_path
 from daemon.watchers.fallback import ArrivalsHandler, ArrivalsObserver, ObservedWatch
+from daemon.watchers.held import HeldArrivals
 from daemon.watchers.tree import stat_below, walk
 
 __all__ = ["LocalWatcher", "RepeatFilter", "errno_reason"]
@@ -54,10 +53,8 @@ log = structlog.get_logger("scanwatch.watcher")
 _FLUSH_S = 0.02
 _CHUNK = 1000
 # An event's file that settles this soon waits here, not in the journal, to be handed to a
-# worker when due (daemon/handoff.py), and then at most as long again for room; at most so
-# many at once.
+# worker when due (daemon/handoff.py), and then at most as long again for room.
 _HOLD_S = 5.0
-_HOLD_MAX = 10_000
 _RELEASE_S = 0.005
 _ROOT_POLL_S = 1.0  # how soon a missing or unsafe root is looked at again
 _NOTE_S = 0.5  # how often the arrivals waiting here are counted (`_note`)
@@ -117,9 +114,7 @@ class LocalWatcher:
         self._root_problem: str | None = None
         self._skipped: dict[str, str] = {}  # subtrees reported as skipped: rel_dir -> reason
         self._errors = RepeatFilter(60.0, clock)
-        # rel_path -> when due, identity, when found, whether settled then
-        self._held: dict[str, tuple[float, Identity, float, bool]] = {}
-        self._held_due: list[tuple[float, str]] = []  # (due, rel_path): a heap, stale ones skipped
+        self._held = HeldArrivals()
         self._release_at = 0.0  # the next release, not sooner
         self.waiting: tuple[int, float] = (0, 0.0)  # held arrivals, the earliest found (`_note`)
         self._noted_at = 0.0
@@ -175,7 +170,7 @@ class LocalWatcher:
     def _idle_wait_s(self) -> float:
         # Held arrivals go in batches at most every `_RELEASE_S`: as they fall due one by one
         # in a burst, a message each would cost a transaction each.
-        held_due = max(self._held_due[0][0], self._release_at) if self._held_due else math.inf
+        held_due = max(self._held.next_due(), self._release_at)
         return min(max(min(self._next_rescan_at, held_due) - self.clock(), 0.0), _ROOT_POLL_S)
 
     def step(self) -> None:
@@ -201,7 +196,7 @@ class LocalWatcher:
     def _note(self, now: float) -> None:
         """Note how many arrivals wait here, and the earliest found, for the daemon's main
         thread to count (daemon/service.py)."""
-        self.waiting = (len(self._held), min((held[2] for held in self._held.values()), default=0.0))
+        self.waiting = (len(self._held), self._held.earliest_found())
         self._noted_at = now
 
     def _check_root(self, now: float) -> int | None:
@@ -228,7 +223,6 @@ class LocalWatcher:
         self._root_id = None
         self._disarm()
         self._held.clear()  # the sweep once it is back finds them
-        self._held_due.clear()
         unsafe = exc.errno in (errno.ELOOP, errno.ENOTDIR)
         problem = self._unsafe_kind() if unsafe else errno_reason(exc)
         if problem is None:  # replaced again since the open: the next look says by what
@@ -344,7 +338,7 @@ class LocalWatcher:
             handed = False
             if self._held:  # the journal has these from now on
                 for rel_path, _ in batch:
-                    self._held.pop(rel_path, None)
+                    self._held.drop(rel_path)
         added = self.journal.discover(self.watch.name, batch, now, seen,
                                       self.watch.settle_seconds) if batch else []
         batch.clear()
@@ -363,7 +357,7 @@ class LocalWatcher:
         settled: list[Arrival] = []
         rest: list[tuple[str, int]] = []
         for rel_path, inode in batch:
-            self._held.pop(rel_path, None)  # seen again: due from what it is now
+            self._held.drop(rel_path)  # seen again: due from what it is now
             identity = seen.get(rel_path)
             if identity is None:
                 rest.append((rel_path, inode))
@@ -372,25 +366,14 @@ class LocalWatcher:
             due = identity.settles_at(settle_s, now)
             if due <= now:
                 settled.append(arrival)
-            elif due > now + _HOLD_S or not self._hold(due, arrival, settled=False):
+            elif due > now + _HOLD_S or not self._held.hold(due, arrival, settled=False):
                 rest.append((rel_path, inode))
         # Behind those still waiting for room, if any.
-        left = settled if self._waiting(now) else self.handoff.offer(self.watch.name, settled, settled=True)
-        unheld = [arrival for arrival in left if not self._hold(now, arrival, settled=True)]
+        left = settled if self._held.is_due(now) else self.handoff.offer(self.watch.name, settled,
+                                                                           settled=True)
+        unheld = [arrival for arrival in left if not self._held.hold(now, arrival, settled=True)]
         batch[:] = rest + [(rel_path, identity.inode) for rel_path, identity, _ in unheld]
         return len(left) < len(settled)
-
-    def _hold(self, due: float, arrival: Arrival, *, settled: bool) -> bool:
-        """Keep `arrival` here until `due`, unless `_HOLD_MAX` are held already."""
-        if len(self._held) >= _HOLD_MAX:
-            return False
-        self._held[arrival[0]] = (due, arrival[1], arrival[2], settled)
-        heapq.heappush(self._held_due, (due, arrival[0]))
-        return True
-
-    def _waiting(self, now: float) -> bool:
-        """Whether an arrival is due and waits for room in the socket."""
-        return bool(self._held_due) and self._held_due[0][0] <= now
 
     def _release(self, now: float) -> None:
         """Hand the held arrivals now due to the workers, a message at a time while the socket
@@ -398,29 +381,21 @@ class LocalWatcher:
         have been when found (due then)."""
         late: list[Arrival] = []
         sent = False
-        while self._waiting(now):
+        while self._held.is_due(now):
             assert self.handoff is not None  # only arrivals it could take are held
-            chunk: list[tuple[float, Arrival, bool]] = []
-            while len(chunk) < PER_MESSAGE and self._waiting(now):
-                when, rel_path = heapq.heappop(self._held_due)
-                held = self._held.get(rel_path)
-                if held is None or held[0] != when:  # seen again since, due later
-                    continue
-                del self._held[rel_path]
-                if when < now - _HOLD_S:
-                    late.append((rel_path, held[1], held[2]))
-                else:
-                    chunk.append((when, (rel_path, held[1], held[2]), held[3]))
+            due = self._held.pop_due(now, PER_MESSAGE)
+            late += [arrival for when, arrival, _ in due if when < now - _HOLD_S]
+            chunk = [held for held in due if held[0] >= now - _HOLD_S]
             # Not all known settled: the worker looks once more at each.
             left = self.handoff.offer(self.watch.name, [arrival for _, arrival, _ in chunk],
                                       settled=all(settled for _, _, settled in chunk))
             sent = sent or len(left) < len(chunk)
             if left:  # no room: these are the first to go when there is
                 for when, arrival, settled in chunk[len(chunk) - len(left):]:
-                    self._hold(when, arrival, settled=settled)
+                    self._held.hold(when, arrival, settled=settled)
                 break
         # No room: the socket holds a few hundred milliseconds of the workers' work.
-        self._release_at = now + (_FLUSH_S if self._waiting(now) else _RELEASE_S)
+        self._release_at = now + (_FLUSH_S if self._held.is_due(now) else _RELEASE_S)
         if late:
             log_discovered(self.watch.name, self.journal.discover_found(
                 self.watch.name, late, self.watch.settle_seconds), "event")
