@@ -351,7 +351,7 @@ class LocalWatcher:
         """Hand an event's plain files to the workers (daemon/handoff.py): the settled ones now,
         or as soon as the socket has room for them; those that settle within `_HOLD_S` when
         they are due. Both wait here meanwhile (`_release`); `batch` keeps the rest, for the
-        journal. Whether any was handed or held."""
+        journal. Whether any was handed now."""
         assert self.handoff is not None
         settle_s = self.watch.settle_seconds
         settled: list[Arrival] = []
