@@ -15,7 +15,7 @@ from conftest import Daemon, Layout
 
 from daemon.fsutil import open_dir
 from daemon.naming import split_rel
-from daemon.watchers.local import RepeatFilter
+from daemon.watchers.base import RepeatFilter
 
 # Root without the capabilities that let it read any directory, so mode 000 really blocks.
 _WITHOUT_DAC = ("setpriv", "--bounding-set=-dac_override,-dac_read_search")

@@ -23,7 +23,7 @@ from daemon.locations import Locations
 from daemon.model import FileState
 from daemon.naming import split_rel
 from daemon.pipeline.outcome import Outcome, Outcomes
-from daemon.watchers.local import RepeatFilter, errno_reason
+from daemon.watchers.base import RepeatFilter, errno_reason
 
 __all__ = ["Settler", "needs_settling"]
 

@@ -9,18 +9,20 @@ lists the prefix into the queue (watchers/fleet.py).
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import functools
 import os
 import re
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import structlog
 
 from daemon.log import info_each
 
-__all__ = ["Watcher", "is_ignored", "log_discovered", "relative_path"]
+__all__ = ["RepeatFilter", "Watcher", "errno_reason", "is_ignored", "log_discovered", "relative_path"]
 
 log = structlog.get_logger("scanwatch.watcher")
 
@@ -79,3 +81,31 @@ def _globs(patterns: tuple[str, ...]) -> re.Pattern[str] | None:
     if not patterns:
         return None
     return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))
+
+
+def errno_reason(exc: OSError) -> str:
+    """An OSError's reason code as logged: its errno's name in lower case (`enoent`)."""
+    return errno.errorcode.get(exc.errno or 0, "unknown").lower()
+
+
+class RepeatFilter:
+    """Lets the first of a run of identical events through at once, then one per interval.
+
+    `admit(key)` returns None to hold an event back, or how many were held back
+    since the last one let through. Not thread-safe.
+    """
+
+    def __init__(self, interval_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._interval_s = interval_s
+        self._clock = clock
+        self._seen: dict[str, tuple[float, int]] = {}
+
+    def admit(self, key: str) -> int | None:
+        """None to hold this occurrence back, else the count held back before it."""
+        now = self._clock()
+        last = self._seen.get(key)
+        if last is not None and now - last[0] < self._interval_s:
+            self._seen[key] = (last[0], last[1] + 1)
+            return None
+        self._seen[key] = (now, 0)
+        return 0 if last is None else last[1]

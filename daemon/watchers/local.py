@@ -39,12 +39,12 @@ from daemon.handoff import PER_MESSAGE, Arrival, Handoff
 from daemon.journal import Journal
 from daemon.staging import IN_SOURCE
 from daemon.watchers import inotify
-from daemon.watchers.base import is_ignored, log_discovered, relative_path
+from daemon.watchers.base import RepeatFilter, errno_reason, is_ignored, log_discovered, relative_path
 from daemon.watchers.fallback import ArrivalsHandler, ArrivalsObserver, ObservedWatch
 from daemon.watchers.held import HeldArrivals
 from daemon.watchers.tree import stat_below, walk
 
-__all__ = ["LocalWatcher", "RepeatFilter", "errno_reason"]
+__all__ = ["LocalWatcher"]
 
 STAGING_PREFIX = IN_SOURCE + "/"
 
@@ -59,34 +59,6 @@ _RELEASE_S = 0.005
 _ROOT_POLL_S = 1.0  # how soon a missing or unsafe root is looked at again
 _NOTE_S = 0.5  # how often the arrivals waiting here are counted (`_note`)
 _ROOT_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-def errno_reason(exc: OSError) -> str:
-    """An OSError's reason code as logged: its errno's name in lower case (`enoent`)."""
-    return errno.errorcode.get(exc.errno or 0, "unknown").lower()
-
-
-class RepeatFilter:
-    """Lets the first of a run of identical events through at once, then one per interval.
-
-    `admit(key)` returns None to hold an event back, or how many were held back
-    since the last one let through. Not thread-safe.
-    """
-
-    def __init__(self, interval_s: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self._interval_s = interval_s
-        self._clock = clock
-        self._seen: dict[str, tuple[float, int]] = {}
-
-    def admit(self, key: str) -> int | None:
-        """None to hold this occurrence back, else the count held back before it."""
-        now = self._clock()
-        last = self._seen.get(key)
-        if last is not None and now - last[0] < self._interval_s:
-            self._seen[key] = (last[0], last[1] + 1)
-            return None
-        self._seen[key] = (now, 0)
-        return 0 if last is None else last[1]
 
 
 class LocalWatcher:
