@@ -35,7 +35,7 @@ import threading
 
 from daemon.fsutil import Identity
 
-__all__ = ["PER_MESSAGE", "Arrival", "Handoff", "OnWay"]
+__all__ = ["PER_MESSAGE", "Arrival", "Handoff", "OnWay", "add_on_way"]
 
 # An arrival: its rel_path, the identity its `lstat` found, and when (epoch seconds).
 Arrival = tuple[str, Identity, float]
@@ -45,6 +45,12 @@ OnWay = dict[str, tuple[int, float]]
 PER_MESSAGE = 16  # arrivals a message; a worker's batch takes one to four (daemon/pipeline/__init__.py)
 _MAX_MESSAGE = 1 << 16  # longer ones (very deep paths) go to the journal
 _SENT_MAX = 4096  # messages counted before those taken are dropped from the count
+
+
+def add_on_way(on_way: OnWay, watch: str, count: int, found_at: float) -> None:
+    """Count `count` more arrivals of `watch` on their way, the earliest found at `found_at`."""
+    before, earliest = on_way.get(watch, (0, found_at))
+    on_way[watch] = (before + count, min(earliest, found_at))
 
 
 class Handoff:
@@ -102,8 +108,7 @@ class Handoff:
         with self._lock:
             self._forget_taken()
             for _, watch, arrivals, found_at in self._sent:
-                count, earliest = counts.get(watch, (0, found_at))
-                counts[watch] = (count + arrivals, min(earliest, found_at))
+                add_on_way(counts, watch, arrivals, found_at)
         return counts
 
     def _forget_taken(self) -> None:

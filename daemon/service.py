@@ -17,7 +17,7 @@ from daemon.config import Config, load_config
 from daemon.engines import Engine, build_engines
 from daemon.engines.clamav import follow_clamd_threads
 from daemon.errors import ConfigError, EngineThrottledError, JournalDamagedError, ScanwatchError
-from daemon.handoff import Handoff
+from daemon.handoff import Handoff, add_on_way
 from daemon.journal import is_damage, open_journal, owner_token
 from daemon.journal.repair import hold_daemon_lock
 from daemon.locations.s3staging import reconcile as reconcile_staging
@@ -251,9 +251,7 @@ class Service:
         on_way = self.handoff.on_way()
         for watcher in self._running.watchers:
             if isinstance(watcher, LocalWatcher) and watcher.waiting[0]:
-                count, found_at = watcher.waiting
-                sent, earliest = on_way.get(watcher.watch.name, (0, found_at))
-                on_way[watcher.watch.name] = (sent + count, min(earliest, found_at))
+                add_on_way(on_way, watcher.watch.name, *watcher.waiting)
         if on_way or self._noted_on_way:
             self.journal.note_arriving(on_way, time.time())
         self._noted_on_way = bool(on_way)
