@@ -73,7 +73,7 @@ def test_handed_arrivals_are_taken_with_the_rows_due_and_a_removed_watchs_droppe
 def test_a_batch_takes_as_many_handed_messages_as_its_engine_goes_fastest_with(
         layout: Layout, engine_cfg: dict[str, object], first_batch: int) -> None:
     """A batch's own costs are shared by more files when the socket holds several messages
-    (daemon/pipeline/__init__.py, `_MESSAGES`): four with YARA, two with clamd; an HTTP
+    (daemon/pipeline/intake.py, `_MESSAGES`): four with YARA, two with clamd; an HTTP
     engine's thread, which scans its batch one file after another, takes one. A claim is
     16 rows whatever the engine."""
     from daemon.fsutil import Identity

@@ -3,7 +3,7 @@
 Each engine has `concurrency` worker threads (at least `_S3_WORKERS` when its watches
 read or write S3, with its calls still held to `concurrency` at once: those threads
 mostly wait on S3 requests, not on the engine). A worker claims a small batch of due rows,
-or records as its own the arrivals a watcher handed over (daemon/handoff.py), and carries
+or records as its own the arrivals a watcher handed over (`intake.Intake`), and carries
 it one step per journal transaction: scanned (`scanning.Scanner`, a local file
 settled first if it was not: `settling.Settler`; the verdict, with the destination
 `planning.Planner` chose for it, written before any move), then moved (`moving.Mover`: done).
@@ -16,7 +16,6 @@ the next one.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
 import time
@@ -27,9 +26,8 @@ import structlog
 
 from daemon.config import Config, WatchConfig
 from daemon.engines.base import Engine
-from daemon.faults import pause
 from daemon.fsutil import DirCache
-from daemon.handoff import Arrival, Handoff
+from daemon.handoff import Handoff
 from daemon.journal import FileRow, Journal, RowChanges
 from daemon.locations import Locations, Place
 from daemon.log import enabled, file_context
@@ -37,6 +35,7 @@ from daemon.model import FileState, Reason, Verdict, VerdictKind
 from daemon.pipeline.gate import SendingGate, gate
 from daemon.pipeline.health import EngineHealth
 from daemon.pipeline.inflight import IN_FLIGHT, Flight, Window
+from daemon.pipeline.intake import Intake
 from daemon.pipeline.moving import Mover
 from daemon.pipeline.outcome import Outcome, Outcomes
 from daemon.pipeline.planning import Planner
@@ -48,22 +47,12 @@ from daemon.s3client import S3Clients
 from daemon.s3url import is_s3
 from daemon.slots import EngineSlots
 from daemon.staging import StagingDirs
-from daemon.watchers.base import log_discovered
 
 __all__ = ["Outcome", "Pipeline", "Reported", "uses_s3"]
 
 log = structlog.get_logger("scanwatch.pipeline")
 
-_BATCH = 16  # rows claimed at once
-# Handed messages (of up to 16 files) a batch takes when the socket holds them, by the type
-# of the watch's engine. A batch's own costs (three transactions, each writing the pages its
-# rows share, the destination folders' fsyncs, a frame to the daemon) are a large part of a
-# file's with YARA: shared by up to 64 files, under the journal's lock 0.062 -> 0.042 ms per
-# file. clamd, with several scans in flight per thread, went fastest with 32 (with 16 or 64,
-# 0.75 - 0.91x the files a second). An HTTP engine's thread scans a batch's files one after
-# another, for seconds each: one message (bench/RESULTS.md, "Issue 21"). Claims stay at 16
-# rows: 64 drained a backlog present at start 0.88x as fast with YARA.
-_MESSAGES = {"yara": 4, "clamav": 2}
+_BATCH = 16  # rows claimed at once; handed arrivals: daemon/pipeline/intake.py
 # Workers per engine whose watches touch S3: an object costs 3-4 requests of a network
 # round trip each (docs/operations.md, "Throughput"), so I/O, not CPU, sets the pace.
 # daemon/s3.py pools 64 connections per client: two such engines on one endpoint fit.
@@ -102,9 +91,7 @@ class Pipeline:
         self.s3 = s3 or S3Clients()
         self._places = places  # Locations given from outside by URL (tests' fakes)
         self.handoff = handoff
-        self._local = {w.name for w in config.watches if not is_s3(w.source)}  # handed arrivals
-        self._messages = {w.name: min(_MESSAGES.get(config.engines[e].type, 1) for e in w.engines)
-                          for w in config.watches if w.name in self._local}
+        self._intake = Intake(config, journal, owner, self.wake)
         self.staging = StagingDirs(config.state_dir)  # held open for the process's life
         outcomes = Outcomes(clock, policy or RetryPolicy())
         self.planner = Planner(config, outcomes)
@@ -212,44 +199,12 @@ class Pipeline:
         """Take a batch of handed arrivals, or claim one of due rows (both, when rows are due
         while arrivals keep coming), and carry it as far as it goes; returns its size."""
         now = self.clock()
-        rows = self._take(watches, now)
+        rows = self._intake.take(self.handoff, watches, now) if self.handoff else []
         if not rows or ((due := self.journal.next_due_at(watches)) is not None and due <= now):
             rows += self.journal.claim(watches, self.owner, now, _BATCH)
         if rows:
             self.process(rows)
         return len(rows)
-
-    def _take(self, watches: list[str], now: float) -> list[FileRow]:
-        """The next arrivals handed over (daemon/handoff.py), recorded as this worker's: one
-        message, or as many as its watch's engine takes (`_MESSAGES`) when the socket holds them."""
-        if self.handoff is None or self._local.isdisjoint(watches):
-            return []
-        handed: dict[str, tuple[bool, list[Arrival]]] = {}  # watch -> all settled, arrivals
-        for count in itertools.count(1):
-            message = self.handoff.take()
-            if message is None:
-                break
-            watch, settled, arrivals = message
-            was_settled, before = handed.get(watch, (True, []))
-            handed[watch] = (was_settled and settled, before + arrivals)
-            if watch not in watches or count >= self._messages[watch]:
-                break
-        if handed:
-            pause("arrivals.taken")  # tests: a worker killed here had them only in memory
-        rows: list[FileRow] = []
-        for watch, (settled, arrivals) in handed.items():
-            if watch not in watches:  # another engine's watch (or one a reload removed): the journal
-                if any(w.name == watch for w in self.config.watches):
-                    added = self.journal.discover(watch, [(rel, i.inode) for rel, i, _ in arrivals], now)
-                    log_discovered(watch, added, "event")
-                    self.wake.set()
-                continue
-            taken, added = self.journal.take(watch, arrivals, self.owner, now, settled=settled)
-            log_discovered(watch, [row.rel_path for row in taken] + added, "event")
-            if added:
-                self.wake.set()
-            rows += taken
-        return rows
 
     # -- one batch ------------------------------------------------------------------------------
 
