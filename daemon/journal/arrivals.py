@@ -121,14 +121,15 @@ class Arrivals(Database):
         at afresh), in the same transaction. Returns the rows taken and the rel_paths that
         discovery added or revived (unclaimed): each of both a `file.discovered`.
         """
-        # Read before the writers' lock: a file placed meanwhile is found `gone`, as one removed is.
-        reader = self._conn()
-        taken = [(rel_path, identity.inode, (watch, path, "scanning", owner, 1, identity.dev, identity.inode,
-                                             identity.size, identity.mtime_ns, identity.ctime_ns,
-                                             found_at if settled else None, now, found_at, now))
-                 for rel_path, identity, found_at in arrivals
-                 if not _is_placed(reader, watch, path := os.fsencode(rel_path), identity)]
+        made = [(rel_path, identity, (watch, os.fsencode(rel_path), "scanning", owner, 1, identity.dev,
+                                      identity.inode, identity.size, identity.mtime_ns, identity.ctime_ns,
+                                      found_at if settled else None, now, found_at, now))
+                for rel_path, identity, found_at in arrivals]
         with self._tx() as conn:
+            # Under the writers' lock: read before it, a file that `scan --move` placed between
+            # the read and the insert was recorded again (and found `gone`).
+            taken = [(rel_path, identity.inode, row) for rel_path, identity, row in made
+                     if not _is_placed(conn, watch, row[1], identity)]
             # Not `RETURNING *`, which costs more than the insert (bench/RESULTS.md, "Issue 21"):
             # the rows are made from what was inserted.
             ids = [cursor.lastrowid if (cursor := conn.execute(_TAKE, values)).rowcount else None
