@@ -114,16 +114,24 @@ def test_take_leaves_a_path_already_active_to_discover(tmp_path: Path) -> None:
 
 def test_take_leaves_out_a_file_placed_already(tmp_path: Path) -> None:
     """An event seen late, or an arrival `scan --move` took meanwhile: this very file (path,
-    inode and times) has a done row, so it is not recorded again (to be found `gone`); the
-    same name with other times is a new arrival."""
+    inode and times) has a done row, so it is not recorded again (to be found `gone`); nor is
+    a sighting of it from before that row was found (with `settle_seconds: 0`, its creation's
+    event, with other times, handed before its close's); the same name with other times, seen
+    after, is a new arrival."""
     journal = _journal(tmp_path)
     identity = Identity(5, 1, 10, 1_000, 2_000)
     [row], _ = journal.take("w", [("a.txt", identity, 1.0)], "me:1", 1.0, settled=True)
     journal.apply([(row.id, {"state": FileState.DONE, "owner": None})])
     assert journal.take("w", [("a.txt", identity, 2.0)], "me:1", 2.0, settled=False) == ([], [])
+    while_written = Identity(5, 1, 0, 900, 900)
+    assert journal.take("w", [("a.txt", while_written, 0.9)], "me:1", 2.0, settled=True) == ([], [])
     newer = Identity(5, 1, 10, 1_000, 3_000)
     [again], _ = journal.take("w", [("a.txt", newer, 3.0)], "me:1", 3.0, settled=False)
     assert again.identity == newer and len(journal.rows()) == 2
+    journal.apply([(again.id, {"state": FileState.DONE, "owner": None})])
+    another_file = Identity(5, 2, 0, 900, 900)
+    [other], _ = journal.take("w", [("a.txt", another_file, 0.9)], "me:1", 4.0, settled=True)
+    assert other.identity == another_file and len(journal.rows()) == 3
 
 
 def test_claims_are_exclusive_and_due_only(tmp_path: Path) -> None:

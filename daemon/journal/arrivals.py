@@ -38,10 +38,11 @@ _TAKE_COLUMNS = ("watch", "rel_path", "state", "owner", "attempts", "dev", "inod
                  "ctime_ns", "stable_at", "next_attempt_at", "discovered_at", "updated_at")
 _TAKE = (f"INSERT INTO files ({', '.join(_TAKE_COLUMNS)}) VALUES ({','.join('?' * len(_TAKE_COLUMNS))})"
          f" ON CONFLICT (watch, rel_path) WHERE {_ACTIVE} DO NOTHING")
-# This very file (path, inode and times) placed already. `+state`: the path's own rows
-# (`files_seen`), never every finished row of the watch.
-_PLACED = ("SELECT 1 FROM files WHERE watch = ? AND rel_path = ? AND inode = ? AND mtime_ns = ?"
-           " AND ctime_ns = ? AND +state = 'done' LIMIT 1")
+# This very file placed already: a done row of its path and inode that has its times, or
+# that was found after it (a later sighting of the file, placed first). `+state`: the path's
+# own rows (`files_seen`), never every finished row of the watch.
+_PLACED = ("SELECT 1 FROM files WHERE watch = ? AND rel_path = ? AND inode = ? AND +state = 'done'"
+           " AND (discovered_at >= ? OR (mtime_ns = ? AND ctime_ns = ?)) LIMIT 1")
 
 
 # The daemon notes what is on its way every second (daemon/service.py); a note older than this
@@ -49,10 +50,13 @@ _PLACED = ("SELECT 1 FROM files WHERE watch = ? AND rel_path = ? AND inode = ? A
 _ON_WAY_FRESH_S = 5.0
 
 
-def _is_placed(conn: sqlite3.Connection, watch: str, path: bytes, identity: Identity) -> bool:
-    """Whether this very file was placed already: an event seen late, or an arrival that
-    `scan --move` took meanwhile (`Journal.take`)."""
-    return conn.execute(_PLACED, (watch, path, identity.inode, identity.mtime_ns,
+def _is_placed(conn: sqlite3.Connection, watch: str, path: bytes, identity: Identity,
+               found_at: float) -> bool:
+    """Whether this very file was placed already (`Journal.take`): an arrival that `scan
+    --move` took meanwhile, or an event seen late. With `settle_seconds: 0` a file seen while
+    it was written (its creation's event) and seen again once written (its close's) is handed
+    twice, with other times: the later sighting may be placed before a worker takes the first."""
+    return conn.execute(_PLACED, (watch, path, identity.inode, found_at, identity.mtime_ns,
                                   identity.ctime_ns)).fetchone() is not None
 
 
@@ -121,15 +125,16 @@ class Arrivals(Database):
         at afresh), in the same transaction. Returns the rows taken and the rel_paths that
         discovery added or revived (unclaimed): each of both a `file.discovered`.
         """
-        made = [(rel_path, identity, (watch, os.fsencode(rel_path), "scanning", owner, 1, identity.dev,
-                                      identity.inode, identity.size, identity.mtime_ns, identity.ctime_ns,
-                                      found_at if settled else None, now, found_at, now))
+        made = [(rel_path, identity, found_at,
+                 (watch, os.fsencode(rel_path), "scanning", owner, 1, identity.dev, identity.inode,
+                  identity.size, identity.mtime_ns, identity.ctime_ns, found_at if settled else None,
+                  now, found_at, now))
                 for rel_path, identity, found_at in arrivals]
         with self._tx() as conn:
             # Under the writers' lock: read before it, a file that `scan --move` placed between
             # the read and the insert was recorded again (and found `gone`).
-            taken = [(rel_path, identity.inode, row) for rel_path, identity, row in made
-                     if not _is_placed(conn, watch, row[1], identity)]
+            taken = [(rel_path, identity.inode, row) for rel_path, identity, found_at, row in made
+                     if not _is_placed(conn, watch, row[1], identity, found_at)]
             # Not `RETURNING *`, which costs more than the insert (bench/RESULTS.md, "Issue 21"):
             # the rows are made from what was inserted.
             ids = [cursor.lastrowid if (cursor := conn.execute(_TAKE, values)).rowcount else None
