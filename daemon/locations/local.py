@@ -60,6 +60,7 @@ class LocalLocation:
         self.url = root
         self._dirs = dirs
         self._stagings = staging
+        self._renamed: set[int] = set()  # file ids whose staged file `place` renamed away
 
     def name(self, rel_path: str) -> str:
         return os.path.join(self.url, rel_path)
@@ -142,6 +143,15 @@ class LocalLocation:
             self._snapshot_again(req, staging)
         return staging, snap_name(req.file_id)
 
+    def place(self, req: MoveRequest, dest_dir: int, dest_name: str) -> None:
+        """Put the staged file of `req` (`hand_over`) at `dest_name` in `dest_dir`, a local
+        destination: by a rename, which leaves nothing of it in staging for `remove` to
+        look for (a lookup of a name no longer there waits for the lock of a directory that
+        every worker writes)."""
+        staging, name = self.hand_over(req)
+        place_staged(staging, name, dest_dir, dest_name, req.file_id, private=req.private)
+        self._renamed.add(req.file_id)
+
     def _snapshot_again(self, req: MoveRequest, staging: Staging) -> None:
         """A lost snapshot, made again from the original: only if it has the scanned bytes."""
         dir_fd, base = self._dir(req.rel_path)
@@ -171,7 +181,7 @@ class LocalLocation:
         pause("move.before_capture")
         try:
             rename_noreplace(dir_fd, base, staging.fd, orig_name(req.file_id))
-        except FileNotFoundError:
+        except (FileNotFoundError, FileExistsError):  # gone, or captured before a cut-off move
             return False
         except OSError as exc:
             if exc.errno in _DENIED:
@@ -188,19 +198,22 @@ class LocalLocation:
         """Once the snapshot is placed: the original goes only if it still has the snapshot's
         bytes, else it goes back into the source as a new arrival (docs/integrity.md)."""
         staging = self.staging()
-        staging.discard(snap_name(req.file_id))  # a copy was placed (S3), or it was renamed away
+        if req.file_id in self._renamed:
+            self._renamed.discard(req.file_id)
+        else:  # a copy was placed (S3), or a move cut off is finished
+            staging.discard(snap_name(req.file_id))
         if req.sha256 is None:
             staging.unlink(orig_name(req.file_id))
             return
-        if not staging.exists(orig_name(req.file_id)):
-            try:
-                if not self._capture(req, staging):
-                    return  # gone, moved by a rename, or another file: nothing of ours to remove
-            except UnsafePathError as exc:  # e.g. a sticky folder: its next row is held for it
-                log.warning("file.original_kept", file_id=req.file_id, rel_path=req.rel_path,
-                            reason=exc.reason, detail=str(exc))
-                return
-            pause("move.captured")
+        # Captured now, as a rule; else captured before a move was cut off (opened below), or
+        # gone, moved by a rename, or another file: nothing of ours to remove.
+        try:
+            if self._capture(req, staging):
+                pause("move.captured")
+        except UnsafePathError as exc:  # e.g. a sticky folder: its next row is held for it
+            log.warning("file.original_kept", file_id=req.file_id, rel_path=req.rel_path,
+                        reason=exc.reason, detail=str(exc))
+            return
         fd = staging.open(orig_name(req.file_id))
         if fd is None:
             return
@@ -251,8 +264,7 @@ class LocalLocation:
     def receive(self, req: MoveRequest, source: Source) -> bool:
         dest_dir, dest_name = self._dir(req.dest_rel, private=req.private)
         if isinstance(source, LocalLocation):
-            staging, name = source.hand_over(req)
-            place_staged(staging, name, dest_dir, dest_name, req.file_id, private=req.private)
+            source.place(req, dest_dir, dest_name)
             # Durable before the move is journaled done: once per batch (the pipeline).
             self._dirs.changed(dest_dir)
             return False
