@@ -125,13 +125,17 @@ def test_take_leaves_out_a_file_placed_already(tmp_path: Path) -> None:
     assert journal.take("w", [("a.txt", identity, 2.0)], "me:1", 2.0, settled=False) == ([], [])
     while_written = Identity(5, 1, 0, 900, 900)
     assert journal.take("w", [("a.txt", while_written, 0.9)], "me:1", 2.0, settled=True) == ([], [])
+    [b], _ = journal.take("w", [("a.txt", identity, 2.0), ("b.txt", Identity(5, 9, 1, 1, 1), 2.0)],
+                          "me:1", 2.0, settled=True)  # of a take's arrivals, the placed one left out
+    assert b.rel_path == "b.txt"
+    journal.apply([(b.id, {"state": FileState.DONE, "owner": None})])
     newer = Identity(5, 1, 10, 1_000, 3_000)
     [again], _ = journal.take("w", [("a.txt", newer, 3.0)], "me:1", 3.0, settled=False)
-    assert again.identity == newer and len(journal.rows()) == 2
+    assert again.identity == newer and len(journal.rows()) == 3
     journal.apply([(again.id, {"state": FileState.DONE, "owner": None})])
     another_file = Identity(5, 2, 0, 900, 900)
     [other], _ = journal.take("w", [("a.txt", another_file, 0.9)], "me:1", 4.0, settled=True)
-    assert other.identity == another_file and len(journal.rows()) == 3
+    assert other.identity == another_file and len(journal.rows()) == 4
 
 
 def test_claims_are_exclusive_and_due_only(tmp_path: Path) -> None:

@@ -38,11 +38,17 @@ _TAKE_COLUMNS = ("watch", "rel_path", "state", "owner", "attempts", "dev", "inod
                  "ctime_ns", "stable_at", "next_attempt_at", "discovered_at", "updated_at")
 _TAKE = (f"INSERT INTO files ({', '.join(_TAKE_COLUMNS)}) VALUES ({','.join('?' * len(_TAKE_COLUMNS))})"
          f" ON CONFLICT (watch, rel_path) WHERE {_ACTIVE} DO NOTHING")
-# This very file placed already: a done row of its path and inode that has its times, or
-# that was found after it (a later sighting of the file, placed first). `+state`: the path's
-# own rows (`files_seen`), never every finished row of the watch.
-_PLACED = ("SELECT 1 FROM files WHERE watch = ? AND rel_path = ? AND inode = ? AND +state = 'done'"
-           " AND (discovered_at >= ? OR (mtime_ns = ? AND ctime_ns = ?)) LIMIT 1")
+# Which of a take's arrivals (`a`, numbered) were placed already: one statement a take, not
+# one an arrival. This very file placed is a done row of its path and inode that has its
+# times (an arrival that `scan --move` took meanwhile, an event seen late), or that was found
+# after it (with `settle_seconds: 0` a file seen while it was written, its creation's event,
+# and seen again once written, its close's, is handed twice, with other times: the later
+# sighting may be placed before a worker takes the first). `+state`: the paths' own rows
+# (`files_seen`), never every finished row of the watch.
+_PLACED = ("WITH a (n, path, inode, found_at, mtime_ns, ctime_ns) AS (VALUES {})"
+           " SELECT n FROM a WHERE EXISTS (SELECT 1 FROM files WHERE watch = ? AND rel_path = a.path"
+           " AND inode = a.inode AND +state = 'done' AND (discovered_at >= a.found_at"
+           " OR (mtime_ns = a.mtime_ns AND ctime_ns = a.ctime_ns)))")
 
 
 # The daemon notes what is on its way every second (daemon/service.py); a note older than this
@@ -50,14 +56,12 @@ _PLACED = ("SELECT 1 FROM files WHERE watch = ? AND rel_path = ? AND inode = ? A
 _ON_WAY_FRESH_S = 5.0
 
 
-def _is_placed(conn: sqlite3.Connection, watch: str, path: bytes, identity: Identity,
-               found_at: float) -> bool:
-    """Whether this very file was placed already (`Journal.take`): an arrival that `scan
-    --move` took meanwhile, or an event seen late. With `settle_seconds: 0` a file seen while
-    it was written (its creation's event) and seen again once written (its close's) is handed
-    twice, with other times: the later sighting may be placed before a worker takes the first."""
-    return conn.execute(_PLACED, (watch, path, identity.inode, found_at, identity.mtime_ns,
-                                  identity.ctime_ns)).fetchone() is not None
+def _placed(conn: sqlite3.Connection, watch: str, arrivals: list[tuple[bytes, Identity, float]]) -> set[int]:
+    """The indexes in `arrivals` (path, identity, found_at) of the files placed already."""
+    values = [v for n, (path, identity, found_at) in enumerate(arrivals)
+              for v in (n, path, identity.inode, found_at, identity.mtime_ns, identity.ctime_ns)]
+    sql = _PLACED.format(",".join(["(?,?,?,?,?,?)"] * len(arrivals)))
+    return {n for (n,) in conn.execute(sql, (*values, watch))}
 
 
 def _discover(conn: sqlite3.Connection, params: list[tuple[str, tuple[object, ...]]]) -> list[str]:
@@ -133,8 +137,9 @@ class Arrivals(Database):
         with self._tx() as conn:
             # Under the writers' lock: read before it, a file that `scan --move` placed between
             # the read and the insert was recorded again (and found `gone`).
-            taken = [(rel_path, identity.inode, row) for rel_path, identity, found_at, row in made
-                     if not _is_placed(conn, watch, row[1], identity, found_at)]
+            placed = _placed(conn, watch, [(row[1], identity, at) for _, identity, at, row in made])
+            taken = [(rel_path, identity.inode, row) for n, (rel_path, identity, _, row) in enumerate(made)
+                     if n not in placed]
             # Not `RETURNING *`, which costs more than the insert (bench/RESULTS.md, "Issue 21"):
             # the rows are made from what was inserted.
             ids = [cursor.lastrowid if (cursor := conn.execute(_TAKE, values)).rowcount else None
