@@ -123,6 +123,7 @@ def test_take_leaves_out_a_file_placed_already(tmp_path: Path) -> None:
     [row], _ = journal.take("w", [("a.txt", identity, 1.0)], "me:1", 1.0, settled=True)
     journal.apply([(row.id, {"state": FileState.DONE, "owner": None})])
     assert journal.take("w", [("a.txt", identity, 2.0)], "me:1", 2.0, settled=False) == ([], [])
+    assert journal.take("w", [], "me:1", 2.0, settled=True) == ([], [])
     while_written = Identity(5, 1, 0, 900, 900)
     assert journal.take("w", [("a.txt", while_written, 0.9)], "me:1", 2.0, settled=True) == ([], [])
     [b], _ = journal.take("w", [("a.txt", identity, 2.0), ("b.txt", Identity(5, 9, 1, 1, 1), 2.0)],

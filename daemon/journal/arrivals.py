@@ -58,6 +58,8 @@ _ON_WAY_FRESH_S = 5.0
 
 def _placed(conn: sqlite3.Connection, watch: str, arrivals: list[tuple[bytes, Identity, float]]) -> set[int]:
     """The indexes in `arrivals` (path, identity, found_at) of the files placed already."""
+    if not arrivals:
+        return set()
     values = [v for n, (path, identity, found_at) in enumerate(arrivals)
               for v in (n, path, identity.inode, found_at, identity.mtime_ns, identity.ctime_ns)]
     sql = _PLACED.format(",".join(["(?,?,?,?,?,?)"] * len(arrivals)))
