@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from conftest import EICAR, ROOT, Daemon, Layout
-from test_integrity import assert_clean_was_scanned
+from test_integrity import Pauses, assert_clean_was_scanned
 
 from daemon.journal import Journal
 from daemon.model import FileState
@@ -148,3 +148,28 @@ def test_a_folder_the_daemon_may_not_write_holds_its_files_reported_once(
     assert daemon.stop() == 0
     assert len(daemon.named("file.skipped")) == 1
     _nothing_left(drop)
+
+
+def test_a_folder_taken_back_after_the_scan_keeps_the_original_reported_once(
+        drop: Layout, daemon_factory: Callable[..., Daemon], tmp_path: Path) -> None:
+    """docs/integrity.md: a capture refused after the scan's check (the uploader took back
+    the daemon's write access to its folder) keeps the original, reported once
+    (`file.original_kept`); the snapshot is placed, and the original's next row is held."""
+    pauses = Pauses(tmp_path / "pauses")
+    own = drop.inbox / "up"
+    subprocess.run([*_AS_NOBODY, "mkdir", "-m", "0777", str(own)], check=True)
+    daemon = daemon_factory(drop.write_config(watch={"rescan_interval": 0.3}), pauses.env("move.start"),
+                            wrapper=_WITHOUT_DAC)
+    daemon.wait_started()
+    subprocess.run([*_AS_NOBODY, "cp", str(ROOT / "samples" / "hello.txt"), str(own / "a.txt")], check=True)
+    pauses.reached(daemon, "move.start")  # scanned, its folder found writable
+    subprocess.run([*_AS_NOBODY, "chmod", "0755", str(own)], check=True)
+    pauses.go("move.start")
+    daemon.wait_for(lambda: daemon.named("file.skipped"), what="the original's next row held")
+    assert daemon.stop() == 0
+    [kept] = daemon.named("file.original_kept")
+    assert (kept["rel_path"], kept["reason"]) == ("up/a.txt", "permission_denied")
+    assert drop.placed("clean") == ["up/a.txt"]
+    assert (own / "a.txt").read_bytes() == (drop.clean / "up" / "a.txt").read_bytes()
+    assert [s["rel_path"] for s in daemon.named("file.skipped")] == ["up/a.txt"]
+    assert list((drop.state / "staging").iterdir()) == []
