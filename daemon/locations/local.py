@@ -206,14 +206,13 @@ class LocalLocation:
             staging.unlink(orig_name(req.file_id))
             return
         # Captured now, as a rule; else captured before a move was cut off (opened below), or
-        # gone, moved by a rename, or another file: nothing of ours to remove.
+        # gone, moved by a rename, another file, or not ours to take: nothing to remove.
         try:
             if self._capture(req, staging):
                 pause("move.captured")
         except UnsafePathError as exc:  # e.g. a sticky folder: its next row is held for it
             log.warning("file.original_kept", file_id=req.file_id, rel_path=req.rel_path,
                         reason=exc.reason, detail=str(exc))
-            return
         fd = staging.open(orig_name(req.file_id))
         if fd is None:
             return
