@@ -60,7 +60,7 @@ class LocalLocation:
         self.url = root
         self._dirs = dirs
         self._stagings = staging
-        self._renamed: set[int] = set()  # file ids whose staged file `place` renamed away
+        self._renamed: set[str] = set()  # names in staging that `place` renamed away
 
     def name(self, rel_path: str) -> str:
         return os.path.join(self.url, rel_path)
@@ -150,7 +150,7 @@ class LocalLocation:
         every worker writes)."""
         staging, name = self.hand_over(req)
         place_staged(staging, name, dest_dir, dest_name, req.file_id, private=req.private)
-        self._renamed.add(req.file_id)
+        self._renamed.add(name)
 
     def _snapshot_again(self, req: MoveRequest, staging: Staging) -> None:
         """A lost snapshot, made again from the original: only if it has the scanned bytes."""
@@ -198,12 +198,12 @@ class LocalLocation:
         """Once the snapshot is placed: the original goes only if it still has the snapshot's
         bytes, else it goes back into the source as a new arrival (docs/integrity.md)."""
         staging = self.staging()
-        if req.file_id in self._renamed:
-            self._renamed.discard(req.file_id)
-        else:  # a copy was placed (S3), or a move cut off is finished
-            staging.discard(snap_name(req.file_id))
-        if req.sha256 is None:
-            staging.unlink(orig_name(req.file_id))
+        snap, orig = snap_name(req.file_id), orig_name(req.file_id)
+        if not self._gone(snap):  # a copy was placed (S3), or a move cut off is finished
+            staging.discard(snap)
+        if req.sha256 is None:  # never read: the original itself was placed
+            if not self._gone(orig):
+                staging.unlink(orig)
             return
         # Captured now, as a rule; else captured before a move was cut off (opened below), or
         # gone, moved by a rename, another file, or not ours to take: nothing to remove.
@@ -213,13 +213,20 @@ class LocalLocation:
         except UnsafePathError as exc:  # e.g. a sticky folder: its next row is held for it
             log.warning("file.original_kept", file_id=req.file_id, rel_path=req.rel_path,
                         reason=exc.reason, detail=str(exc))
-        fd = staging.open(orig_name(req.file_id))
+        fd = staging.open(orig)
         if fd is None:
             return
         try:
             self._settle(req, staging, fd)
         finally:
             os.close(fd)
+
+    def _gone(self, name: str) -> bool:
+        """Whether `place` renamed `name` out of staging (forgotten once asked)."""
+        if name not in self._renamed:
+            return False
+        self._renamed.discard(name)
+        return True
 
     def _settle(self, req: MoveRequest, staging: Staging, fd: int) -> None:
         """Unlink the captured original `fd` if it is the scanned inode with the scanned bytes."""
