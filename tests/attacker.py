@@ -10,6 +10,10 @@ prints one JSON line of what it did. Each mode is an attack of docs/integrity.md
 - `opath PATH WAIT_FOR EICAR`: writes a harmless file and keeps only an O_PATH descriptor;
   once WAIT_FOR exists (the file promoted), reopens /proc/self/fd/N to append EICAR and
   linkat()s it back into the drop folder.
+- `mapped PATH SECONDS EICAR`: writes a harmless file the size of EICAR, maps it shared and
+  writable, and closes its descriptor: the mapping is all it keeps. For SECONDS it flips the
+  bytes between harmless and EICAR through memory (no system call, no inotify event),
+  whatever name the inode has by then; then leaves EICAR in it.
 - `strand DIR EICAR`: writes DIR/sub/a.txt and keeps its write descriptor; when the daemon
   renames it away (IN_MOVED_FROM), writes EICAR through it and removes sub/.
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import mmap
 import os
 import select
 import struct
@@ -120,6 +125,28 @@ def opath(path: str, wait_for: str, eicar_path: str) -> dict[str, object]:
     return result
 
 
+def mapped(path: str, seconds: str, eicar_path: str) -> dict[str, object]:
+    with open(eicar_path, "rb") as f:
+        eicar = f.read()
+    harmless = b"h" * len(eicar)
+    fd = os.open(path + ".part", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    os.write(fd, harmless)
+    inode = os.fstat(fd).st_ino
+    with mmap.mmap(fd, len(eicar), mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as shared:
+        os.close(fd)
+        os.rename(path + ".part", path)
+        flips = 0
+        deadline = time.monotonic() + float(seconds)
+        while time.monotonic() < deadline:
+            for _ in range(1000):
+                shared[:] = eicar
+                shared[:] = harmless
+            flips += 1000
+        shared[:] = eicar
+        shared.flush()
+    return {"inode": inode, "flips": flips}
+
+
 def strand(folder: str, eicar_path: str) -> dict[str, object]:
     with open(eicar_path, "rb") as f:
         eicar = f.read()
@@ -147,4 +174,5 @@ def strand(folder: str, eicar_path: str) -> dict[str, object]:
 
 if __name__ == "__main__":
     mode, *args = sys.argv[1:]
-    print(json.dumps({"flip": flip, "opath": opath, "strand": strand}[mode](*args)), flush=True)
+    modes = {"flip": flip, "mapped": mapped, "opath": opath, "strand": strand}
+    print(json.dumps(modes[mode](*args)), flush=True)

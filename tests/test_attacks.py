@@ -112,6 +112,29 @@ def test_an_o_path_descriptor_cannot_reach_the_promoted_file(
     _nothing_left(drop)
 
 
+def test_a_shared_mapping_flipping_the_bytes_reaches_neither_clean_nor_the_promoted_file(
+        drop: Layout, daemon_factory: Callable[..., Daemon]) -> None:
+    """docs/integrity.md: an uploader who keeps only a shared writable mapping flips the bytes
+    between harmless and EICAR through memory while the daemon reads (no system call, no
+    time stamp that moves), then leaves EICAR in it. Whatever each snapshot caught is what
+    was scanned and placed; a changed original goes round again; clean never holds EICAR
+    nor the uploader's inode."""
+    daemon = _start(drop, daemon_factory, settle_seconds=0)
+    result = _result(_attacker("mapped", str(drop.inbox / "a.txt"), "2", EICAR_PATH))
+    assert result["flips"], result
+    daemon.wait_for(lambda: not [p for p in drop.inbox.rglob("*") if p.is_file()] and _all_done(drop),
+                    timeout=30, what="the inbox emptied and every row settled")
+    assert daemon.stop() == 0
+    placed = drop.placed("clean") + drop.placed("quarantine")
+    assert placed, daemon.named("file.moved")
+    for name in drop.placed("clean"):
+        st = (drop.clean / name).stat()
+        assert (st.st_uid, st.st_nlink) == (os.geteuid(), 1)
+        assert st.st_ino != result["inode"]
+    assert_clean_was_scanned(drop, daemon)
+    _nothing_left(drop)
+
+
 def test_a_write_after_the_capture_and_a_removed_folder_strand_nothing(
         drop: Layout, daemon_factory: Callable[..., Daemon]) -> None:
     daemon = _start(drop, daemon_factory)
