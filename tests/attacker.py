@@ -14,6 +14,11 @@ prints one JSON line of what it did. Each mode is an attack of docs/integrity.md
   writable, and closes its descriptor: the mapping is all it keeps. For SECONDS it flips the
   bytes between harmless and EICAR through memory (no system call, no inotify event),
   whatever name the inode has by then; then leaves EICAR in it.
+- `race PATH ATTACK SPARE EICAR`: writes a harmless 4 MiB file at PATH (its folder made
+  first) and, the instant the daemon opens it (IN_OPEN), plays ATTACK: `replace` renames
+  SPARE (EICAR, written beforehand) over PATH; `symlink` moves PATH's folder aside and puts
+  a symlink to the folder SPARE in its place; `hardlink` links the file to SPARE, waits (up
+  to 5 s) for the daemon to take PATH away, then writes EICAR through SPARE.
 - `strand DIR EICAR`: writes DIR/sub/a.txt and keeps its write descriptor; when the daemon
   renames it away (IN_MOVED_FROM), writes EICAR through it and removes sub/.
 """
@@ -30,6 +35,7 @@ import sys
 import time
 
 IN_ACCESS = 0x001
+IN_OPEN = 0x020
 IN_CLOSE_NOWRITE = 0x010
 IN_MOVED_FROM = 0x040
 IN_DELETE_SELF = 0x400
@@ -147,6 +153,46 @@ def mapped(path: str, seconds: str, eicar_path: str) -> dict[str, object]:
     return {"inode": inode, "flips": flips}
 
 
+def _names(path: str, inode: int) -> bool:
+    try:
+        return os.lstat(path).st_ino == inode
+    except FileNotFoundError:
+        return False
+
+
+def race(path: str, attack: str, spare: str, eicar_path: str) -> dict[str, object]:
+    with open(eicar_path, "rb") as f:
+        eicar = f.read()
+    folder = os.path.dirname(path)
+    os.mkdir(folder, 0o777)
+    os.chmod(folder, 0o777)
+    if attack == "replace":
+        with open(spare, "wb") as f:
+            f.write(eicar)
+    with open(path + ".part", "wb") as f:
+        f.write(b"harmless " * (1 << 19))
+    inode = os.stat(path + ".part").st_ino
+    watch = Inotify(path + ".part", IN_OPEN)
+    os.rename(path + ".part", path)
+    deadline = time.monotonic() + 60
+    while not watch.events(0.5):
+        if time.monotonic() > deadline:
+            return {"opened": False}
+    if attack == "replace":
+        os.rename(spare, path)
+    elif attack == "symlink":
+        os.rename(folder, folder + ".old")
+        os.symlink(spare, folder)
+    else:
+        os.link(path, spare)
+        deadline = time.monotonic() + 5  # a link seen before the snapshot: left in place
+        while _names(path, inode) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with open(spare, "r+b") as f:
+            f.write(eicar)
+    return {"opened": True, "inode": inode}
+
+
 def strand(folder: str, eicar_path: str) -> dict[str, object]:
     with open(eicar_path, "rb") as f:
         eicar = f.read()
@@ -174,5 +220,5 @@ def strand(folder: str, eicar_path: str) -> dict[str, object]:
 
 if __name__ == "__main__":
     mode, *args = sys.argv[1:]
-    modes = {"flip": flip, "mapped": mapped, "opath": opath, "strand": strand}
+    modes = {"flip": flip, "mapped": mapped, "opath": opath, "race": race, "strand": strand}
     print(json.dumps(modes[mode](*args)), flush=True)

@@ -135,6 +135,61 @@ def test_a_shared_mapping_flipping_the_bytes_reaches_neither_clean_nor_the_promo
     _nothing_left(drop)
 
 
+@pytest.mark.parametrize("attack", ["replace", "symlink", "hardlink"])
+def test_a_name_raced_at_the_daemons_open_reaches_only_the_bytes_it_opened(
+        drop: Layout, daemon_factory: Callable[..., Daemon], attack: str) -> None:
+    """docs/integrity.md: the instant the daemon opens `sub/a.txt`, the uploader renames
+    EICAR over its name, or swaps `sub/` for a symlink to a folder only root may read, or
+    links the file to a name of its own and writes EICAR through it once it is moved.
+    Where the attack lands before the daemon's own look at what it opened (the unlink and
+    the link move the inode's ctime), that look refuses the snapshot, as it should."""
+    spares = drop.base / "attacker"
+    spares.mkdir()
+    os.chown(spares, NOBODY, NOBODY)
+    secret = drop.base / "secret"
+    secret.mkdir(mode=0o700)
+    (secret / "a.txt").write_bytes(b"root's secret")
+    spare = {"replace": spares / "evil.com", "symlink": secret, "hardlink": spares / "keep.txt"}[attack]
+    daemon = _start(drop, daemon_factory, settle_seconds=0)
+    result = _result(_attacker("race", str(drop.inbox / "sub" / "a.txt"), attack, str(spare), EICAR_PATH))
+    assert result["opened"], result
+
+    def settled() -> bool:
+        skipped = {e["rel_path"] for e in daemon.named("file.skipped")}
+        left = {str(p.relative_to(drop.inbox)) for p in drop.inbox.rglob("*")
+                if p.is_file() and not p.is_symlink()}
+        return _all_done(drop) and left <= skipped and bool(daemon.named("file.moved") or skipped)
+
+    daemon.wait_for(settled, what="every regular file of the inbox placed or left in place")
+    assert daemon.stop() == 0
+    clean, quarantined = drop.placed("clean"), drop.placed("quarantine")
+    harmless = b"harmless " * (1 << 19)
+    for name in clean:  # the bytes the daemon opened, as its own inode
+        st = (drop.clean / name).stat()
+        assert (drop.clean / name).read_bytes() == harmless
+        assert (st.st_uid, st.st_nlink) == (os.geteuid(), 1) and st.st_ino != result["inode"]
+    if attack == "replace":
+        assert clean in ([], ["sub/a.txt"]) and quarantined == ["sub/a.txt"]
+        assert (drop.quarantine / "sub" / "a.txt").read_bytes() == EICAR
+        assert clean or daemon.named("file.changed")
+    elif attack == "symlink":  # `sub/a.txt` may be found again as `sub.old/a.txt` before the
+        # first move takes it: then both rows snapshot it, and the same bytes are placed twice
+        assert clean in (["sub/a.txt"], ["sub.old/a.txt", "sub/a.txt"]) and quarantined == []
+    elif clean:  # its own name reaches its own inode only; EICAR written before the daemon's
+        # last look at the captured original went back into the inbox, and was quarantined
+        assert clean == ["sub/a.txt"] and quarantined in ([], ["sub/a.txt"])
+        assert all(EICAR in p.read_bytes() for p in drop.quarantine.rglob("a.txt"))
+    else:  # linked before the snapshot counted: a hardlink, left in place
+        skipped = [(e["rel_path"], e["reason"]) for e in daemon.named("file.skipped")]
+        assert skipped == [("sub/a.txt", "hardlink")]
+        assert os.path.samefile(drop.inbox / "sub" / "a.txt", spare) and quarantined == []
+    assert (secret / "a.txt").read_bytes() == b"root's secret"
+    for path in drop.base.rglob("*"):
+        assert secret in path.parents or not path.is_file() or b"root's secret" not in path.read_bytes()
+    assert_clean_was_scanned(drop, daemon)
+    _nothing_left(drop)
+
+
 def test_a_write_after_the_capture_and_a_removed_folder_strand_nothing(
         drop: Layout, daemon_factory: Callable[..., Daemon]) -> None:
     daemon = _start(drop, daemon_factory)
