@@ -18,7 +18,8 @@ prints one JSON line of what it did. Each mode is an attack of docs/integrity.md
   first) and, the instant the daemon opens it (IN_OPEN), plays ATTACK: `replace` renames
   SPARE (EICAR, written beforehand) over PATH; `symlink` moves PATH's folder aside and puts
   a symlink to the folder SPARE in its place; `hardlink` links the file to SPARE, waits (up
-  to 5 s) for the daemon to take PATH away, then writes EICAR through SPARE.
+  to 5 s) for the daemon to take PATH away, then writes EICAR through SPARE; `truncate`
+  truncates it to 9 bytes through a write descriptor kept from the start (SPARE unused).
 - `strand DIR EICAR`: writes DIR/sub/a.txt and keeps its write descriptor; when the daemon
   renames it away (IN_MOVED_FROM), writes EICAR through it and removes sub/.
 """
@@ -172,6 +173,7 @@ def race(path: str, attack: str, spare: str, eicar_path: str) -> dict[str, objec
     with open(path + ".part", "wb") as f:
         f.write(b"harmless " * (1 << 19))
     inode = os.stat(path + ".part").st_ino
+    writer = os.open(path + ".part", os.O_WRONLY) if attack == "truncate" else -1
     watch = Inotify(path + ".part", IN_OPEN)
     os.rename(path + ".part", path)
     deadline = time.monotonic() + 60
@@ -183,6 +185,8 @@ def race(path: str, attack: str, spare: str, eicar_path: str) -> dict[str, objec
     elif attack == "symlink":
         os.rename(folder, folder + ".old")
         os.symlink(spare, folder)
+    elif attack == "truncate":
+        os.ftruncate(writer, 9)
     else:
         os.link(path, spare)
         deadline = time.monotonic() + 5  # a link seen before the snapshot: left in place

@@ -180,9 +180,6 @@ class _FakeOpened:
     def facts(self) -> RowChanges:
         return {"etag": _etag(self._data), "version_id": None, "size": len(self._data)}
 
-    def changed_from(self, identity: Identity | None) -> str | None:
-        return None
-
     def content(self, *, read_by: ReadBy = ReadBy.DESCRIPTOR) -> Content:
         return Content(self._fd, hashlib.sha256(self._data).hexdigest(), len(self._data))
 

@@ -135,12 +135,13 @@ def test_a_shared_mapping_flipping_the_bytes_reaches_neither_clean_nor_the_promo
     _nothing_left(drop)
 
 
-@pytest.mark.parametrize("attack", ["replace", "symlink", "hardlink"])
+@pytest.mark.parametrize("attack", ["replace", "symlink", "hardlink", "truncate"])
 def test_a_name_raced_at_the_daemons_open_reaches_only_the_bytes_it_opened(
         drop: Layout, daemon_factory: Callable[..., Daemon], attack: str) -> None:
     """docs/integrity.md: the instant the daemon opens `sub/a.txt`, the uploader renames
     EICAR over its name, or swaps `sub/` for a symlink to a folder only root may read, or
-    links the file to a name of its own and writes EICAR through it once it is moved.
+    links the file to a name of its own and writes EICAR through it once it is moved, or
+    truncates it through a write descriptor it kept.
     Where the attack lands before the daemon's own look at what it opened (the unlink and
     the link move the inode's ctime), that look refuses the snapshot, as it should."""
     spares = drop.base / "attacker"
@@ -149,7 +150,8 @@ def test_a_name_raced_at_the_daemons_open_reaches_only_the_bytes_it_opened(
     secret = drop.base / "secret"
     secret.mkdir(mode=0o700)
     (secret / "a.txt").write_bytes(b"root's secret")
-    spare = {"replace": spares / "evil.com", "symlink": secret, "hardlink": spares / "keep.txt"}[attack]
+    spare = {"replace": spares / "evil.com", "symlink": secret, "hardlink": spares / "keep.txt",
+             "truncate": spares}[attack]
     daemon = _start(drop, daemon_factory, settle_seconds=0)
     result = _result(_attacker("race", str(drop.inbox / "sub" / "a.txt"), attack, str(spare), EICAR_PATH))
     assert result["opened"], result
@@ -164,11 +166,16 @@ def test_a_name_raced_at_the_daemons_open_reaches_only_the_bytes_it_opened(
     assert daemon.stop() == 0
     clean, quarantined = drop.placed("clean"), drop.placed("quarantine")
     harmless = b"harmless " * (1 << 19)
+    placed = {name: (drop.clean / name).read_bytes() for name in clean}
     for name in clean:  # the bytes the daemon opened, as its own inode
         st = (drop.clean / name).stat()
-        assert (drop.clean / name).read_bytes() == harmless
         assert (st.st_uid, st.st_nlink) == (os.geteuid(), 1) and st.st_ino != result["inode"]
-    if attack == "replace":
+    assert attack == "truncate" or all(data == harmless for data in placed.values())
+    if attack == "truncate":  # the whole bytes if their snapshot was complete first; the
+        # truncated ones always, put back after that snapshot's move, else snapshotted at once
+        assert placed in ({"sub/a.txt": harmless[:9]}, {"sub/a.txt": harmless, "sub/a.1.txt": harmless[:9]})
+        assert not quarantined
+    elif attack == "replace":
         assert clean in ([], ["sub/a.txt"]) and quarantined == ["sub/a.txt"]
         assert (drop.quarantine / "sub" / "a.txt").read_bytes() == EICAR
         assert clean or daemon.named("file.changed")

@@ -13,12 +13,15 @@ from pathlib import Path
 import pytest
 from conftest import EICAR, Daemon, Harness, Layout
 from fakes import FakeEngine
+from structlog.testing import capture_logs
 
 from daemon import staging as staging_module
 from daemon.errors import StagingError
+from daemon.fsutil import Identity
+from daemon.locations import local as local_module
 from daemon.model import FileState
 from daemon.pipeline.reconcile import reconcile
-from daemon.staging import StagingDirs
+from daemon.staging import Staging, StagingDirs
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +152,31 @@ def test_staging_is_reconciled_with_the_journal_at_start(layout: Layout) -> None
     harness.run()
     assert layout.placed("clean") == ["changed.1.txt", "changed.txt", "kept.txt"]
     assert (layout.clean / "changed.1.txt").read_bytes() == b"written after the snapshot"
+
+
+def test_a_snapshot_of_a_file_changed_since_it_settled_is_dropped_at_once(
+        layout: Layout, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/integrity.md: what was opened is judged only if it still is what settled; its
+    snapshot goes at once, not left in staging until the next start when the file then
+    vanishes (or is held: a symlink, a hardlink) and no move ever removes it."""
+    harness = Harness(layout, FakeEngine())
+    harness.drop("a.txt", b"first bytes")
+    snapshot = local_module._snapshot
+
+    def written_then_removed(staging: Staging, dir_fd: int, base: str, file_id: int) -> tuple[int, Identity]:
+        os.utime(base, dir_fd=dir_fd, ns=(1, 1))  # written between the worker's look and its open
+        try:
+            return snapshot(staging, dir_fd, base, file_id)
+        finally:
+            os.unlink(base, dir_fd=dir_fd)  # and gone once opened
+
+    monkeypatch.setattr(local_module, "_snapshot", written_then_removed)
+    with capture_logs() as logs:
+        harness.run()
+    events = [e["event"] for e in logs if e["event"].startswith("file.")]
+    assert events[-2:] == ["file.changed", "file.vanished"]
+    assert harness.row().state is FileState.GONE
+    assert list((layout.state / "staging").iterdir()) == []
 
 
 def test_a_state_dir_on_another_filesystem_puts_staging_in_the_source_never_an_arrival(

@@ -67,6 +67,7 @@ class Listed:
     file_id: int | None = None  # the journal row: names its local snapshot, or S3 staged copy and snapshot
     snapshot: str | None = None  # the row's S3 snapshot, if one was made
     sha256: str | None = None  # the row's bytes, already hashed (a local snapshot is complete)
+    identity: Identity | None = None  # a local file's, when it settled: a snapshot of another is dropped
 
 
 class ReadBy(StrEnum):
@@ -96,10 +97,6 @@ class Opened(Protocol):
     @property
     def facts(self) -> RowChanges:
         """Which version this is, as journal columns: an inode's identity, or ETag and VersionId."""
-        ...
-
-    def changed_from(self, identity: Identity | None) -> str | None:
-        """Why this is not the version journaled as `identity` (None: it is, or nothing was)."""
         ...
 
     def content(self, *, read_by: ReadBy = ReadBy.DESCRIPTOR) -> Content:

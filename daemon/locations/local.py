@@ -110,10 +110,18 @@ class LocalLocation:
         _check_writable(dir_fd, base, self.name(listed.rel_path))
         fd, identity = _snapshot(staging, dir_fd, base, listed.file_id)
         try:
+            if listed.identity is not None and identity != listed.identity:
+                raise ChangedError(f"{self.name(listed.rel_path)} changed after it settled")
             # Private to the daemon (docs/integrity.md): its size, just taken, is its end.
             opened = _OpenedFile(path, fd, identity, sha256_fd(fd, identity.size), identity.size)
             if listed.sha256 is not None and opened.sha256 != listed.sha256:
                 raise ChangedError(f"{self.name(listed.rel_path)} changed since it was hashed")
+        except BaseException:
+            os.close(fd)
+            # Not the row's bytes (or not readable): no move will place or remove it.
+            staging.unlink(snap_name(listed.file_id))
+            raise
+        try:
             yield opened
         finally:
             os.close(fd)
@@ -324,11 +332,6 @@ class _OpenedFile:
     @property
     def facts(self) -> RowChanges:
         return {} if self._identity is None else self._identity.columns()
-
-    def changed_from(self, identity: Identity | None) -> str | None:
-        if identity is None or self._identity is None:
-            return None
-        return None if identity == self._identity else "changed after it settled"
 
     def content(self, *, read_by: ReadBy = ReadBy.DESCRIPTOR) -> Content:
         size = self._size if self._size is not None else os.fstat(self._fd).st_size

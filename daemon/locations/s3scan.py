@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from daemon.faults import pause
-from daemon.fsutil import Identity
 from daemon.journal import RowChanges
 from daemon.locations.base import CHUNK, Content, Listed, ReadBy
 from daemon.model import S3Object
@@ -44,9 +43,6 @@ class OpenedObject:
     @property
     def facts(self) -> RowChanges:
         return {**self._facts}
-
-    def changed_from(self, identity: Identity | None) -> str | None:
-        return None  # pinned by ETag: a replaced object fails the download with ChangedError
 
     def content(self, *, read_by: ReadBy = ReadBy.DESCRIPTOR) -> Content:
         """The object's bytes, hashed on the way; the object is read itself only where a

@@ -113,7 +113,7 @@ class Scanner(answers.ScanStep):
             return self.outcomes.failed(row, Reason.TOO_LARGE, why)
         try:
             listed = Listed(row.rel_path, row.etag, row.version_id, row.size, file_id=row.id,
-                            snapshot=row.snapshot, sha256=row.sha256)
+                            snapshot=row.snapshot, sha256=row.sha256, identity=row.identity)
             with source.open_for_scan(listed) as opened:
                 return (yield from self._scan_opened(row, watch, opened, locations))
         except FileNotFoundError:
@@ -144,8 +144,6 @@ class Scanner(answers.ScanStep):
 
     def _scan_opened(self, row: FileRow, watch: WatchConfig, opened: Opened,
                      locations: Locations) -> _Steps:
-        if detail := opened.changed_from(row.identity):
-            return self.outcomes.changed(detail, settles=True)
         if len(watch.engines) > 1:
             try:
                 return self.multi.scan(row, watch, opened, _secret(watch.archivepwd), locations)
