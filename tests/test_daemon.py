@@ -176,9 +176,15 @@ def test_hardlinks_and_fifos_are_refused_and_left_in_place(layout: Layout, daemo
     assert reasons == {"hard.txt": "hardlink", "pipe": "special_file"}
     assert (layout.inbox / "hard.txt").exists() and (layout.inbox / "pipe").exists()
     assert daemon.named("scan.verdict") == []
-    assert daemon.stop() == 0
     status = Journal(layout.state / "journal.sqlite3").counts()
     assert ("inbox", "held", None, "hardlink", 1) in status
+    swept = len(daemon.named("watch.swept"))
+    daemon.wait_for(lambda: len(daemon.named("watch.swept")) > swept, what="a sweep past the skips")
+    assert len(daemon.named("file.skipped")) == 2  # reported once
+    original.unlink()  # one link left: the next sweep finds a plain file, scanned and placed
+    daemon.wait_for(lambda: daemon.named("file.moved"), what="the file with one link left placed")
+    assert layout.placed("clean") == ["hard.txt"] and (layout.inbox / "pipe").exists()
+    assert daemon.stop() == 0
 
 
 @pytest.mark.parametrize("workers", [1, 2])

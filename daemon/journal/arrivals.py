@@ -18,7 +18,8 @@ from daemon.model import FileState
 __all__ = ["Arrivals"]
 
 # An arrival (`Journal.discover`): a path already active stays as it is, unless held back
-# and seen again with another inode (or held for `permission_denied`, tried again).
+# and seen again with another inode, or with one link (held as a hardlink: its other names
+# removed; only a plain file has a ctime here), or held for `permission_denied`, tried again.
 _DISCOVER = f"""INSERT INTO files (watch, rel_path, state, inode, dev, size, mtime_ns, ctime_ns,
                                   stable_at, next_attempt_at, discovered_at, updated_at)
                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
@@ -30,7 +31,9 @@ _DISCOVER = f"""INSERT INTO files (watch, rel_path, state, inode, dev, size, mti
                     next_attempt_at = excluded.next_attempt_at,
                     discovered_at = excluded.discovered_at, updated_at = excluded.updated_at
                 WHERE files.state = 'held' AND (files.inode IS NOT excluded.inode
-                                                OR files.reason = 'permission_denied')"""
+                                                OR files.reason = 'permission_denied'
+                                                OR (files.reason = 'hardlink'
+                                                    AND excluded.ctime_ns IS NOT NULL))"""
 
 
 # An arrival taken at once by a worker (`Journal.take`): recorded claimed, if not active already.
@@ -80,9 +83,10 @@ class Arrivals(Database):
                  seen: Mapping[str, Identity] | None = None, settle_s: float = 0.0) -> list[str]:
         """Record `(rel_path, inode)` arrivals; known active paths are left as they are.
 
-        A path held back (a symlink, say) whose inode changed is a new arrival again; one
-        held for `permission_denied` is tried again whenever it is seen (its reason kept, so
-        that holding it again is not reported again).
+        A path held back (a symlink, say) whose inode changed is a new arrival again, and
+        so is a hardlink seen with one link (in `seen`); one held for `permission_denied` is
+        tried again whenever it is seen (its reason kept, so that holding it again is not
+        reported again).
         A path in `seen` (a plain file just lstat'ed) is recorded with that identity: stable
         at once if it has been quiet for `settle_s` already, else due when it will have been
         (`Identity.settles_at`), when the worker that claims it looks once more
