@@ -36,8 +36,8 @@ import sys
 import time
 
 IN_ACCESS = 0x001
-IN_OPEN = 0x020
 IN_CLOSE_NOWRITE = 0x010
+IN_OPEN = 0x020
 IN_MOVED_FROM = 0x040
 IN_DELETE_SELF = 0x400
 _HEADER = struct.Struct("iIII")

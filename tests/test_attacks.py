@@ -116,7 +116,7 @@ def test_a_shared_mapping_flipping_the_bytes_reaches_neither_clean_nor_the_promo
         drop: Layout, daemon_factory: Callable[..., Daemon]) -> None:
     """docs/integrity.md: an uploader who keeps only a shared writable mapping flips the bytes
     between harmless and EICAR through memory while the daemon reads (no system call, no
-    time stamp that moves), then leaves EICAR in it. Whatever each snapshot caught is what
+    inotify event), then leaves EICAR in it. Whatever each snapshot caught is what
     was scanned and placed; a changed original goes round again; clean never holds EICAR
     nor the uploader's inode."""
     daemon = _start(drop, daemon_factory, settle_seconds=0)
@@ -142,8 +142,9 @@ def test_a_name_raced_at_the_daemons_open_reaches_only_the_bytes_it_opened(
     EICAR over its name, or swaps `sub/` for a symlink to a folder only root may read, or
     links the file to a name of its own and writes EICAR through it once it is moved, or
     truncates it through a write descriptor it kept.
-    Where the attack lands before the daemon's own look at what it opened (the unlink and
-    the link move the inode's ctime), that look refuses the snapshot, as it should."""
+    Where the attack lands before the daemon's own look at what it opened, that look
+    refuses the snapshot (a name renamed over the file moves its ctime; a link makes it a
+    hardlink), as it should."""
     spares = drop.base / "attacker"
     spares.mkdir()
     os.chown(spares, NOBODY, NOBODY)
