@@ -105,8 +105,8 @@ class Harness:
         self.journal = Journal(layout.state / "journal.sqlite3")
         self.engine = engine
         self.clock = clock or Clock()
-        self.watcher = LocalWatcher(self.config.watches[0], self.journal, threading.Event(),
-                                    clock=self.clock)
+        self.watcher = local_watcher(self.config.watches[0], self.journal, threading.Event(),
+                                     clock=self.clock)
         self.pipeline = Pipeline(self.config, self.journal, {"default": engine},
                                  owner=owner_token(), clock=self.clock,
                                  policy=RetryPolicy(base_s=10, max_s=10))
@@ -148,6 +148,24 @@ class Harness:
 
         monkeypatch.setattr(self.journal, "_tx", counted_tx)
         return writes
+
+
+_WATCHERS: list[LocalWatcher] = []
+
+
+def local_watcher(*args: Any, **kwargs: Any) -> LocalWatcher:
+    """A LocalWatcher stepped by the test, stopped after it: one armed holds an inotify
+    instance, of the 128 a user may have, which the daemons of later tests need too."""
+    watcher = LocalWatcher(*args, **kwargs)
+    _WATCHERS.append(watcher)
+    return watcher
+
+
+@pytest.fixture(autouse=True)
+def _stop_watchers() -> Iterator[None]:
+    yield
+    while _WATCHERS:
+        _WATCHERS.pop().stop()
 
 
 @pytest.fixture(autouse=True)

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest import EICAR, Clock, Layout
+from conftest import EICAR, Clock, Layout, local_watcher
 from fakes import FakeEngine, answers, raises
 from structlog.testing import capture_logs
 
@@ -20,7 +20,6 @@ from daemon.model import FileState, Pending, Reason, Verdict, VerdictKind
 from daemon.pipeline import Pipeline, Reported
 from daemon.pipeline.outcome import Tally
 from daemon.retry import RetryPolicy
-from daemon.watchers.local import LocalWatcher
 
 
 class Multi:
@@ -34,8 +33,8 @@ class Multi:
         self.journal = Journal(layout.state / "journal.sqlite3")
         self.a, self.b = FakeEngine(name="a"), FakeEngine(name="b")
         self.clock = Clock()
-        self.watcher = LocalWatcher(self.config.watches[0], self.journal, threading.Event(),
-                                    clock=self.clock)
+        self.watcher = local_watcher(self.config.watches[0], self.journal, threading.Event(),
+                                     clock=self.clock)
         self.pipeline = self.new_pipeline()
 
     def new_pipeline(self) -> Pipeline:

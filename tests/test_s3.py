@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import EICAR, Daemon, wait_until
+from conftest import EICAR, Daemon, local_watcher, wait_until
 from fakes import FakeEngine, answers, raises
 from hypothesis import given
 from hypothesis import strategies as st
@@ -32,7 +32,6 @@ from daemon.naming import flat_name, local_rel
 from daemon.pipeline import Pipeline
 from daemon.retry import RetryPolicy
 from daemon.s3url import is_s3
-from daemon.watchers.local import LocalWatcher
 from daemon.watchers.s3 import S3Watcher
 
 
@@ -60,7 +59,7 @@ class S3Harness:
         wake = threading.Event()
         s3 = self.config.s3_for(watch_cfg)
         self.watcher = (S3Watcher(watch_cfg, self.journal, wake, self.pipeline.s3(s3), s3)
-                        if is_s3(watch_cfg.source) else LocalWatcher(watch_cfg, self.journal, wake))
+                        if is_s3(watch_cfg.source) else local_watcher(watch_cfg, self.journal, wake))
 
     def put(self, key: str, data: bytes) -> None:
         self.client.put_object(Bucket=self.bucket, Key=key, Body=data)

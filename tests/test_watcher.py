@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Daemon, Layout
+from conftest import Daemon, Layout, local_watcher
 
 from daemon.fsutil import open_dir
 from daemon.naming import split_rel
@@ -178,7 +178,6 @@ def _watcher(tmp_path: Path, settle_seconds: float, wake: Any = None,
 
     from daemon.config import load_config
     from daemon.journal import Journal
-    from daemon.watchers.local import LocalWatcher
 
     for sub in ("in", "clean", "quarantine", "failed"):
         (tmp_path / sub).mkdir(exist_ok=True)
@@ -190,7 +189,7 @@ def _watcher(tmp_path: Path, settle_seconds: float, wake: Any = None,
     config = load_config(tmp_path / "scanwatch.yaml")
     journal = Journal(tmp_path / "state" / "journal.sqlite3")
     wake = threading.Event() if wake is None else wake
-    watcher = LocalWatcher(config.watches[0], journal, wake, handoff=handoff, clock=clock)
+    watcher = local_watcher(config.watches[0], journal, wake, handoff=handoff, clock=clock)
     watcher.step()  # the first look at the root sweeps it (empty); events only from here on
     return watcher, journal, wake
 

@@ -108,7 +108,8 @@ class LocalWatcher:
         if self._observer is not None:
             self._observer.stop()
             self._observer.join(5)
-        self._thread.join(5)
+        if self._thread.is_alive():  # never started: stepped by hand (a one-shot, a test)
+            self._thread.join(5)
 
     def sweep_soon(self) -> None:
         """Sweep at once: arrivals handed to a worker that died may be recorded nowhere."""
