@@ -110,18 +110,16 @@ class LocalLocation:
         _check_writable(dir_fd, base, self.name(listed.rel_path))
         fd, identity = _snapshot(staging, dir_fd, base, listed.file_id)
         try:
-            if listed.identity is not None and identity != listed.identity:
-                raise ChangedError(f"{self.name(listed.rel_path)} changed after it settled")
-            # Private to the daemon (docs/integrity.md): its size, just taken, is its end.
-            opened = _OpenedFile(path, fd, identity, sha256_fd(fd, identity.size), identity.size)
-            if listed.sha256 is not None and opened.sha256 != listed.sha256:
-                raise ChangedError(f"{self.name(listed.rel_path)} changed since it was hashed")
-        except BaseException:
-            os.close(fd)
-            # Not the row's bytes (or not readable): no move will place or remove it.
-            staging.unlink(snap_name(listed.file_id))
-            raise
-        try:
+            try:
+                if listed.identity is not None and identity != listed.identity:
+                    raise ChangedError(f"{self.name(listed.rel_path)} changed after it settled")
+                # Private to the daemon (docs/integrity.md): its size, just taken, is its end.
+                opened = _OpenedFile(path, fd, identity, sha256_fd(fd, identity.size), identity.size)
+                if listed.sha256 is not None and opened.sha256 != listed.sha256:
+                    raise ChangedError(f"{self.name(listed.rel_path)} changed since it was hashed")
+            except BaseException:  # not the row's bytes, or unread: no move will place or remove it
+                staging.unlink(snap_name(listed.file_id))
+                raise
             yield opened
         finally:
             os.close(fd)
@@ -314,7 +312,6 @@ class LocalLocation:
         for name in (base, _sidecar_name(base)):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(name, dir_fd=dir_fd)
-
 
 
 class _OpenedFile:
