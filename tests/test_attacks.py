@@ -73,6 +73,12 @@ def _nothing_left(layout: Layout) -> None:
     assert list((layout.state / "staging").iterdir()) == []
 
 
+def _files_left(layout: Layout) -> set[str]:
+    """The regular files still in the inbox (symlinks left out), relative to it."""
+    return {str(p.relative_to(layout.inbox)) for p in layout.inbox.rglob("*")
+            if p.is_file() and not p.is_symlink()}
+
+
 def _all_done(layout: Layout) -> bool:
     rows = Journal(layout.state / "journal.sqlite3").rows()
     return bool(rows) and all(r.state in (FileState.DONE, FileState.GONE, FileState.HELD) for r in rows)
@@ -122,7 +128,7 @@ def test_a_shared_mapping_flipping_the_bytes_reaches_neither_clean_nor_the_promo
     daemon = _start(drop, daemon_factory, settle_seconds=0)
     result = _result(_attacker("mapped", str(drop.inbox / "a.txt"), "2", EICAR_PATH))
     assert result["flips"], result
-    daemon.wait_for(lambda: not [p for p in drop.inbox.rglob("*") if p.is_file()] and _all_done(drop),
+    daemon.wait_for(lambda: not _files_left(drop) and _all_done(drop),
                     timeout=30, what="the inbox emptied and every row settled")
     assert daemon.stop() == 0
     placed = drop.placed("clean") + drop.placed("quarantine")
@@ -159,9 +165,8 @@ def test_a_name_raced_at_the_daemons_open_reaches_only_the_bytes_it_opened(
 
     def settled() -> bool:
         skipped = {e["rel_path"] for e in daemon.named("file.skipped")}
-        left = {str(p.relative_to(drop.inbox)) for p in drop.inbox.rglob("*")
-                if p.is_file() and not p.is_symlink()}
-        return _all_done(drop) and left <= skipped and bool(daemon.named("file.moved") or skipped)
+        return (_all_done(drop) and _files_left(drop) <= skipped
+                and bool(daemon.named("file.moved") or skipped))
 
     daemon.wait_for(settled, what="every regular file of the inbox placed or left in place")
     assert daemon.stop() == 0
@@ -212,7 +217,7 @@ def test_a_write_after_the_capture_and_a_removed_folder_strand_nothing(
     if result["nlink_after_write"]:
         [quarantined] = drop.placed("quarantine")
         assert (drop.quarantine / quarantined).read_bytes() == EICAR
-    assert not [p for p in drop.inbox.rglob("*") if p.is_file()]
+    assert not _files_left(drop)
     assert_clean_was_scanned(drop, daemon)
     _nothing_left(drop)
 
