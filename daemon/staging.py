@@ -18,6 +18,7 @@ import fcntl
 import os
 import stat
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,7 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _COPY_CHUNK = 1 << 30
 _READ_CHUNK = 1 << 20
+_DENSE_HEAD = 1 << 20  # copied whole; past it, only the ranges that hold data (`_copy_sparse`)
 # Filesystems (st_dev) that answered FICLONE "not supported": every copy there is a copy.
 _NO_REFLINK: set[int] = set()
 
@@ -152,20 +154,53 @@ def copy_into(src_fd: int, dst_fd: int, dev: int | None = None) -> str:
             if dev is not None and exc.errno in (errno.EOPNOTSUPP, errno.ENOTTY):
                 _NO_REFLINK.add(dev)  # the filesystem's answer; EINVAL and EPERM may be the file's
     try:
-        offset = 0
-        while copied := os.copy_file_range(src_fd, dst_fd, _COPY_CHUNK, offset, offset):
-            offset += copied
+        _copy_sparse(src_fd, dst_fd, lambda offset, count: os.copy_file_range(
+            src_fd, dst_fd, min(count, _COPY_CHUNK), offset, offset))
         return "copy_file_range"
     except OSError as exc:
-        if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP) or offset:
+        if (exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
+                or os.fstat(dst_fd).st_size):
             raise
-    offset = 0
-    while chunk := os.pread(src_fd, _READ_CHUNK, offset):
-        view = memoryview(chunk)
+
+    def read_write(offset: int, count: int) -> int:
+        data = os.pread(src_fd, min(count, _READ_CHUNK), offset)
+        view = memoryview(data)
         while view:
             written = os.pwrite(dst_fd, view, offset)
             view, offset = view[written:], offset + written
+        return len(data)
+
+    _copy_sparse(src_fd, dst_fd, read_write)
     return "read"
+
+
+def _copy_sparse(src_fd: int, dst_fd: int, copy: Callable[[int, int], int]) -> None:
+    """Copy `src_fd` into `dst_fd` by `copy(offset, count)` (the bytes it copied, 0 at the
+    end): the first MiB as it is (a small file costs no more system calls), then only the
+    ranges that hold data (`SEEK_DATA`), the holes between them left holes. A sparse file's
+    size costs its uploader nothing; its copy must not cost the daemon's disk its size
+    (a terabyte of holes filling the state filesystem)."""
+    offset = _copy_span(copy, 0, _DENSE_HEAD)
+    if offset < _DENSE_HEAD:  # the end came first
+        return
+    while True:
+        try:
+            start = os.lseek(src_fd, offset, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:
+                raise
+            break  # nothing but a hole (or nothing) past `offset`
+        offset = _copy_span(copy, start, os.lseek(src_fd, start, os.SEEK_HOLE))
+        if offset == start:  # cut short by the file's end
+            break
+    os.ftruncate(dst_fd, max(offset, os.fstat(src_fd).st_size))  # a hole at the end too
+
+
+def _copy_span(copy: Callable[[int, int], int], start: int, end: int) -> int:
+    """`copy` from `start` up to `end` or the file's end, whichever comes first: where it stopped."""
+    while start < end and (copied := copy(start, end - start)):
+        start += copied
+    return start
 
 
 class StagingDirs:

@@ -3,6 +3,7 @@ directory or none, and staging reconciled with the journal at start."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -94,6 +95,44 @@ def test_a_filesystem_without_reflinks_is_asked_once(tmp_path: Path, monkeypatch
     for data in (b"two", b"three"):
         assert _snapshot_of(tmp_path, data) == (first, data)
     assert len(asked) == 1
+
+
+def _source(path: Path, kind: str) -> bytes:
+    """A file to copy, and its bytes: `sparse` is 5 MiB with a head, 4 KiB of data at
+    2 MiB, and holes between them and at the end."""
+    with open(path, "wb") as f:
+        if kind == "sparse":
+            f.write(b"head")
+            f.seek(2 << 20)
+            f.write(os.urandom(4096))
+            f.truncate(5 << 20)
+        else:
+            f.write({"dense": os.urandom(3 << 20), "small": b"small", "empty": b""}[kind])
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("how", ["copy_file_range", "read"])
+@pytest.mark.parametrize("kind", ["sparse", "dense", "small", "empty"])
+def test_a_copy_has_every_byte_and_keeps_the_holes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   how: str, kind: str) -> None:
+    """Past its first MiB only what holds data is copied: a sparse file's holes cost no disk."""
+    data = _source(tmp_path / "src", kind)
+    dev = os.stat(tmp_path).st_dev
+    monkeypatch.setattr(staging_module, "_NO_REFLINK", {dev})
+    if how == "read":
+        def unsupported(*_: object) -> int:
+            raise OSError(errno.EXDEV, "cross-device")
+        monkeypatch.setattr(staging_module.os, "copy_file_range", unsupported)
+    src = os.open(tmp_path / "src", os.O_RDONLY)
+    dst = os.open(tmp_path / "dst", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        assert staging_module.copy_into(src, dst, dev) == how
+    finally:
+        os.close(src)
+        os.close(dst)
+    assert (tmp_path / "dst").read_bytes() == data
+    if kind == "sparse":
+        assert (tmp_path / "dst").stat().st_blocks * 512 <= (1 << 20) + 64 * 1024
 
 
 def test_the_daemon_works_end_to_end_on_xfs_with_reflinks(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -55,15 +56,40 @@ def test_a_bad_max_size_is_a_config_error_naming_its_path(layout: Layout, value:
     assert "expected a size" in result.stderr  # not "unknown key": the key exists
 
 
-@pytest.mark.slow
-def test_a_2gb_sparse_file_fails_too_large_without_the_memory(layout: Layout, daemon_factory) -> None:
+def test_a_2gb_sparse_file_fails_too_large_uncopied_and_unread(layout: Layout, daemon_factory) -> None:
+    """Larger than the engine's `max_size` when found: failed as itself, never copied into
+    staging (a dense 2 GiB there) nor hashed (docs/contract.md, "What the engine reads")."""
     daemon = daemon_factory(layout.write_config())
     daemon.wait_started()
     with open(layout.inbox / "sparse.bin", "wb") as f:
         f.truncate(2 * 2**30)
+    inode = (layout.inbox / "sparse.bin").stat().st_ino
     moved = daemon.wait_for(lambda: daemon.named("file.moved"), timeout=120, what="the sparse file moved")
     peak_mb = daemon.peak_rss_kb() / 1024
     assert daemon.stop() == 0
     assert moved[0]["outcome"] == "failed" and moved[0]["reason"] == "too_large"
     assert layout.placed("failed") == ["sparse.bin"]
+    assert (layout.failed / "sparse.bin").stat().st_ino == inode  # the original: no snapshot made
+    sidecar = json.loads((layout.failed / "sparse.bin.scanwatch.json").read_text())
+    assert sidecar["reason"] == "too_large" and sidecar["sha256"] is None  # never read
     assert peak_mb < 400, f"peak RSS {peak_mb:.0f} MB"  # max_size (512 MiB) was never mapped
+
+
+def test_a_sparse_file_under_max_size_is_scanned_through_and_placed_still_sparse(
+        layout: Layout, daemon_factory) -> None:
+    """Its snapshot keeps its holes (daemon/staging.py): the data far past its first MiB is
+    copied and scanned, the 256 MiB of holes around it cost no disk in staging or quarantine."""
+    daemon = daemon_factory(layout.write_config())
+    daemon.wait_started()
+    with open(layout.inbox / "sparse.bin", "wb") as f:
+        f.truncate(256 * 2**20)
+        f.seek(200 * 2**20)
+        f.write(EICAR)
+    moved = daemon.wait_for(lambda: daemon.named("file.moved"), timeout=60, what="the sparse file moved")
+    assert daemon.stop() == 0
+    assert moved[0]["outcome"] == "infected"
+    placed = layout.quarantine / "sparse.bin"
+    assert placed.stat().st_size == 256 * 2**20 and placed.stat().st_blocks * 512 < 4 * 2**20
+    with open(placed, "rb") as f:
+        f.seek(200 * 2**20 - 1)
+        assert f.read(len(EICAR) + 2) == b"\0" + EICAR + b"\0"

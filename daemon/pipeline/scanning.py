@@ -109,7 +109,7 @@ class Scanner(answers.ScanStep):
         for root in watch.destinations.values():
             if root != IN_PLACE and (why := locations.refuses(root, watch, row.rel_path)) is not None:
                 return self.outcomes.failed(row, Reason.UNSAFE_KEY, why)
-        if (why := self._listed_too_large(row, watch)) is not None:
+        if (why := self._too_large(row, watch)) is not None:
             return self.outcomes.failed(row, Reason.TOO_LARGE, why)
         try:
             listed = Listed(row.rel_path, row.etag, row.version_id, row.size, file_id=row.id,
@@ -131,15 +131,18 @@ class Scanner(answers.ScanStep):
                 return self.outcomes.failed(row, Reason.UNREADABLE, str(exc))
             raise
 
-    def _listed_too_large(self, row: FileRow, watch: WatchConfig) -> str | None:
-        """Size before bytes: why an object listed larger than every engine's `max_size` is
-        refused without a download (docs/contract.md, "What the engine reads"); else None."""
-        if row.etag is None or row.size is None or row.engine_scan_id is not None:
+    def _too_large(self, row: FileRow, watch: WatchConfig) -> str | None:
+        """Size before bytes: why a file or object larger than every engine's `max_size` when
+        found (its `lstat`, or its listing) is refused without being copied, hashed or
+        downloaded (docs/contract.md, "What the engine reads"): a sparse file of a terabyte
+        costs its uploader nothing. Else None."""
+        if row.size is None or row.engine_scan_id is not None:
             return None
         limits = [(name, self.config.engines[name].max_size) for name in watch.engines]
         if not limits or any(limit is None or row.size <= limit for _, limit in limits):
             return None
-        return "; ".join(f"{row.size} bytes (as listed) is over engines.{name}.max_size ({limit})"
+        found = "listed" if row.etag is not None else "found"
+        return "; ".join(f"{row.size} bytes (as {found}) is over engines.{name}.max_size ({limit})"
                          for name, limit in limits)
 
     def _scan_opened(self, row: FileRow, watch: WatchConfig, opened: Opened,
