@@ -30,6 +30,7 @@ __all__ = [
     "open_file",
     "put_back",
     "rename_noreplace",
+    "same_bytes",
     "sha256_fd",
 ]
 
@@ -84,6 +85,13 @@ def sha256_fd(fd: int, size: int | None = None) -> str:
         digest.update(chunk)
         offset += len(chunk)
     return digest.hexdigest()
+
+
+def same_bytes(fd: int, size: int | None, sha256: str | None) -> bool:
+    """Whether `fd` holds exactly `size` bytes that hash to `sha256`. A file of another size
+    is not read: one grown since (a sparse terabyte is a `truncate` away) costs no hashing."""
+    return (size is not None and sha256 is not None and os.fstat(fd).st_size == size
+            and sha256_fd(fd, size) == sha256)
 
 
 def classify(st: os.stat_result) -> Reason | None:

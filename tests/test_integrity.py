@@ -198,6 +198,25 @@ def test_truncation_through_a_held_descriptor_after_the_snapshot_is_scanned_agai
     assert_clean_was_scanned(layout, daemon)
 
 
+def test_an_original_grown_to_a_sparse_terabyte_after_the_snapshot_is_never_hashed(
+        layout: Layout, daemon_factory: Callable[..., Daemon], pauses: Pauses) -> None:
+    """Its size says it changed (`same_bytes`): not read (a terabyte of holes hashed is an
+    hour of a worker), put back, and refused from its size as `too_large`."""
+    daemon = _start(layout, daemon_factory, pauses.env("move.captured"))
+    with open(layout.inbox / "upload.bin", "wb", buffering=0) as writer:
+        writer.write(b"A" * 100_000)
+        pauses.reached(daemon, "move.captured")
+        os.ftruncate(writer.fileno(), 2**40)
+        pauses.go("move.captured")
+        failed = daemon.wait_for(lambda: [e for e in daemon.named("file.moved") if e["outcome"] == "failed"],
+                                 what="the grown original refused")
+    assert daemon.stop() == 0
+    assert (layout.clean / "upload.bin").read_bytes() == b"A" * 100_000  # the snapshot scanned
+    assert failed[0]["reason"] == "too_large" and layout.placed("failed") == ["upload.bin"]
+    assert (layout.failed / "upload.bin").stat().st_size == 2**40
+    assert list(layout.inbox.iterdir()) == []
+
+
 @pytest.mark.parametrize(("workers", "point"), [
     (1, "move.captured"),  # one snapshot placed, its original captured into staging
     (2, "move.captured"),

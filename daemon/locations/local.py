@@ -22,7 +22,7 @@ import structlog
 
 from daemon.errors import ChangedError, LocationError, StagingError, UnsafePathError
 from daemon.faults import pause
-from daemon.fsutil import DirCache, Identity, classify, open_file, rename_noreplace, sha256_fd
+from daemon.fsutil import DirCache, Identity, classify, open_file, rename_noreplace, same_bytes, sha256_fd
 from daemon.journal import RowChanges
 from daemon.locations.base import (
     CHUNK,
@@ -164,7 +164,7 @@ class LocalLocation:
         fd, identity = _snapshot(staging, dir_fd, base, req.file_id)
         try:
             same = (req.identity is not None and (identity.dev, identity.inode)
-                    == (req.identity.dev, req.identity.inode) and sha256_fd(fd) == req.sha256)
+                    == (req.identity.dev, req.identity.inode) and same_bytes(fd, req.size, req.sha256))
         finally:
             os.close(fd)
         if not same:
@@ -239,11 +239,11 @@ class LocalLocation:
         st = os.fstat(fd)
         identity = req.identity
         if (identity is None or (st.st_dev, st.st_ino) != (identity.dev, identity.inode)
-                or sha256_fd(fd) != req.sha256):
+                or not same_bytes(fd, req.size, req.sha256)):
             return_original(self.url, req, staging, orig_name(req.file_id), "changed after its snapshot")
             return
         staging.unlink(orig_name(req.file_id))  # no fsync: if a crash undoes it, reconcile does it again
-        if sha256_fd(fd) != req.sha256:  # written to between the check and the unlink
+        if not same_bytes(fd, req.size, req.sha256):  # written to between the check and the unlink
             write_back(self.url, req, fd)
 
     def holds(self, req: MoveRequest) -> bool:
@@ -261,7 +261,7 @@ class LocalLocation:
         if st.st_size != req.size or req.sha256 is None or classify(st) is not None:
             return False
         with open_file(dir_fd, base) as (fd, _):
-            return sha256_fd(fd) == req.sha256
+            return same_bytes(fd, req.size, req.sha256)
 
     @contextmanager
     def open_bytes(self, req: MoveRequest) -> Iterator[BinaryIO]:

@@ -18,7 +18,7 @@ import structlog
 
 from daemon.config import Config
 from daemon.errors import LocationError
-from daemon.fsutil import sha256_fd
+from daemon.fsutil import same_bytes
 from daemon.journal import FileRow, Journal
 from daemon.locations import MoveRequest
 from daemon.locations.original import return_original
@@ -73,7 +73,7 @@ def _reconcile_one(config: Config, journal: Journal, staging: Staging, home: tup
     if fd is None:
         return
     try:
-        same = row.state is FileState.DONE and row.sha256 is not None and sha256_fd(fd) == row.sha256
+        same = row.state is FileState.DONE and same_bytes(fd, row.size, row.sha256)
     finally:
         os.close(fd)
     if same:
