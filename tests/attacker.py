@@ -19,7 +19,8 @@ prints one JSON line of what it did. Each mode is an attack of docs/integrity.md
   SPARE (EICAR, written beforehand) over PATH; `symlink` moves PATH's folder aside and puts
   a symlink to the folder SPARE in its place; `hardlink` links the file to SPARE, waits (up
   to 5 s) for the daemon to take PATH away, then writes EICAR through SPARE; `truncate`
-  truncates it to 9 bytes through a write descriptor kept from the start (SPARE unused).
+  truncates it to 9 bytes through a write descriptor kept from the start (SPARE unused),
+  `grow` extends it to a sparse terabyte through that descriptor.
 - `strand DIR EICAR`: writes DIR/sub/a.txt and keeps its write descriptor; when the daemon
   renames it away (IN_MOVED_FROM), writes EICAR through it and removes sub/.
 """
@@ -173,7 +174,7 @@ def race(path: str, attack: str, spare: str, eicar_path: str) -> dict[str, objec
     with open(path + ".part", "wb") as f:
         f.write(b"harmless " * (1 << 19))
     inode = os.stat(path + ".part").st_ino
-    writer = os.open(path + ".part", os.O_WRONLY) if attack == "truncate" else -1
+    writer = os.open(path + ".part", os.O_WRONLY) if attack in ("truncate", "grow") else -1
     watch = Inotify(path + ".part", IN_OPEN)
     os.rename(path + ".part", path)
     deadline = time.monotonic() + 60
@@ -185,8 +186,8 @@ def race(path: str, attack: str, spare: str, eicar_path: str) -> dict[str, objec
     elif attack == "symlink":
         os.rename(folder, folder + ".old")
         os.symlink(spare, folder)
-    elif attack == "truncate":
-        os.ftruncate(writer, 9)
+    elif attack in ("truncate", "grow"):
+        os.ftruncate(writer, 9 if attack == "truncate" else 1 << 40)
     else:
         os.link(path, spare)
         deadline = time.monotonic() + 5  # a link seen before the snapshot: left in place

@@ -141,13 +141,13 @@ def test_a_shared_mapping_flipping_the_bytes_reaches_neither_clean_nor_the_promo
     _nothing_left(drop)
 
 
-@pytest.mark.parametrize("attack", ["replace", "symlink", "hardlink", "truncate"])
+@pytest.mark.parametrize("attack", ["replace", "symlink", "hardlink", "truncate", "grow"])
 def test_a_name_raced_at_the_daemons_open_reaches_only_the_bytes_it_opened(
         drop: Layout, daemon_factory: Callable[..., Daemon], attack: str) -> None:
     """docs/integrity.md: the instant the daemon opens `sub/a.txt`, the uploader renames
     EICAR over its name, or swaps `sub/` for a symlink to a folder only root may read, or
     links the file to a name of its own and writes EICAR through it once it is moved, or
-    truncates it through a write descriptor it kept.
+    truncates it (or extends it to a sparse terabyte) through a write descriptor it kept.
     Where the attack lands before the daemon's own look at what it opened, that look
     refuses the snapshot (a name renamed over the file moves its ctime; a link makes it a
     hardlink), as it should."""
@@ -158,7 +158,7 @@ def test_a_name_raced_at_the_daemons_open_reaches_only_the_bytes_it_opened(
     secret.mkdir(mode=0o700)
     (secret / "a.txt").write_bytes(b"root's secret")
     spare = {"replace": spares / "evil.com", "symlink": secret, "hardlink": spares / "keep.txt",
-             "truncate": spares}[attack]
+             "truncate": spares, "grow": spares}[attack]
     daemon = _start(drop, daemon_factory, settle_seconds=0)
     result = _result(_attacker("race", str(drop.inbox / "sub" / "a.txt"), attack, str(spare), EICAR_PATH))
     assert result["opened"], result
@@ -181,6 +181,9 @@ def test_a_name_raced_at_the_daemons_open_reaches_only_the_bytes_it_opened(
         # truncated ones always, put back after that snapshot's move, else snapshotted at once
         assert placed in ({"sub/a.txt": harmless[:9]}, {"sub/a.txt": harmless, "sub/a.1.txt": harmless[:9]})
         assert not quarantined
+    elif attack == "grow":  # never hashed: refused from its size as itself, whichever came first
+        assert clean in ([], ["sub/a.txt"]) and quarantined == [] and drop.placed("failed") == ["sub/a.txt"]
+        assert (drop.failed / "sub" / "a.txt").stat().st_size == 1 << 40
     elif attack == "replace":
         assert clean in ([], ["sub/a.txt"]) and quarantined == ["sub/a.txt"]
         assert (drop.quarantine / "sub" / "a.txt").read_bytes() == EICAR
@@ -197,8 +200,9 @@ def test_a_name_raced_at_the_daemons_open_reaches_only_the_bytes_it_opened(
         assert skipped == [("sub/a.txt", "hardlink")]
         assert os.path.samefile(drop.inbox / "sub" / "a.txt", spare) and quarantined == []
     assert (secret / "a.txt").read_bytes() == b"root's secret"
-    for path in drop.base.rglob("*"):
-        assert secret in path.parents or not path.is_file() or b"root's secret" not in path.read_bytes()
+    for path in drop.base.rglob("*"):  # (the terabyte of `grow` is the uploader's own inode)
+        assert (secret in path.parents or not path.is_file() or path.stat().st_size > 1 << 30
+                or b"root's secret" not in path.read_bytes())
     assert_clean_was_scanned(drop, daemon)
     _nothing_left(drop)
 
