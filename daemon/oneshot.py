@@ -24,6 +24,7 @@ from daemon.locations import Listed, LocalLocation, S3Location, Source
 from daemon.model import FileState, Pending, Reason, ScanRecord, Verdict, VerdictKind
 from daemon.pipeline import Pipeline
 from daemon.pipeline.multi import decide
+from daemon.pipeline.scanning import too_large
 from daemon.refid import build_ref_id
 from daemon.s3client import make_client
 from daemon.s3url import is_s3
@@ -103,6 +104,8 @@ def _scan_only(config: Config, engines: dict[str, Engine], watch: WatchConfig, p
     folder, _, name = path.rpartition("/")
     try:
         with DirCache() as dirs, _location(config, watch, folder, dirs).open_for_scan(Listed(name)) as opened:
+            if too_large(config, watch, opened.facts.get("size"), "found") is not None:  # not hashed
+                return ScanResult(path, VerdictKind.FAILED, reason=Reason.TOO_LARGE.value)
             content = opened.content()
             ref_id = build_ref_id(watch.name, rel or name, content.sha256)
             request = ScanRequest(watch.name, rel or name, path, content.fd, content.size,

@@ -39,6 +39,17 @@ def test_scan_exit_codes_clean_infected_failed(layout: Layout, tmp_path: Path) -
     assert clean.exists() and infected.exists()  # scan alone moves nothing
 
 
+def test_scan_of_a_sparse_terabyte_fails_too_large_unread(layout: Layout, tmp_path: Path) -> None:
+    """Larger than every engine's `max_size`: refused from its size, never hashed (an hour)."""
+    huge = tmp_path / "huge.bin"
+    with open(huge, "wb") as f:
+        f.truncate(1 << 40)
+    result = _scan(layout.write_config(), "--json", str(huge))
+    assert result.returncode == 3
+    record = json.loads(result.stdout)
+    assert (record["verdict"], record["reason"], record["sha256"]) == ("failed", "too_large", None)
+
+
 def test_scan_json_lines(layout: Layout, tmp_path: Path) -> None:
     target = tmp_path / "eicar.com"
     target.write_bytes(EICAR)

@@ -45,7 +45,7 @@ from daemon.pipeline.multi import MultiScanner
 from daemon.pipeline.outcome import Outcome, Outcomes
 from daemon.refid import build_ref_id
 
-__all__ = ["Asking", "EngineCall", "Scanner"]
+__all__ = ["Asking", "EngineCall", "Scanner", "too_large"]
 
 log = structlog.get_logger("scanwatch.pipeline")
 
@@ -63,6 +63,18 @@ class EngineCall:
 
 # A scanning step: runs up to its engine call (yielded), takes its answer, returns its outcome.
 _Steps = Generator[EngineCall, answers.EngineResult, Outcome]
+
+
+def too_large(config: Config, watch: WatchConfig, size: int | None, found: str) -> str | None:
+    """Size before bytes: why a file or object of `size` (as `found`: by its `lstat`, or
+    listed) larger than every engine's `max_size` is refused without being copied, hashed or
+    downloaded (docs/contract.md, "What the engine reads"): a sparse terabyte costs its
+    uploader nothing, and must not cost the daemon an hour of hashing. Else None."""
+    limits = [(name, config.engines[name].max_size) for name in watch.engines]
+    if size is None or not limits or any(limit is None or size <= limit for _, limit in limits):
+        return None
+    return "; ".join(f"{size} bytes (as {found}) is over engines.{name}.max_size ({limit})"
+                     for name, limit in limits)
 
 
 class Scanner(answers.ScanStep):
@@ -109,7 +121,8 @@ class Scanner(answers.ScanStep):
         for root in watch.destinations.values():
             if root != IN_PLACE and (why := locations.refuses(root, watch, row.rel_path)) is not None:
                 return self.outcomes.failed(row, Reason.UNSAFE_KEY, why)
-        if (why := self._too_large(row, watch)) is not None:
+        if row.engine_scan_id is None and (why := too_large(
+                self.config, watch, row.size, "listed" if row.etag is not None else "found")) is not None:
             return self.outcomes.failed(row, Reason.TOO_LARGE, why)
         try:
             listed = Listed(row.rel_path, row.etag, row.version_id, row.size, file_id=row.id,
@@ -130,20 +143,6 @@ class Scanner(answers.ScanStep):
             if isinstance(exc, PermissionError) or exc.errno in _UNREADABLE_ERRNOS:
                 return self.outcomes.failed(row, Reason.UNREADABLE, str(exc))
             raise
-
-    def _too_large(self, row: FileRow, watch: WatchConfig) -> str | None:
-        """Size before bytes: why a file or object larger than every engine's `max_size` when
-        found (its `lstat`, or its listing) is refused without being copied, hashed or
-        downloaded (docs/contract.md, "What the engine reads"): a sparse file of a terabyte
-        costs its uploader nothing. Else None."""
-        if row.size is None or row.engine_scan_id is not None:
-            return None
-        limits = [(name, self.config.engines[name].max_size) for name in watch.engines]
-        if not limits or any(limit is None or row.size <= limit for _, limit in limits):
-            return None
-        found = "listed" if row.etag is not None else "found"
-        return "; ".join(f"{row.size} bytes (as {found}) is over engines.{name}.max_size ({limit})"
-                         for name, limit in limits)
 
     def _scan_opened(self, row: FileRow, watch: WatchConfig, opened: Opened,
                      locations: Locations) -> _Steps:
