@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import EICAR, ROOT, Layout
+from test_integrity import Pauses
 
 from daemon.config import YaraEngineConfig
 from daemon.engines.base import ScanRequest
@@ -93,3 +94,21 @@ def test_a_sparse_file_under_max_size_is_scanned_through_and_placed_still_sparse
     with open(placed, "rb") as f:
         f.seek(200 * 2**20 - 1)
         assert f.read(len(EICAR) + 2) == b"\0" + EICAR + b"\0"
+
+
+def test_a_file_found_too_large_then_rewritten_small_is_scanned_as_it_is_now(
+        layout: Layout, daemon_factory, tmp_path: Path) -> None:
+    """Refused from the size its watcher saw only while it still is that file: rewritten
+    before a worker got to it, it is looked at anew (`file.changed`) and scanned."""
+    pauses = Pauses(tmp_path / "pauses")
+    daemon = daemon_factory(layout.write_config(watch={"settle_seconds": 0}), pauses.env("arrivals.taken"))
+    daemon.wait_started()
+    with open(layout.inbox / "big.bin", "wb") as f:
+        f.truncate(2 * 2**30)
+    pauses.reached(daemon, "arrivals.taken")  # found 2 GiB, handed to a worker
+    (layout.inbox / "big.bin").write_bytes(b"small now")  # the same inode, rewritten
+    pauses.go("arrivals.taken")
+    daemon.wait_for(lambda: daemon.named("file.moved"), what="the file moved")
+    assert daemon.stop() == 0
+    assert layout.placed("clean") == ["big.bin"] and (layout.clean / "big.bin").read_bytes() == b"small now"
+    assert daemon.named("file.changed") and layout.placed("failed") == []

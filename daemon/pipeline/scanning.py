@@ -121,10 +121,13 @@ class Scanner(answers.ScanStep):
         for root in watch.destinations.values():
             if root != IN_PLACE and (why := locations.refuses(root, watch, row.rel_path)) is not None:
                 return self.outcomes.failed(row, Reason.UNSAFE_KEY, why)
-        if row.engine_scan_id is None and (why := too_large(
-                self.config, watch, row.size, "listed" if row.etag is not None else "found")) is not None:
-            return self.outcomes.failed(row, Reason.TOO_LARGE, why)
         try:
+            if row.engine_scan_id is None and (why := too_large(
+                    self.config, watch, row.size, "listed" if row.etag is not None else "found")) is not None:
+                # A file is refused from the size its watcher saw only if it still is that file.
+                if row.etag is None and source.identity_now(row.rel_path) != row.identity:
+                    raise ChangedError(f"{source.name(row.rel_path)} changed after it was found")
+                return self.outcomes.failed(row, Reason.TOO_LARGE, why)
             listed = Listed(row.rel_path, row.etag, row.version_id, row.size, file_id=row.id,
                             snapshot=row.snapshot, sha256=row.sha256, identity=row.identity)
             with source.open_for_scan(listed) as opened:
