@@ -59,7 +59,7 @@ def test_a_bad_max_size_is_a_config_error_naming_its_path(layout: Layout, value:
 
 def test_a_2gb_sparse_file_fails_too_large_uncopied_and_unread(layout: Layout, daemon_factory) -> None:
     """Larger than the engine's `max_size` when found: failed as itself, never copied into
-    staging (a dense 2 GiB there) nor hashed (docs/contract.md, "What the engine reads")."""
+    staging (a dense 2 GiB there) nor hashed (docs/engines.md, "File size limits")."""
     daemon = daemon_factory(layout.write_config())
     daemon.wait_started()
     with open(layout.inbox / "sparse.bin", "wb") as f:

@@ -68,7 +68,7 @@ _Steps = Generator[EngineCall, answers.EngineResult, Outcome]
 def too_large(config: Config, watch: WatchConfig, size: int | None, found: str) -> str | None:
     """Size before bytes: why a file or object of `size` (as `found`: by its `lstat`, or
     listed) larger than every engine's `max_size` is refused without being copied, hashed or
-    downloaded (docs/contract.md, "What the engine reads"): a sparse terabyte costs its
+    downloaded (docs/engines.md, "File size limits"): a sparse terabyte costs its
     uploader nothing, and must not cost the daemon an hour of hashing. Else None."""
     limits = [(name, config.engines[name].max_size) for name in watch.engines]
     if size is None or not limits or any(limit is None or size <= limit for _, limit in limits):
