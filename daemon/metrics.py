@@ -38,9 +38,9 @@ class _JournalCollector(Collector):
                                   labels=["watch", "state"])
         totals: dict[tuple[str, str], int] = {}
         held: dict[tuple[str, str], int] = {}
-        for watch, state, _, reason, count in self._journal.counts():
-            if state not in (FileState.DONE, FileState.GONE):
-                totals[(watch, state)] = totals.get((watch, state), 0) + count
+        # The active rows only: a scrape's cost does not grow with the history kept.
+        for watch, state, _, reason, count in self._journal.counts(finished=False):
+            totals[(watch, state)] = totals.get((watch, state), 0) + count
             if state == FileState.HELD:
                 held[(watch, reason or "")] = held.get((watch, reason or ""), 0) + count
         for (watch, state), count in sorted(totals.items()):

@@ -16,9 +16,9 @@ from daemon.alerts import WebhookAlerts
 from daemon.config import Config, load_config
 from daemon.engines import Engine, build_engines
 from daemon.engines.clamav import follow_clamd_threads
-from daemon.errors import ConfigError, EngineThrottledError, JournalDamagedError, ScanwatchError
+from daemon.errors import ConfigError, EngineThrottledError, JournalDamagedError, JournalError, ScanwatchError
 from daemon.handoff import Handoff, add_on_way
-from daemon.journal import is_damage, open_journal, owner_token
+from daemon.journal import Journal, is_damage, open_journal, owner_token
 from daemon.journal.repair import hold_daemon_lock
 from daemon.locations.s3staging import reconcile as reconcile_staging
 from daemon.metrics import Metrics
@@ -27,6 +27,7 @@ from daemon.pipeline.outcome import Outcome, Tally
 from daemon.s3client import S3Clients
 from daemon.s3url import is_s3
 from daemon.sdnotify import Notifier
+from daemon.timefmt import iso
 from daemon.watchers.base import Watcher
 from daemon.watchers.local import LocalWatcher
 from daemon.watchers.s3 import S3Watcher
@@ -40,6 +41,8 @@ log = structlog.get_logger("scanwatch.service")
 
 _TICK_S = 1.0
 _RECLAIM_EVERY_S = 30.0
+_PRUNE_EVERY_S = 3600.0  # retention passes, at most (sooner for a shorter `journal.keep`)
+_PRUNE_PAUSE_S = 0.005  # between a pass's transactions: the workers' turn at the writers' lock
 
 
 @dataclass
@@ -64,6 +67,41 @@ def s3_clients(config: Config) -> S3Clients:
     return s3
 
 
+class _Retention:
+    """The journal's retention passes (daemon/journal/retention.py), each in a thread of its
+    own so that the main loop keeps its tick whatever the journal's size."""
+
+    def __init__(self, journal: Journal) -> None:
+        self._journal = journal
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._due_at = 0.0  # the first pass at the first tick
+
+    def tick(self, keep: float | None) -> None:
+        """Start a pass removing what finished more than `keep` seconds ago, if one is due."""
+        if keep is None or time.monotonic() < self._due_at or (self._thread and self._thread.is_alive()):
+            return
+        self._due_at = time.monotonic() + min(_PRUNE_EVERY_S, keep)
+        self._thread = threading.Thread(target=self._pass, args=(time.time() - keep,),
+                                        name="journal-retention", daemon=True)
+        self._thread.start()
+
+    def _pass(self, before: float) -> None:
+        try:
+            removed = self._journal.prune(before, go_on=lambda: not self._stopping.wait(_PRUNE_PAUSE_S))
+        except (JournalError, sqlite3.Error) as exc:  # a damaged journal stops the daemon (`_fault`)
+            log.warning("journal.prune_failed", error=str(exc))
+            return
+        if removed:
+            log.info("journal.pruned", rows=removed, finished_before=iso(before))
+
+    def stop(self) -> None:
+        """End a pass at its next transaction's end."""
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
 class Service:
     """The daemon: runs until SIGTERM/SIGINT, reloads on SIGHUP."""
 
@@ -86,6 +124,7 @@ class Service:
         self._signalled = threading.Event()
         self._died: list[str] = []  # threads ended by an exception: the daemon must not go on
         self._noted_on_way = False  # whether the journal has arrivals on their way, as noted
+        self._retention = _Retention(self.journal)
         self._running = self._build(config, forked, s3)
 
     def _build(self, config: Config, forked: Sequence[Forked] = (),
@@ -243,6 +282,7 @@ class Service:
                 # Rows of a crashed `scan --move` next to us.
                 self.journal.reclaim()
                 next_reclaim_at = time.monotonic() + _RECLAIM_EVERY_S
+            self._retention.tick(self._running.config.journal.keep)
             self._heartbeat()
 
     def _note_arriving(self) -> None:
@@ -302,6 +342,7 @@ class Service:
             self._stop(self._running, timeout_s=min(self._running.config.shutdown_timeout, 5.0))
         except (ScanwatchError, sqlite3.Error) as exc:
             log.warning("daemon.stop_incomplete", error=str(exc))
+        self._retention.stop()
         self.journal.close()
 
     def _shutdown(self, signum: signal.Signals) -> int:
@@ -310,6 +351,7 @@ class Service:
         self.notifier.extend_timeout(self._running.config.shutdown_timeout + 5)
         drained = self._stop(self._running)
         self.journal.note_arriving({}, time.time())  # their sources keep them, for the next start
+        self._retention.stop()
         log.info("daemon.stopped", drained=drained)
         self.journal.close()
         return 0

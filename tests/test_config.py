@@ -74,11 +74,21 @@ def test_defaults_of_the_outside_contract(layout: Layout) -> None:
     blazelock = config.engines["blz"]
     assert blazelock.reuse_max_age == 86400 and blazelock.mode == "async"  # type: ignore[union-attr]
     assert all(engine.cache.enabled for engine in config.engines.values())
+    assert config.journal.keep == 90 * 86400
 
 
 def test_unknown_key_names_its_path(layout: Layout) -> None:
     config = layout.config(watch={"colour": "blue"})
     assert _problems(_write(layout, config)) == ["watches[0].colour: unknown key"]
+
+
+def test_journal_keep_is_a_positive_duration_or_null(layout: Layout) -> None:
+    assert load_config(_write(layout, layout.config(journal={"keep": None}))).journal.keep is None
+    assert load_config(_write(layout, layout.config(journal={"keep": "30d"}))).journal.keep == 30 * 86400
+    [problem] = _problems(_write(layout, layout.config(journal={"keep": 0})))
+    assert problem.startswith("journal.keep: ")
+    assert _problems(_write(layout, layout.config(journal={"keep": "soon"}))) == [
+        "journal.keep: expected a duration such as 30, 30s, 5m, 2h or 1d"]
 
 
 def test_a_clamd_address_that_is_not_host_port_names_its_own_key(layout: Layout) -> None:

@@ -82,6 +82,13 @@ class MetricsConfig(_Model):
         return check_host_port(value)
 
 
+class JournalConfig(_Model):
+    keep: Duration | None = Field(default=90 * 86400.0, gt=0, examples=["90d"],
+                                  description="how long the journal keeps a finished file's row after "
+                                  "its last change; files in quarantine are kept until released or "
+                                  "deleted, and `status` still counts the rows removed; null: forever")
+
+
 class NotifyConfig(_Model):
     webhook: SecretHttpUrl = Field(description=f"URL that receives a JSON POST per infected or failed file; "
                                    f"{_SECRET}",
@@ -208,6 +215,8 @@ class Config(_Model):
                                           "/healthz; omit to turn off")
     notify: NotifyConfig | None = Field(None, description="a JSON POST per infected or failed file; "
                                         "omit to turn off")
+    journal: JournalConfig = Field(default_factory=JournalConfig, description="the journal's history "
+                                   "(docs/operations.md, \"Journal retention\")")
     s3: S3Config = Field(default_factory=S3Config, description="settings of every s3:// location; "
                          "boto3's usual credential chain applies")
     shutdown_timeout: Duration = Field(10.0, description="how long SIGTERM waits for in-flight files")

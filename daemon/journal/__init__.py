@@ -19,6 +19,7 @@ from daemon.journal.arrivals import Arrivals
 from daemon.journal.cache import VERDICTS_FILE, CachedVerdict, KeptVerdict, VerdictCacheRecords
 from daemon.journal.database import Database, _is_alive, is_damage, owner_token, state_dir_error
 from daemon.journal.rescans import RescanRecords
+from daemon.journal.retention import Retention
 from daemon.journal.schema import (
     _ACTIVE,
     _CLAIMABLE,
@@ -62,7 +63,7 @@ _UNTAKEN = ("CASE WHEN state = 'scanning' AND engine_scan_id IS NULL "
             "THEN CASE WHEN stable_at IS NULL THEN 'discovered' ELSE 'stable' END ELSE state END")
 
 
-class Journal(Arrivals, ObjectVersions, RescanRecords, VerdictCacheRecords):
+class Journal(Arrivals, ObjectVersions, RescanRecords, Retention, VerdictCacheRecords):
     """The SQLite journal under `state_dir`: arrivals, the work queue, what happened to each file;
     and beside it, in a file of their own, the verdicts it keeps (`verdicts`)."""
 
@@ -271,14 +272,20 @@ class Journal(Arrivals, ObjectVersions, RescanRecords, VerdictCacheRecords):
             (*params, limit))
         return [_from_db(r) for r in rows]
 
-    def counts(self) -> list[tuple[str, str, str | None, str | None, int]]:
-        """`(watch, state, verdict, reason, count)` for every group of rows: the finished ones
-        read from their index alone (`files_finished`), the active ones from theirs; then the
-        arrivals on their way to a worker, in state `arriving` (`note_arriving`)."""
-        groups = ("SELECT watch, state, verdict, reason, count(*) FROM files WHERE {} "
+    def counts(self, *, finished: bool = True) -> list[tuple[str, str, str | None, str | None, int]]:
+        """`(watch, state, verdict, reason, count)` for every group of rows: the active ones
+        read from their index; then the arrivals on their way to a worker, in state
+        `arriving` (`note_arriving`). `finished`: the finished ones too, read from their
+        index alone (`files_finished`), with those that retention removed (`prune`)."""
+        groups = ("SELECT watch, state, verdict, reason, count(*) AS files FROM files WHERE {} "
                   "GROUP BY watch, state, verdict, reason")
-        rows = [tuple(r) for r in self._conn().execute(
-            f"{groups.format(_FINISHED)} UNION ALL {groups.format(_ACTIVE)} ORDER BY 1, 2")]
+        sql = groups.format(_ACTIVE)
+        if finished:
+            sql = (f"SELECT watch, state, verdict, reason, sum(files) FROM ("
+                   f"{groups.format(_FINISHED)} UNION ALL SELECT watch, state, NULLIF(verdict, ''), "
+                   "NULLIF(reason, ''), files FROM finished_counts) "
+                   f"GROUP BY watch, state, verdict, reason UNION ALL {sql} ORDER BY 1, 2")
+        rows = [tuple(r) for r in self._conn().execute(sql)]
         return rows + [(watch, "arriving", None, None, count)
                        for watch, (count, _) in sorted(self.arriving().items())]
 

@@ -186,4 +186,18 @@ SCHEMA = [
         noted_at REAL NOT NULL
     ) WITHOUT ROWID;
     """,
+    # Retention (daemon/journal/retention.py, docs/operations.md "Journal retention"): the
+    # counts of the finished rows removed, which `status` adds to those of the rows kept
+    # (NULL verdicts and reasons as ''); and the indexes that let a removed row's audit and
+    # rescan records be found without reading those tables whole, as SQLite's foreign key
+    # check of each deleted row otherwise does.
+    """
+    CREATE TABLE finished_counts (
+        watch TEXT NOT NULL, state TEXT NOT NULL, verdict TEXT NOT NULL, reason TEXT NOT NULL,
+        files INTEGER NOT NULL,
+        PRIMARY KEY (watch, state, verdict, reason)
+    ) WITHOUT ROWID;
+    CREATE INDEX audit_file ON audit(file_id);
+    CREATE INDEX rescan_files_file ON rescan_files(file_id);
+    """,
 ]
