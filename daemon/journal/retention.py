@@ -33,6 +33,9 @@ _NEEDED = f"""(
     OR EXISTS (SELECT 1 FROM cache_flights WHERE file_id = files.id)
     OR EXISTS (SELECT 1 FROM cache_waiters WHERE file_id = files.id))"""
 
+# Parameters: the first id, the id past the last, the cutoff.
+_PRUNABLE = f"id >= ? AND id < ? AND {_FINISHED} AND updated_at < ? AND NOT {_NEEDED}"
+
 _REMOVE = (
     # Counted as the rows were (`Journal.counts` adds these back).
     """INSERT INTO finished_counts
@@ -49,19 +52,24 @@ _REMOVE = (
 class Retention(Database):
     """Old finished rows removed, a transaction at a time, beside the running daemon."""
 
-    def prune(self, before: float, *, go_on: Callable[[], bool] = lambda: True) -> int:
+    def prune(self, before: float, *, go_on: Callable[[int], bool] = lambda _: True) -> int:
         """Remove the finished rows last changed before `before` that nothing needs (`_NEEDED`),
         with their scans and audit records; then the rescans finished before it with their
-        records. One transaction per `_CHUNK` row ids; `go_on()` is asked between them, and
-        False stops there (the next call starts again). Returns the rows removed."""
-        first, last = self._conn().execute("SELECT min(id), max(id) FROM files").fetchone()
+        records. One transaction per `_CHUNK` row ids that hold such rows (found first by a
+        read, which takes no lock); `go_on(removed)` is asked after each, and False stops
+        there (the next call starts again). Returns the rows removed."""
+        conn = self._conn()
+        first, last = conn.execute("SELECT min(id), max(id) FROM files").fetchone()
         removed = 0
-        if first is not None:
-            for start in range(first, last + 1, _CHUNK):
-                with self._tx() as conn:
-                    removed += _prune_chunk(conn, start, start + _CHUNK, before)
-                if not go_on():
-                    return removed
+        for start in range(first or 0, (last or -1) + 1, _CHUNK):
+            if conn.execute(f"SELECT 1 FROM files WHERE {_PRUNABLE} LIMIT 1",
+                            (start, start + _CHUNK, before)).fetchone() is None:
+                continue
+            with self._tx() as tx:
+                chunk = _prune_chunk(tx, start, start + _CHUNK, before)
+            removed += chunk
+            if not go_on(chunk):
+                return removed
         finished = "SELECT id FROM rescans WHERE finished_at < ?"
         with self._tx() as conn:
             conn.execute(f"DELETE FROM rescan_files WHERE rescan_id IN ({finished})", (before,))
@@ -72,9 +80,8 @@ class Retention(Database):
 def _prune_chunk(conn: sqlite3.Connection, start: int, end: int, before: float) -> int:
     """Remove the prunable rows with ids in [start, end); how many."""
     conn.execute("CREATE TEMP TABLE IF NOT EXISTS pruned (id INTEGER PRIMARY KEY)")
-    found = conn.execute(
-        f"INSERT INTO temp.pruned SELECT id FROM files WHERE id >= ? AND id < ? AND {_FINISHED} "
-        f"AND updated_at < ? AND NOT {_NEEDED}", (start, end, before)).rowcount
+    found = conn.execute(f"INSERT INTO temp.pruned SELECT id FROM files WHERE {_PRUNABLE}",
+                         (start, end, before)).rowcount
     if found:
         for sql in _REMOVE:
             conn.execute(sql)
