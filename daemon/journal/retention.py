@@ -59,7 +59,9 @@ class Retention(Database):
         read, which takes no lock); `go_on(removed)` is asked after each, and False stops
         there (the next call starts again). Returns the rows removed."""
         conn = self._conn()
-        first, last = conn.execute("SELECT min(id), max(id) FROM files").fetchone()
+        # Two queries: SQLite reads the ends of the rowid b-tree for `min(id)` or `max(id)`
+        # alone, and the whole table for both in one.
+        first, last = (conn.execute(f"SELECT {end}(id) FROM files").fetchone()[0] for end in ("min", "max"))
         removed = 0
         for start in range(first or 0, (last or -1) + 1, _CHUNK):
             if conn.execute(f"SELECT 1 FROM files WHERE {_PRUNABLE} LIMIT 1",
