@@ -128,3 +128,28 @@ def test_the_daemon_prunes_what_it_finished_beside_its_workers(layout: Layout, d
     assert _status(config)["watches"]["inbox"]["states"] == {"done": 41}
     assert daemon.stop() == 0
     assert len(layout.placed("clean")) == 40 and layout.placed("quarantine") == ["eicar.com"]
+
+
+def test_kill_9_in_a_pass_loses_no_count_and_the_next_start_finishes_it(layout: Layout,
+                                                                        daemon_factory) -> None:
+    config = layout.write_config(log={"format": "json", "level": "info"})  # the default keep, 90 days
+    old = time.time() - 100 * DAY
+    journal = Journal(layout.state / "journal.sqlite3")
+    journal.restore(_row(f"f{i:06d}", at=old, verdict="clean", watch="inbox") for i in range(200_000))
+    before = _status(config)["watches"]["inbox"]["states"]
+    assert before == {"done": 200_000}
+    first = daemon_factory(config)
+    first.wait_started()
+    wait_until(lambda: _count(journal, "files") < 200_000, what="a pass under way")
+    first.proc.kill()
+    first.proc.wait()
+    left = _count(journal, "files")
+    assert 0 < left < 200_000 and not first.named("journal.pruned")
+    assert _status(config)["watches"]["inbox"]["states"] == before
+    assert journal.quick_check() is None
+    second = daemon_factory(config)
+    second.wait_for(lambda: second.named("journal.pruned"), what="journal.pruned")
+    assert second.named("journal.pruned")[0]["rows"] == left
+    assert journal.rows(limit=10) == []
+    assert _status(config)["watches"]["inbox"]["states"] == before
+    assert second.stop() == 0
