@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,23 @@ def test_tags_on_the_object_where_it_is_never_rescanned_and_new_bytes_are_new(
     h.put("in/a.txt", EICAR)  # new bytes at the key: a new arrival
     assert h.watcher.poll_once() == 1
     h.step()
+    assert _tags(h, "in/a.txt")["scanwatch-verdict"] == "infected"
+
+
+def test_retention_keeps_the_newest_outcome_of_each_object_so_no_listing_scans_it_again(
+        harness: Callable[..., S3Harness]) -> None:
+    """docs/operations.md, "Journal retention": every row is past the cutoff here."""
+    h = harness(FakeEngine(), **IN_PLACE)
+    h.put("in/a.txt", b"hello")
+    h.put("in/b.txt", b"world")
+    h.step()
+    h.put("in/a.txt", EICAR)  # new bytes: a second outcome of the key
+    assert h.watcher.poll_once() == 1
+    h.step()
+    assert len(h.rows()) == 3
+    assert h.journal.prune(time.time() + 1) == 1
+    assert sorted((r.rel_path, r.verdict) for r in h.rows()) == [("a.txt", "infected"), ("b.txt", "clean")]
+    assert h.watcher.poll_once() == 0  # both objects are still known as judged
     assert _tags(h, "in/a.txt")["scanwatch-verdict"] == "infected"
 
 
