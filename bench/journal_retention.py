@@ -79,7 +79,7 @@ def _one(base: Path, work: Path, rows: int, old: int) -> dict[str, float]:
     figures = {"status ms": _ms(journal.counts), "scrape ms": _ms(lambda: journal.counts(finished=False))}
     ends = [time.perf_counter()]
     began = time.perf_counter()
-    removed = journal.prune(_CUTOFF, go_on=lambda _: bool(ends.append(time.perf_counter())) or True)
+    removed = journal.prune(_CUTOFF, go_on=lambda: bool(ends.append(time.perf_counter())) or True)
     seconds = time.perf_counter() - began
     spans = [1000 * (b - a) for a, b in zip(ends, ends[1:], strict=False)]
     figures.update({"pruned rows/s": removed / seconds, "median tx ms": statistics.median(spans),

@@ -88,8 +88,7 @@ class _Retention:
 
     def _pass(self, before: float) -> None:
         try:
-            removed = self._journal.prune(
-                before, go_on=lambda chunk: not self._stopping.wait(_PRUNE_PAUSE_S if chunk else 0))
+            removed = self._journal.prune(before, go_on=lambda: not self._stopping.wait(_PRUNE_PAUSE_S))
         except (JournalError, sqlite3.Error) as exc:  # a damaged journal stops the daemon (`_fault`)
             log.warning("journal.prune_failed", error=str(exc))
             return

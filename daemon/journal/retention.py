@@ -52,12 +52,12 @@ _REMOVE = (
 class Retention(Database):
     """Old finished rows removed, a transaction at a time, beside the running daemon."""
 
-    def prune(self, before: float, *, go_on: Callable[[int], bool] = lambda _: True) -> int:
+    def prune(self, before: float, *, go_on: Callable[[], bool] = lambda: True) -> int:
         """Remove the finished rows last changed before `before` that nothing needs (`_NEEDED`),
         with their scans and audit records; then the rescans finished before it with their
         records. One transaction per `_CHUNK` row ids that hold such rows (found first by a
-        read, which takes no lock); `go_on(removed)` is asked after each, and False stops
-        there (the next call starts again). Returns the rows removed."""
+        read, which takes no lock); `go_on()` is asked after each, and False stops there (the
+        next call starts again). Returns the rows removed."""
         conn = self._conn()
         # Two queries: SQLite reads the ends of the rowid b-tree for `min(id)` or `max(id)`
         # alone, and the whole table for both in one.
@@ -68,14 +68,13 @@ class Retention(Database):
                             (start, start + _CHUNK, before)).fetchone() is None:
                 continue
             with self._tx() as tx:
-                chunk = _prune_chunk(tx, start, start + _CHUNK, before)
-            removed += chunk
-            if not go_on(chunk):
+                removed += _prune_chunk(tx, start, start + _CHUNK, before)
+            if not go_on():
                 return removed
         finished = "SELECT id FROM rescans WHERE finished_at < ?"
-        with self._tx() as conn:
-            conn.execute(f"DELETE FROM rescan_files WHERE rescan_id IN ({finished})", (before,))
-            conn.execute(f"DELETE FROM rescans WHERE id IN ({finished})", (before,))
+        with self._tx() as tx:
+            tx.execute(f"DELETE FROM rescan_files WHERE rescan_id IN ({finished})", (before,))
+            tx.execute(f"DELETE FROM rescans WHERE id IN ({finished})", (before,))
         return removed
 
 
