@@ -92,7 +92,7 @@ def _one(base: Path, work: Path, rows: int, old: int) -> dict[str, float]:
                      "updated_at, sha256, ref_id, destination, dest_rel) "
                      "VALUES ('inbox', ?, 'done', ?, ?, ?, ?, ?, ?, ?)",
                      [(rel + b".new", at, at, at, sha, ref, dest, rel)
-                      for rel, _, sha, ref, dest, rel, at, _ in _rows(rows, old, 0)])
+                      for rel, _, sha, ref, dest, _, at, _ in _rows(rows, old, 0)])
     conn.commit()
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     figures["grown by new rows MB"] = (journal.path.stat().st_size - size) / 1e6
