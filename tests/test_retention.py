@@ -4,6 +4,7 @@ still needs a row keeps it, and `status` counts the same before and after."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -153,3 +154,30 @@ def test_kill_9_in_a_pass_loses_no_count_and_the_next_start_finishes_it(layout: 
     assert journal.rows(limit=10) == []
     assert _status(config)["watches"]["inbox"]["states"] == before
     assert second.stop() == 0
+
+
+def test_links_an_uploader_makes_and_removes_leave_nothing_behind(layout: Layout, daemon_factory) -> None:
+    """Held paths no longer there are gone at the next sweep, then removed by retention; one
+    still there stays held and is reported once (docs/contract.md, "Symlinks, hardlinks and
+    special files")."""
+    config = layout.write_config(journal={"keep": "1s"}, log={"format": "json", "level": "info"})
+    daemon = daemon_factory(config)
+    daemon.wait_started()
+    for i in range(30):
+        (layout.inbox / f"link-{i:02d}").symlink_to("/etc/passwd")
+    os.mkfifo(layout.inbox / "pipe")
+    daemon.wait_for(lambda: len(daemon.named("file.skipped")) == 31, what="31 paths held")
+    assert _status(config)["watches"]["inbox"]["skipped"] == {"symlink": 30, "special_file": 1}
+    for i in range(29):
+        (layout.inbox / f"link-{i:02d}").unlink()
+    journal = Journal(layout.state / "journal.sqlite3")
+    wait_until(lambda: sorted(r.rel_path for r in journal.rows()) == ["link-29", "pipe"], timeout_s=15,
+               what="the removed links gone, then removed")
+    assert all(r.state == "held" for r in journal.rows())
+    assert _status(config)["watches"]["inbox"]["skipped"] == {"symlink": 1, "special_file": 1}
+    (layout.inbox / "link-00").symlink_to("/etc/passwd")  # a new link under an old name: news
+    daemon.wait_for(lambda: len(daemon.named("file.skipped")) == 32, what="the new link held")
+    time.sleep(2.5)  # another sweep: what is still there is not reported again
+    assert sorted(e["rel_path"] for e in daemon.named("file.skipped")) == sorted(
+        [f"link-{i:02d}" for i in range(30)] + ["link-00", "pipe"])
+    assert daemon.stop() == 0

@@ -42,7 +42,7 @@ from daemon.watchers import inotify
 from daemon.watchers.base import RepeatFilter, errno_reason, is_ignored, log_discovered, relative_path
 from daemon.watchers.fallback import ArrivalsHandler, ArrivalsObserver, ObservedWatch
 from daemon.watchers.held import HeldArrivals
-from daemon.watchers.tree import stat_below, walk
+from daemon.watchers.tree import is_below, stat_below, walk
 
 __all__ = ["LocalWatcher"]
 
@@ -252,10 +252,24 @@ class LocalWatcher:
             self._record(walk(root_fd, self._keep, lambda rel, exc: self._skip(rel, exc, skipped),
                               seen=seen), now, "sweep", seen)
             self._skipped = skipped
+            gone = self._held_gone(root_fd, now)
         finally:
             self._next_rescan_at = now + self.watch.rescan_interval
-        log.debug("watch.swept", watch=self.watch.name, skipped=len(skipped),
+        log.debug("watch.swept", watch=self.watch.name, skipped=len(skipped), held_gone=gone,
                   duration_s=round(time.monotonic() - started, 3))
+
+    def _held_gone(self, root_fd: int, now: float) -> int:
+        """Record as gone the held paths (a symlink, a hardlink...) no longer there: else an
+        uploader making and removing links under new names would grow the journal and the
+        skipped count without end (docs/contract.md, "Symlinks, hardlinks and special files")."""
+        gone = []
+        for file_id, rel_path in self.journal.held_paths(self.watch.name):
+            try:
+                if not is_below(root_fd, rel_path):
+                    gone.append(file_id)
+            except OSError:  # not to be looked at now (a folder it may not enter): still held
+                continue
+        return self.journal.held_gone(gone, now) if gone else 0
 
     def _keep(self, rel_path: str) -> bool:
         # The staging directory of snapshots is the daemon's, whatever `ignore` says.

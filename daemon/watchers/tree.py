@@ -49,6 +49,18 @@ def stat_below(root_fd: int, rel_path: str) -> os.stat_result:
         os.close(fd)
 
 
+def is_below(root_fd: int, rel_path: str) -> bool:
+    """Whether something is at `rel_path` below `root_fd` (a symlink on the way: nothing is);
+    any other error is raised."""
+    try:
+        stat_below(root_fd, rel_path)
+    except OSError as exc:
+        if exc.errno in _RACES:
+            return False
+        raise
+    return True
+
+
 def _list(fd: int, rel_dir: str, keep: Callable[[str], bool], on_skip: OnSkip,
           seen: dict[str, Identity] | None) -> Generator[tuple[str, int], None, list[str]]:
     """Yield `(rel_path, inode)` of the files in `fd`; return the names of its subdirectories."""
