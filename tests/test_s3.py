@@ -98,6 +98,29 @@ def _yara() -> YaraEngineConfig:
     return YaraEngineConfig(type="yara")
 
 
+def _states(h: S3Harness) -> list[tuple[str, FileState]]:
+    return sorted((r.rel_path, r.state) for r in h.rows())
+
+
+def test_a_held_key_deleted_is_gone_at_the_next_whole_listing_and_news_if_put_again(
+        harness: Callable[..., S3Harness]) -> None:
+    """docs/operations.md, "Journal retention": held rows are reconciled with the listing."""
+    h = harness(ignore=["*.skip"])
+    h.put("in/x/", b"")
+    h.put("in/a.skip", b"ignored on purpose")
+    with capture_logs() as logs:
+        h.watcher.poll_once()
+        assert _states(h) == [("a.skip", FileState.HELD), ("x/", FileState.HELD)]
+        h.client.delete_object(Bucket=h.bucket, Key="in/a.skip")
+        h.watcher.poll_once()
+        assert _states(h) == [("a.skip", FileState.GONE), ("x/", FileState.HELD)]
+        h.watcher.poll_once()  # the marker still there: still held, not reported again
+        h.put("in/a.skip", b"again")
+        h.watcher.poll_once()
+    assert _states(h) == [("a.skip", FileState.GONE), ("a.skip", FileState.HELD), ("x/", FileState.HELD)]
+    assert sorted(e["rel_path"] for e in logs if e["event"] == "file.skipped") == ["a.skip", "a.skip", "x/"]
+
+
 # -- S3 → S3 ----------------------------------------------------------------------------------------
 
 

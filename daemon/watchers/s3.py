@@ -157,15 +157,23 @@ class S3Watcher:
     def poll_once(self) -> int:
         """List the whole prefix page by page into the journal; returns the new arrivals.
 
-        A fleet member lists only while it holds the lease, and sends into the queue instead.
+        The keys held when it started (skipped, `too_many_tags`) that a whole listing no
+        longer names are gone: recorded so, they are no longer counted as skipped, and
+        retention removes their rows. A fleet member lists only while it holds the lease,
+        and sends into the queue instead.
         """
         if self.safety_net is not None:
             return self.safety_net.run_once()
         added, listed_at = 0, self.clock()
+        held = {rel_path: file_id for file_id, rel_path in self.journal.held_paths(self.watch.name)}
         for page in one_ahead(self._pages()):
+            for seen in page:
+                held.pop(seen.rel_path, None)
             added += self._record(page, "listing", listed_at)
             if self._stop.is_set():
-                break
+                return added
+        if held:
+            self.journal.held_gone(held.values(), self.clock())
         return added
 
     def _pages(self) -> Iterator[list[SeenObject]]:
