@@ -158,20 +158,6 @@ class Arrivals(Database):
                 for (rel_path, _, values), file_id in zip(taken, ids, strict=True) if file_id is not None]
         return rows, added
 
-    def held_paths(self, watch: str) -> list[tuple[int, str]]:
-        """`(id, rel_path)` of the watch's held rows: a symlink, a hardlink, a special file..."""
-        rows = self._conn().execute(f"SELECT id, rel_path FROM files WHERE watch = ? AND {_ACTIVE} "
-                                    "AND state = 'held'", (watch,))
-        return [(file_id, os.fsdecode(rel_path)) for file_id, rel_path in rows]
-
-    def held_gone(self, file_ids: Iterable[int], now: float) -> int:
-        """Held rows whose path is no longer there become `gone`, if still held: finished, no
-        longer counted as skipped, and removed by retention in time. How many."""
-        with self._tx() as conn:
-            return conn.executemany("UPDATE files SET state = 'gone', done_at = ?, updated_at = ? "
-                                    "WHERE id = ? AND state = 'held'",
-                                    [(now, now, file_id) for file_id in file_ids]).rowcount
-
     def note_arriving(self, on_way: OnWay, now: float) -> None:
         """Record what the daemon's process holds on its way to a worker (daemon/handoff.py):
         per watch, how many arrivals, and when the earliest was found."""

@@ -1,17 +1,19 @@
 """Retention: the finished rows nothing needs any more are removed once they are older than
-`journal.keep`, their counts kept for `status` (docs/operations.md, "Journal retention").
+`journal.keep`, their counts kept for `status` (docs/operations.md, "Journal retention");
+held rows whose path the watchers no longer find are finished first (`held_gone`).
 
 Without it every file ever handled keeps a row (about 550 bytes) and `status` counts them all.
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from daemon.config.models import IN_PLACE
 from daemon.journal.database import Database
-from daemon.journal.schema import _FINISHED
+from daemon.journal.schema import _ACTIVE, _FINISHED
 
 __all__ = ["Retention"]
 
@@ -76,6 +78,20 @@ class Retention(Database):
             tx.execute(f"DELETE FROM rescan_files WHERE rescan_id IN ({finished})", (before,))
             tx.execute(f"DELETE FROM rescans WHERE id IN ({finished})", (before,))
         return removed
+
+    def held_paths(self, watch: str) -> list[tuple[int, str]]:
+        """`(id, rel_path)` of the watch's held rows: a symlink, a hardlink, a special file..."""
+        rows = self._conn().execute(f"SELECT id, rel_path FROM files WHERE watch = ? AND {_ACTIVE} "
+                                    "AND state = 'held'", (watch,))
+        return [(file_id, os.fsdecode(rel_path)) for file_id, rel_path in rows]
+
+    def held_gone(self, file_ids: Iterable[int], now: float) -> int:
+        """Held rows whose path is no longer there become `gone`, if still held: finished, no
+        longer counted as skipped, and removed by retention in time. How many."""
+        with self._tx() as conn:
+            return conn.executemany("UPDATE files SET state = 'gone', done_at = ?, updated_at = ? "
+                                    "WHERE id = ? AND state = 'held'",
+                                    [(now, now, file_id) for file_id in file_ids]).rowcount
 
 
 def _prune_chunk(conn: sqlite3.Connection, start: int, end: int, before: float) -> int:
